@@ -1,0 +1,20 @@
+//! Compiles `proto/` with protox (no system `protoc` needed) and writes the descriptor set that
+//! server reflection serves.
+
+use std::{env, fs, path::PathBuf};
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/sluice/v1/ingest.proto"];
+    println!("cargo:rerun-if-changed=proto");
+    let file_descriptors = protox::compile(protos, ["proto"])?;
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("sluice_descriptor.bin");
+    fs::write(&descriptor_path, file_descriptors.encode_to_vec())?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(file_descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! `sluice bench`: a load generator for a running server.
+//!
+//! It opens N mTLS connections, each with one `IngestStream` keeping a window of requests in
+//! flight, sends realistic ~250-byte events, and reports committed events/s and ack latency
+//! percentiles. Given `--database-url`, it first times a raw binary COPY of the same kind of rows
+//! into the same table over `--copy-connections` connections (the ceiling), and prints the ratio.
+//! Given `--server-pid`, it reports the server's peak RSS.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::BytesMut;
+use chrono::Utc;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use sqlx::Connection;
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use uuid::Uuid;
+
+use crate::{
+    event::ValidEvent,
+    proto::{Event, IngestRequest, ingest_service_client::IngestServiceClient},
+    writer::copy,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("rpc failed: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("histogram: {0}")]
+    Histogram(#[from] hdrhistogram::CreationError),
+    #[error("a sender task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Server address.
+    #[arg(long, default_value = "https://localhost:50051")]
+    pub addr: String,
+    /// CA that signed the server certificate.
+    #[arg(long, default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    /// Client certificate and key for mTLS.
+    #[arg(long, default_value = "certs/client.pem")]
+    pub cert: PathBuf,
+    #[arg(long, default_value = "certs/client.key")]
+    pub key: PathBuf,
+    /// Use plaintext (for a server started with --insecure-plaintext).
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Concurrent streams, each on its own connection.
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
+    /// Total events to send.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// Requests in flight per stream.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// Database to time the raw COPY ceiling against (the server's database).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Connections for the raw COPY ceiling.
+    #[arg(long, default_value_t = 2)]
+    pub copy_connections: usize,
+    /// Server process id, to report its peak RSS.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+const SERVICES: [&str; 8] = ["checkout", "billing", "search", "auth", "catalog", "shipping", "email", "gateway"];
+const PATHS: [&str; 6] = ["/api/orders", "/api/cart", "/api/users/me", "/api/search", "/api/pay", "/health"];
+
+/// A realistic event of about 250 bytes when encoded.
+fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
+    use prost_types::{Struct, Value, value::Kind};
+    let service = SERVICES[sequence % SERVICES.len()];
+    let path = PATHS[rng.random_range(0..PATHS.len())];
+    let status = [200.0, 200.0, 200.0, 201.0, 404.0, 500.0][rng.random_range(0..6)];
+    let latency = rng.random_range(1..900) as f64;
+    let user = format!("user-{}", rng.random_range(0..50_000));
+    let text = |value: &str| Value { kind: Some(Kind::StringValue(value.to_owned())) };
+    let number = |value: f64| Value { kind: Some(Kind::NumberValue(value)) };
+    let metadata = Struct {
+        fields: [
+            ("path".to_owned(), text(path)),
+            ("status".to_owned(), number(status)),
+            ("latencyMs".to_owned(), number(latency)),
+            ("region".to_owned(), text(["eu-west-1", "us-east-1", "ap-south-1"][sequence % 3])),
+        ]
+        .into(),
+    };
+    let now = Utc::now();
+    Event {
+        id: Uuid::now_v7().to_string(),
+        service: service.to_owned(),
+        message: format!("{service} handled GET {path} -> {status} in {latency} ms"),
+        timestamp: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: now.timestamp_subsec_nanos() as i32 }),
+        user_id: user,
+        metadata: Some(metadata),
+        ingested_at: None,
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
+    println!(
+        "sluice bench: {} events, {} streams, {} events/request, window {}",
+        args.events, args.streams, args.batch, args.window
+    );
+    let ceiling = match &args.database_url {
+        Some(url) => Some(copy_ceiling(url, &args).await?),
+        None => None,
+    };
+    if let Some(rate) = ceiling {
+        println!("raw COPY ceiling: {rate:.0} rows/s ({} connections, {}-row batches)", args.copy_connections, args.batch);
+    }
+    let report = grpc_load(&args).await?;
+    println!(
+        "sluice ingest:    {:.0} events/s committed ({} events in {:.2} s, {} refusals retried)",
+        report.events as f64 / report.elapsed.as_secs_f64(),
+        report.events,
+        report.elapsed.as_secs_f64(),
+        report.refusals
+    );
+    let micros = |quantile: f64| Duration::from_micros(report.latency.value_at_quantile(quantile));
+    println!(
+        "ack latency:      p50 {:?}  p95 {:?}  p99 {:?}  max {:?}",
+        micros(0.50),
+        micros(0.95),
+        micros(0.99),
+        Duration::from_micros(report.latency.max())
+    );
+    if let Some(rate) = ceiling {
+        let ratio = report.events as f64 / report.elapsed.as_secs_f64() / rate;
+        println!("ratio to raw COPY ceiling: {ratio:.2}");
+    }
+    if let Some(pid) = args.server_pid {
+        match peak_rss_kib(pid) {
+            Some(kib) => println!("server peak RSS:  {:.1} MiB", kib as f64 / 1024.0),
+            None => println!("server peak RSS:  unavailable (no /proc/{pid}/status)"),
+        }
+    }
+    Ok(())
+}
+
+/// Times binary COPY of `args.events` rows in `args.batch`-row batches over
+/// `args.copy_connections` connections. Returns rows per second.
+async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
+    let per_connection = args.events / args.copy_connections.max(1);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for connection_index in 0..args.copy_connections.max(1) {
+        let url = url.to_owned();
+        let batch = args.batch;
+        tasks.spawn(async move {
+            let mut rng = StdRng::seed_from_u64(connection_index as u64);
+            let mut connection = sqlx::PgConnection::connect(&url).await?;
+            let mut sent = 0;
+            while sent < per_connection {
+                let count = batch.min(per_connection - sent);
+                let rows: Vec<ValidEvent> = (0..count).map(|offset| as_valid(sample_event(&mut rng, sent + offset))).collect();
+                let mut payload = BytesMut::new();
+                copy::encode(rows.iter(), &mut payload);
+                let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+                let mut copy_in = connection.copy_in_raw(&statement).await?;
+                copy_in.send(payload.freeze()).await?;
+                copy_in.finish().await?;
+                sent += count;
+            }
+            Ok::<usize, sqlx::Error>(sent)
+        });
+    }
+    let mut rows = 0;
+    while let Some(result) = tasks.join_next().await {
+        rows += result??;
+    }
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The row the server would store for `event` (the bench's events are always valid).
+fn as_valid(event: Event) -> ValidEvent {
+    let metadata_json = serde_json::json!({"path": "/api/orders", "status": 200, "latencyMs": 12, "region": "eu-west-1"}).to_string();
+    ValidEvent {
+        index: 0,
+        id: Uuid::now_v7(),
+        service: event.service,
+        message: event.message,
+        timestamp: Utc::now(),
+        user_id: Some(event.user_id),
+        metadata_json,
+    }
+}
+
+struct LoadReport {
+    events: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+    refusals: u64,
+}
+
+async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
+    let mut clients = Vec::with_capacity(args.streams);
+    for _ in 0..args.streams {
+        clients.push(connect(args).await?);
+    }
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let per_stream = args.events / args.streams.max(1);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (stream_index, client) in clients.into_iter().enumerate() {
+        let latency = latency.clone();
+        let (batch, window) = (args.batch, args.window.max(1));
+        tasks.spawn(async move { drive_stream(client, stream_index, per_stream, batch, window, latency).await });
+    }
+    let mut events = 0;
+    let mut refusals = 0;
+    while let Some(result) = tasks.join_next().await {
+        let (stored, refused) = result??;
+        events += stored;
+        refusals += refused;
+    }
+    let elapsed = started.elapsed();
+    let latency = latency.lock().await.clone();
+    Ok(LoadReport { events, elapsed, latency, refusals })
+}
+
+/// Sends `total` events over one IngestStream with `window` requests in flight; resends a
+/// sequence the server refused after its retry delay. Returns (stored, refusals).
+async fn drive_stream(
+    mut client: IngestServiceClient<Channel>,
+    stream_index: usize,
+    total: usize,
+    batch: usize,
+    window: usize,
+    latency: Arc<Mutex<Histogram<u64>>>,
+) -> Result<(u64, u64), BenchError> {
+    let mut rng = StdRng::seed_from_u64(1_000 + stream_index as u64);
+    let (requests, request_stream) = mpsc::channel::<IngestRequest>(window);
+    let mut acks = client.ingest_stream(ReceiverStream::new(request_stream)).await?.into_inner();
+    let mut in_flight: HashMap<u64, (Instant, IngestRequest)> = HashMap::new();
+    let mut next_sequence = 0u64;
+    let mut produced = 0usize;
+    let mut stored = 0u64;
+    let mut refusals = 0u64;
+    loop {
+        while in_flight.len() < window && produced < total {
+            let count = batch.min(total - produced);
+            let events = (0..count).map(|offset| sample_event(&mut rng, produced + offset)).collect();
+            let request = IngestRequest { events, sequence: next_sequence };
+            produced += count;
+            next_sequence += 1;
+            in_flight.insert(request.sequence, (Instant::now(), request.clone()));
+            if requests.send(request).await.is_err() {
+                return Err(BenchError::Rpc(tonic::Status::aborted("request stream closed")));
+            }
+        }
+        if in_flight.is_empty() {
+            break;
+        }
+        let Some(ack) = acks.next().await else {
+            return Err(BenchError::Rpc(tonic::Status::aborted("server ended the ack stream early")));
+        };
+        let ack = ack?;
+        let Some((sent_at, request)) = in_flight.remove(&ack.sequence) else { continue };
+        if ack.code != 0 {
+            refusals += 1;
+            let delay = ack.retry_after.and_then(|delay| Duration::try_from(delay).ok()).unwrap_or(Duration::from_millis(100));
+            tokio::time::sleep(delay).await;
+            in_flight.insert(request.sequence, (Instant::now(), request.clone()));
+            if requests.send(request).await.is_err() {
+                return Err(BenchError::Rpc(tonic::Status::aborted("request stream closed")));
+            }
+            continue;
+        }
+        stored += ack.accepted;
+        let micros = sent_at.elapsed().as_micros() as u64;
+        latency.lock().await.saturating_record(micros.max(1));
+    }
+    drop(requests);
+    while acks.next().await.is_some() {}
+    Ok((stored, refusals))
+}
+
+async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, BenchError> {
+    let mut endpoint = Channel::from_shared(args.addr.clone()).map_err(|error| {
+        BenchError::Rpc(tonic::Status::invalid_argument(format!("bad address {}: {error}", args.addr)))
+    })?;
+    if !args.plaintext {
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|source| BenchError::Read { path: path.clone(), source });
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(&args.ca)?))
+            .identity(Identity::from_pem(read(&args.cert)?, read(&args.key)?))
+            .domain_name("localhost");
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect().await?;
+    Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// Peak resident set size (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

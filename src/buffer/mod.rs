@@ -1,0 +1,292 @@
+//! The bounded buffer between the RPC handlers and the writer pool.
+//!
+//! Admission takes permits from two semaphores, one counting events and one counting bytes, so
+//! memory is bounded in both. A request is admitted whole or not at all. Permits travel with the
+//! [`Envelope`] and are released only when the writer drops it after the commit, so the bound
+//! covers everything accepted but not yet durable.
+
+use std::{
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::{
+    config::BufferConfig,
+    event::{EventRejection, ValidEvent},
+};
+
+/// What the writer reports for an envelope once its events are durable.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Durable {
+    /// Events now stored (newly written, or already present under the same id).
+    pub stored: u64,
+    /// Of `stored`, events that were already present (a retry).
+    pub duplicates: u64,
+    /// Events PostgreSQL refused; they went to the dead-letter table.
+    pub dead_lettered: Vec<EventRejection>,
+}
+
+/// A receiver for the outcome of one admitted request. If the writer never commits it (the
+/// server stopped first), the sender is dropped and the receiver errors: not durable.
+pub type AckReceiver = oneshot::Receiver<Durable>;
+
+/// One admitted request on its way to a writer.
+#[derive(Debug)]
+pub struct Envelope {
+    pub events: Vec<ValidEvent>,
+    /// Buffer bytes this envelope holds (the sum of event weights).
+    pub bytes: usize,
+    /// When the envelope was admitted, for ack latency.
+    pub admitted_at: Instant,
+    pub ack: oneshot::Sender<Durable>,
+    _event_permit: OwnedSemaphorePermit,
+    _byte_permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error("buffer is full")]
+    Full { retry_after: Duration },
+    #[error("server is shutting down")]
+    Closed,
+    #[error("request of {events} events and {bytes} bytes can never fit a buffer of {max_events} events and {max_bytes} bytes")]
+    TooLarge { events: usize, bytes: usize, max_events: usize, max_bytes: usize },
+}
+
+/// Current occupancy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferUsage {
+    pub events: usize,
+    pub bytes: usize,
+    pub max_events: usize,
+    pub max_bytes: usize,
+}
+
+impl BufferUsage {
+    /// True when fewer than 1% of the event or byte slots are free.
+    pub fn is_full(&self) -> bool {
+        self.events * 100 >= self.max_events * 99 || self.bytes * 100 >= self.max_bytes * 99
+    }
+}
+
+/// The sending side, shared by every RPC handler.
+pub struct Buffer {
+    sender: RwLock<Option<mpsc::Sender<Envelope>>>,
+    event_slots: Arc<Semaphore>,
+    byte_slots: Arc<Semaphore>,
+    config: BufferConfig,
+    drain: Mutex<DrainRate>,
+}
+
+/// The receiving side, shared by the writers.
+pub type BufferReceiver = Arc<tokio::sync::Mutex<mpsc::Receiver<Envelope>>>;
+
+impl Buffer {
+    pub fn new(config: &BufferConfig) -> (Arc<Self>, BufferReceiver) {
+        // Every envelope holds at least one event permit, so the channel never holds more
+        // envelopes than there are event slots: `try_send` cannot find it full.
+        let (sender, receiver) = mpsc::channel(config.max_events);
+        let buffer = Self {
+            sender: RwLock::new(Some(sender)),
+            event_slots: Arc::new(Semaphore::new(config.max_events)),
+            byte_slots: Arc::new(Semaphore::new(config.max_bytes)),
+            config: config.clone(),
+            drain: Mutex::new(DrainRate::new()),
+        };
+        (Arc::new(buffer), Arc::new(tokio::sync::Mutex::new(receiver)))
+    }
+
+    /// Admits a request's valid events, waiting at most `admit_wait` for room.
+    pub async fn admit(&self, events: Vec<ValidEvent>) -> Result<AckReceiver, AdmitError> {
+        let count = events.len();
+        let bytes: usize = events.iter().map(ValidEvent::weight).sum();
+        if count > self.config.max_events || bytes > self.config.max_bytes {
+            return Err(AdmitError::TooLarge {
+                events: count,
+                bytes,
+                max_events: self.config.max_events,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        if self.is_closed() {
+            return Err(AdmitError::Closed);
+        }
+        let deadline = Instant::now() + self.config.admit_wait;
+        let full = || AdmitError::Full { retry_after: self.retry_after(count) };
+        // Both fit in u32: the config caps the capacities and the checks above cap the request.
+        let event_permit = acquire(&self.event_slots, count as u32, deadline).await.ok_or_else(full)?;
+        let byte_permit = acquire(&self.byte_slots, bytes as u32, deadline).await.ok_or_else(full)?;
+        let (ack, ack_receiver) = oneshot::channel();
+        let envelope = Envelope {
+            events,
+            bytes,
+            admitted_at: Instant::now(),
+            ack,
+            _event_permit: event_permit,
+            _byte_permit: byte_permit,
+        };
+        let guard = self.sender.read().map_err(|_| AdmitError::Closed)?;
+        let sender = guard.as_ref().ok_or(AdmitError::Closed)?;
+        sender.try_send(envelope).map_err(|_| AdmitError::Closed)?;
+        Ok(ack_receiver)
+    }
+
+    /// Refuses further admissions. Writers drain what is queued, then stop.
+    pub fn close(&self) {
+        if let Ok(mut sender) = self.sender.write() {
+            sender.take();
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.read().map_or(true, |sender| sender.is_none())
+    }
+
+    pub fn usage(&self) -> BufferUsage {
+        BufferUsage {
+            events: self.config.max_events - self.event_slots.available_permits(),
+            bytes: self.config.max_bytes - self.byte_slots.available_permits(),
+            max_events: self.config.max_events,
+            max_bytes: self.config.max_bytes,
+        }
+    }
+
+    /// Called by writers after a commit, to estimate how fast the buffer drains.
+    pub fn record_drained(&self, events: usize) {
+        if let Ok(mut drain) = self.drain.lock() {
+            drain.record(events, Instant::now());
+        }
+    }
+
+    /// How long a refused client should wait: the time to drain what is queued ahead of it plus
+    /// its own request, at the recent drain rate; between 100 ms and 10 s.
+    pub fn retry_after(&self, request_events: usize) -> Duration {
+        let rate = self.drain.lock().map_or(0.0, |drain| drain.events_per_second(Instant::now()));
+        let backlog = (self.usage().events + request_events) as f64;
+        let seconds = if rate > 1.0 { backlog / rate } else { f64::INFINITY };
+        Duration::from_secs_f64(seconds.clamp(0.1, 10.0))
+    }
+}
+
+async fn acquire(slots: &Arc<Semaphore>, count: u32, deadline: Instant) -> Option<OwnedSemaphorePermit> {
+    if let Ok(permit) = slots.clone().try_acquire_many_owned(count) {
+        return Some(permit);
+    }
+    let wait = deadline.saturating_duration_since(Instant::now());
+    if wait.is_zero() {
+        return None;
+    }
+    tokio::time::timeout(wait, slots.clone().acquire_many_owned(count)).await.ok()?.ok()
+}
+
+/// An exponentially weighted drain rate, updated at most once per 250 ms window.
+struct DrainRate {
+    window_start: Instant,
+    window_events: usize,
+    rate: f64,
+}
+
+const DRAIN_WINDOW: Duration = Duration::from_millis(250);
+
+impl DrainRate {
+    fn new() -> Self {
+        Self { window_start: Instant::now(), window_events: 0, rate: 0.0 }
+    }
+
+    fn record(&mut self, events: usize, now: Instant) {
+        self.window_events += events;
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= DRAIN_WINDOW {
+            let window_rate = self.window_events as f64 / elapsed.as_secs_f64();
+            self.rate = if self.rate == 0.0 { window_rate } else { 0.7 * self.rate + 0.3 * window_rate };
+            self.window_start = now;
+            self.window_events = 0;
+        }
+    }
+
+    /// The rate, decayed toward zero when nothing drained for a while (a stalled writer).
+    fn events_per_second(&self, now: Instant) -> f64 {
+        let idle = now.duration_since(self.window_start).as_secs_f64();
+        if idle > 2.0 * DRAIN_WINDOW.as_secs_f64() && self.window_events == 0 {
+            return self.rate / idle;
+        }
+        self.rate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn events(count: usize) -> Vec<ValidEvent> {
+        (0..count)
+            .map(|index| ValidEvent {
+                index: index as u64,
+                id: Uuid::now_v7(),
+                service: "svc".to_owned(),
+                message: "m".to_owned(),
+                timestamp: Utc::now(),
+                user_id: None,
+                metadata_json: "{}".to_owned(),
+            })
+            .collect()
+    }
+
+    fn config(max_events: usize) -> BufferConfig {
+        BufferConfig { max_events, max_bytes: 1 << 20, admit_wait: Duration::ZERO }
+    }
+
+    #[tokio::test]
+    async fn admission_is_refused_once_event_slots_are_taken_and_resumes_after_release() {
+        let (buffer, receiver) = Buffer::new(&config(10));
+        let _first = buffer.admit(events(6)).await.expect("fits");
+        let refused = buffer.admit(events(5)).await.expect_err("full");
+        assert!(matches!(refused, AdmitError::Full { retry_after } if retry_after >= Duration::from_millis(100)));
+        assert_eq!(buffer.usage().events, 6);
+        let envelope = receiver.lock().await.recv().await.expect("queued");
+        drop(envelope);
+        assert_eq!(buffer.usage().events, 0);
+        buffer.admit(events(5)).await.expect("fits again");
+    }
+
+    #[tokio::test]
+    async fn byte_budget_bounds_admission_too() {
+        let (buffer, _receiver) = Buffer::new(&BufferConfig { max_events: 1000, max_bytes: 1000, admit_wait: Duration::ZERO });
+        buffer.admit(events(5)).await.expect("5 small events fit");
+        assert!(matches!(buffer.admit(events(5)).await, Err(AdmitError::Full { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_the_buffer_is_too_large_not_full() {
+        let (buffer, _receiver) = Buffer::new(&config(3));
+        assert!(matches!(buffer.admit(events(4)).await, Err(AdmitError::TooLarge { events: 4, .. })));
+    }
+
+    #[tokio::test]
+    async fn admission_waits_up_to_admit_wait_for_room() {
+        let (buffer, receiver) = Buffer::new(&BufferConfig { admit_wait: Duration::from_secs(5), ..config(2) });
+        let _held = buffer.admit(events(2)).await.expect("fits");
+        let releaser = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(receiver.lock().await.recv().await);
+        });
+        buffer.admit(events(2)).await.expect("admitted once room frees");
+        releaser.await.expect("releaser");
+    }
+
+    #[tokio::test]
+    async fn closed_buffer_refuses_and_writers_see_the_end_after_draining() {
+        let (buffer, receiver) = Buffer::new(&config(10));
+        let _ack = buffer.admit(events(1)).await.expect("fits");
+        buffer.close();
+        assert_eq!(buffer.admit(events(1)).await.expect_err("closed"), AdmitError::Closed);
+        let mut receiver = receiver.lock().await;
+        assert!(receiver.recv().await.is_some());
+        assert!(receiver.recv().await.is_none());
+    }
+}

@@ -1,0 +1,372 @@
+//! Typed configuration: defaults, then `sluice.toml` (or `--config FILE`), then `SLUICE_*`
+//! environment variables, then command-line flags. Every field is listed in the README.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// Errors while loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: SocketAddr,
+    /// Directory for server state: the private PostgreSQL cluster (when no database URL is set).
+    pub data_dir: PathBuf,
+    /// Seconds allowed, after SIGTERM/SIGINT, to finish in-flight RPCs and drain the buffer.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    pub database: DatabaseConfig,
+    pub tls: TlsConfig,
+    pub grpc: GrpcConfig,
+    pub buffer: BufferConfig,
+    pub writer: WriterConfig,
+    pub validation: ValidationConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL. Unset: sluice runs a private cluster under `data_dir/postgres`.
+    /// Also read from the plain `DATABASE_URL` environment variable.
+    pub url: Option<String>,
+    /// Connections kept for queries and maintenance, on top of one per writer.
+    pub extra_connections: u32,
+    /// How long to wait for a connection before failing a database call.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Serve plaintext HTTP/2 without TLS. For local development only; logged loudly.
+    pub insecure_plaintext: bool,
+    /// Where dev certificates are created on first run when the paths below are unset.
+    pub cert_dir: PathBuf,
+    /// Server certificate chain (PEM). Default: `cert_dir/server.pem`.
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM). Default: `cert_dir/server.key`.
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates must chain to. Default: `cert_dir/ca.pem`.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Largest accepted gRPC message, in bytes, after decompression.
+    pub max_message_bytes: usize,
+    /// Largest number of events in one IngestRequest.
+    pub max_events_per_request: usize,
+    /// Interval of HTTP/2 keepalive pings sent to clients.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long to wait for a keepalive ack before closing the connection.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Concurrent HTTP/2 streams allowed per connection.
+    pub max_concurrent_streams: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Events held between the RPCs and the writers (accepted, not yet committed).
+    pub max_events: usize,
+    /// Bytes held between the RPCs and the writers.
+    pub max_bytes: usize,
+    /// How long a request may wait for buffer space before RESOURCE_EXHAUSTED (0 = never wait).
+    #[serde(with = "humantime_serde")]
+    pub admit_wait: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WriterConfig {
+    /// Writer tasks, each with its own PostgreSQL connection.
+    pub workers: usize,
+    /// A batch is flushed once it holds this many events...
+    pub batch_max_events: usize,
+    /// ...or this many bytes...
+    pub batch_max_bytes: usize,
+    /// ...or when its first event has waited this long.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// First delay before retrying a failed write; doubles up to `retry_max_backoff`.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Largest `message`, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest `metadata`, in bytes of compact JSON.
+    pub max_metadata_bytes: usize,
+    /// Deepest nesting of `metadata` (the top-level object is depth 1).
+    pub max_metadata_depth: usize,
+    /// Oldest accepted `timestamp`, as an age. Also the retention window.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How far in the future a `timestamp` may be.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// Rejections detailed in one response (all are counted).
+    pub max_reported_rejections: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus `/metrics` endpoint; unset disables it.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `sluice=debug,sqlx=warn`. `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            data_dir: PathBuf::from("data"),
+            shutdown_timeout: Duration::from_secs(30),
+            database: DatabaseConfig::default(),
+            tls: TlsConfig::default(),
+            grpc: GrpcConfig::default(),
+            buffer: BufferConfig::default(),
+            writer: WriterConfig::default(),
+            validation: ValidationConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: None, extra_connections: 4, connect_timeout: Duration::from_secs(5) }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            insecure_plaintext: false,
+            cert_dir: PathBuf::from("certs"),
+            cert: None,
+            key: None,
+            client_ca: None,
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+            max_events_per_request: 10_000,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self { max_events: 50_000, max_bytes: 256 * 1024 * 1024, admit_wait: Duration::from_millis(200) }
+    }
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            batch_max_events: 2_000,
+            batch_max_bytes: 4 * 1024 * 1024,
+            flush_interval: Duration::from_millis(50),
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 8 * 1024,
+            max_metadata_bytes: 16 * 1024,
+            max_metadata_depth: 16,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            max_future_skew: Duration::from_secs(5 * 60),
+            max_reported_rejections: 100,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))) }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, filter: "info".to_owned() }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file (`path`, or `sluice.toml` when it exists), then the
+    /// environment (`SLUICE_LISTEN`, `SLUICE_BUFFER__MAX_EVENTS`, … and `DATABASE_URL`), then
+    /// `overrides` (the command-line flags that were given).
+    pub fn load(path: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(file) => figment = figment.merge(Toml::file_exact(file)),
+            None => figment = figment.merge(Toml::file("sluice.toml")),
+        }
+        figment = figment
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+            .merge(Env::prefixed("SLUICE_").split("__"))
+            .merge(overrides);
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rejects values that cannot work, with the field named.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.to_owned() });
+        if self.buffer.max_events == 0 {
+            return invalid("buffer.max_events", "must be at least 1");
+        }
+        if self.buffer.max_bytes == 0 || self.buffer.max_bytes > u32::MAX as usize {
+            return invalid("buffer.max_bytes", "must be between 1 and 4294967295");
+        }
+        if self.buffer.max_events > u32::MAX as usize {
+            return invalid("buffer.max_events", "must be at most 4294967295");
+        }
+        if self.writer.workers == 0 {
+            return invalid("writer.workers", "must be at least 1");
+        }
+        if self.writer.batch_max_events == 0 || self.writer.batch_max_bytes == 0 {
+            return invalid("writer.batch_max_events", "batch limits must be at least 1");
+        }
+        if self.grpc.max_events_per_request == 0 {
+            return invalid("grpc.max_events_per_request", "must be at least 1");
+        }
+        if self.validation.max_metadata_depth == 0 {
+            return invalid("validation.max_metadata_depth", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Server certificate path.
+    pub fn tls_cert_path(&self) -> PathBuf {
+        self.tls.cert.clone().unwrap_or_else(|| self.tls.cert_dir.join("server.pem"))
+    }
+
+    /// Server key path.
+    pub fn tls_key_path(&self) -> PathBuf {
+        self.tls.key.clone().unwrap_or_else(|| self.tls.cert_dir.join("server.key"))
+    }
+
+    /// Client CA path.
+    pub fn tls_client_ca_path(&self) -> PathBuf {
+        self.tls.client_ca.clone().unwrap_or_else(|| self.tls.cert_dir.join("ca.pem"))
+    }
+
+    /// True when every TLS path is left to its default under `cert_dir`, so dev certificates
+    /// may be created there.
+    pub fn uses_dev_certs(&self) -> bool {
+        self.tls.cert.is_none() && self.tls.key.is_none() && self.tls.client_ca.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let config = Config::default();
+        assert_eq!(config.listen.port(), 50051);
+        assert_eq!(config.buffer.max_events, 50_000);
+        assert_eq!(config.buffer.max_bytes, 256 * 1024 * 1024);
+        assert_eq!(config.writer.workers, 2);
+        assert_eq!(config.validation.retention, Duration::from_secs(30 * 86_400));
+        assert!(!config.tls.insecure_plaintext);
+        config.check().expect("defaults are valid");
+    }
+
+    #[test]
+    fn environment_overrides_nested_fields_and_database_url() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICE_BUFFER__MAX_EVENTS", "123");
+            jail.set_env("SLUICE_WRITER__FLUSH_INTERVAL", "250ms");
+            jail.set_env("DATABASE_URL", "postgres://example/db");
+            let config = Config::load(None, Figment::new()).expect("loads");
+            assert_eq!(config.buffer.max_events, 123);
+            assert_eq!(config.writer.flush_interval, Duration::from_millis(250));
+            assert_eq!(config.database.url.as_deref(), Some("postgres://example/db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_values_apply_and_unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("sluice.toml", "[writer]\nworkers = 3\n")?;
+            let config = Config::load(None, Figment::new()).expect("loads");
+            assert_eq!(config.writer.workers, 3);
+            jail.create_file("bad.toml", "[writer]\nworkerz = 3\n")?;
+            assert!(Config::load(Some(Path::new("bad.toml")), Figment::new()).is_err());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zero_buffer_is_refused() {
+        let mut config = Config::default();
+        config.buffer.max_events = 0;
+        assert!(matches!(config.check(), Err(ConfigError::Invalid { field: "buffer.max_events", .. })));
+    }
+}

@@ -1,0 +1,349 @@
+//! The IngestService handlers: `Ingest` (client streaming), `Publish` (unary) and
+//! `IngestStream` (bidirectional, one ack per request).
+
+use std::{pin::Pin, sync::Arc};
+
+use chrono::Utc;
+use futures::{Stream, StreamExt, stream::FuturesUnordered};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{IngestError, validate::Validator};
+use crate::{
+    buffer::{AckReceiver, AdmitError, Buffer, Durable},
+    config::Config,
+    error::{self, Progress},
+    event::{EventRejection, ValidEvent},
+    metrics,
+    proto::{IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService},
+};
+
+/// Acks produced by IngestStream that the client has not read yet.
+const ACK_QUEUE: usize = 64;
+
+/// Handles IngestService calls. Cheap to clone.
+#[derive(Clone)]
+pub struct IngestHandler {
+    buffer: Arc<Buffer>,
+    config: Arc<Config>,
+    /// Turns true when the server starts shutting down: streams stop reading and settle.
+    stopping: watch::Receiver<bool>,
+}
+
+impl IngestHandler {
+    pub fn new(buffer: Arc<Buffer>, config: Arc<Config>, stopping: watch::Receiver<bool>) -> Self {
+        Self { buffer, config, stopping }
+    }
+
+    /// Validates a request's events (numbered from `first_index`). Invalid events are counted
+    /// and returned as rejections; the request fails only when it is too large as a whole.
+    fn validate(&self, request: IngestRequest, first_index: u64) -> Result<Validated, IngestError> {
+        let limit = self.config.grpc.max_events_per_request;
+        if request.events.len() > limit {
+            metrics::events_refused("too_large", request.events.len());
+            return Err(IngestError::TooManyEvents { events: request.events.len(), limit });
+        }
+        metrics::events_received(request.events.len());
+        let validator = Validator::new(&self.config.validation, Utc::now());
+        let mut validated = Validated { events: Vec::with_capacity(request.events.len()), rejections: Vec::new() };
+        for (offset, event) in request.events.into_iter().enumerate() {
+            match validator.validate(first_index + offset as u64, event) {
+                Ok(valid) => validated.events.push(valid),
+                Err(rejection) => {
+                    metrics::event_rejected(&rejection);
+                    validated.rejections.push(rejection);
+                }
+            }
+        }
+        Ok(validated)
+    }
+
+    /// Admits valid events to the buffer. None when there was nothing valid to admit.
+    async fn admit(&self, events: Vec<ValidEvent>) -> Result<Option<AckReceiver>, AdmitError> {
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let count = events.len();
+        match self.buffer.admit(events).await {
+            Ok(ack) => Ok(Some(ack)),
+            Err(refusal) => {
+                let reason = match refusal {
+                    AdmitError::Full { .. } => "buffer_full",
+                    AdmitError::Closed => "shutting_down",
+                    AdmitError::TooLarge { .. } => "too_large",
+                };
+                metrics::events_refused(reason, count);
+                Err(refusal)
+            }
+        }
+    }
+}
+
+struct Validated {
+    events: Vec<ValidEvent>,
+    rejections: Vec<EventRejection>,
+}
+
+/// Running totals of one call.
+struct Tally {
+    accepted: u64,
+    rejected: u64,
+    rejections: Vec<Rejection>,
+    max_reported: usize,
+}
+
+impl Tally {
+    fn new(max_reported: usize) -> Self {
+        Self { accepted: 0, rejected: 0, rejections: Vec::new(), max_reported }
+    }
+
+    fn reject(&mut self, rejections: Vec<EventRejection>) {
+        self.rejected += rejections.len() as u64;
+        let room = self.max_reported.saturating_sub(self.rejections.len());
+        self.rejections.extend(rejections.into_iter().take(room).map(Rejection::from));
+    }
+
+    fn absorb(&mut self, durable: Durable) {
+        self.accepted += durable.stored;
+        self.reject(durable.dead_lettered);
+    }
+
+    fn progress(&self) -> Progress {
+        Progress { accepted: self.accepted, rejected: self.rejected }
+    }
+
+    fn into_response(self) -> IngestResponse {
+        IngestResponse { accepted: self.accepted, rejected: self.rejected, rejections: self.rejections }
+    }
+
+    fn into_ack(self, sequence: u64) -> IngestAck {
+        IngestAck {
+            sequence,
+            accepted: self.accepted,
+            rejected: self.rejected,
+            rejections: self.rejections,
+            ..IngestAck::default()
+        }
+    }
+}
+
+/// Waits for every pending ack, adding each to the tally. Fails if any envelope was abandoned
+/// (the server stopped before committing it).
+async fn settle(pending: &mut FuturesUnordered<AckReceiver>, tally: &mut Tally) -> Result<(), IngestError> {
+    let mut lost = false;
+    while let Some(outcome) = pending.next().await {
+        match outcome {
+            Ok(durable) => tally.absorb(durable),
+            Err(_) => lost = true,
+        }
+    }
+    if lost {
+        return Err(IngestError::NotDurable { progress: tally.progress() });
+    }
+    Ok(())
+}
+
+/// Turns a refused admission into the call's error, once earlier events are settled.
+fn refusal_error(refusal: AdmitError, progress: Progress) -> IngestError {
+    match refusal {
+        AdmitError::Full { retry_after } => IngestError::BufferFull { retry_after, progress },
+        AdmitError::Closed => IngestError::ShuttingDown { progress },
+        AdmitError::TooLarge { events, bytes, max_events, max_bytes } => {
+            IngestError::LargerThanBuffer { events, bytes, max_events, max_bytes }
+        }
+    }
+}
+
+/// Resolves once the server starts shutting down (never, if the signal is gone).
+async fn until_stopping(stopping: &mut watch::Receiver<bool>) {
+    if stopping.wait_for(|stopping| *stopping).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Maps a failure reading the client's stream: oversized messages become INVALID_ARGUMENT.
+fn stream_error(status: Status) -> IngestError {
+    if error::is_oversized_message(&status) {
+        return IngestError::MessageTooLarge { detail: status.message().to_owned() };
+    }
+    IngestError::Stream(status)
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl IngestService for IngestHandler {
+    async fn ingest(&self, request: Request<Streaming<IngestRequest>>) -> Result<Response<IngestResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut tally = Tally::new(self.config.validation.max_reported_rejections);
+        let mut pending = FuturesUnordered::new();
+        let mut next_index = 0u64;
+        let mut stopping = self.stopping.clone();
+        loop {
+            tokio::select! {
+                _ = until_stopping(&mut stopping) => {
+                    settle(&mut pending, &mut tally).await?;
+                    return Err(IngestError::ShuttingDown { progress: tally.progress() }.into());
+                }
+                Some(outcome) = pending.next(), if !pending.is_empty() => match outcome {
+                    Ok(durable) => tally.absorb(durable),
+                    Err(_) => {
+                        settle(&mut pending, &mut tally).await.ok();
+                        return Err(IngestError::NotDurable { progress: tally.progress() }.into());
+                    }
+                },
+                message = stream.message() => {
+                    let request = match message {
+                        Ok(Some(request)) => request,
+                        Ok(None) => break,
+                        Err(status) => return Err(stream_error(status).into()),
+                    };
+                    let count = request.events.len() as u64;
+                    let validated = match self.validate(request, next_index) {
+                        Ok(validated) => validated,
+                        Err(error) => {
+                            settle(&mut pending, &mut tally).await?;
+                            return Err(error.into());
+                        }
+                    };
+                    match self.admit(validated.events).await {
+                        Ok(ack) => {
+                            pending.extend(ack);
+                            tally.reject(validated.rejections);
+                            next_index += count;
+                        }
+                        Err(refusal) => {
+                            settle(&mut pending, &mut tally).await?;
+                            return Err(refusal_error(refusal, tally.progress()).into());
+                        }
+                    }
+                }
+            }
+        }
+        settle(&mut pending, &mut tally).await?;
+        Ok(Response::new(tally.into_response()))
+    }
+
+    async fn publish(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+        let mut tally = Tally::new(self.config.validation.max_reported_rejections);
+        let validated = self.validate(request.into_inner(), 0)?;
+        let ack = self.admit(validated.events).await.map_err(|refusal| refusal_error(refusal, Progress::default()))?;
+        tally.reject(validated.rejections);
+        if let Some(ack) = ack {
+            let durable = ack.await.map_err(|_| IngestError::NotDurable { progress: Progress::default() })?;
+            tally.absorb(durable);
+        }
+        Ok(Response::new(tally.into_response()))
+    }
+
+    type IngestStreamStream = AckStream;
+
+    async fn ingest_stream(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<Self::IngestStreamStream>, Status> {
+        let (acks, ack_stream) = mpsc::channel(ACK_QUEUE);
+        let handler = self.clone();
+        tokio::spawn(handler.serve_ack_stream(request.into_inner(), acks));
+        Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
+    }
+}
+
+type PendingAck = Pin<Box<dyn Future<Output = IngestAck> + Send>>;
+
+impl IngestHandler {
+    /// Reads requests and answers each sequence once it is durable, or refuses that sequence
+    /// (buffer full, shutting down) without ending the stream.
+    async fn serve_ack_stream(self, mut stream: Streaming<IngestRequest>, acks: mpsc::Sender<Result<IngestAck, Status>>) {
+        let max_reported = self.config.validation.max_reported_rejections;
+        let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
+        let mut reading = true;
+        let mut interrupted = false;
+        let mut stopping = self.stopping.clone();
+        while reading || !pending.is_empty() {
+            let ack = tokio::select! {
+                _ = until_stopping(&mut stopping), if reading => {
+                    reading = false;
+                    interrupted = true;
+                    None
+                }
+                Some(ack) = pending.next(), if !pending.is_empty() => Some(Ok(ack)),
+                message = stream.message(), if reading => match message {
+                    Ok(Some(request)) => self.answer(request, max_reported, &mut pending).await,
+                    Ok(None) => {
+                        reading = false;
+                        None
+                    }
+                    Err(status) => {
+                        // The client is gone or sent garbage: report it and stop reading. Acks
+                        // still pending are sent if the client listens.
+                        reading = false;
+                        Some(Err(Status::from(stream_error(status))))
+                    }
+                },
+            };
+            let Some(ack) = ack else { continue };
+            if acks.send(ack).await.is_err() {
+                return;
+            }
+        }
+        if interrupted {
+            let shutting_down = IngestError::ShuttingDown { progress: Progress::default() };
+            // Every pending ack was sent; the client may be gone already, which is fine.
+            let _ = acks.send(Err(Status::from(shutting_down))).await;
+        }
+    }
+
+    /// Handles one request of IngestStream: an immediate ack (refusal, or nothing to store) or
+    /// a pending ack pushed to `pending`.
+    async fn answer(
+        &self,
+        request: IngestRequest,
+        max_reported: usize,
+        pending: &mut FuturesUnordered<PendingAck>,
+    ) -> Option<Result<IngestAck, Status>> {
+        let sequence = request.sequence;
+        let mut tally = Tally::new(max_reported);
+        let validated = match self.validate(request, 0) {
+            Ok(validated) => validated,
+            Err(error) => return Some(Ok(refused_ack(sequence, error))),
+        };
+        tally.reject(validated.rejections);
+        match self.admit(validated.events).await {
+            Ok(None) => Some(Ok(tally.into_ack(sequence))),
+            Ok(Some(receiver)) => {
+                pending.push(Box::pin(async move {
+                    match receiver.await {
+                        Ok(durable) => {
+                            tally.absorb(durable);
+                            tally.into_ack(sequence)
+                        }
+                        Err(_) => refused_ack(sequence, IngestError::NotDurable { progress: Progress::default() }),
+                    }
+                }));
+                None
+            }
+            Err(refusal) => Some(Ok(refused_ack(sequence, refusal_error(refusal, Progress::default())))),
+        }
+    }
+}
+
+/// An ack that refuses a whole request, with the same code and retry delay the unary call
+/// would return as a status.
+fn refused_ack(sequence: u64, error: IngestError) -> IngestAck {
+    use tonic_types::StatusExt;
+    let status = Status::from(error);
+    let retry_after = status
+        .get_error_details()
+        .retry_info()
+        .and_then(|retry| retry.retry_delay)
+        .and_then(|delay| prost_types::Duration::try_from(delay).ok());
+    IngestAck {
+        sequence,
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        retry_after,
+        ..IngestAck::default()
+    }
+}

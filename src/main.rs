@@ -1,0 +1,158 @@
+//! The `sluice` command: `sluice` (or `sluice serve`) runs the server; `sluice certs` issues
+//! client certificates from the dev CA; `sluice bench` runs the load generator.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use figment::Figment;
+use sluice::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "gRPC streaming ingestion of events into PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Issue a client certificate signed by the dev CA (for another service or person).
+    Certs {
+        /// Common name of the client (e.g. the service name).
+        #[arg(long)]
+        name: String,
+        /// Directory holding the dev CA (`ca.pem`, `ca.key`).
+        #[arg(long, default_value = "certs")]
+        cert_dir: PathBuf,
+        /// Where to write `<name>.pem` and `<name>.key`.
+        #[arg(long, default_value = "certs")]
+        out_dir: PathBuf,
+    },
+    /// Load generator: N concurrent mTLS streams against a running server, plus the raw COPY
+    /// ceiling of the same database, and their ratio.
+    Bench(sluice::bench::BenchArgs),
+}
+
+#[derive(Args, Clone, Default)]
+struct ServeArgs {
+    /// Configuration file (TOML). Default: `sluice.toml` if it exists.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Listen address (config `listen`).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// PostgreSQL URL (config `database.url`). Unset: a private cluster under the data dir.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Data directory (config `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Serve plaintext without TLS. Local development only.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Log format (config `log.format`).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Prometheus endpoint address (config `metrics.listen`).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(listen) = self.listen {
+            figment = figment.merge(("listen", listen.to_string()));
+        }
+        if let Some(url) = &self.database_url {
+            figment = figment.merge(("database.url", url));
+        }
+        if let Some(data_dir) = &self.data_dir {
+            figment = figment.merge(("data_dir", data_dir));
+        }
+        if self.insecure_plaintext {
+            figment = figment.merge(("tls.insecure_plaintext", true));
+        }
+        if let Some(format) = self.log_format {
+            figment = figment.merge(("log.format", format));
+        }
+        if let Some(address) = self.metrics_listen {
+            figment = figment.merge(("metrics.listen", address.to_string()));
+        }
+        figment
+    }
+}
+
+fn main() -> ExitCode {
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        eprintln!("sluice: a rustls crypto provider was already installed");
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("sluice: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        None => runtime.block_on(serve(cli.serve)),
+        Some(Command::Serve(args)) => runtime.block_on(serve(args)),
+        Some(Command::Certs { name, cert_dir, out_dir }) => issue_certs(&name, &cert_dir, &out_dir),
+        Some(Command::Bench(args)) => {
+            init_logging(LogFormat::Text, "warn");
+            match runtime.block_on(sluice::bench::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("sluice bench: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref(), args.overrides()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("sluice: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log.format, &config.log.filter);
+    match sluice::server::run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "sluice stopped on an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn issue_certs(name: &str, cert_dir: &std::path::Path, out_dir: &std::path::Path) -> ExitCode {
+    match sluice::tls::issue_client_cert(cert_dir, name, out_dir) {
+        Ok((cert, key)) => {
+            println!("wrote {} and {}", cert.display(), key.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("sluice certs: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

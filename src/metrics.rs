@@ -1,0 +1,90 @@
+//! Prometheus metrics. Every event that is not stored is counted here with its reason.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `sluice_events_received_total` | counter | |
+//! | `sluice_events_rejected_total` | counter | `reason` (validation or `database_refused`) |
+//! | `sluice_events_refused_total` | counter | `reason` (`buffer_full`, `shutting_down`, `too_large`) |
+//! | `sluice_events_stored_total` | counter | |
+//! | `sluice_events_duplicate_total` | counter | |
+//! | `sluice_ack_latency_seconds` | summary | |
+//! | `sluice_batch_events`, `sluice_batch_write_seconds` | summary | |
+//! | `sluice_writer_errors_total` | counter | `kind` |
+//! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
+//! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |
+
+use std::{net::SocketAddr, time::Duration};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::{
+    buffer::{BufferUsage, Durable},
+    event::EventRejection,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot install metrics recorder: {0}")]
+    Install(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("cannot listen for metrics on {address}: {source}")]
+    Bind { address: SocketAddr, source: std::io::Error },
+}
+
+/// Installs the global recorder. Returns the handle that renders the exposition text.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    Ok(PrometheusBuilder::new().install_recorder()?)
+}
+
+/// Serves `GET /metrics` on `address`; returns the bound address (useful with port 0).
+pub async fn serve(handle: PrometheusHandle, address: SocketAddr) -> Result<SocketAddr, MetricsError> {
+    let listener =
+        tokio::net::TcpListener::bind(address).await.map_err(|source| MetricsError::Bind { address, source })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind { address, source })?;
+    let app = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "metrics endpoint stopped");
+        }
+    });
+    Ok(bound)
+}
+
+pub fn events_received(count: usize) {
+    counter!("sluice_events_received_total").increment(count as u64);
+}
+
+pub fn event_rejected(rejection: &EventRejection) {
+    counter!("sluice_events_rejected_total", "reason" => rejection.metric_reason).increment(1);
+}
+
+pub fn events_refused(reason: &'static str, count: usize) {
+    counter!("sluice_events_refused_total", "reason" => reason).increment(count as u64);
+}
+
+pub fn events_committed(durable: &Durable, ack_latency: Duration) {
+    counter!("sluice_events_stored_total").increment(durable.stored);
+    counter!("sluice_events_duplicate_total").increment(durable.duplicates);
+    for rejection in &durable.dead_lettered {
+        event_rejected(rejection);
+    }
+    histogram!("sluice_ack_latency_seconds").record(ack_latency.as_secs_f64());
+}
+
+pub fn batch_written(events: usize, elapsed: Duration) {
+    histogram!("sluice_batch_events").record(events as f64);
+    histogram!("sluice_batch_write_seconds").record(elapsed.as_secs_f64());
+}
+
+pub fn writer_error(kind: &'static str) {
+    counter!("sluice_writer_errors_total", "kind" => kind).increment(1);
+}
+
+pub fn health(usage: BufferUsage, database_up: bool, serving: bool) {
+    gauge!("sluice_buffer_events").set(usage.events as f64);
+    gauge!("sluice_buffer_bytes").set(usage.bytes as f64);
+    gauge!("sluice_buffer_capacity_events").set(usage.max_events as f64);
+    gauge!("sluice_buffer_capacity_bytes").set(usage.max_bytes as f64);
+    gauge!("sluice_database_up").set(if database_up { 1.0 } else { 0.0 });
+    gauge!("sluice_ingest_serving").set(if serving { 1.0 } else { 0.0 });
+}

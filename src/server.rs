@@ -1,0 +1,174 @@
+//! Builds and runs the server: storage, buffer, writers, health, reflection, TLS, and the
+//! graceful shutdown sequence.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::watch;
+use tonic::{codec::CompressionEncoding, transport::Server};
+
+use crate::{
+    buffer::Buffer,
+    config::Config,
+    health,
+    ingest::IngestHandler,
+    metrics,
+    proto::{self, ingest_service_server::IngestServiceServer},
+    store::{Store, StoreError},
+    tls::{self, TlsError},
+    writer::{self, WriterStatus},
+};
+
+/// How often partitions ahead are checked.
+const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: std::net::SocketAddr, source: std::io::Error },
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    if let Some(address) = config.metrics.listen {
+        let handle = metrics::install()?;
+        let bound = metrics::serve(handle, address).await?;
+        tracing::info!(address = %bound, "metrics endpoint listening on /metrics");
+    }
+    let tls_config = prepare_tls(&config)?;
+
+    let store = Arc::new(Store::open(&config).await?);
+    let (buffer, receiver) = Buffer::new(&config.buffer);
+    let writer_status = Arc::new(WriterStatus::default());
+    let mut writers = writer::spawn(&config.writer, store.pool.clone(), buffer.clone(), receiver, writer_status.clone());
+
+    let (stopping_sender, stopping) = watch::channel(false);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let health_task =
+        tokio::spawn(health::watch(health_reporter, buffer.clone(), store.clone(), writer_status, stopping.clone()));
+    let partition_task = tokio::spawn(maintain_partitions(store.clone(), config.validation.retention));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ingest = IngestServiceServer::new(IngestHandler::new(buffer.clone(), config.clone(), stopping.clone()))
+        .max_decoding_message_size(config.grpc.max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
+
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .max_concurrent_streams(config.grpc.max_concurrent_streams)
+        .tcp_nodelay(true);
+    if let Some(tls_config) = tls_config {
+        builder = builder.tls_config(tls_config)?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind { address: config.listen, source })?;
+    let bound = listener.local_addr().map_err(|source| ServerError::Bind { address: config.listen, source })?;
+    tracing::info!(address = %bound, tls = !config.tls.insecure_plaintext, "sluice listening");
+
+    let shutdown_timeout = config.shutdown_timeout;
+    let stop_signal = {
+        let buffer = buffer.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
+            stopping_sender.send_replace(true);
+            buffer.close();
+        }
+    };
+    let serve = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ingest)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop_signal);
+    let mut serve = std::pin::pin!(serve);
+    // Serve until the signal; then give in-flight calls and the writers the shutdown timeout.
+    let mut stopping_watch = stopping.clone();
+    tokio::select! {
+        result = &mut serve => result?,
+        _ = async { stopping_watch.wait_for(|stopping| *stopping).await.map(|_| ()) } => {
+            let drain = async {
+                let served = serve.await;
+                while writers.join_next().await.is_some() {}
+                served
+            };
+            match tokio::time::timeout(shutdown_timeout, drain).await {
+                Ok(served) => served?,
+                Err(_) => {
+                    let left = buffer.usage().events;
+                    tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
+                }
+            }
+        }
+    }
+    buffer.close();
+    writers.abort_all();
+    while writers.join_next().await.is_some() {}
+    partition_task.abort();
+    health_task.abort();
+    let _ = tokio::join!(partition_task, health_task);
+    tracing::info!("all acknowledged events are stored; stopping");
+    if let Some(store) = Arc::into_inner(store) {
+        store.close().await;
+    }
+    Ok(())
+}
+
+/// Creates dev certificates on first run (unless paths are configured) and loads the mTLS
+/// config. None when plaintext was explicitly requested.
+fn prepare_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
+    if config.tls.insecure_plaintext {
+        tracing::warn!("!!! TLS IS DISABLED (--insecure-plaintext): traffic and events travel in clear text and clients are not authenticated. Use only for local development. !!!");
+        return Ok(None);
+    }
+    if config.uses_dev_certs() && tls::ensure_dev_certs(&config.tls.cert_dir, "client")? {
+        tracing::warn!(
+            dir = %config.tls.cert_dir.display(),
+            "created development certificates (ca.pem, server.pem/key, client.pem/key); use real certificates in production"
+        );
+    }
+    Ok(Some(tls::server_tls_config(config)?))
+}
+
+async fn maintain_partitions(store: Arc<Store>, retention: Duration) {
+    loop {
+        tokio::time::sleep(PARTITION_CHECK_INTERVAL).await;
+        if let Err(error) = store.ensure_partitions(retention).await {
+            tracing::error!(%error, "cannot create partitions ahead; will retry");
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("received SIGTERM"),
+        _ = interrupt.recv() => tracing::info!("received SIGINT"),
+    }
+}

@@ -1,0 +1,216 @@
+//! A private PostgreSQL cluster under the data directory, used when no database URL is set.
+//!
+//! The cluster listens only on a unix socket inside the data directory (no TCP port), trusts
+//! local connections, and is stopped when the server stops. When sluice runs as root, the
+//! cluster runs as the `postgres` system user, since PostgreSQL refuses to run as root.
+
+use std::{
+    fs,
+    os::unix::{fs::PermissionsExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use sqlx::postgres::PgConnectOptions;
+
+/// Name of the role and database sluice uses in its private cluster.
+const ROLE: &str = "sluice";
+/// Unix socket paths are limited to 107 bytes; keep room for `/.s.PGSQL.5432`.
+const MAX_SOCKET_DIR_LEN: usize = 90;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddedError {
+    #[error(
+        "no PostgreSQL server binaries found (looked on PATH, via pg_config --bindir, and under /usr/lib/postgresql/*/bin); install them (Debian: apt-get install postgresql) or set DATABASE_URL"
+    )]
+    BinariesNotFound,
+    #[error("running as root but there is no `postgres` system user to run PostgreSQL as; create it or set DATABASE_URL")]
+    NoPostgresUser,
+    #[error("cannot prepare {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+}
+
+/// A running private cluster. Call [`EmbeddedPostgres::stop`] on shutdown.
+#[derive(Debug)]
+pub struct EmbeddedPostgres {
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    run_as: Option<nix::unistd::User>,
+}
+
+impl EmbeddedPostgres {
+    /// Initializes the cluster under `root/postgres` if needed and starts it (or reuses one
+    /// already running there, e.g. after a crash of sluice).
+    pub fn start(root: &Path) -> Result<Self, EmbeddedError> {
+        let bin_dir = find_bin_dir().ok_or(EmbeddedError::BinariesNotFound)?;
+        let root = absolute(root)?;
+        if root.to_str().is_none() {
+            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "data directory path must be UTF-8");
+            return Err(EmbeddedError::Io { path: root, source });
+        }
+        let data_dir = root.join("postgres");
+        let socket_dir = socket_dir_for(&root);
+        let run_as = if nix::unistd::geteuid().is_root() {
+            Some(nix::unistd::User::from_name("postgres").ok().flatten().ok_or(EmbeddedError::NoPostgresUser)?)
+        } else {
+            None
+        };
+        let cluster = Self { bin_dir, data_dir, socket_dir, run_as };
+        cluster.prepare_dirs(&root)?;
+        if !cluster.data_dir.join("PG_VERSION").exists() {
+            tracing::info!(data_dir = %cluster.data_dir.display(), "initializing private PostgreSQL cluster");
+            cluster.run(
+                "initdb",
+                &[
+                    "-D",
+                    path_str(&cluster.data_dir),
+                    "-U",
+                    ROLE,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
+            )?;
+        }
+        if cluster.is_running() {
+            tracing::info!(data_dir = %cluster.data_dir.display(), "reusing private PostgreSQL cluster that is already running");
+        } else {
+            let options = format!(
+                "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=100",
+                cluster.socket_dir.display()
+            );
+            let log_file = cluster.data_dir.join("postgres.log");
+            cluster.run(
+                "pg_ctl",
+                &["-D", path_str(&cluster.data_dir), "-l", path_str(&log_file), "-o", &options, "-w", "-t", "60", "start"],
+            )?;
+            tracing::info!(socket_dir = %cluster.socket_dir.display(), "private PostgreSQL cluster started");
+        }
+        Ok(cluster)
+    }
+
+    /// Creates the sluice database if missing. Needs the cluster running.
+    pub async fn ensure_database(&self) -> Result<(), sqlx::Error> {
+        use sqlx::{ConnectOptions, Connection};
+        let mut connection = self.connect_options().database("postgres").connect().await?;
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(ROLE)
+            .fetch_one(&mut connection)
+            .await?;
+        if !exists {
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {ROLE}"))).execute(&mut connection).await?;
+        }
+        connection.close().await
+    }
+
+    /// Connection options for the sluice database over the unix socket.
+    pub fn connect_options(&self) -> PgConnectOptions {
+        PgConnectOptions::new().socket(&self.socket_dir).username(ROLE).database(ROLE)
+    }
+
+    /// Stops the cluster (fast shutdown: open transactions are rolled back, data is safe).
+    pub fn stop(&self) -> Result<(), EmbeddedError> {
+        self.run("pg_ctl", &["-D", path_str(&self.data_dir), "-m", "fast", "-w", "stop"])?;
+        tracing::info!("private PostgreSQL cluster stopped");
+        Ok(())
+    }
+
+    fn is_running(&self) -> bool {
+        self.output("pg_ctl", &["-D", path_str(&self.data_dir), "status"]).is_ok_and(|output| output.status.success())
+    }
+
+    fn prepare_dirs(&self, root: &Path) -> Result<(), EmbeddedError> {
+        for dir in [root, self.data_dir.as_path(), self.socket_dir.as_path()] {
+            fs::create_dir_all(dir).map_err(|source| EmbeddedError::Io { path: dir.to_owned(), source })?;
+        }
+        for dir in [&self.data_dir, &self.socket_dir] {
+            let io_error = |source| EmbeddedError::Io { path: dir.clone(), source };
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error)?;
+            if let Some(user) = &self.run_as {
+                std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(io_error)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<(), EmbeddedError> {
+        let output = self.output(program, args)?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        Err(EmbeddedError::Command {
+            command: program.to_owned(),
+            detail: format!("{} {}", stderr.trim(), stdout.trim()).trim().to_owned(),
+        })
+    }
+
+    fn output(&self, program: &str, args: &[&str]) -> Result<Output, EmbeddedError> {
+        let mut command = Command::new(self.bin_dir.join(program));
+        command.args(args).env("LC_ALL", "C.UTF-8").current_dir(&self.data_dir);
+        if let Some(user) = &self.run_as {
+            command.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &user.dir);
+        }
+        command.output().map_err(|source| EmbeddedError::Command { command: program.to_owned(), detail: source.to_string() })
+    }
+}
+
+/// The directory with `initdb`, `pg_ctl` and `postgres`: from PATH, `pg_config --bindir`, or
+/// the newest `/usr/lib/postgresql/*/bin`.
+pub fn find_bin_dir() -> Option<PathBuf> {
+    let has_server = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|tool| dir.join(tool).is_file());
+    let from_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|dir| has_server(dir));
+    if from_path.is_some() {
+        return from_path;
+    }
+    let from_pg_config = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        .filter(|dir| has_server(dir));
+    if from_pg_config.is_some() {
+        return from_pg_config;
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let version = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            Some((version, entry.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_server(dir))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir)
+}
+
+fn socket_dir_for(root: &Path) -> PathBuf {
+    let preferred = root.join("run");
+    if preferred.as_os_str().len() <= MAX_SOCKET_DIR_LEN {
+        return preferred;
+    }
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    root.hash(&mut hasher);
+    let digest = hasher.finish();
+    std::env::temp_dir().join(format!("sluice-pg-{digest:x}"))
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, EmbeddedError> {
+    std::path::absolute(path).map_err(|source| EmbeddedError::Io { path: path.to_owned(), source })
+}
+
+/// Paths under the data directory, which `start` checked to be UTF-8.
+fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap_or_default()
+}

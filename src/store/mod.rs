@@ -1,0 +1,93 @@
+//! PostgreSQL: connecting (to a URL or the private cluster), migrations and partitions.
+
+pub mod embedded;
+pub mod partitions;
+
+use std::{str::FromStr, time::Duration};
+
+use chrono::Utc;
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::Config;
+
+pub use embedded::EmbeddedPostgres;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database url: {0}")]
+    Url(sqlx::Error),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Embedded(#[from] embedded::EmbeddedError),
+}
+
+/// The database sluice writes to, and the private cluster behind it when there is one.
+pub struct Store {
+    pub pool: PgPool,
+    pub embedded: Option<EmbeddedPostgres>,
+}
+
+impl Store {
+    /// Connects to `database.url`, or starts the private cluster under `data_dir`, then runs
+    /// the migrations and creates the partitions the retention window needs.
+    pub async fn open(config: &Config) -> Result<Self, StoreError> {
+        let (options, embedded) = match &config.database.url {
+            Some(url) => (PgConnectOptions::from_str(url).map_err(StoreError::Url)?, None),
+            None => {
+                let data_dir = config.data_dir.clone();
+                let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&data_dir))
+                    .await
+                    .map_err(|join| embedded::EmbeddedError::Command { command: "initdb".to_owned(), detail: join.to_string() })??;
+                cluster.ensure_database().await.map_err(StoreError::Connect)?;
+                (cluster.connect_options(), Some(cluster))
+            }
+        };
+        let options = options.application_name("sluice");
+        let pool = PgPoolOptions::new()
+            .max_connections(config.writer.workers as u32 + config.database.extra_connections)
+            .acquire_timeout(config.database.connect_timeout)
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Connect)?;
+        MIGRATOR.run(&pool).await?;
+        let store = Self { pool, embedded };
+        store.ensure_partitions(config.validation.retention).await?;
+        Ok(store)
+    }
+
+    /// Makes sure partitions exist from the oldest accepted time to two months ahead.
+    pub async fn ensure_partitions(&self, retention: Duration) -> Result<usize, StoreError> {
+        let now = Utc::now();
+        let oldest = now - retention;
+        let ahead = now + chrono::Duration::days(62);
+        Ok(partitions::ensure_partitions(&self.pool, oldest, ahead).await?)
+    }
+
+    /// True when PostgreSQL answers a trivial query within `timeout`.
+    pub async fn is_reachable(&self, timeout: Duration) -> bool {
+        let ping = sqlx::query("SELECT 1").execute(&self.pool);
+        matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
+    }
+
+    /// Closes the pool and stops the private cluster, if any.
+    pub async fn close(self) {
+        self.pool.close().await;
+        if let Some(cluster) = self.embedded
+            && let Err(error) = tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap_or_else(|join| {
+                Err(embedded::EmbeddedError::Command { command: "pg_ctl".to_owned(), detail: join.to_string() })
+            })
+        {
+            tracing::error!(%error, "cannot stop private PostgreSQL cluster");
+        }
+    }
+}

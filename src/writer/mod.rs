@@ -1,0 +1,165 @@
+//! The writer pool: N tasks that take envelopes from the buffer, batch them by count, bytes and
+//! time, write each batch to PostgreSQL, and only then acknowledge the envelopes.
+
+pub mod copy;
+pub mod sink;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+
+use crate::{
+    buffer::{Buffer, BufferReceiver, Durable, Envelope},
+    config::WriterConfig,
+    event::{EventRejection, ValidEvent},
+    metrics,
+};
+use sink::EventOutcome;
+
+/// Shared view of the writers' health: true while a write keeps failing.
+#[derive(Debug, Default)]
+pub struct WriterStatus {
+    failing: AtomicBool,
+}
+
+impl WriterStatus {
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::Relaxed);
+    }
+}
+
+/// Starts `config.workers` writers. They stop once the buffer is closed and drained.
+pub fn spawn(
+    config: &WriterConfig,
+    pool: PgPool,
+    buffer: Arc<Buffer>,
+    receiver: BufferReceiver,
+    status: Arc<WriterStatus>,
+) -> JoinSet<()> {
+    let mut writers = JoinSet::new();
+    for worker in 0..config.workers {
+        let writer = Writer {
+            worker,
+            config: config.clone(),
+            pool: pool.clone(),
+            buffer: buffer.clone(),
+            receiver: receiver.clone(),
+            status: status.clone(),
+        };
+        writers.spawn(writer.run());
+    }
+    writers
+}
+
+struct Writer {
+    worker: usize,
+    config: WriterConfig,
+    pool: PgPool,
+    buffer: Arc<Buffer>,
+    receiver: BufferReceiver,
+    status: Arc<WriterStatus>,
+}
+
+impl Writer {
+    async fn run(self) {
+        tracing::debug!(worker = self.worker, "writer started");
+        while let Some(batch) = self.collect().await {
+            self.write(batch).await;
+        }
+        tracing::debug!(worker = self.worker, "writer stopped: buffer closed and drained");
+    }
+
+    /// Waits for a first envelope, then gathers more until the batch is full or the first one
+    /// has waited `flush_interval`. None once the buffer is closed and empty.
+    async fn collect(&self) -> Option<Vec<Envelope>> {
+        let mut receiver = self.receiver.lock().await;
+        let first = receiver.recv().await?;
+        let deadline = tokio::time::Instant::from_std(first.admitted_at + self.config.flush_interval);
+        let mut events = first.events.len();
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while events < self.config.batch_max_events && bytes < self.config.batch_max_bytes {
+            match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                Ok(Some(envelope)) => {
+                    events += envelope.events.len();
+                    bytes += envelope.bytes;
+                    batch.push(envelope);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Some(batch)
+    }
+
+    /// Writes one batch, retrying transient failures with exponential backoff and jitter until
+    /// it commits, then acknowledges every envelope in it.
+    async fn write(&self, batch: Vec<Envelope>) {
+        let events: Vec<&ValidEvent> = batch.iter().flat_map(|envelope| envelope.events.iter()).collect();
+        let started = Instant::now();
+        let mut backoff = self.config.retry_initial_backoff.max(Duration::from_millis(10));
+        let mut attempt = 0u32;
+        let outcomes = loop {
+            attempt += 1;
+            match sink::write_batch(&self.pool, &events).await {
+                Ok(outcomes) => break outcomes,
+                Err(error) => {
+                    self.status.set_failing(true);
+                    metrics::writer_error(sink::classify(&error).as_str());
+                    let jitter = rand::rng().random_range(0.5..1.0);
+                    let delay = backoff.mul_f64(jitter);
+                    tracing::warn!(worker = self.worker, attempt, events = events.len(), retry_in = ?delay, %error, "batch write failed, will retry");
+                    tokio::time::sleep(delay).await;
+                    backoff = (backoff * 2).min(self.config.retry_max_backoff);
+                }
+            }
+        };
+        if self.status.is_failing() {
+            tracing::info!(worker = self.worker, attempt, "batch write succeeded again");
+        }
+        self.status.set_failing(false);
+        metrics::batch_written(events.len(), started.elapsed());
+        self.buffer.record_drained(events.len());
+        drop(events);
+        acknowledge(batch, outcomes);
+    }
+}
+
+/// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the
+/// envelope afterwards releases its buffer permits.
+fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<EventOutcome>) {
+    let mut outcomes = outcomes.into_iter();
+    for envelope in batch {
+        let mut durable = Durable::default();
+        for (event, outcome) in envelope.events.iter().zip(outcomes.by_ref()) {
+            match outcome {
+                EventOutcome::Stored => durable.stored += 1,
+                EventOutcome::Duplicate => {
+                    durable.stored += 1;
+                    durable.duplicates += 1;
+                }
+                EventOutcome::DeadLettered { reason } => durable.dead_lettered.push(EventRejection {
+                    index: event.index,
+                    event_id: event.id.to_string(),
+                    field: "event",
+                    reason,
+                    metric_reason: "database_refused",
+                }),
+            }
+        }
+        metrics::events_committed(&durable, envelope.admitted_at.elapsed());
+        // A closed receiver means the client went away; its events are durable regardless.
+        let _ = envelope.ack.send(durable);
+    }
+}

@@ -1,0 +1,200 @@
+//! Writing one batch to PostgreSQL.
+//!
+//! - Fast path: one binary `COPY events` (atomic on its own).
+//! - A unique violation (an event resent with the same id) switches the batch to the
+//!   idempotent path: COPY into a temporary staging table, then
+//!   `INSERT … SELECT … ON CONFLICT DO NOTHING`, all in one transaction.
+//! - A data error (a value PostgreSQL refuses) bisects the batch until the bad events are
+//!   isolated; those go to `dead_letters` and the rest commit.
+//! - A missing partition is created, then the batch is retried.
+//! - Anything else (connection lost, database down) is returned as transient: the caller retries.
+
+use std::collections::HashSet;
+
+use bytes::BytesMut;
+use futures::future::BoxFuture;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::copy;
+use crate::{event::ValidEvent, store::partitions};
+
+/// What happened to one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventOutcome {
+    Stored,
+    Duplicate,
+    DeadLettered { reason: String },
+}
+
+/// How a database error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// An id already stored: retry idempotently.
+    Duplicate,
+    /// No partition for a row's timestamp: create it, retry.
+    MissingPartition,
+    /// A value the database refuses: isolate the offending events.
+    BadData,
+    /// Anything else: retry later with backoff.
+    Transient,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Duplicate => "duplicate",
+            Self::MissingPartition => "missing_partition",
+            Self::BadData => "bad_data",
+            Self::Transient => "transient",
+        }
+    }
+}
+
+/// Classifies an error by SQLSTATE.
+pub fn classify(error: &sqlx::Error) -> FailureKind {
+    let Some(database_error) = error.as_database_error() else {
+        return FailureKind::Transient;
+    };
+    let code = database_error.code().unwrap_or_default();
+    match code.as_ref() {
+        "23505" => FailureKind::Duplicate,
+        "23514" if database_error.message().contains("no partition") => FailureKind::MissingPartition,
+        // Data exceptions, integrity violations, program limits (e.g. an index row too large).
+        state if state.starts_with("22") || state.starts_with("23") || state.starts_with("54") => FailureKind::BadData,
+        _ => FailureKind::Transient,
+    }
+}
+
+/// Writes `events`, returning one outcome per event in order, or the transient error that
+/// stopped it (nothing of the batch is then committed by the failing step; retrying is safe
+/// because retries are idempotent).
+pub async fn write_batch(pool: &PgPool, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, sqlx::Error> {
+    let mut created_partitions = false;
+    loop {
+        let error = match copy_fast(pool, events).await {
+            Ok(()) => return Ok(vec![EventOutcome::Stored; events.len()]),
+            Err(error) => error,
+        };
+        match classify(&error) {
+            FailureKind::Duplicate | FailureKind::BadData => return write_isolating(pool, events).await,
+            FailureKind::MissingPartition if !created_partitions => {
+                create_partitions_for(pool, events).await?;
+                created_partitions = true;
+            }
+            FailureKind::MissingPartition => return write_isolating(pool, events).await,
+            FailureKind::Transient => return Err(error),
+        }
+    }
+}
+
+async fn copy_fast(pool: &PgPool, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
+    let payload = encode(events);
+    let mut connection = pool.acquire().await?;
+    let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+    let mut copy_in = connection.copy_in_raw(&statement).await?;
+    copy_in.send(payload.freeze()).await?;
+    copy_in.finish().await?;
+    Ok(())
+}
+
+/// The idempotent path with bisection of bad rows.
+fn write_isolating<'a>(pool: &'a PgPool, events: &'a [&'a ValidEvent]) -> BoxFuture<'a, Result<Vec<EventOutcome>, sqlx::Error>> {
+    Box::pin(async move {
+        let mut created_partitions = false;
+        loop {
+            let error = match insert_deduplicated(pool, events).await {
+                Ok(outcomes) => return Ok(outcomes),
+                Err(error) => error,
+            };
+            match classify(&error) {
+                FailureKind::MissingPartition if !created_partitions => {
+                    create_partitions_for(pool, events).await?;
+                    created_partitions = true;
+                }
+                FailureKind::Transient => return Err(error),
+                FailureKind::Duplicate | FailureKind::BadData | FailureKind::MissingPartition => {
+                    if let [event] = events {
+                        dead_letter(pool, event, &error).await?;
+                        return Ok(vec![EventOutcome::DeadLettered { reason: database_reason(&error) }]);
+                    }
+                    let (left, right) = events.split_at(events.len() / 2);
+                    let mut outcomes = write_isolating(pool, left).await?;
+                    outcomes.extend(write_isolating(pool, right).await?);
+                    return Ok(outcomes);
+                }
+            }
+        }
+    })
+}
+
+async fn insert_deduplicated(pool: &PgPool, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, sqlx::Error> {
+    let payload = encode(events);
+    let mut transaction = pool.begin().await?;
+    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        .execute(&mut *transaction)
+        .await?;
+    let statement = format!("COPY sluice_staging ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+    let mut copy_in = transaction.copy_in_raw(&statement).await?;
+    copy_in.send(payload.freeze()).await?;
+    copy_in.finish().await?;
+    let inserted: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id",
+        columns = copy::COLUMNS
+    )))
+    .fetch_all(&mut *transaction)
+    .await?;
+    transaction.commit().await?;
+    let mut newly_stored: HashSet<Uuid> = inserted.into_iter().collect();
+    Ok(events
+        .iter()
+        .map(|event| if newly_stored.remove(&event.id) { EventOutcome::Stored } else { EventOutcome::Duplicate })
+        .collect())
+}
+
+async fn dead_letter(pool: &PgPool, event: &ValidEvent, error: &sqlx::Error) -> Result<(), sqlx::Error> {
+    let raw = serde_json::json!({
+        "id": event.id,
+        "service": event.service,
+        "message": event.message,
+        "timestamp": event.timestamp,
+        "user_id": event.user_id,
+        "metadata": event.metadata_json,
+    });
+    let sqlstate = error.as_database_error().and_then(|database_error| database_error.code()).map(|code| code.into_owned());
+    // Strip NUL so that the user id stays findable for deletion even when it was the culprit.
+    let user_id = event.user_id.as_ref().map(|user_id| user_id.replace('\0', ""));
+    sqlx::query("INSERT INTO dead_letters (event_id, service, user_id, raw, error, sqlstate) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(event.id)
+        .bind(&event.service)
+        .bind(user_id)
+        .bind(raw.to_string().into_bytes())
+        .bind(database_reason(error))
+        .bind(sqlstate)
+        .execute(pool)
+        .await?;
+    tracing::warn!(event_id = %event.id, service = %event.service, error = %database_reason(error), "event refused by PostgreSQL, moved to dead letters");
+    Ok(())
+}
+
+async fn create_partitions_for(pool: &PgPool, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
+    let timestamps = events.iter().map(|event| event.timestamp);
+    let (Some(oldest), Some(newest)) = (timestamps.clone().min(), timestamps.max()) else {
+        return Ok(());
+    };
+    partitions::ensure_partitions(pool, oldest, newest).await.map(|_| ())
+}
+
+fn encode(events: &[&ValidEvent]) -> BytesMut {
+    let mut payload = BytesMut::with_capacity(32 + events.iter().map(|event| copy::encoded_len(event)).sum::<usize>());
+    copy::encode(events.iter().copied(), &mut payload);
+    payload
+}
+
+/// The database's own words, for the client and the dead-letter row.
+fn database_reason(error: &sqlx::Error) -> String {
+    match error.as_database_error() {
+        Some(database_error) => format!("rejected by PostgreSQL: {}", database_error.message()),
+        None => format!("rejected by PostgreSQL: {error}"),
+    }
+}
