@@ -94,7 +94,8 @@ mod tests {
     fn oversized_requests_are_invalid_argument_with_bad_request() {
         let status = Status::from(IngestError::TooManyEvents { events: 20_000, limit: 10_000 });
         assert_eq!(status.code(), Code::InvalidArgument);
-        let violations = &status.get_error_details().bad_request().expect("bad request").field_violations;
+        let details = status.get_error_details();
+        let violations = &details.bad_request().expect("bad request").field_violations;
         assert_eq!(violations[0].field, "events");
     }
 }

@@ -271,9 +271,10 @@ mod tests {
     async fn admission_waits_up_to_admit_wait_for_room() {
         let (buffer, receiver) = Buffer::new(&BufferConfig { admit_wait: Duration::from_secs(5), ..config(2) });
         let _held = buffer.admit(events(2)).await.expect("fits");
+        let writer_side = receiver.clone();
         let releaser = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            drop(receiver.lock().await.recv().await);
+            drop(writer_side.lock().await.recv().await);
         });
         buffer.admit(events(2)).await.expect("admitted once room frees");
         releaser.await.expect("releaser");

@@ -1,0 +1,254 @@
+//! Test harness: databases on the throwaway cluster started by `scripts/test`, and the real
+//! `sluice` binary started on free ports with its own dev certificates.
+
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use sluice::proto::{Event, ingest_service_client::IngestServiceClient};
+use sqlx::{Connection, PgConnection};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A fresh database on the shared test cluster.
+pub struct TestDatabase {
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin_url = std::env::var("TEST_SLUICE_ADMIN_URL")
+            .expect("TEST_SLUICE_ADMIN_URL is unset: run the suite with scripts/test, which starts PostgreSQL");
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url).await.expect("connect to the test cluster");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let base = admin_url.rsplit_once('/').map(|(base, _)| base).expect("admin url has a database");
+        Self { url: format!("{base}/{name}") }
+    }
+
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.expect("connect to test database")
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let mut connection = self.connect().await;
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&mut connection).await.expect("query")
+    }
+}
+
+/// A running `sluice` process.
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub cert_dir: PathBuf,
+    pub dir: tempfile::TempDir,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// How to start a server.
+#[derive(Default, Clone)]
+pub struct ServerSpec {
+    /// Database URL; None runs the private cluster under the data dir.
+    pub database_url: Option<String>,
+    /// Extra `SLUICE_*` variables.
+    pub env: Vec<(String, String)>,
+    /// Extra flags.
+    pub args: Vec<String>,
+    /// Reuse this directory (data dir and certs) instead of a fresh one.
+    pub dir: Option<PathBuf>,
+}
+
+impl ServerSpec {
+    pub fn with_database(url: &str) -> Self {
+        Self { database_url: Some(url.to_owned()), ..Self::default() }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
+    }
+}
+
+impl TestServer {
+    pub async fn start(spec: ServerSpec) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = spec.dir.clone().unwrap_or_else(|| dir.path().to_owned());
+        let cert_dir = base.join("certs");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(&spec.args)
+            .env_remove("DATABASE_URL")
+            .env("SLUICE_DATA_DIR", base.join("data"))
+            .env("SLUICE_TLS__CERT_DIR", &cert_dir)
+            .env("SLUICE_SHUTDOWN_TIMEOUT", "30s")
+            .env("RUST_LOG", "info,sqlx=warn")
+            .current_dir(&base)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(url) = &spec.database_url {
+            command.env("DATABASE_URL", url);
+        }
+        for (key, value) in &spec.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn sluice");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addresses, found) = mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let message = json["message"].as_str().unwrap_or_default();
+                    if let Some(address) = json["address"].as_str().and_then(|text| text.parse::<SocketAddr>().ok()) {
+                        let kind = if message.contains("metrics") { "metrics" } else { "grpc" };
+                        let _ = addresses.send((kind, address));
+                    }
+                }
+                sink.lock().expect("logs").push(line);
+            }
+        });
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut addr = None;
+        let mut metrics_addr = None;
+        while addr.is_none() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match found.recv_timeout(remaining.min(Duration::from_millis(200))) {
+                Ok(("grpc", address)) => addr = Some(address),
+                Ok((_, address)) => metrics_addr = Some(address),
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!("sluice exited during start-up ({status}):\n{}", logs.lock().expect("logs").join("\n"));
+                    }
+                    assert!(Instant::now() < deadline, "sluice did not start:\n{}", logs.lock().expect("logs").join("\n"));
+                }
+            }
+        }
+        Self { child: Some(child), addr: addr.expect("address"), metrics_addr, cert_dir, dir, logs }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("logs").join("\n")
+    }
+
+    /// A TLS config trusting the dev CA and presenting the dev client certificate.
+    pub fn client_tls(&self) -> ClientTlsConfig {
+        tls_from(&self.cert_dir)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        self.channel_with(Some(self.client_tls())).await.expect("connect")
+    }
+
+    pub async fn channel_with(&self, tls: Option<ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://localhost:{}", self.addr.port()))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        endpoint.connect().await
+    }
+
+    pub async fn ingest_client(&self) -> IngestServiceClient<Channel> {
+        IngestServiceClient::new(self.channel().await)
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sluice did not exit in {timeout:?}:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Fetches the Prometheus exposition text.
+    pub async fn metrics(&self) -> String {
+        let address = self.metrics_addr.expect("metrics endpoint");
+        let url = format!("http://{address}/metrics");
+        let output = Command::new("python3")
+            .args(["-c", "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())", &url])
+            .output()
+            .expect("fetch metrics");
+        String::from_utf8(output.stdout).expect("utf-8")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn tls_from(cert_dir: &Path) -> ClientTlsConfig {
+    let read = |name: &str| std::fs::read(cert_dir.join(name)).expect("read cert");
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+        .domain_name("localhost")
+}
+
+/// A valid event stamped now.
+pub fn event(service: &str, message: &str) -> Event {
+    let now = chrono::Utc::now();
+    Event {
+        id: uuid::Uuid::new_v4().to_string(),
+        service: service.to_owned(),
+        message: message.to_owned(),
+        timestamp: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: now.timestamp_subsec_nanos() as i32 }),
+        user_id: String::new(),
+        metadata: None,
+        ingested_at: None,
+    }
+}
+
+/// Sum of a counter (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && line.contains(label_filter))
+        .filter(|line| line[name.len()..].starts_with([' ', '{']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
