@@ -32,7 +32,10 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot connect: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("rpc failed: {0}")]
@@ -84,8 +87,17 @@ pub struct BenchArgs {
     pub server_pid: Option<u32>,
 }
 
-const SERVICES: [&str; 8] = ["checkout", "billing", "search", "auth", "catalog", "shipping", "email", "gateway"];
-const PATHS: [&str; 6] = ["/api/orders", "/api/cart", "/api/users/me", "/api/search", "/api/pay", "/health"];
+const SERVICES: [&str; 8] = [
+    "checkout", "billing", "search", "auth", "catalog", "shipping", "email", "gateway",
+];
+const PATHS: [&str; 6] = [
+    "/api/orders",
+    "/api/cart",
+    "/api/users/me",
+    "/api/search",
+    "/api/pay",
+    "/health",
+];
 
 /// A realistic event of about 250 bytes when encoded.
 fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
@@ -95,14 +107,21 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
     let status = [200.0, 200.0, 200.0, 201.0, 404.0, 500.0][rng.random_range(0..6)];
     let latency = rng.random_range(1..900) as f64;
     let user = format!("user-{}", rng.random_range(0..50_000));
-    let text = |value: &str| Value { kind: Some(Kind::StringValue(value.to_owned())) };
-    let number = |value: f64| Value { kind: Some(Kind::NumberValue(value)) };
+    let text = |value: &str| Value {
+        kind: Some(Kind::StringValue(value.to_owned())),
+    };
+    let number = |value: f64| Value {
+        kind: Some(Kind::NumberValue(value)),
+    };
     let metadata = Struct {
         fields: [
             ("path".to_owned(), text(path)),
             ("status".to_owned(), number(status)),
             ("latencyMs".to_owned(), number(latency)),
-            ("region".to_owned(), text(["eu-west-1", "us-east-1", "ap-south-1"][sequence % 3])),
+            (
+                "region".to_owned(),
+                text(["eu-west-1", "us-east-1", "ap-south-1"][sequence % 3]),
+            ),
         ]
         .into(),
     };
@@ -111,7 +130,10 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
         id: Uuid::now_v7().to_string(),
         service: service.to_owned(),
         message: format!("{service} handled GET {path} -> {status} in {latency} ms"),
-        timestamp: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: now.timestamp_subsec_nanos() as i32 }),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: now.timestamp(),
+            nanos: now.timestamp_subsec_nanos() as i32,
+        }),
         user_id: user,
         metadata: Some(metadata),
         ingested_at: None,
@@ -128,7 +150,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         None => None,
     };
     if let Some(rate) = ceiling {
-        println!("raw COPY ceiling: {rate:.0} rows/s ({} connections, {}-row batches)", args.copy_connections, args.batch);
+        println!(
+            "raw COPY ceiling: {rate:.0} rows/s ({} connections, {}-row batches)",
+            args.copy_connections, args.batch
+        );
     }
     let report = grpc_load(&args).await?;
     println!(
@@ -174,10 +199,13 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
             let mut sent = 0;
             while sent < per_connection {
                 let count = batch.min(per_connection - sent);
-                let rows: Vec<ValidEvent> = (0..count).map(|offset| as_valid(sample_event(&mut rng, sent + offset))).collect();
+                let rows: Vec<ValidEvent> = (0..count)
+                    .map(|offset| as_valid(sample_event(&mut rng, sent + offset)))
+                    .collect();
                 let mut payload = BytesMut::new();
                 copy::encode(rows.iter(), &mut payload);
-                let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+                let statement =
+                    format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
                 let mut copy_in = connection.copy_in_raw(&statement).await?;
                 copy_in.send(payload.freeze()).await?;
                 copy_in.finish().await?;
@@ -226,7 +254,9 @@ async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
     for (stream_index, client) in clients.into_iter().enumerate() {
         let latency = latency.clone();
         let (batch, window) = (args.batch, args.window.max(1));
-        tasks.spawn(async move { drive_stream(client, stream_index, per_stream, batch, window, latency).await });
+        tasks.spawn(async move {
+            drive_stream(client, stream_index, per_stream, batch, window, latency).await
+        });
     }
     let mut events = 0;
     let mut refusals = 0;
@@ -237,7 +267,12 @@ async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
     }
     let elapsed = started.elapsed();
     let latency = latency.lock().await.clone();
-    Ok(LoadReport { events, elapsed, latency, refusals })
+    Ok(LoadReport {
+        events,
+        elapsed,
+        latency,
+        refusals,
+    })
 }
 
 /// Sends `total` events over one IngestStream with `window` requests in flight; resends a
@@ -252,7 +287,10 @@ async fn drive_stream(
 ) -> Result<(u64, u64), BenchError> {
     let mut rng = StdRng::seed_from_u64(1_000 + stream_index as u64);
     let (requests, request_stream) = mpsc::channel::<IngestRequest>(window);
-    let mut acks = client.ingest_stream(ReceiverStream::new(request_stream)).await?.into_inner();
+    let mut acks = client
+        .ingest_stream(ReceiverStream::new(request_stream))
+        .await?
+        .into_inner();
     let mut in_flight: HashMap<u64, (Instant, IngestRequest)> = HashMap::new();
     let mut next_sequence = 0u64;
     let mut produced = 0usize;
@@ -261,30 +299,46 @@ async fn drive_stream(
     loop {
         while in_flight.len() < window && produced < total {
             let count = batch.min(total - produced);
-            let events = (0..count).map(|offset| sample_event(&mut rng, produced + offset)).collect();
-            let request = IngestRequest { events, sequence: next_sequence };
+            let events = (0..count)
+                .map(|offset| sample_event(&mut rng, produced + offset))
+                .collect();
+            let request = IngestRequest {
+                events,
+                sequence: next_sequence,
+            };
             produced += count;
             next_sequence += 1;
             in_flight.insert(request.sequence, (Instant::now(), request.clone()));
             if requests.send(request).await.is_err() {
-                return Err(BenchError::Rpc(tonic::Status::aborted("request stream closed")));
+                return Err(BenchError::Rpc(tonic::Status::aborted(
+                    "request stream closed",
+                )));
             }
         }
         if in_flight.is_empty() {
             break;
         }
         let Some(ack) = acks.next().await else {
-            return Err(BenchError::Rpc(tonic::Status::aborted("server ended the ack stream early")));
+            return Err(BenchError::Rpc(tonic::Status::aborted(
+                "server ended the ack stream early",
+            )));
         };
         let ack = ack?;
-        let Some((sent_at, request)) = in_flight.remove(&ack.sequence) else { continue };
+        let Some((sent_at, request)) = in_flight.remove(&ack.sequence) else {
+            continue;
+        };
         if ack.code != 0 {
             refusals += 1;
-            let delay = ack.retry_after.and_then(|delay| Duration::try_from(delay).ok()).unwrap_or(Duration::from_millis(100));
+            let delay = ack
+                .retry_after
+                .and_then(|delay| Duration::try_from(delay).ok())
+                .unwrap_or(Duration::from_millis(100));
             tokio::time::sleep(delay).await;
             in_flight.insert(request.sequence, (Instant::now(), request.clone()));
             if requests.send(request).await.is_err() {
-                return Err(BenchError::Rpc(tonic::Status::aborted("request stream closed")));
+                return Err(BenchError::Rpc(tonic::Status::aborted(
+                    "request stream closed",
+                )));
             }
             continue;
         }
@@ -299,10 +353,18 @@ async fn drive_stream(
 
 async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, BenchError> {
     let mut endpoint = Channel::from_shared(args.addr.clone()).map_err(|error| {
-        BenchError::Rpc(tonic::Status::invalid_argument(format!("bad address {}: {error}", args.addr)))
+        BenchError::Rpc(tonic::Status::invalid_argument(format!(
+            "bad address {}: {error}",
+            args.addr
+        )))
     })?;
     if !args.plaintext {
-        let read = |path: &PathBuf| std::fs::read(path).map_err(|source| BenchError::Read { path: path.clone(), source });
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| BenchError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(&args.ca)?))
             .identity(Identity::from_pem(read(&args.cert)?, read(&args.key)?))

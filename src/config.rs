@@ -181,7 +181,11 @@ impl Default for Config {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: None, extra_connections: 4, connect_timeout: Duration::from_secs(5) }
+        Self {
+            url: None,
+            extra_connections: 4,
+            connect_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -211,7 +215,11 @@ impl Default for GrpcConfig {
 
 impl Default for BufferConfig {
     fn default() -> Self {
-        Self { max_events: 50_000, max_bytes: 256 * 1024 * 1024, admit_wait: Duration::from_millis(200) }
+        Self {
+            max_events: 50_000,
+            max_bytes: 256 * 1024 * 1024,
+            admit_wait: Duration::from_millis(200),
+        }
     }
 }
 
@@ -243,13 +251,18 @@ impl Default for ValidationConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))) }
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { format: LogFormat::Text, filter: "info".to_owned() }
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
     }
 }
 
@@ -264,7 +277,11 @@ impl Config {
             None => figment = figment.merge(Toml::file("sluice.toml")),
         }
         figment = figment
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
             .merge(Env::prefixed("SLUICE_").split("__"))
             .merge(overrides);
         let config: Config = figment.extract().map_err(Box::new)?;
@@ -274,7 +291,12 @@ impl Config {
 
     /// Rejects values that cannot work, with the field named.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| Err(ConfigError::Invalid { field, reason: reason.to_owned() });
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
         if self.buffer.max_events == 0 {
             return invalid("buffer.max_events", "must be at least 1");
         }
@@ -301,17 +323,26 @@ impl Config {
 
     /// Server certificate path.
     pub fn tls_cert_path(&self) -> PathBuf {
-        self.tls.cert.clone().unwrap_or_else(|| self.tls.cert_dir.join("server.pem"))
+        self.tls
+            .cert
+            .clone()
+            .unwrap_or_else(|| self.tls.cert_dir.join("server.pem"))
     }
 
     /// Server key path.
     pub fn tls_key_path(&self) -> PathBuf {
-        self.tls.key.clone().unwrap_or_else(|| self.tls.cert_dir.join("server.key"))
+        self.tls
+            .key
+            .clone()
+            .unwrap_or_else(|| self.tls.cert_dir.join("server.key"))
     }
 
     /// Client CA path.
     pub fn tls_client_ca_path(&self) -> PathBuf {
-        self.tls.client_ca.clone().unwrap_or_else(|| self.tls.cert_dir.join("ca.pem"))
+        self.tls
+            .client_ca
+            .clone()
+            .unwrap_or_else(|| self.tls.cert_dir.join("ca.pem"))
     }
 
     /// True when every TLS path is left to its default under `cert_dir`, so dev certificates
@@ -332,7 +363,10 @@ mod tests {
         assert_eq!(config.buffer.max_events, 50_000);
         assert_eq!(config.buffer.max_bytes, 256 * 1024 * 1024);
         assert_eq!(config.writer.workers, 2);
-        assert_eq!(config.validation.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(
+            config.validation.retention,
+            Duration::from_secs(30 * 86_400)
+        );
         assert!(!config.tls.insecure_plaintext);
         config.check().expect("defaults are valid");
     }
@@ -346,7 +380,10 @@ mod tests {
             let config = Config::load(None, Figment::new()).expect("loads");
             assert_eq!(config.buffer.max_events, 123);
             assert_eq!(config.writer.flush_interval, Duration::from_millis(250));
-            assert_eq!(config.database.url.as_deref(), Some("postgres://example/db"));
+            assert_eq!(
+                config.database.url.as_deref(),
+                Some("postgres://example/db")
+            );
             Ok(())
         });
     }
@@ -367,6 +404,12 @@ mod tests {
     fn zero_buffer_is_refused() {
         let mut config = Config::default();
         config.buffer.max_events = 0;
-        assert!(matches!(config.check(), Err(ConfigError::Invalid { field: "buffer.max_events", .. })));
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::Invalid {
+                field: "buffer.max_events",
+                ..
+            })
+        ));
     }
 }

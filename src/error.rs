@@ -19,15 +19,30 @@ impl From<IngestError> for Status {
     fn from(error: IngestError) -> Self {
         let message = error.to_string();
         match error {
-            IngestError::BufferFull { retry_after, progress } => {
-                refusal(Code::ResourceExhausted, message, "BUFFER_FULL", Some(retry_after), progress)
-            }
-            IngestError::ShuttingDown { progress } => {
-                refusal(Code::Unavailable, message, "SHUTTING_DOWN", Some(Duration::from_secs(1)), progress)
-            }
-            IngestError::NotDurable { progress } => {
-                refusal(Code::Unavailable, message, "NOT_DURABLE", Some(Duration::from_secs(1)), progress)
-            }
+            IngestError::BufferFull {
+                retry_after,
+                progress,
+            } => refusal(
+                Code::ResourceExhausted,
+                message,
+                "BUFFER_FULL",
+                Some(retry_after),
+                progress,
+            ),
+            IngestError::ShuttingDown { progress } => refusal(
+                Code::Unavailable,
+                message,
+                "SHUTTING_DOWN",
+                Some(Duration::from_secs(1)),
+                progress,
+            ),
+            IngestError::NotDurable { progress } => refusal(
+                Code::Unavailable,
+                message,
+                "NOT_DURABLE",
+                Some(Duration::from_secs(1)),
+                progress,
+            ),
             IngestError::TooManyEvents { events, limit } => bad_request(
                 message,
                 "events",
@@ -47,7 +62,13 @@ pub struct Progress {
     pub rejected: u64,
 }
 
-fn refusal(code: Code, message: String, reason: &str, retry_after: Option<Duration>, progress: Progress) -> Status {
+fn refusal(
+    code: Code,
+    message: String,
+    reason: &str,
+    retry_after: Option<Duration>,
+    progress: Progress,
+) -> Status {
     let mut details = ErrorDetails::new();
     details.set_retry_info(retry_after);
     let info = HashMap::from([
@@ -62,7 +83,11 @@ fn refusal(code: Code, message: String, reason: &str, retry_after: Option<Durati
 }
 
 fn bad_request(message: String, field: &str, description: String) -> Status {
-    Status::with_error_details(Code::InvalidArgument, message, ErrorDetails::with_bad_request_violation(field, description))
+    Status::with_error_details(
+        Code::InvalidArgument,
+        message,
+        ErrorDetails::with_bad_request_violation(field, description),
+    )
 }
 
 /// True for tonic's own "message too large" decode failure, which sluice reports as
@@ -77,8 +102,14 @@ mod tests {
 
     #[test]
     fn buffer_full_carries_retry_info_error_info_and_progress_trailers() {
-        let progress = Progress { accepted: 7, rejected: 2 };
-        let status = Status::from(IngestError::BufferFull { retry_after: Duration::from_millis(1500), progress });
+        let progress = Progress {
+            accepted: 7,
+            rejected: 2,
+        };
+        let status = Status::from(IngestError::BufferFull {
+            retry_after: Duration::from_millis(1500),
+            progress,
+        });
         assert_eq!(status.code(), Code::ResourceExhausted);
         let details = status.get_error_details();
         let retry = details.retry_info().expect("retry info");
@@ -86,13 +117,28 @@ mod tests {
         let info = details.error_info().expect("error info");
         assert_eq!(info.reason, "BUFFER_FULL");
         assert_eq!(info.metadata.get("accepted").map(String::as_str), Some("7"));
-        assert_eq!(status.metadata().get(ACCEPTED_TRAILER).and_then(|value| value.to_str().ok()), Some("7"));
-        assert_eq!(status.metadata().get(REJECTED_TRAILER).and_then(|value| value.to_str().ok()), Some("2"));
+        assert_eq!(
+            status
+                .metadata()
+                .get(ACCEPTED_TRAILER)
+                .and_then(|value| value.to_str().ok()),
+            Some("7")
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get(REJECTED_TRAILER)
+                .and_then(|value| value.to_str().ok()),
+            Some("2")
+        );
     }
 
     #[test]
     fn oversized_requests_are_invalid_argument_with_bad_request() {
-        let status = Status::from(IngestError::TooManyEvents { events: 20_000, limit: 10_000 });
+        let status = Status::from(IngestError::TooManyEvents {
+            events: 20_000,
+            limit: 10_000,
+        });
         assert_eq!(status.code(), Code::InvalidArgument);
         let details = status.get_error_details();
         let violations = &details.bad_request().expect("bad request").field_violations;

@@ -39,9 +39,22 @@ pub async fn watch(
             if serving {
                 tracing::info!("ingest is SERVING");
             } else {
-                tracing::warn!(database_up, buffer_full = full, writers_failing = failing, "ingest is NOT_SERVING");
+                tracing::warn!(
+                    database_up,
+                    buffer_full = full,
+                    writers_failing = failing,
+                    "ingest is NOT_SERVING"
+                );
             }
-            set(&reporter, if serving { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+            set(
+                &reporter,
+                if serving {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
             last = Some(serving);
         }
         tokio::select! {

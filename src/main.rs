@@ -9,7 +9,11 @@ use sluice::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "gRPC streaming ingestion of events into PostgreSQL")]
+#[command(
+    name = "sluice",
+    version,
+    about = "gRPC streaming ingestion of events into PostgreSQL"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -89,7 +93,10 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
         eprintln!("sluice: a rustls crypto provider was already installed");
     }
     let cli = Cli::parse();
@@ -103,7 +110,11 @@ fn main() -> ExitCode {
     match cli.command {
         None => runtime.block_on(serve(cli.serve)),
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
-        Some(Command::Certs { name, cert_dir, out_dir }) => issue_certs(&name, &cert_dir, &out_dir),
+        Some(Command::Certs {
+            name,
+            cert_dir,
+            out_dir,
+        }) => issue_certs(&name, &cert_dir, &out_dir),
         Some(Command::Bench(args)) => {
             init_logging(LogFormat::Text, "warn");
             match runtime.block_on(sluice::bench::run(args)) {
@@ -150,7 +161,9 @@ fn issue_certs(name: &str, cert_dir: &std::path::Path, out_dir: &std::path::Path
 
 fn init_logging(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

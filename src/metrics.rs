@@ -28,7 +28,10 @@ pub enum MetricsError {
     #[error("cannot install metrics recorder: {0}")]
     Install(#[from] metrics_exporter_prometheus::BuildError),
     #[error("cannot listen for metrics on {address}: {source}")]
-    Bind { address: SocketAddr, source: std::io::Error },
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Installs the global recorder. Returns the handle that renders the exposition text.
@@ -37,11 +40,20 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 }
 
 /// Serves `GET /metrics` on `address`; returns the bound address (useful with port 0).
-pub async fn serve(handle: PrometheusHandle, address: SocketAddr) -> Result<SocketAddr, MetricsError> {
-    let listener =
-        tokio::net::TcpListener::bind(address).await.map_err(|source| MetricsError::Bind { address, source })?;
-    let bound = listener.local_addr().map_err(|source| MetricsError::Bind { address, source })?;
-    let app = axum::Router::new().route("/metrics", axum::routing::get(move || std::future::ready(handle.render())));
+pub async fn serve(
+    handle: PrometheusHandle,
+    address: SocketAddr,
+) -> Result<SocketAddr, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| MetricsError::Bind { address, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { address, source })?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(handle.render())),
+    );
     tokio::spawn(async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "metrics endpoint stopped");

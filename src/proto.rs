@@ -5,4 +5,5 @@
 tonic::include_proto!("sluice.v1");
 
 /// The encoded `FileDescriptorSet` of every sluice proto, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));

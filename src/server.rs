@@ -30,7 +30,10 @@ pub enum ServerError {
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
     #[error("cannot listen on {address}: {source}")]
-    Bind { address: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection setup failed: {0}")]
@@ -50,13 +53,27 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let store = Arc::new(Store::open(&config).await?);
     let (buffer, receiver) = Buffer::new(&config.buffer);
     let writer_status = Arc::new(WriterStatus::default());
-    let mut writers = writer::spawn(&config.writer, store.pool.clone(), buffer.clone(), receiver, writer_status.clone());
+    let mut writers = writer::spawn(
+        &config.writer,
+        store.pool.clone(),
+        buffer.clone(),
+        receiver,
+        writer_status.clone(),
+    );
 
     let (stopping_sender, stopping) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let health_task =
-        tokio::spawn(health::watch(health_reporter, buffer.clone(), store.clone(), writer_status, stopping.clone()));
-    let partition_task = tokio::spawn(maintain_partitions(store.clone(), config.validation.retention));
+    let health_task = tokio::spawn(health::watch(
+        health_reporter,
+        buffer.clone(),
+        store.clone(),
+        writer_status,
+        stopping.clone(),
+    ));
+    let partition_task = tokio::spawn(maintain_partitions(
+        store.clone(),
+        config.validation.retention,
+    ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -66,12 +83,16 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let ingest = IngestServiceServer::new(IngestHandler::new(buffer.clone(), config.clone(), stopping.clone()))
-        .max_decoding_message_size(config.grpc.max_message_bytes)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd);
+    let ingest = IngestServiceServer::new(IngestHandler::new(
+        buffer.clone(),
+        config.clone(),
+        stopping.clone(),
+    ))
+    .max_decoding_message_size(config.grpc.max_message_bytes)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .send_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd);
 
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
@@ -83,8 +104,14 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|source| ServerError::Bind { address: config.listen, source })?;
-    let bound = listener.local_addr().map_err(|source| ServerError::Bind { address: config.listen, source })?;
+        .map_err(|source| ServerError::Bind {
+            address: config.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+        address: config.listen,
+        source,
+    })?;
     tracing::info!(address = %bound, tls = !config.tls.insecure_plaintext, "sluice listening");
 
     let shutdown_timeout = config.shutdown_timeout;
@@ -102,7 +129,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ingest)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop_signal);
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            stop_signal,
+        );
     let mut serve = std::pin::pin!(serve);
     // Serve until the signal; then give in-flight calls and the writers the shutdown timeout.
     let mut stopping_watch = stopping.clone();
@@ -140,7 +170,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 /// config. None when plaintext was explicitly requested.
 fn prepare_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
     if config.tls.insecure_plaintext {
-        tracing::warn!("!!! TLS IS DISABLED (--insecure-plaintext): traffic and events travel in clear text and clients are not authenticated. Use only for local development. !!!");
+        tracing::warn!(
+            "!!! TLS IS DISABLED (--insecure-plaintext): traffic and events travel in clear text and clients are not authenticated. Use only for local development. !!!"
+        );
         return Ok(None);
     }
     if config.uses_dev_certs() && tls::ensure_dev_certs(&config.tls.cert_dir, "client")? {
@@ -163,7 +195,10 @@ async fn maintain_partitions(store: Arc<Store>, retention: Duration) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -8,8 +8,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -18,9 +18,15 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate certificate: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -49,7 +55,14 @@ impl DevCertPaths {
     }
 
     fn all(&self) -> [&PathBuf; 6] {
-        [&self.ca_cert, &self.ca_key, &self.server_cert, &self.server_key, &self.client_cert, &self.client_key]
+        [
+            &self.ca_cert,
+            &self.ca_key,
+            &self.server_cert,
+            &self.server_key,
+            &self.client_cert,
+            &self.client_key,
+        ]
     }
 }
 
@@ -61,7 +74,10 @@ pub fn ensure_dev_certs(dir: &Path, client_name: &str) -> Result<bool, TlsError>
     if paths.server_cert.exists() && paths.server_key.exists() && paths.ca_cert.exists() {
         return Ok(false);
     }
-    fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
     let set = generate_dev_certs(client_name)?;
     write_file(&paths.ca_cert, &set.ca_cert, 0o644)?;
     write_file(&paths.ca_key, &set.ca_key, 0o600)?;
@@ -74,14 +90,21 @@ pub fn ensure_dev_certs(dir: &Path, client_name: &str) -> Result<bool, TlsError>
 }
 
 /// Signs one more client certificate with the dev CA in `dir` (e.g. for another service).
-pub fn issue_client_cert(dir: &Path, client_name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+pub fn issue_client_cert(
+    dir: &Path,
+    client_name: &str,
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf), TlsError> {
     let paths = DevCertPaths::in_dir(dir);
     let ca_pem = read_string(&paths.ca_cert)?;
     let ca_key = KeyPair::from_pem(&read_string(&paths.ca_key)?)?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
     let key = KeyPair::generate()?;
     let cert = client_params(client_name)?.signed_by(&key, &issuer)?;
-    fs::create_dir_all(out_dir).map_err(|source| TlsError::Write { path: out_dir.to_owned(), source })?;
+    fs::create_dir_all(out_dir).map_err(|source| TlsError::Write {
+        path: out_dir.to_owned(),
+        source,
+    })?;
     let cert_path = out_dir.join(format!("{client_name}.pem"));
     let key_path = out_dir.join(format!("{client_name}.key"));
     write_file(&cert_path, &cert.pem(), 0o644)?;
@@ -104,16 +127,28 @@ pub fn generate_dev_certs(client_name: &str) -> Result<DevCertSet, TlsError> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = distinguished_name("sluice dev CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let ca_key = KeyPair::generate()?;
     let ca_key_pem = ca_key.serialize_pem();
     let ca = CertifiedIssuer::self_signed(ca_params, ca_key)?;
 
-    let mut server_params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])?;
+    let mut server_params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])?;
     server_params.distinguished_name = distinguished_name("sluice server");
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    debug_assert!(server_params.subject_alt_names.iter().any(|san| matches!(san, SanType::IpAddress(_))));
+    debug_assert!(
+        server_params
+            .subject_alt_names
+            .iter()
+            .any(|san| matches!(san, SanType::IpAddress(_)))
+    );
     let server_key = KeyPair::generate()?;
     let server_cert = server_params.signed_by(&server_key, &ca)?;
 
@@ -157,16 +192,27 @@ pub fn server_tls_config(config: &Config) -> Result<ServerTlsConfig, TlsError> {
 }
 
 pub fn read_string(path: &Path) -> Result<String, TlsError> {
-    fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+    fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
     let write = || -> std::io::Result<()> {
-        let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(path)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)?;
         file.write_all(contents.as_bytes())?;
         file.sync_all()
     };
-    write().map_err(|source| TlsError::Write { path: path.to_owned(), source })
+    write().map_err(|source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -191,7 +237,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         ensure_dev_certs(dir.path(), "client").expect("creates");
         let (cert, key) = issue_client_cert(dir.path(), "billing", dir.path()).expect("issues");
-        assert!(read_string(&cert).expect("cert").contains("BEGIN CERTIFICATE"));
+        assert!(
+            read_string(&cert)
+                .expect("cert")
+                .contains("BEGIN CERTIFICATE")
+        );
         assert!(read_string(&key).expect("key").contains("PRIVATE KEY"));
     }
 }

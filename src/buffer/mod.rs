@@ -51,8 +51,15 @@ pub enum AdmitError {
     Full { retry_after: Duration },
     #[error("server is shutting down")]
     Closed,
-    #[error("request of {events} events and {bytes} bytes can never fit a buffer of {max_events} events and {max_bytes} bytes")]
-    TooLarge { events: usize, bytes: usize, max_events: usize, max_bytes: usize },
+    #[error(
+        "request of {events} events and {bytes} bytes can never fit a buffer of {max_events} events and {max_bytes} bytes"
+    )]
+    TooLarge {
+        events: usize,
+        bytes: usize,
+        max_events: usize,
+        max_bytes: usize,
+    },
 }
 
 /// Current occupancy.
@@ -95,7 +102,10 @@ impl Buffer {
             config: config.clone(),
             drain: Mutex::new(DrainRate::new()),
         };
-        (Arc::new(buffer), Arc::new(tokio::sync::Mutex::new(receiver)))
+        (
+            Arc::new(buffer),
+            Arc::new(tokio::sync::Mutex::new(receiver)),
+        )
     }
 
     /// Admits a request's valid events, waiting at most `admit_wait` for room.
@@ -114,10 +124,16 @@ impl Buffer {
             return Err(AdmitError::Closed);
         }
         let deadline = Instant::now() + self.config.admit_wait;
-        let full = || AdmitError::Full { retry_after: self.retry_after(count) };
+        let full = || AdmitError::Full {
+            retry_after: self.retry_after(count),
+        };
         // Both fit in u32: the config caps the capacities and the checks above cap the request.
-        let event_permit = acquire(&self.event_slots, count as u32, deadline).await.ok_or_else(full)?;
-        let byte_permit = acquire(&self.byte_slots, bytes as u32, deadline).await.ok_or_else(full)?;
+        let event_permit = acquire(&self.event_slots, count as u32, deadline)
+            .await
+            .ok_or_else(full)?;
+        let byte_permit = acquire(&self.byte_slots, bytes as u32, deadline)
+            .await
+            .ok_or_else(full)?;
         let (ack, ack_receiver) = oneshot::channel();
         let envelope = Envelope {
             events,
@@ -163,14 +179,25 @@ impl Buffer {
     /// How long a refused client should wait: the time to drain what is queued ahead of it plus
     /// its own request, at the recent drain rate; between 100 ms and 10 s.
     pub fn retry_after(&self, request_events: usize) -> Duration {
-        let rate = self.drain.lock().map_or(0.0, |drain| drain.events_per_second(Instant::now()));
+        let rate = self
+            .drain
+            .lock()
+            .map_or(0.0, |drain| drain.events_per_second(Instant::now()));
         let backlog = (self.usage().events + request_events) as f64;
-        let seconds = if rate > 1.0 { backlog / rate } else { f64::INFINITY };
+        let seconds = if rate > 1.0 {
+            backlog / rate
+        } else {
+            f64::INFINITY
+        };
         Duration::from_secs_f64(seconds.clamp(0.1, 10.0))
     }
 }
 
-async fn acquire(slots: &Arc<Semaphore>, count: u32, deadline: Instant) -> Option<OwnedSemaphorePermit> {
+async fn acquire(
+    slots: &Arc<Semaphore>,
+    count: u32,
+    deadline: Instant,
+) -> Option<OwnedSemaphorePermit> {
     if let Ok(permit) = slots.clone().try_acquire_many_owned(count) {
         return Some(permit);
     }
@@ -178,7 +205,10 @@ async fn acquire(slots: &Arc<Semaphore>, count: u32, deadline: Instant) -> Optio
     if wait.is_zero() {
         return None;
     }
-    tokio::time::timeout(wait, slots.clone().acquire_many_owned(count)).await.ok()?.ok()
+    tokio::time::timeout(wait, slots.clone().acquire_many_owned(count))
+        .await
+        .ok()?
+        .ok()
 }
 
 /// An exponentially weighted drain rate, updated at most once per 250 ms window.
@@ -192,7 +222,11 @@ const DRAIN_WINDOW: Duration = Duration::from_millis(250);
 
 impl DrainRate {
     fn new() -> Self {
-        Self { window_start: Instant::now(), window_events: 0, rate: 0.0 }
+        Self {
+            window_start: Instant::now(),
+            window_events: 0,
+            rate: 0.0,
+        }
     }
 
     fn record(&mut self, events: usize, now: Instant) {
@@ -200,7 +234,11 @@ impl DrainRate {
         let elapsed = now.duration_since(self.window_start);
         if elapsed >= DRAIN_WINDOW {
             let window_rate = self.window_events as f64 / elapsed.as_secs_f64();
-            self.rate = if self.rate == 0.0 { window_rate } else { 0.7 * self.rate + 0.3 * window_rate };
+            self.rate = if self.rate == 0.0 {
+                window_rate
+            } else {
+                0.7 * self.rate + 0.3 * window_rate
+            };
             self.window_start = now;
             self.window_events = 0;
         }
@@ -238,7 +276,11 @@ mod tests {
     }
 
     fn config(max_events: usize) -> BufferConfig {
-        BufferConfig { max_events, max_bytes: 1 << 20, admit_wait: Duration::ZERO }
+        BufferConfig {
+            max_events,
+            max_bytes: 1 << 20,
+            admit_wait: Duration::ZERO,
+        }
     }
 
     #[tokio::test]
@@ -246,7 +288,9 @@ mod tests {
         let (buffer, receiver) = Buffer::new(&config(10));
         let _first = buffer.admit(events(6)).await.expect("fits");
         let refused = buffer.admit(events(5)).await.expect_err("full");
-        assert!(matches!(refused, AdmitError::Full { retry_after } if retry_after >= Duration::from_millis(100)));
+        assert!(
+            matches!(refused, AdmitError::Full { retry_after } if retry_after >= Duration::from_millis(100))
+        );
         assert_eq!(buffer.usage().events, 6);
         let envelope = receiver.lock().await.recv().await.expect("queued");
         drop(envelope);
@@ -256,27 +300,43 @@ mod tests {
 
     #[tokio::test]
     async fn byte_budget_bounds_admission_too() {
-        let (buffer, _receiver) = Buffer::new(&BufferConfig { max_events: 1000, max_bytes: 1000, admit_wait: Duration::ZERO });
+        let (buffer, _receiver) = Buffer::new(&BufferConfig {
+            max_events: 1000,
+            max_bytes: 1000,
+            admit_wait: Duration::ZERO,
+        });
         buffer.admit(events(5)).await.expect("5 small events fit");
-        assert!(matches!(buffer.admit(events(5)).await, Err(AdmitError::Full { .. })));
+        assert!(matches!(
+            buffer.admit(events(5)).await,
+            Err(AdmitError::Full { .. })
+        ));
     }
 
     #[tokio::test]
     async fn a_request_larger_than_the_buffer_is_too_large_not_full() {
         let (buffer, _receiver) = Buffer::new(&config(3));
-        assert!(matches!(buffer.admit(events(4)).await, Err(AdmitError::TooLarge { events: 4, .. })));
+        assert!(matches!(
+            buffer.admit(events(4)).await,
+            Err(AdmitError::TooLarge { events: 4, .. })
+        ));
     }
 
     #[tokio::test]
     async fn admission_waits_up_to_admit_wait_for_room() {
-        let (buffer, receiver) = Buffer::new(&BufferConfig { admit_wait: Duration::from_secs(5), ..config(2) });
+        let (buffer, receiver) = Buffer::new(&BufferConfig {
+            admit_wait: Duration::from_secs(5),
+            ..config(2)
+        });
         let _held = buffer.admit(events(2)).await.expect("fits");
         let writer_side = receiver.clone();
         let releaser = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(writer_side.lock().await.recv().await);
         });
-        buffer.admit(events(2)).await.expect("admitted once room frees");
+        buffer
+            .admit(events(2))
+            .await
+            .expect("admitted once room frees");
         releaser.await.expect("releaser");
     }
 
@@ -285,7 +345,10 @@ mod tests {
         let (buffer, receiver) = Buffer::new(&config(10));
         let _ack = buffer.admit(events(1)).await.expect("fits");
         buffer.close();
-        assert_eq!(buffer.admit(events(1)).await.expect_err("closed"), AdmitError::Closed);
+        assert_eq!(
+            buffer.admit(events(1)).await.expect_err("closed"),
+            AdmitError::Closed
+        );
         let mut receiver = receiver.lock().await;
         assert!(receiver.recv().await.is_some());
         assert!(receiver.recv().await.is_none());

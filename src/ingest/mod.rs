@@ -13,7 +13,10 @@ use crate::error::Progress;
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("buffer is full, retry after {retry_after:?}")]
-    BufferFull { retry_after: Duration, progress: Progress },
+    BufferFull {
+        retry_after: Duration,
+        progress: Progress,
+    },
     #[error("server is shutting down, retry on another node or later")]
     ShuttingDown { progress: Progress },
     #[error("events were admitted but not committed before the server stopped; resend them")]
@@ -23,7 +26,12 @@ pub enum IngestError {
     #[error(
         "request of {events} events and {bytes} bytes can never fit the buffer ({max_events} events, {max_bytes} bytes); split it"
     )]
-    LargerThanBuffer { events: usize, bytes: usize, max_events: usize, max_bytes: usize },
+    LargerThanBuffer {
+        events: usize,
+        bytes: usize,
+        max_events: usize,
+        max_bytes: usize,
+    },
     #[error("request is larger than the server accepts")]
     MessageTooLarge { detail: String },
     #[error("stream failed: {0}")]

@@ -16,7 +16,9 @@ use crate::{
     error::{self, Progress},
     event::{EventRejection, ValidEvent},
     metrics,
-    proto::{IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService},
+    proto::{
+        IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
+    },
 };
 
 /// Acks produced by IngestStream that the client has not read yet.
@@ -33,7 +35,11 @@ pub struct IngestHandler {
 
 impl IngestHandler {
     pub fn new(buffer: Arc<Buffer>, config: Arc<Config>, stopping: watch::Receiver<bool>) -> Self {
-        Self { buffer, config, stopping }
+        Self {
+            buffer,
+            config,
+            stopping,
+        }
     }
 
     /// Validates a request's events (numbered from `first_index`). Invalid events are counted
@@ -42,11 +48,17 @@ impl IngestHandler {
         let limit = self.config.grpc.max_events_per_request;
         if request.events.len() > limit {
             metrics::events_refused("too_large", request.events.len());
-            return Err(IngestError::TooManyEvents { events: request.events.len(), limit });
+            return Err(IngestError::TooManyEvents {
+                events: request.events.len(),
+                limit,
+            });
         }
         metrics::events_received(request.events.len());
         let validator = Validator::new(&self.config.validation, Utc::now());
-        let mut validated = Validated { events: Vec::with_capacity(request.events.len()), rejections: Vec::new() };
+        let mut validated = Validated {
+            events: Vec::with_capacity(request.events.len()),
+            rejections: Vec::new(),
+        };
         for (offset, event) in request.events.into_iter().enumerate() {
             match validator.validate(first_index + offset as u64, event) {
                 Ok(valid) => validated.events.push(valid),
@@ -95,13 +107,19 @@ struct Tally {
 
 impl Tally {
     fn new(max_reported: usize) -> Self {
-        Self { accepted: 0, rejected: 0, rejections: Vec::new(), max_reported }
+        Self {
+            accepted: 0,
+            rejected: 0,
+            rejections: Vec::new(),
+            max_reported,
+        }
     }
 
     fn reject(&mut self, rejections: Vec<EventRejection>) {
         self.rejected += rejections.len() as u64;
         let room = self.max_reported.saturating_sub(self.rejections.len());
-        self.rejections.extend(rejections.into_iter().take(room).map(Rejection::from));
+        self.rejections
+            .extend(rejections.into_iter().take(room).map(Rejection::from));
     }
 
     fn absorb(&mut self, durable: Durable) {
@@ -110,11 +128,18 @@ impl Tally {
     }
 
     fn progress(&self) -> Progress {
-        Progress { accepted: self.accepted, rejected: self.rejected }
+        Progress {
+            accepted: self.accepted,
+            rejected: self.rejected,
+        }
     }
 
     fn into_response(self) -> IngestResponse {
-        IngestResponse { accepted: self.accepted, rejected: self.rejected, rejections: self.rejections }
+        IngestResponse {
+            accepted: self.accepted,
+            rejected: self.rejected,
+            rejections: self.rejections,
+        }
     }
 
     fn into_ack(self, sequence: u64) -> IngestAck {
@@ -130,7 +155,10 @@ impl Tally {
 
 /// Waits for every pending ack, adding each to the tally. Fails if any envelope was abandoned
 /// (the server stopped before committing it).
-async fn settle(pending: &mut FuturesUnordered<AckReceiver>, tally: &mut Tally) -> Result<(), IngestError> {
+async fn settle(
+    pending: &mut FuturesUnordered<AckReceiver>,
+    tally: &mut Tally,
+) -> Result<(), IngestError> {
     let mut lost = false;
     while let Some(outcome) = pending.next().await {
         match outcome {
@@ -139,7 +167,9 @@ async fn settle(pending: &mut FuturesUnordered<AckReceiver>, tally: &mut Tally) 
         }
     }
     if lost {
-        return Err(IngestError::NotDurable { progress: tally.progress() });
+        return Err(IngestError::NotDurable {
+            progress: tally.progress(),
+        });
     }
     Ok(())
 }
@@ -147,11 +177,22 @@ async fn settle(pending: &mut FuturesUnordered<AckReceiver>, tally: &mut Tally) 
 /// Turns a refused admission into the call's error, once earlier events are settled.
 fn refusal_error(refusal: AdmitError, progress: Progress) -> IngestError {
     match refusal {
-        AdmitError::Full { retry_after } => IngestError::BufferFull { retry_after, progress },
+        AdmitError::Full { retry_after } => IngestError::BufferFull {
+            retry_after,
+            progress,
+        },
         AdmitError::Closed => IngestError::ShuttingDown { progress },
-        AdmitError::TooLarge { events, bytes, max_events, max_bytes } => {
-            IngestError::LargerThanBuffer { events, bytes, max_events, max_bytes }
-        }
+        AdmitError::TooLarge {
+            events,
+            bytes,
+            max_events,
+            max_bytes,
+        } => IngestError::LargerThanBuffer {
+            events,
+            bytes,
+            max_events,
+            max_bytes,
+        },
     }
 }
 
@@ -165,7 +206,9 @@ async fn until_stopping(stopping: &mut watch::Receiver<bool>) {
 /// Maps a failure reading the client's stream: oversized messages become INVALID_ARGUMENT.
 fn stream_error(status: Status) -> IngestError {
     if error::is_oversized_message(&status) {
-        return IngestError::MessageTooLarge { detail: status.message().to_owned() };
+        return IngestError::MessageTooLarge {
+            detail: status.message().to_owned(),
+        };
     }
     IngestError::Stream(status)
 }
@@ -174,7 +217,10 @@ type AckStream = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send + '
 
 #[tonic::async_trait]
 impl IngestService for IngestHandler {
-    async fn ingest(&self, request: Request<Streaming<IngestRequest>>) -> Result<Response<IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<IngestResponse>, Status> {
         let mut stream = request.into_inner();
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let mut pending = FuturesUnordered::new();
@@ -225,13 +271,21 @@ impl IngestService for IngestHandler {
         Ok(Response::new(tally.into_response()))
     }
 
-    async fn publish(&self, request: Request<IngestRequest>) -> Result<Response<IngestResponse>, Status> {
+    async fn publish(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let validated = self.validate(request.into_inner(), 0)?;
-        let ack = self.admit(validated.events).await.map_err(|refusal| refusal_error(refusal, Progress::default()))?;
+        let ack = self
+            .admit(validated.events)
+            .await
+            .map_err(|refusal| refusal_error(refusal, Progress::default()))?;
         tally.reject(validated.rejections);
         if let Some(ack) = ack {
-            let durable = ack.await.map_err(|_| IngestError::NotDurable { progress: Progress::default() })?;
+            let durable = ack.await.map_err(|_| IngestError::NotDurable {
+                progress: Progress::default(),
+            })?;
             tally.absorb(durable);
         }
         Ok(Response::new(tally.into_response()))
@@ -255,7 +309,11 @@ type PendingAck = Pin<Box<dyn Future<Output = IngestAck> + Send>>;
 impl IngestHandler {
     /// Reads requests and answers each sequence once it is durable, or refuses that sequence
     /// (buffer full, shutting down) without ending the stream.
-    async fn serve_ack_stream(self, mut stream: Streaming<IngestRequest>, acks: mpsc::Sender<Result<IngestAck, Status>>) {
+    async fn serve_ack_stream(
+        self,
+        mut stream: Streaming<IngestRequest>,
+        acks: mpsc::Sender<Result<IngestAck, Status>>,
+    ) {
         let max_reported = self.config.validation.max_reported_rejections;
         let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
         let mut reading = true;
@@ -289,7 +347,9 @@ impl IngestHandler {
             }
         }
         if interrupted {
-            let shutting_down = IngestError::ShuttingDown { progress: Progress::default() };
+            let shutting_down = IngestError::ShuttingDown {
+                progress: Progress::default(),
+            };
             // Every pending ack was sent; the client may be gone already, which is fine.
             let _ = acks.send(Err(Status::from(shutting_down))).await;
         }
@@ -319,12 +379,20 @@ impl IngestHandler {
                             tally.absorb(durable);
                             tally.into_ack(sequence)
                         }
-                        Err(_) => refused_ack(sequence, IngestError::NotDurable { progress: Progress::default() }),
+                        Err(_) => refused_ack(
+                            sequence,
+                            IngestError::NotDurable {
+                                progress: Progress::default(),
+                            },
+                        ),
                     }
                 }));
                 None
             }
-            Err(refusal) => Some(Ok(refused_ack(sequence, refusal_error(refusal, Progress::default())))),
+            Err(refusal) => Some(Ok(refused_ack(
+                sequence,
+                refusal_error(refusal, Progress::default()),
+            ))),
         }
     }
 }

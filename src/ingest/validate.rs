@@ -27,13 +27,14 @@ impl<'a> Validator<'a> {
 
     /// Validates one event found at `index`.
     pub fn validate(&self, index: u64, event: Event) -> Result<ValidEvent, EventRejection> {
-        let reject = |field: &'static str, metric_reason: &'static str, reason: String| EventRejection {
-            index,
-            event_id: event.id.clone(),
-            field,
-            reason,
-            metric_reason,
-        };
+        let reject =
+            |field: &'static str, metric_reason: &'static str, reason: String| EventRejection {
+                index,
+                event_id: event.id.clone(),
+                field,
+                reason,
+                metric_reason,
+            };
         let id = if event.id.is_empty() {
             Uuid::now_v7()
         } else {
@@ -46,7 +47,11 @@ impl<'a> Validator<'a> {
             return Err(reject("service", "invalid_service", reason));
         }
         if event.message.is_empty() {
-            return Err(reject("message", "missing_message", "message is required".to_owned()));
+            return Err(reject(
+                "message",
+                "missing_message",
+                "message is required".to_owned(),
+            ));
         }
         if event.message.len() > self.limits.max_message_bytes {
             let reason = format!(
@@ -60,7 +65,12 @@ impl<'a> Validator<'a> {
             Ok(timestamp) => timestamp,
             Err((metric_reason, reason)) => return Err(reject("timestamp", metric_reason, reason)),
         };
-        let metadata = match event.metadata.as_ref().map(|fields| self.struct_to_json(fields, 1)).transpose() {
+        let metadata = match event
+            .metadata
+            .as_ref()
+            .map(|fields| self.struct_to_json(fields, 1))
+            .transpose()
+        {
             Ok(metadata) => metadata.unwrap_or_default(),
             Err((metric_reason, reason)) => return Err(reject("metadata", metric_reason, reason)),
         };
@@ -73,7 +83,11 @@ impl<'a> Validator<'a> {
             );
             return Err(reject("metadata", "metadata_too_large", reason));
         }
-        let user_id = if event.user_id.is_empty() { user_id_from_metadata(event.metadata.as_ref()) } else { Some(event.user_id) };
+        let user_id = if event.user_id.is_empty() {
+            user_id_from_metadata(event.metadata.as_ref())
+        } else {
+            Some(event.user_id)
+        };
         Ok(ValidEvent {
             index,
             id,
@@ -92,13 +106,19 @@ impl<'a> Validator<'a> {
         let Some(timestamp) = timestamp else {
             return Err(("missing_timestamp", "timestamp is required".to_owned()));
         };
-        let nanos = u32::try_from(timestamp.nanos).ok().filter(|nanos| *nanos < 1_000_000_000);
-        let Some(parsed) = nanos.and_then(|nanos| DateTime::from_timestamp(timestamp.seconds, nanos)) else {
+        let nanos = u32::try_from(timestamp.nanos)
+            .ok()
+            .filter(|nanos| *nanos < 1_000_000_000);
+        let Some(parsed) =
+            nanos.and_then(|nanos| DateTime::from_timestamp(timestamp.seconds, nanos))
+        else {
             return Err(("invalid_timestamp", "timestamp is out of range".to_owned()));
         };
         let oldest = self.now - self.limits.retention;
         if parsed < oldest {
-            let reason = format!("timestamp {parsed} is older than the retention window (oldest accepted: {oldest})");
+            let reason = format!(
+                "timestamp {parsed} is older than the retention window (oldest accepted: {oldest})"
+            );
             return Err(("timestamp_too_old", reason));
         }
         let newest = self.now + self.limits.max_future_skew;
@@ -109,9 +129,16 @@ impl<'a> Validator<'a> {
         Ok(parsed)
     }
 
-    fn struct_to_json(&self, fields: &Struct, depth: usize) -> Result<Map<String, Json>, (&'static str, String)> {
+    fn struct_to_json(
+        &self,
+        fields: &Struct,
+        depth: usize,
+    ) -> Result<Map<String, Json>, (&'static str, String)> {
         if depth > self.limits.max_metadata_depth {
-            let reason = format!("metadata is nested deeper than {} levels", self.limits.max_metadata_depth);
+            let reason = format!(
+                "metadata is nested deeper than {} levels",
+                self.limits.max_metadata_depth
+            );
             return Err(("metadata_too_deep", reason));
         }
         fields
@@ -127,13 +154,22 @@ impl<'a> Validator<'a> {
             Some(Kind::BoolValue(flag)) => Json::Bool(*flag),
             Some(Kind::StringValue(text)) => Json::String(text.clone()),
             Some(Kind::NumberValue(number)) => Json::Number(json_number(*number)?),
-            Some(Kind::StructValue(nested)) => Json::Object(self.struct_to_json(nested, depth + 1)?),
+            Some(Kind::StructValue(nested)) => {
+                Json::Object(self.struct_to_json(nested, depth + 1)?)
+            }
             Some(Kind::ListValue(list)) => {
                 if depth + 1 > self.limits.max_metadata_depth {
-                    let reason = format!("metadata is nested deeper than {} levels", self.limits.max_metadata_depth);
+                    let reason = format!(
+                        "metadata is nested deeper than {} levels",
+                        self.limits.max_metadata_depth
+                    );
                     return Err(("metadata_too_deep", reason));
                 }
-                let items: Result<Vec<Json>, _> = list.values.iter().map(|item| self.value_to_json(item, depth + 1)).collect();
+                let items: Result<Vec<Json>, _> = list
+                    .values
+                    .iter()
+                    .map(|item| self.value_to_json(item, depth + 1))
+                    .collect();
                 Json::Array(items?)
             }
         })
@@ -146,7 +182,10 @@ fn json_number(number: f64) -> Result<Number, (&'static str, String)> {
     if number.fract() == 0.0 && number.abs() < EXACT_INTEGER_LIMIT {
         return Ok(Number::from(number as i64));
     }
-    Number::from_f64(number).ok_or(("invalid_metadata", "metadata numbers must be finite".to_owned()))
+    Number::from_f64(number).ok_or((
+        "invalid_metadata",
+        "metadata numbers must be finite".to_owned(),
+    ))
 }
 
 fn check_service(service: &str) -> Result<(), String> {
@@ -154,8 +193,11 @@ fn check_service(service: &str) -> Result<(), String> {
         return Err("service is required".to_owned());
     }
     let mut chars = service.chars();
-    let first_ok = chars.next().is_some_and(|first| first.is_ascii_lowercase() || first.is_ascii_digit());
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    let first_ok = chars
+        .next()
+        .is_some_and(|first| first.is_ascii_lowercase() || first.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
     if !first_ok || !rest_ok || service.len() > MAX_SERVICE_LEN {
         return Err("service must match ^[a-z0-9][a-z0-9._-]{0,63}$".to_owned());
     }
@@ -188,7 +230,10 @@ mod tests {
             id: String::new(),
             service: "billing".to_owned(),
             message: "invoice paid".to_owned(),
-            timestamp: Some(prost_types::Timestamp { seconds: 1_800_000_000 - 60, nanos: 0 }),
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000 - 60,
+                nanos: 0,
+            }),
             user_id: String::new(),
             metadata: None,
             ingested_at: None,
@@ -196,13 +241,24 @@ mod tests {
     }
 
     fn string_value(text: &str) -> Value {
-        Value { kind: Some(Kind::StringValue(text.to_owned())) }
+        Value {
+            kind: Some(Kind::StringValue(text.to_owned())),
+        }
     }
 
     fn nested(depth: usize) -> Struct {
-        let mut current = Struct { fields: BTreeMap::from([("leaf".to_owned(), string_value("x"))]) };
+        let mut current = Struct {
+            fields: BTreeMap::from([("leaf".to_owned(), string_value("x"))]),
+        };
         for _ in 1..depth {
-            current = Struct { fields: BTreeMap::from([("child".to_owned(), Value { kind: Some(Kind::StructValue(current)) })]) };
+            current = Struct {
+                fields: BTreeMap::from([(
+                    "child".to_owned(),
+                    Value {
+                        kind: Some(Kind::StructValue(current)),
+                    },
+                )]),
+            };
         }
         current
     }
@@ -214,7 +270,9 @@ mod tests {
     #[test]
     fn a_complete_event_passes_and_gets_a_v7_id() {
         let limits = limits();
-        let valid = Validator::new(&limits, now()).validate(0, event()).expect("valid");
+        let valid = Validator::new(&limits, now())
+            .validate(0, event())
+            .expect("valid");
         assert_eq!(valid.id.get_version_num(), 7);
         assert_eq!(valid.metadata_json, "{}");
         assert_eq!(valid.user_id, None);
@@ -225,13 +283,31 @@ mod tests {
         let limits = limits();
         let validator = Validator::new(&limits, now());
         for good in ["a", "billing", "api-gw.v2_eu", "0svc"] {
-            let candidate = Event { service: good.to_owned(), ..event() };
+            let candidate = Event {
+                service: good.to_owned(),
+                ..event()
+            };
             assert!(validator.validate(0, candidate).is_ok(), "{good} is valid");
         }
         let too_long = "a".repeat(65);
-        for bad in ["", "Billing", "-svc", ".svc", "svc!", "sv c", too_long.as_str()] {
-            let candidate = Event { service: bad.to_owned(), ..event() };
-            assert_eq!(field_of(validator.validate(0, candidate)), "service", "{bad:?} is invalid");
+        for bad in [
+            "",
+            "Billing",
+            "-svc",
+            ".svc",
+            "svc!",
+            "sv c",
+            too_long.as_str(),
+        ] {
+            let candidate = Event {
+                service: bad.to_owned(),
+                ..event()
+            };
+            assert_eq!(
+                field_of(validator.validate(0, candidate)),
+                "service",
+                "{bad:?} is invalid"
+            );
         }
     }
 
@@ -240,19 +316,51 @@ mod tests {
         let limits = limits();
         let validator = Validator::new(&limits, now());
         let given = "0190f0d2-7c1e-7000-8000-000000000001";
-        let valid = validator.validate(0, Event { id: given.to_owned(), ..event() }).expect("valid");
+        let valid = validator
+            .validate(
+                0,
+                Event {
+                    id: given.to_owned(),
+                    ..event()
+                },
+            )
+            .expect("valid");
         assert_eq!(valid.id.to_string(), given);
-        assert_eq!(field_of(validator.validate(0, Event { id: "nope".to_owned(), ..event() })), "id");
+        assert_eq!(
+            field_of(validator.validate(
+                0,
+                Event {
+                    id: "nope".to_owned(),
+                    ..event()
+                }
+            )),
+            "id"
+        );
     }
 
     #[test]
     fn message_is_required_and_bounded() {
         let limits = limits();
         let validator = Validator::new(&limits, now());
-        assert_eq!(field_of(validator.validate(0, Event { message: String::new(), ..event() })), "message");
-        let at_limit = Event { message: "x".repeat(8192), ..event() };
+        assert_eq!(
+            field_of(validator.validate(
+                0,
+                Event {
+                    message: String::new(),
+                    ..event()
+                }
+            )),
+            "message"
+        );
+        let at_limit = Event {
+            message: "x".repeat(8192),
+            ..event()
+        };
         assert!(validator.validate(0, at_limit).is_ok());
-        let over = Event { message: "x".repeat(8193), ..event() };
+        let over = Event {
+            message: "x".repeat(8193),
+            ..event()
+        };
         assert_eq!(field_of(validator.validate(0, over)), "message");
     }
 
@@ -260,13 +368,41 @@ mod tests {
     fn timestamp_must_fall_inside_the_retention_window_and_skew() {
         let limits = limits();
         let validator = Validator::new(&limits, now());
-        let at = |seconds: i64| Event { timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }), ..event() };
-        assert_eq!(field_of(validator.validate(0, Event { timestamp: None, ..event() })), "timestamp");
-        assert_eq!(field_of(validator.validate(0, at(1_800_000_000 - 31 * 86_400))), "timestamp");
-        assert!(validator.validate(0, at(1_800_000_000 - 29 * 86_400)).is_ok());
+        let at = |seconds: i64| Event {
+            timestamp: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            ..event()
+        };
+        assert_eq!(
+            field_of(validator.validate(
+                0,
+                Event {
+                    timestamp: None,
+                    ..event()
+                }
+            )),
+            "timestamp"
+        );
+        assert_eq!(
+            field_of(validator.validate(0, at(1_800_000_000 - 31 * 86_400))),
+            "timestamp"
+        );
+        assert!(
+            validator
+                .validate(0, at(1_800_000_000 - 29 * 86_400))
+                .is_ok()
+        );
         assert!(validator.validate(0, at(1_800_000_000 + 240)).is_ok());
-        assert_eq!(field_of(validator.validate(0, at(1_800_000_000 + 600))), "timestamp");
-        let bad_nanos = Event { timestamp: Some(prost_types::Timestamp { seconds: 1_800_000_000, nanos: -1 }), ..event() };
+        assert_eq!(
+            field_of(validator.validate(0, at(1_800_000_000 + 600))),
+            "timestamp"
+        );
+        let bad_nanos = Event {
+            timestamp: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000,
+                nanos: -1,
+            }),
+            ..event()
+        };
         assert_eq!(field_of(validator.validate(0, bad_nanos)), "timestamp");
     }
 
@@ -274,12 +410,58 @@ mod tests {
     fn metadata_depth_and_size_are_bounded() {
         let limits = limits();
         let validator = Validator::new(&limits, now());
-        assert!(validator.validate(0, Event { metadata: Some(nested(16)), ..event() }).is_ok());
-        assert_eq!(field_of(validator.validate(0, Event { metadata: Some(nested(17)), ..event() })), "metadata");
-        let big = Struct { fields: BTreeMap::from([("blob".to_owned(), string_value(&"x".repeat(17_000)))]) };
-        assert_eq!(field_of(validator.validate(0, Event { metadata: Some(big), ..event() })), "metadata");
-        let nan = Struct { fields: BTreeMap::from([("n".to_owned(), Value { kind: Some(Kind::NumberValue(f64::NAN)) })]) };
-        assert_eq!(field_of(validator.validate(0, Event { metadata: Some(nan), ..event() })), "metadata");
+        assert!(
+            validator
+                .validate(
+                    0,
+                    Event {
+                        metadata: Some(nested(16)),
+                        ..event()
+                    }
+                )
+                .is_ok()
+        );
+        assert_eq!(
+            field_of(validator.validate(
+                0,
+                Event {
+                    metadata: Some(nested(17)),
+                    ..event()
+                }
+            )),
+            "metadata"
+        );
+        let big = Struct {
+            fields: BTreeMap::from([("blob".to_owned(), string_value(&"x".repeat(17_000)))]),
+        };
+        assert_eq!(
+            field_of(validator.validate(
+                0,
+                Event {
+                    metadata: Some(big),
+                    ..event()
+                }
+            )),
+            "metadata"
+        );
+        let nan = Struct {
+            fields: BTreeMap::from([(
+                "n".to_owned(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]),
+        };
+        assert_eq!(
+            field_of(validator.validate(
+                0,
+                Event {
+                    metadata: Some(nan),
+                    ..event()
+                }
+            )),
+            "metadata"
+        );
     }
 
     #[test]
@@ -288,10 +470,23 @@ mod tests {
         let metadata = Struct {
             fields: BTreeMap::from([
                 ("userId".to_owned(), string_value("u-42")),
-                ("count".to_owned(), Value { kind: Some(Kind::NumberValue(3.0)) }),
+                (
+                    "count".to_owned(),
+                    Value {
+                        kind: Some(Kind::NumberValue(3.0)),
+                    },
+                ),
             ]),
         };
-        let valid = Validator::new(&limits, now()).validate(4, Event { metadata: Some(metadata), ..event() }).expect("valid");
+        let valid = Validator::new(&limits, now())
+            .validate(
+                4,
+                Event {
+                    metadata: Some(metadata),
+                    ..event()
+                },
+            )
+            .expect("valid");
         assert_eq!(valid.user_id.as_deref(), Some("u-42"));
         assert_eq!(valid.index, 4);
         assert_eq!(valid.metadata_json, r#"{"count":3,"userId":"u-42"}"#);

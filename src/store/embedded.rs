@@ -24,10 +24,15 @@ pub enum EmbeddedError {
         "no PostgreSQL server binaries found (looked on PATH, via pg_config --bindir, and under /usr/lib/postgresql/*/bin); install them (Debian: apt-get install postgresql) or set DATABASE_URL"
     )]
     BinariesNotFound,
-    #[error("running as root but there is no `postgres` system user to run PostgreSQL as; create it or set DATABASE_URL")]
+    #[error(
+        "running as root but there is no `postgres` system user to run PostgreSQL as; create it or set DATABASE_URL"
+    )]
     NoPostgresUser,
     #[error("cannot prepare {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{command} failed: {detail}")]
     Command { command: String, detail: String },
 }
@@ -48,17 +53,30 @@ impl EmbeddedPostgres {
         let bin_dir = find_bin_dir().ok_or(EmbeddedError::BinariesNotFound)?;
         let root = absolute(root)?;
         if root.to_str().is_none() {
-            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "data directory path must be UTF-8");
+            let source = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "data directory path must be UTF-8",
+            );
             return Err(EmbeddedError::Io { path: root, source });
         }
         let data_dir = root.join("postgres");
         let socket_dir = socket_dir_for(&root);
         let run_as = if nix::unistd::geteuid().is_root() {
-            Some(nix::unistd::User::from_name("postgres").ok().flatten().ok_or(EmbeddedError::NoPostgresUser)?)
+            Some(
+                nix::unistd::User::from_name("postgres")
+                    .ok()
+                    .flatten()
+                    .ok_or(EmbeddedError::NoPostgresUser)?,
+            )
         } else {
             None
         };
-        let cluster = Self { bin_dir, data_dir, socket_dir, run_as };
+        let cluster = Self {
+            bin_dir,
+            data_dir,
+            socket_dir,
+            run_as,
+        };
         cluster.prepare_dirs(&root)?;
         if !cluster.data_dir.join("PG_VERSION").exists() {
             tracing::info!(data_dir = %cluster.data_dir.display(), "initializing private PostgreSQL cluster");
@@ -85,7 +103,18 @@ impl EmbeddedPostgres {
             let log_file = cluster.data_dir.join("postgres.log");
             cluster.run(
                 "pg_ctl",
-                &["-D", path_str(&cluster.data_dir), "-l", path_str(&log_file), "-o", &options, "-w", "-t", "60", "start"],
+                &[
+                    "-D",
+                    path_str(&cluster.data_dir),
+                    "-l",
+                    path_str(&log_file),
+                    "-o",
+                    &options,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
             )?;
             tracing::info!(socket_dir = %cluster.socket_dir.display(), "private PostgreSQL cluster started");
         }
@@ -95,42 +124,71 @@ impl EmbeddedPostgres {
     /// Creates the sluice database if missing. Needs the cluster running.
     pub async fn ensure_database(&self) -> Result<(), sqlx::Error> {
         use sqlx::{ConnectOptions, Connection};
-        let mut connection = self.connect_options().database("postgres").connect().await?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(ROLE)
-            .fetch_one(&mut connection)
+        let mut connection = self
+            .connect_options()
+            .database("postgres")
+            .connect()
             .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(ROLE)
+                .fetch_one(&mut connection)
+                .await?;
         if !exists {
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {ROLE}"))).execute(&mut connection).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {ROLE}")))
+                .execute(&mut connection)
+                .await?;
         }
         connection.close().await
     }
 
     /// Connection options for the sluice database over the unix socket.
     pub fn connect_options(&self) -> PgConnectOptions {
-        PgConnectOptions::new().socket(&self.socket_dir).username(ROLE).database(ROLE)
+        PgConnectOptions::new()
+            .socket(&self.socket_dir)
+            .username(ROLE)
+            .database(ROLE)
+    }
+
+    /// A URL for the sluice database over the unix socket (for `DATABASE_URL` and tools).
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{ROLE}@localhost/{ROLE}?host={}",
+            self.socket_dir.display()
+        )
     }
 
     /// Stops the cluster (fast shutdown: open transactions are rolled back, data is safe).
     pub fn stop(&self) -> Result<(), EmbeddedError> {
-        self.run("pg_ctl", &["-D", path_str(&self.data_dir), "-m", "fast", "-w", "stop"])?;
+        self.run(
+            "pg_ctl",
+            &["-D", path_str(&self.data_dir), "-m", "fast", "-w", "stop"],
+        )?;
         tracing::info!("private PostgreSQL cluster stopped");
         Ok(())
     }
 
     fn is_running(&self) -> bool {
-        self.output("pg_ctl", &["-D", path_str(&self.data_dir), "status"]).is_ok_and(|output| output.status.success())
+        self.output("pg_ctl", &["-D", path_str(&self.data_dir), "status"])
+            .is_ok_and(|output| output.status.success())
     }
 
     fn prepare_dirs(&self, root: &Path) -> Result<(), EmbeddedError> {
         for dir in [root, self.data_dir.as_path(), self.socket_dir.as_path()] {
-            fs::create_dir_all(dir).map_err(|source| EmbeddedError::Io { path: dir.to_owned(), source })?;
+            fs::create_dir_all(dir).map_err(|source| EmbeddedError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
         }
         for dir in [&self.data_dir, &self.socket_dir] {
-            let io_error = |source| EmbeddedError::Io { path: dir.clone(), source };
+            let io_error = |source| EmbeddedError::Io {
+                path: dir.clone(),
+                source,
+            };
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error)?;
             if let Some(user) = &self.run_as {
-                std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw())).map_err(io_error)?;
+                std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .map_err(io_error)?;
             }
         }
         Ok(())
@@ -145,24 +203,39 @@ impl EmbeddedPostgres {
         let stdout = String::from_utf8_lossy(&output.stdout);
         Err(EmbeddedError::Command {
             command: program.to_owned(),
-            detail: format!("{} {}", stderr.trim(), stdout.trim()).trim().to_owned(),
+            detail: format!("{} {}", stderr.trim(), stdout.trim())
+                .trim()
+                .to_owned(),
         })
     }
 
     fn output(&self, program: &str, args: &[&str]) -> Result<Output, EmbeddedError> {
         let mut command = Command::new(self.bin_dir.join(program));
-        command.args(args).env("LC_ALL", "C.UTF-8").current_dir(&self.data_dir);
+        command
+            .args(args)
+            .env("LC_ALL", "C.UTF-8")
+            .current_dir(&self.data_dir);
         if let Some(user) = &self.run_as {
-            command.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &user.dir);
+            command
+                .uid(user.uid.as_raw())
+                .gid(user.gid.as_raw())
+                .env("HOME", &user.dir);
         }
-        command.output().map_err(|source| EmbeddedError::Command { command: program.to_owned(), detail: source.to_string() })
+        command.output().map_err(|source| EmbeddedError::Command {
+            command: program.to_owned(),
+            detail: source.to_string(),
+        })
     }
 }
 
 /// The directory with `initdb`, `pg_ctl` and `postgres`: from PATH, `pg_config --bindir`, or
 /// the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bin_dir() -> Option<PathBuf> {
-    let has_server = |dir: &Path| ["initdb", "pg_ctl", "postgres"].iter().all(|tool| dir.join(tool).is_file());
+    let has_server = |dir: &Path| {
+        ["initdb", "pg_ctl", "postgres"]
+            .iter()
+            .all(|tool| dir.join(tool).is_file())
+    };
     let from_path = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .unwrap_or_default()
@@ -207,7 +280,10 @@ fn socket_dir_for(root: &Path) -> PathBuf {
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, EmbeddedError> {
-    std::path::absolute(path).map_err(|source| EmbeddedError::Io { path: path.to_owned(), source })
+    std::path::absolute(path).map_err(|source| EmbeddedError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Paths under the data directory, which `start` checked to be UTF-8.

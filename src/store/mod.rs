@@ -42,13 +42,23 @@ impl Store {
     /// the migrations and creates the partitions the retention window needs.
     pub async fn open(config: &Config) -> Result<Self, StoreError> {
         let (options, embedded) = match &config.database.url {
-            Some(url) => (PgConnectOptions::from_str(url).map_err(StoreError::Url)?, None),
+            Some(url) => (
+                PgConnectOptions::from_str(url).map_err(StoreError::Url)?,
+                None,
+            ),
             None => {
                 let data_dir = config.data_dir.clone();
-                let cluster = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&data_dir))
+                let cluster =
+                    tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&data_dir))
+                        .await
+                        .map_err(|join| embedded::EmbeddedError::Command {
+                            command: "initdb".to_owned(),
+                            detail: join.to_string(),
+                        })??;
+                cluster
+                    .ensure_database()
                     .await
-                    .map_err(|join| embedded::EmbeddedError::Command { command: "initdb".to_owned(), detail: join.to_string() })??;
-                cluster.ensure_database().await.map_err(StoreError::Connect)?;
+                    .map_err(StoreError::Connect)?;
                 (cluster.connect_options(), Some(cluster))
             }
         };
@@ -83,9 +93,14 @@ impl Store {
     pub async fn close(self) {
         self.pool.close().await;
         if let Some(cluster) = self.embedded
-            && let Err(error) = tokio::task::spawn_blocking(move || cluster.stop()).await.unwrap_or_else(|join| {
-                Err(embedded::EmbeddedError::Command { command: "pg_ctl".to_owned(), detail: join.to_string() })
-            })
+            && let Err(error) = tokio::task::spawn_blocking(move || cluster.stop())
+                .await
+                .unwrap_or_else(|join| {
+                    Err(embedded::EmbeddedError::Command {
+                        command: "pg_ctl".to_owned(),
+                        detail: join.to_string(),
+                    })
+                })
         {
             tracing::error!(%error, "cannot stop private PostgreSQL cluster");
         }

@@ -10,13 +10,22 @@ fn month_start(at: DateTime<Utc>) -> NaiveDate {
 }
 
 /// The partition name and bounds of every month touching `[from, to]`.
-pub fn months_between(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(String, NaiveDate, NaiveDate)> {
+pub fn months_between(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Vec<(String, NaiveDate, NaiveDate)> {
     let last = month_start(to);
     let mut month = month_start(from);
     let mut months = Vec::new();
     while month <= last {
-        let Some(next) = month.checked_add_months(Months::new(1)) else { break };
-        months.push((format!("events_p{}_{:02}", month.year(), month.month()), month, next));
+        let Some(next) = month.checked_add_months(Months::new(1)) else {
+            break;
+        };
+        months.push((
+            format!("events_p{}_{:02}", month.year(), month.month()),
+            month,
+            next,
+        ));
         month = next;
     }
     months
@@ -24,18 +33,31 @@ pub fn months_between(from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<(String, Na
 
 /// Creates the missing monthly partitions covering `[from, to]`. Safe to call concurrently
 /// from several writers and nodes (serialized by an advisory lock).
-pub async fn ensure_partitions(pool: &PgPool, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<usize, sqlx::Error> {
+pub async fn ensure_partitions(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<usize, sqlx::Error> {
     let mut created = 0;
     let mut transaction = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.partitions'))").execute(&mut *transaction).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.partitions'))")
+        .execute(&mut *transaction)
+        .await?;
     for (name, start, end) in months_between(from, to) {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(&name).fetch_one(&mut *transaction).await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&name)
+            .fetch_one(&mut *transaction)
+            .await?;
         if exists {
             continue;
         }
         // Names and bounds come from dates formatted above, never from input.
-        let statement = format!("CREATE TABLE {name} PARTITION OF events FOR VALUES FROM ('{start}') TO ('{end}')");
-        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut *transaction).await?;
+        let statement = format!(
+            "CREATE TABLE {name} PARTITION OF events FOR VALUES FROM ('{start}') TO ('{end}')"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut *transaction)
+            .await?;
         tracing::info!(partition = %name, %start, %end, "created events partition");
         created += 1;
     }
@@ -49,11 +71,24 @@ mod tests {
 
     #[test]
     fn months_between_spans_year_boundaries() {
-        let from = DateTime::parse_from_rfc3339("2026-11-15T00:00:00Z").expect("date").to_utc();
-        let to = DateTime::parse_from_rfc3339("2027-01-02T00:00:00Z").expect("date").to_utc();
-        let names: Vec<String> = months_between(from, to).into_iter().map(|(name, _, _)| name).collect();
-        assert_eq!(names, ["events_p2026_11", "events_p2026_12", "events_p2027_01"]);
+        let from = DateTime::parse_from_rfc3339("2026-11-15T00:00:00Z")
+            .expect("date")
+            .to_utc();
+        let to = DateTime::parse_from_rfc3339("2027-01-02T00:00:00Z")
+            .expect("date")
+            .to_utc();
+        let names: Vec<String> = months_between(from, to)
+            .into_iter()
+            .map(|(name, _, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            ["events_p2026_11", "events_p2026_12", "events_p2027_01"]
+        );
         let (_, start, end) = &months_between(from, from)[0];
-        assert_eq!((start.to_string(), end.to_string()), ("2026-11-01".to_owned(), "2026-12-01".to_owned()));
+        assert_eq!(
+            (start.to_string(), end.to_string()),
+            ("2026-11-01".to_owned(), "2026-12-01".to_owned())
+        );
     }
 }

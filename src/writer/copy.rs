@@ -42,7 +42,12 @@ pub fn encode<'a>(events: impl IntoIterator<Item = &'a ValidEvent>, out: &mut By
 
 /// The encoded size of `event`, to size buffers ahead.
 pub fn encoded_len(event: &ValidEvent) -> usize {
-    2 + (4 * 6) + 16 + event.service.len() + event.message.len() + 8 + event.user_id.as_ref().map_or(0, String::len)
+    2 + (4 * 6)
+        + 16
+        + event.service.len()
+        + event.message.len()
+        + 8
+        + event.user_id.as_ref().map_or(0, String::len)
         + 1
         + event.metadata_json.len()
 }

@@ -78,7 +78,10 @@ impl Writer {
         while let Some(batch) = self.collect().await {
             self.write(batch).await;
         }
-        tracing::debug!(worker = self.worker, "writer stopped: buffer closed and drained");
+        tracing::debug!(
+            worker = self.worker,
+            "writer stopped: buffer closed and drained"
+        );
     }
 
     /// Waits for a first envelope, then gathers more until the batch is full or the first one
@@ -86,7 +89,8 @@ impl Writer {
     async fn collect(&self) -> Option<Vec<Envelope>> {
         let mut receiver = self.receiver.lock().await;
         let first = receiver.recv().await?;
-        let deadline = tokio::time::Instant::from_std(first.admitted_at + self.config.flush_interval);
+        let deadline =
+            tokio::time::Instant::from_std(first.admitted_at + self.config.flush_interval);
         let mut events = first.events.len();
         let mut bytes = first.bytes;
         let mut batch = vec![first];
@@ -106,9 +110,15 @@ impl Writer {
     /// Writes one batch, retrying transient failures with exponential backoff and jitter until
     /// it commits, then acknowledges every envelope in it.
     async fn write(&self, batch: Vec<Envelope>) {
-        let events: Vec<&ValidEvent> = batch.iter().flat_map(|envelope| envelope.events.iter()).collect();
+        let events: Vec<&ValidEvent> = batch
+            .iter()
+            .flat_map(|envelope| envelope.events.iter())
+            .collect();
         let started = Instant::now();
-        let mut backoff = self.config.retry_initial_backoff.max(Duration::from_millis(10));
+        let mut backoff = self
+            .config
+            .retry_initial_backoff
+            .max(Duration::from_millis(10));
         let mut attempt = 0u32;
         let outcomes = loop {
             attempt += 1;
@@ -149,13 +159,15 @@ fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<EventOutcome>) {
                     durable.stored += 1;
                     durable.duplicates += 1;
                 }
-                EventOutcome::DeadLettered { reason } => durable.dead_lettered.push(EventRejection {
-                    index: event.index,
-                    event_id: event.id.to_string(),
-                    field: "event",
-                    reason,
-                    metric_reason: "database_refused",
-                }),
+                EventOutcome::DeadLettered { reason } => {
+                    durable.dead_lettered.push(EventRejection {
+                        index: event.index,
+                        event_id: event.id.to_string(),
+                        field: "event",
+                        reason,
+                        metric_reason: "database_refused",
+                    })
+                }
             }
         }
         metrics::events_committed(&durable, envelope.admitted_at.elapsed());

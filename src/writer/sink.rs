@@ -59,9 +59,13 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
     let code = database_error.code().unwrap_or_default();
     match code.as_ref() {
         "23505" => FailureKind::Duplicate,
-        "23514" if database_error.message().contains("no partition") => FailureKind::MissingPartition,
+        "23514" if database_error.message().contains("no partition") => {
+            FailureKind::MissingPartition
+        }
         // Data exceptions, integrity violations, program limits (e.g. an index row too large).
-        state if state.starts_with("22") || state.starts_with("23") || state.starts_with("54") => FailureKind::BadData,
+        state if state.starts_with("22") || state.starts_with("23") || state.starts_with("54") => {
+            FailureKind::BadData
+        }
         _ => FailureKind::Transient,
     }
 }
@@ -69,7 +73,10 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
 /// Writes `events`, returning one outcome per event in order, or the transient error that
 /// stopped it (nothing of the batch is then committed by the failing step; retrying is safe
 /// because retries are idempotent).
-pub async fn write_batch(pool: &PgPool, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, sqlx::Error> {
+pub async fn write_batch(
+    pool: &PgPool,
+    events: &[&ValidEvent],
+) -> Result<Vec<EventOutcome>, sqlx::Error> {
     let mut created_partitions = false;
     loop {
         let error = match copy_fast(pool, events).await {
@@ -77,7 +84,9 @@ pub async fn write_batch(pool: &PgPool, events: &[&ValidEvent]) -> Result<Vec<Ev
             Err(error) => error,
         };
         match classify(&error) {
-            FailureKind::Duplicate | FailureKind::BadData => return write_isolating(pool, events).await,
+            FailureKind::Duplicate | FailureKind::BadData => {
+                return write_isolating(pool, events).await;
+            }
             FailureKind::MissingPartition if !created_partitions => {
                 create_partitions_for(pool, events).await?;
                 created_partitions = true;
@@ -99,7 +108,10 @@ async fn copy_fast(pool: &PgPool, events: &[&ValidEvent]) -> Result<(), sqlx::Er
 }
 
 /// The idempotent path with bisection of bad rows.
-fn write_isolating<'a>(pool: &'a PgPool, events: &'a [&'a ValidEvent]) -> BoxFuture<'a, Result<Vec<EventOutcome>, sqlx::Error>> {
+fn write_isolating<'a>(
+    pool: &'a PgPool,
+    events: &'a [&'a ValidEvent],
+) -> BoxFuture<'a, Result<Vec<EventOutcome>, sqlx::Error>> {
     Box::pin(async move {
         let mut created_partitions = false;
         loop {
@@ -116,7 +128,9 @@ fn write_isolating<'a>(pool: &'a PgPool, events: &'a [&'a ValidEvent]) -> BoxFut
                 FailureKind::Duplicate | FailureKind::BadData | FailureKind::MissingPartition => {
                     if let [event] = events {
                         dead_letter(pool, event, &error).await?;
-                        return Ok(vec![EventOutcome::DeadLettered { reason: database_reason(&error) }]);
+                        return Ok(vec![EventOutcome::DeadLettered {
+                            reason: database_reason(&error),
+                        }]);
                     }
                     let (left, right) = events.split_at(events.len() / 2);
                     let mut outcomes = write_isolating(pool, left).await?;
@@ -128,13 +142,19 @@ fn write_isolating<'a>(pool: &'a PgPool, events: &'a [&'a ValidEvent]) -> BoxFut
     })
 }
 
-async fn insert_deduplicated(pool: &PgPool, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, sqlx::Error> {
+async fn insert_deduplicated(
+    pool: &PgPool,
+    events: &[&ValidEvent],
+) -> Result<Vec<EventOutcome>, sqlx::Error> {
     let payload = encode(events);
     let mut transaction = pool.begin().await?;
     sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         .execute(&mut *transaction)
         .await?;
-    let statement = format!("COPY sluice_staging ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+    let statement = format!(
+        "COPY sluice_staging ({}) FROM STDIN (FORMAT binary)",
+        copy::COLUMNS
+    );
     let mut copy_in = transaction.copy_in_raw(&statement).await?;
     copy_in.send(payload.freeze()).await?;
     copy_in.finish().await?;
@@ -148,11 +168,21 @@ async fn insert_deduplicated(pool: &PgPool, events: &[&ValidEvent]) -> Result<Ve
     let mut newly_stored: HashSet<Uuid> = inserted.into_iter().collect();
     Ok(events
         .iter()
-        .map(|event| if newly_stored.remove(&event.id) { EventOutcome::Stored } else { EventOutcome::Duplicate })
+        .map(|event| {
+            if newly_stored.remove(&event.id) {
+                EventOutcome::Stored
+            } else {
+                EventOutcome::Duplicate
+            }
+        })
         .collect())
 }
 
-async fn dead_letter(pool: &PgPool, event: &ValidEvent, error: &sqlx::Error) -> Result<(), sqlx::Error> {
+async fn dead_letter(
+    pool: &PgPool,
+    event: &ValidEvent,
+    error: &sqlx::Error,
+) -> Result<(), sqlx::Error> {
     let raw = serde_json::json!({
         "id": event.id,
         "service": event.service,
@@ -161,9 +191,15 @@ async fn dead_letter(pool: &PgPool, event: &ValidEvent, error: &sqlx::Error) -> 
         "user_id": event.user_id,
         "metadata": event.metadata_json,
     });
-    let sqlstate = error.as_database_error().and_then(|database_error| database_error.code()).map(|code| code.into_owned());
+    let sqlstate = error
+        .as_database_error()
+        .and_then(|database_error| database_error.code())
+        .map(|code| code.into_owned());
     // Strip NUL so that the user id stays findable for deletion even when it was the culprit.
-    let user_id = event.user_id.as_ref().map(|user_id| user_id.replace('\0', ""));
+    let user_id = event
+        .user_id
+        .as_ref()
+        .map(|user_id| user_id.replace('\0', ""));
     sqlx::query("INSERT INTO dead_letters (event_id, service, user_id, raw, error, sqlstate) VALUES ($1, $2, $3, $4, $5, $6)")
         .bind(event.id)
         .bind(&event.service)
@@ -182,11 +218,18 @@ async fn create_partitions_for(pool: &PgPool, events: &[&ValidEvent]) -> Result<
     let (Some(oldest), Some(newest)) = (timestamps.clone().min(), timestamps.max()) else {
         return Ok(());
     };
-    partitions::ensure_partitions(pool, oldest, newest).await.map(|_| ())
+    partitions::ensure_partitions(pool, oldest, newest)
+        .await
+        .map(|_| ())
 }
 
 fn encode(events: &[&ValidEvent]) -> BytesMut {
-    let mut payload = BytesMut::with_capacity(32 + events.iter().map(|event| copy::encoded_len(event)).sum::<usize>());
+    let mut payload = BytesMut::with_capacity(
+        32 + events
+            .iter()
+            .map(|event| copy::encoded_len(event))
+            .sum::<usize>(),
+    );
     copy::encode(events.iter().copied(), &mut payload);
     payload
 }

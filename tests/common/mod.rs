@@ -32,22 +32,34 @@ impl TestDatabase {
         let admin_url = std::env::var("TEST_SLUICE_ADMIN_URL")
             .expect("TEST_SLUICE_ADMIN_URL is unset: run the suite with scripts/test, which starts PostgreSQL");
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url).await.expect("connect to the test cluster");
+        let mut admin = PgConnection::connect(&admin_url)
+            .await
+            .expect("connect to the test cluster");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await
             .expect("create test database");
-        let base = admin_url.rsplit_once('/').map(|(base, _)| base).expect("admin url has a database");
-        Self { url: format!("{base}/{name}") }
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(base, _)| base)
+            .expect("admin url has a database");
+        Self {
+            url: format!("{base}/{name}"),
+        }
     }
 
     pub async fn connect(&self) -> PgConnection {
-        PgConnection::connect(&self.url).await.expect("connect to test database")
+        PgConnection::connect(&self.url)
+            .await
+            .expect("connect to test database")
     }
 
     pub async fn scalar(&self, sql: &str) -> i64 {
         let mut connection = self.connect().await;
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned())).fetch_one(&mut connection).await.expect("query")
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_one(&mut connection)
+            .await
+            .expect("query")
     }
 }
 
@@ -76,7 +88,10 @@ pub struct ServerSpec {
 
 impl ServerSpec {
     pub fn with_database(url: &str) -> Self {
-        Self { database_url: Some(url.to_owned()), ..Self::default() }
+        Self {
+            database_url: Some(url.to_owned()),
+            ..Self::default()
+        }
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -97,7 +112,14 @@ impl TestServer {
         let cert_dir = base.join("certs");
         let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
         command
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+            ])
             .args(&spec.args)
             .env_remove("DATABASE_URL")
             .env("SLUICE_DATA_DIR", base.join("data"))
@@ -123,8 +145,15 @@ impl TestServer {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
                     let message = json["message"].as_str().unwrap_or_default();
-                    if let Some(address) = json["address"].as_str().and_then(|text| text.parse::<SocketAddr>().ok()) {
-                        let kind = if message.contains("metrics") { "metrics" } else { "grpc" };
+                    if let Some(address) = json["address"]
+                        .as_str()
+                        .and_then(|text| text.parse::<SocketAddr>().ok())
+                    {
+                        let kind = if message.contains("metrics") {
+                            "metrics"
+                        } else {
+                            "grpc"
+                        };
                         let _ = addresses.send((kind, address));
                     }
                 }
@@ -141,13 +170,27 @@ impl TestServer {
                 Ok((_, address)) => metrics_addr = Some(address),
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
-                        panic!("sluice exited during start-up ({status}):\n{}", logs.lock().expect("logs").join("\n"));
+                        panic!(
+                            "sluice exited during start-up ({status}):\n{}",
+                            logs.lock().expect("logs").join("\n")
+                        );
                     }
-                    assert!(Instant::now() < deadline, "sluice did not start:\n{}", logs.lock().expect("logs").join("\n"));
+                    assert!(
+                        Instant::now() < deadline,
+                        "sluice did not start:\n{}",
+                        logs.lock().expect("logs").join("\n")
+                    );
                 }
             }
         }
-        Self { child: Some(child), addr: addr.expect("address"), metrics_addr, cert_dir, dir, logs }
+        Self {
+            child: Some(child),
+            addr: addr.expect("address"),
+            metrics_addr,
+            cert_dir,
+            dir,
+            logs,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -164,14 +207,20 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        self.channel_with(Some(self.client_tls())).await.expect("connect")
+        self.channel_with(Some(self.client_tls()))
+            .await
+            .expect("connect")
     }
 
-    pub async fn channel_with(&self, tls: Option<ClientTlsConfig>) -> Result<Channel, tonic::transport::Error> {
+    pub async fn channel_with(
+        &self,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Channel::from_shared(format!("{scheme}://localhost:{}", self.addr.port()))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(5));
+        let mut endpoint =
+            Channel::from_shared(format!("{scheme}://localhost:{}", self.addr.port()))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(5));
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls)?;
         }
@@ -196,7 +245,11 @@ impl TestServer {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "sluice did not exit in {timeout:?}:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not exit in {timeout:?}:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -237,7 +290,10 @@ pub fn event(service: &str, message: &str) -> Event {
         id: uuid::Uuid::new_v4().to_string(),
         service: service.to_owned(),
         message: message.to_owned(),
-        timestamp: Some(prost_types::Timestamp { seconds: now.timestamp(), nanos: now.timestamp_subsec_nanos() as i32 }),
+        timestamp: Some(prost_types::Timestamp {
+            seconds: now.timestamp(),
+            nanos: now.timestamp_subsec_nanos() as i32,
+        }),
         user_id: String::new(),
         metadata: None,
         ingested_at: None,
