@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// Connections for the raw COPY ceiling.
     #[arg(long, default_value_t = 2)]
     pub copy_connections: usize,
+    /// TRUNCATE `events` before each phase, so both start from an empty table. Destroys data:
+    /// only for a throwaway database (bench/run.sh uses it).
+    #[arg(long, requires = "database_url")]
+    pub reset_table: bool,
     /// Server process id, to report its peak RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -146,9 +150,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         args.events, args.streams, args.batch, args.window
     );
     let ceiling = match &args.database_url {
-        Some(url) => Some(copy_ceiling(url, &args).await?),
+        Some(url) => {
+            reset_if_asked(url, &args).await?;
+            Some(copy_ceiling(url, &args).await?)
+        }
         None => None,
     };
+    if let Some(url) = &args.database_url {
+        reset_if_asked(url, &args).await?;
+    }
     if let Some(rate) = ceiling {
         println!(
             "raw COPY ceiling: {rate:.0} rows/s ({} connections, {}-row batches)",
@@ -175,11 +185,25 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         let ratio = report.events as f64 / report.elapsed.as_secs_f64() / rate;
         println!("ratio to raw COPY ceiling: {ratio:.2}");
     }
+    if let (Some(url), true) = (&args.database_url, args.reset_table) {
+        let mut connection = sqlx::PgConnection::connect(url).await?;
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut connection).await?;
+        println!("rows in events after the run: {stored} (acknowledged: {})", report.events);
+    }
     if let Some(pid) = args.server_pid {
         match peak_rss_kib(pid) {
             Some(kib) => println!("server peak RSS:  {:.1} MiB", kib as f64 / 1024.0),
             None => println!("server peak RSS:  unavailable (no /proc/{pid}/status)"),
         }
+    }
+    Ok(())
+}
+
+async fn reset_if_asked(url: &str, args: &BenchArgs) -> Result<(), BenchError> {
+    if args.reset_table {
+        let mut connection = sqlx::PgConnection::connect(url).await?;
+        sqlx::query("TRUNCATE events").execute(&mut connection).await?;
+        sqlx::query("CHECKPOINT").execute(&mut connection).await?;
     }
     Ok(())
 }
@@ -247,7 +271,7 @@ async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
     for _ in 0..args.streams {
         clients.push(connect(args).await?);
     }
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
     let per_stream = args.events / args.streams.max(1);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -229,7 +229,7 @@ impl Default for WriterConfig {
             workers: 2,
             batch_max_events: 2_000,
             batch_max_bytes: 4 * 1024 * 1024,
-            flush_interval: Duration::from_millis(50),
+            flush_interval: Duration::from_millis(5),
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(5),
         }

@@ -82,17 +82,11 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
     server.terminate();
     let mut server = server;
     assert!(server.wait(Duration::from_secs(60)).success());
-    let stopped = std::process::Command::new("pg_ctl")
-        .arg("status")
-        .arg("-D")
-        .arg(data_dir.join("postgres"))
-        .output();
-    if let Ok(output) = stopped {
-        assert!(
-            !output.status.success(),
-            "PostgreSQL still running after sluice stopped"
-        );
-    }
+    assert!(
+        !data_dir.join("postgres/postmaster.pid").exists(),
+        "PostgreSQL still running after sluice stopped:\n{}",
+        server.logs()
+    );
 
     // A new sluice on the same data dir finds the events again.
     let spec = ServerSpec {

@@ -1,0 +1,56 @@
+# Shared shell helpers for scripts/test and bench/run.sh. Source it; do not run it.
+
+log() { printf '==> %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then as_root apt-get update -qq >/dev/null; apt_updated=1; fi
+  log "installing $*"
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+pg_bin_dir() {
+  if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+    dirname "$(readlink -f "$(command -v initdb)")"; return
+  fi
+  ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+# Puts PostgreSQL's server binaries on PATH, installing them from Debian when missing. Sets PG_BIN.
+ensure_postgres_binaries() {
+  PG_BIN=$(pg_bin_dir || true)
+  if [ -z "$PG_BIN" ] || [ ! -x "$PG_BIN/initdb" ]; then
+    apt_install postgresql
+    PG_BIN=$(pg_bin_dir)
+  fi
+  export PATH="$PG_BIN:$PATH"
+}
+
+run_as_postgres() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Starts a throwaway cluster in a temp dir on a free loopback port. Extra `-c name=value`
+# settings may be passed as arguments. Sets PG_TMP and PG_URL; call stop_throwaway_postgres.
+start_throwaway_postgres() {
+  PG_TMP=$(mktemp -d /tmp/sluice-pg.XXXXXX)
+  if [ "$(id -u)" -eq 0 ]; then
+    id postgres >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql postgres
+    chown postgres "$PG_TMP"
+  fi
+  local port
+  port=$(free_port)
+  log "starting throwaway PostgreSQL on 127.0.0.1:$port ($PG_TMP)"
+  run_as_postgres "$PG_BIN/initdb" -D "$PG_TMP/data" -U sluice --auth=trust --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+  run_as_postgres "$PG_BIN/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/postgres.log" -w -t 60 start -o \
+    "-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PG_TMP -c max_connections=400 $*" >/dev/null
+  PG_URL="postgres://sluice@127.0.0.1:$port/postgres"
+  PG_SOCKET_URL="postgres://sluice@localhost/postgres?host=$PG_TMP&port=$port"
+}
+
+stop_throwaway_postgres() {
+  [ -n "${PG_TMP:-}" ] || return 0
+  run_as_postgres "$PG_BIN/pg_ctl" -D "$PG_TMP/data" -m immediate -w stop >/dev/null 2>&1 || true
+  rm -rf "$PG_TMP"
+}
