@@ -187,8 +187,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
     if let (Some(url), true) = (&args.database_url, args.reset_table) {
         let mut connection = sqlx::PgConnection::connect(url).await?;
-        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&mut connection).await?;
-        println!("rows in events after the run: {stored} (acknowledged: {})", report.events);
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&mut connection)
+            .await?;
+        println!(
+            "rows in events after the run: {stored} (acknowledged: {})",
+            report.events
+        );
     }
     if let Some(pid) = args.server_pid {
         match peak_rss_kib(pid) {
@@ -202,7 +207,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
 async fn reset_if_asked(url: &str, args: &BenchArgs) -> Result<(), BenchError> {
     if args.reset_table {
         let mut connection = sqlx::PgConnection::connect(url).await?;
-        sqlx::query("TRUNCATE events").execute(&mut connection).await?;
+        sqlx::query("TRUNCATE events")
+            .execute(&mut connection)
+            .await?;
         sqlx::query("CHECKPOINT").execute(&mut connection).await?;
     }
     Ok(())
@@ -271,7 +278,11 @@ async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
     for _ in 0..args.streams {
         clients.push(connect(args).await?);
     }
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        3,
+    )?));
     let per_stream = args.events / args.streams.max(1);
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

@@ -64,7 +64,8 @@ pub async fn watch(
     }
 }
 
-async fn set(reporter: &HealthReporter, status: ServingStatus) {
+/// Sets the ingest and overall statuses.
+pub async fn set(reporter: &HealthReporter, status: ServingStatus) {
     reporter.set_service_status(INGEST_SERVICE, status).await;
     reporter.set_service_status("", status).await;
 }

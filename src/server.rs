@@ -63,6 +63,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
     let (stopping_sender, stopping) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health::set(&health_reporter, tonic_health::ServingStatus::NotServing).await;
     let health_task = tokio::spawn(health::watch(
         health_reporter,
         buffer.clone(),

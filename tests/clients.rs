@@ -7,8 +7,12 @@ use std::{io::Write, process::Command};
 use common::{ServerSpec, TestDatabase, TestServer};
 
 fn python_client(server: &TestServer, args: &[&str]) -> serde_json::Value {
-    let python = std::env::var("TEST_SLUICE_PYTHON").expect("TEST_SLUICE_PYTHON is unset: run the suite with scripts/test");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/sluice_client.py");
+    let python = std::env::var("TEST_SLUICE_PYTHON")
+        .expect("TEST_SLUICE_PYTHON is unset: run the suite with scripts/test");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/python/sluice_client.py"
+    );
     let address = format!("localhost:{}", server.addr.port());
     let output = Command::new(python)
         .arg(script)
@@ -18,7 +22,11 @@ fn python_client(server: &TestServer, args: &[&str]) -> serde_json::Value {
         .output()
         .expect("run the python client");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "python client failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "python client failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_str(stdout.trim()).expect("json summary")
 }
 
@@ -31,31 +39,59 @@ async fn python_grpcio_client_publishes_streams_and_resends_after_refusals() {
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
             .env("SLUICE_BUFFER__MAX_EVENTS", "600")
-            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s")
-            .env("SLUICE_WRITER__FLUSH_INTERVAL", "300ms"),
+            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
     )
     .await;
 
     let summary = python_client(
         &server,
-        &["publish", "--service", "py", "--message", "hello from grpcio", "--metadata", r#"{"userId":"u-py"}"#],
+        &[
+            "publish",
+            "--service",
+            "py",
+            "--message",
+            "hello from grpcio",
+            "--metadata",
+            r#"{"userId":"u-py"}"#,
+        ],
     );
     assert_eq!(summary["accepted"], 1);
 
     let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     for index in 0..5_000 {
         let id = uuid::Uuid::new_v4();
-        writeln!(file, r#"{{"id":"{id}","service":"py","message":"event {index}","user_id":"u-{}"}}"#, index % 7).expect("write");
+        let line = format!(
+            r#"{{"id":"{id}","timestamp":"{now}","service":"py","message":"event {index}","user_id":"u-{}"}}"#,
+            index % 7
+        );
+        writeln!(file, "{line}").expect("write");
     }
     writeln!(file, r#"{{"service":"NOT VALID","message":"rejected"}}"#).expect("write");
     let path = file.path().to_str().expect("utf-8 path");
 
     let summary = python_client(&server, &["ingest", path, "--batch", "200"]);
-    assert_eq!((summary["accepted"].as_u64(), summary["rejected"].as_u64()), (Some(5_000), Some(1)));
+    assert_eq!(
+        (summary["accepted"].as_u64(), summary["rejected"].as_u64()),
+        (Some(5_000), Some(1))
+    );
     let summary = python_client(&server, &["stream", path, "--batch", "200"]);
-    assert_eq!((summary["accepted"].as_u64(), summary["rejected"].as_u64()), (Some(5_000), Some(1)));
+    assert_eq!(
+        (summary["accepted"].as_u64(), summary["rejected"].as_u64()),
+        (Some(5_000), Some(1))
+    );
 
     // The same ids were sent twice: stored once.
-    assert_eq!(database.scalar("SELECT count(*) FROM events WHERE service = 'py'").await, 5_001);
-    assert_eq!(database.scalar("SELECT count(*) FROM events WHERE user_id = 'u-py'").await, 1);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'py'")
+            .await,
+        5_001
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'u-py'")
+            .await,
+        1
+    );
 }

@@ -6,6 +6,7 @@
 //! covers everything accepted but not yet durable.
 
 use std::{
+    collections::VecDeque,
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -177,19 +178,19 @@ impl Buffer {
     }
 
     /// How long a refused client should wait: the time to drain what is queued ahead of it plus
-    /// its own request, at the recent drain rate; between 100 ms and 10 s.
+    /// its own request at the drain rate of the last second, between 100 ms and 10 s. With no
+    /// commit in the last second the rate is unknown (writers just woke up, or the database is
+    /// down) and the advice is 1 s.
     pub fn retry_after(&self, request_events: usize) -> Duration {
+        let backlog = (self.usage().events + request_events) as f64;
         let rate = self
             .drain
             .lock()
-            .map_or(0.0, |drain| drain.events_per_second(Instant::now()));
-        let backlog = (self.usage().events + request_events) as f64;
-        let seconds = if rate > 1.0 {
-            backlog / rate
-        } else {
-            f64::INFINITY
-        };
-        Duration::from_secs_f64(seconds.clamp(0.1, 10.0))
+            .map_or(0.0, |mut drain| drain.events_per_second(Instant::now()));
+        if rate <= 0.0 {
+            return UNKNOWN_RATE_RETRY;
+        }
+        Duration::from_secs_f64((backlog / rate).clamp(0.1, 10.0))
     }
 }
 
@@ -211,46 +212,46 @@ async fn acquire(
         .ok()
 }
 
-/// An exponentially weighted drain rate, updated at most once per 250 ms window.
+/// Commits of the last second, to estimate the drain rate.
 struct DrainRate {
-    window_start: Instant,
-    window_events: usize,
-    rate: f64,
+    samples: VecDeque<(Instant, usize)>,
 }
 
-const DRAIN_WINDOW: Duration = Duration::from_millis(250);
+const DRAIN_WINDOW: Duration = Duration::from_secs(1);
+/// Retry advice when nothing committed in the last `DRAIN_WINDOW`.
+const UNKNOWN_RATE_RETRY: Duration = Duration::from_secs(1);
+/// Bounds the samples kept (one per committed batch).
+const MAX_DRAIN_SAMPLES: usize = 1024;
 
 impl DrainRate {
     fn new() -> Self {
         Self {
-            window_start: Instant::now(),
-            window_events: 0,
-            rate: 0.0,
+            samples: VecDeque::new(),
         }
     }
 
     fn record(&mut self, events: usize, now: Instant) {
-        self.window_events += events;
-        let elapsed = now.duration_since(self.window_start);
-        if elapsed >= DRAIN_WINDOW {
-            let window_rate = self.window_events as f64 / elapsed.as_secs_f64();
-            self.rate = if self.rate == 0.0 {
-                window_rate
-            } else {
-                0.7 * self.rate + 0.3 * window_rate
-            };
-            self.window_start = now;
-            self.window_events = 0;
+        if self.samples.len() == MAX_DRAIN_SAMPLES {
+            self.samples.pop_front();
         }
+        self.samples.push_back((now, events));
     }
 
-    /// The rate, decayed toward zero when nothing drained for a while (a stalled writer).
-    fn events_per_second(&self, now: Instant) -> f64 {
-        let idle = now.duration_since(self.window_start).as_secs_f64();
-        if idle > 2.0 * DRAIN_WINDOW.as_secs_f64() && self.window_events == 0 {
-            return self.rate / idle;
+    /// Events per second over the last second; zero when nothing drained in that time.
+    fn events_per_second(&mut self, now: Instant) -> f64 {
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > DRAIN_WINDOW)
+        {
+            self.samples.pop_front();
         }
-        self.rate
+        let Some((oldest, _)) = self.samples.front() else {
+            return 0.0;
+        };
+        let span = now.duration_since(*oldest).max(Duration::from_millis(50));
+        let drained: usize = self.samples.iter().map(|(_, events)| events).sum();
+        drained as f64 / span.as_secs_f64()
     }
 }
 
@@ -310,6 +311,22 @@ mod tests {
             buffer.admit(events(5)).await,
             Err(AdmitError::Full { .. })
         ));
+    }
+
+    #[test]
+    fn retry_delay_follows_the_recent_drain_rate() {
+        let (buffer, _receiver) = Buffer::new(&config(100_000));
+        assert_eq!(
+            buffer.retry_after(1_000),
+            UNKNOWN_RATE_RETRY,
+            "no recent commit: rate unknown"
+        );
+        buffer.record_drained(10_000);
+        let delay = buffer.retry_after(1_000);
+        assert!(
+            delay >= Duration::from_millis(100) && delay < Duration::from_secs(1),
+            "{delay:?}"
+        );
     }
 
     #[tokio::test]
