@@ -38,6 +38,8 @@ pub struct Config {
     pub grpc: GrpcConfig,
     pub buffer: BufferConfig,
     pub writer: WriterConfig,
+    pub breaker: BreakerConfig,
+    pub spool: SpoolConfig,
     pub validation: ValidationConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -121,6 +123,33 @@ pub struct WriterConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failed writes that open the circuit (writes then go to the spool).
+    pub failure_threshold: u32,
+    /// First pause before a half-open probe; doubles after each failed probe...
+    #[serde(with = "humantime_serde")]
+    pub open_initial: Duration,
+    /// ...up to this.
+    #[serde(with = "humantime_serde")]
+    pub open_max: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Spool batches to disk while the circuit is open. Off: clients get RESOURCE_EXHAUSTED
+    /// once the buffer fills during a database outage.
+    pub enabled: bool,
+    /// Spool directory. Default: `data_dir/spool`.
+    pub dir: Option<PathBuf>,
+    /// Most bytes the spool may hold; beyond, the buffer fills and clients are refused.
+    pub max_bytes: u64,
+    /// Size at which a segment file is closed and a new one started.
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ValidationConfig {
     /// Largest `message`, in bytes.
     pub max_message_bytes: usize,
@@ -172,6 +201,8 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             buffer: BufferConfig::default(),
             writer: WriterConfig::default(),
+            breaker: BreakerConfig::default(),
+            spool: SpoolConfig::default(),
             validation: ValidationConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
@@ -232,6 +263,27 @@ impl Default for WriterConfig {
             flush_interval: Duration::from_millis(5),
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            open_initial: Duration::from_secs(1),
+            open_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            max_bytes: 1024 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -312,6 +364,9 @@ impl Config {
         if self.writer.batch_max_events == 0 || self.writer.batch_max_bytes == 0 {
             return invalid("writer.batch_max_events", "batch limits must be at least 1");
         }
+        if self.breaker.failure_threshold == 0 {
+            return invalid("breaker.failure_threshold", "must be at least 1");
+        }
         if self.grpc.max_events_per_request == 0 {
             return invalid("grpc.max_events_per_request", "must be at least 1");
         }
@@ -319,6 +374,14 @@ impl Config {
             return invalid("validation.max_metadata_depth", "must be at least 1");
         }
         Ok(())
+    }
+
+    /// Spool directory.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("spool"))
     }
 
     /// Server certificate path.

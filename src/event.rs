@@ -3,8 +3,9 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-/// An event that passed validation, ready to be written.
-#[derive(Debug, Clone, PartialEq)]
+/// An event that passed validation, ready to be written (and, during a database outage,
+/// spooled to disk as JSON).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ValidEvent {
     /// Position of the event in its request (or stream), echoed in rejections.
     pub index: u64,

@@ -8,7 +8,12 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{buffer::Buffer, metrics, store::Store, writer::WriterStatus};
+use crate::{
+    buffer::Buffer,
+    metrics,
+    store::Store,
+    writer::{WriterStatus, breaker::Breaker},
+};
 
 pub const INGEST_SERVICE: &str = "sluice.v1.IngestService";
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -21,6 +26,7 @@ pub async fn watch(
     buffer: Arc<Buffer>,
     store: Arc<Store>,
     writers: Arc<WriterStatus>,
+    breaker: Arc<Breaker>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut last: Option<bool> = None;
@@ -35,6 +41,7 @@ pub async fn watch(
         let failing = writers.is_failing();
         let serving = database_up && !full && !failing && !buffer.is_closed();
         metrics::health(usage, database_up, serving);
+        metrics::circuit(breaker.state().as_str());
         if last != Some(serving) {
             if serving {
                 tracing::info!("ingest is SERVING");

@@ -12,6 +12,10 @@
 //! | `sluice_writer_errors_total` | counter | `kind` |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
 //! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |
+//! | `sluice_events_spooled_total`, `sluice_events_replayed_total` | counter | |
+//! | `sluice_spool_bytes` | gauge | |
+//! | `sluice_spool_truncated_bytes_total` | counter | |
+//! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -86,6 +90,31 @@ pub fn events_committed(durable: &Durable, ack_latency: Duration) {
 pub fn batch_written(events: usize, elapsed: Duration) {
     histogram!("sluice_batch_events").record(events as f64);
     histogram!("sluice_batch_write_seconds").record(elapsed.as_secs_f64());
+}
+
+pub fn events_spooled(count: usize, spool_bytes: u64) {
+    counter!("sluice_events_spooled_total").increment(count as u64);
+    gauge!("sluice_spool_bytes").set(spool_bytes as f64);
+}
+
+pub fn spool_replayed(count: usize, spool_bytes: u64) {
+    counter!("sluice_events_replayed_total").increment(count as u64);
+    gauge!("sluice_spool_bytes").set(spool_bytes as f64);
+}
+
+pub fn spool_recovered(truncated_bytes: u64, spool_bytes: u64) {
+    counter!("sluice_spool_truncated_bytes_total").increment(truncated_bytes);
+    gauge!("sluice_spool_bytes").set(spool_bytes as f64);
+}
+
+pub fn circuit(state: &'static str) {
+    for known in ["closed", "open", "half_open"] {
+        gauge!("sluice_circuit_state", "state" => known).set(if known == state {
+            1.0
+        } else {
+            0.0
+        });
+    }
 }
 
 pub fn writer_error(kind: &'static str) {

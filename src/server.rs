@@ -15,7 +15,12 @@ use crate::{
     proto::{self, ingest_service_server::IngestServiceServer},
     store::{Store, StoreError},
     tls::{self, TlsError},
-    writer::{self, WriterStatus},
+    writer::{
+        self, WriterContext, WriterStatus,
+        breaker::Breaker,
+        replay,
+        spool::{Spool, SpoolError},
+    },
 };
 
 /// How often partitions ahead are checked.
@@ -36,6 +41,8 @@ pub enum ServerError {
     },
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot open the spool: {0}")]
+    Spool(#[from] SpoolError),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -50,16 +57,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let tls_config = prepare_tls(&config)?;
 
+    let spool = open_spool(&config)?;
     let store = Arc::new(Store::open(&config).await?);
     let (buffer, receiver) = Buffer::new(&config.buffer);
-    let writer_status = Arc::new(WriterStatus::default());
-    let mut writers = writer::spawn(
-        &config.writer,
-        store.pool.clone(),
-        buffer.clone(),
+    let writer_context = WriterContext {
+        config: config.writer.clone(),
+        pool: store.pool.clone(),
+        buffer: buffer.clone(),
         receiver,
-        writer_status.clone(),
-    );
+        status: Arc::new(WriterStatus::default()),
+        breaker: Arc::new(Breaker::new(&config.breaker)),
+        spool: spool.clone(),
+    };
+    let mut writers = writer::spawn(&writer_context);
 
     let (stopping_sender, stopping) = watch::channel(false);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -68,9 +78,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         health_reporter,
         buffer.clone(),
         store.clone(),
-        writer_status,
+        writer_context.status.clone(),
+        writer_context.breaker.clone(),
         stopping.clone(),
     ));
+    let replay_task = spool.map(|spool| {
+        let breaker = writer_context.breaker.clone();
+        tokio::spawn(replay::run(
+            store.pool.clone(),
+            breaker,
+            spool,
+            stopping.clone(),
+        ))
+    });
     let partition_task = tokio::spawn(maintain_partitions(
         store.clone(),
         config.validation.retention,
@@ -160,6 +180,11 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     partition_task.abort();
     health_task.abort();
     let _ = tokio::join!(partition_task, health_task);
+    if let Some(replay_task) = replay_task {
+        replay_task.abort();
+        let _ = replay_task.await;
+    }
+    drop(writer_context);
     tracing::info!("all acknowledged events are stored; stopping");
     if let Some(store) = Arc::into_inner(store) {
         store.close().await;
@@ -183,6 +208,29 @@ fn prepare_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConf
         );
     }
     Ok(Some(tls::server_tls_config(config)?))
+}
+
+/// Opens the spool and reports what an earlier run left there.
+fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>, SpoolError> {
+    if !config.spool.enabled {
+        tracing::warn!(
+            "spool disabled: a database outage fills the buffer and then refuses clients"
+        );
+        return Ok(None);
+    }
+    let dir = config.spool_dir();
+    let (spool, recovery) = Spool::open(&dir, config.spool.max_bytes, config.spool.segment_bytes)?;
+    metrics::spool_recovered(recovery.truncated_bytes, spool.bytes());
+    if recovery.records > 0 || recovery.truncated_bytes > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            segments = recovery.segments,
+            records = recovery.records,
+            truncated_bytes = recovery.truncated_bytes,
+            "found a spool from an earlier run; replaying it into PostgreSQL"
+        );
+    }
+    Ok(Some(Arc::new(spool)))
 }
 
 async fn maintain_partitions(store: Arc<Store>, retention: Duration) {

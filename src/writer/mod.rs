@@ -1,8 +1,11 @@
 //! The writer pool: N tasks that take envelopes from the buffer, batch them by count, bytes and
 //! time, write each batch to PostgreSQL, and only then acknowledge the envelopes.
 
+pub mod breaker;
 pub mod copy;
+pub mod replay;
 pub mod sink;
+pub mod spool;
 
 use std::{
     sync::{
@@ -22,7 +25,9 @@ use crate::{
     event::{EventRejection, ValidEvent},
     metrics,
 };
+use breaker::{Breaker, CircuitState};
 use sink::EventOutcome;
+use spool::{Spool, SpoolError};
 
 /// Shared view of the writers' health: true while a write keeps failing.
 #[derive(Debug, Default)]
@@ -40,36 +45,45 @@ impl WriterStatus {
     }
 }
 
+/// What the writers share.
+#[derive(Clone)]
+pub struct WriterContext {
+    pub config: WriterConfig,
+    pub pool: PgPool,
+    pub buffer: Arc<Buffer>,
+    pub receiver: BufferReceiver,
+    pub status: Arc<WriterStatus>,
+    pub breaker: Arc<Breaker>,
+    /// Where batches go while the circuit is open; None when the spool is disabled.
+    pub spool: Option<Arc<Spool>>,
+}
+
 /// Starts `config.workers` writers. They stop once the buffer is closed and drained.
-pub fn spawn(
-    config: &WriterConfig,
-    pool: PgPool,
-    buffer: Arc<Buffer>,
-    receiver: BufferReceiver,
-    status: Arc<WriterStatus>,
-) -> JoinSet<()> {
+pub fn spawn(context: &WriterContext) -> JoinSet<()> {
     let mut writers = JoinSet::new();
-    for worker in 0..config.workers {
-        let writer = Writer {
-            worker,
-            config: config.clone(),
-            pool: pool.clone(),
-            buffer: buffer.clone(),
-            receiver: receiver.clone(),
-            status: status.clone(),
-        };
-        writers.spawn(writer.run());
+    for worker in 0..context.config.workers {
+        writers.spawn(
+            Writer {
+                worker,
+                context: context.clone(),
+            }
+            .run(),
+        );
     }
     writers
 }
 
 struct Writer {
     worker: usize,
-    config: WriterConfig,
-    pool: PgPool,
-    buffer: Arc<Buffer>,
-    receiver: BufferReceiver,
-    status: Arc<WriterStatus>,
+    context: WriterContext,
+}
+
+impl std::ops::Deref for Writer {
+    type Target = WriterContext;
+
+    fn deref(&self) -> &WriterContext {
+        &self.context
+    }
 }
 
 impl Writer {
@@ -107,8 +121,9 @@ impl Writer {
         Some(batch)
     }
 
-    /// Writes one batch, retrying transient failures with exponential backoff and jitter until
-    /// it commits, then acknowledges every envelope in it.
+    /// Writes one batch, then acknowledges every envelope in it. The batch goes to PostgreSQL
+    /// while the circuit is closed, and to the spool while it is open. Transient failures are
+    /// retried with exponential backoff and jitter until one of the two takes the batch.
     async fn write(&self, batch: Vec<Envelope>) {
         let events: Vec<&ValidEvent> = batch
             .iter()
@@ -122,28 +137,59 @@ impl Writer {
         let mut attempt = 0u32;
         let outcomes = loop {
             attempt += 1;
-            match sink::write_batch(&self.pool, &events).await {
-                Ok(outcomes) => break outcomes,
-                Err(error) => {
-                    self.status.set_failing(true);
-                    metrics::writer_error(sink::classify(&error).as_str());
-                    let jitter = rand::rng().random_range(0.5..1.0);
-                    let delay = backoff.mul_f64(jitter);
-                    tracing::warn!(worker = self.worker, attempt, events = events.len(), retry_in = ?delay, %error, "batch write failed, will retry");
-                    tokio::time::sleep(delay).await;
-                    backoff = (backoff * 2).min(self.config.retry_max_backoff);
+            if self.breaker.allow() {
+                match sink::write_batch(&self.pool, &events).await {
+                    Ok(outcomes) => {
+                        self.breaker.record_success();
+                        break outcomes;
+                    }
+                    Err(error) => {
+                        self.breaker.record_failure();
+                        self.status.set_failing(true);
+                        metrics::writer_error(sink::classify(&error).as_str());
+                        tracing::warn!(worker = self.worker, attempt, events = events.len(), %error, "batch write failed");
+                    }
                 }
             }
+            if self.breaker.state() != CircuitState::Closed
+                && let Some(spool) = &self.spool
+            {
+                match spool_batch(spool, &events).await {
+                    Ok(()) => {
+                        metrics::events_spooled(events.len(), spool.bytes());
+                        break vec![EventOutcome::Stored; events.len()];
+                    }
+                    Err(error) => {
+                        metrics::writer_error("spool");
+                        tracing::error!(worker = self.worker, %error, "cannot spool batch; events stay in the buffer");
+                    }
+                }
+            }
+            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+            tokio::time::sleep(delay).await;
+            backoff = (backoff * 2).min(self.config.retry_max_backoff);
         };
-        if self.status.is_failing() {
-            tracing::info!(worker = self.worker, attempt, "batch write succeeded again");
+        if self.status.is_failing() && self.breaker.state() == CircuitState::Closed {
+            tracing::info!(worker = self.worker, attempt, "batch writes succeed again");
+            self.status.set_failing(false);
         }
-        self.status.set_failing(false);
         metrics::batch_written(events.len(), started.elapsed());
         self.buffer.record_drained(events.len());
         drop(events);
         acknowledge(batch, outcomes);
     }
+}
+
+/// Appends a batch to the spool on a blocking thread (the append fsyncs).
+async fn spool_batch(spool: &Arc<Spool>, events: &[&ValidEvent]) -> Result<(), SpoolError> {
+    let payload = Spool::encode(events)?;
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || spool.append_encoded(payload))
+        .await
+        .map_err(|join| SpoolError::Io {
+            path: "spool".into(),
+            source: std::io::Error::other(join),
+        })?
 }
 
 /// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the

@@ -1,0 +1,105 @@
+//! The replayer: drains spooled batches into PostgreSQL once the circuit is closed again, then
+//! deletes the replayed segments. A spool left on disk by an earlier run is replayed too.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use super::{
+    breaker::{Breaker, CircuitState},
+    sink,
+    spool::{SegmentReader, Spool, SpoolError},
+};
+use crate::{event::ValidEvent, metrics};
+
+const REPLAY_INTERVAL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+enum ReplayError {
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("circuit is open")]
+    CircuitOpen,
+}
+
+/// Replays until `stopping` turns true. What is left is replayed at the next start.
+pub async fn run(
+    pool: PgPool,
+    breaker: Arc<Breaker>,
+    spool: Arc<Spool>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REPLAY_INTERVAL) => {}
+            _ = stopping.changed() => return,
+        }
+        if *stopping.borrow() {
+            return;
+        }
+        if spool.is_empty() || breaker.state() != CircuitState::Closed {
+            continue;
+        }
+        spool.seal_active();
+        while let Some((sequence, path)) = spool.oldest_sealed() {
+            match replay_segment(&pool, &breaker, &path).await {
+                Ok(events) => {
+                    if let Err(error) = spool.remove(sequence) {
+                        tracing::error!(%error, "cannot delete replayed spool segment");
+                        break;
+                    }
+                    metrics::spool_replayed(events, spool.bytes());
+                    tracing::info!(segment = %path.display(), events, "replayed spool segment into PostgreSQL");
+                }
+                Err(error) => {
+                    tracing::warn!(segment = %path.display(), %error, "spool replay paused; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Writes every batch of a segment; idempotent, so a segment interrupted halfway can be
+/// replayed again from its start.
+async fn replay_segment(
+    pool: &PgPool,
+    breaker: &Breaker,
+    path: &std::path::Path,
+) -> Result<usize, ReplayError> {
+    let mut reader = Some(SegmentReader::open(path)?);
+    let mut replayed = 0;
+    loop {
+        let Some(mut current) = reader.take() else {
+            return Ok(replayed);
+        };
+        let (current, batch) = tokio::task::spawn_blocking(move || {
+            let batch = current.next_batch();
+            (current, batch)
+        })
+        .await
+        .map_err(|join| SpoolError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(join),
+        })?;
+        let Some(batch) = batch? else {
+            return Ok(replayed);
+        };
+        reader = Some(current);
+        if !breaker.allow() {
+            return Err(ReplayError::CircuitOpen);
+        }
+        let events: Vec<&ValidEvent> = batch.iter().collect();
+        match sink::write_batch(pool, &events).await {
+            Ok(_) => breaker.record_success(),
+            Err(error) => {
+                breaker.record_failure();
+                return Err(error.into());
+            }
+        }
+        replayed += events.len();
+    }
+}

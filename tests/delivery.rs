@@ -1,0 +1,319 @@
+//! Delivery guarantees under failure: a PostgreSQL outage (the spool keeps ingest
+//! acknowledged), SIGKILL mid-ingest (acknowledged means durable; resends store exactly once),
+//! and a spool with a torn tail left by a crash.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use common::{ServerSpec, TestDatabase, TestServer, event, metric_sum};
+use sluice::{proto::IngestRequest, store::EmbeddedPostgres};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use uuid::Uuid;
+
+/// Requests of one stream, with their events, so that unacknowledged ones can be resent as is.
+fn requests(count: usize, size: usize, tag: &str) -> Vec<IngestRequest> {
+    (0..count)
+        .map(|sequence| IngestRequest {
+            events: (0..size)
+                .map(|offset| event("delivery", &format!("{tag} {sequence}-{offset}")))
+                .collect(),
+            sequence: sequence as u64,
+        })
+        .collect()
+}
+
+/// Streams `requests` over IngestStream with up to `window` in flight, waiting `pace` between
+/// sends. Resends refused sequences after their retry delay. Calls `on_ack` with the number of
+/// acknowledged requests so far, and stops when it returns false or the stream breaks. Returns
+/// the sequences acknowledged as durable.
+async fn stream_until(
+    server: &TestServer,
+    requests: &[IngestRequest],
+    window: usize,
+    pace: Duration,
+    mut on_ack: impl FnMut(usize) -> bool,
+) -> HashSet<u64> {
+    let mut client = server.ingest_client().await;
+    let (sender, receiver) = mpsc::channel(window);
+    let mut acks = match client.ingest_stream(ReceiverStream::new(receiver)).await {
+        Ok(response) => response.into_inner(),
+        Err(_) => return HashSet::new(),
+    };
+    let mut acked = HashSet::new();
+    let mut pending: HashMap<u64, Instant> = HashMap::new();
+    let mut next = 0;
+    let mut retry_queue: Vec<u64> = Vec::new();
+    loop {
+        while pending.len() < window {
+            let sequence = match retry_queue.pop() {
+                Some(sequence) => sequence,
+                None if next < requests.len() => {
+                    next += 1;
+                    (next - 1) as u64
+                }
+                None => break,
+            };
+            pending.insert(sequence, Instant::now());
+            if !pace.is_zero() {
+                tokio::time::sleep(pace).await;
+            }
+            if sender
+                .send(requests[sequence as usize].clone())
+                .await
+                .is_err()
+            {
+                return acked;
+            }
+        }
+        if pending.is_empty() {
+            return acked;
+        }
+        let Ok(Some(Ok(ack))) = tokio::time::timeout(Duration::from_secs(30), acks.next()).await
+        else {
+            return acked;
+        };
+        pending.remove(&ack.sequence);
+        if ack.code == 0 {
+            acked.insert(ack.sequence);
+            if !on_ack(acked.len()) {
+                return acked;
+            }
+        } else {
+            let delay = ack
+                .retry_after
+                .and_then(|delay| Duration::try_from(delay).ok())
+                .unwrap_or(Duration::from_millis(200));
+            tokio::time::sleep(delay).await;
+            retry_queue.push(ack.sequence);
+        }
+    }
+}
+
+fn ids_of<'a>(requests: impl IntoIterator<Item = &'a IngestRequest>) -> HashSet<Uuid> {
+    requests
+        .into_iter()
+        .flat_map(|request| request.events.iter())
+        .map(|event| Uuid::parse_str(&event.id).expect("uuid"))
+        .collect()
+}
+
+async fn stored_ids(connection: &mut sqlx::PgConnection) -> (i64, HashSet<Uuid>) {
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM events")
+        .fetch_all(&mut *connection)
+        .await
+        .expect("ids");
+    (ids.len() as i64, ids.into_iter().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_ingest_loses_no_acknowledged_event_and_resends_store_each_exactly_once() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let mut server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let all = requests(400, 500, "kill");
+    let pid = server.pid();
+    // Kill the server once a third of the requests are acknowledged, from inside the ack loop.
+    let acked = stream_until(&server, &all, 8, Duration::ZERO, |acked| {
+        if acked == 130 {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .expect("kill");
+        }
+        true
+    })
+    .await;
+    assert!(!server.wait(Duration::from_secs(10)).success(), "killed");
+    assert!(
+        acked.len() >= 130 && acked.len() < all.len(),
+        "killed partway: {} acked",
+        acked.len()
+    );
+
+    // Restart on the same directory (a spool, if any, is replayed) and check every ack.
+    let spec = ServerSpec {
+        dir: Some(server.dir.path().to_owned()),
+        ..ServerSpec::with_database(&database.url)
+    };
+    let restarted = TestServer::start(spec).await;
+    let mut connection = database.connect().await;
+    let (rows, stored) = stored_ids(&mut connection).await;
+    assert_eq!(rows as usize, stored.len(), "no event stored twice");
+    let acked_ids = ids_of(acked.iter().map(|sequence| &all[*sequence as usize]));
+    assert!(
+        acked_ids.is_subset(&stored),
+        "{} acknowledged events missing",
+        acked_ids.difference(&stored).count()
+    );
+
+    // The client resends everything not acknowledged, with the same ids: each is stored once.
+    let unacked: Vec<IngestRequest> = all
+        .iter()
+        .filter(|request| !acked.contains(&request.sequence))
+        .cloned()
+        .collect();
+    let renumbered: Vec<IngestRequest> = unacked
+        .into_iter()
+        .enumerate()
+        .map(|(index, request)| IngestRequest {
+            sequence: index as u64,
+            ..request
+        })
+        .collect();
+    let resent = stream_until(&restarted, &renumbered, 8, Duration::ZERO, |_| true).await;
+    assert_eq!(resent.len(), renumbered.len());
+    let (rows, stored) = stored_ids(&mut connection).await;
+    assert_eq!(rows, 200_000);
+    assert_eq!(stored, ids_of(&all));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_keeps_ingest_acknowledged_through_the_spool_and_loses_nothing() {
+    common::init_crypto();
+    let server =
+        TestServer::start(ServerSpec::default().env("SLUICE_BREAKER__OPEN_INITIAL", "500ms")).await;
+    let data_dir = server.dir.path().join("data");
+    let cluster = EmbeddedPostgres::start(&data_dir).expect("attach to the private cluster");
+    let url = cluster.url();
+
+    let all = requests(5000, 10, "outage");
+    let started = Instant::now();
+    let outage = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.stop().expect("stop PostgreSQL");
+        let stopped_at = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let cluster = EmbeddedPostgres::start(&data_dir).expect("restart PostgreSQL");
+        (stopped_at, Instant::now(), cluster)
+    });
+    let mut ack_times = Vec::new();
+    // Paced so that the stream spans the outage (5000 requests, at least 3 ms apart).
+    let acked = stream_until(&server, &all, 4, Duration::from_millis(3), |_| {
+        ack_times.push(Instant::now());
+        true
+    })
+    .await;
+    let (stopped_at, restarted_at, _cluster) = outage.await.expect("outage task");
+    assert_eq!(
+        acked.len(),
+        all.len(),
+        "every request acknowledged, outage or not"
+    );
+    let during_outage = ack_times
+        .iter()
+        .filter(|at| **at > stopped_at + Duration::from_secs(2) && **at < restarted_at)
+        .count();
+    assert!(
+        during_outage > 50,
+        "ingest kept being acknowledged during the outage ({during_outage} acks)"
+    );
+    assert!(restarted_at > started, "the outage happened during the run");
+
+    // After recovery the replayer drains the spool: every acknowledged event, exactly once.
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (rows, stored) = stored_ids(&mut connection).await;
+        if stored.len() == 50_000 {
+            assert_eq!(rows, 50_000, "no event stored twice");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spool not replayed: {} of 50000 stored\n{}",
+            stored.len(),
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, stored) = stored_ids(&mut connection).await;
+    assert_eq!(stored, ids_of(&all));
+    let metrics = server.metrics().await;
+    assert!(
+        metric_sum(&metrics, "sluice_events_spooled_total", "") > 0.0,
+        "the spool was used"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "sluice_events_replayed_total", ""),
+        metric_sum(&metrics, "sluice_events_spooled_total", "")
+    );
+    assert!(server.logs().contains("circuit open"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_with_a_torn_tail_is_replayed_at_startup_up_to_the_tear() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool_dir = dir.path().join("data/spool");
+    let validation = sluice::config::ValidationConfig::default();
+    let validator = sluice::ingest::validate::Validator::new(&validation, chrono::Utc::now());
+    let batches: Vec<Vec<sluice::event::ValidEvent>> = (0..3)
+        .map(|batch| {
+            (0..100)
+                .map(|offset| {
+                    validator
+                        .validate(offset, event("spooled", &format!("{batch}-{offset}")))
+                        .expect("valid")
+                })
+                .collect()
+        })
+        .collect();
+    {
+        let (spool, _) =
+            sluice::writer::spool::Spool::open(&spool_dir, 1 << 30, 1 << 26).expect("spool");
+        for batch in &batches {
+            spool
+                .append(&batch.iter().collect::<Vec<_>>())
+                .expect("append");
+        }
+    }
+    // A crash mid-write: the last record is torn.
+    let segment = std::fs::read_dir(&spool_dir)
+        .expect("dir")
+        .next()
+        .expect("segment")
+        .expect("entry")
+        .path();
+    let length = std::fs::metadata(&segment).expect("meta").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .expect("open")
+        .set_len(length - 50)
+        .expect("truncate");
+
+    let spec = ServerSpec {
+        dir: Some(dir.path().to_owned()),
+        ..ServerSpec::with_database(&database.url)
+    };
+    let server = TestServer::start(spec).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while database.scalar("SELECT count(*) FROM events").await < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "spool not replayed:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        database.scalar("SELECT count(*) FROM events").await,
+        200,
+        "the two intact records, not the torn one"
+    );
+    assert!(server.logs().contains("torn or corrupt tail"));
+    let metrics = server.metrics().await;
+    assert!(metric_sum(&metrics, "sluice_spool_truncated_bytes_total", "") > 0.0);
+    let leftover: Vec<_> = std::fs::read_dir(&spool_dir).expect("dir").collect();
+    assert!(leftover.is_empty(), "replayed segments are deleted");
+}
