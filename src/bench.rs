@@ -86,6 +86,10 @@ pub struct BenchArgs {
     /// only for a throwaway database (bench/run.sh uses it).
     #[arg(long, requires = "database_url")]
     pub reset_table: bool,
+    /// Send the whole workload a second time (same ids and timestamps) and report that rate:
+    /// the idempotent path, where every event is a duplicate.
+    #[arg(long)]
+    pub duplicates: bool,
     /// Server process id, to report its peak RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -165,25 +169,17 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             args.copy_connections, args.batch
         );
     }
-    let report = grpc_load(&args).await?;
-    println!(
-        "sluice ingest:    {:.0} events/s committed ({} events in {:.2} s, {} refusals retried)",
-        report.events as f64 / report.elapsed.as_secs_f64(),
-        report.events,
-        report.elapsed.as_secs_f64(),
-        report.refusals
-    );
-    let micros = |quantile: f64| Duration::from_micros(report.latency.value_at_quantile(quantile));
-    println!(
-        "ack latency:      p50 {:?}  p95 {:?}  p99 {:?}  max {:?}",
-        micros(0.50),
-        micros(0.95),
-        micros(0.99),
-        Duration::from_micros(report.latency.max())
-    );
+    let workload = workload(&args);
+    let report = grpc_load(&args, &workload).await?;
+    report.print("sluice ingest:   ");
     if let Some(rate) = ceiling {
-        let ratio = report.events as f64 / report.elapsed.as_secs_f64() / rate;
+        let ratio = report.rate() / rate;
         println!("ratio to raw COPY ceiling: {ratio:.2}");
+    }
+    if args.duplicates {
+        let again = grpc_load(&args, &workload).await?;
+        again.print("resend (all dup):");
+        println!("duplicate path / first pass: {:.2}", again.rate() / report.rate());
     }
     if let (Some(url), true) = (&args.database_url, args.reset_table) {
         let mut connection = sqlx::PgConnection::connect(url).await?;
@@ -273,25 +269,61 @@ struct LoadReport {
     refusals: u64,
 }
 
-async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
-    let mut clients = Vec::with_capacity(args.streams);
-    for _ in 0..args.streams {
+impl LoadReport {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self, label: &str) {
+        println!(
+            "{label} {:.0} events/s committed ({} events in {:.2} s, {} refusals retried)",
+            self.rate(),
+            self.events,
+            self.elapsed.as_secs_f64(),
+            self.refusals
+        );
+        let at = |quantile: f64| Duration::from_micros(self.latency.value_at_quantile(quantile));
+        println!(
+            "ack latency:      p50 {:?}  p95 {:?}  p99 {:?}  max {:?}",
+            at(0.50),
+            at(0.95),
+            at(0.99),
+            Duration::from_micros(self.latency.max())
+        );
+    }
+}
+
+/// The requests of each stream, generated before timing starts.
+fn workload(args: &BenchArgs) -> Vec<Vec<IngestRequest>> {
+    let per_stream = args.events / args.streams.max(1);
+    (0..args.streams.max(1))
+        .map(|stream_index| {
+            let mut rng = StdRng::seed_from_u64(1_000 + stream_index as u64);
+            let mut produced = 0;
+            let mut requests = Vec::new();
+            while produced < per_stream {
+                let count = args.batch.min(per_stream - produced);
+                let events = (0..count).map(|offset| sample_event(&mut rng, produced + offset)).collect();
+                requests.push(IngestRequest { events, sequence: requests.len() as u64 });
+                produced += count;
+            }
+            requests
+        })
+        .collect()
+}
+
+async fn grpc_load(args: &BenchArgs, workload: &[Vec<IngestRequest>]) -> Result<LoadReport, BenchError> {
+    let mut clients = Vec::with_capacity(workload.len());
+    for _ in workload {
         clients.push(connect(args).await?);
     }
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        600_000_000,
-        3,
-    )?));
-    let per_stream = args.events / args.streams.max(1);
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (stream_index, client) in clients.into_iter().enumerate() {
+    for (client, requests) in clients.into_iter().zip(workload.iter().cloned()) {
         let latency = latency.clone();
-        let (batch, window) = (args.batch, args.window.max(1));
-        tasks.spawn(async move {
-            drive_stream(client, stream_index, per_stream, batch, window, latency).await
-        });
+        let window = args.window.max(1);
+        tasks.spawn(async move { drive_stream(client, requests, window, latency).await });
     }
     let mut events = 0;
     let mut refusals = 0;
@@ -302,86 +334,50 @@ async fn grpc_load(args: &BenchArgs) -> Result<LoadReport, BenchError> {
     }
     let elapsed = started.elapsed();
     let latency = latency.lock().await.clone();
-    Ok(LoadReport {
-        events,
-        elapsed,
-        latency,
-        refusals,
-    })
+    Ok(LoadReport { events, elapsed, latency, refusals })
 }
 
-/// Sends `total` events over one IngestStream with `window` requests in flight; resends a
-/// sequence the server refused after its retry delay. Returns (stored, refusals).
+/// Sends `requests` over one IngestStream with `window` requests in flight; resends a sequence
+/// the server refused after its retry delay. Returns (stored, refusals).
 async fn drive_stream(
     mut client: IngestServiceClient<Channel>,
-    stream_index: usize,
-    total: usize,
-    batch: usize,
+    requests: Vec<IngestRequest>,
     window: usize,
     latency: Arc<Mutex<Histogram<u64>>>,
 ) -> Result<(u64, u64), BenchError> {
-    let mut rng = StdRng::seed_from_u64(1_000 + stream_index as u64);
-    let (requests, request_stream) = mpsc::channel::<IngestRequest>(window);
-    let mut acks = client
-        .ingest_stream(ReceiverStream::new(request_stream))
-        .await?
-        .into_inner();
-    let mut in_flight: HashMap<u64, (Instant, IngestRequest)> = HashMap::new();
-    let mut next_sequence = 0u64;
-    let mut produced = 0usize;
+    let (sender, request_stream) = mpsc::channel::<IngestRequest>(window);
+    let mut acks = client.ingest_stream(ReceiverStream::new(request_stream)).await?.into_inner();
+    let mut in_flight: HashMap<u64, (Instant, usize)> = HashMap::new();
+    let mut next = 0usize;
     let mut stored = 0u64;
     let mut refusals = 0u64;
+    let closed = || BenchError::Rpc(tonic::Status::aborted("request stream closed"));
     loop {
-        while in_flight.len() < window && produced < total {
-            let count = batch.min(total - produced);
-            let events = (0..count)
-                .map(|offset| sample_event(&mut rng, produced + offset))
-                .collect();
-            let request = IngestRequest {
-                events,
-                sequence: next_sequence,
-            };
-            produced += count;
-            next_sequence += 1;
-            in_flight.insert(request.sequence, (Instant::now(), request.clone()));
-            if requests.send(request).await.is_err() {
-                return Err(BenchError::Rpc(tonic::Status::aborted(
-                    "request stream closed",
-                )));
-            }
+        while in_flight.len() < window && next < requests.len() {
+            in_flight.insert(requests[next].sequence, (Instant::now(), next));
+            sender.send(requests[next].clone()).await.map_err(|_| closed())?;
+            next += 1;
         }
         if in_flight.is_empty() {
             break;
         }
         let Some(ack) = acks.next().await else {
-            return Err(BenchError::Rpc(tonic::Status::aborted(
-                "server ended the ack stream early",
-            )));
+            return Err(BenchError::Rpc(tonic::Status::aborted("server ended the ack stream early")));
         };
         let ack = ack?;
-        let Some((sent_at, request)) = in_flight.remove(&ack.sequence) else {
-            continue;
-        };
+        let Some((sent_at, position)) = in_flight.remove(&ack.sequence) else { continue };
         if ack.code != 0 {
             refusals += 1;
-            let delay = ack
-                .retry_after
-                .and_then(|delay| Duration::try_from(delay).ok())
-                .unwrap_or(Duration::from_millis(100));
+            let delay = ack.retry_after.and_then(|delay| Duration::try_from(delay).ok()).unwrap_or(Duration::from_millis(100));
             tokio::time::sleep(delay).await;
-            in_flight.insert(request.sequence, (Instant::now(), request.clone()));
-            if requests.send(request).await.is_err() {
-                return Err(BenchError::Rpc(tonic::Status::aborted(
-                    "request stream closed",
-                )));
-            }
+            in_flight.insert(ack.sequence, (Instant::now(), position));
+            sender.send(requests[position].clone()).await.map_err(|_| closed())?;
             continue;
         }
         stored += ack.accepted;
-        let micros = sent_at.elapsed().as_micros() as u64;
-        latency.lock().await.saturating_record(micros.max(1));
+        latency.lock().await.saturating_record((sent_at.elapsed().as_micros() as u64).max(1));
     }
-    drop(requests);
+    drop(sender);
     while acks.next().await.is_some() {}
     Ok((stored, refusals))
 }
