@@ -6,7 +6,10 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/sluice/v1/ingest.proto"];
+    let protos = [
+        "proto/sluice/v1/ingest.proto",
+        "proto/sluice/v1/query.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let file_descriptors = protox::compile(protos, ["proto"])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);

@@ -179,7 +179,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if args.duplicates {
         let again = grpc_load(&args, &workload).await?;
         again.print("resend (all dup):");
-        println!("duplicate path / first pass: {:.2}", again.rate() / report.rate());
+        println!(
+            "duplicate path / first pass: {:.2}",
+            again.rate() / report.rate()
+        );
     }
     if let (Some(url), true) = (&args.database_url, args.reset_table) {
         let mut connection = sqlx::PgConnection::connect(url).await?;
@@ -303,8 +306,13 @@ fn workload(args: &BenchArgs) -> Vec<Vec<IngestRequest>> {
             let mut requests = Vec::new();
             while produced < per_stream {
                 let count = args.batch.min(per_stream - produced);
-                let events = (0..count).map(|offset| sample_event(&mut rng, produced + offset)).collect();
-                requests.push(IngestRequest { events, sequence: requests.len() as u64 });
+                let events = (0..count)
+                    .map(|offset| sample_event(&mut rng, produced + offset))
+                    .collect();
+                requests.push(IngestRequest {
+                    events,
+                    sequence: requests.len() as u64,
+                });
                 produced += count;
             }
             requests
@@ -312,12 +320,19 @@ fn workload(args: &BenchArgs) -> Vec<Vec<IngestRequest>> {
         .collect()
 }
 
-async fn grpc_load(args: &BenchArgs, workload: &[Vec<IngestRequest>]) -> Result<LoadReport, BenchError> {
+async fn grpc_load(
+    args: &BenchArgs,
+    workload: &[Vec<IngestRequest>],
+) -> Result<LoadReport, BenchError> {
     let mut clients = Vec::with_capacity(workload.len());
     for _ in workload {
         clients.push(connect(args).await?);
     }
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        3,
+    )?));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (client, requests) in clients.into_iter().zip(workload.iter().cloned()) {
@@ -334,7 +349,12 @@ async fn grpc_load(args: &BenchArgs, workload: &[Vec<IngestRequest>]) -> Result<
     }
     let elapsed = started.elapsed();
     let latency = latency.lock().await.clone();
-    Ok(LoadReport { events, elapsed, latency, refusals })
+    Ok(LoadReport {
+        events,
+        elapsed,
+        latency,
+        refusals,
+    })
 }
 
 /// Sends `requests` over one IngestStream with `window` requests in flight; resends a sequence
@@ -346,7 +366,10 @@ async fn drive_stream(
     latency: Arc<Mutex<Histogram<u64>>>,
 ) -> Result<(u64, u64), BenchError> {
     let (sender, request_stream) = mpsc::channel::<IngestRequest>(window);
-    let mut acks = client.ingest_stream(ReceiverStream::new(request_stream)).await?.into_inner();
+    let mut acks = client
+        .ingest_stream(ReceiverStream::new(request_stream))
+        .await?
+        .into_inner();
     let mut in_flight: HashMap<u64, (Instant, usize)> = HashMap::new();
     let mut next = 0usize;
     let mut stored = 0u64;
@@ -355,27 +378,43 @@ async fn drive_stream(
     loop {
         while in_flight.len() < window && next < requests.len() {
             in_flight.insert(requests[next].sequence, (Instant::now(), next));
-            sender.send(requests[next].clone()).await.map_err(|_| closed())?;
+            sender
+                .send(requests[next].clone())
+                .await
+                .map_err(|_| closed())?;
             next += 1;
         }
         if in_flight.is_empty() {
             break;
         }
         let Some(ack) = acks.next().await else {
-            return Err(BenchError::Rpc(tonic::Status::aborted("server ended the ack stream early")));
+            return Err(BenchError::Rpc(tonic::Status::aborted(
+                "server ended the ack stream early",
+            )));
         };
         let ack = ack?;
-        let Some((sent_at, position)) = in_flight.remove(&ack.sequence) else { continue };
+        let Some((sent_at, position)) = in_flight.remove(&ack.sequence) else {
+            continue;
+        };
         if ack.code != 0 {
             refusals += 1;
-            let delay = ack.retry_after.and_then(|delay| Duration::try_from(delay).ok()).unwrap_or(Duration::from_millis(100));
+            let delay = ack
+                .retry_after
+                .and_then(|delay| Duration::try_from(delay).ok())
+                .unwrap_or(Duration::from_millis(100));
             tokio::time::sleep(delay).await;
             in_flight.insert(ack.sequence, (Instant::now(), position));
-            sender.send(requests[position].clone()).await.map_err(|_| closed())?;
+            sender
+                .send(requests[position].clone())
+                .await
+                .map_err(|_| closed())?;
             continue;
         }
         stored += ack.accepted;
-        latency.lock().await.saturating_record((sent_at.elapsed().as_micros() as u64).max(1));
+        latency
+            .lock()
+            .await
+            .saturating_record((sent_at.elapsed().as_micros() as u64).max(1));
     }
     drop(sender);
     while acks.next().await.is_some() {}

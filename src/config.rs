@@ -51,6 +51,9 @@ pub struct DatabaseConfig {
     /// PostgreSQL URL. Unset: sluice runs a private cluster under `data_dir/postgres`.
     /// Also read from the plain `DATABASE_URL` environment variable.
     pub url: Option<String>,
+    /// Optional read replica for Query, Export and Stats. Also read from
+    /// `SLUICE_READ_DATABASE_URL`.
+    pub read_url: Option<String>,
     /// Connections kept for queries and maintenance, on top of one per writer.
     pub extra_connections: u32,
     /// How long to wait for a connection before failing a database call.
@@ -214,6 +217,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         Self {
             url: None,
+            read_url: None,
             extra_connections: 4,
             connect_timeout: Duration::from_secs(5),
         }
@@ -334,7 +338,16 @@ impl Config {
                     .only(&["DATABASE_URL"])
                     .map(|_| "database.url".into()),
             )
-            .merge(Env::prefixed("SLUICE_").split("__"))
+            .merge(
+                Env::raw()
+                    .only(&["SLUICE_READ_DATABASE_URL"])
+                    .map(|_| "database.read_url".into()),
+            )
+            .merge(
+                Env::prefixed("SLUICE_")
+                    .filter(|key| !key.as_str().eq_ignore_ascii_case("read_database_url"))
+                    .split("__"),
+            )
             .merge(overrides);
         let config: Config = figment.extract().map_err(Box::new)?;
         config.check()?;
@@ -440,7 +453,12 @@ mod tests {
             jail.set_env("SLUICE_BUFFER__MAX_EVENTS", "123");
             jail.set_env("SLUICE_WRITER__FLUSH_INTERVAL", "250ms");
             jail.set_env("DATABASE_URL", "postgres://example/db");
+            jail.set_env("SLUICE_READ_DATABASE_URL", "postgres://replica/db");
             let config = Config::load(None, Figment::new()).expect("loads");
+            assert_eq!(
+                config.database.read_url.as_deref(),
+                Some("postgres://replica/db")
+            );
             assert_eq!(config.buffer.max_events, 123);
             assert_eq!(config.writer.flush_interval, Duration::from_millis(250));
             assert_eq!(

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use tonic::{Code, Status, metadata::MetadataMap};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::ingest::IngestError;
+use crate::{ingest::IngestError, query::QueryError};
 
 /// The ErrorInfo domain of every sluice error.
 pub const ERROR_DOMAIN: &str = "sluice.v1";
@@ -51,6 +51,33 @@ impl From<IngestError> for Status {
             IngestError::LargerThanBuffer { .. } => bad_request(message.clone(), "events", message),
             IngestError::MessageTooLarge { detail } => bad_request(message, "request", detail),
             IngestError::Stream(status) => status,
+        }
+    }
+}
+
+impl From<QueryError> for Status {
+    fn from(error: QueryError) -> Self {
+        let message = error.to_string();
+        match error {
+            QueryError::InvalidArgument { field, reason } => bad_request(message, field, reason),
+            QueryError::Database(database_error) => {
+                tracing::error!(error = %database_error, "query failed in the database");
+                let code = if database_error.as_database_error().is_some() {
+                    Code::Internal
+                } else {
+                    Code::Unavailable
+                };
+                Status::new(code, "database error; see server logs")
+            }
+            QueryError::Spool(spool_error) => {
+                tracing::error!(error = %spool_error, "spool error during a query");
+                Status::internal("spool error; see server logs")
+            }
+            QueryError::Busy { retry_after } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info("WRITES_PENDING", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::Unavailable, message, details)
+            }
         }
     }
 }

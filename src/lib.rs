@@ -13,6 +13,7 @@ pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod proto;
+pub mod query;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -17,7 +17,7 @@
 //! | `sluice_spool_truncated_bytes_total` | counter | |
 //! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
 
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Mutex, time::Duration};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -66,21 +66,64 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// The ingest counters since start, also kept in-process for the Stats RPC.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IngestTotals {
+    pub received: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub spooled: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
+static TOTALS: Mutex<IngestTotals> = Mutex::new(IngestTotals {
+    received: 0,
+    stored: 0,
+    duplicates: 0,
+    spooled: 0,
+    rejected: BTreeMap::new(),
+    refused: BTreeMap::new(),
+});
+
+fn update_totals(update: impl FnOnce(&mut IngestTotals)) {
+    update(
+        &mut TOTALS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+}
+
+/// A snapshot of the ingest counters since this process started.
+pub fn ingest_totals() -> IngestTotals {
+    TOTALS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 pub fn events_received(count: usize) {
     counter!("sluice_events_received_total").increment(count as u64);
+    update_totals(|totals| totals.received += count as u64);
 }
 
 pub fn event_rejected(rejection: &EventRejection) {
     counter!("sluice_events_rejected_total", "reason" => rejection.metric_reason).increment(1);
+    update_totals(|totals| *totals.rejected.entry(rejection.metric_reason).or_default() += 1);
 }
 
 pub fn events_refused(reason: &'static str, count: usize) {
     counter!("sluice_events_refused_total", "reason" => reason).increment(count as u64);
+    update_totals(|totals| *totals.refused.entry(reason).or_default() += count as u64);
 }
 
 pub fn events_committed(durable: &Durable, ack_latency: Duration) {
     counter!("sluice_events_stored_total").increment(durable.stored);
     counter!("sluice_events_duplicate_total").increment(durable.duplicates);
+    update_totals(|totals| {
+        totals.stored += durable.stored;
+        totals.duplicates += durable.duplicates;
+    });
     for rejection in &durable.dead_lettered {
         event_rejected(rejection);
     }
@@ -94,6 +137,7 @@ pub fn batch_written(events: usize, elapsed: Duration) {
 
 pub fn events_spooled(count: usize, spool_bytes: u64) {
     counter!("sluice_events_spooled_total").increment(count as u64);
+    update_totals(|totals| totals.spooled += count as u64);
     gauge!("sluice_spool_bytes").set(spool_bytes as f64);
 }
 

@@ -12,7 +12,10 @@ use crate::{
     health,
     ingest::IngestHandler,
     metrics,
-    proto::{self, ingest_service_server::IngestServiceServer},
+    proto::{
+        self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
+    },
+    query::QueryHandler,
     store::{Store, StoreError},
     tls::{self, TlsError},
     writer::{
@@ -115,6 +118,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     .send_compressed(CompressionEncoding::Gzip)
     .send_compressed(CompressionEncoding::Zstd);
 
+    let query = QueryServiceServer::new(QueryHandler::new(
+        store.clone(),
+        buffer.clone(),
+        writer_context.breaker.clone(),
+        writer_context.spool.clone(),
+        config.clone(),
+    ))
+    .max_decoding_message_size(config.grpc.max_message_bytes)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Zstd)
+    .send_compressed(CompressionEncoding::Gzip)
+    .send_compressed(CompressionEncoding::Zstd);
+
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
@@ -150,18 +166,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ingest)
+        .add_service(query)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             stop_signal,
         );
-    let mut serve = std::pin::pin!(serve);
+    let mut serve = Box::pin(serve);
     // Serve until the signal; then give in-flight calls and the writers the shutdown timeout.
     let mut stopping_watch = stopping.clone();
     tokio::select! {
         result = &mut serve => result?,
         _ = async { stopping_watch.wait_for(|stopping| *stopping).await.map(|_| ()) } => {
             let drain = async {
-                let served = serve.await;
+                let served = (&mut serve).await;
                 while writers.join_next().await.is_some() {}
                 served
             };
@@ -174,6 +191,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
             }
         }
     }
+    // The services hold the store; drop them so the store can be closed below.
+    drop(serve);
     buffer.close();
     writers.abort_all();
     while writers.join_next().await.is_some() {}
@@ -186,9 +205,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     drop(writer_context);
     tracing::info!("all acknowledged events are stored; stopping");
-    if let Some(store) = Arc::into_inner(store) {
-        store.close().await;
-    }
+    store.close().await;
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 //! covers everything accepted but not yet durable.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
     sync::{Arc, Mutex, RwLock},
     time::{Duration, Instant},
 };
@@ -37,6 +37,8 @@ pub type AckReceiver = oneshot::Receiver<Durable>;
 #[derive(Debug)]
 pub struct Envelope {
     pub events: Vec<ValidEvent>,
+    /// Marks the envelope pending until it is dropped (after its commit).
+    _pending: PendingGuard,
     /// Buffer bytes this envelope holds (the sum of event weights).
     pub bytes: usize,
     /// When the envelope was admitted, for ack latency.
@@ -82,6 +84,7 @@ impl BufferUsage {
 /// The sending side, shared by every RPC handler.
 pub struct Buffer {
     sender: RwLock<Option<mpsc::Sender<Envelope>>>,
+    pending: Arc<PendingTracker>,
     event_slots: Arc<Semaphore>,
     byte_slots: Arc<Semaphore>,
     config: BufferConfig,
@@ -98,6 +101,7 @@ impl Buffer {
         let (sender, receiver) = mpsc::channel(config.max_events);
         let buffer = Self {
             sender: RwLock::new(Some(sender)),
+            pending: Arc::new(PendingTracker::default()),
             event_slots: Arc::new(Semaphore::new(config.max_events)),
             byte_slots: Arc::new(Semaphore::new(config.max_bytes)),
             config: config.clone(),
@@ -138,6 +142,7 @@ impl Buffer {
         let (ack, ack_receiver) = oneshot::channel();
         let envelope = Envelope {
             events,
+            _pending: self.pending.track(),
             bytes,
             admitted_at: Instant::now(),
             ack,
@@ -148,6 +153,15 @@ impl Buffer {
         let sender = guard.as_ref().ok_or(AdmitError::Closed)?;
         sender.try_send(envelope).map_err(|_| AdmitError::Closed)?;
         Ok(ack_receiver)
+    }
+
+    /// Waits until every envelope admitted before this call has been written (or abandoned),
+    /// at most `timeout`. Returns false on timeout.
+    pub async fn wait_for_admitted(&self, timeout: Duration) -> bool {
+        let barrier = self.pending.last_admitted();
+        tokio::time::timeout(timeout, self.pending.wait_until_done(barrier))
+            .await
+            .is_ok()
     }
 
     /// Refuses further admissions. Writers drain what is queued, then stop.
@@ -191,6 +205,79 @@ impl Buffer {
             return UNKNOWN_RATE_RETRY;
         }
         Duration::from_secs_f64((backlog / rate).clamp(0.1, 10.0))
+    }
+}
+
+/// Sequence numbers of envelopes admitted and not yet dropped by a writer.
+#[derive(Debug, Default)]
+struct PendingTracker {
+    state: Mutex<PendingState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct PendingState {
+    next: u64,
+    pending: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+struct PendingGuard {
+    sequence: u64,
+    tracker: Arc<PendingTracker>,
+}
+
+impl PendingTracker {
+    fn track(self: &Arc<Self>) -> PendingGuard {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sequence = state.next;
+        state.next += 1;
+        state.pending.insert(sequence);
+        PendingGuard {
+            sequence,
+            tracker: self.clone(),
+        }
+    }
+
+    fn last_admitted(&self) -> Option<u64> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.next.checked_sub(1)
+    }
+
+    async fn wait_until_done(&self, barrier: Option<u64>) {
+        let Some(barrier) = barrier else { return };
+        loop {
+            let changed = self.changed.notified();
+            {
+                let state = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if state.pending.first().is_none_or(|oldest| *oldest > barrier) {
+                    return;
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut state = self
+            .tracker
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.pending.remove(&self.sequence);
+        drop(state);
+        self.tracker.changed.notify_waiters();
     }
 }
 
@@ -326,6 +413,31 @@ mod tests {
         assert!(
             delay >= Duration::from_millis(100) && delay < Duration::from_secs(1),
             "{delay:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_for_admitted_envelopes_ends_when_earlier_ones_are_written() {
+        let (buffer, receiver) = Buffer::new(&config(100));
+        assert!(
+            buffer.wait_for_admitted(Duration::from_millis(10)).await,
+            "nothing pending"
+        );
+        let _ack = buffer.admit(events(1)).await.expect("fits");
+        assert!(
+            !buffer.wait_for_admitted(Duration::from_millis(50)).await,
+            "still queued"
+        );
+        let envelope = receiver.lock().await.recv().await.expect("queued");
+        let waiter = {
+            let buffer = buffer.clone();
+            tokio::spawn(async move { buffer.wait_for_admitted(Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(envelope);
+        assert!(
+            waiter.await.expect("waiter"),
+            "done once the envelope is written"
         );
     }
 

@@ -68,7 +68,7 @@ impl<'a> Validator<'a> {
         let metadata = match event
             .metadata
             .as_ref()
-            .map(|fields| self.struct_to_json(fields, 1))
+            .map(|fields| struct_to_json(fields, self.limits.max_metadata_depth))
             .transpose()
         {
             Ok(metadata) => metadata.unwrap_or_default(),
@@ -128,52 +128,88 @@ impl<'a> Validator<'a> {
         }
         Ok(parsed)
     }
+}
 
-    fn struct_to_json(
-        &self,
-        fields: &Struct,
-        depth: usize,
-    ) -> Result<Map<String, Json>, (&'static str, String)> {
-        if depth > self.limits.max_metadata_depth {
-            let reason = format!(
-                "metadata is nested deeper than {} levels",
-                self.limits.max_metadata_depth
-            );
-            return Err(("metadata_too_deep", reason));
+/// Converts a protobuf Struct to a JSON object, refusing nesting deeper than `max_depth` (the
+/// top-level object is depth 1) and non-finite numbers.
+pub fn struct_to_json(
+    fields: &Struct,
+    max_depth: usize,
+) -> Result<Map<String, Json>, (&'static str, String)> {
+    object_to_json(fields, 1, max_depth)
+}
+
+fn too_deep(max_depth: usize) -> (&'static str, String) {
+    (
+        "metadata_too_deep",
+        format!("metadata is nested deeper than {max_depth} levels"),
+    )
+}
+
+fn object_to_json(
+    fields: &Struct,
+    depth: usize,
+    max_depth: usize,
+) -> Result<Map<String, Json>, (&'static str, String)> {
+    if depth > max_depth {
+        return Err(too_deep(max_depth));
+    }
+    fields
+        .fields
+        .iter()
+        .map(|(key, value)| Ok((key.clone(), value_to_json(value, depth, max_depth)?)))
+        .collect()
+}
+
+fn value_to_json(
+    value: &Value,
+    depth: usize,
+    max_depth: usize,
+) -> Result<Json, (&'static str, String)> {
+    Ok(match &value.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(flag)) => Json::Bool(*flag),
+        Some(Kind::StringValue(text)) => Json::String(text.clone()),
+        Some(Kind::NumberValue(number)) => Json::Number(json_number(*number)?),
+        Some(Kind::StructValue(nested)) => {
+            Json::Object(object_to_json(nested, depth + 1, max_depth)?)
         }
-        fields
-            .fields
-            .iter()
-            .map(|(key, value)| Ok((key.clone(), self.value_to_json(value, depth)?)))
-            .collect()
-    }
+        Some(Kind::ListValue(list)) => {
+            if depth + 1 > max_depth {
+                return Err(too_deep(max_depth));
+            }
+            let items: Result<Vec<Json>, _> = list
+                .values
+                .iter()
+                .map(|item| value_to_json(item, depth + 1, max_depth))
+                .collect();
+            Json::Array(items?)
+        }
+    })
+}
 
-    fn value_to_json(&self, value: &Value, depth: usize) -> Result<Json, (&'static str, String)> {
-        Ok(match &value.kind {
-            None | Some(Kind::NullValue(_)) => Json::Null,
-            Some(Kind::BoolValue(flag)) => Json::Bool(*flag),
-            Some(Kind::StringValue(text)) => Json::String(text.clone()),
-            Some(Kind::NumberValue(number)) => Json::Number(json_number(*number)?),
-            Some(Kind::StructValue(nested)) => {
-                Json::Object(self.struct_to_json(nested, depth + 1)?)
-            }
-            Some(Kind::ListValue(list)) => {
-                if depth + 1 > self.limits.max_metadata_depth {
-                    let reason = format!(
-                        "metadata is nested deeper than {} levels",
-                        self.limits.max_metadata_depth
-                    );
-                    return Err(("metadata_too_deep", reason));
-                }
-                let items: Result<Vec<Json>, _> = list
-                    .values
-                    .iter()
-                    .map(|item| self.value_to_json(item, depth + 1))
-                    .collect();
-                Json::Array(items?)
-            }
-        })
+/// Converts a JSON object back to a protobuf Struct (for events read from storage).
+pub fn json_to_struct(object: Map<String, Json>) -> Struct {
+    Struct {
+        fields: object
+            .into_iter()
+            .map(|(key, value)| (key, json_to_value(value)))
+            .collect(),
     }
+}
+
+fn json_to_value(value: Json) -> Value {
+    let kind = match value {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(flag) => Kind::BoolValue(flag),
+        Json::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or_default()),
+        Json::String(text) => Kind::StringValue(text),
+        Json::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(json_to_value).collect(),
+        }),
+        Json::Object(object) => Kind::StructValue(json_to_struct(object)),
+    };
+    Value { kind: Some(kind) }
 }
 
 /// Whole numbers within f64's exact integer range are stored as JSON integers.
@@ -188,7 +224,8 @@ fn json_number(number: f64) -> Result<Number, (&'static str, String)> {
     ))
 }
 
-fn check_service(service: &str) -> Result<(), String> {
+/// Checks a service name against `^[a-z0-9][a-z0-9._-]{0,63}$`.
+pub fn check_service(service: &str) -> Result<(), String> {
     if service.is_empty() {
         return Err("service is required".to_owned());
     }

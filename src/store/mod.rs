@@ -34,6 +34,8 @@ pub enum StoreError {
 /// The database sluice writes to, and the private cluster behind it when there is one.
 pub struct Store {
     pub pool: PgPool,
+    /// Where reads go: the read replica when configured, else `pool`.
+    pub read_pool: PgPool,
     pub embedded: Option<EmbeddedPostgres>,
 }
 
@@ -70,7 +72,26 @@ impl Store {
             .await
             .map_err(StoreError::Connect)?;
         MIGRATOR.run(&pool).await?;
-        let store = Self { pool, embedded };
+        let read_pool = match &config.database.read_url {
+            Some(url) => {
+                let options = PgConnectOptions::from_str(url)
+                    .map_err(StoreError::Url)?
+                    .application_name("sluice-read");
+                tracing::info!("reads go to the read replica");
+                PgPoolOptions::new()
+                    .max_connections(config.database.extra_connections.max(1))
+                    .acquire_timeout(config.database.connect_timeout)
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::Connect)?
+            }
+            None => pool.clone(),
+        };
+        let store = Self {
+            pool,
+            read_pool,
+            embedded,
+        };
         store.ensure_partitions(config.validation.retention).await?;
         Ok(store)
     }
@@ -89,18 +110,12 @@ impl Store {
         matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
     }
 
-    /// Closes the pool and stops the private cluster, if any.
-    pub async fn close(self) {
+    /// Closes the pools and stops the private cluster, if any.
+    pub async fn close(&self) {
+        self.read_pool.close().await;
         self.pool.close().await;
-        if let Some(cluster) = self.embedded
-            && let Err(error) = tokio::task::spawn_blocking(move || cluster.stop())
-                .await
-                .unwrap_or_else(|join| {
-                    Err(embedded::EmbeddedError::Command {
-                        command: "pg_ctl".to_owned(),
-                        detail: join.to_string(),
-                    })
-                })
+        if let Some(cluster) = &self.embedded
+            && let Err(error) = tokio::task::block_in_place(|| cluster.stop())
         {
             tracing::error!(%error, "cannot stop private PostgreSQL cluster");
         }

@@ -45,6 +45,7 @@ pub async fn run(
         }
         spool.seal_active();
         while let Some((sequence, path)) = spool.oldest_sealed() {
+            let _exclusive = spool.maintenance.lock().await;
             match replay_segment(&pool, &breaker, &path).await {
                 Ok(events) => {
                     if let Err(error) = spool.remove(sequence) {

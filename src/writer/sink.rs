@@ -9,11 +9,12 @@
 //! - A missing partition is created, then the batch is retried.
 //! - Anything else (connection lost, database down) is returned as transient: the caller retries.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use bytes::BytesMut;
+use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::copy;
@@ -99,11 +100,45 @@ pub async fn write_batch(
 
 async fn copy_fast(pool: &PgPool, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
     let payload = encode(events);
-    let mut connection = pool.acquire().await?;
+    let mut transaction = pool.begin().await?;
     let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
-    let mut copy_in = connection.copy_in_raw(&statement).await?;
+    let mut copy_in = transaction.copy_in_raw(&statement).await?;
     copy_in.send(payload.freeze()).await?;
     copy_in.finish().await?;
+    add_to_rollup(&mut transaction, events.iter().copied()).await?;
+    transaction.commit().await
+}
+
+/// Adds stored events to the per-service hourly counts, in the caller's transaction. Keys are
+/// upserted in sorted order so that concurrent writers lock rows in the same order.
+async fn add_to_rollup<'a>(
+    connection: &mut PgConnection,
+    stored: impl Iterator<Item = &'a ValidEvent>,
+) -> Result<(), sqlx::Error> {
+    let mut counts: BTreeMap<(&str, i64), i64> = BTreeMap::new();
+    for event in stored {
+        let hour = event.timestamp.timestamp().div_euclid(3600) * 3600;
+        *counts.entry((event.service.as_str(), hour)).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let services: Vec<&str> = counts.keys().map(|(service, _)| *service).collect();
+    let hours: Vec<DateTime<Utc>> = counts
+        .keys()
+        .map(|(_, hour)| DateTime::from_timestamp(*hour, 0).unwrap_or_default())
+        .collect();
+    let totals: Vec<i64> = counts.values().copied().collect();
+    sqlx::query(
+        "INSERT INTO event_counts (service, hour, events) \
+         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) \
+         ON CONFLICT (service, hour) DO UPDATE SET events = event_counts.events + excluded.events",
+    )
+    .bind(services)
+    .bind(hours)
+    .bind(totals)
+    .execute(connection)
+    .await?;
     Ok(())
 }
 
@@ -164,9 +199,8 @@ async fn insert_deduplicated(
     )))
     .fetch_all(&mut *transaction)
     .await?;
-    transaction.commit().await?;
     let mut newly_stored: HashSet<Uuid> = inserted.into_iter().collect();
-    Ok(events
+    let outcomes: Vec<EventOutcome> = events
         .iter()
         .map(|event| {
             if newly_stored.remove(&event.id) {
@@ -175,7 +209,14 @@ async fn insert_deduplicated(
                 EventOutcome::Duplicate
             }
         })
-        .collect())
+        .collect();
+    let stored = events
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| **outcome == EventOutcome::Stored);
+    add_to_rollup(&mut transaction, stored.map(|(event, _)| *event)).await?;
+    transaction.commit().await?;
+    Ok(outcomes)
 }
 
 async fn dead_letter(

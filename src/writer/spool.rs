@@ -61,6 +61,8 @@ struct State {
 }
 
 pub struct Spool {
+    /// Held while a segment is replayed or rewritten, so the two never overlap.
+    pub maintenance: tokio::sync::Mutex<()>,
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
@@ -118,6 +120,7 @@ impl Spool {
         };
         Ok((
             Self {
+                maintenance: tokio::sync::Mutex::new(()),
                 dir: dir.to_owned(),
                 max_bytes,
                 segment_bytes,
@@ -163,10 +166,7 @@ impl Spool {
                 active
             }
         };
-        let mut record = Vec::with_capacity(record_bytes as usize);
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-        record.extend_from_slice(&payload);
+        let record = encode_record(&payload);
         let written = active
             .file
             .write_all(&record)
@@ -212,6 +212,75 @@ impl Spool {
         Ok(())
     }
 
+    /// Removes every spooled event matching `doomed` (right to be forgotten): seals the active
+    /// segment, then rewrites each sealed segment that holds such events, atomically (write a
+    /// new file, fsync, rename over). Returns how many events were removed, or, with `dry_run`,
+    /// how many would be. Blocking; hold `maintenance` around it.
+    pub fn purge(
+        &self,
+        doomed: impl Fn(&ValidEvent) -> bool,
+        dry_run: bool,
+    ) -> Result<u64, SpoolError> {
+        if !dry_run {
+            self.seal_active();
+        }
+        let sequences: Vec<u64> = {
+            let state = self.lock();
+            state
+                .sealed
+                .keys()
+                .copied()
+                .chain(state.active.as_ref().map(|active| active.sequence))
+                .collect()
+        };
+        let mut removed = 0;
+        for sequence in sequences {
+            let path = self.segment_path(sequence);
+            let mut reader = SegmentReader::open(&path)?;
+            let mut kept_batches = Vec::new();
+            let mut removed_here = 0;
+            while let Some(batch) = reader.next_batch()? {
+                let before = batch.len();
+                let kept: Vec<ValidEvent> =
+                    batch.into_iter().filter(|event| !doomed(event)).collect();
+                removed_here += (before - kept.len()) as u64;
+                if !kept.is_empty() {
+                    kept_batches.push(kept);
+                }
+            }
+            removed += removed_here;
+            if dry_run || removed_here == 0 {
+                continue;
+            }
+            let new_bytes = self.rewrite_segment(&path, &kept_batches)?;
+            let mut state = self.lock();
+            if let Some(bytes) = state.sealed.get_mut(&sequence) {
+                let old_bytes = std::mem::replace(bytes, new_bytes);
+                state.total_bytes = state.total_bytes - old_bytes + new_bytes;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn rewrite_segment(&self, path: &Path, batches: &[Vec<ValidEvent>]) -> Result<u64, SpoolError> {
+        let temporary = path.with_extension("rewrite");
+        let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
+        let mut bytes = MAGIC.len() as u64;
+        file.write_all(MAGIC).map_err(io_error(&temporary))?;
+        for batch in batches {
+            let payload = Self::encode(&batch.iter().collect::<Vec<_>>())?;
+            let record = encode_record(&payload);
+            file.write_all(&record).map_err(io_error(&temporary))?;
+            bytes += record.len() as u64;
+        }
+        file.sync_all().map_err(io_error(&temporary))?;
+        fs::rename(&temporary, path).map_err(io_error(path))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error(&self.dir))?;
+        Ok(bytes)
+    }
+
     /// Bytes on disk, active segment included.
     pub fn bytes(&self) -> u64 {
         self.lock().total_bytes
@@ -254,6 +323,15 @@ impl Spool {
             bytes: MAGIC.len() as u64,
         })
     }
+}
+
+/// A record: payload length, CRC32C of the payload, payload.
+fn encode_record(payload: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(RECORD_HEADER + payload.len());
+    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    record.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    record.extend_from_slice(payload);
+    record
 }
 
 fn seal(state: &mut State) {
@@ -465,6 +543,26 @@ mod tests {
         let (spool, recovery) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("reopen");
         assert_eq!(recovery.records, 1);
         assert_eq!(read_all(&spool), kept);
+    }
+
+    #[test]
+    fn purge_removes_only_matching_events_and_dry_run_only_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) = Spool::open(dir.path(), 1 << 20, 1 << 20).expect("open");
+        let mut mixed = batch(6);
+        for event in mixed.iter_mut().step_by(2) {
+            event.user_id = Some("forget-me".to_owned());
+        }
+        spool
+            .append(&mixed.iter().collect::<Vec<_>>())
+            .expect("append");
+        let doomed = |event: &ValidEvent| event.user_id.as_deref() == Some("forget-me");
+        assert_eq!(spool.purge(doomed, true).expect("dry run"), 3);
+        assert_eq!(spool.purge(doomed, false).expect("purge"), 3);
+        assert_eq!(spool.purge(doomed, true).expect("dry run"), 0);
+        let kept = read_all(&spool);
+        assert_eq!(kept.len(), 3);
+        assert!(kept.iter().all(|event| !doomed(event)));
     }
 
     #[test]

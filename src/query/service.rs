@@ -1,0 +1,484 @@
+//! The QueryService handlers.
+
+use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use futures::{Stream, TryStreamExt};
+use sqlx::{PgPool, Postgres, QueryBuilder};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{
+    QueryError,
+    filter::{Cursor, DEFAULT_PAGE, Filter, MAX_PAGE},
+};
+use crate::{
+    buffer::Buffer,
+    config::Config,
+    ingest::validate::json_to_struct,
+    metrics,
+    proto::{
+        BufferStats, DeleteRequest, DeleteResponse, Event, ExportChunk, ExportRequest, HourCount,
+        IngestCounters, Order, QueryRequest, QueryResponse, ServiceCount, StatsRequest,
+        StatsResponse, WriterStats, query_service_server::QueryService,
+    },
+    store::Store,
+    writer::{breaker::Breaker, spool::Spool},
+};
+
+/// Target size of one export chunk.
+const EXPORT_CHUNK_BYTES: usize = 256 * 1024;
+/// Export chunks produced ahead of the client.
+const EXPORT_QUEUE: usize = 4;
+/// Rows deleted per transaction, so large deletes never hold long locks.
+const DELETE_BATCH: i64 = 5_000;
+/// How long Delete waits for events accepted before it to be written.
+const DELETE_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_TOP_N: usize = 10;
+const DEFAULT_TREND_HOURS: i64 = 24;
+const MAX_TREND_HOURS: i64 = 48;
+
+#[derive(Clone)]
+pub struct QueryHandler {
+    store: Arc<Store>,
+    buffer: Arc<Buffer>,
+    breaker: Arc<Breaker>,
+    spool: Option<Arc<Spool>>,
+    config: Arc<Config>,
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: Uuid,
+    service: String,
+    message: String,
+    ts: DateTime<Utc>,
+    ingested_at: DateTime<Utc>,
+    user_id: Option<String>,
+    metadata: sqlx::types::Json<serde_json::Value>,
+}
+
+fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+impl From<EventRow> for Event {
+    fn from(row: EventRow) -> Self {
+        let metadata = match row.metadata.0 {
+            serde_json::Value::Object(object) => Some(json_to_struct(object)),
+            _ => None,
+        };
+        Event {
+            id: row.id.to_string(),
+            service: row.service,
+            message: row.message,
+            timestamp: Some(timestamp(row.ts)),
+            user_id: row.user_id.unwrap_or_default(),
+            metadata,
+            ingested_at: Some(timestamp(row.ingested_at)),
+        }
+    }
+}
+
+impl QueryHandler {
+    pub fn new(
+        store: Arc<Store>,
+        buffer: Arc<Buffer>,
+        breaker: Arc<Breaker>,
+        spool: Option<Arc<Spool>>,
+        config: Arc<Config>,
+    ) -> Self {
+        Self {
+            store,
+            buffer,
+            breaker,
+            spool,
+            config,
+        }
+    }
+
+    async fn query_page(&self, request: QueryRequest) -> Result<QueryResponse, QueryError> {
+        let filter = Filter::from_query(&request)?;
+        let oldest_first = request.order == Order::OldestFirst as i32;
+        let limit = match request.limit {
+            0 => DEFAULT_PAGE,
+            limit if limit > MAX_PAGE => {
+                return Err(QueryError::invalid(
+                    "limit",
+                    format!("at most {MAX_PAGE} events per page"),
+                ));
+            }
+            limit => limit,
+        };
+        let cursor = (!request.page_token.is_empty())
+            .then(|| Cursor::decode(&request.page_token, &filter, oldest_first))
+            .transpose()?;
+        let mut builder = QueryBuilder::<Postgres>::new(
+            "SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events",
+        );
+        filter.push_where(&mut builder);
+        let (comparison, direction) = if oldest_first {
+            (">", "ASC")
+        } else {
+            ("<", "DESC")
+        };
+        if let Some(cursor) = cursor {
+            builder
+                .push(format_args!(" AND (ts, id) {comparison} ("))
+                .push_bind(cursor.ts);
+            builder.push(", ").push_bind(cursor.id).push(")");
+        }
+        builder
+            .push(format_args!(
+                " ORDER BY ts {direction}, id {direction} LIMIT "
+            ))
+            .push_bind(i64::from(limit) + 1);
+        let mut rows: Vec<EventRow> = builder
+            .build_query_as()
+            .fetch_all(&self.store.read_pool)
+            .await?;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last()
+                .map(|last| {
+                    Cursor {
+                        ts: last.ts,
+                        id: last.id,
+                    }
+                    .encode(&filter, oldest_first)
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(QueryResponse {
+            events: rows.into_iter().map(Event::from).collect(),
+            next_page_token,
+        })
+    }
+
+    async fn delete_matching(&self, request: DeleteRequest) -> Result<DeleteResponse, QueryError> {
+        let filter = Filter::from_delete(&request)?;
+        let dry_run = request.dry_run;
+        // Events accepted before this call must be covered: wait until they are written to
+        // PostgreSQL or the spool.
+        if !self.buffer.wait_for_admitted(DELETE_BARRIER_TIMEOUT).await {
+            return Err(QueryError::Busy {
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        let spooled_deleted = match &self.spool {
+            Some(spool) => {
+                let _exclusive = spool.maintenance.lock().await;
+                let spool = spool.clone();
+                let doomed = filter.clone();
+                tokio::task::spawn_blocking(move || {
+                    spool.purge(|event| doomed.matches_for_delete(event), dry_run)
+                })
+                .await
+                .map_err(|join| {
+                    QueryError::Spool(crate::writer::spool::SpoolError::Io {
+                        path: "spool".into(),
+                        source: std::io::Error::other(join),
+                    })
+                })??
+            }
+            None => 0,
+        };
+        let pool = &self.store.pool;
+        let deleted = if dry_run {
+            count_events(pool, &filter).await?
+        } else {
+            delete_events(pool, &filter).await?
+        };
+        let dead_letters_deleted = delete_dead_letters(pool, &filter, dry_run).await?;
+        tracing::info!(
+            target: "audit",
+            dry_run,
+            by_user = filter.user_id.is_some(),
+            services = ?filter.services,
+            deleted,
+            dead_letters_deleted,
+            spooled_deleted,
+            "delete request served"
+        );
+        Ok(DeleteResponse {
+            deleted,
+            dead_letters_deleted,
+            spooled_deleted,
+            dry_run,
+        })
+    }
+
+    async fn stats(&self, request: StatsRequest) -> Result<StatsResponse, QueryError> {
+        let top_n = if request.top_n == 0 {
+            DEFAULT_TOP_N
+        } else {
+            request.top_n as usize
+        };
+        let trend_hours = match i64::from(request.trend_hours) {
+            0 => DEFAULT_TREND_HOURS,
+            hours => hours.min(MAX_TREND_HOURS),
+        };
+        let now = Utc::now();
+        let this_hour = now.duration_trunc(TimeDelta::hours(1)).unwrap_or(now);
+        let day_start = this_hour - TimeDelta::hours(23);
+        let trend_start = this_hour - TimeDelta::hours(trend_hours - 1);
+        let pool = &self.store.read_pool;
+        let per_service: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT service, sum(events)::bigint, coalesce(sum(events) FILTER (WHERE hour >= $1), 0)::bigint \
+             FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1",
+        )
+        .bind(day_start)
+        .fetch_all(pool)
+        .await?;
+        let hourly: BTreeMap<DateTime<Utc>, i64> = sqlx::query_as::<_, (DateTime<Utc>, i64)>(
+            "SELECT hour, sum(events)::bigint FROM event_counts WHERE hour >= $1 GROUP BY hour",
+        )
+        .bind(trend_start)
+        .fetch_all(pool)
+        .await?
+        .into_iter()
+        .collect();
+        let services: Vec<ServiceCount> = per_service
+            .into_iter()
+            .map(|(service, total, last_24h)| ServiceCount {
+                service,
+                total: total as u64,
+                last_24h: last_24h as u64,
+            })
+            .collect();
+        let mut top_services = services.clone();
+        top_services.sort_by(|left, right| {
+            right
+                .last_24h
+                .cmp(&left.last_24h)
+                .then(left.service.cmp(&right.service))
+        });
+        top_services.truncate(top_n);
+        let hourly = (0..trend_hours)
+            .map(|offset| {
+                let hour = trend_start + TimeDelta::hours(offset);
+                HourCount {
+                    hour: Some(timestamp(hour)),
+                    events: hourly.get(&hour).copied().unwrap_or(0) as u64,
+                }
+            })
+            .collect();
+        let usage = self.buffer.usage();
+        let totals = metrics::ingest_totals();
+        Ok(StatsResponse {
+            total_events: services.iter().map(|service| service.total).sum(),
+            services,
+            hourly,
+            top_services,
+            buffer: Some(BufferStats {
+                events: usage.events as u64,
+                bytes: usage.bytes as u64,
+                max_events: usage.max_events as u64,
+                max_bytes: usage.max_bytes as u64,
+            }),
+            writer: Some(WriterStats {
+                workers: self.config.writer.workers as u32,
+                circuit: self.breaker.state().as_str().to_owned(),
+                database_up: self.store.is_reachable(Duration::from_millis(500)).await,
+                spool_bytes: self.spool.as_ref().map_or(0, |spool| spool.bytes()),
+            }),
+            ingest: Some(IngestCounters {
+                received: totals.received,
+                stored: totals.stored,
+                duplicates: totals.duplicates,
+                rejected: totals.rejected.values().sum(),
+                rejected_by_reason: totals
+                    .rejected
+                    .iter()
+                    .map(|(reason, count)| ((*reason).to_owned(), *count))
+                    .collect(),
+                refused: totals.refused.values().sum(),
+                refused_by_reason: totals
+                    .refused
+                    .iter()
+                    .map(|(reason, count)| ((*reason).to_owned(), *count))
+                    .collect(),
+                spooled: totals.spooled,
+            }),
+        })
+    }
+}
+
+async fn count_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError> {
+    let mut builder = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
+    filter.push_where(&mut builder);
+    let count: i64 = builder.build_query_scalar().fetch_one(pool).await?;
+    Ok(count as u64)
+}
+
+/// Deletes in batches of `DELETE_BATCH` rows, each in its own transaction, keeping the rollup
+/// in step. Retries a batch that lost a deadlock against a writer.
+async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError> {
+    let mut deleted = 0u64;
+    loop {
+        let mut builder =
+            QueryBuilder::<Postgres>::new("WITH doomed AS (SELECT id, ts FROM events");
+        filter.push_where(&mut builder);
+        builder.push(" LIMIT ").push_bind(DELETE_BATCH);
+        builder.push(
+            "), removed AS (DELETE FROM events e USING doomed d WHERE e.id = d.id AND e.ts = d.ts \
+             RETURNING e.service, date_trunc('hour', e.ts, 'UTC') AS hour), \
+             counts AS (SELECT service, hour, count(*) AS n FROM removed GROUP BY service, hour), \
+             rollup AS (UPDATE event_counts c SET events = c.events - counts.n FROM counts \
+             WHERE c.service = counts.service AND c.hour = counts.hour) \
+             SELECT count(*) FROM removed",
+        );
+        let batch: i64 = match builder.build_query_scalar().fetch_one(pool).await {
+            Ok(batch) => batch,
+            Err(error)
+                if error
+                    .as_database_error()
+                    .and_then(|database| database.code())
+                    .as_deref()
+                    == Some("40P01") =>
+            {
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        deleted += batch as u64;
+        if batch < DELETE_BATCH {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// Dead letters match by user and service (they keep no event time column of their own).
+async fn delete_dead_letters(
+    pool: &PgPool,
+    filter: &Filter,
+    dry_run: bool,
+) -> Result<u64, QueryError> {
+    let mut builder = QueryBuilder::<Postgres>::new(if dry_run {
+        "SELECT count(*) FROM dead_letters"
+    } else {
+        "WITH removed AS (DELETE FROM dead_letters"
+    });
+    builder.push(" WHERE TRUE");
+    if let Some(user_id) = &filter.user_id {
+        builder.push(" AND user_id = ").push_bind(user_id.clone());
+    }
+    if !filter.services.is_empty() {
+        builder
+            .push(" AND service = ANY(")
+            .push_bind(filter.services.clone())
+            .push(")");
+    }
+    if !dry_run {
+        builder.push(" RETURNING 1) SELECT count(*) FROM removed");
+    }
+    let count: i64 = builder.build_query_scalar().fetch_one(pool).await?;
+    Ok(count as u64)
+}
+
+/// Streams the export from one REPEATABLE READ snapshot: the count first, then NDJSON lines
+/// built by PostgreSQL, fetched row by row (memory stays flat), in chunks of ~256 KiB.
+async fn export(
+    pool: PgPool,
+    filter: Filter,
+    chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
+) -> Result<(), QueryError> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *transaction)
+        .await?;
+    sqlx::query("SET LOCAL TimeZone = 'UTC'")
+        .execute(&mut *transaction)
+        .await?;
+    let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
+    filter.push_where(&mut count);
+    let total: i64 = count
+        .build_query_scalar()
+        .fetch_one(&mut *transaction)
+        .await?;
+    let first = ExportChunk {
+        total_events: total as u64,
+        last: total == 0,
+        ..ExportChunk::default()
+    };
+    if chunks.send(Ok(first)).await.is_err() || total == 0 {
+        return Ok(());
+    }
+    let mut lines = QueryBuilder::<Postgres>::new(
+        "SELECT json_build_object('id', id, 'service', service, 'message', message, 'timestamp', ts, \
+         'ingested_at', ingested_at, 'user_id', user_id, 'metadata', metadata)::text FROM events",
+    );
+    filter.push_where(&mut lines);
+    lines.push(" ORDER BY ts, id");
+    let mut rows = lines
+        .build_query_scalar::<String>()
+        .fetch(&mut *transaction);
+    let mut chunk = ExportChunk::default();
+    while let Some(line) = rows.try_next().await? {
+        chunk.ndjson.extend_from_slice(line.as_bytes());
+        chunk.ndjson.push(b'\n');
+        chunk.events += 1;
+        if chunk.ndjson.len() >= EXPORT_CHUNK_BYTES
+            && chunks.send(Ok(std::mem::take(&mut chunk))).await.is_err()
+        {
+            return Ok(());
+        }
+    }
+    drop(rows);
+    chunk.last = true;
+    let _ = chunks.send(Ok(chunk)).await;
+    transaction.commit().await?;
+    Ok(())
+}
+
+type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl QueryService for QueryHandler {
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<QueryResponse>, Status> {
+        Ok(Response::new(self.query_page(request.into_inner()).await?))
+    }
+
+    type ExportStream = ExportStream;
+
+    async fn export(
+        &self,
+        request: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let filter = Filter::from_export(request.into_inner())?;
+        let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
+        let pool = self.store.read_pool.clone();
+        tokio::spawn(async move {
+            if let Err(error) = export(pool, filter, &chunks).await {
+                let _ = chunks.send(Err(error.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        Ok(Response::new(
+            self.delete_matching(request.into_inner()).await?,
+        ))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        Ok(Response::new(self.stats(request.into_inner()).await?))
+    }
+}

@@ -1,0 +1,739 @@
+//! The read side against the real server: Query filters and pagination, Export, Delete
+//! (right to be forgotten) and Stats.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
+
+use chrono::{TimeDelta, Utc};
+use common::{ServerSpec, TestDatabase, TestServer, event};
+use prost_types::{Struct, Value, value::Kind};
+use sluice::proto::{
+    DeleteRequest, Event, ExportRequest, IngestRequest, Order, QueryRequest, StatsRequest,
+    ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
+};
+use tokio_stream::StreamExt;
+use tonic::{Code, transport::Channel};
+
+fn at(age: TimeDelta) -> Option<prost_types::Timestamp> {
+    let moment = Utc::now() - age;
+    Some(prost_types::Timestamp {
+        seconds: moment.timestamp(),
+        nanos: moment.timestamp_subsec_nanos() as i32,
+    })
+}
+
+fn text(value: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(value.to_owned())),
+    }
+}
+
+fn object(fields: &[(&str, Value)]) -> Struct {
+    Struct {
+        fields: fields
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), value.clone()))
+            .collect(),
+    }
+}
+
+fn nested(value: Struct) -> Value {
+    Value {
+        kind: Some(Kind::StructValue(value)),
+    }
+}
+
+async fn publish(client: &mut IngestServiceClient<Channel>, events: Vec<Event>) {
+    for chunk in events.chunks(1000) {
+        let response = client
+            .publish(IngestRequest {
+                events: chunk.to_vec(),
+                sequence: 0,
+            })
+            .await
+            .expect("publish");
+        assert_eq!(response.into_inner().rejected, 0);
+    }
+}
+
+async fn query_all(client: &mut QueryServiceClient<Channel>, request: QueryRequest) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .query(QueryRequest {
+                page_token,
+                ..request.clone()
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return events;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+fn messages(events: &[Event]) -> Vec<String> {
+    let mut messages: Vec<String> = events.iter().map(|event| event.message.clone()).collect();
+    messages.sort();
+    messages
+}
+
+/// A mixed data set: services, users, nested metadata, spread over the last 40 hours.
+fn fixture() -> Vec<Event> {
+    let mut events = Vec::new();
+    for index in 0..60usize {
+        let service = ["checkout", "billing", "search"][index % 3];
+        let user = format!("user-{}", index % 4);
+        let region = ["eu", "us"][index % 2];
+        let metadata = object(&[
+            ("region", text(region)),
+            (
+                "http",
+                nested(object(&[(
+                    "status",
+                    text(if index % 5 == 0 { "500" } else { "200" }),
+                )])),
+            ),
+        ]);
+        events.push(Event {
+            service: service.to_owned(),
+            message: format!(
+                "{service} event {index:02} {}",
+                if index % 7 == 0 { "timeout" } else { "ok" }
+            ),
+            timestamp: at(TimeDelta::minutes(40 * index as i64)),
+            user_id: user,
+            metadata: Some(metadata),
+            ..event("x", "x")
+        });
+    }
+    events
+}
+
+async fn start() -> (
+    TestDatabase,
+    TestServer,
+    IngestServiceClient<Channel>,
+    QueryServiceClient<Channel>,
+) {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let ingest = server.ingest_client().await;
+    let query = QueryServiceClient::new(server.channel().await);
+    (database, server, ingest, query)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_filter_and_their_combinations_select_exactly_the_matching_events() {
+    let (_database, _server, mut ingest, mut query) = start().await;
+    let all = fixture();
+    publish(&mut ingest, all.clone()).await;
+    let expect = |predicate: &dyn Fn(usize, &Event) -> bool| -> Vec<String> {
+        let chosen: Vec<Event> = all
+            .iter()
+            .enumerate()
+            .filter(|(index, event)| predicate(*index, event))
+            .map(|(_, event)| event.clone())
+            .collect();
+        messages(&chosen)
+    };
+
+    let by_service = query_all(
+        &mut query,
+        QueryRequest {
+            services: vec!["billing".to_owned()],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        messages(&by_service),
+        expect(&|_, event| event.service == "billing")
+    );
+
+    let two_services = QueryRequest {
+        services: vec!["billing".to_owned(), "search".to_owned()],
+        ..Default::default()
+    };
+    assert_eq!(
+        messages(&query_all(&mut query, two_services).await),
+        expect(&|_, event| event.service != "checkout")
+    );
+
+    let by_user = query_all(
+        &mut query,
+        QueryRequest {
+            user_id: "user-1".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        messages(&by_user),
+        expect(&|_, event| event.user_id == "user-1")
+    );
+    assert!(
+        by_user
+            .iter()
+            .all(|event| event.ingested_at.is_some() && event.metadata.is_some())
+    );
+
+    let window = QueryRequest {
+        start_time: at(TimeDelta::hours(10)),
+        end_time: at(TimeDelta::hours(5)),
+        ..Default::default()
+    };
+    let in_window = query_all(&mut query, window).await;
+    // Events are 40 minutes apart starting now: ages 5h20 … 9h20 fall in [now-10h, now-5h).
+    assert_eq!(
+        messages(&in_window),
+        expect(&|index, _| (8..=14).contains(&index))
+    );
+
+    let timeouts = QueryRequest {
+        message_contains: "timeout".to_owned(),
+        ..Default::default()
+    };
+    assert_eq!(
+        messages(&query_all(&mut query, timeouts).await),
+        expect(&|index, _| index % 7 == 0)
+    );
+
+    let combined = QueryRequest {
+        services: vec!["checkout".to_owned()],
+        user_id: "user-0".to_owned(),
+        metadata_contains: Some(object(&[("region", text("eu"))])),
+        ..Default::default()
+    };
+    assert_eq!(
+        messages(&query_all(&mut query, combined).await),
+        expect(&|index, event| event.service == "checkout" && index % 4 == 0 && index % 2 == 0)
+    );
+
+    // Newest first by default, oldest first on request.
+    let newest = query
+        .query(QueryRequest {
+            limit: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(
+        newest
+            .events
+            .iter()
+            .map(|event| event.message.as_str())
+            .collect::<Vec<_>>()[0],
+        all[0].message
+    );
+    let oldest = query
+        .query(QueryRequest {
+            limit: 1,
+            order: Order::OldestFirst as i32,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        oldest.expect("query").into_inner().events[0].message,
+        all[59].message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_containment_matches_nested_objects() {
+    let (_database, _server, mut ingest, mut query) = start().await;
+    let all = fixture();
+    publish(&mut ingest, all.clone()).await;
+    let errors = QueryRequest {
+        metadata_contains: Some(object(&[(
+            "http",
+            nested(object(&[("status", text("500"))])),
+        )])),
+        ..Default::default()
+    };
+    let found = query_all(&mut query, errors).await;
+    let expected: Vec<Event> = all
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| index % 5 == 0)
+        .map(|(_, event)| event.clone())
+        .collect();
+    assert_eq!(messages(&found), messages(&expected));
+    let both = QueryRequest {
+        metadata_contains: Some(object(&[
+            ("region", text("us")),
+            ("http", nested(object(&[("status", text("500"))]))),
+        ])),
+        ..Default::default()
+    };
+    let found = query_all(&mut query, both).await;
+    assert_eq!(
+        found.len(),
+        all.iter()
+            .enumerate()
+            .filter(|(index, _)| index % 5 == 0 && index % 2 == 1)
+            .count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injection_strings_in_text_filters_are_treated_as_data() {
+    let (database, _server, mut ingest, mut query) = start().await;
+    let hostile = "x' OR '1'='1'; DROP TABLE events; --";
+    let mut events = fixture();
+    events[0].user_id = hostile.to_owned();
+    events[1].message = format!("contains {hostile} and 100% _wild_");
+    publish(&mut ingest, events).await;
+
+    let by_user = query_all(
+        &mut query,
+        QueryRequest {
+            user_id: hostile.to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(by_user.len(), 1);
+    let by_message = query_all(
+        &mut query,
+        QueryRequest {
+            message_contains: "100% _wild_".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(by_message.len(), 1, "LIKE wildcards are literal");
+    let nothing = query_all(
+        &mut query,
+        QueryRequest {
+            message_contains: "%".to_owned(),
+            user_id: "' OR 1=1 --".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(nothing.is_empty());
+    let metadata = QueryRequest {
+        metadata_contains: Some(object(&[("region", text("eu' OR '1'='1"))])),
+        ..Default::default()
+    };
+    assert!(query_all(&mut query, metadata).await.is_empty());
+    let status = query
+        .query(QueryRequest {
+            services: vec![hostile.to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = query
+        .query(QueryRequest {
+            page_token: hostile.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        database.scalar("SELECT count(*) FROM events").await,
+        60,
+        "the table is intact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_under_concurrent_ingest_neither_skips_nor_repeats() {
+    let (_database, server, mut ingest, mut query) = start().await;
+    let existing: Vec<Event> = (0..3000)
+        .map(|index| Event {
+            timestamp: at(TimeDelta::seconds(index * 7 % 80_000)),
+            ..event("paged", &format!("old {index}"))
+        })
+        .collect();
+    publish(&mut ingest, existing.clone()).await;
+
+    // Keep ingesting, with timestamps spread over the same range, while paging.
+    let mut writer = server.ingest_client().await;
+    let background = tokio::spawn(async move {
+        for round in 0..40 {
+            let events = (0..50)
+                .map(|index| Event {
+                    timestamp: at(TimeDelta::seconds((round * 50 + index) * 13 % 80_000)),
+                    ..event("paged", &format!("new {round}-{index}"))
+                })
+                .collect();
+            writer
+                .publish(IngestRequest {
+                    events,
+                    sequence: 0,
+                })
+                .await
+                .expect("publish");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    for order in [Order::NewestFirst, Order::OldestFirst] {
+        let mut seen = HashSet::new();
+        let mut previous: Option<(i64, i32, String)> = None;
+        let mut page_token = String::new();
+        loop {
+            let request = QueryRequest {
+                services: vec!["paged".to_owned()],
+                limit: 137,
+                order: order as i32,
+                page_token,
+                ..Default::default()
+            };
+            let page = query.query(request).await.expect("page").into_inner();
+            for event in &page.events {
+                assert!(seen.insert(event.id.clone()), "event {} repeated", event.id);
+                let timestamp = event.timestamp.expect("timestamp");
+                let key = (timestamp.seconds, timestamp.nanos, event.id.clone());
+                if let Some(previous) = &previous {
+                    let ordered = if order == Order::NewestFirst {
+                        &key < previous
+                    } else {
+                        &key > previous
+                    };
+                    assert!(ordered, "order broken");
+                }
+                previous = Some(key);
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let existing_ids: HashSet<String> = existing.iter().map(|event| event.id.clone()).collect();
+        assert!(
+            existing_ids.is_subset(&seen),
+            "{} pre-existing events skipped",
+            existing_ids.difference(&seen).count()
+        );
+    }
+    background.await.expect("background ingest");
+}
+
+async fn export_all(
+    query: &mut QueryServiceClient<Channel>,
+    request: ExportRequest,
+) -> (u64, Vec<serde_json::Value>) {
+    let mut chunks = query.export(request).await.expect("export").into_inner();
+    let first = chunks.next().await.expect("first chunk").expect("ok");
+    let total = first.total_events;
+    let mut bytes = first.ndjson;
+    let mut last = first.last;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.expect("chunk");
+        assert!(!last, "nothing after the last chunk");
+        assert!(
+            chunk.ndjson.is_empty() || chunk.ndjson.ends_with(b"\n"),
+            "lines never straddle chunks"
+        );
+        bytes.extend(chunk.ndjson);
+        last = chunk.last;
+    }
+    assert!(last, "the stream ends with a chunk marked last");
+    let text = String::from_utf8(bytes).expect("utf-8");
+    let lines = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is JSON"))
+        .collect();
+    (total, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_of_a_user_is_exactly_that_users_events_as_ndjson() {
+    let (_database, _server, mut ingest, mut query) = start().await;
+    let all = fixture();
+    publish(&mut ingest, all.clone()).await;
+    let (total, lines) = export_all(
+        &mut query,
+        ExportRequest {
+            user_id: "user-2".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let expected: HashSet<String> = all
+        .iter()
+        .filter(|event| event.user_id == "user-2")
+        .map(|event| event.id.clone())
+        .collect();
+    let exported: HashSet<String> = lines
+        .iter()
+        .map(|line| line["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(exported, expected);
+    assert_eq!(total as usize, expected.len());
+    assert!(
+        lines
+            .iter()
+            .all(|line| line["user_id"] == "user-2" && line["metadata"]["region"].is_string())
+    );
+
+    let (total, lines) = export_all(
+        &mut query,
+        ExportRequest {
+            user_id: "nobody".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((total, lines.len()), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events_and_dry_run_keeps_them()
+ {
+    let (database, _server, mut ingest, mut query) = start().await;
+    let doomed = "forget-me";
+    let mut events: Vec<Event> = (0..40)
+        .map(|index| Event {
+            user_id: doomed.to_owned(),
+            timestamp: at(TimeDelta::days(index % 29)),
+            ..event("gdpr", &format!("mine {index}"))
+        })
+        .collect();
+    events.extend((0..10).map(|index| Event {
+        user_id: "keep-me".to_owned(),
+        ..event("gdpr", &format!("theirs {index}"))
+    }));
+    // One of the user's events is refused by PostgreSQL and lands in dead letters.
+    events.push(Event {
+        user_id: doomed.to_owned(),
+        ..event("gdpr", "nul \0 here")
+    });
+    let response = ingest
+        .publish(IngestRequest {
+            events,
+            sequence: 0,
+        })
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!((response.accepted, response.rejected), (50, 1));
+    let partitions = database
+        .scalar("SELECT count(DISTINCT tableoid) FROM events WHERE user_id = 'forget-me'")
+        .await;
+    assert!(
+        partitions >= 2,
+        "the user's events span {partitions} partitions"
+    );
+
+    let dry = query
+        .delete(DeleteRequest {
+            user_id: doomed.to_owned(),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!(
+        (dry.deleted, dry.dead_letters_deleted, dry.dry_run),
+        (40, 1, true)
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'forget-me'")
+            .await,
+        40,
+        "dry run deletes nothing"
+    );
+
+    // Events accepted just before the call, still in the buffer (writers stalled), go too.
+    let mut blocker = database.connect().await;
+    sqlx::query("BEGIN")
+        .execute(&mut blocker)
+        .await
+        .expect("begin");
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut blocker)
+        .await
+        .expect("lock");
+    let mut late_client = ingest.clone();
+    let late = tokio::spawn(async move {
+        let events = (0..5)
+            .map(|index| Event {
+                user_id: "forget-me".to_owned(),
+                ..event("gdpr", &format!("late {index}"))
+            })
+            .collect();
+        late_client
+            .publish(IngestRequest {
+                events,
+                sequence: 0,
+            })
+            .await
+            .expect("late publish")
+            .into_inner()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut delete_client = query.clone();
+    let deletion = tokio::spawn(async move {
+        delete_client
+            .delete(DeleteRequest {
+                user_id: "forget-me".to_owned(),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .expect("unlock");
+    assert_eq!(late.await.expect("late").accepted, 5);
+    let deleted = deletion
+        .await
+        .expect("delete task")
+        .expect("delete")
+        .into_inner();
+    assert_eq!((deleted.deleted, deleted.dead_letters_deleted), (45, 1));
+
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'forget-me'")
+            .await,
+        0
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM dead_letters WHERE user_id = 'forget-me'")
+            .await,
+        0
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'keep-me'")
+            .await,
+        10
+    );
+    assert!(
+        query_all(
+            &mut query,
+            QueryRequest {
+                user_id: doomed.to_owned(),
+                ..Default::default()
+            }
+        )
+        .await
+        .is_empty()
+    );
+    let (total, _) = export_all(
+        &mut query,
+        ExportRequest {
+            user_id: doomed.to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(total, 0);
+    let stats = query
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.total_events, 10, "the rollup follows deletes");
+
+    let status = query
+        .delete(DeleteRequest::default())
+        .await
+        .expect_err("empty filter");
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_agree_with_the_stored_rows_after_a_mixed_ingest() {
+    let (database, _server, mut ingest, mut query) = start().await;
+    let mut events = fixture();
+    events.extend((0..30).map(|index| Event {
+        timestamp: at(TimeDelta::days(3)),
+        ..event("batch", &format!("older {index}"))
+    }));
+    publish(&mut ingest, events.clone()).await;
+    // Duplicates and invalid events must not move the counts.
+    publish(&mut ingest, events[..20].to_vec()).await;
+    let invalid = ingest
+        .publish(IngestRequest {
+            events: vec![Event {
+                service: "BAD".to_owned(),
+                ..event("x", "bad")
+            }],
+            sequence: 0,
+        })
+        .await;
+    assert_eq!(invalid.expect("publish").into_inner().rejected, 1);
+
+    let stats = query
+        .stats(StatsRequest {
+            top_n: 2,
+            trend_hours: 48,
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    let mut connection = database.connect().await;
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT service, count(*) FROM events GROUP BY service")
+            .fetch_all(&mut connection)
+            .await
+            .expect("counts");
+    let actual: BTreeMap<String, u64> = rows
+        .into_iter()
+        .map(|(service, count)| (service, count as u64))
+        .collect();
+    let reported: BTreeMap<String, u64> = stats
+        .services
+        .iter()
+        .map(|service| (service.service.clone(), service.total))
+        .collect();
+    assert_eq!(reported, actual);
+    assert_eq!(stats.total_events, 90);
+    let recent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE ts >= date_trunc('hour', now()) - interval '23 hours'",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .expect("recent");
+    assert_eq!(
+        stats
+            .services
+            .iter()
+            .map(|service| service.last_24h)
+            .sum::<u64>(),
+        recent as u64
+    );
+    assert_eq!(stats.hourly.len(), 48);
+    let in_trend: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE ts >= date_trunc('hour', now()) - interval '47 hours'",
+    )
+    .fetch_one(&mut connection)
+    .await
+    .expect("trend");
+    assert_eq!(
+        stats.hourly.iter().map(|hour| hour.events).sum::<u64>(),
+        in_trend as u64
+    );
+    assert_eq!(stats.top_services.len(), 2);
+    let ingest_counters = stats.ingest.expect("ingest counters");
+    assert_eq!(ingest_counters.duplicates, 20);
+    assert_eq!(
+        ingest_counters.rejected_by_reason.get("invalid_service"),
+        Some(&1)
+    );
+    let buffer = stats.buffer.expect("buffer");
+    assert_eq!(buffer.max_events, 50_000);
+    assert_eq!(stats.writer.expect("writer").circuit, "closed");
+}
