@@ -148,6 +148,176 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
     }
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueryBenchArgs {
+    /// Server address.
+    #[arg(long, default_value = "https://localhost:50051")]
+    pub addr: String,
+    #[arg(long, default_value = "certs/ca.pem")]
+    pub ca: PathBuf,
+    #[arg(long, default_value = "certs/client.pem")]
+    pub cert: PathBuf,
+    #[arg(long, default_value = "certs/client.key")]
+    pub key: PathBuf,
+    /// Calls per scenario.
+    #[arg(long, default_value_t = 300)]
+    pub iterations: usize,
+    /// Distinct services and users in the data set (bench/query.sh loads `svc-0…` and `user-0…`).
+    #[arg(long, default_value_t = 8)]
+    pub services: usize,
+    #[arg(long, default_value_t = 50_000)]
+    pub users: usize,
+    /// Export one service's events and time it.
+    #[arg(long)]
+    pub export_service: Option<String>,
+    /// Server process id, to report its RSS around the export.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+}
+
+/// Latency of the read-side calls on a loaded database, and Export throughput.
+pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
+    use crate::proto::{
+        ExportRequest, QueryRequest, StatsRequest, query_service_client::QueryServiceClient,
+    };
+    let channel = endpoint(&args.addr, false, &args.ca, &args.cert, &args.key)?
+        .connect()
+        .await?;
+    let mut client = QueryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+    let mut rng = StdRng::seed_from_u64(7);
+    let now = Utc::now();
+    let stamp = |at: chrono::DateTime<Utc>| {
+        Some(prost_types::Timestamp {
+            seconds: at.timestamp(),
+            nanos: 0,
+        })
+    };
+    for scenario in [
+        "service, 1-hour window",
+        "one user_id",
+        "next page",
+        "stats",
+    ] {
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+        let mut returned = 0usize;
+        for _ in 0..args.iterations {
+            let service = format!("svc-{}", rng.random_range(0..args.services));
+            let started = Instant::now();
+            match scenario {
+                "service, 1-hour window" => {
+                    let end = now - chrono::Duration::hours(rng.random_range(1..24 * 28));
+                    let request = QueryRequest {
+                        services: vec![service],
+                        start_time: stamp(end - chrono::Duration::hours(1)),
+                        end_time: stamp(end),
+                        ..QueryRequest::default()
+                    };
+                    returned += client.query(request).await?.into_inner().events.len();
+                }
+                "one user_id" => {
+                    let request = QueryRequest {
+                        user_id: format!("user-{}", rng.random_range(0..args.users)),
+                        ..QueryRequest::default()
+                    };
+                    returned += client.query(request).await?.into_inner().events.len();
+                }
+                "next page" => {
+                    let end = now - chrono::Duration::hours(rng.random_range(1..24 * 28));
+                    let first = QueryRequest {
+                        services: vec![service],
+                        end_time: stamp(end),
+                        ..QueryRequest::default()
+                    };
+                    let token = client
+                        .query(first.clone())
+                        .await?
+                        .into_inner()
+                        .next_page_token;
+                    let started = Instant::now();
+                    let page = client
+                        .query(QueryRequest {
+                            page_token: token,
+                            ..first
+                        })
+                        .await?
+                        .into_inner();
+                    returned += page.events.len();
+                    latency.saturating_record((started.elapsed().as_micros() as u64).max(1));
+                    continue;
+                }
+                _ => {
+                    returned += client
+                        .stats(StatsRequest::default())
+                        .await?
+                        .into_inner()
+                        .services
+                        .len();
+                }
+            }
+            latency.saturating_record((started.elapsed().as_micros() as u64).max(1));
+        }
+        let at = |quantile: f64| Duration::from_micros(latency.value_at_quantile(quantile));
+        println!(
+            "{scenario:<24} p50 {:>10?}  p95 {:>10?}  p99 {:>10?}  ({} calls, {} rows returned)",
+            at(0.5),
+            at(0.95),
+            at(0.99),
+            args.iterations,
+            returned
+        );
+    }
+    if let Some(service) = &args.export_service {
+        let rss_before = args.server_pid.and_then(current_rss_kib);
+        let started = Instant::now();
+        let mut chunks = client
+            .export(ExportRequest {
+                services: vec![service.clone()],
+                ..ExportRequest::default()
+            })
+            .await?
+            .into_inner();
+        let mut events = 0u64;
+        let mut bytes = 0usize;
+        let mut total = 0u64;
+        let mut peak_rss = rss_before.unwrap_or(0);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            total = total.max(chunk.total_events);
+            events += chunk.events;
+            bytes += chunk.ndjson.len();
+            if let Some(rss) = args.server_pid.and_then(current_rss_kib) {
+                peak_rss = peak_rss.max(rss);
+            }
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "export of {service}: {events} events (announced {total}), {:.1} MiB NDJSON in {:.2} s = {:.0} events/s",
+            bytes as f64 / 1048576.0,
+            elapsed.as_secs_f64(),
+            events as f64 / elapsed.as_secs_f64()
+        );
+        if let Some(before) = rss_before {
+            println!(
+                "server RSS during export: {:.1} MiB before, {:.1} MiB at most",
+                before as f64 / 1024.0,
+                peak_rss as f64 / 1024.0
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Current resident set size (VmRSS) of a process, in KiB.
+fn current_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     println!(
         "sluice bench: {} events, {} streams, {} events/request, window {}",
@@ -226,6 +396,8 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(connection_index as u64);
             let mut connection = sqlx::PgConnection::connect(&url).await?;
+            // The same socket settings as the server's pool, for a fair ceiling.
+            crate::store::nodelay::enable(&mut connection).await?;
             let mut sent = 0;
             while sent < per_connection {
                 let count = batch.min(per_connection - sent);
@@ -422,13 +594,25 @@ async fn drive_stream(
 }
 
 async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, BenchError> {
-    let mut endpoint = Channel::from_shared(args.addr.clone()).map_err(|error| {
+    let channel = endpoint(&args.addr, args.plaintext, &args.ca, &args.cert, &args.key)?
+        .connect()
+        .await?;
+    Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+fn endpoint(
+    addr: &str,
+    plaintext: bool,
+    ca: &PathBuf,
+    cert: &PathBuf,
+    key: &PathBuf,
+) -> Result<tonic::transport::Endpoint, BenchError> {
+    let mut endpoint = Channel::from_shared(addr.to_owned()).map_err(|error| {
         BenchError::Rpc(tonic::Status::invalid_argument(format!(
-            "bad address {}: {error}",
-            args.addr
+            "bad address {addr}: {error}"
         )))
     })?;
-    if !args.plaintext {
+    if !plaintext {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(|source| BenchError::Read {
                 path: path.clone(),
@@ -436,18 +620,15 @@ async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, Bench
             })
         };
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&args.ca)?))
-            .identity(Identity::from_pem(read(&args.cert)?, read(&args.key)?))
+            .ca_certificate(Certificate::from_pem(read(ca)?))
+            .identity(Identity::from_pem(read(cert)?, read(key)?))
             .domain_name("localhost");
         endpoint = endpoint.tls_config(tls)?;
     }
-    let channel = endpoint.connect().await?;
-    Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(endpoint)
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    proc_status_kib(pid, "VmHWM:")
 }

@@ -40,6 +40,8 @@ enum Command {
     /// Load generator: N concurrent mTLS streams against a running server, plus the raw COPY
     /// ceiling of the same database, and their ratio.
     Bench(sluice::bench::BenchArgs),
+    /// Read-side load: Query, next page and Stats latency percentiles, and Export throughput.
+    BenchQuery(sluice::bench::QueryBenchArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -115,15 +117,9 @@ fn main() -> ExitCode {
             cert_dir,
             out_dir,
         }) => issue_certs(&name, &cert_dir, &out_dir),
-        Some(Command::Bench(args)) => {
-            init_logging(LogFormat::Text, "warn");
-            match runtime.block_on(sluice::bench::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("sluice bench: {error}");
-                    ExitCode::FAILURE
-                }
-            }
+        Some(Command::Bench(args)) => bench(runtime.block_on(sluice::bench::run(args))),
+        Some(Command::BenchQuery(args)) => {
+            bench(runtime.block_on(sluice::bench::run_queries(args)))
         }
     }
 }
@@ -141,6 +137,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "sluice stopped on an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(result: Result<(), sluice::bench::BenchError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sluice bench: {error}");
             ExitCode::FAILURE
         }
     }

@@ -134,8 +134,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut builder = Server::builder()
         .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
-        .max_concurrent_streams(config.grpc.max_concurrent_streams)
-        .tcp_nodelay(true);
+        .max_concurrent_streams(config.grpc.max_concurrent_streams);
     if let Some(tls_config) = tls_config {
         builder = builder.tls_config(tls_config)?;
     }
@@ -168,7 +167,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .add_service(ingest)
         .add_service(query)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
             stop_signal,
         );
     let mut serve = Box::pin(serve);

@@ -1,6 +1,7 @@
 //! PostgreSQL: connecting (to a URL or the private cluster), migrations and partitions.
 
 pub mod embedded;
+pub mod nodelay;
 pub mod partitions;
 
 use std::{str::FromStr, time::Duration};
@@ -29,6 +30,17 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Embedded(#[from] embedded::EmbeddedError),
+}
+
+/// Pool settings shared by the primary and the read replica: size, acquire timeout, and
+/// TCP_NODELAY on each new connection.
+fn pool_options(config: &Config, max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(config.database.connect_timeout)
+        .after_connect(|connection, _| {
+            Box::pin(async move { nodelay::enable(connection).await.map(|_| ()) })
+        })
 }
 
 /// The database sluice writes to, and the private cluster behind it when there is one.
@@ -65,12 +77,13 @@ impl Store {
             }
         };
         let options = options.application_name("sluice");
-        let pool = PgPoolOptions::new()
-            .max_connections(config.writer.workers as u32 + config.database.extra_connections)
-            .acquire_timeout(config.database.connect_timeout)
-            .connect_with(options)
-            .await
-            .map_err(StoreError::Connect)?;
+        let pool = pool_options(
+            config,
+            config.writer.workers as u32 + config.database.extra_connections,
+        )
+        .connect_with(options)
+        .await
+        .map_err(StoreError::Connect)?;
         MIGRATOR.run(&pool).await?;
         let read_pool = match &config.database.read_url {
             Some(url) => {
@@ -78,9 +91,7 @@ impl Store {
                     .map_err(StoreError::Url)?
                     .application_name("sluice-read");
                 tracing::info!("reads go to the read replica");
-                PgPoolOptions::new()
-                    .max_connections(config.database.extra_connections.max(1))
-                    .acquire_timeout(config.database.connect_timeout)
+                pool_options(config, config.database.extra_connections.max(1))
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Read-side benchmark: loads ROWS synthetic events (default 10M, over the last 28 days, 8
+# services, 50,000 users) into a throwaway PostgreSQL, starts a release build of sluice on it,
+# prints the plans of the read queries, then runs `sluice bench-query` (Query, next page and
+# Stats latency percentiles; Export of one service, about ROWS/8 events, with server RSS).
+#
+#   bench/query.sh                 # 10,000,000 rows
+#   ROWS=1000000 bench/query.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+rows=${ROWS:-10000000}
+ensure_postgres_binaries
+cargo build --release --quiet
+work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+server_pid=""
+cleanup() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  stop_throwaway_postgres
+  rm -rf "$work"
+}
+trap cleanup EXIT
+start_throwaway_postgres -c shared_buffers=1GB -c maintenance_work_mem=512MB -c max_wal_size=4GB
+port=$(free_port)
+SLUICE_TLS__CERT_DIR="$work/certs" SLUICE_DATA_DIR="$work/data" \
+  target/release/sluice --listen "127.0.0.1:$port" --database-url "$PG_URL" --metrics-listen 127.0.0.1:0 \
+  >"$work/server.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 1 100); do
+  grep -q "sluice listening" "$work/server.log" 2>/dev/null && break
+  sleep 0.1
+done
+grep -q "sluice listening" "$work/server.log" || { cat "$work/server.log"; exit 1; }
+
+psql_run() { psql -X -q -v ON_ERROR_STOP=1 "$PG_URL" "$@"; }
+log "loading $rows rows"
+started=$(date +%s)
+chunk=1000000
+for ((from = 0; from < rows; from += chunk)); do
+  to=$((from + chunk < rows ? from + chunk : rows))
+  psql_run -c "
+    INSERT INTO events (id, service, message, ts, user_id, metadata)
+    SELECT gen_random_uuid(), 'svc-' || (g % 8),
+           'GET /api/orders/' || g || ' -> 200 in ' || (g % 900) || ' ms',
+           now() - interval '28 days' * ((g * 7919) % $rows)::float8 / $rows,
+           'user-' || (g % 50000),
+           jsonb_build_object('path', '/api/orders', 'status', 200, 'region', (ARRAY['eu','us','ap'])[1 + g % 3])
+    FROM generate_series($from + 1, $to) AS g"
+done
+psql_run -c "TRUNCATE event_counts" \
+  -c "INSERT INTO event_counts SELECT service, date_trunc('hour', ts, 'UTC'), count(*) FROM events GROUP BY 1, 2" \
+  -c "VACUUM ANALYZE events" -c "VACUUM ANALYZE event_counts"
+log "loaded in $(( $(date +%s) - started )) s"
+
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(postgres --version)"
+echo "rows: $(psql_run -At -c 'SELECT count(*) FROM events')"
+echo "--- plan: one service over a 1-hour window"
+psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events
+  WHERE service = ANY('{svc-3}') AND ts >= now() - interval '49 hours' AND ts < now() - interval '48 hours' ORDER BY ts DESC, id DESC LIMIT 101"
+echo "--- plan: one user_id"
+psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events
+  WHERE user_id = 'user-4242' ORDER BY ts DESC, id DESC LIMIT 101"
+echo "--- plan: next page (keyset)"
+psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events
+  WHERE service = ANY('{svc-3}') AND ts < now() - interval '100 hours' AND (ts, id) < (now() - interval '101 hours', '00000000-0000-0000-0000-000000000000') ORDER BY ts DESC, id DESC LIMIT 101"
+echo "--- plan: stats per service"
+psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT service, sum(events)::bigint, coalesce(sum(events) FILTER (WHERE hour >= now() - interval '23 hours'), 0)::bigint
+  FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1"
+
+target/release/sluice bench-query --addr "https://localhost:$port" \
+  --ca "$work/certs/ca.pem" --cert "$work/certs/client.pem" --key "$work/certs/client.key" \
+  --export-service svc-3 --server-pid "$server_pid" "$@"
+echo "server peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$server_pid/status)"
