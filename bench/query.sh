@@ -57,13 +57,13 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname
 echo "rows: $(psql_run -At -c 'SELECT count(*) FROM events')"
 echo "--- plan: one service over a 1-hour window"
 psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events
-  WHERE service = ANY('{svc-3}') AND ts >= now() - interval '49 hours' AND ts < now() - interval '48 hours' ORDER BY ts DESC, id DESC LIMIT 101"
+  WHERE service = 'svc-3' AND ts >= now() - interval '49 hours' AND ts < now() - interval '48 hours' ORDER BY ts DESC, id DESC LIMIT 101"
 echo "--- plan: one user_id"
 psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events
   WHERE user_id = 'user-4242' ORDER BY ts DESC, id DESC LIMIT 101"
 echo "--- plan: next page (keyset)"
 psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events
-  WHERE service = ANY('{svc-3}') AND ts < now() - interval '100 hours' AND (ts, id) < (now() - interval '101 hours', '00000000-0000-0000-0000-000000000000') ORDER BY ts DESC, id DESC LIMIT 101"
+  WHERE service = 'svc-3' AND ts < now() - interval '100 hours' AND ts <= now() - interval '101 hours' AND (ts, id) < (now() - interval '101 hours', '00000000-0000-0000-0000-000000000000') ORDER BY ts DESC, id DESC LIMIT 101"
 echo "--- plan: stats per service"
 psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT service, sum(events)::bigint, coalesce(sum(events) FILTER (WHERE hour >= now() - interval '23 hours'), 0)::bigint
   FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1"

@@ -11,7 +11,9 @@ CREATE TABLE events (
     PRIMARY KEY (id, ts)
 ) PARTITION BY RANGE (ts);
 
-CREATE INDEX events_service_ts_idx ON events (service, ts);
+-- (service, ts, id) rather than (service, ts): the id makes it match the keyset order
+-- (ts, id), so a page of one service is a bounded backward index scan, however deep.
+CREATE INDEX events_service_ts_idx ON events (service, ts, id);
 CREATE INDEX events_ingested_at_idx ON events (ingested_at);
 CREATE INDEX events_user_id_idx ON events (user_id) WHERE user_id IS NOT NULL;
 

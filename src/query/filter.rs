@@ -127,11 +127,18 @@ impl Filter {
     /// Appends ` WHERE …` with every condition as a bound parameter.
     pub fn push_where(&self, builder: &mut QueryBuilder<Postgres>) {
         builder.push(" WHERE TRUE");
-        if !self.services.is_empty() {
-            builder
-                .push(" AND service = ANY(")
-                .push_bind(self.services.clone())
-                .push(")");
+        match self.services.as_slice() {
+            [] => {}
+            // Equality (not `= ANY`) lets one service's pages walk the index in order.
+            [service] => {
+                builder.push(" AND service = ").push_bind(service.clone());
+            }
+            services => {
+                builder
+                    .push(" AND service = ANY(")
+                    .push_bind(services.to_vec())
+                    .push(")");
+            }
         }
         if let Some(start) = self.start {
             builder.push(" AND ts >= ").push_bind(start);
@@ -283,6 +290,7 @@ mod tests {
         filter.push_where(&mut builder);
         let sql = builder.sql().as_str().to_owned();
         assert!(!sql.contains("OR '1'"), "{sql}");
+        assert!(sql.contains("service = $1 AND"), "{sql}");
         assert!(sql.contains("user_id = $2"), "{sql}");
     }
 }

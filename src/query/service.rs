@@ -128,6 +128,11 @@ impl QueryHandler {
             ("<", "DESC")
         };
         if let Some(cursor) = cursor {
+            // The plain `ts` bound is implied by the row comparison; it lets the planner start
+            // the index scan at the cursor.
+            builder
+                .push(format_args!(" AND ts {comparison}= "))
+                .push_bind(cursor.ts);
             builder
                 .push(format_args!(" AND (ts, id) {comparison} ("))
                 .push_bind(cursor.ts);
