@@ -43,7 +43,7 @@ for ((from = 0; from < rows; from += chunk)); do
     INSERT INTO events (id, service, message, ts, user_id, metadata)
     SELECT gen_random_uuid(), 'svc-' || (g % 8),
            'GET /api/orders/' || g || ' -> 200 in ' || (g % 900) || ' ms',
-           now() - interval '28 days' * ((g * 7919) % $rows)::float8 / $rows,
+           now() - interval '28 days' * ((g::bigint * 7919) % $rows)::float8 / $rows,
            'user-' || (g % 50000),
            jsonb_build_object('path', '/api/orders', 'status', 200, 'region', (ARRAY['eu','us','ap'])[1 + g % 3])
     FROM generate_series($from + 1, $to) AS g"

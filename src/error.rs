@@ -123,6 +123,29 @@ pub fn is_oversized_message(status: &Status) -> bool {
     status.code() == Code::OutOfRange && status.message().contains("message length too large")
 }
 
+/// Rewrites tonic's OUT_OF_RANGE answer to an oversized unary request (decoded before any
+/// handler runs) into the same INVALID_ARGUMENT + BadRequest that streaming calls get. Used as
+/// a response layer around every service.
+pub fn oversized_unary_to_invalid_argument(
+    response: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    let headers = response.headers();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    let message = headers
+        .get("grpc-message")
+        .and_then(|message| message.to_str().ok())
+        .unwrap_or_default();
+    let oversized =
+        message.contains("length too large") || message.contains("length%20too%20large");
+    if !(out_of_range && oversized) {
+        return response;
+    }
+    let detail = "the request message is larger than grpc.max_message_bytes; split it".to_owned();
+    Status::from(IngestError::MessageTooLarge { detail }).into_http()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use tonic::{codec::CompressionEncoding, transport::Server};
 use crate::{
     buffer::Buffer,
     config::Config,
-    health,
+    error, health,
     ingest::IngestHandler,
     metrics,
     proto::{
@@ -132,6 +132,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     .send_compressed(CompressionEncoding::Zstd);
 
     let mut builder = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            error::oversized_unary_to_invalid_argument,
+        ))
         .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
         .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
         .max_concurrent_streams(config.grpc.max_concurrent_streams);

@@ -65,6 +65,78 @@ async fn readme_grpcurl_commands_list_check_and_publish() {
         1
     );
 
+    // The README's QueryService commands.
+    let since = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let query = format!(r#"{{"services":["checkout"],"start_time":"{since}","limit":50}}"#);
+    let (ok, page) = grpcurl(
+        &server,
+        &["-d", &query, &address, "sluice.v1.QueryService/Query"],
+    );
+    assert!(
+        ok && page.contains("order placed") && page.contains("ingestedAt"),
+        "{page}"
+    );
+    let by_user =
+        r#"{"user_id":"u-1","metadata_contains":{"amount":42},"order":"ORDER_OLDEST_FIRST"}"#;
+    let (ok, page) = grpcurl(
+        &server,
+        &["-d", by_user, &address, "sluice.v1.QueryService/Query"],
+    );
+    assert!(ok && page.contains("order placed"), "{page}");
+    let (ok, exported) = grpcurl(
+        &server,
+        &[
+            "-d",
+            r#"{"user_id":"u-1"}"#,
+            &address,
+            "sluice.v1.QueryService/Export",
+        ],
+    );
+    assert!(
+        ok && exported.contains(r#""totalEvents": "1""#) && exported.contains("ndjson"),
+        "{exported}"
+    );
+    let (ok, stats) = grpcurl(
+        &server,
+        &[
+            "-d",
+            r#"{"top_n":5,"trend_hours":48}"#,
+            &address,
+            "sluice.v1.QueryService/Stats",
+        ],
+    );
+    assert!(ok && stats.contains(r#""service": "checkout""#), "{stats}");
+    let (ok, dry) = grpcurl(
+        &server,
+        &[
+            "-d",
+            r#"{"user_id":"u-1","dry_run":true}"#,
+            &address,
+            "sluice.v1.QueryService/Delete",
+        ],
+    );
+    assert!(
+        ok && dry.contains(r#""deleted": "1""#) && dry.contains(r#""dryRun": true"#),
+        "{dry}"
+    );
+    let (ok, deleted) = grpcurl(
+        &server,
+        &[
+            "-d",
+            r#"{"user_id":"u-1"}"#,
+            &address,
+            "sluice.v1.QueryService/Delete",
+        ],
+    );
+    assert!(ok && deleted.contains(r#""deleted": "1""#), "{deleted}");
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'u-1'")
+            .await,
+        0
+    );
+
     let (ok, described) = grpcurl(&server, &[&address, "describe", "sluice.v1.Event"]);
     assert!(ok && described.contains("user_id"), "{described}");
 
@@ -73,7 +145,7 @@ async fn readme_grpcurl_commands_list_check_and_publish() {
     let refused = Command::new(binary)
         .arg("-cacert")
         .arg(server.cert_dir.join("ca.pem"))
-        .args([&address, "list"])
+        .args(["-connect-timeout", "2", &address, "list"])
         .output()
         .expect("run grpcurl");
     assert!(!refused.status.success());

@@ -476,7 +476,14 @@ async fn a_request_over_the_event_limit_is_invalid_argument_with_bad_request() {
     .await;
     let mut limited_client = server_limited.ingest_client().await;
     let status = limited_client
-        .ingest(tokio_stream::iter(requests))
+        .ingest(tokio_stream::iter(requests.clone()))
+        .await
+        .expect_err("too large");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.get_error_details().bad_request().is_some());
+    // A unary call is decoded before any handler runs; it gets the same answer.
+    let status = limited_client
+        .publish(requests[0].clone())
         .await
         .expect_err("too large");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
