@@ -49,7 +49,7 @@ for ((from = 0; from < rows; from += chunk)); do
     FROM generate_series($from + 1, $to) AS g"
 done
 psql_run -c "TRUNCATE event_counts" \
-  -c "INSERT INTO event_counts SELECT service, date_trunc('hour', ts, 'UTC'), count(*) FROM events GROUP BY 1, 2" \
+  -c "INSERT INTO event_counts SELECT service, date_trunc('hour', ts, 'UTC'), 0, count(*) FROM events GROUP BY 1, 2" \
   -c "VACUUM ANALYZE events" -c "VACUUM ANALYZE event_counts"
 log "loaded in $(( $(date +%s) - started )) s"
 

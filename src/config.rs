@@ -262,8 +262,8 @@ impl Default for WriterConfig {
     fn default() -> Self {
         Self {
             workers: 2,
-            batch_max_events: 2_000,
-            batch_max_bytes: 4 * 1024 * 1024,
+            batch_max_events: 5_000,
+            batch_max_bytes: 16 * 1024 * 1024,
             flush_interval: Duration::from_millis(5),
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(5),
@@ -371,8 +371,8 @@ impl Config {
         if self.buffer.max_events > u32::MAX as usize {
             return invalid("buffer.max_events", "must be at most 4294967295");
         }
-        if self.writer.workers == 0 {
-            return invalid("writer.workers", "must be at least 1");
+        if self.writer.workers == 0 || self.writer.workers > 1024 {
+            return invalid("writer.workers", "must be between 1 and 1024");
         }
         if self.writer.batch_max_events == 0 || self.writer.batch_max_bytes == 0 {
             return invalid("writer.batch_max_events", "batch limits must be at least 1");

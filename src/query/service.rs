@@ -336,8 +336,9 @@ async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError
             "), removed AS (DELETE FROM events e USING doomed d WHERE e.id = d.id AND e.ts = d.ts \
              RETURNING e.service, date_trunc('hour', e.ts, 'UTC') AS hour), \
              counts AS (SELECT service, hour, count(*) AS n FROM removed GROUP BY service, hour), \
-             rollup AS (UPDATE event_counts c SET events = c.events - counts.n FROM counts \
-             WHERE c.service = counts.service AND c.hour = counts.hour) \
+             rollup AS (INSERT INTO event_counts (service, hour, shard, events) \
+             SELECT service, hour, -1, -n FROM counts \
+             ON CONFLICT (service, hour, shard) DO UPDATE SET events = event_counts.events + excluded.events) \
              SELECT count(*) FROM removed",
         );
         let batch: i64 = match builder.build_query_scalar().fetch_one(pool).await {

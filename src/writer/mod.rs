@@ -26,7 +26,7 @@ use crate::{
     metrics,
 };
 use breaker::{Breaker, CircuitState};
-use sink::EventOutcome;
+use sink::{EventOutcome, Sink};
 use spool::{Spool, SpoolError};
 
 /// Shared view of the writers' health: true while a write keeps failing.
@@ -65,6 +65,7 @@ pub fn spawn(context: &WriterContext) -> JoinSet<()> {
         writers.spawn(
             Writer {
                 worker,
+                sink: Sink::new(context.pool.clone(), worker as i16),
                 context: context.clone(),
             }
             .run(),
@@ -75,6 +76,8 @@ pub fn spawn(context: &WriterContext) -> JoinSet<()> {
 
 struct Writer {
     worker: usize,
+    /// Writes through the shared pool into this writer's own rollup shard.
+    sink: Sink,
     context: WriterContext,
 }
 
@@ -138,7 +141,7 @@ impl Writer {
         let outcomes = loop {
             attempt += 1;
             if self.breaker.allow() {
-                match sink::write_batch(&self.pool, &events).await {
+                match self.sink.write_batch(&events).await {
                     Ok(outcomes) => {
                         self.breaker.record_success();
                         break outcomes;

@@ -8,12 +8,14 @@ use tokio::sync::watch;
 
 use super::{
     breaker::{Breaker, CircuitState},
-    sink,
+    sink::Sink,
     spool::{SegmentReader, Spool, SpoolError},
 };
 use crate::{event::ValidEvent, metrics};
 
 const REPLAY_INTERVAL: Duration = Duration::from_millis(500);
+/// The rollup shard of replayed events (writers use their index, Delete uses -1).
+const REPLAY_SHARD: i16 = i16::MAX;
 
 #[derive(Debug, thiserror::Error)]
 enum ReplayError {
@@ -32,6 +34,7 @@ pub async fn run(
     spool: Arc<Spool>,
     mut stopping: watch::Receiver<bool>,
 ) {
+    let sink = Sink::new(pool, REPLAY_SHARD);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPLAY_INTERVAL) => {}
@@ -46,7 +49,7 @@ pub async fn run(
         spool.seal_active();
         while let Some((sequence, path)) = spool.oldest_sealed() {
             let _exclusive = spool.maintenance.lock().await;
-            match replay_segment(&pool, &breaker, &path).await {
+            match replay_segment(&sink, &breaker, &path).await {
                 Ok(events) => {
                     if let Err(error) = spool.remove(sequence) {
                         tracing::error!(%error, "cannot delete replayed spool segment");
@@ -67,7 +70,7 @@ pub async fn run(
 /// Writes every batch of a segment; idempotent, so a segment interrupted halfway can be
 /// replayed again from its start.
 async fn replay_segment(
-    pool: &PgPool,
+    sink: &Sink,
     breaker: &Breaker,
     path: &std::path::Path,
 ) -> Result<usize, ReplayError> {
@@ -94,7 +97,7 @@ async fn replay_segment(
             return Err(ReplayError::CircuitOpen);
         }
         let events: Vec<&ValidEvent> = batch.iter().collect();
-        match sink::write_batch(pool, &events).await {
+        match sink.write_batch(&events).await {
             Ok(_) => breaker.record_success(),
             Err(error) => {
                 breaker.record_failure();

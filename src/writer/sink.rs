@@ -71,48 +71,149 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
     }
 }
 
-/// Writes `events`, returning one outcome per event in order, or the transient error that
-/// stopped it (nothing of the batch is then committed by the failing step; retrying is safe
-/// because retries are idempotent).
-pub async fn write_batch(
-    pool: &PgPool,
-    events: &[&ValidEvent],
-) -> Result<Vec<EventOutcome>, sqlx::Error> {
-    let mut created_partitions = false;
-    loop {
-        let error = match copy_fast(pool, events).await {
-            Ok(()) => return Ok(vec![EventOutcome::Stored; events.len()]),
-            Err(error) => error,
-        };
-        match classify(&error) {
-            FailureKind::Duplicate | FailureKind::BadData => {
-                return write_isolating(pool, events).await;
+/// Writes batches through one pool, counting stored events into its own rollup shard, so
+/// writers never wait on each other's rollup rows.
+#[derive(Debug, Clone)]
+pub struct Sink {
+    pool: PgPool,
+    shard: i16,
+}
+
+impl Sink {
+    pub fn new(pool: PgPool, shard: i16) -> Self {
+        Self { pool, shard }
+    }
+
+    /// Writes `events`, returning one outcome per event in order, or the transient error that
+    /// stopped it (nothing of the batch is then committed by the failing step; retrying is safe
+    /// because retries are idempotent).
+    pub async fn write_batch(
+        &self,
+        events: &[&ValidEvent],
+    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
+        let pool = &self.pool;
+        let mut created_partitions = false;
+        loop {
+            let error = match self.copy_fast(events).await {
+                Ok(()) => return Ok(vec![EventOutcome::Stored; events.len()]),
+                Err(error) => error,
+            };
+            match classify(&error) {
+                FailureKind::Duplicate | FailureKind::BadData => {
+                    return self.write_isolating(events).await;
+                }
+                FailureKind::MissingPartition if !created_partitions => {
+                    create_partitions_for(pool, events).await?;
+                    created_partitions = true;
+                }
+                FailureKind::MissingPartition => return self.write_isolating(events).await,
+                FailureKind::Transient => return Err(error),
             }
-            FailureKind::MissingPartition if !created_partitions => {
-                create_partitions_for(pool, events).await?;
-                created_partitions = true;
-            }
-            FailureKind::MissingPartition => return write_isolating(pool, events).await,
-            FailureKind::Transient => return Err(error),
         }
+    }
+
+    async fn copy_fast(&self, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
+        let payload = encode(events);
+        let mut transaction = self.pool.begin().await?;
+        let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+        let mut copy_in = transaction.copy_in_raw(&statement).await?;
+        copy_in.send(payload.freeze()).await?;
+        copy_in.finish().await?;
+        add_to_rollup(&mut transaction, self.shard, events.iter().copied()).await?;
+        transaction.commit().await
+    }
+
+    /// The idempotent path with bisection of bad rows.
+    fn write_isolating<'a>(
+        &'a self,
+        events: &'a [&'a ValidEvent],
+    ) -> BoxFuture<'a, Result<Vec<EventOutcome>, sqlx::Error>> {
+        Box::pin(async move {
+            let pool = &self.pool;
+            let mut created_partitions = false;
+            loop {
+                let error = match self.insert_deduplicated(events).await {
+                    Ok(outcomes) => return Ok(outcomes),
+                    Err(error) => error,
+                };
+                match classify(&error) {
+                    FailureKind::MissingPartition if !created_partitions => {
+                        create_partitions_for(pool, events).await?;
+                        created_partitions = true;
+                    }
+                    FailureKind::Transient => return Err(error),
+                    FailureKind::Duplicate
+                    | FailureKind::BadData
+                    | FailureKind::MissingPartition => {
+                        if let [event] = events {
+                            dead_letter(pool, event, &error).await?;
+                            return Ok(vec![EventOutcome::DeadLettered {
+                                reason: database_reason(&error),
+                            }]);
+                        }
+                        let (left, right) = events.split_at(events.len() / 2);
+                        let mut outcomes = self.write_isolating(left).await?;
+                        outcomes.extend(self.write_isolating(right).await?);
+                        return Ok(outcomes);
+                    }
+                }
+            }
+        })
+    }
+
+    async fn insert_deduplicated(
+        &self,
+        events: &[&ValidEvent],
+    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
+        let payload = encode(events);
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+        .execute(&mut *transaction)
+        .await?;
+        let statement = format!(
+            "COPY sluice_staging ({}) FROM STDIN (FORMAT binary)",
+            copy::COLUMNS
+        );
+        let mut copy_in = transaction.copy_in_raw(&statement).await?;
+        copy_in.send(payload.freeze()).await?;
+        copy_in.finish().await?;
+        let inserted: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id",
+        columns = copy::COLUMNS
+    )))
+    .fetch_all(&mut *transaction)
+    .await?;
+        let mut newly_stored: HashSet<Uuid> = inserted.into_iter().collect();
+        let outcomes: Vec<EventOutcome> = events
+            .iter()
+            .map(|event| {
+                if newly_stored.remove(&event.id) {
+                    EventOutcome::Stored
+                } else {
+                    EventOutcome::Duplicate
+                }
+            })
+            .collect();
+        let stored = events
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| **outcome == EventOutcome::Stored);
+        add_to_rollup(
+            &mut transaction,
+            self.shard,
+            stored.map(|(event, _)| *event),
+        )
+        .await?;
+        transaction.commit().await?;
+        Ok(outcomes)
     }
 }
 
-async fn copy_fast(pool: &PgPool, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
-    let payload = encode(events);
-    let mut transaction = pool.begin().await?;
-    let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
-    let mut copy_in = transaction.copy_in_raw(&statement).await?;
-    copy_in.send(payload.freeze()).await?;
-    copy_in.finish().await?;
-    add_to_rollup(&mut transaction, events.iter().copied()).await?;
-    transaction.commit().await
-}
-
-/// Adds stored events to the per-service hourly counts, in the caller's transaction. Keys are
-/// upserted in sorted order so that concurrent writers lock rows in the same order.
+/// Adds stored events to the per-service hourly counts of `shard`, in the caller's
+/// transaction. Keys are upserted in sorted order.
 async fn add_to_rollup<'a>(
     connection: &mut PgConnection,
+    shard: i16,
     stored: impl Iterator<Item = &'a ValidEvent>,
 ) -> Result<(), sqlx::Error> {
     let mut counts: BTreeMap<(&str, i64), i64> = BTreeMap::new();
@@ -130,93 +231,18 @@ async fn add_to_rollup<'a>(
         .collect();
     let totals: Vec<i64> = counts.values().copied().collect();
     sqlx::query(
-        "INSERT INTO event_counts (service, hour, events) \
-         SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) \
-         ON CONFLICT (service, hour) DO UPDATE SET events = event_counts.events + excluded.events",
+        "INSERT INTO event_counts (service, hour, shard, events) \
+         SELECT service, hour, $4, events FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) \
+         AS counts (service, hour, events) \
+         ON CONFLICT (service, hour, shard) DO UPDATE SET events = event_counts.events + excluded.events",
     )
     .bind(services)
     .bind(hours)
     .bind(totals)
+    .bind(shard)
     .execute(connection)
     .await?;
     Ok(())
-}
-
-/// The idempotent path with bisection of bad rows.
-fn write_isolating<'a>(
-    pool: &'a PgPool,
-    events: &'a [&'a ValidEvent],
-) -> BoxFuture<'a, Result<Vec<EventOutcome>, sqlx::Error>> {
-    Box::pin(async move {
-        let mut created_partitions = false;
-        loop {
-            let error = match insert_deduplicated(pool, events).await {
-                Ok(outcomes) => return Ok(outcomes),
-                Err(error) => error,
-            };
-            match classify(&error) {
-                FailureKind::MissingPartition if !created_partitions => {
-                    create_partitions_for(pool, events).await?;
-                    created_partitions = true;
-                }
-                FailureKind::Transient => return Err(error),
-                FailureKind::Duplicate | FailureKind::BadData | FailureKind::MissingPartition => {
-                    if let [event] = events {
-                        dead_letter(pool, event, &error).await?;
-                        return Ok(vec![EventOutcome::DeadLettered {
-                            reason: database_reason(&error),
-                        }]);
-                    }
-                    let (left, right) = events.split_at(events.len() / 2);
-                    let mut outcomes = write_isolating(pool, left).await?;
-                    outcomes.extend(write_isolating(pool, right).await?);
-                    return Ok(outcomes);
-                }
-            }
-        }
-    })
-}
-
-async fn insert_deduplicated(
-    pool: &PgPool,
-    events: &[&ValidEvent],
-) -> Result<Vec<EventOutcome>, sqlx::Error> {
-    let payload = encode(events);
-    let mut transaction = pool.begin().await?;
-    sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-        .execute(&mut *transaction)
-        .await?;
-    let statement = format!(
-        "COPY sluice_staging ({}) FROM STDIN (FORMAT binary)",
-        copy::COLUMNS
-    );
-    let mut copy_in = transaction.copy_in_raw(&statement).await?;
-    copy_in.send(payload.freeze()).await?;
-    copy_in.finish().await?;
-    let inserted: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id",
-        columns = copy::COLUMNS
-    )))
-    .fetch_all(&mut *transaction)
-    .await?;
-    let mut newly_stored: HashSet<Uuid> = inserted.into_iter().collect();
-    let outcomes: Vec<EventOutcome> = events
-        .iter()
-        .map(|event| {
-            if newly_stored.remove(&event.id) {
-                EventOutcome::Stored
-            } else {
-                EventOutcome::Duplicate
-            }
-        })
-        .collect();
-    let stored = events
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, outcome)| **outcome == EventOutcome::Stored);
-    add_to_rollup(&mut transaction, stored.map(|(event, _)| *event)).await?;
-    transaction.commit().await?;
-    Ok(outcomes)
 }
 
 async fn dead_letter(
