@@ -13,25 +13,13 @@ cd "$(dirname "$0")/.."
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
 cargo build --release --quiet
-work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
-server_pid=""
 cleanup() {
-  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  stop_release_server
   stop_throwaway_postgres
-  rm -rf "$work"
 }
 trap cleanup EXIT
 start_throwaway_postgres -c shared_buffers=1GB -c maintenance_work_mem=512MB -c max_wal_size=4GB
-port=$(free_port)
-SLUICE_TLS__CERT_DIR="$work/certs" SLUICE_DATA_DIR="$work/data" \
-  target/release/sluice --listen "127.0.0.1:$port" --database-url "$PG_URL" --metrics-listen 127.0.0.1:0 \
-  >"$work/server.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 1 100); do
-  grep -q "sluice listening" "$work/server.log" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "sluice listening" "$work/server.log" || { cat "$work/server.log"; exit 1; }
+start_release_server "${BENCH_SERVER_DATABASE_URL:-$PG_URL}"
 
 psql_run() { psql -X -q -v ON_ERROR_STOP=1 "$PG_URL" "$@"; }
 log "loading $rows rows"
@@ -68,7 +56,7 @@ echo "--- plan: stats per service"
 psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT service, sum(events)::bigint, coalesce(sum(events) FILTER (WHERE hour >= now() - interval '23 hours'), 0)::bigint
   FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1"
 
-target/release/sluice bench-query --addr "https://localhost:$port" \
-  --ca "$work/certs/ca.pem" --cert "$work/certs/client.pem" --key "$work/certs/client.key" \
-  --export-service svc-3 --server-pid "$server_pid" "$@"
-echo "server peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$server_pid/status)"
+# shellcheck disable=SC2046
+target/release/sluice bench-query $(release_server_client_flags) \
+  --export-service svc-3 --server-pid "$SLUICE_PID" "$@"
+echo "server peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$SLUICE_PID/status)"

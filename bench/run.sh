@@ -14,28 +14,16 @@ cd "$(dirname "$0")/.."
 
 ensure_postgres_binaries
 cargo build --release --quiet
-work=$(mktemp -d /tmp/sluice-bench.XXXXXX)
-server_pid=""
 cleanup() {
-  [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  stop_release_server
   stop_throwaway_postgres
-  rm -rf "$work"
 }
 trap cleanup EXIT
 start_throwaway_postgres
 [ "${BENCH_UNIX_SOCKET:-0}" = 1 ] && BENCH_SERVER_DATABASE_URL=$PG_SOCKET_URL
-port=$(free_port)
-SLUICE_TLS__CERT_DIR="$work/certs" SLUICE_DATA_DIR="$work/data" \
-  target/release/sluice --listen "127.0.0.1:$port" --database-url "${BENCH_SERVER_DATABASE_URL:-$PG_URL}" --metrics-listen 127.0.0.1:0 \
-  >"$work/server.log" 2>&1 &
-server_pid=$!
-for _ in $(seq 1 100); do
-  grep -q "sluice listening" "$work/server.log" 2>/dev/null && break
-  sleep 0.1
-done
-grep -q "sluice listening" "$work/server.log" || { cat "$work/server.log"; exit 1; }
+start_release_server "${BENCH_SERVER_DATABASE_URL:-$PG_URL}"
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(postgres --version)"
-target/release/sluice bench --addr "https://localhost:$port" \
-  --ca "$work/certs/ca.pem" --cert "$work/certs/client.pem" --key "$work/certs/client.key" \
-  --database-url "$PG_URL" --server-pid "$server_pid" --reset-table "$@"
+# shellcheck disable=SC2046
+target/release/sluice bench $(release_server_client_flags) \
+  --database-url "$PG_URL" --server-pid "$SLUICE_PID" --reset-table "$@"

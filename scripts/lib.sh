@@ -54,3 +54,33 @@ stop_throwaway_postgres() {
   run_as_postgres "$PG_BIN/pg_ctl" -D "$PG_TMP/data" -m immediate -w stop >/dev/null 2>&1 || true
   rm -rf "$PG_TMP"
 }
+
+# Starts a release build of sluice on a free port against database URL $1, with dev certificates
+# in a temp dir. Sets SLUICE_PID, SLUICE_PORT and SLUICE_WORK (certs in $SLUICE_WORK/certs);
+# stop_release_server stops it and removes the dir.
+start_release_server() {
+  SLUICE_WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+  SLUICE_PORT=$(free_port)
+  SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/data" \
+    target/release/sluice --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
+    >"$SLUICE_WORK/server.log" 2>&1 &
+  SLUICE_PID=$!
+  for _ in $(seq 1 100); do
+    grep -q "sluice listening" "$SLUICE_WORK/server.log" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  cat "$SLUICE_WORK/server.log" >&2
+  return 1
+}
+
+stop_release_server() {
+  if [ -n "${SLUICE_PID:-}" ]; then kill "$SLUICE_PID" 2>/dev/null && wait "$SLUICE_PID" 2>/dev/null; fi
+  [ -n "${SLUICE_WORK:-}" ] && rm -rf "$SLUICE_WORK"
+  return 0
+}
+
+# The client flags for the server started by start_release_server.
+release_server_client_flags() {
+  echo --addr "https://localhost:$SLUICE_PORT" --ca "$SLUICE_WORK/certs/ca.pem" \
+    --cert "$SLUICE_WORK/certs/client.pem" --key "$SLUICE_WORK/certs/client.key"
+}

@@ -48,8 +48,9 @@ pub enum BenchError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// How to reach the server.
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+pub struct ConnectArgs {
     /// Server address.
     #[arg(long, default_value = "https://localhost:50051")]
     pub addr: String,
@@ -64,6 +65,12 @@ pub struct BenchArgs {
     /// Use plaintext (for a server started with --insecure-plaintext).
     #[arg(long)]
     pub plaintext: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Concurrent streams, each on its own connection.
     #[arg(long, default_value_t = 8)]
     pub streams: usize,
@@ -150,15 +157,8 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct QueryBenchArgs {
-    /// Server address.
-    #[arg(long, default_value = "https://localhost:50051")]
-    pub addr: String,
-    #[arg(long, default_value = "certs/ca.pem")]
-    pub ca: PathBuf,
-    #[arg(long, default_value = "certs/client.pem")]
-    pub cert: PathBuf,
-    #[arg(long, default_value = "certs/client.key")]
-    pub key: PathBuf,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// Calls per scenario.
     #[arg(long, default_value_t = 300)]
     pub iterations: usize,
@@ -180,9 +180,7 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
     use crate::proto::{
         ExportRequest, QueryRequest, StatsRequest, query_service_client::QueryServiceClient,
     };
-    let channel = endpoint(&args.addr, false, &args.ca, &args.cert, &args.key)?
-        .connect()
-        .await?;
+    let channel = endpoint(&args.connect)?.connect().await?;
     let mut client = QueryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let mut rng = StdRng::seed_from_u64(7);
     let now = Utc::now();
@@ -594,25 +592,18 @@ async fn drive_stream(
 }
 
 async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, BenchError> {
-    let channel = endpoint(&args.addr, args.plaintext, &args.ca, &args.cert, &args.key)?
-        .connect()
-        .await?;
+    let channel = endpoint(&args.connect)?.connect().await?;
     Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-fn endpoint(
-    addr: &str,
-    plaintext: bool,
-    ca: &PathBuf,
-    cert: &PathBuf,
-    key: &PathBuf,
-) -> Result<tonic::transport::Endpoint, BenchError> {
-    let mut endpoint = Channel::from_shared(addr.to_owned()).map_err(|error| {
+fn endpoint(args: &ConnectArgs) -> Result<tonic::transport::Endpoint, BenchError> {
+    let addr = &args.addr;
+    let mut endpoint = Channel::from_shared(addr.clone()).map_err(|error| {
         BenchError::Rpc(tonic::Status::invalid_argument(format!(
             "bad address {addr}: {error}"
         )))
     })?;
-    if !plaintext {
+    if !args.plaintext {
         let read = |path: &PathBuf| {
             std::fs::read(path).map_err(|source| BenchError::Read {
                 path: path.clone(),
@@ -620,8 +611,8 @@ fn endpoint(
             })
         };
         let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca)?))
-            .identity(Identity::from_pem(read(cert)?, read(key)?))
+            .ca_certificate(Certificate::from_pem(read(&args.ca)?))
+            .identity(Identity::from_pem(read(&args.cert)?, read(&args.key)?))
             .domain_name("localhost");
         endpoint = endpoint.tls_config(tls)?;
     }

@@ -26,6 +26,19 @@ use crate::{
     },
 };
 
+/// Message size limit and compression (gzip and zstd, both ways) for a generated service. A
+/// macro because the generated servers share these methods but no trait.
+macro_rules! with_codec_limits {
+    ($service:expr, $config:expr) => {
+        $service
+            .max_decoding_message_size($config.grpc.max_message_bytes)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+    };
+}
+
 /// How often partitions ahead are checked.
 const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -107,29 +120,25 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let ingest = IngestServiceServer::new(IngestHandler::new(
-        buffer.clone(),
-        config.clone(),
-        stopping.clone(),
-    ))
-    .max_decoding_message_size(config.grpc.max_message_bytes)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .accept_compressed(CompressionEncoding::Zstd)
-    .send_compressed(CompressionEncoding::Gzip)
-    .send_compressed(CompressionEncoding::Zstd);
+    let ingest = with_codec_limits!(
+        IngestServiceServer::new(IngestHandler::new(
+            buffer.clone(),
+            config.clone(),
+            stopping.clone()
+        )),
+        config
+    );
 
-    let query = QueryServiceServer::new(QueryHandler::new(
-        store.clone(),
-        buffer.clone(),
-        writer_context.breaker.clone(),
-        writer_context.spool.clone(),
-        config.clone(),
-    ))
-    .max_decoding_message_size(config.grpc.max_message_bytes)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .accept_compressed(CompressionEncoding::Zstd)
-    .send_compressed(CompressionEncoding::Gzip)
-    .send_compressed(CompressionEncoding::Zstd);
+    let query = with_codec_limits!(
+        QueryServiceServer::new(QueryHandler::new(
+            store.clone(),
+            buffer.clone(),
+            writer_context.breaker.clone(),
+            writer_context.spool.clone(),
+            config.clone(),
+        )),
+        config
+    );
 
     let mut builder = Server::builder()
         .layer(tower::util::MapResponseLayer::new(

@@ -194,15 +194,7 @@ async fn full_buffer_refuses_with_retry_info_and_exactly_the_accepted_events_are
     )
     .await;
     // Stall the writers: COPY waits for this lock until the transaction ends.
-    let mut blocker = database.connect().await;
-    sqlx::query("BEGIN")
-        .execute(&mut blocker)
-        .await
-        .expect("begin");
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut blocker)
-        .await
-        .expect("lock");
+    let blocker = database.stall_writers().await;
 
     let mut client = server.ingest_client().await;
     let (requests, request_stream) = tokio::sync::mpsc::channel(4);
@@ -231,10 +223,7 @@ async fn full_buffer_refuses_with_retry_info_and_exactly_the_accepted_events_are
     });
     // Release the writers so the events admitted before the refusal commit.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    sqlx::query("ROLLBACK")
-        .execute(&mut blocker)
-        .await
-        .expect("unlock");
+    TestDatabase::resume_writers(blocker).await;
 
     let status = call.await.expect("task").expect_err("refused");
     assert_eq!(status.code(), Code::ResourceExhausted);
@@ -364,15 +353,7 @@ async fn ingest_stream_acks_every_sequence_once_durable_and_refuses_only_the_seq
             .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
     )
     .await;
-    let mut blocker = database.connect().await;
-    sqlx::query("BEGIN")
-        .execute(&mut blocker)
-        .await
-        .expect("begin");
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut blocker)
-        .await
-        .expect("lock");
+    let blocker = database.stall_writers().await;
 
     let mut client = server.ingest_client().await;
     let (requests, request_stream) = tokio::sync::mpsc::channel(16);
@@ -401,10 +382,7 @@ async fn ingest_stream_acks_every_sequence_once_durable_and_refuses_only_the_seq
         (3, Code::ResourceExhausted as i32)
     );
     assert!(refusal.retry_after.is_some());
-    sqlx::query("ROLLBACK")
-        .execute(&mut blocker)
-        .await
-        .expect("unlock");
+    TestDatabase::resume_writers(blocker).await;
     let mut durable = Vec::new();
     for _ in 0..3 {
         let ack = acks.next().await.expect("ack").expect("ok");

@@ -553,15 +553,7 @@ async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events
     );
 
     // Events accepted just before the call, still in the buffer (writers stalled), go too.
-    let mut blocker = database.connect().await;
-    sqlx::query("BEGIN")
-        .execute(&mut blocker)
-        .await
-        .expect("begin");
-    sqlx::query("LOCK TABLE events IN SHARE MODE")
-        .execute(&mut blocker)
-        .await
-        .expect("lock");
+    let blocker = database.stall_writers().await;
     let mut late_client = ingest.clone();
     let late = tokio::spawn(async move {
         let events = (0..5)
@@ -590,10 +582,7 @@ async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::query("ROLLBACK")
-        .execute(&mut blocker)
-        .await
-        .expect("unlock");
+    TestDatabase::resume_writers(blocker).await;
     assert_eq!(late.await.expect("late").accepted, 5);
     let deleted = deletion
         .await
@@ -736,4 +725,56 @@ async fn stats_agree_with_the_stored_rows_after_a_mixed_ingest() {
     let buffer = stats.buffer.expect("buffer");
     assert_eq!(buffer.max_events, 50_000);
     assert_eq!(stats.writer.expect("writer").circuit, "closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_read_replica_reads_go_to_it_and_writes_stay_on_the_primary() {
+    common::init_crypto();
+    // A stand-in for a streaming replica: another database, migrated and filled by a first server.
+    let replica = TestDatabase::create().await;
+    {
+        let seeding = TestServer::start(ServerSpec::with_database(&replica.url)).await;
+        let mut client = seeding.ingest_client().await;
+        publish(&mut client, vec![event("replica", "only on the replica")]).await;
+    }
+    let primary = TestDatabase::create().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&primary.url).env("SLUICE_READ_DATABASE_URL", &replica.url),
+    )
+    .await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = QueryServiceClient::new(server.channel().await);
+    publish(
+        &mut ingest,
+        vec![event("primary", "written to the primary")],
+    )
+    .await;
+
+    let read = query_all(&mut query, QueryRequest::default()).await;
+    assert_eq!(
+        messages(&read),
+        ["only on the replica"],
+        "Query reads the replica"
+    );
+    let stats = query
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(
+        stats
+            .services
+            .iter()
+            .map(|service| service.service.as_str())
+            .collect::<Vec<_>>(),
+        ["replica"]
+    );
+    assert_eq!(
+        primary
+            .scalar("SELECT count(*) FROM events WHERE service = 'primary'")
+            .await,
+        1,
+        "ingest writes the primary"
+    );
+    assert!(server.logs().contains("reads go to the read replica"));
 }

@@ -54,6 +54,28 @@ impl TestDatabase {
             .expect("connect to test database")
     }
 
+    /// Holds a lock on `events` that blocks the writers' COPY (reads still work) until the
+    /// returned connection is passed to [`TestDatabase::resume_writers`].
+    pub async fn stall_writers(&self) -> PgConnection {
+        let mut connection = self.connect().await;
+        sqlx::query("BEGIN")
+            .execute(&mut connection)
+            .await
+            .expect("begin");
+        sqlx::query("LOCK TABLE events IN SHARE MODE")
+            .execute(&mut connection)
+            .await
+            .expect("lock");
+        connection
+    }
+
+    pub async fn resume_writers(mut connection: PgConnection) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut connection)
+            .await
+            .expect("unlock");
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
         let mut connection = self.connect().await;
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
