@@ -221,8 +221,28 @@ async fn full_buffer_refuses_with_retry_info_and_exactly_the_accepted_events_are
             }
         }
     });
+    // While the buffer is full, health says NOT_SERVING for ingest.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let ingest_health = tonic_health::pb::HealthCheckRequest {
+        service: "sluice.v1.IngestService".to_owned(),
+    };
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health
+        .check(ingest_health.clone())
+        .await
+        .expect("health")
+        .into_inner()
+        .status
+        != not_serving
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health stayed SERVING with a full buffer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Release the writers so the events admitted before the refusal commit.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     TestDatabase::resume_writers(blocker).await;
 
     let status = call.await.expect("task").expect_err("refused");
