@@ -22,6 +22,7 @@ CREATE INDEX events_user_id_idx ON events (user_id) WHERE user_id IS NOT NULL;
 CREATE TABLE dead_letters (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     event_id    uuid        NOT NULL,
+    ts          timestamptz NOT NULL,
     service     text        NOT NULL,
     user_id     text,
     raw         bytea       NOT NULL,
@@ -31,3 +32,5 @@ CREATE TABLE dead_letters (
 );
 
 CREATE INDEX dead_letters_user_id_idx ON dead_letters (user_id) WHERE user_id IS NOT NULL;
+-- One row per event: a batch retried after a partial failure does not dead-letter twice.
+CREATE UNIQUE INDEX dead_letters_event_idx ON dead_letters (event_id, ts);

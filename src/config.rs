@@ -54,8 +54,9 @@ pub struct DatabaseConfig {
     /// Optional read replica for Query, Export and Stats. Also read from
     /// `SLUICE_READ_DATABASE_URL`.
     pub read_url: Option<String>,
-    /// Connections kept for queries and maintenance, on top of one per writer.
-    pub extra_connections: u32,
+    /// Connections for Query, Export and Stats: a pool of their own (on the read replica when
+    /// set), so slow readers never take the writers' connections.
+    pub read_connections: u32,
     /// How long to wait for a connection before failing a database call.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -122,6 +123,9 @@ pub struct WriterConfig {
     pub retry_initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max_backoff: Duration,
+    /// Longest one batch write may take before it counts as a failure.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,6 +172,8 @@ pub struct ValidationConfig {
     pub max_future_skew: Duration,
     /// Rejections detailed in one response (all are counted).
     pub max_reported_rejections: usize,
+    /// Largest `user_id`, in bytes (it is indexed).
+    pub max_user_id_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,7 +224,7 @@ impl Default for DatabaseConfig {
         Self {
             url: None,
             read_url: None,
-            extra_connections: 4,
+            read_connections: 4,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -267,6 +273,7 @@ impl Default for WriterConfig {
             flush_interval: Duration::from_millis(5),
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -301,6 +308,7 @@ impl Default for ValidationConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             max_future_skew: Duration::from_secs(5 * 60),
             max_reported_rejections: 100,
+            max_user_id_bytes: 256,
         }
     }
 }
@@ -376,6 +384,13 @@ impl Config {
         }
         if self.writer.batch_max_events == 0 || self.writer.batch_max_bytes == 0 {
             return invalid("writer.batch_max_events", "batch limits must be at least 1");
+        }
+        if self.writer.batch_max_bytes > 64 * 1024 * 1024 {
+            // A spooled batch is one spool record; keep it well under the record size limit.
+            return invalid(
+                "writer.batch_max_bytes",
+                "must be at most 67108864 (64 MiB)",
+            );
         }
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");

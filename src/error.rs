@@ -61,12 +61,25 @@ impl From<QueryError> for Status {
         match error {
             QueryError::InvalidArgument { field, reason } => bad_request(message, field, reason),
             QueryError::Database(database_error) => {
-                tracing::error!(error = %database_error, "query failed in the database");
-                let code = if database_error.as_database_error().is_some() {
-                    Code::Internal
-                } else {
-                    Code::Unavailable
+                let sqlstate = database_error
+                    .as_database_error()
+                    .and_then(|error| error.code())
+                    .map(|code| code.into_owned());
+                let code = match sqlstate
+                    .as_deref()
+                    .map(|state| state.get(..2).unwrap_or_default())
+                {
+                    // Data exceptions: a filter value PostgreSQL cannot take.
+                    Some("22") => {
+                        return Status::invalid_argument(format!(
+                            "invalid filter value: {database_error}"
+                        ));
+                    }
+                    // Connection, resources, operator intervention, serialization: retryable.
+                    None | Some("08" | "40" | "53" | "57") => Code::Unavailable,
+                    Some(_) => Code::Internal,
                 };
+                tracing::error!(error = %database_error, sqlstate = sqlstate.as_deref(), "query failed in the database");
                 Status::new(code, "database error; see server logs")
             }
             QueryError::Spool(spool_error) => {

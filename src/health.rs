@@ -1,7 +1,8 @@
 //! `grpc.health.v1` statuses, kept current by a watcher task.
 //!
 //! `sluice.v1.IngestService` (and the overall `""` service) is SERVING while the buffer has room,
-//! PostgreSQL answers and the writers are not failing; NOT_SERVING otherwise and during shutdown.
+//! PostgreSQL answers and the circuit breaker is closed; NOT_SERVING otherwise and during
+//! shutdown.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,7 +13,7 @@ use crate::{
     buffer::Buffer,
     metrics,
     store::Store,
-    writer::{WriterStatus, breaker::Breaker},
+    writer::breaker::{Breaker, CircuitState},
 };
 
 pub const INGEST_SERVICE: &str = "sluice.v1.IngestService";
@@ -25,7 +26,6 @@ pub async fn watch(
     reporter: HealthReporter,
     buffer: Arc<Buffer>,
     store: Arc<Store>,
-    writers: Arc<WriterStatus>,
     breaker: Arc<Breaker>,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -38,7 +38,7 @@ pub async fn watch(
         let usage = buffer.usage();
         let database_up = store.is_reachable(PING_TIMEOUT).await;
         let full = usage.is_full();
-        let failing = writers.is_failing();
+        let failing = breaker.state() != CircuitState::Closed;
         let serving = database_up && !full && !failing && !buffer.is_closed();
         metrics::health(usage, database_up, serving);
         metrics::circuit(breaker.state().as_str());
@@ -49,7 +49,7 @@ pub async fn watch(
                 tracing::warn!(
                     database_up,
                     buffer_full = full,
-                    writers_failing = failing,
+                    circuit = breaker.state().as_str(),
                     "ingest is NOT_SERVING"
                 );
             }

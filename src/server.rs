@@ -19,7 +19,7 @@ use crate::{
     store::{Store, StoreError},
     tls::{self, TlsError},
     writer::{
-        self, WriterContext, WriterStatus,
+        self, WriterContext,
         breaker::Breaker,
         replay,
         spool::{Spool, SpoolError},
@@ -81,7 +81,6 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         pool: store.pool.clone(),
         buffer: buffer.clone(),
         receiver,
-        status: Arc::new(WriterStatus::default()),
         breaker: Arc::new(Breaker::new(&config.breaker)),
         spool: spool.clone(),
     };
@@ -94,7 +93,6 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         health_reporter,
         buffer.clone(),
         store.clone(),
-        writer_context.status.clone(),
         writer_context.breaker.clone(),
         stopping.clone(),
     ));
@@ -102,6 +100,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         let breaker = writer_context.breaker.clone();
         tokio::spawn(replay::run(
             store.pool.clone(),
+            config.writer.write_timeout,
             breaker,
             spool,
             stopping.clone(),
@@ -187,8 +186,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut serve = Box::pin(serve);
     // Serve until the signal; then give in-flight calls and the writers the shutdown timeout.
     let mut stopping_watch = stopping.clone();
-    tokio::select! {
-        result = &mut serve => result?,
+    // Cleanup below runs whatever the outcome; the outcome is returned last.
+    let outcome: Result<(), ServerError> = tokio::select! {
+        result = &mut serve => result.map_err(ServerError::from),
         _ = async { stopping_watch.wait_for(|stopping| *stopping).await.map(|_| ()) } => {
             let drain = async {
                 let served = (&mut serve).await;
@@ -196,14 +196,15 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
                 served
             };
             match tokio::time::timeout(shutdown_timeout, drain).await {
-                Ok(served) => served?,
+                Ok(served) => served.map_err(ServerError::from),
                 Err(_) => {
                     let left = buffer.usage().events;
                     tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
+                    Ok(())
                 }
             }
         }
-    }
+    };
     // The services hold the store; drop them so the store can be closed below.
     drop(serve);
     buffer.close();
@@ -219,7 +220,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     drop(writer_context);
     tracing::info!("all acknowledged events are stored; stopping");
     store.close().await;
-    Ok(())
+    outcome
 }
 
 /// Creates dev certificates on first run (unless paths are configured) and loads the mTLS

@@ -61,8 +61,46 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
     let cluster = EmbeddedPostgres::start(&data_dir).expect("attach to the running cluster");
     cluster.stop().expect("stop PostgreSQL");
     wait_for_status(&server, ServingStatus::NotServing).await;
+    // During the outage an event is still acknowledged: the circuit opens and it is spooled.
+    let during = client
+        .publish(IngestRequest {
+            events: vec![event("embedded", "during outage")],
+            sequence: 0,
+        })
+        .await;
+    assert_eq!(
+        during.expect("publish during outage").into_inner().accepted,
+        1
+    );
+    // Back up, with no traffic at all: the replayer's probe closes the circuit, health recovers
+    // and the spooled event reaches PostgreSQL.
     let cluster = EmbeddedPostgres::start(&data_dir).expect("restart PostgreSQL");
     wait_for_status(&server, ServingStatus::Serving).await;
+    let mut query =
+        sluice::proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let request = sluice::proto::QueryRequest {
+            message_contains: "during outage".to_owned(),
+            ..Default::default()
+        };
+        if !query
+            .query(request)
+            .await
+            .expect("query")
+            .into_inner()
+            .events
+            .is_empty()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spooled event not replayed:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let response = client
         .publish(IngestRequest {
@@ -103,7 +141,7 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
         .fetch_one(&mut connection)
         .await
         .expect("count");
-    assert_eq!(stored, 2);
+    assert_eq!(stored, 3, "before, during and after the outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -317,13 +317,15 @@ impl IngestHandler {
         let max_reported = self.config.validation.max_reported_rejections;
         let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
         let mut reading = true;
-        let mut interrupted = false;
+        // Why the stream ends with an error, sent only after every pending ack: a status ends
+        // the response stream, and acks after it could not reach the client.
+        let mut final_error: Option<Status> = None;
         let mut stopping = self.stopping.clone();
         while reading || !pending.is_empty() {
             let ack = tokio::select! {
                 _ = until_stopping(&mut stopping), if reading => {
                     reading = false;
-                    interrupted = true;
+                    final_error = Some(IngestError::ShuttingDown { progress: Progress::default() }.into());
                     None
                 }
                 Some(ack) = pending.next(), if !pending.is_empty() => Some(Ok(ack)),
@@ -334,10 +336,11 @@ impl IngestHandler {
                         None
                     }
                     Err(status) => {
-                        // The client is gone or sent garbage: report it and stop reading. Acks
-                        // still pending are sent if the client listens.
+                        // The client is gone or sent garbage: stop reading, send the acks
+                        // still pending if the client listens, then the error.
                         reading = false;
-                        Some(Err(Status::from(stream_error(status))))
+                        final_error = Some(stream_error(status).into());
+                        None
                     }
                 },
             };
@@ -346,12 +349,9 @@ impl IngestHandler {
                 return;
             }
         }
-        if interrupted {
-            let shutting_down = IngestError::ShuttingDown {
-                progress: Progress::default(),
-            };
-            // Every pending ack was sent; the client may be gone already, which is fine.
-            let _ = acks.send(Err(Status::from(shutting_down))).await;
+        if let Some(error) = final_error {
+            // The client may be gone already, which is fine.
+            let _ = acks.send(Err(error)).await;
         }
     }
 

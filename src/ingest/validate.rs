@@ -1,7 +1,7 @@
 //! Per-event validation. An invalid event becomes an [`EventRejection`]; it never fails the
 //! request it came in.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use prost_types::{Struct, Value, value::Kind};
 use serde_json::{Map, Number, Value as Json};
 use uuid::Uuid;
@@ -30,7 +30,7 @@ impl<'a> Validator<'a> {
         let reject =
             |field: &'static str, metric_reason: &'static str, reason: String| EventRejection {
                 index,
-                event_id: event.id.clone(),
+                event_id: echoed_id(&event.id),
                 field,
                 reason,
                 metric_reason,
@@ -88,6 +88,16 @@ impl<'a> Validator<'a> {
         } else {
             Some(event.user_id)
         };
+        if let Some(user_id) = &user_id
+            && user_id.len() > self.limits.max_user_id_bytes
+        {
+            let reason = format!(
+                "user_id is {} bytes, the limit is {}",
+                user_id.len(),
+                self.limits.max_user_id_bytes
+            );
+            return Err(reject("user_id", "user_id_too_large", reason));
+        }
         Ok(ValidEvent {
             index,
             id,
@@ -126,7 +136,9 @@ impl<'a> Validator<'a> {
             let reason = format!("timestamp {parsed} is in the future (newest accepted: {newest})");
             return Err(("timestamp_in_future", reason));
         }
-        Ok(parsed)
+        // PostgreSQL keeps microseconds; so does the event from here on, so that the stored
+        // (id, ts) key equals the one in memory.
+        Ok(parsed.trunc_subsecs(6))
     }
 }
 
@@ -210,6 +222,18 @@ fn json_to_value(value: Json) -> Value {
         Json::Object(object) => Kind::StructValue(json_to_struct(object)),
     };
     Value { kind: Some(kind) }
+}
+
+/// Longest event id echoed back in a rejection (a UUID is 36 characters; anything longer is
+/// cut so that rejections stay small whatever the client sent).
+const MAX_ECHOED_ID: usize = 64;
+
+fn echoed_id(id: &str) -> String {
+    let mut end = id.len().min(MAX_ECHOED_ID);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    id[..end].to_owned()
 }
 
 /// Whole numbers within f64's exact integer range are stored as JSON integers.
@@ -499,6 +523,23 @@ mod tests {
             )),
             "metadata"
         );
+    }
+
+    #[test]
+    fn user_id_is_bounded_and_echoed_ids_are_cut() {
+        let limits = limits();
+        let validator = Validator::new(&limits, now());
+        let long_user = Event {
+            user_id: "u".repeat(257),
+            ..event()
+        };
+        assert_eq!(field_of(validator.validate(0, long_user)), "user_id");
+        let garbage_id = Event {
+            id: "x".repeat(10_000),
+            ..event()
+        };
+        let rejection = validator.validate(0, garbage_id).expect_err("bad id");
+        assert_eq!(rejection.event_id.len(), 64);
     }
 
     #[test]

@@ -48,6 +48,17 @@ fn non_empty(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
+/// PostgreSQL text cannot hold NUL, so no stored value can match one: refuse it up front.
+fn no_nul(field: &'static str, text: &str) -> Result<(), QueryError> {
+    if text.contains('\0') {
+        return Err(QueryError::invalid(
+            field,
+            "must not contain NUL characters",
+        ));
+    }
+    Ok(())
+}
+
 impl Filter {
     #[allow(clippy::too_many_arguments)]
     fn build(
@@ -58,6 +69,8 @@ impl Filter {
         metadata_contains: Option<&prost_types::Struct>,
         message_contains: String,
     ) -> Result<Self, QueryError> {
+        no_nul("user_id", &user_id)?;
+        no_nul("message_contains", &message_contains)?;
         for service in &services {
             check_service(service).map_err(|reason| QueryError::invalid("services", reason))?;
         }

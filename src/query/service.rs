@@ -361,7 +361,7 @@ async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError
     }
 }
 
-/// Dead letters match by user and service (they keep no event time column of their own).
+/// Dead letters match on the same user, services and event time range as the events.
 async fn delete_dead_letters(
     pool: &PgPool,
     filter: &Filter,
@@ -372,16 +372,8 @@ async fn delete_dead_letters(
     } else {
         "WITH removed AS (DELETE FROM dead_letters"
     });
-    builder.push(" WHERE TRUE");
-    if let Some(user_id) = &filter.user_id {
-        builder.push(" AND user_id = ").push_bind(user_id.clone());
-    }
-    if !filter.services.is_empty() {
-        builder
-            .push(" AND service = ANY(")
-            .push_bind(filter.services.clone())
-            .push(")");
-    }
+    // dead_letters has the service, ts and user_id columns a Delete filter uses.
+    filter.push_where(&mut builder);
     if !dry_run {
         builder.push(" RETURNING 1) SELECT count(*) FROM removed");
     }

@@ -32,6 +32,10 @@ pub enum StoreError {
     Embedded(#[from] embedded::EmbeddedError),
 }
 
+/// Connections of the write pool beyond one per writer: health pings, partition upkeep, the
+/// spool replayer and Delete.
+const WRITE_SIDE_EXTRA_CONNECTIONS: u32 = 3;
+
 /// Pool settings shared by the primary and the read replica: size, acquire timeout, and
 /// TCP_NODELAY on each new connection.
 fn pool_options(config: &Config, max_connections: u32) -> PgPoolOptions {
@@ -79,9 +83,9 @@ impl Store {
         let options = options.application_name("sluice");
         let pool = pool_options(
             config,
-            config.writer.workers as u32 + config.database.extra_connections,
+            config.writer.workers as u32 + WRITE_SIDE_EXTRA_CONNECTIONS,
         )
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
         .map_err(StoreError::Connect)?;
         MIGRATOR.run(&pool).await?;
@@ -91,12 +95,17 @@ impl Store {
                     .map_err(StoreError::Url)?
                     .application_name("sluice-read");
                 tracing::info!("reads go to the read replica");
-                pool_options(config, config.database.extra_connections.max(1))
+                pool_options(config, config.database.read_connections.max(1))
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?
             }
-            None => pool.clone(),
+            // A pool of its own even on the primary: slow readers (an Export to a slow client)
+            // can never take the connections the writers need.
+            None => pool_options(config, config.database.read_connections.max(1))
+                .connect_with(options.application_name("sluice-read"))
+                .await
+                .map_err(StoreError::Connect)?,
         };
         let store = Self {
             pool,

@@ -40,6 +40,11 @@ pub async fn ensure_partitions(
 ) -> Result<usize, sqlx::Error> {
     let mut created = 0;
     let mut transaction = pool.begin().await?;
+    // Creating a partition locks `events`; never queue behind a long reader (and hold up every
+    // writer behind this DDL) for more than a few seconds. A timeout is retried later.
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *transaction)
+        .await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.partitions'))")
         .execute(&mut *transaction)
         .await?;

@@ -8,10 +8,7 @@ pub mod sink;
 pub mod spool;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -29,22 +26,6 @@ use breaker::{Breaker, CircuitState};
 use sink::{EventOutcome, Sink};
 use spool::{Spool, SpoolError};
 
-/// Shared view of the writers' health: true while a write keeps failing.
-#[derive(Debug, Default)]
-pub struct WriterStatus {
-    failing: AtomicBool,
-}
-
-impl WriterStatus {
-    pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
-    }
-
-    fn set_failing(&self, failing: bool) {
-        self.failing.store(failing, Ordering::Relaxed);
-    }
-}
-
 /// What the writers share.
 #[derive(Clone)]
 pub struct WriterContext {
@@ -52,7 +33,6 @@ pub struct WriterContext {
     pub pool: PgPool,
     pub buffer: Arc<Buffer>,
     pub receiver: BufferReceiver,
-    pub status: Arc<WriterStatus>,
     pub breaker: Arc<Breaker>,
     /// Where batches go while the circuit is open; None when the spool is disabled.
     pub spool: Option<Arc<Spool>>,
@@ -65,7 +45,11 @@ pub fn spawn(context: &WriterContext) -> JoinSet<()> {
         writers.spawn(
             Writer {
                 worker,
-                sink: Sink::new(context.pool.clone(), worker as i16),
+                sink: Sink::new(
+                    context.pool.clone(),
+                    worker as i16,
+                    context.config.write_timeout,
+                ),
                 context: context.clone(),
             }
             .run(),
@@ -148,7 +132,6 @@ impl Writer {
                     }
                     Err(error) => {
                         self.breaker.record_failure();
-                        self.status.set_failing(true);
                         metrics::writer_error(sink::classify(&error).as_str());
                         tracing::warn!(worker = self.worker, attempt, events = events.len(), %error, "batch write failed");
                     }
@@ -172,9 +155,8 @@ impl Writer {
             tokio::time::sleep(delay).await;
             backoff = (backoff * 2).min(self.config.retry_max_backoff);
         };
-        if self.status.is_failing() && self.breaker.state() == CircuitState::Closed {
-            tracing::info!(worker = self.worker, attempt, "batch writes succeed again");
-            self.status.set_failing(false);
+        if attempt > 1 {
+            tracing::info!(worker = self.worker, attempt, "batch written after retries");
         }
         metrics::batch_written(events.len(), started.elapsed());
         self.buffer.record_drained(events.len());

@@ -1,5 +1,6 @@
-//! The replayer: drains spooled batches into PostgreSQL once the circuit is closed again, then
-//! deletes the replayed segments. A spool left on disk by an earlier run is replayed too.
+//! The replayer: while the circuit is open it probes the database, so the circuit closes when
+//! PostgreSQL is back even if no traffic arrives; once closed, it drains spooled batches into
+//! PostgreSQL and deletes the replayed segments. A spool left by an earlier run is replayed too.
 
 use std::{sync::Arc, time::Duration};
 
@@ -14,6 +15,7 @@ use super::{
 use crate::{event::ValidEvent, metrics};
 
 const REPLAY_INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The rollup shard of replayed events (writers use their index, Delete uses -1).
 const REPLAY_SHARD: i16 = i16::MAX;
 
@@ -30,11 +32,12 @@ enum ReplayError {
 /// Replays until `stopping` turns true. What is left is replayed at the next start.
 pub async fn run(
     pool: PgPool,
+    write_timeout: Duration,
     breaker: Arc<Breaker>,
     spool: Arc<Spool>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let sink = Sink::new(pool, REPLAY_SHARD);
+    let sink = Sink::new(pool.clone(), REPLAY_SHARD, write_timeout);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPLAY_INTERVAL) => {}
@@ -43,7 +46,19 @@ pub async fn run(
         if *stopping.borrow() {
             return;
         }
-        if spool.is_empty() || breaker.state() != CircuitState::Closed {
+        if breaker.state() != CircuitState::Closed {
+            if !breaker.allow() {
+                continue;
+            }
+            // This task is the half-open probe.
+            if is_reachable(&pool).await {
+                breaker.record_success();
+            } else {
+                breaker.record_failure();
+                continue;
+            }
+        }
+        if spool.is_empty() {
             continue;
         }
         spool.seal_active();
@@ -65,6 +80,11 @@ pub async fn run(
             }
         }
     }
+}
+
+async fn is_reachable(pool: &PgPool) -> bool {
+    let ping = sqlx::query("SELECT 1").execute(pool);
+    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
 }
 
 /// Writes every batch of a segment; idempotent, so a segment interrupted halfway can be

@@ -9,7 +9,10 @@
 //! - A missing partition is created, then the batch is retried.
 //! - Anything else (connection lost, database down) is returned as transient: the caller retries.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
@@ -18,7 +21,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::copy;
-use crate::{event::ValidEvent, store::partitions};
+use crate::{event::ValidEvent, metrics, store::partitions};
 
 /// What happened to one event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,17 +80,37 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
 pub struct Sink {
     pool: PgPool,
     shard: i16,
+    timeout: Duration,
 }
 
 impl Sink {
-    pub fn new(pool: PgPool, shard: i16) -> Self {
-        Self { pool, shard }
+    /// `timeout` bounds one whole batch write: a database that hangs (a black-holed network, a
+    /// lock held for long) counts as a failure for the circuit breaker instead of stalling.
+    pub fn new(pool: PgPool, shard: i16, timeout: Duration) -> Self {
+        Self {
+            pool,
+            shard,
+            timeout,
+        }
     }
 
     /// Writes `events`, returning one outcome per event in order, or the transient error that
     /// stopped it (nothing of the batch is then committed by the failing step; retrying is safe
     /// because retries are idempotent).
     pub async fn write_batch(
+        &self,
+        events: &[&ValidEvent],
+    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
+        match tokio::time::timeout(self.timeout, self.write_batch_untimed(events)).await {
+            Ok(result) => result,
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("batch write took longer than {:?}", self.timeout),
+            ))),
+        }
+    }
+
+    async fn write_batch_untimed(
         &self,
         events: &[&ValidEvent],
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
@@ -146,10 +169,24 @@ impl Sink {
                     | FailureKind::BadData
                     | FailureKind::MissingPartition => {
                         if let [event] = events {
-                            dead_letter(pool, event, &error).await?;
-                            return Ok(vec![EventOutcome::DeadLettered {
-                                reason: database_reason(&error),
-                            }]);
+                            let mut reason = database_reason(&error);
+                            match dead_letter(pool, event, &error).await {
+                                Ok(()) => {}
+                                Err(transient)
+                                    if classify(&transient) == FailureKind::Transient =>
+                                {
+                                    return Err(transient);
+                                }
+                                // The dead-letter row itself is refused: still tell the client,
+                                // never retry a batch forever for it.
+                                Err(refused) => {
+                                    tracing::error!(event_id = %event.id, error = %refused, "cannot keep refused event in dead letters");
+                                    metrics::writer_error("dead_letter_refused");
+                                    reason
+                                        .push_str("; it could not be kept in dead letters either");
+                                }
+                            }
+                            return Ok(vec![EventOutcome::DeadLettered { reason }]);
                         }
                         let (left, right) = events.split_at(events.len() / 2);
                         let mut outcomes = self.write_isolating(left).await?;
@@ -177,22 +214,29 @@ impl Sink {
         let mut copy_in = transaction.copy_in_raw(&statement).await?;
         copy_in.send(payload.freeze()).await?;
         copy_in.finish().await?;
-        let inserted: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id",
-        columns = copy::COLUMNS
-    )))
-    .fetch_all(&mut *transaction)
-    .await?;
-        let mut newly_stored: HashSet<Uuid> = inserted.into_iter().collect();
+        let inserted: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id, ts",
+            columns = copy::COLUMNS
+        )))
+        .fetch_all(&mut *transaction)
+        .await?;
+        // The key is (id, ts): count the rows inserted per key, and give them to the first
+        // events of the batch with that key; the rest were already stored.
+        let mut newly_stored: HashMap<(Uuid, DateTime<Utc>), usize> = HashMap::new();
+        for key in inserted {
+            *newly_stored.entry(key).or_default() += 1;
+        }
         let outcomes: Vec<EventOutcome> = events
             .iter()
-            .map(|event| {
-                if newly_stored.remove(&event.id) {
-                    EventOutcome::Stored
-                } else {
-                    EventOutcome::Duplicate
-                }
-            })
+            .map(
+                |event| match newly_stored.get_mut(&(event.id, event.timestamp)) {
+                    Some(remaining) if *remaining > 0 => {
+                        *remaining -= 1;
+                        EventOutcome::Stored
+                    }
+                    _ => EventOutcome::Duplicate,
+                },
+            )
             .collect();
         let stored = events
             .iter()
@@ -267,15 +311,19 @@ async fn dead_letter(
         .user_id
         .as_ref()
         .map(|user_id| user_id.replace('\0', ""));
-    sqlx::query("INSERT INTO dead_letters (event_id, service, user_id, raw, error, sqlstate) VALUES ($1, $2, $3, $4, $5, $6)")
-        .bind(event.id)
-        .bind(&event.service)
-        .bind(user_id)
-        .bind(raw.to_string().into_bytes())
-        .bind(database_reason(error))
-        .bind(sqlstate)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "INSERT INTO dead_letters (event_id, ts, service, user_id, raw, error, sqlstate) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (event_id, ts) DO NOTHING",
+    )
+    .bind(event.id)
+    .bind(event.timestamp)
+    .bind(&event.service)
+    .bind(user_id)
+    .bind(raw.to_string().into_bytes())
+    .bind(database_reason(error))
+    .bind(sqlstate)
+    .execute(pool)
+    .await?;
     tracing::warn!(event_id = %event.id, service = %event.service, error = %database_reason(error), "event refused by PostgreSQL, moved to dead letters");
     Ok(())
 }

@@ -32,6 +32,8 @@ pub enum SpoolError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("batch of {bytes} bytes is larger than a spool record may be ({max})")]
+    RecordTooLarge { bytes: usize, max: usize },
     #[error("cannot encode batch for the spool: {0}")]
     Encode(#[from] serde_json::Error),
 }
@@ -88,6 +90,14 @@ impl Spool {
         let mut sealed = BTreeMap::new();
         for entry in fs::read_dir(dir).map_err(io_error(dir))? {
             let path = entry.map_err(io_error(dir))?.path();
+            if path
+                .extension()
+                .is_some_and(|extension| extension == "rewrite")
+            {
+                // A purge interrupted before its rename: the original segment is intact.
+                fs::remove_file(&path).map_err(io_error(&path))?;
+                continue;
+            }
             let Some(sequence) = segment_sequence(&path) else {
                 continue;
             };
@@ -142,6 +152,12 @@ impl Spool {
 
     /// Appends one record payload made by [`Spool::encode`] and fsyncs it. Blocking.
     pub fn append_encoded(&self, payload: Vec<u8>) -> Result<(), SpoolError> {
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(SpoolError::RecordTooLarge {
+                bytes: payload.len(),
+                max: MAX_RECORD_BYTES,
+            });
+        }
         let record_bytes = (RECORD_HEADER + payload.len()) as u64;
         let mut state = self.lock();
         if state.total_bytes + record_bytes > self.max_bytes {
@@ -221,17 +237,12 @@ impl Spool {
         doomed: impl Fn(&ValidEvent) -> bool,
         dry_run: bool,
     ) -> Result<u64, SpoolError> {
-        if !dry_run {
-            self.seal_active();
-        }
+        // Seal and list in one critical section: later appends start a new segment, which is
+        // never rewritten here (it holds only events admitted after the Delete call).
         let sequences: Vec<u64> = {
-            let state = self.lock();
-            state
-                .sealed
-                .keys()
-                .copied()
-                .chain(state.active.as_ref().map(|active| active.sequence))
-                .collect()
+            let mut state = self.lock();
+            seal(&mut state);
+            state.sealed.keys().copied().collect()
         };
         let mut removed = 0;
         for sequence in sequences {
