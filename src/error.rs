@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use tonic::{Code, Status, metadata::MetadataMap};
+use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{ingest::IngestError, query::QueryError};
@@ -116,10 +116,19 @@ fn refusal(
         ("rejected".to_owned(), progress.rejected.to_string()),
     ]);
     details.set_error_info(reason, ERROR_DOMAIN, info);
-    let mut trailers = MetadataMap::new();
-    trailers.insert(ACCEPTED_TRAILER, progress.accepted.into());
-    trailers.insert(REJECTED_TRAILER, progress.rejected.into());
-    Status::with_error_details_and_metadata(code, message, details, trailers)
+    with_progress(Status::with_error_details(code, message, details), progress)
+}
+
+/// Adds the progress trailers to a status that ends a client stream, so the client knows how
+/// many of its events (in order) were handled before it.
+pub fn with_progress(mut status: Status, progress: Progress) -> Status {
+    status
+        .metadata_mut()
+        .insert(ACCEPTED_TRAILER, progress.accepted.into());
+    status
+        .metadata_mut()
+        .insert(REJECTED_TRAILER, progress.rejected.into());
+    status
 }
 
 fn bad_request(message: String, field: &str, description: String) -> Status {

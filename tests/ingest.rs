@@ -479,6 +479,15 @@ async fn a_request_over_the_event_limit_is_invalid_argument_with_bad_request() {
         .expect_err("too large");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.get_error_details().bad_request().is_some());
+    let accepted = status
+        .metadata()
+        .get("sluice-accepted")
+        .and_then(|value| value.to_str().ok());
+    assert_eq!(
+        accepted,
+        Some("0"),
+        "progress trailers tell the client what to resend"
+    );
     // A unary call is decoded before any handler runs; it gets the same answer.
     let status = limited_client
         .publish(requests[0].clone())

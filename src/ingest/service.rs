@@ -243,14 +243,17 @@ impl IngestService for IngestHandler {
                     let request = match message {
                         Ok(Some(request)) => request,
                         Ok(None) => break,
-                        Err(status) => return Err(stream_error(status).into()),
+                        Err(status) => {
+                            settle(&mut pending, &mut tally).await?;
+                            return Err(error::with_progress(stream_error(status).into(), tally.progress()));
+                        }
                     };
                     let count = request.events.len() as u64;
                     let validated = match self.validate(request, next_index) {
                         Ok(validated) => validated,
                         Err(error) => {
                             settle(&mut pending, &mut tally).await?;
-                            return Err(error.into());
+                            return Err(error::with_progress(error.into(), tally.progress()));
                         }
                     };
                     match self.admit(validated.events).await {
