@@ -59,8 +59,6 @@ impl EmbeddedPostgres {
             );
             return Err(EmbeddedError::Io { path: root, source });
         }
-        let data_dir = root.join("postgres");
-        let socket_dir = socket_dir_for(&root);
         let run_as = if nix::unistd::geteuid().is_root() {
             Some(
                 nix::unistd::User::from_name("postgres")
@@ -71,6 +69,23 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        // As root, the cluster runs as `postgres`, which must be able to reach its directory.
+        // Under a private home (e.g. /root/sluice, mode 0700) it cannot: keep the cluster in a
+        // directory of its own under /var/lib/sluice instead, and say so.
+        let root = match &run_as {
+            Some(user) if !is_reachable_by(&root, user) => {
+                let fallback = fallback_root(&root);
+                tracing::warn!(
+                    data_dir = %root.display(),
+                    cluster_dir = %fallback.display(),
+                    "the postgres user cannot reach the data directory; keeping the private cluster elsewhere"
+                );
+                fallback
+            }
+            _ => root,
+        };
+        let data_dir = root.join("postgres");
+        let socket_dir = socket_dir_for(&root);
         let cluster = Self {
             bin_dir,
             data_dir,
@@ -228,6 +243,36 @@ impl EmbeddedPostgres {
     }
 }
 
+/// Whether `user` can search every existing ancestor of `dir` (PostgreSQL, run as that user,
+/// must open its own data directory).
+fn is_reachable_by(dir: &Path, user: &nix::unistd::User) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    dir.ancestors()
+        .skip(1)
+        .filter_map(|ancestor| fs::metadata(ancestor).ok())
+        .all(|metadata| {
+            let mode = metadata.mode();
+            if metadata.uid() == user.uid.as_raw() {
+                mode & 0o100 != 0
+            } else if metadata.gid() == user.gid.as_raw() {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            }
+        })
+}
+
+/// Where the cluster of an unreachable data directory lives: one directory per data
+/// directory path under /var/lib/sluice.
+fn fallback_root(root: &Path) -> PathBuf {
+    PathBuf::from("/var/lib/sluice").join(format!("cluster-{:08x}", path_checksum(root)))
+}
+
+/// A stable checksum of a path (the same across builds and toolchains).
+fn path_checksum(path: &Path) -> u32 {
+    crc32c::crc32c(path.as_os_str().as_encoded_bytes())
+}
+
 /// The directory with `initdb`, `pg_ctl` and `postgres`: from PATH, `pg_config --bindir`, or
 /// the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bin_dir() -> Option<PathBuf> {
@@ -272,11 +317,7 @@ fn socket_dir_for(root: &Path) -> PathBuf {
     if preferred.as_os_str().len() <= MAX_SOCKET_DIR_LEN {
         return preferred;
     }
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    root.hash(&mut hasher);
-    let digest = hasher.finish();
-    std::env::temp_dir().join(format!("sluice-pg-{digest:x}"))
+    std::env::temp_dir().join(format!("sluice-pg-{:08x}", path_checksum(root)))
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, EmbeddedError> {
