@@ -317,3 +317,111 @@ async fn a_spool_with_a_torn_tail_is_replayed_at_startup_up_to_the_tear() {
     let leftover: Vec<_> = std::fs::read_dir(&spool_dir).expect("dir").collect();
     assert!(leftover.is_empty(), "replayed segments are deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhausted_and_lose_nothing()
+{
+    use tonic_types::StatusExt;
+    common::init_crypto();
+    let server = TestServer::start(
+        ServerSpec::default()
+            .env("SLUICE_SPOOL__MAX_BYTES", "20000")
+            .env("SLUICE_BUFFER__MAX_EVENTS", "200")
+            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
+    )
+    .await;
+    let data_dir = server.dir.path().join("data");
+    let cluster = EmbeddedPostgres::start(&data_dir).expect("attach to the private cluster");
+    let url = cluster.url();
+    cluster.stop().expect("stop PostgreSQL");
+
+    // Publish 50-event requests until refused: first the spool (20 kB) takes batches, then the
+    // buffer (200 events) fills behind it.
+    let mut client = server.ingest_client().await;
+    let mut acknowledged = HashSet::new();
+    let mut refusal = None;
+    let mut pending = tokio::task::JoinSet::new();
+    for round in 0..200 {
+        let events: Vec<_> = (0..50)
+            .map(|offset| event("spoolfull", &format!("{round}-{offset}")))
+            .collect();
+        let ids: Vec<Uuid> = events
+            .iter()
+            .map(|event| Uuid::parse_str(&event.id).expect("uuid"))
+            .collect();
+        let mut sender = client.clone();
+        pending.spawn(async move {
+            (
+                ids,
+                sender
+                    .publish(IngestRequest {
+                        events,
+                        sequence: 0,
+                    })
+                    .await,
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        while let Some(done) = pending.try_join_next() {
+            let (ids, result) = done.expect("task");
+            match result {
+                Ok(response) => {
+                    assert_eq!(response.into_inner().accepted, 50);
+                    acknowledged.extend(ids);
+                }
+                Err(status) => refusal = Some(status),
+            }
+        }
+        if refusal.is_some() {
+            break;
+        }
+    }
+    let refusal = refusal.expect("a full spool and buffer end in a refusal");
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    assert!(
+        refusal.get_error_details().retry_info().is_some(),
+        "RetryInfo present"
+    );
+    assert!(
+        !acknowledged.is_empty(),
+        "the spool took batches before filling"
+    );
+    drop(client);
+
+    // Database back: the buffered requests commit, the spool replays, every ack holds.
+    let _cluster = EmbeddedPostgres::start(&data_dir).expect("restart PostgreSQL");
+    while let Some(done) = pending.join_next().await {
+        let (ids, result) = done.expect("task");
+        if let Ok(response) = result {
+            assert_eq!(response.into_inner().accepted, 50);
+            acknowledged.extend(ids);
+        }
+    }
+    let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (rows, stored) = stored_ids(&mut connection).await;
+        if acknowledged.is_subset(&stored) {
+            assert_eq!(rows as usize, stored.len(), "no event stored twice");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events missing\n{}",
+            acknowledged.difference(&stored).count(),
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let metrics = server.metrics().await;
+    assert!(
+        metric_sum(&metrics, "sluice_writer_errors_total", "spool") > 0.0,
+        "spool-full was hit"
+    );
+}
