@@ -385,11 +385,12 @@ impl Config {
         if self.writer.batch_max_events == 0 || self.writer.batch_max_bytes == 0 {
             return invalid("writer.batch_max_events", "batch limits must be at least 1");
         }
-        if self.writer.batch_max_bytes > 64 * 1024 * 1024 {
-            // A spooled batch is one spool record; keep it well under the record size limit.
+        if self.writer.batch_max_bytes > 32 * 1024 * 1024 {
+            // A spooled batch is one spool record (256 MiB at most); JSON escaping can grow
+            // text up to 6 times.
             return invalid(
                 "writer.batch_max_bytes",
-                "must be at most 67108864 (64 MiB)",
+                "must be at most 33554432 (32 MiB)",
             );
         }
         if self.breaker.failure_threshold == 0 {

@@ -39,8 +39,9 @@ macro_rules! with_codec_limits {
     };
 }
 
-/// How often partitions ahead are checked.
+/// How often partitions ahead are checked (sooner after a failure).
 const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+const PARTITION_RETRY_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -96,16 +97,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         writer_context.breaker.clone(),
         stopping.clone(),
     ));
-    let replay_task = spool.map(|spool| {
-        let breaker = writer_context.breaker.clone();
-        tokio::spawn(replay::run(
-            store.pool.clone(),
-            config.writer.write_timeout,
-            breaker,
-            spool,
-            stopping.clone(),
-        ))
-    });
+    let replay_task = tokio::spawn(replay::run(
+        store.pool.clone(),
+        config.writer.write_timeout,
+        writer_context.breaker.clone(),
+        spool.clone(),
+        stopping.clone(),
+    ));
     let partition_task = tokio::spawn(maintain_partitions(
         store.clone(),
         config.validation.retention,
@@ -213,10 +211,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     partition_task.abort();
     health_task.abort();
     let _ = tokio::join!(partition_task, health_task);
-    if let Some(replay_task) = replay_task {
-        replay_task.abort();
-        let _ = replay_task.await;
-    }
+    replay_task.abort();
+    let _ = replay_task.await;
     drop(writer_context);
     tracing::info!("all acknowledged events are stored; stopping");
     store.close().await;
@@ -265,11 +261,16 @@ fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>, SpoolError> {
 }
 
 async fn maintain_partitions(store: Arc<Store>, retention: Duration) {
+    let mut wait = PARTITION_RETRY_INTERVAL;
     loop {
-        tokio::time::sleep(PARTITION_CHECK_INTERVAL).await;
-        if let Err(error) = store.ensure_partitions(retention).await {
-            tracing::error!(%error, "cannot create partitions ahead; will retry");
-        }
+        tokio::time::sleep(wait).await;
+        wait = match store.ensure_partitions(retention).await {
+            Ok(_) => PARTITION_CHECK_INTERVAL,
+            Err(error) => {
+                tracing::error!(%error, "cannot create partitions ahead; will retry");
+                PARTITION_RETRY_INTERVAL
+            }
+        };
     }
 }
 

@@ -341,7 +341,9 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
     let mut acknowledged = HashSet::new();
     let mut refusal = None;
     let mut pending = tokio::task::JoinSet::new();
-    for round in 0..200 {
+    // Refusals can come early too (the buffer fills while the circuit is still closed); keep
+    // sending until one comes after the spool has taken batches, i.e. once the spool is full.
+    for round in 0..300 {
         let events: Vec<_> = (0..50)
             .map(|offset| event("spoolfull", &format!("{round}-{offset}")))
             .collect();
@@ -369,14 +371,19 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
                     assert_eq!(response.into_inner().accepted, 50);
                     acknowledged.extend(ids);
                 }
-                Err(status) => refusal = Some(status),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                    if !acknowledged.is_empty() {
+                        refusal = Some(status);
+                    }
+                }
             }
         }
         if refusal.is_some() {
             break;
         }
     }
-    let refusal = refusal.expect("a full spool and buffer end in a refusal");
+    let refusal = refusal.expect("a full spool and buffer end in a refusal after acks");
     assert_eq!(
         refusal.code(),
         tonic::Code::ResourceExhausted,

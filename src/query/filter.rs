@@ -2,7 +2,7 @@
 //! and keyset page tokens.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -38,9 +38,10 @@ fn timestamp(
     let nanos = u32::try_from(value.nanos)
         .ok()
         .filter(|nanos| *nanos < 1_000_000_000);
+    // PostgreSQL compares at microseconds; so does the spool purge, through this truncation.
     nanos
         .and_then(|nanos| DateTime::from_timestamp(value.seconds, nanos))
-        .map(Some)
+        .map(|moment| Some(moment.trunc_subsecs(6)))
         .ok_or_else(|| QueryError::invalid(field, "timestamp is out of range"))
 }
 

@@ -47,6 +47,8 @@ pub struct QueryHandler {
     breaker: Arc<Breaker>,
     spool: Option<Arc<Spool>>,
     config: Arc<Config>,
+    /// Deletes run one at a time: they use the write pool, which the writers need.
+    deletes: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -99,6 +101,7 @@ impl QueryHandler {
             breaker,
             spool,
             config,
+            deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -170,6 +173,9 @@ impl QueryHandler {
     async fn delete_matching(&self, request: DeleteRequest) -> Result<DeleteResponse, QueryError> {
         let filter = Filter::from_delete(&request)?;
         let dry_run = request.dry_run;
+        let _one_at_a_time = self.deletes.acquire().await.map_err(|_| QueryError::Busy {
+            retry_after: Duration::from_secs(1),
+        })?;
         // Events accepted before this call must be covered: wait until they are written to
         // PostgreSQL or the spool.
         if !self.buffer.wait_for_admitted(DELETE_BARRIER_TIMEOUT).await {

@@ -73,7 +73,11 @@ impl EmbeddedPostgres {
         // Under a private home (e.g. /root/sluice, mode 0700) it cannot: keep the cluster in a
         // directory of its own under /var/lib/sluice instead, and say so.
         let root = match &run_as {
-            Some(user) if !is_reachable_by(&root, user) => {
+            // An existing cluster stays where it is.
+            Some(user)
+                if !root.join("postgres/PG_VERSION").exists()
+                    && !is_reachable_by(&root.join("postgres"), user) =>
+            {
                 let fallback = fallback_root(&root);
                 tracing::warn!(
                     data_dir = %root.display(),
@@ -195,6 +199,30 @@ impl EmbeddedPostgres {
                 source,
             })?;
         }
+        if self.run_as.is_some() {
+            // The postgres user must be able to pass through the directories sluice made for
+            // it, whatever the umask (searchable, not listable).
+            for dir in [
+                Some(root),
+                root.parent()
+                    .filter(|parent| parent.starts_with(FALLBACK_BASE)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let metadata = fs::metadata(dir).map_err(|source| EmbeddedError::Io {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                let mode = metadata.permissions().mode() | 0o011;
+                fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(|source| {
+                    EmbeddedError::Io {
+                        path: dir.to_owned(),
+                        source,
+                    }
+                })?;
+            }
+        }
         for dir in [&self.data_dir, &self.socket_dir] {
             let io_error = |source| EmbeddedError::Io {
                 path: dir.clone(),
@@ -264,8 +292,11 @@ fn is_reachable_by(dir: &Path, user: &nix::unistd::User) -> bool {
 
 /// Where the cluster of an unreachable data directory lives: one directory per data
 /// directory path under /var/lib/sluice.
+/// Where clusters go when the postgres user cannot reach the data directory.
+const FALLBACK_BASE: &str = "/var/lib/sluice";
+
 fn fallback_root(root: &Path) -> PathBuf {
-    PathBuf::from("/var/lib/sluice").join(format!("cluster-{:08x}", path_checksum(root)))
+    PathBuf::from(FALLBACK_BASE).join(format!("cluster-{:08x}", path_checksum(root)))
 }
 
 /// A stable checksum of a path (the same across builds and toolchains).

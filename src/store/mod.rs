@@ -81,14 +81,30 @@ impl Store {
             }
         };
         let options = options.application_name("sluice");
+        // The server gives up on a write-side statement, or on a transaction left idle by a
+        // client-side timeout, after the write timeout too, so no connection stays stuck.
+        let write_timeout = format!("{}ms", config.writer.write_timeout.as_millis());
+        let write_options = options.clone().options([
+            ("statement_timeout", write_timeout.as_str()),
+            (
+                "idle_in_transaction_session_timeout",
+                write_timeout.as_str(),
+            ),
+        ]);
         let pool = pool_options(
             config,
             config.writer.workers as u32 + WRITE_SIDE_EXTRA_CONNECTIONS,
         )
-        .connect_with(options.clone())
+        .connect_with(write_options)
         .await
         .map_err(StoreError::Connect)?;
-        MIGRATOR.run(&pool).await?;
+        {
+            // Migrations run without the write-side statement timeout.
+            use sqlx::{ConnectOptions, Connection};
+            let mut migration_connection = options.connect().await.map_err(StoreError::Connect)?;
+            MIGRATOR.run(&mut migration_connection).await?;
+            migration_connection.close().await?;
+        }
         let read_pool = match &config.database.read_url {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url)
@@ -112,7 +128,11 @@ impl Store {
             read_pool,
             embedded,
         };
-        store.ensure_partitions(config.validation.retention).await?;
+        // Not fatal: a lock held on `events` (a long export, pg_dump) must not stop start-up. The
+        // hourly task retries, and writers create a missing partition on demand.
+        if let Err(error) = store.ensure_partitions(config.validation.retention).await {
+            tracing::error!(%error, "cannot create partitions ahead at start-up; will retry");
+        }
         Ok(store)
     }
 

@@ -1,6 +1,7 @@
-//! The replayer: while the circuit is open it probes the database, so the circuit closes when
-//! PostgreSQL is back even if no traffic arrives; once closed, it drains spooled batches into
-//! PostgreSQL and deletes the replayed segments. A spool left by an earlier run is replayed too.
+//! The replayer: while the circuit is open it probes the database (even with the spool off),
+//! so the circuit closes when PostgreSQL takes writes again even if no traffic arrives; once
+//! closed, it drains spooled batches into PostgreSQL and deletes the replayed segments. A spool
+//! left by an earlier run is replayed too.
 
 use std::{sync::Arc, time::Duration};
 
@@ -34,7 +35,7 @@ pub async fn run(
     pool: PgPool,
     write_timeout: Duration,
     breaker: Arc<Breaker>,
-    spool: Arc<Spool>,
+    spool: Option<Arc<Spool>>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let sink = Sink::new(pool.clone(), REPLAY_SHARD, write_timeout);
@@ -58,9 +59,9 @@ pub async fn run(
                 continue;
             }
         }
-        if spool.is_empty() {
+        let Some(spool) = spool.as_ref().filter(|spool| !spool.is_empty()) else {
             continue;
-        }
+        };
         spool.seal_active();
         while let Some((sequence, path)) = spool.oldest_sealed() {
             let _exclusive = spool.maintenance.lock().await;
@@ -82,9 +83,16 @@ pub async fn run(
     }
 }
 
+/// Whether the database takes writes again: reachable, and not a read-only standby.
 async fn is_reachable(pool: &PgPool) -> bool {
-    let ping = sqlx::query("SELECT 1").execute(pool);
-    matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)))
+    let probe = sqlx::query_scalar::<_, bool>(
+        "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
+    )
+    .fetch_one(pool);
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+        Ok(Ok(true))
+    )
 }
 
 /// Writes every batch of a segment; idempotent, so a segment interrupted halfway can be

@@ -84,13 +84,29 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// `timeout` bounds one whole batch write: a database that hangs (a black-holed network, a
-    /// lock held for long) counts as a failure for the circuit breaker instead of stalling.
+    /// `timeout` bounds each database step of a batch write: a database that hangs (a
+    /// black-holed network, a lock held for long) counts as a failure for the circuit breaker
+    /// instead of stalling.
     pub fn new(pool: PgPool, shard: i16, timeout: Duration) -> Self {
         Self {
             pool,
             shard,
             timeout,
+        }
+    }
+
+    /// Bounds one database step (a transaction), not a whole batch: isolating bad rows takes
+    /// many steps and must be able to finish.
+    async fn timed<T>(
+        &self,
+        step: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, sqlx::Error> {
+        match tokio::time::timeout(self.timeout, step).await {
+            Ok(result) => result,
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("a database write took longer than {:?}", self.timeout),
+            ))),
         }
     }
 
@@ -101,23 +117,10 @@ impl Sink {
         &self,
         events: &[&ValidEvent],
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        match tokio::time::timeout(self.timeout, self.write_batch_untimed(events)).await {
-            Ok(result) => result,
-            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("batch write took longer than {:?}", self.timeout),
-            ))),
-        }
-    }
-
-    async fn write_batch_untimed(
-        &self,
-        events: &[&ValidEvent],
-    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
         let pool = &self.pool;
         let mut created_partitions = false;
         loop {
-            let error = match self.copy_fast(events).await {
+            let error = match self.timed(self.copy_fast(events)).await {
                 Ok(()) => return Ok(vec![EventOutcome::Stored; events.len()]),
                 Err(error) => error,
             };
@@ -126,7 +129,7 @@ impl Sink {
                     return self.write_isolating(events).await;
                 }
                 FailureKind::MissingPartition if !created_partitions => {
-                    create_partitions_for(pool, events).await?;
+                    self.timed(create_partitions_for(pool, events)).await?;
                     created_partitions = true;
                 }
                 FailureKind::MissingPartition => return self.write_isolating(events).await,
@@ -155,13 +158,13 @@ impl Sink {
             let pool = &self.pool;
             let mut created_partitions = false;
             loop {
-                let error = match self.insert_deduplicated(events).await {
+                let error = match self.timed(self.insert_deduplicated(events)).await {
                     Ok(outcomes) => return Ok(outcomes),
                     Err(error) => error,
                 };
                 match classify(&error) {
                     FailureKind::MissingPartition if !created_partitions => {
-                        create_partitions_for(pool, events).await?;
+                        self.timed(create_partitions_for(pool, events)).await?;
                         created_partitions = true;
                     }
                     FailureKind::Transient => return Err(error),
@@ -170,7 +173,7 @@ impl Sink {
                     | FailureKind::MissingPartition => {
                         if let [event] = events {
                             let mut reason = database_reason(&error);
-                            match dead_letter(pool, event, &error).await {
+                            match self.timed(dead_letter(pool, event, &error)).await {
                                 Ok(()) => {}
                                 Err(transient)
                                     if classify(&transient) == FailureKind::Transient =>
