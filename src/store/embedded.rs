@@ -76,7 +76,8 @@ impl EmbeddedPostgres {
             // An existing cluster stays where it is.
             Some(user)
                 if !root.join("postgres/PG_VERSION").exists()
-                    && !is_reachable_by(&root.join("postgres"), user) =>
+                    // `root` itself is made searchable in `prepare_dirs`; its parents must be.
+                    && !is_reachable_by(&root, user) =>
             {
                 let fallback = fallback_root(&root);
                 tracing::warn!(
