@@ -337,7 +337,7 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
 
     // Publish 50-event requests until refused: first the spool (20 kB) takes batches, then the
     // buffer (200 events) fills behind it.
-    let mut client = server.ingest_client().await;
+    let client = server.ingest_client().await;
     let mut acknowledged = HashSet::new();
     let mut refusal = None;
     let mut pending = tokio::task::JoinSet::new();
