@@ -352,17 +352,7 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
             .map(|event| Uuid::parse_str(&event.id).expect("uuid"))
             .collect();
         let mut sender = client.clone();
-        pending.spawn(async move {
-            (
-                ids,
-                sender
-                    .publish(IngestRequest {
-                        events,
-                        sequence: 0,
-                    })
-                    .await,
-            )
-        });
+        pending.spawn(async move { (ids, sender.publish(common::request(events)).await) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         while let Some(done) = pending.try_join_next() {
             let (ids, result) = done.expect("task");

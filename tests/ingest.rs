@@ -103,14 +103,7 @@ async fn invalid_events_are_rejected_individually_while_valid_neighbours_are_sto
         },
         event("orders", "valid 7"),
     ];
-    let response = client
-        .publish(IngestRequest {
-            events,
-            sequence: 0,
-        })
-        .await
-        .expect("publish")
-        .into_inner();
+    let response = common::publish(&mut client, events).await;
     assert_eq!((response.accepted, response.rejected), (3, 5));
     let fields: Vec<(u64, &str)> = response
         .rejections
@@ -209,14 +202,7 @@ async fn full_buffer_refuses_with_retry_info_and_exactly_the_accepted_events_are
             let events = (0..100)
                 .map(|offset| event("flood", &format!("{}", batch * 100 + offset)))
                 .collect();
-            if requests
-                .send(IngestRequest {
-                    events,
-                    sequence: 0,
-                })
-                .await
-                .is_err()
-            {
+            if requests.send(common::request(events)).await.is_err() {
                 break;
             }
         }
@@ -293,10 +279,7 @@ async fn resending_the_same_events_stores_each_exactly_once() {
         let mut client = server.ingest_client().await;
         let requests: Vec<IngestRequest> = events
             .chunks(500)
-            .map(|chunk| IngestRequest {
-                events: chunk.to_vec(),
-                sequence: 0,
-            })
+            .map(|chunk| common::request(chunk.to_vec()))
             .collect();
         tasks.spawn(async move {
             client
@@ -330,14 +313,7 @@ async fn events_postgres_refuses_go_to_dead_letters_and_their_batch_neighbours_c
     events[17].message = "nul \0 inside".to_owned();
     events[150].user_id = "user\0nul".to_owned();
     let poison_ids = [events[17].id.clone(), events[150].id.clone()];
-    let response = client
-        .publish(IngestRequest {
-            events,
-            sequence: 0,
-        })
-        .await
-        .expect("publish")
-        .into_inner();
+    let response = common::publish(&mut client, events).await;
     assert_eq!((response.accepted, response.rejected), (198, 2));
     let rejected: Vec<(u64, &str)> = response
         .rejections
@@ -445,10 +421,7 @@ async fn a_request_over_the_event_limit_is_invalid_argument_with_bad_request() {
         .map(|index| event("big", &index.to_string()))
         .collect();
     let status = client
-        .publish(IngestRequest {
-            events,
-            sequence: 0,
-        })
+        .publish(common::request(events))
         .await
         .expect_err("too many");
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -464,10 +437,7 @@ async fn a_request_over_the_event_limit_is_invalid_argument_with_bad_request() {
         message: "x".repeat(8000),
         ..event("big", "")
     };
-    let requests = vec![IngestRequest {
-        events: vec![huge; 9],
-        sequence: 0,
-    }];
+    let requests = vec![common::request(vec![huge; 9])];
     let server_limited = TestServer::start(
         ServerSpec::with_database(&database.url).env("SLUICE_GRPC__MAX_MESSAGE_BYTES", "65536"),
     )
@@ -514,14 +484,7 @@ async fn gzip_and_zstd_compressed_requests_are_accepted() {
         let events = (0..50)
             .map(|index| event("compressed", &format!("{encoding:?} {index}")))
             .collect();
-        let response = client
-            .publish(IngestRequest {
-                events,
-                sequence: 0,
-            })
-            .await
-            .expect("publish")
-            .into_inner();
+        let response = common::publish(&mut client, events).await;
         assert_eq!(response.accepted, 50);
     }
     assert_eq!(database.scalar("SELECT count(*) FROM events").await, 100);

@@ -50,10 +50,7 @@ fn nested(value: Struct) -> Value {
 async fn publish(client: &mut IngestServiceClient<Channel>, events: Vec<Event>) {
     for chunk in events.chunks(1000) {
         let response = client
-            .publish(IngestRequest {
-                events: chunk.to_vec(),
-                sequence: 0,
-            })
+            .publish(common::request(chunk.to_vec()))
             .await
             .expect("publish");
         assert_eq!(response.into_inner().rejected, 0);
@@ -373,10 +370,7 @@ async fn pagination_under_concurrent_ingest_neither_skips_nor_repeats() {
                 })
                 .collect();
             writer
-                .publish(IngestRequest {
-                    events,
-                    sequence: 0,
-                })
+                .publish(common::request(events))
                 .await
                 .expect("publish");
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -514,14 +508,7 @@ async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events
         user_id: doomed.to_owned(),
         ..event("gdpr", "nul \0 here")
     });
-    let response = ingest
-        .publish(IngestRequest {
-            events,
-            sequence: 0,
-        })
-        .await
-        .expect("publish")
-        .into_inner();
+    let response = common::publish(&mut ingest, events).await;
     assert_eq!((response.accepted, response.rejected), (50, 1));
     let partitions = database
         .scalar("SELECT count(DISTINCT tableoid) FROM events WHERE user_id = 'forget-me'")
@@ -563,10 +550,7 @@ async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events
             })
             .collect();
         late_client
-            .publish(IngestRequest {
-                events,
-                sequence: 0,
-            })
+            .publish(common::request(events))
             .await
             .expect("late publish")
             .into_inner()

@@ -6,7 +6,6 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::{ServerSpec, TestDatabase, TestServer, event};
-use sluice::proto::IngestRequest;
 use tokio::sync::Mutex;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,13 +26,7 @@ async fn sigterm_with_events_in_flight_loses_no_acknowledged_event() {
                 let events = (0..200)
                     .map(|offset| event("shutdown", &format!("{sender}-{round}-{offset}")))
                     .collect();
-                match client
-                    .publish(IngestRequest {
-                        events,
-                        sequence: 0,
-                    })
-                    .await
-                {
+                match client.publish(common::request(events)).await {
                     Ok(response) => *acknowledged.lock().await += response.into_inner().accepted,
                     Err(status) => {
                         assert!(

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::proto::{Event, ingest_service_client::IngestServiceClient};
+use sluice::proto::{
+    Event, IngestRequest, IngestResponse, ingest_service_client::IngestServiceClient,
+};
 use sqlx::{Connection, PgConnection};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -303,6 +305,26 @@ pub fn tls_from(cert_dir: &Path) -> ClientTlsConfig {
         .ca_certificate(Certificate::from_pem(read("ca.pem")))
         .identity(Identity::from_pem(read("client.pem"), read("client.key")))
         .domain_name("localhost")
+}
+
+/// A request carrying `events` (sequence 0: only IngestStream reads it).
+pub fn request(events: Vec<Event>) -> IngestRequest {
+    IngestRequest {
+        events,
+        sequence: 0,
+    }
+}
+
+/// Publishes `events` in one unary call and returns the response; panics on a failed call.
+pub async fn publish(
+    client: &mut IngestServiceClient<Channel>,
+    events: Vec<Event>,
+) -> IngestResponse {
+    client
+        .publish(request(events))
+        .await
+        .expect("publish")
+        .into_inner()
 }
 
 /// A valid event stamped now.
