@@ -1,5 +1,5 @@
 //! Compiles `proto/` with protox (no system `protoc` needed) and writes the descriptor set that
-//! server reflection serves.
+//! server reflection serves. The spool's record format is compiled apart: it is not an API.
 
 use std::{env, fs, path::PathBuf};
 
@@ -19,5 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(file_descriptors)?;
+    let spool_descriptors = protox::compile(["proto/sluice/spool/v1/spool.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(spool_descriptors)?;
     Ok(())
 }

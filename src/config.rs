@@ -30,7 +30,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory for server state: the private PostgreSQL cluster (when no database URL is set).
     pub data_dir: PathBuf,
-    /// Seconds allowed, after SIGTERM/SIGINT, to finish in-flight RPCs and drain the buffer.
+    /// Time allowed, after SIGTERM/SIGINT, to finish in-flight RPCs and drain the buffer (a
+    /// humantime string such as `30s`).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
     pub database: DatabaseConfig,
@@ -109,7 +110,8 @@ pub struct BufferConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WriterConfig {
-    /// Writer tasks, each with its own PostgreSQL connection.
+    /// Writer tasks. They share one pool of `workers + 3` connections (the extra ones serve
+    /// health pings, partition upkeep, the spool replayer and Delete).
     pub workers: usize,
     /// A batch is flushed once it holds this many events...
     pub batch_max_events: usize,
@@ -123,7 +125,9 @@ pub struct WriterConfig {
     pub retry_initial_backoff: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max_backoff: Duration,
-    /// Longest one batch write may take before it counts as a failure.
+    /// Longest one database step of a batch write (a transaction) may take before it counts as
+    /// a failure; isolating bad rows takes several steps, each bounded by this. Also the
+    /// server-side statement and idle-in-transaction timeout of the write pool.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
 }

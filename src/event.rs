@@ -1,17 +1,20 @@
-//! The domain event: what validation produces and what the writers store.
+//! The domain event: what validation produces, what the writers store, and why an event was
+//! refused. Pure data: no protobuf, no database, no metrics.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-/// An event that passed validation, ready to be written (and, during a database outage,
-/// spooled to disk as JSON).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// An event that passed validation, ready to be written (or spooled during a database outage,
+/// in the versioned format of [`crate::spool`], never as this in-memory layout).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ValidEvent {
     /// Position of the event in its request (or stream), echoed in rejections.
     pub index: u64,
     pub id: Uuid,
     pub service: String,
     pub message: String,
+    /// Truncated to microseconds, as PostgreSQL keeps it, so that the stored `(id, ts)` key
+    /// equals the one in memory.
     pub timestamp: DateTime<Utc>,
     pub user_id: Option<String>,
     /// `metadata` as compact JSON text (an object).
@@ -33,24 +36,97 @@ impl ValidEvent {
     }
 }
 
-/// Why one event was refused.
+/// Why one event was refused. Each reason names the field it is about ([`Self::field`]), the
+/// stable label of the rejection metric ([`Self::as_str`]), and the words the client reads
+/// (`Display`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    #[error("id must be a UUID")]
+    InvalidId,
+    #[error("service is required")]
+    MissingService,
+    #[error("service must match ^[a-z0-9][a-z0-9._-]{{0,63}}$")]
+    InvalidService,
+    #[error("message is required")]
+    MissingMessage,
+    #[error("message is {bytes} bytes, the limit is {limit}")]
+    MessageTooLarge { bytes: usize, limit: usize },
+    #[error("timestamp is required")]
+    MissingTimestamp,
+    #[error("timestamp is out of range")]
+    InvalidTimestamp,
+    #[error("timestamp {at} is older than the retention window (oldest accepted: {oldest})")]
+    TimestampTooOld {
+        at: DateTime<Utc>,
+        oldest: DateTime<Utc>,
+    },
+    #[error("timestamp {at} is in the future (newest accepted: {newest})")]
+    TimestampInFuture {
+        at: DateTime<Utc>,
+        newest: DateTime<Utc>,
+    },
+    #[error("metadata is nested deeper than {max} levels")]
+    MetadataTooDeep { max: usize },
+    #[error("metadata numbers must be finite")]
+    InvalidMetadata,
+    #[error("metadata is {bytes} bytes as JSON, the limit is {limit}")]
+    MetadataTooLarge { bytes: usize, limit: usize },
+    #[error("user_id is {bytes} bytes, the limit is {limit}")]
+    UserIdTooLarge { bytes: usize, limit: usize },
+    /// A field longer than a PostgreSQL row field may be (1 GiB); only reachable with limits
+    /// configured far above their defaults.
+    #[error("{field} is {bytes} bytes, more than PostgreSQL can store in one field")]
+    FieldTooLong { field: &'static str, bytes: usize },
+    /// PostgreSQL refused the row (the event went to `dead_letters`).
+    #[error("{0}")]
+    DatabaseRefused(String),
+}
+
+impl RejectReason {
+    /// The request field the reason is about.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::InvalidId => "id",
+            Self::MissingService | Self::InvalidService => "service",
+            Self::MissingMessage | Self::MessageTooLarge { .. } => "message",
+            Self::MissingTimestamp
+            | Self::InvalidTimestamp
+            | Self::TimestampTooOld { .. }
+            | Self::TimestampInFuture { .. } => "timestamp",
+            Self::MetadataTooDeep { .. }
+            | Self::InvalidMetadata
+            | Self::MetadataTooLarge { .. } => "metadata",
+            Self::UserIdTooLarge { .. } => "user_id",
+            Self::FieldTooLong { field, .. } => field,
+            Self::DatabaseRefused(_) => "event",
+        }
+    }
+
+    /// The `reason` label of `sluice_events_rejected_total`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::InvalidId => "invalid_id",
+            Self::MissingService | Self::InvalidService => "invalid_service",
+            Self::MissingMessage => "missing_message",
+            Self::MessageTooLarge { .. } => "message_too_large",
+            Self::MissingTimestamp => "missing_timestamp",
+            Self::InvalidTimestamp => "invalid_timestamp",
+            Self::TimestampTooOld { .. } => "timestamp_too_old",
+            Self::TimestampInFuture { .. } => "timestamp_in_future",
+            Self::MetadataTooDeep { .. } => "metadata_too_deep",
+            Self::InvalidMetadata => "invalid_metadata",
+            Self::MetadataTooLarge { .. } => "metadata_too_large",
+            Self::UserIdTooLarge { .. } => "user_id_too_large",
+            Self::FieldTooLong { .. } => "field_too_long",
+            Self::DatabaseRefused(_) => "database_refused",
+        }
+    }
+}
+
+/// One refused event: where it was in its request, the id it came with, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EventRejection {
     pub index: u64,
     pub event_id: String,
-    pub field: &'static str,
-    pub reason: String,
-    /// Stable label for the rejection metric.
-    pub metric_reason: &'static str,
-}
-
-impl From<EventRejection> for crate::proto::Rejection {
-    fn from(rejection: EventRejection) -> Self {
-        Self {
-            index: rejection.index,
-            event_id: rejection.event_id,
-            field: rejection.field.to_owned(),
-            reason: rejection.reason,
-        }
-    }
+    pub reason: RejectReason,
 }

@@ -1,8 +1,8 @@
 //! `grpc.health.v1` statuses, kept current by a watcher task.
 //!
 //! `sluice.v1.IngestService` (and the overall `""` service) is SERVING while the buffer has room,
-//! PostgreSQL answers and the circuit breaker is closed; NOT_SERVING otherwise and during
-//! shutdown.
+//! PostgreSQL answers, the circuit breaker is closed and no spool segment waits in quarantine;
+//! NOT_SERVING otherwise and during shutdown.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,6 +12,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     buffer::Buffer,
     metrics,
+    spool::Spool,
     store::Store,
     writer::breaker::{Breaker, CircuitState},
 };
@@ -20,13 +21,19 @@ pub const INGEST_SERVICE: &str = "sluice.v1.IngestService";
 const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Watches the buffer, the database and the writers until `stopping` turns true, then reports
-/// NOT_SERVING for good.
+/// What health watches.
+pub struct Watched {
+    pub buffer: Arc<Buffer>,
+    pub store: Arc<Store>,
+    pub breaker: Arc<Breaker>,
+    pub spool: Option<Spool>,
+}
+
+/// Watches the buffer, the database, the writers and the spool until `stopping` turns true,
+/// then reports NOT_SERVING for good.
 pub async fn watch(
     reporter: HealthReporter,
-    buffer: Arc<Buffer>,
-    store: Arc<Store>,
-    breaker: Arc<Breaker>,
+    watched: Watched,
     mut stopping: watch::Receiver<bool>,
 ) {
     let mut last: Option<bool> = None;
@@ -35,13 +42,22 @@ pub async fn watch(
             set(&reporter, ServingStatus::NotServing).await;
             return;
         }
-        let usage = buffer.usage();
-        let database_up = store.is_reachable(PING_TIMEOUT).await;
+        let usage = watched.buffer.usage();
+        let database_up = watched.store.is_reachable(PING_TIMEOUT).await;
         let full = usage.is_full();
-        let failing = breaker.state() != CircuitState::Closed;
-        let serving = database_up && !full && !failing && !buffer.is_closed();
-        metrics::health(usage, database_up, serving);
-        metrics::circuit(breaker.state().as_str());
+        let circuit = watched.breaker.state();
+        let quarantined = match &watched.spool {
+            Some(spool) => spool.quarantined().await,
+            None => 0,
+        };
+        let serving = database_up
+            && !full
+            && circuit == CircuitState::Closed
+            && quarantined == 0
+            && !watched.buffer.is_closed();
+        metrics::buffer(usage.events, usage.bytes, usage.max_events, usage.max_bytes);
+        metrics::serving(database_up, serving);
+        metrics::circuit(circuit.as_str());
         if last != Some(serving) {
             if serving {
                 tracing::info!("ingest is SERVING");
@@ -49,7 +65,8 @@ pub async fn watch(
                 tracing::warn!(
                     database_up,
                     buffer_full = full,
-                    circuit = breaker.state().as_str(),
+                    circuit = circuit.as_str(),
+                    quarantined_spool_segments = quarantined,
                     "ingest is NOT_SERVING"
                 );
             }

@@ -1,13 +1,16 @@
 //! sluice: a gRPC streaming ingestion server that lands events in PostgreSQL.
 //!
 //! Data flows one way: RPC ([`ingest`]) → validation → bounded [`buffer`] → [`writer`] pool →
-//! PostgreSQL ([`store`]). [`server`] wires the pieces together; [`error`] is the one place
-//! where errors become gRPC statuses.
+//! PostgreSQL ([`store`]), with the [`spool`] beside the buffer for database outages. The
+//! read side ([`query`]) reads the store. [`server`] wires the pieces together.
+//!
+//! Imports flow the same way: `server → {ingest, query} → {buffer, writer} → {spool, store}`,
+//! and the leaves (`config`, `event`, `wire`, `metrics`, `status`, `proto`) import nothing above
+//! them. Each module maps its own error type to a `tonic::Status` beside that type, through
+//! the domain-free helpers of [`status`].
 
-pub mod bench;
 pub mod buffer;
 pub mod config;
-pub mod error;
 pub mod event;
 pub mod health;
 pub mod ingest;
@@ -15,6 +18,9 @@ pub mod metrics;
 pub mod proto;
 pub mod query;
 pub mod server;
+pub mod spool;
+pub mod status;
 pub mod store;
 pub mod tls;
+pub mod wire;
 pub mod writer;

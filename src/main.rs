@@ -1,6 +1,8 @@
 //! The `sluice` command: `sluice` (or `sluice serve`) runs the server; `sluice certs` issues
 //! client certificates from the dev CA; `sluice bench` runs the load generator.
 
+mod cli;
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
@@ -39,9 +41,9 @@ enum Command {
     },
     /// Load generator: N concurrent mTLS streams against a running server, plus the raw COPY
     /// ceiling of the same database, and their ratio.
-    Bench(sluice::bench::BenchArgs),
+    Bench(cli::bench::BenchArgs),
     /// Read-side load: Query, next page and Stats latency percentiles, and Export throughput.
-    BenchQuery(sluice::bench::QueryBenchArgs),
+    BenchQuery(cli::bench::QueryBenchArgs),
 }
 
 #[derive(Args, Clone, Default)]
@@ -117,10 +119,8 @@ fn main() -> ExitCode {
             cert_dir,
             out_dir,
         }) => issue_certs(&name, &cert_dir, &out_dir),
-        Some(Command::Bench(args)) => bench(runtime.block_on(sluice::bench::run(args))),
-        Some(Command::BenchQuery(args)) => {
-            bench(runtime.block_on(sluice::bench::run_queries(args)))
-        }
+        Some(Command::Bench(args)) => bench(runtime.block_on(cli::bench::run(args))),
+        Some(Command::BenchQuery(args)) => bench(runtime.block_on(cli::bench::run_queries(args))),
     }
 }
 
@@ -142,7 +142,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn bench(result: Result<(), sluice::bench::BenchError>) -> ExitCode {
+fn bench(result: Result<(), cli::bench::BenchError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

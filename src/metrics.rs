@@ -1,31 +1,39 @@
 //! Prometheus metrics. Every event that is not stored is counted here with its reason.
 //!
+//! A leaf module: callers pass plain numbers and the typed reasons below (or a rejection
+//! reason's own `as_str()`), never their domain types.
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `sluice_events_received_total` | counter | |
-//! | `sluice_events_rejected_total` | counter | `reason` (validation or `database_refused`) |
-//! | `sluice_events_refused_total` | counter | `reason` (`buffer_full`, `shutting_down`, `too_large`) |
+//! | `sluice_events_rejected_total` | counter | `reason` (a validation reason, `field_too_long` or `database_refused`) |
+//! | `sluice_events_refused_total` | counter | `reason` ([`Refusal`]: `buffer_full`, `shutting_down`, `too_large`) |
 //! | `sluice_events_stored_total` | counter | |
 //! | `sluice_events_duplicate_total` | counter | |
 //! | `sluice_ack_latency_seconds` | summary | |
 //! | `sluice_batch_events`, `sluice_batch_write_seconds` | summary | |
-//! | `sluice_writer_errors_total` | counter | `kind` |
+//! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
 //! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |
 //! | `sluice_events_spooled_total`, `sluice_events_replayed_total` | counter | |
 //! | `sluice_spool_bytes` | gauge | |
 //! | `sluice_spool_truncated_bytes_total` | counter | |
+//! | `sluice_spool_quarantined_total` | counter | |
+//! | `sluice_spool_quarantined_segments` | gauge | |
 //! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Mutex, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-use crate::{
-    buffer::{BufferUsage, Durable},
-    event::EventRejection,
-};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -66,7 +74,55 @@ pub async fn serve(
     Ok(bound)
 }
 
-/// The ingest counters since start, also kept in-process for the Stats RPC.
+/// Why a whole request was refused: the `reason` label of `sluice_events_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BufferFull,
+    ShuttingDown,
+    TooLarge,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BufferFull => "buffer_full",
+            Self::ShuttingDown => "shutting_down",
+            Self::TooLarge => "too_large",
+        }
+    }
+}
+
+/// What went wrong in a writer: the `kind` label of `sluice_writer_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// An id already stored: the batch goes the idempotent way.
+    Duplicate,
+    /// No partition for a row's timestamp.
+    MissingPartition,
+    /// A value PostgreSQL refuses.
+    BadData,
+    /// Connection lost, database down, timeout: retried.
+    Transient,
+    /// The spool could not take a batch.
+    Spool,
+    /// A refused event could not be kept in `dead_letters` either.
+    DeadLetterRefused,
+}
+
+impl WriteFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Duplicate => "duplicate",
+            Self::MissingPartition => "missing_partition",
+            Self::BadData => "bad_data",
+            Self::Transient => "transient",
+            Self::Spool => "spool",
+            Self::DeadLetterRefused => "dead_letter_refused",
+        }
+    }
+}
+
+/// The ingest counters since start, as the Stats RPC reports them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct IngestTotals {
     pub received: u64,
@@ -77,68 +133,85 @@ pub struct IngestTotals {
     pub refused: BTreeMap<&'static str, u64>,
 }
 
-static TOTALS: Mutex<IngestTotals> = Mutex::new(IngestTotals {
-    received: 0,
-    stored: 0,
-    duplicates: 0,
-    spooled: 0,
-    rejected: BTreeMap::new(),
-    refused: BTreeMap::new(),
-});
-
-fn update_totals(update: impl FnOnce(&mut IngestTotals)) {
-    update(
-        &mut TOTALS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+/// The ingest counters: each method counts the Prometheus metric and keeps the running total
+/// that the Stats RPC reads. One handle per server, shared through an `Arc` by the handlers
+/// and the writers.
+#[derive(Debug, Default)]
+pub struct Counters {
+    received: AtomicU64,
+    stored: AtomicU64,
+    duplicates: AtomicU64,
+    spooled: AtomicU64,
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
-/// A snapshot of the ingest counters since this process started.
-pub fn ingest_totals() -> IngestTotals {
-    TOTALS
+fn add(totals: &Mutex<BTreeMap<&'static str, u64>>, reason: &'static str, count: u64) {
+    *totals
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(reason)
+        .or_default() += count;
+}
+
+fn snapshot(totals: &Mutex<BTreeMap<&'static str, u64>>) -> BTreeMap<&'static str, u64> {
+    totals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
         .clone()
 }
 
-pub fn events_received(count: usize) {
-    counter!("sluice_events_received_total").increment(count as u64);
-    update_totals(|totals| totals.received += count as u64);
-}
-
-pub fn event_rejected(rejection: &EventRejection) {
-    counter!("sluice_events_rejected_total", "reason" => rejection.metric_reason).increment(1);
-    update_totals(|totals| *totals.rejected.entry(rejection.metric_reason).or_default() += 1);
-}
-
-pub fn events_refused(reason: &'static str, count: usize) {
-    counter!("sluice_events_refused_total", "reason" => reason).increment(count as u64);
-    update_totals(|totals| *totals.refused.entry(reason).or_default() += count as u64);
-}
-
-pub fn events_committed(durable: &Durable, ack_latency: Duration) {
-    counter!("sluice_events_stored_total").increment(durable.stored);
-    counter!("sluice_events_duplicate_total").increment(durable.duplicates);
-    update_totals(|totals| {
-        totals.stored += durable.stored;
-        totals.duplicates += durable.duplicates;
-    });
-    for rejection in &durable.dead_lettered {
-        event_rejected(rejection);
+impl Counters {
+    pub fn events_received(&self, count: usize) {
+        counter!("sluice_events_received_total").increment(count as u64);
+        self.received.fetch_add(count as u64, Ordering::Relaxed);
     }
-    histogram!("sluice_ack_latency_seconds").record(ack_latency.as_secs_f64());
+
+    /// One event refused, with the label of its reason.
+    pub fn event_rejected(&self, reason: &'static str) {
+        counter!("sluice_events_rejected_total", "reason" => reason).increment(1);
+        add(&self.rejected, reason, 1);
+    }
+
+    /// A whole request of `count` events refused.
+    pub fn events_refused(&self, reason: Refusal, count: usize) {
+        counter!("sluice_events_refused_total", "reason" => reason.as_str())
+            .increment(count as u64);
+        add(&self.refused, reason.as_str(), count as u64);
+    }
+
+    /// Events of one request now durable: `stored` of them, `duplicates` of which were
+    /// already there; acknowledged `ack_latency` after admission.
+    pub fn events_committed(&self, stored: u64, duplicates: u64, ack_latency: Duration) {
+        counter!("sluice_events_stored_total").increment(stored);
+        counter!("sluice_events_duplicate_total").increment(duplicates);
+        self.stored.fetch_add(stored, Ordering::Relaxed);
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        histogram!("sluice_ack_latency_seconds").record(ack_latency.as_secs_f64());
+    }
+
+    pub fn events_spooled(&self, count: usize, spool_bytes: u64) {
+        counter!("sluice_events_spooled_total").increment(count as u64);
+        self.spooled.fetch_add(count as u64, Ordering::Relaxed);
+        gauge!("sluice_spool_bytes").set(spool_bytes as f64);
+    }
+
+    /// A snapshot of the counters since this server started.
+    pub fn totals(&self) -> IngestTotals {
+        IngestTotals {
+            received: self.received.load(Ordering::Relaxed),
+            stored: self.stored.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            spooled: self.spooled.load(Ordering::Relaxed),
+            rejected: snapshot(&self.rejected),
+            refused: snapshot(&self.refused),
+        }
+    }
 }
 
 pub fn batch_written(events: usize, elapsed: Duration) {
     histogram!("sluice_batch_events").record(events as f64);
     histogram!("sluice_batch_write_seconds").record(elapsed.as_secs_f64());
-}
-
-pub fn events_spooled(count: usize, spool_bytes: u64) {
-    counter!("sluice_events_spooled_total").increment(count as u64);
-    update_totals(|totals| totals.spooled += count as u64);
-    gauge!("sluice_spool_bytes").set(spool_bytes as f64);
 }
 
 pub fn spool_replayed(count: usize, spool_bytes: u64) {
@@ -151,6 +224,18 @@ pub fn spool_recovered(truncated_bytes: u64, spool_bytes: u64) {
     gauge!("sluice_spool_bytes").set(spool_bytes as f64);
 }
 
+/// A spool segment moved aside because a record in it could not be decoded; `segments` is
+/// how many are now in quarantine.
+pub fn spool_quarantined(segments: usize) {
+    counter!("sluice_spool_quarantined_total").increment(1);
+    gauge!("sluice_spool_quarantined_segments").set(segments as f64);
+}
+
+/// Segments waiting in quarantine for an operator.
+pub fn spool_quarantine(segments: usize) {
+    gauge!("sluice_spool_quarantined_segments").set(segments as f64);
+}
+
 pub fn circuit(state: &'static str) {
     for known in ["closed", "open", "half_open"] {
         gauge!("sluice_circuit_state", "state" => known).set(if known == state {
@@ -161,15 +246,41 @@ pub fn circuit(state: &'static str) {
     }
 }
 
-pub fn writer_error(kind: &'static str) {
-    counter!("sluice_writer_errors_total", "kind" => kind).increment(1);
+pub fn writer_error(failure: WriteFailure) {
+    counter!("sluice_writer_errors_total", "kind" => failure.as_str()).increment(1);
 }
 
-pub fn health(usage: BufferUsage, database_up: bool, serving: bool) {
-    gauge!("sluice_buffer_events").set(usage.events as f64);
-    gauge!("sluice_buffer_bytes").set(usage.bytes as f64);
-    gauge!("sluice_buffer_capacity_events").set(usage.max_events as f64);
-    gauge!("sluice_buffer_capacity_bytes").set(usage.max_bytes as f64);
+/// Buffer occupancy and capacity.
+pub fn buffer(events: usize, bytes: usize, max_events: usize, max_bytes: usize) {
+    gauge!("sluice_buffer_events").set(events as f64);
+    gauge!("sluice_buffer_bytes").set(bytes as f64);
+    gauge!("sluice_buffer_capacity_events").set(max_events as f64);
+    gauge!("sluice_buffer_capacity_bytes").set(max_bytes as f64);
+}
+
+pub fn serving(database_up: bool, serving: bool) {
     gauge!("sluice_database_up").set(if database_up { 1.0 } else { 0.0 });
     gauge!("sluice_ingest_serving").set(if serving { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_keep_totals_by_reason() {
+        let counters = Counters::default();
+        counters.events_received(5);
+        counters.event_rejected("invalid_id");
+        counters.event_rejected("invalid_id");
+        counters.events_refused(Refusal::BufferFull, 3);
+        counters.events_committed(2, 1, Duration::from_millis(3));
+        let totals = counters.totals();
+        assert_eq!(
+            (totals.received, totals.stored, totals.duplicates),
+            (5, 2, 1)
+        );
+        assert_eq!(totals.rejected.get("invalid_id"), Some(&2));
+        assert_eq!(totals.refused.get("buffer_full"), Some(&3));
+    }
 }

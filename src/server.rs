@@ -1,29 +1,40 @@
-//! Builds and runs the server: storage, buffer, writers, health, reflection, TLS, and the
-//! graceful shutdown sequence.
+//! Builds and runs the server in named phases:
+//!
+//! 1. **open storage**: the spool, then PostgreSQL (a URL, or the private cluster);
+//! 2. **start background tasks**: the buffer, the writer pool, health, the spool replayer and
+//!    partition upkeep ([`Background`]);
+//! 3. **build services**: ingest, query, health and reflection, with their codec limits;
+//! 4. **serve until signal**: mTLS (or the loudly logged plaintext opt-in) until SIGTERM or
+//!    SIGINT, then drain within `shutdown_timeout`;
+//!
+//! then [`Background::shutdown`] and [`Storage::close`] tear down in the one order that keeps
+//! every acknowledged event durable.
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::watch;
-use tonic::{codec::CompressionEncoding, transport::Server};
+use tokio::{sync::watch, task::JoinHandle, task::JoinSet};
+use tonic::{
+    codec::CompressionEncoding,
+    service::{Routes, RoutesBuilder},
+    transport::{Server, ServerTlsConfig, server::TcpIncoming},
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     buffer::Buffer,
     config::Config,
-    error, health,
+    health,
     ingest::IngestHandler,
-    metrics,
+    metrics::{self, Counters},
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
     query::QueryHandler,
+    spool::{Spool, SpoolError},
+    status,
     store::{Store, StoreError},
     tls::{self, TlsError},
-    writer::{
-        self, WriterContext,
-        breaker::Breaker,
-        replay,
-        spool::{Spool, SpoolError},
-    },
+    writer::{self, WriterContext, breaker::Breaker, replay},
 };
 
 /// Message size limit and compression (gzip and zstd, both ways) for a generated service. A
@@ -67,161 +78,35 @@ pub enum ServerError {
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
+    serve_metrics(&config).await?;
+    let tls_config = prepare_tls(&config)?;
+    let storage = Storage::open(&config).await?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health::set(&health_reporter, ServingStatus::NotServing).await;
+    let mut background = Background::start(&config, &storage, health_reporter);
+    // Errors from here on still tear down what was started.
+    let outcome = match build_services(&config, &storage, &background, health_service) {
+        Ok(routes) => serve_until_signal(&config, tls_config, routes, &mut background).await,
+        Err(error) => Err(error),
+    };
+    background.shutdown().await;
+    tracing::info!("all acknowledged events are stored; stopping");
+    storage.close().await;
+    outcome
+}
+
+async fn serve_metrics(config: &Config) -> Result<(), ServerError> {
     if let Some(address) = config.metrics.listen {
         let handle = metrics::install()?;
         let bound = metrics::serve(handle, address).await?;
         tracing::info!(address = %bound, "metrics endpoint listening on /metrics");
     }
-    let tls_config = prepare_tls(&config)?;
-
-    let spool = open_spool(&config)?;
-    let store = Arc::new(Store::open(&config).await?);
-    let (buffer, receiver) = Buffer::new(&config.buffer);
-    let writer_context = WriterContext {
-        config: config.writer.clone(),
-        pool: store.pool.clone(),
-        buffer: buffer.clone(),
-        receiver,
-        breaker: Arc::new(Breaker::new(&config.breaker)),
-        spool: spool.clone(),
-    };
-    let mut writers = writer::spawn(&writer_context);
-
-    let (stopping_sender, stopping) = watch::channel(false);
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health::set(&health_reporter, tonic_health::ServingStatus::NotServing).await;
-    let health_task = tokio::spawn(health::watch(
-        health_reporter,
-        buffer.clone(),
-        store.clone(),
-        writer_context.breaker.clone(),
-        stopping.clone(),
-    ));
-    let replay_task = tokio::spawn(replay::run(
-        store.pool.clone(),
-        config.writer.write_timeout,
-        writer_context.breaker.clone(),
-        spool.clone(),
-        stopping.clone(),
-    ));
-    let partition_task = tokio::spawn(maintain_partitions(
-        store.clone(),
-        config.validation.retention,
-    ));
-
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let ingest = with_codec_limits!(
-        IngestServiceServer::new(IngestHandler::new(
-            buffer.clone(),
-            config.clone(),
-            stopping.clone()
-        )),
-        config
-    );
-
-    let query = with_codec_limits!(
-        QueryServiceServer::new(QueryHandler::new(
-            store.clone(),
-            buffer.clone(),
-            writer_context.breaker.clone(),
-            writer_context.spool.clone(),
-            config.clone(),
-        )),
-        config
-    );
-
-    let mut builder = Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            error::oversized_unary_to_invalid_argument,
-        ))
-        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
-        .max_concurrent_streams(config.grpc.max_concurrent_streams);
-    if let Some(tls_config) = tls_config {
-        builder = builder.tls_config(tls_config)?;
-    }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            address: config.listen,
-            source,
-        })?;
-    let bound = listener.local_addr().map_err(|source| ServerError::Bind {
-        address: config.listen,
-        source,
-    })?;
-    tracing::info!(address = %bound, tls = !config.tls.insecure_plaintext, "sluice listening");
-
-    let shutdown_timeout = config.shutdown_timeout;
-    let stop_signal = {
-        let buffer = buffer.clone();
-        async move {
-            wait_for_signal().await;
-            tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
-            stopping_sender.send_replace(true);
-            buffer.close();
-        }
-    };
-    let serve = builder
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(ingest)
-        .add_service(query)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            stop_signal,
-        );
-    let mut serve = Box::pin(serve);
-    // Serve until the signal; then give in-flight calls and the writers the shutdown timeout.
-    let mut stopping_watch = stopping.clone();
-    // Cleanup below runs whatever the outcome; the outcome is returned last.
-    let outcome: Result<(), ServerError> = tokio::select! {
-        result = &mut serve => result.map_err(ServerError::from),
-        _ = async { stopping_watch.wait_for(|stopping| *stopping).await.map(|_| ()) } => {
-            let drain = async {
-                let served = (&mut serve).await;
-                while writers.join_next().await.is_some() {}
-                served
-            };
-            match tokio::time::timeout(shutdown_timeout, drain).await {
-                Ok(served) => served.map_err(ServerError::from),
-                Err(_) => {
-                    let left = buffer.usage().events;
-                    tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
-                    Ok(())
-                }
-            }
-        }
-    };
-    // The services hold the store; drop them so the store can be closed below.
-    drop(serve);
-    buffer.close();
-    writers.abort_all();
-    while writers.join_next().await.is_some() {}
-    partition_task.abort();
-    health_task.abort();
-    let _ = tokio::join!(partition_task, health_task);
-    replay_task.abort();
-    let _ = replay_task.await;
-    drop(writer_context);
-    tracing::info!("all acknowledged events are stored; stopping");
-    store.close().await;
-    outcome
+    Ok(())
 }
 
 /// Creates dev certificates on first run (unless paths are configured) and loads the mTLS
 /// config. None when plaintext was explicitly requested.
-fn prepare_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, TlsError> {
+fn prepare_tls(config: &Config) -> Result<Option<ServerTlsConfig>, TlsError> {
     if config.tls.insecure_plaintext {
         tracing::warn!(
             "!!! TLS IS DISABLED (--insecure-plaintext): traffic and events travel in clear text and clients are not authenticated. Use only for local development. !!!"
@@ -237,8 +122,28 @@ fn prepare_tls(config: &Config) -> Result<Option<tonic::transport::ServerTlsConf
     Ok(Some(tls::server_tls_config(config)?))
 }
 
+/// Phase 1: where events are kept. The spool opens first, so that a spool left by an earlier
+/// run is found even when the database is down.
+struct Storage {
+    store: Arc<Store>,
+    spool: Option<Spool>,
+}
+
+impl Storage {
+    async fn open(config: &Config) -> Result<Self, ServerError> {
+        let spool = open_spool(config).await?;
+        let store = Arc::new(Store::open(config).await?);
+        Ok(Self { store, spool })
+    }
+
+    /// Closes the pools and stops the private cluster. Last: everything else writes here.
+    async fn close(self) {
+        self.store.close().await;
+    }
+}
+
 /// Opens the spool and reports what an earlier run left there.
-fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>, SpoolError> {
+async fn open_spool(config: &Config) -> Result<Option<Spool>, SpoolError> {
     if !config.spool.enabled {
         tracing::warn!(
             "spool disabled: a database outage fills the buffer and then refuses clients"
@@ -246,7 +151,8 @@ fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>, SpoolError> {
         return Ok(None);
     }
     let dir = config.spool_dir();
-    let (spool, recovery) = Spool::open(&dir, config.spool.max_bytes, config.spool.segment_bytes)?;
+    let (spool, recovery) =
+        Spool::open(&dir, config.spool.max_bytes, config.spool.segment_bytes).await?;
     metrics::spool_recovered(recovery.truncated_bytes, spool.bytes());
     if recovery.records > 0 || recovery.truncated_bytes > 0 {
         tracing::warn!(
@@ -257,7 +163,226 @@ fn open_spool(config: &Config) -> Result<Option<Arc<Spool>>, SpoolError> {
             "found a spool from an earlier run; replaying it into PostgreSQL"
         );
     }
-    Ok(Some(Arc::new(spool)))
+    if recovery.quarantined > 0 {
+        tracing::error!(
+            dir = %dir.join("quarantine").display(),
+            segments = recovery.quarantined,
+            "spool segments that cannot be read were moved to quarantine; health stays NOT_SERVING until an operator removes them"
+        );
+    }
+    Ok(Some(spool))
+}
+
+/// Turns shutdown on: handlers stop reading and settle, the buffer refuses new events, and
+/// the writers drain what it holds, then stop.
+#[derive(Clone)]
+struct ShutdownSwitch {
+    stopping: watch::Sender<bool>,
+    buffer: Arc<Buffer>,
+}
+
+impl ShutdownSwitch {
+    fn trip(&self) {
+        self.stopping.send_replace(true);
+        self.buffer.close();
+    }
+}
+
+/// Phase 2: the tasks that run beside the RPCs, and the handles the services share with them.
+struct Background {
+    buffer: Arc<Buffer>,
+    breaker: Arc<Breaker>,
+    counters: Arc<Counters>,
+    switch: ShutdownSwitch,
+    writers: JoinSet<()>,
+    health: JoinHandle<()>,
+    partitions: JoinHandle<()>,
+    replay: JoinHandle<()>,
+}
+
+impl Background {
+    fn start(config: &Config, storage: &Storage, health_reporter: HealthReporter) -> Self {
+        let (buffer, receiver) = Buffer::new(&config.buffer);
+        let breaker = Arc::new(Breaker::new(&config.breaker));
+        let counters = Arc::new(Counters::default());
+        let (stopping, _) = watch::channel(false);
+        let writers = writer::spawn(&WriterContext {
+            config: config.writer.clone(),
+            pool: storage.store.pool.clone(),
+            buffer: buffer.clone(),
+            receiver,
+            breaker: breaker.clone(),
+            spool: storage.spool.clone(),
+            counters: counters.clone(),
+        });
+        let health = tokio::spawn(health::watch(
+            health_reporter,
+            health::Watched {
+                buffer: buffer.clone(),
+                store: storage.store.clone(),
+                breaker: breaker.clone(),
+                spool: storage.spool.clone(),
+            },
+            stopping.subscribe(),
+        ));
+        let replay = tokio::spawn(replay::run(
+            storage.store.pool.clone(),
+            config.writer.write_timeout,
+            breaker.clone(),
+            storage.spool.clone(),
+            stopping.subscribe(),
+        ));
+        let partitions = tokio::spawn(maintain_partitions(
+            storage.store.clone(),
+            config.validation.retention,
+        ));
+        Self {
+            switch: ShutdownSwitch {
+                stopping,
+                buffer: buffer.clone(),
+            },
+            buffer,
+            breaker,
+            counters,
+            writers,
+            health,
+            partitions,
+            replay,
+        }
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.switch.stopping.subscribe()
+    }
+
+    /// Resolves once every writer stopped: the buffer is closed and drained.
+    async fn writers_drained(&mut self) {
+        while self.writers.join_next().await.is_some() {}
+    }
+
+    /// The teardown order, in one place:
+    /// 1. the buffer refuses new events (already so after a signal);
+    /// 2. writers still running (the shutdown timeout passed) are stopped: what they held was
+    ///    never acknowledged, and clients were told so;
+    /// 3. health and partition upkeep stop: nothing depends on them;
+    /// 4. the replayer stops last: a segment it was replaying stays on disk and replays at the
+    ///    next start (replay is idempotent).
+    ///
+    /// The storage closes after this, in [`Storage::close`].
+    async fn shutdown(mut self) {
+        self.switch.trip();
+        self.writers.abort_all();
+        self.writers_drained().await;
+        self.health.abort();
+        self.partitions.abort();
+        let _ = tokio::join!(self.health, self.partitions);
+        self.replay.abort();
+        let _ = self.replay.await;
+    }
+}
+
+/// Phase 3: every gRPC service, with its codec limits.
+fn build_services(
+    config: &Arc<Config>,
+    storage: &Storage,
+    background: &Background,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<Routes, ServerError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ingest = IngestHandler::new(
+        background.buffer.clone(),
+        config.clone(),
+        background.counters.clone(),
+        background.stopping(),
+    );
+    let query = QueryHandler::new(
+        storage.store.clone(),
+        background.buffer.clone(),
+        background.breaker.clone(),
+        storage.spool.clone(),
+        config.clone(),
+        background.counters.clone(),
+    );
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(with_codec_limits!(IngestServiceServer::new(ingest), config))
+        .add_service(with_codec_limits!(QueryServiceServer::new(query), config));
+    Ok(routes.routes())
+}
+
+/// Phase 4: serves until SIGTERM or SIGINT, then gives in-flight calls and the writers
+/// `shutdown_timeout` to finish.
+async fn serve_until_signal(
+    config: &Config,
+    tls_config: Option<ServerTlsConfig>,
+    routes: Routes,
+    background: &mut Background,
+) -> Result<(), ServerError> {
+    let mut builder = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            status::oversized_unary_to_invalid_argument,
+        ))
+        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .max_concurrent_streams(config.grpc.max_concurrent_streams);
+    if let Some(tls_config) = tls_config {
+        builder = builder.tls_config(tls_config)?;
+    }
+    let bind_error = |source| ServerError::Bind {
+        address: config.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(address = %bound, tls = !config.tls.insecure_plaintext, "sluice listening");
+
+    let shutdown_timeout = config.shutdown_timeout;
+    let switch = background.switch.clone();
+    let stop_signal = async move {
+        wait_for_signal().await;
+        tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
+        switch.trip();
+    };
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    let serve = builder
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop_signal);
+    tokio::pin!(serve);
+    let mut stopping = background.stopping();
+    tokio::select! {
+        result = &mut serve => result.map_err(ServerError::from),
+        _ = stopping.wait_for(|stopping| *stopping) => {
+            let drain = async {
+                let served = (&mut serve).await;
+                background.writers_drained().await;
+                served
+            };
+            match tokio::time::timeout(shutdown_timeout, drain).await {
+                Ok(served) => served.map_err(ServerError::from),
+                Err(_) => {
+                    let left = background.buffer.usage().events;
+                    tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
+                    Ok(())
+                }
+            }
+        }
+    }
 }
 
 async fn maintain_partitions(store: Arc<Store>, retention: Duration) {

@@ -4,7 +4,7 @@ mod common;
 
 use std::{io::Write, process::Command};
 
-use common::{ServerSpec, TestDatabase, TestServer};
+use common::{ServerSpec, TestDatabase, TestServer, metric_sum};
 
 fn python_client(server: &TestServer, args: &[&str]) -> serde_json::Value {
     let python = std::env::var("TEST_SLUICE_PYTHON")
@@ -34,12 +34,14 @@ fn python_client(server: &TestServer, args: &[&str]) -> serde_json::Value {
 async fn python_grpcio_client_publishes_streams_and_resends_after_refusals() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    // A small buffer and no admission wait, so the streaming calls meet RESOURCE_EXHAUSTED and
-    // the client has to honour RetryInfo and resend the rest.
+    // A buffer of three requests, no admission wait, and writers that hold each batch open
+    // for 250 ms: the streaming calls meet RESOURCE_EXHAUSTED and the client has to honour
+    // RetryInfo and resend the rest.
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
             .env("SLUICE_BUFFER__MAX_EVENTS", "600")
-            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
+            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s")
+            .env("SLUICE_WRITER__FLUSH_INTERVAL", "250ms"),
     )
     .await;
 
@@ -70,16 +72,32 @@ async fn python_grpcio_client_publishes_streams_and_resends_after_refusals() {
     writeln!(file, r#"{{"service":"NOT VALID","message":"rejected"}}"#).expect("write");
     let path = file.path().to_str().expect("utf-8 path");
 
+    let refused_before = buffer_full_refusals(&server).await;
     let summary = python_client(&server, &["ingest", path, "--batch", "200"]);
     assert_eq!(
         (summary["accepted"].as_u64(), summary["rejected"].as_u64()),
         (Some(5_000), Some(1))
     );
+    assert!(
+        summary["refusals"].as_u64() > Some(0),
+        "the client stream was refused and resent: {summary}"
+    );
+    let refused_after_ingest = buffer_full_refusals(&server).await;
+    assert!(
+        refused_after_ingest > refused_before,
+        "the server counted the refusals"
+    );
+
     let summary = python_client(&server, &["stream", path, "--batch", "200"]);
     assert_eq!(
         (summary["accepted"].as_u64(), summary["rejected"].as_u64()),
         (Some(5_000), Some(1))
     );
+    assert!(
+        summary["refusals"].as_u64() > Some(0),
+        "sequences of the bidi stream were refused and resent: {summary}"
+    );
+    assert!(buffer_full_refusals(&server).await > refused_after_ingest);
 
     // The same ids were sent twice: stored once.
     assert_eq!(
@@ -94,4 +112,13 @@ async fn python_grpcio_client_publishes_streams_and_resends_after_refusals() {
             .await,
         1
     );
+}
+
+/// Events refused because the buffer was full, as the server counts them.
+async fn buffer_full_refusals(server: &TestServer) -> f64 {
+    metric_sum(
+        &server.metrics().await,
+        "sluice_events_refused_total",
+        "reason=\"buffer_full\"",
+    )
 }

@@ -5,37 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ServerSpec, TestServer, event};
+use common::{ServerSpec, TestServer, event, wait_for_status};
 use sluice::{proto::IngestRequest, store::EmbeddedPostgres};
 use tokio_stream::StreamExt;
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
-
-async fn ingest_status(server: &TestServer) -> ServingStatus {
-    let mut client = HealthClient::new(server.channel().await);
-    let request = HealthCheckRequest {
-        service: "sluice.v1.IngestService".to_owned(),
-    };
-    let response = client
-        .check(request)
-        .await
-        .expect("health check")
-        .into_inner();
-    ServingStatus::try_from(response.status).expect("known status")
-}
-
-async fn wait_for_status(server: &TestServer, wanted: ServingStatus) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ingest_status(server).await != wanted {
-        assert!(
-            Instant::now() < deadline,
-            "health never became {wanted:?}:\n{}",
-            server.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use tonic_health::pb::health_check_response::ServingStatus;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn private_cluster_starts_without_database_url_and_health_follows_its_outage() {

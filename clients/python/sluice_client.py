@@ -94,15 +94,17 @@ def trailer(error, key):
     return 0
 
 
-def ingest(stub, events, batch=500, attempts=20):
-    """Client streaming with resend-the-rest on RESOURCE_EXHAUSTED. Returns (accepted, rejected)."""
-    accepted = rejected = 0
+def ingest(stub, events, batch=500, attempts=50):
+    """Client streaming with resend-the-rest on RESOURCE_EXHAUSTED.
+
+    Returns (accepted, rejected, refusals): refusals counts the calls refused and resent."""
+    accepted = rejected = refusals = 0
     remaining = list(events)
     for _ in range(attempts):
         requests = (ingest_pb2.IngestRequest(events=remaining[i:i + batch]) for i in range(0, len(remaining), batch))
         try:
             response = stub.Ingest(requests)
-            return accepted + response.accepted, rejected + response.rejected
+            return accepted + response.accepted, rejected + response.rejected, refusals
         except grpc.RpcError as error:
             delay = retry_delay(error)
             if error.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE) or delay is None:
@@ -110,14 +112,17 @@ def ingest(stub, events, batch=500, attempts=20):
             done_accepted, done_rejected = trailer(error, "sluice-accepted"), trailer(error, "sluice-rejected")
             accepted, rejected = accepted + done_accepted, rejected + done_rejected
             remaining = remaining[done_accepted + done_rejected:]
+            refusals += 1
             time.sleep(delay)
     raise RuntimeError("gave up after repeated refusals")
 
 
 def stream(stub, events, batch=500):
-    """Bidirectional streaming: one ack per sequence; refused sequences are resent."""
+    """Bidirectional streaming: one ack per sequence; refused sequences are resent.
+
+    Returns (accepted, rejected, refusals): refusals counts the sequences refused and resent."""
     batches = {seq: events[i:i + batch] for seq, i in enumerate(range(0, len(events), batch))}
-    accepted = rejected = 0
+    accepted = rejected = refusals = 0
     while batches:
         requests = [ingest_pb2.IngestRequest(events=evs, sequence=seq) for seq, evs in batches.items()]
         delay = 0.0
@@ -127,9 +132,10 @@ def stream(stub, events, batch=500):
                 rejected += ack.rejected
                 batches.pop(ack.sequence, None)
             else:
+                refusals += 1
                 delay = max(delay, ack.retry_after.seconds + ack.retry_after.nanos / 1e9)
         time.sleep(delay)
-    return accepted, rejected
+    return accepted, rejected, refusals
 
 
 def read_ndjson(path):
@@ -159,14 +165,14 @@ def main():
         record = {"service": args.service, "message": args.message, "user_id": args.user_id,
                   "metadata": json.loads(args.metadata)}
         response = stub.Publish(ingest_pb2.IngestRequest(events=[make_event(record)]))
-        accepted, rejected = response.accepted, response.rejected
+        accepted, rejected, refusals = response.accepted, response.rejected, 0
         for rejection in response.rejections:
             print(f"rejected #{rejection.index} {rejection.field}: {rejection.reason}", file=sys.stderr)
     elif args.command == "ingest":
-        accepted, rejected = ingest(stub, read_ndjson(args.file), args.batch)
+        accepted, rejected, refusals = ingest(stub, read_ndjson(args.file), args.batch)
     else:
-        accepted, rejected = stream(stub, read_ndjson(args.file), args.batch)
-    print(json.dumps({"accepted": accepted, "rejected": rejected}))
+        accepted, rejected, refusals = stream(stub, read_ndjson(args.file), args.batch)
+    print(json.dumps({"accepted": accepted, "rejected": rejected, "refusals": refusals}))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,13 @@
 use std::{
     collections::{BTreeSet, VecDeque},
     sync::{Arc, Mutex, RwLock},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
+    time::Instant,
+};
 
 use crate::{
     config::BufferConfig,
@@ -25,8 +28,9 @@ pub struct Durable {
     pub stored: u64,
     /// Of `stored`, events that were already present (a retry).
     pub duplicates: u64,
-    /// Events PostgreSQL refused; they went to the dead-letter table.
-    pub dead_lettered: Vec<EventRejection>,
+    /// Events not stored: refused by PostgreSQL (kept in the dead-letter table), or with a
+    /// field no PostgreSQL row can hold.
+    pub rejected: Vec<EventRejection>,
 }
 
 /// A receiver for the outcome of one admitted request. If the writer never commits it (the
@@ -400,23 +404,37 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn retry_delay_follows_the_recent_drain_rate() {
+    #[tokio::test(start_paused = true)]
+    async fn retry_delay_follows_the_recent_drain_rate() {
         let (buffer, _receiver) = Buffer::new(&config(100_000));
         assert_eq!(
             buffer.retry_after(1_000),
             UNKNOWN_RATE_RETRY,
             "no recent commit: rate unknown"
         );
-        buffer.record_drained(10_000);
-        let delay = buffer.retry_after(1_000);
+        // 2,000 events drained over the last second: 2,000 events/s.
+        buffer.record_drained(1_000);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        buffer.record_drained(1_000);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(buffer.retry_after(4_000), Duration::from_secs(2));
+        assert_eq!(buffer.retry_after(1_000), Duration::from_millis(500));
+        // Faster draining: shorter advice for the same backlog.
+        buffer.record_drained(8_000);
+        let delay = buffer.retry_after(4_000);
         assert!(
-            delay >= Duration::from_millis(100) && delay < Duration::from_secs(1),
+            delay.abs_diff(Duration::from_millis(400)) < Duration::from_micros(1),
             "{delay:?}"
         );
+        // Bounded on both sides.
+        assert_eq!(buffer.retry_after(1), Duration::from_millis(100));
+        assert_eq!(buffer.retry_after(200_000), Duration::from_secs(10));
+        // A second without commits: the rate is unknown again.
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        assert_eq!(buffer.retry_after(1_000), UNKNOWN_RATE_RETRY);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiting_for_admitted_envelopes_ends_when_earlier_ones_are_written() {
         let (buffer, receiver) = Buffer::new(&config(100));
         assert!(
@@ -450,7 +468,7 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn admission_waits_up_to_admit_wait_for_room() {
         let (buffer, receiver) = Buffer::new(&BufferConfig {
             admit_wait: Duration::from_secs(5),

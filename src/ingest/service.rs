@@ -9,16 +9,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{IngestError, validate::Validator};
+use super::{IngestError, Progress, validate::Validator};
 use crate::{
     buffer::{AckReceiver, AdmitError, Buffer, Durable},
     config::Config,
-    error::{self, Progress},
     event::{EventRejection, ValidEvent},
-    metrics,
+    metrics::{Counters, Refusal},
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
     },
+    status,
 };
 
 /// Acks produced by IngestStream that the client has not read yet.
@@ -29,15 +29,22 @@ const ACK_QUEUE: usize = 64;
 pub struct IngestHandler {
     buffer: Arc<Buffer>,
     config: Arc<Config>,
+    counters: Arc<Counters>,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
 }
 
 impl IngestHandler {
-    pub fn new(buffer: Arc<Buffer>, config: Arc<Config>, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        buffer: Arc<Buffer>,
+        config: Arc<Config>,
+        counters: Arc<Counters>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             buffer,
             config,
+            counters,
             stopping,
         }
     }
@@ -47,13 +54,14 @@ impl IngestHandler {
     fn validate(&self, request: IngestRequest, first_index: u64) -> Result<Validated, IngestError> {
         let limit = self.config.grpc.max_events_per_request;
         if request.events.len() > limit {
-            metrics::events_refused("too_large", request.events.len());
+            self.counters
+                .events_refused(Refusal::TooLarge, request.events.len());
             return Err(IngestError::TooManyEvents {
                 events: request.events.len(),
                 limit,
             });
         }
-        metrics::events_received(request.events.len());
+        self.counters.events_received(request.events.len());
         let validator = Validator::new(&self.config.validation, Utc::now());
         let mut validated = Validated {
             events: Vec::with_capacity(request.events.len()),
@@ -63,7 +71,7 @@ impl IngestHandler {
             match validator.validate(first_index + offset as u64, event) {
                 Ok(valid) => validated.events.push(valid),
                 Err(rejection) => {
-                    metrics::event_rejected(&rejection);
+                    self.counters.event_rejected(rejection.reason.as_str());
                     validated.rejections.push(rejection);
                 }
             }
@@ -81,11 +89,11 @@ impl IngestHandler {
             Ok(ack) => Ok(Some(ack)),
             Err(refusal) => {
                 let reason = match refusal {
-                    AdmitError::Full { .. } => "buffer_full",
-                    AdmitError::Closed => "shutting_down",
-                    AdmitError::TooLarge { .. } => "too_large",
+                    AdmitError::Full { .. } => Refusal::BufferFull,
+                    AdmitError::Closed => Refusal::ShuttingDown,
+                    AdmitError::TooLarge { .. } => Refusal::TooLarge,
                 };
-                metrics::events_refused(reason, count);
+                self.counters.events_refused(reason, count);
                 Err(refusal)
             }
         }
@@ -124,7 +132,7 @@ impl Tally {
 
     fn absorb(&mut self, durable: Durable) {
         self.accepted += durable.stored;
-        self.reject(durable.dead_lettered);
+        self.reject(durable.rejected);
     }
 
     fn progress(&self) -> Progress {
@@ -205,7 +213,7 @@ async fn until_stopping(stopping: &mut watch::Receiver<bool>) {
 
 /// Maps a failure reading the client's stream: oversized messages become INVALID_ARGUMENT.
 fn stream_error(status: Status) -> IngestError {
-    if error::is_oversized_message(&status) {
+    if status::is_oversized_message(&status) {
         return IngestError::MessageTooLarge {
             detail: status.message().to_owned(),
         };
@@ -245,7 +253,7 @@ impl IngestService for IngestHandler {
                         Ok(None) => break,
                         Err(status) => {
                             settle(&mut pending, &mut tally).await?;
-                            return Err(error::with_progress(stream_error(status).into(), tally.progress()));
+                            return Err(tally.progress().trail(stream_error(status).into()));
                         }
                     };
                     let count = request.events.len() as u64;
@@ -253,7 +261,7 @@ impl IngestService for IngestHandler {
                         Ok(validated) => validated,
                         Err(error) => {
                             settle(&mut pending, &mut tally).await?;
-                            return Err(error::with_progress(error.into(), tally.progress()));
+                            return Err(tally.progress().trail(error.into()));
                         }
                     };
                     match self.admit(validated.events).await {

@@ -1,18 +1,17 @@
-//! Per-event validation. An invalid event becomes an [`EventRejection`]; it never fails the
-//! request it came in.
+//! Per-event validation. An invalid event becomes an [`EventRejection`] with a typed
+//! [`RejectReason`]; it never fails the request it came in.
 
-use chrono::{DateTime, SubsecRound, Utc};
-use prost_types::{Struct, Value, value::Kind};
-use serde_json::{Map, Number, Value as Json};
+use chrono::{DateTime, Utc};
+use prost_types::{Struct, value::Kind};
+use serde_json::Value as Json;
 use uuid::Uuid;
 
 use crate::{
     config::ValidationConfig,
-    event::{EventRejection, ValidEvent},
+    event::{EventRejection, RejectReason, ValidEvent},
     proto::Event,
+    wire,
 };
-
-const MAX_SERVICE_LEN: usize = 64;
 
 /// Validates events against the configured limits, relative to one "now".
 pub struct Validator<'a> {
@@ -27,61 +26,48 @@ impl<'a> Validator<'a> {
 
     /// Validates one event found at `index`.
     pub fn validate(&self, index: u64, event: Event) -> Result<ValidEvent, EventRejection> {
-        let reject =
-            |field: &'static str, metric_reason: &'static str, reason: String| EventRejection {
+        self.check(event)
+            .map_err(|(event_id, reason)| EventRejection {
                 index,
-                event_id: echoed_id(&event.id),
-                field,
+                event_id,
                 reason,
-                metric_reason,
-            };
+            })
+            .map(|valid| ValidEvent { index, ..valid })
+    }
+
+    /// The checks, in the order a client reads about them. A refusal carries the event's id
+    /// as sent (cut to a bounded length) and the reason.
+    fn check(&self, event: Event) -> Result<ValidEvent, (String, RejectReason)> {
+        let reject = |reason: RejectReason| (echoed_id(&event.id), reason);
         let id = if event.id.is_empty() {
             Uuid::now_v7()
         } else {
-            match Uuid::try_parse(&event.id) {
-                Ok(id) => id,
-                Err(_) => return Err(reject("id", "invalid_id", "id must be a UUID".to_owned())),
-            }
+            Uuid::try_parse(&event.id).map_err(|_| reject(RejectReason::InvalidId))?
         };
-        if let Err(reason) = check_service(&event.service) {
-            return Err(reject("service", "invalid_service", reason));
-        }
+        wire::check_service(&event.service).map_err(|error| reject(error.into()))?;
         if event.message.is_empty() {
-            return Err(reject(
-                "message",
-                "missing_message",
-                "message is required".to_owned(),
-            ));
+            return Err(reject(RejectReason::MissingMessage));
         }
         if event.message.len() > self.limits.max_message_bytes {
-            let reason = format!(
-                "message is {} bytes, the limit is {}",
-                event.message.len(),
-                self.limits.max_message_bytes
-            );
-            return Err(reject("message", "message_too_large", reason));
+            return Err(reject(RejectReason::MessageTooLarge {
+                bytes: event.message.len(),
+                limit: self.limits.max_message_bytes,
+            }));
         }
-        let timestamp = match self.check_timestamp(event.timestamp.as_ref()) {
-            Ok(timestamp) => timestamp,
-            Err((metric_reason, reason)) => return Err(reject("timestamp", metric_reason, reason)),
-        };
-        let metadata = match event
-            .metadata
-            .as_ref()
-            .map(|fields| struct_to_json(fields, self.limits.max_metadata_depth))
-            .transpose()
-        {
-            Ok(metadata) => metadata.unwrap_or_default(),
-            Err((metric_reason, reason)) => return Err(reject("metadata", metric_reason, reason)),
+        let timestamp = self
+            .check_timestamp(event.timestamp.as_ref())
+            .map_err(reject)?;
+        let metadata = match &event.metadata {
+            Some(fields) => wire::struct_to_json(fields, self.limits.max_metadata_depth)
+                .map_err(|error| reject(error.into()))?,
+            None => serde_json::Map::new(),
         };
         let metadata_json = Json::Object(metadata).to_string();
         if metadata_json.len() > self.limits.max_metadata_bytes {
-            let reason = format!(
-                "metadata is {} bytes as JSON, the limit is {}",
-                metadata_json.len(),
-                self.limits.max_metadata_bytes
-            );
-            return Err(reject("metadata", "metadata_too_large", reason));
+            return Err(reject(RejectReason::MetadataTooLarge {
+                bytes: metadata_json.len(),
+                limit: self.limits.max_metadata_bytes,
+            }));
         }
         let user_id = if event.user_id.is_empty() {
             user_id_from_metadata(event.metadata.as_ref())
@@ -91,15 +77,13 @@ impl<'a> Validator<'a> {
         if let Some(user_id) = &user_id
             && user_id.len() > self.limits.max_user_id_bytes
         {
-            let reason = format!(
-                "user_id is {} bytes, the limit is {}",
-                user_id.len(),
-                self.limits.max_user_id_bytes
-            );
-            return Err(reject("user_id", "user_id_too_large", reason));
+            return Err(reject(RejectReason::UserIdTooLarge {
+                bytes: user_id.len(),
+                limit: self.limits.max_user_id_bytes,
+            }));
         }
         Ok(ValidEvent {
-            index,
+            index: 0,
             id,
             service: event.service,
             message: event.message,
@@ -112,116 +96,19 @@ impl<'a> Validator<'a> {
     fn check_timestamp(
         &self,
         timestamp: Option<&prost_types::Timestamp>,
-    ) -> Result<DateTime<Utc>, (&'static str, String)> {
-        let Some(timestamp) = timestamp else {
-            return Err(("missing_timestamp", "timestamp is required".to_owned()));
-        };
-        let nanos = u32::try_from(timestamp.nanos)
-            .ok()
-            .filter(|nanos| *nanos < 1_000_000_000);
-        let Some(parsed) =
-            nanos.and_then(|nanos| DateTime::from_timestamp(timestamp.seconds, nanos))
-        else {
-            return Err(("invalid_timestamp", "timestamp is out of range".to_owned()));
-        };
+    ) -> Result<DateTime<Utc>, RejectReason> {
+        let timestamp = timestamp.ok_or(RejectReason::MissingTimestamp)?;
+        let at = wire::to_datetime(timestamp)?;
         let oldest = self.now - self.limits.retention;
-        if parsed < oldest {
-            let reason = format!(
-                "timestamp {parsed} is older than the retention window (oldest accepted: {oldest})"
-            );
-            return Err(("timestamp_too_old", reason));
+        if at < oldest {
+            return Err(RejectReason::TimestampTooOld { at, oldest });
         }
         let newest = self.now + self.limits.max_future_skew;
-        if parsed > newest {
-            let reason = format!("timestamp {parsed} is in the future (newest accepted: {newest})");
-            return Err(("timestamp_in_future", reason));
+        if at > newest {
+            return Err(RejectReason::TimestampInFuture { at, newest });
         }
-        // PostgreSQL keeps microseconds; so does the event from here on, so that the stored
-        // (id, ts) key equals the one in memory.
-        Ok(parsed.trunc_subsecs(6))
+        Ok(at)
     }
-}
-
-/// Converts a protobuf Struct to a JSON object, refusing nesting deeper than `max_depth` (the
-/// top-level object is depth 1) and non-finite numbers.
-pub fn struct_to_json(
-    fields: &Struct,
-    max_depth: usize,
-) -> Result<Map<String, Json>, (&'static str, String)> {
-    object_to_json(fields, 1, max_depth)
-}
-
-fn too_deep(max_depth: usize) -> (&'static str, String) {
-    (
-        "metadata_too_deep",
-        format!("metadata is nested deeper than {max_depth} levels"),
-    )
-}
-
-fn object_to_json(
-    fields: &Struct,
-    depth: usize,
-    max_depth: usize,
-) -> Result<Map<String, Json>, (&'static str, String)> {
-    if depth > max_depth {
-        return Err(too_deep(max_depth));
-    }
-    fields
-        .fields
-        .iter()
-        .map(|(key, value)| Ok((key.clone(), value_to_json(value, depth, max_depth)?)))
-        .collect()
-}
-
-fn value_to_json(
-    value: &Value,
-    depth: usize,
-    max_depth: usize,
-) -> Result<Json, (&'static str, String)> {
-    Ok(match &value.kind {
-        None | Some(Kind::NullValue(_)) => Json::Null,
-        Some(Kind::BoolValue(flag)) => Json::Bool(*flag),
-        Some(Kind::StringValue(text)) => Json::String(text.clone()),
-        Some(Kind::NumberValue(number)) => Json::Number(json_number(*number)?),
-        Some(Kind::StructValue(nested)) => {
-            Json::Object(object_to_json(nested, depth + 1, max_depth)?)
-        }
-        Some(Kind::ListValue(list)) => {
-            if depth + 1 > max_depth {
-                return Err(too_deep(max_depth));
-            }
-            let items: Result<Vec<Json>, _> = list
-                .values
-                .iter()
-                .map(|item| value_to_json(item, depth + 1, max_depth))
-                .collect();
-            Json::Array(items?)
-        }
-    })
-}
-
-/// Converts a JSON object back to a protobuf Struct (for events read from storage).
-pub fn json_to_struct(object: Map<String, Json>) -> Struct {
-    Struct {
-        fields: object
-            .into_iter()
-            .map(|(key, value)| (key, json_to_value(value)))
-            .collect(),
-    }
-}
-
-fn json_to_value(value: Json) -> Value {
-    let kind = match value {
-        Json::Null => Kind::NullValue(0),
-        Json::Bool(flag) => Kind::BoolValue(flag),
-        Json::Number(number) => Kind::NumberValue(number.as_f64().unwrap_or_default()),
-        Json::String(text) => Kind::StringValue(text),
-        Json::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.into_iter().map(json_to_value).collect(),
-        }),
-        Json::Object(object) => Kind::StructValue(json_to_struct(object)),
-    };
-    Value { kind: Some(kind) }
 }
 
 /// Longest event id echoed back in a rejection (a UUID is 36 characters; anything longer is
@@ -236,35 +123,6 @@ fn echoed_id(id: &str) -> String {
     id[..end].to_owned()
 }
 
-/// Whole numbers within f64's exact integer range are stored as JSON integers.
-fn json_number(number: f64) -> Result<Number, (&'static str, String)> {
-    const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0;
-    if number.fract() == 0.0 && number.abs() < EXACT_INTEGER_LIMIT {
-        return Ok(Number::from(number as i64));
-    }
-    Number::from_f64(number).ok_or((
-        "invalid_metadata",
-        "metadata numbers must be finite".to_owned(),
-    ))
-}
-
-/// Checks a service name against `^[a-z0-9][a-z0-9._-]{0,63}$`.
-pub fn check_service(service: &str) -> Result<(), String> {
-    if service.is_empty() {
-        return Err("service is required".to_owned());
-    }
-    let mut chars = service.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|first| first.is_ascii_lowercase() || first.is_ascii_digit());
-    let rest_ok =
-        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
-    if !first_ok || !rest_ok || service.len() > MAX_SERVICE_LEN {
-        return Err("service must match ^[a-z0-9][a-z0-9._-]{0,63}$".to_owned());
-    }
-    Ok(())
-}
-
 fn user_id_from_metadata(metadata: Option<&Struct>) -> Option<String> {
     match metadata?.fields.get("userId")?.kind.as_ref()? {
         Kind::StringValue(user_id) if !user_id.is_empty() => Some(user_id.clone()),
@@ -275,6 +133,8 @@ fn user_id_from_metadata(metadata: Option<&Struct>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use prost_types::Value;
 
     use super::*;
 
@@ -325,7 +185,7 @@ mod tests {
     }
 
     fn field_of(result: Result<ValidEvent, EventRejection>) -> &'static str {
-        result.expect_err("rejected").field
+        result.expect_err("rejected").reason.field()
     }
 
     #[test]

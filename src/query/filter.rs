@@ -2,7 +2,7 @@
 //! and keyset page tokens.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -10,8 +10,8 @@ use uuid::Uuid;
 use super::QueryError;
 use crate::{
     event::ValidEvent,
-    ingest::validate::{check_service, struct_to_json},
     proto,
+    wire::{self, check_service, struct_to_json},
 };
 
 /// The most events one Query page may return.
@@ -30,19 +30,15 @@ pub struct Filter {
     pub message_contains: Option<String>,
 }
 
+/// A filter bound at microseconds, as PostgreSQL compares (and as the spool purge does).
 fn timestamp(
     field: &'static str,
     value: Option<&prost_types::Timestamp>,
 ) -> Result<Option<DateTime<Utc>>, QueryError> {
-    let Some(value) = value else { return Ok(None) };
-    let nanos = u32::try_from(value.nanos)
-        .ok()
-        .filter(|nanos| *nanos < 1_000_000_000);
-    // PostgreSQL compares at microseconds; so does the spool purge, through this truncation.
-    nanos
-        .and_then(|nanos| DateTime::from_timestamp(value.seconds, nanos))
-        .map(|moment| Some(moment.trunc_subsecs(6)))
-        .ok_or_else(|| QueryError::invalid(field, "timestamp is out of range"))
+    value
+        .map(wire::to_datetime)
+        .transpose()
+        .map_err(|error| QueryError::invalid(field, error.to_string()))
 }
 
 fn non_empty(text: String) -> Option<String> {
@@ -73,7 +69,8 @@ impl Filter {
         no_nul("user_id", &user_id)?;
         no_nul("message_contains", &message_contains)?;
         for service in &services {
-            check_service(service).map_err(|reason| QueryError::invalid("services", reason))?;
+            check_service(service)
+                .map_err(|error| QueryError::invalid("services", error.to_string()))?;
         }
         let filter = Self {
             services,
@@ -83,7 +80,12 @@ impl Filter {
             metadata_contains: metadata_contains
                 .map(|fields| struct_to_json(fields, MAX_FILTER_DEPTH))
                 .transpose()
-                .map_err(|(_, reason)| QueryError::invalid("metadata_contains", reason))?,
+                .map_err(|error| {
+                    QueryError::invalid(
+                        "metadata_contains",
+                        format!("metadata_contains is {error}"),
+                    )
+                })?,
             message_contains: non_empty(message_contains),
         };
         if let (Some(start), Some(end)) = (filter.start, filter.end)

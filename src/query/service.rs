@@ -17,15 +17,16 @@ use super::{
 use crate::{
     buffer::Buffer,
     config::Config,
-    ingest::validate::json_to_struct,
-    metrics,
+    metrics::Counters,
     proto::{
         BufferStats, DeleteRequest, DeleteResponse, Event, ExportChunk, ExportRequest, HourCount,
         IngestCounters, Order, QueryRequest, QueryResponse, ServiceCount, StatsRequest,
         StatsResponse, WriterStats, query_service_server::QueryService,
     },
-    store::Store,
-    writer::{breaker::Breaker, spool::Spool},
+    spool::Spool,
+    store::{self, Store},
+    wire::{json_to_struct, to_timestamp},
+    writer::breaker::Breaker,
 };
 
 /// Target size of one export chunk.
@@ -45,8 +46,9 @@ pub struct QueryHandler {
     store: Arc<Store>,
     buffer: Arc<Buffer>,
     breaker: Arc<Breaker>,
-    spool: Option<Arc<Spool>>,
+    spool: Option<Spool>,
     config: Arc<Config>,
+    counters: Arc<Counters>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -62,13 +64,6 @@ struct EventRow {
     metadata: sqlx::types::Json<serde_json::Value>,
 }
 
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.timestamp(),
-        nanos: at.timestamp_subsec_nanos() as i32,
-    }
-}
-
 impl From<EventRow> for Event {
     fn from(row: EventRow) -> Self {
         let metadata = match row.metadata.0 {
@@ -79,10 +74,10 @@ impl From<EventRow> for Event {
             id: row.id.to_string(),
             service: row.service,
             message: row.message,
-            timestamp: Some(timestamp(row.ts)),
+            timestamp: Some(to_timestamp(row.ts)),
             user_id: row.user_id.unwrap_or_default(),
             metadata,
-            ingested_at: Some(timestamp(row.ingested_at)),
+            ingested_at: Some(to_timestamp(row.ingested_at)),
         }
     }
 }
@@ -92,8 +87,9 @@ impl QueryHandler {
         store: Arc<Store>,
         buffer: Arc<Buffer>,
         breaker: Arc<Breaker>,
-        spool: Option<Arc<Spool>>,
+        spool: Option<Spool>,
         config: Arc<Config>,
+        counters: Arc<Counters>,
     ) -> Self {
         Self {
             store,
@@ -101,6 +97,7 @@ impl QueryHandler {
             breaker,
             spool,
             config,
+            counters,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -185,19 +182,10 @@ impl QueryHandler {
         }
         let spooled_deleted = match &self.spool {
             Some(spool) => {
-                let _exclusive = spool.maintenance.lock().await;
-                let spool = spool.clone();
                 let doomed = filter.clone();
-                tokio::task::spawn_blocking(move || {
-                    spool.purge(|event| doomed.matches_for_delete(event), dry_run)
-                })
-                .await
-                .map_err(|join| {
-                    QueryError::Spool(crate::writer::spool::SpoolError::Io {
-                        path: "spool".into(),
-                        source: std::io::Error::other(join),
-                    })
-                })??
+                spool
+                    .purge(move |event| doomed.matches_for_delete(event), dry_run)
+                    .await?
             }
             None => 0,
         };
@@ -276,13 +264,13 @@ impl QueryHandler {
             .map(|offset| {
                 let hour = trend_start + TimeDelta::hours(offset);
                 HourCount {
-                    hour: Some(timestamp(hour)),
+                    hour: Some(to_timestamp(hour)),
                     events: hourly.get(&hour).copied().unwrap_or(0) as u64,
                 }
             })
             .collect();
         let usage = self.buffer.usage();
-        let totals = metrics::ingest_totals();
+        let totals = self.counters.totals();
         Ok(StatsResponse {
             total_events: services.iter().map(|service| service.total).sum(),
             services,
@@ -349,13 +337,8 @@ async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError
         );
         let batch: i64 = match builder.build_query_scalar().fetch_one(pool).await {
             Ok(batch) => batch,
-            Err(error)
-                if error
-                    .as_database_error()
-                    .and_then(|database| database.code())
-                    .as_deref()
-                    == Some("40P01") =>
-            {
+            // Lost a deadlock against a writer: retry the batch.
+            Err(error) if store::sqlstate(&error).as_deref() == Some("40P01") => {
                 continue;
             }
             Err(error) => return Err(error.into()),

@@ -291,9 +291,8 @@ fn is_reachable_by(dir: &Path, user: &nix::unistd::User) -> bool {
         })
 }
 
-/// Where the cluster of an unreachable data directory lives: one directory per data
-/// directory path under /var/lib/sluice.
-/// Where clusters go when the postgres user cannot reach the data directory.
+/// Where clusters go when the postgres user cannot reach the data directory: one directory
+/// per data directory path under here.
 const FALLBACK_BASE: &str = "/var/lib/sluice";
 
 fn fallback_root(root: &Path) -> PathBuf {

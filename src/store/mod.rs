@@ -32,6 +32,14 @@ pub enum StoreError {
     Embedded(#[from] embedded::EmbeddedError),
 }
 
+/// The SQLSTATE of a database error, when PostgreSQL answered with one.
+pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error
+        .as_database_error()
+        .and_then(|database_error| database_error.code())
+        .map(|code| code.into_owned())
+}
+
 /// Connections of the write pool beyond one per writer: health pings, partition upkeep, the
 /// spool replayer and Delete.
 const WRITE_SIDE_EXTRA_CONNECTIONS: u32 = 3;

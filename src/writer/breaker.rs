@@ -1,12 +1,10 @@
 //! A circuit breaker around the database: closed → open after consecutive failures → half-open
 //! probe after an exponentially growing, jittered pause → closed on success.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{sync::Mutex, time::Duration};
 
 use rand::Rng;
+use tokio::time::Instant;
 
 use crate::config::BreakerConfig;
 
@@ -131,15 +129,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn opens_after_consecutive_failures_and_probes_once_after_the_pause() {
+    #[tokio::test(start_paused = true)]
+    async fn opens_after_consecutive_failures_and_probes_once_after_the_pause() {
         let breaker = Breaker::new(&config());
         breaker.record_failure();
         assert_eq!(breaker.state(), CircuitState::Closed);
         breaker.record_failure();
         assert_eq!(breaker.state(), CircuitState::Open);
         assert!(!breaker.allow(), "no database writes while open");
-        std::thread::sleep(Duration::from_millis(30));
+        tokio::time::advance(Duration::from_millis(30)).await;
         assert!(breaker.allow(), "the first caller after the pause probes");
         assert!(!breaker.allow(), "only one probe at a time");
         breaker.record_failure();
@@ -148,7 +146,7 @@ mod tests {
             CircuitState::Open,
             "a failed probe reopens"
         );
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(60)).await;
         assert!(breaker.allow());
         breaker.record_success();
         assert_eq!(breaker.state(), CircuitState::Closed);

@@ -6,7 +6,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::event::ValidEvent;
+use crate::event::{RejectReason, ValidEvent};
 
 /// The column list every COPY of events uses, in the order [`encode`] writes them.
 pub const COLUMNS: &str = "id, service, message, ts, user_id, metadata";
@@ -17,12 +17,47 @@ const POSTGRES_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 const JSONB_VERSION: u8 = 1;
 const FIELD_COUNT: i16 = 6;
 
-/// Encodes `events` as one complete binary COPY payload.
-pub fn encode<'a>(events: impl IntoIterator<Item = &'a ValidEvent>, out: &mut BytesMut) {
+/// The longest field PostgreSQL stores (1 GiB less one byte); a COPY field length is an i32.
+pub const MAX_FIELD_BYTES: usize = (1 << 30) - 1;
+
+/// A field longer than [`MAX_FIELD_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event {position} of the batch: {reason}")]
+pub struct FieldTooLong {
+    /// The event's position in the encoded batch.
+    pub position: usize,
+    pub reason: RejectReason,
+}
+
+/// Whether every field of `event` fits a COPY field. Writers check before writing, so that an
+/// event that cannot be stored is rejected alone instead of failing its batch.
+pub fn check(event: &ValidEvent) -> Result<(), RejectReason> {
+    let fields = [
+        ("service", event.service.len()),
+        ("message", event.message.len()),
+        ("user_id", event.user_id.as_ref().map_or(0, String::len)),
+        ("metadata", event.metadata_json.len() + 1),
+    ];
+    match fields
+        .into_iter()
+        .find(|(_, bytes)| *bytes > MAX_FIELD_BYTES)
+    {
+        Some((field, bytes)) => Err(RejectReason::FieldTooLong { field, bytes }),
+        None => Ok(()),
+    }
+}
+
+/// Encodes `events` as one complete binary COPY payload. Fails, writing no corrupt row, on an
+/// event that [`check`] refuses.
+pub fn encode<'a>(
+    events: impl IntoIterator<Item = &'a ValidEvent>,
+    out: &mut BytesMut,
+) -> Result<(), FieldTooLong> {
     out.put_slice(SIGNATURE);
     out.put_i32(0);
     out.put_i32(0);
-    for event in events {
+    for (position, event) in events.into_iter().enumerate() {
+        check(event).map_err(|reason| FieldTooLong { position, reason })?;
         out.put_i16(FIELD_COUNT);
         put_field(out, event.id.as_bytes());
         put_field(out, event.service.as_bytes());
@@ -33,11 +68,12 @@ pub fn encode<'a>(events: impl IntoIterator<Item = &'a ValidEvent>, out: &mut By
             Some(user_id) => put_field(out, user_id.as_bytes()),
             None => out.put_i32(-1),
         }
-        out.put_i32(len_i32(event.metadata_json.len() + 1));
+        put_length(out, event.metadata_json.len() + 1);
         out.put_u8(JSONB_VERSION);
         out.put_slice(event.metadata_json.as_bytes());
     }
     out.put_i16(-1);
+    Ok(())
 }
 
 /// The encoded size of `event`, to size buffers ahead.
@@ -53,13 +89,13 @@ pub fn encoded_len(event: &ValidEvent) -> usize {
 }
 
 fn put_field(out: &mut BytesMut, value: &[u8]) {
-    out.put_i32(len_i32(value.len()));
+    put_length(out, value.len());
     out.put_slice(value);
 }
 
-/// Field lengths are bounded by validation (kilobytes), far below i32::MAX.
-fn len_i32(len: usize) -> i32 {
-    i32::try_from(len).unwrap_or(i32::MAX)
+/// A field length that [`check`] bounded by MAX_FIELD_BYTES, below i32::MAX.
+fn put_length(out: &mut BytesMut, len: usize) {
+    out.put_i32(len as i32);
 }
 
 #[cfg(test)]
@@ -81,12 +117,40 @@ mod tests {
             metadata_json: "{}".to_owned(),
         };
         let mut out = BytesMut::new();
-        encode([&event], &mut out);
+        encode([&event], &mut out).expect("fits");
         assert_eq!(&out[..11], SIGNATURE);
         assert_eq!(out.len(), 19 + encoded_len(&event) + 2);
         // The timestamp is 1 µs after PostgreSQL's epoch.
         let ts_at = 19 + 2 + 4 + 16 + 4 + 3 + 4 + 2 + 4;
         assert_eq!(&out[ts_at..ts_at + 8], &1i64.to_be_bytes());
         assert_eq!(&out[out.len() - 2..], &(-1i16).to_be_bytes());
+    }
+
+    #[test]
+    fn an_event_with_a_field_too_long_for_postgresql_is_refused_not_clamped() {
+        let fine = ValidEvent {
+            index: 0,
+            id: Uuid::nil(),
+            service: "svc".to_owned(),
+            message: "ok".to_owned(),
+            timestamp: DateTime::from_timestamp(946_684_800, 0).expect("date"),
+            user_id: None,
+            metadata_json: "{}".to_owned(),
+        };
+        let huge = ValidEvent {
+            message: "x".repeat(MAX_FIELD_BYTES + 1),
+            ..fine.clone()
+        };
+        assert_eq!(
+            check(&huge),
+            Err(RejectReason::FieldTooLong {
+                field: "message",
+                bytes: MAX_FIELD_BYTES + 1
+            })
+        );
+        let mut out = BytesMut::new();
+        let error = encode([&fine, &huge], &mut out).expect_err("refused");
+        assert_eq!(error.position, 1);
+        assert_eq!(error.reason.as_str(), "field_too_long");
     }
 }

@@ -1,11 +1,12 @@
 //! The writer pool: N tasks that take envelopes from the buffer, batch them by count, bytes and
-//! time, write each batch to PostgreSQL, and only then acknowledge the envelopes.
+//! time, write each batch to PostgreSQL (or, while the circuit is open, to the spool), and only
+//! then acknowledge the envelopes. All writers share one connection pool; each counts into its
+//! own rollup shard.
 
 pub mod breaker;
 pub mod copy;
 pub mod replay;
 pub mod sink;
-pub mod spool;
 
 use std::{
     sync::Arc,
@@ -20,11 +21,11 @@ use crate::{
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
     config::WriterConfig,
     event::{EventRejection, ValidEvent},
-    metrics,
+    metrics::{self, Counters, WriteFailure},
+    spool::Spool,
 };
 use breaker::{Breaker, CircuitState};
 use sink::{EventOutcome, Sink};
-use spool::{Spool, SpoolError};
 
 /// What the writers share.
 #[derive(Clone)]
@@ -35,7 +36,8 @@ pub struct WriterContext {
     pub receiver: BufferReceiver,
     pub breaker: Arc<Breaker>,
     /// Where batches go while the circuit is open; None when the spool is disabled.
-    pub spool: Option<Arc<Spool>>,
+    pub spool: Option<Spool>,
+    pub counters: Arc<Counters>,
 }
 
 /// Starts `config.workers` writers. They stop once the buffer is closed and drained.
@@ -65,14 +67,6 @@ struct Writer {
     context: WriterContext,
 }
 
-impl std::ops::Deref for Writer {
-    type Target = WriterContext;
-
-    fn deref(&self) -> &WriterContext {
-        &self.context
-    }
-}
-
 impl Writer {
     async fn run(self) {
         tracing::debug!(worker = self.worker, "writer started");
@@ -88,14 +82,14 @@ impl Writer {
     /// Waits for a first envelope, then gathers more until the batch is full or the first one
     /// has waited `flush_interval`. None once the buffer is closed and empty.
     async fn collect(&self) -> Option<Vec<Envelope>> {
-        let mut receiver = self.receiver.lock().await;
+        let config = &self.context.config;
+        let mut receiver = self.context.receiver.lock().await;
         let first = receiver.recv().await?;
-        let deadline =
-            tokio::time::Instant::from_std(first.admitted_at + self.config.flush_interval);
+        let deadline = first.admitted_at + config.flush_interval;
         let mut events = first.events.len();
         let mut bytes = first.bytes;
         let mut batch = vec![first];
-        while events < self.config.batch_max_events && bytes < self.config.batch_max_bytes {
+        while events < config.batch_max_events && bytes < config.batch_max_bytes {
             match tokio::time::timeout_at(deadline, receiver.recv()).await {
                 Ok(Some(envelope)) => {
                     events += envelope.events.len();
@@ -108,101 +102,175 @@ impl Writer {
         Some(batch)
     }
 
-    /// Writes one batch, then acknowledges every envelope in it. The batch goes to PostgreSQL
-    /// while the circuit is closed, and to the spool while it is open. Transient failures are
-    /// retried with exponential backoff and jitter until one of the two takes the batch.
+    /// Writes one batch, then acknowledges every envelope in it. Events no PostgreSQL field
+    /// can hold are rejected first. The rest go to PostgreSQL while the circuit is closed, and
+    /// to the spool while it is open. Transient failures are retried with exponential backoff
+    /// and jitter until one of the two takes the batch.
     async fn write(&self, batch: Vec<Envelope>) {
         let events: Vec<&ValidEvent> = batch
             .iter()
             .flat_map(|envelope| envelope.events.iter())
             .collect();
+        let (writable, mut outcomes) = split_unwritable(&events);
         let started = Instant::now();
-        let mut backoff = self
+        let written = self.write_retrying(&writable).await;
+        for (position, outcome) in writable.iter().map(|(position, _)| *position).zip(written) {
+            outcomes[position] = Some(outcome);
+        }
+        metrics::batch_written(events.len(), started.elapsed());
+        self.context.buffer.record_drained(events.len());
+        drop(events);
+        acknowledge(batch, outcomes, &self.context.counters);
+    }
+
+    /// Writes `events` (with their positions in the batch) until PostgreSQL or the spool
+    /// takes them; one outcome per event, in order.
+    async fn write_retrying(&self, events: &[(usize, &ValidEvent)]) -> Vec<EventOutcome> {
+        if events.is_empty() {
+            return Vec::new();
+        }
+        let events: Vec<&ValidEvent> = events.iter().map(|(_, event)| *event).collect();
+        let context = &self.context;
+        let mut backoff = context
             .config
             .retry_initial_backoff
             .max(Duration::from_millis(10));
         let mut attempt = 0u32;
         let outcomes = loop {
             attempt += 1;
-            if self.breaker.allow() {
+            if context.breaker.allow() {
                 match self.sink.write_batch(&events).await {
                     Ok(outcomes) => {
-                        self.breaker.record_success();
+                        context.breaker.record_success();
                         break outcomes;
                     }
                     Err(error) => {
-                        self.breaker.record_failure();
-                        metrics::writer_error(sink::classify(&error).as_str());
+                        context.breaker.record_failure();
+                        metrics::writer_error(sink::classify(&error).into());
                         tracing::warn!(worker = self.worker, attempt, events = events.len(), %error, "batch write failed");
                     }
                 }
             }
-            if self.breaker.state() != CircuitState::Closed
-                && let Some(spool) = &self.spool
+            if context.breaker.state() != CircuitState::Closed
+                && let Some(spool) = &context.spool
             {
-                match spool_batch(spool, &events).await {
+                match spool.append(&events).await {
                     Ok(()) => {
-                        metrics::events_spooled(events.len(), spool.bytes());
+                        context.counters.events_spooled(events.len(), spool.bytes());
                         break vec![EventOutcome::Stored; events.len()];
                     }
                     Err(error) => {
-                        metrics::writer_error("spool");
+                        metrics::writer_error(WriteFailure::Spool);
                         tracing::error!(worker = self.worker, %error, "cannot spool batch; events stay in the buffer");
                     }
                 }
             }
             let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
             tokio::time::sleep(delay).await;
-            backoff = (backoff * 2).min(self.config.retry_max_backoff);
+            backoff = (backoff * 2).min(context.config.retry_max_backoff);
         };
         if attempt > 1 {
             tracing::info!(worker = self.worker, attempt, "batch written after retries");
         }
-        metrics::batch_written(events.len(), started.elapsed());
-        self.buffer.record_drained(events.len());
-        drop(events);
-        acknowledge(batch, outcomes);
+        outcomes
     }
 }
 
-/// Appends a batch to the spool on a blocking thread (the append fsyncs).
-async fn spool_batch(spool: &Arc<Spool>, events: &[&ValidEvent]) -> Result<(), SpoolError> {
-    let payload = Spool::encode(events)?;
-    let spool = spool.clone();
-    tokio::task::spawn_blocking(move || spool.append_encoded(payload))
-        .await
-        .map_err(|join| SpoolError::Io {
-            path: "spool".into(),
-            source: std::io::Error::other(join),
-        })?
+/// Splits off the events no PostgreSQL field can hold: the rest, with their positions in the
+/// batch, and an outcome slot per event, already filled for the refused ones.
+fn split_unwritable<'a>(
+    events: &[&'a ValidEvent],
+) -> (Vec<(usize, &'a ValidEvent)>, Vec<Option<EventOutcome>>) {
+    let mut writable = Vec::with_capacity(events.len());
+    let mut outcomes = vec![None; events.len()];
+    for (position, event) in events.iter().enumerate() {
+        match copy::check(event) {
+            Ok(()) => writable.push((position, *event)),
+            Err(reason) => outcomes[position] = Some(EventOutcome::Rejected(reason)),
+        }
+    }
+    (writable, outcomes)
 }
 
 /// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the
 /// envelope afterwards releases its buffer permits.
-fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<EventOutcome>) {
+fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<Option<EventOutcome>>, counters: &Counters) {
     let mut outcomes = outcomes.into_iter();
     for envelope in batch {
         let mut durable = Durable::default();
         for (event, outcome) in envelope.events.iter().zip(outcomes.by_ref()) {
             match outcome {
-                EventOutcome::Stored => durable.stored += 1,
-                EventOutcome::Duplicate => {
+                Some(EventOutcome::Stored) => durable.stored += 1,
+                Some(EventOutcome::Duplicate) => {
                     durable.stored += 1;
                     durable.duplicates += 1;
                 }
-                EventOutcome::DeadLettered { reason } => {
-                    durable.dead_lettered.push(EventRejection {
+                Some(EventOutcome::Rejected(reason)) => {
+                    counters.event_rejected(reason.as_str());
+                    durable.rejected.push(EventRejection {
                         index: event.index,
                         event_id: event.id.to_string(),
-                        field: "event",
                         reason,
-                        metric_reason: "database_refused",
-                    })
+                    });
+                }
+                // Every position is filled by `write`; an empty one would be a bug, and the
+                // event is then reported as not stored rather than acknowledged.
+                None => {
+                    tracing::error!(event_id = %event.id, "writer lost track of an event's outcome");
+                    durable.rejected.push(EventRejection {
+                        index: event.index,
+                        event_id: event.id.to_string(),
+                        reason: crate::event::RejectReason::DatabaseRefused(
+                            "not written: internal error, resend it".to_owned(),
+                        ),
+                    });
                 }
             }
         }
-        metrics::events_committed(&durable, envelope.admitted_at.elapsed());
+        counters.events_committed(
+            durable.stored,
+            durable.duplicates,
+            envelope.admitted_at.elapsed(),
+        );
         // A closed receiver means the client went away; its events are durable regardless.
         let _ = envelope.ack.send(durable);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use uuid::Uuid;
+
+    use super::*;
+
+    #[test]
+    fn unwritable_events_are_split_off_with_their_positions() {
+        let fine = ValidEvent {
+            index: 0,
+            id: Uuid::now_v7(),
+            service: "svc".to_owned(),
+            message: "m".to_owned(),
+            timestamp: Utc::now(),
+            user_id: None,
+            metadata_json: "{}".to_owned(),
+        };
+        let huge = ValidEvent {
+            user_id: Some("u".repeat(copy::MAX_FIELD_BYTES + 1)),
+            ..fine.clone()
+        };
+        let (writable, outcomes) = split_unwritable(&[&fine, &huge, &fine]);
+        assert_eq!(
+            writable
+                .iter()
+                .map(|(position, _)| *position)
+                .collect::<Vec<_>>(),
+            [0, 2]
+        );
+        assert!(matches!(
+            &outcomes[1],
+            Some(EventOutcome::Rejected(reason)) if reason.field() == "user_id"
+        ));
+        assert!(outcomes[0].is_none() && outcomes[2].is_none());
     }
 }

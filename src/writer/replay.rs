@@ -11,9 +11,12 @@ use tokio::sync::watch;
 use super::{
     breaker::{Breaker, CircuitState},
     sink::Sink,
-    spool::{SegmentReader, Spool, SpoolError},
 };
-use crate::{event::ValidEvent, metrics};
+use crate::{
+    event::ValidEvent,
+    metrics,
+    spool::{SegmentReplay, Spool, SpoolError},
+};
 
 const REPLAY_INTERVAL: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +38,7 @@ pub async fn run(
     pool: PgPool,
     write_timeout: Duration,
     breaker: Arc<Breaker>,
-    spool: Option<Arc<Spool>>,
+    spool: Option<Spool>,
     mut stopping: watch::Receiver<bool>,
 ) {
     let sink = Sink::new(pool.clone(), REPLAY_SHARD, write_timeout);
@@ -63,17 +66,23 @@ pub async fn run(
             continue;
         };
         spool.seal_active();
-        while let Some((sequence, path)) = spool.oldest_sealed() {
-            let _exclusive = spool.maintenance.lock().await;
-            match replay_segment(&sink, &breaker, &path).await {
+        loop {
+            let segment = match spool.oldest_segment().await {
+                Ok(Some(segment)) => segment,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::error!(%error, "cannot open spool segment; will retry");
+                    break;
+                }
+            };
+            let path = segment.path().to_owned();
+            match replay_segment(&sink, &breaker, segment).await {
                 Ok(events) => {
-                    if let Err(error) = spool.remove(sequence) {
-                        tracing::error!(%error, "cannot delete replayed spool segment");
-                        break;
-                    }
                     metrics::spool_replayed(events, spool.bytes());
                     tracing::info!(segment = %path.display(), events, "replayed spool segment into PostgreSQL");
                 }
+                // Moved aside and logged by the spool; go on with the next segment.
+                Err(ReplayError::Spool(SpoolError::Quarantined { .. })) => {}
                 Err(error) => {
                     tracing::warn!(segment = %path.display(), %error, "spool replay paused; will retry");
                     break;
@@ -95,32 +104,15 @@ async fn is_reachable(pool: &PgPool) -> bool {
     )
 }
 
-/// Writes every batch of a segment; idempotent, so a segment interrupted halfway can be
-/// replayed again from its start.
+/// Writes every batch of a segment, then deletes it; idempotent, so a segment interrupted
+/// halfway can be replayed again from its start.
 async fn replay_segment(
     sink: &Sink,
     breaker: &Breaker,
-    path: &std::path::Path,
+    mut segment: SegmentReplay,
 ) -> Result<usize, ReplayError> {
-    let mut reader = Some(SegmentReader::open(path)?);
     let mut replayed = 0;
-    loop {
-        let Some(mut current) = reader.take() else {
-            return Ok(replayed);
-        };
-        let (current, batch) = tokio::task::spawn_blocking(move || {
-            let batch = current.next_batch();
-            (current, batch)
-        })
-        .await
-        .map_err(|join| SpoolError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::other(join),
-        })?;
-        let Some(batch) = batch? else {
-            return Ok(replayed);
-        };
-        reader = Some(current);
+    while let Some(batch) = segment.next_batch().await? {
         if !breaker.allow() {
             return Err(ReplayError::CircuitOpen);
         }
@@ -134,4 +126,6 @@ async fn replay_segment(
         }
         replayed += events.len();
     }
+    segment.finish().await?;
+    Ok(replayed)
 }

@@ -21,14 +21,19 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::copy;
-use crate::{event::ValidEvent, metrics, store::partitions};
+use crate::{
+    event::{RejectReason, ValidEvent},
+    metrics::{self, WriteFailure},
+    store::{self, partitions},
+};
 
 /// What happened to one event of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventOutcome {
     Stored,
     Duplicate,
-    DeadLettered { reason: String },
+    /// Not stored: refused before the write, or by PostgreSQL (then kept in `dead_letters`).
+    Rejected(RejectReason),
 }
 
 /// How a database error is handled.
@@ -44,13 +49,13 @@ pub enum FailureKind {
     Transient,
 }
 
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Duplicate => "duplicate",
-            Self::MissingPartition => "missing_partition",
-            Self::BadData => "bad_data",
-            Self::Transient => "transient",
+impl From<FailureKind> for WriteFailure {
+    fn from(kind: FailureKind) -> Self {
+        match kind {
+            FailureKind::Duplicate => Self::Duplicate,
+            FailureKind::MissingPartition => Self::MissingPartition,
+            FailureKind::BadData => Self::BadData,
+            FailureKind::Transient => Self::Transient,
         }
     }
 }
@@ -60,8 +65,8 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
     let Some(database_error) = error.as_database_error() else {
         return FailureKind::Transient;
     };
-    let code = database_error.code().unwrap_or_default();
-    match code.as_ref() {
+    let code = store::sqlstate(error).unwrap_or_default();
+    match code.as_str() {
         "23505" => FailureKind::Duplicate,
         "23514" if database_error.message().contains("no partition") => {
             FailureKind::MissingPartition
@@ -139,7 +144,7 @@ impl Sink {
     }
 
     async fn copy_fast(&self, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
-        let payload = encode(events);
+        let payload = encode(events)?;
         let mut transaction = self.pool.begin().await?;
         let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
         let mut copy_in = transaction.copy_in_raw(&statement).await?;
@@ -184,12 +189,14 @@ impl Sink {
                                 // never retry a batch forever for it.
                                 Err(refused) => {
                                     tracing::error!(event_id = %event.id, error = %refused, "cannot keep refused event in dead letters");
-                                    metrics::writer_error("dead_letter_refused");
+                                    metrics::writer_error(WriteFailure::DeadLetterRefused);
                                     reason
                                         .push_str("; it could not be kept in dead letters either");
                                 }
                             }
-                            return Ok(vec![EventOutcome::DeadLettered { reason }]);
+                            return Ok(vec![EventOutcome::Rejected(
+                                RejectReason::DatabaseRefused(reason),
+                            )]);
                         }
                         let (left, right) = events.split_at(events.len() / 2);
                         let mut outcomes = self.write_isolating(left).await?;
@@ -205,7 +212,7 @@ impl Sink {
         &self,
         events: &[&ValidEvent],
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        let payload = encode(events);
+        let payload = encode(events)?;
         let mut transaction = self.pool.begin().await?;
         sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         .execute(&mut *transaction)
@@ -305,10 +312,7 @@ async fn dead_letter(
         "user_id": event.user_id,
         "metadata": event.metadata_json,
     });
-    let sqlstate = error
-        .as_database_error()
-        .and_then(|database_error| database_error.code())
-        .map(|code| code.into_owned());
+    let sqlstate = store::sqlstate(error);
     // Strip NUL so that the user id stays findable for deletion even when it was the culprit.
     let user_id = event
         .user_id
@@ -341,15 +345,19 @@ async fn create_partitions_for(pool: &PgPool, events: &[&ValidEvent]) -> Result<
         .map(|_| ())
 }
 
-fn encode(events: &[&ValidEvent]) -> BytesMut {
+/// The batch as a binary COPY payload. Writers reject events that [`copy::check`] refuses
+/// before they reach a sink, so this fails only if that was skipped; it then fails the write
+/// rather than store a corrupt row.
+fn encode(events: &[&ValidEvent]) -> Result<BytesMut, sqlx::Error> {
     let mut payload = BytesMut::with_capacity(
         32 + events
             .iter()
             .map(|event| copy::encoded_len(event))
             .sum::<usize>(),
     );
-    copy::encode(events.iter().copied(), &mut payload);
-    payload
+    copy::encode(events.iter().copied(), &mut payload)
+        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
+    Ok(payload)
 }
 
 /// The database's own words, for the client and the dead-letter row.

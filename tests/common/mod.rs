@@ -17,6 +17,9 @@ use sluice::proto::{
 };
 use sqlx::{Connection, PgConnection};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -351,4 +354,31 @@ pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
         .filter(|line| line[name.len()..].starts_with([' ', '{']))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The grpc.health.v1 status of the ingest service.
+pub async fn ingest_status(server: &TestServer) -> ServingStatus {
+    let mut client = HealthClient::new(server.channel().await);
+    let request = HealthCheckRequest {
+        service: "sluice.v1.IngestService".to_owned(),
+    };
+    let response = client
+        .check(request)
+        .await
+        .expect("health check")
+        .into_inner();
+    ServingStatus::try_from(response.status).expect("known status")
+}
+
+/// Waits (at most 30 s) until the ingest service reports `wanted`.
+pub async fn wait_for_status(server: &TestServer, wanted: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ingest_status(server).await != wanted {
+        assert!(
+            Instant::now() < deadline,
+            "health never became {wanted:?}:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

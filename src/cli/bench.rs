@@ -23,7 +23,7 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use uuid::Uuid;
 
-use crate::{
+use sluice::{
     event::ValidEvent,
     proto::{Event, IngestRequest, ingest_service_client::IngestServiceClient},
     writer::copy,
@@ -177,7 +177,7 @@ pub struct QueryBenchArgs {
 
 /// Latency of the read-side calls on a loaded database, and Export throughput.
 pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
-    use crate::proto::{
+    use sluice::proto::{
         ExportRequest, QueryRequest, StatsRequest, query_service_client::QueryServiceClient,
     };
     let channel = endpoint(&args.connect)?.connect().await?;
@@ -395,7 +395,7 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
             let mut rng = StdRng::seed_from_u64(connection_index as u64);
             let mut connection = sqlx::PgConnection::connect(&url).await?;
             // The same socket settings as the server's pool, for a fair ceiling.
-            crate::store::nodelay::enable(&mut connection).await?;
+            sluice::store::nodelay::enable(&mut connection).await?;
             let mut sent = 0;
             while sent < per_connection {
                 let count = batch.min(per_connection - sent);
@@ -403,7 +403,8 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
                     .map(|offset| as_valid(sample_event(&mut rng, sent + offset)))
                     .collect();
                 let mut payload = BytesMut::new();
-                copy::encode(rows.iter(), &mut payload);
+                copy::encode(rows.iter(), &mut payload)
+                    .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
                 let statement =
                     format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
                 let mut copy_in = connection.copy_in_raw(&statement).await?;

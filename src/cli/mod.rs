@@ -1,0 +1,3 @@
+//! The client side of the `sluice` command: subcommands that talk to a running server.
+
+pub mod bench;

@@ -1,0 +1,283 @@
+//! The spool's on-disk format, documented in `proto/sluice/spool/v1/spool.proto`.
+//!
+//! A segment starts with an 8-byte magic that names its format. A record is framed as payload
+//! length (u32 LE), CRC32C of the payload (u32 LE), payload. In a `SLSPOOL2` segment a payload
+//! is a version byte and that version's encoding (version 1: a protobuf `SpoolBatch`). A
+//! `SLSPOOL1` segment, written before records were versioned, holds JSON arrays of events; it
+//! is still read, through a frozen copy of that layout, and never written.
+
+use std::io::{self, Read};
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use uuid::Uuid;
+
+use crate::event::ValidEvent;
+
+/// The generated `sluice.spool.v1` messages.
+#[allow(clippy::all, missing_docs)]
+mod pb {
+    include!(concat!(env!("OUT_DIR"), "/sluice.spool.v1.rs"));
+}
+
+/// The magic of segments written now.
+pub const MAGIC: &[u8; 8] = b"SLSPOOL2";
+/// The magic of segments written before records carried a version (JSON payloads).
+const LEGACY_MAGIC: &[u8; 8] = b"SLSPOOL1";
+pub const MAGIC_LEN: u64 = MAGIC.len() as u64;
+pub const RECORD_HEADER: usize = 8;
+/// A record larger than this is not a record: the length field is garbage.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
+/// The payload version written now.
+const VERSION_PROTOBUF: u8 = 1;
+
+/// How a segment's payloads are encoded, from its magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentFormat {
+    /// `SLSPOOL1`: JSON arrays of events, no version byte.
+    LegacyJson,
+    /// `SLSPOOL2`: a version byte, then that version's encoding.
+    Versioned,
+}
+
+impl SegmentFormat {
+    pub fn from_magic(magic: &[u8; 8]) -> Option<Self> {
+        match magic {
+            magic if magic == MAGIC => Some(Self::Versioned),
+            magic if magic == LEGACY_MAGIC => Some(Self::LegacyJson),
+            _ => None,
+        }
+    }
+}
+
+/// Why a record cannot be read as events.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(
+        "a record fails its checksum and more records follow it (corruption, not a torn append)"
+    )]
+    CorruptRecord,
+    #[error("empty payload")]
+    Empty,
+    #[error("unknown record version {0} (written by a newer sluice?)")]
+    UnknownVersion(u8),
+    #[error("protobuf: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("legacy json: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("event id is not 16 bytes")]
+    InvalidId,
+    #[error("event timestamp is out of range")]
+    InvalidTimestamp,
+}
+
+/// Encodes a batch as a current-version payload.
+pub fn encode_batch(events: &[&ValidEvent]) -> Vec<u8> {
+    let batch = pb::SpoolBatch {
+        events: events
+            .iter()
+            .map(|event| pb::SpoolEvent {
+                id: event.id.as_bytes().to_vec(),
+                service: event.service.clone(),
+                message: event.message.clone(),
+                timestamp_micros: event.timestamp.timestamp_micros(),
+                user_id: event.user_id.clone(),
+                metadata_json: event.metadata_json.clone(),
+            })
+            .collect(),
+    };
+    let mut payload = Vec::with_capacity(1 + batch.encoded_len());
+    payload.push(VERSION_PROTOBUF);
+    // Writing into a Vec cannot run out of room.
+    batch.encode(&mut payload).unwrap_or_default();
+    payload
+}
+
+/// Decodes a payload of a segment of `format`. Events are numbered by their place in the
+/// batch (the index of a request is of no use once the request was acknowledged).
+pub fn decode_batch(format: SegmentFormat, payload: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
+    match format {
+        SegmentFormat::LegacyJson => decode_legacy_json(payload),
+        SegmentFormat::Versioned => match payload.split_first() {
+            None => Err(DecodeError::Empty),
+            Some((&VERSION_PROTOBUF, rest)) => decode_protobuf(rest),
+            Some((&version, _)) => Err(DecodeError::UnknownVersion(version)),
+        },
+    }
+}
+
+fn decode_protobuf(bytes: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
+    pb::SpoolBatch::decode(bytes)?
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(index, event)| {
+            Ok(ValidEvent {
+                index: index as u64,
+                id: Uuid::from_slice(&event.id).map_err(|_| DecodeError::InvalidId)?,
+                service: event.service,
+                message: event.message,
+                timestamp: DateTime::from_timestamp_micros(event.timestamp_micros)
+                    .ok_or(DecodeError::InvalidTimestamp)?,
+                user_id: event.user_id,
+                metadata_json: event.metadata_json,
+            })
+        })
+        .collect()
+}
+
+/// The event layout of `SLSPOOL1` records (the serde JSON of the in-memory event of that
+/// release), frozen here so that the in-memory type may change.
+#[derive(serde::Deserialize)]
+struct LegacyEvent {
+    index: u64,
+    id: Uuid,
+    service: String,
+    message: String,
+    timestamp: DateTime<Utc>,
+    user_id: Option<String>,
+    metadata_json: String,
+}
+
+fn decode_legacy_json(payload: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
+    let events: Vec<LegacyEvent> = serde_json::from_slice(payload)?;
+    Ok(events
+        .into_iter()
+        .map(|event| ValidEvent {
+            index: event.index,
+            id: event.id,
+            service: event.service,
+            message: event.message,
+            timestamp: event.timestamp,
+            user_id: event.user_id,
+            metadata_json: event.metadata_json,
+        })
+        .collect())
+}
+
+/// A record framed for appending: length, checksum, payload.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut record = Vec::with_capacity(RECORD_HEADER + payload.len());
+    // `append` refuses payloads over MAX_RECORD_BYTES, so the length fits.
+    record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    record.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    record.extend_from_slice(payload);
+    record
+}
+
+/// What the next bytes of a segment hold.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// An intact record's payload.
+    Record(Vec<u8>),
+    /// The clean end of the segment.
+    End,
+    /// The segment ends inside a record (a crash mid-append), or the length is garbage.
+    Torn,
+    /// A whole record whose payload fails its checksum; `bytes` is its framed size.
+    BadChecksum { bytes: u64 },
+}
+
+/// Reads the next frame.
+pub fn read_frame(reader: &mut impl Read) -> io::Result<Frame> {
+    let mut header = [0u8; RECORD_HEADER];
+    match read_full(reader, &mut header)? {
+        0 => return Ok(Frame::End),
+        read if read < RECORD_HEADER => return Ok(Frame::Torn),
+        _ => {}
+    }
+    let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let checksum = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if length > MAX_RECORD_BYTES {
+        return Ok(Frame::Torn);
+    }
+    let mut payload = vec![0u8; length];
+    if read_full(reader, &mut payload)? < length {
+        return Ok(Frame::Torn);
+    }
+    if crc32c::crc32c(&payload) != checksum {
+        return Ok(Frame::BadChecksum {
+            bytes: (RECORD_HEADER + length) as u64,
+        });
+    }
+    Ok(Frame::Record(payload))
+}
+
+/// Reads until `buffer` is full or the input ends; returns the bytes read.
+fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> ValidEvent {
+        ValidEvent {
+            index: 0,
+            id: Uuid::now_v7(),
+            service: "svc".to_owned(),
+            message: "m \u{e9}".to_owned(),
+            timestamp: DateTime::from_timestamp_micros(1_800_000_000_123_456).expect("ts"),
+            user_id: Some("u".to_owned()),
+            metadata_json: r#"{"k":[1,2]}"#.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_batch_round_trips_through_the_current_version() {
+        let events = vec![
+            event(),
+            ValidEvent {
+                index: 1,
+                user_id: None,
+                ..event()
+            },
+        ];
+        let payload = encode_batch(&events.iter().collect::<Vec<_>>());
+        assert_eq!(payload[0], VERSION_PROTOBUF);
+        assert_eq!(
+            decode_batch(SegmentFormat::Versioned, &payload).expect("decodes"),
+            events
+        );
+    }
+
+    #[test]
+    fn an_unknown_version_is_an_error_not_an_empty_batch() {
+        let mut payload = encode_batch(&[&event()]);
+        payload[0] = 9;
+        assert!(matches!(
+            decode_batch(SegmentFormat::Versioned, &payload),
+            Err(DecodeError::UnknownVersion(9))
+        ));
+    }
+
+    #[test]
+    fn frames_tell_torn_tails_from_bad_checksums() {
+        let record = frame(b"payload");
+        assert_eq!(
+            read_frame(&mut record.as_slice()).expect("read"),
+            Frame::Record(b"payload".to_vec())
+        );
+        assert_eq!(read_frame(&mut &record[..10]).expect("read"), Frame::Torn);
+        assert_eq!(read_frame(&mut &record[..3]).expect("read"), Frame::Torn);
+        assert_eq!(read_frame(&mut &[][..]).expect("read"), Frame::End);
+        let mut flipped = record.clone();
+        flipped[9] ^= 0xff;
+        assert_eq!(
+            read_frame(&mut flipped.as_slice()).expect("read"),
+            Frame::BadChecksum {
+                bytes: record.len() as u64
+            }
+        );
+    }
+}
