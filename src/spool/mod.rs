@@ -274,11 +274,6 @@ impl Spool {
         metrics::spool_quarantine(segments);
         segments
     }
-
-    /// The spool directory.
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
-    }
 }
 
 impl Inner {

@@ -3,10 +3,10 @@
 //! then acknowledge the envelopes. All writers share one connection pool; each counts into its
 //! own rollup shard.
 
-pub mod breaker;
+pub(crate) mod breaker;
 pub mod copy;
-pub mod replay;
-pub mod sink;
+pub(crate) mod replay;
+pub(crate) mod sink;
 
 use std::{
     sync::Arc,

@@ -1,0 +1,461 @@
+//! Builds and runs the server in named phases:
+//!
+//! 1. **open storage**: the spool, then PostgreSQL (a URL, or the private cluster);
+//! 2. **start background tasks**: the buffer, the writer pool, health, the spool replayer and
+//!    partition upkeep ([`Background`]);
+//! 3. **build services**: ingest, query, health and reflection, with their codec limits;
+//! 4. **serve until signal**: mTLS (or the loudly logged plaintext opt-in) behind the
+//!    hardened accept loop of [`listener`], until SIGTERM or SIGINT, then drain within
+//!    `shutdown_timeout`;
+//!
+//! then [`Background::shutdown`] and [`Storage::close`] tear down in the one order that keeps
+//! every acknowledged event durable.
+
+pub mod listener;
+
+use std::{io, sync::Arc, time::Duration};
+
+use futures::Stream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::watch,
+    task::{JoinHandle, JoinSet},
+};
+use tonic::{
+    codec::CompressionEncoding,
+    service::{Routes, RoutesBuilder},
+    transport::{Server, server::Connected},
+};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    buffer::Buffer,
+    config::Config,
+    health,
+    ingest::IngestHandler,
+    metrics::{self, Counters},
+    proto::{
+        self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
+    },
+    query::QueryHandler,
+    spool::{Spool, SpoolError},
+    status,
+    store::{Store, StoreError},
+    tls::{self, TlsError},
+    writer::{self, WriterContext, breaker::Breaker, replay},
+};
+
+/// Message size limit and compression (gzip and zstd, both ways) for a generated service. A
+/// macro because the generated servers share these methods but no trait.
+macro_rules! with_codec_limits {
+    ($service:expr, $max_message_bytes:expr) => {
+        $service
+            .max_decoding_message_size($max_message_bytes)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+    };
+}
+
+/// How often partitions ahead are checked (sooner after a failure).
+const PARTITION_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+const PARTITION_RETRY_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot open the spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    serve_metrics(&config).await?;
+    let tls_config = prepare_tls(&config)?;
+    let storage = Storage::open(&config).await?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health::set(&health_reporter, ServingStatus::NotServing).await;
+    let mut background = Background::start(&config, &storage, health_reporter);
+    // Errors from here on still tear down what was started.
+    let outcome = match build_services(&config, &storage, &background, health_service) {
+        Ok(routes) => serve_until_signal(&config, tls_config, routes, &mut background).await,
+        Err(error) => Err(error),
+    };
+    background.shutdown().await;
+    tracing::info!("all acknowledged events are stored; stopping");
+    storage.close().await;
+    outcome
+}
+
+async fn serve_metrics(config: &Config) -> Result<(), ServerError> {
+    if let Some(address) = config.metrics.listen {
+        let handle = metrics::install()?;
+        let bound = metrics::serve(handle, address).await?;
+        tracing::info!(address = %bound, "metrics endpoint listening on /metrics");
+    }
+    Ok(())
+}
+
+/// Creates dev certificates on first run (unless paths are configured) and loads the mTLS
+/// config. None when plaintext was explicitly requested.
+fn prepare_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+    if config.tls.insecure_plaintext {
+        tracing::warn!(
+            "!!! TLS IS DISABLED (--insecure-plaintext): traffic and events travel in clear text and clients are not authenticated. Use only for local development. !!!"
+        );
+        return Ok(None);
+    }
+    if config.uses_dev_certs() && tls::ensure_dev_certs(&config.tls.cert_dir, "client")? {
+        tracing::warn!(
+            dir = %config.tls.cert_dir.display(),
+            "created development certificates (ca.pem, server.pem/key, client.pem/key); use real certificates in production"
+        );
+    }
+    Ok(Some(tls::server_tls_config(config)?))
+}
+
+/// Phase 1: where events are kept. The spool opens first, so that a spool left by an earlier
+/// run is found even when the database is down.
+struct Storage {
+    store: Arc<Store>,
+    spool: Option<Spool>,
+}
+
+impl Storage {
+    async fn open(config: &Config) -> Result<Self, ServerError> {
+        let spool = open_spool(config).await?;
+        let store = Arc::new(Store::open(config).await?);
+        Ok(Self { store, spool })
+    }
+
+    /// Closes the pools and stops the private cluster. Last: everything else writes here.
+    async fn close(self) {
+        self.store.close().await;
+    }
+}
+
+/// Opens the spool and reports what an earlier run left there.
+async fn open_spool(config: &Config) -> Result<Option<Spool>, SpoolError> {
+    if !config.spool.enabled {
+        tracing::warn!(
+            "spool disabled: a database outage fills the buffer and then refuses clients"
+        );
+        return Ok(None);
+    }
+    let dir = config.spool_dir();
+    let (spool, recovery) =
+        Spool::open(&dir, config.spool.max_bytes, config.spool.segment_bytes).await?;
+    metrics::spool_recovered(recovery.truncated_bytes, spool.bytes());
+    if recovery.records > 0 || recovery.truncated_bytes > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            segments = recovery.segments,
+            records = recovery.records,
+            truncated_bytes = recovery.truncated_bytes,
+            "found a spool from an earlier run; replaying it into PostgreSQL"
+        );
+    }
+    if recovery.quarantined > 0 {
+        tracing::error!(
+            dir = %dir.join("quarantine").display(),
+            segments = recovery.quarantined,
+            "spool segments that cannot be read were moved to quarantine; health stays NOT_SERVING until an operator removes them"
+        );
+    }
+    Ok(Some(spool))
+}
+
+/// Turns shutdown on: handlers stop reading and settle, the buffer refuses new events, and
+/// the writers drain what it holds, then stop.
+#[derive(Clone)]
+struct ShutdownSwitch {
+    stopping: watch::Sender<bool>,
+    buffer: Arc<Buffer>,
+}
+
+impl ShutdownSwitch {
+    fn trip(&self) {
+        self.stopping.send_replace(true);
+        self.buffer.close();
+    }
+}
+
+/// Phase 2: the tasks that run beside the RPCs, and the handles the services share with them.
+struct Background {
+    buffer: Arc<Buffer>,
+    breaker: Arc<Breaker>,
+    counters: Arc<Counters>,
+    switch: ShutdownSwitch,
+    writers: JoinSet<()>,
+    health: JoinHandle<()>,
+    partitions: JoinHandle<()>,
+    replay: JoinHandle<()>,
+}
+
+impl Background {
+    fn start(config: &Config, storage: &Storage, health_reporter: HealthReporter) -> Self {
+        let (buffer, receiver) = Buffer::new(&config.buffer);
+        let breaker = Arc::new(Breaker::new(&config.breaker));
+        let counters = Arc::new(Counters::default());
+        let (stopping, _) = watch::channel(false);
+        let writers = writer::spawn(&WriterContext {
+            config: config.writer.clone(),
+            pool: storage.store.pool.clone(),
+            buffer: buffer.clone(),
+            receiver,
+            breaker: breaker.clone(),
+            spool: storage.spool.clone(),
+            counters: counters.clone(),
+        });
+        let health = tokio::spawn(health::watch(
+            health_reporter,
+            health::Watched {
+                buffer: buffer.clone(),
+                store: storage.store.clone(),
+                breaker: breaker.clone(),
+                spool: storage.spool.clone(),
+            },
+            stopping.subscribe(),
+        ));
+        let replay = tokio::spawn(replay::run(
+            storage.store.pool.clone(),
+            config.writer.write_timeout,
+            breaker.clone(),
+            storage.spool.clone(),
+            stopping.subscribe(),
+        ));
+        let partitions = tokio::spawn(maintain_partitions(
+            storage.store.clone(),
+            config.validation.retention,
+        ));
+        Self {
+            switch: ShutdownSwitch {
+                stopping,
+                buffer: buffer.clone(),
+            },
+            buffer,
+            breaker,
+            counters,
+            writers,
+            health,
+            partitions,
+            replay,
+        }
+    }
+
+    fn stopping(&self) -> watch::Receiver<bool> {
+        self.switch.stopping.subscribe()
+    }
+
+    /// Resolves once every writer stopped: the buffer is closed and drained.
+    async fn writers_drained(&mut self) {
+        while self.writers.join_next().await.is_some() {}
+    }
+
+    /// The teardown order, in one place:
+    /// 1. the buffer refuses new events (already so after a signal);
+    /// 2. writers still running (the shutdown timeout passed) are stopped: what they held was
+    ///    never acknowledged, and clients were told so;
+    /// 3. health and partition upkeep stop: nothing depends on them;
+    /// 4. the replayer stops last: a segment it was replaying stays on disk and replays at the
+    ///    next start (replay is idempotent).
+    ///
+    /// The storage closes after this, in [`Storage::close`].
+    async fn shutdown(mut self) {
+        self.switch.trip();
+        self.writers.abort_all();
+        self.writers_drained().await;
+        self.health.abort();
+        self.partitions.abort();
+        let _ = tokio::join!(self.health, self.partitions);
+        self.replay.abort();
+        let _ = self.replay.await;
+    }
+}
+
+/// Phase 3: every gRPC service, with its codec limits.
+fn build_services(
+    config: &Arc<Config>,
+    storage: &Storage,
+    background: &Background,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<Routes, ServerError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let ingest = IngestHandler::new(
+        background.buffer.clone(),
+        config.clone(),
+        background.counters.clone(),
+        background.stopping(),
+    );
+    let query = QueryHandler::new(
+        storage.store.clone(),
+        background.buffer.clone(),
+        background.breaker.clone(),
+        storage.spool.clone(),
+        config.clone(),
+        background.counters.clone(),
+    );
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(with_codec_limits!(
+            IngestServiceServer::new(ingest),
+            config.grpc.max_message_bytes
+        ))
+        .add_service(with_codec_limits!(
+            QueryServiceServer::new(query),
+            config.grpc.max_query_message_bytes
+        ));
+    Ok(routes.routes())
+}
+
+/// Phase 4: serves until SIGTERM or SIGINT, then gives in-flight calls and the writers
+/// `shutdown_timeout` to finish.
+async fn serve_until_signal(
+    config: &Config,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    routes: Routes,
+    background: &mut Background,
+) -> Result<(), ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        address: config.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    let limits = listener::Limits {
+        max_connections: match config.grpc.max_connections {
+            0 => listener::default_max_connections(),
+            configured => {
+                listener::raise_open_file_limit();
+                configured
+            }
+        },
+        handshake_timeout: config.grpc.handshake_timeout,
+    };
+    tracing::info!(
+        address = %bound,
+        tls = tls_config.is_some(),
+        max_connections = limits.max_connections,
+        handshake_timeout = ?limits.handshake_timeout,
+        "sluice listening"
+    );
+    match tls_config {
+        Some(tls_config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+            let incoming = listener::incoming(listener, limits, listener::tls(acceptor));
+            serve(config, routes, incoming, background).await
+        }
+        None => {
+            let incoming = listener::incoming(listener, limits, listener::plaintext());
+            serve(config, routes, incoming, background).await
+        }
+    }
+}
+
+/// Serves `incoming` until the signal, then drains.
+async fn serve<IO>(
+    config: &Config,
+    routes: Routes,
+    incoming: impl Stream<Item = io::Result<IO>>,
+    background: &mut Background,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+{
+    let shutdown_timeout = config.shutdown_timeout;
+    let switch = background.switch.clone();
+    let stop_signal = async move {
+        wait_for_signal().await;
+        tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
+        switch.trip();
+    };
+    let serve = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            status::oversized_unary_to_invalid_argument,
+        ))
+        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .max_concurrent_streams(config.grpc.max_concurrent_streams)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop_signal);
+    tokio::pin!(serve);
+    let mut stopping = background.stopping();
+    tokio::select! {
+        result = &mut serve => result.map_err(ServerError::from),
+        _ = stopping.wait_for(|stopping| *stopping) => {
+            let drain = async {
+                let served = (&mut serve).await;
+                background.writers_drained().await;
+                served
+            };
+            match tokio::time::timeout(shutdown_timeout, drain).await {
+                Ok(served) => served.map_err(ServerError::from),
+                Err(_) => {
+                    let left = background.buffer.usage().events;
+                    tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn maintain_partitions(store: Arc<Store>, retention: Duration) {
+    let mut wait = PARTITION_RETRY_INTERVAL;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = match store.ensure_partitions(retention).await {
+            Ok(_) => PARTITION_CHECK_INTERVAL,
+            Err(error) => {
+                tracing::error!(%error, "cannot create partitions ahead; will retry");
+                PARTITION_RETRY_INTERVAL
+            }
+        };
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("received SIGTERM"),
+        _ = interrupt.recv() => tracing::info!("received SIGINT"),
+    }
+}
