@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Malformed requests are INVALID_ARGUMENT (the client's fault), not INTERNAL.
+        .codec_path("crate::codec::StrictProstCodec")
         .compile_fds(file_descriptors)?;
     let spool_descriptors = protox::compile(["proto/sluice/spool/v1/spool.proto"], ["proto"])?;
     tonic_prost_build::configure()

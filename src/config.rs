@@ -93,6 +93,15 @@ pub struct GrpcConfig {
     pub keepalive_timeout: Duration,
     /// Concurrent HTTP/2 streams allowed per connection.
     pub max_concurrent_streams: u32,
+    /// Largest QueryService request message, in bytes, after decompression: a read request
+    /// has no business being as large as an ingest request.
+    pub max_query_message_bytes: usize,
+    /// Open connections allowed (in handshake or served); one more is closed at once. 0: the
+    /// open-file limit (raised to its hard limit at start) less 256.
+    pub max_connections: usize,
+    /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,6 +263,9 @@ impl Default for GrpcConfig {
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_concurrent_streams: 256,
+            max_query_message_bytes: 1024 * 1024,
+            max_connections: 0,
+            handshake_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -399,6 +411,12 @@ impl Config {
         }
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");
+        }
+        if self.grpc.handshake_timeout.is_zero() {
+            return invalid("grpc.handshake_timeout", "must be above zero");
+        }
+        if self.grpc.max_query_message_bytes == 0 {
+            return invalid("grpc.max_query_message_bytes", "must be at least 1");
         }
         if self.grpc.max_events_per_request == 0 {
             return invalid("grpc.max_events_per_request", "must be at least 1");

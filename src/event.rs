@@ -43,6 +43,8 @@ impl ValidEvent {
 pub enum RejectReason {
     #[error("id must be a UUID")]
     InvalidId,
+    #[error("id must not be the nil UUID")]
+    NilId,
     #[error("service is required")]
     MissingService,
     #[error("service must match ^[a-z0-9][a-z0-9._-]{{0,63}}$")]
@@ -86,7 +88,7 @@ impl RejectReason {
     /// The request field the reason is about.
     pub fn field(&self) -> &'static str {
         match self {
-            Self::InvalidId => "id",
+            Self::InvalidId | Self::NilId => "id",
             Self::MissingService | Self::InvalidService => "service",
             Self::MissingMessage | Self::MessageTooLarge { .. } => "message",
             Self::MissingTimestamp
@@ -105,7 +107,7 @@ impl RejectReason {
     /// The `reason` label of `sluice_events_rejected_total`.
     pub fn as_str(&self) -> &'static str {
         match self {
-            Self::InvalidId => "invalid_id",
+            Self::InvalidId | Self::NilId => "invalid_id",
             Self::MissingService | Self::InvalidService => "invalid_service",
             Self::MissingMessage => "missing_message",
             Self::MessageTooLarge { .. } => "message_too_large",

@@ -9,18 +9,19 @@
 //! them. Each module maps its own error type to a `tonic::Status` beside that type, through
 //! the domain-free helpers of [`status`].
 
-pub mod buffer;
+pub(crate) mod buffer;
+pub(crate) mod codec;
 pub mod config;
 pub mod event;
-pub mod health;
+pub(crate) mod health;
 pub mod ingest;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod proto;
-pub mod query;
+pub(crate) mod query;
 pub mod server;
 pub mod spool;
-pub mod status;
+pub(crate) mod status;
 pub mod store;
 pub mod tls;
-pub mod wire;
+pub(crate) mod wire;
 pub mod writer;

@@ -10,6 +10,7 @@
 //! | `sluice_events_refused_total` | counter | `reason` ([`Refusal`]: `buffer_full`, `shutting_down`, `too_large`) |
 //! | `sluice_events_stored_total` | counter | |
 //! | `sluice_events_duplicate_total` | counter | |
+//! | `sluice_events_duplicate_conflicting_total` | counter | |
 //! | `sluice_ack_latency_seconds` | summary | |
 //! | `sluice_batch_events`, `sluice_batch_write_seconds` | summary | |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
@@ -21,6 +22,9 @@
 //! | `sluice_spool_quarantined_total` | counter | |
 //! | `sluice_spool_quarantined_segments` | gauge | |
 //! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
+//! | `sluice_connections_open` | gauge | |
+//! | `sluice_connections_rejected_total` | counter | `reason` ([`ConnectionFailure`]) |
+//! | `sluice_accept_errors_total` | counter | `kind` (`emfile`, `enfile`, `no_memory`, `aborted`, `other`) |
 
 use std::{
     collections::BTreeMap,
@@ -122,6 +126,34 @@ impl WriteFailure {
     }
 }
 
+/// Why a connection was closed before it was served: the `reason` label of
+/// `sluice_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionFailure {
+    /// `grpc.max_connections` were open.
+    Limit,
+    /// No TLS handshake plus HTTP/2 preface within `grpc.handshake_timeout`.
+    Timeout,
+    /// The TLS handshake failed (no or an untrusted client certificate, not TLS at all).
+    Tls,
+    /// The peer closed before sending the HTTP/2 preface.
+    Closed,
+    /// The first bytes were not the HTTP/2 preface.
+    BadPreface,
+}
+
+impl ConnectionFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Limit => "limit",
+            Self::Timeout => "handshake_timeout",
+            Self::Tls => "tls",
+            Self::Closed => "closed",
+            Self::BadPreface => "bad_preface",
+        }
+    }
+}
+
 /// The ingest counters since start, as the Stats RPC reports them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct IngestTotals {
@@ -209,6 +241,13 @@ impl Counters {
     }
 }
 
+/// Duplicates (same `id` and `ts`) whose content differs from the stored event.
+pub fn duplicates_conflicting(count: u64) {
+    if count > 0 {
+        counter!("sluice_events_duplicate_conflicting_total").increment(count);
+    }
+}
+
 pub fn batch_written(events: usize, elapsed: Duration) {
     histogram!("sluice_batch_events").record(events as f64);
     histogram!("sluice_batch_write_seconds").record(elapsed.as_secs_f64());
@@ -244,6 +283,23 @@ pub fn circuit(state: &'static str) {
             0.0
         });
     }
+}
+
+pub fn connection_failed(failure: ConnectionFailure) {
+    counter!("sluice_connections_rejected_total", "reason" => failure.as_str()).increment(1);
+}
+
+/// `accept` failed; `kind` is `emfile`, `enfile`, `no_memory`, `aborted` or `other`.
+pub fn accept_error(kind: &'static str) {
+    counter!("sluice_accept_errors_total", "kind" => kind).increment(1);
+}
+
+pub fn connection_opened() {
+    gauge!("sluice_connections_open").increment(1.0);
+}
+
+pub fn connection_closed() {
+    gauge!("sluice_connections_open").decrement(1.0);
 }
 
 pub fn writer_error(failure: WriteFailure) {

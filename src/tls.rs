@@ -1,19 +1,33 @@
-//! TLS material: dev certificates created on first run (rcgen), and the mTLS server config.
+//! TLS material: dev certificates created on first run (rcgen), and the mTLS server config
+//! (rustls, client certificates required).
 
 use std::{
     fs,
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use time::{Duration as TimeDuration, OffsetDateTime};
 
 use crate::config::Config;
+
+/// How long dev leaf certificates (server, clients) are valid.
+const DEV_LEAF_VALIDITY: TimeDuration = TimeDuration::days(365);
+/// How long the dev CA is valid.
+const DEV_CA_VALIDITY: TimeDuration = TimeDuration::days(5 * 365);
+/// Start-up warns when the server certificate expires sooner than this.
+const EXPIRY_WARNING: TimeDuration = TimeDuration::days(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -29,6 +43,17 @@ pub enum TlsError {
     },
     #[error("cannot generate certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("cannot parse {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no certificate in {0}")]
+    NoCertificate(PathBuf),
+    #[error("invalid TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("invalid client CA: {0}")]
+    ClientVerifier(#[from] rustls::server::VerifierBuilderError),
 }
 
 /// The files of a dev certificate set under one directory.
@@ -126,6 +151,7 @@ pub struct DevCertSet {
 pub fn generate_dev_certs(client_name: &str) -> Result<DevCertSet, TlsError> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = distinguished_name("sluice dev CA");
+    set_validity(&mut ca_params, DEV_CA_VALIDITY);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -142,6 +168,7 @@ pub fn generate_dev_certs(client_name: &str) -> Result<DevCertSet, TlsError> {
         "::1".to_owned(),
     ])?;
     server_params.distinguished_name = distinguished_name("sluice server");
+    set_validity(&mut server_params, DEV_LEAF_VALIDITY);
     server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     debug_assert!(
         server_params
@@ -169,7 +196,15 @@ fn client_params(client_name: &str) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name = distinguished_name(client_name);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    set_validity(&mut params, DEV_LEAF_VALIDITY);
     Ok(params)
+}
+
+/// Valid from a day ago (clock skew) for `validity`.
+fn set_validity(params: &mut CertificateParams, validity: TimeDuration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - TimeDuration::days(1);
+    params.not_after = now + validity;
 }
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {
@@ -180,15 +215,59 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
 }
 
 /// The server's mTLS configuration: its identity plus the CA that client certificates must
-/// chain to. Client certificates are required.
-pub fn server_tls_config(config: &Config) -> Result<ServerTlsConfig, TlsError> {
-    let cert = read_string(&config.tls_cert_path())?;
-    let key = read_string(&config.tls_key_path())?;
-    let client_ca = read_string(&config.tls_client_ca_path())?;
-    Ok(ServerTlsConfig::new()
-        .identity(Identity::from_pem(cert, key))
-        .client_ca_root(Certificate::from_pem(client_ca))
-        .client_auth_optional(false))
+/// chain to. Client certificates are required; ALPN offers HTTP/2 only.
+pub fn server_tls_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = read_certs(&config.tls_cert_path())?;
+    let key_path = config.tls_key_path();
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Pem {
+        path: key_path,
+        source,
+    })?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(&config.tls_client_ca_path())? {
+        roots.add(ca)?;
+    }
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
+    if let Some(certificate) = certs.first() {
+        warn_if_expiring(certificate, &config.tls_cert_path());
+    }
+    let mut server = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(server))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_error = |source| TlsError::Pem {
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+/// Logs a warning when the certificate expires within [`EXPIRY_WARNING`] (or already has).
+fn warn_if_expiring(certificate: &CertificateDer<'_>, path: &Path) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(certificate) else {
+        return;
+    };
+    let expires = parsed.validity().not_after.to_datetime();
+    let left = expires - OffsetDateTime::now_utc();
+    if left < EXPIRY_WARNING {
+        tracing::warn!(
+            certificate = %path.display(),
+            expires = %expires,
+            days_left = left.whole_days(),
+            "the server certificate expires soon; renew it (dev certificates: delete the cert dir to recreate them)"
+        );
+    }
 }
 
 pub fn read_string(path: &Path) -> Result<String, TlsError> {
@@ -243,5 +322,17 @@ mod tests {
                 .contains("BEGIN CERTIFICATE")
         );
         assert!(read_string(&key).expect("key").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn dev_leaf_certificates_live_a_year_not_centuries() {
+        let set = generate_dev_certs("client").expect("generates");
+        for pem in [&set.server_cert, &set.client_cert] {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+            let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("x509");
+            let validity = parsed.validity();
+            let lifetime = validity.not_after.to_datetime() - validity.not_before.to_datetime();
+            assert!((365..=367).contains(&lifetime.whole_days()), "{lifetime:?}");
+        }
     }
 }

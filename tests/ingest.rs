@@ -299,6 +299,35 @@ async fn resending_the_same_events_stores_each_exactly_once() {
         metric_sum(&metrics, "sluice_events_duplicate_total", ""),
         20_000.0
     );
+    assert_eq!(
+        metric_sum(&metrics, "sluice_events_duplicate_conflicting_total", ""),
+        0.0,
+        "identical resends do not conflict"
+    );
+
+    // The same id and timestamp with other content: accepted (the key is the idempotency
+    // key), the first version kept, and counted apart so that reused ids show.
+    let mut client = server.ingest_client().await;
+    let reused: Vec<Event> = events[..5]
+        .iter()
+        .map(|event| Event {
+            message: "another event under a reused id".to_owned(),
+            ..event.clone()
+        })
+        .collect();
+    let response = common::publish(&mut client, reused).await;
+    assert_eq!((response.accepted, response.rejected), (5, 0));
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE message LIKE 'another event%'")
+            .await,
+        0
+    );
+    let metrics = server.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "sluice_events_duplicate_conflicting_total", ""),
+        5.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,7 +353,13 @@ async fn events_postgres_refuses_go_to_dead_letters_and_their_batch_neighbours_c
         rejected,
         [(17, poison_ids[0].as_str()), (150, poison_ids[1].as_str())]
     );
-    assert!(response.rejections[0].reason.contains("PostgreSQL"));
+    assert!(response.rejections[0].reason.contains("SQLSTATE"));
+    // The database's own words stay in dead_letters and the log.
+    assert!(
+        !response.rejections[0].reason.contains("byte sequence"),
+        "{:?}",
+        response.rejections[0]
+    );
     assert_eq!(database.scalar("SELECT count(*) FROM events").await, 198);
     assert_eq!(
         database.scalar("SELECT count(*) FROM dead_letters").await,

@@ -42,7 +42,13 @@ impl<'a> Validator<'a> {
         let id = if event.id.is_empty() {
             Uuid::now_v7()
         } else {
-            Uuid::try_parse(&event.id).map_err(|_| reject(RejectReason::InvalidId))?
+            // Any form the uuid crate reads (hyphenated, simple, braced, urn:uuid:, either
+            // case) is stored and echoed in canonical form; the nil UUID is a client bug.
+            let id = Uuid::try_parse(&event.id).map_err(|_| reject(RejectReason::InvalidId))?;
+            if id.is_nil() {
+                return Err(reject(RejectReason::NilId));
+            }
+            id
         };
         wire::check_service(&event.service).map_err(|error| reject(error.into()))?;
         if event.message.is_empty() {
@@ -257,6 +263,66 @@ mod tests {
             )),
             "id"
         );
+    }
+
+    #[test]
+    fn other_uuid_forms_are_stored_canonical_and_the_nil_uuid_is_refused() {
+        let limits = limits();
+        let validator = Validator::new(&limits, now());
+        let canonical = "0190f0d2-7c1e-7000-8000-00000000abcd";
+        for form in [
+            "0190F0D2-7C1E-7000-8000-00000000ABCD",
+            "{0190f0d2-7c1e-7000-8000-00000000abcd}",
+            "urn:uuid:0190f0d2-7c1e-7000-8000-00000000abcd",
+            "0190f0d27c1e7000800000000000abcd",
+        ] {
+            let valid = validator
+                .validate(
+                    0,
+                    Event {
+                        id: form.to_owned(),
+                        ..event()
+                    },
+                )
+                .expect(form);
+            assert_eq!(valid.id.to_string(), canonical, "{form}");
+        }
+        let nil = validator
+            .validate(
+                0,
+                Event {
+                    id: "00000000-0000-0000-0000-000000000000".to_owned(),
+                    ..event()
+                },
+            )
+            .expect_err("nil");
+        assert_eq!(nil.reason, RejectReason::NilId);
+        assert_eq!(
+            (nil.reason.field(), nil.reason.as_str()),
+            ("id", "invalid_id")
+        );
+    }
+
+    #[test]
+    fn each_reason_names_its_field_and_metric_label() {
+        let limits = limits();
+        let validator = Validator::new(&limits, now());
+        let old = validator
+            .validate(
+                3,
+                Event {
+                    timestamp: Some(prost_types::Timestamp {
+                        seconds: 1_800_000_000 - 40 * 86_400,
+                        nanos: 0,
+                    }),
+                    ..event()
+                },
+            )
+            .expect_err("too old");
+        assert_eq!(old.index, 3);
+        assert!(matches!(old.reason, RejectReason::TimestampTooOld { .. }));
+        assert_eq!(old.reason.as_str(), "timestamp_too_old");
+        assert!(old.reason.to_string().contains("retention window"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::QueryError;
 use crate::{
+    config::ValidationConfig,
     event::ValidEvent,
     proto,
     wire::{self, check_service, struct_to_json},
@@ -17,8 +18,10 @@ use crate::{
 /// The most events one Query page may return.
 pub const MAX_PAGE: u32 = 10_000;
 pub const DEFAULT_PAGE: u32 = 100;
-/// Nesting allowed in `metadata_contains`.
-const MAX_FILTER_DEPTH: usize = 16;
+/// Most services one filter may name.
+pub const MAX_FILTER_SERVICES: usize = 100;
+/// Longest page token (a real one is under 100 characters).
+pub const MAX_PAGE_TOKEN_BYTES: usize = 256;
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Filter {
@@ -56,9 +59,57 @@ fn no_nul(field: &'static str, text: &str) -> Result<(), QueryError> {
     Ok(())
 }
 
+/// At most `limit` bytes.
+fn bounded(field: &'static str, text: &str, limit: usize) -> Result<(), QueryError> {
+    if text.len() > limit {
+        return Err(QueryError::invalid(
+            field,
+            format!("is {} bytes, the limit is {limit}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// True when a key or string anywhere in `value` holds a NUL (jsonb cannot store one).
+fn json_has_nul(value: &Json) -> bool {
+    match value {
+        Json::String(text) => text.contains('\0'),
+        Json::Array(items) => items.iter().any(json_has_nul),
+        Json::Object(object) => object
+            .iter()
+            .any(|(key, value)| key.contains('\0') || json_has_nul(value)),
+        Json::Null | Json::Bool(_) | Json::Number(_) => false,
+    }
+}
+
+/// `metadata_contains` as JSON, within the limits of event metadata.
+fn metadata_filter(
+    fields: &prost_types::Struct,
+    limits: &ValidationConfig,
+) -> Result<Map<String, Json>, QueryError> {
+    const FIELD: &str = "metadata_contains";
+    let object = struct_to_json(fields, limits.max_metadata_depth)
+        .map_err(|error| QueryError::invalid(FIELD, format!("metadata_contains is {error}")))?;
+    let object = Json::Object(object);
+    if json_has_nul(&object) {
+        return Err(QueryError::invalid(
+            FIELD,
+            "keys and strings must not contain NUL characters",
+        ));
+    }
+    bounded(FIELD, &object.to_string(), limits.max_metadata_bytes)?;
+    match object {
+        Json::Object(object) => Ok(object),
+        _ => Ok(Map::new()),
+    }
+}
+
 impl Filter {
+    /// Checks every field against the limits of event fields: what no event can hold, no
+    /// filter needs.
     #[allow(clippy::too_many_arguments)]
     fn build(
+        limits: &ValidationConfig,
         services: Vec<String>,
         start: Option<&prost_types::Timestamp>,
         end: Option<&prost_types::Timestamp>,
@@ -67,7 +118,22 @@ impl Filter {
         message_contains: String,
     ) -> Result<Self, QueryError> {
         no_nul("user_id", &user_id)?;
+        bounded("user_id", &user_id, limits.max_user_id_bytes)?;
         no_nul("message_contains", &message_contains)?;
+        bounded(
+            "message_contains",
+            &message_contains,
+            limits.max_message_bytes,
+        )?;
+        if services.len() > MAX_FILTER_SERVICES {
+            return Err(QueryError::invalid(
+                "services",
+                format!(
+                    "{} services named, the limit is {MAX_FILTER_SERVICES}",
+                    services.len()
+                ),
+            ));
+        }
         for service in &services {
             check_service(service)
                 .map_err(|error| QueryError::invalid("services", error.to_string()))?;
@@ -78,14 +144,8 @@ impl Filter {
             end: timestamp("end_time", end)?,
             user_id: non_empty(user_id),
             metadata_contains: metadata_contains
-                .map(|fields| struct_to_json(fields, MAX_FILTER_DEPTH))
-                .transpose()
-                .map_err(|error| {
-                    QueryError::invalid(
-                        "metadata_contains",
-                        format!("metadata_contains is {error}"),
-                    )
-                })?,
+                .map(|fields| metadata_filter(fields, limits))
+                .transpose()?,
             message_contains: non_empty(message_contains),
         };
         if let (Some(start), Some(end)) = (filter.start, filter.end)
@@ -99,8 +159,12 @@ impl Filter {
         Ok(filter)
     }
 
-    pub fn from_query(request: &proto::QueryRequest) -> Result<Self, QueryError> {
+    pub fn from_query(
+        request: &proto::QueryRequest,
+        limits: &ValidationConfig,
+    ) -> Result<Self, QueryError> {
         Self::build(
+            limits,
             request.services.clone(),
             request.start_time.as_ref(),
             request.end_time.as_ref(),
@@ -110,8 +174,12 @@ impl Filter {
         )
     }
 
-    pub fn from_export(request: proto::ExportRequest) -> Result<Self, QueryError> {
+    pub fn from_export(
+        request: proto::ExportRequest,
+        limits: &ValidationConfig,
+    ) -> Result<Self, QueryError> {
         Self::build(
+            limits,
             request.services,
             request.start_time.as_ref(),
             request.end_time.as_ref(),
@@ -122,8 +190,12 @@ impl Filter {
     }
 
     /// Delete needs a user, or at least one service: never "everything".
-    pub fn from_delete(request: &proto::DeleteRequest) -> Result<Self, QueryError> {
+    pub fn from_delete(
+        request: &proto::DeleteRequest,
+        limits: &ValidationConfig,
+    ) -> Result<Self, QueryError> {
         let filter = Self::build(
+            limits,
             request.services.clone(),
             request.start_time.as_ref(),
             request.end_time.as_ref(),
@@ -219,6 +291,9 @@ impl Cursor {
 
     pub fn decode(token: &str, filter: &Filter, oldest_first: bool) -> Result<Self, QueryError> {
         let invalid = || QueryError::invalid("page_token", "not a page token of this query");
+        if token.len() > MAX_PAGE_TOKEN_BYTES {
+            return Err(invalid());
+        }
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
         let text = String::from_utf8(bytes).map_err(|_| invalid())?;
         let mut parts = text.split('.');
@@ -281,7 +356,7 @@ mod tests {
     fn delete_refuses_an_empty_filter() {
         let request = proto::DeleteRequest::default();
         assert!(matches!(
-            Filter::from_delete(&request),
+            Filter::from_delete(&request, &ValidationConfig::default()),
             Err(QueryError::InvalidArgument {
                 field: "user_id",
                 ..
@@ -291,7 +366,7 @@ mod tests {
             user_id: "u-1".to_owned(),
             ..Default::default()
         };
-        assert!(Filter::from_delete(&by_user).is_ok());
+        assert!(Filter::from_delete(&by_user, &ValidationConfig::default()).is_ok());
     }
 
     #[test]
@@ -308,5 +383,56 @@ mod tests {
         assert!(!sql.contains("OR '1'"), "{sql}");
         assert!(sql.contains("service = $1 AND"), "{sql}");
         assert!(sql.contains("user_id = $2"), "{sql}");
+    }
+
+    #[test]
+    fn metadata_filters_refuse_nul_anywhere_and_stay_within_event_limits() {
+        let limits = ValidationConfig::default();
+        let text = |value: &str| prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(value.to_owned())),
+        };
+        let with = |key: &str, value: &str| prost_types::Struct {
+            fields: [(key.to_owned(), text(value))].into(),
+        };
+        assert!(metadata_filter(&with("k", "v"), &limits).is_ok());
+        for bad in [with("k", "a\0b"), with("k\0", "v")] {
+            assert!(matches!(
+                metadata_filter(&bad, &limits),
+                Err(QueryError::InvalidArgument {
+                    field: "metadata_contains",
+                    ..
+                })
+            ));
+        }
+        let big = with("k", &"x".repeat(limits.max_metadata_bytes));
+        assert!(metadata_filter(&big, &limits).is_err());
+    }
+
+    #[test]
+    fn every_text_filter_is_bounded() {
+        let limits = ValidationConfig::default();
+        let request = |request: proto::QueryRequest| Filter::from_query(&request, &limits);
+        assert!(
+            request(proto::QueryRequest {
+                message_contains: "x".repeat(limits.max_message_bytes + 1),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            request(proto::QueryRequest {
+                user_id: "u".repeat(limits.max_user_id_bytes + 1),
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            request(proto::QueryRequest {
+                services: vec!["a".to_owned(); MAX_FILTER_SERVICES + 1],
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(Cursor::decode(&"t".repeat(1_000), &Filter::default(), false).is_err());
     }
 }

@@ -46,11 +46,16 @@ impl From<QueryError> for Status {
             QueryError::Database(database_error) => {
                 let sqlstate = store::sqlstate(&database_error);
                 let code = match sqlstate.as_deref().and_then(|state| state.get(..2)) {
-                    // Data exceptions: a filter value PostgreSQL cannot take.
+                    // Data exceptions: a filter value PostgreSQL cannot take. Filters are checked
+                    // before they reach the database, so this is a gap in those checks: say so
+                    // without the database's words, and log them.
                     Some("22") => {
-                        return Status::invalid_argument(format!(
-                            "invalid filter value: {database_error}"
-                        ));
+                        tracing::warn!(error = %database_error, sqlstate = sqlstate.as_deref(), "a filter value passed the checks but PostgreSQL refused it");
+                        return bad_request(
+                            "invalid filter value".to_owned(),
+                            "filter",
+                            "PostgreSQL cannot compare a value of this filter".to_owned(),
+                        );
                     }
                     // Connection, resources, operator intervention, serialization: retryable.
                     None | Some("08" | "40" | "53" | "57") => Code::Unavailable,

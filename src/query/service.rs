@@ -103,7 +103,7 @@ impl QueryHandler {
     }
 
     async fn query_page(&self, request: QueryRequest) -> Result<QueryResponse, QueryError> {
-        let filter = Filter::from_query(&request)?;
+        let filter = Filter::from_query(&request, &self.config.validation)?;
         let oldest_first = request.order == Order::OldestFirst as i32;
         let limit = match request.limit {
             0 => DEFAULT_PAGE,
@@ -168,7 +168,7 @@ impl QueryHandler {
     }
 
     async fn delete_matching(&self, request: DeleteRequest) -> Result<DeleteResponse, QueryError> {
-        let filter = Filter::from_delete(&request)?;
+        let filter = Filter::from_delete(&request, &self.config.validation)?;
         let dry_run = request.dry_run;
         let _one_at_a_time = self.deletes.acquire().await.map_err(|_| QueryError::Busy {
             retry_after: Duration::from_secs(1),
@@ -442,7 +442,7 @@ impl QueryService for QueryHandler {
         &self,
         request: Request<ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        let filter = Filter::from_export(request.into_inner())?;
+        let filter = Filter::from_export(request.into_inner(), &self.config.validation)?;
         let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
         let pool = self.store.read_pool.clone();
         tokio::spawn(async move {

@@ -177,7 +177,7 @@ impl Sink {
                     | FailureKind::BadData
                     | FailureKind::MissingPartition => {
                         if let [event] = events {
-                            let mut reason = database_reason(&error);
+                            let mut reason = client_reason(&error);
                             match self.timed(dead_letter(pool, event, &error)).await {
                                 Ok(()) => {}
                                 Err(transient)
@@ -258,9 +258,29 @@ impl Sink {
             stored.map(|(event, _)| *event),
         )
         .await?;
+        let conflicting = if outcomes.contains(&EventOutcome::Duplicate) {
+            count_conflicting(&mut transaction).await?
+        } else {
+            0
+        };
         transaction.commit().await?;
+        metrics::duplicates_conflicting(conflicting);
         Ok(outcomes)
     }
+}
+
+/// Staged events whose `(id, ts)` is stored with other content: the first version stays (the
+/// idempotency-key rule), and a client that reuses ids for new events shows up in
+/// `sluice_events_duplicate_conflicting_total`.
+async fn count_conflicting(connection: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let conflicting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sluice_staging s JOIN events e ON e.id = s.id AND e.ts = s.ts \
+         WHERE (e.service, e.message, e.user_id, e.metadata) \
+         IS DISTINCT FROM (s.service, s.message, s.user_id, s.metadata)",
+    )
+    .fetch_one(connection)
+    .await?;
+    Ok(conflicting.max(0) as u64)
 }
 
 /// Adds stored events to the per-service hourly counts of `shard`, in the caller's
@@ -360,7 +380,18 @@ fn encode(events: &[&ValidEvent]) -> Result<BytesMut, sqlx::Error> {
     Ok(payload)
 }
 
-/// The database's own words, for the client and the dead-letter row.
+/// What the client reads: the SQLSTATE, never the database's own words (they stay in the
+/// dead-letter row and the log).
+fn client_reason(error: &sqlx::Error) -> String {
+    match store::sqlstate(error) {
+        Some(sqlstate) => {
+            format!("refused by PostgreSQL (SQLSTATE {sqlstate}); kept in dead_letters")
+        }
+        None => "refused by PostgreSQL; kept in dead_letters".to_owned(),
+    }
+}
+
+/// The database's own words, for the dead-letter row and the log.
 fn database_reason(error: &sqlx::Error) -> String {
     match error.as_database_error() {
         Some(database_error) => format!("rejected by PostgreSQL: {}", database_error.message()),

@@ -382,3 +382,25 @@ pub async fn wait_for_status(server: &TestServer, wanted: ServingStatus) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A rustls client config trusting the dev CA and presenting the dev client certificate, for
+/// tests that speak TLS below gRPC.
+pub fn rustls_client_config(cert_dir: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(cert_dir.join("ca.pem")).expect("ca.pem") {
+        roots.add(ca.expect("ca cert")).expect("add ca");
+    }
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert_dir.join("client.pem"))
+            .expect("client.pem")
+            .map(|cert| cert.expect("client cert"))
+            .collect();
+    let key = PrivateKeyDer::from_pem_file(cert_dir.join("client.key")).expect("client.key");
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .expect("client config");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
