@@ -20,6 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Malformed requests are INVALID_ARGUMENT (the client's fault), not INTERNAL.
         .codec_path("crate::codec::StrictProstCodec")
+        // Struct fields decode straight into JSON within a limit (no tree of Values).
+        .extern_path(
+            ".google.protobuf.Struct",
+            "crate::proto::metadata::Metadata",
+        )
         .compile_fds(file_descriptors)?;
     let spool_descriptors = protox::compile(["proto/sluice/spool/v1/spool.proto"], ["proto"])?;
     tonic_prost_build::configure()

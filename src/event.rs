@@ -71,7 +71,8 @@ pub enum RejectReason {
     MetadataTooDeep { max: usize },
     #[error("metadata numbers must be finite")]
     InvalidMetadata,
-    #[error("metadata is {bytes} bytes as JSON, the limit is {limit}")]
+    /// `bytes` is at least the size: decoding stops counting once past the limit.
+    #[error("metadata is at least {bytes} bytes as JSON, the limit is {limit}")]
     MetadataTooLarge { bytes: usize, limit: usize },
     #[error("user_id is {bytes} bytes, the limit is {limit}")]
     UserIdTooLarge { bytes: usize, limit: usize },

@@ -244,7 +244,7 @@ async fn malformed_protobuf_is_invalid_argument_with_bad_request_on_every_servic
     let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
     let valid = common::request(vec![common::event("hostile", "ok")]).encode_to_vec();
     let deep = common::request(vec![sluice::proto::Event {
-        metadata: Some(nested_struct(120)),
+        metadata: Some(nested_struct(120).into()),
         ..common::event("hostile", "deep")
     }])
     .encode_to_vec();
@@ -314,7 +314,7 @@ async fn filter_values_the_database_cannot_take_are_refused_by_field_without_dat
     for metadata in [with_nul("k", "a\0b"), with_nul("k\0", "v")] {
         let status = client
             .query(QueryRequest {
-                metadata_contains: Some(metadata),
+                metadata_contains: Some(metadata.into()),
                 ..QueryRequest::default()
             })
             .await
@@ -337,7 +337,7 @@ async fn filter_values_the_database_cannot_take_are_refused_by_field_without_dat
             ..QueryRequest::default()
         },
         QueryRequest {
-            metadata_contains: Some(nested_struct(20)),
+            metadata_contains: Some(nested_struct(20).into()),
             ..QueryRequest::default()
         },
         QueryRequest {
@@ -365,7 +365,7 @@ async fn filter_values_the_database_cannot_take_are_refused_by_field_without_dat
     };
     let status = client
         .query(QueryRequest {
-            metadata_contains: Some(huge),
+            metadata_contains: Some(huge.into()),
             ..QueryRequest::default()
         })
         .await

@@ -32,6 +32,11 @@ fn text(value: &str) -> Value {
     }
 }
 
+/// A Struct field as the generated types hold it.
+fn metadata(fields: &[(&str, Value)]) -> sluice::proto::Metadata {
+    object(fields).into()
+}
+
 fn object(fields: &[(&str, Value)]) -> Struct {
     Struct {
         fields: fields
@@ -108,7 +113,7 @@ fn fixture() -> Vec<Event> {
             ),
             timestamp: at(TimeDelta::minutes(40 * index as i64)),
             user_id: user,
-            metadata: Some(metadata),
+            metadata: Some(metadata.into()),
             ..event("x", "x")
         });
     }
@@ -208,7 +213,7 @@ async fn every_filter_and_their_combinations_select_exactly_the_matching_events(
     let combined = QueryRequest {
         services: vec!["checkout".to_owned()],
         user_id: "user-0".to_owned(),
-        metadata_contains: Some(object(&[("region", text("eu"))])),
+        metadata_contains: Some(metadata(&[("region", text("eu"))])),
         ..Default::default()
     };
     assert_eq!(
@@ -252,7 +257,7 @@ async fn metadata_containment_matches_nested_objects() {
     let all = fixture();
     publish(&mut ingest, all.clone()).await;
     let errors = QueryRequest {
-        metadata_contains: Some(object(&[(
+        metadata_contains: Some(metadata(&[(
             "http",
             nested(object(&[("status", text("500"))])),
         )])),
@@ -267,7 +272,7 @@ async fn metadata_containment_matches_nested_objects() {
         .collect();
     assert_eq!(messages(&found), messages(&expected));
     let both = QueryRequest {
-        metadata_contains: Some(object(&[
+        metadata_contains: Some(metadata(&[
             ("region", text("us")),
             ("http", nested(object(&[("status", text("500"))]))),
         ])),
@@ -321,7 +326,7 @@ async fn injection_strings_in_text_filters_are_treated_as_data() {
     .await;
     assert!(nothing.is_empty());
     let metadata = QueryRequest {
-        metadata_contains: Some(object(&[("region", text("eu' OR '1'='1"))])),
+        metadata_contains: Some(metadata(&[("region", text("eu' OR '1'='1"))])),
         ..Default::default()
     };
     assert!(query_all(&mut query, metadata).await.is_empty());

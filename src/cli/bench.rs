@@ -150,7 +150,7 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
             nanos: now.timestamp_subsec_nanos() as i32,
         }),
         user_id: user,
-        metadata: Some(metadata),
+        metadata: Some(metadata.into()),
         ingested_at: None,
     }
 }

@@ -2,14 +2,16 @@
 //! [`RejectReason`]; it never fails the request it came in.
 
 use chrono::{DateTime, Utc};
-use prost_types::{Struct, value::Kind};
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 use uuid::Uuid;
 
 use crate::{
     config::ValidationConfig,
     event::{EventRejection, RejectReason, ValidEvent},
-    proto::Event,
+    proto::{
+        Event,
+        metadata::{self, Problem},
+    },
     wire,
 };
 
@@ -63,20 +65,13 @@ impl<'a> Validator<'a> {
         let timestamp = self
             .check_timestamp(event.timestamp.as_ref())
             .map_err(reject)?;
-        let metadata = match &event.metadata {
-            Some(fields) => wire::struct_to_json(fields, self.limits.max_metadata_depth)
-                .map_err(|error| reject(error.into()))?,
-            None => serde_json::Map::new(),
-        };
+        let metadata = self
+            .check_metadata(event.metadata.unwrap_or_default())
+            .map_err(reject)?;
+        let user_id_in_metadata = user_id_from_metadata(&metadata);
         let metadata_json = Json::Object(metadata).to_string();
-        if metadata_json.len() > self.limits.max_metadata_bytes {
-            return Err(reject(RejectReason::MetadataTooLarge {
-                bytes: metadata_json.len(),
-                limit: self.limits.max_metadata_bytes,
-            }));
-        }
         let user_id = if event.user_id.is_empty() {
-            user_id_from_metadata(event.metadata.as_ref())
+            user_id_in_metadata
         } else {
             Some(event.user_id)
         };
@@ -97,6 +92,34 @@ impl<'a> Validator<'a> {
             user_id,
             metadata_json,
         })
+    }
+
+    /// The metadata object, within the size and depth limits. Decoding already stopped at the
+    /// size limit (see [`metadata`]); the exact checks here hold whatever the decoder was told.
+    fn check_metadata(
+        &self,
+        metadata: metadata::Metadata,
+    ) -> Result<Map<String, Json>, RejectReason> {
+        let limit = self.limits.max_metadata_bytes;
+        let too_large = |bytes| RejectReason::MetadataTooLarge { bytes, limit };
+        match metadata.problem() {
+            Some(Problem::TooLarge) => return Err(too_large(metadata.json_len())),
+            Some(Problem::NonFiniteNumber) => return Err(RejectReason::InvalidMetadata),
+            None => {}
+        }
+        if metadata.json_len() > limit {
+            return Err(too_large(metadata.json_len()));
+        }
+        let object = Json::Object(metadata.into_object());
+        if metadata::depth(&object) > self.limits.max_metadata_depth {
+            return Err(RejectReason::MetadataTooDeep {
+                max: self.limits.max_metadata_depth,
+            });
+        }
+        match object {
+            Json::Object(object) => Ok(object),
+            _ => Ok(Map::new()),
+        }
     }
 
     fn check_timestamp(
@@ -129,9 +152,9 @@ fn echoed_id(id: &str) -> String {
     id[..end].to_owned()
 }
 
-fn user_id_from_metadata(metadata: Option<&Struct>) -> Option<String> {
-    match metadata?.fields.get("userId")?.kind.as_ref()? {
-        Kind::StringValue(user_id) if !user_id.is_empty() => Some(user_id.clone()),
+fn user_id_from_metadata(metadata: &Map<String, Json>) -> Option<String> {
+    match metadata.get("userId")? {
+        Json::String(user_id) if !user_id.is_empty() => Some(user_id.clone()),
         _ => None,
     }
 }
@@ -140,7 +163,7 @@ fn user_id_from_metadata(metadata: Option<&Struct>) -> Option<String> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use prost_types::Value;
+    use prost_types::{Struct, Value, value::Kind};
 
     use super::*;
 
@@ -402,7 +425,7 @@ mod tests {
                 .validate(
                     0,
                     Event {
-                        metadata: Some(nested(16)),
+                        metadata: Some(nested(16).into()),
                         ..event()
                     }
                 )
@@ -412,7 +435,7 @@ mod tests {
             field_of(validator.validate(
                 0,
                 Event {
-                    metadata: Some(nested(17)),
+                    metadata: Some(nested(17).into()),
                     ..event()
                 }
             )),
@@ -425,7 +448,7 @@ mod tests {
             field_of(validator.validate(
                 0,
                 Event {
-                    metadata: Some(big),
+                    metadata: Some(big.into()),
                     ..event()
                 }
             )),
@@ -443,7 +466,7 @@ mod tests {
             field_of(validator.validate(
                 0,
                 Event {
-                    metadata: Some(nan),
+                    metadata: Some(nan.into()),
                     ..event()
                 }
             )),
@@ -486,7 +509,7 @@ mod tests {
             .validate(
                 4,
                 Event {
-                    metadata: Some(metadata),
+                    metadata: Some(metadata.into()),
                     ..event()
                 },
             )

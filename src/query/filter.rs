@@ -12,7 +12,8 @@ use crate::{
     config::ValidationConfig,
     event::ValidEvent,
     proto,
-    wire::{self, check_service, struct_to_json},
+    proto::metadata::{self, Metadata, Problem},
+    wire::{self, check_service},
 };
 
 /// The most events one Query page may return.
@@ -84,20 +85,44 @@ fn json_has_nul(value: &Json) -> bool {
 
 /// `metadata_contains` as JSON, within the limits of event metadata.
 fn metadata_filter(
-    fields: &prost_types::Struct,
+    fields: &Metadata,
     limits: &ValidationConfig,
 ) -> Result<Map<String, Json>, QueryError> {
     const FIELD: &str = "metadata_contains";
-    let object = struct_to_json(fields, limits.max_metadata_depth)
-        .map_err(|error| QueryError::invalid(FIELD, format!("metadata_contains is {error}")))?;
-    let object = Json::Object(object);
+    let limit = limits.max_metadata_bytes;
+    let too_large = || {
+        QueryError::invalid(
+            FIELD,
+            format!(
+                "metadata_contains is at least {} bytes as JSON, the limit is {limit}",
+                fields.json_len()
+            ),
+        )
+    };
+    match fields.problem() {
+        Some(Problem::TooLarge) => return Err(too_large()),
+        Some(Problem::NonFiniteNumber) => {
+            return Err(QueryError::invalid(FIELD, "numbers must be finite"));
+        }
+        None if fields.json_len() > limit => return Err(too_large()),
+        None => {}
+    }
+    let object = Json::Object(fields.as_object().clone());
+    if metadata::depth(&object) > limits.max_metadata_depth {
+        return Err(QueryError::invalid(
+            FIELD,
+            format!(
+                "metadata_contains is nested deeper than {} levels",
+                limits.max_metadata_depth
+            ),
+        ));
+    }
     if json_has_nul(&object) {
         return Err(QueryError::invalid(
             FIELD,
             "keys and strings must not contain NUL characters",
         ));
     }
-    bounded(FIELD, &object.to_string(), limits.max_metadata_bytes)?;
     match object {
         Json::Object(object) => Ok(object),
         _ => Ok(Map::new()),
@@ -114,7 +139,7 @@ impl Filter {
         start: Option<&prost_types::Timestamp>,
         end: Option<&prost_types::Timestamp>,
         user_id: String,
-        metadata_contains: Option<&prost_types::Struct>,
+        metadata_contains: Option<&Metadata>,
         message_contains: String,
     ) -> Result<Self, QueryError> {
         no_nul("user_id", &user_id)?;
@@ -394,10 +419,10 @@ mod tests {
         let with = |key: &str, value: &str| prost_types::Struct {
             fields: [(key.to_owned(), text(value))].into(),
         };
-        assert!(metadata_filter(&with("k", "v"), &limits).is_ok());
+        assert!(metadata_filter(&with("k", "v").into(), &limits).is_ok());
         for bad in [with("k", "a\0b"), with("k\0", "v")] {
             assert!(matches!(
-                metadata_filter(&bad, &limits),
+                metadata_filter(&bad.into(), &limits),
                 Err(QueryError::InvalidArgument {
                     field: "metadata_contains",
                     ..
@@ -405,7 +430,7 @@ mod tests {
             ));
         }
         let big = with("k", &"x".repeat(limits.max_metadata_bytes));
-        assert!(metadata_filter(&big, &limits).is_err());
+        assert!(metadata_filter(&big.into(), &limits).is_err());
     }
 
     #[test]

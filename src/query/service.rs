@@ -25,7 +25,7 @@ use crate::{
     },
     spool::Spool,
     store::{self, Store},
-    wire::{json_to_struct, to_timestamp},
+    wire::to_timestamp,
     writer::breaker::Breaker,
 };
 
@@ -67,7 +67,7 @@ struct EventRow {
 impl From<EventRow> for Event {
     fn from(row: EventRow) -> Self {
         let metadata = match row.metadata.0 {
-            serde_json::Value::Object(object) => Some(json_to_struct(object)),
+            serde_json::Value::Object(object) => Some(object.into()),
             _ => None,
         };
         Event {

@@ -86,6 +86,8 @@ pub enum ServerError {
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let config = Arc::new(config);
+    // Struct fields stop decoding past the metadata limit instead of building a tree.
+    proto::metadata::set_max_json_bytes(config.validation.max_metadata_bytes);
     serve_metrics(&config).await?;
     let tls_config = prepare_tls(&config)?;
     let storage = Storage::open(&config).await?;

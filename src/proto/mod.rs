@@ -1,0 +1,18 @@
+//! Generated protobuf and gRPC code for `sluice.v1`, and the descriptor set for reflection.
+//! `google.protobuf.Struct` fields (event metadata, `metadata_contains`) are a [`Metadata`]:
+//! decoded straight into JSON within a size limit, never as a tree of protobuf values.
+
+pub mod metadata;
+
+pub use metadata::Metadata;
+
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    tonic::include_proto!("sluice.v1");
+}
+
+pub use generated::*;
+
+/// The encoded `FileDescriptorSet` of every sluice proto, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
