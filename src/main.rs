@@ -97,6 +97,7 @@ impl ServeArgs {
 }
 
 fn main() -> ExitCode {
+    return_large_buffers_to_the_system();
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()
@@ -161,6 +162,21 @@ fn issue_certs(name: &str, cert_dir: &std::path::Path, out_dir: &std::path::Path
         Err(error) => {
             eprintln!("sluice certs: {error}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+/// request-sized buffers come from the heap and stay in the process after a spike. A fixed
+/// threshold keeps every block over 256 KiB in its own mapping, returned to the system when
+/// freed (see BENCHMARKS.md, "Memory under wide requests").
+fn return_large_buffers_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const MMAP_THRESHOLD_BYTES: nix::libc::c_int = 256 * 1024;
+        // SAFETY: mallopt only changes allocator tuning; it is called before any thread starts.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
         }
     }
 }
