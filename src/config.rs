@@ -44,6 +44,126 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
+}
+
+/// What a principal may do. Health and reflection need none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Ingest, Publish, IngestStream.
+    Ingest,
+    /// Query, Stats.
+    Query,
+    /// Export.
+    Export,
+    /// Delete.
+    Delete,
+    /// Audit, and every other scope.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Scope::Ingest,
+        Scope::Query,
+        Scope::Export,
+        Scope::Delete,
+        Scope::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest",
+            Self::Query => "query",
+            Self::Export => "export",
+            Self::Delete => "delete",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|scope| scope.as_str() == text)
+    }
+}
+
+/// Who may do what. With no principals configured every authenticated client has every scope
+/// on every service (the zero-config first run), and start-up says so loudly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub principals: Vec<PrincipalConfig>,
+    /// Scopes of an authenticated client that is not among `principals` (once any is).
+    pub default_scopes: Vec<Scope>,
+    pub jwt: JwtConfig,
+    /// How long audit rows are kept.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
+}
+
+/// One principal: a certificate identity (URI SAN, else first DNS SAN, else CN) or a JWT `sub`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrincipalConfig {
+    pub name: String,
+    #[serde(default)]
+    pub scopes: Vec<Scope>,
+    /// Globs of the services it may write and read.
+    #[serde(default = "all_services")]
+    pub services: Vec<String>,
+    /// Events per second; 0: no limit.
+    #[serde(default)]
+    pub events_per_second: u32,
+    /// Events allowed at once above the rate (default: one second's worth).
+    #[serde(default)]
+    pub burst_events: u32,
+    /// Request bytes per second; 0: no limit. The burst is one second's worth.
+    #[serde(default)]
+    pub bytes_per_second: u32,
+}
+
+fn all_services() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// Bearer JWTs, checked against keys from a JWKS file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// JWKS file; re-read when it changes. Unset: bearer tokens are refused.
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Accepted algorithms.
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            principals: Vec::new(),
+            default_scopes: Vec::new(),
+            jwt: JwtConfig::default(),
+            audit_retention: Duration::from_secs(365 * 86_400),
+        }
+    }
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            algorithms: vec!["RS256".to_owned(), "ES256".to_owned(), "EdDSA".to_owned()],
+            leeway: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,6 +219,9 @@ pub struct GrpcConfig {
     /// Open connections allowed (in handshake or served); one more is closed at once. 0: the
     /// open-file limit (raised to its hard limit at start) less 256.
     pub max_connections: usize,
+    /// Connections in their TLS handshake at once; more are closed at once. Peers that have
+    /// proved nothing can hold at most these, never the slots of served connections.
+    pub max_handshakes: usize,
     /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -228,6 +351,7 @@ impl Default for Config {
             validation: ValidationConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -265,6 +389,7 @@ impl Default for GrpcConfig {
             max_concurrent_streams: 256,
             max_query_message_bytes: 1024 * 1024,
             max_connections: 0,
+            max_handshakes: 512,
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -411,6 +536,15 @@ impl Config {
         }
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");
+        }
+        if self.grpc.max_connections > 1 << 20 {
+            return invalid(
+                "grpc.max_connections",
+                "must be at most 1048576 (0: automatic)",
+            );
+        }
+        if self.grpc.max_handshakes == 0 || self.grpc.max_handshakes > 1 << 20 {
+            return invalid("grpc.max_handshakes", "must be between 1 and 1048576");
         }
         if self.grpc.handshake_timeout.is_zero() {
             return invalid("grpc.handshake_timeout", "must be above zero");

@@ -22,6 +22,8 @@
 //! | `sluice_spool_quarantined_total` | counter | |
 //! | `sluice_spool_quarantined_segments` | gauge | |
 //! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
+//! | `sluice_auth_refusals_total` | counter | `reason` (`INVALID_TOKEN`, `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`) |
+//! | `sluice_rate_limited_total` | counter | `principal`, `limit` |
 //! | `sluice_connections_open` | gauge | |
 //! | `sluice_connections_rejected_total` | counter | `reason` ([`ConnectionFailure`]) |
 //! | `sluice_accept_errors_total` | counter | `kind` (`emfile`, `enfile`, `no_memory`, `aborted`, `other`) |
@@ -300,6 +302,20 @@ pub fn connection_opened() {
 
 pub fn connection_closed() {
     gauge!("sluice_connections_open").decrement(1.0);
+}
+
+/// A request refused on who sent it; `reason` is the ErrorInfo reason (`INVALID_TOKEN`,
+/// `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`).
+pub fn auth_refused(reason: &'static str) {
+    counter!("sluice_auth_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A request refused by a principal's rate limit (`limit`: `events_per_second` or
+/// `bytes_per_second`). Only configured principals have limits, so the label set is bounded.
+pub fn rate_limited(principal: &str, limit: &'static str) {
+    auth_refused("RATE_LIMITED");
+    counter!("sluice_rate_limited_total", "principal" => principal.to_owned(), "limit" => limit)
+        .increment(1);
 }
 
 pub fn writer_error(failure: WriteFailure) {

@@ -47,6 +47,9 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections in their handshake at once: peers that have proved nothing yet can hold
+    /// these slots, never the ones of served connections.
+    pub max_handshakes: usize,
     pub handshake_timeout: Duration,
 }
 
@@ -92,8 +95,10 @@ async fn accept_loop<S, E>(
     E: Fn(TcpStream) -> Establish<S> + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let mut throttle = LogThrottle::default();
+    let mut accept_log = LogThrottle::default();
+    let mut limit_log = LogThrottle::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -110,29 +115,38 @@ async fn accept_loop<S, E>(
                 if kind == "aborted" {
                     continue;
                 }
-                if throttle.ready(Instant::now()) {
+                if accept_log.ready(Instant::now()) {
                     tracing::error!(%error, kind, pause = ?backoff, "cannot accept connections; backing off");
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = ready.closed() => return,
+                }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let (Ok(slot), Ok(handshaking)) = (
+            slots.clone().try_acquire_owned(),
+            handshakes.clone().try_acquire_owned(),
+        ) else {
             metrics::connection_failed(ConnectionFailure::Limit);
-            if throttle.ready(Instant::now()) {
+            if limit_log.ready(Instant::now()) {
                 tracing::warn!(
                     max_connections = limits.max_connections,
+                    max_handshakes = limits.max_handshakes,
                     "connection limit reached; closing new connections"
                 );
             }
             drop(tcp);
             continue;
         };
+        let slot = OpenSlot::new(slot);
         configure_socket(&tcp);
         let handshake = establish(tcp);
         let ready = ready.clone();
         tokio::spawn(async move {
+            let _handshaking = handshaking;
             let connection = match tokio::time::timeout(
                 limits.handshake_timeout,
                 handshake_then_preface(handshake),
@@ -154,7 +168,7 @@ async fn accept_loop<S, E>(
                 .send(Ok(Connection {
                     io,
                     preface: Bytes::from_static(PREFACE).slice(..preface),
-                    _slot: OpenSlot::new(slot),
+                    _slot: slot,
                 }))
                 .await;
         });
@@ -225,7 +239,8 @@ impl LogThrottle {
     }
 }
 
-/// A connection slot, counted in `sluice_connections_open` while held.
+/// A connection slot (from accept until hyper drops the connection), counted in
+/// `sluice_connections_open` while held.
 struct OpenSlot {
     _permit: OwnedSemaphorePermit,
 }

@@ -362,6 +362,7 @@ async fn serve_until_signal(
                 configured
             }
         },
+        max_handshakes: config.grpc.max_handshakes,
         handshake_timeout: config.grpc.handshake_timeout,
     };
     tracing::info!(

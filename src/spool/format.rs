@@ -57,6 +57,10 @@ pub enum DecodeError {
         "a record fails its checksum and more records follow it (corruption, not a torn append)"
     )]
     CorruptRecord,
+    #[error("a record length is larger than any record (corruption, not a torn append)")]
+    BadLength,
+    #[error("the segment does not start with a known magic (written by a newer sluice?)")]
+    UnknownFormat,
     #[error("empty payload")]
     Empty,
     #[error("unknown record version {0} (written by a newer sluice?)")]
@@ -172,8 +176,10 @@ pub enum Frame {
     Record(Vec<u8>),
     /// The clean end of the segment.
     End,
-    /// The segment ends inside a record (a crash mid-append), or the length is garbage.
+    /// The segment ends inside a record, or in a zero-filled tail: a crash mid-append.
     Torn,
+    /// A length larger than any record: corruption.
+    BadLength,
     /// A whole record whose payload fails its checksum; `bytes` is its framed size.
     BadChecksum { bytes: u64 },
 }
@@ -188,8 +194,13 @@ pub fn read_frame(reader: &mut impl Read) -> io::Result<Frame> {
     }
     let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let checksum = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if length > MAX_RECORD_BYTES {
+    // Appends never write an empty payload; a zero header is a zero-filled tail (and its
+    // checksum, of nothing, would hold).
+    if length == 0 {
         return Ok(Frame::Torn);
+    }
+    if length > MAX_RECORD_BYTES {
+        return Ok(Frame::BadLength);
     }
     let mut payload = vec![0u8; length];
     if read_full(reader, &mut payload)? < length {
@@ -271,6 +282,11 @@ mod tests {
         assert_eq!(read_frame(&mut &record[..10]).expect("read"), Frame::Torn);
         assert_eq!(read_frame(&mut &record[..3]).expect("read"), Frame::Torn);
         assert_eq!(read_frame(&mut &[][..]).expect("read"), Frame::End);
+        assert_eq!(read_frame(&mut &[0u8; 16][..]).expect("read"), Frame::Torn);
+        assert_eq!(
+            read_frame(&mut &[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0][..]).expect("read"),
+            Frame::BadLength
+        );
         let mut flipped = record.clone();
         flipped[9] ^= 0xff;
         assert_eq!(

@@ -88,6 +88,9 @@ struct Inner {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
+    /// Held across an append's write and fsync. The state lock is never held across I/O, so
+    /// async callers of `bytes`, `is_empty` and `seal_active` never wait on a disk.
+    appending: Mutex<()>,
     state: Mutex<State>,
     /// Held while a segment is replayed or rewritten, so the two never overlap.
     maintenance: Arc<tokio::sync::Mutex<()>>,
@@ -137,6 +140,7 @@ impl Spool {
             dir: dir.clone(),
             max_bytes,
             segment_bytes,
+            appending: Mutex::new(()),
             state: Mutex::new(State {
                 active: None,
                 sealed: BTreeMap::new(),
@@ -189,12 +193,13 @@ impl Spool {
             recovery.records += check.records;
             sealed.insert(sequence, check.good_bytes);
         }
+        // Never reuse a sequence, not even one now in quarantine.
+        highest = highest.max(inner.highest_quarantined());
         let quarantined = inner.count_quarantined();
         inner.quarantined.store(quarantined, Ordering::Relaxed);
         metrics::spool_quarantine(quarantined);
         {
             let mut state = inner.lock();
-            // Never reuse a sequence, not even one now in quarantine.
             state.next_sequence = highest.map_or(0, |last| last + 1);
             state.total_bytes = sealed.values().sum();
             state.sealed = sealed;
@@ -223,9 +228,15 @@ impl Spool {
         doomed: impl Fn(&ValidEvent) -> bool + Send + 'static,
         dry_run: bool,
     ) -> Result<u64, SpoolError> {
-        let _exclusive = self.inner.maintenance.clone().lock_owned().await;
+        let exclusive = self.inner.maintenance.clone().lock_owned().await;
         let inner = self.inner.clone();
-        blocking(move || inner.purge(doomed, dry_run)).await
+        // The lock goes with the work: a cancelled caller must not let a replay or another
+        // purge start while this one still rewrites files.
+        blocking(move || {
+            let _exclusive = exclusive;
+            inner.purge(doomed, dry_run)
+        })
+        .await
     }
 
     /// Closes the segment being appended to, so the replayer can take it.
@@ -241,9 +252,21 @@ impl Spool {
             return Ok(None);
         };
         let path = self.inner.segment_path(sequence);
-        let reader = {
+        let opened = {
             let path = path.clone();
-            blocking(move || SegmentReader::open(&path)).await?
+            tokio::task::spawn_blocking(move || SegmentReader::open(&path)).await?
+        };
+        let reader = match opened {
+            Ok(reader) => reader,
+            Err(ReadError::Spool(error)) => return Err(error),
+            Err(ReadError::Undecodable(source)) => {
+                let inner = self.inner.clone();
+                return Err(blocking(move || {
+                    let _exclusive = exclusive;
+                    Ok(inner.quarantine_sealed(sequence, source))
+                })
+                .await?);
+            }
         };
         Ok(Some(SegmentReplay {
             spool: self.clone(),
@@ -291,6 +314,17 @@ impl Inner {
         self.dir.join(QUARANTINE_DIR)
     }
 
+    fn highest_quarantined(&self) -> Option<u64> {
+        fs::read_dir(self.quarantine_dir())
+            .ok()
+            .and_then(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|entry| segment_sequence(&entry.path()))
+                    .max()
+            })
+    }
+
     fn count_quarantined(&self) -> usize {
         fs::read_dir(self.quarantine_dir()).map_or(0, |entries| {
             entries
@@ -307,27 +341,39 @@ impl Inner {
                 max: MAX_RECORD_BYTES,
             });
         }
+        let _appending = self
+            .appending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let record_bytes = (RECORD_HEADER + payload.len()) as u64;
-        let mut state = self.lock();
-        if state.total_bytes + record_bytes > self.max_bytes {
-            return Err(SpoolError::Full {
-                used: state.total_bytes,
-                max: self.max_bytes,
-            });
-        }
-        if state
-            .active
-            .as_ref()
-            .is_some_and(|active| active.bytes + record_bytes > self.segment_bytes)
-        {
-            seal(&mut state);
-        }
-        let mut active = match state.active.take() {
-            Some(active) => active,
-            None => {
-                let active = self.create_segment(state.next_sequence)?;
+        // Take the active segment (or a new sequence) under the state lock, then do the I/O
+        // without it.
+        let taken = {
+            let mut state = self.lock();
+            if state.total_bytes + record_bytes > self.max_bytes {
+                return Err(SpoolError::Full {
+                    used: state.total_bytes,
+                    max: self.max_bytes,
+                });
+            }
+            if state
+                .active
+                .as_ref()
+                .is_some_and(|active| active.bytes + record_bytes > self.segment_bytes)
+            {
+                seal(&mut state);
+            }
+            state.active.take().ok_or_else(|| {
+                let sequence = state.next_sequence;
                 state.next_sequence += 1;
-                state.total_bytes += active.bytes;
+                sequence
+            })
+        };
+        let mut active = match taken {
+            Ok(active) => active,
+            Err(sequence) => {
+                let active = self.create_segment(sequence)?;
+                self.lock().total_bytes += active.bytes;
                 active
             }
         };
@@ -336,6 +382,7 @@ impl Inner {
             .file
             .write_all(&record)
             .and_then(|()| active.file.sync_data());
+        let mut state = self.lock();
         if let Err(source) = written {
             // The segment may now end in a torn record: seal it; reading stops at the tear.
             let path = active.path.clone();
@@ -366,7 +413,13 @@ impl Inner {
         let mut removed = 0;
         for sequence in sequences {
             let path = self.segment_path(sequence);
-            let mut reader = SegmentReader::open(&path)?;
+            let mut reader = match SegmentReader::open(&path) {
+                Ok(reader) => reader,
+                Err(ReadError::Spool(error)) => return Err(error),
+                Err(ReadError::Undecodable(source)) => {
+                    return Err(self.quarantine_sealed(sequence, source));
+                }
+            };
             let mut kept_batches = Vec::new();
             let mut removed_here = 0;
             loop {
@@ -443,8 +496,14 @@ impl Inner {
     fn quarantine(&self, path: &Path, source: DecodeError) -> Result<SpoolError, SpoolError> {
         let quarantine_dir = self.quarantine_dir();
         fs::create_dir_all(&quarantine_dir).map_err(io_error(&quarantine_dir))?;
-        let name = path.file_name().unwrap_or_default();
-        let quarantined = quarantine_dir.join(name);
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        // Never replace a segment already in quarantine.
+        let mut quarantined = quarantine_dir.join(name.as_ref());
+        let mut copy = 0;
+        while quarantined.exists() {
+            copy += 1;
+            quarantined = quarantine_dir.join(format!("{name}.{copy}"));
+        }
         fs::rename(path, &quarantined).map_err(io_error(path))?;
         sync_dir(&quarantine_dir)?;
         sync_dir(&self.dir)?;
@@ -549,7 +608,12 @@ impl SegmentReplay {
     pub async fn finish(self) -> Result<(), SpoolError> {
         let inner = self.spool.inner.clone();
         let sequence = self.sequence;
-        blocking(move || inner.remove(sequence)).await
+        let exclusive = self._exclusive;
+        blocking(move || {
+            let _exclusive = exclusive;
+            inner.remove(sequence)
+        })
+        .await
     }
 }
 
@@ -563,35 +627,47 @@ struct SegmentReader {
     path: PathBuf,
     format: SegmentFormat,
     reader: BufReader<File>,
+    /// Where the next record starts, and the file's size.
+    position: u64,
+    file_bytes: u64,
 }
 
 impl SegmentReader {
-    fn open(path: &Path) -> Result<Self, SpoolError> {
-        let mut reader = BufReader::new(File::open(path).map_err(io_error(path))?);
+    fn open(path: &Path) -> Result<Self, ReadError> {
+        let spool_error = |source| ReadError::Spool(io_error(path)(source));
+        let file = File::open(path).map_err(spool_error)?;
+        let file_bytes = file.metadata().map_err(spool_error)?.len();
+        let mut reader = BufReader::new(file);
         let mut magic = [0u8; 8];
-        reader.read_exact(&mut magic).map_err(io_error(path))?;
-        let format = SegmentFormat::from_magic(&magic).ok_or_else(|| SpoolError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "not a sluice spool segment",
-            ),
-        })?;
+        reader.read_exact(&mut magic).map_err(spool_error)?;
+        let format = SegmentFormat::from_magic(&magic)
+            .ok_or(ReadError::Undecodable(DecodeError::UnknownFormat))?;
         Ok(Self {
             path: path.to_owned(),
             format,
             reader,
+            position: MAGIC_LEN,
+            file_bytes,
         })
     }
 
-    /// The next batch; None at the end (start-up has cut any torn tail).
+    /// The next batch; None at the end. A torn tail (the file ends inside the last record, as
+    /// after a failed append) ends the segment; a bad record with more bytes after it is
+    /// corruption, and an error, so that nothing after it is ever dropped.
     fn next_batch(&mut self) -> Result<Option<Vec<ValidEvent>>, ReadError> {
         let frame = format::read_frame(&mut self.reader)
             .map_err(|source| ReadError::Spool(io_error(&self.path)(source)))?;
         match frame {
-            Frame::Record(payload) => format::decode_batch(self.format, &payload)
-                .map(Some)
-                .map_err(ReadError::Undecodable),
+            Frame::Record(payload) => {
+                self.position += (RECORD_HEADER + payload.len()) as u64;
+                format::decode_batch(self.format, &payload)
+                    .map(Some)
+                    .map_err(ReadError::Undecodable)
+            }
+            Frame::BadChecksum { bytes } if self.position + bytes < self.file_bytes => {
+                Err(ReadError::Undecodable(DecodeError::CorruptRecord))
+            }
+            Frame::BadLength => Err(ReadError::Undecodable(DecodeError::BadLength)),
             Frame::End | Frame::Torn | Frame::BadChecksum { .. } => Ok(None),
         }
     }
@@ -608,9 +684,10 @@ struct SegmentCheck {
 }
 
 /// Reads a whole segment. A torn tail ends the good part; an intact record that does not
-/// decode, or a record failing its checksum with more bytes after it (corruption, not a torn
-/// append), makes the segment unreadable. A file too short or with another magic holds no
-/// records (a crash between creating it and writing its magic).
+/// decode, a record failing its checksum with more bytes after it, a garbage length or an
+/// unknown magic (corruption, not a torn append) makes the segment unreadable: it is then
+/// quarantined, never cut. A file shorter than the magic holds no records (a crash between
+/// creating it and writing its magic).
 fn check_segment(path: &Path) -> Result<SegmentCheck, SpoolError> {
     let file_bytes = fs::metadata(path).map_err(io_error(path))?.len();
     let mut check = SegmentCheck {
@@ -619,26 +696,30 @@ fn check_segment(path: &Path) -> Result<SegmentCheck, SpoolError> {
         file_bytes,
         unreadable: None,
     };
-    let Ok(mut reader) = SegmentReader::open(path) else {
+    if file_bytes < MAGIC_LEN {
         return Ok(check);
+    }
+    let mut reader = match SegmentReader::open(path) {
+        Ok(reader) => reader,
+        Err(ReadError::Spool(error)) => return Err(error),
+        Err(ReadError::Undecodable(error)) => {
+            check.unreadable = Some(error);
+            return Ok(check);
+        }
     };
     check.good_bytes = MAGIC_LEN;
     loop {
-        let frame = format::read_frame(&mut reader.reader).map_err(io_error(path))?;
-        match frame {
-            Frame::Record(payload) => {
-                if let Err(error) = format::decode_batch(reader.format, &payload) {
-                    check.unreadable = Some(error);
-                    return Ok(check);
-                }
+        match reader.next_batch() {
+            Ok(Some(_)) => {
                 check.records += 1;
-                check.good_bytes += (RECORD_HEADER + payload.len()) as u64;
+                check.good_bytes = reader.position;
             }
-            Frame::BadChecksum { bytes } if check.good_bytes + bytes < file_bytes => {
-                check.unreadable = Some(DecodeError::CorruptRecord);
+            Ok(None) => return Ok(check),
+            Err(ReadError::Spool(error)) => return Err(error),
+            Err(ReadError::Undecodable(error)) => {
+                check.unreadable = Some(error);
                 return Ok(check);
             }
-            Frame::End | Frame::Torn | Frame::BadChecksum { .. } => return Ok(check),
         }
     }
 }
@@ -935,5 +1016,82 @@ mod tests {
             spool.append(&batch(4).iter().collect::<Vec<_>>()).await,
             Err(SpoolError::Full { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_zero_filled_tail_is_cut_not_quarantined() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kept = batch(2);
+        {
+            let (spool, _) = Spool::open(dir.path(), MIB, MIB).await.expect("open");
+            append(&spool, &kept).await;
+        }
+        let path = segment(dir.path(), 0);
+        let mut bytes = fs::read(&path).expect("read");
+        bytes.extend([0u8; 4096]);
+        fs::write(&path, bytes).expect("write");
+        let (spool, recovery) = Spool::open(dir.path(), MIB, MIB).await.expect("reopen");
+        assert_eq!((recovery.records, recovery.quarantined), (1, 0));
+        assert_eq!(recovery.truncated_bytes, 4096);
+        assert_eq!(unindexed(read_all(&spool).await), unindexed(kept));
+    }
+
+    #[tokio::test]
+    async fn a_garbage_length_or_an_unknown_magic_quarantines_and_never_cuts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (spool, _) = Spool::open(dir.path(), MIB, 150).await.expect("open");
+            append(&spool, &batch(2)).await;
+            append(&spool, &batch(2)).await;
+        }
+        // Segment 0: its first record's length becomes garbage.
+        let first = segment(dir.path(), 0);
+        let mut bytes = fs::read(&first).expect("read");
+        let at = MAGIC_LEN as usize;
+        bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        fs::write(&first, &bytes).expect("write");
+        // Segment 1: a magic from the future.
+        let second = segment(dir.path(), 1);
+        let mut future = fs::read(&second).expect("read");
+        future[..8].copy_from_slice(b"SLSPOOL9");
+        fs::write(&second, &future).expect("write");
+        let (spool, recovery) = Spool::open(dir.path(), MIB, MIB).await.expect("reopen");
+        assert_eq!(
+            (
+                recovery.records,
+                recovery.quarantined,
+                recovery.truncated_bytes
+            ),
+            (0, 2, 0)
+        );
+        let quarantine = dir.path().join(QUARANTINE_DIR);
+        assert_eq!(
+            fs::read(quarantine.join(first.file_name().expect("name"))).expect("kept"),
+            bytes
+        );
+        assert_eq!(
+            fs::read(quarantine.join(second.file_name().expect("name"))).expect("kept"),
+            future
+        );
+        assert_eq!(spool.quarantined().await, 2);
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_new_segments_never_take_a_quarantined_sequence() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join(QUARANTINE_DIR)).expect("dir");
+        let held = dir
+            .path()
+            .join(QUARANTINE_DIR)
+            .join("00000000000000000004.spool");
+        fs::write(&held, b"operator, look at me").expect("write");
+        let (spool, _) = Spool::open(dir.path(), MIB, MIB).await.expect("open");
+        append(&spool, &batch(1)).await;
+        spool.seal_active();
+        assert!(
+            segment(dir.path(), 5).exists(),
+            "sequence 5, after the quarantined 4"
+        );
+        assert_eq!(fs::read(&held).expect("untouched"), b"operator, look at me");
     }
 }

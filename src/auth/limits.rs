@@ -1,0 +1,153 @@
+//! Per-principal rate limits: GCRA (governor) on events per second and on request bytes per
+//! second, each with a burst. A request is admitted whole or refused whole.
+
+use std::{num::NonZeroU32, time::Duration};
+
+use governor::{
+    DefaultDirectRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+
+use crate::config::PrincipalConfig;
+
+/// Which limit refused a request: the `QuotaFailure` description and the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    EventsPerSecond,
+    BytesPerSecond,
+}
+
+impl Exceeded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EventsPerSecond => "events_per_second",
+            Self::BytesPerSecond => "bytes_per_second",
+        }
+    }
+}
+
+/// A refusal: the limit, and when the tokens will be there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    pub exceeded: Exceeded,
+    pub retry_after: Duration,
+}
+
+/// One principal's limiters.
+#[derive(Debug)]
+pub struct Limits {
+    events: Option<(DefaultDirectRateLimiter, u32)>,
+    bytes: Option<(DefaultDirectRateLimiter, u32)>,
+    clock: DefaultClock,
+}
+
+/// A request larger than the whole burst can never pass: the advice is to split it, after a
+/// full refill.
+const NEVER_FITS_RETRY: Duration = Duration::from_secs(1);
+
+impl Limits {
+    /// None when the principal has no limit.
+    pub fn from_config(principal: &PrincipalConfig) -> Option<Self> {
+        let limiter = |rate: u32, burst: u32| {
+            let rate = NonZeroU32::new(rate)?;
+            let burst = NonZeroU32::new(burst).unwrap_or(rate);
+            Some((
+                RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+                burst.get(),
+            ))
+        };
+        let events = limiter(principal.events_per_second, principal.burst_events);
+        let bytes = limiter(principal.bytes_per_second, principal.bytes_per_second);
+        if events.is_none() && bytes.is_none() {
+            return None;
+        }
+        Some(Self {
+            events,
+            bytes,
+            clock: DefaultClock::default(),
+        })
+    }
+
+    /// Takes `events` and `bytes` tokens, or none of them.
+    pub fn admit(&self, events: usize, bytes: usize) -> Result<(), RateLimited> {
+        let events = saturating_u32(events);
+        let bytes = saturating_u32(bytes);
+        if let Some((limiter, burst)) = &self.events {
+            self.take(limiter, *burst, events, Exceeded::EventsPerSecond)?;
+        }
+        if let Some((limiter, burst)) = &self.bytes {
+            // The events were taken; a byte refusal still refuses the request, and those event
+            // tokens are lost for this second, which errs on the safe side.
+            self.take(limiter, *burst, bytes, Exceeded::BytesPerSecond)?;
+        }
+        Ok(())
+    }
+
+    fn take(
+        &self,
+        limiter: &DefaultDirectRateLimiter,
+        burst: u32,
+        count: u32,
+        exceeded: Exceeded,
+    ) -> Result<(), RateLimited> {
+        let Some(count) = NonZeroU32::new(count) else {
+            return Ok(());
+        };
+        match limiter.check_n(count) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(not_until)) => Err(RateLimited {
+                exceeded,
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            }),
+            Err(_) => {
+                tracing::debug!(
+                    burst,
+                    requested = count.get(),
+                    "request larger than the burst"
+                );
+                Err(RateLimited {
+                    exceeded,
+                    retry_after: NEVER_FITS_RETRY,
+                })
+            }
+        }
+    }
+}
+
+fn saturating_u32(value: usize) -> u32 {
+    u32::try_from(value).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(events_per_second: u32, burst_events: u32) -> PrincipalConfig {
+        PrincipalConfig {
+            name: "p".to_owned(),
+            scopes: Vec::new(),
+            services: vec!["*".to_owned()],
+            events_per_second,
+            burst_events,
+            bytes_per_second: 0,
+        }
+    }
+
+    #[test]
+    fn no_rate_means_no_limiter() {
+        assert!(Limits::from_config(&principal(0, 0)).is_none());
+    }
+
+    #[test]
+    fn the_burst_passes_then_requests_wait_for_tokens() {
+        let limits = Limits::from_config(&principal(100, 200)).expect("limited");
+        limits.admit(150, 0).expect("within the burst");
+        let refused = limits.admit(100, 0).expect_err("over the burst");
+        assert_eq!(refused.exceeded, Exceeded::EventsPerSecond);
+        assert!(
+            refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(1)
+        );
+        let never = limits.admit(1_000, 0).expect_err("larger than the burst");
+        assert_eq!(never.retry_after, NEVER_FITS_RETRY);
+    }
+}

@@ -1,0 +1,553 @@
+//! Who may do what. Every RPC but health and reflection starts by turning the request into a
+//! [`Caller`]: a principal (a bearer JWT's `sub`, else the verified client certificate's
+//! identity), its scopes, the services it may write and read, and its rate limits.
+//!
+//! With no principals configured (the zero-config first run) every authenticated client has
+//! every scope on every service. Once any principal is configured, an unknown one gets
+//! `auth.default_scopes`. The policy reloads on SIGHUP ([`Authorizer::reload`]).
+
+pub mod identity;
+pub mod jwt;
+pub mod limits;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use arc_swap::ArcSwap;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use tonic::{Code, Request, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    config::{AuthConfig, PrincipalConfig, Scope},
+    metrics,
+    status::ERROR_DOMAIN,
+};
+use jwt::{JwtConfigError, JwtVerifier, TokenError};
+use limits::{Limits, RateLimited};
+
+/// The principal of a client with neither a token nor a certificate (plaintext mode).
+pub const ANONYMOUS: &str = "anonymous";
+/// Trailer honoured by gRPC retry policies (grpc-js, C-core): milliseconds to wait.
+pub const RETRY_PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
+
+/// Why a request is refused on who sent it.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("the authorization header is not a bearer token")]
+    NotBearer,
+    #[error("{principal} lacks the {} scope", scope.as_str())]
+    MissingScope { principal: String, scope: Scope },
+    #[error("{principal} may not read or write service {service}")]
+    ServiceDenied { principal: String, service: String },
+    #[error("{principal} is over its {} limit; retry after {:?}", limited.exceeded.as_str(), limited.retry_after)]
+    RateLimited {
+        principal: String,
+        limited: RateLimited,
+    },
+}
+
+impl AuthError {
+    /// The `reason` label of `sluice_auth_refusals_total`, also the ErrorInfo reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Token(_) | Self::NotBearer => "INVALID_TOKEN",
+            Self::MissingScope { .. } => "MISSING_SCOPE",
+            Self::ServiceDenied { .. } => "SERVICE_DENIED",
+            Self::RateLimited { .. } => "RATE_LIMITED",
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(error: AuthError) -> Self {
+        let message = error.to_string();
+        let reason = error.reason();
+        match error {
+            AuthError::Token(_) | AuthError::NotBearer => {
+                let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::Unauthenticated, message, details)
+            }
+            AuthError::MissingScope { scope, .. } => {
+                let metadata = HashMap::from([("scope".to_owned(), scope.as_str().to_owned())]);
+                let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+                Status::with_error_details(Code::PermissionDenied, message, details)
+            }
+            AuthError::ServiceDenied { service, .. } => {
+                let metadata = HashMap::from([("service".to_owned(), service)]);
+                let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+                Status::with_error_details(Code::PermissionDenied, message, details)
+            }
+            AuthError::RateLimited { principal, limited } => {
+                let mut details = ErrorDetails::new();
+                details.set_retry_info(Some(limited.retry_after));
+                details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
+                details.add_quota_failure_violation(principal, limited.exceeded.as_str());
+                let mut status =
+                    Status::with_error_details(Code::ResourceExhausted, message, details);
+                let pushback = limited.retry_after.as_millis().max(1).to_string();
+                if let Ok(value) = pushback.parse() {
+                    status.metadata_mut().insert(RETRY_PUSHBACK_TRAILER, value);
+                }
+                status
+            }
+        }
+    }
+}
+
+/// A policy that cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthConfigError {
+    #[error("auth.principals: {name:?} is listed twice")]
+    Duplicate { name: String },
+    #[error("auth.principals: a principal needs a name")]
+    Unnamed,
+    #[error("auth.principals {name:?}: invalid service glob {glob:?}: {reason}")]
+    Glob {
+        name: String,
+        glob: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Jwt(#[from] JwtConfigError),
+}
+
+/// The services a principal may write and read.
+#[derive(Debug)]
+struct Services {
+    all: bool,
+    globs: GlobSet,
+    patterns: Vec<String>,
+}
+
+impl Services {
+    fn all() -> Self {
+        Self {
+            all: true,
+            globs: GlobSet::empty(),
+            patterns: vec!["*".to_owned()],
+        }
+    }
+
+    fn from_patterns(name: &str, patterns: &[String]) -> Result<Self, AuthConfigError> {
+        if patterns.iter().any(|pattern| pattern == "*") {
+            return Ok(Self::all());
+        }
+        let mut builder = GlobSetBuilder::new();
+        for pattern in patterns {
+            let glob = Glob::new(pattern).map_err(|error| AuthConfigError::Glob {
+                name: name.to_owned(),
+                glob: pattern.clone(),
+                reason: error.to_string(),
+            })?;
+            builder.add(glob);
+        }
+        let globs = builder.build().map_err(|error| AuthConfigError::Glob {
+            name: name.to_owned(),
+            glob: patterns.join(","),
+            reason: error.to_string(),
+        })?;
+        Ok(Self {
+            all: false,
+            globs,
+            patterns: patterns.to_vec(),
+        })
+    }
+
+    fn allows(&self, service: &str) -> bool {
+        self.all || self.globs.is_match(service)
+    }
+
+    /// The globs as SQL `LIKE` patterns (`*` → `%`, `?` → `_`); None when every service is
+    /// allowed. Service names cannot hold `%` or `_`-escapes that matter: `_` is allowed in a
+    /// name, so it is escaped.
+    fn like_patterns(&self) -> Option<Vec<String>> {
+        if self.all {
+            return None;
+        }
+        Some(
+            self.patterns
+                .iter()
+                .map(|pattern| {
+                    let mut like = String::with_capacity(pattern.len());
+                    for character in pattern.chars() {
+                        match character {
+                            '*' => like.push('%'),
+                            '?' => like.push('_'),
+                            '%' | '_' | '\\' => {
+                                like.push('\\');
+                                like.push(character);
+                            }
+                            other => like.push(other),
+                        }
+                    }
+                    like
+                })
+                .collect(),
+        )
+    }
+}
+
+/// What one principal is granted.
+#[derive(Debug)]
+struct Grant {
+    scopes: BTreeSet<Scope>,
+    services: Services,
+    limits: Option<Limits>,
+}
+
+impl Grant {
+    fn everything() -> Self {
+        Self {
+            scopes: Scope::ALL.into_iter().collect(),
+            services: Services::all(),
+            limits: None,
+        }
+    }
+
+    fn from_config(principal: &PrincipalConfig) -> Result<Self, AuthConfigError> {
+        Ok(Self {
+            scopes: principal.scopes.iter().copied().collect(),
+            services: Services::from_patterns(&principal.name, &principal.services)?,
+            limits: Limits::from_config(principal),
+        })
+    }
+}
+
+struct Policy {
+    /// No principal configured: everyone authenticated may do everything.
+    open: bool,
+    principals: HashMap<String, Arc<Grant>>,
+    /// For an authenticated principal that is not configured.
+    default: Arc<Grant>,
+    /// For a token whose `sub` is not configured: its own scopes, every service.
+    token_default: Arc<Grant>,
+    jwt: Option<JwtVerifier>,
+}
+
+impl Policy {
+    fn build(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let mut principals = HashMap::new();
+        for principal in &config.principals {
+            if principal.name.is_empty() {
+                return Err(AuthConfigError::Unnamed);
+            }
+            let grant = Arc::new(Grant::from_config(principal)?);
+            if principals.insert(principal.name.clone(), grant).is_some() {
+                return Err(AuthConfigError::Duplicate {
+                    name: principal.name.clone(),
+                });
+            }
+        }
+        let open = principals.is_empty();
+        let default = if open {
+            Grant::everything()
+        } else {
+            Grant {
+                scopes: config.default_scopes.iter().copied().collect(),
+                services: Services::all(),
+                limits: None,
+            }
+        };
+        Ok(Self {
+            open,
+            principals,
+            default: Arc::new(default),
+            token_default: Arc::new(Grant::everything()),
+            jwt: JwtVerifier::from_config(&config.jwt)?,
+        })
+    }
+}
+
+/// How the caller proved who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    Certificate,
+    Token,
+    /// Plaintext mode: nothing.
+    Nothing,
+}
+
+/// The authenticated sender of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: String,
+    pub credential: Credential,
+    pub peer: Option<SocketAddr>,
+    scopes: BTreeSet<Scope>,
+    grant: Arc<Grant>,
+}
+
+impl Caller {
+    /// Refuses the call without `scope` (`admin` grants every scope).
+    pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
+        if self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin) {
+            return Ok(());
+        }
+        metrics::auth_refused("MISSING_SCOPE");
+        Err(AuthError::MissingScope {
+            principal: self.principal.clone(),
+            scope,
+        })
+    }
+
+    /// Whether the caller may write and read `service`.
+    pub fn may_use(&self, service: &str) -> bool {
+        self.grant.services.allows(service)
+    }
+
+    /// Refuses a read naming a service the caller may not read.
+    pub fn check_services(&self, services: &[String]) -> Result<(), AuthError> {
+        match services.iter().find(|service| !self.may_use(service)) {
+            Some(service) => {
+                metrics::auth_refused("SERVICE_DENIED");
+                Err(AuthError::ServiceDenied {
+                    principal: self.principal.clone(),
+                    service: service.clone(),
+                })
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// The services the caller may read, as SQL `LIKE` patterns; None for all.
+    pub fn service_patterns(&self) -> Option<Vec<String>> {
+        self.grant.services.like_patterns()
+    }
+
+    /// Takes rate-limit tokens for a request of `events` events and `bytes` bytes.
+    pub fn admit(&self, events: usize, bytes: usize) -> Result<(), AuthError> {
+        let Some(limits) = &self.grant.limits else {
+            return Ok(());
+        };
+        limits.admit(events, bytes).map_err(|limited| {
+            metrics::rate_limited(&self.principal, limited.exceeded.as_str());
+            AuthError::RateLimited {
+                principal: self.principal.clone(),
+                limited,
+            }
+        })
+    }
+}
+
+/// The policy in force, swapped whole on reload.
+pub struct Authorizer {
+    policy: ArcSwap<Policy>,
+}
+
+impl Authorizer {
+    pub fn new(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let policy = Policy::build(config)?;
+        if policy.open {
+            tracing::warn!(
+                "!!! NO PRINCIPALS CONFIGURED: every client with a valid certificate may ingest, query, export and DELETE any service's data. Configure [[auth.principals]] before real data arrives. !!!"
+            );
+        }
+        Ok(Self {
+            policy: ArcSwap::from_pointee(policy),
+        })
+    }
+
+    /// Replaces the policy (principals, scopes, limits, JWKS) as a whole, or keeps the old one
+    /// when the new one cannot be built.
+    pub fn reload(&self, config: &AuthConfig) -> Result<(), AuthConfigError> {
+        let policy = Policy::build(config)?;
+        tracing::info!(
+            principals = policy.principals.len(),
+            open = policy.open,
+            "auth policy reloaded"
+        );
+        self.policy.store(Arc::new(policy));
+        Ok(())
+    }
+
+    /// Who sent `request`: a bearer token's `sub` when it carries one, else the verified
+    /// client certificate's identity.
+    pub fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, AuthError> {
+        let policy = self.policy.load();
+        let peer = request.remote_addr();
+        if let Some(header) = request.metadata().get("authorization") {
+            let token = header
+                .to_str()
+                .ok()
+                .and_then(|value| value.strip_prefix("Bearer "))
+                .ok_or_else(|| {
+                    metrics::auth_refused("INVALID_TOKEN");
+                    AuthError::NotBearer
+                })?;
+            let verifier = policy.jwt.as_ref().ok_or(TokenError::NotConfigured);
+            let verified = verifier
+                .and_then(|verifier| verifier.verify(token.trim()))
+                .inspect_err(|_| metrics::auth_refused("INVALID_TOKEN"))?;
+            let (grant, scopes) = match policy.principals.get(&verified.subject) {
+                Some(grant) => (
+                    grant.clone(),
+                    verified
+                        .scopes
+                        .intersection(&grant.scopes)
+                        .copied()
+                        .collect(),
+                ),
+                None if policy.open => (policy.default.clone(), policy.default.scopes.clone()),
+                None => (policy.token_default.clone(), verified.scopes),
+            };
+            return Ok(Caller {
+                principal: verified.subject,
+                credential: Credential::Token,
+                peer,
+                scopes,
+                grant,
+            });
+        }
+        let certificate_identity = request
+            .peer_certs()
+            .and_then(|certificates| {
+                certificates
+                    .first()
+                    .map(|der| identity::certificate_identity(der))
+            })
+            .flatten();
+        let (principal, credential) = match certificate_identity {
+            Some(name) => (name, Credential::Certificate),
+            None => (ANONYMOUS.to_owned(), Credential::Nothing),
+        };
+        let grant = policy
+            .principals
+            .get(&principal)
+            .cloned()
+            .unwrap_or_else(|| policy.default.clone());
+        Ok(Caller {
+            scopes: grant.scopes.clone(),
+            principal,
+            credential,
+            peer,
+            grant,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn principal(name: &str, scopes: &[Scope], services: &[&str]) -> PrincipalConfig {
+        PrincipalConfig {
+            name: name.to_owned(),
+            scopes: scopes.to_vec(),
+            services: services
+                .iter()
+                .map(|service| (*service).to_owned())
+                .collect(),
+            events_per_second: 0,
+            burst_events: 0,
+            bytes_per_second: 0,
+        }
+    }
+
+    fn caller(authorizer: &Authorizer) -> Caller {
+        authorizer
+            .authenticate(&Request::new(()))
+            .expect("authenticated")
+    }
+
+    #[test]
+    fn with_no_principals_everyone_may_do_everything() {
+        let authorizer = Authorizer::new(&AuthConfig::default()).expect("policy");
+        let anonymous = caller(&authorizer);
+        assert_eq!(anonymous.principal, ANONYMOUS);
+        for scope in Scope::ALL {
+            anonymous.require(scope).expect("open");
+        }
+        assert!(anonymous.may_use("anything"));
+        assert_eq!(anonymous.service_patterns(), None);
+    }
+
+    #[test]
+    fn once_principals_exist_unknown_ones_get_the_default_scopes() {
+        let config = AuthConfig {
+            principals: vec![principal("billing", &[Scope::Ingest], &["billing"])],
+            default_scopes: vec![Scope::Query],
+            ..AuthConfig::default()
+        };
+        let authorizer = Authorizer::new(&config).expect("policy");
+        let unknown = caller(&authorizer);
+        unknown.require(Scope::Query).expect("default scope");
+        assert!(matches!(
+            unknown.require(Scope::Delete),
+            Err(AuthError::MissingScope {
+                scope: Scope::Delete,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn service_globs_match_and_become_like_patterns() {
+        let services =
+            Services::from_patterns("p", &["billing".to_owned(), "billing-*".to_owned()])
+                .expect("globs");
+        assert!(services.allows("billing"));
+        assert!(services.allows("billing-eu"));
+        assert!(!services.allows("payments"));
+        assert!(!services.allows("billingx"));
+        assert_eq!(
+            services.like_patterns(),
+            Some(vec!["billing".to_owned(), "billing-%".to_owned()])
+        );
+        let underscore = Services::from_patterns("p", &["a_b*".to_owned()]).expect("glob");
+        assert_eq!(underscore.like_patterns(), Some(vec!["a\\_b%".to_owned()]));
+    }
+
+    #[test]
+    fn duplicate_principals_are_refused() {
+        let config = AuthConfig {
+            principals: vec![
+                principal("a", &[Scope::Ingest], &["*"]),
+                principal("a", &[Scope::Query], &["*"]),
+            ],
+            ..AuthConfig::default()
+        };
+        assert!(matches!(
+            Authorizer::new(&config),
+            Err(AuthConfigError::Duplicate { .. })
+        ));
+    }
+
+    #[test]
+    fn rate_limited_is_resource_exhausted_with_quota_failure_retry_info_and_pushback() {
+        let status = Status::from(AuthError::RateLimited {
+            principal: "billing".to_owned(),
+            limited: RateLimited {
+                exceeded: limits::Exceeded::EventsPerSecond,
+                retry_after: Duration::from_millis(250),
+            },
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let details = status.get_error_details();
+        assert_eq!(
+            details.error_info().map(|info| info.reason.as_str()),
+            Some("RATE_LIMITED")
+        );
+        let quota = details.quota_failure().expect("quota failure");
+        assert_eq!(quota.violations[0].subject, "billing");
+        assert_eq!(quota.violations[0].description, "events_per_second");
+        assert_eq!(
+            details.retry_info().and_then(|retry| retry.retry_delay),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get(RETRY_PUSHBACK_TRAILER)
+                .and_then(|value| value.to_str().ok()),
+            Some("250")
+        );
+    }
+}
