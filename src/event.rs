@@ -80,6 +80,9 @@ pub enum RejectReason {
     /// configured far above their defaults.
     #[error("{field} is {bytes} bytes, more than PostgreSQL can store in one field")]
     FieldTooLong { field: &'static str, bytes: usize },
+    /// The caller may not write this service (its `auth.principals` services).
+    #[error("{principal} may not write service {service} (not among its auth.principals services)")]
+    ServiceForbidden { principal: String, service: String },
     /// PostgreSQL refused the row (the event went to `dead_letters`).
     #[error("{0}")]
     DatabaseRefused(String),
@@ -90,7 +93,9 @@ impl RejectReason {
     pub fn field(&self) -> &'static str {
         match self {
             Self::InvalidId | Self::NilId => "id",
-            Self::MissingService | Self::InvalidService => "service",
+            Self::MissingService | Self::InvalidService | Self::ServiceForbidden { .. } => {
+                "service"
+            }
             Self::MissingMessage | Self::MessageTooLarge { .. } => "message",
             Self::MissingTimestamp
             | Self::InvalidTimestamp
@@ -121,6 +126,7 @@ impl RejectReason {
             Self::MetadataTooLarge { .. } => "metadata_too_large",
             Self::UserIdTooLarge { .. } => "user_id_too_large",
             Self::FieldTooLong { .. } => "field_too_long",
+            Self::ServiceForbidden { .. } => "service_forbidden",
             Self::DatabaseRefused(_) => "database_refused",
         }
     }

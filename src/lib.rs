@@ -9,6 +9,7 @@
 //! them. Each module maps its own error type to a `tonic::Status` beside that type, through
 //! the domain-free helpers of [`status`].
 
+pub(crate) mod audit;
 pub mod auth;
 pub(crate) mod buffer;
 pub(crate) mod codec;

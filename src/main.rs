@@ -134,7 +134,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     init_logging(config.log.format, &config.log.filter);
-    match sluice::server::run(config).await {
+    let reloader: sluice::server::Reloader =
+        Box::new(move || Config::load(args.config.as_deref(), args.overrides()));
+    match sluice::server::run(config, Some(reloader)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "sluice stopped on an error");

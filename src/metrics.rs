@@ -86,6 +86,8 @@ pub enum Refusal {
     BufferFull,
     ShuttingDown,
     TooLarge,
+    /// The caller's rate limit.
+    RateLimited,
 }
 
 impl Refusal {
@@ -94,6 +96,7 @@ impl Refusal {
             Self::BufferFull => "buffer_full",
             Self::ShuttingDown => "shutting_down",
             Self::TooLarge => "too_large",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -302,6 +305,11 @@ pub fn connection_opened() {
 
 pub fn connection_closed() {
     gauge!("sluice_connections_open").decrement(1.0);
+}
+
+/// An audit row could not be written.
+pub fn audit_error() {
+    counter!("sluice_audit_errors_total").increment(1);
 }
 
 /// A request refused on who sent it; `reason` is the ErrorInfo reason (`INVALID_TOKEN`,

@@ -366,7 +366,15 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
                 }
                 Err(status) => {
                     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
-                    if !acknowledged.is_empty() {
+                    // The refusal that counts comes once the spool is full: it took batches
+                    // (acks) and then refused one.
+                    if !acknowledged.is_empty()
+                        && metric_sum(
+                            &server.metrics().await,
+                            "sluice_writer_errors_total",
+                            "kind=\"spool\"",
+                        ) > 0.0
+                    {
                         refusal = Some(status);
                     }
                 }
@@ -387,10 +395,6 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
     // It came once the spool was full: the spool took batches, then refused them.
     let metrics = server.metrics().await;
     assert!(metric_sum(&metrics, "sluice_events_spooled_total", "") > 0.0);
-    assert!(
-        metric_sum(&metrics, "sluice_writer_errors_total", "kind=\"spool\"") > 0.0,
-        "the spool refused batches once full"
-    );
     drop(client);
 
     // Database back: the buffered requests commit, the spool replays, every ack holds.

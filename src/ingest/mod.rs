@@ -60,6 +60,8 @@ pub enum IngestError {
     MessageTooLarge { detail: String },
     #[error("stream failed: {0}")]
     Stream(Status),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 /// The retry advice of refusals that do not depend on the buffer's drain rate.
@@ -101,6 +103,7 @@ impl From<IngestError> for Status {
             IngestError::LargerThanBuffer { .. } => bad_request(message.clone(), "events", message),
             IngestError::MessageTooLarge { detail } => oversized_request(detail),
             IngestError::Stream(status) => status,
+            IngestError::Auth(error) => error.into(),
         }
     }
 }

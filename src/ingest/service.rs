@@ -9,11 +9,16 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use prost::Message;
+
 use super::{IngestError, Progress, validate::Validator};
 use crate::{
+    audit::{self, Audit},
+    auth::{Authorizer, Caller},
     buffer::{AckReceiver, AdmitError, Buffer, Durable},
     config::Config,
-    event::{EventRejection, ValidEvent},
+    config::Scope,
+    event::{EventRejection, RejectReason, ValidEvent},
     metrics::{Counters, Refusal},
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
@@ -30,6 +35,8 @@ pub struct IngestHandler {
     buffer: Arc<Buffer>,
     config: Arc<Config>,
     counters: Arc<Counters>,
+    auth: Arc<Authorizer>,
+    audit: Arc<Audit>,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
 }
@@ -39,19 +46,53 @@ impl IngestHandler {
         buffer: Arc<Buffer>,
         config: Arc<Config>,
         counters: Arc<Counters>,
+        auth: Arc<Authorizer>,
+        audit: Arc<Audit>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             buffer,
             config,
             counters,
+            auth,
+            audit,
             stopping,
         }
     }
 
-    /// Validates a request's events (numbered from `first_index`). Invalid events are counted
-    /// and returned as rejections; the request fails only when it is too large as a whole.
-    fn validate(&self, request: IngestRequest, first_index: u64) -> Result<Validated, IngestError> {
+    /// Who sent `request`, refused (and audited) unless it may ingest.
+    async fn caller<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
+        let authenticated = self.auth.authenticate(request);
+        let principal = authenticated
+            .as_ref()
+            .map_or("(unknown)", |caller| caller.principal.as_str())
+            .to_owned();
+        let allowed = authenticated.and_then(|caller| {
+            caller.require(Scope::Ingest)?;
+            Ok(caller)
+        });
+        match allowed {
+            Ok(caller) => Ok(caller),
+            Err(error) => {
+                let status = Status::from(error);
+                let request_id = audit::request_id(request.metadata());
+                self.audit
+                    .refused(&principal, rpc, request.remote_addr(), &request_id, &status)
+                    .await;
+                Err(status)
+            }
+        }
+    }
+
+    /// Validates a request's events (numbered from `first_index`). Invalid events, and events
+    /// for services the caller may not write, are counted and returned as rejections; the
+    /// request fails only when it is too large as a whole or over the caller's rate limit.
+    fn validate(
+        &self,
+        caller: &Caller,
+        request: IngestRequest,
+        first_index: u64,
+    ) -> Result<Validated, IngestError> {
         let limit = self.config.grpc.max_events_per_request;
         if request.events.len() > limit {
             self.counters
@@ -61,6 +102,11 @@ impl IngestHandler {
                 limit,
             });
         }
+        if let Err(limited) = caller.admit(request.events.len(), request.encoded_len()) {
+            self.counters
+                .events_refused(Refusal::RateLimited, request.events.len());
+            return Err(IngestError::Auth(limited));
+        }
         self.counters.events_received(request.events.len());
         let validator = Validator::new(&self.config.validation, Utc::now());
         let mut validated = Validated {
@@ -68,7 +114,22 @@ impl IngestHandler {
             rejections: Vec::new(),
         };
         for (offset, event) in request.events.into_iter().enumerate() {
-            match validator.validate(first_index + offset as u64, event) {
+            let checked = validator
+                .validate(first_index + offset as u64, event)
+                .and_then(|valid| {
+                    if caller.may_use(&valid.service) {
+                        return Ok(valid);
+                    }
+                    Err(EventRejection {
+                        index: valid.index,
+                        event_id: valid.id.to_string(),
+                        reason: RejectReason::ServiceForbidden {
+                            principal: caller.principal.clone(),
+                            service: valid.service,
+                        },
+                    })
+                });
+            match checked {
                 Ok(valid) => validated.events.push(valid),
                 Err(rejection) => {
                     self.counters.event_rejected(rejection.reason.as_str());
@@ -229,6 +290,7 @@ impl IngestService for IngestHandler {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
+        let caller = self.caller(&request, "Ingest").await?;
         let mut stream = request.into_inner();
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let mut pending = FuturesUnordered::new();
@@ -257,7 +319,7 @@ impl IngestService for IngestHandler {
                         }
                     };
                     let count = request.events.len() as u64;
-                    let validated = match self.validate(request, next_index) {
+                    let validated = match self.validate(&caller, request, next_index) {
                         Ok(validated) => validated,
                         Err(error) => {
                             settle(&mut pending, &mut tally).await?;
@@ -286,8 +348,9 @@ impl IngestService for IngestHandler {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
+        let caller = self.caller(&request, "Publish").await?;
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
-        let validated = self.validate(request.into_inner(), 0)?;
+        let validated = self.validate(&caller, request.into_inner(), 0)?;
         let ack = self
             .admit(validated.events)
             .await
@@ -308,9 +371,10 @@ impl IngestService for IngestHandler {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
+        let caller = self.caller(&request, "IngestStream").await?;
         let (acks, ack_stream) = mpsc::channel(ACK_QUEUE);
         let handler = self.clone();
-        tokio::spawn(handler.serve_ack_stream(request.into_inner(), acks));
+        tokio::spawn(handler.serve_ack_stream(caller, request.into_inner(), acks));
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
     }
 }
@@ -322,6 +386,7 @@ impl IngestHandler {
     /// (buffer full, shutting down) without ending the stream.
     async fn serve_ack_stream(
         self,
+        caller: Caller,
         mut stream: Streaming<IngestRequest>,
         acks: mpsc::Sender<Result<IngestAck, Status>>,
     ) {
@@ -341,7 +406,9 @@ impl IngestHandler {
                 }
                 Some(ack) = pending.next(), if !pending.is_empty() => Some(Ok(ack)),
                 message = stream.message(), if reading => match message {
-                    Ok(Some(request)) => self.answer(request, max_reported, &mut pending).await,
+                    Ok(Some(request)) => {
+                        self.answer(&caller, request, max_reported, &mut pending).await
+                    }
                     Ok(None) => {
                         reading = false;
                         None
@@ -370,13 +437,14 @@ impl IngestHandler {
     /// a pending ack pushed to `pending`.
     async fn answer(
         &self,
+        caller: &Caller,
         request: IngestRequest,
         max_reported: usize,
         pending: &mut FuturesUnordered<PendingAck>,
     ) -> Option<Result<IngestAck, Status>> {
         let sequence = request.sequence;
         let mut tally = Tally::new(max_reported);
-        let validated = match self.validate(request, 0) {
+        let validated = match self.validate(caller, request, 0) {
             Ok(validated) => validated,
             Err(error) => return Some(Ok(refused_ack(sequence, error))),
         };

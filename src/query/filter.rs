@@ -32,6 +32,9 @@ pub struct Filter {
     pub user_id: Option<String>,
     pub metadata_contains: Option<Map<String, Json>>,
     pub message_contains: Option<String>,
+    /// The services the caller may read, as SQL `LIKE` patterns, when the request names none
+    /// and the caller may not read every service.
+    pub allowed_services: Option<Vec<String>>,
 }
 
 /// A filter bound at microseconds, as PostgreSQL compares (and as the spool purge does).
@@ -172,6 +175,7 @@ impl Filter {
                 .map(|fields| metadata_filter(fields, limits))
                 .transpose()?,
             message_contains: non_empty(message_contains),
+            allowed_services: None,
         };
         if let (Some(start), Some(end)) = (filter.start, filter.end)
             && start >= end
@@ -252,6 +256,12 @@ impl Filter {
                     .push_bind(services.to_vec())
                     .push(")");
             }
+        }
+        if let Some(patterns) = &self.allowed_services {
+            builder
+                .push(" AND service LIKE ANY(")
+                .push_bind(patterns.clone())
+                .push(")");
         }
         if let Some(start) = self.start {
             builder.push(" AND ts >= ").push_bind(start);

@@ -4,6 +4,7 @@ use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use futures::{Stream, TryStreamExt};
+use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,13 +16,15 @@ use super::{
     filter::{Cursor, DEFAULT_PAGE, Filter, MAX_PAGE},
 };
 use crate::{
+    audit::{self, Audit, Entry},
+    auth::{Authorizer, Caller},
     buffer::Buffer,
-    config::Config,
+    config::{Config, Scope},
     metrics::Counters,
     proto::{
-        BufferStats, DeleteRequest, DeleteResponse, Event, ExportChunk, ExportRequest, HourCount,
-        IngestCounters, Order, QueryRequest, QueryResponse, ServiceCount, StatsRequest,
-        StatsResponse, WriterStats, query_service_server::QueryService,
+        AuditEntry, AuditRequest, AuditResponse, BufferStats, DeleteRequest, DeleteResponse, Event,
+        ExportChunk, ExportRequest, HourCount, IngestCounters, Order, QueryRequest, QueryResponse,
+        ServiceCount, StatsRequest, StatsResponse, WriterStats, query_service_server::QueryService,
     },
     spool::Spool,
     store::{self, Store},
@@ -49,6 +52,8 @@ pub struct QueryHandler {
     spool: Option<Spool>,
     config: Arc<Config>,
     counters: Arc<Counters>,
+    auth: Arc<Authorizer>,
+    audit: Arc<Audit>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -82,28 +87,105 @@ impl From<EventRow> for Event {
     }
 }
 
+/// What the read side needs from the rest of the server.
+pub struct QueryDeps {
+    pub store: Arc<Store>,
+    pub buffer: Arc<Buffer>,
+    pub breaker: Arc<Breaker>,
+    pub spool: Option<Spool>,
+    pub config: Arc<Config>,
+    pub counters: Arc<Counters>,
+    pub auth: Arc<Authorizer>,
+    pub audit: Arc<Audit>,
+}
+
 impl QueryHandler {
-    pub fn new(
-        store: Arc<Store>,
-        buffer: Arc<Buffer>,
-        breaker: Arc<Breaker>,
-        spool: Option<Spool>,
-        config: Arc<Config>,
-        counters: Arc<Counters>,
-    ) -> Self {
+    pub fn new(deps: QueryDeps) -> Self {
         Self {
-            store,
-            buffer,
-            breaker,
-            spool,
-            config,
-            counters,
+            store: deps.store,
+            buffer: deps.buffer,
+            breaker: deps.breaker,
+            spool: deps.spool,
+            config: deps.config,
+            counters: deps.counters,
+            auth: deps.auth,
+            audit: deps.audit,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
-    async fn query_page(&self, request: QueryRequest) -> Result<QueryResponse, QueryError> {
-        let filter = Filter::from_query(&request, &self.config.validation)?;
+    /// Who sent `request`, refused (and audited) unless it has `scope` and may read every
+    /// service it names.
+    async fn caller<T>(
+        &self,
+        request: &Request<T>,
+        call: &Call,
+        scope: Scope,
+        services: &[String],
+    ) -> Result<Caller, Status> {
+        let caller = match self.auth.authenticate(request) {
+            Ok(caller) => caller,
+            Err(error) => {
+                let status = Status::from(error);
+                self.audit
+                    .refused("(unknown)", call.rpc, call.peer, &call.request_id, &status)
+                    .await;
+                return Err(status);
+            }
+        };
+        let allowed = caller
+            .require(scope)
+            .and_then(|()| caller.check_services(services));
+        if let Err(error) = allowed {
+            let status = Status::from(error);
+            self.audit
+                .refused(
+                    &caller.principal,
+                    call.rpc,
+                    call.peer,
+                    &call.request_id,
+                    &status,
+                )
+                .await;
+            return Err(status);
+        }
+        Ok(caller)
+    }
+
+    /// Writes the audit row of a call that got past authorization.
+    async fn audited<T>(
+        &self,
+        caller: &Caller,
+        call: &Call,
+        details: Json,
+        result: Result<T, QueryError>,
+    ) -> Result<T, Status> {
+        let result = result.map_err(Status::from);
+        let code = result
+            .as_ref()
+            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.audit
+            .record(Entry::new(
+                &caller.principal,
+                call.rpc,
+                code,
+                call.peer,
+                &call.request_id,
+                details,
+            ))
+            .await;
+        result
+    }
+
+    async fn query_page(
+        &self,
+        caller: &Caller,
+        request: QueryRequest,
+        details: &mut Json,
+    ) -> Result<QueryResponse, QueryError> {
+        let mut filter = Filter::from_query(&request, &self.config.validation)?;
+        restrict(&mut filter, caller);
+        details["filters"] = filter_details(&filter);
         let oldest_first = request.order == Order::OldestFirst as i32;
         let limit = match request.limit {
             0 => DEFAULT_PAGE,
@@ -161,14 +243,25 @@ impl QueryHandler {
         } else {
             String::new()
         };
+        details["rows"] = Json::from(rows.len());
         Ok(QueryResponse {
             events: rows.into_iter().map(Event::from).collect(),
             next_page_token,
         })
     }
 
-    async fn delete_matching(&self, request: DeleteRequest) -> Result<DeleteResponse, QueryError> {
-        let filter = Filter::from_delete(&request, &self.config.validation)?;
+    /// Deletes, and writes its audit row in the transaction of its last step.
+    async fn delete_matching(
+        &self,
+        caller: &Caller,
+        call: &Call,
+        request: DeleteRequest,
+        details: &mut Json,
+    ) -> Result<DeleteResponse, QueryError> {
+        let mut filter = Filter::from_delete(&request, &self.config.validation)?;
+        restrict(&mut filter, caller);
+        details["filters"] = filter_details(&filter);
+        details["dry_run"] = Json::Bool(request.dry_run);
         let dry_run = request.dry_run;
         let _one_at_a_time = self.deletes.acquire().await.map_err(|_| QueryError::Busy {
             retry_after: Duration::from_secs(1),
@@ -183,8 +276,14 @@ impl QueryHandler {
         let spooled_deleted = match &self.spool {
             Some(spool) => {
                 let doomed = filter.clone();
+                let caller = caller.clone();
                 spool
-                    .purge(move |event| doomed.matches_for_delete(event), dry_run)
+                    .purge(
+                        move |event| {
+                            doomed.matches_for_delete(event) && caller.may_use(&event.service)
+                        },
+                        dry_run,
+                    )
                     .await?
             }
             None => 0,
@@ -195,7 +294,21 @@ impl QueryHandler {
         } else {
             delete_events(pool, &filter).await?
         };
-        let dead_letters_deleted = delete_dead_letters(pool, &filter, dry_run).await?;
+        let mut transaction = pool.begin().await?;
+        let dead_letters_deleted = delete_dead_letters(&mut transaction, &filter, dry_run).await?;
+        details["rows"] = Json::from(deleted);
+        details["dead_letters"] = Json::from(dead_letters_deleted);
+        details["spooled"] = Json::from(spooled_deleted);
+        let entry = Entry::new(
+            &caller.principal,
+            call.rpc,
+            tonic::Code::Ok,
+            call.peer,
+            &call.request_id,
+            details.clone(),
+        );
+        Audit::record_in(&mut transaction, &entry).await?;
+        transaction.commit().await?;
         tracing::info!(
             target: "audit",
             dry_run,
@@ -214,7 +327,12 @@ impl QueryHandler {
         })
     }
 
-    async fn stats(&self, request: StatsRequest) -> Result<StatsResponse, QueryError> {
+    async fn stats(
+        &self,
+        caller: &Caller,
+        request: StatsRequest,
+    ) -> Result<StatsResponse, QueryError> {
+        let allowed = caller.service_patterns();
         let top_n = if request.top_n == 0 {
             DEFAULT_TOP_N
         } else {
@@ -231,15 +349,19 @@ impl QueryHandler {
         let pool = &self.store.read_pool;
         let per_service: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT service, sum(events)::bigint, coalesce(sum(events) FILTER (WHERE hour >= $1), 0)::bigint \
-             FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1",
+             FROM event_counts WHERE ($2::text[] IS NULL OR service LIKE ANY($2)) \
+             GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1",
         )
         .bind(day_start)
+        .bind(allowed.clone())
         .fetch_all(pool)
         .await?;
         let hourly: BTreeMap<DateTime<Utc>, i64> = sqlx::query_as::<_, (DateTime<Utc>, i64)>(
-            "SELECT hour, sum(events)::bigint FROM event_counts WHERE hour >= $1 GROUP BY hour",
+            "SELECT hour, sum(events)::bigint FROM event_counts \
+             WHERE hour >= $1 AND ($2::text[] IS NULL OR service LIKE ANY($2)) GROUP BY hour",
         )
         .bind(trend_start)
+        .bind(allowed)
         .fetch_all(pool)
         .await?
         .into_iter()
@@ -352,7 +474,7 @@ async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError
 
 /// Dead letters match on the same user, services and event time range as the events.
 async fn delete_dead_letters(
-    pool: &PgPool,
+    connection: &mut sqlx::PgConnection,
     filter: &Filter,
     dry_run: bool,
 ) -> Result<u64, QueryError> {
@@ -366,7 +488,7 @@ async fn delete_dead_letters(
     if !dry_run {
         builder.push(" RETURNING 1) SELECT count(*) FROM removed");
     }
-    let count: i64 = builder.build_query_scalar().fetch_one(pool).await?;
+    let count: i64 = builder.build_query_scalar().fetch_one(connection).await?;
     Ok(count as u64)
 }
 
@@ -425,6 +547,35 @@ async fn export(
     Ok(())
 }
 
+/// One call, as the audit log names it.
+struct Call {
+    rpc: &'static str,
+    peer: Option<std::net::SocketAddr>,
+    request_id: String,
+}
+
+impl Call {
+    fn of<T>(request: &Request<T>, rpc: &'static str) -> Self {
+        Self {
+            rpc,
+            peer: request.remote_addr(),
+            request_id: audit::request_id(request.metadata()),
+        }
+    }
+}
+
+/// A filter as the audit log records it.
+fn filter_details(filter: &Filter) -> Json {
+    serde_json::to_value(filter).unwrap_or(Json::Null)
+}
+
+/// A read naming no service covers only the services the caller may read.
+fn restrict(filter: &mut Filter, caller: &Caller) {
+    if filter.services.is_empty() {
+        filter.allowed_services = caller.service_patterns();
+    }
+}
+
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -433,7 +584,17 @@ impl QueryService for QueryHandler {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<QueryResponse>, Status> {
-        Ok(Response::new(self.query_page(request.into_inner()).await?))
+        let call = Call::of(&request, "Query");
+        let caller = self
+            .caller(&request, &call, Scope::Query, &request.get_ref().services)
+            .await?;
+        let mut details = Json::Object(Default::default());
+        let result = self
+            .query_page(&caller, request.into_inner(), &mut details)
+            .await;
+        Ok(Response::new(
+            self.audited(&caller, &call, details, result).await?,
+        ))
     }
 
     type ExportStream = ExportStream;
@@ -442,7 +603,19 @@ impl QueryService for QueryHandler {
         &self,
         request: Request<ExportRequest>,
     ) -> Result<Response<Self::ExportStream>, Status> {
-        let filter = Filter::from_export(request.into_inner(), &self.config.validation)?;
+        let call = Call::of(&request, "Export");
+        let caller = self
+            .caller(&request, &call, Scope::Export, &request.get_ref().services)
+            .await?;
+        let filter =
+            Filter::from_export(request.into_inner(), &self.config.validation).map(|mut filter| {
+                restrict(&mut filter, &caller);
+                filter
+            });
+        let details = serde_json::json!({
+            "filters": filter.as_ref().map(filter_details).unwrap_or(Json::Null),
+        });
+        let filter = self.audited(&caller, &call, details, filter).await?;
         let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
         let pool = self.store.read_pool.clone();
         tokio::spawn(async move {
@@ -457,15 +630,135 @@ impl QueryService for QueryHandler {
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        Ok(Response::new(
-            self.delete_matching(request.into_inner()).await?,
-        ))
+        let call = Call::of(&request, "Delete");
+        let caller = self
+            .caller(&request, &call, Scope::Delete, &request.get_ref().services)
+            .await?;
+        let mut details = Json::Object(Default::default());
+        match self
+            .delete_matching(&caller, &call, request.into_inner(), &mut details)
+            .await
+        {
+            // The audit row committed with the deletion.
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => self
+                .audited(&caller, &call, details, Err::<DeleteResponse, _>(error))
+                .await
+                .map(Response::new),
+        }
     }
 
     async fn stats(
         &self,
         request: Request<StatsRequest>,
     ) -> Result<Response<StatsResponse>, Status> {
-        Ok(Response::new(self.stats(request.into_inner()).await?))
+        let call = Call::of(&request, "Stats");
+        let caller = self.caller(&request, &call, Scope::Query, &[]).await?;
+        let result = self.stats(&caller, request.into_inner()).await;
+        let details = serde_json::json!({ "services": caller.service_patterns() });
+        Ok(Response::new(
+            self.audited(&caller, &call, details, result).await?,
+        ))
     }
+
+    async fn audit(
+        &self,
+        request: Request<AuditRequest>,
+    ) -> Result<Response<AuditResponse>, Status> {
+        let call = Call::of(&request, "Audit");
+        let caller = self.caller(&request, &call, Scope::Admin, &[]).await?;
+        let request = request.into_inner();
+        let details = serde_json::json!({
+            "principal": request.principal,
+            "rpc": request.rpc,
+        });
+        let result = audit_page(self.audit.pool(), request).await;
+        self.audited(&caller, &call, details, result)
+            .await
+            .map(Response::new)
+    }
+}
+
+/// Audit rows per page, by default and at most.
+const DEFAULT_AUDIT_PAGE: u32 = 100;
+const MAX_AUDIT_PAGE: u32 = 1_000;
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: i64,
+    at: DateTime<Utc>,
+    principal: String,
+    rpc: String,
+    code: String,
+    details: sqlx::types::Json<serde_json::Value>,
+}
+
+/// One page of the audit log, newest first, from the primary (where it is written).
+async fn audit_page(pool: &PgPool, request: AuditRequest) -> Result<AuditResponse, QueryError> {
+    let limit = match request.limit {
+        0 => DEFAULT_AUDIT_PAGE,
+        limit if limit > MAX_AUDIT_PAGE => {
+            return Err(QueryError::invalid(
+                "limit",
+                format!("at most {MAX_AUDIT_PAGE} rows per page"),
+            ));
+        }
+        limit => limit,
+    };
+    let before_id = match request.page_token.as_str() {
+        "" => None,
+        token => Some(
+            token
+                .strip_prefix("a.")
+                .and_then(|id| id.parse::<i64>().ok())
+                .ok_or_else(|| QueryError::invalid("page_token", "not an audit page token"))?,
+        ),
+    };
+    let bound = |field: &'static str, value: Option<&prost_types::Timestamp>| {
+        value
+            .map(crate::wire::to_datetime)
+            .transpose()
+            .map_err(|error| QueryError::invalid(field, error.to_string()))
+    };
+    let start = bound("start_time", request.start_time.as_ref())?;
+    let end = bound("end_time", request.end_time.as_ref())?;
+    let mut rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT id, at, principal, rpc, code, details FROM audit_log \
+         WHERE ($1::text IS NULL OR principal = $1) AND ($2::text IS NULL OR rpc = $2) \
+         AND ($3::timestamptz IS NULL OR at >= $3) AND ($4::timestamptz IS NULL OR at < $4) \
+         AND ($5::bigint IS NULL OR id < $5) ORDER BY id DESC LIMIT $6",
+    )
+    .bind((!request.principal.is_empty()).then_some(request.principal))
+    .bind((!request.rpc.is_empty()).then_some(request.rpc))
+    .bind(start)
+    .bind(end)
+    .bind(before_id)
+    .bind(i64::from(limit) + 1)
+    .fetch_all(pool)
+    .await?;
+    let next_page_token = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last()
+            .map(|row| format!("a.{}", row.id))
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(AuditResponse {
+        entries: rows
+            .into_iter()
+            .map(|row| AuditEntry {
+                id: row.id,
+                at: Some(to_timestamp(row.at)),
+                principal: row.principal,
+                rpc: row.rpc,
+                code: row.code,
+                details: match row.details.0 {
+                    serde_json::Value::Object(object) => Some(object.into()),
+                    _ => None,
+                },
+            })
+            .collect(),
+        next_page_token,
+    })
 }

@@ -29,15 +29,17 @@ use tonic::{
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    audit::Audit,
+    auth::{AuthConfigError, Authorizer},
     buffer::Buffer,
-    config::Config,
+    config::{Config, ConfigError},
     health,
     ingest::IngestHandler,
     metrics::{self, Counters},
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
-    query::QueryHandler,
+    query::{QueryHandler, service::QueryDeps},
     spool::{Spool, SpoolError},
     status,
     store::{Store, StoreError},
@@ -81,21 +83,29 @@ pub enum ServerError {
     Spool(#[from] SpoolError),
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
 }
 
-/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully.
-pub async fn run(config: Config) -> Result<(), ServerError> {
+/// Loads the configuration again (file, environment, flags) for a reload on SIGHUP.
+pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully. With a `reloader`,
+/// SIGHUP reloads the `auth` section (principals, scopes, limits, JWKS) without a restart.
+pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), ServerError> {
     let config = Arc::new(config);
     // Struct fields stop decoding past the metadata limit instead of building a tree.
     proto::metadata::set_max_json_bytes(config.validation.max_metadata_bytes);
     serve_metrics(&config).await?;
     let tls_config = prepare_tls(&config)?;
+    let auth = Arc::new(Authorizer::new(&config.auth)?);
     let storage = Storage::open(&config).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&health_reporter, ServingStatus::NotServing).await;
-    let mut background = Background::start(&config, &storage, health_reporter);
+    let mut background =
+        Background::start(&config, &storage, health_reporter, auth.clone(), reloader);
     // Errors from here on still tear down what was started.
-    let outcome = match build_services(&config, &storage, &background, health_service) {
+    let outcome = match build_services(&config, &storage, &background, &auth, health_service) {
         Ok(routes) => serve_until_signal(&config, tls_config, routes, &mut background).await,
         Err(error) => Err(error),
     };
@@ -203,15 +213,27 @@ struct Background {
     buffer: Arc<Buffer>,
     breaker: Arc<Breaker>,
     counters: Arc<Counters>,
+    audit: Arc<Audit>,
     switch: ShutdownSwitch,
     writers: JoinSet<()>,
     health: JoinHandle<()>,
     partitions: JoinHandle<()>,
     replay: JoinHandle<()>,
+    audit_upkeep: JoinHandle<()>,
+    reload: JoinHandle<()>,
 }
 
 impl Background {
-    fn start(config: &Config, storage: &Storage, health_reporter: HealthReporter) -> Self {
+    fn start(
+        config: &Config,
+        storage: &Storage,
+        health_reporter: HealthReporter,
+        auth: Arc<Authorizer>,
+        reloader: Option<Reloader>,
+    ) -> Self {
+        let audit = Arc::new(Audit::new(storage.store.pool.clone()));
+        let audit_upkeep = tokio::spawn(keep_audit_log(audit.clone(), config.auth.audit_retention));
+        let reload = tokio::spawn(reload_on_sighup(auth, audit.clone(), reloader));
         let (buffer, receiver) = Buffer::new(&config.buffer);
         let breaker = Arc::new(Breaker::new(&config.breaker));
         let counters = Arc::new(Counters::default());
@@ -254,10 +276,13 @@ impl Background {
             buffer,
             breaker,
             counters,
+            audit,
             writers,
             health,
             partitions,
             replay,
+            audit_upkeep,
+            reload,
         }
     }
 
@@ -274,7 +299,8 @@ impl Background {
     /// 1. the buffer refuses new events (already so after a signal);
     /// 2. writers still running (the shutdown timeout passed) are stopped: what they held was
     ///    never acknowledged, and clients were told so;
-    /// 3. health and partition upkeep stop: nothing depends on them;
+    /// 3. health, partition upkeep, reload and audit upkeep stop (nothing depends on them),
+    ///    and the authentication failures counted in the last minute are written;
     /// 4. the replayer stops last: a segment it was replaying stays on disk and replays at the
     ///    next start (replay is idempotent).
     ///
@@ -285,7 +311,11 @@ impl Background {
         self.writers_drained().await;
         self.health.abort();
         self.partitions.abort();
-        let _ = tokio::join!(self.health, self.partitions);
+        self.reload.abort();
+        self.audit_upkeep.abort();
+        let _ = tokio::join!(self.health, self.partitions, self.reload, self.audit_upkeep);
+        // Authentication failures counted since the last minute.
+        self.audit.flush().await;
         self.replay.abort();
         let _ = self.replay.await;
     }
@@ -296,6 +326,7 @@ fn build_services(
     config: &Arc<Config>,
     storage: &Storage,
     background: &Background,
+    auth: &Arc<Authorizer>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -312,16 +343,20 @@ fn build_services(
         background.buffer.clone(),
         config.clone(),
         background.counters.clone(),
+        auth.clone(),
+        background.audit.clone(),
         background.stopping(),
     );
-    let query = QueryHandler::new(
-        storage.store.clone(),
-        background.buffer.clone(),
-        background.breaker.clone(),
-        storage.spool.clone(),
-        config.clone(),
-        background.counters.clone(),
-    );
+    let query = QueryHandler::new(QueryDeps {
+        store: storage.store.clone(),
+        buffer: background.buffer.clone(),
+        breaker: background.breaker.clone(),
+        spool: storage.spool.clone(),
+        config: config.clone(),
+        counters: background.counters.clone(),
+        auth: auth.clone(),
+        audit: background.audit.clone(),
+    });
     let mut routes = RoutesBuilder::default();
     routes
         .add_service(health_service)
@@ -431,6 +466,60 @@ where
                 }
             }
         }
+    }
+}
+
+/// Writes the counted authentication failures once a minute, and applies the audit log's
+/// retention once an hour.
+async fn keep_audit_log(audit: Arc<Audit>, retention: Duration) {
+    const EXPIRE_EVERY: u32 = 60;
+    let mut ticks = 0u32;
+    loop {
+        if ticks.is_multiple_of(EXPIRE_EVERY) {
+            match audit.expire(retention).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "audit rows past their retention removed"),
+                Err(error) => tracing::error!(%error, "cannot apply the audit log retention"),
+            }
+        }
+        tokio::time::sleep(crate::audit::FLUSH_INTERVAL).await;
+        audit.flush().await;
+        ticks = ticks.wrapping_add(1);
+    }
+}
+
+/// Reloads the auth policy on SIGHUP, and audits each reload.
+async fn reload_on_sighup(auth: Arc<Authorizer>, audit: Arc<Audit>, reloader: Option<Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Some(reloader) = reloader else {
+        return;
+    };
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reloads need a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let outcome = reloader()
+            .map_err(|error| error.to_string())
+            .and_then(|config| auth.reload(&config.auth).map_err(|error| error.to_string()));
+        let (code, details) = match &outcome {
+            Ok(()) => (tonic::Code::Ok, serde_json::json!({})),
+            Err(error) => {
+                tracing::error!(%error, "reload refused; the previous policy stays in force");
+                (
+                    tonic::Code::InvalidArgument,
+                    serde_json::json!({ "error": error }),
+                )
+            }
+        };
+        audit
+            .record(crate::audit::Entry {
+                principal: "(operator)".to_owned(),
+                rpc: "Reload",
+                code,
+                details,
+            })
+            .await;
     }
 }
 

@@ -1,0 +1,248 @@
+//! The audit log: who read, exported, deleted or was refused what, in the append-only
+//! `audit_log` table (a trigger refuses UPDATE and DELETE of rows younger than the retention).
+//!
+//! Every Query, Export, Delete and Stats gets a row, and so does every refusal on permission
+//! and every policy reload. Authentication failures are counted per peer, RPC and reason and
+//! written once a minute with their count, so a flood cannot fill the table.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use serde_json::{Value as Json, json};
+use sqlx::{PgConnection, PgPool};
+use tonic::{Code, Status};
+
+use crate::metrics;
+
+/// How often aggregated authentication failures are written.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One row to write.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub principal: String,
+    pub rpc: &'static str,
+    pub code: Code,
+    pub details: Json,
+}
+
+impl Entry {
+    /// A row for an RPC: `details` plus the peer address and the request id.
+    pub fn new(
+        principal: &str,
+        rpc: &'static str,
+        code: Code,
+        peer: Option<SocketAddr>,
+        request_id: &str,
+        mut details: Json,
+    ) -> Self {
+        if let Json::Object(object) = &mut details {
+            object.insert(
+                "peer".to_owned(),
+                peer.map_or(Json::Null, |peer| Json::String(peer.to_string())),
+            );
+            object.insert("request_id".to_owned(), Json::String(request_id.to_owned()));
+        }
+        Self {
+            principal: principal.to_owned(),
+            rpc,
+            code,
+            details,
+        }
+    }
+}
+
+/// Aggregation key of an authentication failure.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FailureKey {
+    peer: String,
+    rpc: &'static str,
+    reason: String,
+}
+
+pub struct Audit {
+    pool: PgPool,
+    failures: Mutex<HashMap<FailureKey, u64>>,
+}
+
+/// The name of a gRPC code as the audit log stores it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl Audit {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Writes one row. A failure is logged and counted, never hidden.
+    pub async fn record(&self, entry: Entry) {
+        let result = match self.pool.acquire().await {
+            Ok(mut connection) => Self::record_in(&mut connection, &entry).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            metrics::audit_error();
+            tracing::error!(%error, principal = %entry.principal, rpc = entry.rpc, "cannot write the audit log");
+        }
+    }
+
+    /// Writes one row on `connection`, inside the caller's transaction when it has one.
+    pub async fn record_in(
+        connection: &mut PgConnection,
+        entry: &Entry,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO audit_log (principal, rpc, code, details) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&entry.principal)
+        .bind(entry.rpc)
+        .bind(code_name(entry.code))
+        .bind(sqlx::types::Json(&entry.details))
+        .execute(connection)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a refusal: permission refusals get a row each, authentication failures are
+    /// counted and written once a minute per peer, RPC and reason.
+    pub async fn refused(
+        &self,
+        principal: &str,
+        rpc: &'static str,
+        peer: Option<SocketAddr>,
+        request_id: &str,
+        status: &Status,
+    ) {
+        if status.code() == Code::Unauthenticated {
+            let key = FailureKey {
+                peer: peer.map_or_else(|| "unknown".to_owned(), |peer| peer.ip().to_string()),
+                rpc,
+                reason: status.message().to_owned(),
+            };
+            *self
+                .failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(key)
+                .or_default() += 1;
+            return;
+        }
+        let details = json!({ "reason": status.message() });
+        self.record(Entry::new(
+            principal,
+            rpc,
+            status.code(),
+            peer,
+            request_id,
+            details,
+        ))
+        .await;
+    }
+
+    /// Writes the authentication failures counted since the last flush.
+    pub async fn flush(&self) {
+        let failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(PoisonError::into_inner));
+        for (key, count) in failures {
+            let details = json!({
+                "peer": key.peer,
+                "reason": key.reason,
+                "count": count,
+                "window_seconds": FLUSH_INTERVAL.as_secs(),
+            });
+            self.record(Entry {
+                principal: "(unauthenticated)".to_owned(),
+                rpc: key.rpc,
+                code: Code::Unauthenticated,
+                details,
+            })
+            .await;
+        }
+    }
+
+    /// Sets how long rows are kept, and deletes the older ones.
+    pub async fn expire(&self, retention: Duration) -> Result<u64, sqlx::Error> {
+        let seconds = retention.as_secs_f64();
+        sqlx::query("UPDATE audit_settings SET retention = make_interval(secs => $1)")
+            .bind(seconds)
+            .execute(&self.pool)
+            .await?;
+        let deleted = sqlx::query(
+            "DELETE FROM audit_log WHERE at < now() - (SELECT retention FROM audit_settings)",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// The request id of a call: the client's `x-request-id` when it sends one (bounded), else a
+/// new UUIDv7.
+pub fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
+    const MAX_REQUEST_ID: usize = 128;
+    metadata
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| !value.is_empty() && value.len() <= MAX_REQUEST_ID)
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_carry_peer_and_request_id() {
+        let entry = Entry::new(
+            "billing",
+            "Query",
+            Code::Ok,
+            Some(SocketAddr::from(([127, 0, 0, 1], 4000))),
+            "r-1",
+            json!({"rows": 3}),
+        );
+        assert_eq!(entry.details["peer"], "127.0.0.1:4000");
+        assert_eq!(entry.details["request_id"], "r-1");
+        assert_eq!(entry.details["rows"], 3);
+        assert_eq!(code_name(Code::PermissionDenied), "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn request_ids_come_from_the_client_when_sane() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(request_id(&metadata).len(), 36);
+        metadata.insert("x-request-id", "abc".parse().expect("ascii"));
+        assert_eq!(request_id(&metadata), "abc");
+    }
+}
