@@ -54,6 +54,17 @@ async fn clients_without_a_valid_certificate_or_without_tls_cannot_connect() {
         "a certificate from another CA is refused"
     );
 
+    // An expired client certificate signed by the right CA.
+    let (expired_cert, expired_key) = expired_client_certificate(&server.cert_dir);
+    let expired = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .identity(Identity::from_pem(expired_cert, expired_key))
+        .domain_name("localhost");
+    assert!(
+        publish_fails(&server, Some(expired)).await,
+        "an expired certificate is refused"
+    );
+
     // Plaintext HTTP/2.
     assert!(publish_fails(&server, None).await, "plaintext is refused");
 
@@ -81,4 +92,22 @@ async fn plaintext_needs_the_explicit_flag_and_is_logged_loudly() {
         !server.cert_dir.join("server.key").exists(),
         "no certificates needed in plaintext mode"
     );
+}
+
+/// A client certificate from the server's dev CA that expired yesterday.
+fn expired_client_certificate(cert_dir: &std::path::Path) -> (String, String) {
+    let read = |name: &str| std::fs::read_to_string(cert_dir.join(name)).expect("read");
+    let ca_key = rcgen::KeyPair::from_pem(&read("ca.key")).expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&read("ca.pem"), ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "expired");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(30);
+    params.not_after = now - time::Duration::days(1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer).expect("sign");
+    (cert.pem(), key.serialize_pem())
 }

@@ -97,6 +97,8 @@ pub struct TestServer {
     pub metrics_addr: Option<SocketAddr>,
     pub cert_dir: PathBuf,
     pub dir: tempfile::TempDir,
+    /// Where the server runs: its data dir, certs and `sluice.toml` are here.
+    base: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
@@ -216,8 +218,14 @@ impl TestServer {
             metrics_addr,
             cert_dir,
             dir,
+            base,
             logs,
         }
+    }
+
+    /// The server's working directory (data dir, certs, `sluice.toml`).
+    pub fn dir_path(&self) -> &Path {
+        &self.base
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,613 @@
+//! Who may do what, against the real server: principals from certificates made with
+//! `sluice certs` and from JWTs signed with RSA and EC keys made here, scopes, per-service
+//! permissions, rate limits, SIGHUP reloads and the append-only audit log.
+
+mod common;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use common::{ServerSpec, TestDatabase, TestServer, event, metric_sum, request};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, jwk::Jwk};
+use sluice::proto::{
+    AuditRequest, DeleteRequest, IngestRequest, QueryRequest, StatsRequest,
+    ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
+};
+use tonic::{
+    Code, Request,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use tonic_types::StatusExt;
+
+/// Issues a client certificate named `name` from the server's dev CA, with `sluice certs`.
+fn issue_certificate(server: &TestServer, name: &str) {
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["certs", "--name", name, "--cert-dir"])
+        .arg(&server.cert_dir)
+        .arg("--out-dir")
+        .arg(&server.cert_dir)
+        .status()
+        .expect("run sluice certs");
+    assert!(status.success());
+}
+
+/// A channel presenting `name`'s certificate.
+async fn channel_as(server: &TestServer, name: &str) -> Channel {
+    let read = |file: &str| std::fs::read(server.cert_dir.join(file)).expect("read cert");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("{name}.pem")),
+            read(&format!("{name}.key")),
+        ))
+        .domain_name("localhost");
+    server.channel_with(Some(tls)).await.expect("connect")
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
+}
+
+fn reason(status: &tonic::Status) -> String {
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
+const POLICY: &str = r#"
+[auth]
+default_scopes = []
+
+[[auth.principals]]
+name = "billing"
+scopes = ["ingest"]
+services = ["billing", "billing-*"]
+
+[[auth.principals]]
+name = "reader"
+scopes = ["query", "export"]
+services = ["billing*"]
+
+[[auth.principals]]
+name = "ops"
+scopes = ["admin"]
+"#;
+
+/// Starts a server whose `sluice.toml` is `toml`, with certificates for `names`.
+async fn start_with_policy(database: &TestDatabase, toml: &str, names: &[&str]) -> TestServer {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    std::fs::write(dir.join("sluice.toml"), toml).expect("write sluice.toml");
+    let server = TestServer::start(ServerSpec {
+        dir: Some(dir),
+        ..ServerSpec::with_database(&database.url)
+    })
+    .await;
+    for name in names {
+        issue_certificate(&server, name);
+    }
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_and_service_permissions_hold_and_every_read_and_refusal_is_audited() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = start_with_policy(&database, POLICY, &["billing", "reader", "ops"]).await;
+
+    // billing writes its own services; an event for another one is rejected on its own.
+    let mut billing = IngestServiceClient::new(channel_as(&server, "billing").await);
+    let mut events = vec![event("billing", "paid"), event("billing-eu", "paid")];
+    events.push(sluice::proto::Event {
+        user_id: "u-7".to_owned(),
+        ..event("payments", "not yours")
+    });
+    let response = billing
+        .publish(request(events))
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!((response.accepted, response.rejected), (2, 1));
+    assert_eq!(response.rejections[0].field, "service");
+    assert!(
+        response.rejections[0]
+            .reason
+            .contains("may not write service payments")
+    );
+    // ...and it may not read.
+    let mut billing_reads = QueryServiceClient::new(channel_as(&server, "billing").await);
+    let status = billing_reads
+        .query(QueryRequest::default())
+        .await
+        .expect_err("no query scope");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "MISSING_SCOPE");
+
+    // An unknown principal (the dev "client" certificate) has the default scopes: none. Health
+    // stays open to it.
+    let mut stranger = server.ingest_client().await;
+    let status = stranger
+        .publish(request(vec![event("billing", "x")]))
+        .await
+        .expect_err("no ingest scope");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(
+        common::ingest_status(&server).await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    // ops (admin) writes a payments event; reader reads billing* only.
+    let mut ops_ingest = IngestServiceClient::new(channel_as(&server, "ops").await);
+    ops_ingest
+        .publish(request(vec![event("payments", "admin wrote it")]))
+        .await
+        .expect("admin may write anything");
+    let mut reader = QueryServiceClient::new(channel_as(&server, "reader").await);
+    let status = reader
+        .query(QueryRequest {
+            services: vec!["payments".to_owned()],
+            ..QueryRequest::default()
+        })
+        .await
+        .expect_err("not its service");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "SERVICE_DENIED");
+    let page = reader
+        .query(QueryRequest::default())
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(page.events.len(), 2);
+    assert!(
+        page.events
+            .iter()
+            .all(|event| event.service.starts_with("billing"))
+    );
+    let stats = reader
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert!(
+        stats
+            .services
+            .iter()
+            .all(|count| count.service.starts_with("billing"))
+    );
+    assert_eq!(stats.total_events, 2);
+    let status = reader
+        .delete(DeleteRequest {
+            user_id: "u-7".to_owned(),
+            ..DeleteRequest::default()
+        })
+        .await
+        .expect_err("no delete scope");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = reader
+        .query(QueryRequest {
+            page_token: "tampered!!".to_owned(),
+            ..QueryRequest::default()
+        })
+        .await
+        .expect_err("tampered token");
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // ops deletes; the audit row commits with the deletion.
+    let mut ops = QueryServiceClient::new(channel_as(&server, "ops").await);
+    let mut delete = Request::new(DeleteRequest {
+        services: vec!["payments".to_owned()],
+        ..DeleteRequest::default()
+    });
+    delete
+        .metadata_mut()
+        .insert("x-request-id", "delete-42".parse().expect("ascii"));
+    let deleted = ops.delete(delete).await.expect("delete").into_inner();
+    assert_eq!(deleted.deleted, 1);
+
+    let audit = ops
+        .audit(AuditRequest::default())
+        .await
+        .expect("audit")
+        .into_inner();
+    let has = |principal: &str, rpc: &str, code: &str| {
+        audit
+            .entries
+            .iter()
+            .any(|entry| entry.principal == principal && entry.rpc == rpc && entry.code == code)
+    };
+    assert!(has("reader", "Query", "OK"));
+    assert!(has("reader", "Query", "PERMISSION_DENIED"));
+    assert!(has("reader", "Stats", "OK"));
+    assert!(has("reader", "Delete", "PERMISSION_DENIED"));
+    assert!(has("billing", "Query", "PERMISSION_DENIED"));
+    assert!(has("client", "Publish", "PERMISSION_DENIED"));
+    let delete_row = audit
+        .entries
+        .iter()
+        .find(|entry| entry.rpc == "Delete" && entry.code == "OK")
+        .expect("delete audited");
+    let details =
+        serde_json::Value::Object(delete_row.details.clone().expect("details").into_object());
+    assert_eq!(details["rows"], 1);
+    assert_eq!(details["request_id"], "delete-42");
+    assert_eq!(details["filters"]["services"][0], "payments");
+    let deletes_only = ops
+        .audit(AuditRequest {
+            rpc: "Delete".to_owned(),
+            ..AuditRequest::default()
+        })
+        .await
+        .expect("audit")
+        .into_inner();
+    assert!(
+        deletes_only
+            .entries
+            .iter()
+            .all(|entry| entry.rpc == "Delete")
+    );
+    let status = reader
+        .audit(AuditRequest::default())
+        .await
+        .expect_err("admin only");
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // Nobody edits the log quietly.
+    let mut connection = database.connect().await;
+    for statement in [
+        "UPDATE audit_log SET principal = 'someone else'",
+        "DELETE FROM audit_log",
+        "TRUNCATE audit_log",
+    ] {
+        let refused = sqlx::query(statement).execute(&mut connection).await;
+        assert!(refused.is_err(), "{statement} must be refused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_refuse_whole_requests_with_quota_details_and_reload_on_sighup() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let limited = r#"
+[[auth.principals]]
+name = "limited"
+scopes = ["ingest"]
+events_per_second = 10
+burst_events = 50
+"#;
+    let server = start_with_policy(&database, limited, &["limited"]).await;
+    let mut client = IngestServiceClient::new(channel_as(&server, "limited").await);
+    let batch = |count: usize| request((0..count).map(|_| event("limited", "e")).collect());
+    client.publish(batch(40)).await.expect("within the burst");
+    let status = client.publish(batch(40)).await.expect_err("over the limit");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&status), "RATE_LIMITED");
+    let details = status.get_error_details();
+    let quota = details.quota_failure().expect("QuotaFailure");
+    assert_eq!(quota.violations[0].subject, "limited");
+    assert_eq!(quota.violations[0].description, "events_per_second");
+    let retry = details
+        .retry_info()
+        .and_then(|retry| retry.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        retry > Duration::ZERO && retry <= Duration::from_secs(5),
+        "{retry:?}"
+    );
+    assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+
+    // On IngestStream the refusal comes in the sequence's ack; the stream stays open.
+    let requests = vec![IngestRequest {
+        events: (0..40).map(|_| event("limited", "s")).collect(),
+        sequence: 9,
+    }];
+    let mut acks = client
+        .ingest_stream(tokio_stream::iter(requests))
+        .await
+        .expect("stream")
+        .into_inner();
+    let ack = acks.message().await.expect("ack").expect("one ack");
+    assert_eq!(
+        (ack.sequence, ack.code),
+        (9, Code::ResourceExhausted as i32)
+    );
+    assert!(ack.retry_after.is_some());
+
+    let metrics = server.metrics().await;
+    assert!(
+        metric_sum(
+            &metrics,
+            "sluice_rate_limited_total",
+            "principal=\"limited\""
+        ) >= 2.0
+    );
+    assert!(
+        metric_sum(
+            &metrics,
+            "sluice_events_refused_total",
+            "reason=\"rate_limited\""
+        ) >= 80.0
+    );
+
+    // Raise the limit and reload with SIGHUP: no restart.
+    let raised = limited.replace("events_per_second = 10", "events_per_second = 100000");
+    std::fs::write(server.dir_path().join("sluice.toml"), raised).expect("rewrite");
+    let pid = nix::unistd::Pid::from_raw(server.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if client.publish(batch(40)).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not applied:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.logs().contains("auth policy reloaded"));
+    assert!(
+        database
+            .scalar("SELECT count(*) FROM audit_log WHERE rpc = 'Reload' AND code = 'OK'")
+            .await
+            >= 1
+    );
+}
+
+/// A key pair made with openssl: (private key PEM, public key PEM).
+fn openssl_key(dir: &Path, name: &str, algorithm: &[&str]) -> (Vec<u8>, Vec<u8>) {
+    let private = dir.join(format!("{name}.key"));
+    let public = dir.join(format!("{name}.pub"));
+    let status = Command::new("openssl")
+        .arg("genpkey")
+        .args(algorithm)
+        .arg("-out")
+        .arg(&private)
+        .status()
+        .expect("openssl genpkey");
+    assert!(status.success());
+    let status = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&private)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .expect("openssl pkey");
+    assert!(status.success());
+    (
+        std::fs::read(private).expect("key"),
+        std::fs::read(public).expect("pub"),
+    )
+}
+
+struct Signer {
+    key: EncodingKey,
+    algorithm: Algorithm,
+    kid: String,
+}
+
+impl Signer {
+    fn jwk(&self) -> Jwk {
+        let mut jwk = Jwk::from_encoding_key(&self.key, self.algorithm).expect("jwk");
+        jwk.common.key_id = Some(self.kid.clone());
+        jwk
+    }
+
+    fn sign(&self, claims: &serde_json::Value) -> String {
+        let mut header = Header::new(self.algorithm);
+        header.kid = Some(self.kid.clone());
+        encode(&header, claims, &self.key).expect("sign")
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn claims(sub: &str, scope: &str) -> serde_json::Value {
+    serde_json::json!({
+        "sub": sub,
+        "scope": scope,
+        "iss": "https://issuer.test",
+        "aud": "sluice",
+        "exp": now() + 300,
+        "nbf": now() - 10,
+    })
+}
+
+fn write_jwks(path: &Path, signers: &[&Signer]) {
+    let jwks = serde_json::json!({ "keys": signers.iter().map(|signer| signer.jwk()).collect::<Vec<_>>() });
+    std::fs::write(path, jwks.to_string()).expect("write jwks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_checked_end_to_end_and_keys_rotate_without_a_restart() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (rsa_private, rsa_public) = openssl_key(
+        keys.path(),
+        "rsa",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
+    let (ec_private, _) = openssl_key(
+        keys.path(),
+        "ec",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    );
+    let rsa = Signer {
+        key: EncodingKey::from_rsa_pem(&rsa_private).expect("rsa"),
+        algorithm: Algorithm::RS256,
+        kid: "rsa-1".to_owned(),
+    };
+    let ec = Signer {
+        key: EncodingKey::from_ec_pem(&ec_private).expect("ec"),
+        algorithm: Algorithm::ES256,
+        kid: "ec-1".to_owned(),
+    };
+    let jwks = keys.path().join("jwks.json");
+    write_jwks(&jwks, &[&rsa, &ec]);
+    let toml = format!(
+        r#"
+[auth.jwt]
+jwks_file = "{}"
+issuer = "https://issuer.test"
+audience = "sluice"
+
+[[auth.principals]]
+name = "svc-a"
+scopes = ["ingest", "query"]
+services = ["svc-a"]
+"#,
+        jwks.display()
+    );
+    let server = start_with_policy(&database, &toml, &[]).await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = QueryServiceClient::new(server.channel().await);
+    let publish = |token: &str| with_token(request(vec![event("svc-a", "t")]), token);
+
+    // Valid tokens, RSA and EC. The token's scopes narrow the principal's: this one has
+    // ingest only.
+    for signer in [&rsa, &ec] {
+        let token = signer.sign(&claims("svc-a", "ingest"));
+        let response = ingest.publish(publish(&token)).await.expect("valid token");
+        assert_eq!(response.into_inner().accepted, 1);
+        let status = query
+            .query(with_token(QueryRequest::default(), &token))
+            .await
+            .expect_err("token lacks query");
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+
+    let mut expired = claims("svc-a", "ingest");
+    expired["exp"] = serde_json::json!(now() - 3_600);
+    let mut early = claims("svc-a", "ingest");
+    early["nbf"] = serde_json::json!(now() + 3_600);
+    let mut wrong_issuer = claims("svc-a", "ingest");
+    wrong_issuer["iss"] = serde_json::json!("https://evil.test");
+    let mut wrong_audience = claims("svc-a", "ingest");
+    wrong_audience["aud"] = serde_json::json!("someone-else");
+    let unsigned = {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+        format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT","kid":"rsa-1"}"#),
+            URL_SAFE_NO_PAD.encode(claims("svc-a", "ingest").to_string())
+        )
+    };
+    // Algorithm confusion: HS256 keyed with the RSA public key, under the RSA key's kid.
+    let confused = {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("rsa-1".to_owned());
+        encode(
+            &header,
+            &claims("svc-a", "ingest"),
+            &EncodingKey::from_secret(&rsa_public).expect("hmac key"),
+        )
+        .expect("sign")
+    };
+    let unknown_kid = Signer {
+        key: EncodingKey::from_rsa_pem(&rsa_private).expect("rsa"),
+        algorithm: Algorithm::RS256,
+        kid: "nobody".to_owned(),
+    }
+    .sign(&claims("svc-a", "ingest"));
+    // A character in the middle of the signature changed (the last one may carry padding bits
+    // and would make the base64 itself invalid).
+    let bad_signature = {
+        let token = rsa.sign(&claims("svc-a", "ingest"));
+        let at = token.len() - 20;
+        let replacement = if &token[at..=at] == "A" { "B" } else { "A" };
+        format!("{}{replacement}{}", &token[..at], &token[at + 1..])
+    };
+    let cases = [
+        ("expired", rsa.sign(&expired), "expired"),
+        ("not yet valid", rsa.sign(&early), "not valid yet"),
+        ("wrong issuer", rsa.sign(&wrong_issuer), "issuer"),
+        ("wrong audience", rsa.sign(&wrong_audience), "audience"),
+        ("alg none", unsigned, "none"),
+        ("algorithm confusion", confused, "algorithm"),
+        ("unknown kid", unknown_kid, "kid"),
+        ("bad signature", bad_signature, "signature"),
+        ("malformed header", "abc.def.ghi".to_owned(), "malformed"),
+    ];
+    for (case, token, words) in cases {
+        let status = ingest.publish(publish(&token)).await.expect_err(case);
+        assert_eq!(status.code(), Code::Unauthenticated, "{case}: {status:?}");
+        assert!(
+            status.message().contains(words),
+            "{case}: {}",
+            status.message()
+        );
+        assert!(!status.message().contains("BEGIN"), "no key material");
+    }
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'svc-a'")
+            .await,
+        2,
+        "refused tokens stored nothing"
+    );
+
+    // grpcurl with a bearer token.
+    let token = rsa.sign(&claims("svc-a", "ingest"));
+    let grpcurl = std::env::var("TEST_SLUICE_GRPCURL").expect("grpcurl");
+    let output = Command::new(grpcurl)
+        .arg("-cacert")
+        .arg(server.cert_dir.join("ca.pem"))
+        .arg("-cert")
+        .arg(server.cert_dir.join("client.pem"))
+        .arg("-key")
+        .arg(server.cert_dir.join("client.key"))
+        .args(["-H", &format!("authorization: Bearer {token}")])
+        .args([
+            "-d",
+            &format!(
+                r#"{{"events":[{{"service":"svc-a","message":"from grpcurl","timestamp":"{}"}}]}}"#,
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            &format!("localhost:{}", server.addr.port()),
+            "sluice.v1.IngestService/Publish",
+        ])
+        .output()
+        .expect("run grpcurl");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Rotation: a new key in the JWKS file is used without a restart.
+    let (rotated_private, _) = openssl_key(
+        keys.path(),
+        "ec2",
+        &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+    );
+    let rotated = Signer {
+        key: EncodingKey::from_ec_pem(&rotated_private).expect("ec"),
+        algorithm: Algorithm::ES256,
+        kid: "ec-2".to_owned(),
+    };
+    std::thread::sleep(Duration::from_millis(1_100));
+    write_jwks(&jwks, &[&rotated]);
+    let token = rotated.sign(&claims("svc-a", "ingest"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ingest.publish(publish(&token)).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotated key never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let retired = rsa.sign(&claims("svc-a", "ingest"));
+    let status = ingest
+        .publish(publish(&retired))
+        .await
+        .expect_err("retired key");
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
