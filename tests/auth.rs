@@ -463,6 +463,8 @@ audience = "sluice"
 name = "svc-a"
 scopes = ["ingest", "query"]
 services = ["svc-a"]
+events_per_second = 500
+burst_events = 500
 "#,
         jwks.display()
     );
@@ -581,6 +583,39 @@ services = ["svc-a"]
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+
+    // The Python grpcio client with --token: the principal's rate limit refuses some of its
+    // client-stream calls, and it resends after RetryInfo until all are in.
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    for index in 0..2_000 {
+        use std::io::Write;
+        writeln!(
+            file,
+            r#"{{"id":"{}","service":"svc-a","message":"py {index}"}}"#,
+            uuid::Uuid::new_v4()
+        )
+        .expect("write");
+    }
+    let token = rsa.sign(&claims("svc-a", "ingest"));
+    let python = std::env::var("TEST_SLUICE_PYTHON").expect("TEST_SLUICE_PYTHON");
+    let output = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/sluice_client.py"))
+        .args(["--addr", &format!("localhost:{}", server.addr.port()), "--certs"])
+        .arg(&server.cert_dir)
+        .args(["--token", &token, "ingest"])
+        .arg(file.path())
+        .args(["--batch", "250"])
+        .output()
+        .expect("run the python client");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("json summary");
+    assert_eq!(summary["accepted"], 2_000, "{summary}");
+    assert!(summary["refusals"].as_u64() > Some(0), "rate limited: {summary}");
 
     // Rotation: a new key in the JWKS file is used without a restart.
     let (rotated_private, _) = openssl_key(

@@ -10,7 +10,9 @@ Stubs are generated from ../../proto on first use (grpcio-tools), into ./gen.
 
 `ingest` and `stream` read NDJSON events ({"service", "message", "timestamp"?, "user_id"?,
 "metadata"?, "id"?}); a missing timestamp means now. Both honour RESOURCE_EXHAUSTED with
-google.rpc.RetryInfo: they wait the advised delay and resend exactly what was not yet accepted.
+google.rpc.RetryInfo (a full buffer, BUFFER_FULL, or the principal's rate limit, RATE_LIMITED):
+they wait the advised delay and resend exactly what was not yet accepted. `--token JWT` sends a
+bearer token with every call.
 """
 
 import argparse
@@ -54,13 +56,36 @@ from grpc_status import rpc_status  # noqa: E402
 from sluice.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc  # noqa: E402
 
 
-def channel(addr, certs, plaintext=False):
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor,
+                  grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token):
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def _with_token(self, details):
+        metadata = tuple(details.metadata or ()) + self.metadata
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+def channel(addr, certs, plaintext=False, token=None):
     if plaintext:
-        return grpc.insecure_channel(addr)
+        base = grpc.insecure_channel(addr)
+        return grpc.intercept_channel(base, BearerToken(token)) if token else base
     read = lambda name: open(os.path.join(certs, name), "rb").read()  # noqa: E731
     credentials = grpc.ssl_channel_credentials(
         root_certificates=read("ca.pem"), private_key=read("client.key"), certificate_chain=read("client.pem"))
-    return grpc.secure_channel(addr, credentials)
+    secure = grpc.secure_channel(addr, credentials)
+    return grpc.intercept_channel(secure, BearerToken(token)) if token else secure
 
 
 def make_event(record):
@@ -148,6 +173,7 @@ def main():
     parser.add_argument("--addr", default="localhost:50051")
     parser.add_argument("--certs", default="certs", help="directory with ca.pem, client.pem, client.key")
     parser.add_argument("--plaintext", action="store_true")
+    parser.add_argument("--token", help="a bearer JWT sent with every call (principal = its sub)")
     commands = parser.add_subparsers(dest="command", required=True)
     publish = commands.add_parser("publish", help="send one event (unary Publish)")
     publish.add_argument("--service", required=True)
@@ -160,7 +186,7 @@ def main():
         command.add_argument("--batch", type=int, default=500)
     args = parser.parse_args()
 
-    stub = ingest_pb2_grpc.IngestServiceStub(channel(args.addr, args.certs, args.plaintext))
+    stub = ingest_pb2_grpc.IngestServiceStub(channel(args.addr, args.certs, args.plaintext, args.token))
     if args.command == "publish":
         record = {"service": args.service, "message": args.message, "user_id": args.user_id,
                   "metadata": json.loads(args.metadata)}
