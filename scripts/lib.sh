@@ -56,13 +56,15 @@ stop_throwaway_postgres() {
 }
 
 # Starts a release build of sluice on a free port against database URL $1, with dev certificates
-# in a temp dir. Sets SLUICE_PID, SLUICE_PORT and SLUICE_WORK (certs in $SLUICE_WORK/certs);
+# in a temp dir, and with `--config $BENCH_CONFIG` when that is set. Sets SLUICE_PID, SLUICE_PORT and SLUICE_WORK (certs in $SLUICE_WORK/certs);
 # stop_release_server stops it and removes the dir.
 start_release_server() {
   SLUICE_WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
   SLUICE_PORT=$(free_port)
+  local config=()
+  [ -n "${BENCH_CONFIG:-}" ] && config=(--config "$(readlink -f "$BENCH_CONFIG")")
   SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/data" \
-    target/release/sluice --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
+    target/release/sluice "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
     >"$SLUICE_WORK/server.log" 2>&1 &
   SLUICE_PID=$!
   for _ in $(seq 1 100); do

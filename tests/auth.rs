@@ -599,8 +599,15 @@ burst_events = 500
     let token = rsa.sign(&claims("svc-a", "ingest"));
     let python = std::env::var("TEST_SLUICE_PYTHON").expect("TEST_SLUICE_PYTHON");
     let output = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python/sluice_client.py"))
-        .args(["--addr", &format!("localhost:{}", server.addr.port()), "--certs"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/clients/python/sluice_client.py"
+        ))
+        .args([
+            "--addr",
+            &format!("localhost:{}", server.addr.port()),
+            "--certs",
+        ])
         .arg(&server.cert_dir)
         .args(["--token", &token, "ingest"])
         .arg(file.path())
@@ -612,10 +619,12 @@ burst_events = 500
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("json summary");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json summary");
     assert_eq!(summary["accepted"], 2_000, "{summary}");
-    assert!(summary["refusals"].as_u64() > Some(0), "rate limited: {summary}");
+    assert!(
+        summary["refusals"].as_u64() > Some(0),
+        "rate limited: {summary}"
+    );
 
     // Rotation: a new key in the JWKS file is used without a restart.
     let (rotated_private, _) = openssl_key(

@@ -470,4 +470,39 @@ mod tests {
         );
         assert!(Cursor::decode(&"t".repeat(1_000), &Filter::default(), false).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_page_tokens_never_panic_and_are_refused_by_field(token in ".{0,300}") {
+            let filter = Filter {
+                services: vec!["svc".to_owned()],
+                ..Filter::default()
+            };
+            if let Err(error) = Cursor::decode(&token, &filter, false) {
+                let precise = matches!(error, QueryError::InvalidArgument { field: "page_token", .. });
+                proptest::prop_assert!(precise, "{:?}", error);
+            }
+        }
+
+        #[test]
+        fn tampered_real_tokens_are_refused_or_point_inside_the_same_query(
+            flip in 0usize..64,
+            to in proptest::char::range('0', 'z'),
+        ) {
+            let filter = Filter::default();
+            let cursor = Cursor {
+                ts: DateTime::from_timestamp_micros(1_800_000_000_000_000).expect("ts"),
+                id: Uuid::nil(),
+            };
+            let token = cursor.encode(&filter, true);
+            let mut chars: Vec<char> = token.chars().collect();
+            let at = flip % chars.len();
+            chars[at] = to;
+            let tampered: String = chars.into_iter().collect();
+            if let Err(error) = Cursor::decode(&tampered, &filter, true) {
+                let precise = matches!(error, QueryError::InvalidArgument { field: "page_token", .. });
+                proptest::prop_assert!(precise, "{:?}", error);
+            }
+        }
+    }
 }
