@@ -15,9 +15,25 @@ CREATE INDEX audit_log_principal_at ON audit_log (principal, at);
 -- How long rows are kept (auth.audit_retention; sluice sets it at start).
 CREATE TABLE audit_settings (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    retention interval NOT NULL DEFAULT '365 days'
+    retention interval NOT NULL DEFAULT '365 days' CHECK (retention >= interval '1 day')
 );
 INSERT INTO audit_settings DEFAULT VALUES;
+
+-- A change of the retention is itself logged, so it cannot be used quietly to open a window
+-- for deleting recent rows.
+CREATE FUNCTION audit_settings_logged() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.retention IS DISTINCT FROM OLD.retention THEN
+        INSERT INTO audit_log (principal, rpc, code, details)
+        VALUES ('(database)', 'AuditRetention', 'OK',
+                jsonb_build_object('from', OLD.retention::text, 'to', NEW.retention::text,
+                                   'by', current_user));
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER audit_settings_logged AFTER UPDATE ON audit_settings
+    FOR EACH ROW EXECUTE FUNCTION audit_settings_logged();
 
 -- Rows are never updated, and deleted only once older than the retention: not even the
 -- table's owner can quietly edit the log (dropping the trigger is itself a visible act).

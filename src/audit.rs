@@ -1,8 +1,8 @@
 //! The audit log: who read, exported, deleted or was refused what, in the append-only
 //! `audit_log` table (a trigger refuses UPDATE and DELETE of rows younger than the retention).
 //!
-//! Every Query, Export, Delete and Stats gets a row, and so does every refusal on permission
-//! and every policy reload. Authentication failures are counted per peer, RPC and reason and
+//! Every Query, Export, Delete and Stats gets a row, and so does every policy reload. Refusals
+//! on authentication or permission are counted per peer, principal, RPC, code and reason and
 //! written once a minute with their count, so a flood cannot fill the table.
 
 use std::{
@@ -56,12 +56,53 @@ impl Entry {
     }
 }
 
-/// Aggregation key of an authentication failure.
+/// Aggregation key of a refusal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FailureKey {
     peer: String,
+    principal: String,
     rpc: &'static str,
+    code: Code,
     reason: String,
+}
+
+/// Longest text kept in an audit row's details (a client chooses some of it).
+const MAX_DETAIL_CHARS: usize = 512;
+
+/// Makes client-chosen text storable and bounded: jsonb holds no NUL, and a row stays small.
+fn sanitize(value: &mut Json) {
+    match value {
+        Json::String(text) => {
+            if text.contains('\0') || text.chars().count() > MAX_DETAIL_CHARS {
+                *text = text
+                    .chars()
+                    .take(MAX_DETAIL_CHARS)
+                    .map(|character| {
+                        if character == '\0' {
+                            '\u{fffd}'
+                        } else {
+                            character
+                        }
+                    })
+                    .collect();
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(sanitize),
+        Json::Object(object) => {
+            let keys: Vec<String> = object.keys().cloned().collect();
+            for key in keys {
+                if let Some(mut value) = object.remove(&key) {
+                    sanitize(&mut value);
+                    let mut key = Json::String(key);
+                    sanitize(&mut key);
+                    if let Json::String(key) = key {
+                        object.insert(key, value);
+                    }
+                }
+            }
+        }
+        Json::Null | Json::Bool(_) | Json::Number(_) => {}
+    }
 }
 
 pub struct Audit {
@@ -117,55 +158,47 @@ impl Audit {
         connection: &mut PgConnection,
         entry: &Entry,
     ) -> Result<(), sqlx::Error> {
+        let mut details = entry.details.clone();
+        sanitize(&mut details);
+        let mut principal = Json::String(entry.principal.clone());
+        sanitize(&mut principal);
         sqlx::query(
             "INSERT INTO audit_log (principal, rpc, code, details) VALUES ($1, $2, $3, $4)",
         )
-        .bind(&entry.principal)
+        .bind(principal.as_str().unwrap_or_default())
         .bind(entry.rpc)
         .bind(code_name(entry.code))
-        .bind(sqlx::types::Json(&entry.details))
+        .bind(sqlx::types::Json(&details))
         .execute(connection)
         .await?;
         Ok(())
     }
 
-    /// Records a refusal: permission refusals get a row each, authentication failures are
-    /// counted and written once a minute per peer, RPC and reason.
-    pub async fn refused(
+    /// Records a refusal. Refusals are counted per peer, principal, RPC, code and reason and
+    /// written once a minute with their count, so that no flood of them can fill the table.
+    pub fn refused(
         &self,
         principal: &str,
         rpc: &'static str,
         peer: Option<SocketAddr>,
-        request_id: &str,
         status: &Status,
     ) {
-        if status.code() == Code::Unauthenticated {
-            let key = FailureKey {
-                peer: peer.map_or_else(|| "unknown".to_owned(), |peer| peer.ip().to_string()),
-                rpc,
-                reason: status.message().to_owned(),
-            };
-            *self
-                .failures
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(key)
-                .or_default() += 1;
-            return;
-        }
-        let details = json!({ "reason": status.message() });
-        self.record(Entry::new(
-            principal,
+        let key = FailureKey {
+            peer: peer.map_or_else(|| "unknown".to_owned(), |peer| peer.ip().to_string()),
+            principal: principal.to_owned(),
             rpc,
-            status.code(),
-            peer,
-            request_id,
-            details,
-        ))
-        .await;
+            code: status.code(),
+            reason: status.message().chars().take(MAX_DETAIL_CHARS).collect(),
+        };
+        *self
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default() += 1;
     }
 
-    /// Writes the authentication failures counted since the last flush.
+    /// Writes the refusals counted since the last flush.
     pub async fn flush(&self) {
         let failures =
             std::mem::take(&mut *self.failures.lock().unwrap_or_else(PoisonError::into_inner));
@@ -177,9 +210,9 @@ impl Audit {
                 "window_seconds": FLUSH_INTERVAL.as_secs(),
             });
             self.record(Entry {
-                principal: "(unauthenticated)".to_owned(),
+                principal: key.principal,
                 rpc: key.rpc,
-                code: Code::Unauthenticated,
+                code: key.code,
                 details,
             })
             .await;
@@ -236,6 +269,19 @@ mod tests {
         assert_eq!(entry.details["request_id"], "r-1");
         assert_eq!(entry.details["rows"], 3);
         assert_eq!(code_name(Code::PermissionDenied), "PERMISSION_DENIED");
+    }
+
+    #[test]
+    fn client_text_is_made_storable_and_bounded() {
+        let mut details = json!({"reason": "a\0b", "k\0": "x".repeat(2_000)});
+        sanitize(&mut details);
+        assert_eq!(details["reason"], "a\u{fffd}b");
+        assert_eq!(
+            details["k\u{fffd}"]
+                .as_str()
+                .map(|text| text.chars().count()),
+            Some(MAX_DETAIL_CHARS)
+        );
     }
 
     #[test]

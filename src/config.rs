@@ -537,6 +537,9 @@ impl Config {
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");
         }
+        if self.auth.audit_retention < Duration::from_secs(86_400) {
+            return invalid("auth.audit_retention", "must be at least 1day");
+        }
         if self.grpc.max_connections > 1 << 20 {
             return invalid(
                 "grpc.max_connections",

@@ -180,6 +180,10 @@ async fn scopes_and_service_permissions_hold_and_every_read_and_refusal_is_audit
             .all(|count| count.service.starts_with("billing"))
     );
     assert_eq!(stats.total_events, 2);
+    assert!(
+        stats.ingest.is_none() && stats.buffer.is_none(),
+        "node-wide figures are for admins"
+    );
     let status = reader
         .delete(DeleteRequest {
             user_id: "u-7".to_owned(),
@@ -537,6 +541,11 @@ burst_events = 500
         ("unknown kid", unknown_kid, "kid"),
         ("bad signature", bad_signature, "signature"),
         ("malformed header", "abc.def.ghi".to_owned(), "malformed"),
+        (
+            "reserved subject",
+            rsa.sign(&claims("(operator)", "admin")),
+            "subject",
+        ),
     ];
     for (case, token, words) in cases {
         let status = ingest.publish(publish(&token)).await.expect_err(case);
@@ -548,6 +557,14 @@ burst_events = 500
         );
         assert!(!status.message().contains("BEGIN"), "no key material");
     }
+    // A signed token for a subject that is not configured gets the default scopes (none
+    // here), whatever scopes it claims.
+    let stranger = rsa.sign(&claims("stranger", "ingest admin"));
+    let status = ingest
+        .publish(publish(&stranger))
+        .await
+        .expect_err("unknown subject");
+    assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(
         database
             .scalar("SELECT count(*) FROM events WHERE service = 'svc-a'")

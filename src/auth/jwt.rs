@@ -45,7 +45,7 @@ pub enum TokenError {
     WrongIssuer,
     #[error("token audience is not accepted")]
     WrongAudience,
-    #[error("token has no subject (sub)")]
+    #[error("token has no usable subject (sub)")]
     MissingSubject,
     #[error("token keys are unavailable")]
     KeysUnavailable,
@@ -56,11 +56,20 @@ pub enum TokenError {
 pub struct Verified {
     pub subject: String,
     pub scopes: BTreeSet<Scope>,
+    /// `exp`, in seconds since the epoch.
+    pub expires_at: u64,
+}
+
+impl Verified {
+    pub fn expired(&self) -> bool {
+        jsonwebtoken::get_current_timestamp() > self.expires_at
+    }
 }
 
 #[derive(serde::Deserialize)]
 struct Claims {
     sub: Option<String>,
+    exp: u64,
     /// Space-separated scopes (RFC 8693).
     scope: Option<String>,
     /// Scopes as an array (common in other issuers).
@@ -90,6 +99,10 @@ pub enum JwtConfigError {
     UnknownAlgorithm(String),
     #[error("auth.jwt.algorithms: {0} is a shared-secret algorithm; use a public-key one")]
     SharedSecret(String),
+    #[error(
+        "auth.jwt.audience is required with a jwks_file: tokens issued for other services must not pass"
+    )]
+    NoAudience,
     #[error("cannot read the JWKS file {path}: {reason}")]
     Jwks { path: PathBuf, reason: String },
 }
@@ -100,6 +113,9 @@ impl JwtVerifier {
         let Some(file) = &config.jwks_file else {
             return Ok(None);
         };
+        if config.audience.as_deref().is_none_or(str::is_empty) {
+            return Err(JwtConfigError::NoAudience);
+        }
         let mut algorithms = Vec::new();
         for name in &config.algorithms {
             let algorithm = Algorithm::from_str(name)
@@ -177,7 +193,8 @@ impl JwtVerifier {
             .claims;
         let subject = claims
             .sub
-            .filter(|subject| !subject.is_empty())
+            // Names in parentheses are reserved for the server's own audit rows.
+            .filter(|subject| !subject.is_empty() && !subject.starts_with('('))
             .ok_or(TokenError::MissingSubject)?;
         let names: Vec<String> = match (claims.scope, claims.scp) {
             (Some(scope), _) => scope.split_whitespace().map(str::to_owned).collect(),
@@ -187,6 +204,7 @@ impl JwtVerifier {
         Ok(Verified {
             subject,
             scopes: names.iter().filter_map(|name| Scope::parse(name)).collect(),
+            expires_at: claims.exp,
         })
     }
 
@@ -267,6 +285,7 @@ mod tests {
         std::fs::write(&file, r#"{"keys":[]}"#).expect("write");
         let config = JwtConfig {
             jwks_file: Some(file),
+            audience: Some("sluice".to_owned()),
             algorithms: vec!["HS256".to_owned()],
             ..JwtConfig::default()
         };

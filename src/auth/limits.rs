@@ -26,6 +26,24 @@ impl Exceeded {
     }
 }
 
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not enough tokens now; they will be there after the delay.
+    Wait(RateLimited),
+    /// More than the whole burst: it can never pass as one request.
+    NeverFits(Exceeded),
+}
+
+impl Refusal {
+    pub fn exceeded(self) -> Exceeded {
+        match self {
+            Self::Wait(limited) => limited.exceeded,
+            Self::NeverFits(exceeded) => exceeded,
+        }
+    }
+}
+
 /// A refusal: the limit, and when the tokens will be there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
@@ -40,10 +58,6 @@ pub struct Limits {
     bytes: Option<(DefaultDirectRateLimiter, u32)>,
     clock: DefaultClock,
 }
-
-/// A request larger than the whole burst can never pass: the advice is to split it, after a
-/// full refill.
-const NEVER_FITS_RETRY: Duration = Duration::from_secs(1);
 
 impl Limits {
     /// None when the principal has no limit.
@@ -69,7 +83,7 @@ impl Limits {
     }
 
     /// Takes `events` and `bytes` tokens, or none of them.
-    pub fn admit(&self, events: usize, bytes: usize) -> Result<(), RateLimited> {
+    pub fn admit(&self, events: usize, bytes: usize) -> Result<(), Refusal> {
         let events = saturating_u32(events);
         let bytes = saturating_u32(bytes);
         if let Some((limiter, burst)) = &self.events {
@@ -89,26 +103,23 @@ impl Limits {
         burst: u32,
         count: u32,
         exceeded: Exceeded,
-    ) -> Result<(), RateLimited> {
+    ) -> Result<(), Refusal> {
         let Some(count) = NonZeroU32::new(count) else {
             return Ok(());
         };
         match limiter.check_n(count) {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(not_until)) => Err(RateLimited {
+            Ok(Err(not_until)) => Err(Refusal::Wait(RateLimited {
                 exceeded,
                 retry_after: not_until.wait_time_from(self.clock.now()),
-            }),
+            })),
             Err(_) => {
                 tracing::debug!(
                     burst,
                     requested = count.get(),
                     "request larger than the burst"
                 );
-                Err(RateLimited {
-                    exceeded,
-                    retry_after: NEVER_FITS_RETRY,
-                })
+                Err(Refusal::NeverFits(exceeded))
             }
         }
     }
@@ -142,12 +153,15 @@ mod tests {
     fn the_burst_passes_then_requests_wait_for_tokens() {
         let limits = Limits::from_config(&principal(100, 200)).expect("limited");
         limits.admit(150, 0).expect("within the burst");
-        let refused = limits.admit(100, 0).expect_err("over the burst");
+        let Refusal::Wait(refused) = limits.admit(100, 0).expect_err("over the burst") else {
+            panic!("a wait, not a never-fits");
+        };
         assert_eq!(refused.exceeded, Exceeded::EventsPerSecond);
-        assert!(
-            refused.retry_after > Duration::ZERO && refused.retry_after <= Duration::from_secs(1)
+        assert!(refused.retry_after > Duration::ZERO);
+        assert!(refused.retry_after <= Duration::from_secs(1));
+        assert_eq!(
+            limits.admit(1_000, 0).expect_err("larger than the burst"),
+            Refusal::NeverFits(Exceeded::EventsPerSecond)
         );
-        let never = limits.admit(1_000, 0).expect_err("larger than the burst");
-        assert_eq!(never.retry_after, NEVER_FITS_RETRY);
     }
 }

@@ -29,7 +29,8 @@ use crate::{
 use jwt::{JwtConfigError, JwtVerifier, TokenError};
 use limits::{Limits, RateLimited};
 
-/// The principal of a client with neither a token nor a certificate (plaintext mode).
+/// The principal of a client with neither a token nor a certificate (plaintext mode). Names in
+/// parentheses are reserved for the server's own audit rows.
 pub const ANONYMOUS: &str = "anonymous";
 /// Trailer honoured by gRPC retry policies (grpc-js, C-core): milliseconds to wait.
 pub const RETRY_PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
@@ -50,6 +51,11 @@ pub enum AuthError {
         principal: String,
         limited: RateLimited,
     },
+    #[error("the request is larger than {principal}'s whole {} burst; split it", exceeded.as_str())]
+    LargerThanBurst {
+        principal: String,
+        exceeded: limits::Exceeded,
+    },
 }
 
 impl AuthError {
@@ -59,7 +65,7 @@ impl AuthError {
             Self::Token(_) | Self::NotBearer => "INVALID_TOKEN",
             Self::MissingScope { .. } => "MISSING_SCOPE",
             Self::ServiceDenied { .. } => "SERVICE_DENIED",
-            Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::RateLimited { .. } | Self::LargerThanBurst { .. } => "RATE_LIMITED",
         }
     }
 }
@@ -83,6 +89,11 @@ impl From<AuthError> for Status {
                 let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
                 Status::with_error_details(Code::PermissionDenied, message, details)
             }
+            AuthError::LargerThanBurst { exceeded, .. } => crate::status::bad_request(
+                message,
+                "events",
+                format!("larger than the {} burst", exceeded.as_str()),
+            ),
             AuthError::RateLimited { principal, limited } => {
                 let mut details = ErrorDetails::new();
                 details.set_retry_info(Some(limited.retry_after));
@@ -140,6 +151,14 @@ impl Services {
         }
         let mut builder = GlobSetBuilder::new();
         for pattern in patterns {
+            // Only `*` and `?`: they translate exactly to SQL LIKE for reads.
+            if pattern.contains(['[', ']', '{', '}', '\\']) {
+                return Err(AuthConfigError::Glob {
+                    name: name.to_owned(),
+                    glob: pattern.clone(),
+                    reason: "only * and ? are supported in service globs".to_owned(),
+                });
+            }
             let glob = Glob::new(pattern).map_err(|error| AuthConfigError::Glob {
                 name: name.to_owned(),
                 glob: pattern.clone(),
@@ -225,8 +244,6 @@ struct Policy {
     principals: HashMap<String, Arc<Grant>>,
     /// For an authenticated principal that is not configured.
     default: Arc<Grant>,
-    /// For a token whose `sub` is not configured: its own scopes, every service.
-    token_default: Arc<Grant>,
     jwt: Option<JwtVerifier>,
 }
 
@@ -258,7 +275,6 @@ impl Policy {
             open,
             principals,
             default: Arc::new(default),
-            token_default: Arc::new(Grant::everything()),
             jwt: JwtVerifier::from_config(&config.jwt)?,
         })
     }
@@ -281,6 +297,8 @@ pub struct Caller {
     pub peer: Option<SocketAddr>,
     scopes: BTreeSet<Scope>,
     grant: Arc<Grant>,
+    /// What the bearer token said, for [`Authorizer::refresh`].
+    token: Option<jwt::Verified>,
 }
 
 impl Caller {
@@ -294,6 +312,11 @@ impl Caller {
             principal: self.principal.clone(),
             scope,
         })
+    }
+
+    /// Whether the caller has `scope` (or `admin`), without counting a refusal.
+    pub fn has_scope(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope) || self.scopes.contains(&Scope::Admin)
     }
 
     /// Whether the caller may write and read `service`.
@@ -325,11 +348,17 @@ impl Caller {
         let Some(limits) = &self.grant.limits else {
             return Ok(());
         };
-        limits.admit(events, bytes).map_err(|limited| {
-            metrics::rate_limited(&self.principal, limited.exceeded.as_str());
-            AuthError::RateLimited {
-                principal: self.principal.clone(),
-                limited,
+        limits.admit(events, bytes).map_err(|refusal| {
+            metrics::rate_limited(&self.principal, refusal.exceeded().as_str());
+            match refusal {
+                limits::Refusal::Wait(limited) => AuthError::RateLimited {
+                    principal: self.principal.clone(),
+                    limited,
+                },
+                limits::Refusal::NeverFits(exceeded) => AuthError::LargerThanBurst {
+                    principal: self.principal.clone(),
+                    exceeded,
+                },
             }
         })
     }
@@ -384,24 +413,14 @@ impl Authorizer {
             let verified = verifier
                 .and_then(|verifier| verifier.verify(token.trim()))
                 .inspect_err(|_| metrics::auth_refused("INVALID_TOKEN"))?;
-            let (grant, scopes) = match policy.principals.get(&verified.subject) {
-                Some(grant) => (
-                    grant.clone(),
-                    verified
-                        .scopes
-                        .intersection(&grant.scopes)
-                        .copied()
-                        .collect(),
-                ),
-                None if policy.open => (policy.default.clone(), policy.default.scopes.clone()),
-                None => (policy.token_default.clone(), verified.scopes),
-            };
+            let (grant, scopes) = token_grant(&policy, &verified);
             return Ok(Caller {
-                principal: verified.subject,
+                principal: verified.subject.clone(),
                 credential: Credential::Token,
                 peer,
                 scopes,
                 grant,
+                token: Some(verified),
             });
         }
         let certificate_identity = request
@@ -427,8 +446,63 @@ impl Authorizer {
             credential,
             peer,
             grant,
+            token: None,
         })
     }
+
+    /// The same caller under the policy in force now, for long-lived streams: a reload that
+    /// changed its scopes, services or limits applies from the next message, and a token that
+    /// expired since the stream opened ends it.
+    pub fn refresh(&self, caller: &Caller) -> Result<Caller, AuthError> {
+        let policy = self.policy.load();
+        let (grant, scopes) = match &caller.token {
+            Some(verified) => {
+                if verified.expired() {
+                    metrics::auth_refused("INVALID_TOKEN");
+                    return Err(AuthError::Token(TokenError::Expired));
+                }
+                token_grant(&policy, verified)
+            }
+            None => {
+                let grant = policy
+                    .principals
+                    .get(&caller.principal)
+                    .cloned()
+                    .unwrap_or_else(|| policy.default.clone());
+                let scopes = grant.scopes.clone();
+                (grant, scopes)
+            }
+        };
+        Ok(Caller {
+            principal: caller.principal.clone(),
+            credential: caller.credential,
+            peer: caller.peer,
+            scopes,
+            grant,
+            token: caller.token.clone(),
+        })
+    }
+}
+
+/// A token's grant: a configured `sub` gets its principal's services and limits, with the
+/// token's scopes narrowed to the principal's; any other `sub` gets the default grant, with
+/// the token's scopes narrowed to `auth.default_scopes` (every scope in the open mode).
+fn token_grant(policy: &Policy, verified: &jwt::Verified) -> (Arc<Grant>, BTreeSet<Scope>) {
+    let grant = policy
+        .principals
+        .get(&verified.subject)
+        .cloned()
+        .unwrap_or_else(|| policy.default.clone());
+    let scopes = if policy.open {
+        grant.scopes.clone()
+    } else {
+        verified
+            .scopes
+            .intersection(&grant.scopes)
+            .copied()
+            .collect()
+    };
+    (grant, scopes)
 }
 
 #[cfg(test)]

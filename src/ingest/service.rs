@@ -13,7 +13,7 @@ use prost::Message;
 
 use super::{IngestError, Progress, validate::Validator};
 use crate::{
-    audit::{self, Audit},
+    audit::Audit,
     auth::{Authorizer, Caller},
     buffer::{AckReceiver, AdmitError, Buffer, Durable},
     config::Config,
@@ -75,10 +75,8 @@ impl IngestHandler {
             Ok(caller) => Ok(caller),
             Err(error) => {
                 let status = Status::from(error);
-                let request_id = audit::request_id(request.metadata());
                 self.audit
-                    .refused(&principal, rpc, request.remote_addr(), &request_id, &status)
-                    .await;
+                    .refused(&principal, rpc, request.remote_addr(), &status);
                 Err(status)
             }
         }
@@ -102,6 +100,10 @@ impl IngestHandler {
                 limit,
             });
         }
+        // A stream lives long: its caller is looked up again under the policy in force, so a
+        // reload (scopes, services, limits) or an expired token applies from this message on.
+        let caller = &self.auth.refresh(caller)?;
+        caller.require(Scope::Ingest)?;
         if let Err(limited) = caller.admit(request.events.len(), request.encoded_len()) {
             self.counters
                 .events_refused(Refusal::RateLimited, request.events.len());

@@ -128,8 +128,7 @@ impl QueryHandler {
             Err(error) => {
                 let status = Status::from(error);
                 self.audit
-                    .refused("(unknown)", call.rpc, call.peer, &call.request_id, &status)
-                    .await;
+                    .refused("(unknown)", call.rpc, call.peer, &status);
                 return Err(status);
             }
         };
@@ -139,14 +138,7 @@ impl QueryHandler {
         if let Err(error) = allowed {
             let status = Status::from(error);
             self.audit
-                .refused(
-                    &caller.principal,
-                    call.rpc,
-                    call.peer,
-                    &call.request_id,
-                    &status,
-                )
-                .await;
+                .refused(&caller.principal, call.rpc, call.peer, &status);
             return Err(status);
         }
         Ok(caller)
@@ -391,6 +383,16 @@ impl QueryHandler {
                 }
             })
             .collect();
+        // Node-wide figures cover every service: only for admins.
+        if !caller.has_scope(Scope::Admin) {
+            return Ok(StatsResponse {
+                total_events: services.iter().map(|service| service.total).sum(),
+                services,
+                hourly,
+                top_services,
+                ..StatsResponse::default()
+            });
+        }
         let usage = self.buffer.usage();
         let totals = self.counters.totals();
         Ok(StatsResponse {
@@ -634,18 +636,25 @@ impl QueryService for QueryHandler {
         let caller = self
             .caller(&request, &call, Scope::Delete, &request.get_ref().services)
             .await?;
-        let mut details = Json::Object(Default::default());
-        match self
-            .delete_matching(&caller, &call, request.into_inner(), &mut details)
-            .await
-        {
-            // The audit row committed with the deletion.
-            Ok(response) => Ok(Response::new(response)),
-            Err(error) => self
-                .audited(&caller, &call, details, Err::<DeleteResponse, _>(error))
+        // Its own task: a client that goes away mid-delete must not stop the deletion before
+        // its audit row is written.
+        let handler = self.clone();
+        let request = request.into_inner();
+        let deletion = tokio::spawn(async move {
+            let mut details = Json::Object(Default::default());
+            match handler
+                .delete_matching(&caller, &call, request, &mut details)
                 .await
-                .map(Response::new),
-        }
+            {
+                // The audit row committed with the deletion.
+                Ok(response) => Ok(response),
+                Err(error) => handler.audited(&caller, &call, details, Err(error)).await,
+            }
+        });
+        deletion
+            .await
+            .map_err(|_| Status::internal("the delete task failed; see server logs"))?
+            .map(Response::new)
     }
 
     async fn stats(
@@ -672,6 +681,8 @@ impl QueryService for QueryHandler {
             "principal": request.principal,
             "rpc": request.rpc,
         });
+        // Refusals counted since the last flush are part of the answer.
+        self.audit.flush().await;
         let result = audit_page(self.audit.pool(), request).await;
         self.audited(&caller, &call, details, result)
             .await
