@@ -8,19 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_postgres_binaries
 venv="target/test-tools/venv"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import grpc' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check grpcio protobuf
 fi
-cargo build --release --quiet
-cleanup() {
-  stop_release_server
-  stop_throwaway_postgres
-}
-trap cleanup EXIT
-start_throwaway_postgres
+start_bench_environment
 start_release_server "$PG_URL"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr)"
 "$venv/bin/python" bench/memory_attack.py --addr "localhost:$SLUICE_PORT" \

@@ -12,14 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_postgres_binaries
-cargo build --release --quiet
-cleanup() {
-  stop_release_server
-  stop_throwaway_postgres
-}
-trap cleanup EXIT
-start_throwaway_postgres
+start_bench_environment
 [ "${BENCH_UNIX_SOCKET:-0}" = 1 ] && BENCH_SERVER_DATABASE_URL=$PG_SOCKET_URL
 start_release_server "${BENCH_SERVER_DATABASE_URL:-$PG_URL}"
 

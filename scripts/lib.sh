@@ -86,3 +86,16 @@ release_server_client_flags() {
   echo --addr "https://localhost:$SLUICE_PORT" --ca "$SLUICE_WORK/certs/ca.pem" \
     --cert "$SLUICE_WORK/certs/client.pem" --key "$SLUICE_WORK/certs/client.key"
 }
+
+# For benchmarks: PostgreSQL binaries, a release build, a throwaway cluster (durable settings),
+# and an EXIT trap that stops the server and the cluster.
+bench_cleanup() {
+  stop_release_server
+  stop_throwaway_postgres
+}
+start_bench_environment() {
+  ensure_postgres_binaries
+  cargo build --release --quiet
+  trap bench_cleanup EXIT
+  start_throwaway_postgres
+}

@@ -358,11 +358,7 @@ const VALUES_TAG: u32 = 1;
 
 impl Message for Metadata {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        for (key, value) in &self.object {
-            encode_key(FIELDS_TAG, WireType::LengthDelimited, buf);
-            encode_varint(entry_len(key, value) as u64, buf);
-            encode_entry(key, value, buf);
-        }
+        encode_object_body(&self.object, buf);
     }
 
     fn merge_field(
@@ -382,10 +378,7 @@ impl Message for Metadata {
     }
 
     fn encoded_len(&self) -> usize {
-        self.object
-            .iter()
-            .map(|(key, value)| length_delimited_len(entry_len(key, value)))
-            .sum()
+        object_len(&self.object)
     }
 
     fn clear(&mut self) {
@@ -395,11 +388,7 @@ impl Message for Metadata {
 
 impl Message for JsonList {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        for item in &self.items {
-            encode_key(VALUES_TAG, WireType::LengthDelimited, buf);
-            encode_varint(value_len(item) as u64, buf);
-            encode_value(item, buf);
-        }
+        encode_list_body(&self.items, buf);
     }
 
     fn merge_field(
@@ -419,10 +408,7 @@ impl Message for JsonList {
     }
 
     fn encoded_len(&self) -> usize {
-        self.items
-            .iter()
-            .map(|item| length_delimited_len(value_len(item)))
-            .sum()
+        list_len(&self.items)
     }
 
     fn clear(&mut self) {
@@ -496,21 +482,31 @@ fn encode_value(value: &Json, buf: &mut impl BufMut) {
         Json::Object(object) => {
             encode_key(5, WireType::LengthDelimited, buf);
             encode_varint(object_len(object) as u64, buf);
-            for (key, value) in object {
-                encode_key(FIELDS_TAG, WireType::LengthDelimited, buf);
-                encode_varint(entry_len(key, value) as u64, buf);
-                encode_entry(key, value, buf);
-            }
+            encode_object_body(object, buf);
         }
         Json::Array(items) => {
             encode_key(6, WireType::LengthDelimited, buf);
             encode_varint(list_len(items) as u64, buf);
-            for item in items {
-                encode_key(VALUES_TAG, WireType::LengthDelimited, buf);
-                encode_varint(value_len(item) as u64, buf);
-                encode_value(item, buf);
-            }
+            encode_list_body(items, buf);
         }
+    }
+}
+
+/// The fields of a `Struct` message holding `object`.
+fn encode_object_body(object: &Map<String, Json>, buf: &mut impl BufMut) {
+    for (key, value) in object {
+        encode_key(FIELDS_TAG, WireType::LengthDelimited, buf);
+        encode_varint(entry_len(key, value) as u64, buf);
+        encode_entry(key, value, buf);
+    }
+}
+
+/// The fields of a `ListValue` message holding `items`.
+fn encode_list_body(items: &[Json], buf: &mut impl BufMut) {
+    for item in items {
+        encode_key(VALUES_TAG, WireType::LengthDelimited, buf);
+        encode_varint(value_len(item) as u64, buf);
+        encode_value(item, buf);
     }
 }
 
