@@ -85,6 +85,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    #[error("the accept loop stopped without a shutdown signal")]
+    AcceptLoopStopped,
 }
 
 /// Loads the configuration again (file, environment, flags) for a reload on SIGHUP.
@@ -450,7 +452,9 @@ where
     tokio::pin!(serve);
     let mut stopping = background.stopping();
     tokio::select! {
-        result = &mut serve => result.map_err(ServerError::from),
+        // The signal sets `stopping` before serving can end, and this branch is polled first:
+        // serving that ends while not stopping means the accept loop stopped.
+        biased;
         _ = stopping.wait_for(|stopping| *stopping) => {
             let drain = async {
                 let served = (&mut serve).await;
@@ -466,6 +470,10 @@ where
                 }
             }
         }
+        result = &mut serve => match result {
+            Ok(()) => Err(ServerError::AcceptLoopStopped),
+            Err(error) => Err(error.into()),
+        },
     }
 }
 
