@@ -45,6 +45,67 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub log: LogConfig,
     pub auth: AuthConfig,
+    pub retention: RetentionConfig,
+    pub lifecycle: LifecycleConfig,
+}
+
+/// How long events are kept, per service. An event older than its service's retention is
+/// refused at ingest, and the lifecycle job removes stored events once they pass it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// For services no rule names.
+    #[serde(with = "humantime_serde")]
+    pub default: Duration,
+    /// The first rule whose globs match a service wins.
+    pub rules: Vec<RetentionRule>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionRule {
+    /// Globs (`*` and `?`).
+    pub services: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+}
+
+impl RetentionConfig {
+    /// The longest retention of any service.
+    pub fn longest(&self) -> Duration {
+        self.rules
+            .iter()
+            .map(|rule| rule.keep)
+            .fold(self.default, Duration::max)
+    }
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            default: Duration::from_secs(30 * 86_400),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// The lifecycle job: removes what retention no longer keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// Run the job in the server (one node at a time).
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// What a principal may do. Health and reflection need none.
@@ -300,9 +361,12 @@ pub struct ValidationConfig {
     pub max_metadata_bytes: usize,
     /// Deepest nesting of `metadata` (the top-level object is depth 1).
     pub max_metadata_depth: usize,
-    /// Oldest accepted `timestamp`, as an age. Also the retention window.
-    #[serde(with = "humantime_serde")]
-    pub retention: Duration,
+    /// Deprecated alias of `retention.default`; when set, it is used as that.
+    #[serde(
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention: Option<Duration>,
     /// How far in the future a `timestamp` may be.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
@@ -352,6 +416,8 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             auth: AuthConfig::default(),
+            retention: RetentionConfig::default(),
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -446,7 +512,7 @@ impl Default for ValidationConfig {
             max_message_bytes: 8 * 1024,
             max_metadata_bytes: 16 * 1024,
             max_metadata_depth: 16,
-            retention: Duration::from_secs(30 * 24 * 3600),
+            retention: None,
             max_future_skew: Duration::from_secs(5 * 60),
             max_reported_rejections: 100,
             max_user_id_bytes: 256,
@@ -498,7 +564,10 @@ impl Config {
                     .split("__"),
             )
             .merge(overrides);
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if let Some(retention) = config.validation.retention {
+            config.retention.default = retention;
+        }
         config.check()?;
         Ok(config)
     }
@@ -536,6 +605,30 @@ impl Config {
         }
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");
+        }
+        if self.retention.default.is_zero() {
+            return invalid("retention.default", "must be above zero");
+        }
+        for rule in &self.retention.rules {
+            if rule.keep.is_zero() {
+                return invalid("retention.rules.keep", "must be above zero");
+            }
+            if rule.services.is_empty() {
+                return invalid("retention.rules.services", "must name at least one glob");
+            }
+            if rule
+                .services
+                .iter()
+                .any(|glob| glob.is_empty() || glob.contains(['[', ']', '{', '}', '\\']))
+            {
+                return invalid(
+                    "retention.rules.services",
+                    "globs may use * and ? only, and must not be empty",
+                );
+            }
+        }
+        if self.lifecycle.interval.is_zero() {
+            return invalid("lifecycle.interval", "must be above zero");
         }
         if self.auth.audit_retention < Duration::from_secs(86_400) {
             return invalid("auth.audit_retention", "must be at least 1day");
@@ -615,10 +708,8 @@ mod tests {
         assert_eq!(config.buffer.max_events, 50_000);
         assert_eq!(config.buffer.max_bytes, 256 * 1024 * 1024);
         assert_eq!(config.writer.workers, 2);
-        assert_eq!(
-            config.validation.retention,
-            Duration::from_secs(30 * 86_400)
-        );
+        assert_eq!(config.retention.default, Duration::from_secs(30 * 86_400));
+        assert!(config.lifecycle.enabled);
         assert!(!config.tls.insecure_plaintext);
         config.check().expect("defaults are valid");
     }

@@ -57,10 +57,11 @@ pub enum RejectReason {
     MissingTimestamp,
     #[error("timestamp is out of range")]
     InvalidTimestamp,
-    #[error("timestamp {at} is older than the retention window (oldest accepted: {oldest})")]
+    #[error("timestamp {at} is older than the {rule} allows (oldest accepted: {oldest})")]
     TimestampTooOld {
         at: DateTime<Utc>,
         oldest: DateTime<Utc>,
+        rule: String,
     },
     #[error("timestamp {at} is in the future (newest accepted: {newest})")]
     TimestampInFuture {

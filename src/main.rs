@@ -44,6 +44,14 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Read-side load: Query, next page and Stats latency percentiles, and Export throughput.
     BenchQuery(cli::bench::QueryBenchArgs),
+    /// Runs the lifecycle job (retention) against the configured database and exits.
+    Lifecycle {
+        /// Run once now (the server runs it every `lifecycle.interval` by itself).
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
 }
 
 #[derive(Args, Clone, Default)]
@@ -122,6 +130,13 @@ fn main() -> ExitCode {
         }) => issue_certs(&name, &cert_dir, &out_dir),
         Some(Command::Bench(args)) => bench(runtime.block_on(cli::bench::run(args))),
         Some(Command::BenchQuery(args)) => bench(runtime.block_on(cli::bench::run_queries(args))),
+        Some(Command::Lifecycle { once, serve }) => {
+            if !once {
+                eprintln!("sluice lifecycle: pass --once (the server runs the job on its own)");
+                return ExitCode::FAILURE;
+            }
+            runtime.block_on(lifecycle_once(serve))
+        }
     }
 }
 
@@ -140,6 +155,48 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "sluice stopped on an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice lifecycle --once`: the job once, against the configured database; prints its report
+/// as JSON.
+async fn lifecycle_once(args: ServeArgs) -> ExitCode {
+    let config = match Config::load(args.config.as_deref(), args.overrides()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("sluice: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(config.log.format, &config.log.filter);
+    let policy = match sluice::lifecycle::RetentionPolicy::new(&config.retention) {
+        Ok(policy) => policy,
+        Err(error) => {
+            eprintln!("sluice: invalid configuration: retention.rules: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let store = match sluice::store::Store::open(&config).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("sluice lifecycle: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = sluice::lifecycle::run_once(&store.pool, &policy).await;
+    store.close().await;
+    match outcome {
+        Ok(report) => {
+            println!(
+                "{}",
+                serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("sluice lifecycle: {error}");
             ExitCode::FAILURE
         }
     }

@@ -307,6 +307,13 @@ pub fn connection_closed() {
     gauge!("sluice_connections_open").decrement(1.0);
 }
 
+/// A lifecycle run ended (`status`: `ok` or `failed`).
+pub fn lifecycle_run(status: &'static str, rows_deleted: u64, partitions_dropped: usize) {
+    counter!("sluice_lifecycle_runs_total", "status" => status).increment(1);
+    counter!("sluice_lifecycle_rows_deleted_total").increment(rows_deleted);
+    counter!("sluice_lifecycle_partitions_dropped_total").increment(partitions_dropped as u64);
+}
+
 /// An audit row could not be written.
 pub fn audit_error() {
     counter!("sluice_audit_errors_total").increment(1);

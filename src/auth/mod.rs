@@ -17,12 +17,12 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use tonic::{Code, Request, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     config::{AuthConfig, PrincipalConfig, Scope},
+    glob::ServiceGlobs,
     metrics,
     status::ERROR_DOMAIN,
 };
@@ -128,95 +128,11 @@ pub enum AuthConfigError {
     Jwt(#[from] JwtConfigError),
 }
 
-/// The services a principal may write and read.
-#[derive(Debug)]
-struct Services {
-    all: bool,
-    globs: GlobSet,
-    patterns: Vec<String>,
-}
-
-impl Services {
-    fn all() -> Self {
-        Self {
-            all: true,
-            globs: GlobSet::empty(),
-            patterns: vec!["*".to_owned()],
-        }
-    }
-
-    fn from_patterns(name: &str, patterns: &[String]) -> Result<Self, AuthConfigError> {
-        if patterns.iter().any(|pattern| pattern == "*") {
-            return Ok(Self::all());
-        }
-        let mut builder = GlobSetBuilder::new();
-        for pattern in patterns {
-            // Only `*` and `?`: they translate exactly to SQL LIKE for reads.
-            if pattern.contains(['[', ']', '{', '}', '\\']) {
-                return Err(AuthConfigError::Glob {
-                    name: name.to_owned(),
-                    glob: pattern.clone(),
-                    reason: "only * and ? are supported in service globs".to_owned(),
-                });
-            }
-            let glob = Glob::new(pattern).map_err(|error| AuthConfigError::Glob {
-                name: name.to_owned(),
-                glob: pattern.clone(),
-                reason: error.to_string(),
-            })?;
-            builder.add(glob);
-        }
-        let globs = builder.build().map_err(|error| AuthConfigError::Glob {
-            name: name.to_owned(),
-            glob: patterns.join(","),
-            reason: error.to_string(),
-        })?;
-        Ok(Self {
-            all: false,
-            globs,
-            patterns: patterns.to_vec(),
-        })
-    }
-
-    fn allows(&self, service: &str) -> bool {
-        self.all || self.globs.is_match(service)
-    }
-
-    /// The globs as SQL `LIKE` patterns (`*` → `%`, `?` → `_`); None when every service is
-    /// allowed. Service names cannot hold `%` or `_`-escapes that matter: `_` is allowed in a
-    /// name, so it is escaped.
-    fn like_patterns(&self) -> Option<Vec<String>> {
-        if self.all {
-            return None;
-        }
-        Some(
-            self.patterns
-                .iter()
-                .map(|pattern| {
-                    let mut like = String::with_capacity(pattern.len());
-                    for character in pattern.chars() {
-                        match character {
-                            '*' => like.push('%'),
-                            '?' => like.push('_'),
-                            '%' | '_' | '\\' => {
-                                like.push('\\');
-                                like.push(character);
-                            }
-                            other => like.push(other),
-                        }
-                    }
-                    like
-                })
-                .collect(),
-        )
-    }
-}
-
 /// What one principal is granted.
 #[derive(Debug)]
 struct Grant {
     scopes: BTreeSet<Scope>,
-    services: Services,
+    services: ServiceGlobs,
     limits: Option<Limits>,
 }
 
@@ -224,7 +140,7 @@ impl Grant {
     fn everything() -> Self {
         Self {
             scopes: Scope::ALL.into_iter().collect(),
-            services: Services::all(),
+            services: ServiceGlobs::all(),
             limits: None,
         }
     }
@@ -232,7 +148,13 @@ impl Grant {
     fn from_config(principal: &PrincipalConfig) -> Result<Self, AuthConfigError> {
         Ok(Self {
             scopes: principal.scopes.iter().copied().collect(),
-            services: Services::from_patterns(&principal.name, &principal.services)?,
+            services: ServiceGlobs::new(&principal.services).map_err(|error| {
+                AuthConfigError::Glob {
+                    name: principal.name.clone(),
+                    glob: error.glob,
+                    reason: error.reason,
+                }
+            })?,
             limits: Limits::from_config(principal),
         })
     }
@@ -267,7 +189,7 @@ impl Policy {
         } else {
             Grant {
                 scopes: config.default_scopes.iter().copied().collect(),
-                services: Services::all(),
+                services: ServiceGlobs::all(),
                 limits: None,
             }
         };
@@ -560,23 +482,6 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn service_globs_match_and_become_like_patterns() {
-        let services =
-            Services::from_patterns("p", &["billing".to_owned(), "billing-*".to_owned()])
-                .expect("globs");
-        assert!(services.allows("billing"));
-        assert!(services.allows("billing-eu"));
-        assert!(!services.allows("payments"));
-        assert!(!services.allows("billingx"));
-        assert_eq!(
-            services.like_patterns(),
-            Some(vec!["billing".to_owned(), "billing-%".to_owned()])
-        );
-        let underscore = Services::from_patterns("p", &["a_b*".to_owned()]).expect("glob");
-        assert_eq!(underscore.like_patterns(), Some(vec!["a\\_b%".to_owned()]));
     }
 
     #[test]

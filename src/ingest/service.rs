@@ -19,6 +19,7 @@ use crate::{
     config::Config,
     config::Scope,
     event::{EventRejection, RejectReason, ValidEvent},
+    lifecycle::RetentionPolicy,
     metrics::{Counters, Refusal},
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
@@ -37,6 +38,7 @@ pub struct IngestHandler {
     counters: Arc<Counters>,
     auth: Arc<Authorizer>,
     audit: Arc<Audit>,
+    retention: Arc<RetentionPolicy>,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
 }
@@ -48,6 +50,7 @@ impl IngestHandler {
         counters: Arc<Counters>,
         auth: Arc<Authorizer>,
         audit: Arc<Audit>,
+        retention: Arc<RetentionPolicy>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
@@ -56,6 +59,7 @@ impl IngestHandler {
             counters,
             auth,
             audit,
+            retention,
             stopping,
         }
     }
@@ -110,7 +114,8 @@ impl IngestHandler {
             return Err(IngestError::Auth(limited));
         }
         self.counters.events_received(request.events.len());
-        let validator = Validator::new(&self.config.validation, Utc::now());
+        let validator =
+            Validator::new(&self.config.validation, Utc::now()).with_retention(&self.retention);
         let mut validated = Validated {
             events: Vec::with_capacity(request.events.len()),
             rejections: Vec::new(),

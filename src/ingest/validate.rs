@@ -8,6 +8,7 @@ use uuid::Uuid;
 use crate::{
     config::ValidationConfig,
     event::{EventRejection, RejectReason, ValidEvent},
+    lifecycle::policy::RetentionPolicy,
     proto::{
         Event,
         metadata::{self, Problem},
@@ -18,12 +19,27 @@ use crate::{
 /// Validates events against the configured limits, relative to one "now".
 pub struct Validator<'a> {
     limits: &'a ValidationConfig,
+    retention: Option<&'a RetentionPolicy>,
     now: DateTime<Utc>,
 }
 
+/// The retention of a validator given none: `retention.default`'s default.
+static DEFAULT_RETENTION: std::sync::LazyLock<RetentionPolicy> =
+    std::sync::LazyLock::new(RetentionPolicy::default);
+
 impl<'a> Validator<'a> {
     pub fn new(limits: &'a ValidationConfig, now: DateTime<Utc>) -> Self {
-        Self { limits, now }
+        Self {
+            limits,
+            retention: None,
+            now,
+        }
+    }
+
+    /// Refuses events older than their service's retention under `policy`.
+    pub fn with_retention(mut self, policy: &'a RetentionPolicy) -> Self {
+        self.retention = Some(policy);
+        self
     }
 
     /// Validates one event found at `index`.
@@ -63,7 +79,7 @@ impl<'a> Validator<'a> {
             }));
         }
         let timestamp = self
-            .check_timestamp(event.timestamp.as_ref())
+            .check_timestamp(&event.service, event.timestamp.as_ref())
             .map_err(reject)?;
         let metadata = self
             .check_metadata(event.metadata.unwrap_or_default())
@@ -124,13 +140,22 @@ impl<'a> Validator<'a> {
 
     fn check_timestamp(
         &self,
+        service: &str,
         timestamp: Option<&prost_types::Timestamp>,
     ) -> Result<DateTime<Utc>, RejectReason> {
         let timestamp = timestamp.ok_or(RejectReason::MissingTimestamp)?;
         let at = wire::to_datetime(timestamp)?;
-        let oldest = self.now - self.limits.retention;
+        let keep = self
+            .retention
+            .unwrap_or(&DEFAULT_RETENTION)
+            .keep_for(service);
+        let oldest = self.now - keep.keep;
         if at < oldest {
-            return Err(RejectReason::TimestampTooOld { at, oldest });
+            return Err(RejectReason::TimestampTooOld {
+                at,
+                oldest,
+                rule: keep.rule.to_owned(),
+            });
         }
         let newest = self.now + self.limits.max_future_skew;
         if at > newest {
@@ -345,7 +370,7 @@ mod tests {
         assert_eq!(old.index, 3);
         assert!(matches!(old.reason, RejectReason::TimestampTooOld { .. }));
         assert_eq!(old.reason.as_str(), "timestamp_too_old");
-        assert!(old.reason.to_string().contains("retention window"));
+        assert!(old.reason.to_string().contains("retention.default"));
     }
 
     #[test]

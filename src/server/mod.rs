@@ -35,6 +35,7 @@ use crate::{
     config::{Config, ConfigError},
     health,
     ingest::IngestHandler,
+    lifecycle::{self, RetentionPolicy},
     metrics::{self, Counters},
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
@@ -87,6 +88,8 @@ pub enum ServerError {
     Auth(#[from] AuthConfigError),
     #[error("the accept loop stopped without a shutdown signal")]
     AcceptLoopStopped,
+    #[error("invalid configuration: retention.rules: {0}")]
+    Retention(String),
 }
 
 /// Loads the configuration again (file, environment, flags) for a reload on SIGHUP.
@@ -104,10 +107,27 @@ pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), Serve
     let storage = Storage::open(&config).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&health_reporter, ServingStatus::NotServing).await;
-    let mut background =
-        Background::start(&config, &storage, health_reporter, auth.clone(), reloader);
+    let retention = Arc::new(
+        RetentionPolicy::new(&config.retention)
+            .map_err(|error| ServerError::Retention(error.to_string()))?,
+    );
+    let mut background = Background::start(
+        &config,
+        &storage,
+        health_reporter,
+        auth.clone(),
+        retention.clone(),
+        reloader,
+    );
     // Errors from here on still tear down what was started.
-    let outcome = match build_services(&config, &storage, &background, &auth, health_service) {
+    let outcome = match build_services(
+        &config,
+        &storage,
+        &background,
+        &auth,
+        &retention,
+        health_service,
+    ) {
         Ok(routes) => serve_until_signal(&config, tls_config, routes, &mut background).await,
         Err(error) => Err(error),
     };
@@ -223,6 +243,7 @@ struct Background {
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
     reload: JoinHandle<()>,
+    lifecycle: Option<JoinHandle<()>>,
 }
 
 impl Background {
@@ -231,11 +252,19 @@ impl Background {
         storage: &Storage,
         health_reporter: HealthReporter,
         auth: Arc<Authorizer>,
+        retention: Arc<RetentionPolicy>,
         reloader: Option<Reloader>,
     ) -> Self {
         let audit = Arc::new(Audit::new(storage.store.pool.clone()));
         let audit_upkeep = tokio::spawn(keep_audit_log(audit.clone(), config.auth.audit_retention));
         let reload = tokio::spawn(reload_on_sighup(auth, audit.clone(), reloader));
+        let lifecycle = config.lifecycle.enabled.then(|| {
+            tokio::spawn(run_lifecycle(
+                storage.store.pool.clone(),
+                retention.clone(),
+                config.lifecycle.interval,
+            ))
+        });
         let (buffer, receiver) = Buffer::new(&config.buffer);
         let breaker = Arc::new(Breaker::new(&config.breaker));
         let counters = Arc::new(Counters::default());
@@ -268,7 +297,7 @@ impl Background {
         ));
         let partitions = tokio::spawn(maintain_partitions(
             storage.store.clone(),
-            config.validation.retention,
+            config.retention.longest(),
         ));
         Self {
             switch: ShutdownSwitch {
@@ -285,6 +314,7 @@ impl Background {
             replay,
             audit_upkeep,
             reload,
+            lifecycle,
         }
     }
 
@@ -315,6 +345,10 @@ impl Background {
         self.partitions.abort();
         self.reload.abort();
         self.audit_upkeep.abort();
+        if let Some(lifecycle) = self.lifecycle.take() {
+            lifecycle.abort();
+            let _ = lifecycle.await;
+        }
         let _ = tokio::join!(self.health, self.partitions, self.reload, self.audit_upkeep);
         // Authentication failures counted since the last minute.
         self.audit.flush().await;
@@ -329,6 +363,7 @@ fn build_services(
     storage: &Storage,
     background: &Background,
     auth: &Arc<Authorizer>,
+    retention: &Arc<RetentionPolicy>,
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -347,6 +382,7 @@ fn build_services(
         background.counters.clone(),
         auth.clone(),
         background.audit.clone(),
+        retention.clone(),
         background.stopping(),
     );
     let query = QueryHandler::new(QueryDeps {
@@ -528,6 +564,23 @@ async fn reload_on_sighup(auth: Arc<Authorizer>, audit: Arc<Audit>, reloader: Op
                 details,
             })
             .await;
+    }
+}
+
+/// Runs the lifecycle job every `interval` (the first run one interval after start), retrying
+/// a failed run sooner.
+async fn run_lifecycle(pool: sqlx::PgPool, retention: Arc<RetentionPolicy>, interval: Duration) {
+    const RETRY: Duration = Duration::from_secs(60);
+    let mut wait = interval;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = match lifecycle::run_once(&pool, &retention).await {
+            Ok(_) => interval,
+            Err(error) => {
+                tracing::error!(%error, "lifecycle run failed; retrying");
+                RETRY.min(interval)
+            }
+        };
     }
 }
 

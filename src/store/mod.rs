@@ -138,7 +138,7 @@ impl Store {
         };
         // Not fatal: a lock held on `events` (a long export, pg_dump) must not stop start-up. The
         // hourly task retries, and writers create a missing partition on demand.
-        if let Err(error) = store.ensure_partitions(config.validation.retention).await {
+        if let Err(error) = store.ensure_partitions(config.retention.longest()).await {
             tracing::error!(%error, "cannot create partitions ahead at start-up; will retry");
         }
         Ok(store)

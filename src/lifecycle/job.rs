@@ -1,0 +1,218 @@
+//! One run of the lifecycle job, under a PostgreSQL advisory lock so that only one node runs
+//! it at a time, recorded in `lifecycle_runs`, the log and the metrics.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgPool;
+
+use super::policy::{RetentionPolicy, Sweep};
+use crate::metrics;
+
+/// Rows deleted per statement, so that no delete holds locks for long.
+const DELETE_BATCH: i64 = 5_000;
+/// The advisory lock key of the job.
+const LOCK: &str = "sluice.lifecycle";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    /// False when another node held the lock: nothing was done.
+    pub ran: bool,
+    pub rows_deleted: u64,
+    pub partitions_dropped: Vec<String>,
+    pub counts_deleted: u64,
+    pub dead_letters_deleted: u64,
+    pub seconds: f64,
+}
+
+/// Runs the job once, unless another node is running it.
+pub async fn run_once(pool: &PgPool, policy: &RetentionPolicy) -> Result<Report, LifecycleError> {
+    let started_at = Utc::now();
+    let started = Instant::now();
+    let mut lock = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(LOCK)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !locked {
+        tracing::info!("lifecycle job skipped: another node is running it");
+        return Ok(Report::default());
+    }
+    let mut report = Report {
+        ran: true,
+        ..Report::default()
+    };
+    let outcome = sweep(pool, policy, Utc::now(), &mut report).await;
+    report.seconds = started.elapsed().as_secs_f64();
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+        .bind(LOCK)
+        .execute(&mut *lock)
+        .await;
+    if let Err(error) = unlocked {
+        // The lock goes with the session; closing the connection releases it.
+        tracing::warn!(%error, "cannot release the lifecycle lock; closing its connection");
+        lock.detach();
+    }
+    let (status, error) = match &outcome {
+        Ok(()) => ("ok", None),
+        Err(error) => ("failed", Some(error.to_string())),
+    };
+    metrics::lifecycle_run(status, report.rows_deleted, report.partitions_dropped.len());
+    sqlx::query(
+        "INSERT INTO lifecycle_runs (started_at, status, rows_deleted, partitions_dropped, \
+         counts_deleted, dead_letters_deleted, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(started_at)
+    .bind(status)
+    .bind(report.rows_deleted as i64)
+    .bind(&report.partitions_dropped)
+    .bind(report.counts_deleted as i64)
+    .bind(report.dead_letters_deleted as i64)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    outcome?;
+    tracing::info!(
+        rows_deleted = report.rows_deleted,
+        partitions_dropped = ?report.partitions_dropped,
+        counts_deleted = report.counts_deleted,
+        dead_letters_deleted = report.dead_letters_deleted,
+        seconds = report.seconds,
+        "lifecycle run finished"
+    );
+    Ok(report)
+}
+
+async fn sweep(
+    pool: &PgPool,
+    policy: &RetentionPolicy,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<(), LifecycleError> {
+    let past_every_rule = now - policy.longest();
+    report.partitions_dropped = drop_partitions_before(pool, past_every_rule).await?;
+    for sweep in policy.sweeps() {
+        let cutoff = now - sweep.keep;
+        report.rows_deleted += delete_events_before(pool, &sweep, cutoff).await?;
+        report.dead_letters_deleted +=
+            delete_before(pool, "dead_letters", "ts", &sweep, cutoff).await?;
+        // An hour of the rollup goes once all of it is past the retention.
+        let hour_cutoff = cutoff - Duration::from_secs(3600);
+        report.counts_deleted +=
+            delete_before(pool, "event_counts", "hour", &sweep, hour_cutoff).await?;
+    }
+    Ok(())
+}
+
+/// The `WHERE` of one sweep: its services (or all), less those of earlier rules.
+const SWEEP_SERVICES: &str =
+    "($2::text[] IS NULL OR service LIKE ANY($2)) AND NOT (service LIKE ANY($3))";
+
+async fn delete_events_before(
+    pool: &PgPool,
+    sweep: &Sweep,
+    cutoff: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let statement = format!(
+        "WITH doomed AS (SELECT id, ts FROM events WHERE ts < $1 AND {SWEEP_SERVICES} LIMIT $4) \
+         DELETE FROM events e USING doomed d WHERE e.id = d.id AND e.ts = d.ts"
+    );
+    let mut deleted = 0;
+    loop {
+        let batch = sqlx::query(sqlx::AssertSqlSafe(statement.as_str()))
+            .bind(cutoff)
+            .bind(sweep.include.clone())
+            .bind(sweep.exclude.clone())
+            .bind(DELETE_BATCH)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += batch;
+        if batch < DELETE_BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// Deletes a small table's rows older than `cutoff` for one sweep, in one statement.
+async fn delete_before(
+    pool: &PgPool,
+    table: &'static str,
+    column: &'static str,
+    sweep: &Sweep,
+    cutoff: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let statement = format!("DELETE FROM {table} WHERE {column} < $1 AND {SWEEP_SERVICES}");
+    Ok(sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(cutoff)
+        .bind(sweep.include.clone())
+        .bind(sweep.exclude.clone())
+        .execute(pool)
+        .await?
+        .rows_affected())
+}
+
+/// Detaches and drops every `events` partition whose whole range ends before `cutoff`.
+async fn drop_partitions_before(
+    pool: &PgPool,
+    cutoff: DateTime<Utc>,
+) -> Result<Vec<String>, sqlx::Error> {
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'events'::regclass ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut dropped = Vec::new();
+    for name in partitions {
+        let Some(end) = partition_end(&name) else {
+            continue;
+        };
+        if end > cutoff {
+            continue;
+        }
+        // CONCURRENTLY does not block ingest into the other partitions; it cannot run in a
+        // transaction block, hence the simple-protocol statement.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE events DETACH PARTITION {name} CONCURRENTLY"
+        )))
+        .execute(pool)
+        .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+            .execute(pool)
+            .await?;
+        tracing::info!(partition = %name, "dropped a partition past every retention");
+        dropped.push(name);
+    }
+    Ok(dropped)
+}
+
+/// The end of a monthly partition named `events_pYYYY_MM` (the start of the next month).
+fn partition_end(name: &str) -> Option<DateTime<Utc>> {
+    let (year, month) = name.strip_prefix("events_p")?.split_once('_')?;
+    let start = NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)?;
+    let end = start.checked_add_months(chrono::Months::new(1))?;
+    Some(end.and_hms_opt(0, 0, 0)?.and_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_give_their_end() {
+        assert_eq!(
+            partition_end("events_p2025_12").map(|end| end.to_rfc3339()),
+            Some("2026-01-01T00:00:00+00:00".to_owned())
+        );
+        assert_eq!(partition_end("events_default"), None);
+        assert_eq!(partition_end("events_p2025_13"), None);
+    }
+}

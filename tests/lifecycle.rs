@@ -1,0 +1,190 @@
+//! Retention per service against the real server and PostgreSQL: old events are refused at
+//! ingest with their rule named, and `sluice lifecycle --once` deletes exactly what the rules
+//! no longer keep, drops partitions past every rule, and runs on one node at a time.
+
+mod common;
+
+use std::process::Command;
+
+use chrono::{Datelike, Duration, Months, NaiveDate, Utc};
+use common::{ServerSpec, TestDatabase, TestServer, event, request};
+
+const RULES: &str = r#"
+[retention]
+default = "30days"
+
+[[retention.rules]]
+services = ["audit-*"]
+keep = "365days"
+
+[[retention.rules]]
+services = ["debug-*"]
+keep = "1day"
+
+[lifecycle]
+enabled = false
+"#;
+
+/// Runs `sluice lifecycle --once` with the server's configuration; returns its JSON report.
+fn lifecycle_once(server: &TestServer, database_url: &str) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "lifecycle",
+            "--once",
+            "--database-url",
+            database_url,
+            "--config",
+        ])
+        .arg(server.dir_path().join("sluice.toml"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice lifecycle");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("json report")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    std::fs::write(dir.join("sluice.toml"), RULES).expect("write sluice.toml");
+    let server = TestServer::start(ServerSpec {
+        dir: Some(dir),
+        ..ServerSpec::with_database(&database.url)
+    })
+    .await;
+
+    // At ingest, an event older than its service's retention is refused, the rule named.
+    let mut client = server.ingest_client().await;
+    let now = Utc::now();
+    let mut stale = event("debug-api", "two days old");
+    stale.timestamp = Some(prost_types::Timestamp {
+        seconds: (now - Duration::days(2)).timestamp(),
+        nanos: 0,
+    });
+    let mut kept_audit = event("audit-log", "a hundred days old");
+    kept_audit.timestamp = Some(prost_types::Timestamp {
+        seconds: (now - Duration::days(100)).timestamp(),
+        nanos: 0,
+    });
+    let response = client
+        .publish(request(vec![stale, kept_audit]))
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!((response.accepted, response.rejected), (1, 1));
+    assert_eq!(response.rejections[0].field, "timestamp");
+    assert!(
+        response.rejections[0].reason.contains("debug-*"),
+        "{}",
+        response.rejections[0].reason
+    );
+
+    // Rows written straight into PostgreSQL, as an older configuration would have kept them.
+    let mut connection = database.connect().await;
+    let old_month = (now - Duration::days(400)).date_naive();
+    let start = NaiveDate::from_ymd_opt(old_month.year(), old_month.month(), 1).expect("month");
+    let end = start
+        .checked_add_months(Months::new(1))
+        .expect("next month");
+    let old_partition = format!("events_p{}_{:02}", start.year(), start.month());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE IF NOT EXISTS {old_partition} PARTITION OF events FOR VALUES FROM ('{start}') TO ('{end}')"
+    )))
+    .execute(&mut connection)
+    .await
+    .expect("old partition");
+    let rows = [
+        ("debug-api", Duration::days(2), false),
+        ("debug-api", Duration::hours(1), true),
+        ("checkout", Duration::days(40), false),
+        ("checkout", Duration::days(10), true),
+        ("audit-log", Duration::days(200), true),
+        ("audit-log", Duration::days(400), false),
+    ];
+    for (service, age, _) in rows {
+        sqlx::query(
+            "INSERT INTO events (id, service, message, ts, metadata) VALUES ($1, $2, 'seeded', $3, '{}')",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(service)
+        .bind(now - age)
+        .execute(&mut connection)
+        .await
+        .expect("seed");
+    }
+    sqlx::query(
+        "INSERT INTO dead_letters (event_id, ts, service, raw, error) VALUES ($1, $2, 'debug-api', '\\x00', 'seeded')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(now - Duration::days(3))
+    .execute(&mut connection)
+    .await
+    .expect("seed dead letter");
+
+    // Another node holds the job's lock: this run does nothing.
+    let mut holder = database.connect().await;
+    sqlx::query("SELECT pg_advisory_lock(hashtext('sluice.lifecycle'))")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let skipped = lifecycle_once(&server, &database.url);
+    assert_eq!(skipped["ran"], false);
+    drop(holder);
+    // Closing the connection releases the session lock; wait until it is free.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let report = lifecycle_once(&server, &database.url);
+    assert_eq!(report["ran"], true, "{report}");
+    assert_eq!(
+        report["partitions_dropped"][0],
+        old_partition.as_str(),
+        "{report}"
+    );
+    // Deleted row by row: the 2-day-old debug event and the 40-day-old checkout one (the
+    // 400-day-old audit row went with its partition).
+    assert_eq!(report["rows_deleted"], 2, "{report}");
+    assert_eq!(report["dead_letters_deleted"], 1, "{report}");
+    let count = |service: &'static str| {
+        let database = &database;
+        async move {
+            database
+                .scalar(&format!(
+                    "SELECT count(*) FROM events WHERE service = '{service}'"
+                ))
+                .await
+        }
+    };
+    assert_eq!(count("debug-api").await, 1);
+    assert_eq!(count("checkout").await, 1);
+    assert_eq!(count("audit-log").await, 2, "the 100- and 200-day-old ones");
+    assert_eq!(
+        database
+            .scalar(&format!(
+                "SELECT count(*) FROM pg_class WHERE relname = '{old_partition}'"
+            ))
+            .await,
+        0
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM lifecycle_runs WHERE status = 'ok' AND rows_deleted = 2")
+            .await,
+        1
+    );
+
+    // A second run finds nothing more: the job is idempotent.
+    let again = lifecycle_once(&server, &database.url);
+    assert_eq!(
+        (
+            again["rows_deleted"].as_u64(),
+            again["partitions_dropped"].as_array().map(Vec::len)
+        ),
+        (Some(0), Some(0))
+    );
+}
