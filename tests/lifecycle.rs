@@ -178,6 +178,18 @@ async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
         1
     );
 
+    // Migration 0005: partitions store metadata and message with lz4.
+    let this_month = format!("events_p{}_{:02}", now.year(), now.month());
+    let compression: Vec<String> = sqlx::query_scalar(
+        "SELECT attcompression::text FROM pg_attribute \
+         WHERE attrelid = $1::regclass AND attname IN ('metadata', 'message') ORDER BY attname",
+    )
+    .bind(&this_month)
+    .fetch_all(&mut connection)
+    .await
+    .expect("attcompression");
+    assert_eq!(compression, ["l", "l"], "lz4 on {this_month}");
+
     // A second run finds nothing more: the job is idempotent.
     let again = lifecycle_once(&server, &database.url);
     assert_eq!(

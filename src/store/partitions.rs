@@ -48,6 +48,14 @@ pub async fn ensure_partitions(
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.partitions'))")
         .execute(&mut *transaction)
         .await?;
+    // Column compression set on `events` (by name: `lz4` or `pglz`), to copy onto partitions.
+    let compression: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attname::text, CASE attcompression WHEN 'l' THEN 'lz4' ELSE 'pglz' END \
+         FROM pg_attribute WHERE attrelid = 'events'::regclass AND attnum > 0 \
+         AND NOT attisdropped AND attcompression <> ''",
+    )
+    .fetch_all(&mut *transaction)
+    .await?;
     for (name, start, end) in months_between(from, to) {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(&name)
@@ -63,6 +71,14 @@ pub async fn ensure_partitions(
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut *transaction)
             .await?;
+        // A partition does not inherit its parent's column compression (migration 0005).
+        for (column, method) in &compression {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {name} ALTER COLUMN {column} SET COMPRESSION {method}"
+            )))
+            .execute(&mut *transaction)
+            .await?;
+        }
         tracing::info!(partition = %name, %start, %end, "created events partition");
         created += 1;
     }
