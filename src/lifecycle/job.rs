@@ -103,7 +103,8 @@ async fn sweep(
         report.rows_deleted += delete_events_before(pool, &sweep, cutoff).await?;
         report.dead_letters_deleted +=
             delete_before(pool, "dead_letters", "ts", &sweep, cutoff).await?;
-        // An hour of the rollup goes once all of it is past the retention.
+        // An hour of the rollup goes once all of it is past the retention; until then it still
+        // counts the rows of that hour deleted above (Stats may over-count one boundary hour).
         let hour_cutoff = cutoff - Duration::from_secs(3600);
         report.counts_deleted +=
             delete_before(pool, "event_counts", "hour", &sweep, hour_cutoff).await?;
