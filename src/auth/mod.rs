@@ -265,12 +265,13 @@ impl Caller {
         self.grant.services.like_patterns()
     }
 
-    /// Takes rate-limit tokens for a request of `events` events and `bytes` bytes.
-    pub fn admit(&self, events: usize, bytes: usize) -> Result<(), AuthError> {
+    /// Takes rate-limit tokens for a request of `events` events and `bytes()` bytes (measured
+    /// only when the caller has a limit: it walks the whole request).
+    pub fn admit(&self, events: usize, bytes: impl FnOnce() -> usize) -> Result<(), AuthError> {
         let Some(limits) = &self.grant.limits else {
             return Ok(());
         };
-        limits.admit(events, bytes).map_err(|refusal| {
+        limits.admit(events, bytes()).map_err(|refusal| {
             metrics::rate_limited(&self.principal, refusal.exceeded().as_str());
             match refusal {
                 limits::Refusal::Wait(limited) => AuthError::RateLimited {

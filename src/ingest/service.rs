@@ -108,7 +108,7 @@ impl IngestHandler {
         // reload (scopes, services, limits) or an expired token applies from this message on.
         let caller = &self.auth.refresh(caller)?;
         caller.require(Scope::Ingest)?;
-        if let Err(limited) = caller.admit(request.events.len(), request.encoded_len()) {
+        if let Err(limited) = caller.admit(request.events.len(), || request.encoded_len()) {
             self.counters
                 .events_refused(Refusal::RateLimited, request.events.len());
             return Err(IngestError::Auth(limited));
