@@ -128,7 +128,11 @@ async fn start() -> (
 ) {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    // 90 days of retention, so that data sets can span two months on any day of the month.
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url).env("SLUICE_RETENTION__DEFAULT", "90days"),
+    )
+    .await;
     let ingest = server.ingest_client().await;
     let query = QueryServiceClient::new(server.channel().await);
     (database, server, ingest, query)
@@ -500,7 +504,8 @@ async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events
     let mut events: Vec<Event> = (0..40)
         .map(|index| Event {
             user_id: doomed.to_owned(),
-            timestamp: at(TimeDelta::days(index % 29)),
+            // Up to 59 days back: at least two monthly partitions, whatever today is.
+            timestamp: at(TimeDelta::days(index % 60)),
             ..event("gdpr", &format!("mine {index}"))
         })
         .collect();
