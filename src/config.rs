@@ -715,6 +715,37 @@ mod tests {
     }
 
     #[test]
+    fn bad_retention_settings_fail_at_start_naming_their_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("sluice.toml", "[retention]\ndefault = \"thirty days\"\n")?;
+            let error = Config::load(None, Figment::new()).expect_err("unparseable");
+            assert!(error.to_string().contains("retention.default"), "{error}");
+            jail.create_file(
+                "sluice.toml",
+                "[[retention.rules]]\nservices = [\"debug-*\"]\nkeep = \"0s\"\n",
+            )?;
+            let error = Config::load(None, Figment::new()).expect_err("zero keep");
+            assert!(
+                error.to_string().contains("retention.rules.keep"),
+                "{error}"
+            );
+            jail.create_file(
+                "sluice.toml",
+                "[[retention.rules]]\nservices = []\nkeep = \"1day\"\n",
+            )?;
+            let error = Config::load(None, Figment::new()).expect_err("no services");
+            assert!(
+                error.to_string().contains("retention.rules.services"),
+                "{error}"
+            );
+            jail.create_file("sluice.toml", "[validation]\nretention = \"90days\"\n")?;
+            let config = Config::load(None, Figment::new()).expect("deprecated alias");
+            assert_eq!(config.retention.default, Duration::from_secs(90 * 86_400));
+            Ok(())
+        });
+    }
+
+    #[test]
     fn environment_overrides_nested_fields_and_database_url() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("SLUICE_BUFFER__MAX_EVENTS", "123");

@@ -200,3 +200,104 @@ async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
         (Some(0), Some(0))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    std::fs::write(dir.join("sluice.toml"), RULES).expect("write sluice.toml");
+    let server = TestServer::start(ServerSpec {
+        dir: Some(dir),
+        ..ServerSpec::with_database(&database.url)
+    })
+    .await;
+    let mut connection = database.connect().await;
+    const EXPIRED: i64 = 200_000;
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, metadata) \
+         SELECT gen_random_uuid(), 'checkout', 'expired', now() - interval '40 days' - i * interval '1 second', '{}' \
+         FROM generate_series(1, $1) i",
+    )
+    .bind(EXPIRED)
+    .execute(&mut connection)
+    .await
+    .expect("seed expired");
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, metadata) \
+         SELECT gen_random_uuid(), 'checkout', 'kept', now() - interval '5 days' - i * interval '1 second', '{}' \
+         FROM generate_series(1, 1000) i",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("seed kept");
+    let expired = || database.scalar("SELECT count(*) FROM events WHERE message = 'expired'");
+
+    // Kill the run with SIGKILL once its first batch has committed.
+    let mut run = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "lifecycle",
+            "--once",
+            "--database-url",
+            &database.url,
+            "--config",
+        ])
+        .arg(server.dir_path().join("sluice.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start sluice lifecycle");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while expired().await == EXPIRED {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never deleted anything"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    run.kill().expect("SIGKILL");
+    run.wait().expect("reap");
+    // A statement in flight when the client died still finishes in PostgreSQL: count once the
+    // dead client's sessions are gone.
+    while database
+        .scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'sluice' AND state <> 'idle'",
+        )
+        .await
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the killed run's sessions linger"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let left = expired().await;
+    assert!(
+        left > 0 && left < EXPIRED,
+        "killed midway: {left} expired rows left"
+    );
+
+    // The next run (once PostgreSQL has released the dead session's lock) finishes the job.
+    let report = loop {
+        let report = lifecycle_once(&server, &database.url);
+        if report["ran"] == true {
+            break report;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock was never released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(report["rows_deleted"].as_i64(), Some(left), "{report}");
+    assert_eq!(expired().await, 0);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE message = 'kept'")
+            .await,
+        1000,
+        "nothing within the retention was touched"
+    );
+}
