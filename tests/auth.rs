@@ -280,7 +280,7 @@ async fn rate_limits_refuse_whole_requests_with_quota_details_and_reload_on_sigh
 [[auth.principals]]
 name = "limited"
 scopes = ["ingest"]
-events_per_second = 10
+events_per_second = 1
 burst_events = 50
 "#;
     let server = start_with_policy(&database, limited, &["limited"]).await;
@@ -299,7 +299,7 @@ burst_events = 50
         .and_then(|retry| retry.retry_delay)
         .expect("RetryInfo");
     assert!(
-        retry > Duration::ZERO && retry <= Duration::from_secs(5),
+        retry > Duration::from_secs(20) && retry <= Duration::from_secs(60),
         "{retry:?}"
     );
     assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
@@ -338,7 +338,7 @@ burst_events = 50
     );
 
     // Raise the limit and reload with SIGHUP: no restart.
-    let raised = limited.replace("events_per_second = 10", "events_per_second = 100000");
+    let raised = limited.replace("events_per_second = 1\n", "events_per_second = 100000\n");
     std::fs::write(server.dir_path().join("sluice.toml"), raised).expect("rewrite");
     let pid = nix::unistd::Pid::from_raw(server.pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
@@ -467,7 +467,7 @@ audience = "sluice"
 name = "svc-a"
 scopes = ["ingest", "query"]
 services = ["svc-a"]
-events_per_second = 500
+events_per_second = 250
 burst_events = 500
 "#,
         jwks.display()
