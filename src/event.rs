@@ -36,6 +36,23 @@ impl ValidEvent {
     }
 }
 
+#[cfg(test)]
+impl ValidEvent {
+    /// A valid event of service `svc`, stamped now (at microseconds), for unit tests.
+    pub(crate) fn sample(index: u64) -> Self {
+        let now = Utc::now();
+        Self {
+            index,
+            id: Uuid::now_v7(),
+            service: "svc".to_owned(),
+            message: "m".to_owned(),
+            timestamp: DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now),
+            user_id: None,
+            metadata_json: "{}".to_owned(),
+        }
+    }
+}
+
 /// Why one event was refused. Each reason names the field it is about ([`Self::field`]), the
 /// stable label of the rejection metric ([`Self::as_str`]), and the words the client reads
 /// (`Display`).

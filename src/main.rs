@@ -140,15 +140,25 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::load(args.config.as_deref(), args.overrides()) {
-        Ok(config) => config,
+/// Loads the configuration (file, environment, flags) and starts logging; None after saying
+/// why it cannot.
+fn load_config(args: &ServeArgs) -> Option<Config> {
+    match Config::load(args.config.as_deref(), args.overrides()) {
+        Ok(config) => {
+            init_logging(config.log.format, &config.log.filter);
+            Some(config)
+        }
         Err(error) => {
             eprintln!("sluice: {error}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let Some(config) = load_config(&args) else {
+        return ExitCode::FAILURE;
     };
-    init_logging(config.log.format, &config.log.filter);
     let reloader: sluice::server::Reloader =
         Box::new(move || Config::load(args.config.as_deref(), args.overrides()));
     match sluice::server::run(config, Some(reloader)).await {
@@ -163,14 +173,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
 /// `sluice lifecycle --once`: the job once, against the configured database; prints its report
 /// as JSON.
 async fn lifecycle_once(args: ServeArgs) -> ExitCode {
-    let config = match Config::load(args.config.as_deref(), args.overrides()) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("sluice: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(config) = load_config(&args) else {
+        return ExitCode::FAILURE;
     };
-    init_logging(config.log.format, &config.log.filter);
     let policy = match sluice::lifecycle::RetentionPolicy::new(&config.retention) {
         Ok(policy) => policy,
         Err(error) => {

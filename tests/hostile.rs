@@ -23,14 +23,19 @@ async fn closed_within(
     }
 }
 
+/// A server whose connections must finish TLS and the HTTP/2 preface within `timeout`.
+async fn start_with_handshake_timeout(database: &TestDatabase, timeout: &str) -> TestServer {
+    TestServer::start(
+        ServerSpec::with_database(&database.url).env("SLUICE_GRPC__HANDSHAKE_TIMEOUT", timeout),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_after_the_handshake_timeout() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let server = TestServer::start(
-        ServerSpec::with_database(&database.url).env("SLUICE_GRPC__HANDSHAKE_TIMEOUT", "1s"),
-    )
-    .await;
+    let server = start_with_handshake_timeout(&database, "1s").await;
     // Opening 300 connections takes a while on a loaded machine: each is timed from its own
     // connect.
     let mut silent = Vec::new();
@@ -74,10 +79,7 @@ async fn silent_connections_are_closed_after_the_handshake_timeout() {
 async fn tls_without_the_http2_preface_is_closed_after_the_handshake_timeout() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let server = TestServer::start(
-        ServerSpec::with_database(&database.url).env("SLUICE_GRPC__HANDSHAKE_TIMEOUT", "1s"),
-    )
-    .await;
+    let server = start_with_handshake_timeout(&database, "1s").await;
     let connector =
         tokio_rustls::TlsConnector::from(common::rustls_client_config(&server.cert_dir));
     // Timed from the connect: the server's timeout runs from its accept.

@@ -25,6 +25,17 @@ keep = "1day"
 enabled = false
 "#;
 
+/// A server whose `sluice.toml` holds [`RULES`].
+async fn start_with_rules(database: &TestDatabase) -> TestServer {
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    std::fs::write(dir.join("sluice.toml"), RULES).expect("write sluice.toml");
+    TestServer::start(ServerSpec {
+        dir: Some(dir),
+        ..ServerSpec::with_database(&database.url)
+    })
+    .await
+}
+
 /// Runs `sluice lifecycle --once` with the server's configuration; returns its JSON report.
 fn lifecycle_once(server: &TestServer, database_url: &str) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -51,13 +62,7 @@ fn lifecycle_once(server: &TestServer, database_url: &str) -> serde_json::Value 
 async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    std::fs::write(dir.join("sluice.toml"), RULES).expect("write sluice.toml");
-    let server = TestServer::start(ServerSpec {
-        dir: Some(dir),
-        ..ServerSpec::with_database(&database.url)
-    })
-    .await;
+    let server = start_with_rules(&database).await;
 
     // At ingest, an event older than its service's retention is refused, the rule named.
     let mut client = server.ingest_client().await;
@@ -205,13 +210,7 @@ async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
 async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    std::fs::write(dir.join("sluice.toml"), RULES).expect("write sluice.toml");
-    let server = TestServer::start(ServerSpec {
-        dir: Some(dir),
-        ..ServerSpec::with_database(&database.url)
-    })
-    .await;
+    let server = start_with_rules(&database).await;
     let mut connection = database.connect().await;
     const EXPIRED: i64 = 200_000;
     sqlx::query(

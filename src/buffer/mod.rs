@@ -348,22 +348,11 @@ impl DrainRate {
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-    use uuid::Uuid;
-
     use super::*;
 
     fn events(count: usize) -> Vec<ValidEvent> {
         (0..count)
-            .map(|index| ValidEvent {
-                index: index as u64,
-                id: Uuid::now_v7(),
-                service: "svc".to_owned(),
-                message: "m".to_owned(),
-                timestamp: Utc::now(),
-                user_id: None,
-                metadata_json: "{}".to_owned(),
-            })
+            .map(|index| ValidEvent::sample(index as u64))
             .collect()
     }
 

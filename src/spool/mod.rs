@@ -726,9 +726,6 @@ fn check_segment(path: &Path) -> Result<SegmentCheck, SpoolError> {
 
 #[cfg(test)]
 mod tests {
-    use chrono::{DateTime, Utc};
-    use uuid::Uuid;
-
     use super::*;
 
     const MIB: u64 = 1 << 20;
@@ -736,14 +733,10 @@ mod tests {
     fn batch(size: usize) -> Vec<ValidEvent> {
         (0..size)
             .map(|index| ValidEvent {
-                index: index as u64,
-                id: Uuid::now_v7(),
-                service: "svc".to_owned(),
                 message: format!("event {index}"),
-                timestamp: DateTime::from_timestamp_micros(Utc::now().timestamp_micros())
-                    .expect("now"),
                 user_id: Some("u-1".to_owned()),
                 metadata_json: r#"{"k":1}"#.to_owned(),
+                ..ValidEvent::sample(index as u64)
             })
             .collect()
     }

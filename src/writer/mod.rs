@@ -239,22 +239,11 @@ fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<Option<EventOutcome>>, counte
 
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
-    use uuid::Uuid;
-
     use super::*;
 
     #[test]
     fn unwritable_events_are_split_off_with_their_positions() {
-        let fine = ValidEvent {
-            index: 0,
-            id: Uuid::now_v7(),
-            service: "svc".to_owned(),
-            message: "m".to_owned(),
-            timestamp: Utc::now(),
-            user_id: None,
-            metadata_json: "{}".to_owned(),
-        };
+        let fine = ValidEvent::sample(0);
         let huge = ValidEvent {
             user_id: Some("u".repeat(copy::MAX_FIELD_BYTES + 1)),
             ..fine.clone()
