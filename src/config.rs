@@ -47,6 +47,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub retention: RetentionConfig,
     pub lifecycle: LifecycleConfig,
+    pub archive: ArchiveConfig,
 }
 
 /// How long events are kept, per service. An event older than its service's retention is
@@ -104,6 +105,59 @@ impl Default for LifecycleConfig {
         Self {
             enabled: true,
             interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The archive: events older than `after` move from PostgreSQL to an object store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Age at which events leave PostgreSQL for the archive; `off` disables archiving (what
+    /// was archived stays readable by Export, Delete and Restore).
+    #[serde(with = "optional_duration")]
+    pub after: Option<Duration>,
+    /// `file:///path` or `s3://bucket/prefix` (credentials, region and endpoint from the
+    /// usual `AWS_*` variables). Default: `file://<data_dir>/archive`.
+    pub url: Option<String>,
+    /// How long a range brought back by Restore stays in PostgreSQL before it is archived
+    /// again.
+    #[serde(with = "humantime_serde")]
+    pub restore_hold: Duration,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            after: Some(Duration::from_secs(7 * 86_400)),
+            url: None,
+            restore_hold: Duration::from_secs(7 * 86_400),
+        }
+    }
+}
+
+/// A duration that may be `off` (or empty): None.
+mod optional_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => {
+                serializer.serialize_str(&humantime::format_duration(*duration).to_string())
+            }
+            None => serializer.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.trim() {
+            "" | "off" | "none" => Ok(None),
+            text => humantime::parse_duration(text)
+                .map(Some)
+                .map_err(|error| D::Error::custom(format!("{text:?} is not a duration or off: {error}"))),
         }
     }
 }
@@ -418,6 +472,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             retention: RetentionConfig::default(),
             lifecycle: LifecycleConfig::default(),
+            archive: ArchiveConfig::default(),
         }
     }
 }
@@ -626,6 +681,12 @@ impl Config {
                     "globs may use * and ? only, and must not be empty",
                 );
             }
+        }
+        if self.archive.after.is_some_and(|after| after.is_zero()) {
+            return invalid("archive.after", "must be above zero (or off)");
+        }
+        if self.archive.restore_hold.is_zero() {
+            return invalid("archive.restore_hold", "must be above zero");
         }
         if self.lifecycle.interval.is_zero() {
             return invalid("lifecycle.interval", "must be above zero");

@@ -2,13 +2,15 @@
 //!
 //! Data flows one way: RPC ([`ingest`]) → validation → bounded [`buffer`] → [`writer`] pool →
 //! PostgreSQL ([`store`]), with the [`spool`] beside the buffer for database outages. The
-//! read side ([`query`]) reads the store. [`server`] wires the pieces together.
+//! read side ([`query`]) reads the store and the [`archive`], where the [`lifecycle`] job moves
+//! old events. [`server`] wires the pieces together.
 //!
 //! Imports flow the same way: `server → {ingest, query} → {buffer, writer} → {spool, store}`,
 //! and the leaves (`config`, `event`, `wire`, `metrics`, `status`, `proto`) import nothing above
 //! them. Each module maps its own error type to a `tonic::Status` beside that type, through
 //! the domain-free helpers of [`status`].
 
+pub mod archive;
 pub(crate) mod audit;
 pub mod auth;
 pub(crate) mod buffer;

@@ -183,6 +183,13 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let archive = match sluice::server::open_archive(&config).await {
+        Ok(archive) => archive,
+        Err(error) => {
+            eprintln!("sluice lifecycle: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let store = match sluice::store::Store::open(&config).await {
         Ok(store) => store,
         Err(error) => {
@@ -190,7 +197,7 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = sluice::lifecycle::run_once(&store.pool, &policy).await;
+    let outcome = sluice::lifecycle::run_once(&store.pool, &policy, &archive).await;
     store.close().await;
     match outcome {
         Ok(report) => {

@@ -307,11 +307,23 @@ pub fn connection_closed() {
     gauge!("sluice_connections_open").decrement(1.0);
 }
 
+/// What one lifecycle run did.
+pub struct LifecycleTotals {
+    pub rows_deleted: u64,
+    pub rows_archived: u64,
+    pub objects_written: u64,
+    pub objects_deleted: u64,
+    pub partitions_dropped: u64,
+}
+
 /// A lifecycle run ended (`status`: `ok` or `failed`).
-pub fn lifecycle_run(status: &'static str, rows_deleted: u64, partitions_dropped: usize) {
+pub fn lifecycle_run(status: &'static str, totals: LifecycleTotals) {
     counter!("sluice_lifecycle_runs_total", "status" => status).increment(1);
-    counter!("sluice_lifecycle_rows_deleted_total").increment(rows_deleted);
-    counter!("sluice_lifecycle_partitions_dropped_total").increment(partitions_dropped as u64);
+    counter!("sluice_lifecycle_rows_deleted_total").increment(totals.rows_deleted);
+    counter!("sluice_lifecycle_rows_archived_total").increment(totals.rows_archived);
+    counter!("sluice_archive_objects_written_total").increment(totals.objects_written);
+    counter!("sluice_archive_objects_deleted_total").increment(totals.objects_deleted);
+    counter!("sluice_lifecycle_partitions_dropped_total").increment(totals.partitions_dropped);
 }
 
 /// An audit row could not be written.

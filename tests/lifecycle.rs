@@ -23,6 +23,10 @@ keep = "1day"
 
 [lifecycle]
 enabled = false
+
+# These tests are about retention in PostgreSQL; tests/archive.rs covers the archive.
+[archive]
+after = "off"
 "#;
 
 /// A server whose `sluice.toml` holds [`RULES`].

@@ -6,8 +6,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
 
-use super::policy::{RetentionPolicy, Sweep};
-use crate::metrics;
+use super::{
+    archiving,
+    policy::{RetentionPolicy, Sweep},
+};
+use crate::{
+    archive::{Archive, ArchiveError},
+    metrics,
+};
 
 /// Rows deleted per statement, so that no delete holds locks for long.
 const DELETE_BATCH: i64 = 5_000;
@@ -18,6 +24,8 @@ const LOCK: &str = "sluice.lifecycle";
 pub enum LifecycleError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
 }
 
 /// What a run did.
@@ -26,6 +34,11 @@ pub struct Report {
     /// False when another node held the lock: nothing was done.
     pub ran: bool,
     pub rows_deleted: u64,
+    /// Rows moved from `events` into archived objects.
+    pub rows_archived: u64,
+    pub objects_written: u64,
+    /// Archived objects removed at the end of their service's retention.
+    pub objects_deleted: u64,
     pub partitions_dropped: Vec<String>,
     pub counts_deleted: u64,
     pub dead_letters_deleted: u64,
@@ -33,7 +46,11 @@ pub struct Report {
 }
 
 /// Runs the job once, unless another node is running it.
-pub async fn run_once(pool: &PgPool, policy: &RetentionPolicy) -> Result<Report, LifecycleError> {
+pub async fn run_once(
+    pool: &PgPool,
+    policy: &RetentionPolicy,
+    archive: &Archive,
+) -> Result<Report, LifecycleError> {
     let started_at = Utc::now();
     let started = Instant::now();
     let mut lock = pool.acquire().await?;
@@ -49,7 +66,7 @@ pub async fn run_once(pool: &PgPool, policy: &RetentionPolicy) -> Result<Report,
         ran: true,
         ..Report::default()
     };
-    let outcome = sweep(pool, policy, Utc::now(), &mut report).await;
+    let outcome = sweep(pool, policy, archive, Utc::now(), &mut report).await;
     report.seconds = started.elapsed().as_secs_f64();
     let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
         .bind(LOCK)
@@ -64,10 +81,20 @@ pub async fn run_once(pool: &PgPool, policy: &RetentionPolicy) -> Result<Report,
         Ok(()) => ("ok", None),
         Err(error) => ("failed", Some(error.to_string())),
     };
-    metrics::lifecycle_run(status, report.rows_deleted, report.partitions_dropped.len());
+    metrics::lifecycle_run(
+        status,
+        metrics::LifecycleTotals {
+            rows_deleted: report.rows_deleted,
+            rows_archived: report.rows_archived,
+            objects_written: report.objects_written,
+            objects_deleted: report.objects_deleted,
+            partitions_dropped: report.partitions_dropped.len() as u64,
+        },
+    );
     sqlx::query(
         "INSERT INTO lifecycle_runs (started_at, status, rows_deleted, partitions_dropped, \
-         counts_deleted, dead_letters_deleted, error) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+         counts_deleted, dead_letters_deleted, error, rows_archived, objects_written, \
+         objects_deleted) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(started_at)
     .bind(status)
@@ -76,11 +103,17 @@ pub async fn run_once(pool: &PgPool, policy: &RetentionPolicy) -> Result<Report,
     .bind(report.counts_deleted as i64)
     .bind(report.dead_letters_deleted as i64)
     .bind(error)
+    .bind(report.rows_archived as i64)
+    .bind(report.objects_written as i64)
+    .bind(report.objects_deleted as i64)
     .execute(pool)
     .await?;
     outcome?;
     tracing::info!(
         rows_deleted = report.rows_deleted,
+        rows_archived = report.rows_archived,
+        objects_written = report.objects_written,
+        objects_deleted = report.objects_deleted,
         partitions_dropped = ?report.partitions_dropped,
         counts_deleted = report.counts_deleted,
         dead_letters_deleted = report.dead_letters_deleted,
@@ -90,12 +123,17 @@ pub async fn run_once(pool: &PgPool, policy: &RetentionPolicy) -> Result<Report,
     Ok(report)
 }
 
+/// Archive first, then delete: nothing within its retention is deleted, nothing past it is
+/// archived.
 async fn sweep(
     pool: &PgPool,
     policy: &RetentionPolicy,
+    archive: &Archive,
     now: DateTime<Utc>,
     report: &mut Report,
 ) -> Result<(), LifecycleError> {
+    archiving::tidy(pool, archive).await?;
+    archiving::move_old_events(pool, archive, policy, now, report).await?;
     let past_every_rule = now - policy.longest();
     report.partitions_dropped = drop_partitions_before(pool, past_every_rule).await?;
     for sweep in policy.sweeps() {
@@ -108,12 +146,13 @@ async fn sweep(
         let hour_cutoff = cutoff - Duration::from_secs(3600);
         report.counts_deleted +=
             delete_before(pool, "event_counts", "hour", &sweep, hour_cutoff).await?;
+        archiving::expire_objects(pool, archive, &sweep, cutoff, report).await?;
     }
     Ok(())
 }
 
 /// The `WHERE` of one sweep: its services (or all), less those of earlier rules.
-const SWEEP_SERVICES: &str =
+pub(super) const SWEEP_SERVICES: &str =
     "($2::text[] IS NULL OR service LIKE ANY($2)) AND NOT (service LIKE ANY($3))";
 
 async fn delete_events_before(

@@ -1,7 +1,10 @@
 //! Data lifecycle: retention per service ([`policy`]) and the job that applies it ([`job`]):
 //! whole partitions past every retention are dropped, rows past their service's retention are
-//! deleted in batches, and the rollup and dead letters follow. One node at a time.
+//! deleted in batches, and the rollup and dead letters follow. Before that, events past
+//! `archive.after` move into the archive ([`archiving`]), and archived objects past their
+//! service's retention are removed. One node at a time.
 
+mod archiving;
 pub mod job;
 pub mod policy;
 

@@ -9,6 +9,11 @@ use uuid::Uuid;
 
 use super::QueryError;
 use crate::{
+    archive::{
+        Matcher,
+        catalog::{ArchivedObject, Selection},
+        format::{ArchivedEvent, json_contains},
+    },
     config::ValidationConfig,
     event::ValidEvent,
     proto,
@@ -241,6 +246,29 @@ impl Filter {
         Ok(filter)
     }
 
+    /// Restore needs a time range; services are optional.
+    pub fn from_restore(
+        request: &proto::RestoreRequest,
+        limits: &ValidationConfig,
+    ) -> Result<Self, QueryError> {
+        let filter = Self::build(
+            limits,
+            request.services.clone(),
+            request.start_time.as_ref(),
+            request.end_time.as_ref(),
+            String::new(),
+            None,
+            String::new(),
+        )?;
+        if filter.start.is_none() {
+            return Err(QueryError::invalid("start_time", "required: the start of the range to restore"));
+        }
+        if filter.end.is_none() {
+            return Err(QueryError::invalid("end_time", "required: the end of the range to restore"));
+        }
+        Ok(filter)
+    }
+
     /// Appends ` WHERE …` with every condition as a bound parameter.
     pub fn push_where(&self, builder: &mut QueryBuilder<Postgres>) {
         builder.push(" WHERE TRUE");
@@ -283,6 +311,49 @@ impl Filter {
                 .push_bind(text.clone())
                 .push(") > 0");
         }
+    }
+
+    /// The archived objects that may hold matching events.
+    pub fn archive_selection(&self) -> Selection {
+        Selection {
+            services: self.services.clone(),
+            patterns: self.allowed_services.clone(),
+            start: self.start,
+            end: self.end,
+            user_id: self.user_id.clone(),
+        }
+    }
+
+    /// Which lines of a selected object match: everything `push_where` checks in SQL (the
+    /// object's service already passed `allowed_services`).
+    pub fn archived_matcher(&self) -> Matcher {
+        let filter = self.clone();
+        let contained = self.metadata_contains.clone().map(Json::Object);
+        std::sync::Arc::new(move |event: &ArchivedEvent| {
+            (filter.services.is_empty() || filter.services.contains(&event.service))
+                && filter.start.is_none_or(|start| event.timestamp >= start)
+                && filter.end.is_none_or(|end| event.timestamp < end)
+                && filter
+                    .user_id
+                    .as_ref()
+                    .is_none_or(|user_id| event.user_id.as_ref() == Some(user_id))
+                && filter
+                    .message_contains
+                    .as_ref()
+                    .is_none_or(|text| event.message.contains(text.as_str()))
+                && contained
+                    .as_ref()
+                    .is_none_or(|contained| json_contains(&event.metadata, contained))
+        })
+    }
+
+    /// How many events of `object` match, when the catalog alone tells (no content filter,
+    /// and the whole object inside the time bounds); None when the object must be read.
+    pub fn archived_matches_known(&self, object: &ArchivedObject) -> Option<u64> {
+        let whole = self.start.is_none_or(|start| object.min_ts >= start)
+            && self.end.is_none_or(|end| object.max_ts < end);
+        let by_content = self.metadata_contains.is_some() || self.message_contains.is_some();
+        (whole && !by_content).then(|| object.user_events.unwrap_or(object.rows).max(0) as u64)
     }
 
     /// Whether a spooled event falls under a Delete filter (user, services, time range).

@@ -1,6 +1,7 @@
 //! QueryService: Query, Export, Delete and Stats over the stored events, and the one mapping
 //! of their errors to gRPC statuses.
 
+mod archived;
 pub mod filter;
 pub mod service;
 
@@ -11,6 +12,7 @@ use tonic::{Code, Status};
 pub use service::QueryHandler;
 
 use crate::{
+    archive::ArchiveError,
     spool::SpoolError,
     status::{bad_request, refusal},
     store,
@@ -25,6 +27,8 @@ pub enum QueryError {
     Database(#[from] sqlx::Error),
     #[error("spool error: {0}")]
     Spool(#[from] SpoolError),
+    #[error("archive error: {0}")]
+    Archive(#[from] ArchiveError),
     #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
 }
@@ -64,6 +68,10 @@ impl From<QueryError> for Status {
                 tracing::error!(error = %database_error, sqlstate = sqlstate.as_deref(), "query failed in the database");
                 Status::new(code, "database error; see server logs")
             }
+            QueryError::Archive(ArchiveError::Database(database_error)) => {
+                Status::from(QueryError::Database(database_error))
+            }
+            QueryError::Archive(archive_error) => archive_status(archive_error),
             QueryError::Spool(spool_error) => {
                 tracing::error!(error = %spool_error, "spool error during a query");
                 Status::internal("spool error; see server logs")
@@ -75,6 +83,26 @@ impl From<QueryError> for Status {
                 Some(retry_after),
                 HashMap::new(),
             ),
+        }
+    }
+}
+
+/// Archive failures: a store that cannot be reached is retryable, and so is an object that
+/// changed under the call; a corrupt object is data loss, said loudly.
+fn archive_status(error: ArchiveError) -> Status {
+    match error {
+        ArchiveError::Gone { .. } => Status::aborted(error.to_string()),
+        ArchiveError::Store(store_error) => {
+            tracing::error!(error = %store_error, "archive store error during a call");
+            Status::unavailable("archive store error; see server logs")
+        }
+        ArchiveError::Corrupt { ref path, ref reason } => {
+            tracing::error!(path, reason, "an archived object is corrupt");
+            Status::data_loss(error.to_string())
+        }
+        other => {
+            tracing::error!(error = %other, "archive error during a call");
+            Status::internal("archive error; see server logs")
         }
     }
 }
@@ -109,6 +137,23 @@ mod tests {
             details.error_info().map(|info| info.reason.as_str()),
             Some("WRITES_PENDING")
         );
+    }
+
+    #[test]
+    fn archive_objects_changed_under_a_call_are_aborted_and_corrupt_ones_data_loss() {
+        let gone = Status::from(QueryError::Archive(ArchiveError::Gone {
+            path: "service=a/date=2026-01-01/part-1.ndjson.zst".to_owned(),
+        }));
+        assert_eq!(gone.code(), Code::Aborted);
+        let corrupt = Status::from(QueryError::Archive(ArchiveError::Corrupt {
+            path: "p".to_owned(),
+            reason: "sha256".to_owned(),
+        }));
+        assert_eq!(corrupt.code(), Code::DataLoss);
+        let database = Status::from(QueryError::Archive(ArchiveError::Database(
+            sqlx::Error::PoolTimedOut,
+        )));
+        assert_eq!(database.code(), Code::Unavailable);
     }
 
     #[test]

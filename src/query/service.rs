@@ -7,15 +7,16 @@ use futures::{Stream, TryStreamExt};
 use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{
-    QueryError,
+    QueryError, archived,
     filter::{Cursor, DEFAULT_PAGE, Filter, MAX_PAGE},
 };
 use crate::{
+    archive::{Archive, Removal, catalog},
     audit::{self, Audit, Entry},
     auth::{Authorizer, Caller},
     buffer::Buffer,
@@ -24,7 +25,8 @@ use crate::{
     proto::{
         AuditEntry, AuditRequest, AuditResponse, BufferStats, DeleteRequest, DeleteResponse, Event,
         ExportChunk, ExportRequest, HourCount, IngestCounters, Order, QueryRequest, QueryResponse,
-        ServiceCount, StatsRequest, StatsResponse, WriterStats, query_service_server::QueryService,
+        RestoreProgress, RestoreRequest, ServiceCount, StatsRequest, StatsResponse, WriterStats,
+        query_service_server::QueryService,
     },
     spool::Spool,
     store::{self, Store},
@@ -54,6 +56,7 @@ pub struct QueryHandler {
     counters: Arc<Counters>,
     auth: Arc<Authorizer>,
     audit: Arc<Audit>,
+    archive: Arc<Archive>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -97,6 +100,7 @@ pub struct QueryDeps {
     pub counters: Arc<Counters>,
     pub auth: Arc<Authorizer>,
     pub audit: Arc<Audit>,
+    pub archive: Arc<Archive>,
 }
 
 impl QueryHandler {
@@ -110,6 +114,7 @@ impl QueryHandler {
             counters: deps.counters,
             auth: deps.auth,
             audit: deps.audit,
+            archive: deps.archive,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -152,10 +157,23 @@ impl QueryHandler {
         details: Json,
         result: Result<T, QueryError>,
     ) -> Result<T, Status> {
-        let result = result.map_err(Status::from);
-        let code = result
-            .as_ref()
-            .map_or_else(Status::code, |_| tonic::Code::Ok);
+        match result {
+            Ok(value) => {
+                self.record(caller, call, details, tonic::Code::Ok).await;
+                Ok(value)
+            }
+            Err(error) => Err(self.refused(caller, call, details, error).await),
+        }
+    }
+
+    /// Writes the audit row of a call that failed after authorization; returns its status.
+    async fn refused(&self, caller: &Caller, call: &Call, details: Json, error: QueryError) -> Status {
+        let status = Status::from(error);
+        self.record(caller, call, details, status.code()).await;
+        status
+    }
+
+    async fn record(&self, caller: &Caller, call: &Call, details: Json, code: tonic::Code) {
         self.audit
             .record(Entry::new(
                 &caller.principal,
@@ -166,7 +184,6 @@ impl QueryHandler {
                 details,
             ))
             .await;
-        result
     }
 
     async fn query_page(
@@ -286,9 +303,31 @@ impl QueryHandler {
         } else {
             delete_events(pool, &filter).await?
         };
+        // Rows a concurrent lifecycle run was archiving are in the objects this finds: it
+        // reads the catalog under the archive lock.
+        let selection = filter.archive_selection();
+        let (archived_deleted, archive_objects_rewritten) = if dry_run {
+            let objects = self.archive.select_settled(pool, &selection).await?;
+            let counts = archived::count_matches(&self.archive, &filter, &objects).await?;
+            (counts.iter().sum(), 0)
+        } else {
+            let done = self
+                .archive
+                .take_all(
+                    pool,
+                    &selection,
+                    filter.archived_matcher(),
+                    Removal::Delete,
+                    |_| {},
+                )
+                .await?;
+            (done.events, done.objects_changed)
+        };
         let mut transaction = pool.begin().await?;
         let dead_letters_deleted = delete_dead_letters(&mut transaction, &filter, dry_run).await?;
         details["rows"] = Json::from(deleted);
+        details["archived"] = Json::from(archived_deleted);
+        details["archive_objects_rewritten"] = Json::from(archive_objects_rewritten);
         details["dead_letters"] = Json::from(dead_letters_deleted);
         details["spooled"] = Json::from(spooled_deleted);
         let entry = Entry::new(
@@ -307,6 +346,8 @@ impl QueryHandler {
             by_user = filter.user_id.is_some(),
             services = ?filter.services,
             deleted,
+            archived_deleted,
+            archive_objects_rewritten,
             dead_letters_deleted,
             spooled_deleted,
             "delete request served"
@@ -316,6 +357,8 @@ impl QueryHandler {
             dead_letters_deleted,
             spooled_deleted,
             dry_run,
+            archived_deleted,
+            archive_objects_rewritten,
         })
     }
 
@@ -494,10 +537,13 @@ async fn delete_dead_letters(
     Ok(count as u64)
 }
 
-/// Streams the export from one REPEATABLE READ snapshot: the count first, then NDJSON lines
-/// built by PostgreSQL, fetched row by row (memory stays flat), in chunks of ~256 KiB.
+/// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
+/// catalog: each event is in exactly one of them): the counts first, then the archived lines,
+/// one object at a time, then NDJSON lines built by PostgreSQL, fetched row by row (memory
+/// stays flat), in chunks of ~256 KiB.
 async fn export(
     pool: PgPool,
+    archive: Arc<Archive>,
     filter: Filter,
     chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
 ) -> Result<(), QueryError> {
@@ -510,35 +556,43 @@ async fn export(
         .await?;
     let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
     filter.push_where(&mut count);
-    let total: i64 = count
+    let hot: i64 = count
         .build_query_scalar()
         .fetch_one(&mut *transaction)
         .await?;
+    let objects = catalog::select(&mut transaction, &filter.archive_selection()).await?;
+    let archived_counts = archived::count_matches(&archive, &filter, &objects).await?;
+    let archived: u64 = archived_counts.iter().sum();
+    let total = hot as u64 + archived;
     let first = ExportChunk {
-        total_events: total as u64,
+        total_events: total,
+        archived_events: archived,
         last: total == 0,
         ..ExportChunk::default()
     };
     if chunks.send(Ok(first)).await.is_err() || total == 0 {
         return Ok(());
     }
-    let mut lines = QueryBuilder::<Postgres>::new(
-        "SELECT json_build_object('id', id, 'service', service, 'message', message, 'timestamp', ts, \
-         'ingested_at', ingested_at, 'user_id', user_id, 'metadata', metadata)::text FROM events",
-    );
+    let mut chunk = ExportChunk::default();
+    let matcher = filter.archived_matcher();
+    for (object, count) in objects.iter().zip(archived_counts) {
+        if count == 0 {
+            continue;
+        }
+        for line in archive.matching_lines(object, matcher.clone()).await? {
+            if !append_line(&mut chunk, &line, chunks).await {
+                return Ok(());
+            }
+        }
+    }
+    let mut lines = QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
     filter.push_where(&mut lines);
     lines.push(" ORDER BY ts, id");
     let mut rows = lines
         .build_query_scalar::<String>()
         .fetch(&mut *transaction);
-    let mut chunk = ExportChunk::default();
     while let Some(line) = rows.try_next().await? {
-        chunk.ndjson.extend_from_slice(line.as_bytes());
-        chunk.ndjson.push(b'\n');
-        chunk.events += 1;
-        if chunk.ndjson.len() >= EXPORT_CHUNK_BYTES
-            && chunks.send(Ok(std::mem::take(&mut chunk))).await.is_err()
-        {
+        if !append_line(&mut chunk, &line, chunks).await {
             return Ok(());
         }
     }
@@ -547,6 +601,19 @@ async fn export(
     let _ = chunks.send(Ok(chunk)).await;
     transaction.commit().await?;
     Ok(())
+}
+
+/// Adds one NDJSON line to the chunk being filled, sending it once full. False when the
+/// client has gone.
+async fn append_line(
+    chunk: &mut ExportChunk,
+    line: &str,
+    chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
+) -> bool {
+    chunk.ndjson.extend_from_slice(line.as_bytes());
+    chunk.ndjson.push(b'\n');
+    chunk.events += 1;
+    chunk.ndjson.len() < EXPORT_CHUNK_BYTES || chunks.send(Ok(std::mem::take(chunk))).await.is_ok()
 }
 
 /// One call, as the audit log names it.
@@ -579,6 +646,8 @@ fn restrict(filter: &mut Filter, caller: &Caller) {
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send + 'static>>;
+type RestoreStream =
+    Pin<Box<dyn Stream<Item = Result<RestoreProgress, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl QueryService for QueryHandler {
@@ -620,8 +689,9 @@ impl QueryService for QueryHandler {
         let filter = self.audited(&caller, &call, details, filter).await?;
         let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
         let pool = self.store.read_pool.clone();
+        let archive = self.archive.clone();
         tokio::spawn(async move {
-            if let Err(error) = export(pool, filter, &chunks).await {
+            if let Err(error) = export(pool, archive, filter, &chunks).await {
                 let _ = chunks.send(Err(error.into())).await;
             }
         });
@@ -655,6 +725,56 @@ impl QueryService for QueryHandler {
             .await
             .map_err(|_| Status::internal("the delete task failed; see server logs"))?
             .map(Response::new)
+    }
+
+    type RestoreStream = RestoreStream;
+
+    async fn restore(
+        &self,
+        request: Request<RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let call = Call::of(&request, "Restore");
+        let caller = self
+            .caller(&request, &call, Scope::Admin, &request.get_ref().services)
+            .await?;
+        let filter = Filter::from_restore(request.get_ref(), &self.config.validation).map(
+            |mut filter| {
+                restrict(&mut filter, &caller);
+                filter
+            },
+        );
+        let mut details = serde_json::json!({
+            "filters": filter.as_ref().map(filter_details).unwrap_or(Json::Null),
+        });
+        let filter = match filter {
+            Ok(filter) => filter,
+            Err(error) => return Err(self.refused(&caller, &call, details, error).await),
+        };
+        let (progress, receiver) = mpsc::unbounded_channel();
+        let handler = self.clone();
+        // Its own task: a client that goes away does not stop a restore halfway.
+        tokio::spawn(async move {
+            let hold_until = Utc::now()
+                + TimeDelta::from_std(handler.archive.restore_hold).unwrap_or(TimeDelta::days(7));
+            let result = archived::restore(
+                &handler.store.pool,
+                &handler.archive,
+                &filter,
+                hold_until,
+                &progress,
+            )
+            .await
+            .map(|restored| {
+                details["objects"] = Json::from(restored.objects);
+                details["rows"] = Json::from(restored.events);
+                details["inserted"] = Json::from(restored.inserted);
+                details["hold_until"] = Json::from(hold_until.to_rfc3339());
+            });
+            if let Err(status) = handler.audited(&caller, &call, details, result).await {
+                let _ = progress.send(Err(status));
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(receiver))))
     }
 
     async fn stats(

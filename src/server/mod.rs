@@ -29,6 +29,7 @@ use tonic::{
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    archive::{Archive, ArchiveError},
     audit::Audit,
     auth::{AuthConfigError, Authorizer},
     buffer::Buffer,
@@ -90,6 +91,8 @@ pub enum ServerError {
     AcceptLoopStopped,
     #[error("invalid configuration: retention.rules: {0}")]
     Retention(String),
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
 }
 
 /// Loads the configuration again (file, environment, flags) for a reload on SIGHUP.
@@ -169,13 +172,19 @@ fn prepare_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Tls
 struct Storage {
     store: Arc<Store>,
     spool: Option<Spool>,
+    archive: Arc<Archive>,
 }
 
 impl Storage {
     async fn open(config: &Config) -> Result<Self, ServerError> {
         let spool = open_spool(config).await?;
+        let archive = Arc::new(open_archive(config).await?);
         let store = Arc::new(Store::open(config).await?);
-        Ok(Self { store, spool })
+        Ok(Self {
+            store,
+            spool,
+            archive,
+        })
     }
 
     /// Closes the pools and stops the private cluster. Last: everything else writes here.
@@ -213,6 +222,28 @@ async fn open_spool(config: &Config) -> Result<Option<Spool>, SpoolError> {
         );
     }
     Ok(Some(spool))
+}
+
+/// Opens the archive (proving it writable when archiving is on) and says, once, which
+/// services expire before they reach archive age.
+pub async fn open_archive(config: &Config) -> Result<Archive, ArchiveError> {
+    let archive = Archive::open(&config.archive, &config.data_dir).await?;
+    match archive.after {
+        Some(after) => {
+            tracing::info!(after = %humantime::format_duration(after), "archiving events older than archive.after");
+            for rule in &config.retention.rules {
+                if rule.keep <= after {
+                    tracing::info!(
+                        services = ?rule.services,
+                        keep = %humantime::format_duration(rule.keep),
+                        "these services expire before archive.after: their events are never archived"
+                    );
+                }
+            }
+        }
+        None => tracing::info!("archiving is off (archive.after = off)"),
+    }
+    Ok(archive)
 }
 
 /// Turns shutdown on: handlers stop reading and settle, the buffer refuses new events, and
@@ -262,6 +293,7 @@ impl Background {
             tokio::spawn(run_lifecycle(
                 storage.store.pool.clone(),
                 retention.clone(),
+                storage.archive.clone(),
                 config.lifecycle.interval,
             ))
         });
@@ -394,6 +426,7 @@ fn build_services(
         counters: background.counters.clone(),
         auth: auth.clone(),
         audit: background.audit.clone(),
+        archive: storage.archive.clone(),
     });
     let mut routes = RoutesBuilder::default();
     routes
@@ -567,18 +600,29 @@ async fn reload_on_sighup(auth: Arc<Authorizer>, audit: Arc<Audit>, reloader: Op
     }
 }
 
-/// Runs the lifecycle job every `interval` (the first run one interval after start), retrying
-/// a failed run sooner.
-async fn run_lifecycle(pool: sqlx::PgPool, retention: Arc<RetentionPolicy>, interval: Duration) {
-    const RETRY: Duration = Duration::from_secs(60);
+/// Runs the lifecycle job every `interval` (the first run one interval after start). A failed
+/// run is retried after 1 minute, then 2, 4, … up to `interval`.
+async fn run_lifecycle(
+    pool: sqlx::PgPool,
+    retention: Arc<RetentionPolicy>,
+    archive: Arc<Archive>,
+    interval: Duration,
+) {
+    const FIRST_RETRY: Duration = Duration::from_secs(60);
     let mut wait = interval;
+    let mut retry = FIRST_RETRY;
     loop {
         tokio::time::sleep(wait).await;
-        wait = match lifecycle::run_once(&pool, &retention).await {
-            Ok(_) => interval,
+        wait = match lifecycle::run_once(&pool, &retention, &archive).await {
+            Ok(_) => {
+                retry = FIRST_RETRY;
+                interval
+            }
             Err(error) => {
-                tracing::error!(%error, "lifecycle run failed; retrying");
-                RETRY.min(interval)
+                let wait = retry.min(interval);
+                tracing::error!(%error, retry_in = ?wait, "lifecycle run failed; hot rows stay in place");
+                retry = retry.saturating_mul(2);
+                wait
             }
         };
     }

@@ -1,0 +1,525 @@
+//! The archive: events older than `archive.after` leave PostgreSQL for objects in a file
+//! directory or an S3 bucket, one or more per service per day
+//! (`service=<s>/date=<yyyy-mm-dd>/part-<n>.ndjson.zst`, see [`format`]), recorded in the
+//! [`catalog`]. Every event lives in exactly one place: a row of `events` or a line of one
+//! object. Export, Delete and Restore reach archived events through [`Archive::take`] and
+//! [`Archive::matching_lines`]; the lifecycle job moves events in and expires objects.
+//!
+//! Crash safety: a path goes on the garbage list (committed) before its object is written, and
+//! comes off it in the transaction that records the object (and, when archiving, deletes the
+//! archived rows). A replaced object goes on the list in the transaction that replaces it. So
+//! an object is either recorded or removed by the next garbage collection, and no row leaves
+//! PostgreSQL before its object is durable.
+
+pub mod catalog;
+pub mod format;
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path as FsPath, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder, local::LocalFileSystem,
+    path::Path, prefix::PrefixStore,
+};
+use sqlx::PgPool;
+
+use crate::config::ArchiveConfig;
+use catalog::{ArchivedObject, Placement, Selection};
+use format::{ArchivedEvent, Encoded, Encoder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("invalid configuration: archive.url: {reason}")]
+    Config { reason: String },
+    #[error("invalid configuration: archive.url {url} cannot be written: {reason}")]
+    Unwritable { url: String, reason: String },
+    #[error("object store error: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("archived object {path} is corrupt: {reason}")]
+    Corrupt { path: String, reason: String },
+    #[error("archived object {path} was rewritten or expired during the call; retry")]
+    Gone { path: String },
+    #[error("cannot compress an object: {0}")]
+    Compress(std::io::Error),
+    #[error("archive task failed: {0}")]
+    Task(String),
+}
+
+/// Which lines of an object a call is about.
+pub type Matcher = Arc<dyn Fn(&ArchivedEvent) -> bool + Send + Sync>;
+
+/// What happens to the lines [`Archive::take`] removes from an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// They are gone (Delete): the hourly rollup forgets them.
+    Delete,
+    /// They go back into `events` (Restore), by id: a row already there is kept.
+    Restore,
+}
+
+/// What [`Archive::take`] did to one object.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Taken {
+    /// Lines removed from the object.
+    pub events: u64,
+    /// Of those, rows inserted into `events` (Restore).
+    pub inserted: u64,
+    /// The object written in its place, holding the other lines, if any were left.
+    pub replacement: Option<i64>,
+}
+
+/// How far [`Archive::take_all`] got.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TakeProgress {
+    pub objects_done: u64,
+    /// Objects found so far (a round finds the objects written meanwhile by others).
+    pub objects_total: u64,
+    /// Objects rewritten or removed.
+    pub objects_changed: u64,
+    pub events: u64,
+    pub inserted: u64,
+}
+
+/// The object store and the archiving settings.
+pub struct Archive {
+    objects: Arc<dyn ObjectStore>,
+    /// The `archive.url` objects are written under, without a trailing slash.
+    root: String,
+    /// Events older than this leave PostgreSQL; None: archiving is off (what was archived
+    /// stays readable).
+    pub after: Option<Duration>,
+    /// How long Restore keeps a restored range in PostgreSQL.
+    pub restore_hold: Duration,
+}
+
+/// Uncompressed bytes at which an object is closed and the next part begins.
+pub const PART_MAX_RAW_BYTES: usize = 64 * 1024 * 1024;
+/// Events at which an object is closed and the next part begins.
+pub const PART_MAX_ROWS: i64 = 200_000;
+
+impl Archive {
+    /// Opens the store of `archive.url` (default: `data_dir/archive`) and, when archiving is
+    /// on, proves it writable by writing and removing a probe object.
+    pub async fn open(config: &ArchiveConfig, data_dir: &FsPath) -> Result<Self, ArchiveError> {
+        let url = match &config.url {
+            Some(url) => url.clone(),
+            None => {
+                let directory = std::path::absolute(data_dir.join("archive")).map_err(|error| {
+                    ArchiveError::Config {
+                        reason: format!("cannot resolve data_dir/archive: {error}"),
+                    }
+                })?;
+                format!("file://{}", directory.display())
+            }
+        };
+        let root = url.trim_end_matches('/').to_owned();
+        let objects = open_store(&root)?;
+        let archive = Self {
+            objects,
+            root,
+            after: config.after,
+            restore_hold: config.restore_hold,
+        };
+        if archive.after.is_some() {
+            archive.probe().await?;
+        }
+        Ok(archive)
+    }
+
+    async fn probe(&self) -> Result<(), ArchiveError> {
+        let unwritable = |error: object_store::Error| ArchiveError::Unwritable {
+            url: self.root.clone(),
+            reason: error.to_string(),
+        };
+        let path = Path::from(format!("_sluice_probe/{}", uuid::Uuid::new_v4()));
+        self.objects
+            .put(&path, PutPayload::from_static(b"sluice"))
+            .await
+            .map_err(unwritable)?;
+        self.objects.delete(&path).await.map_err(unwritable)
+    }
+
+    /// The URL of an object, for people.
+    pub fn uri(&self, path: &str) -> String {
+        format!("{}/{path}", self.root)
+    }
+
+    async fn get(&self, object: &ArchivedObject) -> Result<bytes::Bytes, ArchiveError> {
+        let path = parse_path(&object.path)?;
+        let bytes = match self.objects.get(&path).await {
+            Ok(result) => result.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(ArchiveError::Gone {
+                    path: object.path.clone(),
+                });
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if format::sha256_hex(&bytes) != object.sha256 {
+            return Err(ArchiveError::Corrupt {
+                path: object.path.clone(),
+                reason: "its sha256 differs from the one recorded".to_owned(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    async fn remove(&self, path: &str) -> Result<(), ArchiveError> {
+        match self.objects.delete(&parse_path(path)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Writes `encoded` as the next part of its service's day and records it in the
+    /// caller's transaction (which must hold the archive lock). The object is durable when
+    /// this returns; it belongs to the archive once the transaction commits.
+    pub async fn store(
+        &self,
+        pool: &PgPool,
+        connection: &mut sqlx::PgConnection,
+        service: &str,
+        day: NaiveDate,
+        encoded: &Encoded,
+    ) -> Result<i64, ArchiveError> {
+        let part = catalog::next_part(connection, service, day).await?;
+        let path = format!(
+            "service={service}/date={}/part-{part}.{}",
+            day.format("%Y-%m-%d"),
+            format::EXTENSION
+        );
+        let placement = Placement {
+            uri: self.uri(&path),
+            path,
+            service: service.to_owned(),
+            day,
+            part,
+        };
+        catalog::expect_garbage(pool, &placement.path).await?;
+        self.objects
+            .put(
+                &parse_path(&placement.path)?,
+                PutPayload::from(encoded.bytes.clone()),
+            )
+            .await?;
+        Ok(catalog::record(connection, &placement, encoded).await?)
+    }
+
+    /// Removes the objects on the garbage list: written by a run that died before recording
+    /// them, or replaced and not yet removed.
+    pub async fn collect_garbage(&self, pool: &PgPool) -> Result<u64, ArchiveError> {
+        let mut transaction = pool.begin().await?;
+        catalog::lock(&mut transaction).await?;
+        let paths = catalog::garbage(&mut transaction).await?;
+        for path in &paths {
+            self.remove(path).await?;
+        }
+        catalog::collected(&mut transaction, &paths).await?;
+        transaction.commit().await?;
+        if !paths.is_empty() {
+            tracing::info!(objects = paths.len(), "removed unrecorded or replaced archive objects");
+        }
+        Ok(paths.len() as u64)
+    }
+
+    /// Removes one object from the catalog and the store (retention).
+    pub async fn expire(&self, pool: &PgPool, id: i64) -> Result<bool, ArchiveError> {
+        let mut transaction = pool.begin().await?;
+        catalog::lock(&mut transaction).await?;
+        let Some(object) = catalog::reload(&mut transaction, id).await? else {
+            return Ok(false);
+        };
+        catalog::forget(&mut transaction, &object).await?;
+        transaction.commit().await?;
+        self.discard(pool, &object.path).await?;
+        Ok(true)
+    }
+
+    /// Removes a forgotten object from the store and takes it off the garbage list.
+    async fn discard(&self, pool: &PgPool, path: &str) -> Result<(), ArchiveError> {
+        self.remove(path).await?;
+        let mut connection = pool.acquire().await?;
+        catalog::collected(&mut connection, &[path.to_owned()]).await?;
+        Ok(())
+    }
+
+    /// The objects of `selection`, read under the archive lock: every archiving that began
+    /// before the call is included (a Delete that just removed rows finds the objects a
+    /// concurrent run put them in).
+    pub async fn select_settled(
+        &self,
+        pool: &PgPool,
+        selection: &Selection,
+    ) -> Result<Vec<ArchivedObject>, ArchiveError> {
+        let mut transaction = pool.begin().await?;
+        catalog::lock(&mut transaction).await?;
+        let objects = catalog::select(&mut transaction, selection).await?;
+        transaction.commit().await?;
+        Ok(objects)
+    }
+
+    /// [`Archive::take`] on every object of `selection`, until a fresh selection finds no
+    /// object left to look at; `progress` is called after each object.
+    pub async fn take_all(
+        &self,
+        pool: &PgPool,
+        selection: &Selection,
+        matches: Matcher,
+        removal: Removal,
+        mut progress: impl FnMut(&TakeProgress) + Send,
+    ) -> Result<TakeProgress, ArchiveError> {
+        let mut seen: HashSet<i64> = HashSet::new();
+        let mut state = TakeProgress::default();
+        loop {
+            let todo: Vec<ArchivedObject> = self
+                .select_settled(pool, selection)
+                .await?
+                .into_iter()
+                .filter(|object| !seen.contains(&object.id))
+                .collect();
+            if todo.is_empty() {
+                return Ok(state);
+            }
+            state.objects_total += todo.len() as u64;
+            for object in todo {
+                seen.insert(object.id);
+                if let Some(taken) = self.take(pool, object.id, matches.clone(), removal).await? {
+                    state.events += taken.events;
+                    state.inserted += taken.inserted;
+                    if taken.events > 0 {
+                        state.objects_changed += 1;
+                    }
+                    seen.extend(taken.replacement);
+                }
+                state.objects_done += 1;
+                progress(&state);
+            }
+        }
+    }
+
+    /// The lines of `object` that `matches` selects, in the object's order.
+    pub async fn matching_lines(
+        &self,
+        object: &ArchivedObject,
+        matches: Matcher,
+    ) -> Result<Vec<String>, ArchiveError> {
+        let bytes = self.get(object).await?;
+        let path = object.path.clone();
+        let split = tokio::task::spawn_blocking(move || split(&path, &bytes, &*matches))
+            .await
+            .map_err(|error| ArchiveError::Task(error.to_string()))??;
+        Ok(split.taken.into_iter().map(|line| line.text).collect())
+    }
+
+    /// Removes the lines `matches` selects from object `id`, atomically: the other lines are
+    /// written to a new object first, then, in one transaction, the new object is recorded,
+    /// the old one forgotten and the removed lines deleted or restored (`removal`); the old
+    /// object is removed from the store after the commit. None when the object is gone
+    /// (replaced or expired since it was selected).
+    pub async fn take(
+        &self,
+        pool: &PgPool,
+        id: i64,
+        matches: Matcher,
+        removal: Removal,
+    ) -> Result<Option<Taken>, ArchiveError> {
+        let mut transaction = pool.begin().await?;
+        catalog::lock(&mut transaction).await?;
+        let Some(object) = catalog::reload(&mut transaction, id).await? else {
+            return Ok(None);
+        };
+        let bytes = self.get(&object).await?;
+        let path = object.path.clone();
+        let split = tokio::task::spawn_blocking(move || split(&path, &bytes, &*matches))
+            .await
+            .map_err(|error| ArchiveError::Task(error.to_string()))??;
+        if split.taken.is_empty() {
+            return Ok(Some(Taken::default()));
+        }
+        let mut taken = Taken {
+            events: split.taken.len() as u64,
+            ..Taken::default()
+        };
+        match removal {
+            Removal::Delete => forget_counts(&mut transaction, &split.taken).await?,
+            Removal::Restore => {
+                taken.inserted = restore_lines(&mut transaction, &split.taken).await?;
+            }
+        }
+        if let Some(encoded) = split.kept {
+            taken.replacement = Some(
+                self.store(
+                    pool,
+                    &mut transaction,
+                    &object.service,
+                    object.day,
+                    &encoded,
+                )
+                .await?,
+            );
+        }
+        catalog::forget(&mut transaction, &object).await?;
+        transaction.commit().await?;
+        self.discard(pool, &object.path).await?;
+        Ok(Some(taken))
+    }
+}
+
+/// Opens the store behind a `file://` or `s3://` URL.
+fn open_store(url: &str) -> Result<Arc<dyn ObjectStore>, ArchiveError> {
+    let parsed = url::Url::parse(url).map_err(|error| ArchiveError::Config {
+        reason: format!("{url} is not a URL: {error}"),
+    })?;
+    match parsed.scheme() {
+        "file" => {
+            let directory = PathBuf::from(parsed.path());
+            std::fs::create_dir_all(&directory).map_err(|error| ArchiveError::Unwritable {
+                url: url.to_owned(),
+                reason: error.to_string(),
+            })?;
+            let store = LocalFileSystem::new_with_prefix(&directory)
+                .map_err(|error| ArchiveError::Unwritable {
+                    url: url.to_owned(),
+                    reason: error.to_string(),
+                })?
+                // An object must survive a power cut before the rows it holds are deleted.
+                .with_fsync(true);
+            Ok(Arc::new(store))
+        }
+        "s3" => {
+            let bucket = parsed
+                .host_str()
+                .filter(|bucket| !bucket.is_empty())
+                .ok_or_else(|| ArchiveError::Config {
+                    reason: format!("{url} names no bucket (s3://bucket/prefix)"),
+                })?;
+            // Credentials, region and endpoint come from the usual AWS_* variables.
+            let store = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|error| ArchiveError::Config {
+                    reason: error.to_string(),
+                })?;
+            let prefix = parsed.path().trim_matches('/');
+            Ok(if prefix.is_empty() {
+                Arc::new(store)
+            } else {
+                Arc::new(PrefixStore::new(store, prefix))
+            })
+        }
+        scheme => Err(ArchiveError::Config {
+            reason: format!("scheme {scheme}: use file:///path or s3://bucket/prefix"),
+        }),
+    }
+}
+
+fn parse_path(path: &str) -> Result<Path, ArchiveError> {
+    Path::parse(path).map_err(|error| ArchiveError::Corrupt {
+        path: path.to_owned(),
+        reason: format!("not an object path: {error}"),
+    })
+}
+
+/// One line with what is needed to put it back or account for it.
+struct Line {
+    text: String,
+    service: String,
+    ts: DateTime<Utc>,
+}
+
+/// An object's lines split by a matcher: the taken ones, and the rest re-encoded (None when
+/// none are left).
+struct Split {
+    taken: Vec<Line>,
+    kept: Option<Encoded>,
+}
+
+fn split(path: &str, bytes: &[u8], matches: &dyn Fn(&ArchivedEvent) -> bool) -> Result<Split, ArchiveError> {
+    let corrupt = |reason: String| ArchiveError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    let lines = format::decode(bytes).map_err(|error| corrupt(error.to_string()))?;
+    let mut taken = Vec::new();
+    let mut kept = Encoder::new().map_err(|error| corrupt(error.to_string()))?;
+    for text in lines {
+        let event = ArchivedEvent::parse(&text).map_err(|error| corrupt(error.to_string()))?;
+        if matches(&event) {
+            taken.push(Line {
+                text,
+                service: event.service,
+                ts: event.timestamp,
+            });
+        } else {
+            kept.push(&text, event.timestamp, event.user_id.as_deref())
+                .map_err(|error| corrupt(error.to_string()))?;
+        }
+    }
+    // Nothing taken: the kept copy is never written.
+    let kept = if taken.is_empty() {
+        None
+    } else {
+        kept.finish().map_err(|error| corrupt(error.to_string()))?
+    };
+    Ok(Split { taken, kept })
+}
+
+/// The hourly rollup forgets deleted archived events, as it does deleted rows.
+async fn forget_counts(
+    connection: &mut sqlx::PgConnection,
+    lines: &[Line],
+) -> Result<(), sqlx::Error> {
+    let mut counts: HashMap<(&str, DateTime<Utc>), i64> = HashMap::new();
+    for line in lines {
+        let hour = line
+            .ts
+            .duration_trunc(TimeDelta::hours(1))
+            .unwrap_or(line.ts);
+        *counts.entry((&line.service, hour)).or_default() += 1;
+    }
+    let mut services = Vec::with_capacity(counts.len());
+    let mut hours = Vec::with_capacity(counts.len());
+    let mut negated = Vec::with_capacity(counts.len());
+    for ((service, hour), count) in counts {
+        services.push(service.to_owned());
+        hours.push(hour);
+        negated.push(-count);
+    }
+    sqlx::query(
+        "INSERT INTO event_counts (service, hour, shard, events) \
+         SELECT service, hour, -1, n FROM unnest($1::text[], $2::timestamptz[], $3::bigint[]) AS c(service, hour, n) \
+         ON CONFLICT (service, hour, shard) DO UPDATE SET events = event_counts.events + excluded.events",
+    )
+    .bind(services)
+    .bind(hours)
+    .bind(negated)
+    .execute(connection)
+    .await
+    .map(|_| ())
+}
+
+/// Puts archived lines back into `events`; rows already there are kept. Returns rows inserted.
+async fn restore_lines(
+    connection: &mut sqlx::PgConnection,
+    lines: &[Line],
+) -> Result<u64, sqlx::Error> {
+    let texts: Vec<&str> = lines.iter().map(|line| line.text.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, ingested_at, user_id, metadata) \
+         SELECT (l->>'id')::uuid, l->>'service', l->>'message', (l->>'timestamp')::timestamptz, \
+         (l->>'ingested_at')::timestamptz, l->>'user_id', COALESCE(l->'metadata', '{}'::jsonb) \
+         FROM (SELECT line::jsonb AS l FROM unnest($1::text[]) AS line) lines \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(texts)
+    .execute(connection)
+    .await
+    .map(|done| done.rows_affected())
+}

@@ -1,0 +1,173 @@
+//! The archive side of a lifecycle run: events past `archive.after` move from `events` into
+//! objects (one service's day at a time, in parts), and objects past their service's
+//! retention are removed.
+
+use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{
+    LifecycleError, Report,
+    job::SWEEP_SERVICES,
+    policy::{RetentionPolicy, Sweep},
+};
+use crate::{
+    archive::{self, Archive, PART_MAX_RAW_BYTES, PART_MAX_ROWS, catalog, format::Encoder},
+    store,
+};
+
+/// Rows read per statement while filling an object.
+const PAGE: i64 = 1_000;
+
+/// Moves every event older than the start of the UTC day `after` ago (and still within its
+/// service's retention) into the archive.
+pub async fn move_old_events(
+    pool: &PgPool,
+    archive: &Archive,
+    policy: &RetentionPolicy,
+    now: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<(), LifecycleError> {
+    let Some(after) = archive.after else {
+        return Ok(());
+    };
+    let day = TimeDelta::days(1);
+    let cutoff = (now - after).duration_trunc(day).unwrap_or(now - after);
+    for sweep in policy.sweeps() {
+        // These events expire before they reach archive age: never archived.
+        if sweep.keep <= after {
+            continue;
+        }
+        let window_start = now - sweep.keep;
+        let statement = format!(
+            "SELECT DISTINCT service, (ts AT TIME ZONE 'UTC')::date FROM events e \
+             WHERE ts >= $1 AND ts < $4 AND {SWEEP_SERVICES} AND {} ORDER BY 2, 1",
+            catalog::NOT_HELD
+        );
+        let days: Vec<(String, NaiveDate)> = sqlx::query_as(sqlx::AssertSqlSafe(statement))
+            .bind(window_start)
+            .bind(sweep.include.clone())
+            .bind(sweep.exclude.clone())
+            .bind(cutoff)
+            .fetch_all(pool)
+            .await?;
+        for (service, date) in days {
+            let day_start = date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+            let from = day_start.max(window_start);
+            let to = (day_start + day).min(cutoff);
+            while let Some(rows) = archive_part(pool, archive, &service, date, from, to).await? {
+                report.rows_archived += rows;
+                report.objects_written += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the next object of one service's day from its oldest rows in `[from, to)`, and
+/// deletes those rows in the transaction that records the object. None when no row is left.
+async fn archive_part(
+    pool: &PgPool,
+    archive: &Archive,
+    service: &str,
+    day: NaiveDate,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Option<u64>, LifecycleError> {
+    let mut transaction = pool.begin().await?;
+    catalog::lock(&mut transaction).await?;
+    sqlx::query("SET LOCAL TimeZone = 'UTC'")
+        .execute(&mut *transaction)
+        .await?;
+    let statement = format!(
+        "SELECT id, ts, user_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
+         AND {} AND ($4::timestamptz IS NULL OR (ts, id) > ($4, $5)) ORDER BY ts, id LIMIT $6",
+        store::EVENT_JSON,
+        catalog::NOT_HELD
+    );
+    let mut encoder = Encoder::new()?;
+    let mut ids: Vec<Uuid> = Vec::new();
+    let mut stamps: Vec<DateTime<Utc>> = Vec::new();
+    loop {
+        let page: Vec<(Uuid, DateTime<Utc>, Option<String>, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(statement.as_str()))
+                .bind(service)
+                .bind(from)
+                .bind(to)
+                .bind(stamps.last())
+                .bind(ids.last())
+                .bind(PAGE)
+                .fetch_all(&mut *transaction)
+                .await?;
+        let full = page.len() as i64 == PAGE;
+        for (id, ts, user_id, line) in page {
+            encoder.push(&line, ts, user_id.as_deref())?;
+            ids.push(id);
+            stamps.push(ts);
+        }
+        if !full || encoder.rows() >= PART_MAX_ROWS || encoder.raw_bytes() >= PART_MAX_RAW_BYTES {
+            break;
+        }
+    }
+    let Some(encoded) = encoder.finish()? else {
+        return Ok(None);
+    };
+    archive
+        .store(pool, &mut transaction, service, day, &encoded)
+        .await?;
+    let deleted = sqlx::query(
+        "DELETE FROM events WHERE service = $1 \
+         AND (id, ts) IN (SELECT * FROM unnest($2::uuid[], $3::timestamptz[]))",
+    )
+    .bind(service)
+    .bind(&ids)
+    .bind(&stamps)
+    .execute(&mut *transaction)
+    .await?
+    .rows_affected();
+    transaction.commit().await?;
+    if deleted != ids.len() as u64 {
+        // A Delete removed some of them meanwhile; it rewrites this object once it gets the
+        // archive lock.
+        tracing::info!(service, %day, archived = ids.len(), deleted, "rows left during archiving");
+    }
+    tracing::debug!(service, %day, rows = ids.len(), bytes = encoded.bytes.len(), "archived a part");
+    Ok(Some(ids.len() as u64))
+}
+
+/// Removes the objects of a sweep's services whose every event is past the retention.
+pub async fn expire_objects(
+    pool: &PgPool,
+    archive: &Archive,
+    sweep: &Sweep,
+    cutoff: DateTime<Utc>,
+    report: &mut Report,
+) -> Result<(), LifecycleError> {
+    let statement =
+        format!("SELECT id FROM archives WHERE max_ts < $1 AND {SWEEP_SERVICES} ORDER BY id");
+    let expired: Vec<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
+        .bind(cutoff)
+        .bind(sweep.include.clone())
+        .bind(sweep.exclude.clone())
+        .fetch_all(pool)
+        .await?;
+    for id in expired {
+        if archive.expire(pool, id).await? {
+            report.objects_deleted += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Housekeeping before a run: leftover objects of dead runs, and holds that have ended.
+pub async fn tidy(pool: &PgPool, archive: &Archive) -> Result<(), LifecycleError> {
+    archive.collect_garbage(pool).await?;
+    catalog::release_ended_holds(pool).await?;
+    Ok(())
+}
+
+impl From<std::io::Error> for LifecycleError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Archive(archive::ArchiveError::Compress(error))
+    }
+}
