@@ -55,6 +55,32 @@ stop_throwaway_postgres() {
   rm -rf "$PG_TMP"
 }
 
+# Starts moto's S3-compatible server from venv $1 on a free loopback port, in a temp dir, and
+# creates bucket $2. Sets S3_ENDPOINT; call stop_throwaway_s3.
+start_throwaway_s3() {
+  local port
+  port=$(free_port)
+  S3_TMP=$(mktemp -d /tmp/sluice-s3.XXXXXX)
+  S3_ENDPOINT="http://127.0.0.1:$port"
+  log "starting throwaway S3 (moto) on 127.0.0.1:$port"
+  (cd "$S3_TMP" && exec "$1/bin/moto_server" -H 127.0.0.1 -p "$port" >"$S3_TMP/moto.log" 2>&1) &
+  S3_PID=$!
+  for _ in $(seq 1 100); do
+    if "$1/bin/python" -c "import urllib.request as r; r.urlopen(r.Request('$S3_ENDPOINT/$2', method='PUT'), timeout=1)" 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  cat "$S3_TMP/moto.log" >&2
+  return 1
+}
+
+stop_throwaway_s3() {
+  [ -n "${S3_PID:-}" ] && kill "$S3_PID" 2>/dev/null && wait "$S3_PID" 2>/dev/null
+  [ -n "${S3_TMP:-}" ] && rm -rf "$S3_TMP"
+  return 0
+}
+
 # Starts a release build of sluice on a free port against database URL $1, with dev certificates
 # in a temp dir, and with `--config $BENCH_CONFIG` when that is set. Sets SLUICE_PID, SLUICE_PORT and SLUICE_WORK (certs in $SLUICE_WORK/certs);
 # stop_release_server stops it and removes the dir.

@@ -142,7 +142,10 @@ mod optional_duration {
 
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    pub fn serialize<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         match value {
             Some(duration) => {
                 serializer.serialize_str(&humantime::format_duration(*duration).to_string())
@@ -151,13 +154,15 @@ mod optional_duration {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let text = String::deserialize(deserializer)?;
         match text.trim() {
             "" | "off" | "none" => Ok(None),
-            text => humantime::parse_duration(text)
-                .map(Some)
-                .map_err(|error| D::Error::custom(format!("{text:?} is not a duration or off: {error}"))),
+            text => humantime::parse_duration(text).map(Some).map_err(|error| {
+                D::Error::custom(format!("{text:?} is not a duration or off: {error}"))
+            }),
         }
     }
 }

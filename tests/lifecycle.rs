@@ -42,24 +42,7 @@ async fn start_with_rules(database: &TestDatabase) -> TestServer {
 
 /// Runs `sluice lifecycle --once` with the server's configuration; returns its JSON report.
 fn lifecycle_once(server: &TestServer, database_url: &str) -> serde_json::Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "lifecycle",
-            "--once",
-            "--database-url",
-            database_url,
-            "--config",
-        ])
-        .arg(server.dir_path().join("sluice.toml"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run sluice lifecycle");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("json report")
+    common::lifecycle_once(server, database_url, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,6 +229,7 @@ async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() 
             "--config",
         ])
         .arg(server.dir_path().join("sluice.toml"))
+        .env("SLUICE_DATA_DIR", server.dir_path().join("data"))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -175,7 +175,13 @@ mod tests {
             decode(&encoded.bytes).expect("decode"),
             ["{\"a\":1}", "{\"a\":2}", "{\"a\":3}"]
         );
-        assert!(Encoder::new().expect("encoder").finish().expect("finish").is_none());
+        assert!(
+            Encoder::new()
+                .expect("encoder")
+                .finish()
+                .expect("finish")
+                .is_none()
+        );
     }
 
     #[test]
@@ -185,7 +191,8 @@ mod tests {
 
     #[test]
     fn containment_follows_jsonb() {
-        let metadata = json!({"env": "prod", "tags": ["a", "b"], "n": 1, "nested": {"x": {"y": 2}}});
+        let metadata =
+            json!({"env": "prod", "tags": ["a", "b"], "n": 1, "nested": {"x": {"y": 2}}});
         assert!(json_contains(&metadata, &json!({})));
         assert!(json_contains(&metadata, &json!({"env": "prod"})));
         assert!(json_contains(&metadata, &json!({"tags": ["b"]})));

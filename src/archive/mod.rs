@@ -16,7 +16,7 @@ pub mod format;
 
 use std::{
     collections::{HashMap, HashSet},
-    path::{Path as FsPath, PathBuf},
+    path::Path as FsPath,
     sync::Arc,
     time::Duration,
 };
@@ -224,7 +224,10 @@ impl Archive {
         catalog::collected(&mut transaction, &paths).await?;
         transaction.commit().await?;
         if !paths.is_empty() {
-            tracing::info!(objects = paths.len(), "removed unrecorded or replaced archive objects");
+            tracing::info!(
+                objects = paths.len(),
+                "removed unrecorded or replaced archive objects"
+            );
         }
         Ok(paths.len() as u64)
     }
@@ -379,19 +382,17 @@ fn open_store(url: &str) -> Result<Arc<dyn ObjectStore>, ArchiveError> {
     })?;
     match parsed.scheme() {
         "file" => {
-            let directory = PathBuf::from(parsed.path());
-            std::fs::create_dir_all(&directory).map_err(|error| ArchiveError::Unwritable {
-                url: url.to_owned(),
-                reason: error.to_string(),
+            // Rooted at `/` under a prefix rather than `new_with_prefix`, which needs the
+            // directory to exist: it is created by the first write, not by merely reading.
+            let directory = parsed.to_file_path().map_err(|()| ArchiveError::Config {
+                reason: format!("{url} is not an absolute file URL"),
             })?;
-            let store = LocalFileSystem::new_with_prefix(&directory)
-                .map_err(|error| ArchiveError::Unwritable {
-                    url: url.to_owned(),
-                    reason: error.to_string(),
-                })?
+            let directory = directory.to_string_lossy();
+            let directory = directory.trim_matches('/');
+            let store = LocalFileSystem::new()
                 // An object must survive a power cut before the rows it holds are deleted.
                 .with_fsync(true);
-            Ok(Arc::new(store))
+            Ok(Arc::new(PrefixStore::new(store, directory)))
         }
         "s3" => {
             let bucket = parsed
@@ -441,7 +442,11 @@ struct Split {
     kept: Option<Encoded>,
 }
 
-fn split(path: &str, bytes: &[u8], matches: &dyn Fn(&ArchivedEvent) -> bool) -> Result<Split, ArchiveError> {
+fn split(
+    path: &str,
+    bytes: &[u8],
+    matches: &dyn Fn(&ArchivedEvent) -> bool,
+) -> Result<Split, ArchiveError> {
     let corrupt = |reason: String| ArchiveError::Corrupt {
         path: path.to_owned(),
         reason,

@@ -8,7 +8,10 @@ use tonic::Status;
 
 use super::{QueryError, filter::Filter};
 use crate::{
-    archive::{Archive, Removal, catalog::{self, ArchivedObject}},
+    archive::{
+        Archive, Removal,
+        catalog::{self, ArchivedObject},
+    },
     proto::RestoreProgress,
     store::partitions,
     wire::to_timestamp,
@@ -50,7 +53,10 @@ pub async fn restore(
     progress: &mpsc::UnboundedSender<Result<RestoreProgress, Status>>,
 ) -> Result<Restored, QueryError> {
     let (Some(start), Some(end)) = (filter.start, filter.end) else {
-        return Err(QueryError::invalid("start_time", "a range to restore is required"));
+        return Err(QueryError::invalid(
+            "start_time",
+            "a range to restore is required",
+        ));
     };
     // First the hold: from now on the lifecycle job leaves the range in PostgreSQL.
     let services = (!filter.services.is_empty()).then_some(filter.services.as_slice());
@@ -58,10 +64,13 @@ pub async fn restore(
     let selection = filter.archive_selection();
     let objects = archive.select_settled(pool, &selection).await?;
     // Partitions for what comes back (older months may have none any more).
-    let span = objects.iter().fold(None, |span: Option<(DateTime<Utc>, DateTime<Utc>)>, object| {
-        let (low, high) = (object.min_ts.max(start), object.max_ts.min(end));
-        Some(span.map_or((low, high), |(min, max)| (min.min(low), max.max(high))))
-    });
+    let span = objects.iter().fold(
+        None,
+        |span: Option<(DateTime<Utc>, DateTime<Utc>)>, object| {
+            let (low, high) = (object.min_ts.max(start), object.max_ts.min(end));
+            Some(span.map_or((low, high), |(min, max)| (min.min(low), max.max(high))))
+        },
+    );
     if let Some((low, high)) = span {
         partitions::ensure_partitions(pool, low, high).await?;
     }

@@ -261,10 +261,16 @@ impl Filter {
             String::new(),
         )?;
         if filter.start.is_none() {
-            return Err(QueryError::invalid("start_time", "required: the start of the range to restore"));
+            return Err(QueryError::invalid(
+                "start_time",
+                "required: the start of the range to restore",
+            ));
         }
         if filter.end.is_none() {
-            return Err(QueryError::invalid("end_time", "required: the end of the range to restore"));
+            return Err(QueryError::invalid(
+                "end_time",
+                "required: the end of the range to restore",
+            ));
         }
         Ok(filter)
     }

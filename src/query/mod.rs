@@ -96,7 +96,10 @@ fn archive_status(error: ArchiveError) -> Status {
             tracing::error!(error = %store_error, "archive store error during a call");
             Status::unavailable("archive store error; see server logs")
         }
-        ArchiveError::Corrupt { ref path, ref reason } => {
+        ArchiveError::Corrupt {
+            ref path,
+            ref reason,
+        } => {
             tracing::error!(path, reason, "an archived object is corrupt");
             Status::data_loss(error.to_string())
         }

@@ -167,7 +167,13 @@ impl QueryHandler {
     }
 
     /// Writes the audit row of a call that failed after authorization; returns its status.
-    async fn refused(&self, caller: &Caller, call: &Call, details: Json, error: QueryError) -> Status {
+    async fn refused(
+        &self,
+        caller: &Caller,
+        call: &Call,
+        details: Json,
+        error: QueryError,
+    ) -> Status {
         let status = Status::from(error);
         self.record(caller, call, details, status.code()).await;
         status
@@ -585,7 +591,8 @@ async fn export(
             }
         }
     }
-    let mut lines = QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
+    let mut lines =
+        QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
     filter.push_where(&mut lines);
     lines.push(" ORDER BY ts, id");
     let mut rows = lines
@@ -646,8 +653,7 @@ fn restrict(filter: &mut Filter, caller: &Caller) {
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send + 'static>>;
-type RestoreStream =
-    Pin<Box<dyn Stream<Item = Result<RestoreProgress, Status>> + Send + 'static>>;
+type RestoreStream = Pin<Box<dyn Stream<Item = Result<RestoreProgress, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl QueryService for QueryHandler {
@@ -737,12 +743,11 @@ impl QueryService for QueryHandler {
         let caller = self
             .caller(&request, &call, Scope::Admin, &request.get_ref().services)
             .await?;
-        let filter = Filter::from_restore(request.get_ref(), &self.config.validation).map(
-            |mut filter| {
+        let filter =
+            Filter::from_restore(request.get_ref(), &self.config.validation).map(|mut filter| {
                 restrict(&mut filter, &caller);
                 filter
-            },
-        );
+            });
         let mut details = serde_json::json!({
             "filters": filter.as_ref().map(filter_details).unwrap_or(Json::Null),
         });
@@ -774,7 +779,9 @@ impl QueryService for QueryHandler {
                 let _ = progress.send(Err(status));
             }
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            receiver,
+        ))))
     }
 
     async fn stats(

@@ -355,6 +355,43 @@ pub fn event(service: &str, message: &str) -> Event {
     }
 }
 
+/// `sluice lifecycle --once` with the server's `sluice.toml` and `env`, run to the end.
+pub fn lifecycle_run(
+    server: &TestServer,
+    database_url: &str,
+    env: &[(String, String)],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "lifecycle",
+            "--once",
+            "--database-url",
+            database_url,
+            "--config",
+        ])
+        .arg(server.dir_path().join("sluice.toml"))
+        .env("SLUICE_DATA_DIR", server.dir_path().join("data"))
+        .envs(env.iter().map(|(key, value)| (key, value)))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice lifecycle")
+}
+
+/// [`lifecycle_run`] that must succeed; returns its JSON report.
+pub fn lifecycle_once(
+    server: &TestServer,
+    database_url: &str,
+    env: &[(String, String)],
+) -> serde_json::Value {
+    let output = lifecycle_run(server, database_url, env);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("json report")
+}
+
 /// Sum of a counter (all label sets) in Prometheus text.
 pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> f64 {
     text.lines()

@@ -1,0 +1,676 @@
+//! The archive against the real server, PostgreSQL, a real file store and a real S3 server
+//! (moto, started by `scripts/test`): events past `archive.after` move into zstd NDJSON
+//! objects byte-equal to what Export gave, Export and Delete reach them, Restore brings them
+//! back idempotently, and neither a failing store nor `kill -9` loses or duplicates an event.
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
+
+use chrono::{DateTime, Duration, NaiveTime, Utc};
+use common::{ServerSpec, TestDatabase, TestServer, event, publish};
+use futures::StreamExt;
+use object_store::{
+    ObjectStore, ObjectStoreExt, aws::AmazonS3Builder, local::LocalFileSystem, path::Path,
+    prefix::PrefixStore,
+};
+use sha2::{Digest, Sha256};
+use sluice::proto::{
+    DeleteRequest, Event, ExportRequest, QueryRequest, RestoreRequest,
+    query_service_client::QueryServiceClient,
+};
+use tonic::transport::Channel;
+
+/// Where the archive of a test lives.
+enum Store {
+    /// `data_dir/archive`, the default.
+    Files,
+    /// `s3://<bucket>/<prefix>` on the moto server.
+    S3 { prefix: String },
+}
+
+struct Archived {
+    database: TestDatabase,
+    server: TestServer,
+    /// Variables for the server and `sluice lifecycle` (the AWS ones for S3).
+    env: Vec<(String, String)>,
+    objects: Arc<dyn ObjectStore>,
+}
+
+fn s3_settings() -> (String, String) {
+    let endpoint = std::env::var("TEST_SLUICE_S3_ENDPOINT").expect(
+        "TEST_SLUICE_S3_ENDPOINT is unset: run the suite with scripts/test, which starts moto",
+    );
+    let bucket = std::env::var("TEST_SLUICE_S3_BUCKET").expect("TEST_SLUICE_S3_BUCKET");
+    (endpoint, bucket)
+}
+
+impl Archived {
+    async fn start(store: Store, extra_toml: &str) -> Self {
+        common::init_crypto();
+        let database = TestDatabase::create().await;
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        let (url, env, objects): (String, Vec<(String, String)>, Arc<dyn ObjectStore>) =
+            match &store {
+                Store::Files => {
+                    let root = dir.join("data/archive");
+                    (
+                        String::new(),
+                        Vec::new(),
+                        Arc::new(PrefixStore::new(
+                            LocalFileSystem::new(),
+                            root.to_string_lossy().trim_matches('/'),
+                        )),
+                    )
+                }
+                Store::S3 { prefix } => {
+                    let (endpoint, bucket) = s3_settings();
+                    let env = vec![
+                        ("AWS_ENDPOINT_URL".to_owned(), endpoint.clone()),
+                        ("AWS_ALLOW_HTTP".to_owned(), "true".to_owned()),
+                        ("AWS_ACCESS_KEY_ID".to_owned(), "test".to_owned()),
+                        ("AWS_SECRET_ACCESS_KEY".to_owned(), "test".to_owned()),
+                        ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
+                    ];
+                    let s3 = AmazonS3Builder::new()
+                        .with_endpoint(endpoint)
+                        .with_allow_http(true)
+                        .with_bucket_name(&bucket)
+                        .with_access_key_id("test")
+                        .with_secret_access_key("test")
+                        .with_region("us-east-1")
+                        .build()
+                        .expect("s3 client");
+                    (
+                        format!("url = \"s3://{bucket}/{prefix}\"\n"),
+                        env,
+                        Arc::new(PrefixStore::new(s3, prefix.as_str())),
+                    )
+                }
+            };
+        std::fs::write(
+            dir.join("sluice.toml"),
+            format!(
+                "[lifecycle]\nenabled = false\n\n[archive]\nafter = \"7days\"\n{url}{extra_toml}"
+            ),
+        )
+        .expect("write sluice.toml");
+        let mut spec = ServerSpec {
+            dir: Some(dir),
+            ..ServerSpec::with_database(&database.url)
+        };
+        for (key, value) in &env {
+            spec = spec.env(key, value);
+        }
+        let server = TestServer::start(spec).await;
+        Self {
+            database,
+            server,
+            env,
+            objects,
+        }
+    }
+
+    fn lifecycle(&self) -> serde_json::Value {
+        common::lifecycle_once(&self.server, &self.database.url, &self.env)
+    }
+
+    async fn query_client(&self) -> QueryServiceClient<Channel> {
+        QueryServiceClient::new(self.server.channel().await)
+    }
+
+    /// The catalog: (path, rows, sha256) of every archived object.
+    async fn catalog(&self) -> Vec<(String, i64, String)> {
+        let mut connection = self.database.connect().await;
+        sqlx::query_as("SELECT path, rows, sha256 FROM archives ORDER BY path")
+            .fetch_all(&mut connection)
+            .await
+            .expect("archives")
+    }
+
+    /// Every object in the store (the probe leaves none).
+    async fn stored_paths(&self) -> Vec<String> {
+        let mut listed = self.objects.list(None);
+        let mut paths = Vec::new();
+        while let Some(meta) = listed.next().await {
+            paths.push(meta.expect("list").location.to_string());
+        }
+        paths.sort();
+        paths
+    }
+
+    /// The lines of an archived object, checked against its recorded sha256.
+    async fn object_lines(&self, path: &str, sha256: &str) -> Vec<String> {
+        let bytes = self
+            .objects
+            .get(&Path::from(path))
+            .await
+            .expect("get object")
+            .bytes()
+            .await
+            .expect("object bytes");
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            sha256,
+            "sha256 of {path}"
+        );
+        let text = zstd::decode_all(&bytes[..]).expect("zstd");
+        String::from_utf8(text)
+            .expect("utf-8")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Every archived line, by event id, checking that no event is in two objects.
+    async fn archived_lines(&self) -> BTreeMap<String, String> {
+        let mut lines = BTreeMap::new();
+        for (path, rows, sha256) in self.catalog().await {
+            let object = self.object_lines(&path, &sha256).await;
+            assert_eq!(object.len() as i64, rows, "rows of {path}");
+            for line in object {
+                let id = line_id(&line);
+                assert!(
+                    lines.insert(id.clone(), line).is_none(),
+                    "{id} archived twice"
+                );
+            }
+        }
+        lines
+    }
+
+    async fn hot_rows(&self, condition: &str) -> i64 {
+        self.database
+            .scalar(&format!("SELECT count(*) FROM events WHERE {condition}"))
+            .await
+    }
+}
+
+fn line_id(line: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(line).expect("json line");
+    json["id"].as_str().expect("id").to_owned()
+}
+
+fn user_of(line: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(line).expect("json line");
+    json["user_id"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Noon (UTC) `days` ago, plus `seconds`: far from day boundaries.
+fn days_ago(days: i64, seconds: i64) -> DateTime<Utc> {
+    (Utc::now() - Duration::days(days))
+        .date_naive()
+        .and_time(NaiveTime::from_hms_opt(12, 0, 0).expect("noon"))
+        .and_utc()
+        + Duration::seconds(seconds)
+}
+
+fn event_at(service: &str, user: &str, at: DateTime<Utc>, n: usize) -> Event {
+    let mut event = event(service, &format!("{service} event {n} for {user}"));
+    event.user_id = user.to_owned();
+    event.timestamp = Some(prost_types::Timestamp {
+        seconds: at.timestamp(),
+        nanos: (n as i32 % 1000) * 1000,
+    });
+    event.metadata = Some(number_n(n as f64));
+    event
+}
+
+/// Metadata `{"n": n}`.
+fn number_n(n: f64) -> sluice::proto::Metadata {
+    let mut object = serde_json::Map::new();
+    object.insert("n".to_owned(), serde_json::json!(n));
+    object.into()
+}
+
+/// Orders on days 10 and 9 ago and payments 12 days ago (archived), and orders a day ago
+/// (hot), for alice and bob.
+fn fixture() -> Vec<Event> {
+    let mut events = Vec::new();
+    for (service, days, count) in [
+        ("orders", 10, 40),
+        ("orders", 9, 30),
+        ("payments", 12, 20),
+        ("orders", 1, 10),
+    ] {
+        for n in 0..count {
+            let user = if n % 2 == 0 { "alice" } else { "bob" };
+            events.push(event_at(service, user, days_ago(days, n as i64), n));
+        }
+    }
+    events
+}
+
+/// Exports with `request`: the first chunk's (total, archived) and every line.
+async fn export(
+    query: &mut QueryServiceClient<Channel>,
+    request: ExportRequest,
+) -> (u64, u64, Vec<String>) {
+    let mut chunks = query.export(request).await.expect("export").into_inner();
+    let mut first = None;
+    let mut lines = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.expect("chunk");
+        first.get_or_insert((chunk.total_events, chunk.archived_events));
+        lines.extend(
+            String::from_utf8(chunk.ndjson)
+                .expect("utf-8")
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    let (total, archived) = first.expect("a first chunk");
+    assert_eq!(total as usize, lines.len());
+    (total, archived, lines)
+}
+
+fn by_id(lines: Vec<String>) -> BTreeMap<String, String> {
+    lines
+        .into_iter()
+        .map(|line| (line_id(&line), line))
+        .collect()
+}
+
+/// The whole story on one store: archive, byte-check, Export, Delete, Restore.
+async fn archive_round_trip(store: Store) {
+    let archived = Archived::start(store, "").await;
+    let mut ingest = archived.server.ingest_client().await;
+    let events = fixture();
+    let response = publish(&mut ingest, events.clone()).await;
+    assert_eq!(response.accepted as usize, events.len(), "{response:?}");
+    let mut query = archived.query_client().await;
+    let (_, none_archived, before) = export(&mut query, ExportRequest::default()).await;
+    assert_eq!(none_archived, 0);
+    let before = by_id(before);
+
+    // One object per service per day, for everything older than 7 days.
+    let report = archived.lifecycle();
+    assert_eq!(report["rows_archived"], 90, "{report}");
+    assert_eq!(report["objects_written"], 3, "{report}");
+    assert_eq!(archived.hot_rows("TRUE").await, 10);
+    let catalog = archived.catalog().await;
+    let paths: Vec<&str> = catalog.iter().map(|(path, _, _)| path.as_str()).collect();
+    let day = |days: i64| days_ago(days, 0).format("%Y-%m-%d").to_string();
+    assert_eq!(
+        paths,
+        [
+            format!("service=orders/date={}/part-1.ndjson.zst", day(10)),
+            format!("service=orders/date={}/part-1.ndjson.zst", day(9)),
+            format!("service=payments/date={}/part-1.ndjson.zst", day(12)),
+        ]
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        archived.stored_paths().await,
+        paths,
+        "only recorded objects are stored"
+    );
+    // Byte for byte what Export gave before, each object checked against its sha256.
+    let lines = archived.archived_lines().await;
+    assert_eq!(lines.len(), 90);
+    for (id, line) in &lines {
+        assert_eq!(Some(line), before.get(id), "archived line of {id}");
+    }
+
+    // Export spans PostgreSQL and the archive, byte-equal, saying how much was archived.
+    let (total, from_archive, after) = export(&mut query, ExportRequest::default()).await;
+    assert_eq!((total, from_archive), (100, 90));
+    assert_eq!(by_id(after), before);
+    let (total, from_archive, alice) = export(
+        &mut query,
+        ExportRequest {
+            user_id: "alice".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((total, from_archive), (50, 45));
+    assert!(alice.iter().all(|line| user_of(line) == "alice"));
+    // Content filters run on archived lines as PostgreSQL runs them on rows.
+    let (total, from_archive, _) = export(
+        &mut query,
+        ExportRequest {
+            services: vec!["orders".to_owned()],
+            message_contains: "event 3 ".to_owned(),
+            metadata_contains: Some(number_n(3.0)),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((total, from_archive), (3, 2), "event 3 of each orders day");
+
+    // Delete by user reaches the archive: a dry run counts, then the objects are rewritten.
+    let delete = |dry_run| DeleteRequest {
+        user_id: "alice".to_owned(),
+        dry_run,
+        ..Default::default()
+    };
+    let dry = query
+        .delete(delete(true))
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!((dry.deleted, dry.archived_deleted), (5, 45), "{dry:?}");
+    assert_eq!(
+        archived.archived_lines().await.len(),
+        90,
+        "a dry run deletes nothing"
+    );
+    let done = query
+        .delete(delete(false))
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(
+        (
+            done.deleted,
+            done.archived_deleted,
+            done.archive_objects_rewritten
+        ),
+        (5, 45, 3),
+        "{done:?}"
+    );
+    let lines = archived.archived_lines().await;
+    assert_eq!(lines.len(), 45);
+    assert!(lines.values().all(|line| user_of(line) != "alice"));
+    for (id, line) in &lines {
+        assert_eq!(Some(line), before.get(id), "rewritten line of {id}");
+    }
+    // The replaced objects are gone from the store; their replacements are the next parts.
+    let catalog = archived.catalog().await;
+    let paths: Vec<String> = catalog.iter().map(|(path, _, _)| path.clone()).collect();
+    assert!(
+        paths.iter().all(|path| path.ends_with("part-2.ndjson.zst")),
+        "{paths:?}"
+    );
+    assert_eq!(archived.stored_paths().await, paths);
+    assert_eq!(
+        archived
+            .database
+            .scalar("SELECT count(*) FROM archive_garbage")
+            .await,
+        0
+    );
+    assert_eq!(
+        archived
+            .database
+            .scalar("SELECT count(*) FROM archive_users WHERE user_id = 'alice'")
+            .await,
+        0
+    );
+
+    // Restore brings a range back into PostgreSQL, where Query sees it, and says how far it got.
+    let restore = RestoreRequest {
+        services: vec!["orders".to_owned()],
+        start_time: Some(prost_types::Timestamp {
+            seconds: days_ago(10, -3600).timestamp(),
+            nanos: 0,
+        }),
+        end_time: Some(prost_types::Timestamp {
+            seconds: days_ago(10, 3600).timestamp(),
+            nanos: 0,
+        }),
+    };
+    let progress = restore_all(&mut query, restore.clone()).await;
+    let last = progress.last().expect("a final message");
+    assert!(last.last);
+    assert_eq!(
+        (last.events_restored, last.events_already_present),
+        (20, 0),
+        "{progress:?}"
+    );
+    assert!(last.hold_until.is_some());
+    let page = query
+        .query(QueryRequest {
+            services: vec!["orders".to_owned()],
+            start_time: restore.start_time,
+            end_time: restore.end_time,
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("query")
+        .into_inner();
+    assert_eq!(page.events.len(), 20);
+    // Idempotent: nothing is left to restore, and nothing is duplicated.
+    let again = restore_all(&mut query, restore).await;
+    assert_eq!(again.last().map(|last| last.events_restored), Some(0));
+    assert_eq!(archived.hot_rows("TRUE").await, 25);
+    // The hold keeps the restored range out of the next run.
+    let report = archived.lifecycle();
+    assert_eq!(report["rows_archived"], 0, "{report}");
+    let lines = archived.archived_lines().await;
+    assert_eq!(lines.len(), 25);
+    let hot: HashSet<String> = {
+        let mut connection = archived.database.connect().await;
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT id FROM events")
+            .fetch_all(&mut connection)
+            .await
+            .expect("ids")
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect()
+    };
+    assert!(
+        lines.keys().all(|id| !hot.contains(id)),
+        "an event in both places"
+    );
+    let (total, from_archive, _) = export(&mut query, ExportRequest::default()).await;
+    assert_eq!((total, from_archive), (50, 25));
+}
+
+async fn restore_all(
+    query: &mut QueryServiceClient<Channel>,
+    request: RestoreRequest,
+) -> Vec<sluice::proto::RestoreProgress> {
+    let mut stream = query.restore(request).await.expect("restore").into_inner();
+    let mut messages = Vec::new();
+    while let Some(message) = stream.next().await {
+        messages.push(message.expect("progress"));
+    }
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_on_local_files_is_byte_exact_and_export_delete_restore_reach_it() {
+    archive_round_trip(Store::Files).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_on_s3_is_byte_exact_and_export_delete_restore_reach_it() {
+    archive_round_trip(Store::S3 {
+        prefix: format!("t-{}", uuid::Uuid::new_v4().simple()),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failing_midrun_leaves_the_hot_rows_and_the_next_run_finishes() {
+    let archived = Archived::start(Store::Files, "").await;
+    let mut ingest = archived.server.ingest_client().await;
+    publish(&mut ingest, fixture()).await;
+    // A file where the orders directory must go: every write under it fails.
+    let archive_dir = archived.server.dir_path().join("data/archive");
+    std::fs::write(archive_dir.join("service=orders"), b"in the way").expect("block");
+    let output = common::lifecycle_run(&archived.server, &archived.database.url, &archived.env);
+    assert!(!output.status.success(), "the run must fail");
+    assert_eq!(
+        archived
+            .database
+            .scalar(
+                "SELECT count(*) FROM lifecycle_runs WHERE status = 'failed' AND error IS NOT NULL"
+            )
+            .await,
+        1
+    );
+    assert_eq!(
+        archived.hot_rows("service = 'orders'").await,
+        80,
+        "orders stay hot"
+    );
+    std::fs::remove_file(archive_dir.join("service=orders")).expect("unblock");
+    let report = archived.lifecycle();
+    assert_eq!(report["ran"], true, "{report}");
+    assert_eq!(archived.hot_rows("TRUE").await, 10);
+    assert_eq!(archived.archived_lines().await.len(), 90);
+    let recorded: Vec<String> = archived
+        .catalog()
+        .await
+        .into_iter()
+        .map(|(path, _, _)| path)
+        .collect();
+    assert_eq!(
+        archived.stored_paths().await,
+        recorded,
+        "no leftover object"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_url_that_cannot_be_written_fails_at_start_naming_the_key() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("a-file"), b"").expect("file");
+    let run = |toml: String| {
+        std::fs::write(dir.path().join("sluice.toml"), toml).expect("toml");
+        std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([
+                "lifecycle",
+                "--once",
+                "--database-url",
+                &database.url,
+                "--config",
+            ])
+            .arg(dir.path().join("sluice.toml"))
+            .env("SLUICE_DATA_DIR", dir.path().join("data"))
+            .output()
+            .expect("run")
+    };
+    let unwritable = run(format!(
+        "[archive]\nurl = \"file://{}/under\"\n",
+        dir.path().join("a-file").display()
+    ));
+    let stderr = String::from_utf8_lossy(&unwritable.stderr);
+    assert!(!unwritable.status.success());
+    assert!(stderr.contains("archive.url"), "{stderr}");
+    for (toml, key) in [
+        ("[archive]\nafter = \"a week\"\n", "archive.after"),
+        ("[archive]\nafter = \"0s\"\n", "archive.after"),
+        ("[archive]\nurl = \"ftp://host/x\"\n", "archive.url"),
+    ] {
+        let output = run(toml.to_owned());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{toml}");
+        assert!(stderr.contains(key), "{toml}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifecycle_run_killed_midway_loses_and_duplicates_nothing() {
+    let archived = Archived::start(Store::Files, "").await;
+    let mut connection = archived.database.connect().await;
+    const DAYS: i64 = 20;
+    const PER_DAY: i64 = 5_000;
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, user_id, metadata) \
+         SELECT gen_random_uuid(), 'orders', 'old ' || i, \
+         date_trunc('day', now() - (8 + i % $1) * interval '1 day') + interval '1 hour' + i * interval '1 ms', \
+         'user-' || (i % 7), jsonb_build_object('i', i) \
+         FROM generate_series(1, $1 * $2) i",
+    )
+    .bind(DAYS)
+    .bind(PER_DAY)
+    .execute(&mut connection)
+    .await
+    .expect("seed");
+    let total = DAYS * PER_DAY;
+
+    let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "lifecycle",
+            "--once",
+            "--database-url",
+            &archived.database.url,
+            "--config",
+        ])
+        .arg(archived.server.dir_path().join("sluice.toml"))
+        .env("SLUICE_DATA_DIR", archived.server.dir_path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start sluice lifecycle");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while archived
+        .database
+        .scalar("SELECT count(*) FROM archives")
+        .await
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "nothing was archived");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    run.kill().expect("SIGKILL");
+    run.wait().expect("reap");
+    let recorded = archived
+        .database
+        .scalar("SELECT count(*) FROM archives")
+        .await;
+    assert!(
+        recorded < DAYS,
+        "killed midway: {recorded} of {DAYS} days archived"
+    );
+    // Nothing lost so far: every event is a row or a recorded line.
+    assert_eq!(
+        archived.hot_rows("TRUE").await
+            + archived
+                .database
+                .scalar("SELECT COALESCE(sum(rows), 0)::bigint FROM archives")
+                .await,
+        total
+    );
+
+    // The next run (once PostgreSQL has let go of the dead session) finishes the job.
+    loop {
+        let report = archived.lifecycle();
+        if report["ran"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lock was never released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(archived.hot_rows("TRUE").await, 0);
+    let lines = archived.archived_lines().await;
+    assert_eq!(
+        lines.len() as i64,
+        total,
+        "every event archived exactly once"
+    );
+    let recorded: Vec<String> = archived
+        .catalog()
+        .await
+        .into_iter()
+        .map(|(path, _, _)| path)
+        .collect();
+    assert_eq!(recorded.len() as i64, DAYS);
+    assert_eq!(
+        archived.stored_paths().await,
+        recorded,
+        "the dead run's object was collected"
+    );
+    assert_eq!(
+        archived
+            .database
+            .scalar("SELECT count(*) FROM archive_garbage")
+            .await,
+        0
+    );
+}
