@@ -179,7 +179,7 @@ pub enum Scope {
     Export,
     /// Delete.
     Delete,
-    /// Audit, and every other scope.
+    /// Audit, Restore, and every other scope.
     Admin,
 }
 
