@@ -48,6 +48,7 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub lifecycle: LifecycleConfig,
     pub archive: ArchiveConfig,
+    pub privacy: PrivacyConfig,
 }
 
 /// How long events are kept, per service. An event older than its service's retention is
@@ -106,6 +107,51 @@ impl Default for LifecycleConfig {
             enabled: true,
             interval: Duration::from_secs(3600),
         }
+    }
+}
+
+/// Personal data: pseudonymized user ids, redacted, hashed and encrypted metadata keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Store `user_id` as `h1:` + hex(HMAC-SHA256(key, user_id)).
+    pub pseudonymize_user_id: bool,
+    /// Metadata keys (any depth, any case) dropped before storage.
+    pub redact_metadata_keys: Vec<String>,
+    /// Metadata keys (any depth, any case) whose values are replaced by their keyed hash.
+    pub hash_metadata_keys: Vec<String>,
+    /// Metadata keys (any depth, any case) whose values are stored AES-256-GCM encrypted.
+    pub encrypt_metadata_keys: Vec<String>,
+    /// The key file. Default: `<data_dir>/privacy.keys`, created (mode 0600) when missing.
+    pub key_file: Option<PathBuf>,
+    /// The HMAC key (base64 of 32 bytes), instead of the key file's: `SLUICE_PRIVACY__KEY`.
+    pub key: Option<Secret>,
+}
+
+impl PrivacyConfig {
+    /// Whether any setting transforms events.
+    pub fn enabled(&self) -> bool {
+        self.pseudonymize_user_id
+            || !self.redact_metadata_keys.is_empty()
+            || !self.hash_metadata_keys.is_empty()
+            || !self.encrypt_metadata_keys.is_empty()
+    }
+}
+
+/// A secret setting: shown as `<redacted>` in debug output and never serialized back.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("<redacted>")
     }
 }
 
@@ -179,17 +225,20 @@ pub enum Scope {
     Export,
     /// Delete.
     Delete,
-    /// Audit, Restore, and every other scope.
+    /// Audit, Restore, and every other scope but `pii`.
     Admin,
+    /// Plaintext of encrypted metadata values in Query and Export (never implied by `admin`).
+    Pii,
 }
 
 impl Scope {
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 6] = [
         Scope::Ingest,
         Scope::Query,
         Scope::Export,
         Scope::Delete,
         Scope::Admin,
+        Scope::Pii,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -199,6 +248,7 @@ impl Scope {
             Self::Export => "export",
             Self::Delete => "delete",
             Self::Admin => "admin",
+            Self::Pii => "pii",
         }
     }
 
@@ -478,6 +528,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             lifecycle: LifecycleConfig::default(),
             archive: ArchiveConfig::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }

@@ -98,6 +98,10 @@ pub enum RejectReason {
     /// configured far above their defaults.
     #[error("{field} is {bytes} bytes, more than PostgreSQL can store in one field")]
     FieldTooLong { field: &'static str, bytes: usize },
+    /// Privacy settings could not be applied (for example a value that mimics an encrypted
+    /// one).
+    #[error("{0}")]
+    Privacy(String),
     /// The caller may not write this service (its `auth.principals` services).
     #[error("{principal} may not write service {service} (not among its auth.principals services)")]
     ServiceForbidden { principal: String, service: String },
@@ -124,6 +128,7 @@ impl RejectReason {
             | Self::MetadataTooLarge { .. } => "metadata",
             Self::UserIdTooLarge { .. } => "user_id",
             Self::FieldTooLong { field, .. } => field,
+            Self::Privacy(_) => "metadata",
             Self::DatabaseRefused(_) => "event",
         }
     }
@@ -144,6 +149,7 @@ impl RejectReason {
             Self::MetadataTooLarge { .. } => "metadata_too_large",
             Self::UserIdTooLarge { .. } => "user_id_too_large",
             Self::FieldTooLong { .. } => "field_too_long",
+            Self::Privacy(_) => "privacy",
             Self::ServiceForbidden { .. } => "service_forbidden",
             Self::DatabaseRefused(_) => "database_refused",
         }

@@ -22,6 +22,7 @@ pub(crate) mod health;
 pub mod ingest;
 pub mod lifecycle;
 pub(crate) mod metrics;
+pub mod privacy;
 pub mod proto;
 pub(crate) mod query;
 pub mod server;

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use prost::Message;
 
 use super::{IngestError, Progress, validate::Validator};
+use crate::privacy::Privacy;
 use crate::{
     audit::Audit,
     auth::{Authorizer, Caller},
@@ -39,28 +40,34 @@ pub struct IngestHandler {
     auth: Arc<Authorizer>,
     audit: Arc<Audit>,
     retention: Arc<RetentionPolicy>,
+    privacy: Arc<Privacy>,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
 }
 
+/// What the ingest side needs from the rest of the server.
+pub struct IngestDeps {
+    pub buffer: Arc<Buffer>,
+    pub config: Arc<Config>,
+    pub counters: Arc<Counters>,
+    pub auth: Arc<Authorizer>,
+    pub audit: Arc<Audit>,
+    pub retention: Arc<RetentionPolicy>,
+    pub privacy: Arc<Privacy>,
+    pub stopping: watch::Receiver<bool>,
+}
+
 impl IngestHandler {
-    pub fn new(
-        buffer: Arc<Buffer>,
-        config: Arc<Config>,
-        counters: Arc<Counters>,
-        auth: Arc<Authorizer>,
-        audit: Arc<Audit>,
-        retention: Arc<RetentionPolicy>,
-        stopping: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(deps: IngestDeps) -> Self {
         Self {
-            buffer,
-            config,
-            counters,
-            auth,
-            audit,
-            retention,
-            stopping,
+            buffer: deps.buffer,
+            config: deps.config,
+            counters: deps.counters,
+            auth: deps.auth,
+            audit: deps.audit,
+            retention: deps.retention,
+            privacy: deps.privacy,
+            stopping: deps.stopping,
         }
     }
 
@@ -123,18 +130,26 @@ impl IngestHandler {
         for (offset, event) in request.events.into_iter().enumerate() {
             let checked = validator
                 .validate(first_index + offset as u64, event)
-                .and_then(|valid| {
-                    if caller.may_use(&valid.service) {
-                        return Ok(valid);
+                .and_then(|mut valid| {
+                    if !caller.may_use(&valid.service) {
+                        return Err(EventRejection {
+                            index: valid.index,
+                            event_id: valid.id.to_string(),
+                            reason: RejectReason::ServiceForbidden {
+                                principal: caller.principal.clone(),
+                                service: valid.service,
+                            },
+                        });
                     }
-                    Err(EventRejection {
-                        index: valid.index,
-                        event_id: valid.id.to_string(),
-                        reason: RejectReason::ServiceForbidden {
-                            principal: caller.principal.clone(),
-                            service: valid.service,
-                        },
-                    })
+                    // Before the buffer: plain user ids and redacted values go no further.
+                    match self.privacy.protect_event(&mut valid) {
+                        Ok(()) => Ok(valid),
+                        Err(error) => Err(EventRejection {
+                            index: valid.index,
+                            event_id: valid.id.to_string(),
+                            reason: RejectReason::Privacy(error.to_string()),
+                        }),
+                    }
                 });
             match checked {
                 Ok(valid) => validated.events.push(valid),

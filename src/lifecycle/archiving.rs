@@ -79,9 +79,17 @@ async fn archive_part(
     sqlx::query("SET LOCAL TimeZone = 'UTC'")
         .execute(&mut *transaction)
         .await?;
-    let statement = format!(
+    // Pages walk the (service, ts, id) index: each starts where the last ended (`$2` is
+    // the last key's ts, and `(ts, id) > ($2, $4)` excludes what was read), never rescanning.
+    let page_after = format!(
         "SELECT id, ts, user_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
-         AND {} AND ($4::timestamptz IS NULL OR (ts, id) > ($4, $5)) ORDER BY ts, id LIMIT $6",
+         AND (ts, id) > ($2, $4) AND {} ORDER BY ts, id LIMIT $5",
+        store::EVENT_JSON,
+        catalog::NOT_HELD
+    );
+    let first_page = format!(
+        "SELECT id, ts, user_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
+         AND $4::uuid IS NULL AND {} ORDER BY ts, id LIMIT $5",
         store::EVENT_JSON,
         catalog::NOT_HELD
     );
@@ -89,12 +97,15 @@ async fn archive_part(
     let mut ids: Vec<Uuid> = Vec::new();
     let mut stamps: Vec<DateTime<Utc>> = Vec::new();
     loop {
+        let (statement, start) = match stamps.last() {
+            Some(last) => (page_after.as_str(), *last),
+            None => (first_page.as_str(), from),
+        };
         let page: Vec<(Uuid, DateTime<Utc>, Option<String>, String)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(statement.as_str()))
+            sqlx::query_as(sqlx::AssertSqlSafe(statement))
                 .bind(service)
-                .bind(from)
+                .bind(start)
                 .bind(to)
-                .bind(stamps.last())
                 .bind(ids.last())
                 .bind(PAGE)
                 .fetch_all(&mut *transaction)

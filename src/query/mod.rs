@@ -13,6 +13,7 @@ pub use service::QueryHandler;
 
 use crate::{
     archive::ArchiveError,
+    privacy::PrivacyError,
     spool::SpoolError,
     status::{bad_request, refusal},
     store,
@@ -29,6 +30,8 @@ pub enum QueryError {
     Spool(#[from] SpoolError),
     #[error("archive error: {0}")]
     Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
     #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
 }
@@ -72,6 +75,11 @@ impl From<QueryError> for Status {
                 Status::from(QueryError::Database(database_error))
             }
             QueryError::Archive(archive_error) => archive_status(archive_error),
+            // Fails closed: a value that does not open is never shown, and said loudly.
+            QueryError::Privacy(privacy_error) => {
+                tracing::error!(error = %privacy_error, "an encrypted metadata value cannot be opened");
+                Status::data_loss(privacy_error.to_string())
+            }
             QueryError::Spool(spool_error) => {
                 tracing::error!(error = %spool_error, "spool error during a query");
                 Status::internal("spool error; see server logs")

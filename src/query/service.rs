@@ -22,6 +22,7 @@ use crate::{
     buffer::Buffer,
     config::{Config, Scope},
     metrics::Counters,
+    privacy::{ENCRYPTED_PREFIX, Privacy, PrivacyError},
     proto::{
         AuditEntry, AuditRequest, AuditResponse, BufferStats, DeleteRequest, DeleteResponse, Event,
         ExportChunk, ExportRequest, HourCount, IngestCounters, Order, QueryRequest, QueryResponse,
@@ -57,6 +58,7 @@ pub struct QueryHandler {
     auth: Arc<Authorizer>,
     audit: Arc<Audit>,
     archive: Arc<Archive>,
+    privacy: Arc<Privacy>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -101,6 +103,7 @@ pub struct QueryDeps {
     pub auth: Arc<Authorizer>,
     pub audit: Arc<Audit>,
     pub archive: Arc<Archive>,
+    pub privacy: Arc<Privacy>,
 }
 
 impl QueryHandler {
@@ -115,6 +118,7 @@ impl QueryHandler {
             auth: deps.auth,
             audit: deps.audit,
             archive: deps.archive,
+            privacy: deps.privacy,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -147,6 +151,17 @@ impl QueryHandler {
             return Err(status);
         }
         Ok(caller)
+    }
+
+    /// A read naming no service covers only the services the caller may read, and a user id
+    /// is looked up in its stored (maybe pseudonymized) form.
+    fn restrict(&self, filter: &mut Filter, caller: &Caller) {
+        if filter.services.is_empty() {
+            filter.allowed_services = caller.service_patterns();
+        }
+        if let Some(user_id) = filter.user_id.as_mut() {
+            *user_id = self.privacy.user_id(user_id);
+        }
     }
 
     /// Writes the audit row of a call that got past authorization.
@@ -199,9 +214,10 @@ impl QueryHandler {
         details: &mut Json,
     ) -> Result<QueryResponse, QueryError> {
         let mut filter = Filter::from_query(&request, &self.config.validation)?;
-        restrict(&mut filter, caller);
+        self.restrict(&mut filter, caller);
         details["filters"] = filter_details(&filter);
         let oldest_first = request.order == Order::OldestFirst as i32;
+        let show = caller.has_scope(Scope::Pii);
         let limit = match request.limit {
             0 => DEFAULT_PAGE,
             limit if limit > MAX_PAGE => {
@@ -260,7 +276,13 @@ impl QueryHandler {
         };
         details["rows"] = Json::from(rows.len());
         Ok(QueryResponse {
-            events: rows.into_iter().map(Event::from).collect(),
+            events: rows
+                .into_iter()
+                .map(|mut row| {
+                    self.privacy.reveal(row.id, &mut row.metadata.0, show)?;
+                    Ok(Event::from(row))
+                })
+                .collect::<Result<_, QueryError>>()?,
             next_page_token,
         })
     }
@@ -274,7 +296,7 @@ impl QueryHandler {
         details: &mut Json,
     ) -> Result<DeleteResponse, QueryError> {
         let mut filter = Filter::from_delete(&request, &self.config.validation)?;
-        restrict(&mut filter, caller);
+        self.restrict(&mut filter, caller);
         details["filters"] = filter_details(&filter);
         details["dry_run"] = Json::Bool(request.dry_run);
         let dry_run = request.dry_run;
@@ -550,6 +572,8 @@ async fn delete_dead_letters(
 async fn export(
     pool: PgPool,
     archive: Arc<Archive>,
+    privacy: Arc<Privacy>,
+    show: bool,
     filter: Filter,
     chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
 ) -> Result<(), QueryError> {
@@ -586,6 +610,7 @@ async fn export(
             continue;
         }
         for line in archive.matching_lines(object, matcher.clone()).await? {
+            let line = reveal_line(&privacy, &line, show)?;
             if !append_line(&mut chunk, &line, chunks).await {
                 return Ok(());
             }
@@ -599,6 +624,7 @@ async fn export(
         .build_query_scalar::<String>()
         .fetch(&mut *transaction);
     while let Some(line) = rows.try_next().await? {
+        let line = reveal_line(&privacy, &line, show)?;
         if !append_line(&mut chunk, &line, chunks).await {
             return Ok(());
         }
@@ -645,11 +671,23 @@ fn filter_details(filter: &Filter) -> Json {
     serde_json::to_value(filter).unwrap_or(Json::Null)
 }
 
-/// A read naming no service covers only the services the caller may read.
-fn restrict(filter: &mut Filter, caller: &Caller) {
-    if filter.services.is_empty() {
-        filter.allowed_services = caller.service_patterns();
+/// An NDJSON line as the caller may see it: encrypted metadata values opened for scope `pii`,
+/// masked for everyone else. Lines without encrypted values pass through byte for byte.
+fn reveal_line<'a>(
+    privacy: &Privacy,
+    line: &'a str,
+    show: bool,
+) -> Result<std::borrow::Cow<'a, str>, QueryError> {
+    if !line.contains(ENCRYPTED_PREFIX) {
+        return Ok(std::borrow::Cow::Borrowed(line));
     }
+    let mut event: Json = serde_json::from_str(line).map_err(|_| PrivacyError::Malformed)?;
+    let id = event["id"]
+        .as_str()
+        .and_then(|id| Uuid::try_parse(id).ok())
+        .ok_or(PrivacyError::Malformed)?;
+    privacy.reveal(id, &mut event["metadata"], show)?;
+    Ok(std::borrow::Cow::Owned(event.to_string()))
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send + 'static>>;
@@ -686,7 +724,7 @@ impl QueryService for QueryHandler {
             .await?;
         let filter =
             Filter::from_export(request.into_inner(), &self.config.validation).map(|mut filter| {
-                restrict(&mut filter, &caller);
+                self.restrict(&mut filter, &caller);
                 filter
             });
         let details = serde_json::json!({
@@ -696,8 +734,10 @@ impl QueryService for QueryHandler {
         let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
         let pool = self.store.read_pool.clone();
         let archive = self.archive.clone();
+        let privacy = self.privacy.clone();
+        let show = caller.has_scope(Scope::Pii);
         tokio::spawn(async move {
-            if let Err(error) = export(pool, archive, filter, &chunks).await {
+            if let Err(error) = export(pool, archive, privacy, show, filter, &chunks).await {
                 let _ = chunks.send(Err(error.into())).await;
             }
         });
@@ -745,7 +785,7 @@ impl QueryService for QueryHandler {
             .await?;
         let filter =
             Filter::from_restore(request.get_ref(), &self.config.validation).map(|mut filter| {
-                restrict(&mut filter, &caller);
+                self.restrict(&mut filter, &caller);
                 filter
             });
         let mut details = serde_json::json!({

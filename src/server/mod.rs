@@ -35,9 +35,10 @@ use crate::{
     buffer::Buffer,
     config::{Config, ConfigError},
     health,
-    ingest::IngestHandler,
+    ingest::{IngestHandler, service::IngestDeps},
     lifecycle::{self, RetentionPolicy},
     metrics::{self, Counters},
+    privacy::{self, Privacy, store::PrivacyStartError},
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
@@ -93,6 +94,8 @@ pub enum ServerError {
     Retention(String),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Privacy(#[from] PrivacyStartError),
 }
 
 /// Loads the configuration again (file, environment, flags) for a reload on SIGHUP.
@@ -173,6 +176,7 @@ struct Storage {
     store: Arc<Store>,
     spool: Option<Spool>,
     archive: Arc<Archive>,
+    privacy: Arc<Privacy>,
 }
 
 impl Storage {
@@ -180,10 +184,13 @@ impl Storage {
         let spool = open_spool(config).await?;
         let archive = Arc::new(open_archive(config).await?);
         let store = Arc::new(Store::open(config).await?);
+        // Before anything is written: keys that differ from the stored data's refuse start.
+        let privacy = Arc::new(privacy::store::open(config, &store.pool).await?);
         Ok(Self {
             store,
             spool,
             archive,
+            privacy,
         })
     }
 
@@ -408,15 +415,16 @@ fn build_services(
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let ingest = IngestHandler::new(
-        background.buffer.clone(),
-        config.clone(),
-        background.counters.clone(),
-        auth.clone(),
-        background.audit.clone(),
-        retention.clone(),
-        background.stopping(),
-    );
+    let ingest = IngestHandler::new(IngestDeps {
+        buffer: background.buffer.clone(),
+        config: config.clone(),
+        counters: background.counters.clone(),
+        auth: auth.clone(),
+        audit: background.audit.clone(),
+        retention: retention.clone(),
+        privacy: storage.privacy.clone(),
+        stopping: background.stopping(),
+    });
     let query = QueryHandler::new(QueryDeps {
         store: storage.store.clone(),
         buffer: background.buffer.clone(),
@@ -427,6 +435,7 @@ fn build_services(
         auth: auth.clone(),
         audit: background.audit.clone(),
         archive: storage.archive.clone(),
+        privacy: storage.privacy.clone(),
     });
     let mut routes = RoutesBuilder::default();
     routes

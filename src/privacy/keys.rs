@@ -1,0 +1,263 @@
+//! The privacy key file: one HMAC key (pseudonymized user ids, hashed metadata values) and
+//! named AES-256-GCM keys, newest last. Created with mode 0600 on first use; the HMAC key may
+//! come from `SLUICE_PRIVACY__KEY` instead. Key bytes never reach logs, errors or metrics: only
+//! fingerprints do.
+
+use std::{
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use ring::{
+    hmac,
+    rand::{SecureRandom, SystemRandom},
+};
+use serde::{Deserialize, Serialize};
+
+/// Bytes of every key.
+pub const KEY_BYTES: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("privacy key file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("privacy.key (SLUICE_PRIVACY__KEY): {0}")]
+    EnvKey(String),
+    #[error("cannot draw random key bytes")]
+    Random,
+}
+
+/// A key as stored: base64 of 32 bytes.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct NamedKey {
+    pub id: String,
+    pub key: String,
+}
+
+/// The file's contents.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    hmac_key: String,
+    #[serde(default)]
+    encryption_keys: Vec<NamedKey>,
+}
+
+/// Decoded keys.
+#[derive(Clone)]
+pub struct Keys {
+    pub hmac: [u8; KEY_BYTES],
+    /// Oldest first: new values are encrypted with the last.
+    pub encryption: Vec<(String, [u8; KEY_BYTES])>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Keys")
+            .field("hmac", &"<redacted>")
+            .field(
+                "encryption",
+                &self.encryption.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn random_key() -> Result<[u8; KEY_BYTES], KeyError> {
+    let mut key = [0u8; KEY_BYTES];
+    SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| KeyError::Random)?;
+    Ok(key)
+}
+
+/// Fresh random keys (one encryption key, `k1`), in memory.
+pub fn generate() -> Result<Keys, KeyError> {
+    Ok(Keys {
+        hmac: random_key()?,
+        encryption: vec![("k1".to_owned(), random_key()?)],
+    })
+}
+
+fn decode(text: &str) -> Result<[u8; KEY_BYTES], String> {
+    let bytes = STANDARD
+        .decode(text.trim())
+        .map_err(|_| "a key is not base64".to_owned())?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("a key must be {KEY_BYTES} bytes"))
+}
+
+/// The keys of `path`, or new ones when it does not exist (written only by [`Loaded::persist`],
+/// once the database agreed). `env_hmac` (base64) replaces the file's HMAC key.
+pub fn load(path: &Path, env_hmac: Option<&str>) -> Result<Loaded, KeyError> {
+    let file_error = |reason: String| KeyError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let (file, created) = match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let mode = std::fs::metadata(path)
+                .map_err(|error| file_error(error.to_string()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(file_error(format!(
+                    "readable by others (mode {:o}); chmod 600 it",
+                    mode & 0o777
+                )));
+            }
+            let file: KeyFile = toml_from_str(&text).map_err(file_error)?;
+            (file, false)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let file = KeyFile {
+                hmac_key: STANDARD.encode(random_key()?),
+                encryption_keys: vec![NamedKey {
+                    id: "k1".to_owned(),
+                    key: STANDARD.encode(random_key()?),
+                }],
+            };
+            (file, true)
+        }
+        Err(error) => return Err(file_error(error.to_string())),
+    };
+    let hmac = match env_hmac {
+        Some(text) => decode(text).map_err(KeyError::EnvKey)?,
+        None => decode(&file.hmac_key).map_err(file_error)?,
+    };
+    let mut encryption = Vec::with_capacity(file.encryption_keys.len());
+    for named in &file.encryption_keys {
+        if named.id.is_empty() || named.id.contains(':') {
+            return Err(file_error(format!(
+                "key id {:?} must be non-empty and without ':'",
+                named.id
+            )));
+        }
+        if encryption.iter().any(|(id, _)| id == &named.id) {
+            return Err(file_error(format!("key id {} appears twice", named.id)));
+        }
+        encryption.push((named.id.clone(), decode(&named.key).map_err(file_error)?));
+    }
+    Ok(Loaded {
+        keys: Keys { hmac, encryption },
+        file,
+        created: created.then(|| path.to_owned()),
+    })
+}
+
+/// Parses the key file (TOML) through figment's TOML provider, already in the tree.
+fn toml_from_str(text: &str) -> Result<KeyFile, String> {
+    use figment::providers::Format;
+    figment::Figment::from(figment::providers::Toml::string(text))
+        .extract()
+        .map_err(|error| error.to_string())
+}
+
+/// Keys read from (or made for) the key file.
+pub struct Loaded {
+    pub keys: Keys,
+    file: KeyFile,
+    /// Set when the file did not exist: where to write it.
+    created: Option<PathBuf>,
+}
+
+impl Loaded {
+    /// Writes a newly made key file with mode 0600 (nothing when it existed).
+    pub fn persist(&self) -> Result<(), KeyError> {
+        let Some(path) = &self.created else {
+            return Ok(());
+        };
+        let file_error = |reason: String| KeyError::File {
+            path: path.clone(),
+            reason,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|error| file_error(error.to_string()))?;
+        }
+        let mut text = String::from(
+            "# sluice privacy keys: keep secret, back up with the database, never edit a key.\n\
+             # Rotate by appending a new [[encryption_keys]] entry (the last one encrypts) and\n\
+             # reloading (SIGHUP); then run `sluice privacy rotate`.\n",
+        );
+        text.push_str(&format!("hmac_key = \"{}\"\n", self.file.hmac_key));
+        for named in &self.file.encryption_keys {
+            text.push_str(&format!(
+                "\n[[encryption_keys]]\nid = \"{}\"\nkey = \"{}\"\n",
+                named.id, named.key
+            ));
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|error| file_error(error.to_string()))?;
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|error| file_error(error.to_string()))?;
+        tracing::warn!(path = %path.display(), "created the privacy key file; back it up: data written under it is unreadable without it");
+        Ok(())
+    }
+
+    pub fn created(&self) -> bool {
+        self.created.is_some()
+    }
+}
+
+/// A key's fingerprint: reveals nothing of the key, tells whether two keys are the same.
+pub fn fingerprint(key: &[u8; KEY_BYTES]) -> String {
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, key),
+        b"sluice privacy key fingerprint v1",
+    );
+    hex::encode(&tag.as_ref()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_file_is_made_with_mode_0600_and_reads_back_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("privacy.keys");
+        let made = load(&path, None).expect("new keys");
+        assert!(made.created());
+        made.persist().expect("persist");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let read = load(&path, None).expect("read");
+        assert!(!read.created());
+        assert_eq!(read.keys.hmac, made.keys.hmac);
+        assert_eq!(read.keys.encryption, made.keys.encryption);
+        // Debug output never shows key bytes.
+        let debug = format!("{:?}", read.keys);
+        assert!(!debug.contains(&STANDARD.encode(read.keys.hmac)), "{debug}");
+    }
+
+    #[test]
+    fn bad_files_are_refused_without_echoing_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("privacy.keys");
+        std::fs::write(&path, "hmac_key = \"c2hvcnQ=\"\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let error = load(&path, None)
+            .err()
+            .expect("short key refused")
+            .to_string();
+        assert!(
+            error.contains("32 bytes") && !error.contains("c2hvcnQ"),
+            "{error}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let error = load(&path, None)
+            .err()
+            .expect("open file refused")
+            .to_string();
+        assert!(error.contains("chmod 600"), "{error}");
+    }
+}

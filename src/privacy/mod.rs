@@ -1,0 +1,537 @@
+//! Personal data by configuration, applied between validation and the buffer (so the plain
+//! values never reach the buffer, the spool, PostgreSQL or the archive) and undone, where it
+//! can be, on the way out:
+//!
+//! - `pseudonymize_user_id`: `user_id` is stored as `h1:` + hex(HMAC-SHA256(key, user_id));
+//!   filters by `user_id` hash the value they are given ([`Privacy::user_id`]);
+//! - `redact_metadata_keys` / `hash_metadata_keys`: those metadata keys (any depth, any case)
+//!   are dropped, or replaced by the same keyed hash;
+//! - `encrypt_metadata_keys`: those values are stored as `enc:v1:<key id>:<nonce>:<ciphertext>`
+//!   (AES-256-GCM, the AAD binding the event id and the key path) and shown in plaintext only to
+//!   callers with scope `pii` ([`Privacy::reveal`]).
+//!
+//! Keys live in the key file ([`keys`]); [`store`] makes sure the database's data was written
+//! under the keys at hand before anything is written.
+
+pub mod keys;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use ring::{
+    aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey},
+    hmac,
+    rand::{SecureRandom, SystemRandom},
+};
+use serde_json::{Map, Value as Json};
+use uuid::Uuid;
+
+use crate::{config::PrivacyConfig, event::ValidEvent};
+use keys::Keys;
+
+/// Prefix of pseudonymized user ids and hashed metadata values.
+pub const HASH_PREFIX: &str = "h1:";
+/// Prefix of encrypted metadata values.
+pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
+/// What callers without scope `pii` see in place of an encrypted value.
+pub const REDACTED_MARKER: &str = "[encrypted]";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyError {
+    #[error(
+        "an encrypted metadata value failed authentication (tampered, or moved to another event or key)"
+    )]
+    Tampered,
+    #[error("an encrypted metadata value names key {key_id}, which the key file does not hold")]
+    UnknownKey { key_id: String },
+    #[error("an encrypted metadata value is malformed")]
+    Malformed,
+    #[error("cannot draw a random nonce")]
+    Random,
+    #[error(
+        "metadata value at {path} starts with {ENCRYPTED_PREFIX}, which is reserved for encrypted values"
+    )]
+    ReservedPrefix { path: String },
+}
+
+/// What happens to a redacted key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redaction {
+    Drop,
+    Hash,
+}
+
+/// The privacy settings with their keys.
+pub struct Privacy {
+    pseudonymize: bool,
+    hmac: hmac::Key,
+    redact: HashMap<String, Redaction>,
+    encrypt: HashSet<String>,
+    /// Encryption keys by id, and the id new values use (the newest).
+    ciphers: HashMap<String, LessSafeKey>,
+    newest: Option<String>,
+    random: SystemRandom,
+}
+
+impl std::fmt::Debug for Privacy {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Privacy")
+            .field("pseudonymize", &self.pseudonymize)
+            .field("redact", &self.redact)
+            .field("encrypt", &self.encrypt)
+            .field("newest", &self.newest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Privacy {
+    pub fn new(config: &PrivacyConfig, keys: &Keys) -> Self {
+        let mut redact: HashMap<String, Redaction> = config
+            .redact_metadata_keys
+            .iter()
+            .map(|key| (key.to_lowercase(), Redaction::Drop))
+            .collect();
+        redact.extend(
+            config
+                .hash_metadata_keys
+                .iter()
+                .map(|key| (key.to_lowercase(), Redaction::Hash)),
+        );
+        let ciphers = keys
+            .encryption
+            .iter()
+            .filter_map(|(id, key)| {
+                UnboundKey::new(&AES_256_GCM, key)
+                    .ok()
+                    .map(|key| (id.clone(), LessSafeKey::new(key)))
+            })
+            .collect();
+        Self {
+            pseudonymize: config.pseudonymize_user_id,
+            hmac: hmac::Key::new(hmac::HMAC_SHA256, &keys.hmac),
+            redact,
+            encrypt: config
+                .encrypt_metadata_keys
+                .iter()
+                .map(|key| key.to_lowercase())
+                .collect(),
+            ciphers,
+            newest: keys.encryption.last().map(|(id, _)| id.clone()),
+            random: SystemRandom::new(),
+        }
+    }
+
+    /// The keyed hash of a value: `h1:` + hex(HMAC-SHA256).
+    pub fn hash(&self, value: &str) -> String {
+        let tag = hmac::sign(&self.hmac, value.as_bytes());
+        format!("{HASH_PREFIX}{}", hex::encode(tag.as_ref()))
+    }
+
+    /// The stored form of a user id: its hash when pseudonymizing, else itself.
+    pub fn user_id(&self, plain: &str) -> String {
+        if self.pseudonymize {
+            self.hash(plain)
+        } else {
+            plain.to_owned()
+        }
+    }
+
+    /// [`Privacy::protect`] on a validated event, whose metadata is JSON text: parsed and
+    /// written again only when a metadata setting applies or a value mimics an encrypted one.
+    pub fn protect_event(&self, event: &mut ValidEvent) -> Result<(), PrivacyError> {
+        if let Some(user) = event.user_id.as_mut() {
+            *user = self.user_id(user);
+        }
+        let transforms = !self.redact.is_empty() || !self.encrypt.is_empty();
+        if !transforms && !event.metadata_json.contains(ENCRYPTED_PREFIX) {
+            return Ok(());
+        }
+        let mut metadata: Map<String, Json> =
+            serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
+        self.protect(event.id, &mut None, &mut metadata)?;
+        event.metadata_json =
+            serde_json::to_string(&metadata).map_err(|_| PrivacyError::Malformed)?;
+        Ok(())
+    }
+
+    /// Pseudonymizes the user id and redacts and encrypts metadata, before storage.
+    pub fn protect(
+        &self,
+        event_id: Uuid,
+        user_id: &mut Option<String>,
+        metadata: &mut Map<String, Json>,
+    ) -> Result<(), PrivacyError> {
+        if let Some(user) = user_id.as_mut() {
+            *user = self.user_id(user);
+        }
+        let mut path = Vec::new();
+        self.protect_object(event_id, metadata, &mut path)
+    }
+
+    fn protect_object(
+        &self,
+        event_id: Uuid,
+        object: &mut Map<String, Json>,
+        path: &mut Vec<String>,
+    ) -> Result<(), PrivacyError> {
+        let keys: Vec<String> = object.keys().cloned().collect();
+        for key in keys {
+            let lower = key.to_lowercase();
+            match self.redact.get(&lower) {
+                Some(Redaction::Drop) => {
+                    object.remove(&key);
+                    continue;
+                }
+                Some(Redaction::Hash) => {
+                    if let Some(value) = object.get_mut(&key) {
+                        *value = Json::String(self.hash(&canonical(value)));
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            path.push(lower.clone());
+            if let Some(value) = object.get_mut(&key) {
+                if self.encrypt.contains(&lower) {
+                    *value = Json::String(self.seal(event_id, &path.join("."), value)?);
+                } else {
+                    self.protect_value(event_id, value, path)?;
+                }
+            }
+            path.pop();
+        }
+        Ok(())
+    }
+
+    fn protect_value(
+        &self,
+        event_id: Uuid,
+        value: &mut Json,
+        path: &mut Vec<String>,
+    ) -> Result<(), PrivacyError> {
+        match value {
+            // Only sluice writes encrypted values: a client's look-alike would fail to open.
+            Json::String(text) if text.starts_with(ENCRYPTED_PREFIX) => {
+                Err(PrivacyError::ReservedPrefix {
+                    path: path.join("."),
+                })
+            }
+            Json::Object(object) => self.protect_object(event_id, object, path),
+            Json::Array(items) => {
+                path.push("[]".to_owned());
+                let result = items
+                    .iter_mut()
+                    .try_for_each(|item| self.protect_value(event_id, item, path));
+                path.pop();
+                result
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Encrypts one value with the newest key.
+    fn seal(&self, event_id: Uuid, path: &str, value: &Json) -> Result<String, PrivacyError> {
+        let (Some(id), Some(cipher)) = (
+            self.newest.as_ref(),
+            self.newest.as_ref().and_then(|id| self.ciphers.get(id)),
+        ) else {
+            return Err(PrivacyError::UnknownKey {
+                key_id: "(none)".to_owned(),
+            });
+        };
+        let mut nonce = [0u8; NONCE_LEN];
+        self.random
+            .fill(&mut nonce)
+            .map_err(|_| PrivacyError::Random)?;
+        // The value as JSON, so that opening gives back its type too.
+        let mut sealed = value.to_string().into_bytes();
+        cipher
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(event_id, path).as_bytes()),
+                &mut sealed,
+            )
+            .map_err(|_| PrivacyError::Malformed)?;
+        Ok(format!(
+            "{ENCRYPTED_PREFIX}{id}:{}:{}",
+            URL_SAFE_NO_PAD.encode(nonce),
+            URL_SAFE_NO_PAD.encode(sealed)
+        ))
+    }
+
+    /// Decrypts one stored value; fails closed on any mismatch.
+    fn open(&self, event_id: Uuid, path: &str, stored: &str) -> Result<Json, PrivacyError> {
+        let rest = stored
+            .strip_prefix(ENCRYPTED_PREFIX)
+            .ok_or(PrivacyError::Malformed)?;
+        let mut parts = rest.splitn(3, ':');
+        let (Some(id), Some(nonce), Some(sealed)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(PrivacyError::Malformed);
+        };
+        let cipher = self
+            .ciphers
+            .get(id)
+            .ok_or_else(|| PrivacyError::UnknownKey {
+                key_id: id.to_owned(),
+            })?;
+        let nonce: [u8; NONCE_LEN] = URL_SAFE_NO_PAD
+            .decode(nonce)
+            .ok()
+            .and_then(|nonce| nonce.try_into().ok())
+            .ok_or(PrivacyError::Malformed)?;
+        let mut sealed = URL_SAFE_NO_PAD
+            .decode(sealed)
+            .map_err(|_| PrivacyError::Malformed)?;
+        let plain = cipher
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad(event_id, path).as_bytes()),
+                &mut sealed,
+            )
+            .map_err(|_| PrivacyError::Tampered)?;
+        serde_json::from_slice(plain).map_err(|_| PrivacyError::Malformed)
+    }
+
+    /// The id of the key a stored value was encrypted with, when it is one.
+    pub fn key_id_of(stored: &str) -> Option<&str> {
+        stored.strip_prefix(ENCRYPTED_PREFIX)?.split(':').next()
+    }
+
+    /// On the way out: encrypted values become plaintext for callers with scope `pii`
+    /// (`show`), else the redacted marker. Fails closed: a value that does not authenticate
+    /// is an error, never garbage.
+    pub fn reveal(
+        &self,
+        event_id: Uuid,
+        metadata: &mut Json,
+        show: bool,
+    ) -> Result<(), PrivacyError> {
+        let mode = if show { Walk::Show } else { Walk::Hide };
+        let mut changed = 0;
+        self.walk(event_id, metadata, &mut Vec::new(), mode, &mut changed)
+    }
+
+    /// Re-encrypts, under the newest key, the values written under older ones (the rotate
+    /// job); returns how many it re-encrypted.
+    pub fn reencrypt(&self, event_id: Uuid, metadata: &mut Json) -> Result<usize, PrivacyError> {
+        let mut changed = 0;
+        self.walk(
+            event_id,
+            metadata,
+            &mut Vec::new(),
+            Walk::Reseal,
+            &mut changed,
+        )?;
+        Ok(changed)
+    }
+
+    fn walk(
+        &self,
+        event_id: Uuid,
+        value: &mut Json,
+        path: &mut Vec<String>,
+        mode: Walk,
+        changed: &mut usize,
+    ) -> Result<(), PrivacyError> {
+        match value {
+            Json::Object(object) => object.iter_mut().try_for_each(|(key, item)| {
+                path.push(key.to_lowercase());
+                let result = self.walk(event_id, item, path, mode, changed);
+                path.pop();
+                result
+            }),
+            Json::Array(items) => {
+                path.push("[]".to_owned());
+                let result = items
+                    .iter_mut()
+                    .try_for_each(|item| self.walk(event_id, item, path, mode, changed));
+                path.pop();
+                result
+            }
+            Json::String(stored) if stored.starts_with(ENCRYPTED_PREFIX) => {
+                let joined = path.join(".");
+                let plain = self.open(event_id, &joined, stored)?;
+                match mode {
+                    Walk::Show => *value = plain,
+                    Walk::Hide => *value = Json::String(REDACTED_MARKER.to_owned()),
+                    Walk::Reseal => {
+                        if Self::key_id_of(stored) != self.newest.as_deref() {
+                            *value = Json::String(self.seal(event_id, &joined, &plain)?);
+                            *changed += 1;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a walk over stored metadata does with each encrypted value.
+#[derive(Debug, Clone, Copy)]
+enum Walk {
+    Show,
+    Hide,
+    Reseal,
+}
+
+/// The AAD of a value: the event it belongs to and where in its metadata.
+fn aad(event_id: Uuid, path: &str) -> String {
+    format!("sluice:v1:{event_id}:{path}")
+}
+
+/// A value as the text that is hashed: strings as themselves (so `h1:` of an e-mail is the same
+/// whichever event carries it), others as JSON.
+fn canonical(value: &Json) -> String {
+    match value {
+        Json::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::privacy::keys::KEY_BYTES;
+
+    fn keys(ids: &[&str]) -> Keys {
+        Keys {
+            hmac: [7; KEY_BYTES],
+            encryption: ids
+                .iter()
+                .enumerate()
+                .map(|(n, id)| ((*id).to_owned(), [n as u8 + 1; KEY_BYTES]))
+                .collect(),
+        }
+    }
+
+    fn config() -> PrivacyConfig {
+        PrivacyConfig {
+            pseudonymize_user_id: true,
+            redact_metadata_keys: vec!["email".to_owned(), "Phone".to_owned()],
+            hash_metadata_keys: vec!["ip".to_owned()],
+            encrypt_metadata_keys: vec!["ssn".to_owned()],
+            ..PrivacyConfig::default()
+        }
+    }
+
+    fn protected(privacy: &Privacy, id: Uuid) -> (Option<String>, Map<String, Json>) {
+        let mut user = Some("alice".to_owned());
+        let mut metadata = json!({
+            "EMAIL": "a@example.com",
+            "nested": {"phone": "555", "ssn": "123-45-6789", "keep": 1},
+            "list": [{"ip": "10.0.0.1"}],
+            "ssn": {"number": 1}
+        })
+        .as_object()
+        .cloned()
+        .expect("object");
+        privacy
+            .protect(id, &mut user, &mut metadata)
+            .expect("protect");
+        (user, metadata)
+    }
+
+    #[test]
+    fn user_ids_are_keyed_hashes_and_redacted_keys_go_at_any_depth_and_case() {
+        let privacy = Privacy::new(&config(), &keys(&["k1"]));
+        let (user, metadata) = protected(&privacy, Uuid::nil());
+        let user = user.expect("user");
+        assert!(user.starts_with(HASH_PREFIX) && user.len() == 3 + 64);
+        assert_eq!(user, privacy.user_id("alice"));
+        let text = Json::Object(metadata.clone()).to_string();
+        assert!(
+            !text.contains("a@example.com") && !text.contains("555"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("10.0.0.1") && !text.contains("123-45"),
+            "{text}"
+        );
+        assert_eq!(metadata["list"][0]["ip"], json!(privacy.hash("10.0.0.1")));
+        assert_eq!(metadata["nested"]["keep"], json!(1));
+    }
+
+    #[test]
+    fn encrypted_values_open_only_for_pii_and_only_at_their_event_and_path() {
+        let privacy = Privacy::new(&config(), &keys(&["k1"]));
+        let id = Uuid::new_v4();
+        let (_, metadata) = protected(&privacy, id);
+        let stored = Json::Object(metadata);
+        let mut shown = stored.clone();
+        privacy.reveal(id, &mut shown, true).expect("reveal");
+        assert_eq!(shown["nested"]["ssn"], json!("123-45-6789"));
+        assert_eq!(shown["ssn"], json!({"number": 1}));
+        let mut hidden = stored.clone();
+        privacy.reveal(id, &mut hidden, false).expect("hide");
+        assert_eq!(hidden["nested"]["ssn"], json!(REDACTED_MARKER));
+        // Another event id (the AAD) fails closed.
+        let mut moved = stored.clone();
+        assert!(matches!(
+            privacy.reveal(Uuid::new_v4(), &mut moved, true),
+            Err(PrivacyError::Tampered)
+        ));
+        // Another path fails closed too.
+        let mut swapped = stored.clone();
+        swapped["nested"]["other"] = stored["nested"]["ssn"].clone();
+        swapped["nested"]["ssn"] = json!("plain");
+        assert!(privacy.reveal(id, &mut swapped, true).is_err());
+        // A flipped ciphertext byte fails closed.
+        let mut tampered = stored.clone();
+        let text = tampered["nested"]["ssn"]
+            .as_str()
+            .expect("sealed")
+            .to_owned();
+        let flipped = format!(
+            "{}{}",
+            &text[..text.len() - 1],
+            if text.ends_with('A') { 'B' } else { 'A' }
+        );
+        tampered["nested"]["ssn"] = json!(flipped);
+        assert!(matches!(
+            privacy.reveal(id, &mut tampered, true),
+            Err(PrivacyError::Tampered)
+        ));
+    }
+
+    #[test]
+    fn client_values_that_look_encrypted_are_refused_at_ingest() {
+        let privacy = Privacy::new(&PrivacyConfig::default(), &keys(&["k1"]));
+        let mut metadata = json!({"a": {"b": "enc:v1:k1:AAAA:BBBB"}})
+            .as_object()
+            .cloned()
+            .expect("object");
+        let refused = privacy.protect(Uuid::nil(), &mut None, &mut metadata);
+        assert!(matches!(refused, Err(PrivacyError::ReservedPrefix { path }) if path == "a.b"));
+    }
+
+    #[test]
+    fn a_new_key_encrypts_while_old_values_still_open_and_rotate_moves_them() {
+        let old = Privacy::new(&config(), &keys(&["k1"]));
+        let id = Uuid::new_v4();
+        let (_, metadata) = protected(&old, id);
+        let mut stored = Json::Object(metadata);
+        let rotated = Privacy::new(&config(), &keys(&["k1", "k2"]));
+        let mut shown = stored.clone();
+        rotated
+            .reveal(id, &mut shown, true)
+            .expect("old values open");
+        assert_eq!(shown["nested"]["ssn"], json!("123-45-6789"));
+        assert_eq!(rotated.reencrypt(id, &mut stored).expect("rotate"), 2);
+        let ids: Vec<&str> = [&stored["nested"]["ssn"], &stored["ssn"]]
+            .iter()
+            .filter_map(|value| value.as_str().and_then(Privacy::key_id_of))
+            .collect();
+        assert_eq!(ids, ["k2", "k2"]);
+        assert_eq!(rotated.reencrypt(id, &mut stored).expect("again"), 0);
+        let mut shown = stored.clone();
+        rotated.reveal(id, &mut shown, true).expect("reveal");
+        assert_eq!(shown["nested"]["ssn"], json!("123-45-6789"));
+    }
+}
