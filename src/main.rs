@@ -1,5 +1,6 @@
 //! The `sluice` command: `sluice` (or `sluice serve`) runs the server; `sluice certs` issues
-//! client certificates from the dev CA; `sluice bench` runs the load generator.
+//! client certificates from the dev CA; `sluice lifecycle --once` and `sluice privacy rotate`
+//! run jobs against the database; `sluice bench` runs the load generator.
 
 mod cli;
 
@@ -44,11 +45,26 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Read-side load: Query, next page and Stats latency percentiles, and Export throughput.
     BenchQuery(cli::bench::QueryBenchArgs),
+    /// Privacy jobs against the configured database.
+    Privacy {
+        #[command(subcommand)]
+        action: PrivacyAction,
+    },
     /// Runs the lifecycle job (retention) against the configured database and exits.
     Lifecycle {
         /// Run once now (the server runs it every `lifecycle.interval` by itself).
         #[arg(long)]
         once: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrivacyAction {
+    /// Re-encrypts, under the newest key of the key file, every encrypted metadata value
+    /// written under an older one, in batches; prints a JSON report.
+    Rotate {
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -137,6 +153,9 @@ fn main() -> ExitCode {
             }
             runtime.block_on(lifecycle_once(serve))
         }
+        Some(Command::Privacy {
+            action: PrivacyAction::Rotate { serve },
+        }) => runtime.block_on(privacy_rotate(serve)),
     }
 }
 
@@ -199,6 +218,35 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
     };
     let outcome = sluice::lifecycle::run_once(&store.pool, &policy, &archive).await;
     store.close().await;
+    print_report("sluice lifecycle", outcome)
+}
+
+/// `sluice privacy rotate`: re-encrypts old values under the newest key; prints its report as
+/// JSON.
+async fn privacy_rotate(args: ServeArgs) -> ExitCode {
+    let Some(config) = load_config(&args) else {
+        return ExitCode::FAILURE;
+    };
+    let store = match sluice::store::Store::open(&config).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("sluice privacy rotate: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = match sluice::privacy::store::open(&config, &store.pool).await {
+        Ok(privacy) => sluice::privacy::store::rotate(&store.pool, &privacy).await,
+        Err(error) => Err(error),
+    };
+    store.close().await;
+    print_report("sluice privacy rotate", outcome)
+}
+
+/// Prints a job's report as JSON, or its error.
+fn print_report<T: serde::Serialize, E: std::fmt::Display>(
+    job: &str,
+    outcome: Result<T, E>,
+) -> ExitCode {
     match outcome {
         Ok(report) => {
             println!(
@@ -208,7 +256,7 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("sluice lifecycle: {error}");
+            eprintln!("{job}: {error}");
             ExitCode::FAILURE
         }
     }

@@ -6,42 +6,16 @@ mod common;
 
 use std::{path::Path, process::Command, time::Duration};
 
-use common::{ServerSpec, TestDatabase, TestServer, event, metric_sum, request};
+use common::{
+    ServerSpec, TestDatabase, TestServer, channel_as, event, issue_certificate, metric_sum, request,
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, jwk::Jwk};
 use sluice::proto::{
     AuditRequest, DeleteRequest, IngestRequest, QueryRequest, StatsRequest,
     ingest_service_client::IngestServiceClient, query_service_client::QueryServiceClient,
 };
-use tonic::{
-    Code, Request,
-    transport::{Certificate, Channel, ClientTlsConfig, Identity},
-};
+use tonic::{Code, Request};
 use tonic_types::StatusExt;
-
-/// Issues a client certificate named `name` from the server's dev CA, with `sluice certs`.
-fn issue_certificate(server: &TestServer, name: &str) {
-    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["certs", "--name", name, "--cert-dir"])
-        .arg(&server.cert_dir)
-        .arg("--out-dir")
-        .arg(&server.cert_dir)
-        .status()
-        .expect("run sluice certs");
-    assert!(status.success());
-}
-
-/// A channel presenting `name`'s certificate.
-async fn channel_as(server: &TestServer, name: &str) -> Channel {
-    let read = |file: &str| std::fs::read(server.cert_dir.join(file)).expect("read cert");
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(
-            read(&format!("{name}.pem")),
-            read(&format!("{name}.key")),
-        ))
-        .domain_name("localhost");
-    server.channel_with(Some(tls)).await.expect("connect")
-}
 
 fn with_token<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);

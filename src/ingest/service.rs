@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use prost::Message;
 
 use super::{IngestError, Progress, validate::Validator};
-use crate::privacy::Privacy;
+use crate::privacy::SharedPrivacy;
 use crate::{
     audit::Audit,
     auth::{Authorizer, Caller},
@@ -40,7 +40,7 @@ pub struct IngestHandler {
     auth: Arc<Authorizer>,
     audit: Arc<Audit>,
     retention: Arc<RetentionPolicy>,
-    privacy: Arc<Privacy>,
+    privacy: SharedPrivacy,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
 }
@@ -53,7 +53,7 @@ pub struct IngestDeps {
     pub auth: Arc<Authorizer>,
     pub audit: Arc<Audit>,
     pub retention: Arc<RetentionPolicy>,
-    pub privacy: Arc<Privacy>,
+    pub privacy: SharedPrivacy,
     pub stopping: watch::Receiver<bool>,
 }
 
@@ -123,6 +123,7 @@ impl IngestHandler {
         self.counters.events_received(request.events.len());
         let validator =
             Validator::new(&self.config.validation, Utc::now()).with_retention(&self.retention);
+        let privacy = self.privacy.load();
         let mut validated = Validated {
             events: Vec::with_capacity(request.events.len()),
             rejections: Vec::new(),
@@ -142,7 +143,7 @@ impl IngestHandler {
                         });
                     }
                     // Before the buffer: plain user ids and redacted values go no further.
-                    match self.privacy.protect_event(&mut valid) {
+                    match privacy.protect_event(&mut valid) {
                         Ok(()) => Ok(valid),
                         Err(error) => Err(EventRejection {
                             index: valid.index,

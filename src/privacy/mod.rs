@@ -30,6 +30,9 @@ use uuid::Uuid;
 use crate::{config::PrivacyConfig, event::ValidEvent};
 use keys::Keys;
 
+/// The privacy settings in force, swapped whole on a reload (SIGHUP).
+pub type SharedPrivacy = std::sync::Arc<arc_swap::ArcSwap<Privacy>>;
+
 /// Prefix of pseudonymized user ids and hashed metadata values.
 pub const HASH_PREFIX: &str = "h1:";
 /// Prefix of encrypted metadata values.

@@ -22,7 +22,7 @@ use crate::{
     buffer::Buffer,
     config::{Config, Scope},
     metrics::Counters,
-    privacy::{ENCRYPTED_PREFIX, Privacy, PrivacyError},
+    privacy::{ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy},
     proto::{
         AuditEntry, AuditRequest, AuditResponse, BufferStats, DeleteRequest, DeleteResponse, Event,
         ExportChunk, ExportRequest, HourCount, IngestCounters, Order, QueryRequest, QueryResponse,
@@ -58,7 +58,7 @@ pub struct QueryHandler {
     auth: Arc<Authorizer>,
     audit: Arc<Audit>,
     archive: Arc<Archive>,
-    privacy: Arc<Privacy>,
+    privacy: SharedPrivacy,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -103,7 +103,7 @@ pub struct QueryDeps {
     pub auth: Arc<Authorizer>,
     pub audit: Arc<Audit>,
     pub archive: Arc<Archive>,
-    pub privacy: Arc<Privacy>,
+    pub privacy: SharedPrivacy,
 }
 
 impl QueryHandler {
@@ -160,7 +160,7 @@ impl QueryHandler {
             filter.allowed_services = caller.service_patterns();
         }
         if let Some(user_id) = filter.user_id.as_mut() {
-            *user_id = self.privacy.user_id(user_id);
+            *user_id = self.privacy.load().user_id(user_id);
         }
     }
 
@@ -218,6 +218,7 @@ impl QueryHandler {
         details["filters"] = filter_details(&filter);
         let oldest_first = request.order == Order::OldestFirst as i32;
         let show = caller.has_scope(Scope::Pii);
+        let privacy = self.privacy.load();
         let limit = match request.limit {
             0 => DEFAULT_PAGE,
             limit if limit > MAX_PAGE => {
@@ -279,7 +280,7 @@ impl QueryHandler {
             events: rows
                 .into_iter()
                 .map(|mut row| {
-                    self.privacy.reveal(row.id, &mut row.metadata.0, show)?;
+                    privacy.reveal(row.id, &mut row.metadata.0, show)?;
                     Ok(Event::from(row))
                 })
                 .collect::<Result<_, QueryError>>()?,
@@ -734,7 +735,7 @@ impl QueryService for QueryHandler {
         let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
         let pool = self.store.read_pool.clone();
         let archive = self.archive.clone();
-        let privacy = self.privacy.clone();
+        let privacy = self.privacy.load_full();
         let show = caller.has_scope(Scope::Pii);
         tokio::spawn(async move {
             if let Err(error) = export(pool, archive, privacy, show, filter, &chunks).await {

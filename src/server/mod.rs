@@ -38,7 +38,7 @@ use crate::{
     ingest::{IngestHandler, service::IngestDeps},
     lifecycle::{self, RetentionPolicy},
     metrics::{self, Counters},
-    privacy::{self, Privacy, store::PrivacyStartError},
+    privacy::{self, SharedPrivacy, store::PrivacyStartError},
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
@@ -102,7 +102,8 @@ pub enum ServerError {
 pub type Reloader = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully. With a `reloader`,
-/// SIGHUP reloads the `auth` section (principals, scopes, limits, JWKS) without a restart.
+/// SIGHUP reloads the `auth` section (principals, scopes, limits, JWKS) and the `privacy`
+/// section and key file (checked against the stored fingerprints) without a restart.
 pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), ServerError> {
     let config = Arc::new(config);
     // Struct fields stop decoding past the metadata limit instead of building a tree.
@@ -176,7 +177,7 @@ struct Storage {
     store: Arc<Store>,
     spool: Option<Spool>,
     archive: Arc<Archive>,
-    privacy: Arc<Privacy>,
+    privacy: SharedPrivacy,
 }
 
 impl Storage {
@@ -185,7 +186,9 @@ impl Storage {
         let archive = Arc::new(open_archive(config).await?);
         let store = Arc::new(Store::open(config).await?);
         // Before anything is written: keys that differ from the stored data's refuse start.
-        let privacy = Arc::new(privacy::store::open(config, &store.pool).await?);
+        let privacy = Arc::new(arc_swap::ArcSwap::from_pointee(
+            privacy::store::open(config, &store.pool).await?,
+        ));
         Ok(Self {
             store,
             spool,
@@ -295,7 +298,15 @@ impl Background {
     ) -> Self {
         let audit = Arc::new(Audit::new(storage.store.pool.clone()));
         let audit_upkeep = tokio::spawn(keep_audit_log(audit.clone(), config.auth.audit_retention));
-        let reload = tokio::spawn(reload_on_sighup(auth, audit.clone(), reloader));
+        let reload = tokio::spawn(reload_on_sighup(
+            Reloadable {
+                auth,
+                privacy: storage.privacy.clone(),
+                pool: storage.store.pool.clone(),
+            },
+            audit.clone(),
+            reloader,
+        ));
         let lifecycle = config.lifecycle.enabled.then(|| {
             tokio::spawn(run_lifecycle(
                 storage.store.pool.clone(),
@@ -575,7 +586,30 @@ async fn keep_audit_log(audit: Arc<Audit>, retention: Duration) {
 }
 
 /// Reloads the auth policy on SIGHUP, and audits each reload.
-async fn reload_on_sighup(auth: Arc<Authorizer>, audit: Arc<Audit>, reloader: Option<Reloader>) {
+/// What a SIGHUP reloads.
+struct Reloadable {
+    auth: Arc<Authorizer>,
+    privacy: SharedPrivacy,
+    pool: sqlx::PgPool,
+}
+
+impl Reloadable {
+    /// Applies the reloaded configuration, all of it or (on any error) none of it: the privacy
+    /// keys are checked against the stored fingerprints first.
+    async fn reload(&self, reloader: &Reloader) -> Result<(), String> {
+        let config = reloader().map_err(|error| error.to_string())?;
+        let privacy = privacy::store::open(&config, &self.pool)
+            .await
+            .map_err(|error| error.to_string())?;
+        self.auth
+            .reload(&config.auth)
+            .map_err(|error| error.to_string())?;
+        self.privacy.store(Arc::new(privacy));
+        Ok(())
+    }
+}
+
+async fn reload_on_sighup(reloadable: Reloadable, audit: Arc<Audit>, reloader: Option<Reloader>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Some(reloader) = reloader else {
         return;
@@ -585,9 +619,7 @@ async fn reload_on_sighup(auth: Arc<Authorizer>, audit: Arc<Audit>, reloader: Op
         return;
     };
     while hangups.recv().await.is_some() {
-        let outcome = reloader()
-            .map_err(|error| error.to_string())
-            .and_then(|config| auth.reload(&config.auth).map_err(|error| error.to_string()));
+        let outcome = reloadable.reload(&reloader).await;
         let (code, details) = match &outcome {
             Ok(()) => (tonic::Code::Ok, serde_json::json!({})),
             Err(error) => {

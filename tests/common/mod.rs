@@ -318,6 +318,31 @@ pub fn tls_from(cert_dir: &Path) -> ClientTlsConfig {
         .domain_name("localhost")
 }
 
+/// Issues a client certificate named `name` from the server's dev CA, with `sluice certs`.
+pub fn issue_certificate(server: &TestServer, name: &str) {
+    let status = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["certs", "--name", name, "--cert-dir"])
+        .arg(&server.cert_dir)
+        .arg("--out-dir")
+        .arg(&server.cert_dir)
+        .status()
+        .expect("run sluice certs");
+    assert!(status.success());
+}
+
+/// A channel presenting `name`'s certificate.
+pub async fn channel_as(server: &TestServer, name: &str) -> Channel {
+    let read = |file: &str| std::fs::read(server.cert_dir.join(file)).expect("read cert");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(
+            read(&format!("{name}.pem")),
+            read(&format!("{name}.key")),
+        ))
+        .domain_name("localhost");
+    server.channel_with(Some(tls)).await.expect("connect")
+}
+
 /// A request carrying `events` (sequence 0: only IngestStream reads it).
 pub fn request(events: Vec<Event>) -> IngestRequest {
     IngestRequest {
