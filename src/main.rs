@@ -216,7 +216,7 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = sluice::lifecycle::run_once(&store.pool, &policy, &archive).await;
+    let outcome = sluice::lifecycle::run_once(&store.maintenance_pool, &policy, &archive).await;
     store.close().await;
     print_report("sluice lifecycle", outcome)
 }

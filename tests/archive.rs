@@ -316,6 +316,25 @@ async fn archive_round_trip(store: Store) {
     for (id, line) in &lines {
         assert_eq!(Some(line), before.get(id), "archived line of {id}");
     }
+    // A client resending an archived event: stored again in the table, then recognized by the
+    // next run and not archived twice.
+    let resent = publish(&mut ingest, vec![events[0].clone()]).await;
+    assert_eq!(resent.accepted, 1);
+    let report = archived.lifecycle();
+    assert_eq!(
+        (
+            report["rows_archived"].as_u64(),
+            report["rows_already_archived"].as_u64()
+        ),
+        (Some(0), Some(1)),
+        "{report}"
+    );
+    assert_eq!(
+        archived.archived_lines().await.len(),
+        90,
+        "no event archived twice"
+    );
+    assert_eq!(archived.hot_rows("TRUE").await, 10);
 
     // Export spans PostgreSQL and the archive, byte-equal, saying how much was archived.
     let (total, from_archive, after) = export(&mut query, ExportRequest::default()).await;

@@ -80,6 +80,22 @@ pub async fn select(
     builder.build_query_as().fetch_all(connection).await
 }
 
+/// The objects of one service's day.
+pub async fn objects_of_day(
+    connection: &mut PgConnection,
+    service: &str,
+    day: NaiveDate,
+) -> Result<Vec<ArchivedObject>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, path, service, day, min_ts, max_ts, rows, sha256, NULL::bigint AS user_events \
+         FROM archives WHERE service = $1 AND day = $2 ORDER BY part",
+    )
+    .bind(service)
+    .bind(day)
+    .fetch_all(connection)
+    .await
+}
+
 /// The object `id`, locked for a rewrite; None when it is gone (rewritten or expired since it
 /// was selected).
 pub async fn reload(
@@ -95,17 +111,28 @@ pub async fn reload(
     .await
 }
 
-/// The next free part number of a service's day.
+/// The folder of a service's day: `service=<s>/date=<yyyy-mm-dd>/`.
+pub fn day_prefix(service: &str, day: NaiveDate) -> String {
+    format!("service={service}/date={}/", day.format("%Y-%m-%d"))
+}
+
+/// The next free part number of a service's day: past every recorded part and every path on
+/// the garbage list, so that a path is never reused while an old object may still be there.
 pub async fn next_part(
     connection: &mut PgConnection,
     service: &str,
     day: NaiveDate,
 ) -> Result<i32, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT COALESCE(max(part), 0) + 1 FROM archives WHERE service = $1 AND day = $2",
+        "SELECT COALESCE(max(part), 0) + 1 FROM ( \
+           SELECT part FROM archives WHERE service = $1 AND day = $2 \
+           UNION ALL \
+           SELECT substring(path FROM 'part-([0-9]+)\\.')::int FROM archive_garbage \
+           WHERE starts_with(path, $3)) parts",
     )
     .bind(service)
     .bind(day)
+    .bind(day_prefix(service, day))
     .fetch_one(connection)
     .await
 }
@@ -180,15 +207,27 @@ pub async fn forget(
     Ok(())
 }
 
-/// Puts a path on the garbage list before its object is written, committed at once (outside
-/// any transaction of the caller): if the writer dies before recording the object, the next
-/// garbage collection removes it.
-pub async fn expect_garbage(pool: &PgPool, path: &str) -> Result<(), sqlx::Error> {
+/// Puts a path on the garbage list before its object is written, committed at once on `side`
+/// (a connection outside the caller's transaction, taken before the archive lock so that the
+/// lock holder never waits for the pool): if the writer dies before recording the object, the
+/// next garbage collection removes it.
+pub async fn expect_garbage(side: &mut PgConnection, path: &str) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO archive_garbage (path) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(path)
-        .execute(pool)
+        .execute(side)
         .await
         .map(|_| ())
+}
+
+/// Whether a path is still on the garbage list (not recorded since).
+pub async fn still_garbage(connection: &mut PgConnection, path: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM archive_garbage WHERE path = $1) \
+         AND NOT EXISTS (SELECT 1 FROM archives WHERE path = $1)",
+    )
+    .bind(path)
+    .fetch_one(connection)
+    .await
 }
 
 /// Paths waiting for removal.

@@ -142,10 +142,23 @@ pub fn json_contains(container: &Json, contained: &Json) -> bool {
         (Json::Array(outer), Json::Array(inner)) => inner
             .iter()
             .all(|wanted| outer.iter().any(|present| json_contains(present, wanted))),
-        (Json::Number(left), Json::Number(right)) => match (left.as_i64(), right.as_i64()) {
-            (Some(left), Some(right)) => left == right,
-            _ => left.as_f64() == right.as_f64(),
-        },
+        (Json::Number(left), Json::Number(right)) => {
+            match (left.as_i64(), right.as_i64(), left.as_u64(), right.as_u64()) {
+                (Some(left), Some(right), _, _) => left == right,
+                (_, _, Some(left), Some(right)) => left == right,
+                // A float against an integer: compared as floats only while the integer is
+                // exact in f64 (PostgreSQL compares exact numerics).
+                _ => {
+                    let exact = |number: &serde_json::Number| {
+                        !(number.is_i64() || number.is_u64())
+                            || number
+                                .as_f64()
+                                .is_some_and(|value| value.abs() <= 9_007_199_254_740_992.0)
+                    };
+                    exact(left) && exact(right) && left.as_f64() == right.as_f64()
+                }
+            }
+        }
         (left, right) => left == right,
     }
 }
@@ -202,6 +215,11 @@ mod tests {
         assert!(!json_contains(&metadata, &json!({"tags": ["c"]})));
         assert!(!json_contains(&metadata, &json!({"tags": "a"})));
         assert!(!json_contains(&metadata, &json!({"missing": null})));
+        assert!(!json_contains(
+            &json!({"n": u64::MAX}),
+            &json!({"n": 1.8446744073709552e19})
+        ));
+        assert!(json_contains(&json!({"n": 1e20}), &json!({"n": 1e20})));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use object_store::{
 };
 use sqlx::PgPool;
 
-use crate::config::ArchiveConfig;
+use crate::{config::ArchiveConfig, store::partitions};
 use catalog::{ArchivedObject, Placement, Selection};
 use format::{ArchivedEvent, Encoded, Encoder};
 
@@ -55,13 +55,18 @@ pub enum ArchiveError {
 /// Which lines of an object a call is about.
 pub type Matcher = Arc<dyn Fn(&ArchivedEvent) -> bool + Send + Sync>;
 
-/// What happens to the lines [`Archive::take`] removes from an object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Gives the new text of an archived line (Anonymize); None when the line cannot be read.
+pub type Rewriter = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// What happens to the lines [`Archive::take`] selects in an object.
+#[derive(Clone)]
 pub enum Removal {
     /// They are gone (Delete): the hourly rollup forgets them.
     Delete,
     /// They go back into `events` (Restore), by id: a row already there is kept.
     Restore,
+    /// They stay, rewritten (Anonymize).
+    Rewrite(Rewriter),
 }
 
 /// What [`Archive::take`] did to one object.
@@ -183,7 +188,7 @@ impl Archive {
     /// this returns; it belongs to the archive once the transaction commits.
     pub async fn store(
         &self,
-        pool: &PgPool,
+        side: &mut sqlx::PgConnection,
         connection: &mut sqlx::PgConnection,
         service: &str,
         day: NaiveDate,
@@ -191,8 +196,8 @@ impl Archive {
     ) -> Result<i64, ArchiveError> {
         let part = catalog::next_part(connection, service, day).await?;
         let path = format!(
-            "service={service}/date={}/part-{part}.{}",
-            day.format("%Y-%m-%d"),
+            "{}part-{part}.{}",
+            catalog::day_prefix(service, day),
             format::EXTENSION
         );
         let placement = Placement {
@@ -202,7 +207,7 @@ impl Archive {
             day,
             part,
         };
-        catalog::expect_garbage(pool, &placement.path).await?;
+        catalog::expect_garbage(side, &placement.path).await?;
         self.objects
             .put(
                 &parse_path(&placement.path)?,
@@ -213,23 +218,40 @@ impl Archive {
     }
 
     /// Removes the objects on the garbage list: written by a run that died before recording
-    /// them, or replaced and not yet removed.
+    /// them, or replaced and not yet removed. One path at a time under the archive lock (so no
+    /// writer is between listing a path and recording its object); a path that cannot be
+    /// removed now stays listed for the next run.
     pub async fn collect_garbage(&self, pool: &PgPool) -> Result<u64, ArchiveError> {
-        let mut transaction = pool.begin().await?;
-        catalog::lock(&mut transaction).await?;
-        let paths = catalog::garbage(&mut transaction).await?;
-        for path in &paths {
-            self.remove(path).await?;
+        let paths = {
+            let mut connection = pool.acquire().await?;
+            catalog::garbage(&mut connection).await?
+        };
+        let mut removed = 0;
+        for path in paths {
+            let mut transaction = pool.begin().await?;
+            catalog::lock(&mut transaction).await?;
+            // Recorded meanwhile (a writer's path, listed before its object was recorded).
+            if !catalog::still_garbage(&mut transaction, &path).await? {
+                continue;
+            }
+            match self.remove(&path).await {
+                Ok(()) => {
+                    catalog::collected(&mut transaction, std::slice::from_ref(&path)).await?;
+                    transaction.commit().await?;
+                    removed += 1;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, path, "cannot remove an archive object; retrying next run");
+                }
+            }
         }
-        catalog::collected(&mut transaction, &paths).await?;
-        transaction.commit().await?;
-        if !paths.is_empty() {
+        if removed > 0 {
             tracing::info!(
-                objects = paths.len(),
+                objects = removed,
                 "removed unrecorded or replaced archive objects"
             );
         }
-        Ok(paths.len() as u64)
+        Ok(removed)
     }
 
     /// Removes one object from the catalog and the store (retention).
@@ -241,16 +263,44 @@ impl Archive {
         };
         catalog::forget(&mut transaction, &object).await?;
         transaction.commit().await?;
-        self.discard(pool, &object.path).await?;
+        self.discard(pool, &object.path).await;
         Ok(true)
     }
 
-    /// Removes a forgotten object from the store and takes it off the garbage list.
-    async fn discard(&self, pool: &PgPool, path: &str) -> Result<(), ArchiveError> {
-        self.remove(path).await?;
-        let mut connection = pool.acquire().await?;
-        catalog::collected(&mut connection, &[path.to_owned()]).await?;
-        Ok(())
+    /// Removes a forgotten object from the store and takes it off the garbage list. A failure
+    /// is logged, not returned: the committed change stands, and the path stays on the garbage
+    /// list, so the next lifecycle run removes the object.
+    async fn discard(&self, pool: &PgPool, path: &str) {
+        let outcome = async {
+            self.remove(path).await?;
+            let mut connection = pool.acquire().await?;
+            catalog::collected(&mut connection, &[path.to_owned()]).await?;
+            Ok::<(), ArchiveError>(())
+        }
+        .await;
+        if let Err(error) = outcome {
+            tracing::warn!(%error, path, "a replaced archive object stays until the next lifecycle run");
+        }
+    }
+
+    /// The ids held by the objects of a service's day (the caller holds the archive lock).
+    pub async fn ids_of_day(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        service: &str,
+        day: NaiveDate,
+    ) -> Result<HashSet<uuid::Uuid>, ArchiveError> {
+        let mut ids = HashSet::new();
+        for object in catalog::objects_of_day(connection, service, day).await? {
+            for line in self.matching_lines(&object, Arc::new(|_| true)).await? {
+                let event = ArchivedEvent::parse(&line).map_err(|error| ArchiveError::Corrupt {
+                    path: object.path.clone(),
+                    reason: error.to_string(),
+                })?;
+                ids.insert(event.id);
+            }
+        }
+        Ok(ids)
     }
 
     /// The objects of `selection`, read under the archive lock: every archiving that began
@@ -293,7 +343,14 @@ impl Archive {
             state.objects_total += todo.len() as u64;
             for object in todo {
                 seen.insert(object.id);
-                if let Some(taken) = self.take(pool, object.id, matches.clone(), removal).await? {
+                if matches!(removal, Removal::Restore) {
+                    // Older months may have no partition any more.
+                    partitions::ensure_partitions(pool, object.min_ts, object.max_ts).await?;
+                }
+                if let Some(taken) = self
+                    .take(pool, object.id, matches.clone(), removal.clone())
+                    .await?
+                {
                     state.events += taken.events;
                     state.inserted += taken.inserted;
                     if taken.events > 0 {
@@ -315,7 +372,7 @@ impl Archive {
     ) -> Result<Vec<String>, ArchiveError> {
         let bytes = self.get(object).await?;
         let path = object.path.clone();
-        let split = tokio::task::spawn_blocking(move || split(&path, &bytes, &*matches))
+        let split = tokio::task::spawn_blocking(move || split(&path, &bytes, &*matches, None))
             .await
             .map_err(|error| ArchiveError::Task(error.to_string()))??;
         Ok(split.taken.into_iter().map(|line| line.text).collect())
@@ -333,6 +390,8 @@ impl Archive {
         matches: Matcher,
         removal: Removal,
     ) -> Result<Option<Taken>, ArchiveError> {
+        // Both connections before the lock: its holder never waits for the pool.
+        let mut side = pool.acquire().await?;
         let mut transaction = pool.begin().await?;
         catalog::lock(&mut transaction).await?;
         let Some(object) = catalog::reload(&mut transaction, id).await? else {
@@ -340,9 +399,15 @@ impl Archive {
         };
         let bytes = self.get(&object).await?;
         let path = object.path.clone();
-        let split = tokio::task::spawn_blocking(move || split(&path, &bytes, &*matches))
-            .await
-            .map_err(|error| ArchiveError::Task(error.to_string()))??;
+        let rewriter = match &removal {
+            Removal::Rewrite(rewriter) => Some(rewriter.clone()),
+            Removal::Delete | Removal::Restore => None,
+        };
+        let split = tokio::task::spawn_blocking(move || {
+            split(&path, &bytes, &*matches, rewriter.as_deref())
+        })
+        .await
+        .map_err(|error| ArchiveError::Task(error.to_string()))??;
         if split.taken.is_empty() {
             return Ok(Some(Taken::default()));
         }
@@ -355,11 +420,12 @@ impl Archive {
             Removal::Restore => {
                 taken.inserted = restore_lines(&mut transaction, &split.taken).await?;
             }
+            Removal::Rewrite(_) => {}
         }
         if let Some(encoded) = split.kept {
             taken.replacement = Some(
                 self.store(
-                    pool,
+                    &mut side,
                     &mut transaction,
                     &object.service,
                     object.day,
@@ -370,7 +436,8 @@ impl Archive {
         }
         catalog::forget(&mut transaction, &object).await?;
         transaction.commit().await?;
-        self.discard(pool, &object.path).await?;
+        drop(side);
+        self.discard(pool, &object.path).await;
         Ok(Some(taken))
     }
 }
@@ -436,7 +503,7 @@ struct Line {
 }
 
 /// An object's lines split by a matcher: the taken ones, and the rest re-encoded (None when
-/// none are left).
+/// none are left). With a rewriter, taken lines are rewritten and stay in the object.
 struct Split {
     taken: Vec<Line>,
     kept: Option<Encoded>,
@@ -446,6 +513,7 @@ fn split(
     path: &str,
     bytes: &[u8],
     matches: &dyn Fn(&ArchivedEvent) -> bool,
+    rewriter: Option<&(dyn Fn(&str) -> Option<String> + Send + Sync)>,
 ) -> Result<Split, ArchiveError> {
     let corrupt = |reason: String| ArchiveError::Corrupt {
         path: path.to_owned(),
@@ -457,6 +525,14 @@ fn split(
     for text in lines {
         let event = ArchivedEvent::parse(&text).map_err(|error| corrupt(error.to_string()))?;
         if matches(&event) {
+            if let Some(rewrite) = rewriter {
+                let rewritten = rewrite(&text)
+                    .ok_or_else(|| corrupt("a line cannot be rewritten".to_owned()))?;
+                let changed =
+                    ArchivedEvent::parse(&rewritten).map_err(|error| corrupt(error.to_string()))?;
+                kept.push(&rewritten, changed.timestamp, changed.user_id.as_deref())
+                    .map_err(|error| corrupt(error.to_string()))?;
+            }
             taken.push(Line {
                 text,
                 service: event.service,

@@ -55,13 +55,22 @@ pub async fn move_old_events(
             let day_start = date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
             let from = day_start.max(window_start);
             let to = (day_start + day).min(cutoff);
-            while let Some(rows) = archive_part(pool, archive, &service, date, from, to).await? {
-                report.rows_archived += rows;
-                report.objects_written += 1;
+            while let Some(part) = archive_part(pool, archive, &service, date, from, to).await? {
+                report.rows_archived += part.archived;
+                report.rows_already_archived += part.already_archived;
+                report.objects_written += u64::from(part.archived > 0);
             }
         }
     }
     Ok(())
+}
+
+/// What one part did.
+struct Part {
+    archived: u64,
+    /// Rows whose id an object of the day already holds (a client resent an archived event):
+    /// deleted, not archived twice.
+    already_archived: u64,
 }
 
 /// Writes the next object of one service's day from its oldest rows in `[from, to)`, and
@@ -73,9 +82,14 @@ async fn archive_part(
     day: NaiveDate,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<Option<u64>, LifecycleError> {
+) -> Result<Option<Part>, LifecycleError> {
+    // Both connections before the lock: its holder never waits for the pool.
+    let mut side = pool.acquire().await?;
     let mut transaction = pool.begin().await?;
     catalog::lock(&mut transaction).await?;
+    // A day archived before holds ids a resent event may repeat: read them (rare: late or
+    // resent events only).
+    let archived_ids = archive.ids_of_day(&mut transaction, service, day).await?;
     sqlx::query("SET LOCAL TimeZone = 'UTC'")
         .execute(&mut *transaction)
         .await?;
@@ -96,6 +110,7 @@ async fn archive_part(
     let mut encoder = Encoder::new()?;
     let mut ids: Vec<Uuid> = Vec::new();
     let mut stamps: Vec<DateTime<Utc>> = Vec::new();
+    let mut already_archived = 0u64;
     loop {
         let (statement, start) = match stamps.last() {
             Some(last) => (page_after.as_str(), *last),
@@ -112,7 +127,11 @@ async fn archive_part(
                 .await?;
         let full = page.len() as i64 == PAGE;
         for (id, ts, user_id, line) in page {
-            encoder.push(&line, ts, user_id.as_deref())?;
+            if archived_ids.contains(&id) {
+                already_archived += 1;
+            } else {
+                encoder.push(&line, ts, user_id.as_deref())?;
+            }
             ids.push(id);
             stamps.push(ts);
         }
@@ -120,12 +139,15 @@ async fn archive_part(
             break;
         }
     }
-    let Some(encoded) = encoder.finish()? else {
+    if ids.is_empty() {
         return Ok(None);
-    };
-    archive
-        .store(pool, &mut transaction, service, day, &encoded)
-        .await?;
+    }
+    let encoded = encoder.finish()?;
+    if let Some(encoded) = &encoded {
+        archive
+            .store(&mut side, &mut transaction, service, day, encoded)
+            .await?;
+    }
     let deleted = sqlx::query(
         "DELETE FROM events WHERE service = $1 \
          AND (id, ts) IN (SELECT * FROM unnest($2::uuid[], $3::timestamptz[]))",
@@ -142,8 +164,12 @@ async fn archive_part(
         // archive lock.
         tracing::info!(service, %day, archived = ids.len(), deleted, "rows left during archiving");
     }
-    tracing::debug!(service, %day, rows = ids.len(), bytes = encoded.bytes.len(), "archived a part");
-    Ok(Some(ids.len() as u64))
+    let archived = ids.len() as u64 - already_archived;
+    tracing::debug!(service, %day, archived, already_archived, "archived a part");
+    Ok(Some(Part {
+        archived,
+        already_archived,
+    }))
 }
 
 /// Removes the objects of a sweep's services whose every event is past the retention.

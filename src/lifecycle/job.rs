@@ -36,6 +36,8 @@ pub struct Report {
     pub rows_deleted: u64,
     /// Rows moved from `events` into archived objects.
     pub rows_archived: u64,
+    /// Rows deleted without archiving because an object already held their id (resent).
+    pub rows_already_archived: u64,
     pub objects_written: u64,
     /// Archived objects removed at the end of their service's retention.
     pub objects_deleted: u64,
@@ -132,8 +134,15 @@ async fn sweep(
     now: DateTime<Utc>,
     report: &mut Report,
 ) -> Result<(), LifecycleError> {
-    archiving::tidy(pool, archive).await?;
-    archiving::move_old_events(pool, archive, policy, now, report).await?;
+    // Archive failures (a full disk, S3 down) leave the hot rows in place and fail the run,
+    // but never stop retention: that runs either way.
+    let archived = match archiving::tidy(pool, archive).await {
+        Ok(()) => archiving::move_old_events(pool, archive, policy, now, report).await,
+        Err(error) => Err(error),
+    };
+    if let Err(error) = &archived {
+        tracing::error!(%error, "archiving failed; applying retention anyway");
+    }
     let past_every_rule = now - policy.longest();
     report.partitions_dropped = drop_partitions_before(pool, past_every_rule).await?;
     for sweep in policy.sweeps() {
@@ -148,7 +157,7 @@ async fn sweep(
             delete_before(pool, "event_counts", "hour", &sweep, hour_cutoff).await?;
         archiving::expire_objects(pool, archive, &sweep, cutoff, report).await?;
     }
-    Ok(())
+    archived
 }
 
 /// The `WHERE` of one sweep: its services (or all), less those of earlier rules.
@@ -175,7 +184,8 @@ async fn delete_events_before(
             .await?
             .rows_affected();
         deleted += batch;
-        if batch < DELETE_BATCH as u64 {
+        // Only an empty batch ends it: rows removed meanwhile can make a batch come short.
+        if batch == 0 {
             return Ok(deleted);
         }
     }

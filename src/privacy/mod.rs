@@ -14,6 +14,7 @@
 //! under the keys at hand before anything is written.
 
 pub mod keys;
+pub mod optouts;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -148,11 +149,18 @@ impl Privacy {
             *user = self.user_id(user);
         }
         let transforms = !self.redact.is_empty() || !self.encrypt.is_empty();
-        if !transforms && !event.metadata_json.contains(ENCRYPTED_PREFIX) {
+        // `metadata.userId` may be where the user id came from: it is pseudonymized too.
+        let user_in_metadata = self.pseudonymize && event.metadata_json.contains("\"userId\"");
+        if !transforms && !user_in_metadata && !event.metadata_json.contains(ENCRYPTED_PREFIX) {
             return Ok(());
         }
         let mut metadata: Map<String, Json> =
             serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
+        if self.pseudonymize
+            && let Some(Json::String(user)) = metadata.get_mut("userId")
+        {
+            *user = self.hash(user);
+        }
         self.protect(event.id, &mut None, &mut metadata)?;
         event.metadata_json =
             serde_json::to_string(&metadata).map_err(|_| PrivacyError::Malformed)?;
@@ -296,6 +304,35 @@ impl Privacy {
             )
             .map_err(|_| PrivacyError::Tampered)?;
         serde_json::from_slice(plain).map_err(|_| PrivacyError::Malformed)
+    }
+
+    /// Anonymize: the link to the person goes. `userId` becomes `pseudonym`, and hashed and
+    /// encrypted keys (and any encrypted value) are dropped, at any depth; redacted keys were
+    /// never stored.
+    pub fn anonymize_metadata(&self, metadata: &mut Json, pseudonym: &str) {
+        if let Some(Json::String(user)) = metadata.get_mut("userId") {
+            *user = pseudonym.to_owned();
+        }
+        self.strip(metadata);
+    }
+
+    fn strip(&self, value: &mut Json) {
+        match value {
+            Json::Object(object) => {
+                object.retain(|key, item| {
+                    let lower = key.to_lowercase();
+                    let linked = self.redact.contains_key(&lower)
+                        || self.encrypt.contains(&lower)
+                        || item
+                            .as_str()
+                            .is_some_and(|text| text.starts_with(ENCRYPTED_PREFIX));
+                    !linked
+                });
+                object.values_mut().for_each(|item| self.strip(item));
+            }
+            Json::Array(items) => items.iter_mut().for_each(|item| self.strip(item)),
+            _ => {}
+        }
     }
 
     /// The id of the key a stored value was encrypted with, when it is one.
@@ -501,6 +538,20 @@ mod tests {
             privacy.reveal(id, &mut tampered, true),
             Err(PrivacyError::Tampered)
         ));
+    }
+
+    #[test]
+    fn anonymized_metadata_keeps_statistics_and_loses_the_person() {
+        let privacy = Privacy::new(&config(), &keys(&["k1"]));
+        let id = Uuid::new_v4();
+        let (_, metadata) = protected(&privacy, id);
+        let mut metadata = Json::Object(metadata);
+        metadata["userId"] = json!("alice");
+        privacy.anonymize_metadata(&mut metadata, "anon:1");
+        assert_eq!(metadata["userId"], "anon:1");
+        let text = metadata.to_string();
+        assert!(!text.contains("enc:v1:") && !text.contains("h1:"), "{text}");
+        assert_eq!(metadata["nested"], json!({"keep": 1}));
     }
 
     #[test]

@@ -13,7 +13,6 @@ use crate::{
         catalog::{self, ArchivedObject},
     },
     proto::RestoreProgress,
-    store::partitions,
     wire::to_timestamp,
 };
 
@@ -62,18 +61,6 @@ pub async fn restore(
     let services = (!filter.services.is_empty()).then_some(filter.services.as_slice());
     catalog::hold(pool, services, start, end, hold_until).await?;
     let selection = filter.archive_selection();
-    let objects = archive.select_settled(pool, &selection).await?;
-    // Partitions for what comes back (older months may have none any more).
-    let span = objects.iter().fold(
-        None,
-        |span: Option<(DateTime<Utc>, DateTime<Utc>)>, object| {
-            let (low, high) = (object.min_ts.max(start), object.max_ts.min(end));
-            Some(span.map_or((low, high), |(min, max)| (min.min(low), max.max(high))))
-        },
-    );
-    if let Some((low, high)) = span {
-        partitions::ensure_partitions(pool, low, high).await?;
-    }
     let hold_until = Some(to_timestamp(hold_until));
     let done = archive
         .take_all(

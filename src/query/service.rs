@@ -16,7 +16,7 @@ use super::{
     filter::{Cursor, DEFAULT_PAGE, Filter, MAX_PAGE},
 };
 use crate::{
-    archive::{Archive, Removal, catalog},
+    archive::{Archive, ArchiveError, Removal, catalog},
     audit::{self, Audit, Entry},
     auth::{Authorizer, Caller},
     buffer::Buffer,
@@ -327,7 +327,8 @@ impl QueryHandler {
             None => 0,
         };
         let pool = &self.store.pool;
-        let deleted = if dry_run {
+        let archive_pool = &self.store.maintenance_pool;
+        let mut deleted = if dry_run {
             count_events(pool, &filter).await?
         } else {
             delete_events(pool, &filter).await?
@@ -336,20 +337,26 @@ impl QueryHandler {
         // reads the catalog under the archive lock.
         let selection = filter.archive_selection();
         let (archived_deleted, archive_objects_rewritten) = if dry_run {
-            let objects = self.archive.select_settled(pool, &selection).await?;
+            let objects = self
+                .archive
+                .select_settled(archive_pool, &selection)
+                .await?;
             let counts = archived::count_matches(&self.archive, &filter, &objects).await?;
             (counts.iter().sum(), 0)
         } else {
             let done = self
                 .archive
                 .take_all(
-                    pool,
+                    archive_pool,
                     &selection,
                     filter.archived_matcher(),
                     Removal::Delete,
                     |_| {},
                 )
                 .await?;
+            // A Restore may have moved matching lines back into the table before this took
+            // their object: once the archive holds none, delete what the table holds again.
+            deleted += delete_events(pool, &filter).await?;
             (done.events, done.objects_changed)
         };
         let mut transaction = pool.begin().await?;
@@ -540,7 +547,9 @@ async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, QueryError
             Err(error) => return Err(error.into()),
         };
         deleted += batch as u64;
-        if batch < DELETE_BATCH {
+        // Only an empty batch ends it: rows archived meanwhile can make a batch come short
+        // while more rows still match.
+        if batch == 0 {
             return Ok(deleted);
         }
     }
@@ -578,21 +587,18 @@ async fn export(
     filter: Filter,
     chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
 ) -> Result<(), QueryError> {
-    let mut transaction = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *transaction)
-        .await?;
-    sqlx::query("SET LOCAL TimeZone = 'UTC'")
-        .execute(&mut *transaction)
-        .await?;
-    let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
-    filter.push_where(&mut count);
-    let hot: i64 = count
-        .build_query_scalar()
-        .fetch_one(&mut *transaction)
-        .await?;
-    let objects = catalog::select(&mut transaction, &filter.archive_selection()).await?;
-    let archived_counts = archived::count_matches(&archive, &filter, &objects).await?;
+    // An object replaced or expired between the snapshot and its reading: take a fresh
+    // snapshot, as long as nothing was sent yet.
+    let mut attempts = 0;
+    let (mut transaction, hot, objects, archived_counts) = loop {
+        attempts += 1;
+        match export_snapshot(&pool, &archive, &filter).await {
+            Err(QueryError::Archive(ArchiveError::Gone { .. })) if attempts < EXPORT_ATTEMPTS => {
+                continue;
+            }
+            outcome => break outcome?,
+        }
+    };
     let archived: u64 = archived_counts.iter().sum();
     let total = hot as u64 + archived;
     let first = ExportChunk {
@@ -635,6 +641,42 @@ async fn export(
     let _ = chunks.send(Ok(chunk)).await;
     transaction.commit().await?;
     Ok(())
+}
+
+/// Snapshots tried before an Export gives up on objects changing under it.
+const EXPORT_ATTEMPTS: u32 = 3;
+
+/// The export's snapshot: its transaction, the matching rows, the archived objects that may
+/// hold matches, and how many each holds.
+async fn export_snapshot(
+    pool: &PgPool,
+    archive: &Archive,
+    filter: &Filter,
+) -> Result<
+    (
+        sqlx::Transaction<'static, Postgres>,
+        i64,
+        Vec<catalog::ArchivedObject>,
+        Vec<u64>,
+    ),
+    QueryError,
+> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *transaction)
+        .await?;
+    sqlx::query("SET LOCAL TimeZone = 'UTC'")
+        .execute(&mut *transaction)
+        .await?;
+    let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
+    filter.push_where(&mut count);
+    let hot: i64 = count
+        .build_query_scalar()
+        .fetch_one(&mut *transaction)
+        .await?;
+    let objects = catalog::select(&mut transaction, &filter.archive_selection()).await?;
+    let counts = archived::count_matches(archive, filter, &objects).await?;
+    Ok((transaction, hot, objects, counts))
 }
 
 /// Adds one NDJSON line to the chunk being filled, sending it once full. False when the
@@ -803,7 +845,7 @@ impl QueryService for QueryHandler {
             let hold_until = Utc::now()
                 + TimeDelta::from_std(handler.archive.restore_hold).unwrap_or(TimeDelta::days(7));
             let result = archived::restore(
-                &handler.store.pool,
+                &handler.store.maintenance_pool,
                 &handler.archive,
                 &filter,
                 hold_until,

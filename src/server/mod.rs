@@ -309,7 +309,7 @@ impl Background {
         ));
         let lifecycle = config.lifecycle.enabled.then(|| {
             tokio::spawn(run_lifecycle(
-                storage.store.pool.clone(),
+                storage.store.maintenance_pool.clone(),
                 retention.clone(),
                 storage.archive.clone(),
                 config.lifecycle.interval,

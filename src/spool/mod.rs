@@ -118,6 +118,13 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await?
 }
 
+/// What an edit does to one spooled event.
+enum Edit {
+    Keep,
+    Changed,
+    Remove,
+}
+
 impl Spool {
     /// Opens (creating) the spool directory and checks every segment left there: torn tails
     /// are cut, unreadable segments quarantined.
@@ -228,13 +235,52 @@ impl Spool {
         doomed: impl Fn(&ValidEvent) -> bool + Send + 'static,
         dry_run: bool,
     ) -> Result<u64, SpoolError> {
+        self.edit(
+            move |event| {
+                if doomed(event) {
+                    Edit::Remove
+                } else {
+                    Edit::Keep
+                }
+            },
+            dry_run,
+        )
+        .await
+    }
+
+    /// Rewrites spooled events in place (Anonymize): `change` edits an event and says so.
+    /// Same sealing and atomic rewrite as [`Spool::purge`]. Returns how many were changed (or
+    /// would be).
+    pub async fn rewrite(
+        &self,
+        change: impl Fn(&mut ValidEvent) -> bool + Send + 'static,
+        dry_run: bool,
+    ) -> Result<u64, SpoolError> {
+        self.edit(
+            move |event| {
+                if change(event) {
+                    Edit::Changed
+                } else {
+                    Edit::Keep
+                }
+            },
+            dry_run,
+        )
+        .await
+    }
+
+    async fn edit(
+        &self,
+        edit: impl Fn(&mut ValidEvent) -> Edit + Send + 'static,
+        dry_run: bool,
+    ) -> Result<u64, SpoolError> {
         let exclusive = self.inner.maintenance.clone().lock_owned().await;
         let inner = self.inner.clone();
         // The lock goes with the work: a cancelled caller must not let a replay or another
-        // purge start while this one still rewrites files.
+        // edit start while this one still rewrites files.
         blocking(move || {
             let _exclusive = exclusive;
-            inner.purge(doomed, dry_run)
+            inner.edit(edit, dry_run)
         })
         .await
     }
@@ -398,9 +444,9 @@ impl Inner {
         Ok(())
     }
 
-    fn purge(
+    fn edit(
         &self,
-        doomed: impl Fn(&ValidEvent) -> bool,
+        edit: impl Fn(&mut ValidEvent) -> Edit,
         dry_run: bool,
     ) -> Result<u64, SpoolError> {
         // Seal and list in one critical section: later appends start a new segment, which is
@@ -410,7 +456,7 @@ impl Inner {
             seal(&mut state);
             state.sealed.keys().copied().collect()
         };
-        let mut removed = 0;
+        let mut edited = 0;
         for sequence in sequences {
             let path = self.segment_path(sequence);
             let mut reader = match SegmentReader::open(&path) {
@@ -421,7 +467,7 @@ impl Inner {
                 }
             };
             let mut kept_batches = Vec::new();
-            let mut removed_here = 0;
+            let mut edited_here = 0;
             loop {
                 let batch = match reader.next_batch() {
                     Ok(Some(batch)) => batch,
@@ -432,16 +478,23 @@ impl Inner {
                         return Err(self.quarantine_sealed(sequence, source));
                     }
                 };
-                let before = batch.len();
-                let kept: Vec<ValidEvent> =
-                    batch.into_iter().filter(|event| !doomed(event)).collect();
-                removed_here += (before - kept.len()) as u64;
+                let mut kept = Vec::with_capacity(batch.len());
+                for mut event in batch {
+                    match edit(&mut event) {
+                        Edit::Keep => kept.push(event),
+                        Edit::Changed => {
+                            edited_here += 1;
+                            kept.push(event);
+                        }
+                        Edit::Remove => edited_here += 1,
+                    }
+                }
                 if !kept.is_empty() {
                     kept_batches.push(kept);
                 }
             }
-            removed += removed_here;
-            if dry_run || removed_here == 0 {
+            edited += edited_here;
+            if dry_run || edited_here == 0 {
                 continue;
             }
             let new_bytes = self.rewrite_segment(&path, &kept_batches)?;
@@ -451,7 +504,7 @@ impl Inner {
                 state.total_bytes = state.total_bytes - old_bytes + new_bytes;
             }
         }
-        Ok(removed)
+        Ok(edited)
     }
 
     /// Writes `batches` as a new segment in the current format over `path`, atomically.

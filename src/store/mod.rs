@@ -49,6 +49,12 @@ pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
 /// spool replayer and Delete.
 const WRITE_SIDE_EXTRA_CONNECTIONS: u32 = 3;
 
+/// Connections for lifecycle and archive work: a lifecycle run holds up to three (its lock,
+/// a transaction, a side connection), and a Delete, Restore or Anonymize two.
+const MAINTENANCE_CONNECTIONS: u32 = 6;
+/// Archive work waits for a connection behind other archive work, which may take minutes.
+const MAINTENANCE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Pool settings shared by the primary and the read replica: size, acquire timeout, and
 /// TCP_NODELAY on each new connection.
 fn pool_options(config: &Config, max_connections: u32) -> PgPoolOptions {
@@ -65,6 +71,9 @@ pub struct Store {
     pub pool: PgPool,
     /// Where reads go: the read replica when configured, else `pool`.
     pub read_pool: PgPool,
+    /// The lifecycle job and the archive side of Delete, Restore and Anonymize: no statement
+    /// timeout, and apart from the writers' connections.
+    pub maintenance_pool: PgPool,
     pub embedded: Option<EmbeddedPostgres>,
 }
 
@@ -118,6 +127,22 @@ impl Store {
             MIGRATOR.run(&mut migration_connection).await?;
             migration_connection.close().await?;
         }
+        // Lifecycle and archive work: long transactions (an object upload under the archive
+        // lock, batched deletes) that must neither hit the write timeout nor take the
+        // connections the writers need.
+        let maintenance_pool = PgPoolOptions::new()
+            .max_connections(MAINTENANCE_CONNECTIONS)
+            .acquire_timeout(MAINTENANCE_ACQUIRE_TIMEOUT)
+            .after_connect(|connection, _| {
+                Box::pin(async move { nodelay::enable(connection).await.map(|_| ()) })
+            })
+            .connect_with(
+                options
+                    .clone()
+                    .options([("idle_in_transaction_session_timeout", "10min")]),
+            )
+            .await
+            .map_err(StoreError::Connect)?;
         let read_pool = match &config.database.read_url {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url)
@@ -139,6 +164,7 @@ impl Store {
         let store = Self {
             pool,
             read_pool,
+            maintenance_pool,
             embedded,
         };
         // Not fatal: a lock held on `events` (a long export, pg_dump) must not stop start-up. The
@@ -166,6 +192,7 @@ impl Store {
     /// Closes the pools and stops the private cluster, if any.
     pub async fn close(&self) {
         self.read_pool.close().await;
+        self.maintenance_pool.close().await;
         self.pool.close().await;
         if let Some(cluster) = &self.embedded
             && let Err(error) = tokio::task::block_in_place(|| cluster.stop())
