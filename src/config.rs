@@ -111,7 +111,7 @@ impl Default for LifecycleConfig {
 }
 
 /// Personal data: pseudonymized user ids, redacted, hashed and encrypted metadata keys.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrivacyConfig {
     /// Store `user_id` as `h1:` + hex(HMAC-SHA256(key, user_id)).
@@ -126,6 +126,23 @@ pub struct PrivacyConfig {
     pub key_file: Option<PathBuf>,
     /// The HMAC key (base64 of 32 bytes), instead of the key file's: `SLUICE_PRIVACY__KEY`.
     pub key: Option<Secret>,
+    /// How often each node reloads the opt-out list (the serving node applies one at once).
+    #[serde(with = "humantime_serde")]
+    pub optout_refresh: Duration,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            pseudonymize_user_id: false,
+            redact_metadata_keys: Vec::new(),
+            hash_metadata_keys: Vec::new(),
+            encrypt_metadata_keys: Vec::new(),
+            key_file: None,
+            key: None,
+            optout_refresh: Duration::from_secs(2),
+        }
+    }
 }
 
 impl PrivacyConfig {
@@ -740,6 +757,9 @@ impl Config {
         }
         if self.archive.after.is_some_and(|after| after.is_zero()) {
             return invalid("archive.after", "must be above zero (or off)");
+        }
+        if self.privacy.optout_refresh.is_zero() {
+            return invalid("privacy.optout_refresh", "must be above zero");
         }
         if self.archive.restore_hold.is_zero() {
             return invalid("archive.restore_hold", "must be above zero");

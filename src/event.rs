@@ -98,6 +98,9 @@ pub enum RejectReason {
     /// configured far above their defaults.
     #[error("{field} is {bytes} bytes, more than PostgreSQL can store in one field")]
     FieldTooLong { field: &'static str, bytes: usize },
+    /// The user opted out of tracking (for this service).
+    #[error("user opted out")]
+    OptedOut,
     /// Privacy settings could not be applied (for example a value that mimics an encrypted
     /// one).
     #[error("{0}")]
@@ -129,6 +132,7 @@ impl RejectReason {
             Self::UserIdTooLarge { .. } => "user_id",
             Self::FieldTooLong { field, .. } => field,
             Self::Privacy(_) => "metadata",
+            Self::OptedOut => "user_id",
             Self::DatabaseRefused(_) => "event",
         }
     }
@@ -150,6 +154,7 @@ impl RejectReason {
             Self::UserIdTooLarge { .. } => "user_id_too_large",
             Self::FieldTooLong { .. } => "field_too_long",
             Self::Privacy(_) => "privacy",
+            Self::OptedOut => "user_opted_out",
             Self::ServiceForbidden { .. } => "service_forbidden",
             Self::DatabaseRefused(_) => "database_refused",
         }

@@ -472,3 +472,254 @@ fn write_private(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opted_out_user_is_refused_at_ingest_until_opt_in_and_events_already_accepted_are_kept()
+{
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = start(&database, "").await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = QueryServiceClient::new(server.channel().await);
+    let of = |user: &str, service: &str| Event {
+        user_id: user.to_owned(),
+        ..event(service, "tracked")
+    };
+
+    // Accepted before the opt-out, still in the buffer while the writers are held up: kept.
+    let blocker = database.stall_writers().await;
+    let mut early_client = ingest.clone();
+    let early_event = of("erin", "web");
+    let early = tokio::spawn(async move {
+        early_client
+            .publish(common::request(vec![early_event]))
+            .await
+            .expect("early publish")
+            .into_inner()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::metric_sum(&server.metrics().await, "sluice_events_received_total", "") < 1.0 {
+        assert!(Instant::now() < deadline, "the early event never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    query
+        .opt_out(sluice::proto::OptOutRequest {
+            user_id: "erin".to_owned(),
+            services: vec![],
+        })
+        .await
+        .expect("opt out");
+    TestDatabase::resume_writers(blocker).await;
+    assert_eq!(early.await.expect("early").accepted, 1);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'erin'")
+            .await,
+        1
+    );
+    // The table holds the keyed hash, never the plain id.
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM privacy_optouts WHERE user_key LIKE 'h1:%' AND user_key <> 'erin'")
+            .await,
+        1
+    );
+
+    // From now on: refused with a reason, counted; others are stored.
+    let response = publish(&mut ingest, vec![of("erin", "web"), of("frank", "web")]).await;
+    assert_eq!(
+        (response.accepted, response.rejected),
+        (1, 1),
+        "{response:?}"
+    );
+    assert_eq!(response.rejections[0].field, "user_id");
+    assert_eq!(response.rejections[0].reason, "user opted out");
+    assert_eq!(
+        common::metric_sum(
+            &server.metrics().await,
+            "sluice_events_rejected_total",
+            "reason=\"user_opted_out\""
+        ),
+        1.0
+    );
+
+    // An opt-out of some services only.
+    query
+        .opt_out(sluice::proto::OptOutRequest {
+            user_id: "frank".to_owned(),
+            services: vec!["ads".to_owned()],
+        })
+        .await
+        .expect("opt out of ads");
+    let response = publish(&mut ingest, vec![of("frank", "ads"), of("frank", "web")]).await;
+    assert_eq!(
+        (response.accepted, response.rejected),
+        (1, 1),
+        "{response:?}"
+    );
+    assert_eq!(response.rejections[0].index, 0);
+
+    // OptIn: stored again.
+    let opted_in = query
+        .opt_in(sluice::proto::OptInRequest {
+            user_id: "erin".to_owned(),
+            services: vec![],
+        })
+        .await
+        .expect("opt in")
+        .into_inner();
+    assert!(opted_in.was_opted_out);
+    let response = publish(&mut ingest, vec![of("erin", "web")]).await;
+    assert_eq!(response.accepted, 1);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM audit_log WHERE rpc IN ('OptOut', 'OptIn')")
+            .await,
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymize_breaks_the_link_in_the_table_dead_letters_and_archive_and_is_idempotent() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = start(
+        &database,
+        &format!("{SETTINGS}\n[lifecycle]\nenabled = false\n"),
+    )
+    .await;
+    let mut ingest = server.ingest_client().await;
+    let mut old = personal("gina", "555-11-2222");
+    let ten_days_ago = chrono::Utc::now() - chrono::Duration::days(10);
+    old.timestamp = Some(prost_types::Timestamp {
+        seconds: ten_days_ago.timestamp(),
+        nanos: 0,
+    });
+    let mut broken = personal("gina", "555-11-3333");
+    broken.message = "a NUL \u{0} PostgreSQL refuses".to_owned();
+    let response = publish(
+        &mut ingest,
+        vec![
+            old,
+            personal("gina", "555-11-4444"),
+            broken,
+            personal("hank", "000"),
+        ],
+    )
+    .await;
+    // The NUL event is refused by PostgreSQL and kept in dead_letters.
+    assert_eq!(
+        (response.accepted, response.rejected),
+        (3, 1),
+        "{response:?}"
+    );
+    let report = common::lifecycle_once(&server, &database.url, &[]);
+    assert_eq!(report["rows_archived"], 1, "{report}");
+    assert_eq!(
+        database.scalar("SELECT count(*) FROM dead_letters").await,
+        1
+    );
+
+    let mut query = QueryServiceClient::new(server.channel().await);
+    let anonymize = |dry_run| sluice::proto::AnonymizeRequest {
+        user_id: "gina".to_owned(),
+        dry_run,
+    };
+    let dry = query
+        .anonymize(anonymize(true))
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!(
+        (
+            dry.anonymized,
+            dry.dead_letters_anonymized,
+            dry.archived_anonymized
+        ),
+        (1, 1, 1),
+        "{dry:?}"
+    );
+    let done = query
+        .anonymize(anonymize(false))
+        .await
+        .expect("anonymize")
+        .into_inner();
+    assert_eq!(
+        (
+            done.anonymized,
+            done.dead_letters_anonymized,
+            done.archived_anonymized
+        ),
+        (1, 1, 1),
+        "{done:?}"
+    );
+
+    // Nothing links to gina any more; her events remain, under one pseudonym, without the
+    // encrypted or hashed keys.
+    assert!(
+        query_user(&mut query, "gina")
+            .await
+            .expect("query")
+            .is_empty()
+    );
+    let mut connection = database.connect().await;
+    let rows: Vec<(String, sqlx::types::Json<Json>)> =
+        sqlx::query_as("SELECT user_id, metadata FROM events WHERE user_id LIKE 'anon:%'")
+            .fetch_all(&mut connection)
+            .await
+            .expect("rows");
+    assert_eq!(rows.len(), 1);
+    let pseudonym = rows[0].0.clone();
+    let text = rows[0].1.0.to_string();
+    assert!(!text.contains("enc:v1:") && !text.contains("h1:"), "{text}");
+    assert_eq!(rows[0].1.0["plan"], "pro");
+    let (letter_user, raw): (String, Vec<u8>) =
+        sqlx::query_as("SELECT user_id, raw FROM dead_letters")
+            .fetch_one(&mut connection)
+            .await
+            .expect("dead letter");
+    assert_eq!(letter_user, pseudonym);
+    let raw = String::from_utf8(raw).expect("utf-8");
+    assert!(!raw.contains("enc:v1:") && !raw.contains("h1:"), "{raw}");
+    let (path,): (String,) = sqlx::query_as("SELECT path FROM archives")
+        .fetch_one(&mut connection)
+        .await
+        .expect("archive");
+    let object = std::fs::read(server.dir_path().join("data/archive").join(&path)).expect("object");
+    let line = String::from_utf8(zstd::decode_all(&object[..]).expect("zstd")).expect("utf-8");
+    assert!(
+        line.contains(&pseudonym) && !line.contains("enc:v1:") && !line.contains("h1:"),
+        "{line}"
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM archive_users WHERE user_id LIKE 'h1:%'")
+            .await,
+        0
+    );
+
+    // Idempotent: nothing is left to anonymize; hank was never touched.
+    let again = query
+        .anonymize(anonymize(false))
+        .await
+        .expect("again")
+        .into_inner();
+    assert_eq!(
+        (
+            again.anonymized,
+            again.dead_letters_anonymized,
+            again.archived_anonymized
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        query_user(&mut query, "hank").await.expect("query").len(),
+        1
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM audit_log WHERE rpc = 'Anonymize' AND code = 'OK'")
+            .await,
+        3
+    );
+}

@@ -56,7 +56,8 @@ pub enum ArchiveError {
 pub type Matcher = Arc<dyn Fn(&ArchivedEvent) -> bool + Send + Sync>;
 
 /// Gives the new text of an archived line (Anonymize); None when the line cannot be read.
-pub type Rewriter = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+pub type RewriteLine = dyn Fn(&str) -> Option<String> + Send + Sync;
+pub type Rewriter = Arc<RewriteLine>;
 
 /// What happens to the lines [`Archive::take`] selects in an object.
 #[derive(Clone)]
@@ -513,7 +514,7 @@ fn split(
     path: &str,
     bytes: &[u8],
     matches: &dyn Fn(&ArchivedEvent) -> bool,
-    rewriter: Option<&(dyn Fn(&str) -> Option<String> + Send + Sync)>,
+    rewriter: Option<&RewriteLine>,
 ) -> Result<Split, ArchiveError> {
     let corrupt = |reason: String| ArchiveError::Corrupt {
         path: path.to_owned(),

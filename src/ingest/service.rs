@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use prost::Message;
 
 use super::{IngestError, Progress, validate::Validator};
-use crate::privacy::SharedPrivacy;
+use crate::privacy::{SharedPrivacy, optouts::OptOuts};
 use crate::{
     audit::Audit,
     auth::{Authorizer, Caller},
@@ -41,6 +41,7 @@ pub struct IngestHandler {
     audit: Arc<Audit>,
     retention: Arc<RetentionPolicy>,
     privacy: SharedPrivacy,
+    optouts: Arc<OptOuts>,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
 }
@@ -54,6 +55,7 @@ pub struct IngestDeps {
     pub audit: Arc<Audit>,
     pub retention: Arc<RetentionPolicy>,
     pub privacy: SharedPrivacy,
+    pub optouts: Arc<OptOuts>,
     pub stopping: watch::Receiver<bool>,
 }
 
@@ -67,6 +69,7 @@ impl IngestHandler {
             audit: deps.audit,
             retention: deps.retention,
             privacy: deps.privacy,
+            optouts: deps.optouts,
             stopping: deps.stopping,
         }
     }
@@ -140,6 +143,17 @@ impl IngestHandler {
                                 principal: caller.principal.clone(),
                                 service: valid.service,
                             },
+                        });
+                    }
+                    // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
+                    if !self.optouts.is_empty()
+                        && let Some(user) = valid.user_id.as_deref()
+                        && self.optouts.refuses(&privacy.hash(user), &valid.service)
+                    {
+                        return Err(EventRejection {
+                            index: valid.index,
+                            event_id: valid.id.to_string(),
+                            reason: RejectReason::OptedOut,
                         });
                     }
                     // Before the buffer: plain user ids and redacted values go no further.

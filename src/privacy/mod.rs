@@ -316,6 +316,40 @@ impl Privacy {
         self.strip(metadata);
     }
 
+    /// Anonymize on a spooled event.
+    pub fn anonymize_event(&self, event: &mut ValidEvent, pseudonym: &str) {
+        event.user_id = Some(pseudonym.to_owned());
+        if let Ok(mut metadata) = serde_json::from_str::<Json>(&event.metadata_json) {
+            self.anonymize_metadata(&mut metadata, pseudonym);
+            event.metadata_json = metadata.to_string();
+        }
+    }
+
+    /// Anonymize on an NDJSON line (Export format: archived objects); None when it is not one.
+    pub fn anonymize_line(&self, line: &str, pseudonym: &str) -> Option<String> {
+        let mut event: Json = serde_json::from_str(line).ok()?;
+        let object = event.as_object_mut()?;
+        object.insert("user_id".to_owned(), Json::String(pseudonym.to_owned()));
+        if let Some(metadata) = object.get_mut("metadata") {
+            self.anonymize_metadata(metadata, pseudonym);
+        }
+        Some(event.to_string())
+    }
+
+    /// Anonymize on a dead letter's `raw` (the event as JSON, its metadata as JSON text).
+    pub fn anonymize_dead_letter(&self, raw: &[u8], pseudonym: &str) -> Option<Vec<u8>> {
+        let mut event: Json = serde_json::from_slice(raw).ok()?;
+        let object = event.as_object_mut()?;
+        object.insert("user_id".to_owned(), Json::String(pseudonym.to_owned()));
+        if let Some(Json::String(text)) = object.get_mut("metadata")
+            && let Ok(mut metadata) = serde_json::from_str::<Json>(text)
+        {
+            self.anonymize_metadata(&mut metadata, pseudonym);
+            *text = metadata.to_string();
+        }
+        Some(event.to_string().into_bytes())
+    }
+
     fn strip(&self, value: &mut Json) {
         match value {
             Json::Object(object) => {

@@ -1,6 +1,7 @@
 //! QueryService: Query, Export, Delete and Stats over the stored events, and the one mapping
 //! of their errors to gRPC statuses.
 
+mod anonymize;
 mod archived;
 pub mod filter;
 pub mod service;

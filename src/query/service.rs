@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{
-    QueryError, archived,
+    QueryError, anonymize, archived,
     filter::{Cursor, DEFAULT_PAGE, Filter, MAX_PAGE},
 };
 use crate::{
@@ -22,12 +22,16 @@ use crate::{
     buffer::Buffer,
     config::{Config, Scope},
     metrics::Counters,
-    privacy::{ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy},
+    privacy::{
+        ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy,
+        optouts::{OptInError, OptOuts},
+    },
     proto::{
-        AuditEntry, AuditRequest, AuditResponse, BufferStats, DeleteRequest, DeleteResponse, Event,
-        ExportChunk, ExportRequest, HourCount, IngestCounters, Order, QueryRequest, QueryResponse,
-        RestoreProgress, RestoreRequest, ServiceCount, StatsRequest, StatsResponse, WriterStats,
-        query_service_server::QueryService,
+        AnonymizeRequest, AnonymizeResponse, AuditEntry, AuditRequest, AuditResponse, BufferStats,
+        DeleteRequest, DeleteResponse, Event, ExportChunk, ExportRequest, HourCount,
+        IngestCounters, OptInRequest, OptInResponse, OptOutRequest, OptOutResponse, Order,
+        QueryRequest, QueryResponse, RestoreProgress, RestoreRequest, ServiceCount, StatsRequest,
+        StatsResponse, WriterStats, query_service_server::QueryService,
     },
     spool::Spool,
     store::{self, Store},
@@ -59,6 +63,7 @@ pub struct QueryHandler {
     audit: Arc<Audit>,
     archive: Arc<Archive>,
     privacy: SharedPrivacy,
+    optouts: Arc<OptOuts>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -104,6 +109,7 @@ pub struct QueryDeps {
     pub audit: Arc<Audit>,
     pub archive: Arc<Archive>,
     pub privacy: SharedPrivacy,
+    pub optouts: Arc<OptOuts>,
 }
 
 impl QueryHandler {
@@ -119,6 +125,7 @@ impl QueryHandler {
             audit: deps.audit,
             archive: deps.archive,
             privacy: deps.privacy,
+            optouts: deps.optouts,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -398,6 +405,74 @@ impl QueryHandler {
         })
     }
 
+    /// The keyed hash an opt-out is recorded under, from a checked plain user id.
+    fn opt_out_key(&self, user_id: &str) -> Result<String, QueryError> {
+        if user_id.is_empty() {
+            return Err(QueryError::invalid("user_id", "required: the user"));
+        }
+        if user_id.len() > self.config.validation.max_user_id_bytes || user_id.contains('\0') {
+            return Err(QueryError::invalid(
+                "user_id",
+                "not a user id events can carry (too long, or NUL)",
+            ));
+        }
+        Ok(self.privacy.load().hash(user_id))
+    }
+
+    async fn anonymize_user(
+        &self,
+        caller: &Caller,
+        request: AnonymizeRequest,
+        details: &mut Json,
+    ) -> Result<AnonymizeResponse, QueryError> {
+        self.opt_out_key(&request.user_id)?;
+        let mut filter = Filter {
+            user_id: Some(request.user_id),
+            ..Filter::default()
+        };
+        self.restrict(&mut filter, caller);
+        details["filters"] = filter_details(&filter);
+        details["dry_run"] = Json::Bool(request.dry_run);
+        // One at a time with Deletes (they share the write pool), and after the events
+        // accepted before the call are written.
+        let _one_at_a_time = self.deletes.acquire().await.map_err(|_| QueryError::Busy {
+            retry_after: Duration::from_secs(1),
+        })?;
+        if !self.buffer.wait_for_admitted(DELETE_BARRIER_TIMEOUT).await {
+            return Err(QueryError::Busy {
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        let may_use = {
+            let caller = caller.clone();
+            Arc::new(move |service: &str| caller.may_use(service))
+        };
+        let done = anonymize::anonymize(
+            anonymize::Scope {
+                pool: &self.store.pool,
+                archive_pool: &self.store.maintenance_pool,
+                archive: &self.archive,
+                spool: self.spool.as_ref(),
+                privacy: self.privacy.load_full(),
+                filter: &filter,
+                may_use,
+            },
+            request.dry_run,
+        )
+        .await?;
+        details["rows"] = Json::from(done.events);
+        details["dead_letters"] = Json::from(done.dead_letters);
+        details["spooled"] = Json::from(done.spooled);
+        details["archived"] = Json::from(done.archived);
+        Ok(AnonymizeResponse {
+            anonymized: done.events,
+            dead_letters_anonymized: done.dead_letters,
+            spooled_anonymized: done.spooled,
+            archived_anonymized: done.archived,
+            dry_run: request.dry_run,
+        })
+    }
+
     async fn stats(
         &self,
         caller: &Caller,
@@ -643,6 +718,14 @@ async fn export(
     Ok(())
 }
 
+/// Service names of an opt-out: the same rule as events'.
+fn check_services(services: &[String]) -> Result<(), QueryError> {
+    services.iter().try_for_each(|service| {
+        crate::wire::check_service(service)
+            .map_err(|error| QueryError::invalid("services", error.to_string()))
+    })
+}
+
 /// Snapshots tried before an Export gives up on objects changing under it.
 const EXPORT_ATTEMPTS: u32 = 3;
 
@@ -813,6 +896,82 @@ impl QueryService for QueryHandler {
         deletion
             .await
             .map_err(|_| Status::internal("the delete task failed; see server logs"))?
+            .map(Response::new)
+    }
+
+    async fn opt_out(
+        &self,
+        request: Request<OptOutRequest>,
+    ) -> Result<Response<OptOutResponse>, Status> {
+        let call = Call::of(&request, "OptOut");
+        let caller = self
+            .caller(&request, &call, Scope::Delete, &request.get_ref().services)
+            .await?;
+        let request = request.into_inner();
+        let mut details = serde_json::json!({ "services": request.services });
+        let result = async {
+            check_services(&request.services)?;
+            let key = self.opt_out_key(&request.user_id)?;
+            details["user_key"] = Json::from(key.clone());
+            let mut connection = self.store.pool.acquire().await?;
+            self.optouts
+                .opt_out(&mut connection, &key, &request.services)
+                .await?;
+            Ok(OptOutResponse {})
+        }
+        .await;
+        self.audited(&caller, &call, details, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn opt_in(
+        &self,
+        request: Request<OptInRequest>,
+    ) -> Result<Response<OptInResponse>, Status> {
+        let call = Call::of(&request, "OptIn");
+        let caller = self
+            .caller(&request, &call, Scope::Delete, &request.get_ref().services)
+            .await?;
+        let request = request.into_inner();
+        let mut details = serde_json::json!({ "services": request.services });
+        let result = async {
+            check_services(&request.services)?;
+            let key = self.opt_out_key(&request.user_id)?;
+            details["user_key"] = Json::from(key.clone());
+            let mut connection = self.store.pool.acquire().await?;
+            let was_opted_out = self
+                .optouts
+                .opt_in(&mut connection, &key, &request.services)
+                .await
+                .map_err(|error| match error {
+                    OptInError::EveryService => QueryError::invalid("services", error.to_string()),
+                    OptInError::Database(error) => QueryError::Database(error),
+                })?;
+            Ok(OptInResponse { was_opted_out })
+        }
+        .await;
+        self.audited(&caller, &call, details, result)
+            .await
+            .map(Response::new)
+    }
+
+    async fn anonymize(
+        &self,
+        request: Request<AnonymizeRequest>,
+    ) -> Result<Response<AnonymizeResponse>, Status> {
+        let call = Call::of(&request, "Anonymize");
+        let caller = self.caller(&request, &call, Scope::Delete, &[]).await?;
+        // Its own task: a client that goes away does not stop it before its audit row.
+        let handler = self.clone();
+        let request = request.into_inner();
+        let task = tokio::spawn(async move {
+            let mut details = Json::Object(Default::default());
+            let result = handler.anonymize_user(&caller, request, &mut details).await;
+            handler.audited(&caller, &call, details, result).await
+        });
+        task.await
+            .map_err(|_| Status::internal("the anonymize task failed; see server logs"))?
             .map(Response::new)
     }
 

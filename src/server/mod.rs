@@ -38,7 +38,11 @@ use crate::{
     ingest::{IngestHandler, service::IngestDeps},
     lifecycle::{self, RetentionPolicy},
     metrics::{self, Counters},
-    privacy::{self, SharedPrivacy, store::PrivacyStartError},
+    privacy::{
+        self, SharedPrivacy,
+        optouts::{self, OptOuts},
+        store::PrivacyStartError,
+    },
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
@@ -178,6 +182,7 @@ struct Storage {
     spool: Option<Spool>,
     archive: Arc<Archive>,
     privacy: SharedPrivacy,
+    optouts: Arc<OptOuts>,
 }
 
 impl Storage {
@@ -189,11 +194,17 @@ impl Storage {
         let privacy = Arc::new(arc_swap::ArcSwap::from_pointee(
             privacy::store::open(config, &store.pool).await?,
         ));
+        let optouts = Arc::new(OptOuts::default());
+        optouts
+            .refresh(&store.pool)
+            .await
+            .map_err(StoreError::from)?;
         Ok(Self {
             store,
             spool,
             archive,
             privacy,
+            optouts,
         })
     }
 
@@ -283,6 +294,7 @@ struct Background {
     partitions: JoinHandle<()>,
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
+    optout_refresh: JoinHandle<()>,
     reload: JoinHandle<()>,
     lifecycle: Option<JoinHandle<()>>,
 }
@@ -298,6 +310,11 @@ impl Background {
     ) -> Self {
         let audit = Arc::new(Audit::new(storage.store.pool.clone()));
         let audit_upkeep = tokio::spawn(keep_audit_log(audit.clone(), config.auth.audit_retention));
+        let optout_refresh = tokio::spawn(optouts::keep_fresh(
+            storage.optouts.clone(),
+            storage.store.pool.clone(),
+            config.privacy.optout_refresh,
+        ));
         let reload = tokio::spawn(reload_on_sighup(
             Reloadable {
                 auth,
@@ -363,6 +380,7 @@ impl Background {
             partitions,
             replay,
             audit_upkeep,
+            optout_refresh,
             reload,
             lifecycle,
         }
@@ -395,11 +413,18 @@ impl Background {
         self.partitions.abort();
         self.reload.abort();
         self.audit_upkeep.abort();
+        self.optout_refresh.abort();
         if let Some(lifecycle) = self.lifecycle.take() {
             lifecycle.abort();
             let _ = lifecycle.await;
         }
-        let _ = tokio::join!(self.health, self.partitions, self.reload, self.audit_upkeep);
+        let _ = tokio::join!(
+            self.health,
+            self.partitions,
+            self.reload,
+            self.audit_upkeep,
+            self.optout_refresh
+        );
         // Authentication failures counted since the last minute.
         self.audit.flush().await;
         self.replay.abort();
@@ -434,6 +459,7 @@ fn build_services(
         audit: background.audit.clone(),
         retention: retention.clone(),
         privacy: storage.privacy.clone(),
+        optouts: storage.optouts.clone(),
         stopping: background.stopping(),
     });
     let query = QueryHandler::new(QueryDeps {
@@ -447,6 +473,7 @@ fn build_services(
         audit: background.audit.clone(),
         archive: storage.archive.clone(),
         privacy: storage.privacy.clone(),
+        optouts: storage.optouts.clone(),
     });
     let mut routes = RoutesBuilder::default();
     routes

@@ -1054,6 +1054,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn rewrite_changes_only_matching_events_in_place_and_dry_run_only_counts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (spool, _) = Spool::open(dir.path(), MIB, MIB).await.expect("open");
+        let mut mixed = batch(6);
+        for event in mixed.iter_mut().step_by(3) {
+            event.user_id = Some("link-me-not".to_owned());
+        }
+        append(&spool, &mixed).await;
+        let change = |event: &mut ValidEvent| {
+            let theirs = event.user_id.as_deref() == Some("link-me-not");
+            if theirs {
+                event.user_id = Some("anon:1".to_owned());
+            }
+            theirs
+        };
+        assert_eq!(spool.rewrite(change, true).await.expect("dry run"), 2);
+        assert_eq!(spool.rewrite(change, false).await.expect("rewrite"), 2);
+        assert_eq!(spool.rewrite(change, false).await.expect("again"), 0);
+        let kept = read_all(&spool).await;
+        assert_eq!(kept.len(), 6, "nothing removed");
+        let ids: Vec<_> = kept.iter().map(|event| event.id).collect();
+        assert_eq!(ids, mixed.iter().map(|event| event.id).collect::<Vec<_>>());
+        let anonymized = kept
+            .iter()
+            .filter(|event| event.user_id.as_deref() == Some("anon:1"))
+            .count();
+        assert_eq!(anonymized, 2);
+    }
+
+    #[tokio::test]
     async fn appends_beyond_max_bytes_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (spool, _) = Spool::open(dir.path(), 300, MIB).await.expect("open");

@@ -1,0 +1,183 @@
+//! Anonymize: a user's events stay for statistics, the link to the person goes, everywhere the
+//! events are: the table (every partition), dead letters, the spool and the archive.
+
+use std::sync::Arc;
+
+use serde_json::Value as Json;
+use sqlx::{PgPool, Postgres, QueryBuilder, types::Json as SqlJson};
+use uuid::Uuid;
+
+use super::{QueryError, archived, filter::Filter};
+use crate::{
+    archive::{Archive, Removal},
+    privacy::Privacy,
+    spool::Spool,
+};
+
+/// Rows changed per transaction.
+const BATCH: i64 = 1_000;
+
+/// What an Anonymize did (or would do).
+#[derive(Debug, Default)]
+pub struct Anonymized {
+    pub events: u64,
+    pub dead_letters: u64,
+    pub spooled: u64,
+    pub archived: u64,
+}
+
+/// Where the events are, and the user (`filter.user_id`, in stored form) with the services the
+/// caller may change (`filter.allowed_services`).
+pub struct Scope<'a> {
+    pub pool: &'a PgPool,
+    pub archive_pool: &'a PgPool,
+    pub archive: &'a Archive,
+    pub spool: Option<&'a Spool>,
+    pub privacy: Arc<Privacy>,
+    pub filter: &'a Filter,
+    /// Whether the caller may change events of a service (the spool has no SQL filter).
+    pub may_use: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+/// Gives the user's events a new random pseudonym, everywhere, or (dry run) counts them.
+pub async fn anonymize(scope: Scope<'_>, dry_run: bool) -> Result<Anonymized, QueryError> {
+    let pseudonym = format!("anon:{}", Uuid::new_v4().simple());
+    let Some(user) = scope.filter.user_id.clone() else {
+        return Err(QueryError::invalid(
+            "user_id",
+            "required: the user to anonymize",
+        ));
+    };
+    let mut done = Anonymized::default();
+    if let Some(spool) = scope.spool {
+        let privacy = scope.privacy.clone();
+        let may_use = scope.may_use.clone();
+        let (user, pseudonym) = (user.clone(), pseudonym.clone());
+        done.spooled = spool
+            .rewrite(
+                move |event| {
+                    let theirs =
+                        event.user_id.as_deref() == Some(user.as_str()) && may_use(&event.service);
+                    if theirs {
+                        privacy.anonymize_event(event, &pseudonym);
+                    }
+                    theirs
+                },
+                dry_run,
+            )
+            .await?;
+    }
+    done.events = anonymize_rows(&scope, &pseudonym, dry_run).await?;
+    done.dead_letters = anonymize_dead_letters(&scope, &pseudonym, dry_run).await?;
+    let selection = scope.filter.archive_selection();
+    if dry_run {
+        let objects = scope
+            .archive
+            .select_settled(scope.archive_pool, &selection)
+            .await?;
+        done.archived = archived::count_matches(scope.archive, scope.filter, &objects)
+            .await?
+            .iter()
+            .sum();
+        return Ok(done);
+    }
+    let privacy = scope.privacy.clone();
+    let line_pseudonym = pseudonym.clone();
+    let taken = scope
+        .archive
+        .take_all(
+            scope.archive_pool,
+            &selection,
+            scope.filter.archived_matcher(),
+            Removal::Rewrite(Arc::new(move |line| {
+                privacy.anonymize_line(line, &line_pseudonym)
+            })),
+            |_| {},
+        )
+        .await?;
+    done.archived = taken.events;
+    // A Restore may have moved the user's lines back into the table meanwhile.
+    done.events += anonymize_rows(&scope, &pseudonym, false).await?;
+    Ok(done)
+}
+
+/// The user's rows of `events`, a batch per transaction.
+async fn anonymize_rows(
+    scope: &Scope<'_>,
+    pseudonym: &str,
+    dry_run: bool,
+) -> Result<u64, QueryError> {
+    if dry_run {
+        let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
+        scope.filter.push_where(&mut count);
+        let count: i64 = count.build_query_scalar().fetch_one(scope.pool).await?;
+        return Ok(count as u64);
+    }
+    let mut changed = 0;
+    loop {
+        let mut transaction = scope.pool.begin().await?;
+        let mut select = QueryBuilder::<Postgres>::new("SELECT id, ts, metadata FROM events");
+        scope.filter.push_where(&mut select);
+        select.push(" LIMIT ").push_bind(BATCH).push(" FOR UPDATE");
+        let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>, SqlJson<Json>)> =
+            select.build_query_as().fetch_all(&mut *transaction).await?;
+        if rows.is_empty() {
+            return Ok(changed);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut stamps = Vec::with_capacity(rows.len());
+        let mut metadata = Vec::with_capacity(rows.len());
+        for (id, ts, SqlJson(mut value)) in rows {
+            scope.privacy.anonymize_metadata(&mut value, pseudonym);
+            ids.push(id);
+            stamps.push(ts);
+            metadata.push(value);
+        }
+        let updated = sqlx::query(
+            "UPDATE events e SET user_id = $1, metadata = u.metadata \
+             FROM unnest($2::uuid[], $3::timestamptz[], $4::jsonb[]) AS u(id, ts, metadata) \
+             WHERE e.id = u.id AND e.ts = u.ts",
+        )
+        .bind(pseudonym)
+        .bind(&ids)
+        .bind(&stamps)
+        .bind(metadata.into_iter().map(SqlJson).collect::<Vec<_>>())
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        transaction.commit().await?;
+        changed += updated;
+    }
+}
+
+/// The user's dead letters: their column and the event JSON they keep.
+async fn anonymize_dead_letters(
+    scope: &Scope<'_>,
+    pseudonym: &str,
+    dry_run: bool,
+) -> Result<u64, QueryError> {
+    let mut select = QueryBuilder::<Postgres>::new("SELECT id, raw FROM dead_letters");
+    scope.filter.push_where(&mut select);
+    let rows: Vec<(i64, Vec<u8>)> = select.build_query_as().fetch_all(scope.pool).await?;
+    if dry_run || rows.is_empty() {
+        return Ok(rows.len() as u64);
+    }
+    let mut transaction = scope.pool.begin().await?;
+    let mut changed = 0;
+    for (id, raw) in rows {
+        // A raw that is not the expected JSON is dropped rather than left linked.
+        let anonymized = scope
+            .privacy
+            .anonymize_dead_letter(&raw, pseudonym)
+            .unwrap_or_default();
+        changed += sqlx::query("UPDATE dead_letters SET user_id = $1, raw = $2 WHERE id = $3")
+            .bind(pseudonym)
+            .bind(anonymized)
+            .bind(id)
+            .execute(&mut *transaction)
+            .await?
+            .rows_affected();
+    }
+    transaction.commit().await?;
+    Ok(changed)
+}
