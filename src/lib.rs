@@ -1,11 +1,12 @@
 //! sluice: a gRPC streaming ingestion server that lands events in PostgreSQL.
 //!
-//! Data flows one way: RPC ([`ingest`]) → validation → bounded [`buffer`] → [`writer`] pool →
-//! PostgreSQL ([`store`]), with the [`spool`] beside the buffer for database outages. The
-//! read side ([`query`]) reads the store and the [`archive`], where the [`lifecycle`] job moves
-//! old events. [`server`] wires the pieces together.
+//! Data flows one way: RPC ([`ingest`]) → validation → [`privacy`] → bounded [`buffer`] →
+//! [`writer`] pool → PostgreSQL ([`store`]), with the [`spool`] beside the buffer for database
+//! outages. The read side ([`query`]) reads the store and the [`archive`], where the
+//! [`lifecycle`] job moves old events. [`server`] wires the pieces together.
 //!
-//! Imports flow the same way: `server → {ingest, query} → {buffer, writer} → {spool, store}`,
+//! Imports flow the same way: `server → {ingest, query, lifecycle} → {buffer, writer,
+//! archive, privacy} → {spool, store}`,
 //! and the leaves (`config`, `event`, `wire`, `metrics`, `status`, `proto`) import nothing above
 //! them. Each module maps its own error type to a `tonic::Status` beside that type, through
 //! the domain-free helpers of [`status`].

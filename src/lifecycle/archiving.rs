@@ -7,9 +7,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{
-    LifecycleError, Report,
-    job::SWEEP_SERVICES,
-    policy::{RetentionPolicy, Sweep},
+    policy::{RetentionPolicy, SWEEP_SERVICES, Sweep},
+    report::{LifecycleError, Report},
 };
 use crate::{
     archive::{self, Archive, PART_MAX_RAW_BYTES, PART_MAX_ROWS, catalog, format::Encoder},

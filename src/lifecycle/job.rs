@@ -8,44 +8,15 @@ use sqlx::PgPool;
 
 use super::{
     archiving,
-    policy::{RetentionPolicy, Sweep},
+    policy::{RetentionPolicy, SWEEP_SERVICES, Sweep},
+    report::{LifecycleError, Report},
 };
-use crate::{
-    archive::{Archive, ArchiveError},
-    metrics,
-};
+use crate::{archive::Archive, metrics};
 
 /// Rows deleted per statement, so that no delete holds locks for long.
 const DELETE_BATCH: i64 = 5_000;
 /// The advisory lock key of the job.
 const LOCK: &str = "sluice.lifecycle";
-
-#[derive(Debug, thiserror::Error)]
-pub enum LifecycleError {
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Archive(#[from] ArchiveError),
-}
-
-/// What a run did.
-#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
-pub struct Report {
-    /// False when another node held the lock: nothing was done.
-    pub ran: bool,
-    pub rows_deleted: u64,
-    /// Rows moved from `events` into archived objects.
-    pub rows_archived: u64,
-    /// Rows deleted without archiving because an object already held their id (resent).
-    pub rows_already_archived: u64,
-    pub objects_written: u64,
-    /// Archived objects removed at the end of their service's retention.
-    pub objects_deleted: u64,
-    pub partitions_dropped: Vec<String>,
-    pub counts_deleted: u64,
-    pub dead_letters_deleted: u64,
-    pub seconds: f64,
-}
 
 /// Runs the job once, unless another node is running it.
 pub async fn run_once(
@@ -159,10 +130,6 @@ async fn sweep(
     }
     archived
 }
-
-/// The `WHERE` of one sweep: its services (or all), less those of earlier rules.
-pub(super) const SWEEP_SERVICES: &str =
-    "($2::text[] IS NULL OR service LIKE ANY($2)) AND NOT (service LIKE ANY($3))";
 
 async fn delete_events_before(
     pool: &PgPool,

@@ -7,6 +7,8 @@
 mod archiving;
 pub mod job;
 pub mod policy;
+mod report;
 
-pub use job::{LifecycleError, Report, run_once};
+pub use job::run_once;
 pub use policy::RetentionPolicy;
+pub use report::{LifecycleError, Report};

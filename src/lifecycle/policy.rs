@@ -118,6 +118,11 @@ impl RetentionPolicy {
     }
 }
 
+/// The `WHERE` of one sweep: its services (or all, `$2` NULL), less those of earlier rules
+/// (`$3`).
+pub const SWEEP_SERVICES: &str =
+    "($2::text[] IS NULL OR service LIKE ANY($2)) AND NOT (service LIKE ANY($3))";
+
 /// One retention rule as the lifecycle job applies it in SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sweep {
