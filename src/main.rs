@@ -40,6 +40,17 @@ enum Command {
         #[arg(long, default_value = "certs")]
         out_dir: PathBuf,
     },
+    /// Sends NDJSON events (a file or stdin) over IngestStream, resending what the server
+    /// refuses; exit code 2 when any line was invalid or rejected.
+    Send(cli::send::SendArgs),
+    /// Queries events: a table on a terminal, NDJSON otherwise.
+    Query(cli::read::QueryArgs),
+    /// Exports every matching event as NDJSON, to a file or stdout.
+    Export(cli::read::ExportArgs),
+    /// Deletes events (right to be forgotten) after showing the dry run's counts.
+    Delete(cli::read::DeleteArgs),
+    /// Prints the server's stats.
+    Stats(cli::read::StatsArgs),
     /// Load generator: N concurrent mTLS streams against a running server, plus the raw COPY
     /// ceiling of the same database, and their ratio.
     Bench(cli::bench::BenchArgs),
@@ -144,6 +155,29 @@ fn main() -> ExitCode {
             cert_dir,
             out_dir,
         }) => issue_certs(&name, &cert_dir, &out_dir),
+        Some(Command::Send(args)) => match runtime.block_on(cli::send::run(args)) {
+            Ok(summary) => {
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).unwrap_or_else(|_| "{}".to_owned())
+                );
+                ExitCode::from(summary.exit_code())
+            }
+            Err(error) => client_failed("send", error),
+        },
+        Some(Command::Query(args)) => {
+            client_outcome("query", runtime.block_on(cli::read::query(args)))
+        }
+        Some(Command::Export(args)) => client_outcome(
+            "export",
+            runtime.block_on(cli::read::export(args)).map(|_| ()),
+        ),
+        Some(Command::Delete(args)) => {
+            client_outcome("delete", runtime.block_on(cli::read::delete(args)))
+        }
+        Some(Command::Stats(args)) => {
+            client_outcome("stats", runtime.block_on(cli::read::stats(args)))
+        }
         Some(Command::Bench(args)) => bench(runtime.block_on(cli::bench::run(args))),
         Some(Command::BenchQuery(args)) => bench(runtime.block_on(cli::bench::run_queries(args))),
         Some(Command::Lifecycle { once, serve }) => {
@@ -260,6 +294,18 @@ fn print_report<T: serde::Serialize, E: std::fmt::Display>(
             ExitCode::FAILURE
         }
     }
+}
+
+fn client_outcome<E: std::fmt::Display>(command: &str, outcome: Result<(), E>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => client_failed(command, error),
+    }
+}
+
+fn client_failed(command: &str, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("sluice {command}: {error}");
+    ExitCode::FAILURE
 }
 
 fn bench(result: Result<(), cli::bench::BenchError>) -> ExitCode {

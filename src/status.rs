@@ -14,6 +14,18 @@ pub const ERROR_DOMAIN: &str = "sluice.v1";
 pub const ACCEPTED_TRAILER: &str = "sluice-accepted";
 /// Trailer: events of the stream rejected individually before the refusal.
 pub const REJECTED_TRAILER: &str = "sluice-rejected";
+/// Trailer: when to retry, in milliseconds. gRPC C-core (Python, Ruby, C++) and grpc-js retry
+/// policies honour it; they do not read RetryInfo.
+pub const RETRY_PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
+
+/// Adds the retry-pushback trailer for `delay` (at least 1 ms).
+pub fn with_pushback(mut status: Status, delay: Duration) -> Status {
+    let pushback = delay.as_millis().max(1).to_string();
+    if let Ok(value) = pushback.parse() {
+        status.metadata_mut().insert(RETRY_PUSHBACK_TRAILER, value);
+    }
+    status
+}
 
 /// A call refused as a whole: `code`, RetryInfo (when the client should come back) and
 /// ErrorInfo with `reason` and `metadata`.
@@ -27,7 +39,11 @@ pub fn refusal(
     let mut details = ErrorDetails::new();
     details.set_retry_info(retry_after);
     details.set_error_info(reason, ERROR_DOMAIN, metadata);
-    Status::with_error_details(code, message, details)
+    let status = Status::with_error_details(code, message, details);
+    match retry_after {
+        Some(delay) => with_pushback(status, delay),
+        None => status,
+    }
 }
 
 /// INVALID_ARGUMENT with one BadRequest field violation.
@@ -109,6 +125,14 @@ mod tests {
             ("BUFFER_FULL", ERROR_DOMAIN)
         );
         assert_eq!(info.metadata.get("accepted").map(String::as_str), Some("7"));
+        // Stock gRPC retry policies read the pushback trailer, not RetryInfo.
+        assert_eq!(
+            status
+                .metadata()
+                .get(RETRY_PUSHBACK_TRAILER)
+                .and_then(|value| value.to_str().ok()),
+            Some("1500")
+        );
     }
 
     #[test]

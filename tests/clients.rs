@@ -122,3 +122,220 @@ async fn buffer_full_refusals(server: &TestServer) -> f64 {
         "reason=\"buffer_full\"",
     )
 }
+
+/// A server whose buffer holds three 200-event requests and whose writers hold each batch open
+/// for 250 ms: senders meet RESOURCE_EXHAUSTED and must resend.
+async fn small_buffer_server(database: &TestDatabase) -> TestServer {
+    TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_BUFFER__MAX_EVENTS", "600")
+            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s")
+            .env("SLUICE_WRITER__FLUSH_INTERVAL", "250ms"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_grpc_js_client_publishes_queries_and_resends_after_refusals() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = small_buffer_server(&database).await;
+    let node = std::env::var("TEST_SLUICE_NODE")
+        .expect("TEST_SLUICE_NODE is unset: run the suite with scripts/test");
+    let output = Command::new(node)
+        .args(["--test", "test/"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/node"))
+        .env("SLUICE_ADDR", format!("localhost:{}", server.addr.port()))
+        .env("SLUICE_CERTS", &server.cert_dir)
+        .output()
+        .expect("run node --test");
+    assert!(
+        output.status.success(),
+        "node tests failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'node-stream'")
+            .await,
+        3_000
+    );
+}
+
+/// `sluice <args>` against `server`, with its dev certificates.
+fn sluice_client(server: &TestServer, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .args([
+            "--addr",
+            &format!("https://localhost:{}", server.addr.port()),
+        ])
+        .arg("--ca")
+        .arg(server.cert_dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(server.cert_dir.join("client.pem"))
+        .arg("--key")
+        .arg(server.cert_dir.join("client.key"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run sluice")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_send_streams_a_file_resends_refusals_and_writes_rejects_exactly_once() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = small_buffer_server(&database).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let input = dir.path().join("events.ndjson");
+    let mut file = std::fs::File::create(&input).expect("create");
+    for index in 0..5_000 {
+        // No ids: `sluice send` makes them, so the resends below are stored once.
+        writeln!(
+            file,
+            r#"{{"service":"cli","message":"event {index}","user_id":"u-{}"}}"#,
+            index % 7
+        )
+        .expect("write");
+    }
+    writeln!(file, r#"{{"service":"NOT VALID","message":"rejected"}}"#).expect("write");
+    writeln!(file, "{{not json").expect("write");
+    drop(file);
+    let rejects = dir.path().join("rejects.ndjson");
+    let output = sluice_client(
+        &server,
+        &[
+            "send",
+            input.to_str().expect("utf-8"),
+            "--batch",
+            "200",
+            "--rejects",
+            rejects.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("summary");
+    assert_eq!(
+        (
+            summary["accepted"].as_u64(),
+            summary["rejected"].as_u64(),
+            summary["invalid_lines"].as_u64()
+        ),
+        (Some(5_000), Some(1), Some(1)),
+        "{summary}"
+    );
+    assert!(
+        summary["resent"].as_u64() > Some(0),
+        "the buffer never filled: {summary}"
+    );
+    let rejected: Vec<serde_json::Value> = std::fs::read_to_string(&rejects)
+        .expect("rejects")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    let mut lines: Vec<u64> = rejected
+        .iter()
+        .filter_map(|record| record["line"].as_u64())
+        .collect();
+    lines.sort_unstable();
+    assert_eq!(lines, [5_001, 5_002], "{rejected:?}");
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'cli'")
+            .await,
+        5_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_query_export_delete_and_stats_work_from_a_shell() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let mut ingest = server.ingest_client().await;
+    let events: Vec<sluice::proto::Event> = (0..5)
+        .map(|index| sluice::proto::Event {
+            user_id: format!("u-{}", index % 2),
+            ..common::event("shell", &format!("line {index}"))
+        })
+        .collect();
+    common::publish(&mut ingest, events).await;
+
+    // Not a terminal: NDJSON, and --all follows the page tokens.
+    let output = sluice_client(
+        &server,
+        &["query", "--service", "shell", "--limit", "2", "--all"],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let queried: std::collections::BTreeSet<String> = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).expect("json");
+            event["id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    assert_eq!(queried.len(), 5);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exported = dir.path().join("u-0.ndjson");
+    let output = sluice_client(
+        &server,
+        &[
+            "export",
+            "--user-id",
+            "u-0",
+            "-o",
+            exported.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&exported)
+            .expect("export")
+            .lines()
+            .count(),
+        3
+    );
+    assert!(!dir.path().join("u-0.ndjson.partial").exists());
+
+    // Without --yes and without a terminal to ask on, nothing is deleted.
+    let output = sluice_client(&server, &["delete", "--user-id", "u-0"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("would delete 3 events"));
+    assert_eq!(database.scalar("SELECT count(*) FROM events").await, 5);
+    let output = sluice_client(&server, &["delete", "--user-id", "u-0", "--yes"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let deleted: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(deleted["deleted"], 3);
+
+    let output = sluice_client(&server, &["stats"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(
+        text.contains("events stored: 2") && text.contains("shell"),
+        "{text}"
+    );
+}

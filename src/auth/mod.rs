@@ -33,7 +33,7 @@ use limits::{Limits, RateLimited};
 /// parentheses are reserved for the server's own audit rows.
 pub const ANONYMOUS: &str = "anonymous";
 /// Trailer honoured by gRPC retry policies (grpc-js, C-core): milliseconds to wait.
-pub const RETRY_PUSHBACK_TRAILER: &str = "grpc-retry-pushback-ms";
+pub use crate::status::RETRY_PUSHBACK_TRAILER;
 
 /// Why a request is refused on who sent it.
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +99,10 @@ impl From<AuthError> for Status {
                 details.set_retry_info(Some(limited.retry_after));
                 details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
                 details.add_quota_failure_violation(principal, limited.exceeded.as_str());
-                let mut status =
-                    Status::with_error_details(Code::ResourceExhausted, message, details);
-                let pushback = limited.retry_after.as_millis().max(1).to_string();
-                if let Ok(value) = pushback.parse() {
-                    status.metadata_mut().insert(RETRY_PUSHBACK_TRAILER, value);
-                }
-                status
+                crate::status::with_pushback(
+                    Status::with_error_details(Code::ResourceExhausted, message, details),
+                    limited.retry_after,
+                )
             }
         }
     }

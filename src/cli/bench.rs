@@ -8,7 +8,6 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -20,7 +19,9 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::Connection;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
+
+use super::connect::{ConnectArgs, ConnectError};
 use uuid::Uuid;
 
 use sluice::{
@@ -31,13 +32,8 @@ use sluice::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("rpc failed: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("database: {0}")]
@@ -46,25 +42,6 @@ pub enum BenchError {
     Histogram(#[from] hdrhistogram::CreationError),
     #[error("a sender task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
-}
-
-/// How to reach the server.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConnectArgs {
-    /// Server address.
-    #[arg(long, default_value = "https://localhost:50051")]
-    pub addr: String,
-    /// CA that signed the server certificate.
-    #[arg(long, default_value = "certs/ca.pem")]
-    pub ca: PathBuf,
-    /// Client certificate and key for mTLS.
-    #[arg(long, default_value = "certs/client.pem")]
-    pub cert: PathBuf,
-    #[arg(long, default_value = "certs/client.key")]
-    pub key: PathBuf,
-    /// Use plaintext (for a server started with --insecure-plaintext).
-    #[arg(long)]
-    pub plaintext: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -180,7 +157,7 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
     use sluice::proto::{
         ExportRequest, QueryRequest, StatsRequest, query_service_client::QueryServiceClient,
     };
-    let channel = endpoint(&args.connect)?.connect().await?;
+    let channel = args.connect.channel().await?;
     let mut client = QueryServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let mut rng = StdRng::seed_from_u64(7);
     let now = Utc::now();
@@ -593,31 +570,8 @@ async fn drive_stream(
 }
 
 async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, BenchError> {
-    let channel = endpoint(&args.connect)?.connect().await?;
+    let channel = args.connect.channel().await?;
     Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
-}
-
-fn endpoint(args: &ConnectArgs) -> Result<tonic::transport::Endpoint, BenchError> {
-    let addr = &args.addr;
-    let mut endpoint = Channel::from_shared(addr.clone()).map_err(|error| {
-        BenchError::Rpc(tonic::Status::invalid_argument(format!(
-            "bad address {addr}: {error}"
-        )))
-    })?;
-    if !args.plaintext {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| BenchError::Read {
-                path: path.clone(),
-                source,
-            })
-        };
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&args.ca)?))
-            .identity(Identity::from_pem(read(&args.cert)?, read(&args.key)?))
-            .domain_name("localhost");
-        endpoint = endpoint.tls_config(tls)?;
-    }
-    Ok(endpoint)
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
