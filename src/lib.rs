@@ -30,6 +30,7 @@ pub mod server;
 pub mod spool;
 pub(crate) mod status;
 pub mod store;
+pub(crate) mod tail;
 pub mod tls;
 pub(crate) mod wire;
 pub mod writer;

@@ -51,6 +51,8 @@ enum Command {
     Delete(cli::read::DeleteArgs),
     /// Prints the server's stats.
     Stats(cli::read::StatsArgs),
+    /// Follows new events as they are stored, like `tail -f`.
+    Tail(cli::read::TailArgs),
     /// Load generator: N concurrent mTLS streams against a running server, plus the raw COPY
     /// ceiling of the same database, and their ratio.
     Bench(cli::bench::BenchArgs),
@@ -177,6 +179,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Stats(args)) => {
             client_outcome("stats", runtime.block_on(cli::read::stats(args)))
+        }
+        Some(Command::Tail(args)) => {
+            client_outcome("tail", runtime.block_on(cli::read::tail(args)))
         }
         Some(Command::Bench(args)) => bench(runtime.block_on(cli::bench::run(args))),
         Some(Command::BenchQuery(args)) => bench(runtime.block_on(cli::bench::run_queries(args))),

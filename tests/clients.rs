@@ -339,3 +339,86 @@ async fn sluice_query_export_delete_and_stats_work_from_a_shell() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sluice_tail_follows_new_events_of_its_service_as_they_are_stored() {
+    use std::io::BufRead;
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tail", "--service", "tailed"])
+        .args([
+            "--addr",
+            &format!("https://localhost:{}", server.addr.port()),
+        ])
+        .arg("--ca")
+        .arg(server.cert_dir.join("ca.pem"))
+        .arg("--cert")
+        .arg(server.cert_dir.join("client.pem"))
+        .arg("--key")
+        .arg(server.cert_dir.join("client.key"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sluice tail");
+    let stdout = child.stdout.take().expect("stdout");
+    let (lines, received) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines.send(line);
+        }
+    });
+    let message_of = |line: &str| -> String {
+        let event: serde_json::Value = serde_json::from_str(line).expect("json line");
+        event["message"].as_str().unwrap_or_default().to_owned()
+    };
+    let mut ingest = server.ingest_client().await;
+    // Until the subscription is in place, a probe per 200 ms.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        common::publish(&mut ingest, vec![common::event("tailed", "probe")]).await;
+        if let Ok(line) = received.recv_timeout(std::time::Duration::from_millis(200)) {
+            assert_eq!(message_of(&line), "probe");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail never showed an event"
+        );
+    }
+    while received
+        .recv_timeout(std::time::Duration::from_millis(300))
+        .is_ok()
+    {}
+
+    let mut events = vec![common::event("other", "not followed")];
+    events.extend((0..5).map(|index| common::event("tailed", &format!("live {index}"))));
+    common::publish(&mut ingest, events).await;
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let line = received
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a tailed event");
+        seen.push(message_of(&line));
+    }
+    assert_eq!(seen, ["live 0", "live 1", "live 2", "live 3", "live 4"]);
+    assert!(
+        received
+            .recv_timeout(std::time::Duration::from_millis(500))
+            .is_err(),
+        "another service's event was shown"
+    );
+    // A server shutting down ends its Tail streams instead of waiting for them.
+    server.terminate();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail kept the server from stopping"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value as Json, json};
 use sluice::proto::{
-    DeleteRequest, Event, ExportRequest, Metadata, Order, QueryRequest, StatsRequest,
+    DeleteRequest, Event, ExportRequest, Metadata, Order, QueryRequest, StatsRequest, TailRequest,
     query_service_client::QueryServiceClient,
 };
 use tokio_stream::StreamExt;
@@ -158,6 +158,18 @@ pub struct DeleteArgs {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+pub struct TailArgs {
+    /// Only this service (repeat for several).
+    #[arg(long = "service")]
+    pub services: Vec<String>,
+    /// Only this user's events.
+    #[arg(long)]
+    pub user_id: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct StatsArgs {
     /// Top services to list.
     #[arg(long, default_value_t = 10)]
@@ -232,19 +244,7 @@ pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
             .await?
             .into_inner();
         for event in &page.events {
-            let line = if table {
-                let at = rfc3339(event.timestamp.as_ref());
-                format!(
-                    "{:<32}  {:<20}  {:<20}  {}",
-                    at.as_str().unwrap_or_default(),
-                    event.service,
-                    event.user_id,
-                    event.message.replace('\n', " ")
-                )
-            } else {
-                event_json(event).to_string()
-            };
-            writeln!(out, "{line}").map_err(write_error("stdout"))?;
+            writeln!(out, "{}", event_line(event, table)).map_err(write_error("stdout"))?;
         }
         if !args.all || page.next_page_token.is_empty() {
             break;
@@ -252,6 +252,50 @@ pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
         page_token = page.next_page_token;
     }
     out.flush().map_err(write_error("stdout"))
+}
+
+/// One event as a line: a table row on a terminal, else its Export line.
+fn event_line(event: &Event, table: bool) -> String {
+    if !table {
+        return event_json(event).to_string();
+    }
+    let at = rfc3339(event.timestamp.as_ref());
+    format!(
+        "{:<32}  {:<20}  {:<20}  {}",
+        at.as_str().unwrap_or_default(),
+        event.service,
+        event.user_id,
+        event.message.replace('\n', " ")
+    )
+}
+
+/// `sluice tail`: follows new events until interrupted.
+pub async fn tail(args: TailArgs) -> Result<(), ReadError> {
+    let mut client = client(&args.connect).await?;
+    let request = TailRequest {
+        services: args.services.clone(),
+        user_id: args.user_id.clone().unwrap_or_default(),
+    };
+    let mut stream = client
+        .tail(args.connect.request(request)?)
+        .await?
+        .into_inner();
+    let table = std::io::stdout().is_terminal();
+    while let Some(response) = stream.next().await {
+        let response = response?;
+        if response.missed_batches > 0 {
+            eprintln!(
+                "sluice tail: fell behind, skipped {} batches",
+                response.missed_batches
+            );
+        }
+        let mut out = std::io::stdout().lock();
+        for event in &response.events {
+            writeln!(out, "{}", event_line(event, table)).map_err(write_error("stdout"))?;
+        }
+        out.flush().map_err(write_error("stdout"))?;
+    }
+    Ok(())
 }
 
 /// `sluice export`: every matching event, with a progress bar sized from `total_events`.

@@ -6,7 +6,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use futures::{Stream, TryStreamExt};
 use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -21,6 +21,7 @@ use crate::{
     auth::{Authorizer, Caller},
     buffer::Buffer,
     config::{Config, Scope},
+    event::ValidEvent,
     metrics::Counters,
     privacy::{
         ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy,
@@ -31,10 +32,11 @@ use crate::{
         DeleteRequest, DeleteResponse, Event, ExportChunk, ExportRequest, HourCount,
         IngestCounters, OptInRequest, OptInResponse, OptOutRequest, OptOutResponse, Order,
         QueryRequest, QueryResponse, RestoreProgress, RestoreRequest, ServiceCount, StatsRequest,
-        StatsResponse, WriterStats, query_service_server::QueryService,
+        StatsResponse, TailRequest, TailResponse, WriterStats, query_service_server::QueryService,
     },
     spool::Spool,
     store::{self, Store},
+    tail::TailHub,
     wire::to_timestamp,
     writer::breaker::Breaker,
 };
@@ -64,6 +66,9 @@ pub struct QueryHandler {
     archive: Arc<Archive>,
     privacy: SharedPrivacy,
     optouts: Arc<OptOuts>,
+    tail: Arc<TailHub>,
+    /// True once the server stops: Tail streams end.
+    stopping: watch::Receiver<bool>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -110,6 +115,8 @@ pub struct QueryDeps {
     pub archive: Arc<Archive>,
     pub privacy: SharedPrivacy,
     pub optouts: Arc<OptOuts>,
+    pub tail: Arc<TailHub>,
+    pub stopping: watch::Receiver<bool>,
 }
 
 impl QueryHandler {
@@ -126,6 +133,8 @@ impl QueryHandler {
             archive: deps.archive,
             privacy: deps.privacy,
             optouts: deps.optouts,
+            tail: deps.tail,
+            stopping: deps.stopping,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -726,6 +735,28 @@ fn check_services(services: &[String]) -> Result<(), QueryError> {
     })
 }
 
+/// Tail responses queued per subscriber before it skips batches.
+const TAIL_QUEUE: usize = 8;
+
+/// A stored event as Tail shows it: encrypted values opened for `pii` only.
+fn tailed_event(privacy: &Privacy, event: &ValidEvent, show: bool) -> Result<Event, QueryError> {
+    let mut metadata: Json =
+        serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
+    privacy.reveal(event.id, &mut metadata, show)?;
+    Ok(Event {
+        id: event.id.to_string(),
+        service: event.service.clone(),
+        message: event.message.clone(),
+        timestamp: Some(to_timestamp(event.timestamp)),
+        user_id: event.user_id.clone().unwrap_or_default(),
+        metadata: match metadata {
+            Json::Object(object) => Some(object.into()),
+            _ => None,
+        },
+        ingested_at: Some(to_timestamp(Utc::now())),
+    })
+}
+
 /// Snapshots tried before an Export gives up on objects changing under it.
 const EXPORT_ATTEMPTS: u32 = 3;
 
@@ -817,6 +848,7 @@ fn reveal_line<'a>(
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send + 'static>>;
+type TailStream = Pin<Box<dyn Stream<Item = Result<TailResponse, Status>> + Send + 'static>>;
 type RestoreStream = Pin<Box<dyn Stream<Item = Result<RestoreProgress, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -973,6 +1005,77 @@ impl QueryService for QueryHandler {
         task.await
             .map_err(|_| Status::internal("the anonymize task failed; see server logs"))?
             .map(Response::new)
+    }
+
+    type TailStream = TailStream;
+
+    async fn tail(
+        &self,
+        request: Request<TailRequest>,
+    ) -> Result<Response<Self::TailStream>, Status> {
+        let call = Call::of(&request, "Tail");
+        let caller = self
+            .caller(&request, &call, Scope::Query, &request.get_ref().services)
+            .await?;
+        let request = request.into_inner();
+        let checked = check_services(&request.services).and_then(|()| {
+            if request.user_id.len() > self.config.validation.max_user_id_bytes {
+                return Err(QueryError::invalid("user_id", "longer than any event's"));
+            }
+            Ok(())
+        });
+        let details = serde_json::json!({ "services": request.services });
+        self.audited(&caller, &call, details, checked).await?;
+        let user =
+            (!request.user_id.is_empty()).then(|| self.privacy.load().user_id(&request.user_id));
+        let show = caller.has_scope(Scope::Pii);
+        let privacy = self.privacy.clone();
+        let mut batches = self.tail.subscribe();
+        let mut stopping = self.stopping.clone();
+        let (responses, receiver) = mpsc::channel(TAIL_QUEUE);
+        tokio::spawn(async move {
+            let wanted = |event: &ValidEvent| {
+                caller.may_use(&event.service)
+                    && (request.services.is_empty() || request.services.contains(&event.service))
+                    && user
+                        .as_ref()
+                        .is_none_or(|user| event.user_id.as_ref() == Some(user))
+            };
+            loop {
+                let received = tokio::select! {
+                    received = batches.recv() => received,
+                    _ = stopping.wait_for(|stopping| *stopping) => return,
+                };
+                let response = match received {
+                    Ok(batch) => {
+                        let privacy = privacy.load();
+                        let events: Result<Vec<Event>, QueryError> = batch
+                            .iter()
+                            .filter(|event| wanted(event))
+                            .map(|event| tailed_event(&privacy, event, show))
+                            .collect();
+                        match events {
+                            Ok(events) if events.is_empty() => continue,
+                            Ok(events) => Ok(TailResponse {
+                                events,
+                                missed_batches: 0,
+                            }),
+                            Err(error) => Err(Status::from(error)),
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Ok(TailResponse {
+                        events: Vec::new(),
+                        missed_batches: missed,
+                    }),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                // The client went away: stop following.
+                if responses.send(response).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     type RestoreStream = RestoreStream;

@@ -50,6 +50,7 @@ use crate::{
     spool::{Spool, SpoolError},
     status,
     store::{Store, StoreError},
+    tail::TailHub,
     tls::{self, TlsError},
     writer::{self, WriterContext, breaker::Breaker, replay},
 };
@@ -295,6 +296,7 @@ struct Background {
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
     optout_refresh: JoinHandle<()>,
+    tail: Arc<TailHub>,
     reload: JoinHandle<()>,
     lifecycle: Option<JoinHandle<()>>,
 }
@@ -336,6 +338,7 @@ impl Background {
         let breaker = Arc::new(Breaker::new(&config.breaker));
         let counters = Arc::new(Counters::default());
         let (stopping, _) = watch::channel(false);
+        let tail = Arc::new(TailHub::default());
         let writers = writer::spawn(&WriterContext {
             config: config.writer.clone(),
             pool: storage.store.pool.clone(),
@@ -344,6 +347,7 @@ impl Background {
             breaker: breaker.clone(),
             spool: storage.spool.clone(),
             counters: counters.clone(),
+            tail: tail.clone(),
         });
         let health = tokio::spawn(health::watch(
             health_reporter,
@@ -381,6 +385,7 @@ impl Background {
             replay,
             audit_upkeep,
             optout_refresh,
+            tail,
             reload,
             lifecycle,
         }
@@ -474,6 +479,8 @@ fn build_services(
         archive: storage.archive.clone(),
         privacy: storage.privacy.clone(),
         optouts: storage.optouts.clone(),
+        tail: background.tail.clone(),
+        stopping: background.stopping(),
     });
     let mut routes = RoutesBuilder::default();
     routes

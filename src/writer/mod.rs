@@ -17,6 +17,7 @@ use rand::Rng;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
+use crate::tail::TailHub;
 use crate::{
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
     config::WriterConfig,
@@ -38,6 +39,8 @@ pub struct WriterContext {
     /// Where batches go while the circuit is open; None when the spool is disabled.
     pub spool: Option<Spool>,
     pub counters: Arc<Counters>,
+    /// Durable batches go to Tail subscribers, when there are any.
+    pub tail: Arc<TailHub>,
 }
 
 /// Starts `config.workers` writers. They stop once the buffer is closed and drained.
@@ -118,6 +121,15 @@ impl Writer {
             outcomes[position] = Some(outcome);
         }
         metrics::batch_written(events.len(), started.elapsed());
+        if self.context.tail.has_subscribers() {
+            let stored = events
+                .iter()
+                .zip(&outcomes)
+                .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
+                .map(|(event, _)| (*event).clone())
+                .collect();
+            self.context.tail.publish(stored);
+        }
         self.context.buffer.record_drained(events.len());
         drop(events);
         acknowledge(batch, outcomes, &self.context.counters);
