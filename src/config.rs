@@ -365,6 +365,11 @@ pub struct DatabaseConfig {
     /// Connections for Query, Export and Stats: a pool of their own (on the read replica when
     /// set), so slow readers never take the writers' connections.
     pub read_connections: u32,
+    /// Longest a Query, Stats or Audit statement may run on the read pool: one whose filter
+    /// has no index path fails with DEADLINE_EXCEEDED instead of holding a connection (Export
+    /// streams and is exempt).
+    #[serde(with = "humantime_serde")]
+    pub read_statement_timeout: Duration,
     /// How long to wait for a connection before failing a database call.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -556,6 +561,7 @@ impl Default for DatabaseConfig {
             url: None,
             read_url: None,
             read_connections: 4,
+            read_statement_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -781,6 +787,9 @@ impl Config {
         }
         if self.grpc.handshake_timeout.is_zero() {
             return invalid("grpc.handshake_timeout", "must be above zero");
+        }
+        if self.database.read_statement_timeout.is_zero() {
+            return invalid("database.read_statement_timeout", "must be above zero");
         }
         if self.grpc.max_query_message_bytes == 0 {
             return invalid("grpc.max_query_message_bytes", "must be at least 1");

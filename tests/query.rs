@@ -772,3 +772,45 @@ async fn with_a_read_replica_reads_go_to_it_and_writes_stay_on_the_primary() {
     );
     assert!(server.logs().contains("reads go to the read replica"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_past_the_read_statement_timeout_is_deadline_exceeded_while_export_streams_on() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_DATABASE__READ_STATEMENT_TIMEOUT", "1ms"),
+    )
+    .await;
+    // Enough rows that a substring scan takes far longer than 1 ms.
+    let mut connection = database.connect().await;
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, metadata) \
+         SELECT gen_random_uuid(), 'scan', 'message number ' || i, now() - i * interval '1 ms', '{}' \
+         FROM generate_series(1, 300000) i",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("seed");
+    let mut query = QueryServiceClient::new(server.channel().await);
+    let refused = query
+        .query(QueryRequest {
+            message_contains: "no such text".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a 1 ms budget cannot scan 300,000 rows");
+    assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused:?}");
+    assert!(refused.message().contains("read_statement_timeout"));
+    // Export streams for as long as its client reads: exempt.
+    let (total, lines) = export_all(
+        &mut query,
+        ExportRequest {
+            message_contains: "number 12345".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(total as usize, lines.len());
+    assert!(total >= 1, "{total}");
+}

@@ -53,6 +53,13 @@ impl From<QueryError> for Status {
             QueryError::InvalidArgument { field, reason } => bad_request(message, field, reason),
             QueryError::Database(database_error) => {
                 let sqlstate = store::sqlstate(&database_error);
+                // The read statement timeout: the filter needs narrowing, not a retry.
+                if sqlstate.as_deref() == Some("57014") {
+                    tracing::warn!(error = %database_error, "a read ran past database.read_statement_timeout");
+                    return Status::deadline_exceeded(
+                        "the query ran past database.read_statement_timeout; narrow it with services, user_id or a time range",
+                    );
+                }
                 let code = match sqlstate.as_deref().and_then(|state| state.get(..2)) {
                     // Data exceptions: a filter value PostgreSQL cannot take. Filters are checked
                     // before they reach the database, so this is a gap in those checks: say so

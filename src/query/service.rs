@@ -779,6 +779,11 @@ async fn export_snapshot(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *transaction)
         .await?;
+    // An export streams for as long as its client reads: the read pool's statement timeout is
+    // for queries, not for this.
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut *transaction)
+        .await?;
     sqlx::query("SET LOCAL TimeZone = 'UTC'")
         .execute(&mut *transaction)
         .await?;

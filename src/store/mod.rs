@@ -143,11 +143,15 @@ impl Store {
             )
             .await
             .map_err(StoreError::Connect)?;
+        // No read runs away: each statement is bounded (Export lifts it in its transaction).
+        let read_timeout = format!("{}ms", config.database.read_statement_timeout.as_millis());
+        let read_settings = [("statement_timeout", read_timeout.as_str())];
         let read_pool = match &config.database.read_url {
             Some(url) => {
                 let options = PgConnectOptions::from_str(url)
                     .map_err(StoreError::Url)?
-                    .application_name("sluice-read");
+                    .application_name("sluice-read")
+                    .options(read_settings);
                 tracing::info!("reads go to the read replica");
                 pool_options(config, config.database.read_connections.max(1))
                     .connect_with(options)
@@ -157,7 +161,11 @@ impl Store {
             // A pool of its own even on the primary: slow readers (an Export to a slow client)
             // can never take the connections the writers need.
             None => pool_options(config, config.database.read_connections.max(1))
-                .connect_with(options.application_name("sluice-read"))
+                .connect_with(
+                    options
+                        .application_name("sluice-read")
+                        .options(read_settings),
+                )
                 .await
                 .map_err(StoreError::Connect)?,
         };
