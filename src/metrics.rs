@@ -11,8 +11,10 @@
 //! | `sluice_events_stored_total` | counter | |
 //! | `sluice_events_duplicate_total` | counter | |
 //! | `sluice_events_duplicate_conflicting_total` | counter | |
-//! | `sluice_ack_latency_seconds` | summary | |
-//! | `sluice_batch_events`, `sluice_batch_write_seconds` | summary | |
+//! | `sluice_ack_latency_seconds` | histogram | |
+//! | `sluice_batch_events`, `sluice_batch_write_seconds` | histogram | |
+//! | `sluice_request_events`, `sluice_event_bytes` | histogram | |
+//! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPC), `code` |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
 //! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |
@@ -39,7 +41,7 @@ use std::{
 };
 
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -54,8 +56,36 @@ pub enum MetricsError {
 
 /// Installs the global recorder. Returns the handle that renders the exposition text.
 pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    Ok(PrometheusBuilder::new().install_recorder()?)
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_batch_events".to_owned()),
+            COUNT_BUCKETS,
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_request_events".to_owned()),
+            COUNT_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full("sluice_event_bytes".to_owned()), SIZE_BUCKETS)?
+        .install_recorder()?)
 }
+
+/// Seconds. Acks take 1–10 ms on an idle server and 250–400 ms at the 2-core ceiling
+/// (BENCHMARKS.md); batch writes 5–200 ms; reads 1–10 ms, and up to the read statement
+/// timeout. Each decade gets 2–3 buckets, up to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Events per batch or request: writers batch up to 1,000 (default 500 per request in the
+/// bench); a request holds at most `grpc.max_events_per_request` (10,000).
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
+/// Bytes per event: the bench's events are ~250 B; metadata may reach 16 KiB and messages
+/// 8 KiB by default.
+const SIZE_BUCKETS: &[f64] = &[
+    64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
+];
 
 /// Serves `GET /metrics` on `address`; returns the bound address (useful with port 0).
 pub async fn serve(
@@ -250,6 +280,45 @@ impl Counters {
 pub fn duplicates_conflicting(count: u64) {
     if count > 0 {
         counter!("sluice_events_duplicate_conflicting_total").increment(count);
+    }
+}
+
+/// One ingest request's size in events, and each valid event's size in bytes.
+pub fn request_sizes(events: usize, event_bytes: impl Iterator<Item = usize>) {
+    histogram!("sluice_request_events").record(events as f64);
+    let sizes = histogram!("sluice_event_bytes");
+    for bytes in event_bytes {
+        sizes.record(bytes as f64);
+    }
+}
+
+/// A QueryService call ended with `code` after `elapsed`.
+pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => code_name(code))
+        .record(elapsed.as_secs_f64());
+}
+
+/// The canonical gRPC name of a code, as a label (a bounded set).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

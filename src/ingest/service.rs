@@ -124,6 +124,19 @@ impl IngestHandler {
             return Err(IngestError::Auth(limited));
         }
         self.counters.events_received(request.events.len());
+        crate::metrics::request_sizes(
+            request.events.len(),
+            request.events.iter().map(|event| {
+                event.id.len()
+                    + event.service.len()
+                    + event.message.len()
+                    + event.user_id.len()
+                    + event
+                        .metadata
+                        .as_ref()
+                        .map_or(0, |metadata| metadata.json_len())
+            }),
+        );
         let validator =
             Validator::new(&self.config.validation, Utc::now()).with_retention(&self.retention);
         let privacy = self.privacy.load();

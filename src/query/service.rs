@@ -22,7 +22,7 @@ use crate::{
     buffer::Buffer,
     config::{Config, Scope},
     event::ValidEvent,
-    metrics::Counters,
+    metrics::{self, Counters},
     privacy::{
         ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy,
         optouts::{OptInError, OptOuts},
@@ -152,6 +152,7 @@ impl QueryHandler {
             Ok(caller) => caller,
             Err(error) => {
                 let status = Status::from(error);
+                metrics::rpc_finished(call.rpc, status.code(), call.started.elapsed());
                 self.audit
                     .refused("(unknown)", call.rpc, call.peer, &status);
                 return Err(status);
@@ -162,6 +163,7 @@ impl QueryHandler {
             .and_then(|()| caller.check_services(services));
         if let Err(error) = allowed {
             let status = Status::from(error);
+            metrics::rpc_finished(call.rpc, status.code(), call.started.elapsed());
             self.audit
                 .refused(&caller.principal, call.rpc, call.peer, &status);
             return Err(status);
@@ -211,6 +213,7 @@ impl QueryHandler {
     }
 
     async fn record(&self, caller: &Caller, call: &Call, details: Json, code: tonic::Code) {
+        metrics::rpc_finished(call.rpc, code, call.started.elapsed());
         self.audit
             .record(Entry::new(
                 &caller.principal,
@@ -392,6 +395,7 @@ impl QueryHandler {
         );
         Audit::record_in(&mut transaction, &entry).await?;
         transaction.commit().await?;
+        metrics::rpc_finished(call.rpc, tonic::Code::Ok, call.started.elapsed());
         tracing::info!(
             target: "audit",
             dry_run,
@@ -816,6 +820,8 @@ struct Call {
     rpc: &'static str,
     peer: Option<std::net::SocketAddr>,
     request_id: String,
+    /// For `sluice_rpc_duration_seconds` (streams: until their first message).
+    started: std::time::Instant,
 }
 
 impl Call {
@@ -824,6 +830,7 @@ impl Call {
             rpc,
             peer: request.remote_addr(),
             request_id: audit::request_id(request.metadata()),
+            started: std::time::Instant::now(),
         }
     }
 }
