@@ -814,3 +814,44 @@ async fn a_query_past_the_read_statement_timeout_is_deadline_exceeded_while_expo
     assert_eq!(total as usize, lines.len());
     assert!(total >= 1, "{total}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_has_a_request_id_echoed_in_its_response_and_logged_with_its_lines() {
+    let (_database, server, mut ingest, mut query) = start().await;
+    let mut publish = tonic::Request::new(common::request(vec![common::event("traced", "one")]));
+    publish
+        .metadata_mut()
+        .insert("x-request-id", "req-77".parse().expect("ascii"));
+    let response = ingest.publish(publish).await.expect("publish");
+    assert_eq!(
+        response.metadata().get("x-request-id").and_then(|id| id.to_str().ok()),
+        Some("req-77")
+    );
+    // Without one, the server makes one.
+    let response = query
+        .stats(sluice::proto::StatsRequest::default())
+        .await
+        .expect("stats");
+    let made = response
+        .metadata()
+        .get("x-request-id")
+        .and_then(|id| id.to_str().ok())
+        .expect("a request id");
+    assert!(uuid::Uuid::try_parse(made).is_ok(), "{made}");
+    // The log lines of a call carry its request id and principal.
+    let mut delete = tonic::Request::new(DeleteRequest {
+        services: vec!["traced".to_owned()],
+        ..Default::default()
+    });
+    delete
+        .metadata_mut()
+        .insert("x-request-id", "req-78".parse().expect("ascii"));
+    query.delete(delete).await.expect("delete");
+    let logs = server.logs();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("delete request served"))
+        .expect("the delete's log line");
+    assert!(line.contains(r#""request_id":"req-78""#), "{line}");
+    assert!(line.contains(r#""principal":"#), "{line}");
+}

@@ -81,6 +81,7 @@ impl IngestHandler {
             .as_ref()
             .map_or("(unknown)", |caller| caller.principal.as_str())
             .to_owned();
+        tracing::Span::current().record("principal", principal.as_str());
         let allowed = authenticated.and_then(|caller| {
             caller.require(Scope::Ingest)?;
             Ok(caller)

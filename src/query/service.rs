@@ -9,6 +9,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::{
@@ -158,6 +159,7 @@ impl QueryHandler {
                 return Err(status);
             }
         };
+        tracing::Span::current().record("principal", caller.principal.as_str());
         let allowed = caller
             .require(scope)
             .and_then(|()| caller.check_services(services));
@@ -906,11 +908,14 @@ impl QueryService for QueryHandler {
         let archive = self.archive.clone();
         let privacy = self.privacy.load_full();
         let show = caller.has_scope(Scope::Pii);
-        tokio::spawn(async move {
-            if let Err(error) = export(pool, archive, privacy, show, filter, &chunks).await {
-                let _ = chunks.send(Err(error.into())).await;
+        tokio::spawn(
+            async move {
+                if let Err(error) = export(pool, archive, privacy, show, filter, &chunks).await {
+                    let _ = chunks.send(Err(error.into())).await;
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -926,17 +931,20 @@ impl QueryService for QueryHandler {
         // its audit row is written.
         let handler = self.clone();
         let request = request.into_inner();
-        let deletion = tokio::spawn(async move {
-            let mut details = Json::Object(Default::default());
-            match handler
-                .delete_matching(&caller, &call, request, &mut details)
-                .await
-            {
-                // The audit row committed with the deletion.
-                Ok(response) => Ok(response),
-                Err(error) => handler.audited(&caller, &call, details, Err(error)).await,
+        let deletion = tokio::spawn(
+            async move {
+                let mut details = Json::Object(Default::default());
+                match handler
+                    .delete_matching(&caller, &call, request, &mut details)
+                    .await
+                {
+                    // The audit row committed with the deletion.
+                    Ok(response) => Ok(response),
+                    Err(error) => handler.audited(&caller, &call, details, Err(error)).await,
+                }
             }
-        });
+            .in_current_span(),
+        );
         deletion
             .await
             .map_err(|_| Status::internal("the delete task failed; see server logs"))?
@@ -1009,11 +1017,14 @@ impl QueryService for QueryHandler {
         // Its own task: a client that goes away does not stop it before its audit row.
         let handler = self.clone();
         let request = request.into_inner();
-        let task = tokio::spawn(async move {
-            let mut details = Json::Object(Default::default());
-            let result = handler.anonymize_user(&caller, request, &mut details).await;
-            handler.audited(&caller, &call, details, result).await
-        });
+        let task = tokio::spawn(
+            async move {
+                let mut details = Json::Object(Default::default());
+                let result = handler.anonymize_user(&caller, request, &mut details).await;
+                handler.audited(&caller, &call, details, result).await
+            }
+            .in_current_span(),
+        );
         task.await
             .map_err(|_| Status::internal("the anonymize task failed; see server logs"))?
             .map(Response::new)
@@ -1045,48 +1056,52 @@ impl QueryService for QueryHandler {
         let mut batches = self.tail.subscribe();
         let mut stopping = self.stopping.clone();
         let (responses, receiver) = mpsc::channel(TAIL_QUEUE);
-        tokio::spawn(async move {
-            let wanted = |event: &ValidEvent| {
-                caller.may_use(&event.service)
-                    && (request.services.is_empty() || request.services.contains(&event.service))
-                    && user
-                        .as_ref()
-                        .is_none_or(|user| event.user_id.as_ref() == Some(user))
-            };
-            loop {
-                let received = tokio::select! {
-                    received = batches.recv() => received,
-                    _ = stopping.wait_for(|stopping| *stopping) => return,
+        tokio::spawn(
+            async move {
+                let wanted = |event: &ValidEvent| {
+                    caller.may_use(&event.service)
+                        && (request.services.is_empty()
+                            || request.services.contains(&event.service))
+                        && user
+                            .as_ref()
+                            .is_none_or(|user| event.user_id.as_ref() == Some(user))
                 };
-                let response = match received {
-                    Ok(batch) => {
-                        let privacy = privacy.load();
-                        let events: Result<Vec<Event>, QueryError> = batch
-                            .iter()
-                            .filter(|event| wanted(event))
-                            .map(|event| tailed_event(&privacy, event, show))
-                            .collect();
-                        match events {
-                            Ok(events) if events.is_empty() => continue,
-                            Ok(events) => Ok(TailResponse {
-                                events,
-                                missed_batches: 0,
-                            }),
-                            Err(error) => Err(Status::from(error)),
+                loop {
+                    let received = tokio::select! {
+                        received = batches.recv() => received,
+                        _ = stopping.wait_for(|stopping| *stopping) => return,
+                    };
+                    let response = match received {
+                        Ok(batch) => {
+                            let privacy = privacy.load();
+                            let events: Result<Vec<Event>, QueryError> = batch
+                                .iter()
+                                .filter(|event| wanted(event))
+                                .map(|event| tailed_event(&privacy, event, show))
+                                .collect();
+                            match events {
+                                Ok(events) if events.is_empty() => continue,
+                                Ok(events) => Ok(TailResponse {
+                                    events,
+                                    missed_batches: 0,
+                                }),
+                                Err(error) => Err(Status::from(error)),
+                            }
                         }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => Ok(TailResponse {
+                            events: Vec::new(),
+                            missed_batches: missed,
+                        }),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    // The client went away: stop following.
+                    if responses.send(response).await.is_err() {
+                        return;
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => Ok(TailResponse {
-                        events: Vec::new(),
-                        missed_batches: missed,
-                    }),
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                // The client went away: stop following.
-                if responses.send(response).await.is_err() {
-                    return;
                 }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
@@ -1115,27 +1130,31 @@ impl QueryService for QueryHandler {
         let (progress, receiver) = mpsc::unbounded_channel();
         let handler = self.clone();
         // Its own task: a client that goes away does not stop a restore halfway.
-        tokio::spawn(async move {
-            let hold_until = Utc::now()
-                + TimeDelta::from_std(handler.archive.restore_hold).unwrap_or(TimeDelta::days(7));
-            let result = archived::restore(
-                &handler.store.maintenance_pool,
-                &handler.archive,
-                &filter,
-                hold_until,
-                &progress,
-            )
-            .await
-            .map(|restored| {
-                details["objects"] = Json::from(restored.objects);
-                details["rows"] = Json::from(restored.events);
-                details["inserted"] = Json::from(restored.inserted);
-                details["hold_until"] = Json::from(hold_until.to_rfc3339());
-            });
-            if let Err(status) = handler.audited(&caller, &call, details, result).await {
-                let _ = progress.send(Err(status));
+        tokio::spawn(
+            async move {
+                let hold_until = Utc::now()
+                    + TimeDelta::from_std(handler.archive.restore_hold)
+                        .unwrap_or(TimeDelta::days(7));
+                let result = archived::restore(
+                    &handler.store.maintenance_pool,
+                    &handler.archive,
+                    &filter,
+                    hold_until,
+                    &progress,
+                )
+                .await
+                .map(|restored| {
+                    details["objects"] = Json::from(restored.objects);
+                    details["rows"] = Json::from(restored.events);
+                    details["inserted"] = Json::from(restored.inserted);
+                    details["hold_until"] = Json::from(hold_until.to_rfc3339());
+                });
+                if let Err(status) = handler.audited(&caller, &call, details, result).await {
+                    let _ = progress.send(Err(status));
+                }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
             receiver,
         ))))

@@ -27,6 +27,10 @@ use tonic::{
     transport::{Server, server::Connected},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 use crate::{
     archive::{Archive, ArchiveError},
@@ -54,6 +58,21 @@ use crate::{
     tls::{self, TlsError},
     writer::{self, WriterContext, breaker::Breaker, replay},
 };
+
+/// The span of one RPC: its method and request id; handlers add the principal.
+fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "rpc",
+        method = %request.uri().path(),
+        request_id = %request_id,
+        principal = tracing::field::Empty,
+    )
+}
 
 /// Message size limit and compression (gzip and zstd, both ways) for a generated service. A
 /// macro because the generated servers share these methods but no trait.
@@ -564,6 +583,11 @@ where
         switch.trip();
     };
     let serve = Server::builder()
+        // A request id on every call: the client's `x-request-id`, or a new UUID. It is echoed
+        // in the response headers and is a field of every log line of the call.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
         .layer(tower::util::MapResponseLayer::new(
             status::oversized_unary_to_invalid_argument,
         ))
