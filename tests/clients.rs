@@ -422,3 +422,75 @@ async fn sluice_tail_follows_new_events_of_its_service_as_they_are_stored() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The fenced block after `heading` in the README.
+fn readme_block(heading: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let section = readme.split(heading).nth(1).expect("the section");
+    let block = section.split("```sh\n").nth(1).expect("a sh block");
+    block.split("```").next().expect("its end").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_shell_examples_run_as_written() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let work = tempfile::tempdir().expect("tempdir");
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_sluice"))
+        .parent()
+        .expect("bin dir")
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let block = readme_block("## Send and read from a shell");
+    let mut ran = 0;
+    for line in block
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+    {
+        // `tail` follows forever: it must start and show nothing wrong for a second.
+        let command = if line.starts_with("sluice tail") {
+            let command = line.split("  #").next().unwrap_or(line);
+            format!("timeout 2 {command}; test $? -eq 124")
+        } else {
+            line.to_owned()
+        };
+        let output = Command::new("bash")
+            .args(["-c", &command])
+            .current_dir(work.path())
+            .env("PATH", &path)
+            .env(
+                "SLUICE_ADDR",
+                format!("https://localhost:{}", server.addr.port()),
+            )
+            .env("SLUICE_CA", server.cert_dir.join("ca.pem"))
+            .env("SLUICE_CERT", server.cert_dir.join("client.pem"))
+            .env("SLUICE_KEY", server.cert_dir.join("client.key"))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run bash");
+        assert!(
+            output.status.success(),
+            "README line failed: {line}\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        ran += 1;
+    }
+    assert!(ran >= 8, "only {ran} lines");
+    // What the block did: one event sent, queried, exported, deleted.
+    let exported = std::fs::read_to_string(work.path().join("u-1.ndjson")).expect("export");
+    assert_eq!(exported.lines().count(), 1);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'u-1'")
+            .await,
+        0
+    );
+}

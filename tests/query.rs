@@ -824,7 +824,10 @@ async fn every_call_has_a_request_id_echoed_in_its_response_and_logged_with_its_
         .insert("x-request-id", "req-77".parse().expect("ascii"));
     let response = ingest.publish(publish).await.expect("publish");
     assert_eq!(
-        response.metadata().get("x-request-id").and_then(|id| id.to_str().ok()),
+        response
+            .metadata()
+            .get("x-request-id")
+            .and_then(|id| id.to_str().ok()),
         Some("req-77")
     );
     // Without one, the server makes one.
