@@ -494,3 +494,48 @@ async fn the_readme_shell_examples_run_as_written() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let python = std::env::var("TEST_SLUICE_PYTHON")
+        .expect("TEST_SLUICE_PYTHON is unset: run the suite with scripts/test");
+    let target = tempfile::tempdir().expect("tempdir");
+    let installed = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(["--no-deps", "--no-build-isolation", "--target"])
+        .arg(target.path())
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python"))
+        .output()
+        .expect("pip install");
+    assert!(
+        installed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    assert!(target.path().join("sluice/v1/ingest_pb2_grpc.py").exists());
+    // Run from the install, away from the checkout: the shipped stubs are used, none generated.
+    let output = Command::new(&python)
+        .args(["-m", "sluice_client", "--addr"])
+        .arg(format!("localhost:{}", server.addr.port()))
+        .arg("--certs")
+        .arg(&server.cert_dir)
+        .args(["publish", "--service", "pip", "--message", "from the package"])
+        .current_dir(target.path())
+        .env("PYTHONPATH", target.path())
+        .output()
+        .expect("run the package");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!target.path().join("gen").exists(), "stubs were generated");
+    assert_eq!(
+        database.scalar("SELECT count(*) FROM events WHERE service = 'pip'").await,
+        1
+    );
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A Python client for sluice, on the real grpcio library.
 
-Stubs are generated from ../../proto on first use (grpcio-tools), into ./gen.
+Install with `pip install clients/python` (the generated stubs ship in sluice/v1/), or run
+this file from a checkout.
 
     python sluice_client.py --addr localhost:50051 --certs ../../certs publish \
         --service checkout --message "order placed" --user-id u-1
@@ -29,14 +30,18 @@ GEN_DIR = os.path.join(HERE, "gen")
 
 
 def _generate_stubs():
+    """Stubs ship with the package (sluice/v1/, made by grpcio-tools from ../../proto); a
+    checkout whose stubs were removed regenerates them into ./gen."""
+    if os.path.exists(os.path.join(HERE, "sluice", "v1", "ingest_pb2_grpc.py")):
+        return HERE
     marker = os.path.join(GEN_DIR, "sluice", "v1", "ingest_pb2_grpc.py")
     if os.path.exists(marker):
-        return
+        return GEN_DIR
     os.makedirs(GEN_DIR, exist_ok=True)
     import grpc_tools
 
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    protos = [os.path.join("sluice", "v1", name) for name in ("event.proto", "ingest.proto")]
+    protos = [os.path.join("sluice", "v1", name) for name in ("event.proto", "ingest.proto", "query.proto")]
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{well_known}",
          f"--python_out={GEN_DIR}", f"--grpc_python_out={GEN_DIR}", *protos],
@@ -44,10 +49,10 @@ def _generate_stubs():
     )
     for package in (os.path.join(GEN_DIR, "sluice"), os.path.join(GEN_DIR, "sluice", "v1")):
         open(os.path.join(package, "__init__.py"), "a").close()
+    return GEN_DIR
 
 
-_generate_stubs()
-sys.path.insert(0, GEN_DIR)
+sys.path.insert(0, _generate_stubs())
 
 import grpc  # noqa: E402
 from google.protobuf import struct_pb2, timestamp_pb2  # noqa: E402
