@@ -11,8 +11,9 @@ use tokio::sync::broadcast;
 
 use crate::event::ValidEvent;
 
-/// Batches kept for subscribers that are behind.
-const TAIL_BATCHES: usize = 256;
+/// Batches kept for subscribers that are behind: at most this many writer batches are held
+/// (each at most `writer.batch_max_bytes`), however many follow.
+const TAIL_BATCHES: usize = 64;
 
 /// The batches written by this node's writers, for subscribers.
 pub struct TailHub {

@@ -504,7 +504,13 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
         .expect("TEST_SLUICE_PYTHON is unset: run the suite with scripts/test");
     let target = tempfile::tempdir().expect("tempdir");
     let installed = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(["--no-deps", "--no-build-isolation", "--target"])
         .arg(target.path())
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python"))
@@ -522,7 +528,13 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
         .arg(format!("localhost:{}", server.addr.port()))
         .arg("--certs")
         .arg(&server.cert_dir)
-        .args(["publish", "--service", "pip", "--message", "from the package"])
+        .args([
+            "publish",
+            "--service",
+            "pip",
+            "--message",
+            "from the package",
+        ])
         .current_dir(target.path())
         .env("PYTHONPATH", target.path())
         .output()
@@ -535,7 +547,9 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
     );
     assert!(!target.path().join("gen").exists(), "stubs were generated");
     assert_eq!(
-        database.scalar("SELECT count(*) FROM events WHERE service = 'pip'").await,
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'pip'")
+            .await,
         1
     );
 }

@@ -21,7 +21,10 @@ use tokio::sync::mpsc;
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::Code;
 
-use super::connect::{ConnectArgs, ConnectError};
+use super::{
+    connect::{ConnectArgs, ConnectError},
+    read::event_json,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -92,8 +95,9 @@ struct Batch {
     lines: Vec<u64>,
 }
 
-/// Stream reconnections tried before giving up.
+/// Consecutive stream reconnections tried before giving up, and the pause that grows with each.
 const MAX_RECONNECTS: u32 = 10;
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 /// Parses one NDJSON line into an event: `service` and `message` required, `id` made when
 /// missing, `timestamp` (RFC 3339) now when missing, `user_id` and `metadata` optional.
@@ -270,10 +274,19 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
     let mut waiting = 0usize;
     'streams: loop {
         let (requests, receiver) = mpsc::channel::<IngestRequest>(args.window.max(1) * 2);
-        let mut acks = client
+        let mut acks = match client
             .ingest_stream(args.connect.request(ReceiverStream::new(receiver))?)
-            .await?
-            .into_inner();
+            .await
+        {
+            Ok(acks) => acks.into_inner(),
+            // The server is restarting or busy: try again, with a growing pause.
+            Err(status) if retryable(status.code()) && reconnects < MAX_RECONNECTS => {
+                reconnects += 1;
+                tokio::time::sleep(retry_delay(&status).max(RECONNECT_PAUSE * reconnects)).await;
+                continue 'streams;
+            }
+            Err(status) => return Err(status.into()),
+        };
         // A new stream: everything unacknowledged goes again, under new sequences.
         let unacknowledged: Vec<Batch> = pending.drain().map(|(_, batch)| batch).collect();
         for batch in unacknowledged {
@@ -322,7 +335,11 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
                     continue;
                 }
                 ack = acks.next() => match ack {
-                    Some(Ok(ack)) => ack,
+                    Some(Ok(ack)) => {
+                        // Progress: only consecutive failures count against the limit.
+                        reconnects = 0;
+                        ack
+                    }
                     Some(Err(status)) if retryable(status.code()) && reconnects < MAX_RECONNECTS => {
                         reconnects += 1;
                         tokio::time::sleep(retry_delay(&status)).await;
@@ -331,6 +348,7 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
                     Some(Err(status)) => return Err(status.into()),
                     None if reconnects < MAX_RECONNECTS => {
                         reconnects += 1;
+                        tokio::time::sleep(RECONNECT_PAUSE * reconnects).await;
                         continue 'streams;
                     }
                     None => return Err(SendError::GaveUp(reconnects)),
@@ -339,6 +357,21 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
             let Some(batch) = pending.remove(&ack.sequence) else {
                 continue;
             };
+            if ack.code != 0 && !retryable(Code::from_i32(ack.code)) {
+                // Refused for good (too large, not allowed): every event of it is rejected.
+                summary.rejected += batch.events.len() as u64;
+                bar.inc(batch.events.len() as u64);
+                eprintln!("sluice send: a request was refused: {}", ack.message);
+                for (event, line) in batch.events.iter().zip(&batch.lines) {
+                    rejects.write(json!({
+                        "line": line,
+                        "event": event_json(event),
+                        "field": "request",
+                        "reason": ack.message,
+                    }))?;
+                }
+                continue;
+            }
             if ack.code != 0 {
                 // Refused whole (buffer full, rate limited): resend after the delay it names.
                 let delay = ack
@@ -364,9 +397,18 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
                 let index = rejection.index as usize;
                 rejects.write(json!({
                     "line": batch.lines.get(index),
-                    "event_id": rejection.event_id,
+                    "event": batch.events.get(index).map(event_json),
                     "field": rejection.field,
                     "reason": rejection.reason,
+                }))?;
+            }
+            let unreported = ack.rejected.saturating_sub(ack.rejections.len() as u64);
+            if unreported > 0 {
+                // The server details the first `validation.max_reported_rejections` only.
+                rejects.write(json!({
+                    "field": "request",
+                    "reason": format!("{unreported} more events of this request were rejected without detail"),
+                    "lines": batch.lines,
                 }))?;
             }
         }

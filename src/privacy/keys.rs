@@ -149,12 +149,21 @@ pub fn load(path: &Path, env_hmac: Option<&str>) -> Result<Loaded, KeyError> {
     })
 }
 
-/// Parses the key file (TOML) through figment's TOML provider, already in the tree.
+/// Parses the key file (TOML) through figment's TOML provider, already in the tree. The
+/// parser's own messages can quote the file, keys included: only the kind of problem is told.
 fn toml_from_str(text: &str) -> Result<KeyFile, String> {
     use figment::providers::Format;
     figment::Figment::from(figment::providers::Toml::string(text))
         .extract()
-        .map_err(|error| error.to_string())
+        .map_err(|error| {
+            let field = error
+                .path
+                .last()
+                .map_or_else(String::new, |field| format!(" (at {field})"));
+            format!(
+                "not a valid key file{field}: expected hmac_key = \"<base64>\" and [[encryption_keys]] entries with id and key"
+            )
+        })
 }
 
 /// Keys read from (or made for) the key file.
@@ -237,6 +246,24 @@ mod tests {
         // Debug output never shows key bytes.
         let debug = format!("{:?}", read.keys);
         assert!(!debug.contains(&STANDARD.encode(read.keys.hmac)), "{debug}");
+    }
+
+    #[test]
+    fn unparseable_files_are_refused_without_quoting_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("privacy.keys");
+        let secret = STANDARD.encode([9u8; KEY_BYTES]);
+        std::fs::write(
+            &path,
+            format!("hmac_key = \"{secret}\"\nencryption_keys = [\"{secret}\"]\n"),
+        )
+        .expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let error = load(&path, None).err().expect("refused").to_string();
+        assert!(!error.contains(&secret), "{error}");
+        std::fs::write(&path, format!("hmac_key = \"{secret}\nbroken")).expect("write");
+        let error = load(&path, None).err().expect("refused").to_string();
+        assert!(!error.contains(&secret), "{error}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! - `redact_metadata_keys` / `hash_metadata_keys`: those metadata keys (any depth, any case)
 //!   are dropped, or replaced by the same keyed hash;
 //! - `encrypt_metadata_keys`: those values are stored as `enc:v1:<key id>:<nonce>:<ciphertext>`
-//!   (AES-256-GCM, the AAD binding the event id and the key path) and shown in plaintext only to
+//!   (AES-256-GCM, the AAD binding the event id and the exact path) and shown in plaintext only to
 //!   callers with scope `pii` ([`Privacy::reveal`]).
 //!
 //! Keys live in the key file ([`keys`]); [`store`] makes sure the database's data was written
@@ -76,6 +76,8 @@ pub struct Privacy {
     ciphers: HashMap<String, LessSafeKey>,
     newest: Option<String>,
     random: SystemRandom,
+    /// Built from keys that are written nowhere (privacy off, nothing protected yet).
+    ephemeral: bool,
 }
 
 impl std::fmt::Debug for Privacy {
@@ -124,7 +126,21 @@ impl Privacy {
             ciphers,
             newest: keys.encryption.last().map(|(id, _)| id.clone()),
             random: SystemRandom::new(),
+            ephemeral: false,
         }
+    }
+
+    /// Privacy over keys that are written nowhere: nothing may be stored under them.
+    pub fn ephemeral(config: &PrivacyConfig, keys: &Keys) -> Self {
+        Self {
+            ephemeral: true,
+            ..Self::new(config, keys)
+        }
+    }
+
+    /// Whether the keys are written nowhere: OptOut must make them persistent first.
+    pub fn is_ephemeral(&self) -> bool {
+        self.ephemeral
     }
 
     /// The keyed hash of a value: `h1:` + hex(HMAC-SHA256).
@@ -157,9 +173,11 @@ impl Privacy {
         let mut metadata: Map<String, Json> =
             serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
         if self.pseudonymize
-            && let Some(Json::String(user)) = metadata.get_mut("userId")
+            && let Some(user) = metadata.get_mut("userId")
+            && !user.is_null()
         {
-            *user = self.hash(user);
+            // Whatever its type: a number is as much a user id as a string.
+            *user = Json::String(self.hash(&canonical(user)));
         }
         self.protect(event.id, &mut None, &mut metadata)?;
         event.metadata_json =
@@ -185,7 +203,7 @@ impl Privacy {
         &self,
         event_id: Uuid,
         object: &mut Map<String, Json>,
-        path: &mut Vec<String>,
+        path: &mut Vec<Json>,
     ) -> Result<(), PrivacyError> {
         let keys: Vec<String> = object.keys().cloned().collect();
         for key in keys {
@@ -203,10 +221,10 @@ impl Privacy {
                 }
                 None => {}
             }
-            path.push(lower.clone());
+            path.push(Json::String(key.clone()));
             if let Some(value) = object.get_mut(&key) {
                 if self.encrypt.contains(&lower) {
-                    *value = Json::String(self.seal(event_id, &path.join("."), value)?);
+                    *value = Json::String(self.seal(event_id, &aad_path(path), value)?);
                 } else {
                     self.protect_value(event_id, value, path)?;
                 }
@@ -220,24 +238,22 @@ impl Privacy {
         &self,
         event_id: Uuid,
         value: &mut Json,
-        path: &mut Vec<String>,
+        path: &mut Vec<Json>,
     ) -> Result<(), PrivacyError> {
         match value {
             // Only sluice writes encrypted values: a client's look-alike would fail to open.
             Json::String(text) if text.starts_with(ENCRYPTED_PREFIX) => {
                 Err(PrivacyError::ReservedPrefix {
-                    path: path.join("."),
+                    path: display_path(path),
                 })
             }
             Json::Object(object) => self.protect_object(event_id, object, path),
-            Json::Array(items) => {
-                path.push("[]".to_owned());
-                let result = items
-                    .iter_mut()
-                    .try_for_each(|item| self.protect_value(event_id, item, path));
+            Json::Array(items) => items.iter_mut().enumerate().try_for_each(|(index, item)| {
+                path.push(Json::from(index));
+                let result = self.protect_value(event_id, item, path);
                 path.pop();
                 result
-            }
+            }),
             _ => Ok(()),
         }
     }
@@ -306,12 +322,50 @@ impl Privacy {
         serde_json::from_slice(plain).map_err(|_| PrivacyError::Malformed)
     }
 
+    /// A `metadata_contains` filter in the form values are stored in: hashed keys and a
+    /// pseudonymized `userId` hashed, at any depth. Err(key) for a key that is dropped or
+    /// encrypted: nothing stored can match it.
+    pub fn search_form(&self, filter: &mut Map<String, Json>) -> Result<(), String> {
+        if self.pseudonymize
+            && let Some(user) = filter.get_mut("userId")
+            && !user.is_null()
+        {
+            *user = Json::String(self.hash(&canonical(user)));
+        }
+        self.search_object(filter)
+    }
+
+    fn search_object(&self, object: &mut Map<String, Json>) -> Result<(), String> {
+        for (key, value) in object.iter_mut() {
+            let lower = key.to_lowercase();
+            match self.redact.get(&lower) {
+                Some(Redaction::Drop) => return Err(key.clone()),
+                Some(Redaction::Hash) => *value = Json::String(self.hash(&canonical(value))),
+                None if self.encrypt.contains(&lower) => return Err(key.clone()),
+                None => match value {
+                    Json::Object(inner) => self.search_object(inner)?,
+                    Json::Array(items) => {
+                        for item in items {
+                            if let Json::Object(inner) = item {
+                                self.search_object(inner)?;
+                            }
+                        }
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+
     /// Anonymize: the link to the person goes. `userId` becomes `pseudonym`, and hashed and
     /// encrypted keys (and any encrypted value) are dropped, at any depth; redacted keys were
     /// never stored.
     pub fn anonymize_metadata(&self, metadata: &mut Json, pseudonym: &str) {
-        if let Some(Json::String(user)) = metadata.get_mut("userId") {
-            *user = pseudonym.to_owned();
+        if let Some(user) = metadata.get_mut("userId")
+            && !user.is_null()
+        {
+            *user = Json::String(pseudonym.to_owned());
         }
         self.strip(metadata);
     }
@@ -406,27 +460,25 @@ impl Privacy {
         &self,
         event_id: Uuid,
         value: &mut Json,
-        path: &mut Vec<String>,
+        path: &mut Vec<Json>,
         mode: Walk,
         changed: &mut usize,
     ) -> Result<(), PrivacyError> {
         match value {
             Json::Object(object) => object.iter_mut().try_for_each(|(key, item)| {
-                path.push(key.to_lowercase());
+                path.push(Json::String(key.clone()));
                 let result = self.walk(event_id, item, path, mode, changed);
                 path.pop();
                 result
             }),
-            Json::Array(items) => {
-                path.push("[]".to_owned());
-                let result = items
-                    .iter_mut()
-                    .try_for_each(|item| self.walk(event_id, item, path, mode, changed));
+            Json::Array(items) => items.iter_mut().enumerate().try_for_each(|(index, item)| {
+                path.push(Json::from(index));
+                let result = self.walk(event_id, item, path, mode, changed);
                 path.pop();
                 result
-            }
+            }),
             Json::String(stored) if stored.starts_with(ENCRYPTED_PREFIX) => {
-                let joined = path.join(".");
+                let joined = aad_path(path);
                 let plain = self.open(event_id, &joined, stored)?;
                 match mode {
                     Walk::Show => *value = plain,
@@ -456,6 +508,29 @@ enum Walk {
 /// The AAD of a value: the event it belongs to and where in its metadata.
 fn aad(event_id: Uuid, path: &str) -> String {
     format!("sluice:v1:{event_id}:{path}")
+}
+
+/// A value's place in the metadata, unambiguous: the exact keys and array indices from the
+/// top, as a JSON array (`{"a.b": x}` and `{"a": {"b": x}}` differ, and so do `SSN` and `ssn`).
+fn aad_path(path: &[Json]) -> String {
+    Json::Array(path.to_vec()).to_string()
+}
+
+/// A place in the metadata for people: `a.b[2].c`.
+fn display_path(path: &[Json]) -> String {
+    let mut text = String::new();
+    for segment in path {
+        match segment {
+            Json::String(key) => {
+                if !text.is_empty() {
+                    text.push('.');
+                }
+                text.push_str(key);
+            }
+            other => text.push_str(&format!("[{other}]")),
+        }
+    }
+    text
 }
 
 /// A value as the text that is hashed: strings as themselves (so `h1:` of an e-mail is the same
@@ -586,6 +661,50 @@ mod tests {
         let text = metadata.to_string();
         assert!(!text.contains("enc:v1:") && !text.contains("h1:"), "{text}");
         assert_eq!(metadata["nested"], json!({"keep": 1}));
+    }
+
+    #[test]
+    fn searches_take_the_stored_form_and_refuse_what_is_not_stored() {
+        let privacy = Privacy::new(&config(), &keys(&["k1"]));
+        let mut filter = json!({"ip": "10.0.0.1", "userId": "alice", "nested": {"plan": "pro"}})
+            .as_object()
+            .cloned()
+            .expect("object");
+        privacy.search_form(&mut filter).expect("searchable");
+        assert_eq!(filter["ip"], json!(privacy.hash("10.0.0.1")));
+        assert_eq!(filter["userId"], json!(privacy.hash("alice")));
+        assert_eq!(filter["nested"], json!({"plan": "pro"}));
+        for key in ["email", "SSN", "phone"] {
+            let mut filter = json!({"deep": {key: "x"}})
+                .as_object()
+                .cloned()
+                .expect("object");
+            assert_eq!(privacy.search_form(&mut filter), Err(key.to_owned()));
+        }
+    }
+
+    #[test]
+    fn a_ciphertext_moved_to_a_look_alike_key_fails_to_open() {
+        let privacy = Privacy::new(&config(), &keys(&["k1"]));
+        let id = Uuid::new_v4();
+        let mut metadata = json!({"a": {"ssn": "1"}})
+            .as_object()
+            .cloned()
+            .expect("object");
+        privacy
+            .protect(id, &mut None, &mut metadata)
+            .expect("protect");
+        // The same value under "a.ssn" (one key with a dot) or "A": other places, other AAD.
+        for moved in [
+            json!({"a.ssn": metadata["a"]["ssn"]}),
+            json!({"A": {"ssn": metadata["a"]["ssn"]}}),
+        ] {
+            let mut moved = moved;
+            assert!(matches!(
+                privacy.reveal(id, &mut moved, true),
+                Err(PrivacyError::Tampered)
+            ));
+        }
     }
 
     #[test]

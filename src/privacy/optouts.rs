@@ -12,6 +12,9 @@ use std::{
 use arc_swap::ArcSwap;
 use sqlx::{PgConnection, PgPool};
 
+use super::SharedPrivacy;
+use crate::config::Config;
+
 /// Services a user opted out of: None for every service.
 type Scope = Option<BTreeSet<String>>;
 
@@ -91,10 +94,14 @@ impl OptOuts {
     /// had one.
     pub async fn opt_in(
         &self,
-        connection: &mut PgConnection,
+        pool: &PgPool,
         user_key: &str,
         services: &[String],
     ) -> Result<bool, OptInError> {
+        // One transaction: the row stays locked from the read to the write, so a concurrent
+        // OptOut is never overwritten by a stale read.
+        let mut transaction = pool.begin().await?;
+        let connection: &mut PgConnection = &mut transaction;
         let current: Option<Option<Vec<String>>> = sqlx::query_scalar(
             "SELECT services FROM privacy_optouts WHERE user_key = $1 FOR UPDATE",
         )
@@ -132,6 +139,7 @@ impl OptOuts {
                 .await?;
             }
         }
+        transaction.commit().await?;
         self.apply(user_key, left.map(Some));
         Ok(true)
     }
@@ -153,12 +161,32 @@ impl OptOuts {
     }
 }
 
-/// Reloads `optouts` every `every`, so that each node learns of opt-outs served by others.
-pub async fn keep_fresh(optouts: Arc<OptOuts>, pool: PgPool, every: Duration) {
+/// Reloads `optouts` every `every`, so that each node learns of opt-outs served by others. A
+/// node still on throwaway keys when the first opt-out appears loads the key file (the one
+/// every node must share), since opt-outs are keyed hashes.
+pub async fn keep_fresh(
+    optouts: Arc<OptOuts>,
+    privacy: SharedPrivacy,
+    config: Arc<Config>,
+    pool: PgPool,
+    every: Duration,
+) {
     loop {
         tokio::time::sleep(every).await;
-        if let Err(error) = optouts.refresh(&pool).await {
-            tracing::warn!(%error, "cannot reload the opt-out list; keeping the last one");
+        match optouts.refresh(&pool).await {
+            Ok(count) if count > 0 && privacy.load().is_ephemeral() => {
+                match super::store::open(&config, &pool).await {
+                    Ok(persistent) => privacy.store(Arc::new(persistent)),
+                    Err(error) => tracing::error!(
+                        %error,
+                        "opt-outs exist but this node cannot load the privacy key file they were made with; they are not applied here"
+                    ),
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot reload the opt-out list; keeping the last one");
+            }
         }
     }
 }

@@ -45,49 +45,41 @@ pub fn key_file(config: &Config) -> PathBuf {
 
 /// Loads the keys (creating the key file on first use), refuses keys that differ from those
 /// stored data was written under, records the new ones, and builds [`Privacy`]. With privacy
-/// off and nothing ever protected, no key file is read or made.
+/// off, nothing ever protected and nobody opted out, no key file is read or made.
 pub async fn open(config: &Config, pool: &PgPool) -> Result<Privacy, PrivacyStartError> {
-    let recorded: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT kind, key_id, fingerprint FROM privacy_keys")
-            .fetch_all(pool)
-            .await?;
-    if !config.privacy.enabled() && recorded.is_empty() {
+    open_with(config, pool, false).await
+}
+
+/// [`open`], with persistent keys even when no setting needs them yet (`OptOut` records keyed
+/// hashes that must still match after a restart and on every node).
+pub async fn open_persistent(config: &Config, pool: &PgPool) -> Result<Privacy, PrivacyStartError> {
+    open_with(config, pool, true).await
+}
+
+type Fingerprints = Vec<(String, String, String)>;
+
+async fn fingerprints(pool: &PgPool) -> Result<Fingerprints, sqlx::Error> {
+    sqlx::query_as("SELECT kind, key_id, fingerprint FROM privacy_keys ORDER BY 1, 2")
+        .fetch_all(pool)
+        .await
+}
+
+async fn open_with(
+    config: &Config,
+    pool: &PgPool,
+    persistent: bool,
+) -> Result<Privacy, PrivacyStartError> {
+    let recorded = fingerprints(pool).await?;
+    let opted_out: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM privacy_optouts)")
+        .fetch_one(pool)
+        .await?;
+    if !persistent && !config.privacy.enabled() && recorded.is_empty() && !opted_out {
         // Keys for a server that protects nothing: random, never written anywhere.
-        return Ok(Privacy::new(&config.privacy, &keys::generate()?));
+        return Ok(Privacy::ephemeral(&config.privacy, &keys::generate()?));
     }
     let path = key_file(config);
     let loaded = keys::load(&path, config.privacy.key.as_ref().map(|key| key.0.as_str()))?;
-    for (kind, key_id, fingerprint) in &recorded {
-        let present = match kind.as_str() {
-            "hmac" => Some(keys::fingerprint(&loaded.keys.hmac)),
-            _ => loaded
-                .keys
-                .encryption
-                .iter()
-                .find(|(id, _)| id == key_id)
-                .map(|(_, key)| keys::fingerprint(key)),
-        };
-        match present {
-            None => {
-                return Err(PrivacyStartError::Missing {
-                    path,
-                    key_id: key_id.clone(),
-                });
-            }
-            Some(present) if &present != fingerprint => {
-                return Err(PrivacyStartError::Changed {
-                    path,
-                    what: if kind == "hmac" {
-                        "HMAC key (pseudonymized user ids, hashed values)".to_owned()
-                    } else {
-                        format!("encryption key {key_id}")
-                    },
-                    stored: fingerprint.clone(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
+    check_against(&path, &loaded.keys, &recorded)?;
     if recorded.iter().any(|(kind, _, _)| kind == "hmac") && !config.privacy.pseudonymize_user_id {
         tracing::warn!(
             "privacy.pseudonymize_user_id is off but stored user ids were pseudonymized: filters by user_id no longer find those events"
@@ -113,12 +105,56 @@ pub async fn open(config: &Config, pool: &PgPool) -> Result<Privacy, PrivacyStar
         .await?;
     }
     transaction.commit().await?;
+    // Two nodes starting fresh at once may each have made keys: only the first recorded set
+    // counts, and the other node must refuse rather than write under its own.
+    let now_recorded = fingerprints(pool).await?;
+    check_against(&path, &loaded.keys, &now_recorded)?;
     tracing::info!(
         key_file = %path.display(),
         encryption_keys = loaded.keys.encryption.len(),
         "privacy keys loaded and checked against the database"
     );
     Ok(Privacy::new(&config.privacy, &loaded.keys))
+}
+
+/// Refuses keys that lack or differ from any recorded fingerprint.
+fn check_against(
+    path: &std::path::Path,
+    loaded: &keys::Keys,
+    recorded: &Fingerprints,
+) -> Result<(), PrivacyStartError> {
+    let path = path.to_owned();
+    for (kind, key_id, fingerprint) in recorded {
+        let present = match kind.as_str() {
+            "hmac" => Some(keys::fingerprint(&loaded.hmac)),
+            _ => loaded
+                .encryption
+                .iter()
+                .find(|(id, _)| id == key_id)
+                .map(|(_, key)| keys::fingerprint(key)),
+        };
+        match present {
+            None => {
+                return Err(PrivacyStartError::Missing {
+                    path: path.clone(),
+                    key_id: key_id.clone(),
+                });
+            }
+            Some(present) if &present != fingerprint => {
+                return Err(PrivacyStartError::Changed {
+                    path: path.clone(),
+                    what: if kind == "hmac" {
+                        "HMAC key (pseudonymized user ids, hashed values)".to_owned()
+                    } else {
+                        format!("encryption key {key_id}")
+                    },
+                    stored: fingerprint.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// What the rotate job did.

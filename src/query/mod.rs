@@ -33,6 +33,8 @@ pub enum QueryError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Privacy(#[from] PrivacyError),
+    #[error("privacy keys: {0}")]
+    Keys(String),
     #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
 }
@@ -87,6 +89,10 @@ impl From<QueryError> for Status {
             QueryError::Privacy(privacy_error) => {
                 tracing::error!(error = %privacy_error, "an encrypted metadata value cannot be opened");
                 Status::data_loss(privacy_error.to_string())
+            }
+            QueryError::Keys(reason) => {
+                tracing::error!(%reason, "privacy keys cannot be made persistent");
+                Status::failed_precondition("the privacy key file cannot be used; see server logs")
             }
             QueryError::Spool(spool_error) => {
                 tracing::error!(error = %spool_error, "spool error during a query");

@@ -25,7 +25,7 @@ use crate::{
     event::ValidEvent,
     metrics::{self, Counters},
     privacy::{
-        ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy,
+        self, ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy,
         optouts::{OptInError, OptOuts},
     },
     proto::{
@@ -175,13 +175,25 @@ impl QueryHandler {
 
     /// A read naming no service covers only the services the caller may read, and a user id
     /// is looked up in its stored (maybe pseudonymized) form.
-    fn restrict(&self, filter: &mut Filter, caller: &Caller) {
+    fn restrict(&self, filter: &mut Filter, caller: &Caller) -> Result<(), QueryError> {
         if filter.services.is_empty() {
             filter.allowed_services = caller.service_patterns();
         }
+        let privacy = self.privacy.load();
         if let Some(user_id) = filter.user_id.as_mut() {
-            *user_id = self.privacy.load().user_id(user_id);
+            *user_id = privacy.user_id(user_id);
         }
+        // In the stored form too: hashed keys search by their hash, and neither the filter's
+        // plain values nor a search on dropped or encrypted keys reach the audit log.
+        if let Some(metadata) = filter.metadata_contains.as_mut() {
+            privacy.search_form(metadata).map_err(|key| {
+                QueryError::invalid(
+                    "metadata_contains",
+                    format!("{key} is redacted or encrypted (privacy.*) and cannot be searched"),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Writes the audit row of a call that got past authorization.
@@ -235,7 +247,7 @@ impl QueryHandler {
         details: &mut Json,
     ) -> Result<QueryResponse, QueryError> {
         let mut filter = Filter::from_query(&request, &self.config.validation)?;
-        self.restrict(&mut filter, caller);
+        self.restrict(&mut filter, caller)?;
         details["filters"] = filter_details(&filter);
         let oldest_first = request.order == Order::OldestFirst as i32;
         let show = caller.has_scope(Scope::Pii);
@@ -318,7 +330,7 @@ impl QueryHandler {
         details: &mut Json,
     ) -> Result<DeleteResponse, QueryError> {
         let mut filter = Filter::from_delete(&request, &self.config.validation)?;
-        self.restrict(&mut filter, caller);
+        self.restrict(&mut filter, caller)?;
         details["filters"] = filter_details(&filter);
         details["dry_run"] = Json::Bool(request.dry_run);
         let dry_run = request.dry_run;
@@ -420,7 +432,20 @@ impl QueryHandler {
         })
     }
 
-    /// The keyed hash an opt-out is recorded under, from a checked plain user id.
+    /// The keyed hash an opt-out is recorded under, from a checked plain user id. The key must
+    /// outlive this process and be every node's: made persistent (the key file, fingerprints
+    /// recorded) on the first opt-out of a server whose privacy settings are all off.
+    async fn persistent_opt_out_key(&self, user_id: &str) -> Result<String, QueryError> {
+        if self.privacy.load().is_ephemeral() {
+            let persistent = privacy::store::open_persistent(&self.config, &self.store.pool)
+                .await
+                .map_err(|error| QueryError::Keys(error.to_string()))?;
+            self.privacy.store(Arc::new(persistent));
+        }
+        self.opt_out_key(user_id)
+    }
+
+    /// The keyed hash of a checked plain user id.
     fn opt_out_key(&self, user_id: &str) -> Result<String, QueryError> {
         if user_id.is_empty() {
             return Err(QueryError::invalid("user_id", "required: the user"));
@@ -445,7 +470,7 @@ impl QueryHandler {
             user_id: Some(request.user_id),
             ..Filter::default()
         };
-        self.restrict(&mut filter, caller);
+        self.restrict(&mut filter, caller)?;
         details["filters"] = filter_details(&filter);
         details["dry_run"] = Json::Bool(request.dry_run);
         // One at a time with Deletes (they share the write pool), and after the events
@@ -733,6 +758,21 @@ async fn export(
     Ok(())
 }
 
+/// An opt-out (or opt-in) of every service changes other teams' services too: only a caller
+/// that may use every service may make one.
+fn every_service_needs_an_unrestricted_caller(
+    caller: &Caller,
+    services: &[String],
+) -> Result<(), QueryError> {
+    if services.is_empty() && caller.service_patterns().is_some() {
+        return Err(QueryError::invalid(
+            "services",
+            "name the services: this principal may not use every service",
+        ));
+    }
+    Ok(())
+}
+
 /// Service names of an opt-out: the same rule as events'.
 fn check_services(services: &[String]) -> Result<(), QueryError> {
     services.iter().try_for_each(|service| {
@@ -894,11 +934,12 @@ impl QueryService for QueryHandler {
         let caller = self
             .caller(&request, &call, Scope::Export, &request.get_ref().services)
             .await?;
-        let filter =
-            Filter::from_export(request.into_inner(), &self.config.validation).map(|mut filter| {
-                self.restrict(&mut filter, &caller);
-                filter
-            });
+        let filter = Filter::from_export(request.into_inner(), &self.config.validation).and_then(
+            |mut filter| {
+                self.restrict(&mut filter, &caller)?;
+                Ok(filter)
+            },
+        );
         let details = serde_json::json!({
             "filters": filter.as_ref().map(filter_details).unwrap_or(Json::Null),
         });
@@ -963,7 +1004,8 @@ impl QueryService for QueryHandler {
         let mut details = serde_json::json!({ "services": request.services });
         let result = async {
             check_services(&request.services)?;
-            let key = self.opt_out_key(&request.user_id)?;
+            every_service_needs_an_unrestricted_caller(&caller, &request.services)?;
+            let key = self.persistent_opt_out_key(&request.user_id).await?;
             details["user_key"] = Json::from(key.clone());
             let mut connection = self.store.pool.acquire().await?;
             self.optouts
@@ -989,12 +1031,12 @@ impl QueryService for QueryHandler {
         let mut details = serde_json::json!({ "services": request.services });
         let result = async {
             check_services(&request.services)?;
-            let key = self.opt_out_key(&request.user_id)?;
+            every_service_needs_an_unrestricted_caller(&caller, &request.services)?;
+            let key = self.persistent_opt_out_key(&request.user_id).await?;
             details["user_key"] = Json::from(key.clone());
-            let mut connection = self.store.pool.acquire().await?;
             let was_opted_out = self
                 .optouts
-                .opt_in(&mut connection, &key, &request.services)
+                .opt_in(&self.store.pool, &key, &request.services)
                 .await
                 .map_err(|error| match error {
                     OptInError::EveryService => QueryError::invalid("services", error.to_string()),
@@ -1051,25 +1093,39 @@ impl QueryService for QueryHandler {
         self.audited(&caller, &call, details, checked).await?;
         let user =
             (!request.user_id.is_empty()).then(|| self.privacy.load().user_id(&request.user_id));
-        let show = caller.has_scope(Scope::Pii);
         let privacy = self.privacy.clone();
+        let auth = self.auth.clone();
         let mut batches = self.tail.subscribe();
         let mut stopping = self.stopping.clone();
         let (responses, receiver) = mpsc::channel(TAIL_QUEUE);
         tokio::spawn(
             async move {
-                let wanted = |event: &ValidEvent| {
-                    caller.may_use(&event.service)
-                        && (request.services.is_empty()
-                            || request.services.contains(&event.service))
-                        && user
-                            .as_ref()
-                            .is_none_or(|user| event.user_id.as_ref() == Some(user))
-                };
+                let mut caller = caller;
                 loop {
                     let received = tokio::select! {
                         received = batches.recv() => received,
                         _ = stopping.wait_for(|stopping| *stopping) => return,
+                    };
+                    // A long-lived stream: the caller is looked up again under the policy in
+                    // force, so a reload or an expired token applies from the next batch on.
+                    caller = match auth.refresh(&caller).and_then(|caller| {
+                        caller.require(Scope::Query)?;
+                        Ok(caller)
+                    }) {
+                        Ok(caller) => caller,
+                        Err(error) => {
+                            let _ = responses.send(Err(Status::from(error))).await;
+                            return;
+                        }
+                    };
+                    let show = caller.has_scope(Scope::Pii);
+                    let wanted = |event: &ValidEvent| {
+                        caller.may_use(&event.service)
+                            && (request.services.is_empty()
+                                || request.services.contains(&event.service))
+                            && user
+                                .as_ref()
+                                .is_none_or(|user| event.user_id.as_ref() == Some(user))
                     };
                     let response = match received {
                         Ok(batch) => {
@@ -1094,9 +1150,15 @@ impl QueryService for QueryHandler {
                         }),
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    // The client went away: stop following.
-                    if responses.send(response).await.is_err() {
-                        return;
+                    // A client that stops reading must not hold up shutdown.
+                    tokio::select! {
+                        sent = responses.send(response) => {
+                            if sent.is_err() {
+                                // The client went away: stop following.
+                                return;
+                            }
+                        }
+                        _ = stopping.wait_for(|stopping| *stopping) => return,
                     }
                 }
             }
@@ -1115,11 +1177,12 @@ impl QueryService for QueryHandler {
         let caller = self
             .caller(&request, &call, Scope::Admin, &request.get_ref().services)
             .await?;
-        let filter =
-            Filter::from_restore(request.get_ref(), &self.config.validation).map(|mut filter| {
-                self.restrict(&mut filter, &caller);
-                filter
-            });
+        let filter = Filter::from_restore(request.get_ref(), &self.config.validation).and_then(
+            |mut filter| {
+                self.restrict(&mut filter, &caller)?;
+                Ok(filter)
+            },
+        );
         let mut details = serde_json::json!({
             "filters": filter.as_ref().map(filter_details).unwrap_or(Json::Null),
         });

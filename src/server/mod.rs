@@ -333,6 +333,8 @@ impl Background {
         let audit_upkeep = tokio::spawn(keep_audit_log(audit.clone(), config.auth.audit_retention));
         let optout_refresh = tokio::spawn(optouts::keep_fresh(
             storage.optouts.clone(),
+            storage.privacy.clone(),
+            Arc::new(config.clone()),
             storage.store.pool.clone(),
             config.privacy.optout_refresh,
         ));
