@@ -503,17 +503,21 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
     let python = std::env::var("TEST_SLUICE_PYTHON")
         .expect("TEST_SLUICE_PYTHON is unset: run the suite with scripts/test");
     let target = tempfile::tempdir().expect("tempdir");
+    // Built from a copy: setuptools leaves build/ and *.egg-info next to what it builds.
+    let source = tempfile::tempdir().expect("tempdir");
+    let package = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python");
+    let copied = Command::new("cp")
+        .arg("-r")
+        .args(["pyproject.toml", "README.md", "sluice_client.py", "sluice"].map(|name| format!("{package}/{name}")))
+        .arg(source.path())
+        .status()
+        .expect("cp");
+    assert!(copied.success());
     let installed = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
         .args(["--no-deps", "--no-build-isolation", "--target"])
         .arg(target.path())
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python"))
+        .arg(source.path())
         .output()
         .expect("pip install");
     assert!(
