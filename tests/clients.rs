@@ -508,13 +508,22 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
     let package = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python");
     let copied = Command::new("cp")
         .arg("-r")
-        .args(["pyproject.toml", "README.md", "sluice_client.py", "sluice"].map(|name| format!("{package}/{name}")))
+        .args(
+            ["pyproject.toml", "README.md", "sluice_client.py", "sluice"]
+                .map(|name| format!("{package}/{name}")),
+        )
         .arg(source.path())
         .status()
         .expect("cp");
     assert!(copied.success());
     let installed = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .args(["--no-deps", "--no-build-isolation", "--target"])
         .arg(target.path())
         .arg(source.path())

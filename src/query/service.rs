@@ -445,6 +445,22 @@ impl QueryHandler {
         self.opt_out_key(user_id)
     }
 
+    /// Checks an OptOut or OptIn (services named by their rule, every service only for an
+    /// unrestricted caller) and gives the key the user is recorded under, noted in `details`.
+    async fn opt_out_target(
+        &self,
+        caller: &Caller,
+        user_id: &str,
+        services: &[String],
+        details: &mut Json,
+    ) -> Result<String, QueryError> {
+        check_services(services)?;
+        every_service_needs_an_unrestricted_caller(caller, services)?;
+        let key = self.persistent_opt_out_key(user_id).await?;
+        details["user_key"] = Json::from(key.clone());
+        Ok(key)
+    }
+
     /// The keyed hash of a checked plain user id.
     fn opt_out_key(&self, user_id: &str) -> Result<String, QueryError> {
         if user_id.is_empty() {
@@ -1003,10 +1019,9 @@ impl QueryService for QueryHandler {
         let request = request.into_inner();
         let mut details = serde_json::json!({ "services": request.services });
         let result = async {
-            check_services(&request.services)?;
-            every_service_needs_an_unrestricted_caller(&caller, &request.services)?;
-            let key = self.persistent_opt_out_key(&request.user_id).await?;
-            details["user_key"] = Json::from(key.clone());
+            let key = self
+                .opt_out_target(&caller, &request.user_id, &request.services, &mut details)
+                .await?;
             let mut connection = self.store.pool.acquire().await?;
             self.optouts
                 .opt_out(&mut connection, &key, &request.services)
@@ -1030,10 +1045,9 @@ impl QueryService for QueryHandler {
         let request = request.into_inner();
         let mut details = serde_json::json!({ "services": request.services });
         let result = async {
-            check_services(&request.services)?;
-            every_service_needs_an_unrestricted_caller(&caller, &request.services)?;
-            let key = self.persistent_opt_out_key(&request.user_id).await?;
-            details["user_key"] = Json::from(key.clone());
+            let key = self
+                .opt_out_target(&caller, &request.user_id, &request.services, &mut details)
+                .await?;
             let was_opted_out = self
                 .optouts
                 .opt_in(&self.store.pool, &key, &request.services)
