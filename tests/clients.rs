@@ -312,6 +312,41 @@ async fn sluice_query_export_delete_and_stats_work_from_a_shell() {
         3
     );
     assert!(!dir.path().join("u-0.ndjson.partial").exists());
+    // Interrupted midway (one line written, the next torn): a rerun resumes, writing each
+    // event once.
+    let complete = std::fs::read_to_string(&exported).expect("export");
+    let lines: Vec<&str> = complete.lines().collect();
+    let resumed = dir.path().join("again.ndjson");
+    std::fs::write(
+        dir.path().join("again.ndjson.partial"),
+        format!("{}\n{}", lines[0], &lines[1][..lines[1].len() / 2]),
+    )
+    .expect("partial");
+    let output = sluice_client(
+        &server,
+        &[
+            "export",
+            "--user-id",
+            "u-0",
+            "-o",
+            resumed.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("resuming"));
+    let mut again: Vec<String> = std::fs::read_to_string(&resumed)
+        .expect("resumed")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let mut first: Vec<String> = lines.iter().map(|line| (*line).to_owned()).collect();
+    again.sort();
+    first.sort();
+    assert_eq!(again, first, "every event exactly once");
 
     // Without --yes and without a terminal to ask on, nothing is deleted.
     let output = sluice_client(&server, &["delete", "--user-id", "u-0"]);
@@ -559,6 +594,28 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(!target.path().join("gen").exists(), "stubs were generated");
+    // Query through the package: every page, as NDJSON.
+    let output = Command::new(&python)
+        .args(["-m", "sluice_client", "--addr"])
+        .arg(format!("localhost:{}", server.addr.port()))
+        .arg("--certs")
+        .arg(&server.cert_dir)
+        .args(["query", "--service", "pip", "--limit", "1"])
+        .current_dir(target.path())
+        .env("PYTHONPATH", target.path())
+        .output()
+        .expect("query through the package");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["message"], "from the package");
     assert_eq!(
         database
             .scalar("SELECT count(*) FROM events WHERE service = 'pip'")

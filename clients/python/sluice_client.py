@@ -58,7 +58,8 @@ import grpc  # noqa: E402
 from google.protobuf import struct_pb2, timestamp_pb2  # noqa: E402
 from google.rpc import error_details_pb2  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
-from sluice.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc  # noqa: E402
+from google.protobuf import json_format  # noqa: E402
+from sluice.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, query_pb2, query_pb2_grpc  # noqa: E402
 
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientInterceptor,
@@ -168,6 +169,19 @@ def stream(stub, events, batch=500):
     return accepted, rejected, refusals
 
 
+def query_all(stub, services=(), user_id="", limit=100):
+    """Every matching event, following page tokens; each as a dict."""
+    events, token = [], ""
+    while True:
+        page = stub.Query(query_pb2.QueryRequest(services=list(services), user_id=user_id,
+                                                 limit=limit, page_token=token))
+        events.extend(json_format.MessageToDict(event, preserving_proto_field_name=True)
+                      for event in page.events)
+        if not page.next_page_token:
+            return events
+        token = page.next_page_token
+
+
 def read_ndjson(path):
     with open(path) as source:
         return [make_event(json.loads(line)) for line in source if line.strip()]
@@ -189,9 +203,19 @@ def main():
         command = commands.add_parser(name, help=f"send NDJSON events ({name})")
         command.add_argument("file")
         command.add_argument("--batch", type=int, default=500)
+    query = commands.add_parser("query", help="print matching events as NDJSON (all pages)")
+    query.add_argument("--service", action="append", default=[])
+    query.add_argument("--user-id", default="")
+    query.add_argument("--limit", type=int, default=100)
     args = parser.parse_args()
 
-    stub = ingest_pb2_grpc.IngestServiceStub(channel(args.addr, args.certs, args.plaintext, args.token))
+    connection = channel(args.addr, args.certs, args.plaintext, args.token)
+    if args.command == "query":
+        for event in query_all(query_pb2_grpc.QueryServiceStub(connection), args.service,
+                               args.user_id, args.limit):
+            print(json.dumps(event))
+        return
+    stub = ingest_pb2_grpc.IngestServiceStub(connection)
     if args.command == "publish":
         record = {"service": args.service, "message": args.message, "user_id": args.user_id,
                   "metadata": json.loads(args.metadata)}

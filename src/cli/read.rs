@@ -1,7 +1,10 @@
 //! `sluice query`, `sluice export`, `sluice delete` and `sluice stats`: the QueryService from a
 //! shell. Filters are flags; times are RFC 3339 or a duration ago (`--since 1h`).
 
-use std::io::{BufWriter, IsTerminal, Write};
+use std::{
+    collections::HashSet,
+    io::{BufWriter, IsTerminal, Write},
+};
 
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -139,7 +142,8 @@ pub struct ExportArgs {
     #[command(flatten)]
     pub filters: FilterArgs,
     /// Output file (`-`: stdout). Written as FILE.partial and renamed once complete, so an
-    /// interrupted export never looks finished; run it again to start over.
+    /// interrupted export never looks finished; run it again to resume: the events already in
+    /// FILE.partial are kept and not written twice.
     #[arg(short, long, default_value = "-")]
     pub output: String,
     #[command(flatten)]
@@ -316,9 +320,26 @@ pub async fn export(args: ExportArgs) -> Result<u64, ReadError> {
         .into_inner();
     let to_file = args.output != "-";
     let partial = format!("{}.partial", args.output);
+    // An interrupted export left FILE.partial: keep its complete lines and add only the
+    // events it lacks.
+    let written = if to_file {
+        resume(&partial).map_err(write_error(&partial))?
+    } else {
+        HashSet::new()
+    };
+    if !written.is_empty() {
+        eprintln!(
+            "sluice export: resuming {partial}: {} events already there",
+            written.len()
+        );
+    }
     let mut out: Box<dyn Write> = if to_file {
         Box::new(BufWriter::new(
-            std::fs::File::create(&partial).map_err(write_error(&partial))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&partial)
+                .map_err(write_error(&partial))?,
         ))
     } else {
         Box::new(BufWriter::new(std::io::stdout()))
@@ -339,8 +360,16 @@ pub async fn export(args: ExportArgs) -> Result<u64, ReadError> {
         if chunk.total_events > 0 {
             bar.set_length(chunk.total_events);
         }
-        out.write_all(&chunk.ndjson)
-            .map_err(write_error(&partial))?;
+        if written.is_empty() {
+            out.write_all(&chunk.ndjson)
+                .map_err(write_error(&partial))?;
+        } else {
+            for line in chunk.ndjson.split_inclusive(|byte| *byte == b'\n') {
+                if line_id(line).is_none_or(|id| !written.contains(&id)) {
+                    out.write_all(line).map_err(write_error(&partial))?;
+                }
+            }
+        }
         events += chunk.events;
         bar.set_position(events);
         finished |= chunk.last;
@@ -361,6 +390,40 @@ pub async fn export(args: ExportArgs) -> Result<u64, ReadError> {
     }
     eprintln!("sluice export: {events} events");
     Ok(events)
+}
+
+/// The id of an NDJSON event line.
+fn line_id(line: &[u8]) -> Option<uuid::Uuid> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: uuid::Uuid,
+    }
+    serde_json::from_slice::<Id>(line)
+        .ok()
+        .map(|event| event.id)
+}
+
+/// The ids of a partial export's complete lines; a torn last line (the interruption) is cut.
+fn resume(partial: &str) -> std::io::Result<HashSet<uuid::Uuid>> {
+    let bytes = match std::fs::read(partial) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(HashSet::new()),
+        Err(error) => return Err(error),
+    };
+    let complete = bytes
+        .iter()
+        .rposition(|byte| *byte == b'\n')
+        .map_or(0, |end| end + 1);
+    if complete < bytes.len() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(partial)?
+            .set_len(complete as u64)?;
+    }
+    Ok(bytes[..complete]
+        .split(|byte| *byte == b'\n')
+        .filter_map(line_id)
+        .collect())
 }
 
 /// `sluice delete`: the dry run's counts, a confirmation (unless `--yes`), then the delete.
