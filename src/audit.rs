@@ -16,7 +16,7 @@ use serde_json::{Value as Json, json};
 use sqlx::{PgConnection, PgPool};
 use tonic::{Code, Status};
 
-use crate::metrics;
+use crate::{metrics, status::code_name};
 
 /// How often aggregated authentication failures are written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
@@ -108,29 +108,6 @@ fn sanitize(value: &mut Json) {
 pub struct Audit {
     pool: PgPool,
     failures: Mutex<HashMap<FailureKey, u64>>,
-}
-
-/// The name of a gRPC code as the audit log stores it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 impl Audit {

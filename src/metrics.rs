@@ -294,32 +294,8 @@ pub fn request_sizes(events: usize, event_bytes: impl Iterator<Item = usize>) {
 
 /// A QueryService call ended with `code` after `elapsed`.
 pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
-    histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => code_name(code))
+    histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => crate::status::code_name(code))
         .record(elapsed.as_secs_f64());
-}
-
-/// The canonical gRPC name of a code, as a label (a bounded set).
-fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 pub fn batch_written(events: usize, elapsed: Duration) {

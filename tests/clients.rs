@@ -165,7 +165,16 @@ async fn node_grpc_js_client_publishes_queries_and_resends_after_refusals() {
 
 /// `sluice <args>` against `server`, with its dev certificates.
 fn sluice_client(server: &TestServer, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    sluice_command(server, args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run sluice")
+}
+
+/// The `sluice <args>` command, pointed at `server` with its dev certificates.
+fn sluice_command(server: &TestServer, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
         .args(args)
         .args([
             "--addr",
@@ -176,10 +185,8 @@ fn sluice_client(server: &TestServer, args: &[&str]) -> std::process::Output {
         .arg("--cert")
         .arg(server.cert_dir.join("client.pem"))
         .arg("--key")
-        .arg(server.cert_dir.join("client.key"))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("run sluice")
+        .arg(server.cert_dir.join("client.key"));
+    command
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,18 +388,7 @@ async fn sluice_tail_follows_new_events_of_its_service_as_they_are_stored() {
     common::init_crypto();
     let database = TestDatabase::create().await;
     let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["tail", "--service", "tailed"])
-        .args([
-            "--addr",
-            &format!("https://localhost:{}", server.addr.port()),
-        ])
-        .arg("--ca")
-        .arg(server.cert_dir.join("ca.pem"))
-        .arg("--cert")
-        .arg(server.cert_dir.join("client.pem"))
-        .arg("--key")
-        .arg(server.cert_dir.join("client.key"))
+    let mut child = sluice_command(&server, &["tail", "--service", "tailed"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start sluice tail");
@@ -571,22 +567,25 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
     );
     assert!(target.path().join("sluice/v1/ingest_pb2_grpc.py").exists());
     // Run from the install, away from the checkout: the shipped stubs are used, none generated.
-    let output = Command::new(&python)
-        .args(["-m", "sluice_client", "--addr"])
-        .arg(format!("localhost:{}", server.addr.port()))
-        .arg("--certs")
-        .arg(&server.cert_dir)
-        .args([
-            "publish",
-            "--service",
-            "pip",
-            "--message",
-            "from the package",
-        ])
-        .current_dir(target.path())
-        .env("PYTHONPATH", target.path())
-        .output()
-        .expect("run the package");
+    let installed_client = |args: &[&str]| {
+        Command::new(&python)
+            .args(["-m", "sluice_client", "--addr"])
+            .arg(format!("localhost:{}", server.addr.port()))
+            .arg("--certs")
+            .arg(&server.cert_dir)
+            .args(args)
+            .current_dir(target.path())
+            .env("PYTHONPATH", target.path())
+            .output()
+            .expect("run the installed package")
+    };
+    let output = installed_client(&[
+        "publish",
+        "--service",
+        "pip",
+        "--message",
+        "from the package",
+    ]);
     assert!(
         output.status.success(),
         "{}{}",
@@ -595,16 +594,7 @@ async fn the_python_client_installs_as_a_package_with_its_stubs_and_publishes() 
     );
     assert!(!target.path().join("gen").exists(), "stubs were generated");
     // Query through the package: every page, as NDJSON.
-    let output = Command::new(&python)
-        .args(["-m", "sluice_client", "--addr"])
-        .arg(format!("localhost:{}", server.addr.port()))
-        .arg("--certs")
-        .arg(&server.cert_dir)
-        .args(["query", "--service", "pip", "--limit", "1"])
-        .current_dir(target.path())
-        .env("PYTHONPATH", target.path())
-        .output()
-        .expect("query through the package");
+    let output = installed_client(&["query", "--service", "pip", "--limit", "1"]);
     assert!(
         output.status.success(),
         "{}",
