@@ -44,6 +44,7 @@ pub struct Config {
     pub validation: ValidationConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
     pub auth: AuthConfig,
     pub retention: RetentionConfig,
     pub lifecycle: LifecycleConfig,
@@ -546,6 +547,7 @@ impl Default for Config {
             validation: ValidationConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            telemetry: TelemetryConfig::default(),
             auth: AuthConfig::default(),
             retention: RetentionConfig::default(),
             lifecycle: LifecycleConfig::default(),
@@ -662,6 +664,32 @@ impl Default for MetricsConfig {
     }
 }
 
+/// OpenTelemetry traces. Export is off unless an endpoint is set here or in the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` are honoured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint of a collector, e.g. `http://otel-collector:4317`.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces started here that are kept (0.0 to 1.0). A caller's `traceparent`
+    /// decides for its own traces (parent-based sampling). `OTEL_TRACES_SAMPLER` overrides it.
+    pub sample_ratio: f64,
+    /// Store the trace id of the request that brought each event (the `trace_id` column, a
+    /// `Query` filter): the caller's `traceparent`, or this server's sampled trace.
+    pub store_trace_id: bool,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            store_trace_id: true,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
@@ -766,6 +794,9 @@ impl Config {
         }
         if self.privacy.optout_refresh.is_zero() {
             return invalid("privacy.optout_refresh", "must be above zero");
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return invalid("telemetry.sample_ratio", "must be between 0.0 and 1.0");
         }
         if self.archive.restore_hold.is_zero() {
             return invalid("archive.restore_hold", "must be above zero");

@@ -4,6 +4,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use opentelemetry::trace::TraceId;
+
 /// An event that passed validation, ready to be written (or spooled during a database outage,
 /// in the versioned format of [`crate::spool`], never as this in-memory layout).
 #[derive(Debug, Clone, PartialEq)]
@@ -19,6 +21,8 @@ pub struct ValidEvent {
     pub user_id: Option<String>,
     /// `metadata` as compact JSON text (an object).
     pub metadata_json: String,
+    /// The trace of the request that brought the event (see [`crate::telemetry`]).
+    pub trace_id: Option<TraceId>,
 }
 
 /// Per-event bookkeeping overhead counted against the buffer's byte budget, on top of the
@@ -42,6 +46,7 @@ impl ValidEvent {
     pub(crate) fn sample(index: u64) -> Self {
         let now = Utc::now();
         Self {
+            trace_id: None,
             index,
             id: Uuid::now_v7(),
             service: "svc".to_owned(),

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use figment::Figment;
 use sluice::config::{Config, LogFormat};
-use tracing_subscriber::EnvFilter;
+use sluice::telemetry::Telemetry;
 
 #[derive(Parser)]
 #[command(
@@ -198,14 +198,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the configuration (file, environment, flags) and starts logging; None after saying
-/// why it cannot.
-fn load_config(args: &ServeArgs) -> Option<Config> {
-    match Config::load(args.config.as_deref(), args.overrides()) {
-        Ok(config) => {
-            init_logging(config.log.format, &config.log.filter);
-            Some(config)
+/// Loads the configuration (file, environment, flags) and starts logging and trace export;
+/// None after saying why it cannot.
+fn load_config(args: &ServeArgs) -> Option<(Config, Telemetry)> {
+    let config = match Config::load(args.config.as_deref(), args.overrides()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("sluice: {error}");
+            return None;
         }
+    };
+    match sluice::telemetry::init(&config.log, &config.telemetry) {
+        Ok(telemetry) => Some((config, telemetry)),
         Err(error) => {
             eprintln!("sluice: {error}");
             None
@@ -213,27 +217,45 @@ fn load_config(args: &ServeArgs) -> Option<Config> {
     }
 }
 
+/// Flushes the spans still queued for export (a blocking call, off the async workers).
+async fn flush_traces(telemetry: Telemetry) {
+    if tokio::task::spawn_blocking(move || telemetry.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("sluice: flushing traces at exit panicked");
+    }
+}
+
 async fn serve(args: ServeArgs) -> ExitCode {
-    let Some(config) = load_config(&args) else {
+    let Some((config, telemetry)) = load_config(&args) else {
         return ExitCode::FAILURE;
     };
     let reloader: sluice::server::Reloader =
         Box::new(move || Config::load(args.config.as_deref(), args.overrides()));
-    match sluice::server::run(config, Some(reloader)).await {
+    let outcome = sluice::server::run(config, Some(reloader)).await;
+    if let Err(error) = &outcome {
+        tracing::error!(%error, "sluice stopped on an error");
+    }
+    flush_traces(telemetry).await;
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "sluice stopped on an error");
-            ExitCode::FAILURE
-        }
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
 /// `sluice lifecycle --once`: the job once, against the configured database; prints its report
 /// as JSON.
 async fn lifecycle_once(args: ServeArgs) -> ExitCode {
-    let Some(config) = load_config(&args) else {
+    let Some((config, telemetry)) = load_config(&args) else {
         return ExitCode::FAILURE;
     };
+    let exit = lifecycle_job(&config).await;
+    flush_traces(telemetry).await;
+    exit
+}
+
+async fn lifecycle_job(config: &Config) -> ExitCode {
     let policy = match sluice::lifecycle::RetentionPolicy::new(&config.retention) {
         Ok(policy) => policy,
         Err(error) => {
@@ -241,14 +263,14 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let archive = match sluice::server::open_archive(&config).await {
+    let archive = match sluice::server::open_archive(config).await {
         Ok(archive) => archive,
         Err(error) => {
             eprintln!("sluice lifecycle: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let store = match sluice::store::Store::open(&config).await {
+    let store = match sluice::store::Store::open(config).await {
         Ok(store) => store,
         Err(error) => {
             eprintln!("sluice lifecycle: {error}");
@@ -263,17 +285,23 @@ async fn lifecycle_once(args: ServeArgs) -> ExitCode {
 /// `sluice privacy rotate`: re-encrypts old values under the newest key; prints its report as
 /// JSON.
 async fn privacy_rotate(args: ServeArgs) -> ExitCode {
-    let Some(config) = load_config(&args) else {
+    let Some((config, telemetry)) = load_config(&args) else {
         return ExitCode::FAILURE;
     };
-    let store = match sluice::store::Store::open(&config).await {
+    let exit = rotation_job(&config).await;
+    flush_traces(telemetry).await;
+    exit
+}
+
+async fn rotation_job(config: &Config) -> ExitCode {
+    let store = match sluice::store::Store::open(config).await {
         Ok(store) => store,
         Err(error) => {
             eprintln!("sluice privacy rotate: {error}");
             return ExitCode::FAILURE;
         }
     };
-    let outcome = match sluice::privacy::store::open(&config, &store.pool).await {
+    let outcome = match sluice::privacy::store::open(config, &store.pool).await {
         Ok(privacy) => sluice::privacy::store::rotate(&store.pool, &privacy).await,
         Err(error) => Err(error),
     };
@@ -351,13 +379,3 @@ fn return_large_buffers_to_the_system() {
     }
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}

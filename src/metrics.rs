@@ -12,6 +12,9 @@
 //! | `sluice_events_duplicate_total` | counter | |
 //! | `sluice_events_duplicate_conflicting_total` | counter | |
 //! | `sluice_ack_latency_seconds` | histogram | |
+//! | `sluice_event_commit_seconds` | histogram | | (per event: admitted to the buffer → committed) |
+//! | `sluice_service_events_total` | counter | `service` (the first [`TOP_LABEL_VALUES`] services stored since start, then `other`) |
+//! | `sluice_principal_events_total` | counter | `principal` (the first [`TOP_LABEL_VALUES`] principals that sent events, then `other`) |
 //! | `sluice_batch_events`, `sluice_batch_write_seconds` | histogram | |
 //! | `sluice_request_events`, `sluice_event_bytes` | histogram | |
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPC), `code` |
@@ -203,7 +206,7 @@ pub struct IngestTotals {
 /// The ingest counters: each method counts the Prometheus metric and keeps the running total
 /// that the Stats RPC reads. One handle per server, shared through an `Arc` by the handlers
 /// and the writers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     received: AtomicU64,
     stored: AtomicU64,
@@ -211,6 +214,69 @@ pub struct Counters {
     spooled: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Events stored per service, bounded in cardinality.
+    services: BoundedLabel,
+    /// Events received per principal, bounded in cardinality.
+    principals: BoundedLabel,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::default(),
+            stored: AtomicU64::default(),
+            duplicates: AtomicU64::default(),
+            spooled: AtomicU64::default(),
+            rejected: Mutex::default(),
+            refused: Mutex::default(),
+            services: BoundedLabel::new("sluice_service_events_total", "service"),
+            principals: BoundedLabel::new("sluice_principal_events_total", "principal"),
+        }
+    }
+}
+
+/// Label values each per-service or per-principal counter keeps before the rest count as
+/// `other`: enough for the services of a real deployment, few enough that a client inventing
+/// service names cannot blow up Prometheus.
+pub const TOP_LABEL_VALUES: usize = 50;
+const OTHER_LABEL: &str = "other";
+
+/// A counter with one label whose values are bounded: the first [`TOP_LABEL_VALUES`] values
+/// seen since start get their own series (busy ones arrive first in practice), every later
+/// one counts as `other`. Series never move between values, so each stays monotonic.
+#[derive(Debug)]
+struct BoundedLabel {
+    metric: &'static str,
+    label: &'static str,
+    series: Mutex<std::collections::HashMap<String, metrics::Counter>>,
+}
+
+impl BoundedLabel {
+    fn new(metric: &'static str, label: &'static str) -> Self {
+        Self {
+            metric,
+            label,
+            series: Mutex::default(),
+        }
+    }
+
+    fn add(&self, value: &str, count: u64) {
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(counter) = series.get(value) {
+            counter.increment(count);
+            return;
+        }
+        let label = if series.len() < TOP_LABEL_VALUES {
+            value
+        } else {
+            OTHER_LABEL
+        };
+        let counter = counter!(self.metric, self.label => label.to_owned());
+        counter.increment(count);
+        if label != OTHER_LABEL {
+            series.insert(value.to_owned(), counter);
+        }
+    }
 }
 
 fn add(totals: &Mutex<BTreeMap<&'static str, u64>>, reason: &'static str, count: u64) {
@@ -255,6 +321,19 @@ impl Counters {
         self.stored.fetch_add(stored, Ordering::Relaxed);
         self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
         histogram!("sluice_ack_latency_seconds").record(ack_latency.as_secs_f64());
+        // The seed's "processing time": the same wait, once per event it applied to.
+        histogram!("sluice_event_commit_seconds")
+            .record_many(ack_latency.as_secs_f64(), stored as usize);
+    }
+
+    /// `count` events of `service` stored.
+    pub fn service_events(&self, service: &str, count: u64) {
+        self.services.add(service, count);
+    }
+
+    /// `count` events received from `principal`.
+    pub fn principal_events(&self, principal: &str, count: u64) {
+        self.principals.add(principal, count);
     }
 
     pub fn events_spooled(&self, count: usize, spool_bytes: u64) {

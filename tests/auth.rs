@@ -645,4 +645,19 @@ burst_events = 500
         .await
         .expect_err("retired key");
     assert_eq!(status.code(), Code::Unauthenticated);
+
+    // Nothing secret reached the logs of this run: no token (every JWT segment is base64url
+    // JSON, "eyJ…"), no signature of one, no key material, no Authorization header.
+    let logs = server.logs();
+    assert!(
+        logs.contains("rate limit") || logs.contains("principal"),
+        "the run logged its calls:\n{logs}"
+    );
+    for token in [&token, &retired, &stranger] {
+        let signature = token.rsplit('.').next().expect("signature");
+        assert!(!logs.contains(signature), "a token signature was logged");
+    }
+    for secret in ["eyJ", "BEGIN", "PRIVATE KEY", "Bearer", "authorization"] {
+        assert!(!logs.contains(secret), "{secret:?} appears in the logs:\n{logs}");
+    }
 }

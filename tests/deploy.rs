@@ -64,7 +64,7 @@ fn alert_rules_load_and_their_unit_tests_pass() {
     let dir = Path::new(ROOT).join("deploy/prometheus");
     let checked = promtool(&["check", "rules", "alerts.yml"], &dir);
     assert!(checked.contains("SUCCESS"), "{checked}");
-    let tested = promtool(&["test", "rules", "alerts_test.yml"], &dir);
+    let tested = promtool(&["test", "rules", "alerts.test.yml"], &dir);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
 

@@ -54,6 +54,7 @@ fn seed_request() -> Vec<u8> {
             user_id: String::new(),
             metadata: Some(metadata.into()),
             ingested_at: None,
+            trace_id: String::new(),
         }],
         sequence: 7,
     }

@@ -28,6 +28,9 @@ pub struct ArchivedEvent {
     pub user_id: Option<String>,
     #[serde(default)]
     pub metadata: Json,
+    /// Absent from objects archived before trace ids were stored.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 impl ArchivedEvent {

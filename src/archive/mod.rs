@@ -594,9 +594,10 @@ async fn restore_lines(
 ) -> Result<u64, sqlx::Error> {
     let texts: Vec<&str> = lines.iter().map(|line| line.text.as_str()).collect();
     sqlx::query(
-        "INSERT INTO events (id, service, message, ts, ingested_at, user_id, metadata) \
+        "INSERT INTO events (id, service, message, ts, ingested_at, user_id, metadata, trace_id) \
          SELECT (l->>'id')::uuid, l->>'service', l->>'message', (l->>'timestamp')::timestamptz, \
-         (l->>'ingested_at')::timestamptz, l->>'user_id', COALESCE(l->'metadata', '{}'::jsonb) \
+         (l->>'ingested_at')::timestamptz, l->>'user_id', COALESCE(l->'metadata', '{}'::jsonb), \
+         l->>'trace_id' \
          FROM (SELECT line::jsonb AS l FROM unnest($1::text[]) AS line) lines \
          ON CONFLICT DO NOTHING",
     )

@@ -16,7 +16,10 @@ use tokio::{
     time::Instant,
 };
 
+use opentelemetry::trace::SpanContext;
+
 use crate::{
+    telemetry,
     config::BufferConfig,
     event::{EventRejection, ValidEvent},
 };
@@ -47,6 +50,8 @@ pub struct Envelope {
     pub bytes: usize,
     /// When the envelope was admitted, for ack latency.
     pub admitted_at: Instant,
+    /// The span of the request, for the batch span to link to (when traces are exported).
+    pub origin: Option<SpanContext>,
     pub ack: oneshot::Sender<Durable>,
     _event_permit: OwnedSemaphorePermit,
     _byte_permit: OwnedSemaphorePermit,
@@ -149,6 +154,7 @@ impl Buffer {
             _pending: self.pending.track(),
             bytes,
             admitted_at: Instant::now(),
+            origin: telemetry::current_span_context(),
             ack,
             _event_permit: event_permit,
             _byte_permit: byte_permit,

@@ -129,6 +129,7 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
         user_id: user,
         metadata: Some(metadata.into()),
         ingested_at: None,
+        trace_id: String::new(),
     }
 }
 
@@ -403,6 +404,7 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
 fn as_valid(event: Event) -> ValidEvent {
     let metadata_json = serde_json::json!({"path": "/api/orders", "status": 200, "latencyMs": 12, "region": "eu-west-1"}).to_string();
     ValidEvent {
+        trace_id: None,
         index: 0,
         id: Uuid::now_v7(),
         service: event.service,

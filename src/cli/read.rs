@@ -133,6 +133,9 @@ pub struct QueryArgs {
     /// Follow page tokens to the last page.
     #[arg(long)]
     pub all: bool,
+    /// Only events brought by requests of this trace (32 hex digits, as in `traceparent`).
+    #[arg(long)]
+    pub trace_id: Option<String>,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -242,6 +245,7 @@ pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
             } as i32,
             limit: args.limit,
             page_token,
+            trace_id: args.trace_id.clone().unwrap_or_default(),
         };
         let page = client
             .query(args.connect.request(request)?)

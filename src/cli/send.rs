@@ -139,6 +139,7 @@ pub fn parse_event(line: &str, now: DateTime<Utc>) -> Result<Event, String> {
         user_id: text(&mut object, "user_id")?,
         metadata,
         ingested_at: None,
+        trace_id: String::new(),
     })
 }
 

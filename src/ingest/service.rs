@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt, stream::FuturesUnordered};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use prost::Message;
 
@@ -19,13 +20,13 @@ use crate::{
     buffer::{AckReceiver, AdmitError, Buffer, Durable},
     config::Config,
     config::Scope,
-    event::{EventRejection, RejectReason, ValidEvent},
+    event::{EventRejection, RejectReason, TraceId, ValidEvent},
     lifecycle::RetentionPolicy,
     metrics::{Counters, Refusal},
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
     },
-    status,
+    status, telemetry,
 };
 
 /// Acks produced by IngestStream that the client has not read yet.
@@ -105,7 +106,9 @@ impl IngestHandler {
         caller: &Caller,
         request: IngestRequest,
         first_index: u64,
+        trace_id: Option<TraceId>,
     ) -> Result<Validated, IngestError> {
+        let _span = tracing::info_span!("validate", events = request.events.len()).entered();
         let limit = self.config.grpc.max_events_per_request;
         if request.events.len() > limit {
             self.counters
@@ -125,6 +128,8 @@ impl IngestHandler {
             return Err(IngestError::Auth(limited));
         }
         self.counters.events_received(request.events.len());
+        self.counters
+            .principal_events(&caller.principal, request.events.len() as u64);
         crate::metrics::request_sizes(
             request.events.len(),
             request.events.iter().map(|event| {
@@ -149,6 +154,7 @@ impl IngestHandler {
             let checked = validator
                 .validate(first_index + offset as u64, event)
                 .and_then(|mut valid| {
+                    valid.trace_id = trace_id;
                     if !caller.may_use(&valid.service) {
                         return Err(EventRejection {
                             index: valid.index,
@@ -342,6 +348,7 @@ impl IngestService for IngestHandler {
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
         let caller = self.caller(&request, "Ingest").await?;
+        let trace_id = telemetry::request_trace_id(request.metadata());
         let mut stream = request.into_inner();
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let mut pending = FuturesUnordered::new();
@@ -370,7 +377,7 @@ impl IngestService for IngestHandler {
                         }
                     };
                     let count = request.events.len() as u64;
-                    let validated = match self.validate(&caller, request, next_index) {
+                    let validated = match self.validate(&caller, request, next_index, trace_id) {
                         Ok(validated) => validated,
                         Err(error) => {
                             settle(&mut pending, &mut tally).await?;
@@ -400,8 +407,9 @@ impl IngestService for IngestHandler {
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
         let caller = self.caller(&request, "Publish").await?;
+        let trace_id = telemetry::request_trace_id(request.metadata());
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
-        let validated = self.validate(&caller, request.into_inner(), 0)?;
+        let validated = self.validate(&caller, request.into_inner(), 0, trace_id)?;
         let ack = self
             .admit(validated.events)
             .await
@@ -423,9 +431,15 @@ impl IngestService for IngestHandler {
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
         let caller = self.caller(&request, "IngestStream").await?;
+        let trace_id = telemetry::request_trace_id(request.metadata());
         let (acks, ack_stream) = mpsc::channel(ACK_QUEUE);
         let handler = self.clone();
-        tokio::spawn(handler.serve_ack_stream(caller, request.into_inner(), acks));
+        // The stream is served by its own task, still inside the RPC's span.
+        tokio::spawn(
+            handler
+                .serve_ack_stream(caller, trace_id, request.into_inner(), acks)
+                .instrument(tracing::Span::current()),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
     }
 }
@@ -438,6 +452,7 @@ impl IngestHandler {
     async fn serve_ack_stream(
         self,
         caller: Caller,
+        trace_id: Option<TraceId>,
         mut stream: Streaming<IngestRequest>,
         acks: mpsc::Sender<Result<IngestAck, Status>>,
     ) {
@@ -458,7 +473,7 @@ impl IngestHandler {
                 Some(ack) = pending.next(), if !pending.is_empty() => Some(Ok(ack)),
                 message = stream.message(), if reading => match message {
                     Ok(Some(request)) => {
-                        self.answer(&caller, request, max_reported, &mut pending).await
+                        self.answer(&caller, trace_id, request, max_reported, &mut pending).await
                     }
                     Ok(None) => {
                         reading = false;
@@ -489,13 +504,14 @@ impl IngestHandler {
     async fn answer(
         &self,
         caller: &Caller,
+        trace_id: Option<TraceId>,
         request: IngestRequest,
         max_reported: usize,
         pending: &mut FuturesUnordered<PendingAck>,
     ) -> Option<Result<IngestAck, Status>> {
         let sequence = request.sequence;
         let mut tally = Tally::new(max_reported);
-        let validated = match self.validate(caller, request, 0) {
+        let validated = match self.validate(caller, request, 0, trace_id) {
             Ok(validated) => validated,
             Err(error) => return Some(Ok(refused_ack(sequence, error))),
         };

@@ -100,6 +100,7 @@ impl<'a> Validator<'a> {
             }));
         }
         Ok(ValidEvent {
+            trace_id: None,
             index: 0,
             id,
             service: event.service,
@@ -212,6 +213,7 @@ mod tests {
             user_id: String::new(),
             metadata: None,
             ingested_at: None,
+            trace_id: String::new(),
         }
     }
 

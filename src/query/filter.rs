@@ -40,6 +40,28 @@ pub struct Filter {
     /// The services the caller may read, as SQL `LIKE` patterns, when the request names none
     /// and the caller may not read every service.
     pub allowed_services: Option<Vec<String>>,
+    /// Only events brought by requests of this trace (32 lowercase hex digits). Left out of
+    /// page-token fingerprints when unset, so tokens from before the filter existed still work.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// A trace id filter: 32 hex digits, not all zero (W3C trace context), lowercased as stored.
+fn trace_id_filter(text: &str) -> Result<Option<String>, QueryError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match crate::event::TraceId::from_hex(text) {
+        Ok(trace_id)
+            if text.len() == 32 && trace_id != crate::event::TraceId::INVALID =>
+        {
+            Ok(Some(trace_id.to_string()))
+        }
+        _ => Err(QueryError::invalid(
+            "trace_id",
+            "must be 32 hex digits, not all zero (the trace id of a traceparent)",
+        )),
+    }
 }
 
 /// A filter bound at microseconds, as PostgreSQL compares (and as the spool purge does).
@@ -181,6 +203,7 @@ impl Filter {
                 .transpose()?,
             message_contains: non_empty(message_contains),
             allowed_services: None,
+            trace_id: None,
         };
         if let (Some(start), Some(end)) = (filter.start, filter.end)
             && start >= end
@@ -197,7 +220,7 @@ impl Filter {
         request: &proto::QueryRequest,
         limits: &ValidationConfig,
     ) -> Result<Self, QueryError> {
-        Self::build(
+        let mut filter = Self::build(
             limits,
             request.services.clone(),
             request.start_time.as_ref(),
@@ -205,7 +228,9 @@ impl Filter {
             request.user_id.clone(),
             request.metadata_contains.as_ref(),
             request.message_contains.clone(),
-        )
+        )?;
+        filter.trace_id = trace_id_filter(&request.trace_id)?;
+        Ok(filter)
     }
 
     pub fn from_export(
@@ -317,6 +342,9 @@ impl Filter {
                 .push_bind(text.clone())
                 .push(") > 0");
         }
+        if let Some(trace_id) = &self.trace_id {
+            builder.push(" AND trace_id = ").push_bind(trace_id.clone());
+        }
     }
 
     /// The archived objects that may hold matching events.
@@ -350,6 +378,10 @@ impl Filter {
                 && contained
                     .as_ref()
                     .is_none_or(|contained| json_contains(&event.metadata, contained))
+                && filter
+                    .trace_id
+                    .as_ref()
+                    .is_none_or(|trace_id| event.trace_id.as_ref() == Some(trace_id))
         })
     }
 
@@ -358,7 +390,9 @@ impl Filter {
     pub fn archived_matches_known(&self, object: &ArchivedObject) -> Option<u64> {
         let whole = self.start.is_none_or(|start| object.min_ts >= start)
             && self.end.is_none_or(|end| object.max_ts < end);
-        let by_content = self.metadata_contains.is_some() || self.message_contains.is_some();
+        let by_content = self.metadata_contains.is_some()
+            || self.message_contains.is_some()
+            || self.trace_id.is_some();
         (whole && !by_content).then(|| object.user_events.unwrap_or(object.rows).max(0) as u64)
     }
 

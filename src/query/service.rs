@@ -83,6 +83,7 @@ struct EventRow {
     ingested_at: DateTime<Utc>,
     user_id: Option<String>,
     metadata: sqlx::types::Json<serde_json::Value>,
+    trace_id: Option<String>,
 }
 
 impl From<EventRow> for Event {
@@ -99,6 +100,7 @@ impl From<EventRow> for Event {
             user_id: row.user_id.unwrap_or_default(),
             metadata,
             ingested_at: Some(to_timestamp(row.ingested_at)),
+            trace_id: row.trace_id.unwrap_or_default(),
         }
     }
 }
@@ -266,7 +268,7 @@ impl QueryHandler {
             .then(|| Cursor::decode(&request.page_token, &filter, oldest_first))
             .transpose()?;
         let mut builder = QueryBuilder::<Postgres>::new(
-            "SELECT id, service, message, ts, ingested_at, user_id, metadata FROM events",
+            "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
         );
         filter.push_where(&mut builder);
         let (comparison, direction) = if oldest_first {
@@ -816,6 +818,10 @@ fn tailed_event(privacy: &Privacy, event: &ValidEvent, show: bool) -> Result<Eve
             _ => None,
         },
         ingested_at: Some(to_timestamp(Utc::now())),
+        trace_id: event
+            .trace_id
+            .map(|trace_id| trace_id.to_string())
+            .unwrap_or_default(),
     })
 }
 

@@ -55,23 +55,31 @@ use crate::{
     status,
     store::{Store, StoreError},
     tail::TailHub,
+    telemetry,
     tls::{self, TlsError},
     writer::{self, WriterContext, breaker::Breaker, replay},
 };
 
-/// The span of one RPC: its method and request id; handlers add the principal.
+/// The span of one RPC: its method, request id and trace id (a child of the caller's span when
+/// the request carries `traceparent`); handlers add the principal.
 fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
     let request_id = request
         .headers()
         .get("x-request-id")
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "rpc",
+        otel.name = %request.uri().path(),
+        otel.kind = "server",
+        rpc.system = "grpc",
         method = %request.uri().path(),
         request_id = %request_id,
+        trace_id = tracing::field::Empty,
         principal = tracing::field::Empty,
-    )
+    );
+    telemetry::adopt_caller(&span, request.headers());
+    span
 }
 
 /// Message size limit and compression (gzip and zstd, both ways) for a generated service. A

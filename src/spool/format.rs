@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use prost::Message;
 use uuid::Uuid;
 
-use crate::event::ValidEvent;
+use crate::event::{TraceId, ValidEvent};
 
 /// The generated `sluice.spool.v1` messages.
 #[allow(clippy::all, missing_docs)]
@@ -87,6 +87,10 @@ pub fn encode_batch(events: &[&ValidEvent]) -> Vec<u8> {
                 timestamp_micros: event.timestamp.timestamp_micros(),
                 user_id: event.user_id.clone(),
                 metadata_json: event.metadata_json.clone(),
+                trace_id: event
+                    .trace_id
+                    .map(|trace| trace.to_bytes().to_vec())
+                    .unwrap_or_default(),
             })
             .collect(),
     };
@@ -117,6 +121,9 @@ fn decode_protobuf(bytes: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
         .enumerate()
         .map(|(index, event)| {
             Ok(ValidEvent {
+                trace_id: <[u8; 16]>::try_from(event.trace_id.as_slice())
+                    .ok()
+                    .map(TraceId::from_bytes),
                 index: index as u64,
                 id: Uuid::from_slice(&event.id).map_err(|_| DecodeError::InvalidId)?,
                 service: event.service,
@@ -148,6 +155,7 @@ fn decode_legacy_json(payload: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
     Ok(events
         .into_iter()
         .map(|event| ValidEvent {
+            trace_id: None,
             index: event.index,
             id: event.id,
             service: event.service,
@@ -234,6 +242,7 @@ mod tests {
 
     fn event() -> ValidEvent {
         ValidEvent {
+            trace_id: None,
             index: 0,
             id: Uuid::now_v7(),
             service: "svc".to_owned(),
@@ -251,6 +260,7 @@ mod tests {
             ValidEvent {
                 index: 1,
                 user_id: None,
+                trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
                 ..event()
             },
         ];

@@ -786,6 +786,7 @@ mod tests {
     fn batch(size: usize) -> Vec<ValidEvent> {
         (0..size)
             .map(|index| ValidEvent {
+                trace_id: None,
                 message: format!("event {index}"),
                 user_id: Some("u-1".to_owned()),
                 metadata_json: r#"{"k":1}"#.to_owned(),

@@ -35,7 +35,8 @@ pub enum StoreError {
 /// One `events` row as a line of NDJSON: the format of Export and of archived objects. Run it
 /// with `TimeZone = 'UTC'` so that timestamps read `…+00:00`.
 pub const EVENT_JSON: &str = "json_build_object('id', id, 'service', service, 'message', message, \
-     'timestamp', ts, 'ingested_at', ingested_at, 'user_id', user_id, 'metadata', metadata)::text";
+     'timestamp', ts, 'ingested_at', ingested_at, 'user_id', user_id, 'metadata', metadata, \
+     'trace_id', trace_id)::text";
 
 /// The SQLSTATE of a database error, when PostgreSQL answered with one.
 pub fn sqlstate(error: &sqlx::Error) -> Option<String> {

@@ -9,13 +9,15 @@ use bytes::{BufMut, BytesMut};
 use crate::event::{RejectReason, ValidEvent};
 
 /// The column list every COPY of events uses, in the order [`encode`] writes them.
-pub const COLUMNS: &str = "id, service, message, ts, user_id, metadata";
+pub const COLUMNS: &str = "id, service, message, ts, user_id, metadata, trace_id";
 
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const POSTGRES_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 const JSONB_VERSION: u8 = 1;
-const FIELD_COUNT: i16 = 6;
+const FIELD_COUNT: i16 = 7;
+/// A trace id as text: 32 lowercase hex digits.
+const TRACE_ID_HEX_BYTES: usize = 32;
 
 /// The longest field PostgreSQL stores (1 GiB less one byte); a COPY field length is an i32.
 pub const MAX_FIELD_BYTES: usize = (1 << 30) - 1;
@@ -71,6 +73,15 @@ pub fn encode<'a>(
         put_length(out, event.metadata_json.len() + 1);
         out.put_u8(JSONB_VERSION);
         out.put_slice(event.metadata_json.as_bytes());
+        match event.trace_id {
+            Some(trace_id) => {
+                let mut hex = [0u8; TRACE_ID_HEX_BYTES];
+                // 16 bytes always fit 32 hex digits.
+                let _ = hex::encode_to_slice(trace_id.to_bytes(), &mut hex);
+                put_field(out, &hex);
+            }
+            None => out.put_i32(-1),
+        }
     }
     out.put_i16(-1);
     Ok(())
@@ -78,7 +89,7 @@ pub fn encode<'a>(
 
 /// The encoded size of `event`, to size buffers ahead.
 pub fn encoded_len(event: &ValidEvent) -> usize {
-    2 + (4 * 6)
+    2 + (4 * 7)
         + 16
         + event.service.len()
         + event.message.len()
@@ -86,6 +97,7 @@ pub fn encoded_len(event: &ValidEvent) -> usize {
         + event.user_id.as_ref().map_or(0, String::len)
         + 1
         + event.metadata_json.len()
+        + event.trace_id.map_or(0, |_| TRACE_ID_HEX_BYTES)
 }
 
 fn put_field(out: &mut BytesMut, value: &[u8]) {
@@ -104,10 +116,12 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::event::TraceId;
 
     #[test]
     fn a_row_is_encoded_with_header_fields_and_trailer() {
         let event = ValidEvent {
+            trace_id: None,
             index: 0,
             id: Uuid::nil(),
             service: "svc".to_owned(),
@@ -127,8 +141,24 @@ mod tests {
     }
 
     #[test]
+    fn a_trace_id_is_stored_as_its_32_hex_digits() {
+        let trace_id = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").expect("hex");
+        let event = ValidEvent {
+            trace_id: Some(trace_id),
+            ..ValidEvent::sample(0)
+        };
+        let mut out = BytesMut::new();
+        encode([&event], &mut out).expect("fits");
+        assert_eq!(out.len(), 19 + encoded_len(&event) + 2);
+        let field = &out[out.len() - 2 - 32..out.len() - 2];
+        assert_eq!(field, b"4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(&out[out.len() - 2 - 36..out.len() - 2 - 32], &32i32.to_be_bytes());
+    }
+
+    #[test]
     fn an_event_with_a_field_too_long_for_postgresql_is_refused_not_clamped() {
         let fine = ValidEvent {
+            trace_id: None,
             index: 0,
             id: Uuid::nil(),
             service: "svc".to_owned(),

@@ -17,7 +17,9 @@ use rand::Rng;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
-use crate::tail::TailHub;
+use tracing::Instrument;
+
+use crate::{tail::TailHub, telemetry};
 use crate::{
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
     config::WriterConfig,
@@ -115,12 +117,20 @@ impl Writer {
             .flat_map(|envelope| envelope.events.iter())
             .collect();
         let (writable, mut outcomes) = split_unwritable(&events);
+        let span = tracing::info_span!(
+            "write_batch",
+            worker = self.worker,
+            events = events.len(),
+            requests = batch.len()
+        );
+        telemetry::link_requests(&span, batch.iter().filter_map(|envelope| envelope.origin.as_ref()));
         let started = Instant::now();
-        let written = self.write_retrying(&writable).await;
+        let written = self.write_retrying(&writable).instrument(span).await;
         for (position, outcome) in writable.iter().map(|(position, _)| *position).zip(written) {
             outcomes[position] = Some(outcome);
         }
         metrics::batch_written(events.len(), started.elapsed());
+        count_services(&events, &outcomes, &self.context.counters);
         if self.context.tail.has_subscribers() {
             let stored = events
                 .iter()
@@ -204,6 +214,30 @@ fn split_unwritable<'a>(
     (writable, outcomes)
 }
 
+/// Counts the stored events per service: one counter update per run of events of one service
+/// (a request's events usually share theirs).
+fn count_services(events: &[&ValidEvent], outcomes: &[Option<EventOutcome>], counters: &Counters) {
+    let mut run: Option<(&str, u64)> = None;
+    let stored = events
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
+        .map(|(event, _)| event.service.as_str());
+    for service in stored {
+        match &mut run {
+            Some((current, count)) if *current == service => *count += 1,
+            _ => {
+                if let Some((previous, count)) = run.replace((service, 1)) {
+                    counters.service_events(previous, count);
+                }
+            }
+        }
+    }
+    if let Some((service, count)) = run {
+        counters.service_events(service, count);
+    }
+}
+
 /// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the
 /// envelope afterwards releases its buffer permits.
 fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<Option<EventOutcome>>, counters: &Counters) {
@@ -257,6 +291,7 @@ mod tests {
     fn unwritable_events_are_split_off_with_their_positions() {
         let fine = ValidEvent::sample(0);
         let huge = ValidEvent {
+            trace_id: None,
             user_id: Some("u".repeat(copy::MAX_FIELD_BYTES + 1)),
             ..fine.clone()
         };

@@ -377,6 +377,7 @@ pub fn event(service: &str, message: &str) -> Event {
         user_id: String::new(),
         metadata: None,
         ingested_at: None,
+        trace_id: String::new(),
     }
 }
 
