@@ -17,7 +17,7 @@
 //! | `sluice_principal_events_total` | counter | `principal` (the first [`TOP_LABEL_VALUES`] principals that sent events, then `other`) |
 //! | `sluice_batch_events`, `sluice_batch_write_seconds` | histogram | |
 //! | `sluice_request_events`, `sluice_event_bytes` | histogram | |
-//! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPC), `code` |
+//! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPCs, `Publish`, `Ingest`), `code` |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
 //! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |

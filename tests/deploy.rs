@@ -4,7 +4,12 @@
 
 mod common;
 
-use std::{collections::BTreeSet, path::Path, process::Command};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use common::{ServerSpec, TestDatabase, TestServer, event, publish};
 
@@ -155,6 +160,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_one_the_server_exports() {
     let exposition = server.metrics().await;
     for histogram in [
         "sluice_ack_latency_seconds",
+        "sluice_event_commit_seconds",
         "sluice_event_bytes",
         "sluice_request_events",
         "sluice_batch_events",
@@ -167,4 +173,184 @@ async fn every_metric_the_dashboard_and_alerts_use_is_one_the_server_exports() {
         );
     }
     assert!(exposition.contains(r#"sluice_rpc_duration_seconds_count{method="Stats",code="OK"}"#));
+}
+
+/// A child process killed when the test ends, pass or fail.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `GET /api/v1/<path>` of Prometheus, as JSON.
+async fn prometheus_api(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    params: &[(&str, &str)],
+) -> serde_json::Value {
+    let url = reqwest::Url::parse_with_params(&format!("{base}/api/v1/{path}"), params)
+        .expect("url");
+    let response = client.get(url).send().await.expect("prometheus answers");
+    let text = response.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON from prometheus: {text}"))
+}
+
+/// A PromQL instant query; panics unless Prometheus accepts it. Returns the result series.
+async fn instant_query(client: &reqwest::Client, base: &str, query: &str) -> Vec<serde_json::Value> {
+    let answer = prometheus_api(client, base, "query", &[("query", query)]).await;
+    assert_eq!(answer["status"], "success", "{query}: {answer}");
+    answer["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_alert_expression() {
+    let binary = std::env::var("TEST_SLUICE_PROMETHEUS")
+        .expect("TEST_SLUICE_PROMETHEUS is unset: run the suite with scripts/test");
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let metrics = server.metrics_addr.expect("metrics address");
+
+    // Prometheus scrapes the server every second and evaluates the shipped alert rules.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n\
+         scrape_configs:\n  - job_name: sluice\n    static_configs:\n      - targets: [\"{metrics}\"]\n",
+        rules = serde_json::to_string(&format!("{ROOT}/deploy/prometheus/alerts.yml"))
+            .expect("quoted"),
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).expect("write config");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let _prometheus = KillOnDrop(
+        Command::new(binary)
+            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let client = reqwest::Client::new();
+
+    // Traffic while Prometheus scrapes: stored events, a rejected one, reads.
+    let mut ingest = server.ingest_client().await;
+    let mut query =
+        sluice::proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let mut bad = event("metrics", "bad");
+    bad.service = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rounds = 0;
+    loop {
+        publish(&mut ingest, vec![event("metrics", "one"), event("other-service", "two")]).await;
+        ingest
+            .publish(common::request(vec![bad.clone(), event("metrics", "three")]))
+            .await
+            .expect("partial success");
+        query
+            .stats(sluice::proto::StatsRequest::default())
+            .await
+            .expect("stats");
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Enough scrapes for every rate window below to hold two samples with increases.
+        if rounds >= 12
+            && let Ok(answer) = client
+                .get(format!("{base}/api/v1/query?query=sluice_events_received_total"))
+                .send()
+                .await
+            && let Ok(text) = answer.text().await
+            && text.contains("\"result\":[{")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "prometheus never scraped sluice");
+    }
+    // Three more seconds of traffic after the first scrape, for rates over the window.
+    for _ in 0..12 {
+        publish(&mut ingest, vec![event("metrics", "more")]).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Every dashboard query parses and runs; the core panels return data.
+    let dashboard = dashboard();
+    let core = [
+        "Events per second",
+        "Ack latency",
+        "Processing time per event",
+        "Rejected events",
+        "Event size",
+        "Events per request",
+        "Buffer utilization",
+        "Database, circuit and health",
+        "Batch size and write time",
+        "Ingest RPC latency",
+        "Read RPC latency",
+        "Top services",
+        "Top principals",
+    ];
+    let mut empty_core = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().unwrap_or_default();
+        let mut series = 0;
+        for target in panel["targets"].as_array().cloned().unwrap_or_default() {
+            let Some(expr) = target["expr"].as_str() else {
+                continue;
+            };
+            let expr = expr
+                .replace("$__rate_interval", "4s")
+                .replace("$instance", ".*");
+            series += instant_query(&client, &base, &expr).await.len();
+        }
+        if series == 0 && core.iter().any(|wanted| title.starts_with(wanted)) {
+            empty_core.push(title.to_owned());
+        }
+    }
+    assert!(empty_core.is_empty(), "core panels without data: {empty_core:?}");
+
+    // Every alert rule is loaded and evaluates without error against the live series.
+    let alerts = std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml"))
+        .expect("alerts");
+    let shipped = alerts.matches("- alert:").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = prometheus_api(&client, &base, "rules", &[]).await;
+        let rules: Vec<serde_json::Value> = answer["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = rules
+            .iter()
+            .filter(|rule| rule["lastEvaluation"].as_str().is_some_and(|at| !at.starts_with("0001")))
+            .count();
+        if rules.len() == shipped && evaluated == shipped {
+            for rule in &rules {
+                assert_eq!(rule["health"], "ok", "{rule}");
+                instant_query(&client, &base, rule["query"].as_str().expect("query")).await;
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {shipped} rules loaded, {evaluated} evaluated: {answer}",
+            rules.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -1,7 +1,7 @@
 //! The IngestService handlers: `Ingest` (client streaming), `Publish` (unary) and
 //! `IngestStream` (bidirectional, one ack per request).
 
-use std::{pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use chrono::Utc;
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
@@ -339,11 +339,17 @@ fn stream_error(status: Status) -> IngestError {
     IngestError::Stream(status)
 }
 
+/// Records the duration and code of a finished unary or client-streaming call.
+fn rpc_finished<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
+    let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+    crate::metrics::rpc_finished(rpc, code, started.elapsed());
+}
+
 type AckStream = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send + 'static>>;
 
-#[tonic::async_trait]
-impl IngestService for IngestHandler {
-    async fn ingest(
+impl IngestHandler {
+    /// Ingest (client streaming): the body of the RPC.
+    async fn ingest_call(
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
@@ -402,7 +408,8 @@ impl IngestService for IngestHandler {
         Ok(Response::new(tally.into_response()))
     }
 
-    async fn publish(
+    /// Publish (unary): the body of the RPC.
+    async fn publish_call(
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
@@ -422,6 +429,29 @@ impl IngestService for IngestHandler {
             tally.absorb(durable);
         }
         Ok(Response::new(tally.into_response()))
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestHandler {
+    async fn ingest(
+        &self,
+        request: Request<Streaming<IngestRequest>>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        let started = Instant::now();
+        let result = self.ingest_call(request).await;
+        rpc_finished("Ingest", started, &result);
+        result
+    }
+
+    async fn publish(
+        &self,
+        request: Request<IngestRequest>,
+    ) -> Result<Response<IngestResponse>, Status> {
+        let started = Instant::now();
+        let result = self.publish_call(request).await;
+        rpc_finished("Publish", started, &result);
+        result
     }
 
     type IngestStreamStream = AckStream;
