@@ -1,5 +1,6 @@
 //! Graceful shutdown: SIGTERM with events in flight loses none that were acknowledged, and
-//! the buffer is drained into PostgreSQL before the process exits.
+//! the buffer is drained into PostgreSQL before the process exits, and an idle server exits
+//! cleanly (status 0) too.
 
 mod common;
 
@@ -64,4 +65,16 @@ async fn sigterm_with_events_in_flight_loses_no_acknowledged_event() {
         "stored {stored} < acknowledged {acknowledged}"
     );
     assert!(server.logs().contains("all acknowledged events are stored"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_an_idle_server_is_a_clean_exit() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let mut server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    // No connection is open: serving ends in the same poll as the signal.
+    server.terminate();
+    let status = server.wait(Duration::from_secs(30));
+    assert!(status.success(), "clean exit: {status}\n{}", server.logs());
+    assert!(!server.logs().contains("accept loop stopped"));
 }

@@ -18,6 +18,7 @@ use std::{io, sync::Arc, time::Duration};
 use futures::Stream;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
+    signal::unix::{Signal, SignalKind, signal},
     sync::watch,
     task::{JoinHandle, JoinSet},
 };
@@ -543,6 +544,8 @@ async fn serve_until_signal(
         .await
         .map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
+    // Handlers first: a signal right after "listening" must start a shutdown, not kill.
+    let signals = StopSignals::install();
     let limits = listener::Limits {
         max_connections: match config.grpc.max_connections {
             0 => listener::default_max_connections(),
@@ -565,11 +568,11 @@ async fn serve_until_signal(
         Some(tls_config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
             let incoming = listener::incoming(listener, limits, listener::tls(acceptor));
-            serve(config, routes, incoming, background).await
+            serve(config, routes, incoming, signals, background).await
         }
         None => {
             let incoming = listener::incoming(listener, limits, listener::plaintext());
-            serve(config, routes, incoming, background).await
+            serve(config, routes, incoming, signals, background).await
         }
     }
 }
@@ -579,6 +582,7 @@ async fn serve<IO>(
     config: &Config,
     routes: Routes,
     incoming: impl Stream<Item = io::Result<IO>>,
+    signals: StopSignals,
     background: &mut Background,
 ) -> Result<(), ServerError>
 where
@@ -588,7 +592,7 @@ where
     let shutdown_timeout = config.shutdown_timeout;
     let switch = background.switch.clone();
     let stop_signal = async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
         switch.trip();
     };
@@ -608,29 +612,37 @@ where
         .serve_with_incoming_shutdown(incoming, stop_signal);
     tokio::pin!(serve);
     let mut stopping = background.stopping();
-    tokio::select! {
-        // The signal sets `stopping` before serving can end, and this branch is polled first:
-        // serving that ends while not stopping means the accept loop stopped.
+    // Serving ends on its own after the signal when no connection is open: the signal sets
+    // `stopping` inside the same poll. Serving that ends while not stopping means the accept
+    // loop stopped.
+    let ended = tokio::select! {
         biased;
-        _ = stopping.wait_for(|stopping| *stopping) => {
-            let drain = async {
-                let served = (&mut serve).await;
-                background.writers_drained().await;
-                served
-            };
-            match tokio::time::timeout(shutdown_timeout, drain).await {
-                Ok(served) => served.map_err(ServerError::from),
-                Err(_) => {
-                    let left = background.buffer.usage().events;
-                    tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
-                    Ok(())
-                }
-            }
-        }
-        result = &mut serve => match result {
+        _ = stopping.wait_for(|stopping| *stopping) => None,
+        result = &mut serve => Some(result),
+    };
+    if !*stopping.borrow()
+        && let Some(result) = ended
+    {
+        return match result {
             Ok(()) => Err(ServerError::AcceptLoopStopped),
             Err(error) => Err(error.into()),
-        },
+        };
+    }
+    let drain = async {
+        let served = match ended {
+            Some(result) => result,
+            None => (&mut serve).await,
+        };
+        background.writers_drained().await;
+        served
+    };
+    match tokio::time::timeout(shutdown_timeout, drain).await {
+        Ok(served) => served.map_err(ServerError::from),
+        Err(_) => {
+            let left = background.buffer.usage().events;
+            tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
+            Ok(())
+        }
     }
 }
 
@@ -678,7 +690,6 @@ impl Reloadable {
 }
 
 async fn reload_on_sighup(reloadable: Reloadable, audit: Arc<Audit>, reloader: Option<Reloader>) {
-    use tokio::signal::unix::{SignalKind, signal};
     let Some(reloader) = reloader else {
         return;
     };
@@ -751,17 +762,30 @@ async fn maintain_partitions(store: Arc<Store>, retention: Duration) {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("received SIGTERM"),
-        _ = interrupt.recv() => tracing::info!("received SIGINT"),
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals(Option<(Signal, Signal)>);
+
+impl StopSignals {
+    fn install() -> Self {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(terminate), Ok(interrupt)) => Self(Some((terminate, interrupt))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                Self(None)
+            }
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut terminate, mut interrupt)) = self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("received SIGTERM"),
+            _ = interrupt.recv() => tracing::info!("received SIGINT"),
+        }
     }
 }
