@@ -20,6 +20,7 @@
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPCs, `Publish`, `Ingest`), `code` |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
+//! | `sluice_buffer_utilization` | gauge | | (the fuller of events and bytes, 0.0 to 1.0) |
 //! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |
 //! | `sluice_events_spooled_total`, `sluice_events_replayed_total` | counter | |
 //! | `sluice_spool_bytes` | gauge | |
@@ -479,6 +480,10 @@ pub fn buffer(events: usize, bytes: usize, max_events: usize, max_bytes: usize) 
     gauge!("sluice_buffer_bytes").set(bytes as f64);
     gauge!("sluice_buffer_capacity_events").set(max_events as f64);
     gauge!("sluice_buffer_capacity_bytes").set(max_bytes as f64);
+    // The fuller of the two bounds, 0.0 to 1.0: what admission runs out of first.
+    let utilization = (events as f64 / max_events.max(1) as f64)
+        .max(bytes as f64 / max_bytes.max(1) as f64);
+    gauge!("sluice_buffer_utilization").set(utilization);
 }
 
 pub fn serving(database_up: bool, serving: bool) {

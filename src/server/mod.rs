@@ -75,6 +75,7 @@ fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
         otel.kind = "server",
         rpc.system = "grpc",
         method = %request.uri().path(),
+        rpc = request.uri().path().rsplit('/').next().unwrap_or_default(),
         request_id = %request_id,
         trace_id = tracing::field::Empty,
         principal = tracing::field::Empty,
