@@ -1,5 +1,6 @@
 //! Health (grpc.health.v1) follows the database and the buffer; reflection lists every service;
-//! the private PostgreSQL cluster starts, survives a restart of sluice, and is stopped with it.
+//! the private PostgreSQL cluster starts, survives a restart of sluice, is stopped with it, and
+//! is left running by a one-shot job that found it running.
 
 mod common;
 
@@ -106,6 +107,28 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
     };
     let restarted = TestServer::start(spec).await;
     wait_for_status(&restarted, ServingStatus::Serving).await;
+
+    // A one-shot job on the same data dir uses the running cluster and leaves it running.
+    let job = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["lifecycle", "--once"])
+        .env_remove("DATABASE_URL")
+        .env("SLUICE_DATA_DIR", &data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run sluice lifecycle");
+    assert!(job.status.success(), "{}", String::from_utf8_lossy(&job.stderr));
+    assert!(
+        data_dir.join("postgres/postmaster.pid").exists(),
+        "the job stopped the server's PostgreSQL"
+    );
+    let mut client = restarted.ingest_client().await;
+    let after_job = client
+        .publish(IngestRequest {
+            events: vec![event("embedded", "after the job")],
+            sequence: 0,
+        })
+        .await;
+    assert_eq!(after_job.expect("publish").into_inner().accepted, 1);
     let url = cluster.url();
     let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
         .await
@@ -114,7 +137,7 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
         .fetch_one(&mut connection)
         .await
         .expect("count");
-    assert_eq!(stored, 3, "before, during and after the outage");
+    assert_eq!(stored, 4, "before, during and after the outage, and after the job");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,8 @@ pub struct EmbeddedPostgres {
     data_dir: PathBuf,
     socket_dir: PathBuf,
     run_as: Option<nix::unistd::User>,
+    /// Whether this process started the cluster (see [`Self::started_here`]).
+    started_here: bool,
 }
 
 impl EmbeddedPostgres {
@@ -91,11 +93,12 @@ impl EmbeddedPostgres {
         };
         let data_dir = root.join("postgres");
         let socket_dir = socket_dir_for(&root);
-        let cluster = Self {
+        let mut cluster = Self {
             bin_dir,
             data_dir,
             socket_dir,
             run_as,
+            started_here: false,
         };
         cluster.prepare_dirs(&root)?;
         if !cluster.data_dir.join("PG_VERSION").exists() {
@@ -114,8 +117,9 @@ impl EmbeddedPostgres {
             )?;
         }
         if cluster.is_running() {
-            tracing::info!(data_dir = %cluster.data_dir.display(), "reusing private PostgreSQL cluster that is already running");
+            tracing::info!(data_dir = %cluster.data_dir.display(), "reusing private PostgreSQL cluster that is already running; it is left running at exit");
         } else {
+            cluster.started_here = true;
             let options = format!(
                 "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=100",
                 cluster.socket_dir.display()
@@ -176,6 +180,13 @@ impl EmbeddedPostgres {
             "postgres://{ROLE}@localhost/{ROLE}?host={}",
             self.socket_dir.display()
         )
+    }
+
+    /// Whether this process started the cluster. Only then is it stopped at exit: one found
+    /// running belongs to whoever started it (a server, while `sluice lifecycle --once` runs
+    /// beside it), or was left by a crash.
+    pub fn started_here(&self) -> bool {
+        self.started_here
     }
 
     /// Stops the cluster (fast shutdown: open transactions are rolled back, data is safe).

@@ -198,12 +198,13 @@ impl Store {
         matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
     }
 
-    /// Closes the pools and stops the private cluster, if any.
+    /// Closes the pools and stops the private cluster, if this process started it.
     pub async fn close(&self) {
         self.read_pool.close().await;
         self.maintenance_pool.close().await;
         self.pool.close().await;
         if let Some(cluster) = &self.embedded
+            && cluster.started_here()
             && let Err(error) = tokio::task::block_in_place(|| cluster.stop())
         {
             tracing::error!(%error, "cannot stop private PostgreSQL cluster");
