@@ -401,6 +401,11 @@ pub fn spool_quarantined(segments: usize) {
 }
 
 /// Segments waiting in quarantine for an operator.
+/// Bytes the spool holds now.
+pub fn spool_size(bytes: u64) {
+    gauge!("sluice_spool_bytes").set(bytes as f64);
+}
+
 pub fn spool_quarantine(segments: usize) {
     gauge!("sluice_spool_quarantined_segments").set(segments as f64);
 }
@@ -433,6 +438,7 @@ pub fn connection_closed() {
 }
 
 /// What one lifecycle run did.
+#[derive(Debug, Default)]
 pub struct LifecycleTotals {
     pub rows_deleted: u64,
     pub rows_archived: u64,

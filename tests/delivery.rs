@@ -496,6 +496,11 @@ async fn an_unreadable_spool_segment_is_quarantined_whole_and_health_waits_for_a
         metric_sum(&metrics, "sluice_spool_quarantined_segments", ""),
         1.0
     );
+    assert_eq!(
+        metric_sum(&metrics, "sluice_spool_bytes", ""),
+        0.0,
+        "a quarantined segment is not spool waiting to replay"
+    );
     assert!(server.logs().contains("quarantine"));
 
     // The operator takes the segment away: ingest serves again, without a restart.

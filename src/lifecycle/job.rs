@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, pool::PoolConnection};
 
 use super::{
     archiving,
@@ -26,15 +26,18 @@ pub async fn run_once(
 ) -> Result<Report, LifecycleError> {
     let started_at = Utc::now();
     let started = Instant::now();
-    let mut lock = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-        .bind(LOCK)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !locked {
-        tracing::info!("lifecycle job skipped: another node is running it");
-        return Ok(Report::default());
-    }
+    let mut lock = match lock(pool).await {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            tracing::info!("lifecycle job skipped: another node is running it");
+            return Ok(Report::default());
+        }
+        Err(error) => {
+            // No database, so no row in lifecycle_runs: the metric is the only record.
+            metrics::lifecycle_run("failed", metrics::LifecycleTotals::default());
+            return Err(error.into());
+        }
+    };
     let mut report = Report {
         ran: true,
         ..Report::default()
@@ -94,6 +97,16 @@ pub async fn run_once(
         "lifecycle run finished"
     );
     Ok(report)
+}
+
+/// The job's advisory lock on a connection of its own; None when another node holds it.
+async fn lock(pool: &PgPool) -> Result<Option<PoolConnection<Postgres>>, sqlx::Error> {
+    let mut connection = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(LOCK)
+        .fetch_one(&mut *connection)
+        .await?;
+    Ok(locked.then_some(connection))
 }
 
 /// Archive first, then delete: nothing within its retention is deleted, nothing past it is

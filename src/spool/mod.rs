@@ -580,6 +580,8 @@ impl Inner {
             if let Some(bytes) = state.sealed.remove(&sequence) {
                 state.total_bytes -= bytes;
             }
+            // A quarantined segment no longer counts as spooled (it is in the quarantine gauge).
+            metrics::spool_size(state.total_bytes);
         }
         tracing::error!(%error, "spool segment quarantined; its events wait for an operator");
         error
