@@ -50,6 +50,9 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     pub archive: ArchiveConfig,
     pub privacy: PrivacyConfig,
+    /// What this node does: `all`, `ingest` or `writer` (the last two need `redis.url`).
+    pub role: Role,
+    pub redis: RedisConfig,
 }
 
 /// How long events are kept, per service. An event older than its service's retention is
@@ -515,6 +518,80 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// A node's part in Redis mode. Without `redis.url` every node is `all` (direct mode).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes events and writes them to PostgreSQL (through Redis when `redis.url` is set).
+    #[default]
+    All,
+    /// Validates events and appends them to the Redis streams; writes nothing to `events`.
+    Ingest,
+    /// Reads the Redis streams and writes them to PostgreSQL; refuses ingest RPCs.
+    Writer,
+}
+
+impl Role {
+    pub fn ingests(self) -> bool {
+        matches!(self, Self::All | Self::Ingest)
+    }
+
+    pub fn writes(self) -> bool {
+        matches!(self, Self::All | Self::Writer)
+    }
+}
+
+/// Redis Streams between ingest nodes and writer nodes. Off (direct mode) unless `url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]` (or `rediss://` for TLS). Never logged.
+    pub url: Option<Secret>,
+    /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`).
+    pub shards: usize,
+    /// Key prefix of the streams and the backlog counters.
+    pub prefix: String,
+    /// The consumer group writers read through.
+    pub group: String,
+    /// Entries pending this long with a consumer that stopped renewing them are claimed by
+    /// another writer.
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// Deliveries after which an entry no writer could store goes to `dead_letters`.
+    pub max_deliveries: u64,
+    /// Events in the streams, not yet written to PostgreSQL, beyond which ingest refuses with
+    /// RESOURCE_EXHAUSTED and RetryInfo...
+    pub max_pending_events: u64,
+    /// ...or bytes (encoded entries).
+    pub max_pending_bytes: u64,
+    /// Replicas that must confirm an append before the ack (`WAIT`); 0: the primary only.
+    pub wait_replicas: u32,
+    /// Longest `WAIT` for those replicas; fewer in time fails the append (it is retried).
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Start even when Redis is not `appendonly yes` + `appendfsync always` (acks then
+    /// survive less than a Redis crash).
+    pub allow_weak_durability: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            shards: 4,
+            prefix: "sluice:events".to_owned(),
+            group: "sluice-writers".to_owned(),
+            claim_idle: Duration::from_secs(30),
+            max_deliveries: 5,
+            max_pending_events: 1_000_000,
+            max_pending_bytes: 1 << 30,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
+            allow_weak_durability: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -553,6 +630,8 @@ impl Default for Config {
             lifecycle: LifecycleConfig::default(),
             archive: ArchiveConfig::default(),
             privacy: PrivacyConfig::default(),
+            role: Role::All,
+            redis: RedisConfig::default(),
         }
     }
 }
@@ -794,6 +873,18 @@ impl Config {
         }
         if self.privacy.optout_refresh.is_zero() {
             return invalid("privacy.optout_refresh", "must be above zero");
+        }
+        if self.role != Role::All && self.redis.url.is_none() {
+            return invalid("role", "ingest and writer roles need redis.url (Redis mode)");
+        }
+        if self.redis.shards == 0 || self.redis.shards > 1024 {
+            return invalid("redis.shards", "must be between 1 and 1024");
+        }
+        if self.redis.max_deliveries == 0 {
+            return invalid("redis.max_deliveries", "must be at least 1");
+        }
+        if self.redis.claim_idle < Duration::from_millis(100) {
+            return invalid("redis.claim_idle", "must be at least 100ms");
         }
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
             return invalid("telemetry.sample_ratio", "must be between 0.0 and 1.0");

@@ -28,6 +28,7 @@ pub mod proto;
 pub(crate) mod query;
 pub mod server;
 pub mod spool;
+pub mod stream;
 pub mod telemetry;
 pub(crate) mod status;
 pub mod store;

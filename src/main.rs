@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 use figment::Figment;
-use sluice::config::{Config, LogFormat};
+use sluice::config::{Config, LogFormat, Role};
 use sluice::telemetry::Telemetry;
 
 #[derive(Parser)]
@@ -106,6 +106,9 @@ struct ServeArgs {
     /// Prometheus endpoint address (config `metrics.listen`).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// This node's role in Redis mode (config `role`): all, ingest or writer.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
 }
 
 impl ServeArgs {
@@ -128,6 +131,9 @@ impl ServeArgs {
         }
         if let Some(address) = self.metrics_listen {
             figment = figment.merge(("metrics.listen", address.to_string()));
+        }
+        if let Some(role) = self.role {
+            figment = figment.merge(("role", role));
         }
         figment
     }

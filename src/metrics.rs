@@ -19,6 +19,8 @@
 //! | `sluice_request_events`, `sluice_event_bytes` | histogram | |
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPCs, `Publish`, `Ingest`), `code` |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
+//! | `sluice_stream_events_written_total` | counter | `outcome` (`stored`, `duplicate`): Redis mode, streams → PostgreSQL |
+//! | `sluice_stream_backlog_events`, `sluice_stream_backlog_bytes` | gauge | | (Redis mode: in the streams, not yet in PostgreSQL) |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
 //! | `sluice_buffer_utilization` | gauge | | (the fuller of events and bytes, 0.0 to 1.0) |
 //! | `sluice_database_up`, `sluice_ingest_serving` | gauge | |
@@ -118,6 +120,8 @@ pub async fn serve(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     BufferFull,
+    /// The Redis streams hold `redis.max_pending_events` (or bytes) not yet written.
+    BacklogFull,
     ShuttingDown,
     TooLarge,
     /// The caller's rate limit.
@@ -128,6 +132,7 @@ impl Refusal {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BufferFull => "buffer_full",
+            Self::BacklogFull => "backlog_full",
             Self::ShuttingDown => "shutting_down",
             Self::TooLarge => "too_large",
             Self::RateLimited => "rate_limited",
@@ -150,6 +155,8 @@ pub enum WriteFailure {
     Spool,
     /// A refused event could not be kept in `dead_letters` either.
     DeadLetterRefused,
+    /// Redis refused or did not answer an append, a read or an ack (Redis mode).
+    Redis,
 }
 
 impl WriteFailure {
@@ -161,6 +168,7 @@ impl WriteFailure {
             Self::Transient => "transient",
             Self::Spool => "spool",
             Self::DeadLetterRefused => "dead_letter_refused",
+            Self::Redis => "redis",
         }
     }
 }
@@ -303,8 +311,13 @@ impl Counters {
 
     /// One event refused, with the label of its reason.
     pub fn event_rejected(&self, reason: &'static str) {
-        counter!("sluice_events_rejected_total", "reason" => reason).increment(1);
-        add(&self.rejected, reason, 1);
+        self.events_rejected(reason, 1);
+    }
+
+    /// `count` events not stored, for one reason.
+    pub fn events_rejected(&self, reason: &'static str, count: u64) {
+        counter!("sluice_events_rejected_total", "reason" => reason).increment(count);
+        add(&self.rejected, reason, count);
     }
 
     /// A whole request of `count` events refused.
@@ -354,6 +367,19 @@ impl Counters {
             refused: snapshot(&self.refused),
         }
     }
+}
+
+/// Events a Redis-mode writer node moved from the streams to PostgreSQL: newly `stored`, or
+/// already there (`duplicate`: a redelivery after a claim, or a client's resend).
+pub fn stream_events_written(stored: u64, duplicates: u64) {
+    counter!("sluice_stream_events_written_total", "outcome" => "stored").increment(stored);
+    counter!("sluice_stream_events_written_total", "outcome" => "duplicate").increment(duplicates);
+}
+
+/// The Redis streams' backlog, as a writer or ingest node last read it.
+pub fn stream_backlog(events: u64, bytes: u64) {
+    gauge!("sluice_stream_backlog_events").set(events as f64);
+    gauge!("sluice_stream_backlog_bytes").set(bytes as f64);
 }
 
 /// Duplicates (same `id` and `ts`) whose content differs from the stored event.

@@ -26,8 +26,13 @@ use crate::{
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
     },
-    status, telemetry,
+    status,
+    stream::BacklogGate,
+    telemetry,
 };
+
+/// What a refusal for the Redis backlog asks clients to wait (the backlog is read every 500 ms).
+const BACKLOG_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Acks produced by IngestStream that the client has not read yet.
 const ACK_QUEUE: usize = 64;
@@ -45,6 +50,8 @@ pub struct IngestHandler {
     optouts: Arc<OptOuts>,
     /// Turns true when the server starts shutting down: streams stop reading and settle.
     stopping: watch::Receiver<bool>,
+    /// Redis mode: refuses while the streams' backlog is over its limit.
+    backlog: Option<Arc<BacklogGate>>,
 }
 
 /// What the ingest side needs from the rest of the server.
@@ -58,6 +65,7 @@ pub struct IngestDeps {
     pub privacy: SharedPrivacy,
     pub optouts: Arc<OptOuts>,
     pub stopping: watch::Receiver<bool>,
+    pub backlog: Option<Arc<BacklogGate>>,
 }
 
 impl IngestHandler {
@@ -72,11 +80,17 @@ impl IngestHandler {
             privacy: deps.privacy,
             optouts: deps.optouts,
             stopping: deps.stopping,
+            backlog: deps.backlog,
         }
     }
 
     /// Who sent `request`, refused (and audited) unless it may ingest.
     async fn caller<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
+        if !self.config.role.ingests() {
+            return Err(Status::unavailable(
+                "this node only writes (role = writer): send events to an ingest node",
+            ));
+        }
         let authenticated = self.auth.authenticate(request);
         let principal = authenticated
             .as_ref()
@@ -203,6 +217,12 @@ impl IngestHandler {
             return Ok(None);
         }
         let count = events.len();
+        if self.backlog.as_ref().is_some_and(|gate| gate.is_over()) {
+            self.counters.events_refused(Refusal::BacklogFull, count);
+            return Err(AdmitError::Full {
+                retry_after: BACKLOG_RETRY_AFTER,
+            });
+        }
         match self.buffer.admit(events).await {
             Ok(ack) => Ok(Some(ack)),
             Err(refusal) => {

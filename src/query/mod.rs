@@ -37,6 +37,8 @@ pub enum QueryError {
     Keys(String),
     #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
+    #[error("redis streams: {0}")]
+    Streams(String),
 }
 
 impl QueryError {
@@ -97,6 +99,10 @@ impl From<QueryError> for Status {
             QueryError::Spool(spool_error) => {
                 tracing::error!(error = %spool_error, "spool error during a query");
                 Status::internal("spool error; see server logs")
+            }
+            QueryError::Streams(reason) => {
+                tracing::error!(%reason, "redis error during a call");
+                Status::unavailable("redis error; see server logs")
             }
             QueryError::Busy { retry_after } => refusal(
                 Code::Unavailable,

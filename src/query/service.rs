@@ -37,6 +37,7 @@ use crate::{
     },
     spool::Spool,
     store::{self, Store},
+    stream::{Backlog, StreamError, Streams},
     tail::TailHub,
     wire::to_timestamp,
     writer::breaker::Breaker,
@@ -70,6 +71,8 @@ pub struct QueryHandler {
     tail: Arc<TailHub>,
     /// True once the server stops: Tail streams end.
     stopping: watch::Receiver<bool>,
+    /// Redis mode: Delete waits for the streams to deliver what was accepted before it.
+    streams: Option<Streams>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -120,6 +123,7 @@ pub struct QueryDeps {
     pub optouts: Arc<OptOuts>,
     pub tail: Arc<TailHub>,
     pub stopping: watch::Receiver<bool>,
+    pub streams: Option<Streams>,
 }
 
 impl QueryHandler {
@@ -138,6 +142,7 @@ impl QueryHandler {
             optouts: deps.optouts,
             tail: deps.tail,
             stopping: deps.stopping,
+            streams: deps.streams,
             deletes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
@@ -341,11 +346,7 @@ impl QueryHandler {
         })?;
         // Events accepted before this call must be covered: wait until they are written to
         // PostgreSQL or the spool.
-        if !self.buffer.wait_for_admitted(DELETE_BARRIER_TIMEOUT).await {
-            return Err(QueryError::Busy {
-                retry_after: Duration::from_secs(5),
-            });
-        }
+        self.wait_for_accepted().await?;
         let spooled_deleted = match &self.spool {
             Some(spool) => {
                 let doomed = filter.clone();
@@ -496,11 +497,7 @@ impl QueryHandler {
         let _one_at_a_time = self.deletes.acquire().await.map_err(|_| QueryError::Busy {
             retry_after: Duration::from_secs(1),
         })?;
-        if !self.buffer.wait_for_admitted(DELETE_BARRIER_TIMEOUT).await {
-            return Err(QueryError::Busy {
-                retry_after: Duration::from_secs(5),
-            });
-        }
+        self.wait_for_accepted().await?;
         let may_use = {
             let caller = caller.clone();
             Arc::new(move |service: &str| caller.may_use(service))
@@ -607,6 +604,10 @@ impl QueryHandler {
         }
         let usage = self.buffer.usage();
         let totals = self.counters.totals();
+        let backlog = match &self.streams {
+            Some(streams) => streams.backlog().await.unwrap_or_default(),
+            None => Backlog::default(),
+        };
         Ok(StatsResponse {
             total_events: services.iter().map(|service| service.total).sum(),
             services,
@@ -623,6 +624,12 @@ impl QueryHandler {
                 circuit: self.breaker.state().as_str().to_owned(),
                 database_up: self.store.is_reachable(Duration::from_millis(500)).await,
                 spool_bytes: self.spool.as_ref().map_or(0, |spool| spool.bytes()),
+                stream_backlog_events: backlog.events,
+                stream_backlog_bytes: backlog.bytes,
+                mode: match &self.streams {
+                    None => "direct".to_owned(),
+                    Some(_) => format!("{:?}", self.config.role).to_lowercase(),
+                },
             }),
             ingest: Some(IngestCounters {
                 received: totals.received,
@@ -823,6 +830,33 @@ fn tailed_event(privacy: &Privacy, event: &ValidEvent, show: bool) -> Result<Eve
             .map(|trace_id| trace_id.to_string())
             .unwrap_or_default(),
     })
+}
+
+impl QueryHandler {
+    /// Events accepted before now must be covered by a Delete or Anonymize: waits until the
+    /// buffer has handed them on and, in Redis mode, until the streams have delivered every
+    /// entry appended so far to PostgreSQL. Busy (retry later) past the barrier timeout.
+    async fn wait_for_accepted(&self) -> Result<(), QueryError> {
+        let busy = QueryError::Busy {
+            retry_after: Duration::from_secs(5),
+        };
+        let deadline = tokio::time::Instant::now() + DELETE_BARRIER_TIMEOUT;
+        if !self.buffer.wait_for_admitted(DELETE_BARRIER_TIMEOUT).await {
+            return Err(busy);
+        }
+        let Some(streams) = &self.streams else {
+            return Ok(());
+        };
+        let unavailable = |error: StreamError| QueryError::Streams(error.to_string());
+        let mark = streams.mark().await.map_err(unavailable)?;
+        while !streams.delivered_up_to(&mark).await.map_err(unavailable)? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(busy);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
 }
 
 /// Snapshots tried before an Export gives up on objects changing under it.

@@ -55,10 +55,16 @@ use crate::{
     spool::{Spool, SpoolError},
     status,
     store::{Store, StoreError},
+    stream::{BacklogGate, StreamError, Streams},
     tail::TailHub,
     telemetry,
     tls::{self, TlsError},
-    writer::{self, WriterContext, breaker::Breaker, replay},
+    writer::{
+        self, Destination, WriterContext,
+        breaker::Breaker,
+        consume::{self, ConsumeContext},
+        replay,
+    },
 };
 
 /// The span of one RPC: its method, request id and trace id (a child of the caller's span when
@@ -122,6 +128,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
+    #[error("redis streams: {0}")]
+    Streams(#[from] StreamError),
     #[error("the accept loop stopped without a shutdown signal")]
     AcceptLoopStopped,
     #[error("invalid configuration: retention.rules: {0}")]
@@ -209,6 +217,8 @@ fn prepare_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Tls
 /// run is found even when the database is down.
 struct Storage {
     store: Arc<Store>,
+    /// The Redis streams, in Redis mode.
+    streams: Option<Streams>,
     spool: Option<Spool>,
     archive: Arc<Archive>,
     privacy: SharedPrivacy,
@@ -220,6 +230,14 @@ impl Storage {
         let spool = open_spool(config).await?;
         let archive = Arc::new(open_archive(config).await?);
         let store = Arc::new(Store::open(config).await?);
+        let streams = match &config.redis.url {
+            Some(_) => {
+                let streams = Streams::connect(&config.redis).await?;
+                tracing::info!(role = ?config.role, shards = streams.shards(), "redis mode: events go through redis streams");
+                Some(streams)
+            }
+            None => None,
+        };
         // Before anything is written: keys that differ from the stored data's refuse start.
         let privacy = Arc::new(arc_swap::ArcSwap::from_pointee(
             privacy::store::open(config, &store.pool).await?,
@@ -231,6 +249,7 @@ impl Storage {
             .map_err(StoreError::from)?;
         Ok(Self {
             store,
+            streams,
             spool,
             archive,
             privacy,
@@ -320,6 +339,10 @@ struct Background {
     audit: Arc<Audit>,
     switch: ShutdownSwitch,
     writers: JoinSet<()>,
+    /// Redis mode, writer side: the stream consumers.
+    consumers: JoinSet<()>,
+    /// Redis mode: whether the streams' backlog refuses ingest.
+    backlog: Arc<BacklogGate>,
     health: JoinHandle<()>,
     partitions: JoinHandle<()>,
     replay: JoinHandle<()>,
@@ -370,9 +393,13 @@ impl Background {
         let counters = Arc::new(Counters::default());
         let (stopping, _) = watch::channel(false);
         let tail = Arc::new(TailHub::default());
+        let destination = match &storage.streams {
+            Some(streams) => Destination::Streams(streams.clone()),
+            None => Destination::Postgres(storage.store.pool.clone()),
+        };
         let writers = writer::spawn(&WriterContext {
             config: config.writer.clone(),
-            pool: storage.store.pool.clone(),
+            destination: destination.clone(),
             buffer: buffer.clone(),
             receiver,
             breaker: breaker.clone(),
@@ -380,6 +407,23 @@ impl Background {
             counters: counters.clone(),
             tail: tail.clone(),
         });
+        // Writer nodes of Redis mode: the streams into PostgreSQL, behind their own circuit.
+        let backlog = Arc::new(BacklogGate::default());
+        let consumers_breaker = Arc::new(Breaker::new(&config.breaker));
+        let consumers = match &storage.streams {
+            Some(streams) if config.role.writes() => consume::spawn(&ConsumeContext {
+                streams: streams.clone(),
+                pool: storage.store.pool.clone(),
+                writer: config.writer.clone(),
+                redis: config.redis.clone(),
+                breaker: consumers_breaker.clone(),
+                counters: counters.clone(),
+                tail: tail.clone(),
+                node: format!("{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+                stopping: stopping.subscribe(),
+            }),
+            _ => JoinSet::new(),
+        };
         let health = tokio::spawn(health::watch(
             health_reporter,
             health::Watched {
@@ -387,11 +431,17 @@ impl Background {
                 store: storage.store.clone(),
                 breaker: breaker.clone(),
                 spool: storage.spool.clone(),
+                streams: storage.streams.clone().map(|streams| health::WatchedStreams {
+                    streams,
+                    role: config.role,
+                    consumers_breaker: consumers_breaker.clone(),
+                    backlog: backlog.clone(),
+                }),
             },
             stopping.subscribe(),
         ));
         let replay = tokio::spawn(replay::run(
-            storage.store.pool.clone(),
+            destination,
             config.writer.write_timeout,
             breaker.clone(),
             storage.spool.clone(),
@@ -411,6 +461,8 @@ impl Background {
             counters,
             audit,
             writers,
+            consumers,
+            backlog,
             health,
             partitions,
             replay,
@@ -445,6 +497,8 @@ impl Background {
         self.switch.trip();
         self.writers.abort_all();
         self.writers_drained().await;
+        // Consumers finish their current batch (or leave it pending for another writer).
+        while self.consumers.join_next().await.is_some() {}
         self.health.abort();
         self.partitions.abort();
         self.reload.abort();
@@ -497,6 +551,10 @@ fn build_services(
         privacy: storage.privacy.clone(),
         optouts: storage.optouts.clone(),
         stopping: background.stopping(),
+        backlog: storage
+            .streams
+            .as_ref()
+            .map(|_| background.backlog.clone()),
     });
     let query = QueryHandler::new(QueryDeps {
         store: storage.store.clone(),
@@ -512,6 +570,7 @@ fn build_services(
         optouts: storage.optouts.clone(),
         tail: background.tail.clone(),
         stopping: background.stopping(),
+        streams: storage.streams.clone(),
     });
     let mut routes = RoutesBuilder::default();
     routes

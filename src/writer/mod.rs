@@ -4,6 +4,7 @@
 //! own rollup shard.
 
 pub(crate) mod breaker;
+pub mod consume;
 pub mod copy;
 pub(crate) mod replay;
 pub(crate) mod sink;
@@ -26,15 +27,68 @@ use crate::{
     event::{EventRejection, ValidEvent},
     metrics::{self, Counters, WriteFailure},
     spool::Spool,
+    stream::{StreamError, Streams},
 };
 use breaker::{Breaker, CircuitState};
 use sink::{EventOutcome, Sink};
+
+/// Where the writers' batches go.
+#[derive(Clone)]
+pub enum Destination {
+    /// PostgreSQL: direct mode.
+    Postgres(PgPool),
+    /// The Redis streams: ingest nodes of Redis mode. Writer nodes move the entries on to
+    /// PostgreSQL ([`consume`]).
+    Streams(Streams),
+}
+
+/// One writer's way to its destination.
+enum Target {
+    Postgres(Sink),
+    Streams(Streams),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Streams(#[from] StreamError),
+}
+
+impl WriteError {
+    fn failure(&self) -> WriteFailure {
+        match self {
+            Self::Database(error) => sink::classify(error).into(),
+            Self::Streams(_) => WriteFailure::Redis,
+        }
+    }
+}
+
+impl Target {
+    /// Writes a batch: one outcome per event, or the error that stopped it (retry it).
+    async fn write_batch(&self, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, WriteError> {
+        match self {
+            Self::Postgres(sink) => Ok(sink.write_batch(events).await?),
+            Self::Streams(streams) => {
+                streams.append(events).await?;
+                Ok(vec![EventOutcome::Stored; events.len()])
+            }
+        }
+    }
+
+    /// Whether this writer stores into PostgreSQL itself (and so feeds Tail and the
+    /// per-service counters).
+    fn stores(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
+}
 
 /// What the writers share.
 #[derive(Clone)]
 pub struct WriterContext {
     pub config: WriterConfig,
-    pub pool: PgPool,
+    pub destination: Destination,
     pub buffer: Arc<Buffer>,
     pub receiver: BufferReceiver,
     pub breaker: Arc<Breaker>,
@@ -52,11 +106,14 @@ pub fn spawn(context: &WriterContext) -> JoinSet<()> {
         writers.spawn(
             Writer {
                 worker,
-                sink: Sink::new(
-                    context.pool.clone(),
-                    worker as i16,
-                    context.config.write_timeout,
-                ),
+                target: match &context.destination {
+                    Destination::Postgres(pool) => Target::Postgres(Sink::new(
+                        pool.clone(),
+                        worker as i16,
+                        context.config.write_timeout,
+                    )),
+                    Destination::Streams(streams) => Target::Streams(streams.clone()),
+                },
                 context: context.clone(),
             }
             .run(),
@@ -67,8 +124,8 @@ pub fn spawn(context: &WriterContext) -> JoinSet<()> {
 
 struct Writer {
     worker: usize,
-    /// Writes through the shared pool into this writer's own rollup shard.
-    sink: Sink,
+    /// PostgreSQL (through the shared pool, into this writer's own rollup shard) or Redis.
+    target: Target,
     context: WriterContext,
 }
 
@@ -130,8 +187,10 @@ impl Writer {
             outcomes[position] = Some(outcome);
         }
         metrics::batch_written(events.len(), started.elapsed());
-        count_services(&events, &outcomes, &self.context.counters);
-        if self.context.tail.has_subscribers() {
+        if self.target.stores() {
+            count_services(&events, &outcomes, &self.context.counters);
+        }
+        if self.target.stores() && self.context.tail.has_subscribers() {
             let stored = events
                 .iter()
                 .zip(&outcomes)
@@ -161,14 +220,14 @@ impl Writer {
         let outcomes = loop {
             attempt += 1;
             if context.breaker.allow() {
-                match self.sink.write_batch(&events).await {
+                match self.target.write_batch(&events).await {
                     Ok(outcomes) => {
                         context.breaker.record_success();
                         break outcomes;
                     }
                     Err(error) => {
                         context.breaker.record_failure();
-                        metrics::writer_error(sink::classify(&error).into());
+                        metrics::writer_error(error.failure());
                         tracing::warn!(worker = self.worker, attempt, events = events.len(), %error, "batch write failed");
                     }
                 }

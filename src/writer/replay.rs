@@ -1,14 +1,14 @@
-//! The replayer: while the circuit is open it probes the database (even with the spool off),
-//! so the circuit closes when PostgreSQL takes writes again even if no traffic arrives; once
-//! closed, it drains spooled batches into PostgreSQL and deletes the replayed segments. A spool
-//! left by an earlier run is replayed too.
+//! The replayer: while the circuit is open it probes the writers' destination (even with the
+//! spool off), so the circuit closes when PostgreSQL (or, on a Redis-mode ingest node, Redis)
+//! takes writes again even if no traffic arrives; once closed, it drains spooled batches there
+//! and deletes the replayed segments. A spool left by an earlier run is replayed too.
 
 use std::{sync::Arc, time::Duration};
 
-use sqlx::PgPool;
 use tokio::sync::watch;
 
 use super::{
+    Destination, Target, WriteError,
     breaker::{Breaker, CircuitState},
     sink::Sink,
 };
@@ -27,21 +27,26 @@ const REPLAY_SHARD: i16 = i16::MAX;
 enum ReplayError {
     #[error(transparent)]
     Spool(#[from] SpoolError),
-    #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Write(#[from] WriteError),
     #[error("circuit is open")]
     CircuitOpen,
 }
 
 /// Replays until `stopping` turns true. What is left is replayed at the next start.
 pub async fn run(
-    pool: PgPool,
+    destination: Destination,
     write_timeout: Duration,
     breaker: Arc<Breaker>,
     spool: Option<Spool>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let sink = Sink::new(pool.clone(), REPLAY_SHARD, write_timeout);
+    let target = match &destination {
+        Destination::Postgres(pool) => {
+            Target::Postgres(Sink::new(pool.clone(), REPLAY_SHARD, write_timeout))
+        }
+        Destination::Streams(streams) => Target::Streams(streams.clone()),
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPLAY_INTERVAL) => {}
@@ -55,7 +60,7 @@ pub async fn run(
                 continue;
             }
             // This task is the half-open probe.
-            if is_reachable(&pool).await {
+            if is_reachable(&destination).await {
                 breaker.record_success();
             } else {
                 breaker.record_failure();
@@ -76,10 +81,10 @@ pub async fn run(
                 }
             };
             let path = segment.path().to_owned();
-            match replay_segment(&sink, &breaker, segment).await {
+            match replay_segment(&target, &breaker, segment).await {
                 Ok(events) => {
                     metrics::spool_replayed(events, spool.bytes());
-                    tracing::info!(segment = %path.display(), events, "replayed spool segment into PostgreSQL");
+                    tracing::info!(segment = %path.display(), events, "replayed spool segment");
                 }
                 // Moved aside and logged by the spool; go on with the next segment.
                 Err(ReplayError::Spool(SpoolError::Quarantined { .. })) => {}
@@ -92,8 +97,17 @@ pub async fn run(
     }
 }
 
-/// Whether the database takes writes again: reachable, and not a read-only standby.
-async fn is_reachable(pool: &PgPool) -> bool {
+/// Whether the destination takes writes again: Redis answers, or the database is reachable
+/// and not a read-only standby.
+async fn is_reachable(destination: &Destination) -> bool {
+    let pool = match destination {
+        Destination::Postgres(pool) => pool,
+        Destination::Streams(streams) => {
+            return tokio::time::timeout(PROBE_TIMEOUT, streams.ping())
+                .await
+                .unwrap_or(false);
+        }
+    };
     let probe = sqlx::query_scalar::<_, bool>(
         "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'",
     )
@@ -107,7 +121,7 @@ async fn is_reachable(pool: &PgPool) -> bool {
 /// Writes every batch of a segment, then deletes it; idempotent, so a segment interrupted
 /// halfway can be replayed again from its start.
 async fn replay_segment(
-    sink: &Sink,
+    target: &Target,
     breaker: &Breaker,
     mut segment: SegmentReplay,
 ) -> Result<usize, ReplayError> {
@@ -117,7 +131,7 @@ async fn replay_segment(
             return Err(ReplayError::CircuitOpen);
         }
         let events: Vec<&ValidEvent> = batch.iter().collect();
-        match sink.write_batch(&events).await {
+        match target.write_batch(&events).await {
             Ok(_) => breaker.record_success(),
             Err(error) => {
                 breaker.record_failure();

@@ -324,6 +324,44 @@ async fn dead_letter(
     event: &ValidEvent,
     error: &sqlx::Error,
 ) -> Result<(), sqlx::Error> {
+    insert_dead_letter(pool, event, &database_reason(error), store::sqlstate(error)).await?;
+    tracing::warn!(event_id = %event.id, service = %event.service, error = %database_reason(error), "event refused by PostgreSQL, moved to dead letters");
+    Ok(())
+}
+
+/// Keeps an event no writer could store (its stream entry went past `redis.max_deliveries`).
+pub(crate) async fn dead_letter_undeliverable(
+    pool: &PgPool,
+    event: &ValidEvent,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    insert_dead_letter(pool, event, reason, None).await
+}
+
+/// Keeps a stream entry no writer can read, as its raw payload (`service` is `(unreadable)`).
+pub(crate) async fn dead_letter_unreadable(
+    pool: &PgPool,
+    payload: &[u8],
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dead_letters (event_id, ts, service, raw, error) \
+         VALUES ($1, now(), '(unreadable)', $2, $3)",
+    )
+    .bind(Uuid::now_v7())
+    .bind(payload)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn insert_dead_letter(
+    pool: &PgPool,
+    event: &ValidEvent,
+    reason: &str,
+    sqlstate: Option<String>,
+) -> Result<(), sqlx::Error> {
     let raw = serde_json::json!({
         "id": event.id,
         "service": event.service,
@@ -332,7 +370,6 @@ async fn dead_letter(
         "user_id": event.user_id,
         "metadata": event.metadata_json,
     });
-    let sqlstate = store::sqlstate(error);
     // Strip NUL so that the user id stays findable for deletion even when it was the culprit.
     let user_id = event
         .user_id
@@ -347,11 +384,10 @@ async fn dead_letter(
     .bind(&event.service)
     .bind(user_id)
     .bind(raw.to_string().into_bytes())
-    .bind(database_reason(error))
+    .bind(reason)
     .bind(sqlstate)
     .execute(pool)
     .await?;
-    tracing::warn!(event_id = %event.id, service = %event.service, error = %database_reason(error), "event refused by PostgreSQL, moved to dead letters");
     Ok(())
 }
 

@@ -272,6 +272,13 @@ impl TestServer {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
     }
 
+    /// Sends SIGKILL: no drain, no cleanup, as in a crash.
+    pub fn kill_hard(&mut self) {
+        let child = self.child.as_mut().expect("running");
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+
     /// Waits for the process to exit, at most `timeout`.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;

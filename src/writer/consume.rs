@@ -1,0 +1,293 @@
+//! Writer nodes of Redis mode: consumers that read the streams through the consumer group,
+//! write each read to PostgreSQL exactly as the direct-mode writers do (binary COPY, the
+//! idempotent path for redeliveries, bad rows to `dead_letters`), and only then acknowledge
+//! and delete the entries.
+//!
+//! - Entries a dead writer left pending are claimed after `redis.claim_idle` (`XAUTOCLAIM`).
+//! - A writer waiting out a database outage renews its entries, so it is not taken for dead
+//!   and its entries are not delivered again meanwhile.
+//! - An entry delivered more than `redis.max_deliveries` times (it crashed or stalled writer
+//!   after writer, or no writer can read it) goes to `dead_letters` with the reason.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use sqlx::PgPool;
+use tokio::{sync::watch, task::JoinSet};
+
+use super::{
+    breaker::Breaker,
+    sink::{self, EventOutcome, Sink},
+};
+use crate::{
+    config::{RedisConfig, WriterConfig},
+    event::ValidEvent,
+    metrics::{self, Counters, WriteFailure},
+    stream::{Entry, Streams},
+    tail::TailHub,
+};
+
+/// The first rollup shard of consumers (local writers use 0..workers, replay i16::MAX).
+const FIRST_SHARD: i16 = 1024;
+/// Pause after Redis fails a read or an ack.
+const REDIS_RETRY: Duration = Duration::from_millis(500);
+
+/// What the consumers share.
+#[derive(Clone)]
+pub struct ConsumeContext {
+    pub streams: Streams,
+    pub pool: PgPool,
+    pub writer: WriterConfig,
+    pub redis: RedisConfig,
+    /// The circuit of PostgreSQL writes.
+    pub breaker: Arc<Breaker>,
+    pub counters: Arc<Counters>,
+    pub tail: Arc<TailHub>,
+    /// This node's name in the consumer group; each consumer appends its index.
+    pub node: String,
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Starts `writer.workers` consumers. They stop at shutdown after their current read.
+pub fn spawn(context: &ConsumeContext) -> JoinSet<()> {
+    let mut consumers = JoinSet::new();
+    for worker in 0..context.writer.workers {
+        consumers.spawn(run(context.clone(), worker));
+    }
+    consumers
+}
+
+async fn run(context: ConsumeContext, worker: usize) {
+    let name = format!("{}-{worker}", context.node);
+    let streams = loop {
+        match context.streams.reader().await {
+            Ok(streams) => break streams,
+            Err(error) => {
+                tracing::warn!(consumer = %name, %error, "cannot open a redis connection; retrying");
+                if wait_or_stop(&context.stopping, REDIS_RETRY).await {
+                    return;
+                }
+            }
+        }
+    };
+    let consumer = Consumer {
+        sink: Sink::new(
+            context.pool.clone(),
+            FIRST_SHARD + worker as i16,
+            context.writer.write_timeout,
+        ),
+        name,
+        streams,
+        context,
+    };
+    consumer.run().await;
+}
+
+struct Consumer {
+    name: String,
+    streams: Streams,
+    sink: Sink,
+    context: ConsumeContext,
+}
+
+impl Consumer {
+    async fn run(self) {
+        tracing::info!(consumer = %self.name, "stream consumer started");
+        let claim_every = self.context.redis.claim_idle / 2;
+        let mut last_claim: Option<Instant> = None;
+        while !*self.context.stopping.borrow() {
+            let claiming = last_claim.is_none_or(|at| at.elapsed() >= claim_every);
+            let read = if claiming {
+                last_claim = Some(Instant::now());
+                self.streams.claim_stale(&self.name).await
+            } else {
+                self.streams.read_new(&self.name).await
+            };
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(error) => {
+                    metrics::writer_error(WriteFailure::Redis);
+                    tracing::warn!(consumer = %self.name, %error, "cannot read the streams; retrying");
+                    if wait_or_stop(&self.context.stopping, REDIS_RETRY).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            if claiming && !entries.is_empty() {
+                tracing::info!(consumer = %self.name, entries = entries.len(), "claimed entries another writer left pending");
+            }
+            if !entries.is_empty() {
+                self.handle(entries).await;
+            }
+        }
+        tracing::info!(consumer = %self.name, "stream consumer stopped");
+    }
+
+    /// Stores the events of `entries`, then acknowledges them. Entries past
+    /// `max_deliveries` go to `dead_letters` instead; entries that cannot be read stay pending
+    /// (a newer writer may read them) until they are.
+    async fn handle(&self, entries: Vec<Entry>) {
+        let max_deliveries = self.context.redis.max_deliveries;
+        let (exhausted, entries): (Vec<Entry>, Vec<Entry>) = entries
+            .into_iter()
+            .partition(|entry| entry.deliveries > max_deliveries);
+        let mut dead_lettered = Vec::new();
+        for entry in exhausted {
+            if self.dead_letter(&entry).await {
+                dead_lettered.push(entry);
+            }
+        }
+        let (readable, unreadable): (Vec<Entry>, Vec<Entry>) =
+            entries.into_iter().partition(|entry| entry.events.is_ok());
+        for entry in &unreadable {
+            if let Err(reason) = &entry.events {
+                tracing::error!(consumer = %self.name, entry = %entry.id, deliveries = entry.deliveries, %reason, "cannot read a stream entry; left for another delivery");
+            }
+        }
+        let events: Vec<&ValidEvent> = readable
+            .iter()
+            .filter_map(|entry| entry.events.as_ref().ok())
+            .flatten()
+            .collect();
+        let Some(outcomes) = self.write(&events, &readable).await else {
+            return;
+        };
+        self.account(&events, &outcomes);
+        let done: Vec<&Entry> = readable.iter().chain(&dead_lettered).collect();
+        self.acknowledge(&done).await;
+    }
+
+    /// Writes `events` until PostgreSQL takes them, renewing the entries they came from
+    /// while it waits; None when the server stops first (the entries stay pending and are
+    /// claimed after `claim_idle`).
+    async fn write(&self, events: &[&ValidEvent], entries: &[Entry]) -> Option<Vec<EventOutcome>> {
+        if events.is_empty() {
+            return Some(Vec::new());
+        }
+        let context = &self.context;
+        let mut backoff = context.writer.retry_initial_backoff.max(Duration::from_millis(10));
+        let renew_every = context.redis.claim_idle / 3;
+        let mut renewed = Instant::now();
+        let started = Instant::now();
+        loop {
+            if context.breaker.allow() {
+                match self.sink.write_batch(events).await {
+                    Ok(outcomes) => {
+                        context.breaker.record_success();
+                        metrics::batch_written(events.len(), started.elapsed());
+                        return Some(outcomes);
+                    }
+                    Err(error) => {
+                        context.breaker.record_failure();
+                        metrics::writer_error(sink::classify(&error).into());
+                        tracing::warn!(consumer = %self.name, events = events.len(), %error, "batch write failed; the entries stay pending");
+                    }
+                }
+            }
+            if renewed.elapsed() >= renew_every {
+                if let Err(error) = self.streams.renew(&self.name, entries).await {
+                    tracing::warn!(consumer = %self.name, %error, "cannot renew pending entries");
+                }
+                renewed = Instant::now();
+            }
+            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+            if wait_or_stop(&context.stopping, delay).await {
+                return None;
+            }
+            backoff = (backoff * 2).min(context.writer.retry_max_backoff);
+        }
+    }
+
+    /// Counts what was stored and hands it to Tail.
+    fn account(&self, events: &[&ValidEvent], outcomes: &[EventOutcome]) {
+        let counters = &self.context.counters;
+        let mut stored = Vec::new();
+        let (mut written, mut duplicates) = (0u64, 0u64);
+        for (event, outcome) in events.iter().zip(outcomes) {
+            match outcome {
+                EventOutcome::Stored => {
+                    written += 1;
+                    counters.service_events(&event.service, 1);
+                    stored.push((*event).clone());
+                }
+                EventOutcome::Duplicate => duplicates += 1,
+                EventOutcome::Rejected(reason) => counters.event_rejected(reason.as_str()),
+            }
+        }
+        metrics::stream_events_written(written, duplicates);
+        if self.context.tail.has_subscribers() && !stored.is_empty() {
+            self.context.tail.publish(stored);
+        }
+    }
+
+    /// Acknowledges stored or dead-lettered entries, retrying while Redis is away (an entry
+    /// not acknowledged is stored again after a claim: a duplicate, never a loss).
+    async fn acknowledge(&self, entries: &[&Entry]) {
+        loop {
+            match self.streams.ack(entries).await {
+                Ok(_) => return,
+                Err(error) => {
+                    metrics::writer_error(WriteFailure::Redis);
+                    tracing::warn!(consumer = %self.name, %error, "cannot acknowledge stored entries; retrying");
+                    if wait_or_stop(&self.context.stopping, REDIS_RETRY).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves an entry past `max_deliveries` to `dead_letters`: its events, or, when it cannot
+    /// be read, the entry itself. False when that failed (the entry then stays pending).
+    async fn dead_letter(&self, entry: &Entry) -> bool {
+        let reason = format!(
+            "stream entry {} delivered {} times (redis.max_deliveries is {}) without being stored",
+            entry.id, entry.deliveries, self.context.redis.max_deliveries
+        );
+        let written = match &entry.events {
+            Ok(events) => {
+                let mut outcome = Ok(());
+                for event in events {
+                    outcome = outcome.and(sink::dead_letter_undeliverable(&self.context.pool, event, &reason).await);
+                }
+                outcome
+            }
+            Err(unreadable) => {
+                sink::dead_letter_unreadable(
+                    &self.context.pool,
+                    &entry.payload,
+                    &format!("{reason}: {unreadable}"),
+                )
+                .await
+            }
+        };
+        match written {
+            Ok(()) => {
+                self.context
+                    .counters
+                    .events_rejected("undeliverable", entry.event_count.max(1));
+                tracing::error!(consumer = %self.name, entry = %entry.id, deliveries = entry.deliveries, "stream entry moved to dead letters");
+                true
+            }
+            Err(error) => {
+                metrics::writer_error(WriteFailure::DeadLetterRefused);
+                tracing::error!(consumer = %self.name, entry = %entry.id, %error, "cannot dead-letter a stream entry; it stays pending");
+                false
+            }
+        }
+    }
+}
+
+/// Sleeps `delay`, or less if the server starts stopping; true when it is stopping.
+async fn wait_or_stop(stopping: &watch::Receiver<bool>, delay: Duration) -> bool {
+    let mut stopping = stopping.clone();
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stopping.wait_for(|stopping| *stopping) => {}
+    }
+    *stopping.borrow()
+}

@@ -1,0 +1,487 @@
+//! Redis mode against real redis-server processes (AOF `always`, each test its own) and real
+//! sluice processes: ingest and writer nodes, kill -9 of either, a Redis restart under load, a
+//! poison entry, backpressure on a full backlog, the durability check, and Delete covering
+//! events still in the streams.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use common::{ServerSpec, TestDatabase, TestServer, event, request};
+use sluice::proto::{
+    DeleteRequest, StatsRequest, ingest_service_client::IngestServiceClient,
+    query_service_client::QueryServiceClient,
+};
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
+
+/// A redis-server of one test: its own port and directory, AOF on, fsync on every write.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    durable: bool,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(durable: bool) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("free port")
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            durable,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let binary = std::env::var("TEST_SLUICE_REDIS_SERVER")
+            .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+        let (appendonly, fsync) = if self.durable {
+            ("yes", "always")
+        } else {
+            ("no", "everysec")
+        };
+        let child = Command::new(binary)
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--appendonly", appendonly, "--appendfsync", fsync, "--save", ""])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut connection) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut connection)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: whatever AOF `always` wrote survives.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis")
+    }
+
+    async fn backlog_events(&self) -> i64 {
+        let mut connection = self.connection().await;
+        redis::cmd("GET")
+            .arg("sluice:events:backlog:events")
+            .query_async::<Option<i64>>(&mut connection)
+            .await
+            .expect("backlog")
+            .unwrap_or_default()
+    }
+
+    /// Entries delivered to a writer and not acknowledged, over every shard.
+    async fn pending(&self) -> i64 {
+        let mut connection = self.connection().await;
+        let mut pending = 0;
+        for shard in 0..4 {
+            let summary: redis::Value = redis::cmd("XPENDING")
+                .arg(format!("sluice:events:{shard}"))
+                .arg("sluice-writers")
+                .query_async(&mut connection)
+                .await
+                .expect("xpending");
+            if let redis::Value::Array(fields) = summary
+                && let Some(redis::Value::Int(count)) = fields.first()
+            {
+                pending += count;
+            }
+        }
+        pending
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn node(database: &TestDatabase, redis: &Redis, role: &str) -> ServerSpec {
+    ServerSpec::with_database(&database.url)
+        .env("SLUICE_REDIS__URL", &redis.url())
+        .env("SLUICE_REDIS__CLAIM_IDLE", "1s")
+        .arg("--role")
+        .arg(role)
+}
+
+/// Sends `rounds` requests of `size` events through `client`, counting the acknowledged ids;
+/// retries refusals that ask for it, and stops when the node is gone.
+async fn send(
+    mut client: IngestServiceClient<Channel>,
+    service: String,
+    rounds: usize,
+    size: usize,
+    acknowledged: Arc<Mutex<HashSet<String>>>,
+) {
+    for round in 0..rounds {
+        let events: Vec<_> = (0..size)
+            .map(|index| event(&service, &format!("{round}-{index}")))
+            .collect();
+        let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
+        loop {
+            match client.publish(request(events.clone())).await {
+                Ok(response) => {
+                    assert_eq!(response.into_inner().accepted as usize, size);
+                    acknowledged.lock().expect("ids").extend(ids);
+                    break;
+                }
+                // Refusals that say when to come back (a full backlog or buffer).
+                Err(status) if status.get_error_details().retry_info().is_some() => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                // The node was killed: what it acknowledged is all that counts.
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+async fn stored_ids(database: &TestDatabase, service_like: &str) -> (i64, HashSet<String>) {
+    let mut connection = database.connect().await;
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM events WHERE service LIKE $1")
+            .bind(service_like)
+            .fetch_all(&mut connection)
+            .await
+            .expect("ids");
+    (ids.len() as i64, ids.into_iter().collect())
+}
+
+/// Waits until the streams hold nothing: every entry written and acknowledged.
+async fn drained(redis: &Redis, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (backlog, pending) = (redis.backlog_events().await, redis.pending().await);
+        if backlog == 0 && pending == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog never drained: {backlog} events, {pending} pending entries"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_through_kill_9() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    let mut ingest_a = TestServer::start(node(&database, &redis, "ingest")).await;
+    let ingest_b = TestServer::start(node(&database, &redis, "ingest")).await;
+    let mut writer_a = TestServer::start(node(&database, &redis, "writer")).await;
+    let writer_b = TestServer::start(node(&database, &redis, "writer")).await;
+
+    // A writer node takes no events, and says so through health.
+    let refused = writer_b
+        .ingest_client()
+        .await
+        .publish(request(vec![event("cluster", "to a writer")]))
+        .await
+        .expect_err("writer nodes refuse ingest");
+    assert_eq!(refused.code(), Code::Unavailable);
+
+    // 200k events over both ingest nodes, 4 senders each.
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let mut senders = tokio::task::JoinSet::new();
+    for (index, server) in [&ingest_a, &ingest_b, &ingest_a, &ingest_b].iter().enumerate() {
+        senders.spawn(send(
+            server.ingest_client().await,
+            format!("cluster-{index}"),
+            50,
+            1_000,
+            acknowledged.clone(),
+        ));
+    }
+    // Mid-stream: kill -9 a writer (its pending entries must be claimed), then an ingest node.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acknowledged.lock().expect("ids").len() < 40_000 {
+        assert!(Instant::now() < deadline, "too slow before the first kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    writer_a.kill_hard();
+    while acknowledged.lock().expect("ids").len() < 100_000 {
+        assert!(Instant::now() < deadline, "too slow before the second kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ingest_a.kill_hard();
+    while senders.join_next().await.is_some() {}
+
+    drained(&redis, Duration::from_secs(120)).await;
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    let (rows, stored) = stored_ids(&database, "cluster-%").await;
+    assert!(acknowledged.len() >= 100_000, "{}", acknowledged.len());
+    let lost: Vec<&String> = acknowledged.difference(&stored).take(5).collect();
+    assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
+    assert_eq!(rows as usize, stored.len(), "every event stored once");
+    eprintln!(
+        "acknowledged {}, stored {rows}; claims by the surviving writer: {}",
+        acknowledged.len(),
+        writer_b.logs().matches("claimed entries another writer left pending").count()
+    );
+    let stats = QueryServiceClient::new(writer_b.channel().await)
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    let writer = stats.writer.expect("writer stats");
+    assert_eq!(writer.mode, "writer");
+    assert_eq!(writer.stream_backlog_events, 0);
+    drop(ingest_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_loses_nothing_acknowledged() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let mut redis = Redis::start().await;
+    let server = TestServer::start(
+        node(&database, &redis, "all").env("SLUICE_BREAKER__OPEN_INITIAL", "200ms"),
+    )
+    .await;
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let sender = tokio::spawn(send(
+        server.ingest_client().await,
+        "outage".to_owned(),
+        60,
+        200,
+        acknowledged.clone(),
+    ));
+    while acknowledged.lock().expect("ids").len() < 2_000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.kill();
+    // While Redis is away, acks keep coming: the node spools them to its disk.
+    let during = acknowledged.lock().expect("ids").len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().expect("ids").len() < during + 1_000 {
+        assert!(Instant::now() < deadline, "no acks while redis was down:\n{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.spawn().await;
+    sender.await.expect("sender");
+    drained(&redis, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let acknowledged = acknowledged.lock().expect("ids").clone();
+        let (_, stored) = stored_ids(&database, "outage").await;
+        if acknowledged.is_subset(&stored) {
+            assert_eq!(acknowledged.len(), 12_000);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events missing:\n{}",
+            acknowledged.difference(&stored).count(),
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(server.logs().contains("replayed spool segment"), "the spool carried the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_entry_goes_to_dead_letters_after_max_deliveries() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    let server = TestServer::start(
+        node(&database, &redis, "all")
+            .env("SLUICE_REDIS__CLAIM_IDLE", "300ms")
+            .env("SLUICE_REDIS__MAX_DELIVERIES", "2"),
+    )
+    .await;
+    // An entry no writer can read (a record version from the future), beside good events.
+    let mut connection = redis.connection().await;
+    let _: String = redis::cmd("XADD")
+        .arg("sluice:events:0")
+        .arg("*")
+        .arg("b")
+        .arg(vec![9u8, 1, 2, 3])
+        .arg("n")
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .expect("xadd");
+    let _: i64 = redis::cmd("INCRBY")
+        .arg("sluice:events:backlog:events")
+        .arg(1)
+        .query_async(&mut connection)
+        .await
+        .expect("incrby");
+    server
+        .ingest_client()
+        .await
+        .publish(request(vec![event("beside-poison", "fine")]))
+        .await
+        .expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while database
+        .scalar("SELECT count(*) FROM dead_letters WHERE service = '(unreadable)' AND error LIKE '%delivered 3 times%'")
+        .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "poison entry never dead-lettered:\n{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drained(&redis, Duration::from_secs(10)).await;
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'beside-poison'")
+            .await,
+        1
+    );
+    let raw: Vec<u8> = sqlx::query_scalar("SELECT raw FROM dead_letters WHERE service = '(unreadable)'")
+        .fetch_one(&mut database.connect().await)
+        .await
+        .expect("raw");
+    assert_eq!(raw, vec![9u8, 1, 2, 3], "kept byte for byte");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_streams() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    // An ingest node and no writer: the backlog only grows.
+    let ingest = TestServer::start(
+        node(&database, &redis, "ingest").env("SLUICE_REDIS__MAX_PENDING_EVENTS", "1000"),
+    )
+    .await;
+    let mut client = ingest.ingest_client().await;
+    let mut user_event = event("backlog", "personal");
+    user_event.user_id = "u-forget".to_owned();
+    client
+        .publish(request(vec![user_event]))
+        .await
+        .expect("publish");
+    for _ in 0..3 {
+        let events = (0..500).map(|index| event("backlog", &index.to_string())).collect();
+        client.publish(request(events)).await.expect("under the limit");
+    }
+    // The limit is read every 500 ms: a few more may pass before the refusals start.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut extra = 0;
+    let status = loop {
+        match client.publish(request(vec![event("backlog", "one more")])).await {
+            Err(status) => break status,
+            Ok(_) => {
+                extra += 1;
+                assert!(Instant::now() < deadline, "never refused");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let details = status.get_error_details();
+    assert!(details.retry_info().is_some(), "RetryInfo: {status:?}");
+    let metrics = ingest.metrics().await;
+    assert!(common::metric_sum(&metrics, "sluice_events_refused_total", "backlog_full") >= 1.0);
+    let stats = QueryServiceClient::new(ingest.channel().await)
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner()
+        .writer
+        .expect("writer stats");
+    assert_eq!(stats.mode, "ingest");
+    assert_eq!(stats.stream_backlog_events, 1_501 + extra);
+
+    // Delete of a user whose event is still in the streams: it waits for a writer to store
+    // it, then deletes it.
+    let mut query = QueryServiceClient::new(ingest.channel().await);
+    let delete = tokio::spawn(async move {
+        query
+            .delete(DeleteRequest {
+                user_id: "u-forget".to_owned(),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!delete.is_finished(), "delete waits for the streams");
+    let _writer = TestServer::start(node(&database, &redis, "writer")).await;
+    let deleted = delete.await.expect("task").expect("delete").into_inner();
+    assert_eq!(deleted.deleted, 1);
+    drained(&redis, Duration::from_secs(30)).await;
+    assert_eq!(
+        database.scalar("SELECT count(*) FROM events WHERE user_id = 'u-forget'").await,
+        0
+    );
+    assert_eq!(
+        database.scalar("SELECT count(*) FROM events WHERE service = 'backlog'").await,
+        1_500 + extra as i64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_without_aof_always_is_refused_at_start_unless_allowed() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start_with(false).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &database.url)
+        .env("SLUICE_DATA_DIR", dir.path().join("data"))
+        .env("SLUICE_TLS__CERT_DIR", dir.path().join("certs"))
+        .env("SLUICE_REDIS__URL", redis.url())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sluice");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("appendonly"), "{stderr}");
+    assert!(!stderr.contains(&redis.url()), "the url is never logged");
+
+    let allowed = TestServer::start(
+        node(&database, &redis, "all").env("SLUICE_REDIS__ALLOW_WEAK_DURABILITY", "true"),
+    )
+    .await;
+    assert!(allowed.logs().contains("redis durability is weaker"));
+}
