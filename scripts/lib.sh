@@ -93,17 +93,73 @@ start_release_server() {
     target/release/sluice "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
     >"$SLUICE_WORK/server.log" 2>&1 &
   SLUICE_PID=$!
+  wait_for_listening "$SLUICE_WORK/server.log"
+}
+
+# Waits until the sluice logging to $1 listens (10 s at most); shows its log if it does not.
+wait_for_listening() {
   for _ in $(seq 1 100); do
-    grep -q "sluice listening" "$SLUICE_WORK/server.log" 2>/dev/null && return 0
+    grep -q "sluice listening" "$1" 2>/dev/null && return 0
     sleep 0.1
   done
-  cat "$SLUICE_WORK/server.log" >&2
+  cat "$1" >&2
   return 1
 }
 
 stop_release_server() {
-  if [ -n "${SLUICE_PID:-}" ]; then kill "$SLUICE_PID" 2>/dev/null && wait "$SLUICE_PID" 2>/dev/null; fi
+  if [ -n "${SLUICE_PID:-}" ]; then { kill "$SLUICE_PID" && wait "$SLUICE_PID"; } 2>/dev/null || true; fi
+  SLUICE_PID=
+  stop_release_nodes
   [ -n "${SLUICE_WORK:-}" ] && rm -rf "$SLUICE_WORK"
+  return 0
+}
+
+# start_release_node NAME DATABASE_URL [sluice flags...]: one more release sluice on a free port
+# (NODE_PORT), with its data in $SLUICE_WORK/NAME and the certificates of $SLUICE_WORK/certs
+# shared by every node, so one client configuration reaches them all. Start nodes one after
+# the other: the first creates the certificates.
+NODE_PIDS=()
+start_release_node() {
+  local name=$1 url=$2
+  shift 2
+  [ -n "${SLUICE_WORK:-}" ] || SLUICE_WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+  mkdir -p "$SLUICE_WORK/$name"
+  NODE_PORT=$(free_port)
+  SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/$name/data" \
+    target/release/sluice --listen "127.0.0.1:$NODE_PORT" --database-url "$url" --metrics-listen 127.0.0.1:0 "$@" \
+    >"$SLUICE_WORK/$name/server.log" 2>&1 &
+  NODE_PIDS+=("$!")
+  wait_for_listening "$SLUICE_WORK/$name/server.log"
+}
+
+stop_release_nodes() {
+  local pid
+  for pid in "${NODE_PIDS[@]}"; do { kill "$pid" && wait "$pid"; } 2>/dev/null || true; done
+  NODE_PIDS=()
+}
+
+# Starts redis-server (Debian's) with AOF on and fsync on every write, on a free loopback port
+# in a temp dir. Sets REDIS_URL; stop_throwaway_redis stops it.
+start_throwaway_redis() {
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  local port
+  port=$(free_port)
+  REDIS_TMP=$(mktemp -d /tmp/sluice-redis.XXXXXX)
+  redis-server --bind 127.0.0.1 --port "$port" --dir "$REDIS_TMP" --appendonly yes \
+    --appendfsync always --save "" >"$REDIS_TMP/redis.log" 2>&1 &
+  REDIS_PID=$!
+  REDIS_URL="redis://127.0.0.1:$port"
+  for _ in $(seq 1 100); do
+    redis-cli -p "$port" ping >/dev/null 2>&1 && { log "started throwaway Redis on 127.0.0.1:$port ($REDIS_TMP)"; return 0; }
+    sleep 0.1
+  done
+  cat "$REDIS_TMP/redis.log" >&2
+  return 1
+}
+
+stop_throwaway_redis() {
+  if [ -n "${REDIS_PID:-}" ]; then { kill "$REDIS_PID" && wait "$REDIS_PID"; } 2>/dev/null || true; fi
+  [ -n "${REDIS_TMP:-}" ] && rm -rf "$REDIS_TMP"
   return 0
 }
 
@@ -117,6 +173,7 @@ release_server_client_flags() {
 # and an EXIT trap that stops the server and the cluster.
 bench_cleanup() {
   stop_release_server
+  stop_throwaway_redis
   stop_throwaway_postgres
 }
 start_bench_environment() {

@@ -1048,6 +1048,32 @@ mod tests {
     }
 
     #[test]
+    fn redis_mode_comes_from_the_environment_and_roles_need_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SLUICE_REDIS__URL", "redis://:secret@127.0.0.1:6379");
+            jail.set_env("SLUICE_ROLE", "writer");
+            jail.set_env("SLUICE_REDIS__CLAIM_IDLE", "5s");
+            let config = Config::load(None, Figment::new()).expect("loads");
+            assert_eq!(config.role, Role::Writer);
+            assert_eq!(config.redis.claim_idle, Duration::from_secs(5));
+            assert!(!format!("{config:?}").contains("secret"), "the url is redacted");
+            Ok(())
+        });
+        let mut config = Config {
+            role: Role::Ingest,
+            ..Config::default()
+        };
+        assert!(matches!(
+            config.check(),
+            Err(ConfigError::Invalid { field: "role", .. })
+        ));
+        config.redis.url = Some(Secret("redis://127.0.0.1".to_owned()));
+        assert!(config.check().is_ok());
+        config.redis.shards = 0;
+        assert!(config.check().is_err());
+    }
+
+    #[test]
     fn zero_buffer_is_refused() {
         let mut config = Config::default();
         config.buffer.max_events = 0;

@@ -77,6 +77,13 @@ pub struct BenchArgs {
     /// Server process id, to report its peak RSS.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// More ingest nodes (same certificates): streams are spread over `--addr` and these.
+    #[arg(long = "extra-addr")]
+    pub extra_addrs: Vec<String>,
+    /// After the load, wait until every acknowledged event is in `events` and report that
+    /// end-to-end rate too (Redis mode acknowledges once Redis has the events).
+    #[arg(long, requires = "database_url")]
+    pub wait_stored: bool,
 }
 
 const SERVICES: [&str; 8] = [
@@ -316,8 +323,25 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         );
     }
     let workload = workload(&args);
+    let started = Instant::now();
     let report = grpc_load(&args, &workload).await?;
     report.print("sluice ingest:   ");
+    if let (Some(url), true) = (&args.database_url, args.wait_stored) {
+        wait_stored(url, report.events).await?;
+        let elapsed = started.elapsed();
+        println!(
+            "stored end to end: {:.0} events/s (all {} in events {:.2} s after the first send)",
+            report.events as f64 / elapsed.as_secs_f64(),
+            report.events,
+            elapsed.as_secs_f64()
+        );
+        if let Some(rate) = ceiling {
+            println!(
+                "end-to-end ratio to raw COPY ceiling: {:.2}",
+                report.events as f64 / elapsed.as_secs_f64() / rate
+            );
+        }
+    }
     if let Some(rate) = ceiling {
         let ratio = report.rate() / rate;
         println!("ratio to raw COPY ceiling: {ratio:.2}");
@@ -347,6 +371,21 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         }
     }
     Ok(())
+}
+
+/// Waits until `events` holds `acknowledged` rows (at most 10 minutes).
+async fn wait_stored(url: &str, acknowledged: u64) -> Result<(), BenchError> {
+    let started = Instant::now();
+    let mut connection = sqlx::PgConnection::connect(url).await?;
+    loop {
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&mut connection)
+            .await?;
+        if stored as u64 >= acknowledged || started.elapsed() > Duration::from_secs(600) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn reset_if_asked(url: &str, args: &BenchArgs) -> Result<(), BenchError> {
@@ -475,8 +514,11 @@ async fn grpc_load(
     workload: &[Vec<IngestRequest>],
 ) -> Result<LoadReport, BenchError> {
     let mut clients = Vec::with_capacity(workload.len());
-    for _ in workload {
-        clients.push(connect(args).await?);
+    let addrs: Vec<&String> = std::iter::once(&args.connect.addr)
+        .chain(&args.extra_addrs)
+        .collect();
+    for stream in 0..workload.len() {
+        clients.push(connect(args, addrs[stream % addrs.len()]).await?);
     }
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1,
@@ -571,8 +613,15 @@ async fn drive_stream(
     Ok((stored, refusals))
 }
 
-async fn connect(args: &BenchArgs) -> Result<IngestServiceClient<Channel>, BenchError> {
-    let channel = args.connect.channel().await?;
+async fn connect(
+    args: &BenchArgs,
+    addr: &str,
+) -> Result<IngestServiceClient<Channel>, BenchError> {
+    let connect = crate::cli::connect::ConnectArgs {
+        addr: addr.to_owned(),
+        ..args.connect.clone()
+    };
+    let channel = connect.channel().await?;
     Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
