@@ -18,6 +18,7 @@ use sluice::proto::{
     query_service_client::QueryServiceClient,
 };
 use tonic::{Code, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 /// A redis-server of one test: its own port and directory, AOF on, fsync on every write.
@@ -421,6 +422,8 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
     assert!(details.retry_info().is_some(), "RetryInfo: {status:?}");
     let metrics = ingest.metrics().await;
     assert!(common::metric_sum(&metrics, "sluice_events_refused_total", "backlog_full") >= 1.0);
+    // A full backlog takes the ingest node out of the load balancer's rotation.
+    common::wait_for_status(&ingest, ServingStatus::NotServing).await;
     let stats = QueryServiceClient::new(ingest.channel().await)
         .stats(StatsRequest::default())
         .await
@@ -444,10 +447,13 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!delete.is_finished(), "delete waits for the streams");
-    let _writer = TestServer::start(node(&database, &redis, "writer")).await;
+    let writer = TestServer::start(node(&database, &redis, "writer")).await;
     let deleted = delete.await.expect("task").expect("delete").into_inner();
     assert_eq!(deleted.deleted, 1);
     drained(&redis, Duration::from_secs(30)).await;
+    // Drained: the ingest node serves again; a writer node never serves ingest.
+    common::wait_for_status(&ingest, ServingStatus::Serving).await;
+    assert_eq!(common::ingest_status(&writer).await, ServingStatus::NotServing);
     assert_eq!(
         database.scalar("SELECT count(*) FROM events WHERE user_id = 'u-forget'").await,
         0
