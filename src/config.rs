@@ -53,6 +53,7 @@ pub struct Config {
     /// What this node does: `all`, `ingest` or `writer` (the last two need `redis.url`).
     pub role: Role,
     pub redis: RedisConfig,
+    pub search: SearchConfig,
 }
 
 /// How long events are kept, per service. An event older than its service's retention is
@@ -518,6 +519,30 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// How Query bounds a search that no index narrows (no `user_id`, no `trace_id`, and no
+/// `services` or a content filter): it scans time slices, newest first (or oldest first), and
+/// returns what it found when the page is full or `max_scan_time` is spent, with a token that
+/// goes on from where it stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// First time slice one step scans; halved when a step is slow, doubled when fast.
+    #[serde(with = "humantime_serde")]
+    pub slice: Duration,
+    /// Longest a Query scans before it answers with what it found and a token.
+    #[serde(with = "humantime_serde")]
+    pub max_scan_time: Duration,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            slice: Duration::from_secs(3600),
+            max_scan_time: Duration::from_millis(200),
+        }
+    }
+}
+
 /// A node's part in Redis mode. Without `redis.url` every node is `all` (direct mode).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -632,6 +657,7 @@ impl Default for Config {
             privacy: PrivacyConfig::default(),
             role: Role::All,
             redis: RedisConfig::default(),
+            search: SearchConfig::default(),
         }
     }
 }
@@ -876,6 +902,12 @@ impl Config {
         }
         if self.role != Role::All && self.redis.url.is_none() {
             return invalid("role", "ingest and writer roles need redis.url (Redis mode)");
+        }
+        if self.search.slice < Duration::from_secs(1) {
+            return invalid("search.slice", "must be at least 1s");
+        }
+        if self.search.max_scan_time.is_zero() {
+            return invalid("search.max_scan_time", "must be above zero");
         }
         if self.redis.shards == 0 || self.redis.shards > 1024 {
             return invalid("redis.shards", "must be between 1 and 1024");

@@ -427,6 +427,127 @@ async fn pagination_under_concurrent_ingest_neither_skips_nor_repeats() {
     background.await.expect("background ingest");
 }
 
+/// Pages of `request` until the token is empty: (ids in order, pages, partial pages with a token).
+async fn page_through(
+    query: &mut QueryServiceClient<Channel>,
+    request: QueryRequest,
+) -> (Vec<String>, usize, usize) {
+    let mut ids = Vec::new();
+    let (mut pages, mut partial) = (0, 0);
+    let mut page_token = String::new();
+    loop {
+        let page = query
+            .query(QueryRequest {
+                page_token,
+                ..request.clone()
+            })
+            .await
+            .expect("page")
+            .into_inner();
+        pages += 1;
+        ids.extend(page.events.iter().map(|event| event.id.clone()));
+        if page.next_page_token.is_empty() {
+            return (ids, pages, partial);
+        }
+        assert!(page.scanned_until.is_some(), "a page with a token says how far it scanned");
+        if page.events.len() < request.limit as usize {
+            partial += 1;
+        }
+        page_token = page.next_page_token;
+        assert!(pages < 10_000, "paging never ends");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_sliced_scan_pages_exactly_the_rows_of_one_unbounded_query_while_ingest_runs() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    // Tiny slices and scan time: every call stops early, so paging crosses many partial pages.
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_RETENTION__DEFAULT", "90days")
+            .env("SLUICE_SEARCH__SLICE", "2h")
+            .env("SLUICE_SEARCH__MAX_SCAN_TIME", "5ms"),
+    )
+    .await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = QueryServiceClient::new(server.channel().await);
+    // A day of events across services; the matches are in its first and last two hours only,
+    // so the scan crosses twenty hours of slices that hold none.
+    let needle = |age: i64| !(7_200..79_200).contains(&age);
+    let events: Vec<Event> = (0..1500)
+        .map(|index| {
+            let age = index * 113 % 86_400;
+            Event {
+                timestamp: at(TimeDelta::seconds(age)),
+                ..event(
+                    ["scan-a", "scan-b", "scan-c"][index as usize % 3],
+                    &if needle(age) {
+                        format!("needle {index}")
+                    } else {
+                        format!("hay {index}")
+                    },
+                )
+            }
+        })
+        .collect();
+    let needles = events
+        .iter()
+        .filter(|event| event.message.starts_with("needle"))
+        .count();
+    let scan_a_needles = events
+        .iter()
+        .filter(|event| event.message.starts_with("needle") && event.service == "scan-a")
+        .count();
+    publish(&mut ingest, events).await;
+    // Ingest keeps running (more hay, over the same range) while the scans page.
+    let mut writer = server.ingest_client().await;
+    let background = tokio::spawn(async move {
+        for round in 0..30 {
+            let events = (0..40)
+                .map(|index| Event {
+                    timestamp: at(TimeDelta::seconds((round * 40 + index) * 97 % 86_400)),
+                    ..event("scan-b", &format!("more hay {round}-{index}"))
+                })
+                .collect();
+            writer.publish(common::request(events)).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    for (order, sql_order) in [(Order::NewestFirst, "DESC"), (Order::OldestFirst, "ASC")] {
+        let request = QueryRequest {
+            message_contains: "needle".to_owned(),
+            limit: 23,
+            order: order as i32,
+            ..Default::default()
+        };
+        let (paged, pages, partial) = page_through(&mut query, request).await;
+        let expected: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id::text FROM events WHERE strpos(message, 'needle') > 0 \
+             ORDER BY ts {sql_order}, id {sql_order}"
+        )))
+        .fetch_all(&mut database.connect().await)
+        .await
+        .expect("unbounded query");
+        assert_eq!(expected.len(), needles);
+        assert_eq!(paged, expected, "{order:?}: same rows, same order, no skip, no repeat");
+        assert!(partial > 0, "{order:?}: the scan was bounded ({pages} pages)");
+    }
+    // A service filter with a content filter is scanned the same way; without one it is not.
+    let (paged, _, _) = page_through(
+        &mut query,
+        QueryRequest {
+            services: vec!["scan-a".to_owned()],
+            message_contains: "needle".to_owned(),
+            limit: 50,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(paged.len(), scan_a_needles);
+    background.await.expect("background ingest");
+}
+
 async fn export_all(
     query: &mut QueryServiceClient<Channel>,
     request: ExportRequest,

@@ -175,11 +175,22 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
             nanos: 0,
         })
     };
+    let contains = |fields: serde_json::Value| -> Option<sluice::proto::Metadata> {
+        match fields {
+            serde_json::Value::Object(fields) => Some(fields.into()),
+            _ => None,
+        }
+    };
     for scenario in [
         "service, 1-hour window",
         "one user_id",
         "next page",
         "stats",
+        "rare message, all",
+        "service + rare message",
+        "metadata, no match",
+        "metadata, a third",
+        "user + metadata",
     ] {
         let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let mut returned = 0usize;
@@ -227,6 +238,37 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
                     returned += page.events.len();
                     latency.saturating_record((started.elapsed().as_micros() as u64).max(1));
                     continue;
+                }
+                "rare message, all" | "service + rare message" => {
+                    // A substring no loaded message holds: the worst case, a full scan.
+                    let request = QueryRequest {
+                        services: if scenario.starts_with("service") {
+                            vec![service]
+                        } else {
+                            Vec::new()
+                        },
+                        message_contains: "-> 599 in".to_owned(),
+                        limit: 10,
+                        ..QueryRequest::default()
+                    };
+                    returned += client.query(request).await?.into_inner().events.len();
+                }
+                "metadata, no match" | "metadata, a third" | "user + metadata" => {
+                    let (fields, user_id) = match scenario {
+                        "metadata, no match" => (serde_json::json!({"status": 500}), String::new()),
+                        "metadata, a third" => (serde_json::json!({"region": "eu"}), String::new()),
+                        _ => (
+                            serde_json::json!({"region": "eu"}),
+                            format!("user-{}", rng.random_range(0..args.users)),
+                        ),
+                    };
+                    let request = QueryRequest {
+                        metadata_contains: contains(fields),
+                        user_id,
+                        limit: 10,
+                        ..QueryRequest::default()
+                    };
+                    returned += client.query(request).await?.into_inner().events.len();
                 }
                 _ => {
                     returned += client

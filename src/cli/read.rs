@@ -230,6 +230,7 @@ pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
         .map_err(write_error("stdout"))?;
     }
     let mut page_token = String::new();
+    let mut shown = 0usize;
     loop {
         let request = QueryRequest {
             services: filters.services.clone(),
@@ -254,7 +255,10 @@ pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
         for event in &page.events {
             writeln!(out, "{}", event_line(event, table)).map_err(write_error("stdout"))?;
         }
-        if !args.all || page.next_page_token.is_empty() {
+        shown += page.events.len();
+        // A bounded scan may answer with a partial (even empty) page and a token: without
+        // --all, follow tokens until a page's worth is shown.
+        if page.next_page_token.is_empty() || (!args.all && shown >= args.limit as usize) {
             break;
         }
         page_token = page.next_page_token;

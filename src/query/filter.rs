@@ -347,6 +347,16 @@ impl Filter {
         }
     }
 
+    /// Whether no index narrows this filter, so that Query must bound its scan in time
+    /// slices: no user, no trace, and either no services or a content filter on top.
+    pub fn needs_scan(&self) -> bool {
+        self.user_id.is_none()
+            && self.trace_id.is_none()
+            && (self.services.is_empty()
+                || self.message_contains.is_some()
+                || self.metadata_contains.is_some())
+    }
+
     /// The archived objects that may hold matching events.
     pub fn archive_selection(&self) -> Selection {
         Selection {

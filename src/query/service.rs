@@ -1,6 +1,11 @@
 //! The QueryService handlers.
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use futures::{Stream, TryStreamExt};
@@ -36,7 +41,7 @@ use crate::{
         StatsResponse, TailRequest, TailResponse, WriterStats, query_service_server::QueryService,
     },
     spool::Spool,
-    store::{self, Store},
+    store::{self, Store, partitions},
     stream::{Backlog, StreamError, Streams},
     tail::TailHub,
     wire::to_timestamp,
@@ -272,6 +277,47 @@ impl QueryHandler {
         let cursor = (!request.page_token.is_empty())
             .then(|| Cursor::decode(&request.page_token, &filter, oldest_first))
             .transpose()?;
+        let page = if filter.needs_scan() {
+            self.scan_page(&filter, cursor, limit, oldest_first).await?
+        } else {
+            let mut rows = self
+                .page_rows(&filter, cursor, None, limit, oldest_first)
+                .await?;
+            let more = rows.len() > limit as usize;
+            rows.truncate(limit as usize);
+            let next = more
+                .then(|| rows.last().map(|last| Cursor { ts: last.ts, id: last.id }))
+                .flatten();
+            Page { rows, next, scanned_until: None }
+        };
+        let Page { rows, next, scanned_until } = page;
+        let next_page_token = next
+            .map(|cursor| cursor.encode(&filter, oldest_first))
+            .unwrap_or_default();
+        details["rows"] = Json::from(rows.len());
+        Ok(QueryResponse {
+            events: rows
+                .into_iter()
+                .map(|mut row| {
+                    privacy.reveal(row.id, &mut row.metadata.0, show)?;
+                    Ok(Event::from(row))
+                })
+                .collect::<Result<_, QueryError>>()?,
+            next_page_token,
+            scanned_until: scanned_until.map(to_timestamp),
+        })
+    }
+
+    /// Rows after `cursor` (in the order asked), within `window` when given, at most
+    /// `limit + 1` (the extra one says whether there are more).
+    async fn page_rows(
+        &self,
+        filter: &Filter,
+        cursor: Option<Cursor>,
+        window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+        limit: u32,
+        oldest_first: bool,
+    ) -> Result<Vec<EventRow>, QueryError> {
         let mut builder = QueryBuilder::<Postgres>::new(
             "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
         );
@@ -292,40 +338,102 @@ impl QueryHandler {
                 .push_bind(cursor.ts);
             builder.push(", ").push_bind(cursor.id).push(")");
         }
+        if let Some((from, until)) = window {
+            builder.push(" AND ts >= ").push_bind(from);
+            builder.push(" AND ts < ").push_bind(until);
+        }
         builder
             .push(format_args!(
                 " ORDER BY ts {direction}, id {direction} LIMIT "
             ))
             .push_bind(i64::from(limit) + 1);
-        let mut rows: Vec<EventRow> = builder
+        Ok(builder
             .build_query_as()
             .fetch_all(&self.store.read_pool)
-            .await?;
-        let next_page_token = if rows.len() > limit as usize {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|last| {
-                    Cursor {
-                        ts: last.ts,
-                        id: last.id,
-                    }
-                    .encode(&filter, oldest_first)
-                })
-                .unwrap_or_default()
-        } else {
-            String::new()
+            .await?)
+    }
+
+    /// A page of a search no index narrows: time slices from the cursor (or the end of the
+    /// range) towards the other end, until the page is full, the range is covered, or
+    /// `search.max_scan_time` is spent. Slices halve when a step is slow and double when it is
+    /// fast; the BRIN index on `ts` keeps each step to its slice's blocks.
+    async fn scan_page(
+        &self,
+        filter: &Filter,
+        cursor: Option<Cursor>,
+        limit: u32,
+        oldest_first: bool,
+    ) -> Result<Page, QueryError> {
+        let search = &self.config.search;
+        let started = Instant::now();
+        let oldest = match filter.start {
+            Some(start) => Some(start),
+            None => partitions::oldest_start(&self.store.read_pool).await?,
         };
-        details["rows"] = Json::from(rows.len());
-        Ok(QueryResponse {
-            events: rows
-                .into_iter()
-                .map(|mut row| {
-                    privacy.reveal(row.id, &mut row.metadata.0, show)?;
-                    Ok(Event::from(row))
-                })
-                .collect::<Result<_, QueryError>>()?,
-            next_page_token,
-        })
+        let newest = filter.end.unwrap_or_else(|| {
+            Utc::now() + self.config.validation.max_future_skew + TimeDelta::seconds(1)
+        });
+        let Some(oldest) = oldest.filter(|oldest| *oldest < newest) else {
+            return Ok(Page::default());
+        };
+        // The part of the range still to scan, [low, high).
+        let (mut low, mut high) = match (cursor, oldest_first) {
+            (Some(cursor), false) => (oldest, (cursor.ts + TimeDelta::microseconds(1)).min(newest)),
+            (Some(cursor), true) => (cursor.ts.max(oldest), newest),
+            (None, _) => (oldest, newest),
+        };
+        let first_slice = TimeDelta::from_std(search.slice).unwrap_or(TimeDelta::hours(1));
+        // Shrinking stops at 1/64 of the configured slice: below that a step's cost is its
+        // fixed overhead, and more steps would only add calls.
+        let min_slice = (first_slice / MIN_SLICE_DIVISOR).max(TimeDelta::seconds(1));
+        let mut slice = first_slice;
+        let mut rows: Vec<EventRow> = Vec::new();
+        let mut position = cursor;
+        while low < high {
+            let window = if oldest_first {
+                (low, (low + slice).min(high))
+            } else {
+                ((high - slice).max(low), high)
+            };
+            let step = Instant::now();
+            let wanted = limit - rows.len() as u32;
+            let mut found = self
+                .page_rows(filter, position, Some(window), wanted, oldest_first)
+                .await?;
+            if found.len() > wanted as usize {
+                found.truncate(wanted as usize);
+                rows.extend(found);
+                let next = rows.last().map(|last| Cursor { ts: last.ts, id: last.id });
+                return Ok(Page {
+                    scanned_until: next.map(|next| next.ts),
+                    rows,
+                    next,
+                });
+            }
+            rows.extend(found);
+            // The window is covered: go on from its far edge.
+            if oldest_first {
+                low = window.1;
+                position = Some(Cursor { ts: low - TimeDelta::microseconds(1), id: Uuid::max() });
+            } else {
+                high = window.0;
+                position = Some(Cursor { ts: high, id: Uuid::nil() });
+            }
+            let took = step.elapsed();
+            if took > search.max_scan_time / 2 {
+                slice = (slice / 2).max(min_slice);
+            } else if took < search.max_scan_time / 10 {
+                slice = (slice * 2).min(TimeDelta::days(31));
+            }
+            if low < high && started.elapsed() >= search.max_scan_time {
+                return Ok(Page {
+                    rows,
+                    next: position,
+                    scanned_until: Some(if oldest_first { low } else { high }),
+                });
+            }
+        }
+        Ok(Page { rows, next: None, scanned_until: None })
     }
 
     /// Deletes, and writes its audit row in the transaction of its last step.
@@ -857,6 +965,17 @@ impl QueryHandler {
         }
         Ok(())
     }
+}
+
+/// How far below `search.slice` a scan's slices may shrink.
+const MIN_SLICE_DIVISOR: i32 = 64;
+
+/// One page of Query: its rows, where the next one starts, and how far a scan reached.
+#[derive(Default)]
+struct Page {
+    rows: Vec<EventRow>,
+    next: Option<Cursor>,
+    scanned_until: Option<DateTime<Utc>>,
 }
 
 /// Snapshots tried before an Export gives up on objects changing under it.

@@ -31,6 +31,26 @@ pub fn months_between(
     months
 }
 
+/// The start of the oldest partition of `events`: nothing is stored before it. None when
+/// there is no partition.
+pub async fn oldest_start(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let oldest: Option<String> = sqlx::query_scalar(
+        "SELECT min(c.relname::text) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'events'::regclass AND c.relname ~ '^events_p[0-9]{4}_[0-9]{2}$'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(oldest.and_then(|name| partition_start(&name)))
+}
+
+/// The first instant of partition `events_pYYYY_MM`.
+fn partition_start(name: &str) -> Option<DateTime<Utc>> {
+    let (year, month) = name.strip_prefix("events_p")?.split_once('_')?;
+    NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)?
+        .and_hms_opt(0, 0, 0)
+        .map(|start| start.and_utc())
+}
+
 /// Creates the missing monthly partitions covering `[from, to]`. Safe to call concurrently
 /// from several writers and nodes (serialized by an advisory lock).
 pub async fn ensure_partitions(
@@ -89,6 +109,16 @@ pub async fn ensure_partitions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_names_give_their_first_instant() {
+        assert_eq!(
+            partition_start("events_p2026_11").map(|start| start.to_rfc3339()),
+            Some("2026-11-01T00:00:00+00:00".to_owned())
+        );
+        assert_eq!(partition_start("events_p2026_13"), None);
+        assert_eq!(partition_start("other"), None);
+    }
 
     #[test]
     fn months_between_spans_year_boundaries() {
