@@ -10,6 +10,8 @@
 #
 # Server settings can be varied through SLUICE_* variables, e.g.
 #   SLUICE_WRITER__BATCH_MAX_EVENTS=1000 bench/run.sh
+# and an index's ingest cost measured by dropping it first:
+#   BENCH_DROP_INDEXES=events_ts_brin_idx bench/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -27,6 +29,11 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname
 
 if [ "$redis" = 0 ]; then
   start_release_server "$DATABASE"
+  # For A/B runs of an index's ingest cost: BENCH_DROP_INDEXES="events_ts_brin_idx ..."
+  for index in ${BENCH_DROP_INDEXES:-}; do
+    psql -X -q -v ON_ERROR_STOP=1 "$PG_URL" -c "DROP INDEX $index"
+    echo "dropped index $index"
+  done
   # shellcheck disable=SC2046
   target/release/sluice bench $(release_server_client_flags) \
     --database-url "$PG_URL" --server-pid "$SLUICE_PID" --reset-table "$@"

@@ -901,7 +901,10 @@ impl Config {
             return invalid("privacy.optout_refresh", "must be above zero");
         }
         if self.role != Role::All && self.redis.url.is_none() {
-            return invalid("role", "ingest and writer roles need redis.url (Redis mode)");
+            return invalid(
+                "role",
+                "ingest and writer roles need redis.url (Redis mode)",
+            );
         }
         if self.search.slice < Duration::from_secs(1) {
             return invalid("search.slice", "must be at least 1s");
@@ -1088,7 +1091,10 @@ mod tests {
             let config = Config::load(None, Figment::new()).expect("loads");
             assert_eq!(config.role, Role::Writer);
             assert_eq!(config.redis.claim_idle, Duration::from_secs(5));
-            assert!(!format!("{config:?}").contains("secret"), "the url is redacted");
+            assert!(
+                !format!("{config:?}").contains("secret"),
+                "the url is redacted"
+            );
             Ok(())
         });
         let mut config = Config {

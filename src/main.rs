@@ -384,4 +384,3 @@ fn return_large_buffers_to_the_system() {
         }
     }
 }
-

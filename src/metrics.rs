@@ -513,8 +513,8 @@ pub fn buffer(events: usize, bytes: usize, max_events: usize, max_bytes: usize) 
     gauge!("sluice_buffer_capacity_events").set(max_events as f64);
     gauge!("sluice_buffer_capacity_bytes").set(max_bytes as f64);
     // The fuller of the two bounds, 0.0 to 1.0: what admission runs out of first.
-    let utilization = (events as f64 / max_events.max(1) as f64)
-        .max(bytes as f64 / max_bytes.max(1) as f64);
+    let utilization =
+        (events as f64 / max_events.max(1) as f64).max(bytes as f64 / max_bytes.max(1) as f64);
     gauge!("sluice_buffer_utilization").set(utilization);
 }
 

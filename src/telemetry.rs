@@ -14,12 +14,12 @@ use opentelemetry::{
 };
 use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
-use tonic::codegen::http::HeaderMap;
 use opentelemetry_sdk::{
     Resource,
     propagation::TraceContextPropagator,
     trace::{Sampler, SdkTracerProvider},
 };
+use tonic::codegen::http::HeaderMap;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
@@ -102,11 +102,12 @@ fn tracer_provider(
         .with_endpoint(endpoint);
     if endpoint.starts_with("https://") {
         exporter = exporter.with_tls_config(
-            opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                .with_native_roots(),
+            opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_native_roots(),
         );
     }
-    let exporter = exporter.build().map_err(|error| failed(error.to_string()))?;
+    let exporter = exporter
+        .build()
+        .map_err(|error| failed(error.to_string()))?;
     let mut provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource());
@@ -180,8 +181,7 @@ pub fn adopt_caller(span: &tracing::Span, headers: &HeaderMap) {
     let remote = remote_span(headers);
     if exporting() {
         if let Some(remote) = &remote {
-            let parent =
-                opentelemetry::Context::new().with_remote_span_context(remote.clone());
+            let parent = opentelemetry::Context::new().with_remote_span_context(remote.clone());
             // Fails only when the span is disabled, and then there is nothing to parent.
             let _ = span.set_parent(parent);
         }
@@ -215,19 +215,29 @@ pub fn current_span_context() -> Option<SpanContext> {
     if !exporting() {
         return None;
     }
-    let current = tracing::Span::current().context().span().span_context().clone();
+    let current = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .clone();
     (current.is_valid() && current.is_sampled()).then_some(current)
 }
 
 /// Links `span` (a batch write's) to the request spans whose events it holds, once each and
 /// at most [`MAX_BATCH_LINKS`].
-pub fn link_requests<'a>(span: &tracing::Span, requests: impl IntoIterator<Item = &'a SpanContext>) {
+pub fn link_requests<'a>(
+    span: &tracing::Span,
+    requests: impl IntoIterator<Item = &'a SpanContext>,
+) {
     let mut linked: Vec<&SpanContext> = Vec::new();
     for request in requests {
         if linked.len() == MAX_BATCH_LINKS {
             break;
         }
-        if linked.iter().all(|seen| seen.span_id() != request.span_id()) {
+        if linked
+            .iter()
+            .all(|seen| seen.span_id() != request.span_id())
+        {
             span.add_link(request.clone());
             linked.push(request);
         }
@@ -250,7 +260,10 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ))
         .expect("a remote span");
-        assert_eq!(span.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            span.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(span.span_id().to_string(), "00f067aa0ba902b7");
         assert!(span.is_remote());
     }

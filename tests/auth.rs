@@ -658,6 +658,9 @@ burst_events = 500
         assert!(!logs.contains(signature), "a token signature was logged");
     }
     for secret in ["eyJ", "BEGIN", "PRIVATE KEY", "Bearer", "authorization"] {
-        assert!(!logs.contains(secret), "{secret:?} appears in the logs:\n{logs}");
+        assert!(
+            !logs.contains(secret),
+            "{secret:?} appears in the logs:\n{logs}"
+        );
     }
 }

@@ -199,18 +199,25 @@ async fn prometheus_api(
     path: &str,
     params: &[(&str, &str)],
 ) -> serde_json::Value {
-    let url = reqwest::Url::parse_with_params(&format!("{base}/api/v1/{path}"), params)
-        .expect("url");
+    let url =
+        reqwest::Url::parse_with_params(&format!("{base}/api/v1/{path}"), params).expect("url");
     let response = client.get(url).send().await.expect("prometheus answers");
     let text = response.text().await.expect("body");
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON from prometheus: {text}"))
 }
 
 /// A PromQL instant query; panics unless Prometheus accepts it. Returns the result series.
-async fn instant_query(client: &reqwest::Client, base: &str, query: &str) -> Vec<serde_json::Value> {
+async fn instant_query(
+    client: &reqwest::Client,
+    base: &str,
+    query: &str,
+) -> Vec<serde_json::Value> {
     let answer = prometheus_api(client, base, "query", &[("query", query)]).await;
     assert_eq!(answer["status"], "success", "{query}: {answer}");
-    answer["data"]["result"].as_array().cloned().unwrap_or_default()
+    answer["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,16 +234,22 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
     let config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n\
          scrape_configs:\n  - job_name: sluice\n    static_configs:\n      - targets: [\"{metrics}\"]\n",
-        rules = serde_json::to_string(&format!("{ROOT}/deploy/prometheus/alerts.yml"))
-            .expect("quoted"),
+        rules =
+            serde_json::to_string(&format!("{ROOT}/deploy/prometheus/alerts.yml")).expect("quoted"),
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).expect("write config");
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let _prometheus = KillOnDrop(
         Command::new(binary)
-            .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
             .stdin(Stdio::null())
@@ -256,9 +269,16 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut rounds = 0;
     loop {
-        publish(&mut ingest, vec![event("metrics", "one"), event("other-service", "two")]).await;
+        publish(
+            &mut ingest,
+            vec![event("metrics", "one"), event("other-service", "two")],
+        )
+        .await;
         ingest
-            .publish(common::request(vec![bad.clone(), event("metrics", "three")]))
+            .publish(common::request(vec![
+                bad.clone(),
+                event("metrics", "three"),
+            ]))
             .await
             .expect("partial success");
         query
@@ -270,7 +290,9 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
         // Enough scrapes for every rate window below to hold two samples with increases.
         if rounds >= 12
             && let Ok(answer) = client
-                .get(format!("{base}/api/v1/query?query=sluice_events_received_total"))
+                .get(format!(
+                    "{base}/api/v1/query?query=sluice_events_received_total"
+                ))
                 .send()
                 .await
             && let Ok(text) = answer.text().await
@@ -320,11 +342,14 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
             empty_core.push(title.to_owned());
         }
     }
-    assert!(empty_core.is_empty(), "core panels without data: {empty_core:?}");
+    assert!(
+        empty_core.is_empty(),
+        "core panels without data: {empty_core:?}"
+    );
 
     // Every alert rule is loaded and evaluates without error against the live series.
-    let alerts = std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml"))
-        .expect("alerts");
+    let alerts =
+        std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml")).expect("alerts");
     let shipped = alerts.matches("- alert:").count();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -337,7 +362,11 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
             .collect();
         let evaluated = rules
             .iter()
-            .filter(|rule| rule["lastEvaluation"].as_str().is_some_and(|at| !at.starts_with("0001")))
+            .filter(|rule| {
+                rule["lastEvaluation"]
+                    .as_str()
+                    .is_some_and(|at| !at.starts_with("0001"))
+            })
             .count();
         if rules.len() == shipped && evaluated == shipped {
             for rule in &rules {

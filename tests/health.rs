@@ -116,7 +116,11 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
         .env("RUST_LOG", "warn")
         .output()
         .expect("run sluice lifecycle");
-    assert!(job.status.success(), "{}", String::from_utf8_lossy(&job.stderr));
+    assert!(
+        job.status.success(),
+        "{}",
+        String::from_utf8_lossy(&job.stderr)
+    );
     assert!(
         data_dir.join("postgres/postmaster.pid").exists(),
         "the job stopped the server's PostgreSQL"
@@ -137,7 +141,10 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
         .fetch_one(&mut connection)
         .await
         .expect("count");
-    assert_eq!(stored, 4, "before, during and after the outage, and after the job");
+    assert_eq!(
+        stored, 4,
+        "before, during and after the outage, and after the job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -449,7 +449,10 @@ async fn page_through(
         if page.next_page_token.is_empty() {
             return (ids, pages, partial);
         }
-        assert!(page.scanned_until.is_some(), "a page with a token says how far it scanned");
+        assert!(
+            page.scanned_until.is_some(),
+            "a page with a token says how far it scanned"
+        );
         if page.events.len() < request.limit as usize {
             partial += 1;
         }
@@ -510,7 +513,10 @@ async fn a_time_sliced_scan_pages_exactly_the_rows_of_one_unbounded_query_while_
                     ..event("scan-b", &format!("more hay {round}-{index}"))
                 })
                 .collect();
-            writer.publish(common::request(events)).await.expect("publish");
+            writer
+                .publish(common::request(events))
+                .await
+                .expect("publish");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
@@ -530,8 +536,14 @@ async fn a_time_sliced_scan_pages_exactly_the_rows_of_one_unbounded_query_while_
         .await
         .expect("unbounded query");
         assert_eq!(expected.len(), needles);
-        assert_eq!(paged, expected, "{order:?}: same rows, same order, no skip, no repeat");
-        assert!(partial > 0, "{order:?}: the scan was bounded ({pages} pages)");
+        assert_eq!(
+            paged, expected,
+            "{order:?}: same rows, same order, no skip, no repeat"
+        );
+        assert!(
+            partial > 0,
+            "{order:?}: the scan was bounded ({pages} pages)"
+        );
     }
     // A service filter with a content filter is scanned the same way; without one it is not.
     let (paged, _, _) = page_through(

@@ -61,7 +61,14 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--dir")
             .arg(self.dir.path())
-            .args(["--appendonly", appendonly, "--appendfsync", fsync, "--save", ""])
+            .args([
+                "--appendonly",
+                appendonly,
+                "--appendfsync",
+                fsync,
+                "--save",
+                "",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -182,12 +189,11 @@ async fn send(
 
 async fn stored_ids(database: &TestDatabase, service_like: &str) -> (i64, HashSet<String>) {
     let mut connection = database.connect().await;
-    let ids: Vec<String> =
-        sqlx::query_scalar("SELECT id::text FROM events WHERE service LIKE $1")
-            .bind(service_like)
-            .fetch_all(&mut connection)
-            .await
-            .expect("ids");
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id::text FROM events WHERE service LIKE $1")
+        .bind(service_like)
+        .fetch_all(&mut connection)
+        .await
+        .expect("ids");
     (ids.len() as i64, ids.into_iter().collect())
 }
 
@@ -229,7 +235,10 @@ async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_thro
     // 200k events over both ingest nodes, 4 senders each.
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
     let mut senders = tokio::task::JoinSet::new();
-    for (index, server) in [&ingest_a, &ingest_b, &ingest_a, &ingest_b].iter().enumerate() {
+    for (index, server) in [&ingest_a, &ingest_b, &ingest_a, &ingest_b]
+        .iter()
+        .enumerate()
+    {
         senders.spawn(send(
             server.ingest_client().await,
             format!("cluster-{index}"),
@@ -262,7 +271,10 @@ async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_thro
     eprintln!(
         "acknowledged {}, stored {rows}; claims by the surviving writer: {}",
         acknowledged.len(),
-        writer_b.logs().matches("claimed entries another writer left pending").count()
+        writer_b
+            .logs()
+            .matches("claimed entries another writer left pending")
+            .count()
     );
     let stats = QueryServiceClient::new(writer_b.channel().await)
         .stats(StatsRequest::default())
@@ -300,7 +312,11 @@ async fn redis_killed_and_restarted_under_load_loses_nothing_acknowledged() {
     let during = acknowledged.lock().expect("ids").len();
     let deadline = Instant::now() + Duration::from_secs(30);
     while acknowledged.lock().expect("ids").len() < during + 1_000 {
-        assert!(Instant::now() < deadline, "no acks while redis was down:\n{}", server.logs());
+        assert!(
+            Instant::now() < deadline,
+            "no acks while redis was down:\n{}",
+            server.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     redis.spawn().await;
@@ -322,7 +338,10 @@ async fn redis_killed_and_restarted_under_load_loses_nothing_acknowledged() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(server.logs().contains("replayed spool segment"), "the spool carried the outage");
+    assert!(
+        server.logs().contains("replayed spool segment"),
+        "the spool carried the outage"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,10 +395,11 @@ async fn a_poison_entry_goes_to_dead_letters_after_max_deliveries() {
             .await,
         1
     );
-    let raw: Vec<u8> = sqlx::query_scalar("SELECT raw FROM dead_letters WHERE service = '(unreadable)'")
-        .fetch_one(&mut database.connect().await)
-        .await
-        .expect("raw");
+    let raw: Vec<u8> =
+        sqlx::query_scalar("SELECT raw FROM dead_letters WHERE service = '(unreadable)'")
+            .fetch_one(&mut database.connect().await)
+            .await
+            .expect("raw");
     assert_eq!(raw, vec![9u8, 1, 2, 3], "kept byte for byte");
 }
 
@@ -401,14 +421,22 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
         .await
         .expect("publish");
     for _ in 0..3 {
-        let events = (0..500).map(|index| event("backlog", &index.to_string())).collect();
-        client.publish(request(events)).await.expect("under the limit");
+        let events = (0..500)
+            .map(|index| event("backlog", &index.to_string()))
+            .collect();
+        client
+            .publish(request(events))
+            .await
+            .expect("under the limit");
     }
     // The limit is read every 500 ms: a few more may pass before the refusals start.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut extra = 0;
     let status = loop {
-        match client.publish(request(vec![event("backlog", "one more")])).await {
+        match client
+            .publish(request(vec![event("backlog", "one more")]))
+            .await
+        {
             Err(status) => break status,
             Ok(_) => {
                 extra += 1;
@@ -453,13 +481,20 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
     drained(&redis, Duration::from_secs(30)).await;
     // Drained: the ingest node serves again; a writer node never serves ingest.
     common::wait_for_status(&ingest, ServingStatus::Serving).await;
-    assert_eq!(common::ingest_status(&writer).await, ServingStatus::NotServing);
     assert_eq!(
-        database.scalar("SELECT count(*) FROM events WHERE user_id = 'u-forget'").await,
+        common::ingest_status(&writer).await,
+        ServingStatus::NotServing
+    );
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE user_id = 'u-forget'")
+            .await,
         0
     );
     assert_eq!(
-        database.scalar("SELECT count(*) FROM events WHERE service = 'backlog'").await,
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'backlog'")
+            .await,
         1_500 + extra as i64
     );
 }

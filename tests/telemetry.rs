@@ -95,7 +95,10 @@ fn with_traceparent<T>(message: T, trace_id: &str, span_id: &str) -> Request<T> 
 }
 
 /// Waits until `wanted` holds for the received spans.
-async fn spans_until(receiver: &Receiver, wanted: impl Fn(&[(String, Span)]) -> bool) -> Vec<(String, Span)> {
+async fn spans_until(
+    receiver: &Receiver,
+    wanted: impl Fn(&[(String, Span)]) -> bool,
+) -> Vec<(String, Span)> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let spans = receiver.spans.lock().expect("spans").clone();
@@ -103,7 +106,10 @@ async fn spans_until(receiver: &Receiver, wanted: impl Fn(&[(String, Span)]) -> 
             return spans;
         }
         let names: Vec<&str> = spans.iter().map(|(_, span)| span.name.as_str()).collect();
-        assert!(Instant::now() < deadline, "spans never arrived; got {names:?}");
+        assert!(
+            Instant::now() < deadline,
+            "spans never arrived; got {names:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -127,7 +133,10 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
     let (collector, receiver) = start_receiver().await;
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{collector}"))
+            .env(
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            )
             .env("OTEL_SERVICE_NAME", "sluice-under-test")
             .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
     )
@@ -144,7 +153,10 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
     let spans = spans_until(&receiver, |spans| {
         spans.iter().any(|(_, span)| {
             span.name == "write_batch"
-                && span.links.iter().any(|link| hex(&link.trace_id) == TRACE_ID)
+                && span
+                    .links
+                    .iter()
+                    .any(|link| hex(&link.trace_id) == TRACE_ID)
         })
     })
     .await;
@@ -154,13 +166,20 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
         .find(|span| span.name == "/sluice.v1.IngestService/Publish")
         .expect("the RPC span");
     assert_eq!(hex(&rpc.trace_id), TRACE_ID, "the caller's trace");
-    assert_eq!(hex(&rpc.parent_span_id), CALLER_SPAN_ID, "a child of the caller's span");
+    assert_eq!(
+        hex(&rpc.parent_span_id),
+        CALLER_SPAN_ID,
+        "a child of the caller's span"
+    );
     let validate = spans
         .iter()
         .map(|(_, span)| span)
         .find(|span| span.name == "validate" && hex(&span.trace_id) == TRACE_ID)
         .expect("the validation span");
-    assert_eq!(validate.parent_span_id, rpc.span_id, "validation inside the RPC");
+    assert_eq!(
+        validate.parent_span_id, rpc.span_id,
+        "validation inside the RPC"
+    );
     let batch = spans
         .iter()
         .map(|(_, span)| span)
@@ -173,9 +192,14 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
             .any(|link| link.trace_id == rpc.trace_id && link.span_id == rpc.span_id),
         "the batch links to the request that brought its events"
     );
-    assert_ne!(batch.trace_id, rpc.trace_id, "a batch is its own trace, linked");
+    assert_ne!(
+        batch.trace_id, rpc.trace_id,
+        "a batch is its own trace, linked"
+    );
     assert!(
-        spans.iter().all(|(service, _)| service == "sluice-under-test"),
+        spans
+            .iter()
+            .all(|(service, _)| service == "sluice-under-test"),
         "OTEL_SERVICE_NAME names the resource"
     );
 
@@ -270,7 +294,10 @@ async fn without_export_the_callers_trace_id_is_still_stored_and_logged() {
         .lines()
         .find(|line| line.contains("delete request served"))
         .expect("the delete's log line");
-    assert!(line.contains(&format!(r#""trace_id":"{STREAM_TRACE_ID}""#)), "{line}");
+    assert!(
+        line.contains(&format!(r#""trace_id":"{STREAM_TRACE_ID}""#)),
+        "{line}"
+    );
     assert!(line.contains(r#""request_id":"#), "{line}");
 }
 

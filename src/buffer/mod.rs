@@ -19,9 +19,9 @@ use tokio::{
 use opentelemetry::trace::SpanContext;
 
 use crate::{
-    telemetry,
     config::BufferConfig,
     event::{EventRejection, ValidEvent},
+    telemetry,
 };
 
 /// What the writer reports for an envelope once its events are durable.

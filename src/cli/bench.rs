@@ -655,10 +655,7 @@ async fn drive_stream(
     Ok((stored, refusals))
 }
 
-async fn connect(
-    args: &BenchArgs,
-    addr: &str,
-) -> Result<IngestServiceClient<Channel>, BenchError> {
+async fn connect(args: &BenchArgs, addr: &str) -> Result<IngestServiceClient<Channel>, BenchError> {
     let connect = crate::cli::connect::ConnectArgs {
         addr: addr.to_owned(),
         ..args.connect.clone()

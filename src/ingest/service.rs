@@ -361,7 +361,9 @@ fn stream_error(status: Status) -> IngestError {
 
 /// Records the duration and code of a finished unary or client-streaming call.
 fn rpc_finished<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
-    let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+    let code = result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
     crate::metrics::rpc_finished(rpc, code, started.elapsed());
 }
 

@@ -52,9 +52,7 @@ fn trace_id_filter(text: &str) -> Result<Option<String>, QueryError> {
         return Ok(None);
     }
     match crate::event::TraceId::from_hex(text) {
-        Ok(trace_id)
-            if text.len() == 32 && trace_id != crate::event::TraceId::INVALID =>
-        {
+        Ok(trace_id) if text.len() == 32 && trace_id != crate::event::TraceId::INVALID => {
             Ok(Some(trace_id.to_string()))
         }
         _ => Err(QueryError::invalid(

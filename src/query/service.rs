@@ -286,11 +286,24 @@ impl QueryHandler {
             let more = rows.len() > limit as usize;
             rows.truncate(limit as usize);
             let next = more
-                .then(|| rows.last().map(|last| Cursor { ts: last.ts, id: last.id }))
+                .then(|| {
+                    rows.last().map(|last| Cursor {
+                        ts: last.ts,
+                        id: last.id,
+                    })
+                })
                 .flatten();
-            Page { rows, next, scanned_until: None }
+            Page {
+                rows,
+                next,
+                scanned_until: None,
+            }
         };
-        let Page { rows, next, scanned_until } = page;
+        let Page {
+            rows,
+            next,
+            scanned_until,
+        } = page;
         let next_page_token = next
             .map(|cursor| cursor.encode(&filter, oldest_first))
             .unwrap_or_default();
@@ -403,7 +416,10 @@ impl QueryHandler {
             if found.len() > wanted as usize {
                 found.truncate(wanted as usize);
                 rows.extend(found);
-                let next = rows.last().map(|last| Cursor { ts: last.ts, id: last.id });
+                let next = rows.last().map(|last| Cursor {
+                    ts: last.ts,
+                    id: last.id,
+                });
                 return Ok(Page {
                     scanned_until: next.map(|next| next.ts),
                     rows,
@@ -414,10 +430,16 @@ impl QueryHandler {
             // The window is covered: go on from its far edge.
             if oldest_first {
                 low = window.1;
-                position = Some(Cursor { ts: low - TimeDelta::microseconds(1), id: Uuid::max() });
+                position = Some(Cursor {
+                    ts: low - TimeDelta::microseconds(1),
+                    id: Uuid::max(),
+                });
             } else {
                 high = window.0;
-                position = Some(Cursor { ts: high, id: Uuid::nil() });
+                position = Some(Cursor {
+                    ts: high,
+                    id: Uuid::nil(),
+                });
             }
             let took = step.elapsed();
             if took > search.max_scan_time / 2 {
@@ -433,7 +455,11 @@ impl QueryHandler {
                 });
             }
         }
-        Ok(Page { rows, next: None, scanned_until: None })
+        Ok(Page {
+            rows,
+            next: None,
+            scanned_until: None,
+        })
     }
 
     /// Deletes, and writes its audit row in the transaction of its last step.

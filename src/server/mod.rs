@@ -419,7 +419,11 @@ impl Background {
                 breaker: consumers_breaker.clone(),
                 counters: counters.clone(),
                 tail: tail.clone(),
-                node: format!("{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+                node: format!(
+                    "{}-{}",
+                    std::process::id(),
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ),
                 stopping: stopping.subscribe(),
             }),
             _ => JoinSet::new(),
@@ -431,12 +435,15 @@ impl Background {
                 store: storage.store.clone(),
                 breaker: breaker.clone(),
                 spool: storage.spool.clone(),
-                streams: storage.streams.clone().map(|streams| health::WatchedStreams {
-                    streams,
-                    role: config.role,
-                    consumers_breaker: consumers_breaker.clone(),
-                    backlog: backlog.clone(),
-                }),
+                streams: storage
+                    .streams
+                    .clone()
+                    .map(|streams| health::WatchedStreams {
+                        streams,
+                        role: config.role,
+                        consumers_breaker: consumers_breaker.clone(),
+                        backlog: backlog.clone(),
+                    }),
             },
             stopping.subscribe(),
         ));
@@ -551,10 +558,7 @@ fn build_services(
         privacy: storage.privacy.clone(),
         optouts: storage.optouts.clone(),
         stopping: background.stopping(),
-        backlog: storage
-            .streams
-            .as_ref()
-            .map(|_| background.backlog.clone()),
+        backlog: storage.streams.as_ref().map(|_| background.backlog.clone()),
     });
     let query = QueryHandler::new(QueryDeps {
         store: storage.store.clone(),
@@ -700,7 +704,10 @@ where
         Ok(served) => served.map_err(ServerError::from),
         Err(_) => {
             let left = background.buffer.usage().events;
-            tracing::error!(unacknowledged_events = left, "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were");
+            tracing::error!(
+                unacknowledged_events = left,
+                "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were"
+            );
             Ok(())
         }
     }

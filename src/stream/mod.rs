@@ -63,7 +63,10 @@ pub enum StreamError {
     #[error(
         "redis is not durable enough: {setting} is {value:?}, acks need appendonly yes and appendfsync always (set redis.allow_weak_durability to start anyway)"
     )]
-    WeakDurability { setting: &'static str, value: String },
+    WeakDurability {
+        setting: &'static str,
+        value: String,
+    },
 }
 
 /// Whether the backlog is over its limit, as last read: ingest refuses new events while it is.
@@ -122,7 +125,11 @@ struct Shared {
 impl Streams {
     /// Connects, checks Redis's durability settings, and creates the consumer group.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StreamError> {
-        let url = config.url.as_ref().map(|url| url.0.as_str()).unwrap_or_default();
+        let url = config
+            .url
+            .as_ref()
+            .map(|url| url.0.as_str())
+            .unwrap_or_default();
         let client = redis::Client::open(url)?;
         let connection = client
             .get_connection_manager_with_config(connection_config(config))
@@ -274,7 +281,10 @@ impl Streams {
     pub async fn backlog(&self) -> Result<Backlog, StreamError> {
         let mut connection = self.connection.clone();
         let (events, bytes): (Option<i64>, Option<i64>) = connection
-            .mget(&[&self.shared.backlog_events_key, &self.shared.backlog_bytes_key])
+            .mget(&[
+                &self.shared.backlog_events_key,
+                &self.shared.backlog_bytes_key,
+            ])
             .await?;
         Ok(Backlog {
             events: events.unwrap_or_default().max(0) as u64,
@@ -481,9 +491,7 @@ fn entry(shard: usize, stream_id: StreamId, deliveries: u64) -> Entry {
         Some(redis::Value::BulkString(bytes)) => bytes.clone(),
         _ => Vec::new(),
     };
-    let event_count = stream_id
-        .get::<u64>(COUNT_FIELD)
-        .unwrap_or_default();
+    let event_count = stream_id.get::<u64>(COUNT_FIELD).unwrap_or_default();
     let events = if payload.is_empty() {
         Err("the entry has no payload".to_owned())
     } else {
@@ -518,7 +526,10 @@ mod tests {
         let payload = format::encode_batch(&events.iter().collect::<Vec<_>>());
         let mut map = std::collections::HashMap::new();
         map.insert(PAYLOAD_FIELD.to_owned(), redis::Value::BulkString(payload));
-        map.insert(COUNT_FIELD.to_owned(), redis::Value::BulkString(b"2".to_vec()));
+        map.insert(
+            COUNT_FIELD.to_owned(),
+            redis::Value::BulkString(b"2".to_vec()),
+        );
         let read = entry(
             1,
             StreamId {
@@ -538,7 +549,15 @@ mod tests {
             PAYLOAD_FIELD.to_owned(),
             redis::Value::BulkString(vec![9, 1, 2]),
         );
-        let unreadable = entry(0, StreamId { id: "2-0".to_owned(), map, ..StreamId::default() }, 3);
+        let unreadable = entry(
+            0,
+            StreamId {
+                id: "2-0".to_owned(),
+                map,
+                ..StreamId::default()
+            },
+            3,
+        );
         assert!(unreadable.events.is_err());
         assert_eq!(unreadable.payload, vec![9, 1, 2]);
     }

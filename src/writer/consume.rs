@@ -169,7 +169,10 @@ impl Consumer {
             return Some(Vec::new());
         }
         let context = &self.context;
-        let mut backoff = context.writer.retry_initial_backoff.max(Duration::from_millis(10));
+        let mut backoff = context
+            .writer
+            .retry_initial_backoff
+            .max(Duration::from_millis(10));
         let renew_every = context.redis.claim_idle / 3;
         let mut renewed = Instant::now();
         let started = Instant::now();
@@ -252,7 +255,9 @@ impl Consumer {
             Ok(events) => {
                 let mut outcome = Ok(());
                 for event in events {
-                    outcome = outcome.and(sink::dead_letter_undeliverable(&self.context.pool, event, &reason).await);
+                    outcome = outcome.and(
+                        sink::dead_letter_undeliverable(&self.context.pool, event, &reason).await,
+                    );
                 }
                 outcome
             }

@@ -152,7 +152,10 @@ mod tests {
         assert_eq!(out.len(), 19 + encoded_len(&event) + 2);
         let field = &out[out.len() - 2 - 32..out.len() - 2];
         assert_eq!(field, b"4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(&out[out.len() - 2 - 36..out.len() - 2 - 32], &32i32.to_be_bytes());
+        assert_eq!(
+            &out[out.len() - 2 - 36..out.len() - 2 - 32],
+            &32i32.to_be_bytes()
+        );
     }
 
     #[test]

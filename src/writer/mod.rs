@@ -20,7 +20,6 @@ use tokio::task::JoinSet;
 
 use tracing::Instrument;
 
-use crate::{tail::TailHub, telemetry};
 use crate::{
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
     config::WriterConfig,
@@ -29,6 +28,7 @@ use crate::{
     spool::Spool,
     stream::{StreamError, Streams},
 };
+use crate::{tail::TailHub, telemetry};
 use breaker::{Breaker, CircuitState};
 use sink::{EventOutcome, Sink};
 
@@ -180,7 +180,10 @@ impl Writer {
             events = events.len(),
             requests = batch.len()
         );
-        telemetry::link_requests(&span, batch.iter().filter_map(|envelope| envelope.origin.as_ref()));
+        telemetry::link_requests(
+            &span,
+            batch.iter().filter_map(|envelope| envelope.origin.as_ref()),
+        );
         let started = Instant::now();
         let written = self.write_retrying(&writable).instrument(span).await;
         for (position, outcome) in writable.iter().map(|(position, _)| *position).zip(written) {
