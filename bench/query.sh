@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Read-side benchmark: loads ROWS synthetic events (default 10M, over the last 28 days, 8
-# services, 50,000 users) into a throwaway PostgreSQL, starts a release build of sluice on it,
+# services, 50,000 users, in time order as ingest writes them, so that each block holds a
+# narrow span of time as in production) into a throwaway PostgreSQL, starts a release build of sluice on it,
 # prints the plans of the read queries, then runs `sluice bench-query` (Query, next page and
 # Stats latency percentiles; Export of one service, about ROWS/8 events, with server RSS).
 #
@@ -31,7 +32,7 @@ for ((from = 0; from < rows; from += chunk)); do
     INSERT INTO events (id, service, message, ts, user_id, metadata)
     SELECT gen_random_uuid(), 'svc-' || (g % 8),
            'GET /api/orders/' || g || ' -> 200 in ' || (g % 900) || ' ms',
-           now() - interval '28 days' * ((g::bigint * 7919) % $rows)::float8 / $rows,
+           now() - interval '28 days' * ($rows - g)::float8 / $rows,
            'user-' || (g % 50000),
            jsonb_build_object('path', '/api/orders', 'status', 200, 'region', (ARRAY['eu','us','ap'])[1 + g % 3])
     FROM generate_series($from + 1, $to) AS g"
