@@ -5,6 +5,7 @@
 #
 #   bench/run.sh                          # defaults: 200k events, 8 streams, 500 events/request
 #   bench/run.sh --events 500000 --streams 16
+#   bench/run.sh --ceiling-batch 5000     # the stronger ceiling: 5,000-row COPY transactions
 #   bench/run.sh --redis                  # direct mode, then Redis mode with 1 ingest + 1 writer
 #                                         # node, then 2 + 2, all in one run (see BENCHMARKS.md)
 #

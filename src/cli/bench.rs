@@ -66,6 +66,9 @@ pub struct BenchArgs {
     /// Connections for the raw COPY ceiling.
     #[arg(long, default_value_t = 2)]
     pub copy_connections: usize,
+    /// Rows per COPY (one transaction each) of the raw ceiling; default: `--batch`.
+    #[arg(long)]
+    pub ceiling_batch: Option<usize>,
     /// TRUNCATE `events` before each phase, so both start from an empty table. Destroys data:
     /// only for a throwaway database (bench/run.sh uses it).
     #[arg(long, requires = "database_url")]
@@ -337,6 +340,21 @@ fn current_rss_kib(pid: u32) -> Option<u64> {
     proc_status_kib(pid, "VmRSS:")
 }
 
+/// CPU time (user + system) a process has used so far, in seconds, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields of interest follow its closing parenthesis
+    // (utime and stime are fields 14 and 15 of the line, 12 and 13 after the name).
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|ticks| *ticks > 0)?;
+    Some((user + system) as f64 / ticks_per_second as f64)
+}
+
 fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|line| line.starts_with(field))?;
@@ -361,13 +379,24 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if let Some(rate) = ceiling {
         println!(
             "raw COPY ceiling: {rate:.0} rows/s ({} connections, {}-row batches)",
-            args.copy_connections, args.batch
+            args.copy_connections,
+            args.ceiling_batch.unwrap_or(args.batch)
         );
     }
     let workload = workload(&args);
     let started = Instant::now();
+    let cpu_before = args.server_pid.and_then(cpu_seconds);
     let report = grpc_load(&args, &workload).await?;
     report.print("sluice ingest:   ");
+    if let (Some(before), Some(after)) = (cpu_before, args.server_pid.and_then(cpu_seconds))
+        && report.events > 0
+    {
+        println!(
+            "server CPU:       {:.2} µs per event (user + system, {:.2} s over the load)",
+            (after - before) * 1e6 / report.events as f64,
+            after - before
+        );
+    }
     if let (Some(url), true) = (&args.database_url, args.wait_stored) {
         wait_stored(url, report.events).await?;
         let elapsed = started.elapsed();
@@ -449,7 +478,7 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
     let mut tasks = tokio::task::JoinSet::new();
     for connection_index in 0..args.copy_connections.max(1) {
         let url = url.to_owned();
-        let batch = args.batch;
+        let batch = args.ceiling_batch.unwrap_or(args.batch).max(1);
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(connection_index as u64);
             let mut connection = sqlx::PgConnection::connect(&url).await?;
@@ -667,4 +696,26 @@ async fn connect(args: &BenchArgs, addr: &str) -> Result<IngestServiceClient<Cha
 /// Peak resident set size (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     proc_status_kib(pid, "VmHWM:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_of_a_running_process_is_read_and_grows_with_work() {
+        let pid = std::process::id();
+        let before = cpu_seconds(pid).expect("this process's CPU time");
+        let mut spin = 0u64;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(50) {
+            spin = spin.wrapping_add(std::hint::black_box(1));
+        }
+        let after = cpu_seconds(pid).expect("again");
+        assert!(
+            after >= before + 0.01,
+            "{before} → {after} after {spin} spins"
+        );
+        assert!(cpu_seconds(u32::MAX).is_none(), "no such process");
+    }
 }
