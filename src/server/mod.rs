@@ -180,8 +180,13 @@ pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), Serve
         Ok(routes) => serve_until_signal(&config, tls_config, routes, &mut background).await,
         Err(error) => Err(error),
     };
+    let redis_mode = storage.streams.is_some();
     background.shutdown().await;
-    tracing::info!("all acknowledged events are stored; stopping");
+    if redis_mode {
+        tracing::info!("all acknowledged events are stored or in the redis streams; stopping");
+    } else {
+        tracing::info!("all acknowledged events are stored; stopping");
+    }
     storage.close().await;
     outcome
 }

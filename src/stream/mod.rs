@@ -61,7 +61,7 @@ pub enum StreamError {
         timeout: Duration,
     },
     #[error(
-        "redis is not durable enough: {setting} is {value:?}, acks need appendonly yes and appendfsync always (set redis.allow_weak_durability to start anyway)"
+        "redis is not durable enough: {setting} is {value:?}, acks need appendonly yes, appendfsync always and maxmemory-policy noeviction (set redis.allow_weak_durability to start anyway)"
     )]
     WeakDurability {
         setting: &'static str,
@@ -122,6 +122,11 @@ struct Shared {
     backlog_bytes_key: String,
 }
 
+/// Whether `error` says a stream has no consumer group (it was deleted and recreated).
+pub fn is_missing_group(error: &StreamError) -> bool {
+    matches!(error, StreamError::Redis(error) if error.code() == Some("NOGROUP"))
+}
+
 impl Streams {
     /// Connects, checks Redis's durability settings, and creates the consumer group.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StreamError> {
@@ -156,7 +161,12 @@ impl Streams {
     /// survive a Redis crash: AOF on, fsync on every write.
     async fn check_durability(&self) -> Result<(), StreamError> {
         let mut connection = self.connection.clone();
-        for (setting, wanted) in [("appendonly", "yes"), ("appendfsync", "always")] {
+        // Eviction would drop entries no writer has stored yet.
+        for (setting, wanted) in [
+            ("appendonly", "yes"),
+            ("appendfsync", "always"),
+            ("maxmemory-policy", "noeviction"),
+        ] {
             let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
                 .arg("GET")
                 .arg(setting)
@@ -180,7 +190,9 @@ impl Streams {
         Ok(())
     }
 
-    async fn create_group(&self) -> Result<(), StreamError> {
+    /// Creates the consumer group on every stream that lacks it (a stream deleted by hand is
+    /// recreated empty by the next append, without the group).
+    pub async fn create_group(&self) -> Result<(), StreamError> {
         let mut connection = self.connection.clone();
         for key in &self.shared.keys {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
@@ -358,24 +370,29 @@ impl Streams {
                     .query_async(&mut connection)
                     .await?;
             }
-            let (Some(first), Some(last)) = (reply.claimed.first(), reply.claimed.last()) else {
+            if reply.claimed.is_empty() {
                 continue;
-            };
-            let pending: StreamPendingCountReply = redis::cmd("XPENDING")
-                .arg(key)
-                .arg(&self.shared.config.group)
-                .arg(&first.id)
-                .arg(&last.id)
-                .arg(reply.claimed.len())
-                .arg(consumer)
-                .query_async(&mut connection)
-                .await?;
-            for claimed in reply.claimed {
-                let deliveries = pending
-                    .ids
-                    .iter()
-                    .find(|pending| pending.id == claimed.id)
-                    .map_or(1, |pending| pending.times_delivered as u64);
+            }
+            // Each claimed entry's own delivery count (a range query could be filled by other
+            // entries this consumer holds).
+            let mut lookups = redis::pipe();
+            for claimed in &reply.claimed {
+                lookups
+                    .cmd("XPENDING")
+                    .arg(key)
+                    .arg(&self.shared.config.group)
+                    .arg(&claimed.id)
+                    .arg(&claimed.id)
+                    .arg(1);
+            }
+            let pending: Vec<StreamPendingCountReply> =
+                lookups.query_async(&mut connection).await?;
+            for (claimed, pending) in reply.claimed.into_iter().zip(pending) {
+                // Not pending any more: another writer acknowledged it meanwhile.
+                let Some(deliveries) = pending.ids.first().map(|id| id.times_delivered as u64)
+                else {
+                    continue;
+                };
                 entries.push(entry(shard, claimed, deliveries));
             }
         }
@@ -384,7 +401,7 @@ impl Streams {
 
     /// Keeps `entries` owned by `consumer` (resets their idle time without counting a
     /// delivery), so that a writer waiting out a database outage is not taken for dead.
-    pub async fn renew(&self, consumer: &str, entries: &[Entry]) -> Result<(), StreamError> {
+    pub async fn renew(&self, consumer: &str, entries: &[&Entry]) -> Result<(), StreamError> {
         let mut connection = self.connection.clone();
         for (shard, key) in self.shared.keys.iter().enumerate() {
             let ids: Vec<&str> = entries

@@ -26,7 +26,7 @@ use crate::{
     config::{RedisConfig, WriterConfig},
     event::ValidEvent,
     metrics::{self, Counters, WriteFailure},
-    stream::{Entry, Streams},
+    stream::{self, Entry, Streams},
     tail::TailHub,
 };
 
@@ -108,6 +108,16 @@ impl Consumer {
             };
             let entries = match read {
                 Ok(entries) => entries,
+                Err(error) if stream::is_missing_group(&error) => {
+                    tracing::warn!(consumer = %self.name, %error, "a stream lost its consumer group; creating it again");
+                    if let Err(error) = self.streams.create_group().await {
+                        tracing::warn!(consumer = %self.name, %error, "cannot create the consumer group");
+                    }
+                    if wait_or_stop(&self.context.stopping, REDIS_RETRY).await {
+                        break;
+                    }
+                    continue;
+                }
                 Err(error) => {
                     metrics::writer_error(WriteFailure::Redis);
                     tracing::warn!(consumer = %self.name, %error, "cannot read the streams; retrying");
@@ -127,25 +137,57 @@ impl Consumer {
         tracing::info!(consumer = %self.name, "stream consumer stopped");
     }
 
-    /// Stores the events of `entries`, then acknowledges them. Entries past
-    /// `max_deliveries` go to `dead_letters` instead; entries that cannot be read stay pending
-    /// (a newer writer may read them) until they are.
+    /// Stores the events of `entries` (or dead-letters those past `max_deliveries`), keeping
+    /// them owned meanwhile, then acknowledges what is done. Entries that cannot be read stay
+    /// pending (a newer writer may read them) until they are past `max_deliveries`.
     async fn handle(&self, entries: Vec<Entry>) {
-        let max_deliveries = self.context.redis.max_deliveries;
-        let (exhausted, entries): (Vec<Entry>, Vec<Entry>) = entries
-            .into_iter()
-            .partition(|entry| entry.deliveries > max_deliveries);
-        let mut dead_lettered = Vec::new();
-        for entry in exhausted {
-            if self.dead_letter(&entry).await {
-                dead_lettered.push(entry);
+        let held: Vec<&Entry> = entries.iter().collect();
+        let done = self.renewing(&held, self.store(&entries)).await;
+        self.acknowledge(&done).await;
+    }
+
+    /// Runs `work` while keeping `entries` owned: renewed every third of `claim_idle`, so that
+    /// no step, however slow (a long COPY, a database outage), lets another writer take them
+    /// for abandoned and count a delivery.
+    async fn renewing<T>(&self, entries: &[&Entry], work: impl Future<Output = T>) -> T {
+        let mut ticker = tokio::time::interval(self.context.redis.claim_idle / 3);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate; the entries were just delivered.
+        ticker.tick().await;
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = ticker.tick() => {
+                    if let Err(error) = self.streams.renew(&self.name, entries).await {
+                        tracing::warn!(consumer = %self.name, %error, "cannot renew pending entries");
+                    }
+                }
             }
         }
-        let (readable, unreadable): (Vec<Entry>, Vec<Entry>) =
-            entries.into_iter().partition(|entry| entry.events.is_ok());
-        for entry in &unreadable {
-            if let Err(reason) = &entry.events {
-                tracing::error!(consumer = %self.name, entry = %entry.id, deliveries = entry.deliveries, %reason, "cannot read a stream entry; left for another delivery");
+    }
+
+    /// The entries that are done: stored, or dead-lettered past `max_deliveries`. At shutdown
+    /// only those dead-lettered so far; the rest stay pending for another writer.
+    async fn store<'a>(&self, entries: &'a [Entry]) -> Vec<&'a Entry> {
+        let max_deliveries = self.context.redis.max_deliveries;
+        let mut done = Vec::new();
+        let mut readable = Vec::new();
+        for entry in entries {
+            if entry.deliveries > max_deliveries {
+                if *self.context.stopping.borrow() {
+                    return done;
+                }
+                if self.dead_letter(entry).await {
+                    done.push(entry);
+                }
+                continue;
+            }
+            match &entry.events {
+                Ok(_) => readable.push(entry),
+                Err(reason) => {
+                    tracing::error!(consumer = %self.name, entry = %entry.id, deliveries = entry.deliveries, %reason, "cannot read a stream entry; left for another delivery");
+                }
             }
         }
         let events: Vec<&ValidEvent> = readable
@@ -153,18 +195,17 @@ impl Consumer {
             .filter_map(|entry| entry.events.as_ref().ok())
             .flatten()
             .collect();
-        let Some(outcomes) = self.write(&events, &readable).await else {
-            return;
+        let Some(outcomes) = self.write(&events).await else {
+            return done;
         };
         self.account(&events, &outcomes);
-        let done: Vec<&Entry> = readable.iter().chain(&dead_lettered).collect();
-        self.acknowledge(&done).await;
+        done.extend(readable);
+        done
     }
 
-    /// Writes `events` until PostgreSQL takes them, renewing the entries they came from
-    /// while it waits; None when the server stops first (the entries stay pending and are
-    /// claimed after `claim_idle`).
-    async fn write(&self, events: &[&ValidEvent], entries: &[Entry]) -> Option<Vec<EventOutcome>> {
+    /// Writes `events` until PostgreSQL takes them; None when the server stops first (their
+    /// entries stay pending and are claimed after `claim_idle`).
+    async fn write(&self, events: &[&ValidEvent]) -> Option<Vec<EventOutcome>> {
         if events.is_empty() {
             return Some(Vec::new());
         }
@@ -173,8 +214,6 @@ impl Consumer {
             .writer
             .retry_initial_backoff
             .max(Duration::from_millis(10));
-        let renew_every = context.redis.claim_idle / 3;
-        let mut renewed = Instant::now();
         let started = Instant::now();
         loop {
             if context.breaker.allow() {
@@ -190,12 +229,6 @@ impl Consumer {
                         tracing::warn!(consumer = %self.name, events = events.len(), %error, "batch write failed; the entries stay pending");
                     }
                 }
-            }
-            if renewed.elapsed() >= renew_every {
-                if let Err(error) = self.streams.renew(&self.name, entries).await {
-                    tracing::warn!(consumer = %self.name, %error, "cannot renew pending entries");
-                }
-                renewed = Instant::now();
             }
             let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
             if wait_or_stop(&context.stopping, delay).await {
@@ -252,12 +285,15 @@ impl Consumer {
             entry.id, entry.deliveries, self.context.redis.max_deliveries
         );
         let written = match &entry.events {
+            // Stops at the first failure: the entry then stays pending, and is tried again.
             Ok(events) => {
                 let mut outcome = Ok(());
                 for event in events {
-                    outcome = outcome.and(
-                        sink::dead_letter_undeliverable(&self.context.pool, event, &reason).await,
-                    );
+                    outcome =
+                        sink::dead_letter_undeliverable(&self.context.pool, event, &reason).await;
+                    if outcome.is_err() {
+                        break;
+                    }
                 }
                 outcome
             }
