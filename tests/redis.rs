@@ -405,11 +405,17 @@ async fn a_poison_entry_goes_to_dead_letters_after_max_deliveries() {
     // Every stream deleted by hand: appends recreate them without the group, and the writers
     // put the group back and store what was appended meanwhile.
     let _: i64 = redis::cmd("DEL")
-        .arg((0..4).map(|shard| format!("sluice:events:{shard}")).collect::<Vec<_>>())
+        .arg(
+            (0..4)
+                .map(|shard| format!("sluice:events:{shard}"))
+                .collect::<Vec<_>>(),
+        )
         .query_async(&mut connection)
         .await
         .expect("del");
-    let after: Vec<_> = (0..20).map(|index| event("after-del", &index.to_string())).collect();
+    let after: Vec<_> = (0..20)
+        .map(|index| event("after-del", &index.to_string()))
+        .collect();
     server
         .ingest_client()
         .await
@@ -422,7 +428,11 @@ async fn a_poison_entry_goes_to_dead_letters_after_max_deliveries() {
         .await
         < 20
     {
-        assert!(Instant::now() < deadline, "the group never came back:\n{}", server.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the group never came back:\n{}",
+            server.logs()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(server.logs().contains("lost its consumer group"));
