@@ -42,6 +42,16 @@ pub enum Destination {
     Streams(Streams),
 }
 
+impl Destination {
+    /// One writer's way there; `shard` is its rollup shard in PostgreSQL.
+    fn target(&self, shard: i16, write_timeout: Duration) -> Target {
+        match self {
+            Self::Postgres(pool) => Target::Postgres(Sink::new(pool.clone(), shard, write_timeout)),
+            Self::Streams(streams) => Target::Streams(streams.clone()),
+        }
+    }
+}
+
 /// One writer's way to its destination.
 enum Target {
     Postgres(Sink),
@@ -106,14 +116,9 @@ pub fn spawn(context: &WriterContext) -> JoinSet<()> {
         writers.spawn(
             Writer {
                 worker,
-                target: match &context.destination {
-                    Destination::Postgres(pool) => Target::Postgres(Sink::new(
-                        pool.clone(),
-                        worker as i16,
-                        context.config.write_timeout,
-                    )),
-                    Destination::Streams(streams) => Target::Streams(streams.clone()),
-                },
+                target: context
+                    .destination
+                    .target(worker as i16, context.config.write_timeout),
                 context: context.clone(),
             }
             .run(),

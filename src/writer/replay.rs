@@ -10,7 +10,6 @@ use tokio::sync::watch;
 use super::{
     Destination, Target, WriteError,
     breaker::{Breaker, CircuitState},
-    sink::Sink,
 };
 use crate::{
     event::ValidEvent,
@@ -41,12 +40,7 @@ pub async fn run(
     spool: Option<Spool>,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let target = match &destination {
-        Destination::Postgres(pool) => {
-            Target::Postgres(Sink::new(pool.clone(), REPLAY_SHARD, write_timeout))
-        }
-        Destination::Streams(streams) => Target::Streams(streams.clone()),
-    };
+    let target = destination.target(REPLAY_SHARD, write_timeout);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(REPLAY_INTERVAL) => {}
