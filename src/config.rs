@@ -54,6 +54,7 @@ pub struct Config {
     pub role: Role,
     pub redis: RedisConfig,
     pub search: SearchConfig,
+    pub health: HealthConfig,
 }
 
 /// How long events are kept, per service. An event older than its service's retention is
@@ -472,6 +473,18 @@ pub struct BreakerConfig {
     /// ...up to this.
     #[serde(with = "humantime_serde")]
     pub open_max: Duration,
+    /// A write (one transaction) that takes at least this long is slow...
+    #[serde(with = "humantime_serde")]
+    pub slow_write: Duration,
+    /// ...and this many slow writes within `window` open the circuit (0: no slow rule).
+    pub slow_write_count: u32,
+    /// The sliding window of the slow and error-rate rules.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Failed writes above this share of those in `window` open the circuit...
+    pub max_error_rate: f64,
+    /// ...once the window holds at least this many writes (0: no error-rate rule).
+    pub min_writes: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -658,6 +671,7 @@ impl Default for Config {
             role: Role::All,
             redis: RedisConfig::default(),
             search: SearchConfig::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -732,6 +746,11 @@ impl Default for BreakerConfig {
             failure_threshold: 3,
             open_initial: Duration::from_secs(1),
             open_max: Duration::from_secs(30),
+            slow_write: Duration::from_secs(2),
+            slow_write_count: 3,
+            window: Duration::from_secs(30),
+            max_error_rate: 0.1,
+            min_writes: 20,
         }
     }
 }
@@ -791,6 +810,79 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             sample_ratio: 1.0,
             store_trace_id: true,
+        }
+    }
+}
+
+/// Readiness beyond the database: the room left on disk and the memory in use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Health turns NOT_SERVING when a volume holding `data_dir` or the spool has less free
+    /// space than this: a share of the volume (`5%`) or a size (`1GiB`, `500MB`).
+    pub min_free_disk: FreeSpace,
+    /// Health turns NOT_SERVING when the server's resident memory passes this many bytes.
+    /// Default: `buffer.max_bytes` plus 256 MiB.
+    pub max_rss: Option<u64>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            min_free_disk: FreeSpace::Percent(5.0),
+            max_rss: None,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// The resident memory above which health turns NOT_SERVING.
+    pub fn max_rss_bytes(&self, buffer: &BufferConfig) -> u64 {
+        self.max_rss
+            .unwrap_or(buffer.max_bytes as u64 + 256 * 1024 * 1024)
+    }
+}
+
+/// Free space to keep on a volume: a share of its size, or a size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum FreeSpace {
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl FreeSpace {
+    /// The free bytes required on a volume of `total` bytes.
+    pub fn required(self, total: u64) -> u64 {
+        match self {
+            Self::Percent(percent) => (total as f64 * percent / 100.0) as u64,
+            Self::Bytes(bytes) => bytes,
+        }
+    }
+}
+
+impl TryFrom<String> for FreeSpace {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let text = text.trim();
+        if let Some(percent) = text.strip_suffix('%') {
+            return match percent.trim().parse::<f64>() {
+                Ok(percent) if (0.0..=100.0).contains(&percent) => Ok(Self::Percent(percent)),
+                _ => Err(format!("{text:?} is not a percentage between 0% and 100%")),
+            };
+        }
+        text.parse::<bytesize::ByteSize>()
+            .map(|size| Self::Bytes(size.as_u64()))
+            .map_err(|error| format!("{text:?} is neither a percentage nor a size: {error}"))
+    }
+}
+
+impl From<FreeSpace> for String {
+    fn from(space: FreeSpace) -> Self {
+        match space {
+            FreeSpace::Percent(percent) => format!("{percent}%"),
+            FreeSpace::Bytes(bytes) => bytes.to_string(),
         }
     }
 }
@@ -872,6 +964,9 @@ impl Config {
         }
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.breaker.max_error_rate) {
+            return invalid("breaker.max_error_rate", "must be between 0.0 and 1.0");
         }
         if self.retention.default.is_zero() {
             return invalid("retention.default", "must be above zero");

@@ -30,6 +30,10 @@
 //! | `sluice_spool_quarantined_total` | counter | |
 //! | `sluice_spool_quarantined_segments` | gauge | |
 //! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
+//! | `sluice_health_check` | gauge | `check` (`database`, `buffer`, `circuit`, `spool_quarantine`, `disk`, `memory`, `redis`, `backlog`): 1 passing, 0 failing |
+//! | `sluice_disk_free_bytes` | gauge | `volume` (`data`, `spool`) |
+//! | `sluice_resident_memory_bytes` | gauge | |
+//! | `sluice_breaker_opened_total` | counter | `cause` (`failures`, `slow_writes`, `error_rate`, `probe_failed`) |
 //! | `sluice_auth_refusals_total` | counter | `reason` (`INVALID_TOKEN`, `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`) |
 //! | `sluice_rate_limited_total` | counter | `principal`, `limit` |
 //! | `sluice_connections_open` | gauge | |
@@ -426,7 +430,6 @@ pub fn spool_quarantined(segments: usize) {
     gauge!("sluice_spool_quarantined_segments").set(segments as f64);
 }
 
-/// Segments waiting in quarantine for an operator.
 /// Bytes the spool holds now.
 pub fn spool_size(bytes: u64) {
     gauge!("sluice_spool_bytes").set(bytes as f64);
@@ -444,6 +447,26 @@ pub fn circuit(state: &'static str) {
             0.0
         });
     }
+}
+
+/// Free bytes on a watched volume (`data`, `spool`).
+pub fn disk_free(volume: &'static str, bytes: u64) {
+    gauge!("sluice_disk_free_bytes", "volume" => volume).set(bytes as f64);
+}
+
+/// The server's resident memory.
+pub fn resident_memory(bytes: u64) {
+    gauge!("sluice_resident_memory_bytes").set(bytes as f64);
+}
+
+/// One readiness check: 1 when it passes, 0 when it fails.
+pub fn health_check(check: &'static str, ok: bool) {
+    gauge!("sluice_health_check", "check" => check).set(if ok { 1.0 } else { 0.0 });
+}
+
+/// The circuit opened; `cause` is `failures`, `slow_writes`, `error_rate` or `probe_failed`.
+pub fn breaker_opened(cause: &'static str) {
+    counter!("sluice_breaker_opened_total", "cause" => cause).increment(1);
 }
 
 pub fn connection_failed(failure: ConnectionFailure) {

@@ -440,6 +440,7 @@ impl Background {
                 store: storage.store.clone(),
                 breaker: breaker.clone(),
                 spool: storage.spool.clone(),
+                resources: health::resources::Resources::new(&config),
                 streams: storage
                     .streams
                     .clone()

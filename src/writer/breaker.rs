@@ -1,12 +1,15 @@
-//! A circuit breaker around the database: closed → open after consecutive failures → half-open
-//! probe after an exponentially growing, jittered pause → closed on success.
+//! A circuit breaker around the database, with the three rules of the seed's scenario 6:
+//! connection failures (consecutive failed writes), slow queries (`slow_write_count` writes
+//! slower than `slow_write` within `window`) and the error rate (failed writes over
+//! `max_error_rate` of at least `min_writes` in `window`). Open → a half-open probe after an
+//! exponentially growing, jittered pause → closed when the probe succeeds in time.
 
-use std::{sync::Mutex, time::Duration};
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
 use rand::Rng;
 use tokio::time::Instant;
 
-use crate::config::BreakerConfig;
+use crate::{config::BreakerConfig, metrics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CircuitState {
@@ -28,12 +31,76 @@ impl CircuitState {
     }
 }
 
+/// Why the circuit opened: the `cause` label of `sluice_breaker_opened_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenCause {
+    /// `failure_threshold` consecutive failed writes.
+    Failures,
+    /// `slow_write_count` writes slower than `slow_write` within `window`.
+    SlowWrites,
+    /// Failed writes over `max_error_rate` within `window`.
+    ErrorRate,
+    /// The half-open probe failed, or was slow.
+    ProbeFailed,
+}
+
+impl OpenCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Failures => "failures",
+            Self::SlowWrites => "slow_writes",
+            Self::ErrorRate => "error_rate",
+            Self::ProbeFailed => "probe_failed",
+        }
+    }
+}
+
+/// One write seen in the window.
+#[derive(Debug, Clone, Copy)]
+struct Outcome {
+    at: Instant,
+    failed: bool,
+    slow: bool,
+}
+
 #[derive(Debug)]
 struct State {
     circuit: CircuitState,
     consecutive_failures: u32,
     open_for: Duration,
     open_until: Instant,
+    /// Writes within the last `window`, oldest first.
+    recent: VecDeque<Outcome>,
+}
+
+impl State {
+    fn remember(&mut self, outcome: Outcome, window: Duration) {
+        self.recent.push_back(outcome);
+        while self
+            .recent
+            .front()
+            .is_some_and(|oldest| outcome.at.duration_since(oldest.at) > window)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The window rule that is broken now, if any.
+    fn window_rule(&self, config: &BreakerConfig) -> Option<OpenCause> {
+        let slow = self.recent.iter().filter(|outcome| outcome.slow).count();
+        if config.slow_write_count > 0 && slow >= config.slow_write_count as usize {
+            return Some(OpenCause::SlowWrites);
+        }
+        let writes = self.recent.len();
+        let failed = self.recent.iter().filter(|outcome| outcome.failed).count();
+        if config.min_writes > 0
+            && writes >= config.min_writes as usize
+            && failed as f64 > config.max_error_rate * writes as f64
+        {
+            return Some(OpenCause::ErrorRate);
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -49,6 +116,7 @@ impl Breaker {
             consecutive_failures: 0,
             open_for: config.open_initial,
             open_until: Instant::now(),
+            recent: VecDeque::new(),
         };
         Self {
             config: config.clone(),
@@ -80,19 +148,39 @@ impl Breaker {
         }
     }
 
-    pub fn record_success(&self) {
+    /// A write that succeeded after `took`. A slow one counts towards the slow rule, and a
+    /// slow probe keeps the circuit open.
+    pub fn record_success(&self, took: Duration) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
+        let slow = took >= self.config.slow_write;
+        state.consecutive_failures = 0;
+        if state.circuit == CircuitState::HalfOpen && slow {
+            tracing::warn!(took = ?took, "the probe write was slow");
+            self.open(&mut state, OpenCause::ProbeFailed);
+            return;
+        }
         if state.circuit != CircuitState::Closed {
             tracing::info!(
                 previous = state.circuit.as_str(),
                 "circuit closed: the database is back"
             );
+            state.circuit = CircuitState::Closed;
+            state.open_for = self.config.open_initial;
+            state.recent.clear();
+            return;
         }
-        state.circuit = CircuitState::Closed;
-        state.consecutive_failures = 0;
         state.open_for = self.config.open_initial;
+        let outcome = Outcome {
+            at: Instant::now(),
+            failed: false,
+            slow,
+        };
+        state.remember(outcome, self.config.window);
+        if let Some(cause) = state.window_rule(&self.config) {
+            self.open(&mut state, cause);
+        }
     }
 
     pub fn record_failure(&self) {
@@ -100,20 +188,41 @@ impl Breaker {
             return;
         };
         state.consecutive_failures += 1;
-        let open = match state.circuit {
-            CircuitState::HalfOpen => {
-                state.open_for = (state.open_for * 2).min(self.config.open_max);
-                true
+        match state.circuit {
+            CircuitState::HalfOpen => self.open(&mut state, OpenCause::ProbeFailed),
+            CircuitState::Closed => {
+                let outcome = Outcome {
+                    at: Instant::now(),
+                    failed: true,
+                    slow: false,
+                };
+                state.remember(outcome, self.config.window);
+                if state.consecutive_failures >= self.config.failure_threshold {
+                    self.open(&mut state, OpenCause::Failures);
+                } else if let Some(cause) = state.window_rule(&self.config) {
+                    self.open(&mut state, cause);
+                }
             }
-            CircuitState::Closed => state.consecutive_failures >= self.config.failure_threshold,
-            CircuitState::Open => false,
-        };
-        if open {
-            let pause = state.open_for.mul_f64(rand::rng().random_range(0.8..1.2));
-            state.circuit = CircuitState::Open;
-            state.open_until = Instant::now() + pause;
-            tracing::warn!(failures = state.consecutive_failures, pause = ?pause, "circuit open: writing to the spool");
+            CircuitState::Open => {}
         }
+    }
+
+    /// Opens the circuit for the current pause (doubled after a failed probe).
+    fn open(&self, state: &mut State, cause: OpenCause) {
+        if cause == OpenCause::ProbeFailed {
+            state.open_for = (state.open_for * 2).min(self.config.open_max);
+        }
+        let pause = state.open_for.mul_f64(rand::rng().random_range(0.8..1.2));
+        state.circuit = CircuitState::Open;
+        state.open_until = Instant::now() + pause;
+        state.recent.clear();
+        metrics::breaker_opened(cause.as_str());
+        tracing::warn!(
+            cause = cause.as_str(),
+            failures = state.consecutive_failures,
+            pause = ?pause,
+            "circuit open: writing to the spool"
+        );
     }
 }
 
@@ -126,8 +235,11 @@ mod tests {
             failure_threshold: 2,
             open_initial: Duration::from_millis(20),
             open_max: Duration::from_millis(80),
+            ..BreakerConfig::default()
         }
     }
+
+    const FAST: Duration = Duration::from_millis(5);
 
     #[tokio::test(start_paused = true)]
     async fn opens_after_consecutive_failures_and_probes_once_after_the_pause() {
@@ -148,7 +260,7 @@ mod tests {
         );
         tokio::time::advance(Duration::from_millis(60)).await;
         assert!(breaker.allow());
-        breaker.record_success();
+        breaker.record_success(FAST);
         assert_eq!(breaker.state(), CircuitState::Closed);
         assert!(breaker.allow());
     }
@@ -157,8 +269,86 @@ mod tests {
     fn a_success_resets_the_failure_count() {
         let breaker = Breaker::new(&config());
         breaker.record_failure();
-        breaker.record_success();
+        breaker.record_success(FAST);
         breaker.record_failure();
+        assert_eq!(breaker.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_writes_within_the_window_open_the_circuit() {
+        let config = BreakerConfig {
+            slow_write: Duration::from_secs(2),
+            slow_write_count: 3,
+            window: Duration::from_secs(30),
+            ..config()
+        };
+        let slow = Duration::from_secs(3);
+        let breaker = Breaker::new(&config);
+        breaker.record_success(slow);
+        breaker.record_success(slow);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        breaker.record_success(slow);
+        assert_eq!(
+            breaker.state(),
+            CircuitState::Closed,
+            "slow writes that left the window do not count"
+        );
+        breaker.record_success(FAST);
+        breaker.record_success(slow);
+        breaker.record_success(slow);
+        assert_eq!(breaker.state(), CircuitState::Open);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(breaker.allow());
+        breaker.record_success(slow);
+        assert_eq!(
+            breaker.state(),
+            CircuitState::Open,
+            "a slow probe keeps the circuit open"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_rate_over_the_limit_opens_the_circuit_without_consecutive_failures() {
+        let config = BreakerConfig {
+            failure_threshold: 100,
+            max_error_rate: 0.1,
+            min_writes: 20,
+            ..config()
+        };
+        let breaker = Breaker::new(&config);
+        // Every fifth write fails: 20%, never two in a row.
+        for write in 0..19 {
+            if write % 5 == 4 {
+                breaker.record_failure();
+            } else {
+                breaker.record_success(FAST);
+            }
+        }
+        assert_eq!(
+            breaker.state(),
+            CircuitState::Closed,
+            "too few writes to judge"
+        );
+        breaker.record_failure();
+        assert_eq!(breaker.state(), CircuitState::Open);
+    }
+
+    #[test]
+    fn an_error_rate_under_the_limit_keeps_the_circuit_closed() {
+        let config = BreakerConfig {
+            failure_threshold: 100,
+            max_error_rate: 0.1,
+            min_writes: 20,
+            ..config()
+        };
+        let breaker = Breaker::new(&config);
+        for write in 0..100 {
+            if write % 20 == 0 {
+                breaker.record_failure();
+            } else {
+                breaker.record_success(FAST);
+            }
+        }
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 }

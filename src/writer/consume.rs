@@ -217,9 +217,10 @@ impl Consumer {
         let started = Instant::now();
         loop {
             if context.breaker.allow() {
+                let write_started = Instant::now();
                 match self.sink.write_batch(events).await {
                     Ok(outcomes) => {
-                        context.breaker.record_success();
+                        context.breaker.record_success(write_started.elapsed());
                         metrics::batch_written(events.len(), started.elapsed());
                         return Some(outcomes);
                     }

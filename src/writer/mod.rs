@@ -228,9 +228,10 @@ impl Writer {
         let outcomes = loop {
             attempt += 1;
             if context.breaker.allow() {
+                let started = Instant::now();
                 match self.target.write_batch(&events).await {
                     Ok(outcomes) => {
-                        context.breaker.record_success();
+                        context.breaker.record_success(started.elapsed());
                         break outcomes;
                     }
                     Err(error) => {

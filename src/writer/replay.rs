@@ -3,7 +3,10 @@
 //! takes writes again even if no traffic arrives; once closed, it drains spooled batches there
 //! and deletes the replayed segments. A spool left by an earlier run is replayed too.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::watch;
 
@@ -55,7 +58,7 @@ pub async fn run(
             }
             // This task is the half-open probe.
             if is_reachable(&destination).await {
-                breaker.record_success();
+                breaker.record_success(Duration::ZERO);
             } else {
                 breaker.record_failure();
                 continue;
@@ -125,8 +128,9 @@ async fn replay_segment(
             return Err(ReplayError::CircuitOpen);
         }
         let events: Vec<&ValidEvent> = batch.iter().collect();
+        let started = Instant::now();
         match target.write_batch(&events).await {
-            Ok(_) => breaker.record_success(),
+            Ok(_) => breaker.record_success(started.elapsed()),
             Err(error) => {
                 breaker.record_failure();
                 return Err(error.into());

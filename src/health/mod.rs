@@ -1,12 +1,16 @@
 //! `grpc.health.v1` statuses, kept current by a watcher task.
 //!
 //! `sluice.v1.IngestService` (and the overall `""` service) is SERVING while the buffer has room,
-//! PostgreSQL answers, the circuit breaker is closed and no spool segment waits in quarantine;
-//! NOT_SERVING otherwise and during shutdown.
+//! PostgreSQL answers, the circuit breaker is closed, no spool segment waits in quarantine, the
+//! data and spool volumes have their free space ([`resources`]) and memory is under its limit;
+//! NOT_SERVING otherwise and during shutdown. Each check is the gauge
+//! `sluice_health_check{check}`, and a change of status is logged with the failing checks.
 //!
 //! In Redis mode an ingest node needs Redis (its writers' destination) instead of PostgreSQL,
 //! and a backlog under its limit; a writer node needs PostgreSQL and Redis, and reports
 //! `sluice.v1.IngestService` NOT_SERVING (it takes no events) and `""` by its own health.
+
+pub mod resources;
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,6 +24,7 @@ use crate::{
     spool::Spool,
     store::Store,
     stream::{BacklogGate, Streams},
+    health::resources::Resources,
     writer::breaker::{Breaker, CircuitState},
 };
 
@@ -33,6 +38,7 @@ pub struct Watched {
     pub store: Arc<Store>,
     pub breaker: Arc<Breaker>,
     pub spool: Option<Spool>,
+    pub resources: Resources,
     /// Redis mode.
     pub streams: Option<WatchedStreams>,
 }
@@ -48,7 +54,7 @@ pub struct WatchedStreams {
 }
 
 /// The Redis side of health: (ingest may serve, this node is healthy as a writer).
-async fn streams_health(watched: &WatchedStreams) -> (bool, bool) {
+async fn streams_health(watched: &WatchedStreams, failing: &mut Failing) -> (bool, bool) {
     let redis_up = matches!(
         tokio::time::timeout(PING_TIMEOUT, watched.streams.ping()).await,
         Ok(true)
@@ -62,7 +68,26 @@ async fn streams_health(watched: &WatchedStreams) -> (bool, bool) {
     };
     watched.backlog.set(backlog_over);
     let writer_ok = watched.consumers_breaker.state() == CircuitState::Closed;
+    check(failing, "redis", redis_up.then_some(()).ok_or("redis does not answer"));
+    check(
+        failing,
+        "backlog",
+        (!backlog_over)
+            .then_some(())
+            .ok_or("the stream backlog is over its limit"),
+    );
     (redis_up && !backlog_over, redis_up && writer_ok)
+}
+
+/// The checks that fail, with their reasons.
+type Failing = Vec<(&'static str, String)>;
+
+/// Records one check in its gauge and, when it fails, its reason in `failing`.
+fn check(failing: &mut Failing, name: &'static str, result: Result<(), impl ToString>) {
+    metrics::health_check(name, result.is_ok());
+    if let Err(reason) = result {
+        failing.push((name, reason.to_string()));
+    }
 }
 
 /// Watches the buffer, the database, the writers and the spool until `stopping` turns true,
@@ -72,31 +97,65 @@ pub async fn watch(
     watched: Watched,
     mut stopping: watch::Receiver<bool>,
 ) {
-    let mut last: Option<(bool, bool)> = None;
+    let mut last: Option<(bool, bool, Vec<&'static str>)> = None;
     loop {
         if *stopping.borrow() {
             set(&reporter, ServingStatus::NotServing).await;
             return;
         }
+        let mut failing = Failing::new();
         let usage = watched.buffer.usage();
         let database_up = watched.store.is_reachable(PING_TIMEOUT).await;
-        let full = usage.is_full();
+        check(
+            &mut failing,
+            "database",
+            database_up.then_some(()).ok_or("PostgreSQL does not answer"),
+        );
+        check(
+            &mut failing,
+            "buffer",
+            (!usage.is_full() && !watched.buffer.is_closed())
+                .then_some(())
+                .ok_or("the buffer is full or closed"),
+        );
         let circuit = watched.breaker.state();
+        check(
+            &mut failing,
+            "circuit",
+            match circuit {
+                CircuitState::Closed => Ok(()),
+                other => Err(format!("the circuit breaker is {}", other.as_str())),
+            },
+        );
         let quarantined = match &watched.spool {
             Some(spool) => spool.quarantined().await,
             None => 0,
         };
-        let local = !full
-            && circuit == CircuitState::Closed
-            && quarantined == 0
-            && !watched.buffer.is_closed();
+        check(
+            &mut failing,
+            "spool_quarantine",
+            match quarantined {
+                0 => Ok(()),
+                segments => Err(format!("{segments} spool segments wait in quarantine")),
+            },
+        );
+        let resources = watched.resources.clone();
+        let (disk, memory) = tokio::task::spawn_blocking(move || {
+            (resources.disk_shortage(), resources.memory_excess())
+        })
+        .await
+        .unwrap_or_default();
+        check(&mut failing, "disk", disk.map_or(Ok(()), Err));
+        check(&mut failing, "memory", memory.map_or(Ok(()), Err));
+        // Everything but the database and Redis: what this node itself must have to serve.
+        let local = failing.iter().all(|(name, _)| *name == "database");
         let (serving, overall) = match &watched.streams {
             None => {
                 let serving = database_up && local;
                 (serving, serving)
             }
             Some(streams) => {
-                let (ingest_ok, writer_ok) = streams_health(streams).await;
+                let (ingest_ok, writer_ok) = streams_health(streams, &mut failing).await;
                 let writer_ok = writer_ok && database_up;
                 match streams.role {
                     Role::Ingest => (ingest_ok && local, ingest_ok && local),
@@ -111,23 +170,23 @@ pub async fn watch(
         metrics::buffer(usage.events, usage.bytes, usage.max_events, usage.max_bytes);
         metrics::serving(database_up, serving);
         metrics::circuit(circuit.as_str());
-        if last != Some((serving, overall)) {
+        let names: Vec<&'static str> = failing.iter().map(|(name, _)| *name).collect();
+        let now = (serving, overall, names);
+        if last.as_ref() != Some(&now) {
             if overall {
                 tracing::info!(ingest = serving, "SERVING");
             } else {
-                tracing::warn!(
-                    database_up,
-                    buffer_full = full,
-                    circuit = circuit.as_str(),
-                    quarantined_spool_segments = quarantined,
-                    "NOT_SERVING"
-                );
+                let reasons: Vec<String> = failing
+                    .iter()
+                    .map(|(name, reason)| format!("{name}: {reason}"))
+                    .collect();
+                tracing::warn!(reasons = %reasons.join("; "), "NOT_SERVING");
             }
             reporter
                 .set_service_status(INGEST_SERVICE, status(serving))
                 .await;
             reporter.set_service_status("", status(overall)).await;
-            last = Some((serving, overall));
+            last = Some(now);
         }
         tokio::select! {
             _ = tokio::time::sleep(CHECK_INTERVAL) => {}
