@@ -379,6 +379,9 @@ pub struct DatabaseConfig {
     /// How long to wait for a connection before failing a database call.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Warn at start-up, and after a failover, when the primary has no synchronous standby
+    /// (a failover then loses the commits not yet streamed).
+    pub require_sync_standby: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -684,6 +687,7 @@ impl Default for DatabaseConfig {
             read_connections: 4,
             read_statement_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            require_sync_standby: false,
         }
     }
 }

@@ -33,6 +33,7 @@
 //! | `sluice_health_check` | gauge | `check` (`database`, `buffer`, `circuit`, `spool_quarantine`, `disk`, `memory`, `redis`, `backlog`): 1 passing, 0 failing |
 //! | `sluice_disk_free_bytes` | gauge | `volume` (`data`, `spool`) |
 //! | `sluice_resident_memory_bytes` | gauge | |
+//! | `sluice_database_failovers_total` | counter | `pools` (`write`, `read`) |
 //! | `sluice_breaker_opened_total` | counter | `cause` (`failures`, `slow_writes`, `error_rate`, `probe_failed`) |
 //! | `sluice_auth_refusals_total` | counter | `reason` (`INVALID_TOKEN`, `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`) |
 //! | `sluice_rate_limited_total` | counter | `principal`, `limit` |
@@ -462,6 +463,11 @@ pub fn resident_memory(bytes: u64) {
 /// One readiness check: 1 when it passes, 0 when it fails.
 pub fn health_check(check: &'static str, ok: bool) {
     gauge!("sluice_health_check", "check" => check).set(if ok { 1.0 } else { 0.0 });
+}
+
+/// A pool moved to another database host (`pools`: `write`, `read`).
+pub fn database_failover(pools: &'static str) {
+    counter!("sluice_database_failovers_total", "pools" => pools).increment(1);
 }
 
 /// The circuit opened; `cause` is `failures`, `slow_writes`, `error_rate` or `probe_failed`.

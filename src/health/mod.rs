@@ -20,11 +20,11 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     buffer::Buffer,
     config::Role,
+    health::resources::Resources,
     metrics,
     spool::Spool,
     store::Store,
     stream::{BacklogGate, Streams},
-    health::resources::Resources,
     writer::breaker::{Breaker, CircuitState},
 };
 
@@ -68,7 +68,11 @@ async fn streams_health(watched: &WatchedStreams, failing: &mut Failing) -> (boo
     };
     watched.backlog.set(backlog_over);
     let writer_ok = watched.consumers_breaker.state() == CircuitState::Closed;
-    check(failing, "redis", redis_up.then_some(()).ok_or("redis does not answer"));
+    check(
+        failing,
+        "redis",
+        redis_up.then_some(()).ok_or("redis does not answer"),
+    );
     check(
         failing,
         "backlog",
@@ -109,7 +113,9 @@ pub async fn watch(
         check(
             &mut failing,
             "database",
-            database_up.then_some(()).ok_or("PostgreSQL does not answer"),
+            database_up
+                .then_some(())
+                .ok_or("PostgreSQL does not answer"),
         );
         check(
             &mut failing,

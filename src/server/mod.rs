@@ -350,6 +350,8 @@ struct Background {
     backlog: Arc<BacklogGate>,
     health: JoinHandle<()>,
     partitions: JoinHandle<()>,
+    /// Keeps the pools on the database host that takes writes (multi-host `database.url`).
+    hosts: JoinHandle<()>,
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
     optout_refresh: JoinHandle<()>,
@@ -464,6 +466,11 @@ impl Background {
             storage.store.clone(),
             config.retention.longest(),
         ));
+        let hosts = {
+            let store = storage.store.clone();
+            let stopping = stopping.subscribe();
+            tokio::spawn(async move { store.watch_hosts(stopping).await })
+        };
         Self {
             switch: ShutdownSwitch {
                 stopping,
@@ -478,6 +485,7 @@ impl Background {
             backlog,
             health,
             partitions,
+            hosts,
             replay,
             audit_upkeep,
             optout_refresh,
@@ -500,7 +508,7 @@ impl Background {
     /// 1. the buffer refuses new events (already so after a signal);
     /// 2. writers still running (the shutdown timeout passed) are stopped: what they held was
     ///    never acknowledged, and clients were told so;
-    /// 3. health, partition upkeep, reload and audit upkeep stop (nothing depends on them),
+    /// 3. health, partition upkeep, host watching, reload and audit upkeep stop (nothing depends on them),
     ///    and the authentication failures counted in the last minute are written;
     /// 4. the replayer stops last: a segment it was replaying stays on disk and replays at the
     ///    next start (replay is idempotent).
@@ -514,6 +522,7 @@ impl Background {
         while self.consumers.join_next().await.is_some() {}
         self.health.abort();
         self.partitions.abort();
+        self.hosts.abort();
         self.reload.abort();
         self.audit_upkeep.abort();
         self.optout_refresh.abort();
@@ -524,6 +533,7 @@ impl Background {
         let _ = tokio::join!(
             self.health,
             self.partitions,
+            self.hosts,
             self.reload,
             self.audit_upkeep,
             self.optout_refresh

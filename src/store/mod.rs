@@ -1,10 +1,11 @@
 //! PostgreSQL: connecting (to a URL or the private cluster), migrations and partitions.
 
 pub mod embedded;
+pub mod hosts;
 pub mod nodelay;
 pub mod partitions;
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::{
@@ -15,6 +16,7 @@ use sqlx::{
 use crate::config::Config;
 
 pub use embedded::EmbeddedPostgres;
+use hosts::{Failover, HostList, SessionAttrs};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -30,6 +32,12 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Embedded(#[from] embedded::EmbeddedError),
+    #[error("no database host fits target_session_attrs={attrs} among {hosts}: {last_error}")]
+    NoHostFits {
+        attrs: &'static str,
+        hosts: String,
+        last_error: String,
+    },
 }
 
 /// One `events` row as a line of NDJSON: the format of Export and of archived objects. Run it
@@ -56,15 +64,67 @@ const MAINTENANCE_CONNECTIONS: u32 = 6;
 /// Archive work waits for a connection behind other archive work, which may take minutes.
 const MAINTENANCE_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Pool settings shared by the primary and the read replica: size, acquire timeout, and
-/// TCP_NODELAY on each new connection.
-fn pool_options(config: &Config, max_connections: u32) -> PgPoolOptions {
+/// Pool settings shared by the primary and the read replica: size, acquire timeout, TCP_NODELAY
+/// on each new connection, and no connection opened before a failover handed out after it.
+fn pool_options(
+    config: &Config,
+    max_connections: u32,
+    clock: &hosts::SwitchClock,
+) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(config.database.connect_timeout)
         .after_connect(|connection, _| {
             Box::pin(async move { nodelay::enable(connection).await.map(|_| ()) })
         })
+        .before_acquire(hosts::opened_after_switch(clock.clone()))
+}
+
+/// Opens a pool on host `index` of `hosts`, each host's options changed by `change`; returns
+/// the pool and its options for every host (for [`Failover::pool`]).
+async fn open_pool(
+    pool_options: PgPoolOptions,
+    hosts: &HostList,
+    index: usize,
+    change: impl Fn(PgConnectOptions) -> PgConnectOptions,
+) -> Result<(PgPool, Vec<PgConnectOptions>), StoreError> {
+    let options: Vec<PgConnectOptions> = hosts
+        .hosts
+        .iter()
+        .map(|host| change(host.options.clone()))
+        .collect();
+    let Some(selected) = options.get(index) else {
+        return Err(StoreError::Url(sqlx::Error::Configuration(
+            "no database host".into(),
+        )));
+    };
+    let pool = pool_options
+        .connect_with(selected.clone())
+        .await
+        .map_err(StoreError::Connect)?;
+    Ok((pool, options))
+}
+
+/// Warns when the primary behind `pool` has no synchronous standby: a failover would then
+/// lose the commits not yet streamed (`database.require_sync_standby`).
+pub async fn warn_without_sync_standby(pool: &PgPool) {
+    let check = sqlx::query_as::<_, (String, bool)>(
+        "SELECT current_setting('synchronous_standby_names'), \
+         EXISTS (SELECT 1 FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum'))",
+    )
+    .fetch_one(pool)
+    .await;
+    match check {
+        Ok((names, _)) if names.is_empty() => tracing::warn!(
+            "the primary has no synchronous standby (synchronous_standby_names is empty): a failover loses the commits not yet streamed, acknowledged events among them"
+        ),
+        Ok((names, false)) => tracing::warn!(
+            synchronous_standby_names = %names,
+            "no synchronous standby is connected to the primary (or this role cannot see pg_stat_replication): commits wait for one, and a failover may lose what was not streamed"
+        ),
+        Ok(_) => tracing::info!("the primary has a synchronous standby"),
+        Err(error) => tracing::warn!(%error, "cannot check the primary for a synchronous standby"),
+    }
 }
 
 /// The database sluice writes to, and the private cluster behind it when there is one.
@@ -76,17 +136,26 @@ pub struct Store {
     /// timeout, and apart from the writers' connections.
     pub maintenance_pool: PgPool,
     pub embedded: Option<EmbeddedPostgres>,
+    /// Keep the pools on the host that fits when `database.url` (or `read_url`) names several.
+    failovers: Vec<Failover>,
 }
 
 impl Store {
-    /// Connects to `database.url`, or starts the private cluster under `data_dir`, then runs
-    /// the migrations and creates the partitions the retention window needs.
+    /// Connects to `database.url` (the first host that takes writes, when it names several),
+    /// or starts the private cluster under `data_dir`, then runs the migrations and creates
+    /// the partitions the retention window needs.
     pub async fn open(config: &Config) -> Result<Self, StoreError> {
-        let (options, embedded) = match &config.database.url {
-            Some(url) => (
-                PgConnectOptions::from_str(url).map_err(StoreError::Url)?,
-                None,
-            ),
+        let (write_hosts, embedded) = match &config.database.url {
+            Some(url) => {
+                let hosts = HostList::parse(url)?;
+                // Writers need a host that takes writes, whatever the URL asks for.
+                let hosts = if hosts.hosts.len() > 1 {
+                    hosts.with_attrs(SessionAttrs::ReadWrite)
+                } else {
+                    hosts
+                };
+                (hosts, None)
+            }
             None => {
                 let data_dir = config.data_dir.clone();
                 let cluster =
@@ -100,30 +169,51 @@ impl Store {
                     .ensure_database()
                     .await
                     .map_err(StoreError::Connect)?;
-                (cluster.connect_options(), Some(cluster))
+                (
+                    HostList::single("private cluster", cluster.connect_options()),
+                    Some(cluster),
+                )
             }
         };
-        let options = options.application_name("sluice");
+        let connect_timeout = config.database.connect_timeout;
+        let current = write_hosts.select(connect_timeout).await?;
+        if write_hosts.hosts.len() > 1 {
+            tracing::info!(
+                host = %write_hosts.hosts[current].name,
+                hosts = write_hosts.hosts.len(),
+                "writing to the first host that takes writes"
+            );
+        }
+        let write_clock = hosts::SwitchClock::default();
         // The server gives up on a write-side statement, or on a transaction left idle by a
         // client-side timeout, after the write timeout too, so no connection stays stuck.
         let write_timeout = format!("{}ms", config.writer.write_timeout.as_millis());
-        let write_options = options.clone().options([
-            ("statement_timeout", write_timeout.as_str()),
-            (
-                "idle_in_transaction_session_timeout",
-                write_timeout.as_str(),
+        let (pool, write_options) = open_pool(
+            pool_options(
+                config,
+                config.writer.workers as u32 + WRITE_SIDE_EXTRA_CONNECTIONS,
+                &write_clock,
             ),
-        ]);
-        let pool = pool_options(
-            config,
-            config.writer.workers as u32 + WRITE_SIDE_EXTRA_CONNECTIONS,
+            &write_hosts,
+            current,
+            |options| {
+                options.application_name("sluice").options([
+                    ("statement_timeout", write_timeout.as_str()),
+                    (
+                        "idle_in_transaction_session_timeout",
+                        write_timeout.as_str(),
+                    ),
+                ])
+            },
         )
-        .connect_with(write_options)
-        .await
-        .map_err(StoreError::Connect)?;
+        .await?;
         {
             // Migrations run without the write-side statement timeout.
             use sqlx::{ConnectOptions, Connection};
+            let options = write_hosts.hosts[current]
+                .options
+                .clone()
+                .application_name("sluice");
             let mut migration_connection = options.connect().await.map_err(StoreError::Connect)?;
             MIGRATOR.run(&mut migration_connection).await?;
             migration_connection.close().await?;
@@ -131,50 +221,75 @@ impl Store {
         // Lifecycle and archive work: long transactions (an object upload under the archive
         // lock, batched deletes) that must neither hit the write timeout nor take the
         // connections the writers need.
-        let maintenance_pool = PgPoolOptions::new()
-            .max_connections(MAINTENANCE_CONNECTIONS)
-            .acquire_timeout(MAINTENANCE_ACQUIRE_TIMEOUT)
-            .after_connect(|connection, _| {
-                Box::pin(async move { nodelay::enable(connection).await.map(|_| ()) })
-            })
-            .connect_with(
+        let (maintenance_pool, maintenance_options) = open_pool(
+            pool_options(config, MAINTENANCE_CONNECTIONS, &write_clock)
+                .acquire_timeout(MAINTENANCE_ACQUIRE_TIMEOUT),
+            &write_hosts,
+            current,
+            |options| {
                 options
-                    .clone()
-                    .options([("idle_in_transaction_session_timeout", "10min")]),
-            )
-            .await
-            .map_err(StoreError::Connect)?;
+                    .application_name("sluice")
+                    .options([("idle_in_transaction_session_timeout", "10min")])
+            },
+        )
+        .await?;
         // No read runs away: each statement is bounded (Export lifts it in its transaction).
         let read_timeout = format!("{}ms", config.database.read_statement_timeout.as_millis());
-        let read_settings = [("statement_timeout", read_timeout.as_str())];
+        let read_settings = |options: PgConnectOptions| {
+            options
+                .application_name("sluice-read")
+                .options([("statement_timeout", read_timeout.as_str())])
+        };
+        let read_connections = config.database.read_connections.max(1);
+        let mut write_failover =
+            Failover::new("write", write_hosts.clone(), current, write_clock.clone())
+                .pool(pool.clone(), write_options)
+                .pool(maintenance_pool.clone(), maintenance_options)
+                .require_sync_standby(config.database.require_sync_standby);
+        let mut failovers = Vec::new();
         let read_pool = match &config.database.read_url {
             Some(url) => {
-                let options = PgConnectOptions::from_str(url)
-                    .map_err(StoreError::Url)?
-                    .application_name("sluice-read")
-                    .options(read_settings);
-                tracing::info!("reads go to the read replica");
-                pool_options(config, config.database.read_connections.max(1))
-                    .connect_with(options)
-                    .await
-                    .map_err(StoreError::Connect)?
+                let read_hosts = HostList::parse(url)?;
+                let read_current = read_hosts.select(connect_timeout).await?;
+                let read_clock = hosts::SwitchClock::default();
+                let (read_pool, read_options) = open_pool(
+                    pool_options(config, read_connections, &read_clock),
+                    &read_hosts,
+                    read_current,
+                    read_settings,
+                )
+                .await?;
+                tracing::info!(host = %read_hosts.hosts[read_current].name, "reads go to the read replica");
+                failovers.push(
+                    Failover::new("read", read_hosts, read_current, read_clock)
+                        .pool(read_pool.clone(), read_options),
+                );
+                read_pool
             }
             // A pool of its own even on the primary: slow readers (an Export to a slow client)
             // can never take the connections the writers need.
-            None => pool_options(config, config.database.read_connections.max(1))
-                .connect_with(
-                    options
-                        .application_name("sluice-read")
-                        .options(read_settings),
+            None => {
+                let (read_pool, read_options) = open_pool(
+                    pool_options(config, read_connections, &write_clock),
+                    &write_hosts,
+                    current,
+                    read_settings,
                 )
-                .await
-                .map_err(StoreError::Connect)?,
+                .await?;
+                write_failover = write_failover.pool(read_pool.clone(), read_options);
+                read_pool
+            }
         };
+        failovers.insert(0, write_failover);
+        if config.database.require_sync_standby {
+            warn_without_sync_standby(&pool).await;
+        }
         let store = Self {
             pool,
             read_pool,
             maintenance_pool,
             embedded,
+            failovers,
         };
         // Not fatal: a lock held on `events` (a long export, pg_dump) must not stop start-up. The
         // hourly task retries, and writers create a missing partition on demand.
@@ -182,6 +297,15 @@ impl Store {
             tracing::error!(%error, "cannot create partitions ahead at start-up; will retry");
         }
         Ok(store)
+    }
+
+    /// Keeps every pool on the host that fits until `stopping` (nothing to do with one host).
+    pub async fn watch_hosts(&self, stopping: tokio::sync::watch::Receiver<bool>) {
+        let watches = self
+            .failovers
+            .iter()
+            .map(|failover| failover.watch(stopping.clone()));
+        futures::future::join_all(watches).await;
     }
 
     /// Makes sure partitions exist from the oldest accepted time to two months ahead.
