@@ -55,6 +55,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub search: SearchConfig,
     pub health: HealthConfig,
+    pub backup: BackupConfig,
 }
 
 /// How long events are kept, per service. An event older than its service's retention is
@@ -675,6 +676,7 @@ impl Default for Config {
             redis: RedisConfig::default(),
             search: SearchConfig::default(),
             health: HealthConfig::default(),
+            backup: BackupConfig::default(),
         }
     }
 }
@@ -814,6 +816,36 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             sample_ratio: 1.0,
             store_trace_id: true,
+        }
+    }
+}
+
+/// Backups of the private cluster (with `database.url` set, sluice manages none).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupConfig {
+    /// `file:///path` or `s3://bucket/prefix` (credentials from the usual `AWS_*` variables).
+    /// Set: WAL archiving, scheduled base backups and point-in-time restore. Unset: none.
+    pub url: Option<String>,
+    /// Take a base backup when the newest is older than this.
+    #[serde(with = "humantime_serde")]
+    pub full_every: Duration,
+    /// Remove backups older than this (never the newest), and the WAL only they needed.
+    #[serde(with = "humantime_serde")]
+    pub keep: Duration,
+    /// Most commits a lost machine may take with it, in time: WAL segments are switched and
+    /// archived at least every half of this.
+    #[serde(with = "humantime_serde")]
+    pub max_rpo: Duration,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            full_every: Duration::from_secs(24 * 3600),
+            keep: Duration::from_secs(7 * 24 * 3600),
+            max_rpo: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -968,6 +1000,12 @@ impl Config {
         }
         if self.breaker.failure_threshold == 0 {
             return invalid("breaker.failure_threshold", "must be at least 1");
+        }
+        if self.backup.full_every.is_zero() || self.backup.max_rpo < Duration::from_secs(2) {
+            return invalid(
+                "backup.full_every",
+                "full_every must be above zero and max_rpo at least 2s",
+            );
         }
         if !(0.0..=1.0).contains(&self.breaker.max_error_rate) {
             return invalid("breaker.max_error_rate", "must be between 0.0 and 1.0");

@@ -3,9 +3,10 @@
 //! Data flows one way: RPC ([`ingest`]) → validation → [`privacy`] → bounded [`buffer`] →
 //! [`writer`] pool → PostgreSQL ([`store`]), with the [`spool`] beside the buffer for database
 //! outages. The read side ([`query`]) reads the store and the [`archive`], where the
-//! [`lifecycle`] job moves old events. [`server`] wires the pieces together.
+//! [`lifecycle`] job moves old events; [`backup`] keeps the private cluster restorable to a
+//! point in time. [`server`] wires the pieces together.
 //!
-//! Imports flow the same way: `server → {ingest, query, lifecycle} → {buffer, writer,
+//! Imports flow the same way: `server → {ingest, query, lifecycle, backup} → {buffer, writer,
 //! archive, privacy} → {spool, store}`,
 //! and the leaves (`config`, `event`, `wire`, `metrics`, `status`, `proto`) import nothing above
 //! them. Each module maps its own error type to a `tonic::Status` beside that type, through
@@ -14,6 +15,7 @@
 pub mod archive;
 pub(crate) mod audit;
 pub mod auth;
+pub mod backup;
 pub(crate) mod buffer;
 pub(crate) mod codec;
 pub mod config;
@@ -23,6 +25,7 @@ pub(crate) mod health;
 pub mod ingest;
 pub mod lifecycle;
 pub(crate) mod metrics;
+pub mod objects;
 pub mod privacy;
 pub mod proto;
 pub(crate) mod query;

@@ -63,6 +63,52 @@ enum Command {
         #[command(subcommand)]
         action: PrivacyAction,
     },
+    /// Base backups of the private cluster (`backup.url`): `--once` takes one now,
+    /// `--verify` restores the newest into a scratch directory and counts its rows.
+    Backup {
+        #[arg(long, required_unless_present = "verify")]
+        once: bool,
+        #[arg(long, conflicts_with = "once")]
+        verify: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Rebuilds the private cluster from backups at a point in time, into a data directory
+    /// that has none; start `sluice --data-dir DIR` on it afterwards.
+    Restore {
+        /// `latest` (every archived WAL segment) or an RFC 3339 time
+        /// (`2026-12-01T10:00:00Z`): the last commit at or before it is the last restored.
+        #[arg(long, default_value = "latest")]
+        to: String,
+        /// The data directory to rebuild (its `postgres/` must not hold a cluster).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup repository. Default: `backup.url` of the configuration.
+        #[arg(long)]
+        backup_url: Option<String>,
+        /// Configuration file (TOML). Default: `sluice.toml` if it exists.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Archives one WAL file: PostgreSQL's `archive_command`, set by sluice.
+    WalPush {
+        #[arg(long)]
+        url: String,
+        /// `%p`: the file's path.
+        path: PathBuf,
+        /// `%f`: its name.
+        name: String,
+    },
+    /// Restores one WAL file: PostgreSQL's `restore_command` during `sluice restore`. Exit
+    /// code 1, quietly, when the repository has no such file.
+    WalFetch {
+        #[arg(long)]
+        url: String,
+        /// `%f`: the file's name.
+        name: String,
+        /// `%p`: where to write it.
+        path: PathBuf,
+    },
     /// Runs the lifecycle job (retention) against the configured database and exits.
     Lifecycle {
         /// Run once now (the server runs it every `lifecycle.interval` by itself).
@@ -201,7 +247,74 @@ fn main() -> ExitCode {
         Some(Command::Privacy {
             action: PrivacyAction::Rotate { serve },
         }) => runtime.block_on(privacy_rotate(serve)),
+        Some(Command::Backup {
+            once: _,
+            verify,
+            serve,
+        }) => runtime.block_on(backup_job(serve, verify)),
+        Some(Command::Restore {
+            to,
+            data_dir,
+            backup_url,
+            config,
+        }) => runtime.block_on(restore_job(to, data_dir, backup_url, config)),
+        Some(Command::WalPush { url, path, name }) => {
+            match runtime.block_on(cli::backup::wal_push(&url, &path, &name)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("sluice wal-push {name}: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::WalFetch { url, name, path }) => {
+            match runtime.block_on(cli::backup::wal_fetch(&url, &name, &path)) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(error) => {
+                    eprintln!("sluice wal-fetch {name}: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+/// `sluice backup --once` / `--verify`: prints the report as JSON.
+async fn backup_job(args: ServeArgs, verify: bool) -> ExitCode {
+    let Some((config, telemetry)) = load_config(&args) else {
+        return ExitCode::FAILURE;
+    };
+    let exit = if verify {
+        print_report("sluice backup --verify", cli::backup::verify(&config).await)
+    } else {
+        print_report("sluice backup --once", cli::backup::once(&config).await)
+    };
+    flush_traces(telemetry).await;
+    exit
+}
+
+/// `sluice restore`: prints the report as JSON.
+async fn restore_job(
+    to: String,
+    data_dir: PathBuf,
+    backup_url: Option<String>,
+    config: Option<PathBuf>,
+) -> ExitCode {
+    let args = ServeArgs {
+        config,
+        data_dir: Some(data_dir.clone()),
+        ..ServeArgs::default()
+    };
+    let Some((config, telemetry)) = load_config(&args) else {
+        return ExitCode::FAILURE;
+    };
+    let outcome = match cli::backup::recovery_target(&to) {
+        Ok(target) => cli::backup::restore(&config, backup_url.as_deref(), target, &data_dir).await,
+        Err(error) => Err(error),
+    };
+    flush_traces(telemetry).await;
+    print_report("sluice restore", outcome)
 }
 
 /// Loads the configuration (file, environment, flags) and starts logging and trace export;

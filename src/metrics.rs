@@ -34,6 +34,9 @@
 //! | `sluice_disk_free_bytes` | gauge | `volume` (`data`, `spool`) |
 //! | `sluice_resident_memory_bytes` | gauge | |
 //! | `sluice_database_failovers_total` | counter | `pools` (`write`, `read`) |
+//! | `sluice_backups_total` | counter | `outcome` (`ok`, `failed`) |
+//! | `sluice_backup_last_finished_timestamp_seconds`, `sluice_wal_last_archived_timestamp_seconds` | gauge | |
+//! | `sluice_wal_archive_failures` | gauge | | (PostgreSQL's `pg_stat_archiver.failed_count`) |
 //! | `sluice_breaker_opened_total` | counter | `cause` (`failures`, `slow_writes`, `error_rate`, `probe_failed`) |
 //! | `sluice_auth_refusals_total` | counter | `reason` (`INVALID_TOKEN`, `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`) |
 //! | `sluice_rate_limited_total` | counter | `principal`, `limit` |
@@ -468,6 +471,25 @@ pub fn health_check(check: &'static str, ok: bool) {
 /// A pool moved to another database host (`pools`: `write`, `read`).
 pub fn database_failover(pools: &'static str) {
     counter!("sluice_database_failovers_total", "pools" => pools).increment(1);
+}
+
+/// A base backup was taken (or failed).
+pub fn backup_taken(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("sluice_backups_total", "outcome" => outcome).increment(1);
+}
+
+/// Unix time at which the newest base backup finished.
+pub fn backup_finished_at(seconds: f64) {
+    gauge!("sluice_backup_last_finished_timestamp_seconds").set(seconds);
+}
+
+/// The WAL archiver: when it last archived a segment, and how many attempts failed.
+pub fn wal_archiver(last_archived: Option<f64>, failed: i64) {
+    if let Some(seconds) = last_archived {
+        gauge!("sluice_wal_last_archived_timestamp_seconds").set(seconds);
+    }
+    gauge!("sluice_wal_archive_failures").set(failed as f64);
 }
 
 /// The circuit opened; `cause` is `failures`, `slow_writes`, `error_rate` or `probe_failed`.

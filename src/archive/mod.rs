@@ -22,10 +22,7 @@ use std::{
 };
 
 use chrono::{DateTime, DurationRound, NaiveDate, TimeDelta, Utc};
-use object_store::{
-    ObjectStore, ObjectStoreExt, PutPayload, aws::AmazonS3Builder, local::LocalFileSystem,
-    path::Path, prefix::PrefixStore,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path};
 use sqlx::PgPool;
 
 use crate::{config::ArchiveConfig, store::partitions};
@@ -126,7 +123,8 @@ impl Archive {
             }
         };
         let root = url.trim_end_matches('/').to_owned();
-        let objects = open_store(&root)?;
+        let objects =
+            crate::objects::open(&root).map_err(|reason| ArchiveError::Config { reason })?;
         let archive = Self {
             objects,
             root,
@@ -444,51 +442,6 @@ impl Archive {
 }
 
 /// Opens the store behind a `file://` or `s3://` URL.
-fn open_store(url: &str) -> Result<Arc<dyn ObjectStore>, ArchiveError> {
-    let parsed = url::Url::parse(url).map_err(|error| ArchiveError::Config {
-        reason: format!("{url} is not a URL: {error}"),
-    })?;
-    match parsed.scheme() {
-        "file" => {
-            // Rooted at `/` under a prefix rather than `new_with_prefix`, which needs the
-            // directory to exist: it is created by the first write, not by merely reading.
-            let directory = parsed.to_file_path().map_err(|()| ArchiveError::Config {
-                reason: format!("{url} is not an absolute file URL"),
-            })?;
-            let directory = directory.to_string_lossy();
-            let directory = directory.trim_matches('/');
-            let store = LocalFileSystem::new()
-                // An object must survive a power cut before the rows it holds are deleted.
-                .with_fsync(true);
-            Ok(Arc::new(PrefixStore::new(store, directory)))
-        }
-        "s3" => {
-            let bucket = parsed
-                .host_str()
-                .filter(|bucket| !bucket.is_empty())
-                .ok_or_else(|| ArchiveError::Config {
-                    reason: format!("{url} names no bucket (s3://bucket/prefix)"),
-                })?;
-            // Credentials, region and endpoint come from the usual AWS_* variables.
-            let store = AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()
-                .map_err(|error| ArchiveError::Config {
-                    reason: error.to_string(),
-                })?;
-            let prefix = parsed.path().trim_matches('/');
-            Ok(if prefix.is_empty() {
-                Arc::new(store)
-            } else {
-                Arc::new(PrefixStore::new(store, prefix))
-            })
-        }
-        scheme => Err(ArchiveError::Config {
-            reason: format!("scheme {scheme}: use file:///path or s3://bucket/prefix"),
-        }),
-    }
-}
-
 fn parse_path(path: &str) -> Result<Path, ArchiveError> {
     Path::parse(path).map_err(|error| ArchiveError::Corrupt {
         path: path.to_owned(),

@@ -1,5 +1,7 @@
-//! The client side of the `sluice` command: subcommands that talk to a running server.
+//! The subcommands of the `sluice` command beside the server: clients of a running server
+//! (`send`, `query`, …, `bench`), and the backup jobs.
 
+pub mod backup;
 pub mod bench;
 pub mod connect;
 pub mod read;

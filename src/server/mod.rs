@@ -138,6 +138,8 @@ pub enum ServerError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Privacy(#[from] PrivacyStartError),
+    #[error("backups: {0}")]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 /// Loads the configuration again (file, environment, flags) for a reload on SIGHUP.
@@ -234,7 +236,8 @@ impl Storage {
     async fn open(config: &Config) -> Result<Self, ServerError> {
         let spool = open_spool(config).await?;
         let archive = Arc::new(open_archive(config).await?);
-        let store = Arc::new(Store::open(config).await?);
+        let cluster_settings = crate::backup::cluster_settings(config)?;
+        let store = Arc::new(Store::open_with(config, cluster_settings).await?);
         let streams = match &config.redis.url {
             Some(_) => {
                 let streams = Streams::connect(&config.redis).await?;
@@ -352,6 +355,8 @@ struct Background {
     partitions: JoinHandle<()>,
     /// Keeps the pools on the database host that takes writes (multi-host `database.url`).
     hosts: JoinHandle<()>,
+    /// Base backups of the private cluster on schedule (`backup.url`).
+    backup: JoinHandle<()>,
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
     optout_refresh: JoinHandle<()>,
@@ -442,7 +447,7 @@ impl Background {
                 store: storage.store.clone(),
                 breaker: breaker.clone(),
                 spool: storage.spool.clone(),
-                resources: health::resources::Resources::new(&config),
+                resources: health::resources::Resources::new(config),
                 streams: storage
                     .streams
                     .clone()
@@ -471,6 +476,11 @@ impl Background {
             let stopping = stopping.subscribe();
             tokio::spawn(async move { store.watch_hosts(stopping).await })
         };
+        let backup = tokio::spawn(crate::backup::schedule::run(
+            config.backup.clone(),
+            storage.store.clone(),
+            config.data_dir.join("backup-scratch"),
+        ));
         Self {
             switch: ShutdownSwitch {
                 stopping,
@@ -486,6 +496,7 @@ impl Background {
             health,
             partitions,
             hosts,
+            backup,
             replay,
             audit_upkeep,
             optout_refresh,
@@ -508,7 +519,7 @@ impl Background {
     /// 1. the buffer refuses new events (already so after a signal);
     /// 2. writers still running (the shutdown timeout passed) are stopped: what they held was
     ///    never acknowledged, and clients were told so;
-    /// 3. health, partition upkeep, host watching, reload and audit upkeep stop (nothing depends on them),
+    /// 3. health, partition upkeep, host watching, backups, reload and audit upkeep stop (nothing depends on them),
     ///    and the authentication failures counted in the last minute are written;
     /// 4. the replayer stops last: a segment it was replaying stays on disk and replays at the
     ///    next start (replay is idempotent).
@@ -523,6 +534,7 @@ impl Background {
         self.health.abort();
         self.partitions.abort();
         self.hosts.abort();
+        self.backup.abort();
         self.reload.abort();
         self.audit_upkeep.abort();
         self.optout_refresh.abort();
@@ -534,6 +546,7 @@ impl Background {
             self.health,
             self.partitions,
             self.hosts,
+            self.backup,
             self.reload,
             self.audit_upkeep,
             self.optout_refresh

@@ -37,10 +37,16 @@ pub enum EmbeddedError {
     Command { command: String, detail: String },
 }
 
+/// The file of settings sluice writes at each start, and the line that includes it.
+const SETTINGS_FILE: &str = "sluice.conf";
+const INCLUDE_LINE: &str = "include_if_exists = 'sluice.conf'";
+
 /// A running private cluster. Call [`EmbeddedPostgres::stop`] on shutdown.
 #[derive(Debug)]
 pub struct EmbeddedPostgres {
     bin_dir: PathBuf,
+    /// The directory holding `postgres/` (the data directory) and the socket directory.
+    root: PathBuf,
     data_dir: PathBuf,
     socket_dir: PathBuf,
     run_as: Option<nix::unistd::User>,
@@ -52,6 +58,78 @@ impl EmbeddedPostgres {
     /// Initializes the cluster under `root/postgres` if needed and starts it (or reuses one
     /// already running there, e.g. after a crash of sluice).
     pub fn start(root: &Path) -> Result<Self, EmbeddedError> {
+        Self::start_cluster(root, None)
+    }
+
+    /// [`EmbeddedPostgres::start`] with server `settings` (name, value) written to the
+    /// cluster's `sluice.conf`, which its `postgresql.conf` includes. A cluster found running
+    /// is told to reload them (those that need a restart wait for one).
+    pub fn start_with(root: &Path, settings: &[(&str, String)]) -> Result<Self, EmbeddedError> {
+        Self::start_cluster(root, Some(settings))
+    }
+
+    fn start_cluster(
+        root: &Path,
+        settings: Option<&[(&str, String)]>,
+    ) -> Result<Self, EmbeddedError> {
+        let mut cluster = Self::locate(root)?;
+        cluster.prepare_dirs()?;
+        if !cluster.data_dir.join("PG_VERSION").exists() {
+            tracing::info!(data_dir = %cluster.data_dir.display(), "initializing private PostgreSQL cluster");
+            cluster.run(
+                "initdb",
+                &[
+                    "-D",
+                    path_str(&cluster.data_dir),
+                    "-U",
+                    ROLE,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C.UTF-8",
+                ],
+            )?;
+        }
+        if let Some(settings) = settings {
+            cluster.write_settings(settings)?;
+        }
+        if cluster.is_running() {
+            tracing::info!(data_dir = %cluster.data_dir.display(), "reusing private PostgreSQL cluster that is already running; it is left running at exit");
+            if settings.is_some()
+                && let Err(error) =
+                    cluster.run("pg_ctl", &["-D", path_str(&cluster.data_dir), "reload"])
+            {
+                tracing::warn!(%error, "cannot reload the private cluster's settings");
+            }
+        } else {
+            cluster.started_here = true;
+            let options = format!(
+                "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=100",
+                cluster.socket_dir.display()
+            );
+            let log_file = cluster.data_dir.join("postgres.log");
+            cluster.run(
+                "pg_ctl",
+                &[
+                    "-D",
+                    path_str(&cluster.data_dir),
+                    "-l",
+                    path_str(&log_file),
+                    "-o",
+                    &options,
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ],
+            )?;
+            tracing::info!(socket_dir = %cluster.socket_dir.display(), "private PostgreSQL cluster started");
+        }
+        Ok(cluster)
+    }
+
+    /// Where the cluster of `root` lives (`root/postgres`, or a directory under
+    /// /var/lib/sluice when the `postgres` user cannot reach `root`), without touching it.
+    pub fn locate(root: &Path) -> Result<Self, EmbeddedError> {
         let bin_dir = find_bin_dir().ok_or(EmbeddedError::BinariesNotFound)?;
         let root = absolute(root)?;
         if root.to_str().is_none() {
@@ -91,58 +169,74 @@ impl EmbeddedPostgres {
             }
             _ => root,
         };
-        let data_dir = root.join("postgres");
-        let socket_dir = socket_dir_for(&root);
-        let mut cluster = Self {
+        Ok(Self {
             bin_dir,
-            data_dir,
-            socket_dir,
+            data_dir: root.join("postgres"),
+            socket_dir: socket_dir_for(&root),
+            root,
             run_as,
             started_here: false,
+        })
+    }
+
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The directory of its unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        &self.socket_dir
+    }
+
+    /// The path of a PostgreSQL program (`pg_basebackup`, …).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Gives `path` (and everything under it) to the user PostgreSQL runs as, when sluice runs
+    /// as root: restored files, a backup directory the archiver writes to.
+    pub fn give_to_postgres(&self, path: &Path) -> Result<(), EmbeddedError> {
+        let Some(user) = &self.run_as else {
+            return Ok(());
         };
-        cluster.prepare_dirs(&root)?;
-        if !cluster.data_dir.join("PG_VERSION").exists() {
-            tracing::info!(data_dir = %cluster.data_dir.display(), "initializing private PostgreSQL cluster");
-            cluster.run(
-                "initdb",
-                &[
-                    "-D",
-                    path_str(&cluster.data_dir),
-                    "-U",
-                    ROLE,
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--locale=C.UTF-8",
-                ],
-            )?;
+        let io_error = |source| EmbeddedError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        std::os::unix::fs::lchown(path, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .map_err(io_error)?;
+        if fs::symlink_metadata(path).map_err(io_error)?.is_dir() {
+            for entry in fs::read_dir(path).map_err(io_error)? {
+                self.give_to_postgres(&entry.map_err(io_error)?.path())?;
+            }
         }
-        if cluster.is_running() {
-            tracing::info!(data_dir = %cluster.data_dir.display(), "reusing private PostgreSQL cluster that is already running; it is left running at exit");
-        } else {
-            cluster.started_here = true;
-            let options = format!(
-                "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=100",
-                cluster.socket_dir.display()
-            );
-            let log_file = cluster.data_dir.join("postgres.log");
-            cluster.run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    path_str(&cluster.data_dir),
-                    "-l",
-                    path_str(&log_file),
-                    "-o",
-                    &options,
-                    "-w",
-                    "-t",
-                    "60",
-                    "start",
-                ],
-            )?;
-            tracing::info!(socket_dir = %cluster.socket_dir.display(), "private PostgreSQL cluster started");
+        Ok(())
+    }
+
+    /// Writes `settings` to `sluice.conf` and makes `postgresql.conf` include it.
+    fn write_settings(&self, settings: &[(&str, String)]) -> Result<(), EmbeddedError> {
+        let io_error = |path: &Path| {
+            let path = path.to_owned();
+            move |source| EmbeddedError::Io { path, source }
+        };
+        let main = self.data_dir.join("postgresql.conf");
+        let text = fs::read_to_string(&main).map_err(io_error(&main))?;
+        if !text.lines().any(|line| line.trim() == INCLUDE_LINE) {
+            let mut file = fs::OpenOptions::new()
+                .append(true)
+                .open(&main)
+                .map_err(io_error(&main))?;
+            std::io::Write::write_all(&mut file, format!("\n{INCLUDE_LINE}\n").as_bytes())
+                .map_err(io_error(&main))?;
         }
-        Ok(cluster)
+        let mut conf = String::from("# Written by sluice at each start: edits are lost.\n");
+        for (name, value) in settings {
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        let path = self.data_dir.join(SETTINGS_FILE);
+        fs::write(&path, conf).map_err(io_error(&path))?;
+        self.give_to_postgres(&path)
     }
 
     /// Creates the sluice database if missing. Needs the cluster running.
@@ -204,7 +298,8 @@ impl EmbeddedPostgres {
             .is_ok_and(|output| output.status.success())
     }
 
-    fn prepare_dirs(&self, root: &Path) -> Result<(), EmbeddedError> {
+    fn prepare_dirs(&self) -> Result<(), EmbeddedError> {
+        let root = self.root.as_path();
         for dir in [root, self.data_dir.as_path(), self.socket_dir.as_path()] {
             fs::create_dir_all(dir).map_err(|source| EmbeddedError::Io {
                 path: dir.to_owned(),
@@ -315,8 +410,8 @@ fn path_checksum(path: &Path) -> u32 {
     crc32c::crc32c(path.as_os_str().as_encoded_bytes())
 }
 
-/// The directory with `initdb`, `pg_ctl` and `postgres`: from PATH, `pg_config --bindir`, or
-/// the newest `/usr/lib/postgresql/*/bin`.
+/// The directory with `initdb`, `pg_ctl` and `postgres` (and `pg_basebackup`): from PATH
+/// (links followed), `pg_config --bindir`, or the newest `/usr/lib/postgresql/*/bin`.
 pub fn find_bin_dir() -> Option<PathBuf> {
     let has_server = |dir: &Path| {
         ["initdb", "pg_ctl", "postgres"]
@@ -327,7 +422,16 @@ pub fn find_bin_dir() -> Option<PathBuf> {
         .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
-        .find(|dir| has_server(dir));
+        .find(|dir| has_server(dir))
+        // A directory of links (/usr/local/bin) may lack the other tools (pg_basebackup):
+        // take the directory the server binaries really are in.
+        .map(|dir| {
+            fs::canonicalize(dir.join("initdb"))
+                .ok()
+                .and_then(|initdb| initdb.parent().map(Path::to_path_buf))
+                .filter(|real| has_server(real))
+                .unwrap_or(dir)
+        });
     if from_path.is_some() {
         return from_path;
     }

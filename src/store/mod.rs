@@ -145,6 +145,15 @@ impl Store {
     /// or starts the private cluster under `data_dir`, then runs the migrations and creates
     /// the partitions the retention window needs.
     pub async fn open(config: &Config) -> Result<Self, StoreError> {
+        Self::open_with(config, None).await
+    }
+
+    /// [`Store::open`], starting the private cluster with `cluster_settings` (the server's
+    /// WAL archiving); None leaves the settings of its last start.
+    pub async fn open_with(
+        config: &Config,
+        cluster_settings: Option<Vec<(&'static str, String)>>,
+    ) -> Result<Self, StoreError> {
         let (write_hosts, embedded) = match &config.database.url {
             Some(url) => {
                 let hosts = HostList::parse(url)?;
@@ -158,13 +167,15 @@ impl Store {
             }
             None => {
                 let data_dir = config.data_dir.clone();
-                let cluster =
-                    tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&data_dir))
-                        .await
-                        .map_err(|join| embedded::EmbeddedError::Command {
-                            command: "initdb".to_owned(),
-                            detail: join.to_string(),
-                        })??;
+                let cluster = tokio::task::spawn_blocking(move || match cluster_settings {
+                    Some(settings) => EmbeddedPostgres::start_with(&data_dir, &settings),
+                    None => EmbeddedPostgres::start(&data_dir),
+                })
+                .await
+                .map_err(|join| embedded::EmbeddedError::Command {
+                    command: "initdb".to_owned(),
+                    detail: join.to_string(),
+                })??;
                 cluster
                     .ensure_database()
                     .await
