@@ -1,6 +1,8 @@
 //! The `sluice` command: `sluice` (or `sluice serve`) runs the server; `sluice certs` issues
 //! client certificates from the dev CA; `sluice lifecycle --once` and `sluice privacy rotate`
-//! run jobs against the database; `sluice bench` runs the load generator.
+//! run jobs against the database; `sluice backup`, `sluice restore` and `sluice wal-push` /
+//! `wal-fetch` back up and restore the private cluster; `sluice bench` runs the load
+//! generator.
 
 mod cli;
 

@@ -116,6 +116,7 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
 
     // The newest backup restores, its checksums hold, and it holds A.
     let verified = sluice(&["backup", "--verify"], &data_dir, &url);
+    println!("verify: {verified}");
     assert_eq!(verified["backup"], backup_id.as_str());
     assert_eq!(verified["events"], 100);
     assert!(verified["checked_bytes"].as_u64() > Some(0));
@@ -148,6 +149,7 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
         &data_dir,
         &url,
     );
+    println!("restore: {restored}");
     assert_eq!(restored["backup"], backup_id.as_str());
     assert_eq!(restored["events"], 200, "A and B: {restored}");
 
