@@ -17,13 +17,19 @@ use sqlx::Connection;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Runs a `sluice` subcommand with the backup settings; returns its JSON report.
-fn sluice(args: &[&str], data_dir: &Path, url: &str) -> serde_json::Value {
+fn sluice(
+    args: &[&str],
+    data_dir: &Path,
+    url: &str,
+    env: &[(String, String)],
+) -> serde_json::Value {
     let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(args)
         .env_remove("DATABASE_URL")
         .env("SLUICE_DATA_DIR", data_dir)
         .env("SLUICE_BACKUP__URL", url)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(key, value)| (key, value)))
         .output()
         .expect("run sluice");
     assert!(
@@ -53,18 +59,45 @@ async fn count_by_service(url: &str) -> Vec<(String, i64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_before_it() {
-    common::init_crypto();
     // The repository must be reachable by the user PostgreSQL runs as (its archive_command
     // writes there).
     let base = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let url = format!("file://{}", base.path().join("repository").display());
-    let server = TestServer::start(
-        ServerSpec::default()
-            .env("SLUICE_BACKUP__URL", &url)
-            .env("SLUICE_BACKUP__MAX_RPO", "10m"),
-    )
-    .await;
+    point_in_time_restore(&url, Vec::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_kept_off_the_machine_in_s3_restore_to_a_point_in_time() {
+    let endpoint = std::env::var("TEST_SLUICE_S3_ENDPOINT").expect(
+        "TEST_SLUICE_S3_ENDPOINT is unset: run the suite with scripts/test, which starts moto",
+    );
+    let bucket =
+        std::env::var("TEST_SLUICE_S3_BUCKET").unwrap_or_else(|_| "sluice-test".to_owned());
+    let url = format!("s3://{bucket}/backups-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+    .to_vec();
+    point_in_time_restore(&url, env).await;
+}
+
+/// A, a base backup, B, the target time T, C; the cluster destroyed; a restore to T holds
+/// exactly A and B. `env` reaches the server (and so the cluster's archive_command) and the
+/// commands.
+async fn point_in_time_restore(url: &str, env: Vec<(String, String)>) {
+    common::init_crypto();
+    let url = url.to_owned();
+    let mut spec = ServerSpec::default()
+        .env("SLUICE_BACKUP__URL", &url)
+        .env("SLUICE_BACKUP__MAX_RPO", "10m");
+    spec.env.extend(env.iter().cloned());
+    let server = TestServer::start(spec.clone()).await;
     wait_for_status(&server, ServingStatus::Serving).await;
     let data_dir = server.dir_path().join("data");
     let cluster = EmbeddedPostgres::start(&data_dir).expect("attach to the private cluster");
@@ -83,7 +116,7 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
 
     // A, a base backup, B, the target time, C.
     ingest(&server, "a", 100).await;
-    let taken = sluice(&["backup", "--once"], &data_dir, &url);
+    let taken = sluice(&["backup", "--once"], &data_dir, &url, &env);
     let backup_id = taken["backup"]["id"]
         .as_str()
         .expect("backup id")
@@ -115,7 +148,7 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
     drop(connection);
 
     // The newest backup restores, its checksums hold, and it holds A.
-    let verified = sluice(&["backup", "--verify"], &data_dir, &url);
+    let verified = sluice(&["backup", "--verify"], &data_dir, &url, &env);
     println!("verify: {verified}");
     assert_eq!(verified["backup"], backup_id.as_str());
     assert_eq!(verified["events"], 100);
@@ -148,6 +181,7 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
         ],
         &data_dir,
         &url,
+        &env,
     );
     println!("restore: {restored}");
     assert_eq!(restored["backup"], backup_id.as_str());
@@ -156,7 +190,7 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
     // sluice starts on the restored cluster: exactly A and B, and ingest works.
     let again = TestServer::start(ServerSpec {
         dir: Some(server.dir_path().to_owned()),
-        ..ServerSpec::default().env("SLUICE_BACKUP__URL", &url)
+        ..spec
     })
     .await;
     wait_for_status(&again, ServingStatus::Serving).await;
