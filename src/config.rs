@@ -549,6 +549,14 @@ pub struct SearchConfig {
     /// Longest a Query scans before it answers with what it found and a token.
     #[serde(with = "humantime_serde")]
     pub max_scan_time: Duration,
+    /// A trigram GIN index (`pg_trgm`) on `message`, for `message_contains` of 3 characters or
+    /// more. Created (concurrently, partition by partition) or dropped at start-up.
+    pub message_index: bool,
+    /// A GIN `jsonb_path_ops` index on `metadata`, for every `metadata_contains`.
+    pub metadata_index: bool,
+    /// Top-level metadata keys with a B-tree index on their text value each, for
+    /// `metadata_contains` with a string or boolean value under that key.
+    pub indexed_metadata_keys: Vec<String>,
 }
 
 impl Default for SearchConfig {
@@ -556,6 +564,9 @@ impl Default for SearchConfig {
         Self {
             slice: Duration::from_secs(3600),
             max_scan_time: Duration::from_millis(200),
+            message_index: false,
+            metadata_index: false,
+            indexed_metadata_keys: Vec::new(),
         }
     }
 }
@@ -1006,6 +1017,19 @@ impl Config {
                 "backup.full_every",
                 "full_every must be above zero and max_rpo at least 2s",
             );
+        }
+        for key in &self.search.indexed_metadata_keys {
+            let usable = !key.is_empty()
+                && key.len() <= 40
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if !usable {
+                return invalid(
+                    "search.indexed_metadata_keys",
+                    "keys are 1 to 40 characters of [A-Za-z0-9_.-]",
+                );
+            }
         }
         if !(0.0..=1.0).contains(&self.breaker.max_error_rate) {
             return invalid("breaker.max_error_rate", "must be between 0.0 and 1.0");

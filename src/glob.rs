@@ -78,6 +78,20 @@ impl ServiceGlobs {
     }
 }
 
+/// A `LIKE` pattern matching `text` anywhere (`%text%`), with its `%`, `_` and `\` escaped.
+pub fn like_containing(text: &str) -> String {
+    let mut like = String::with_capacity(text.len() + 2);
+    like.push('%');
+    for character in text.chars() {
+        if matches!(character, '%' | '_' | '\\') {
+            like.push('\\');
+        }
+        like.push(character);
+    }
+    like.push('%');
+    like
+}
+
 fn to_like(glob: &str) -> String {
     let mut like = String::with_capacity(glob.len());
     for character in glob.chars() {

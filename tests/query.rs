@@ -991,3 +991,160 @@ async fn every_call_has_a_request_id_echoed_in_its_response_and_logged_with_its_
     assert!(line.contains(r#""request_id":"req-78""#), "{line}");
     assert!(line.contains(r#""principal":"#), "{line}");
 }
+
+/// The valid `events_search_*` indexes on `events`.
+async fn search_indexes(database: &TestDatabase) -> Vec<String> {
+    let mut connection = database.connect().await;
+    sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE i.indrelid = 'events'::regclass AND c.relname::text LIKE 'events\\_search\\_%' \
+         AND i.indisvalid ORDER BY 1",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("indexes")
+}
+
+/// The plan of `sql` with sequential scans discouraged: which index can serve it.
+async fn plan(database: &TestDatabase, sql: &str) -> String {
+    let mut connection = database.connect().await;
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut connection)
+        .await
+        .expect("set");
+    let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .fetch_all(&mut connection)
+        .await
+        .expect("explain");
+    lines.join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_indexes_are_built_at_start_serve_the_content_filters_and_go_when_turned_off() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        "[retention]\ndefault = \"90days\"\n[search]\nmessage_index = true\n\
+         metadata_index = true\nindexed_metadata_keys = [\"region\"]\n",
+    )
+    .expect("sluice.toml");
+    let spec = ServerSpec {
+        dir: Some(dir.path().to_owned()),
+        ..ServerSpec::with_database(&database.url)
+    };
+    let server = TestServer::start(spec.clone()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while search_indexes(&database).await.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "indexes not built:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ingest = server.ingest_client().await;
+    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut all = fixture();
+    for message in ["progress 100%_done", "progress 100x done", "progress 10%_d"] {
+        all.push(event("checkout", message));
+    }
+    publish(&mut ingest, all.clone()).await;
+    let expect = |predicate: &dyn Fn(&Event) -> bool| -> Vec<String> {
+        let chosen: Vec<Event> = all
+            .iter()
+            .filter(|event| predicate(event))
+            .cloned()
+            .collect();
+        messages(&chosen)
+    };
+    for (needle, wanted) in [
+        (
+            "timeout",
+            expect(&|event| event.message.contains("timeout")),
+        ),
+        // LIKE's wildcards in the needle are literal characters.
+        (
+            "0%_d",
+            vec!["progress 10%_d".to_owned(), "progress 100%_done".to_owned()],
+        ),
+        ("00%_", vec!["progress 100%_done".to_owned()]),
+        // Under 3 characters the trigram index has nothing to look up: strpos alone.
+        (
+            "%_",
+            vec!["progress 10%_d".to_owned(), "progress 100%_done".to_owned()],
+        ),
+    ] {
+        let found = query_all(
+            &mut query,
+            QueryRequest {
+                message_contains: needle.to_owned(),
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(messages(&found), wanted, "message_contains {needle:?}");
+    }
+    // The fixture's even events are in region eu.
+    let in_eu: Vec<Event> = fixture().into_iter().step_by(2).collect();
+    let eu = query_all(
+        &mut query,
+        QueryRequest {
+            metadata_contains: Some(metadata(&[("region", text("eu"))])),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(messages(&eu), messages(&in_eu));
+    let nested_500 = query_all(
+        &mut query,
+        QueryRequest {
+            metadata_contains: Some(metadata(&[(
+                "http",
+                nested(object(&[("status", text("500"))])),
+            )])),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(nested_500.len(), 12, "every fifth of the 60");
+
+    // The conditions Query adds are the indexes' own expressions.
+    let trigram = plan(
+        &database,
+        "SELECT id FROM events WHERE message LIKE '%timeout%'",
+    )
+    .await;
+    assert!(trigram.contains("search_message_trgm"), "{trigram}");
+    let key = plan(
+        &database,
+        "SELECT id FROM events WHERE (metadata ->> 'region') = 'eu'",
+    )
+    .await;
+    assert!(key.contains("search_key_region"), "{key}");
+    let containment = plan(
+        &database,
+        "SELECT id FROM events WHERE metadata @> '{\"http\": {\"status\": \"500\"}}'",
+    )
+    .await;
+    assert!(containment.contains("search_metadata_gin"), "{containment}");
+
+    // Turned off: the next start drops them.
+    drop(server);
+    std::fs::write(
+        dir.path().join("sluice.toml"),
+        "[retention]\ndefault = \"90days\"\n",
+    )
+    .expect("sluice.toml");
+    let server = TestServer::start(spec).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !search_indexes(&database).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "indexes not dropped:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

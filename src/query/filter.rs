@@ -14,7 +14,7 @@ use crate::{
         catalog::{ArchivedObject, Selection},
         format::{ArchivedEvent, json_contains},
     },
-    config::ValidationConfig,
+    config::{SearchConfig, ValidationConfig},
     event::ValidEvent,
     proto,
     proto::metadata::{self, Metadata, Problem},
@@ -342,6 +342,37 @@ impl Filter {
         }
         if let Some(trace_id) = &self.trace_id {
             builder.push(" AND trace_id = ").push_bind(trace_id.clone());
+        }
+    }
+
+    /// Conditions the filter implies, written so that the optional search indexes can serve
+    /// them (`search.*`): `message LIKE '%…%'` for the trigram index (3 characters or more;
+    /// fewer give it no trigram), and `(metadata ->> 'key') = 'value'` for an indexed key with
+    /// a string or boolean value (numbers are left to `@>`: `->>` keeps a number's written
+    /// form, `@>` compares values). The results do not change.
+    pub fn push_index_hints(&self, builder: &mut QueryBuilder<Postgres>, search: &SearchConfig) {
+        if search.message_index
+            && let Some(text) = &self.message_contains
+            && text.chars().count() >= 3
+        {
+            builder
+                .push(" AND message LIKE ")
+                .push_bind(crate::glob::like_containing(text));
+        }
+        let Some(metadata) = &self.metadata_contains else {
+            return;
+        };
+        for key in &search.indexed_metadata_keys {
+            let value = match metadata.get(key) {
+                Some(Json::String(value)) => value.clone(),
+                Some(Json::Bool(value)) => value.to_string(),
+                _ => continue,
+            };
+            // The key is checked at start-up ([A-Za-z0-9_.-]) and must be written as in the
+            // index's expression for the planner to match them.
+            builder
+                .push(format_args!(" AND (metadata ->> '{key}') = "))
+                .push_bind(value);
         }
     }
 

@@ -335,6 +335,7 @@ impl QueryHandler {
             "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
         );
         filter.push_where(&mut builder);
+        filter.push_index_hints(&mut builder, &self.config.search);
         let (comparison, direction) = if oldest_first {
             (">", "ASC")
         } else {

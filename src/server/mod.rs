@@ -357,6 +357,8 @@ struct Background {
     hosts: JoinHandle<()>,
     /// Base backups of the private cluster on schedule (`backup.url`).
     backup: JoinHandle<()>,
+    /// Builds or drops the optional search indexes once at start-up (`search.*`).
+    search_indexes: JoinHandle<()>,
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
     optout_refresh: JoinHandle<()>,
@@ -476,6 +478,10 @@ impl Background {
             let stopping = stopping.subscribe();
             tokio::spawn(async move { store.watch_hosts(stopping).await })
         };
+        let search_indexes = tokio::spawn(keep_search_indexes(
+            storage.store.clone(),
+            config.search.clone(),
+        ));
         let backup = tokio::spawn(crate::backup::schedule::run(
             config.backup.clone(),
             storage.store.clone(),
@@ -496,6 +502,7 @@ impl Background {
             health,
             partitions,
             hosts,
+            search_indexes,
             backup,
             replay,
             audit_upkeep,
@@ -519,7 +526,8 @@ impl Background {
     /// 1. the buffer refuses new events (already so after a signal);
     /// 2. writers still running (the shutdown timeout passed) are stopped: what they held was
     ///    never acknowledged, and clients were told so;
-    /// 3. health, partition upkeep, host watching, backups, reload and audit upkeep stop (nothing depends on them),
+    /// 3. health, partition upkeep, host watching, backups, search indexes, reload and audit
+    ///    upkeep stop (nothing depends on them),
     ///    and the authentication failures counted in the last minute are written;
     /// 4. the replayer stops last: a segment it was replaying stays on disk and replays at the
     ///    next start (replay is idempotent).
@@ -535,6 +543,7 @@ impl Background {
         self.partitions.abort();
         self.hosts.abort();
         self.backup.abort();
+        self.search_indexes.abort();
         self.reload.abort();
         self.audit_upkeep.abort();
         self.optout_refresh.abort();
@@ -547,6 +556,7 @@ impl Background {
             self.partitions,
             self.hosts,
             self.backup,
+            self.search_indexes,
             self.reload,
             self.audit_upkeep,
             self.optout_refresh
@@ -841,6 +851,22 @@ async fn run_lifecycle(
                 wait
             }
         };
+    }
+}
+
+/// Builds the search indexes the configuration asks for and drops the others, in the
+/// background: ingest and queries go on meanwhile (queries without the index until it is done).
+async fn keep_search_indexes(store: Arc<Store>, search: crate::config::SearchConfig) {
+    match crate::store::search_indexes::reconcile(&store.maintenance_pool, &search).await {
+        Ok(Some(done)) if !done.created.is_empty() || !done.dropped.is_empty() => {
+            tracing::info!(created = ?done.created, dropped = ?done.dropped, "search indexes match the configuration");
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::info!("another node is changing the search indexes"),
+        Err(error) => tracing::error!(
+            %error,
+            "cannot build or drop the search indexes; queries work without them, and the next start resumes"
+        ),
     }
 }
 

@@ -4,6 +4,7 @@ pub mod embedded;
 pub mod hosts;
 pub mod nodelay;
 pub mod partitions;
+pub mod search_indexes;
 
 use std::time::Duration;
 
