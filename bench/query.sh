@@ -23,24 +23,7 @@ start_throwaway_postgres -c shared_buffers=1GB -c maintenance_work_mem=512MB -c 
 start_release_server "${BENCH_SERVER_DATABASE_URL:-$PG_URL}"
 
 psql_run() { psql -X -q -v ON_ERROR_STOP=1 "$PG_URL" "$@"; }
-log "loading $rows rows"
-started=$(date +%s)
-chunk=1000000
-for ((from = 0; from < rows; from += chunk)); do
-  to=$((from + chunk < rows ? from + chunk : rows))
-  psql_run -c "
-    INSERT INTO events (id, service, message, ts, user_id, metadata)
-    SELECT gen_random_uuid(), 'svc-' || (g % 8),
-           'GET /api/orders/' || g || ' -> 200 in ' || (g % 900) || ' ms',
-           now() - interval '28 days' * ($rows - g)::float8 / $rows,
-           'user-' || (g % 50000),
-           jsonb_build_object('path', '/api/orders', 'status', 200, 'region', (ARRAY['eu','us','ap'])[1 + g % 3])
-    FROM generate_series($from + 1, $to) AS g"
-done
-psql_run -c "TRUNCATE event_counts" \
-  -c "INSERT INTO event_counts SELECT service, date_trunc('hour', ts, 'UTC'), 0, count(*) FROM events GROUP BY 1, 2" \
-  -c "VACUUM ANALYZE events" -c "VACUUM ANALYZE event_counts"
-log "loaded in $(( $(date +%s) - started )) s"
+load_query_rows "$rows"
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(postgres --version)"
 echo "rows: $(psql_run -At -c 'SELECT count(*) FROM events')"

@@ -182,3 +182,27 @@ start_bench_environment() {
   trap bench_cleanup EXIT
   start_throwaway_postgres
 }
+
+# Loads $1 synthetic events into $PG_URL for the read-side benchmarks (bench/query.sh,
+# bench/search.sh): the last 28 days, 8 services, 50,000 users, in time order as ingest writes
+# them (each block holds a narrow span of time, as in production); then the hourly rollup.
+load_query_rows() {
+  local rows=$1 chunk=1000000 from to started
+  log "loading $rows rows"
+  started=$(date +%s)
+  for ((from = 0; from < rows; from += chunk)); do
+    to=$((from + chunk < rows ? from + chunk : rows))
+    psql -X -q -v ON_ERROR_STOP=1 "$PG_URL" -c "
+      INSERT INTO events (id, service, message, ts, user_id, metadata)
+      SELECT gen_random_uuid(), 'svc-' || (g % 8),
+             'GET /api/orders/' || g || ' -> 200 in ' || (g % 900) || ' ms',
+             now() - interval '28 days' * ($rows - g)::float8 / $rows,
+             'user-' || (g % 50000),
+             jsonb_build_object('path', '/api/orders', 'status', 200, 'region', (ARRAY['eu','us','ap'])[1 + g % 3])
+      FROM generate_series($from + 1, $to) AS g"
+  done
+  psql -X -q -v ON_ERROR_STOP=1 "$PG_URL" -c "TRUNCATE event_counts" \
+    -c "INSERT INTO event_counts SELECT service, date_trunc('hour', ts, 'UTC'), 0, count(*) FROM events GROUP BY 1, 2" \
+    -c "VACUUM ANALYZE events" -c "VACUUM ANALYZE event_counts"
+  log "loaded in $(( $(date +%s) - started )) s"
+}

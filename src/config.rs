@@ -563,7 +563,7 @@ impl Default for SearchConfig {
     fn default() -> Self {
         Self {
             slice: Duration::from_secs(3600),
-            max_scan_time: Duration::from_millis(200),
+            max_scan_time: Duration::from_millis(80),
             message_index: false,
             metadata_index: false,
             indexed_metadata_keys: Vec::new(),

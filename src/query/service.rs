@@ -448,7 +448,8 @@ impl QueryHandler {
             } else if took < search.max_scan_time / 10 {
                 slice = (slice * 2).min(TimeDelta::days(31));
             }
-            if low < high && started.elapsed() >= search.max_scan_time {
+            // Stop before a step that would likely end past the budget (one like the last).
+            if low < high && started.elapsed() + took >= search.max_scan_time {
                 return Ok(Page {
                     rows,
                     next: position,
