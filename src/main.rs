@@ -102,7 +102,8 @@ enum Command {
         name: String,
     },
     /// Restores one WAL file: PostgreSQL's `restore_command` during `sluice restore`. Exit
-    /// code 1, quietly, when the repository has no such file.
+    /// code 1, quietly, when the repository has no such file; 255 (recovery aborts) when the
+    /// repository cannot be read after retries.
     WalFetch {
         #[arg(long)]
         url: String,
@@ -272,10 +273,13 @@ fn main() -> ExitCode {
         Some(Command::WalFetch { url, name, path }) => {
             match runtime.block_on(cli::backup::wal_fetch(&url, &name, &path)) {
                 Ok(true) => ExitCode::SUCCESS,
+                // "Not in the archive": the normal end of recovery.
                 Ok(false) => ExitCode::FAILURE,
+                // Anything else must not look like the end of the archive, or recovery would
+                // stop early and promote: PostgreSQL aborts recovery on a status above 125.
                 Err(error) => {
                     eprintln!("sluice wal-fetch {name}: {error}");
-                    ExitCode::FAILURE
+                    ExitCode::from(255)
                 }
             }
         }

@@ -184,6 +184,13 @@ async fn point_in_time_restore(url: &str, env: Vec<(String, String)>) {
         &env,
     );
     println!("restore: {restored}");
+    if let Some(directory) = url.strip_prefix("file://") {
+        // The new timeline is published, so that a later restore knows of it.
+        assert!(
+            Path::new(directory).join("wal/00000002.history.zst").exists(),
+            "the history file of the restored timeline is archived"
+        );
+    }
     assert_eq!(restored["backup"], backup_id.as_str());
     assert_eq!(restored["events"], 200, "A and B: {restored}");
 

@@ -100,10 +100,12 @@ pub async fn take(
     let id = started_at.format("%Y%m%dT%H%M%S%.3fZ").to_string();
     let dir = scratch.join(&id);
     let result = async {
-        if dir.exists() {
-            tokio::fs::remove_dir_all(&dir)
+        // Under the lock, whatever is in the scratch directory was left by an interrupted
+        // backup (a stop mid-way): a full uncompressed copy, worth reclaiming.
+        if scratch.exists() {
+            tokio::fs::remove_dir_all(scratch)
                 .await
-                .map_err(BackupError::io(&dir))?;
+                .map_err(BackupError::io(scratch))?;
         }
         tokio::fs::create_dir_all(scratch)
             .await
@@ -242,8 +244,16 @@ pub async fn prune(repository: &Repository, keep: Duration) -> Result<Pruned, Ba
     let cutoff = Utc::now() - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::MAX);
     let mut pruned = Pruned::default();
     let newest = backups.len().saturating_sub(1);
+    // The newest backup that finished before the cutoff stays too: without it, the times
+    // between the cutoff and the next backup could not be restored.
+    let newest_before_cutoff = backups
+        .iter()
+        .rposition(|backup| backup.finished_at < cutoff);
+    let kept = |index: usize, backup: &BackupManifest| {
+        index == newest || backup.finished_at >= cutoff || Some(index) == newest_before_cutoff
+    };
     for (index, backup) in backups.iter().enumerate() {
-        if index == newest || backup.finished_at >= cutoff {
+        if kept(index, backup) {
             continue;
         }
         // The manifest goes first: a half-removed backup is incomplete, never used.
@@ -255,16 +265,17 @@ pub async fn prune(repository: &Repository, keep: Duration) -> Result<Pruned, Ba
         }
         pruned.backups += 1;
     }
-    let Some(oldest_kept) = backups
+    // WAL older than every backup left is of no use to any restore.
+    let Some(oldest_segment) = backups
         .iter()
         .enumerate()
-        .find(|(index, backup)| *index == newest || backup.finished_at >= cutoff)
-        .map(|(_, backup)| backup)
+        .filter(|(index, backup)| kept(*index, backup))
+        .map(|(_, backup)| backup.start_wal[8..].to_owned())
+        .min()
     else {
         return Ok(pruned);
     };
     // Segments compare by their log and segment numbers, whatever their timeline.
-    let oldest_segment = &oldest_kept.start_wal[8..];
     for path in repository.list("wal").await? {
         let Some(name) = path
             .strip_prefix("wal/")
@@ -273,7 +284,7 @@ pub async fn prune(repository: &Repository, keep: Duration) -> Result<Pruned, Ba
             continue;
         };
         let is_segment = name.len() >= 24 && name[..24].chars().all(|c| c.is_ascii_hexdigit());
-        if is_segment && !name.ends_with(".history") && &name[8..24] < oldest_segment {
+        if is_segment && !name.ends_with(".history") && name[8..24] < *oldest_segment {
             repository.delete(&path).await?;
             pruned.wal_files += 1;
         }
@@ -305,10 +316,16 @@ pub struct RestoreReport {
 
 /// Rebuilds the private cluster of `root` (a data directory with no cluster yet) from the
 /// repository, up to `target`, and leaves it stopped, promoted, ready for `sluice` to start.
+///
+/// With `publish_timeline`, the new timeline's history file (and the partial last segment of
+/// the old one) go to the repository, as PostgreSQL's archiver would have sent them: a later
+/// restore then knows the timeline exists. [`verify`]'s throwaway copies publish nothing, or a
+/// later restore would follow their timeline.
 pub async fn restore(
     repository: &Repository,
     target: RecoveryTarget,
     root: &FsPath,
+    publish_timeline: bool,
 ) -> Result<RestoreReport, BackupError> {
     let started = std::time::Instant::now();
     let backups = list(repository).await?;
@@ -332,9 +349,16 @@ pub async fn restore(
     };
     let cluster = EmbeddedPostgres::locate(root)?;
     let data_dir = cluster.data_dir().to_owned();
-    let occupied = std::fs::read_dir(&data_dir)
-        .map(|mut entries| entries.next().is_some())
-        .unwrap_or(false);
+    let occupied = match std::fs::read_dir(&data_dir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
+        Err(source) => {
+            return Err(BackupError::Io {
+                path: data_dir,
+                source,
+            });
+        }
+    };
     if occupied {
         return Err(BackupError::Refused(format!(
             "{} already holds a cluster: restore into a data directory without one",
@@ -365,11 +389,27 @@ pub async fn restore(
         }
     };
     let root_owned = root.to_owned();
-    let cluster =
+    let started =
         tokio::task::spawn_blocking(move || EmbeddedPostgres::start_with(&root_owned, &settings))
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))??;
+            .map_err(|join| BackupError::Task(join.to_string()))?;
+    let cluster = match started {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            // `pg_ctl start` gave up waiting, but the server may still be recovering: stop it
+            // before anyone touches its directory.
+            let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+            return Err(BackupError::Refused(format!(
+                "the restored cluster did not start: {error}; see {}",
+                data_dir.join("postgres.log").display()
+            )));
+        }
+    };
     let recovered = wait_for_promotion(&cluster).await;
+    let recovered = match recovered {
+        Ok(()) if publish_timeline => publish_new_timeline(repository, &data_dir).await,
+        other => other,
+    };
     let events = match recovered {
         Ok(()) => count_events(&cluster).await,
         Err(error) => Err(error),
@@ -449,6 +489,17 @@ async fn wait_for_promotion(cluster: &EmbeddedPostgres) -> Result<(), BackupErro
         if let Ok(false) = in_recovery {
             return Ok(());
         }
+        if in_recovery.is_err() && !cluster.is_running() {
+            let log = cluster.data_dir().join("postgres.log");
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(BackupError::Refused(format!(
+                "PostgreSQL stopped during recovery ({}):\n{}",
+                log.display(),
+                tail.join("\n")
+            )));
+        }
         if std::time::Instant::now() > deadline {
             return Err(BackupError::Refused(format!(
                 "recovery did not end within {RECOVERY_TIMEOUT:?}; see {}",
@@ -457,6 +508,21 @@ async fn wait_for_promotion(cluster: &EmbeddedPostgres) -> Result<(), BackupErro
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Archives the history file of the timeline a promotion started, and the partial last
+/// segment of the one it left.
+async fn publish_new_timeline(repository: &Repository, data_dir: &FsPath) -> Result<(), BackupError> {
+    let pg_wal = data_dir.join("pg_wal");
+    let entries = std::fs::read_dir(&pg_wal).map_err(BackupError::io(&pg_wal))?;
+    for entry in entries {
+        let entry = entry.map_err(BackupError::io(&pg_wal))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".history") || name.ends_with(".partial") {
+            wal::push(repository, &entry.path(), &name).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn count_events(cluster: &EmbeddedPostgres) -> Result<i64, BackupError> {
@@ -492,7 +558,7 @@ pub async fn verify(
             std::fs::remove_dir_all(dir).map_err(BackupError::io(dir))?;
         }
     }
-    let result = restore(repository, RecoveryTarget::Immediate, scratch).await;
+    let result = restore(repository, RecoveryTarget::Immediate, scratch, false).await;
     for dir in [scratch, cluster_dir.as_path()] {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -519,6 +585,68 @@ pub async fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(id: &str, days_ago: i64, start_segment: u32) -> BackupManifest {
+        let finished_at = Utc::now() - chrono::Duration::days(days_ago);
+        BackupManifest {
+            id: id.to_owned(),
+            started_at: finished_at,
+            finished_at,
+            timeline: 1,
+            start_lsn: String::new(),
+            end_lsn: String::new(),
+            start_wal: format!("00000001{:016X}", start_segment),
+            end_wal: String::new(),
+            files: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_what_restores_within_keep_need_and_removes_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().display());
+        let repository = Repository::open(&url).expect("open");
+        for backup in [
+            manifest("a", 10, 2),
+            manifest("b", 8, 5),
+            manifest("c", 1, 9),
+        ] {
+            let json = serde_json::to_vec(&backup).expect("json");
+            repository
+                .put_bytes(&format!("base/{}/backup.json", backup.id), json)
+                .await
+                .expect("put");
+        }
+        for segment in 1..=10u32 {
+            repository
+                .put_bytes(&format!("wal/00000001{segment:016X}.zst"), vec![0])
+                .await
+                .expect("put");
+        }
+        repository
+            .put_bytes("wal/00000002.history.zst", vec![0])
+            .await
+            .expect("put");
+        let pruned = prune(&repository, Duration::from_secs(7 * 86400))
+            .await
+            .expect("prune");
+        // `a` goes; `b`, the newest before the cutoff, stays so that 7 days ago is reachable.
+        assert_eq!(pruned.backups, 1);
+        let kept: Vec<String> = list(&repository)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|backup| backup.id)
+            .collect();
+        assert_eq!(kept, ["b", "c"]);
+        // Segments before `b`'s start go; the rest and history files stay.
+        assert_eq!(pruned.wal_files, 4);
+        let wal = repository.list("wal").await.expect("list");
+        assert!(wal.contains(&format!("wal/00000001{:016X}.zst", 5)));
+        assert!(!wal.contains(&format!("wal/00000001{:016X}.zst", 4)));
+        assert!(wal.contains(&"wal/00000002.history.zst".to_owned()));
+        assert_eq!(wal.len(), 7);
+    }
 
     #[test]
     fn an_lsn_names_its_wal_segment() {

@@ -268,7 +268,8 @@ pub fn sluice_command(subcommand: &str, url: &str) -> Result<String, BackupError
     })?;
     let exe = exe.to_string_lossy().into_owned();
     for text in [&exe, &url.to_owned()] {
-        if text.contains(['"', '\'', '$', '`', '\\', '\n']) {
+        // `%` would be taken for one of PostgreSQL's placeholders (`%p`, `%f`).
+        if text.contains(['"', '\'', '$', '`', '\\', '\n', '%']) {
             return Err(BackupError::Config(format!(
                 "{text:?} holds a character that cannot be passed to PostgreSQL's shell"
             )));

@@ -49,16 +49,30 @@ pub async fn push(repository: &Repository, path: &FsPath, name: &str) -> Result<
     repository.put_bytes(&object, compressed).await
 }
 
+/// Attempts at reading a WAL file before [`fetch`] gives up with an error.
+const FETCH_ATTEMPTS: u32 = 4;
+
 /// Restores WAL file `name` into `path`; false when the repository does not have it (the
-/// normal end of a recovery).
+/// normal end of a recovery). A repository that fails to answer is retried, then an error:
+/// it must not pass for the end of the archive.
 pub async fn fetch(
     repository: &Repository,
     name: &str,
     path: &FsPath,
 ) -> Result<bool, BackupError> {
     let object = object_path(name)?;
-    let Some(compressed) = repository.get_bytes(&object).await? else {
-        return Ok(false);
+    let mut attempt = 1;
+    let compressed = loop {
+        match repository.get_bytes(&object).await {
+            Ok(Some(compressed)) => break compressed,
+            Ok(None) => return Ok(false),
+            Err(error) if attempt >= FETCH_ATTEMPTS => return Err(error),
+            Err(error) => {
+                tracing::warn!(%error, attempt, file = name, "cannot read a WAL file; retrying");
+                tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+        }
     };
     let content =
         zstd::stream::decode_all(compressed.as_ref()).map_err(|error| BackupError::Corrupt {

@@ -95,7 +95,7 @@ pub async fn restore(
         Some(url) => Repository::open(url)?,
         None => repository(config)?,
     };
-    base::restore(&repository, target, data_dir).await
+    base::restore(&repository, target, data_dir, true).await
 }
 
 /// `archive_command`: archives one WAL file.

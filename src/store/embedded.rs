@@ -293,7 +293,8 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    fn is_running(&self) -> bool {
+    /// Whether a postmaster runs on the data directory (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
         self.output("pg_ctl", &["-D", path_str(&self.data_dir), "status"])
             .is_ok_and(|output| output.status.success())
     }

@@ -250,9 +250,12 @@ async fn probe(host: &Host, timeout: Duration) -> Result<Session, sqlx::Error> {
 pub type SwitchClock = Arc<Mutex<Option<Instant>>>;
 
 /// A pool's `before_acquire` check: false (close it) for a connection opened before the last
-/// switch of host, so that no connection to the old host is handed out after a failover.
+/// switch of host, so that no connection to the old host is handed out after a failover. A
+/// connect that began before the switch may end after it, so connections opened within
+/// `grace` (the connect timeout) after the switch are closed too.
 pub fn opened_after_switch(
     clock: SwitchClock,
+    grace: Duration,
 ) -> impl for<'c> Fn(
     &'c mut PgConnection,
     PoolConnectionMetadata,
@@ -265,7 +268,12 @@ pub fn opened_after_switch(
             .lock()
             .ok()
             .and_then(|switched_at| *switched_at)
-            .is_none_or(|switched_at| metadata.age < switched_at.elapsed());
+            .is_none_or(|switched_at| {
+                switched_at
+                    .elapsed()
+                    .checked_sub(grace)
+                    .is_some_and(|since_grace| metadata.age < since_grace)
+            });
         Box::pin(async move { Ok(fresh) })
     }
 }
@@ -351,23 +359,21 @@ impl Failover {
         }
     }
 
-    /// Whether the current host still answers, with a session that fits.
+    /// Whether the current host still answers, with a session that fits. Asked on a
+    /// connection of its own: a pool busy with writes is no sign of a dead host.
     async fn current_fits(&self) -> bool {
-        let Some((pool, _)) = self.pools.first() else {
+        let index = self.current.load(Ordering::Relaxed);
+        let Some(host) = self.hosts.hosts.get(index) else {
             return true;
         };
-        let check = async {
-            let mut connection = pool.acquire().await?;
-            session_of(&mut connection).await
-        };
-        match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-            Ok(Ok(session)) => match self.hosts.attrs {
+        match probe(host, CHECK_TIMEOUT).await {
+            Ok(session) => match self.hosts.attrs {
                 // Any answering host fits; a standby is looked for again only when the
                 // current host fails.
                 SessionAttrs::PreferStandby => true,
                 attrs => attrs.accepts(session),
             },
-            _ => false,
+            Err(_) => false,
         }
     }
 

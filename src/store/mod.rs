@@ -78,7 +78,10 @@ fn pool_options(
         .after_connect(|connection, _| {
             Box::pin(async move { nodelay::enable(connection).await.map(|_| ()) })
         })
-        .before_acquire(hosts::opened_after_switch(clock.clone()))
+        .before_acquire(hosts::opened_after_switch(
+            clock.clone(),
+            config.database.connect_timeout,
+        ))
 }
 
 /// Opens a pool on host `index` of `hosts`, each host's options changed by `change`; returns
@@ -158,7 +161,8 @@ impl Store {
         let (write_hosts, embedded) = match &config.database.url {
             Some(url) => {
                 let hosts = HostList::parse(url)?;
-                // Writers need a host that takes writes, whatever the URL asks for.
+                // With several hosts, writers need the one that takes writes, whatever the URL
+                // asks for (a single host is taken as the URL says, as libpq does).
                 let hosts = if hosts.hosts.len() > 1 {
                     hosts.with_attrs(SessionAttrs::ReadWrite)
                 } else {

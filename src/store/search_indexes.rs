@@ -120,9 +120,7 @@ async fn apply(pool: &PgPool, search: &SearchConfig) -> Result<Reconciled, sqlx:
     for (name, _) in &existing {
         if wanted.iter().all(|index| &index.name != name) {
             // A partitioned index cannot be dropped concurrently; this takes a short lock.
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX IF EXISTS {name}")))
-                .execute(pool)
-                .await?;
+            ddl(pool, &format!("DROP INDEX IF EXISTS {name}")).await?;
             tracing::info!(index = %name, "search index dropped");
             reconciled.dropped.push(name.clone());
         }
@@ -147,14 +145,35 @@ async fn apply(pool: &PgPool, search: &SearchConfig) -> Result<Reconciled, sqlx:
     Ok(reconciled)
 }
 
+/// How long a statement that locks `events` (or a partition) whole may wait for its lock: a
+/// long reader must not leave it queued, with every insert queued behind it.
+const LOCK_TIMEOUT: &str = "5s";
+
+/// Runs a statement that takes a strong lock, giving up after [`LOCK_TIMEOUT`] (the next
+/// start tries again).
+async fn ddl(pool: &PgPool, statement: &str) -> Result<(), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"
+    )))
+    .execute(&mut *transaction)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut *transaction)
+        .await?;
+    transaction.commit().await
+}
+
 /// Builds `index` on `events` partition by partition and attaches each part.
 async fn build(pool: &PgPool, index: &SearchIndex) -> Result<(), sqlx::Error> {
     let started = std::time::Instant::now();
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE INDEX IF NOT EXISTS {} ON ONLY events {}",
-        index.name, index.definition
-    )))
-    .execute(pool)
+    ddl(
+        pool,
+        &format!(
+            "CREATE INDEX IF NOT EXISTS {} ON ONLY events {}",
+            index.name, index.definition
+        ),
+    )
     .await?;
     let partitions: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid \
@@ -163,31 +182,36 @@ async fn build(pool: &PgPool, index: &SearchIndex) -> Result<(), sqlx::Error> {
     .fetch_all(pool)
     .await?;
     for partition in &partitions {
+        // A part already attached, whatever its name (a partition created after the parent
+        // index gets one named by PostgreSQL), is kept.
+        let attached: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid \
+             WHERE h.inhparent = to_regclass($1) AND i.indrelid = to_regclass($2))",
+        )
+        .bind(&index.name)
+        .bind(partition)
+        .fetch_one(pool)
+        .await?;
+        if attached {
+            continue;
+        }
         let part = format!("{partition}_{}", index.suffix());
-        // A part with the same definition already attached (a partition created after the
-        // parent index) is kept; an invalid one, left by an interrupted build, is rebuilt.
-        let state: Option<(bool, bool)> = sqlx::query_as(
-            "SELECT i.indisvalid, EXISTS (SELECT 1 FROM pg_inherits h \
-             WHERE h.inhrelid = c.oid AND h.inhparent = to_regclass($2)) \
-             FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid WHERE c.relname = $1",
+        // An invalid part, left by an interrupted concurrent build, is built again.
+        let valid: Option<bool> = sqlx::query_scalar(
+            "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid \
+             WHERE c.relname = $1",
         )
         .bind(&part)
-        .bind(&index.name)
         .fetch_optional(pool)
         .await?;
-        match state {
-            Some((true, true)) => continue,
-            Some((true, false)) => {}
-            Some((false, _)) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP INDEX CONCURRENTLY IF EXISTS {part}"
-                )))
-                .execute(pool)
-                .await?;
-            }
-            None => {}
+        if valid == Some(false) {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {part}"
+            )))
+            .execute(pool)
+            .await?;
         }
-        if !matches!(state, Some((true, false))) {
+        if valid != Some(true) {
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "CREATE INDEX CONCURRENTLY IF NOT EXISTS {part} ON {partition} {}",
                 index.definition
@@ -195,11 +219,10 @@ async fn build(pool: &PgPool, index: &SearchIndex) -> Result<(), sqlx::Error> {
             .execute(pool)
             .await?;
         }
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "ALTER INDEX {} ATTACH PARTITION {part}",
-            index.name
-        )))
-        .execute(pool)
+        ddl(
+            pool,
+            &format!("ALTER INDEX {} ATTACH PARTITION {part}", index.name),
+        )
         .await?;
     }
     tracing::info!(

@@ -149,28 +149,31 @@ impl Breaker {
     }
 
     /// A write that succeeded after `took`. A slow one counts towards the slow rule, and a
-    /// slow probe keeps the circuit open.
+    /// slow probe keeps the circuit open. While the circuit is open, a success can only be a
+    /// write that started before it opened: it is ignored, and only the probe may close it.
     pub fn record_success(&self, took: Duration) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
         let slow = took >= self.config.slow_write;
+        match state.circuit {
+            CircuitState::Open => return,
+            CircuitState::HalfOpen if slow => {
+                tracing::warn!(took = ?took, "the probe write was slow");
+                self.open(&mut state, OpenCause::ProbeFailed);
+                return;
+            }
+            CircuitState::HalfOpen => {
+                tracing::info!("circuit closed: the database is back");
+                state.circuit = CircuitState::Closed;
+                state.consecutive_failures = 0;
+                state.open_for = self.config.open_initial;
+                state.recent.clear();
+                return;
+            }
+            CircuitState::Closed => {}
+        }
         state.consecutive_failures = 0;
-        if state.circuit == CircuitState::HalfOpen && slow {
-            tracing::warn!(took = ?took, "the probe write was slow");
-            self.open(&mut state, OpenCause::ProbeFailed);
-            return;
-        }
-        if state.circuit != CircuitState::Closed {
-            tracing::info!(
-                previous = state.circuit.as_str(),
-                "circuit closed: the database is back"
-            );
-            state.circuit = CircuitState::Closed;
-            state.open_for = self.config.open_initial;
-            state.recent.clear();
-            return;
-        }
         state.open_for = self.config.open_initial;
         let outcome = Outcome {
             at: Instant::now(),
@@ -305,6 +308,24 @@ mod tests {
             CircuitState::Open,
             "a slow probe keeps the circuit open"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_started_before_the_circuit_opened_cannot_close_it() {
+        let breaker = Breaker::new(&config());
+        breaker.record_failure();
+        breaker.record_failure();
+        assert_eq!(breaker.state(), CircuitState::Open);
+        breaker.record_success(FAST);
+        assert_eq!(
+            breaker.state(),
+            CircuitState::Open,
+            "only the half-open probe closes the circuit"
+        );
+        tokio::time::advance(Duration::from_millis(30)).await;
+        assert!(breaker.allow());
+        breaker.record_success(FAST);
+        assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
