@@ -5,6 +5,7 @@
 # by partition), prints their sizes, and runs bench-query again. Their ingest cost is measured
 # with bench/run.sh (see BENCHMARKS.md).
 #   bench/search.sh [bench-query flags]        ROWS=1000000 bench/search.sh --iterations 50
+#   SEARCH_DEFAULTS_ONLY=1 bench/search.sh     # only the first phase
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -31,6 +32,7 @@ bench_query() {
 }
 echo "=== defaults (no search index)"
 bench_query "$@"
+[ -n "${SEARCH_DEFAULTS_ONLY:-}" ] && exit 0
 
 stop_release_server
 cat >"$config" <<'TOML'

@@ -448,8 +448,9 @@ impl QueryHandler {
             } else if took < search.max_scan_time / 10 {
                 slice = (slice * 2).min(TimeDelta::days(31));
             }
-            // Stop before a step that would likely end past the budget (one like the last).
-            if low < high && started.elapsed() + took >= search.max_scan_time {
+            // Stop before a step that would likely end past the budget: one like the last,
+            // with room for its variance (steps of one slice size vary by about half).
+            if low < high && started.elapsed() + took + took / 2 >= search.max_scan_time {
                 return Ok(Page {
                     rows,
                     next: position,
