@@ -330,8 +330,17 @@ impl Filter {
             builder.push(" AND user_id = ").push_bind(user_id.clone());
         }
         if let Some(metadata) = &self.metadata_contains {
+            // With a user or a trace, their B-tree index narrows best. PostgreSQL has no
+            // statistics for `@>` and guesses it rare, so with a GIN index on `metadata`
+            // (`search.metadata_index`) it would scan that instead, for every event holding a
+            // common value: `metadata || '{}'` is the same object, out of the GIN index's reach.
+            let column = if self.user_id.is_some() || self.trace_id.is_some() {
+                "(metadata || '{}'::jsonb)"
+            } else {
+                "metadata"
+            };
             builder
-                .push(" AND metadata @> ")
+                .push(format_args!(" AND {column} @> "))
                 .push_bind(sqlx::types::Json(Json::Object(metadata.clone())));
         }
         if let Some(text) = &self.message_contains {
