@@ -187,7 +187,9 @@ async fn point_in_time_restore(url: &str, env: Vec<(String, String)>) {
     if let Some(directory) = url.strip_prefix("file://") {
         // The new timeline is published, so that a later restore knows of it.
         assert!(
-            Path::new(directory).join("wal/00000002.history.zst").exists(),
+            Path::new(directory)
+                .join("wal/00000002.history.zst")
+                .exists(),
             "the history file of the restored timeline is archived"
         );
     }

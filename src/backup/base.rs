@@ -389,11 +389,11 @@ pub async fn restore(
         }
     };
     let root_owned = root.to_owned();
-    let started =
+    let start =
         tokio::task::spawn_blocking(move || EmbeddedPostgres::start_with(&root_owned, &settings))
             .await
             .map_err(|join| BackupError::Task(join.to_string()))?;
-    let cluster = match started {
+    let cluster = match start {
         Ok(cluster) => cluster,
         Err(error) => {
             // `pg_ctl start` gave up waiting, but the server may still be recovering: stop it
@@ -512,7 +512,10 @@ async fn wait_for_promotion(cluster: &EmbeddedPostgres) -> Result<(), BackupErro
 
 /// Archives the history file of the timeline a promotion started, and the partial last
 /// segment of the one it left.
-async fn publish_new_timeline(repository: &Repository, data_dir: &FsPath) -> Result<(), BackupError> {
+async fn publish_new_timeline(
+    repository: &Repository,
+    data_dir: &FsPath,
+) -> Result<(), BackupError> {
     let pg_wal = data_dir.join("pg_wal");
     let entries = std::fs::read_dir(&pg_wal).map_err(BackupError::io(&pg_wal))?;
     for entry in entries {
