@@ -358,7 +358,8 @@ impl Filter {
     /// them (`search.*`): `message LIKE '%…%'` for the trigram index (3 characters or more;
     /// fewer give it no trigram), and `(metadata ->> 'key') = 'value'` for an indexed key with
     /// a string or boolean value (numbers are left to `@>`: `->>` keeps a number's written
-    /// form, `@>` compares values). The results do not change.
+    /// form, `@>` compares values), unless a user or trace filter narrows better. The results
+    /// do not change.
     pub fn push_index_hints(&self, builder: &mut QueryBuilder<Postgres>, search: &SearchConfig) {
         if search.message_index
             && let Some(text) = &self.message_contains
@@ -371,6 +372,10 @@ impl Filter {
         let Some(metadata) = &self.metadata_contains else {
             return;
         };
+        // A user or a trace narrows best through its own index (see `push_where`).
+        if self.user_id.is_some() || self.trace_id.is_some() {
+            return;
+        }
         for key in &search.indexed_metadata_keys {
             let value = match metadata.get(key) {
                 Some(Json::String(value)) => value.clone(),

@@ -142,6 +142,11 @@ async fn apply(pool: &PgPool, search: &SearchConfig) -> Result<Reconciled, sqlx:
         build(pool, index).await?;
         reconciled.created.push(index.name.clone());
     }
+    if !reconciled.created.is_empty() {
+        // An expression index (a metadata key) has no statistics until the table is analyzed:
+        // the planner would guess every value rare and use the index for common ones too.
+        sqlx::query("ANALYZE events").execute(pool).await?;
+    }
     Ok(reconciled)
 }
 
