@@ -640,7 +640,11 @@ mod tests {
         // A character inside the ciphertext: every bit of it counts (the last one of base64
         // may carry bits that decoding drops, which made this test flaky).
         let at = text.len() - 8;
-        let replacement = if text[at..].starts_with('A') { "B" } else { "A" };
+        let replacement = if text[at..].starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
         let flipped = format!("{}{replacement}{}", &text[..at], &text[at + 1..]);
         tampered["nested"]["ssn"] = json!(flipped);
         assert!(matches!(
