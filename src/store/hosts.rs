@@ -187,14 +187,6 @@ impl HostList {
         self
     }
 
-    /// Applies `change` to every host's options.
-    pub fn map_options(mut self, change: impl Fn(PgConnectOptions) -> PgConnectOptions) -> Self {
-        for host in &mut self.hosts {
-            host.options = change(host.options.clone());
-        }
-        self
-    }
-
     /// The first host, in order, whose session fits (for `prefer-standby`, a standby first).
     /// One host with `any` is taken without a check, as libpq does.
     pub async fn select(&self, timeout: Duration) -> Result<usize, StoreError> {

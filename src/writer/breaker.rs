@@ -328,23 +328,32 @@ mod tests {
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn an_error_rate_over_the_limit_opens_the_circuit_without_consecutive_failures() {
-        let config = BreakerConfig {
+    /// The error-rate rule alone: 10% of at least 20 writes, consecutive failures out of play.
+    fn rate_config() -> BreakerConfig {
+        BreakerConfig {
             failure_threshold: 100,
             max_error_rate: 0.1,
             min_writes: 20,
             ..config()
-        };
-        let breaker = Breaker::new(&config);
-        // Every fifth write fails: 20%, never two in a row.
-        for write in 0..19 {
-            if write % 5 == 4 {
+        }
+    }
+
+    /// Records `count` fast writes, failing those `fails` picks by their position.
+    fn writes(breaker: &Breaker, count: usize, fails: impl Fn(usize) -> bool) {
+        for write in 0..count {
+            if fails(write) {
                 breaker.record_failure();
             } else {
                 breaker.record_success(FAST);
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_rate_over_the_limit_opens_the_circuit_without_consecutive_failures() {
+        let breaker = Breaker::new(&rate_config());
+        // Every fifth write fails: 20%, never two in a row.
+        writes(&breaker, 19, |write| write % 5 == 4);
         assert_eq!(
             breaker.state(),
             CircuitState::Closed,
@@ -356,20 +365,8 @@ mod tests {
 
     #[test]
     fn an_error_rate_under_the_limit_keeps_the_circuit_closed() {
-        let config = BreakerConfig {
-            failure_threshold: 100,
-            max_error_rate: 0.1,
-            min_writes: 20,
-            ..config()
-        };
-        let breaker = Breaker::new(&config);
-        for write in 0..100 {
-            if write % 20 == 0 {
-                breaker.record_failure();
-            } else {
-                breaker.record_success(FAST);
-            }
-        }
+        let breaker = Breaker::new(&rate_config());
+        writes(&breaker, 100, |write| write % 20 == 0);
         assert_eq!(breaker.state(), CircuitState::Closed);
     }
 }
