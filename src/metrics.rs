@@ -18,6 +18,7 @@
 //! | `sluice_batch_events`, `sluice_batch_write_seconds` | histogram | |
 //! | `sluice_request_events`, `sluice_event_bytes` | histogram | |
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (QueryService RPCs, `Publish`, `Ingest`), `code` |
+//! | `sluice_search_steps_cancelled_total` | counter | | (a time-sliced scan's step cancelled at `search.max_scan_time`) |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
 //! | `sluice_stream_events_written_total` | counter | `outcome` (`stored`, `duplicate`): Redis mode, streams → PostgreSQL |
 //! | `sluice_stream_backlog_events`, `sluice_stream_backlog_bytes` | gauge | | (Redis mode: in the streams, not yet in PostgreSQL) |
@@ -410,6 +411,12 @@ pub fn request_sizes(events: usize, event_bytes: impl Iterator<Item = usize>) {
 pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
     histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => crate::status::code_name(code))
         .record(elapsed.as_secs_f64());
+}
+
+/// A step of a time-sliced search ran into what was left of `search.max_scan_time` and
+/// PostgreSQL cancelled it; the call returned its partial page.
+pub fn search_step_cancelled() {
+    counter!("sluice_search_steps_cancelled_total").increment(1);
 }
 
 pub fn batch_written(events: usize, elapsed: Duration) {

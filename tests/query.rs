@@ -434,7 +434,7 @@ async fn page_through(
 ) -> (Vec<String>, usize, usize) {
     let mut ids = Vec::new();
     let (mut pages, mut partial) = (0, 0);
-    let mut page_token = String::new();
+    let mut page_token = request.page_token.clone();
     loop {
         let page = query
             .query(QueryRequest {
@@ -904,6 +904,99 @@ async fn with_a_read_replica_reads_go_to_it_and_writes_stay_on_the_primary() {
         "ingest writes the primary"
     );
     assert!(server.logs().contains("reads go to the read replica"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns_its_partial_page()
+{
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_RETENTION__DEFAULT", "90days")
+            .env("SLUICE_SEARCH__MAX_SCAN_TIME", "300ms")
+            .env("SLUICE_DATABASE__READ_STATEMENT_TIMEOUT", "20s"),
+    )
+    .await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = QueryServiceClient::new(server.channel().await);
+    // Matches a minute old and 45 days old: always two different monthly partitions.
+    let events = (0..20)
+        .map(|index| Event {
+            timestamp: at(TimeDelta::seconds(60 + index)),
+            ..event("budget", &format!("recent needle {index}"))
+        })
+        .chain((0..20).map(|index| Event {
+            timestamp: at(TimeDelta::days(45) + TimeDelta::seconds(index)),
+            ..event("budget", &format!("old needle {index}"))
+        }))
+        .collect();
+    publish(&mut ingest, events).await;
+    // A migration or a retention drop holding the old partition: a step that reaches it waits
+    // on the lock, as it would on any slow plan.
+    let mut locker = database.connect().await;
+    let old_partition: String = sqlx::query_scalar(
+        "SELECT tableoid::regclass::text FROM events WHERE message = 'old needle 0'",
+    )
+    .fetch_one(&mut locker)
+    .await
+    .expect("old partition");
+    sqlx::query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {old_partition} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut locker)
+    .await
+    .expect("lock");
+    let request = QueryRequest {
+        message_contains: "needle".to_owned(),
+        limit: 100,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let page = query
+        .query(request.clone())
+        .await
+        .expect("a bounded call, not an error")
+        .into_inner();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the call ends near search.max_scan_time, not at the read statement timeout: {took:?}"
+    );
+    let messages = messages(&page.events);
+    assert_eq!(messages.len(), 20, "the recent matches: {messages:?}");
+    assert!(messages.iter().all(|message| message.starts_with("recent")));
+    assert!(!page.next_page_token.is_empty(), "a token to go on with");
+    assert!(page.scanned_until.is_some());
+    let cancelled = common::metric_sum(
+        &server.metrics().await,
+        "sluice_search_steps_cancelled_total",
+        "",
+    );
+    assert!(
+        cancelled >= 1.0,
+        "the cancelled step is counted: {cancelled}"
+    );
+    // Once the lock is gone, paging on from the token finds the rest, and nothing twice.
+    sqlx::query("COMMIT")
+        .execute(&mut locker)
+        .await
+        .expect("commit");
+    let (rest, _, _) = page_through(
+        &mut query,
+        QueryRequest {
+            page_token: page.next_page_token,
+            ..request
+        },
+    )
+    .await;
+    assert_eq!(rest.len(), 20, "the old matches, once each");
+    let first: HashSet<&String> = page.events.iter().map(|event| &event.id).collect();
+    assert!(rest.iter().all(|id| !first.contains(id)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -331,11 +331,73 @@ impl QueryHandler {
         limit: u32,
         oldest_first: bool,
     ) -> Result<Vec<EventRow>, QueryError> {
+        let mut builder = Self::rows_query(
+            filter,
+            &self.config.search,
+            cursor,
+            window,
+            limit,
+            oldest_first,
+        );
+        Ok(builder
+            .build_query_as()
+            .fetch_all(&self.store.read_pool)
+            .await?)
+    }
+
+    /// [`Self::page_rows`] under a statement timeout of `budget`: `None` when PostgreSQL
+    /// cancelled the step at the budget (SQLSTATE 57014), so that a step whose plan turned out
+    /// slower than the last one's ends the call on time instead of late.
+    async fn page_rows_within(
+        &self,
+        filter: &Filter,
+        cursor: Option<Cursor>,
+        window: (DateTime<Utc>, DateTime<Utc>),
+        limit: u32,
+        oldest_first: bool,
+        budget: Duration,
+    ) -> Result<Option<Vec<EventRow>>, QueryError> {
+        let mut builder = Self::rows_query(
+            filter,
+            &self.config.search,
+            cursor,
+            Some(window),
+            limit,
+            oldest_first,
+        );
+        let mut transaction = self.store.read_pool.begin().await?;
+        // Whole milliseconds, at least one: 0 would mean no timeout at all.
+        let timeout_ms = budget.as_millis().clamp(1, i64::MAX as u128).to_string();
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(timeout_ms)
+            .execute(&mut *transaction)
+            .await?;
+        let rows = match builder.build_query_as().fetch_all(&mut *transaction).await {
+            Ok(rows) => rows,
+            Err(error) if store::sqlstate(&error).as_deref() == Some("57014") => {
+                metrics::search_step_cancelled();
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        transaction.commit().await?;
+        Ok(Some(rows))
+    }
+
+    /// The SELECT of [`Self::page_rows`].
+    fn rows_query(
+        filter: &Filter,
+        search: &crate::config::SearchConfig,
+        cursor: Option<Cursor>,
+        window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+        limit: u32,
+        oldest_first: bool,
+    ) -> QueryBuilder<Postgres> {
         let mut builder = QueryBuilder::<Postgres>::new(
             "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
         );
         filter.push_where(&mut builder);
-        filter.push_index_hints(&mut builder, &self.config.search);
+        filter.push_index_hints(&mut builder, search);
         let (comparison, direction) = if oldest_first {
             (">", "ASC")
         } else {
@@ -361,10 +423,7 @@ impl QueryHandler {
                 " ORDER BY ts {direction}, id {direction} LIMIT "
             ))
             .push_bind(i64::from(limit) + 1);
-        Ok(builder
-            .build_query_as()
-            .fetch_all(&self.store.read_pool)
-            .await?)
+        builder
     }
 
     /// A page of a search no index narrows: time slices from the cursor (or the end of the
@@ -403,6 +462,7 @@ impl QueryHandler {
         let mut slice = first_slice;
         let mut rows: Vec<EventRow> = Vec::new();
         let mut position = cursor;
+        let mut first_step = true;
         while low < high {
             let window = if oldest_first {
                 (low, (low + slice).min(high))
@@ -411,9 +471,26 @@ impl QueryHandler {
             };
             let step = Instant::now();
             let wanted = limit - rows.len() as u32;
-            let mut found = self
-                .page_rows(filter, position, Some(window), wanted, oldest_first)
-                .await?;
+            // The first step always runs to its end, so that every call moves the scan on; the
+            // others get what is left of the budget, and a cancelled one ends the call with
+            // the scan where the last step left it.
+            let mut found = if std::mem::take(&mut first_step) {
+                self.page_rows(filter, position, Some(window), wanted, oldest_first)
+                    .await?
+            } else {
+                let budget = search.max_scan_time.saturating_sub(started.elapsed());
+                let Some(found) = self
+                    .page_rows_within(filter, position, window, wanted, oldest_first, budget)
+                    .await?
+                else {
+                    return Ok(Page {
+                        rows,
+                        next: position,
+                        scanned_until: Some(if oldest_first { low } else { high }),
+                    });
+                };
+                found
+            };
             if found.len() > wanted as usize {
                 found.truncate(wanted as usize);
                 rows.extend(found);
