@@ -102,6 +102,10 @@ const SIZE_BUCKETS: &[f64] = &[
     64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
 ];
 
+/// How often histogram samples are folded into their buckets whether or not anyone scrapes
+/// (the exporter's own default upkeep period).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` on `address`; returns the bound address (useful with port 0).
 pub async fn serve(
     handle: PrometheusHandle,
@@ -113,6 +117,17 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| MetricsError::Bind { address, source })?;
+    // Histogram samples wait in the recorder until they are folded into their buckets, which
+    // a scrape does; without scrapes they would pile up (two per event ingested).
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || std::future::ready(handle.render())),

@@ -2,7 +2,6 @@
 //! [`RejectReason`]; it never fails the request it came in.
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value as Json};
 use uuid::Uuid;
 
 use crate::{
@@ -84,13 +83,12 @@ impl<'a> Validator<'a> {
         let metadata = self
             .check_metadata(event.metadata.unwrap_or_default())
             .map_err(reject)?;
-        let user_id_in_metadata = user_id_from_metadata(&metadata);
-        let metadata_json = Json::Object(metadata).to_string();
         let user_id = if event.user_id.is_empty() {
-            user_id_in_metadata
+            metadata.user_id().map(str::to_owned)
         } else {
             Some(event.user_id)
         };
+        let metadata_json = metadata.into_json();
         if let Some(user_id) = &user_id
             && user_id.len() > self.limits.max_user_id_bytes
         {
@@ -116,7 +114,7 @@ impl<'a> Validator<'a> {
     fn check_metadata(
         &self,
         metadata: metadata::Metadata,
-    ) -> Result<Map<String, Json>, RejectReason> {
+    ) -> Result<metadata::Metadata, RejectReason> {
         let limit = self.limits.max_metadata_bytes;
         let too_large = |bytes| RejectReason::MetadataTooLarge { bytes, limit };
         match metadata.problem() {
@@ -127,16 +125,12 @@ impl<'a> Validator<'a> {
         if metadata.json_len() > limit {
             return Err(too_large(metadata.json_len()));
         }
-        let object = Json::Object(metadata.into_object());
-        if metadata::depth(&object) > self.limits.max_metadata_depth {
+        if metadata.depth() > self.limits.max_metadata_depth {
             return Err(RejectReason::MetadataTooDeep {
                 max: self.limits.max_metadata_depth,
             });
         }
-        match object {
-            Json::Object(object) => Ok(object),
-            _ => Ok(Map::new()),
-        }
+        Ok(metadata)
     }
 
     fn check_timestamp(
@@ -176,13 +170,6 @@ fn echoed_id(id: &str) -> String {
         end -= 1;
     }
     id[..end].to_owned()
-}
-
-fn user_id_from_metadata(metadata: &Map<String, Json>) -> Option<String> {
-    match metadata.get("userId")? {
-        Json::String(user_id) if !user_id.is_empty() => Some(user_id.clone()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -12,13 +12,17 @@
 //! On the wire this is exactly `google.protobuf.Struct`: any client, grpcurl and reflection
 //! see no difference.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{
+    OnceLock,
+    atomic::{AtomicUsize, Ordering},
+};
 
 use bytes::{Buf, BufMut};
 use prost::{
     DecodeError, Message,
     encoding::{
-        DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint, message, skip_field,
+        DecodeContext, WireType, decode_key, decode_varint, encode_key, encode_varint,
+        encoded_len_varint, message, skip_field,
     },
 };
 use serde_json::{Map, Number, Value as Json};
@@ -47,23 +51,78 @@ pub enum Problem {
     NonFiniteNumber,
 }
 
-/// A `google.protobuf.Struct` held as a JSON object.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A `google.protobuf.Struct` held as compact JSON text, the form it is stored in.
+///
+/// Decoded, it is the text and nothing else: no map, no tree of values, one buffer. The object
+/// form ([`Self::as_object`]) is parsed from the text on first use and kept (the read side and
+/// clients use it); built from an object, it keeps both.
+///
+/// A key repeated on the wire is written twice into the text, as PostgreSQL's `jsonb` input
+/// accepts it: the last value wins there and in [`Self::as_object`], as in prost's map, and
+/// [`Self::json_len`] counts both (the size limit errs on the safe side).
+#[derive(Clone)]
 pub struct Metadata {
-    object: Map<String, Json>,
-    /// Bytes of the entries as compact JSON (`"key":value`), without braces and commas.
-    entries_len: usize,
+    /// Compact JSON of an object, always valid UTF-8 and always closed (`{…}`).
+    text: Vec<u8>,
+    entries: usize,
+    /// The deepest nesting: 1 for an object of scalars.
+    depth: usize,
+    /// The last top-level `userId` entry, when it is a non-empty string.
+    user_id: Option<String>,
     problem: Option<Problem>,
+    /// Past a [`Problem::TooLarge`]: the length reached when decoding stopped.
+    stopped_at: usize,
+    object: OnceLock<Map<String, Json>>,
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Self {
+            text: b"{}".to_vec(),
+            entries: 0,
+            depth: 1,
+            user_id: None,
+            problem: None,
+            stopped_at: 0,
+            object: OnceLock::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Metadata {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Metadata")
+            .field("json", &String::from_utf8_lossy(&self.text))
+            .field("problem", &self.problem)
+            .finish()
+    }
+}
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Self) -> bool {
+        self.problem == other.problem && self.as_object() == other.as_object()
+    }
 }
 
 impl Metadata {
-    /// The object; empty past a [`Problem::TooLarge`].
+    /// The object; empty past a [`Problem`].
     pub fn as_object(&self) -> &Map<String, Json> {
-        &self.object
+        self.object.get_or_init(|| self.parse())
     }
 
-    pub fn into_object(self) -> Map<String, Json> {
-        self.object
+    pub fn into_object(mut self) -> Map<String, Json> {
+        match self.object.take() {
+            Some(object) => object,
+            None => self.parse(),
+        }
+    }
+
+    /// The object as compact JSON text (`{}` past a [`Problem`]).
+    pub fn into_json(self) -> String {
+        // Only whole UTF-8 strings and ASCII are ever written into the text.
+        String::from_utf8(self.text)
+            .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
     }
 
     pub fn problem(&self) -> Option<Problem> {
@@ -73,62 +132,354 @@ impl Metadata {
     /// The length of the object as compact JSON (at least this much, past a
     /// [`Problem::TooLarge`]).
     pub fn json_len(&self) -> usize {
-        2 + self.entries_len + self.object.len().saturating_sub(1)
+        match self.problem {
+            Some(Problem::TooLarge) => self.stopped_at,
+            _ => self.text.len(),
+        }
+    }
+
+    /// How deeply objects and lists nest: 1 for an object of scalars (see [`depth`]).
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// The top-level `userId` entry, when it is a non-empty string.
+    pub fn user_id(&self) -> Option<&str> {
+        self.user_id.as_deref()
     }
 
     /// As prost's `Struct` (for clients that build or read one).
     pub fn to_struct(&self) -> prost_types::Struct {
-        json_to_struct(self.object.clone())
+        json_to_struct(self.as_object().clone())
     }
 
-    fn insert(&mut self, key: String, value: Decoded, limit: usize) {
+    fn parse(&self) -> Map<String, Json> {
         if self.problem.is_some() {
-            return;
+            return Map::new();
         }
-        if let Some(problem) = value.problem {
+        // The text was written as JSON here; a failure would be a bug, never input.
+        serde_json::from_slice(&self.text).unwrap_or_default()
+    }
+
+    /// Reopens the object for one more entry: drops the closing brace, adds a comma.
+    fn open_entry(&mut self) -> usize {
+        self.text.pop();
+        if self.entries > 0 {
+            self.text.push(b',');
+        }
+        self.text.len()
+    }
+
+    /// Closes the object after an entry written from `mark` on, or stops at a problem or past
+    /// the size limit (keeping nothing: nothing of it will be stored).
+    fn close_entry(&mut self, problem: Option<Problem>, limit: usize) {
+        self.text.push(b'}');
+        self.entries += 1;
+        let problem = problem.or((self.text.len() > limit).then_some(Problem::TooLarge));
+        if let Some(problem) = problem {
             self.fail(problem);
-            return;
-        }
-        if let Some(old) = self.object.get(&key) {
-            // A repeated key: the last one wins, as in prost's map.
-            self.entries_len -= string_len(&key) + 1 + json_len(old);
-        }
-        self.entries_len += string_len(&key) + 1 + value.len;
-        self.object.insert(key, value.json);
-        if self.json_len() > limit {
-            self.fail(Problem::TooLarge);
         }
     }
 
     fn fail(&mut self, problem: Problem) {
+        self.stopped_at = self.text.len();
         self.problem = Some(problem);
-        // Nothing of it will be stored: free it now.
-        self.object = Map::new();
+        self.text = b"{}".to_vec();
+        self.entries = 0;
+        self.user_id = None;
+        self.object = OnceLock::new();
+    }
+
+    /// One entry the fast path could not take (see [`FastEntry`]), decoded by prost.
+    fn push_decoded(&mut self, key: String, value: Decoded, limit: usize) {
+        if let Some(problem) = value.problem {
+            self.fail(problem);
+            return;
+        }
+        if key == USER_ID_KEY {
+            self.user_id = match &value.json {
+                Json::String(user_id) if !user_id.is_empty() => Some(user_id.clone()),
+                _ => None,
+            };
+        }
+        self.depth = self.depth.max(1 + depth(&value.json));
+        self.open_entry();
+        write_json(&mut self.text, &Json::String(key));
+        self.text.push(b':');
+        write_json(&mut self.text, &value.json);
+        self.close_entry(None, limit);
+    }
+
+    /// Decodes the entry at the head of `buf` with the fast path; false (nothing consumed,
+    /// nothing kept) when it is not one the fast path takes.
+    fn merge_entry_fast(&mut self, buf: &mut impl Buf, limit: usize) -> bool {
+        let chunk = buf.chunk();
+        let mut input = chunk;
+        let Ok(entry) = read_length_delimited(&mut input) else {
+            return false;
+        };
+        let consumed = chunk.len() - input.len();
+        let mark = self.open_entry();
+        let mut writer = FastEntry {
+            out: &mut self.text,
+            limit,
+            depth: 1,
+            problem: None,
+        };
+        match writer.write_entry(entry, 1) {
+            Ok(user_id) => {
+                let (depth, problem) = (writer.depth, writer.problem);
+                if let Some(user_id) = user_id {
+                    self.user_id = user_id;
+                }
+                self.depth = self.depth.max(depth);
+                self.close_entry(problem, limit);
+                buf.advance(consumed);
+                true
+            }
+            Err(Irregular) => {
+                self.text.truncate(mark);
+                if self.entries > 0 {
+                    self.text.pop();
+                }
+                self.text.push(b'}');
+                false
+            }
+        }
     }
 }
 
 impl From<Map<String, Json>> for Metadata {
     fn from(object: Map<String, Json>) -> Self {
-        let entries_len = object
-            .iter()
-            .map(|(key, value)| string_len(key) + 1 + json_len(value))
-            .sum();
+        let mut text = Vec::new();
+        write_json(&mut text, &Json::Object(object.clone()));
+        let user_id = match object.get(USER_ID_KEY) {
+            Some(Json::String(user_id)) if !user_id.is_empty() => Some(user_id.clone()),
+            _ => None,
+        };
         Self {
-            object,
-            entries_len,
+            text,
+            entries: object.len(),
+            depth: 1 + object.values().map(depth).max().unwrap_or(0),
+            user_id,
             problem: None,
+            stopped_at: 0,
+            object: OnceLock::from(object),
         }
     }
 }
 
 impl From<prost_types::Struct> for Metadata {
     fn from(fields: prost_types::Struct) -> Self {
-        let mut metadata = Self::default();
+        let mut object = Map::new();
         for (key, value) in fields.fields {
-            metadata.insert(key, Decoded::from_prost(value), usize::MAX);
+            let decoded = Decoded::from_prost(value);
+            if let Some(problem) = decoded.problem {
+                let mut metadata = Self::default();
+                metadata.fail(problem);
+                return metadata;
+            }
+            object.insert(key, decoded.json);
         }
-        metadata
+        Self::from(object)
     }
+}
+
+/// The key whose string value is the event's user id when `user_id` is empty.
+const USER_ID_KEY: &str = "userId";
+
+/// Appends `value` as compact JSON.
+fn write_json(out: &mut Vec<u8>, value: &Json) {
+    // Writing into a Vec cannot fail, and a `Value` always serializes.
+    let _ = serde_json::to_writer(out, value);
+}
+
+/// The fast path gave up on an entry: prost's path decodes it instead (and reports any error
+/// in it exactly as prost does).
+struct Irregular;
+
+/// Nesting the fast path follows; deeper values take prost's path and its recursion limit.
+const FAST_PATH_LEVELS: usize = 32;
+
+/// Writes one Struct entry, read from a contiguous slice of the request, straight into the
+/// JSON text: no key or value is copied anywhere else. It takes the encoding every protobuf
+/// library writes (key then value, each field once, no unknown fields, valid UTF-8); anything
+/// else is [`Irregular`].
+struct FastEntry<'a> {
+    out: &'a mut Vec<u8>,
+    limit: usize,
+    depth: usize,
+    problem: Option<Problem>,
+}
+
+impl FastEntry<'_> {
+    /// `"key":value`. At the top level, what it says of the user id: `Some(Some(id))` for a
+    /// `userId` entry holding a non-empty string, `Some(None)` for any other `userId` entry.
+    fn write_entry(
+        &mut self,
+        mut entry: &[u8],
+        level: usize,
+    ) -> Result<Option<Option<String>>, Irregular> {
+        expect_key(&mut entry, 1, WireType::LengthDelimited)?;
+        let key = utf8(read_length_delimited(&mut entry)?)?;
+        write_json_str(self.out, key);
+        self.out.push(b':');
+        if entry.is_empty() {
+            self.out.extend_from_slice(b"null");
+            return Ok((level == 1 && key == USER_ID_KEY).then_some(None));
+        }
+        expect_key(&mut entry, 2, WireType::LengthDelimited)?;
+        let value = read_length_delimited(&mut entry)?;
+        if !entry.is_empty() {
+            return Err(Irregular);
+        }
+        let text = self.write_value(value, level)?;
+        if level == 1 && key == USER_ID_KEY {
+            return Ok(Some(text.filter(|id| !id.is_empty()).map(str::to_owned)));
+        }
+        Ok(None)
+    }
+
+    /// A `google.protobuf.Value`; returns the string when it is one.
+    fn write_value<'v>(
+        &mut self,
+        mut value: &'v [u8],
+        level: usize,
+    ) -> Result<Option<&'v str>, Irregular> {
+        if value.is_empty() {
+            self.out.extend_from_slice(b"null");
+            return Ok(None);
+        }
+        let (tag, wire_type) = decode_key(&mut value).map_err(|_| Irregular)?;
+        let mut text = None;
+        match (tag, wire_type) {
+            (1, WireType::Varint) => {
+                decode_varint(&mut value).map_err(|_| Irregular)?;
+                self.out.extend_from_slice(b"null");
+            }
+            (2, WireType::SixtyFourBit) => {
+                let (bytes, rest) = value.split_first_chunk::<8>().ok_or(Irregular)?;
+                value = rest;
+                match json_number(f64::from_le_bytes(*bytes)) {
+                    Some(number) => write_json(self.out, &Json::Number(number)),
+                    None => {
+                        self.problem = Some(Problem::NonFiniteNumber);
+                        self.out.extend_from_slice(b"null");
+                    }
+                }
+            }
+            (3, WireType::LengthDelimited) => {
+                let string = utf8(read_length_delimited(&mut value)?)?;
+                write_json_str(self.out, string);
+                text = Some(string);
+            }
+            (4, WireType::Varint) => {
+                let flag = decode_varint(&mut value).map_err(|_| Irregular)? != 0;
+                self.out
+                    .extend_from_slice(if flag { b"true" } else { b"false" });
+            }
+            (5, WireType::LengthDelimited) => {
+                let body = read_length_delimited(&mut value)?;
+                self.write_object(body, level + 1)?;
+            }
+            (6, WireType::LengthDelimited) => {
+                let body = read_length_delimited(&mut value)?;
+                self.write_list(body, level + 1)?;
+            }
+            _ => return Err(Irregular),
+        }
+        if !value.is_empty() {
+            return Err(Irregular);
+        }
+        Ok(text)
+    }
+
+    /// A nested `Struct`'s `{…}`. Stops (unclosed) at a problem or past the limit: the whole
+    /// metadata is then dropped.
+    fn write_object(&mut self, mut body: &[u8], level: usize) -> Result<(), Irregular> {
+        self.enter(level)?;
+        self.out.push(b'{');
+        let mut first = true;
+        while !body.is_empty() {
+            expect_key(&mut body, FIELDS_TAG, WireType::LengthDelimited)?;
+            let entry = read_length_delimited(&mut body)?;
+            if !std::mem::take(&mut first) {
+                self.out.push(b',');
+            }
+            self.write_entry(entry, level)?;
+            if self.stopped() {
+                return Ok(());
+            }
+        }
+        self.out.push(b'}');
+        Ok(())
+    }
+
+    /// A `ListValue`'s `[…]`, stopping as [`Self::write_object`] does.
+    fn write_list(&mut self, mut body: &[u8], level: usize) -> Result<(), Irregular> {
+        self.enter(level)?;
+        self.out.push(b'[');
+        let mut first = true;
+        while !body.is_empty() {
+            expect_key(&mut body, VALUES_TAG, WireType::LengthDelimited)?;
+            let item = read_length_delimited(&mut body)?;
+            if !std::mem::take(&mut first) {
+                self.out.push(b',');
+            }
+            self.write_value(item, level)?;
+            if self.stopped() {
+                return Ok(());
+            }
+        }
+        self.out.push(b']');
+        Ok(())
+    }
+
+    fn enter(&mut self, level: usize) -> Result<(), Irregular> {
+        if level > FAST_PATH_LEVELS {
+            return Err(Irregular);
+        }
+        self.depth = self.depth.max(level);
+        Ok(())
+    }
+
+    /// Whether a problem was found or the text passed the limit (then marked too large).
+    fn stopped(&mut self) -> bool {
+        if self.problem.is_none() && self.out.len() > self.limit {
+            self.problem = Some(Problem::TooLarge);
+        }
+        self.problem.is_some()
+    }
+}
+
+/// Reads a field key, which must be `tag` with `wire_type`.
+fn expect_key(input: &mut &[u8], tag: u32, wire_type: WireType) -> Result<(), Irregular> {
+    match decode_key(input) {
+        Ok(key) if key == (tag, wire_type) => Ok(()),
+        _ => Err(Irregular),
+    }
+}
+
+/// A length-delimited field's body.
+fn read_length_delimited<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], Irregular> {
+    let len = decode_varint(input).map_err(|_| Irregular)?;
+    let len = usize::try_from(len).map_err(|_| Irregular)?;
+    if len > input.len() {
+        return Err(Irregular);
+    }
+    let (body, rest) = input.split_at(len);
+    *input = rest;
+    Ok(body)
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, Irregular> {
+    std::str::from_utf8(bytes).map_err(|_| Irregular)
+}
+
+/// Appends `text` as a JSON string, escaped as `serde_json` escapes it.
+fn write_json_str(out: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, text);
 }
 
 /// A value converted to JSON, with its JSON length and any problem found in it.
@@ -168,7 +519,7 @@ impl Decoded {
             Some(WireKind::Object(object)) => Self {
                 len: object.json_len(),
                 problem: object.problem,
-                json: Json::Object(object.object),
+                json: Json::Object(object.into_object()),
             },
             Some(WireKind::List(list)) => Self {
                 len: list.json_len(),
@@ -190,7 +541,7 @@ impl Decoded {
                 Self {
                     len: object.json_len(),
                     problem: object.problem,
-                    json: Json::Object(object.object),
+                    json: Json::Object(object.into_object()),
                 }
             }
             Some(Kind::ListValue(list)) => {
@@ -358,7 +709,7 @@ const VALUES_TAG: u32 = 1;
 
 impl Message for Metadata {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        encode_object_body(&self.object, buf);
+        encode_object_body(self.as_object(), buf);
     }
 
     fn merge_field(
@@ -371,14 +722,19 @@ impl Message for Metadata {
         if tag != FIELDS_TAG || self.problem.is_some() {
             return skip_field(wire_type, tag, buf, ctx);
         }
+        let limit = max_json_bytes();
+        if wire_type == WireType::LengthDelimited && self.merge_entry_fast(buf, limit) {
+            return Ok(());
+        }
+        // prost's path: encodings the fast path does not take, and every error.
         let mut entry = WireEntry::default();
         message::merge(wire_type, &mut entry, buf, ctx)?;
-        self.insert(entry.key, Decoded::from_wire(entry.value), max_json_bytes());
+        self.push_decoded(entry.key, Decoded::from_wire(entry.value), limit);
         Ok(())
     }
 
     fn encoded_len(&self) -> usize {
-        object_len(&self.object)
+        object_len(self.as_object())
     }
 
     fn clear(&mut self) {
@@ -569,6 +925,148 @@ mod tests {
         let again = Struct::decode(decoded.encode_to_vec().as_slice()).expect("prost decodes");
         assert_eq!(again, original);
         assert_eq!(decoded.encoded_len(), decoded.encode_to_vec().len());
+    }
+
+    /// A Struct entry written by hand: `fields` are (tag, wire bytes) in the order given.
+    fn raw_entry(fields: &[(u32, Vec<u8>)]) -> Vec<u8> {
+        let mut entry = Vec::new();
+        for (tag, body) in fields {
+            encode_key(*tag, WireType::LengthDelimited, &mut entry);
+            encode_varint(body.len() as u64, &mut entry);
+            entry.extend_from_slice(body);
+        }
+        let mut out = Vec::new();
+        encode_key(FIELDS_TAG, WireType::LengthDelimited, &mut out);
+        encode_varint(entry.len() as u64, &mut out);
+        out.extend_from_slice(&entry);
+        out
+    }
+
+    fn text(kind: Kind) -> Vec<u8> {
+        value(kind).encode_to_vec()
+    }
+
+    #[test]
+    fn decoding_writes_compact_json_text_with_depth_and_the_user_id() {
+        let mut fields = sample();
+        fields.fields.insert(
+            "userId".to_owned(),
+            value(Kind::StringValue("u-1".to_owned())),
+        );
+        let decoded = Metadata::decode(fields.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(decoded.user_id(), Some("u-1"));
+        assert_eq!(decoded.depth(), 3, "an object in a list in the object");
+        let json = decoded.clone().into_json();
+        assert_eq!(
+            json,
+            r#"{"b":false,"f":2.5,"l":[1,{"deep":true}],"n":42,"s":"é \"q\"\n\u0001","userId":"u-1","z":null}"#
+        );
+        assert_eq!(decoded.json_len(), json.len());
+        // A userId that is not a non-empty string is no user id.
+        for kind in [Kind::NumberValue(7.0), Kind::StringValue(String::new())] {
+            let fields = Struct {
+                fields: BTreeMap::from([("userId".to_owned(), value(kind))]),
+            };
+            let decoded = Metadata::decode(fields.encode_to_vec().as_slice()).expect("decodes");
+            assert_eq!(decoded.user_id(), None);
+        }
+    }
+
+    #[test]
+    fn encodings_the_fast_path_does_not_take_decode_as_prost_reads_them() {
+        let key = |name: &str| name.as_bytes().to_vec();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (
+                "value before key",
+                raw_entry(&[(2, text(Kind::BoolValue(true))), (1, key("k"))]),
+                r#"{"k":true}"#,
+            ),
+            (
+                "empty key, omitted",
+                raw_entry(&[(2, text(Kind::NumberValue(1.0)))]),
+                r#"{"":1}"#,
+            ),
+            (
+                "an unknown field in the entry",
+                raw_entry(&[(1, key("k")), (2, text(Kind::NullValue(0))), (9, key("x"))]),
+                r#"{"k":null}"#,
+            ),
+            (
+                "the key twice: the last one",
+                raw_entry(&[
+                    (1, key("a")),
+                    (1, key("k")),
+                    (2, text(Kind::BoolValue(false))),
+                ]),
+                r#"{"k":false}"#,
+            ),
+        ];
+        for (case, wire, expected) in cases {
+            let decoded = Metadata::decode(wire.as_slice()).expect(case);
+            assert_eq!(decoded.clone().into_json(), expected, "{case}");
+            assert_eq!(decoded.json_len(), expected.len(), "{case}");
+        }
+        // Fast and prost paths in one object, in wire order.
+        let mut wire = raw_entry(&[(1, key("a")), (2, text(Kind::NumberValue(1.0)))]);
+        wire.extend(raw_entry(&[
+            (2, text(Kind::NumberValue(2.0))),
+            (1, key("b")),
+        ]));
+        wire.extend(raw_entry(&[
+            (1, key("c")),
+            (2, text(Kind::NumberValue(3.0))),
+        ]));
+        let decoded = Metadata::decode(wire.as_slice()).expect("decodes");
+        assert_eq!(decoded.into_json(), r#"{"a":1,"b":2,"c":3}"#);
+    }
+
+    #[test]
+    fn a_repeated_key_is_written_twice_and_the_last_value_wins() {
+        let key = |name: &str| name.as_bytes().to_vec();
+        let mut wire = raw_entry(&[(1, key("k")), (2, text(Kind::NumberValue(1.0)))]);
+        wire.extend(raw_entry(&[
+            (1, key("k")),
+            (2, text(Kind::NumberValue(2.0))),
+        ]));
+        let decoded = Metadata::decode(wire.as_slice()).expect("decodes");
+        assert_eq!(decoded.as_object().get("k"), Some(&Json::from(2)));
+        // PostgreSQL's jsonb input keeps the last value of a repeated key too.
+        assert_eq!(decoded.into_json(), r#"{"k":1,"k":2}"#);
+    }
+
+    #[test]
+    fn malformed_entries_fail_as_prost_fails_them() {
+        let key = |name: &[u8]| name.to_vec();
+        for wire in [
+            raw_entry(&[(1, key(b"\xff")), (2, text(Kind::NullValue(0)))]),
+            raw_entry(&[(1, key(b"k")), (2, vec![0x1a, 0x01, 0xff])]),
+            raw_entry(&[(1, key(b"k")), (2, vec![0x1a, 0x05, b'a'])]),
+        ] {
+            let ours = Metadata::decode(wire.as_slice()).expect_err("refused");
+            let prost = Struct::decode(wire.as_slice()).expect_err("prost refuses it too");
+            // The same cause (the message names on the way there differ).
+            let cause =
+                |error: &DecodeError| error.to_string().rsplit(": ").next().map(str::to_owned);
+            assert_eq!(cause(&ours), cause(&prost), "{ours} / {prost}");
+        }
+    }
+
+    #[test]
+    fn nesting_past_the_fast_path_decodes_and_past_the_recursion_limit_fails() {
+        let nested = |levels: usize| {
+            let mut current = Struct::default();
+            for _ in 0..levels {
+                current = Struct {
+                    fields: BTreeMap::from([("k".to_owned(), value(Kind::StructValue(current)))]),
+                };
+            }
+            current
+        };
+        let deep = nested(FAST_PATH_LEVELS + 8);
+        let decoded = Metadata::decode(deep.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(decoded.depth(), FAST_PATH_LEVELS + 9);
+        assert_eq!(decoded.as_object(), Metadata::from(deep).as_object());
+        assert!(Metadata::decode(nested(120).encode_to_vec().as_slice()).is_err());
     }
 
     #[test]
