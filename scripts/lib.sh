@@ -90,7 +90,7 @@ start_release_server() {
   local config=()
   [ -n "${BENCH_CONFIG:-}" ] && config=(--config "$(readlink -f "$BENCH_CONFIG")")
   SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/data" \
-    target/release/sluice "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
+    "${BENCH_SERVER_BINARY:-target/release/sluice}" "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
     >"$SLUICE_WORK/server.log" 2>&1 &
   SLUICE_PID=$!
   wait_for_listening "$SLUICE_WORK/server.log"

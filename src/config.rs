@@ -311,7 +311,8 @@ pub struct PrincipalConfig {
     /// Events allowed at once above the rate (default: one second's worth).
     #[serde(default)]
     pub burst_events: u32,
-    /// Request bytes per second; 0: no limit. The burst is one second's worth.
+    /// Event bytes per second (text fields plus metadata as JSON, as `sluice_event_bytes`
+    /// counts them); 0: no limit. The burst is one second's worth.
     #[serde(default)]
     pub bytes_per_second: u32,
 }

@@ -1,5 +1,5 @@
-//! Per-principal rate limits: GCRA (governor) on events per second and on request bytes per
-//! second, each with a burst. A request is admitted whole or refused whole.
+//! Per-principal rate limits: GCRA (governor) on events per second and on event bytes per
+//! second (text fields plus metadata as JSON), each with a burst. A request is admitted whole or refused whole.
 
 use std::{num::NonZeroU32, time::Duration};
 

@@ -219,6 +219,10 @@ impl Metadata {
             return false;
         };
         let consumed = chunk.len() - input.len();
+        // The JSON of an entry is about its wire size; metadata entries tend to be alike, so
+        // the first one sizes the text for a few more (one allocation for most events).
+        let entries_ahead = if self.entries == 0 { 4 } else { 1 };
+        self.text.reserve(entry.len() * entries_ahead + 2);
         let mark = self.open_entry();
         let mut writer = FastEntry {
             out: &mut self.text,
