@@ -10,7 +10,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-
 use super::{IngestError, Progress, validate::Validator};
 use crate::privacy::{SharedPrivacy, optouts::OptOuts};
 use crate::{
@@ -145,10 +144,7 @@ impl IngestHandler {
         self.counters.events_received(request.events.len());
         self.counters
             .principal_events(&caller.principal, request.events.len() as u64);
-        crate::metrics::request_sizes(
-            request.events.len(),
-            request.events.iter().map(event_bytes),
-        );
+        crate::metrics::request_sizes(request.events.len(), request.events.iter().map(event_bytes));
         let validator =
             Validator::new(&self.config.validation, Utc::now()).with_retention(&self.retention);
         let privacy = self.privacy.load();
