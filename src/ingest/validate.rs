@@ -1,6 +1,8 @@
 //! Per-event validation. An invalid event becomes an [`EventRejection`] with a typed
 //! [`RejectReason`]; it never fails the request it came in.
 
+use std::{cell::Cell, time::Duration};
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -20,6 +22,11 @@ pub struct Validator<'a> {
     limits: &'a ValidationConfig,
     retention: Option<&'a RetentionPolicy>,
     now: DateTime<Utc>,
+    /// The newest timestamp accepted: `now` plus the allowed skew.
+    newest: DateTime<Utc>,
+    /// The oldest timestamp accepted under the last retention looked up, for the next event
+    /// (a request's events nearly always share their retention).
+    last_oldest: Cell<Option<(Duration, DateTime<Utc>)>>,
 }
 
 /// The retention of a validator given none: `retention.default`'s default.
@@ -32,6 +39,8 @@ impl<'a> Validator<'a> {
             limits,
             retention: None,
             now,
+            newest: now + limits.max_future_skew,
+            last_oldest: Cell::new(None),
         }
     }
 
@@ -144,7 +153,14 @@ impl<'a> Validator<'a> {
             .retention
             .unwrap_or(&DEFAULT_RETENTION)
             .keep_for(service);
-        let oldest = self.now - keep.keep;
+        let oldest = match self.last_oldest.get() {
+            Some((kept, oldest)) if kept == keep.keep => oldest,
+            _ => {
+                let oldest = self.now - keep.keep;
+                self.last_oldest.set(Some((keep.keep, oldest)));
+                oldest
+            }
+        };
         if at < oldest {
             return Err(RejectReason::TimestampTooOld {
                 at,
@@ -152,9 +168,11 @@ impl<'a> Validator<'a> {
                 rule: keep.rule.to_owned(),
             });
         }
-        let newest = self.now + self.limits.max_future_skew;
-        if at > newest {
-            return Err(RejectReason::TimestampInFuture { at, newest });
+        if at > self.newest {
+            return Err(RejectReason::TimestampInFuture {
+                at,
+                newest: self.newest,
+            });
         }
         Ok(at)
     }

@@ -10,6 +10,7 @@ pub(crate) mod replay;
 pub(crate) mod sink;
 
 use std::{
+    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -282,26 +283,19 @@ fn split_unwritable<'a>(
     (writable, outcomes)
 }
 
-/// Counts the stored events per service: one counter update per run of events of one service
-/// (a request's events usually share theirs).
+/// Counts the stored events per service: one counter update per distinct service of the
+/// batch, however its events interleave.
 fn count_services(events: &[&ValidEvent], outcomes: &[Option<EventOutcome>], counters: &Counters) {
-    let mut run: Option<(&str, u64)> = None;
+    let mut per_service: BTreeMap<&str, u64> = BTreeMap::new();
     let stored = events
         .iter()
         .zip(outcomes)
         .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
         .map(|(event, _)| event.service.as_str());
     for service in stored {
-        match &mut run {
-            Some((current, count)) if *current == service => *count += 1,
-            _ => {
-                if let Some((previous, count)) = run.replace((service, 1)) {
-                    counters.service_events(previous, count);
-                }
-            }
-        }
+        *per_service.entry(service).or_default() += 1;
     }
-    if let Some((service, count)) = run {
+    for (service, count) in per_service {
         counters.service_events(service, count);
     }
 }
