@@ -6,7 +6,7 @@
 #   bench/run.sh                          # defaults: 200k events, 8 streams, 500 events/request
 #   bench/run.sh --events 500000 --streams 16
 #   bench/run.sh --ceiling-batch 5000     # the stronger ceiling: 5,000-row COPY transactions
-#   SLUICE_BIN=/tmp/sluice-a bench/run.sh # a prebuilt binary (A/B runs of two builds)
+#   BENCH_BINARY=/tmp/sluice-a bench/run.sh # a prebuilt binary (A/B runs of two builds)
 #   bench/run.sh --redis                  # direct mode, then Redis mode with 1 ingest + 1 writer
 #                                         # node, then 2 + 2, all in one run (see BENCHMARKS.md)
 #
@@ -37,7 +37,7 @@ if [ "$redis" = 0 ]; then
     echo "dropped index $index"
   done
   # shellcheck disable=SC2046
-  "${SLUICE_BIN:-target/release/sluice}" bench $(release_server_client_flags) \
+  "${BENCH_BINARY:-target/release/sluice}" bench $(release_server_client_flags) \
     --database-url "$PG_URL" --server-pid "$SLUICE_PID" --reset-table "$@"
   exit 0
 fi
@@ -58,7 +58,7 @@ measure() {
   for port in "$@"; do extra+=(--extra-addr "https://localhost:$port"); done
   echo "=== $label"
   # shellcheck disable=SC2046
-  "${SLUICE_BIN:-target/release/sluice}" bench $(client_flags "$first") "${extra[@]}" \
+  "${BENCH_BINARY:-target/release/sluice}" bench $(client_flags "$first") "${extra[@]}" \
     --database-url "$PG_URL" --reset-table --wait-stored "${BENCH_ARGS[@]}" | tee "$SLUICE_WORK/report"
   RATE=$(awk '/^stored end to end:/ {print $5}' "$SLUICE_WORK/report")
 }

@@ -90,7 +90,7 @@ start_release_server() {
   local config=()
   [ -n "${BENCH_CONFIG:-}" ] && config=(--config "$(readlink -f "$BENCH_CONFIG")")
   SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/data" \
-    "${SLUICE_BIN:-target/release/sluice}" "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
+    "${BENCH_BINARY:-target/release/sluice}" "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
     >"$SLUICE_WORK/server.log" 2>&1 &
   SLUICE_PID=$!
   wait_for_listening "$SLUICE_WORK/server.log"
@@ -126,7 +126,7 @@ start_release_node() {
   mkdir -p "$SLUICE_WORK/$name"
   NODE_PORT=$(free_port)
   SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/$name/data" \
-    "${SLUICE_BIN:-target/release/sluice}" --listen "127.0.0.1:$NODE_PORT" --database-url "$url" --metrics-listen 127.0.0.1:0 "$@" \
+    "${BENCH_BINARY:-target/release/sluice}" --listen "127.0.0.1:$NODE_PORT" --database-url "$url" --metrics-listen 127.0.0.1:0 "$@" \
     >"$SLUICE_WORK/$name/server.log" 2>&1 &
   NODE_PIDS+=("$!")
   wait_for_listening "$SLUICE_WORK/$name/server.log"
@@ -176,11 +176,11 @@ bench_cleanup() {
   stop_throwaway_redis
   stop_throwaway_postgres
 }
-# SLUICE_BIN runs a prebuilt binary instead of building this checkout (A/B runs of two builds):
-#   SLUICE_BIN=/tmp/sluice-before bench/run.sh
+# BENCH_BINARY runs a prebuilt binary instead of building this checkout (A/B runs of two builds):
+#   BENCH_BINARY=/tmp/sluice-before bench/run.sh
 start_bench_environment() {
   ensure_postgres_binaries
-  if [ -z "${SLUICE_BIN:-}" ]; then
+  if [ -z "${BENCH_BINARY:-}" ]; then
     cargo build --release --quiet
   fi
   trap bench_cleanup EXIT

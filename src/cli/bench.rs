@@ -87,6 +87,38 @@ pub struct BenchArgs {
     /// end-to-end rate too (Redis mode acknowledges once Redis has the events).
     #[arg(long, requires = "database_url")]
     pub wait_stored: bool,
+    /// Event ids: `v7` (time-ordered, sent by the client), `v4` (random, sent by the client;
+    /// the raw ceiling then copies v4 ids too) or `server` (none sent: the server assigns
+    /// UUIDv7).
+    #[arg(long, value_enum, default_value_t = IdKind::V7)]
+    pub ids: IdKind,
+}
+
+/// Where event ids come from (`--ids`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdKind {
+    V7,
+    V4,
+    Server,
+}
+
+impl IdKind {
+    /// The id a client sends.
+    fn sent(self) -> String {
+        match self {
+            Self::V7 => Uuid::now_v7().to_string(),
+            Self::V4 => Uuid::new_v4().to_string(),
+            Self::Server => String::new(),
+        }
+    }
+
+    /// The id the stored row has.
+    fn stored(self) -> Uuid {
+        match self {
+            Self::V4 => Uuid::new_v4(),
+            Self::V7 | Self::Server => Uuid::now_v7(),
+        }
+    }
 }
 
 const SERVICES: [&str; 8] = [
@@ -102,7 +134,7 @@ const PATHS: [&str; 6] = [
 ];
 
 /// A realistic event of about 250 bytes when encoded.
-fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
+fn sample_event(rng: &mut StdRng, sequence: usize, ids: IdKind) -> Event {
     use prost_types::{Struct, Value, value::Kind};
     let service = SERVICES[sequence % SERVICES.len()];
     let path = PATHS[rng.random_range(0..PATHS.len())];
@@ -129,7 +161,7 @@ fn sample_event(rng: &mut StdRng, sequence: usize) -> Event {
     };
     let now = Utc::now();
     Event {
-        id: Uuid::now_v7().to_string(),
+        id: ids.sent(),
         service: service.to_owned(),
         message: format!("{service} handled GET {path} -> {status} in {latency} ms"),
         timestamp: Some(prost_types::Timestamp {
@@ -479,6 +511,7 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
     for connection_index in 0..args.copy_connections.max(1) {
         let url = url.to_owned();
         let batch = args.ceiling_batch.unwrap_or(args.batch).max(1);
+        let ids = args.ids;
         tasks.spawn(async move {
             let mut rng = StdRng::seed_from_u64(connection_index as u64);
             let mut connection = sqlx::PgConnection::connect(&url).await?;
@@ -488,7 +521,7 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
             while sent < per_connection {
                 let count = batch.min(per_connection - sent);
                 let rows: Vec<ValidEvent> = (0..count)
-                    .map(|offset| as_valid(sample_event(&mut rng, sent + offset)))
+                    .map(|offset| as_valid(sample_event(&mut rng, sent + offset, ids), ids))
                     .collect();
                 let mut payload = BytesMut::new();
                 copy::encode(rows.iter(), &mut payload)
@@ -511,12 +544,12 @@ async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
 }
 
 /// The row the server would store for `event` (the bench's events are always valid).
-fn as_valid(event: Event) -> ValidEvent {
+fn as_valid(event: Event, ids: IdKind) -> ValidEvent {
     let metadata_json = serde_json::json!({"path": "/api/orders", "status": 200, "latencyMs": 12, "region": "eu-west-1"}).to_string();
     ValidEvent {
         trace_id: None,
         index: 0,
-        id: Uuid::now_v7(),
+        id: ids.stored(),
         service: event.service,
         message: event.message,
         timestamp: Utc::now(),
@@ -567,7 +600,7 @@ fn workload(args: &BenchArgs) -> Vec<Vec<IngestRequest>> {
             while produced < per_stream {
                 let count = args.batch.min(per_stream - produced);
                 let events = (0..count)
-                    .map(|offset| sample_event(&mut rng, produced + offset))
+                    .map(|offset| sample_event(&mut rng, produced + offset, args.ids))
                     .collect();
                 requests.push(IngestRequest {
                     events,
