@@ -19,7 +19,8 @@ pub struct ValidEvent {
     /// equals the one in memory.
     pub timestamp: DateTime<Utc>,
     pub user_id: Option<String>,
-    /// `metadata` as compact JSON text (an object).
+    /// `metadata` as compact JSON text (an object), as decoded from the request. A key the
+    /// client repeated appears twice; PostgreSQL's `jsonb` keeps its last value.
     pub metadata_json: String,
     /// The trace of the request that brought the event (see [`crate::telemetry`]).
     pub trace_id: Option<TraceId>,

@@ -493,4 +493,3 @@ fn issue_certs(name: &str, cert_dir: &std::path::Path, out_dir: &std::path::Path
         }
     }
 }
-

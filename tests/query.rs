@@ -465,12 +465,12 @@ async fn page_through(
 async fn a_time_sliced_scan_pages_exactly_the_rows_of_one_unbounded_query_while_ingest_runs() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    // Tiny slices and scan time: every call stops early, so paging crosses many partial pages.
+    // Small slices and scan time: calls stop early, so paging crosses many partial pages.
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
             .env("SLUICE_RETENTION__DEFAULT", "90days")
             .env("SLUICE_SEARCH__SLICE", "2h")
-            .env("SLUICE_SEARCH__MAX_SCAN_TIME", "5ms"),
+            .env("SLUICE_SEARCH__MAX_SCAN_TIME", "20ms"),
     )
     .await;
     let mut ingest = server.ingest_client().await;
@@ -990,13 +990,56 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
         &mut query,
         QueryRequest {
             page_token: page.next_page_token,
-            ..request
+            ..request.clone()
         },
     )
     .await;
     assert_eq!(rest.len(), 20, "the old matches, once each");
     let first: HashSet<&String> = page.events.iter().map(|event| &event.id).collect();
     assert!(rest.iter().all(|id| !first.contains(id)));
+
+    // The first step of a call is bounded too: with the newest partition held, a fresh call
+    // answers on time with nothing and a token, and paging on from it later finds everything.
+    let recent_partition: String = sqlx::query_scalar(
+        "SELECT tableoid::regclass::text FROM events WHERE message = 'recent needle 0'",
+    )
+    .fetch_one(&mut locker)
+    .await
+    .expect("recent partition");
+    sqlx::query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {recent_partition} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut locker)
+    .await
+    .expect("lock");
+    let started = std::time::Instant::now();
+    let blocked = query
+        .query(request.clone())
+        .await
+        .expect("a bounded call, not an error")
+        .into_inner();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(blocked.events.is_empty());
+    assert!(!blocked.next_page_token.is_empty(), "a token to go on with");
+    sqlx::query("COMMIT")
+        .execute(&mut locker)
+        .await
+        .expect("commit");
+    let (all, _, _) = page_through(
+        &mut query,
+        QueryRequest {
+            page_token: blocked.next_page_token,
+            ..request
+        },
+    )
+    .await;
+    assert_eq!(all.len(), 40, "every match, once each");
+    assert_eq!(all.iter().collect::<HashSet<_>>().len(), 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

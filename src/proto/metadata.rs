@@ -1,13 +1,21 @@
-//! `google.protobuf.Struct` as sluice decodes it: straight into a JSON object, one map entry at
-//! a time, stopping at a size limit without building the tree of protobuf `Value`s.
+//! `google.protobuf.Struct` as sluice decodes it: straight into the compact JSON text that is
+//! stored, one map entry at a time, stopping at a size limit without building the tree of
+//! protobuf `Value`s or a JSON map.
 //!
 //! prost's own `Struct` keeps every key and value as a tree of heap objects, 40–60× the wire
-//! size: one 16 MB request of 350,000 keys cost 665 MB. Here each entry is converted to JSON as
-//! soon as it is read, the JSON length is counted exactly as `serde_json` would write it, and
-//! once the object passes [`max_json_bytes`] the rest of the field is skipped, not kept: the
-//! event is then rejected as too large. Nested objects and lists decode the same way, so no
-//! level can grow past the limit either. prost's recursion limit (100 messages) still bounds
-//! nesting; the configured depth is checked by validation on the (bounded) result.
+//! size: one 16 MB request of 350,000 keys cost 665 MB. Here each entry is written as JSON as
+//! soon as it is read, from the request's bytes (strings escaped as `serde_json` escapes them),
+//! and once the text passes [`max_json_bytes`] the rest of the field is skipped, not kept: the
+//! event is then rejected as too large. Nested objects and lists are written the same way, so
+//! no level can grow past the limit either. Depth and the top-level `userId` are noted on the
+//! way; the configured depth is checked by validation.
+//!
+//! The fast path takes the encoding every protobuf library writes. Anything else (a value
+//! before its key, unknown fields, nesting past [`FAST_PATH_LEVELS`]) and every malformed
+//! entry goes through prost's decoding instead, so its errors and its recursion limit (100
+//! messages) apply unchanged. The object form is parsed from the text only when asked for
+//! (queries, clients). Per event this is one buffer instead of dozens of allocations
+//! (BENCHMARKS.md, "Performance").
 //!
 //! On the wire this is exactly `google.protobuf.Struct`: any client, grpcurl and reflection
 //! see no difference.

@@ -2,7 +2,7 @@
 //! and keyset page tokens.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Map, Value as Json};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -474,17 +474,32 @@ impl Filter {
 pub struct Cursor {
     pub ts: DateTime<Utc>,
     pub id: Uuid,
+    /// A time-sliced scan's slice size when the page ended, so that the next call goes on
+    /// with what the last one learned (a slice whose first step ran out of time is smaller).
+    pub slice: Option<TimeDelta>,
 }
 
 impl Cursor {
-    /// An opaque token: version, filter fingerprint, timestamp (µs) and id.
+    pub fn at(ts: DateTime<Utc>, id: Uuid) -> Self {
+        Self {
+            ts,
+            id,
+            slice: None,
+        }
+    }
+
+    /// An opaque token: version, filter fingerprint, timestamp (µs), id, and the slice in
+    /// seconds when there is one.
     pub fn encode(&self, filter: &Filter, oldest_first: bool) -> String {
-        let text = format!(
+        let mut text = format!(
             "1.{}.{}.{}",
             filter.fingerprint(oldest_first),
             self.ts.timestamp_micros(),
             self.id.simple()
         );
+        if let Some(slice) = self.slice {
+            text.push_str(&format!(".{}", slice.num_seconds()));
+        }
         URL_SAFE_NO_PAD.encode(text)
     }
 
@@ -496,7 +511,8 @@ impl Cursor {
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
         let text = String::from_utf8(bytes).map_err(|_| invalid())?;
         let mut parts = text.split('.');
-        let (Some("1"), Some(fingerprint), Some(micros), Some(id), None) = (
+        let (Some("1"), Some(fingerprint), Some(micros), Some(id), slice, None) = (
+            parts.next(),
             parts.next(),
             parts.next(),
             parts.next(),
@@ -517,7 +533,18 @@ impl Cursor {
             .and_then(DateTime::from_timestamp_micros)
             .ok_or_else(invalid)?;
         let id = Uuid::try_parse(id).map_err(|_| invalid())?;
-        Ok(Self { ts, id })
+        let slice = match slice {
+            None => None,
+            Some(seconds) => Some(
+                seconds
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|seconds| *seconds > 0)
+                    .map(|seconds| TimeDelta::seconds(i64::from(seconds)))
+                    .ok_or_else(invalid)?,
+            ),
+        };
+        Ok(Self { ts, id, slice })
     }
 }
 
@@ -531,10 +558,10 @@ mod tests {
             services: vec!["billing".to_owned()],
             ..Filter::default()
         };
-        let cursor = Cursor {
-            ts: DateTime::from_timestamp_micros(1_800_000_000_123_456).expect("ts"),
-            id: Uuid::now_v7(),
-        };
+        let cursor = Cursor::at(
+            DateTime::from_timestamp_micros(1_800_000_000_123_456).expect("ts"),
+            Uuid::now_v7(),
+        );
         let token = cursor.encode(&filter, false);
         assert_eq!(
             Cursor::decode(&token, &filter, false).expect("decodes"),
@@ -549,6 +576,16 @@ mod tests {
             "other filter"
         );
         assert!(Cursor::decode("garbage!", &filter, false).is_err());
+        // A scan's slice travels with its token.
+        let scanning = Cursor {
+            slice: Some(TimeDelta::minutes(15)),
+            ..cursor
+        };
+        let token = scanning.encode(&filter, false);
+        assert_eq!(
+            Cursor::decode(&token, &filter, false).expect("decodes"),
+            scanning
+        );
     }
 
     #[test]
@@ -657,6 +694,7 @@ mod tests {
             let cursor = Cursor {
                 ts: DateTime::from_timestamp_micros(1_800_000_000_000_000).expect("ts"),
                 id: Uuid::nil(),
+                slice: Some(TimeDelta::hours(2)),
             };
             let token = cursor.encode(&filter, true);
             let mut chars: Vec<char> = token.chars().collect();

@@ -286,12 +286,7 @@ impl QueryHandler {
             let more = rows.len() > limit as usize;
             rows.truncate(limit as usize);
             let next = more
-                .then(|| {
-                    rows.last().map(|last| Cursor {
-                        ts: last.ts,
-                        id: last.id,
-                    })
-                })
+                .then(|| rows.last().map(|last| Cursor::at(last.ts, last.id)))
                 .flatten();
             Page {
                 rows,
@@ -459,7 +454,10 @@ impl QueryHandler {
         // Shrinking stops at 1/64 of the configured slice: below that a step's cost is its
         // fixed overhead, and more steps would only add calls.
         let min_slice = (first_slice / MIN_SLICE_DIVISOR).max(TimeDelta::seconds(1));
-        let mut slice = first_slice;
+        // A token carries the slice the last call ended with.
+        let mut slice = cursor
+            .and_then(|cursor| cursor.slice)
+            .map_or(first_slice, |slice| slice.clamp(min_slice, MAX_SLICE));
         let mut rows: Vec<EventRow> = Vec::new();
         let mut position = cursor;
         let mut first_step = true;
@@ -471,10 +469,13 @@ impl QueryHandler {
             };
             let step = Instant::now();
             let wanted = limit - rows.len() as u32;
-            // The first step always runs to its end, so that every call moves the scan on; the
-            // others get what is left of the budget, and a cancelled one ends the call with
-            // the scan where the last step left it.
-            let mut found = if std::mem::take(&mut first_step) {
+            // Every step runs under a statement timeout of what is left of the budget (the
+            // whole of it for the first), except a first step at the smallest slice, which
+            // runs to its end so that paging always moves on. A cancelled step ends the call
+            // where the scan stood before it; a cancelled first step also hands the next call
+            // a slice an eighth as long.
+            let first = std::mem::take(&mut first_step);
+            let mut found = if first && slice <= min_slice {
                 self.page_rows(filter, position, Some(window), wanted, oldest_first)
                     .await?
             } else {
@@ -483,9 +484,16 @@ impl QueryHandler {
                     .page_rows_within(filter, position, window, wanted, oldest_first, budget)
                     .await?
                 else {
+                    if first {
+                        slice = (slice / FIRST_STEP_SHRINK).max(min_slice);
+                    }
+                    let edge = position.unwrap_or_else(|| scan_edge(low, high, oldest_first));
                     return Ok(Page {
                         rows,
-                        next: position,
+                        next: Some(Cursor {
+                            slice: Some(slice),
+                            ..edge
+                        }),
                         scanned_until: Some(if oldest_first { low } else { high }),
                     });
                 };
@@ -495,8 +503,8 @@ impl QueryHandler {
                 found.truncate(wanted as usize);
                 rows.extend(found);
                 let next = rows.last().map(|last| Cursor {
-                    ts: last.ts,
-                    id: last.id,
+                    slice: Some(slice),
+                    ..Cursor::at(last.ts, last.id)
                 });
                 return Ok(Page {
                     scanned_until: next.map(|next| next.ts),
@@ -508,29 +516,25 @@ impl QueryHandler {
             // The window is covered: go on from its far edge.
             if oldest_first {
                 low = window.1;
-                position = Some(Cursor {
-                    ts: low - TimeDelta::microseconds(1),
-                    id: Uuid::max(),
-                });
             } else {
                 high = window.0;
-                position = Some(Cursor {
-                    ts: high,
-                    id: Uuid::nil(),
-                });
             }
+            position = Some(scan_edge(low, high, oldest_first));
             let took = step.elapsed();
             if took > search.max_scan_time / 2 {
                 slice = (slice / 2).max(min_slice);
             } else if took < search.max_scan_time / 10 {
-                slice = (slice * 2).min(TimeDelta::days(31));
+                slice = (slice * 2).min(MAX_SLICE);
             }
             // Stop before a step that would likely end past the budget: one like the last,
             // with room for its variance (steps of one slice size vary by about half).
             if low < high && started.elapsed() + took + took / 2 >= search.max_scan_time {
                 return Ok(Page {
                     rows,
-                    next: position,
+                    next: position.map(|edge| Cursor {
+                        slice: Some(slice),
+                        ..edge
+                    }),
                     scanned_until: Some(if oldest_first { low } else { high }),
                 });
             }
@@ -1072,6 +1076,21 @@ impl QueryHandler {
         Ok(())
     }
 }
+
+/// The cursor of a scan that has covered everything on one side of `low` (oldest first) or
+/// `high` (newest first), and nothing beyond.
+fn scan_edge(low: DateTime<Utc>, high: DateTime<Utc>, oldest_first: bool) -> Cursor {
+    if oldest_first {
+        Cursor::at(low - TimeDelta::microseconds(1), Uuid::max())
+    } else {
+        Cursor::at(high, Uuid::nil())
+    }
+}
+
+/// The largest slice a scan grows to.
+const MAX_SLICE: TimeDelta = TimeDelta::days(31);
+/// How much a first step cancelled at the budget shrinks the next call's slice.
+const FIRST_STEP_SHRINK: i32 = 8;
 
 /// How far below `search.slice` a scan's slices may shrink.
 const MIN_SLICE_DIVISOR: i32 = 64;
