@@ -118,12 +118,32 @@ impl Audit {
         }
     }
 
-    /// Writes one row. A failure is logged and counted, never hidden.
+    /// Writes one row, durably. A failure is logged and counted, never hidden.
     pub async fn record(&self, entry: Entry) {
-        let result = match self.pool.acquire().await {
-            Ok(mut connection) => Self::record_in(&mut connection, &entry).await,
-            Err(error) => Err(error),
-        };
+        self.write(entry, true).await;
+    }
+
+    /// Writes the row of a read (Query, Export, Tail, Stats, Audit) without waiting for its
+    /// WAL flush (`synchronous_commit = off`): a flush that the disk stalls would otherwise
+    /// land in the answer of every read (it was the tail of bounded searches). A PostgreSQL
+    /// crash can lose such rows of the last moments (`wal_writer_delay`, 200 ms by default);
+    /// rows of calls that change anything stay durable.
+    pub async fn record_read(&self, entry: Entry) {
+        self.write(entry, false).await;
+    }
+
+    async fn write(&self, entry: Entry, durable: bool) {
+        let result = async {
+            let mut transaction = self.pool.begin().await?;
+            if !durable {
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *transaction)
+                    .await?;
+            }
+            Self::record_in(&mut transaction, &entry).await?;
+            transaction.commit().await
+        }
+        .await;
         if let Err(error) = result {
             metrics::audit_error();
             tracing::error!(%error, principal = %entry.principal, rpc = entry.rpc, "cannot write the audit log");

@@ -240,16 +240,20 @@ impl QueryHandler {
 
     async fn record(&self, caller: &Caller, call: &Call, details: Json, code: tonic::Code) {
         metrics::rpc_finished(call.rpc, code, call.started.elapsed());
-        self.audit
-            .record(Entry::new(
-                &caller.principal,
-                call.rpc,
-                code,
-                call.peer,
-                &call.request_id,
-                details,
-            ))
-            .await;
+        let entry = Entry::new(
+            &caller.principal,
+            call.rpc,
+            code,
+            call.peer,
+            &call.request_id,
+            details,
+        );
+        // Reads do not wait for their row's WAL flush; calls that change anything do.
+        if matches!(call.rpc, "Query" | "Export" | "Tail" | "Stats" | "Audit") {
+            self.audit.record_read(entry).await;
+        } else {
+            self.audit.record(entry).await;
+        }
     }
 
     async fn query_page(
