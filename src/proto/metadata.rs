@@ -228,9 +228,12 @@ impl Metadata {
         };
         let consumed = chunk.len() - input.len();
         // The JSON of an entry is about its wire size; metadata entries tend to be alike, so
-        // the first one sizes the text for a few more (one allocation for most events).
+        // the first one sizes the text for a few more (one allocation for most events), never
+        // past the limit (a larger text is dropped anyway).
         let entries_ahead = if self.entries == 0 { 4 } else { 1 };
-        self.text.reserve(entry.len() * entries_ahead + 2);
+        let wanted = entry.len().saturating_mul(entries_ahead).saturating_add(2);
+        self.text
+            .reserve(wanted.min(limit.saturating_add(2).saturating_sub(self.text.len())));
         let mark = self.open_entry();
         let mut writer = FastEntry {
             out: &mut self.text,
