@@ -906,6 +906,27 @@ async fn with_a_read_replica_reads_go_to_it_and_writes_stay_on_the_primary() {
     assert!(server.logs().contains("reads go to the read replica"));
 }
 
+/// Opens a transaction on `locker` that holds the partition of the event with `message` in
+/// ACCESS EXCLUSIVE mode (as a migration or a retention drop would) until it ends.
+async fn lock_partition_of(locker: &mut sqlx::PgConnection, message: &str) {
+    let partition: String =
+        sqlx::query_scalar("SELECT tableoid::regclass::text FROM events WHERE message = $1")
+            .bind(message)
+            .fetch_one(&mut *locker)
+            .await
+            .expect("partition");
+    sqlx::query("BEGIN")
+        .execute(&mut *locker)
+        .await
+        .expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {partition} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *locker)
+    .await
+    .expect("lock");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns_its_partial_page()
 {
@@ -935,22 +956,7 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
     // A migration or a retention drop holding the old partition: a step that reaches it waits
     // on the lock, as it would on any slow plan.
     let mut locker = database.connect().await;
-    let old_partition: String = sqlx::query_scalar(
-        "SELECT tableoid::regclass::text FROM events WHERE message = 'old needle 0'",
-    )
-    .fetch_one(&mut locker)
-    .await
-    .expect("old partition");
-    sqlx::query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .expect("begin");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "LOCK TABLE {old_partition} IN ACCESS EXCLUSIVE MODE"
-    )))
-    .execute(&mut locker)
-    .await
-    .expect("lock");
+    lock_partition_of(&mut locker, "old needle 0").await;
     let request = QueryRequest {
         message_contains: "needle".to_owned(),
         limit: 100,
@@ -1000,22 +1006,7 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
 
     // The first step of a call is bounded too: with the newest partition held, a fresh call
     // answers on time with nothing and a token, and paging on from it later finds everything.
-    let recent_partition: String = sqlx::query_scalar(
-        "SELECT tableoid::regclass::text FROM events WHERE message = 'recent needle 0'",
-    )
-    .fetch_one(&mut locker)
-    .await
-    .expect("recent partition");
-    sqlx::query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .expect("begin");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "LOCK TABLE {recent_partition} IN ACCESS EXCLUSIVE MODE"
-    )))
-    .execute(&mut locker)
-    .await
-    .expect("lock");
+    lock_partition_of(&mut locker, "recent needle 0").await;
     let started = std::time::Instant::now();
     let blocked = query
         .query(request.clone())
