@@ -336,12 +336,13 @@ impl FastEntry<'_> {
         level: usize,
     ) -> Result<Option<Option<String>>, Irregular> {
         expect_key(&mut entry, 1, WireType::LengthDelimited)?;
-        let key = utf8(read_length_delimited(&mut entry)?)?;
-        write_json_str(self.out, key);
+        let key = read_length_delimited(&mut entry)?;
+        write_json_text(self.out, key)?;
         self.out.push(b':');
+        let user_id_entry = level == 1 && key == USER_ID_KEY.as_bytes();
         if entry.is_empty() {
             self.out.extend_from_slice(b"null");
-            return Ok((level == 1 && key == USER_ID_KEY).then_some(None));
+            return Ok(user_id_entry.then_some(None));
         }
         expect_key(&mut entry, 2, WireType::LengthDelimited)?;
         let value = read_length_delimited(&mut entry)?;
@@ -349,18 +350,20 @@ impl FastEntry<'_> {
             return Err(Irregular);
         }
         let text = self.write_value(value, level)?;
-        if level == 1 && key == USER_ID_KEY {
-            return Ok(Some(text.filter(|id| !id.is_empty()).map(str::to_owned)));
+        if !user_id_entry {
+            return Ok(None);
         }
-        Ok(None)
+        // Already checked as UTF-8 when written.
+        let user_id = text.filter(|id| !id.is_empty()).map(utf8).transpose()?;
+        Ok(Some(user_id.map(str::to_owned)))
     }
 
-    /// A `google.protobuf.Value`; returns the string when it is one.
+    /// A `google.protobuf.Value`; returns the string (UTF-8) when it is one.
     fn write_value<'v>(
         &mut self,
         mut value: &'v [u8],
         level: usize,
-    ) -> Result<Option<&'v str>, Irregular> {
+    ) -> Result<Option<&'v [u8]>, Irregular> {
         if value.is_empty() {
             self.out.extend_from_slice(b"null");
             return Ok(None);
@@ -384,8 +387,8 @@ impl FastEntry<'_> {
                 }
             }
             (3, WireType::LengthDelimited) => {
-                let string = utf8(read_length_delimited(&mut value)?)?;
-                write_json_str(self.out, string);
+                let string = read_length_delimited(&mut value)?;
+                write_json_text(self.out, string)?;
                 text = Some(string);
             }
             (4, WireType::Varint) => {
@@ -491,10 +494,32 @@ fn utf8(bytes: &[u8]) -> Result<&str, Irregular> {
     std::str::from_utf8(bytes).map_err(|_| Irregular)
 }
 
-/// Appends `text` as a JSON string, escaped as `serde_json` escapes it.
-fn write_json_str(out: &mut Vec<u8>, text: &str) {
+/// Appends a protobuf `string` as a JSON string, escaped as `serde_json` escapes it;
+/// [`Irregular`] when it is not UTF-8.
+///
+/// Keys and values are nearly always ASCII with nothing to escape. Those are checked in one
+/// branch-free pass and copied as they are, where validating UTF-8 and then escaping would read
+/// every byte twice (BENCHMARKS.md, "Plain ASCII metadata strings").
+fn write_json_text(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), Irregular> {
+    if bytes
+        .iter()
+        .fold(true, |plain, &byte| plain & needs_no_escape(byte))
+    {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return Ok(());
+    }
     // Writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, text);
+    let _ = serde_json::to_writer(&mut *out, utf8(bytes)?);
+    Ok(())
+}
+
+/// An ASCII byte that JSON strings hold as it is: not a control character, a quote or a
+/// backslash (what `serde_json` escapes, which leaves DEL as it is).
+const fn needs_no_escape(byte: u8) -> bool {
+    byte >= 0x20 && byte < 0x80 && byte != b'"' && byte != b'\\'
 }
 
 /// A value converted to JSON, with its JSON length and any problem found in it.
@@ -959,6 +984,36 @@ mod tests {
 
     fn text(kind: Kind) -> Vec<u8> {
         value(kind).encode_to_vec()
+    }
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_escapes_them() {
+        let mut cases: Vec<String> = (0u8..0x80)
+            .map(|byte| char::from(byte).to_string())
+            .collect();
+        cases.extend(
+            [
+                "",
+                "plain-ascii_1.2/3",
+                "tab\there",
+                "a\"b\\c",
+                "\u{7f}del",
+                "é",
+                "日本",
+                "x\u{2028}y",
+            ]
+            .map(str::to_owned),
+        );
+        for case in cases {
+            let mut out = Vec::new();
+            assert!(write_json_text(&mut out, case.as_bytes()).is_ok());
+            assert_eq!(
+                out,
+                serde_json::to_vec(&case).expect("serializes"),
+                "{case:?}"
+            );
+        }
+        assert!(write_json_text(&mut Vec::new(), b"bad \xff utf-8").is_err());
     }
 
     #[test]
