@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
@@ -79,13 +80,21 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
     }
 }
 
+/// The largest COPY buffer a writer keeps between batches: a full default batch (5,000 events
+/// of a few hundred bytes) fits; a buffer grown past it by an unusually wide batch is freed.
+const MAX_KEPT_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
 /// Writes batches through one pool, counting stored events into its own rollup shard, so
 /// writers never wait on each other's rollup rows.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Sink {
     pool: PgPool,
     shard: i16,
     timeout: Duration,
+    /// The COPY buffer of the last batch, reused by the next. A fresh megabyte-sized buffer per
+    /// batch came from pages the allocator had returned to the system, and the kernel zeroing
+    /// them took 4% of the server's CPU (BENCHMARKS.md, "One COPY buffer per writer").
+    payload: Mutex<BytesMut>,
 }
 
 impl Sink {
@@ -97,7 +106,26 @@ impl Sink {
             pool,
             shard,
             timeout,
+            payload: Mutex::new(BytesMut::new()),
         }
+    }
+
+    /// `events` as a binary COPY payload, in the buffer the last batch left (see
+    /// [`Self::keep_payload`]).
+    fn encode(&self, events: &[&ValidEvent]) -> Result<BytesMut, sqlx::Error> {
+        let reused =
+            std::mem::take(&mut *self.payload.lock().unwrap_or_else(PoisonError::into_inner));
+        encode(events, reused)
+    }
+
+    /// Keeps `payload`'s memory for the next batch, unless it grew past
+    /// [`MAX_KEPT_PAYLOAD_BYTES`].
+    fn keep_payload(&self, mut payload: BytesMut) {
+        if payload.capacity() > MAX_KEPT_PAYLOAD_BYTES {
+            return;
+        }
+        payload.clear();
+        *self.payload.lock().unwrap_or_else(PoisonError::into_inner) = payload;
     }
 
     /// Bounds one database step (a transaction), not a whole batch: isolating bad rows takes
@@ -144,11 +172,12 @@ impl Sink {
     }
 
     async fn copy_fast(&self, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
-        let payload = encode(events)?;
+        let payload = self.encode(events)?;
         let mut transaction = self.pool.begin().await?;
         let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
         let mut copy_in = transaction.copy_in_raw(&statement).await?;
-        copy_in.send(payload.freeze()).await?;
+        copy_in.send(&payload[..]).await?;
+        self.keep_payload(payload);
         copy_in.finish().await?;
         add_to_rollup(&mut transaction, self.shard, events.iter().copied()).await?;
         transaction.commit().await
@@ -212,7 +241,7 @@ impl Sink {
         &self,
         events: &[&ValidEvent],
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        let payload = encode(events)?;
+        let payload = self.encode(events)?;
         let mut transaction = self.pool.begin().await?;
         sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         .execute(&mut *transaction)
@@ -222,7 +251,8 @@ impl Sink {
             copy::COLUMNS
         );
         let mut copy_in = transaction.copy_in_raw(&statement).await?;
-        copy_in.send(payload.freeze()).await?;
+        copy_in.send(&payload[..]).await?;
+        self.keep_payload(payload);
         copy_in.finish().await?;
         let inserted: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id, ts",
@@ -401,11 +431,12 @@ async fn create_partitions_for(pool: &PgPool, events: &[&ValidEvent]) -> Result<
         .map(|_| ())
 }
 
-/// The batch as a binary COPY payload. Writers reject events that [`copy::check`] refuses
-/// before they reach a sink, so this fails only if that was skipped; it then fails the write
-/// rather than store a corrupt row.
-fn encode(events: &[&ValidEvent]) -> Result<BytesMut, sqlx::Error> {
-    let mut payload = BytesMut::with_capacity(
+/// The batch as a binary COPY payload, written over `payload`'s memory. Writers reject events
+/// that [`copy::check`] refuses before they reach a sink, so this fails only if that was
+/// skipped; it then fails the write rather than store a corrupt row.
+fn encode(events: &[&ValidEvent], mut payload: BytesMut) -> Result<BytesMut, sqlx::Error> {
+    payload.clear();
+    payload.reserve(
         32 + events
             .iter()
             .map(|event| copy::encoded_len(event))
