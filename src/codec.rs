@@ -3,17 +3,20 @@
 //! limit) is the client's fault and gets INVALID_ARGUMENT with a BadRequest that says what was
 //! wrong, not prost's INTERNAL.
 
-use std::marker::PhantomData;
+use std::{any::Any, marker::PhantomData};
 
 use bytes::Buf;
-use prost::Message;
+use prost::{
+    Message,
+    encoding::{WireType, decode_key, decode_varint},
+};
 use tonic::{
     Status,
     codec::{BufferSettings, Codec, DecodeBuf, Decoder},
 };
 use tonic_prost::ProstEncoder;
 
-use crate::status::bad_request;
+use crate::{proto::IngestRequest, status::bad_request};
 
 /// The field a BadRequest names for a request that does not decode.
 pub const MALFORMED_FIELD: &str = "request";
@@ -57,7 +60,7 @@ pub struct StrictProstDecoder<U> {
     _type: PhantomData<U>,
 }
 
-impl<U: Message + Default> Decoder for StrictProstDecoder<U> {
+impl<U: Message + Default + 'static> Decoder for StrictProstDecoder<U> {
     type Item = U;
     type Error = Status;
 
@@ -71,15 +74,65 @@ impl<U: Message + Default> Decoder for StrictProstDecoder<U> {
         if chunk.len() != len {
             return U::decode(buf).map(Some).map_err(malformed);
         }
-        let decoded = U::decode(chunk);
+        let mut message = U::default();
+        reserve_events(&mut message, chunk);
+        let decoded = message.merge(chunk);
         buf.advance(len);
-        decoded.map(Some).map_err(malformed)
+        decoded.map(|()| Some(message)).map_err(malformed)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
     }
 }
+
+/// The fewest encoded bytes per event that pre-sizing counts on: a request of smaller
+/// (empty) events is sized for this many at most and grows as prost decodes it, so that a
+/// request never reserves more than a few times its own size ahead.
+const MIN_PRESIZED_EVENT_BYTES: usize = 32;
+
+/// Sizes an `IngestRequest`'s events for the events in `bytes` before decoding it. prost grows
+/// the vector by doubling, copying every decoded event at each step (hundreds of bytes per
+/// event for a 500-event request), and each large reallocation faults in fresh pages
+/// (BENCHMARKS.md, "Events sized before decoding"). Any other message type is left alone.
+fn reserve_events<U: 'static>(message: &mut U, bytes: &[u8]) {
+    let Some(request) = (message as &mut dyn Any).downcast_mut::<IngestRequest>() else {
+        return;
+    };
+    let events = count_events(bytes).min(bytes.len() / MIN_PRESIZED_EVENT_BYTES);
+    request.events.reserve(events);
+}
+
+/// How many `events` fields (field 1) the top level of an encoded `IngestRequest` holds,
+/// counted up to the first thing that does not parse (prost then reports it).
+fn count_events(mut bytes: &[u8]) -> usize {
+    let mut events = 0;
+    while !bytes.is_empty() {
+        let Ok((tag, wire_type)) = decode_key(&mut bytes) else {
+            break;
+        };
+        let skipped = match wire_type {
+            WireType::LengthDelimited => decode_varint(&mut bytes)
+                .ok()
+                .and_then(|len| usize::try_from(len).ok()),
+            WireType::Varint => decode_varint(&mut bytes).ok().map(|_| 0),
+            WireType::SixtyFourBit => Some(8),
+            WireType::ThirtyTwoBit => Some(4),
+            WireType::StartGroup | WireType::EndGroup => None,
+        };
+        let Some(rest) = skipped.and_then(|skip| bytes.get(skip..)) else {
+            break;
+        };
+        if tag == EVENTS_TAG && wire_type == WireType::LengthDelimited {
+            events += 1;
+        }
+        bytes = rest;
+    }
+    events
+}
+
+/// `IngestRequest.events`.
+const EVENTS_TAG: u32 = 1;
 
 /// INVALID_ARGUMENT + BadRequest for a message that does not decode.
 pub fn malformed(error: prost::DecodeError) -> Status {
@@ -96,6 +149,40 @@ mod tests {
     use tonic_types::StatusExt;
 
     use super::*;
+
+    #[test]
+    fn an_ingest_request_is_sized_for_its_events_before_decoding() {
+        let event = crate::proto::Event {
+            service: "billing".to_owned(),
+            message: "a message long enough to count".to_owned(),
+            ..Default::default()
+        };
+        let request = IngestRequest {
+            events: vec![event; 300],
+            sequence: 7,
+        };
+        let bytes = request.encode_to_vec();
+        assert_eq!(count_events(&bytes), 300);
+        let mut decoded = IngestRequest::default();
+        reserve_events(&mut decoded, &bytes);
+        assert!(decoded.events.capacity() >= 300);
+        decoded.merge(bytes.as_slice()).expect("decodes");
+        assert_eq!(decoded, request);
+        // Truncated input counts what parses; empty events reserve no more than the size
+        // allows; other message types are left alone.
+        assert_eq!(count_events(&bytes[..bytes.len() / 2]), 150);
+        let empty = IngestRequest {
+            events: vec![crate::proto::Event::default(); 1000],
+            sequence: 0,
+        }
+        .encode_to_vec();
+        let mut sized = IngestRequest::default();
+        reserve_events(&mut sized, &empty);
+        assert!(sized.events.capacity() <= empty.len() / MIN_PRESIZED_EVENT_BYTES);
+        let mut other = crate::proto::IngestResponse::default();
+        reserve_events(&mut other, &bytes);
+        assert_eq!(other.rejections.capacity(), 0);
+    }
 
     #[test]
     fn garbage_is_invalid_argument_with_a_bad_request_naming_the_request() {

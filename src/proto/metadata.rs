@@ -379,7 +379,10 @@ impl FastEntry<'_> {
                 let (bytes, rest) = value.split_first_chunk::<8>().ok_or(Irregular)?;
                 value = rest;
                 match json_number(f64::from_le_bytes(*bytes)) {
-                    Some(number) => write_json(self.out, &Json::Number(number)),
+                    Some(number) => {
+                        // Writing into a Vec cannot fail.
+                        let _ = serde_json::to_writer(&mut *self.out, &number);
+                    }
                     None => {
                         self.problem = Some(Problem::NonFiniteNumber);
                         self.out.extend_from_slice(b"null");
@@ -603,8 +606,10 @@ impl Decoded {
 /// no JSON form.
 fn json_number(number: f64) -> Option<Number> {
     const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0;
-    if number.fract() == 0.0 && number.abs() < EXACT_INTEGER_LIMIT {
-        return Some(Number::from(number as i64));
+    // A round trip through i64 rather than `fract()`, which is a libm call on baseline x86-64.
+    let integer = number as i64;
+    if integer as f64 == number && number.abs() < EXACT_INTEGER_LIMIT {
+        return Some(Number::from(integer));
     }
     Number::from_f64(number)
 }
