@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         // Malformed requests are INVALID_ARGUMENT (the client's fault), not INTERNAL.
-        .codec_path("crate::codec::StrictProstCodec")
+        .codec_path("crate::proto::codec::StrictProstCodec")
         // Struct fields decode straight into JSON within a limit (no tree of Values).
         .extern_path(
             ".google.protobuf.Struct",

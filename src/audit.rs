@@ -16,7 +16,7 @@ use serde_json::{Value as Json, json};
 use sqlx::{PgConnection, PgPool};
 use tonic::{Code, Status};
 
-use crate::{metrics, status::code_name};
+use crate::{metrics, proto::status::code_name};
 
 /// How often aggregated authentication failures are written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);

@@ -595,13 +595,13 @@ impl Role {
     }
 }
 
-/// Redis Streams between ingest nodes and writer nodes. Off (direct mode) unless `url` is set.
+/// Redis Broker between ingest nodes and writer nodes. Off (direct mode) unless `url` is set.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[:password@]host:port[/db]` (or `rediss://` for TLS). Never logged.
     pub url: Option<Secret>,
-    /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`).
+    /// Broker events are spread over, by a hash of the event id (`<prefix>:<n>`).
     pub shards: usize,
     /// Key prefix of the streams and the backlog counters.
     pub prefix: String,

@@ -431,8 +431,8 @@ async fn rotation_job(config: &Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let outcome = match sluice::privacy::store::open(config, &store.pool).await {
-        Ok(privacy) => sluice::privacy::store::rotate(&store.pool, &privacy).await,
+    let outcome = match sluice::privacy::fingerprints::open(config, &store.pool).await {
+        Ok(privacy) => sluice::privacy::fingerprints::rotate(&store.pool, &privacy).await,
         Err(error) => Err(error),
     };
     store.close().await;

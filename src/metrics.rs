@@ -522,7 +522,7 @@ pub fn request_sizes(events: usize, event_bytes: impl Iterator<Item = usize>) {
 
 /// A QueryService call ended with `code` after `elapsed`.
 pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
-    histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => crate::status::code_name(code))
+    histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => crate::proto::status::code_name(code))
         .record(elapsed.as_secs_f64());
 }
 

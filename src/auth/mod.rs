@@ -24,7 +24,7 @@ use crate::{
     config::{AuthConfig, PrincipalConfig, Scope},
     glob::ServiceGlobs,
     metrics,
-    status::ERROR_DOMAIN,
+    proto::status::ERROR_DOMAIN,
 };
 use jwt::{JwtConfigError, JwtVerifier, TokenError};
 use limits::{Limits, RateLimited};
@@ -33,7 +33,7 @@ use limits::{Limits, RateLimited};
 /// parentheses are reserved for the server's own audit rows.
 pub const ANONYMOUS: &str = "anonymous";
 /// Trailer honoured by gRPC retry policies (grpc-js, C-core): milliseconds to wait.
-pub use crate::status::RETRY_PUSHBACK_TRAILER;
+pub use crate::proto::status::RETRY_PUSHBACK_TRAILER;
 
 /// Why a request is refused on who sent it.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,7 @@ impl From<AuthError> for Status {
                 let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
                 Status::with_error_details(Code::PermissionDenied, message, details)
             }
-            AuthError::LargerThanBurst { exceeded, .. } => crate::status::bad_request(
+            AuthError::LargerThanBurst { exceeded, .. } => crate::proto::status::bad_request(
                 message,
                 "events",
                 format!("larger than the {} burst", exceeded.as_str()),
@@ -99,7 +99,7 @@ impl From<AuthError> for Status {
                 details.set_retry_info(Some(limited.retry_after));
                 details.set_error_info(reason, ERROR_DOMAIN, HashMap::new());
                 details.add_quota_failure_violation(principal, limited.exceeded.as_str());
-                crate::status::with_pushback(
+                crate::proto::status::with_pushback(
                     Status::with_error_details(Code::ResourceExhausted, message, details),
                     limited.retry_after,
                 )

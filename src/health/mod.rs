@@ -18,13 +18,13 @@ use tokio::sync::watch;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    broker::{BacklogGate, Broker},
     buffer::Buffer,
     config::Role,
     health::resources::Resources,
     metrics,
     spool::Spool,
     store::Store,
-    stream::{BacklogGate, Streams},
     writer::breaker::{Breaker, CircuitState},
 };
 
@@ -45,7 +45,7 @@ pub struct Watched {
 
 /// What health watches in Redis mode.
 pub struct WatchedStreams {
-    pub streams: Streams,
+    pub streams: Broker,
     pub role: Role,
     /// The circuit of the writer side (streams into PostgreSQL).
     pub consumers_breaker: Arc<Breaker>,

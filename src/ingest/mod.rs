@@ -10,7 +10,7 @@ use tonic::{Code, Status};
 
 pub use service::IngestHandler;
 
-use crate::status::{bad_request, oversized_request, refusal, with_progress};
+use crate::proto::status::{bad_request, oversized_request, refusal, with_progress};
 
 /// What a streaming call had done before it was refused, so a client resends only the rest.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +113,7 @@ mod tests {
     use tonic_types::StatusExt;
 
     use super::*;
-    use crate::status::{ACCEPTED_TRAILER, REJECTED_TRAILER};
+    use crate::proto::status::{ACCEPTED_TRAILER, REJECTED_TRAILER};
 
     #[test]
     fn buffer_full_carries_retry_info_error_info_and_progress_trailers() {

@@ -15,17 +15,17 @@ use crate::privacy::{SharedPrivacy, optouts::OptOuts};
 use crate::{
     audit::Audit,
     auth::{Authorizer, Caller},
+    broker::BacklogGate,
     buffer::{AckReceiver, AdmitError, Buffer, Durable},
     config::Config,
     config::Scope,
     event::{EventRejection, RejectReason, TraceId, ValidEvent},
     lifecycle::RetentionPolicy,
     metrics::{Counters, Refusal},
+    proto::status,
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
     },
-    status,
-    stream::BacklogGate,
     telemetry,
 };
 

@@ -10,11 +10,11 @@ use crate::{
     config::ValidationConfig,
     event::{EventRejection, RejectReason, ValidEvent},
     lifecycle::policy::RetentionPolicy,
+    proto::wire,
     proto::{
         Event,
         metadata::{self, Problem},
     },
-    wire,
 };
 
 /// Validates events against the configured limits, relative to one "now".

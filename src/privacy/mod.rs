@@ -13,9 +13,9 @@
 //! Keys live in the key file ([`keys`]); [`store`] makes sure the database's data was written
 //! under the keys at hand before anything is written.
 
+pub mod fingerprints;
 pub mod keys;
 pub mod optouts;
-pub mod store;
 
 use std::collections::{HashMap, HashSet};
 

@@ -175,7 +175,7 @@ pub async fn keep_fresh(
         tokio::time::sleep(every).await;
         match optouts.refresh(&pool).await {
             Ok(count) if count > 0 && privacy.load().is_ephemeral() => {
-                match super::store::open(&config, &pool).await {
+                match super::fingerprints::open(&config, &pool).await {
                     Ok(persistent) => privacy.store(Arc::new(persistent)),
                     Err(error) => tracing::error!(
                         %error,

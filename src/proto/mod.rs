@@ -2,7 +2,10 @@
 //! `google.protobuf.Struct` fields (event metadata, `metadata_contains`) are a [`Metadata`]:
 //! decoded straight into JSON within a size limit, never as a tree of protobuf values.
 
+pub(crate) mod codec;
 pub mod metadata;
+pub(crate) mod status;
+pub(crate) mod wire;
 
 pub use metadata::Metadata;
 

@@ -13,7 +13,7 @@ use crate::{
         catalog::{self, ArchivedObject},
     },
     proto::RestoreProgress,
-    wire::to_timestamp,
+    proto::wire::to_timestamp,
 };
 
 /// How many events of each object match `filter`: from the catalog when it tells, else by

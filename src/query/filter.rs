@@ -18,7 +18,7 @@ use crate::{
     event::ValidEvent,
     proto,
     proto::metadata::{self, Metadata, Problem},
-    wire::{self, check_service},
+    proto::wire::{self, check_service},
 };
 
 /// The most events one Query page may return.

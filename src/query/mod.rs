@@ -15,8 +15,8 @@ pub use service::QueryHandler;
 use crate::{
     archive::ArchiveError,
     privacy::PrivacyError,
+    proto::status::{bad_request, refusal},
     spool::SpoolError,
-    status::{bad_request, refusal},
     store,
 };
 
@@ -38,7 +38,7 @@ pub enum QueryError {
     #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
     #[error("redis streams: {0}")]
-    Streams(String),
+    Broker(String),
 }
 
 impl QueryError {
@@ -100,7 +100,7 @@ impl From<QueryError> for Status {
                 tracing::error!(error = %spool_error, "spool error during a query");
                 Status::internal("spool error; see server logs")
             }
-            QueryError::Streams(reason) => {
+            QueryError::Broker(reason) => {
                 tracing::error!(%reason, "redis error during a call");
                 Status::unavailable("redis error; see server logs")
             }

@@ -25,14 +25,17 @@ use crate::{
     archive::{Archive, ArchiveError, Removal, catalog},
     audit::{self, Audit, Entry},
     auth::{Authorizer, Caller},
+    broker::{Backlog, Broker, BrokerError},
     buffer::Buffer,
     config::{Config, Scope},
     event::ValidEvent,
+    feed::TailFeed,
     metrics::{self, Counters},
     privacy::{
         self, ENCRYPTED_PREFIX, Privacy, PrivacyError, SharedPrivacy,
         optouts::{OptInError, OptOuts},
     },
+    proto::wire::to_timestamp,
     proto::{
         AnonymizeRequest, AnonymizeResponse, AuditEntry, AuditRequest, AuditResponse, BufferStats,
         DeleteRequest, DeleteResponse, Event, ExportChunk, ExportRequest, HourCount,
@@ -42,9 +45,6 @@ use crate::{
     },
     spool::Spool,
     store::{self, Store, partitions},
-    stream::{Backlog, StreamError, Streams},
-    tail::TailHub,
-    wire::to_timestamp,
     writer::breaker::Breaker,
 };
 
@@ -73,11 +73,11 @@ pub struct QueryHandler {
     archive: Arc<Archive>,
     privacy: SharedPrivacy,
     optouts: Arc<OptOuts>,
-    tail: Arc<TailHub>,
+    tail: Arc<TailFeed>,
     /// True once the server stops: Tail streams end.
     stopping: watch::Receiver<bool>,
     /// Redis mode: Delete waits for the streams to deliver what was accepted before it.
-    streams: Option<Streams>,
+    streams: Option<Broker>,
     /// Deletes run one at a time: they use the write pool, which the writers need.
     deletes: Arc<tokio::sync::Semaphore>,
 }
@@ -126,9 +126,9 @@ pub struct QueryDeps {
     pub archive: Arc<Archive>,
     pub privacy: SharedPrivacy,
     pub optouts: Arc<OptOuts>,
-    pub tail: Arc<TailHub>,
+    pub tail: Arc<TailFeed>,
     pub stopping: watch::Receiver<bool>,
-    pub streams: Option<Streams>,
+    pub streams: Option<Broker>,
 }
 
 impl QueryHandler {
@@ -662,7 +662,7 @@ impl QueryHandler {
     /// recorded) on the first opt-out of a server whose privacy settings are all off.
     async fn persistent_opt_out_key(&self, user_id: &str) -> Result<String, QueryError> {
         if self.privacy.load().is_ephemeral() {
-            let persistent = privacy::store::open_persistent(&self.config, &self.store.pool)
+            let persistent = privacy::fingerprints::open_persistent(&self.config, &self.store.pool)
                 .await
                 .map_err(|error| QueryError::Keys(error.to_string()))?;
             self.privacy.store(Arc::new(persistent));
@@ -937,7 +937,7 @@ async fn delete_dead_letters(
     Ok(count as u64)
 }
 
-/// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
+/// Broker the export from one REPEATABLE READ snapshot (of the rows and of the archive
 /// catalog: each event is in exactly one of them): the counts first, then the archived lines,
 /// one object at a time, then NDJSON lines built by PostgreSQL, fetched row by row (memory
 /// stays flat), in chunks of ~256 KiB.
@@ -1023,7 +1023,7 @@ fn every_service_needs_an_unrestricted_caller(
 /// Service names of an opt-out: the same rule as events'.
 fn check_services(services: &[String]) -> Result<(), QueryError> {
     services.iter().try_for_each(|service| {
-        crate::wire::check_service(service)
+        crate::proto::wire::check_service(service)
             .map_err(|error| QueryError::invalid("services", error.to_string()))
     })
 }
@@ -1069,7 +1069,7 @@ impl QueryHandler {
         let Some(streams) = &self.streams else {
             return Ok(());
         };
-        let unavailable = |error: StreamError| QueryError::Streams(error.to_string());
+        let unavailable = |error: BrokerError| QueryError::Broker(error.to_string());
         let mark = streams.mark().await.map_err(unavailable)?;
         while !streams.delivered_up_to(&mark).await.map_err(unavailable)? {
             if tokio::time::Instant::now() >= deadline {
@@ -1595,7 +1595,7 @@ async fn audit_page(pool: &PgPool, request: AuditRequest) -> Result<AuditRespons
     };
     let bound = |field: &'static str, value: Option<&prost_types::Timestamp>| {
         value
-            .map(crate::wire::to_datetime)
+            .map(crate::proto::wire::to_datetime)
             .transpose()
             .map_err(|error| QueryError::invalid(field, error.to_string()))
     };

@@ -37,26 +37,26 @@ use crate::{
     archive::{Archive, ArchiveError},
     audit::Audit,
     auth::{AuthConfigError, Authorizer},
+    broker::{BacklogGate, Broker, BrokerError},
     buffer::Buffer,
     config::{Config, ConfigError},
+    feed::TailFeed,
     health,
     ingest::{IngestHandler, service::IngestDeps},
     lifecycle::{self, RetentionPolicy},
     metrics::{self, Counters},
     privacy::{
         self, SharedPrivacy,
+        fingerprints::PrivacyStartError,
         optouts::{self, OptOuts},
-        store::PrivacyStartError,
     },
+    proto::status,
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
     query::{QueryHandler, service::QueryDeps},
     spool::{Spool, SpoolError},
-    status,
     store::{Store, StoreError},
-    stream::{BacklogGate, StreamError, Streams},
-    tail::TailHub,
     telemetry,
     tls::{self, TlsError},
     writer::{
@@ -129,7 +129,7 @@ pub enum ServerError {
     #[error(transparent)]
     Auth(#[from] AuthConfigError),
     #[error("redis streams: {0}")]
-    Streams(#[from] StreamError),
+    Broker(#[from] BrokerError),
     #[error("the accept loop stopped without a shutdown signal")]
     AcceptLoopStopped,
     #[error("invalid configuration: retention.rules: {0}")]
@@ -225,7 +225,7 @@ fn prepare_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Tls
 struct Storage {
     store: Arc<Store>,
     /// The Redis streams, in Redis mode.
-    streams: Option<Streams>,
+    streams: Option<Broker>,
     spool: Option<Spool>,
     archive: Arc<Archive>,
     privacy: SharedPrivacy,
@@ -240,7 +240,7 @@ impl Storage {
         let store = Arc::new(Store::open_with(config, cluster_settings).await?);
         let streams = match &config.redis.url {
             Some(_) => {
-                let streams = Streams::connect(&config.redis).await?;
+                let streams = Broker::connect(&config.redis).await?;
                 tracing::info!(role = ?config.role, shards = streams.shards(), "redis mode: events go through redis streams");
                 Some(streams)
             }
@@ -248,7 +248,7 @@ impl Storage {
         };
         // Before anything is written: keys that differ from the stored data's refuse start.
         let privacy = Arc::new(arc_swap::ArcSwap::from_pointee(
-            privacy::store::open(config, &store.pool).await?,
+            privacy::fingerprints::open(config, &store.pool).await?,
         ));
         let optouts = Arc::new(OptOuts::default());
         optouts
@@ -362,7 +362,7 @@ struct Background {
     replay: JoinHandle<()>,
     audit_upkeep: JoinHandle<()>,
     optout_refresh: JoinHandle<()>,
-    tail: Arc<TailHub>,
+    tail: Arc<TailFeed>,
     reload: JoinHandle<()>,
     lifecycle: Option<JoinHandle<()>>,
 }
@@ -406,9 +406,9 @@ impl Background {
         let breaker = Arc::new(Breaker::new(&config.breaker));
         let counters = Arc::new(Counters::default());
         let (stopping, _) = watch::channel(false);
-        let tail = Arc::new(TailHub::default());
+        let tail = Arc::new(TailFeed::default());
         let destination = match &storage.streams {
-            Some(streams) => Destination::Streams(streams.clone()),
+            Some(streams) => Destination::Broker(streams.clone()),
             None => Destination::Postgres(storage.store.pool.clone()),
         };
         let writers = writer::spawn(&WriterContext {
@@ -784,7 +784,7 @@ impl Reloadable {
     /// keys are checked against the stored fingerprints first.
     async fn reload(&self, reloader: &Reloader) -> Result<(), String> {
         let config = reloader().map_err(|error| error.to_string())?;
-        let privacy = privacy::store::open(&config, &self.pool)
+        let privacy = privacy::fingerprints::open(&config, &self.pool)
             .await
             .map_err(|error| error.to_string())?;
         self.auth

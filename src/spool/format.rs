@@ -1,24 +1,21 @@
-//! The spool's on-disk format, documented in `proto/sluice/spool/v1/spool.proto`.
+//! The spool's on-disk framing, documented in `proto/sluice/spool/v1/spool.proto`.
 //!
 //! A segment starts with an 8-byte magic that names its format. A record is framed as payload
 //! length (u32 LE), CRC32C of the payload (u32 LE), payload. In a `SLSPOOL2` segment a payload
-//! is a version byte and that version's encoding (version 1: a protobuf `SpoolBatch`). A
+//! is a batch in the versioned encoding of [`crate::event::batch`], which the Redis broker uses
+//! for its entries too. A
 //! `SLSPOOL1` segment, written before records were versioned, holds JSON arrays of events; it
 //! is still read, through a frozen copy of that layout, and never written.
 
 use std::io::{self, Read};
 
 use chrono::{DateTime, Utc};
-use prost::Message;
 use uuid::Uuid;
 
-use crate::event::{TraceId, ValidEvent};
-
-/// The generated `sluice.spool.v1` messages.
-#[allow(clippy::all, missing_docs)]
-mod pb {
-    include!(concat!(env!("OUT_DIR"), "/sluice.spool.v1.rs"));
-}
+use crate::event::{
+    ValidEvent,
+    batch::{self, BatchError},
+};
 
 /// The magic of segments written now.
 pub const MAGIC: &[u8; 8] = b"SLSPOOL2";
@@ -28,8 +25,6 @@ pub const MAGIC_LEN: u64 = MAGIC.len() as u64;
 pub const RECORD_HEADER: usize = 8;
 /// A record larger than this is not a record: the length field is garbage.
 pub const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
-/// The payload version written now.
-const VERSION_PROTOBUF: u8 = 1;
 
 /// How a segment's payloads are encoded, from its magic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,44 +56,10 @@ pub enum DecodeError {
     BadLength,
     #[error("the segment does not start with a known magic (written by a newer sluice?)")]
     UnknownFormat,
-    #[error("empty payload")]
-    Empty,
-    #[error("unknown record version {0} (written by a newer sluice?)")]
-    UnknownVersion(u8),
-    #[error("protobuf: {0}")]
-    Protobuf(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
     #[error("legacy json: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("event id is not 16 bytes")]
-    InvalidId,
-    #[error("event timestamp is out of range")]
-    InvalidTimestamp,
-}
-
-/// Encodes a batch as a current-version payload.
-pub fn encode_batch(events: &[&ValidEvent]) -> Vec<u8> {
-    let batch = pb::SpoolBatch {
-        events: events
-            .iter()
-            .map(|event| pb::SpoolEvent {
-                id: event.id.as_bytes().to_vec(),
-                service: event.service.clone(),
-                message: event.message.clone(),
-                timestamp_micros: event.timestamp.timestamp_micros(),
-                user_id: event.user_id.clone(),
-                metadata_json: event.metadata_json.clone(),
-                trace_id: event
-                    .trace_id
-                    .map(|trace| trace.to_bytes().to_vec())
-                    .unwrap_or_default(),
-            })
-            .collect(),
-    };
-    let mut payload = Vec::with_capacity(1 + batch.encoded_len());
-    payload.push(VERSION_PROTOBUF);
-    // Writing into a Vec cannot run out of room.
-    batch.encode(&mut payload).unwrap_or_default();
-    payload
 }
 
 /// Decodes a payload of a segment of `format`. Events are numbered by their place in the
@@ -106,35 +67,8 @@ pub fn encode_batch(events: &[&ValidEvent]) -> Vec<u8> {
 pub fn decode_batch(format: SegmentFormat, payload: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
     match format {
         SegmentFormat::LegacyJson => decode_legacy_json(payload),
-        SegmentFormat::Versioned => match payload.split_first() {
-            None => Err(DecodeError::Empty),
-            Some((&VERSION_PROTOBUF, rest)) => decode_protobuf(rest),
-            Some((&version, _)) => Err(DecodeError::UnknownVersion(version)),
-        },
+        SegmentFormat::Versioned => Ok(batch::decode(payload)?),
     }
-}
-
-fn decode_protobuf(bytes: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
-    pb::SpoolBatch::decode(bytes)?
-        .events
-        .into_iter()
-        .enumerate()
-        .map(|(index, event)| {
-            Ok(ValidEvent {
-                trace_id: <[u8; 16]>::try_from(event.trace_id.as_slice())
-                    .ok()
-                    .map(TraceId::from_bytes),
-                index: index as u64,
-                id: Uuid::from_slice(&event.id).map_err(|_| DecodeError::InvalidId)?,
-                service: event.service,
-                message: event.message,
-                timestamp: DateTime::from_timestamp_micros(event.timestamp_micros)
-                    .ok_or(DecodeError::InvalidTimestamp)?,
-                user_id: event.user_id,
-                metadata_json: event.metadata_json,
-            })
-        })
-        .collect()
 }
 
 /// The event layout of `SLSPOOL1` records (the serde JSON of the in-memory event of that
@@ -239,48 +173,6 @@ fn read_full(reader: &mut impl Read, buffer: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn event() -> ValidEvent {
-        ValidEvent {
-            trace_id: None,
-            index: 0,
-            id: Uuid::now_v7(),
-            service: "svc".to_owned(),
-            message: "m \u{e9}".to_owned(),
-            timestamp: DateTime::from_timestamp_micros(1_800_000_000_123_456).expect("ts"),
-            user_id: Some("u".to_owned()),
-            metadata_json: r#"{"k":[1,2]}"#.to_owned(),
-        }
-    }
-
-    #[test]
-    fn a_batch_round_trips_through_the_current_version() {
-        let events = vec![
-            event(),
-            ValidEvent {
-                index: 1,
-                user_id: None,
-                trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
-                ..event()
-            },
-        ];
-        let payload = encode_batch(&events.iter().collect::<Vec<_>>());
-        assert_eq!(payload[0], VERSION_PROTOBUF);
-        assert_eq!(
-            decode_batch(SegmentFormat::Versioned, &payload).expect("decodes"),
-            events
-        );
-    }
-
-    #[test]
-    fn an_unknown_version_is_an_error_not_an_empty_batch() {
-        let mut payload = encode_batch(&[&event()]);
-        payload[0] = 9;
-        assert!(matches!(
-            decode_batch(SegmentFormat::Versioned, &payload),
-            Err(DecodeError::UnknownVersion(9))
-        ));
-    }
 
     #[test]
     fn frames_tell_torn_tails_from_bad_checksums() {

@@ -221,7 +221,7 @@ impl Spool {
 
     /// Appends one batch and fsyncs it before returning.
     pub async fn append(&self, events: &[&ValidEvent]) -> Result<(), SpoolError> {
-        let payload = format::encode_batch(events);
+        let payload = crate::event::batch::encode(events);
         let inner = self.inner.clone();
         blocking(move || inner.append(&payload)).await
     }
@@ -514,7 +514,7 @@ impl Inner {
         let mut bytes = MAGIC_LEN;
         file.write_all(MAGIC).map_err(io_error(&temporary))?;
         for batch in batches {
-            let payload = format::encode_batch(&batch.iter().collect::<Vec<_>>());
+            let payload = crate::event::batch::encode(&batch.iter().collect::<Vec<_>>());
             let record = format::frame(&payload);
             file.write_all(&record).map_err(io_error(&temporary))?;
             bytes += record.len() as u64;

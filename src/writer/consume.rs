@@ -23,11 +23,11 @@ use super::{
     sink::{self, EventOutcome, Sink},
 };
 use crate::{
+    broker::{self, Broker, Entry},
     config::{RedisConfig, WriterConfig},
     event::ValidEvent,
+    feed::TailFeed,
     metrics::{self, Counters, WriteFailure},
-    stream::{self, Entry, Streams},
-    tail::TailHub,
 };
 
 /// The first rollup shard of consumers (local writers use 0..workers, replay i16::MAX).
@@ -38,14 +38,14 @@ const REDIS_RETRY: Duration = Duration::from_millis(500);
 /// What the consumers share.
 #[derive(Clone)]
 pub struct ConsumeContext {
-    pub streams: Streams,
+    pub streams: Broker,
     pub pool: PgPool,
     pub writer: WriterConfig,
     pub redis: RedisConfig,
     /// The circuit of PostgreSQL writes.
     pub breaker: Arc<Breaker>,
     pub counters: Arc<Counters>,
-    pub tail: Arc<TailHub>,
+    pub tail: Arc<TailFeed>,
     /// This node's name in the consumer group; each consumer appends its index.
     pub node: String,
     pub stopping: watch::Receiver<bool>,
@@ -88,7 +88,7 @@ async fn run(context: ConsumeContext, worker: usize) {
 
 struct Consumer {
     name: String,
-    streams: Streams,
+    streams: Broker,
     sink: Sink,
     context: ConsumeContext,
 }
@@ -108,7 +108,7 @@ impl Consumer {
             };
             let entries = match read {
                 Ok(entries) => entries,
-                Err(error) if stream::is_missing_group(&error) => {
+                Err(error) if broker::is_missing_group(&error) => {
                     tracing::warn!(consumer = %self.name, %error, "a stream lost its consumer group; creating it again");
                     if let Err(error) = self.streams.create_group().await {
                         tracing::warn!(consumer = %self.name, %error, "cannot create the consumer group");

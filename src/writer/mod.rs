@@ -22,14 +22,14 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::{
+    broker::{Broker, BrokerError},
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
     config::WriterConfig,
     event::{EventRejection, ValidEvent},
     metrics::{self, Counters, WriteFailure},
     spool::Spool,
-    stream::{StreamError, Streams},
 };
-use crate::{tail::TailHub, telemetry};
+use crate::{feed::TailFeed, telemetry};
 use breaker::{Breaker, CircuitState};
 use sink::{EventOutcome, Sink};
 
@@ -40,7 +40,7 @@ pub enum Destination {
     Postgres(PgPool),
     /// The Redis streams: ingest nodes of Redis mode. Writer nodes move the entries on to
     /// PostgreSQL ([`consume`]).
-    Streams(Streams),
+    Broker(Broker),
 }
 
 impl Destination {
@@ -48,7 +48,7 @@ impl Destination {
     fn target(&self, shard: i16, write_timeout: Duration) -> Target {
         match self {
             Self::Postgres(pool) => Target::Postgres(Sink::new(pool.clone(), shard, write_timeout)),
-            Self::Streams(streams) => Target::Streams(streams.clone()),
+            Self::Broker(streams) => Target::Broker(streams.clone()),
         }
     }
 }
@@ -56,7 +56,7 @@ impl Destination {
 /// One writer's way to its destination.
 enum Target {
     Postgres(Sink),
-    Streams(Streams),
+    Broker(Broker),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +64,14 @@ pub enum WriteError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error(transparent)]
-    Streams(#[from] StreamError),
+    Broker(#[from] BrokerError),
 }
 
 impl WriteError {
     fn failure(&self) -> WriteFailure {
         match self {
             Self::Database(error) => sink::classify(error).into(),
-            Self::Streams(_) => WriteFailure::Redis,
+            Self::Broker(_) => WriteFailure::Redis,
         }
     }
 }
@@ -81,7 +81,7 @@ impl Target {
     async fn write_batch(&self, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, WriteError> {
         match self {
             Self::Postgres(sink) => Ok(sink.write_batch(events).await?),
-            Self::Streams(streams) => {
+            Self::Broker(streams) => {
                 streams.append(events).await?;
                 Ok(vec![EventOutcome::Stored; events.len()])
             }
@@ -107,7 +107,7 @@ pub struct WriterContext {
     pub spool: Option<Spool>,
     pub counters: Arc<Counters>,
     /// Durable batches go to Tail subscribers, when there are any.
-    pub tail: Arc<TailHub>,
+    pub tail: Arc<TailFeed>,
 }
 
 /// Starts `config.workers` writers. They stop once the buffer is closed and drained.

@@ -99,7 +99,7 @@ pub async fn run(
 async fn is_reachable(destination: &Destination) -> bool {
     let pool = match destination {
         Destination::Postgres(pool) => pool,
-        Destination::Streams(streams) => {
+        Destination::Broker(streams) => {
             return tokio::time::timeout(PROBE_TIMEOUT, streams.ping())
                 .await
                 .unwrap_or(false);

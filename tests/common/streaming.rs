@@ -25,7 +25,7 @@ pub fn requests(count: usize, size: usize, tag: &str) -> Vec<IngestRequest> {
         .collect()
 }
 
-/// Streams `requests` over IngestStream with up to `window` in flight, waiting `pace` between
+/// Broker `requests` over IngestStream with up to `window` in flight, waiting `pace` between
 /// sends. Resends refused sequences after their retry delay. Calls `on_ack` with the number of
 /// acknowledged requests so far, and stops when it returns false or the stream breaks. Returns
 /// the sequences acknowledged as durable.

@@ -1,6 +1,8 @@
 //! The domain event: what validation produces, what the writers store, and why an event was
 //! refused. Pure data: no protobuf, no database, no metrics.
 
+pub mod batch;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 

@@ -1,4 +1,4 @@
-//! Redis Streams between ingest nodes and writer nodes (Redis mode).
+//! Redis Broker between ingest nodes and writer nodes (Redis mode).
 //!
 //! Ingest nodes append each batch of acknowledged-to-be events as entries of `redis.shards`
 //! streams (`<prefix>:<n>`, by a hash of the event id), in one `MULTI` with the backlog
@@ -18,11 +18,7 @@ use redis::{
     streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply},
 };
 
-use crate::{
-    config::RedisConfig,
-    event::ValidEvent,
-    spool::format::{self, SegmentFormat},
-};
+use crate::{config::RedisConfig, event::ValidEvent, event::batch};
 
 /// Field of an entry holding the encoded batch.
 const PAYLOAD_FIELD: &str = "b";
@@ -51,7 +47,7 @@ return events
 ";
 
 #[derive(Debug, thiserror::Error)]
-pub enum StreamError {
+pub enum BrokerError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("only {acked} of {wanted} replicas confirmed the append within {timeout:?}")]
@@ -108,7 +104,7 @@ pub struct Entry {
 
 /// The streams of one deployment. Cheap to clone; clones share one multiplexed connection.
 #[derive(Clone)]
-pub struct Streams {
+pub struct Broker {
     connection: ConnectionManager,
     shared: Arc<Shared>,
 }
@@ -123,13 +119,13 @@ struct Shared {
 }
 
 /// Whether `error` says a stream has no consumer group (it was deleted and recreated).
-pub fn is_missing_group(error: &StreamError) -> bool {
-    matches!(error, StreamError::Redis(error) if error.code() == Some("NOGROUP"))
+pub fn is_missing_group(error: &BrokerError) -> bool {
+    matches!(error, BrokerError::Redis(error) if error.code() == Some("NOGROUP"))
 }
 
-impl Streams {
+impl Broker {
     /// Connects, checks Redis's durability settings, and creates the consumer group.
-    pub async fn connect(config: &RedisConfig) -> Result<Self, StreamError> {
+    pub async fn connect(config: &RedisConfig) -> Result<Self, BrokerError> {
         let url = config
             .url
             .as_ref()
@@ -159,7 +155,7 @@ impl Streams {
 
     /// Refuses (or warns, with `allow_weak_durability`) when an acknowledged append would not
     /// survive a Redis crash: AOF on, fsync on every write.
-    async fn check_durability(&self) -> Result<(), StreamError> {
+    async fn check_durability(&self) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
         // Eviction would drop entries no writer has stored yet.
         for (setting, wanted) in [
@@ -183,7 +179,7 @@ impl Streams {
                 if self.shared.config.allow_weak_durability {
                     tracing::warn!(setting, value = %value, wanted, "redis durability is weaker than acks promise: an acknowledged event can be lost in a redis crash (redis.allow_weak_durability is set)");
                 } else {
-                    return Err(StreamError::WeakDurability { setting, value });
+                    return Err(BrokerError::WeakDurability { setting, value });
                 }
             }
         }
@@ -192,7 +188,7 @@ impl Streams {
 
     /// Creates the consumer group on every stream that lacks it (a stream deleted by hand is
     /// recreated empty by the next append, without the group).
-    pub async fn create_group(&self) -> Result<(), StreamError> {
+    pub async fn create_group(&self) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
         for key in &self.shared.keys {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
@@ -214,7 +210,7 @@ impl Streams {
 
     /// A connection of its own, for a writer's blocking reads (a blocked read would hold up
     /// every command multiplexed on a shared one).
-    pub async fn reader(&self) -> Result<Self, StreamError> {
+    pub async fn reader(&self) -> Result<Self, BrokerError> {
         let connection = self
             .shared
             .client
@@ -233,7 +229,7 @@ impl Streams {
     /// Appends `events`, one entry per shard they fall in, with the backlog counters, all or
     /// nothing; then waits for `redis.wait_replicas`. Retrying after an error may append twice:
     /// writers store by id, so a second copy is a duplicate, not a second event.
-    pub async fn append(&self, events: &[&ValidEvent]) -> Result<(), StreamError> {
+    pub async fn append(&self, events: &[&ValidEvent]) -> Result<(), BrokerError> {
         let mut by_shard: Vec<Vec<&ValidEvent>> = vec![Vec::new(); self.shared.keys.len()];
         for event in events {
             by_shard[shard_of(event, self.shared.keys.len())].push(event);
@@ -245,7 +241,7 @@ impl Streams {
             if shard_events.is_empty() {
                 continue;
             }
-            let payload = format::encode_batch(shard_events);
+            let payload = batch::encode(shard_events);
             total_events += shard_events.len() as u64;
             total_bytes += payload.len() as u64;
             pipe.cmd("XADD")
@@ -279,7 +275,7 @@ impl Streams {
                 .query_async(&mut connection)
                 .await?;
             if acked < i64::from(wanted) {
-                return Err(StreamError::Replicas {
+                return Err(BrokerError::Replicas {
                     wanted,
                     acked,
                     timeout,
@@ -290,7 +286,7 @@ impl Streams {
     }
 
     /// Events and bytes appended and not yet acknowledged by a writer.
-    pub async fn backlog(&self) -> Result<Backlog, StreamError> {
+    pub async fn backlog(&self) -> Result<Backlog, BrokerError> {
         let mut connection = self.connection.clone();
         let (events, bytes): (Option<i64>, Option<i64>) = connection
             .mget(&[
@@ -318,7 +314,7 @@ impl Streams {
     }
 
     /// New entries for `consumer`, waiting up to [`READ_BLOCK`] for some.
-    pub async fn read_new(&self, consumer: &str) -> Result<Vec<Entry>, StreamError> {
+    pub async fn read_new(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
         let mut command = redis::cmd("XREADGROUP");
         command
             .arg("GROUP")
@@ -347,7 +343,7 @@ impl Streams {
 
     /// Entries another writer took and left idle past `redis.claim_idle` (it died, or its node
     /// stopped), now delivered to `consumer`.
-    pub async fn claim_stale(&self, consumer: &str) -> Result<Vec<Entry>, StreamError> {
+    pub async fn claim_stale(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
         let mut connection = self.connection.clone();
         let mut entries = Vec::new();
         for (shard, key) in self.shared.keys.iter().enumerate() {
@@ -401,7 +397,7 @@ impl Streams {
 
     /// Keeps `entries` owned by `consumer` (resets their idle time without counting a
     /// delivery), so that a writer waiting out a database outage is not taken for dead.
-    pub async fn renew(&self, consumer: &str, entries: &[&Entry]) -> Result<(), StreamError> {
+    pub async fn renew(&self, consumer: &str, entries: &[&Entry]) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
         for (shard, key) in self.shared.keys.iter().enumerate() {
             let ids: Vec<&str> = entries
@@ -427,7 +423,7 @@ impl Streams {
 
     /// Acknowledges and deletes `entries` once they are stored (or dead-lettered), lowering
     /// the backlog. Returns the events acknowledged now (not by an earlier delivery).
-    pub async fn ack(&self, entries: &[&Entry]) -> Result<u64, StreamError> {
+    pub async fn ack(&self, entries: &[&Entry]) -> Result<u64, BrokerError> {
         if entries.is_empty() {
             return Ok(0);
         }
@@ -449,7 +445,7 @@ impl Streams {
     }
 
     /// The newest entry id of every stream now: what [`Self::delivered_up_to`] waits for.
-    pub async fn mark(&self) -> Result<Vec<Option<String>>, StreamError> {
+    pub async fn mark(&self) -> Result<Vec<Option<String>>, BrokerError> {
         let mut connection = self.connection.clone();
         let mut mark = Vec::with_capacity(self.shared.keys.len());
         for key in &self.shared.keys {
@@ -468,7 +464,7 @@ impl Streams {
 
     /// Whether every entry up to `mark` has left the streams (stored in PostgreSQL or
     /// dead-lettered): entries are deleted only then.
-    pub async fn delivered_up_to(&self, mark: &[Option<String>]) -> Result<bool, StreamError> {
+    pub async fn delivered_up_to(&self, mark: &[Option<String>]) -> Result<bool, BrokerError> {
         let mut connection = self.connection.clone();
         for (key, newest) in self.shared.keys.iter().zip(mark) {
             let Some(newest) = newest else { continue };
@@ -512,7 +508,7 @@ fn entry(shard: usize, stream_id: StreamId, deliveries: u64) -> Entry {
     let events = if payload.is_empty() {
         Err("the entry has no payload".to_owned())
     } else {
-        format::decode_batch(SegmentFormat::Versioned, &payload).map_err(|error| error.to_string())
+        batch::decode(&payload).map_err(|error| error.to_string())
     };
     Entry {
         shard,
@@ -540,7 +536,7 @@ mod tests {
     #[test]
     fn an_entry_decodes_what_an_append_encodes_and_names_what_it_cannot_read() {
         let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
-        let payload = format::encode_batch(&events.iter().collect::<Vec<_>>());
+        let payload = batch::encode(&events.iter().collect::<Vec<_>>());
         let mut map = std::collections::HashMap::new();
         map.insert(PAYLOAD_FIELD.to_owned(), redis::Value::BulkString(payload));
         map.insert(

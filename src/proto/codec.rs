@@ -16,7 +16,7 @@ use tonic::{
 };
 use tonic_prost::ProstEncoder;
 
-use crate::{proto::IngestRequest, status::bad_request};
+use crate::proto::{IngestRequest, status::bad_request};
 
 /// The field a BadRequest names for a request that does not decode.
 pub const MALFORMED_FIELD: &str = "request";

@@ -16,11 +16,11 @@ use crate::event::ValidEvent;
 const TAIL_BATCHES: usize = 64;
 
 /// The batches written by this node's writers, for subscribers.
-pub struct TailHub {
+pub struct TailFeed {
     sender: broadcast::Sender<Arc<[ValidEvent]>>,
 }
 
-impl Default for TailHub {
+impl Default for TailFeed {
     fn default() -> Self {
         Self {
             sender: broadcast::channel(TAIL_BATCHES).0,
@@ -28,7 +28,7 @@ impl Default for TailHub {
     }
 }
 
-impl TailHub {
+impl TailFeed {
     /// Whether anyone follows: writers skip the copy otherwise.
     pub fn has_subscribers(&self) -> bool {
         self.sender.receiver_count() > 0
@@ -53,7 +53,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_subscriber_that_falls_behind_skips_batches_and_is_told() {
-        let hub = TailHub::default();
+        let hub = TailFeed::default();
         assert!(!hub.has_subscribers());
         let mut subscriber = hub.subscribe();
         assert!(hub.has_subscribers());
