@@ -217,19 +217,19 @@ fn distinguished_name(common_name: &str) -> DistinguishedName {
 /// The server's mTLS configuration: its identity plus the CA that client certificates must
 /// chain to. Client certificates are required; ALPN offers HTTP/2 only.
 pub fn server_tls_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = read_certs(&config.tls_cert_path())?;
-    let key_path = config.tls_key_path();
+    let certs = read_certs(&config.tls.cert_path())?;
+    let key_path = config.tls.key_path();
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Pem {
         path: key_path,
         source,
     })?;
     let mut roots = RootCertStore::empty();
-    for ca in read_certs(&config.tls_client_ca_path())? {
+    for ca in read_certs(&config.tls.client_ca_path())? {
         roots.add(ca)?;
     }
     let verifier = WebPkiClientVerifier::builder(Arc::new(roots)).build()?;
     if let Some(certificate) = certs.first() {
-        warn_if_expiring(certificate, &config.tls_cert_path());
+        warn_if_expiring(certificate, &config.tls.cert_path());
     }
     let mut server = ServerConfig::builder()
         .with_client_cert_verifier(verifier)

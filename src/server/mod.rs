@@ -211,7 +211,7 @@ fn prepare_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, Tls
         );
         return Ok(None);
     }
-    if config.uses_dev_certs() && tls::ensure_dev_certs(&config.tls.cert_dir, "client")? {
+    if config.tls.uses_dev_certs() && tls::ensure_dev_certs(&config.tls.cert_dir, "client")? {
         tracing::warn!(
             dir = %config.tls.cert_dir.display(),
             "created development certificates (ca.pem, server.pem/key, client.pem/key); use real certificates in production"

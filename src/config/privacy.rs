@@ -1,0 +1,47 @@
+//! `[privacy]`: pseudonymized user ids, redacted, hashed and encrypted metadata keys, and the
+//! opt-out list's refresh.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+use super::{ConfigError, Secret, invalid};
+
+#[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// Store `user_id` as `h1:` + hex(HMAC-SHA256(key, user_id)).
+    pub pseudonymize_user_id: bool,
+    /// Metadata keys (any depth, any case) dropped before storage.
+    pub redact_metadata_keys: Vec<String>,
+    /// Metadata keys (any depth, any case) whose values are replaced by their keyed hash.
+    pub hash_metadata_keys: Vec<String>,
+    /// Metadata keys (any depth, any case) whose values are stored AES-256-GCM encrypted.
+    pub encrypt_metadata_keys: Vec<String>,
+    /// The key file. Default: `<data_dir>/privacy.keys`, created (mode 0600) when missing.
+    pub key_file: Option<PathBuf>,
+    /// The HMAC key (base64 of 32 bytes), instead of the key file's: `SLUICE_PRIVACY__KEY`.
+    pub key: Option<Secret>,
+    /// How often each node reloads the opt-out list (the serving node applies one at once).
+    #[default(Duration::from_secs(2))]
+    #[serde(with = "humantime_serde")]
+    pub optout_refresh: Duration,
+}
+
+impl PrivacyConfig {
+    /// Whether any setting transforms events.
+    pub fn enabled(&self) -> bool {
+        self.pseudonymize_user_id
+            || !self.redact_metadata_keys.is_empty()
+            || !self.hash_metadata_keys.is_empty()
+            || !self.encrypt_metadata_keys.is_empty()
+    }
+
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.optout_refresh.is_zero() {
+            return Err(invalid("privacy.optout_refresh", "must be above zero"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! `role` and `[redis]`: Redis mode, with ingest nodes and writer nodes between which Redis
+//! Streams carry the events.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+use super::{ConfigError, Secret, invalid};
+
+/// A node's part in Redis mode. Without `redis.url` every node is `all` (direct mode).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Takes events and writes them to PostgreSQL (through Redis when `redis.url` is set).
+    #[default]
+    All,
+    /// Validates events and appends them to the Redis streams; writes nothing to `events`.
+    Ingest,
+    /// Reads the Redis streams and writes them to PostgreSQL; refuses ingest RPCs.
+    Writer,
+}
+
+impl Role {
+    pub fn ingests(self) -> bool {
+        matches!(self, Self::All | Self::Ingest)
+    }
+
+    pub fn writes(self) -> bool {
+        matches!(self, Self::All | Self::Writer)
+    }
+}
+
+/// Redis Streams between ingest nodes and writer nodes. Off (direct mode) unless `url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port[/db]` (or `rediss://` for TLS). Never logged.
+    pub url: Option<Secret>,
+    /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`).
+    #[default(4)]
+    pub shards: usize,
+    /// Key prefix of the streams and the backlog counters.
+    #[default("sluice:events")]
+    pub prefix: String,
+    /// The consumer group writers read through.
+    #[default("sluice-writers")]
+    pub group: String,
+    /// Entries pending this long with a consumer that stopped renewing them are claimed by
+    /// another writer.
+    #[default(Duration::from_secs(30))]
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// Deliveries after which an entry no writer could store goes to `dead_letters`.
+    #[default(5)]
+    pub max_deliveries: u64,
+    /// Events in the streams, not yet written to PostgreSQL, beyond which ingest refuses with
+    /// RESOURCE_EXHAUSTED and RetryInfo...
+    #[default(1_000_000)]
+    pub max_pending_events: u64,
+    /// ...or bytes (encoded entries).
+    #[default(1 << 30)]
+    pub max_pending_bytes: u64,
+    /// Replicas that must confirm an append before the ack (`WAIT`); 0: the primary only.
+    pub wait_replicas: u32,
+    /// Longest `WAIT` for those replicas; fewer in time fails the append (it is retried).
+    #[default(Duration::from_secs(1))]
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
+    /// Start even when Redis is not `appendonly yes` + `appendfsync always` (acks then
+    /// survive less than a Redis crash).
+    pub allow_weak_durability: bool,
+}
+
+impl RedisConfig {
+    /// Whether Redis mode is on.
+    pub fn enabled(&self) -> bool {
+        self.url.is_some()
+    }
+
+    pub fn check(&self, role: Role) -> Result<(), ConfigError> {
+        if role != Role::All && !self.enabled() {
+            return Err(invalid(
+                "role",
+                "ingest and writer roles need redis.url (Redis mode)",
+            ));
+        }
+        if self.shards == 0 || self.shards > 1024 {
+            return Err(invalid("redis.shards", "must be between 1 and 1024"));
+        }
+        if self.max_deliveries == 0 {
+            return Err(invalid("redis.max_deliveries", "must be at least 1"));
+        }
+        if self.claim_idle < Duration::from_millis(100) {
+            return Err(invalid("redis.claim_idle", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+}

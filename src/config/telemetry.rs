@@ -1,0 +1,64 @@
+//! `[metrics]`, `[log]` and `[telemetry]`: what the server says about itself.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use smart_default::SmartDefault;
+
+use super::{ConfigError, invalid};
+
+#[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus `/metrics` endpoint; unset disables it.
+    #[default(Some(SocketAddr::from(([127, 0, 0, 1], 9464))))]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json`.
+    #[default(LogFormat::Text)]
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `sluice=debug,sqlx=warn`. `RUST_LOG` overrides it.
+    #[default("info")]
+    pub filter: String,
+}
+
+/// OpenTelemetry traces. Export is off unless an endpoint is set here or in the standard
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` are honoured.
+#[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint of a collector, e.g. `http://otel-collector:4317`.
+    pub otlp_endpoint: Option<String>,
+    /// Share of traces started here that are kept (0.0 to 1.0). A caller's `traceparent`
+    /// decides for its own traces (parent-based sampling). `OTEL_TRACES_SAMPLER` overrides it.
+    #[default(1.0)]
+    pub sample_ratio: f64,
+    /// Store the trace id of the request that brought each event (the `trace_id` column, a
+    /// `Query` filter): the caller's `traceparent`, or this server's sampled trace.
+    #[default(true)]
+    pub store_trace_id: bool,
+}
+
+impl TelemetryConfig {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !(0.0..=1.0).contains(&self.sample_ratio) {
+            return Err(invalid(
+                "telemetry.sample_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        Ok(())
+    }
+}
