@@ -1,0 +1,45 @@
+//! What calls did: request sizes, RPC durations and codes, search cancellations, and the
+//! refusals on who sent a call.
+
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+
+use super::histogram::EVENT_BYTES;
+
+/// One ingest request's size in events, and each valid event's size in bytes.
+pub fn request_sizes(events: usize, event_bytes: impl Iterator<Item = usize>) {
+    histogram!("sluice_request_events").record(events as f64);
+    EVENT_BYTES.record_all(event_bytes.map(|bytes| bytes as f64));
+}
+
+/// A QueryService call ended with `code` after `elapsed`.
+pub fn rpc_finished(method: &'static str, code: tonic::Code, elapsed: Duration) {
+    histogram!("sluice_rpc_duration_seconds", "method" => method, "code" => crate::proto::status::code_name(code))
+        .record(elapsed.as_secs_f64());
+}
+
+/// A step of a time-sliced search ran into what was left of `search.max_scan_time` and
+/// PostgreSQL cancelled it; the call returned its partial page.
+pub fn search_step_cancelled() {
+    counter!("sluice_search_steps_cancelled_total").increment(1);
+}
+
+/// A request refused on who sent it; `reason` is the ErrorInfo reason (`INVALID_TOKEN`,
+/// `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`).
+pub fn auth_refused(reason: &'static str) {
+    counter!("sluice_auth_refusals_total", "reason" => reason).increment(1);
+}
+
+/// A request refused by a principal's rate limit (`limit`: `events_per_second` or
+/// `bytes_per_second`). Only configured principals have limits, so the label set is bounded.
+pub fn rate_limited(principal: &str, limit: &'static str) {
+    auth_refused("RATE_LIMITED");
+    counter!("sluice_rate_limited_total", "principal" => principal.to_owned(), "limit" => limit)
+        .increment(1);
+}
+
+/// An audit row could not be written.
+pub fn audit_error() {
+    counter!("sluice_audit_errors_total").increment(1);
+}

@@ -1,0 +1,62 @@
+//! The server's upkeep: readiness checks, database failovers, backups and lifecycle runs.
+
+use metrics::{counter, gauge};
+
+/// Free bytes on a watched volume (`data`, `spool`).
+pub fn disk_free(volume: &'static str, bytes: u64) {
+    gauge!("sluice_disk_free_bytes", "volume" => volume).set(bytes as f64);
+}
+
+/// The server's resident memory.
+pub fn resident_memory(bytes: u64) {
+    gauge!("sluice_resident_memory_bytes").set(bytes as f64);
+}
+
+/// One readiness check: 1 when it passes, 0 when it fails.
+pub fn health_check(check: &'static str, ok: bool) {
+    gauge!("sluice_health_check", "check" => check).set(if ok { 1.0 } else { 0.0 });
+}
+
+/// A pool moved to another database host (`pools`: `write`, `read`).
+pub fn database_failover(pools: &'static str) {
+    counter!("sluice_database_failovers_total", "pools" => pools).increment(1);
+}
+
+/// A base backup was taken (or failed).
+pub fn backup_taken(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("sluice_backups_total", "outcome" => outcome).increment(1);
+}
+
+/// Unix time at which the newest base backup finished.
+pub fn backup_finished_at(seconds: f64) {
+    gauge!("sluice_backup_last_finished_timestamp_seconds").set(seconds);
+}
+
+/// The WAL archiver: when it last archived a segment, and how many attempts failed.
+pub fn wal_archiver(last_archived: Option<f64>, failed: i64) {
+    if let Some(seconds) = last_archived {
+        gauge!("sluice_wal_last_archived_timestamp_seconds").set(seconds);
+    }
+    gauge!("sluice_wal_archive_failures").set(failed as f64);
+}
+
+/// What one lifecycle run did.
+#[derive(Debug, Default)]
+pub struct LifecycleTotals {
+    pub rows_deleted: u64,
+    pub rows_archived: u64,
+    pub objects_written: u64,
+    pub objects_deleted: u64,
+    pub partitions_dropped: u64,
+}
+
+/// A lifecycle run ended (`status`: `ok` or `failed`).
+pub fn lifecycle_run(status: &'static str, totals: LifecycleTotals) {
+    counter!("sluice_lifecycle_runs_total", "status" => status).increment(1);
+    counter!("sluice_lifecycle_rows_deleted_total").increment(totals.rows_deleted);
+    counter!("sluice_lifecycle_rows_archived_total").increment(totals.rows_archived);
+    counter!("sluice_archive_objects_written_total").increment(totals.objects_written);
+    counter!("sluice_archive_objects_deleted_total").increment(totals.objects_deleted);
+    counter!("sluice_lifecycle_partitions_dropped_total").increment(totals.partitions_dropped);
+}
