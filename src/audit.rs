@@ -237,6 +237,25 @@ impl Audit {
     }
 }
 
+/// Writes the counted refusals once a minute, and applies the audit log's retention once an
+/// hour, until the task is dropped.
+pub async fn upkeep(audit: std::sync::Arc<Audit>, retention: Duration) {
+    const EXPIRE_EVERY: u32 = 60;
+    let mut ticks = 0u32;
+    loop {
+        if ticks.is_multiple_of(EXPIRE_EVERY) {
+            match audit.expire(retention).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(deleted, "audit rows past their retention removed"),
+                Err(error) => tracing::error!(%error, "cannot apply the audit log retention"),
+            }
+        }
+        tokio::time::sleep(FLUSH_INTERVAL).await;
+        audit.flush().await;
+        ticks = ticks.wrapping_add(1);
+    }
+}
+
 /// The request id of a call: the client's `x-request-id` when it sends one (bounded), else a
 /// new UUIDv7.
 pub fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {

@@ -125,9 +125,11 @@ fn the_dashboard_is_a_classic_model_whose_every_query_parses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_alerts_use_is_one_the_server_exports() {
     // Names the code records.
-    let recorded = metric_names(
-        &std::fs::read_to_string(format!("{ROOT}/src/metrics.rs")).expect("metrics.rs"),
-    );
+    let sources: String = std::fs::read_dir(format!("{ROOT}/src/metrics"))
+        .expect("src/metrics")
+        .map(|entry| std::fs::read_to_string(entry.expect("entry").path()).expect("source"))
+        .collect();
+    let recorded = metric_names(&sources);
     let alerts =
         std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml")).expect("alerts");
     let used: BTreeSet<String> = metric_names(&alerts)

@@ -13,6 +13,8 @@
 
 pub mod catalog;
 pub mod format;
+pub mod restore;
+mod selection;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -46,7 +48,36 @@ pub enum ArchiveError {
     #[error("cannot compress an object: {0}")]
     Compress(std::io::Error),
     #[error("archive task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Archive failures in a call: a store that cannot be reached is retryable, and so is an
+/// object that changed under the call; a corrupt object is data loss, said loudly.
+impl From<ArchiveError> for tonic::Status {
+    fn from(error: ArchiveError) -> Self {
+        use tonic::Status;
+        match error {
+            ArchiveError::Database(database_error) => {
+                crate::store::database_status(&database_error)
+            }
+            ArchiveError::Gone { .. } => Status::aborted(error.to_string()),
+            ArchiveError::Store(store_error) => {
+                tracing::error!(error = %store_error, "archive store error during a call");
+                Status::unavailable("archive store error; see server logs")
+            }
+            ArchiveError::Corrupt {
+                ref path,
+                ref reason,
+            } => {
+                tracing::error!(path, reason, "an archived object is corrupt");
+                Status::data_loss(error.to_string())
+            }
+            other => {
+                tracing::error!(error = %other, "archive error during a call");
+                Status::internal("archive error; see server logs")
+            }
+        }
+    }
 }
 
 /// Which lines of an object a call is about.
@@ -373,7 +404,7 @@ impl Archive {
         let path = object.path.clone();
         let split = tokio::task::spawn_blocking(move || split(&path, &bytes, &*matches, None))
             .await
-            .map_err(|error| ArchiveError::Task(error.to_string()))??;
+            .map_err(ArchiveError::Task)??;
         Ok(split.taken.into_iter().map(|line| line.text).collect())
     }
 
@@ -406,7 +437,7 @@ impl Archive {
             split(&path, &bytes, &*matches, rewriter.as_deref())
         })
         .await
-        .map_err(|error| ArchiveError::Task(error.to_string()))??;
+        .map_err(ArchiveError::Task)??;
         if split.taken.is_empty() {
             return Ok(Some(Taken::default()));
         }

@@ -392,7 +392,7 @@ pub async fn restore(
     let start =
         tokio::task::spawn_blocking(move || EmbeddedPostgres::start_with(&root_owned, &settings))
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))?;
+            .map_err(BackupError::Task)?;
     let cluster = match start {
         Ok(cluster) => cluster,
         Err(error) => {
@@ -416,7 +416,7 @@ pub async fn restore(
     };
     let stopped = tokio::task::spawn_blocking(move || cluster.stop())
         .await
-        .map_err(|join| BackupError::Task(join.to_string()))?;
+        .map_err(BackupError::Task)?;
     let events = events?;
     stopped?;
     Ok(RestoreReport {
@@ -464,7 +464,7 @@ async fn unpack(
                 std::fs::remove_file(&tar_path).map_err(BackupError::io(&tar_path))
             })
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))??;
+            .map_err(BackupError::Task)??;
         }
         Ok(())
     }

@@ -57,7 +57,7 @@ pub enum BackupError {
     #[error("{0}")]
     Refused(String),
     #[error("backup task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl BackupError {
@@ -118,7 +118,7 @@ impl Repository {
         let (source, target) = (file.to_owned(), compressed.clone());
         let sha256 = tokio::task::spawn_blocking(move || compress_file(&source, &target))
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))??;
+            .map_err(BackupError::Task)??;
         let mut reader = tokio::fs::File::open(&compressed)
             .await
             .map_err(BackupError::io(&compressed))?;
@@ -186,7 +186,7 @@ impl Repository {
         let (source, target) = (compressed.clone(), file.to_owned());
         tokio::task::spawn_blocking(move || decompress_file(&source, &target))
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))??;
+            .map_err(BackupError::Task)??;
         let _ = tokio::fs::remove_file(&compressed).await;
         Ok(())
     }

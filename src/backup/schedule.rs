@@ -7,7 +7,7 @@ use chrono::Utc;
 use sqlx::PgPool;
 
 use super::{BackupError, Repository, base};
-use crate::{config::BackupConfig, metrics, store::Store};
+use crate::{backoff::Backoff, config::BackupConfig, metrics, store::Store};
 
 /// How often the archiver's state is read and the schedule looked at.
 const TICK: Duration = Duration::from_secs(60);
@@ -33,7 +33,7 @@ pub async fn run(config: BackupConfig, store: Arc<Store>, scratch: PathBuf) {
             return;
         }
     };
-    let mut retry = FIRST_RETRY;
+    let mut retry = Backoff::new(FIRST_RETRY, config.full_every);
     let mut next_attempt = tokio::time::Instant::now();
     let mut warned_archive_off = false;
     loop {
@@ -52,14 +52,13 @@ pub async fn run(config: BackupConfig, store: Arc<Store>, scratch: PathBuf) {
         if tokio::time::Instant::now() >= next_attempt {
             next_attempt = match backup_if_due(cluster, &repository, &config, &scratch).await {
                 Ok(wait) => {
-                    retry = FIRST_RETRY;
+                    retry.reset();
                     tokio::time::Instant::now() + wait
                 }
                 Err(error) => {
                     metrics::backup_taken(false);
-                    let wait = retry.min(config.full_every);
+                    let wait = retry.next_delay();
                     tracing::error!(%error, retry_in = ?wait, "base backup failed");
-                    retry = retry.saturating_mul(2);
                     tokio::time::Instant::now() + wait
                 }
             };

@@ -44,7 +44,7 @@ pub async fn push(repository: &Repository, path: &FsPath, name: &str) -> Result<
         zstd::stream::encode_all(content.as_slice(), ZSTD_LEVEL)
     })
     .await
-    .map_err(|join| BackupError::Task(join.to_string()))?
+    .map_err(BackupError::Task)?
     .map_err(BackupError::io(path))?;
     repository.put_bytes(&object, compressed).await
 }

@@ -65,6 +65,14 @@ pub enum BrokerError {
     },
 }
 
+/// Redis could not serve a call (the Delete barrier, Stats): retryable.
+impl From<BrokerError> for tonic::Status {
+    fn from(error: BrokerError) -> Self {
+        tracing::error!(%error, "redis error during a call");
+        tonic::Status::unavailable("redis error; see server logs")
+    }
+}
+
 /// Whether the backlog is over its limit, as last read: ingest refuses new events while it is.
 #[derive(Debug, Default)]
 pub struct BacklogGate {

@@ -41,7 +41,7 @@ pub async fn once(config: &Config) -> Result<Taken, BackupError> {
     let cluster =
         tokio::task::spawn_blocking(move || EmbeddedPostgres::start_with(&data_dir, &settings))
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))??;
+            .map_err(BackupError::Task)??;
     let taken = base::take(
         &cluster,
         &repository,
@@ -55,7 +55,7 @@ pub async fn once(config: &Config) -> Result<Taken, BackupError> {
     if cluster.started_here() {
         tokio::task::spawn_blocking(move || cluster.stop())
             .await
-            .map_err(|join| BackupError::Task(join.to_string()))??;
+            .map_err(BackupError::Task)??;
     }
     Ok(Taken {
         backup: taken?,

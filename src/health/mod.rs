@@ -14,7 +14,7 @@ pub mod resources;
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -94,16 +94,12 @@ fn check(failing: &mut Failing, name: &'static str, result: Result<(), impl ToSt
     }
 }
 
-/// Watches the buffer, the database, the writers and the spool until `stopping` turns true,
-/// then reports NOT_SERVING for good.
-pub async fn watch(
-    reporter: HealthReporter,
-    watched: Watched,
-    mut stopping: watch::Receiver<bool>,
-) {
+/// Watches the buffer, the database, the writers and the spool until `stopping` is
+/// cancelled, then reports NOT_SERVING for good.
+pub async fn watch(reporter: HealthReporter, watched: Watched, stopping: CancellationToken) {
     let mut last: Option<(bool, bool, Vec<&'static str>)> = None;
     loop {
-        if *stopping.borrow() {
+        if stopping.is_cancelled() {
             set(&reporter, ServingStatus::NotServing).await;
             return;
         }
@@ -195,8 +191,8 @@ pub async fn watch(
             last = Some(now);
         }
         tokio::select! {
-            _ = tokio::time::sleep(CHECK_INTERVAL) => {}
-            _ = stopping.changed() => {}
+            () = tokio::time::sleep(CHECK_INTERVAL) => {}
+            () = stopping.cancelled() => {}
         }
     }
 }

@@ -1,31 +1,30 @@
 //! The IngestService handlers: `Ingest` (client streaming), `Publish` (unary) and
 //! `IngestStream` (bidirectional, one ack per request).
 
-use std::{pin::Pin, sync::Arc, time::Instant};
+use std::{pin::Pin, sync::Arc};
 
 use chrono::Utc;
 use futures::{Stream, StreamExt, stream::FuturesUnordered};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{IngestError, Progress, validate::Validator};
-use crate::privacy::{SharedPrivacy, optouts::OptOuts};
 use crate::{
-    audit::Audit,
-    auth::{Authorizer, Caller},
     broker::BacklogGate,
     buffer::{AckReceiver, AdmitError, Buffer, Durable},
     config::Config,
-    config::Scope,
     event::{EventRejection, RejectReason, TraceId, ValidEvent},
     lifecycle::RetentionPolicy,
     metrics::{Counters, Refusal},
+    privacy::{SharedPrivacy, optouts::OptOuts},
     proto::status,
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
     },
+    rpc::{Admission, Call, Rpc},
     telemetry,
 };
 
@@ -41,13 +40,12 @@ pub struct IngestHandler {
     buffer: Arc<Buffer>,
     config: Arc<Config>,
     counters: Arc<Counters>,
-    auth: Arc<Authorizer>,
-    audit: Arc<Audit>,
+    admission: Arc<Admission>,
     retention: Arc<RetentionPolicy>,
     privacy: SharedPrivacy,
     optouts: Arc<OptOuts>,
-    /// Turns true when the server starts shutting down: streams stop reading and settle.
-    stopping: watch::Receiver<bool>,
+    /// Cancelled when the server starts shutting down: streams stop reading and settle.
+    shutdown: CancellationToken,
     /// Redis mode: refuses while the streams' backlog is over its limit.
     backlog: Option<Arc<BacklogGate>>,
 }
@@ -57,12 +55,11 @@ pub struct IngestDeps {
     pub buffer: Arc<Buffer>,
     pub config: Arc<Config>,
     pub counters: Arc<Counters>,
-    pub auth: Arc<Authorizer>,
-    pub audit: Arc<Audit>,
+    pub admission: Arc<Admission>,
     pub retention: Arc<RetentionPolicy>,
     pub privacy: SharedPrivacy,
     pub optouts: Arc<OptOuts>,
-    pub stopping: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
     pub backlog: Option<Arc<BacklogGate>>,
 }
 
@@ -72,41 +69,12 @@ impl IngestHandler {
             buffer: deps.buffer,
             config: deps.config,
             counters: deps.counters,
-            auth: deps.auth,
-            audit: deps.audit,
+            admission: deps.admission,
             retention: deps.retention,
             privacy: deps.privacy,
             optouts: deps.optouts,
-            stopping: deps.stopping,
+            shutdown: deps.shutdown,
             backlog: deps.backlog,
-        }
-    }
-
-    /// Who sent `request`, refused (and audited) unless it may ingest.
-    async fn caller<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
-        if !self.config.role.ingests() {
-            return Err(Status::unavailable(
-                "this node only writes (role = writer): send events to an ingest node",
-            ));
-        }
-        let authenticated = self.auth.authenticate(request);
-        let principal = authenticated
-            .as_ref()
-            .map_or("(unknown)", |caller| caller.principal.as_str())
-            .to_owned();
-        tracing::Span::current().record("principal", principal.as_str());
-        let allowed = authenticated.and_then(|caller| {
-            caller.require(Scope::Ingest)?;
-            Ok(caller)
-        });
-        match allowed {
-            Ok(caller) => Ok(caller),
-            Err(error) => {
-                let status = Status::from(error);
-                self.audit
-                    .refused(&principal, rpc, request.remote_addr(), &status);
-                Err(status)
-            }
         }
     }
 
@@ -115,7 +83,7 @@ impl IngestHandler {
     /// request fails only when it is too large as a whole or over the caller's rate limit.
     fn validate(
         &self,
-        caller: &Caller,
+        call: &Call,
         request: IngestRequest,
         first_index: u64,
         trace_id: Option<TraceId>,
@@ -132,8 +100,7 @@ impl IngestHandler {
         }
         // A stream lives long: its caller is looked up again under the policy in force, so a
         // reload (scopes, services, limits) or an expired token applies from this message on.
-        let caller = &self.auth.refresh(caller)?;
-        caller.require(Scope::Ingest)?;
+        let caller = &self.admission.refresh(call)?;
         if let Err(limited) = caller.admit(request.events.len(), || {
             request.events.iter().map(event_bytes).sum()
         }) {
@@ -344,13 +311,6 @@ fn refusal_error(refusal: AdmitError, progress: Progress) -> IngestError {
     }
 }
 
-/// Resolves once the server starts shutting down (never, if the signal is gone).
-async fn until_stopping(stopping: &mut watch::Receiver<bool>) {
-    if stopping.wait_for(|stopping| *stopping).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
 /// Maps a failure reading the client's stream: oversized messages become INVALID_ARGUMENT.
 fn stream_error(status: Status) -> IngestError {
     if status::is_oversized_message(&status) {
@@ -361,14 +321,6 @@ fn stream_error(status: Status) -> IngestError {
     IngestError::Stream(status)
 }
 
-/// Records the duration and code of a finished unary or client-streaming call.
-fn rpc_finished<T>(rpc: &'static str, started: Instant, result: &Result<T, Status>) {
-    let code = result
-        .as_ref()
-        .map_or_else(Status::code, |_| tonic::Code::Ok);
-    crate::metrics::rpc_finished(rpc, code, started.elapsed());
-}
-
 type AckStream = Pin<Box<dyn Stream<Item = Result<IngestAck, Status>> + Send + 'static>>;
 
 impl IngestHandler {
@@ -377,16 +329,15 @@ impl IngestHandler {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let caller = self.caller(&request, "Ingest").await?;
+        let call = self.admission.admit(&request, Rpc::Ingest, &[])?;
         let trace_id = telemetry::request_trace_id(request.metadata());
         let mut stream = request.into_inner();
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let mut pending = FuturesUnordered::new();
         let mut next_index = 0u64;
-        let mut stopping = self.stopping.clone();
         loop {
             tokio::select! {
-                _ = until_stopping(&mut stopping) => {
+                () = self.shutdown.cancelled() => {
                     settle(&mut pending, &mut tally).await?;
                     return Err(IngestError::ShuttingDown { progress: tally.progress() }.into());
                 }
@@ -407,7 +358,7 @@ impl IngestHandler {
                         }
                     };
                     let count = request.events.len() as u64;
-                    let validated = match self.validate(&caller, request, next_index, trace_id) {
+                    let validated = match self.validate(&call, request, next_index, trace_id) {
                         Ok(validated) => validated,
                         Err(error) => {
                             settle(&mut pending, &mut tally).await?;
@@ -437,10 +388,10 @@ impl IngestHandler {
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let caller = self.caller(&request, "Publish").await?;
+        let call = self.admission.admit(&request, Rpc::Publish, &[])?;
         let trace_id = telemetry::request_trace_id(request.metadata());
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
-        let validated = self.validate(&caller, request.into_inner(), 0, trace_id)?;
+        let validated = self.validate(&call, request.into_inner(), 0, trace_id)?;
         let ack = self
             .admit(validated.events)
             .await
@@ -462,20 +413,14 @@ impl IngestService for IngestHandler {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let started = Instant::now();
-        let result = self.ingest_call(request).await;
-        rpc_finished("Ingest", started, &result);
-        result
+        self.ingest_call(request).await
     }
 
     async fn publish(
         &self,
         request: Request<IngestRequest>,
     ) -> Result<Response<IngestResponse>, Status> {
-        let started = Instant::now();
-        let result = self.publish_call(request).await;
-        rpc_finished("Publish", started, &result);
-        result
+        self.publish_call(request).await
     }
 
     type IngestStreamStream = AckStream;
@@ -484,14 +429,14 @@ impl IngestService for IngestHandler {
         &self,
         request: Request<Streaming<IngestRequest>>,
     ) -> Result<Response<Self::IngestStreamStream>, Status> {
-        let caller = self.caller(&request, "IngestStream").await?;
+        let call = self.admission.admit(&request, Rpc::IngestStream, &[])?;
         let trace_id = telemetry::request_trace_id(request.metadata());
         let (acks, ack_stream) = mpsc::channel(ACK_QUEUE);
         let handler = self.clone();
         // The stream is served by its own task, still inside the RPC's span.
         tokio::spawn(
             handler
-                .serve_ack_stream(caller, trace_id, request.into_inner(), acks)
+                .serve_ack_stream(call, trace_id, request.into_inner(), acks)
                 .instrument(tracing::Span::current()),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(ack_stream))))
@@ -505,7 +450,7 @@ impl IngestHandler {
     /// (buffer full, shutting down) without ending the stream.
     async fn serve_ack_stream(
         self,
-        caller: Caller,
+        call: Call,
         trace_id: Option<TraceId>,
         mut stream: Streaming<IngestRequest>,
         acks: mpsc::Sender<Result<IngestAck, Status>>,
@@ -516,10 +461,9 @@ impl IngestHandler {
         // Why the stream ends with an error, sent only after every pending ack: a status ends
         // the response stream, and acks after it could not reach the client.
         let mut final_error: Option<Status> = None;
-        let mut stopping = self.stopping.clone();
         while reading || !pending.is_empty() {
             let ack = tokio::select! {
-                _ = until_stopping(&mut stopping), if reading => {
+                () = self.shutdown.cancelled(), if reading => {
                     reading = false;
                     final_error = Some(IngestError::ShuttingDown { progress: Progress::default() }.into());
                     None
@@ -527,7 +471,7 @@ impl IngestHandler {
                 Some(ack) = pending.next(), if !pending.is_empty() => Some(Ok(ack)),
                 message = stream.message(), if reading => match message {
                     Ok(Some(request)) => {
-                        self.answer(&caller, trace_id, request, max_reported, &mut pending).await
+                        self.answer(&call, trace_id, request, max_reported, &mut pending).await
                     }
                     Ok(None) => {
                         reading = false;
@@ -557,7 +501,7 @@ impl IngestHandler {
     /// a pending ack pushed to `pending`.
     async fn answer(
         &self,
-        caller: &Caller,
+        call: &Call,
         trace_id: Option<TraceId>,
         request: IngestRequest,
         max_reported: usize,
@@ -565,7 +509,7 @@ impl IngestHandler {
     ) -> Option<Result<IngestAck, Status>> {
         let sequence = request.sequence;
         let mut tally = Tally::new(max_reported);
-        let validated = match self.validate(caller, request, 0, trace_id) {
+        let validated = match self.validate(call, request, 0, trace_id) {
             Ok(validated) => validated,
             Err(error) => return Some(Ok(refused_ack(sequence, error))),
         };

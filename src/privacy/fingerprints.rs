@@ -34,6 +34,15 @@ pub enum PrivacyStartError {
     Rotate(#[from] PrivacyError),
 }
 
+/// Keys that cannot be made persistent during a call (the first opt-out of a server whose
+/// privacy settings are all off): the operator's problem, not the caller's.
+impl From<PrivacyStartError> for tonic::Status {
+    fn from(error: PrivacyStartError) -> Self {
+        tracing::error!(%error, "privacy keys cannot be made persistent");
+        tonic::Status::failed_precondition("the privacy key file cannot be used; see server logs")
+    }
+}
+
 /// The key file in use.
 pub fn key_file(config: &Config) -> PathBuf {
     config

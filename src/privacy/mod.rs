@@ -59,6 +59,14 @@ pub enum PrivacyError {
     ReservedPrefix { path: String },
 }
 
+/// Fails closed: a value that does not open is never shown, and said loudly.
+impl From<PrivacyError> for tonic::Status {
+    fn from(error: PrivacyError) -> Self {
+        tracing::error!(%error, "an encrypted metadata value cannot be opened");
+        tonic::Status::data_loss(error.to_string())
+    }
+}
+
 /// What happens to a redacted key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Redaction {

@@ -78,6 +78,31 @@ pub fn bad_request(message: String, field: &str, description: String) -> Status 
     )
 }
 
+/// A request field that cannot be used: INVALID_ARGUMENT with one BadRequest violation naming
+/// it. The error of every check of request fields, whatever the RPC.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidArgument {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidArgument {
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<InvalidArgument> for Status {
+    fn from(error: InvalidArgument) -> Self {
+        let message = error.to_string();
+        bad_request(message, error.field, error.reason)
+    }
+}
+
 /// Adds the progress trailers to a status that ends a client stream, so the client knows how
 /// many of its events (in order) were handled before it.
 pub fn with_progress(mut status: Status, accepted: u64, rejected: u64) -> Status {

@@ -29,7 +29,10 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use crate::metrics::{self, ConnectionFailure};
+use crate::{
+    backoff::Backoff,
+    metrics::{self, ConnectionFailure},
+};
 
 /// The HTTP/2 client connection preface (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -96,7 +99,7 @@ async fn accept_loop<S, E>(
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
     let mut accept_log = LogThrottle::default();
     let mut limit_log = LogThrottle::default();
     loop {
@@ -106,7 +109,7 @@ async fn accept_loop<S, E>(
         };
         let tcp = match accepted {
             Ok((tcp, _)) => {
-                backoff = ACCEPT_BACKOFF_MIN;
+                backoff.reset();
                 tcp
             }
             Err(error) => {
@@ -115,14 +118,14 @@ async fn accept_loop<S, E>(
                 if kind == "aborted" {
                     continue;
                 }
+                let pause = backoff.next_delay();
                 if accept_log.ready(Instant::now()) {
-                    tracing::error!(%error, kind, pause = ?backoff, "cannot accept connections; backing off");
+                    tracing::error!(%error, kind, ?pause, "cannot accept connections; backing off");
                 }
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = ready.closed() => return,
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };

@@ -58,6 +58,13 @@ pub enum SpoolError {
     Task(#[from] tokio::task::JoinError),
 }
 
+impl From<SpoolError> for tonic::Status {
+    fn from(error: SpoolError) -> Self {
+        tracing::error!(%error, "spool error during a call");
+        tonic::Status::internal("spool error; see server logs")
+    }
+}
+
 /// What start-up found on disk.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {

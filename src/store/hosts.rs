@@ -23,7 +23,8 @@ use sqlx::{
     pool::PoolConnectionMetadata,
     postgres::{PgConnectOptions, PgConnection},
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
 use crate::metrics;
@@ -319,17 +320,14 @@ impl Failover {
 
     /// Checks the current host every second until `stopping`; when it no longer fits, selects
     /// again and moves the pools. Returns at once when there is a single host.
-    pub async fn watch(&self, mut stopping: watch::Receiver<bool>) {
+    pub async fn watch(&self, stopping: CancellationToken) {
         if self.hosts.hosts.len() < 2 {
             return;
         }
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(CHECK_INTERVAL) => {}
-                _ = stopping.changed() => return,
-            }
-            if *stopping.borrow() {
-                return;
+                () = tokio::time::sleep(CHECK_INTERVAL) => {}
+                () = stopping.cancelled() => return,
             }
             if self.current_fits().await {
                 continue;

@@ -55,6 +55,55 @@ pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
         .map(|code| code.into_owned())
 }
 
+/// The SQLSTATEs sluice acts on (PostgreSQL's appendix A).
+pub mod sqlstates {
+    /// `query_canceled`: a statement ran into its `statement_timeout`.
+    pub const QUERY_CANCELED: &str = "57014";
+    /// `deadlock_detected`.
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    /// `unique_violation`: an `(id, ts)` already stored.
+    pub const UNIQUE_VIOLATION: &str = "23505";
+    /// `check_violation`: among others, a row no partition takes.
+    pub const CHECK_VIOLATION: &str = "23514";
+}
+
+/// Whether `error` is the database's `state`.
+pub fn is_sqlstate(error: &sqlx::Error, state: &str) -> bool {
+    sqlstate(error).as_deref() == Some(state)
+}
+
+/// The status of a call that failed in the database: a read past the read statement timeout
+/// needs a narrower filter (DEADLINE_EXCEEDED); a value PostgreSQL refuses after the checks
+/// is INVALID_ARGUMENT; lost connections, resources and conflicts are retryable
+/// (UNAVAILABLE); anything else is INTERNAL. The database's own words go to the log only.
+pub fn database_status(error: &sqlx::Error) -> tonic::Status {
+    use tonic::{Code, Status};
+    let state = sqlstate(error);
+    if state.as_deref() == Some(sqlstates::QUERY_CANCELED) {
+        tracing::warn!(%error, "a read ran past database.read_statement_timeout");
+        return Status::deadline_exceeded(
+            "the query ran past database.read_statement_timeout; narrow it with services, user_id or a time range",
+        );
+    }
+    let code = match state.as_deref().and_then(|state| state.get(..2)) {
+        // Data exceptions: a filter value PostgreSQL cannot take. Filters are checked before
+        // they reach the database, so this is a gap in those checks.
+        Some("22") => {
+            tracing::warn!(%error, sqlstate = state.as_deref(), "a filter value passed the checks but PostgreSQL refused it");
+            return crate::proto::status::bad_request(
+                "invalid filter value".to_owned(),
+                "filter",
+                "PostgreSQL cannot compare a value of this filter".to_owned(),
+            );
+        }
+        // Connection, resources, operator intervention, serialization: retryable.
+        None | Some("08" | "40" | "53" | "57") => Code::Unavailable,
+        Some(_) => Code::Internal,
+    };
+    tracing::error!(%error, sqlstate = state.as_deref(), "a call failed in the database");
+    Status::new(code, "database error; see server logs")
+}
+
 /// Connections of the write pool beyond one per writer: health pings, partition upkeep, the
 /// spool replayer and Delete.
 const WRITE_SIDE_EXTRA_CONNECTIONS: u32 = 3;
@@ -316,7 +365,7 @@ impl Store {
     }
 
     /// Keeps every pool on the host that fits until `stopping` (nothing to do with one host).
-    pub async fn watch_hosts(&self, stopping: tokio::sync::watch::Receiver<bool>) {
+    pub async fn watch_hosts(&self, stopping: tokio_util::sync::CancellationToken) {
         let watches = self
             .failovers
             .iter()
@@ -325,6 +374,24 @@ impl Store {
     }
 
     /// Makes sure partitions exist from the oldest accepted time to two months ahead.
+    /// Creates the partitions ahead every hour (every minute after a failure), until the
+    /// task is dropped.
+    pub async fn maintain_partitions(&self, retention: Duration) {
+        const CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+        const RETRY_INTERVAL: Duration = Duration::from_secs(60);
+        let mut wait = RETRY_INTERVAL;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = match self.ensure_partitions(retention).await {
+                Ok(_) => CHECK_INTERVAL,
+                Err(error) => {
+                    tracing::error!(%error, "cannot create partitions ahead; will retry");
+                    RETRY_INTERVAL
+                }
+            };
+        }
+    }
+
     pub async fn ensure_partitions(&self, retention: Duration) -> Result<usize, StoreError> {
         let now = Utc::now();
         let oldest = now - retention;

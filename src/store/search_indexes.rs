@@ -239,6 +239,23 @@ async fn build(pool: &PgPool, index: &SearchIndex) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Builds the search indexes the configuration asks for and drops the others, in the
+/// background of a starting server: ingest and queries go on meanwhile (queries without the
+/// index until it is done).
+pub async fn keep(pool: PgPool, search: SearchConfig) {
+    match reconcile(&pool, &search).await {
+        Ok(Some(done)) if !done.created.is_empty() || !done.dropped.is_empty() => {
+            tracing::info!(created = ?done.created, dropped = ?done.dropped, "search indexes match the configuration");
+        }
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::info!("another node is changing the search indexes"),
+        Err(error) => tracing::error!(
+            %error,
+            "cannot build or drop the search indexes; queries work without them, and the next start resumes"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,15 +14,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rand::Rng;
 use sqlx::PgPool;
-use tokio::{sync::watch, task::JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use super::{
     breaker::Breaker,
     sink::{self, EventOutcome, Sink},
 };
 use crate::{
+    backoff::Backoff,
     broker::{self, Broker, Entry},
     config::{RedisConfig, WriterConfig},
     event::ValidEvent,
@@ -48,16 +48,15 @@ pub struct ConsumeContext {
     pub tail: Arc<TailFeed>,
     /// This node's name in the consumer group; each consumer appends its index.
     pub node: String,
-    pub stopping: watch::Receiver<bool>,
+    pub stopping: CancellationToken,
 }
 
 /// Starts `writer.workers` consumers. They stop at shutdown after their current read.
-pub fn spawn(context: &ConsumeContext) -> JoinSet<()> {
-    let mut consumers = JoinSet::new();
-    for worker in 0..context.writer.workers {
-        consumers.spawn(run(context.clone(), worker));
-    }
-    consumers
+pub fn consumers(
+    context: &ConsumeContext,
+) -> impl Iterator<Item = impl Future<Output = ()> + Send + 'static> {
+    let context = context.clone();
+    (0..context.writer.workers).map(move |worker| run(context.clone(), worker))
 }
 
 async fn run(context: ConsumeContext, worker: usize) {
@@ -98,7 +97,7 @@ impl Consumer {
         tracing::info!(consumer = %self.name, "stream consumer started");
         let claim_every = self.context.redis.claim_idle / 2;
         let mut last_claim: Option<Instant> = None;
-        while !*self.context.stopping.borrow() {
+        while !self.context.stopping.is_cancelled() {
             let claiming = last_claim.is_none_or(|at| at.elapsed() >= claim_every);
             let read = if claiming {
                 last_claim = Some(Instant::now());
@@ -175,7 +174,7 @@ impl Consumer {
         let mut readable = Vec::new();
         for entry in entries {
             if entry.deliveries > max_deliveries {
-                if *self.context.stopping.borrow() {
+                if self.context.stopping.is_cancelled() {
                     return done;
                 }
                 if self.dead_letter(entry).await {
@@ -210,10 +209,13 @@ impl Consumer {
             return Some(Vec::new());
         }
         let context = &self.context;
-        let mut backoff = context
-            .writer
-            .retry_initial_backoff
-            .max(Duration::from_millis(10));
+        let mut backoff = Backoff::jittered(
+            context
+                .writer
+                .retry_initial_backoff
+                .max(Duration::from_millis(10)),
+            context.writer.retry_max_backoff,
+        );
         let started = Instant::now();
         loop {
             if context.breaker.allow() {
@@ -231,11 +233,9 @@ impl Consumer {
                     }
                 }
             }
-            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
-            if wait_or_stop(&context.stopping, delay).await {
+            if wait_or_stop(&context.stopping, backoff.next_delay()).await {
                 return None;
             }
-            backoff = (backoff * 2).min(context.writer.retry_max_backoff);
         }
     }
 
@@ -325,11 +325,10 @@ impl Consumer {
 }
 
 /// Sleeps `delay`, or less if the server starts stopping; true when it is stopping.
-async fn wait_or_stop(stopping: &watch::Receiver<bool>, delay: Duration) -> bool {
-    let mut stopping = stopping.clone();
+async fn wait_or_stop(stopping: &CancellationToken, delay: Duration) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = stopping.wait_for(|stopping| *stopping) => {}
+        () = tokio::time::sleep(delay) => {}
+        () = stopping.cancelled() => {}
     }
-    *stopping.borrow()
+    stopping.is_cancelled()
 }

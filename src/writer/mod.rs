@@ -15,12 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rand::Rng;
 use sqlx::PgPool;
-use tokio::task::JoinSet;
 
 use tracing::Instrument;
 
+use crate::{backoff::Backoff, feed::TailFeed, telemetry};
 use crate::{
     broker::{Broker, BrokerError},
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
@@ -29,7 +28,6 @@ use crate::{
     metrics::{self, Counters, WriteFailure},
     spool::Spool,
 };
-use crate::{feed::TailFeed, telemetry};
 use breaker::{Breaker, CircuitState};
 use sink::{EventOutcome, Sink};
 
@@ -111,21 +109,20 @@ pub struct WriterContext {
 }
 
 /// Starts `config.workers` writers. They stop once the buffer is closed and drained.
-pub fn spawn(context: &WriterContext) -> JoinSet<()> {
-    let mut writers = JoinSet::new();
-    for worker in 0..context.config.workers {
-        writers.spawn(
-            Writer {
-                worker,
-                target: context
-                    .destination
-                    .target(worker as i16, context.config.write_timeout),
-                context: context.clone(),
-            }
-            .run(),
-        );
-    }
-    writers
+pub fn writers(
+    context: &WriterContext,
+) -> impl Iterator<Item = impl Future<Output = ()> + Send + 'static> {
+    let context = context.clone();
+    (0..context.config.workers).map(move |worker| {
+        Writer {
+            worker,
+            target: context
+                .destination
+                .target(worker as i16, context.config.write_timeout),
+            context: context.clone(),
+        }
+        .run()
+    })
 }
 
 struct Writer {
@@ -221,10 +218,13 @@ impl Writer {
         }
         let events: Vec<&ValidEvent> = events.iter().map(|(_, event)| *event).collect();
         let context = &self.context;
-        let mut backoff = context
-            .config
-            .retry_initial_backoff
-            .max(Duration::from_millis(10));
+        let mut backoff = Backoff::jittered(
+            context
+                .config
+                .retry_initial_backoff
+                .max(Duration::from_millis(10)),
+            context.config.retry_max_backoff,
+        );
         let mut attempt = 0u32;
         let outcomes = loop {
             attempt += 1;
@@ -256,9 +256,7 @@ impl Writer {
                     }
                 }
             }
-            let delay = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
-            tokio::time::sleep(delay).await;
-            backoff = (backoff * 2).min(context.config.retry_max_backoff);
+            tokio::time::sleep(backoff.next_delay()).await;
         };
         if attempt > 1 {
             tracing::info!(worker = self.worker, attempt, "batch written after retries");

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     Destination, Target, WriteError,
@@ -35,22 +35,19 @@ enum ReplayError {
     CircuitOpen,
 }
 
-/// Replays until `stopping` turns true. What is left is replayed at the next start.
+/// Replays until `stopping` is cancelled. What is left is replayed at the next start.
 pub async fn run(
     destination: Destination,
     write_timeout: Duration,
     breaker: Arc<Breaker>,
     spool: Option<Spool>,
-    mut stopping: watch::Receiver<bool>,
+    stopping: CancellationToken,
 ) {
     let target = destination.target(REPLAY_SHARD, write_timeout);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(REPLAY_INTERVAL) => {}
-            _ = stopping.changed() => return,
-        }
-        if *stopping.borrow() {
-            return;
+            () = tokio::time::sleep(REPLAY_INTERVAL) => {}
+            () = stopping.cancelled() => return,
         }
         if breaker.state() != CircuitState::Closed {
             if !breaker.allow() {

@@ -68,8 +68,8 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
     };
     let code = store::sqlstate(error).unwrap_or_default();
     match code.as_str() {
-        "23505" => FailureKind::Duplicate,
-        "23514" if database_error.message().contains("no partition") => {
+        store::sqlstates::UNIQUE_VIOLATION => FailureKind::Duplicate,
+        store::sqlstates::CHECK_VIOLATION if database_error.message().contains("no partition") => {
             FailureKind::MissingPartition
         }
         // Data exceptions, integrity violations, program limits (e.g. an index row too large).

@@ -174,19 +174,14 @@ impl TestServer {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) {
-                    let message = json["message"].as_str().unwrap_or_default();
-                    if let Some(address) = json["address"]
+                // The "listening" lines name their listener (`grpc`, `metrics`).
+                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let Some(listener) = json["listener"].as_str()
+                    && let Some(address) = json["address"]
                         .as_str()
                         .and_then(|text| text.parse::<SocketAddr>().ok())
-                    {
-                        let kind = if message.contains("metrics") {
-                            "metrics"
-                        } else {
-                            "grpc"
-                        };
-                        let _ = addresses.send((kind, address));
-                    }
+                {
+                    let _ = addresses.send((listener.to_owned(), address));
                 }
                 sink.lock().expect("logs").push(line);
             }
@@ -197,7 +192,7 @@ impl TestServer {
         while addr.is_none() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match found.recv_timeout(remaining.min(Duration::from_millis(200))) {
-                Ok(("grpc", address)) => addr = Some(address),
+                Ok((listener, address)) if listener == "grpc" => addr = Some(address),
                 Ok((_, address)) => metrics_addr = Some(address),
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {

@@ -1,49 +1,122 @@
 //! Anonymize: a user's events stay for statistics, the link to the person goes, everywhere the
-//! events are: the table (every partition), dead letters, the spool and the archive.
+//! events are: the table (every partition), dead letters, the spool and the archive. Each
+//! gets one new random pseudonym, so the events still belong together.
 
 use std::sync::Arc;
 
 use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder, types::Json as SqlJson};
+use tonic::Status;
+use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{QueryError, archived, filter::Filter};
+use super::{Erasure, ErasureError, optout};
 use crate::{
     archive::{Archive, Removal},
+    filter::Filter,
     privacy::Privacy,
+    proto::{AnonymizeRequest, AnonymizeResponse},
+    rpc::{Admission, Call},
     spool::Spool,
 };
+
+/// Serves an Anonymize in a task of its own: a client that goes away does not stop it before
+/// its audit row.
+pub async fn serve(
+    erasure: Arc<Erasure>,
+    admission: Arc<Admission>,
+    call: Call,
+    request: AnonymizeRequest,
+) -> Result<AnonymizeResponse, Status> {
+    let task = tokio::spawn(
+        async move {
+            let mut details = Json::Object(Default::default());
+            let result = anonymize_user(&erasure, &call, request, &mut details).await;
+            admission.audited(&call, details, result).await
+        }
+        .in_current_span(),
+    );
+    task.await
+        .map_err(|_| Status::internal("the anonymize task failed; see server logs"))?
+}
+
+async fn anonymize_user(
+    erasure: &Erasure,
+    call: &Call,
+    request: AnonymizeRequest,
+    details: &mut Json,
+) -> Result<AnonymizeResponse, ErasureError> {
+    optout::check_user_id(&erasure.config, &request.user_id)?;
+    let mut filter = Filter {
+        user_id: Some(request.user_id),
+        ..Filter::default()
+    };
+    erasure.restrict(&mut filter, &call.caller)?;
+    details["filters"] = filter.details();
+    details["dry_run"] = Json::Bool(request.dry_run);
+    // One at a time with Deletes (they share the write pool), and after the events accepted
+    // before the call are written.
+    let _turn = erasure.take_turn().await?;
+    let may_use = {
+        let caller = call.caller.clone();
+        Arc::new(move |service: &str| caller.may_use(service))
+    };
+    let done = anonymize(
+        Scope {
+            pool: &erasure.store.pool,
+            archive_pool: &erasure.store.maintenance_pool,
+            archive: &erasure.archive,
+            spool: erasure.spool.as_ref(),
+            privacy: erasure.privacy.load_full(),
+            filter: &filter,
+            may_use,
+        },
+        request.dry_run,
+    )
+    .await?;
+    details["rows"] = Json::from(done.events);
+    details["dead_letters"] = Json::from(done.dead_letters);
+    details["spooled"] = Json::from(done.spooled);
+    details["archived"] = Json::from(done.archived);
+    Ok(AnonymizeResponse {
+        anonymized: done.events,
+        dead_letters_anonymized: done.dead_letters,
+        spooled_anonymized: done.spooled,
+        archived_anonymized: done.archived,
+        dry_run: request.dry_run,
+    })
+}
 
 /// Rows changed per transaction.
 const BATCH: i64 = 1_000;
 
 /// What an Anonymize did (or would do).
 #[derive(Debug, Default)]
-pub struct Anonymized {
-    pub events: u64,
-    pub dead_letters: u64,
-    pub spooled: u64,
-    pub archived: u64,
+struct Anonymized {
+    events: u64,
+    dead_letters: u64,
+    spooled: u64,
+    archived: u64,
 }
 
 /// Where the events are, and the user (`filter.user_id`, in stored form) with the services the
 /// caller may change (`filter.allowed_services`).
-pub struct Scope<'a> {
-    pub pool: &'a PgPool,
-    pub archive_pool: &'a PgPool,
-    pub archive: &'a Archive,
-    pub spool: Option<&'a Spool>,
-    pub privacy: Arc<Privacy>,
-    pub filter: &'a Filter,
+struct Scope<'a> {
+    pool: &'a PgPool,
+    archive_pool: &'a PgPool,
+    archive: &'a Archive,
+    spool: Option<&'a Spool>,
+    privacy: Arc<Privacy>,
+    filter: &'a Filter,
     /// Whether the caller may change events of a service (the spool has no SQL filter).
-    pub may_use: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    may_use: Arc<dyn Fn(&str) -> bool + Send + Sync>,
 }
 
 /// Gives the user's events a new random pseudonym, everywhere, or (dry run) counts them.
-pub async fn anonymize(scope: Scope<'_>, dry_run: bool) -> Result<Anonymized, QueryError> {
+async fn anonymize(scope: Scope<'_>, dry_run: bool) -> Result<Anonymized, ErasureError> {
     let pseudonym = format!("anon:{}", Uuid::new_v4().simple());
     let Some(user) = scope.filter.user_id.clone() else {
-        return Err(QueryError::invalid(
+        return Err(ErasureError::invalid(
             "user_id",
             "required: the user to anonymize",
         ));
@@ -75,7 +148,9 @@ pub async fn anonymize(scope: Scope<'_>, dry_run: bool) -> Result<Anonymized, Qu
             .archive
             .select_settled(scope.archive_pool, &selection)
             .await?;
-        done.archived = archived::count_matches(scope.archive, scope.filter, &objects)
+        done.archived = scope
+            .filter
+            .count_archived(scope.archive, &objects)
             .await?
             .iter()
             .sum();
@@ -106,12 +181,12 @@ async fn anonymize_rows(
     scope: &Scope<'_>,
     pseudonym: &str,
     dry_run: bool,
-) -> Result<u64, QueryError> {
+) -> Result<u64, ErasureError> {
     if dry_run {
         let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
         scope.filter.push_where(&mut count);
         let count: i64 = count.build_query_scalar().fetch_one(scope.pool).await?;
-        return Ok(count as u64);
+        return Ok(count.max(0) as u64);
     }
     let mut changed = 0;
     loop {
@@ -155,7 +230,7 @@ async fn anonymize_dead_letters(
     scope: &Scope<'_>,
     pseudonym: &str,
     dry_run: bool,
-) -> Result<u64, QueryError> {
+) -> Result<u64, ErasureError> {
     let mut select = QueryBuilder::<Postgres>::new("SELECT id, raw FROM dead_letters");
     scope.filter.push_where(&mut select);
     let rows: Vec<(i64, Vec<u8>)> = select.build_query_as().fetch_all(scope.pool).await?;

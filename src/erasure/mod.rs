@@ -1,0 +1,165 @@
+//! Erasure: the RPCs that take personal data away, each in its own file: [`delete`] (right to
+//! be forgotten), [`anonymize`] (keep the events, break the link to the person) and
+//! [`optout`] (refuse a user's events at ingest). Each reaches every place the events are:
+//! the table's partitions, dead letters, the spool and the archive, after the [`barrier`]
+//! that covers events accepted before the call.
+
+pub mod anonymize;
+pub mod barrier;
+pub mod delete;
+pub mod optout;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tokio::sync::Semaphore;
+use tonic::{Code, Status};
+
+use crate::{
+    archive::{Archive, ArchiveError},
+    auth::Caller,
+    broker::{Broker, BrokerError},
+    buffer::Buffer,
+    config::Config,
+    filter::Filter,
+    privacy::{PrivacyError, SharedPrivacy, fingerprints::PrivacyStartError, optouts::OptOuts},
+    proto::status::{InvalidArgument, refusal},
+    spool::{Spool, SpoolError},
+    store::Store,
+};
+
+/// Where a user's events may be, and what erasure waits for.
+pub struct Erasure {
+    pub store: Arc<Store>,
+    pub config: Arc<Config>,
+    pub archive: Arc<Archive>,
+    pub privacy: SharedPrivacy,
+    pub optouts: Arc<OptOuts>,
+    pub spool: Option<Spool>,
+    /// The barrier: events accepted before a call are in the buffer...
+    pub buffer: Arc<Buffer>,
+    /// ...or, in Redis mode, in the broker's streams.
+    pub broker: Option<Broker>,
+    /// Deletes and Anonymizes run one at a time: they use the write pool, which the writers
+    /// need.
+    one_at_a_time: Semaphore,
+}
+
+impl Erasure {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<Store>,
+        config: Arc<Config>,
+        archive: Arc<Archive>,
+        privacy: SharedPrivacy,
+        optouts: Arc<OptOuts>,
+        spool: Option<Spool>,
+        buffer: Arc<Buffer>,
+        broker: Option<Broker>,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            archive,
+            privacy,
+            optouts,
+            spool,
+            buffer,
+            broker,
+            one_at_a_time: Semaphore::new(1),
+        }
+    }
+
+    /// `filter` restricted to what `caller` may change, in stored form.
+    fn restrict(&self, filter: &mut Filter, caller: &Caller) -> Result<(), InvalidArgument> {
+        filter.restrict(caller, &self.privacy.load())
+    }
+
+    /// Waits for the other Delete or Anonymize under way, then for the events accepted
+    /// before now ([`barrier`]); the permit holds the turn until dropped.
+    async fn take_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ErasureError> {
+        let turn = self
+            .one_at_a_time
+            .acquire()
+            .await
+            .map_err(|_| ErasureError::Busy {
+                retry_after: Duration::from_secs(1),
+            })?;
+        barrier::wait_for_accepted(&self.buffer, self.broker.as_ref()).await?;
+        Ok(turn)
+    }
+}
+
+/// Why an erasure call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ErasureError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidArgument),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("spool error: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("archive error: {0}")]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    #[error("privacy keys: {0}")]
+    Keys(#[from] PrivacyStartError),
+    #[error("redis: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
+    Busy { retry_after: Duration },
+}
+
+impl ErasureError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid(InvalidArgument::new(field, reason))
+    }
+}
+
+/// Each source maps its own errors; a barrier that did not close in time is UNAVAILABLE with
+/// RetryInfo (`WRITES_PENDING`).
+impl From<ErasureError> for Status {
+    fn from(error: ErasureError) -> Self {
+        let message = error.to_string();
+        match error {
+            ErasureError::Invalid(invalid) => invalid.into(),
+            ErasureError::Database(database) => crate::store::database_status(&database),
+            ErasureError::Spool(spool) => spool.into(),
+            ErasureError::Archive(archive) => archive.into(),
+            ErasureError::Privacy(privacy) => privacy.into(),
+            ErasureError::Keys(keys) => keys.into(),
+            ErasureError::Broker(broker) => broker.into(),
+            ErasureError::Busy { retry_after } => refusal(
+                Code::Unavailable,
+                message,
+                "WRITES_PENDING",
+                Some(retry_after),
+                HashMap::new(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    #[test]
+    fn busy_is_unavailable_with_retry_info() {
+        let status = Status::from(ErasureError::Busy {
+            retry_after: Duration::from_secs(5),
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        let details = status.get_error_details();
+        assert_eq!(
+            details.retry_info().and_then(|retry| retry.retry_delay),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            details.error_info().map(|info| info.reason.as_str()),
+            Some("WRITES_PENDING")
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! Query: one page of events matching a filter, newest first or oldest first, with a keyset
+//! page token. Filters an index narrows (user, trace, one or more services alone) read their
+//! page straight; the others run a bounded, time-sliced scan ([`ScanPlan`]).
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::Value as Json;
+use sqlx::{Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::{
+    QueryError, Reader,
+    cursor::Cursor,
+    scan::{ScanPlan, StepBound},
+};
+use crate::{
+    auth::Caller,
+    config::{Scope, SearchConfig},
+    filter::Filter,
+    metrics,
+    proto::{Event, Order, QueryRequest, QueryResponse, wire::to_timestamp},
+    store::{self, partitions, sqlstates},
+};
+
+/// The most events one Query page may return.
+pub const MAX_PAGE: u32 = 10_000;
+/// Events per page when the request asks for none.
+pub const DEFAULT_PAGE: u32 = 100;
+
+/// A stored event as the read side selects it.
+#[derive(sqlx::FromRow)]
+pub struct EventRow {
+    pub id: Uuid,
+    pub service: String,
+    pub message: String,
+    pub ts: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+    pub user_id: Option<String>,
+    pub metadata: sqlx::types::Json<Json>,
+    pub trace_id: Option<String>,
+}
+
+impl From<EventRow> for Event {
+    fn from(row: EventRow) -> Self {
+        let metadata = match row.metadata.0 {
+            Json::Object(object) => Some(object.into()),
+            _ => None,
+        };
+        Event {
+            id: row.id.to_string(),
+            service: row.service,
+            message: row.message,
+            timestamp: Some(to_timestamp(row.ts)),
+            user_id: row.user_id.unwrap_or_default(),
+            metadata,
+            ingested_at: Some(to_timestamp(row.ingested_at)),
+            trace_id: row.trace_id.unwrap_or_default(),
+        }
+    }
+}
+
+/// One page of Query: its rows, where the next one starts, and how far a scan reached.
+#[derive(Default)]
+struct Page {
+    rows: Vec<EventRow>,
+    next: Option<Cursor>,
+    scanned_until: Option<DateTime<Utc>>,
+}
+
+/// Serves one Query call, noting its filter and row count in `details` (its audit row).
+pub async fn query(
+    reader: &Reader,
+    caller: &Caller,
+    request: QueryRequest,
+    details: &mut Json,
+) -> Result<QueryResponse, QueryError> {
+    let mut filter = Filter::from_query(&request, &reader.config.validation)?;
+    reader.restrict(&mut filter, caller)?;
+    details["filters"] = filter.details();
+    let oldest_first = request.order == Order::OldestFirst as i32;
+    let show = caller.has_scope(Scope::Pii);
+    let limit = match request.limit {
+        0 => DEFAULT_PAGE,
+        limit if limit > MAX_PAGE => {
+            return Err(QueryError::invalid(
+                "limit",
+                format!("at most {MAX_PAGE} events per page"),
+            ));
+        }
+        limit => limit,
+    };
+    let cursor = (!request.page_token.is_empty())
+        .then(|| Cursor::decode(&request.page_token, &filter, oldest_first))
+        .transpose()?;
+    let page = if filter.needs_scan() {
+        scan_page(reader, &filter, cursor, limit, oldest_first).await?
+    } else {
+        let mut rows = page_rows(reader, &filter, cursor, None, limit, oldest_first).await?;
+        let more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        let next = more
+            .then(|| rows.last().map(|last| Cursor::at(last.ts, last.id)))
+            .flatten();
+        Page {
+            rows,
+            next,
+            scanned_until: None,
+        }
+    };
+    let next_page_token = page
+        .next
+        .map(|cursor| cursor.encode(&filter, oldest_first))
+        .unwrap_or_default();
+    details["rows"] = Json::from(page.rows.len());
+    let privacy = reader.privacy.load();
+    Ok(QueryResponse {
+        events: page
+            .rows
+            .into_iter()
+            .map(|mut row| {
+                privacy.reveal(row.id, &mut row.metadata.0, show)?;
+                Ok(Event::from(row))
+            })
+            .collect::<Result<_, QueryError>>()?,
+        next_page_token,
+        scanned_until: page.scanned_until.map(to_timestamp),
+    })
+}
+
+/// Rows after `cursor` (in the order asked), within `window` when given, at most
+/// `limit + 1` (the extra one says whether there are more).
+async fn page_rows(
+    reader: &Reader,
+    filter: &Filter,
+    cursor: Option<Cursor>,
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    limit: u32,
+    oldest_first: bool,
+) -> Result<Vec<EventRow>, QueryError> {
+    let mut builder = rows_query(
+        filter,
+        &reader.config.search,
+        cursor,
+        window,
+        limit,
+        oldest_first,
+    );
+    Ok(builder
+        .build_query_as()
+        .fetch_all(&reader.store.read_pool)
+        .await?)
+}
+
+/// [`page_rows`] under a statement timeout of `budget`: `None` when PostgreSQL cancelled the
+/// step at the budget, so that a step whose plan turned out slower than the last one's ends
+/// the call on time instead of late.
+async fn page_rows_within(
+    reader: &Reader,
+    filter: &Filter,
+    cursor: Option<Cursor>,
+    window: (DateTime<Utc>, DateTime<Utc>),
+    limit: u32,
+    oldest_first: bool,
+    budget: Duration,
+) -> Result<Option<Vec<EventRow>>, QueryError> {
+    let mut builder = rows_query(
+        filter,
+        &reader.config.search,
+        cursor,
+        Some(window),
+        limit,
+        oldest_first,
+    );
+    let mut transaction = reader.store.read_pool.begin().await?;
+    // Whole milliseconds, at least one: 0 would mean no timeout at all.
+    let timeout_ms = budget.as_millis().clamp(1, i64::MAX as u128).to_string();
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(timeout_ms)
+        .execute(&mut *transaction)
+        .await?;
+    let rows = match builder.build_query_as().fetch_all(&mut *transaction).await {
+        Ok(rows) => rows,
+        Err(error) if store::is_sqlstate(&error, sqlstates::QUERY_CANCELED) => {
+            metrics::search_step_cancelled();
+            return Ok(None);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    transaction.commit().await?;
+    Ok(Some(rows))
+}
+
+/// The SELECT of [`page_rows`].
+fn rows_query(
+    filter: &Filter,
+    search: &SearchConfig,
+    cursor: Option<Cursor>,
+    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    limit: u32,
+    oldest_first: bool,
+) -> QueryBuilder<Postgres> {
+    let mut builder = QueryBuilder::<Postgres>::new(
+        "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
+    );
+    filter.push_where(&mut builder);
+    filter.push_index_hints(&mut builder, search);
+    let (comparison, direction) = if oldest_first {
+        (">", "ASC")
+    } else {
+        ("<", "DESC")
+    };
+    if let Some(cursor) = cursor {
+        // The plain `ts` bound is implied by the row comparison; it lets the planner start
+        // the index scan at the cursor.
+        builder
+            .push(format_args!(" AND ts {comparison}= "))
+            .push_bind(cursor.ts);
+        builder
+            .push(format_args!(" AND (ts, id) {comparison} ("))
+            .push_bind(cursor.ts);
+        builder.push(", ").push_bind(cursor.id).push(")");
+    }
+    if let Some((from, until)) = window {
+        builder.push(" AND ts >= ").push_bind(from);
+        builder.push(" AND ts < ").push_bind(until);
+    }
+    builder
+        .push(format_args!(
+            " ORDER BY ts {direction}, id {direction} LIMIT "
+        ))
+        .push_bind(i64::from(limit) + 1);
+    builder
+}
+
+/// A page of a search no index narrows: the steps of a [`ScanPlan`] from the cursor (or the
+/// end of the range) towards the other end, until the page is full, the range is covered, or
+/// the budget is spent.
+async fn scan_page(
+    reader: &Reader,
+    filter: &Filter,
+    cursor: Option<Cursor>,
+    limit: u32,
+    oldest_first: bool,
+) -> Result<Page, QueryError> {
+    let started = Instant::now();
+    let oldest = match filter.start {
+        Some(start) => Some(start),
+        None => partitions::oldest_start(&reader.store.read_pool).await?,
+    };
+    let newest = filter.end.unwrap_or_else(|| {
+        Utc::now() + reader.config.validation.max_future_skew + TimeDelta::seconds(1)
+    });
+    let Some(mut plan) = oldest.and_then(|oldest| {
+        ScanPlan::new(oldest, newest, cursor, oldest_first, &reader.config.search)
+    }) else {
+        return Ok(Page::default());
+    };
+    let mut rows: Vec<EventRow> = Vec::new();
+    let mut position = cursor;
+    while let Some(window) = plan.next_window() {
+        let step = Instant::now();
+        let wanted = limit - rows.len() as u32;
+        let found = match plan.begin_step(started.elapsed()) {
+            StepBound::Unbounded => {
+                Some(page_rows(reader, filter, position, Some(window), wanted, oldest_first).await?)
+            }
+            StepBound::Within(budget) => {
+                page_rows_within(
+                    reader,
+                    filter,
+                    position,
+                    window,
+                    wanted,
+                    oldest_first,
+                    budget,
+                )
+                .await?
+            }
+        };
+        // Cancelled at the budget: the call ends where the scan stood before the step.
+        let Some(mut found) = found else {
+            plan.cancelled();
+            return Ok(Page {
+                rows,
+                next: Some(plan.resume(position)),
+                scanned_until: Some(plan.scanned_until()),
+            });
+        };
+        if found.len() > wanted as usize {
+            found.truncate(wanted as usize);
+            rows.extend(found);
+            let next = rows
+                .last()
+                .map(|last| plan.resume(Some(Cursor::at(last.ts, last.id))));
+            return Ok(Page {
+                scanned_until: next.map(|next| next.ts),
+                rows,
+                next,
+            });
+        }
+        rows.extend(found);
+        plan.covered(window, step.elapsed());
+        position = Some(plan.edge());
+        if plan.should_stop(started.elapsed(), step.elapsed()) {
+            return Ok(Page {
+                rows,
+                next: Some(plan.resume(position)),
+                scanned_until: Some(plan.scanned_until()),
+            });
+        }
+    }
+    Ok(Page::default_with(rows))
+}
+
+impl Page {
+    /// The last page of a scan: its rows, and no token.
+    fn default_with(rows: Vec<EventRow>) -> Self {
+        Self {
+            rows,
+            next: None,
+            scanned_until: None,
+        }
+    }
+}

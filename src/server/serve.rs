@@ -1,0 +1,204 @@
+//! Phase 4: serves the routes on the gRPC listener (mTLS, or the loudly logged plaintext
+//! opt-in) behind the hardened accept loop of [`super::listener`], until SIGTERM or SIGINT,
+//! then drains within `shutdown_timeout`. Every call passes the same layers: a request id,
+//! the RPC's span, the record of its duration and code, and the oversized-request rewrite.
+
+use std::{io, sync::Arc};
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tonic::{
+    service::Routes,
+    transport::{Server, server::Connected},
+};
+use tower_http::{
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+use super::{ServerError, background::Background, listener, signals::StopSignals};
+use crate::{
+    config::Config,
+    metrics,
+    proto::status,
+    rpc::record::RecordLayer,
+    telemetry,
+    tls::{self, TlsError},
+};
+
+/// The `listener` field of the "listening" log lines, which tools read to find the ports.
+pub const GRPC_LISTENER: &str = "grpc";
+pub const METRICS_LISTENER: &str = "metrics";
+
+/// Serves `/metrics` when `metrics.listen` is set.
+pub async fn serve_metrics(config: &Config) -> Result<(), ServerError> {
+    if let Some(address) = config.metrics.listen {
+        let handle = metrics::install()?;
+        let bound = metrics::serve(handle, address).await?;
+        tracing::info!(listener = METRICS_LISTENER, address = %bound, "metrics endpoint listening on /metrics");
+    }
+    Ok(())
+}
+
+/// Creates dev certificates on first run (unless paths are configured) and loads the mTLS
+/// config. None when plaintext was explicitly requested.
+pub fn prepare_tls(config: &Config) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+    if config.tls.insecure_plaintext {
+        tracing::warn!(
+            "!!! TLS IS DISABLED (--insecure-plaintext): traffic and events travel in clear text and clients are not authenticated. Use only for local development. !!!"
+        );
+        return Ok(None);
+    }
+    if config.tls.uses_dev_certs() && tls::ensure_dev_certs(&config.tls.cert_dir, "client")? {
+        tracing::warn!(
+            dir = %config.tls.cert_dir.display(),
+            "created development certificates (ca.pem, server.pem/key, client.pem/key); use real certificates in production"
+        );
+    }
+    Ok(Some(tls::server_tls_config(config)?))
+}
+
+/// The span of one RPC: its method, request id and trace id (a child of the caller's span when
+/// the request carries `traceparent`); the envelope adds the principal.
+fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = %request.uri().path(),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        method = %request.uri().path(),
+        rpc = request.uri().path().rsplit('/').next().unwrap_or_default(),
+        request_id = %request_id,
+        trace_id = tracing::field::Empty,
+        principal = tracing::field::Empty,
+    );
+    telemetry::adopt_caller(&span, request.headers());
+    span
+}
+
+/// Serves until SIGTERM or SIGINT, then gives in-flight calls and the writers
+/// `shutdown_timeout` to finish.
+pub async fn until_signal(
+    config: &Config,
+    tls_config: Option<Arc<rustls::ServerConfig>>,
+    routes: Routes,
+    background: &Background,
+) -> Result<(), ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        address: config.listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    // Handlers first: a signal right after "listening" must start a shutdown, not kill.
+    let signals = StopSignals::install();
+    let limits = listener::Limits {
+        max_connections: match config.grpc.max_connections {
+            0 => listener::default_max_connections(),
+            configured => {
+                listener::raise_open_file_limit();
+                configured
+            }
+        },
+        max_handshakes: config.grpc.max_handshakes,
+        handshake_timeout: config.grpc.handshake_timeout,
+    };
+    tracing::info!(
+        listener = GRPC_LISTENER,
+        address = %bound,
+        tls = tls_config.is_some(),
+        max_connections = limits.max_connections,
+        handshake_timeout = ?limits.handshake_timeout,
+        "sluice listening"
+    );
+    match tls_config {
+        Some(tls_config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+            let incoming = listener::incoming(listener, limits, listener::tls(acceptor));
+            serve(config, routes, incoming, signals, background).await
+        }
+        None => {
+            let incoming = listener::incoming(listener, limits, listener::plaintext());
+            serve(config, routes, incoming, signals, background).await
+        }
+    }
+}
+
+/// Serves `incoming` until the signal, then drains.
+async fn serve<IO>(
+    config: &Config,
+    routes: Routes,
+    incoming: impl Stream<Item = io::Result<IO>>,
+    signals: StopSignals,
+    background: &Background,
+) -> Result<(), ServerError>
+where
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+{
+    let shutdown_timeout = config.shutdown_timeout;
+    let stop_signal = async {
+        signals.wait().await;
+        tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
+        background.trip();
+    };
+    let serve = Server::builder()
+        // A request id on every call: the client's `x-request-id`, or a new UUID. It is echoed
+        // in the response headers and is a field of every log line of the call.
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_grpc().make_span_with(rpc_span))
+        // Outside the rewrite below: the recorded code is the one the client sees.
+        .layer(RecordLayer)
+        .layer(tower::util::MapResponseLayer::new(
+            status::oversized_unary_to_invalid_argument,
+        ))
+        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .max_concurrent_streams(config.grpc.max_concurrent_streams)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop_signal);
+    tokio::pin!(serve);
+    // Serving ends on its own after the signal when no connection is open: the signal trips
+    // shutdown inside the same poll. Serving that ends while not stopping means the accept
+    // loop stopped.
+    let ended = tokio::select! {
+        biased;
+        () = background.stopping() => None,
+        result = &mut serve => Some(result),
+    };
+    if !background.is_stopping()
+        && let Some(result) = ended
+    {
+        return match result {
+            Ok(()) => Err(ServerError::AcceptLoopStopped),
+            Err(error) => Err(error.into()),
+        };
+    }
+    let drain = async {
+        let served = match ended {
+            Some(result) => result,
+            None => (&mut serve).await,
+        };
+        background.writers_drained().await;
+        served
+    };
+    match tokio::time::timeout(shutdown_timeout, drain).await {
+        Ok(served) => served.map_err(ServerError::from),
+        Err(_) => {
+            let left = background.buffer.usage().events;
+            tracing::error!(
+                unacknowledged_events = left,
+                "shutdown timeout reached; events not yet acknowledged were not stored and clients were not told they were"
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Phase 3: every gRPC service with its codec limits, behind the one RPC envelope.
+
+use std::sync::Arc;
+
+use tonic::{
+    codec::CompressionEncoding,
+    service::{Routes, RoutesBuilder},
+};
+
+use super::{ServerError, background::Background, storage::Storage};
+use crate::{
+    auth::Authorizer,
+    config::Config,
+    erasure::Erasure,
+    ingest::{IngestHandler, service::IngestDeps},
+    lifecycle::RetentionPolicy,
+    proto::{
+        self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
+    },
+    query::{QueryHandler, Reader},
+    rpc::Admission,
+};
+
+/// Message size limit and compression (gzip and zstd, both ways) for a generated service. A
+/// macro because the generated servers share these methods but no trait.
+macro_rules! with_codec_limits {
+    ($service:expr, $max_message_bytes:expr) => {
+        $service
+            .max_decoding_message_size($max_message_bytes)
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Zstd)
+    };
+}
+
+pub fn build(
+    config: &Arc<Config>,
+    storage: &Storage,
+    background: &Background,
+    auth: &Arc<Authorizer>,
+    retention: &Arc<RetentionPolicy>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<Routes, ServerError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let admission = Arc::new(Admission::new(
+        auth.clone(),
+        background.audit.clone(),
+        config.role,
+    ));
+    let ingest = IngestHandler::new(IngestDeps {
+        buffer: background.buffer.clone(),
+        config: config.clone(),
+        counters: background.counters.clone(),
+        admission: admission.clone(),
+        retention: retention.clone(),
+        privacy: storage.privacy.clone(),
+        optouts: storage.optouts.clone(),
+        shutdown: background.shutdown_token(),
+        backlog: storage.broker.as_ref().map(|_| background.backlog.clone()),
+    });
+    let reader = Arc::new(Reader {
+        store: storage.store.clone(),
+        config: config.clone(),
+        archive: storage.archive.clone(),
+        privacy: storage.privacy.clone(),
+        counters: background.counters.clone(),
+        buffer: background.buffer.clone(),
+        breaker: background.breaker.clone(),
+        spool: storage.spool.clone(),
+        broker: storage.broker.clone(),
+        feed: background.feed.clone(),
+        shutdown: background.shutdown_token(),
+    });
+    let erasure = Arc::new(Erasure::new(
+        storage.store.clone(),
+        config.clone(),
+        storage.archive.clone(),
+        storage.privacy.clone(),
+        storage.optouts.clone(),
+        storage.spool.clone(),
+        background.buffer.clone(),
+        storage.broker.clone(),
+    ));
+    let query = QueryHandler::new(admission, reader, erasure);
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(with_codec_limits!(
+            IngestServiceServer::new(ingest),
+            config.grpc.max_message_bytes
+        ))
+        .add_service(with_codec_limits!(
+            QueryServiceServer::new(query),
+            config.grpc.max_query_message_bytes
+        ));
+    Ok(routes.routes())
+}
