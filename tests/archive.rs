@@ -11,7 +11,7 @@ use std::{
 };
 
 use chrono::{DateTime, Duration, NaiveTime, Utc};
-use common::{ServerSpec, TestDatabase, TestServer, event, publish};
+use common::{S3, ServerSpec, TestDatabase, TestServer, event, publish};
 use futures::StreamExt;
 use object_store::{
     ObjectStore, ObjectStoreExt, aws::AmazonS3Builder, local::LocalFileSystem, path::Path,
@@ -40,72 +40,43 @@ struct Archived {
     objects: Arc<dyn ObjectStore>,
 }
 
-fn s3_settings() -> (String, String) {
-    let endpoint = std::env::var("TEST_SLUICE_S3_ENDPOINT").expect(
-        "TEST_SLUICE_S3_ENDPOINT is unset: run the suite with scripts/test, which starts moto",
-    );
-    let bucket = std::env::var("TEST_SLUICE_S3_BUCKET").expect("TEST_SLUICE_S3_BUCKET");
-    (endpoint, bucket)
-}
-
 impl Archived {
     async fn start(store: Store, extra_toml: &str) -> Self {
         common::init_crypto();
         let database = TestDatabase::create().await;
-        let dir = tempfile::tempdir().expect("tempdir").keep();
-        let (url, env, objects): (String, Vec<(String, String)>, Arc<dyn ObjectStore>) =
-            match &store {
-                Store::Files => {
-                    let root = dir.join("data/archive");
-                    (
-                        String::new(),
-                        Vec::new(),
-                        Arc::new(PrefixStore::new(
-                            LocalFileSystem::new(),
-                            root.to_string_lossy().trim_matches('/'),
-                        )),
-                    )
-                }
-                Store::S3 { prefix } => {
-                    let (endpoint, bucket) = s3_settings();
-                    let env = vec![
-                        ("AWS_ENDPOINT_URL".to_owned(), endpoint.clone()),
-                        ("AWS_ALLOW_HTTP".to_owned(), "true".to_owned()),
-                        ("AWS_ACCESS_KEY_ID".to_owned(), "test".to_owned()),
-                        ("AWS_SECRET_ACCESS_KEY".to_owned(), "test".to_owned()),
-                        ("AWS_REGION".to_owned(), "us-east-1".to_owned()),
-                    ];
-                    let s3 = AmazonS3Builder::new()
-                        .with_endpoint(endpoint)
-                        .with_allow_http(true)
-                        .with_bucket_name(&bucket)
-                        .with_access_key_id("test")
-                        .with_secret_access_key("test")
-                        .with_region("us-east-1")
-                        .build()
-                        .expect("s3 client");
-                    (
-                        format!("url = \"s3://{bucket}/{prefix}\"\n"),
-                        env,
-                        Arc::new(PrefixStore::new(s3, prefix.as_str())),
-                    )
-                }
-            };
-        std::fs::write(
-            dir.join("sluice.toml"),
-            format!(
-                "[lifecycle]\nenabled = false\n\n[archive]\nafter = \"7days\"\n{url}{extra_toml}"
-            ),
-        )
-        .expect("write sluice.toml");
-        let mut spec = ServerSpec {
-            dir: Some(dir),
-            ..ServerSpec::with_database(&database.url)
+        let s3 = S3::from_env();
+        let (url, env) = match &store {
+            Store::Files => (String::new(), Vec::new()),
+            Store::S3 { prefix } => (format!("url = \"s3://{}/{prefix}\"\n", s3.bucket), s3.env()),
         };
+        let mut spec = ServerSpec::with_database(&database.url).toml(&format!(
+            "[lifecycle]\nenabled = false\n\n[archive]\nafter = \"7days\"\n{url}{extra_toml}"
+        ));
         for (key, value) in &env {
             spec = spec.env(key, value);
         }
         let server = TestServer::start(spec).await;
+        let objects: Arc<dyn ObjectStore> = match &store {
+            Store::Files => {
+                let root = server.dir_path().join("data/archive");
+                Arc::new(PrefixStore::new(
+                    LocalFileSystem::new(),
+                    root.to_string_lossy().trim_matches('/'),
+                ))
+            }
+            Store::S3 { prefix } => {
+                let client = AmazonS3Builder::new()
+                    .with_endpoint(&s3.endpoint)
+                    .with_allow_http(true)
+                    .with_bucket_name(&s3.bucket)
+                    .with_access_key_id("test")
+                    .with_secret_access_key("test")
+                    .with_region("us-east-1")
+                    .build()
+                    .expect("s3 client");
+                Arc::new(PrefixStore::new(client, prefix.as_str()))
+            }
+        };
         Self {
             database,
             server,
@@ -119,7 +90,7 @@ impl Archived {
     }
 
     async fn query_client(&self) -> QueryServiceClient<Channel> {
-        QueryServiceClient::new(self.server.channel().await)
+        self.server.query_client().await
     }
 
     /// The catalog: (path, rows, sha256) of every archived object.

@@ -55,13 +55,7 @@ scopes = ["admin"]
 
 /// Starts a server whose `sluice.toml` is `toml`, with certificates for `names`.
 async fn start_with_policy(database: &TestDatabase, toml: &str, names: &[&str]) -> TestServer {
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    std::fs::write(dir.join("sluice.toml"), toml).expect("write sluice.toml");
-    let server = TestServer::start(ServerSpec {
-        dir: Some(dir),
-        ..ServerSpec::with_database(&database.url)
-    })
-    .await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url).toml(toml)).await;
     for name in names {
         issue_certificate(&server, name);
     }
@@ -448,7 +442,7 @@ burst_events = 500
     );
     let server = start_with_policy(&database, &toml, &[]).await;
     let mut ingest = server.ingest_client().await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let publish = |token: &str| with_token(request(vec![event("svc-a", "t")]), token);
 
     // Valid tokens, RSA and EC. The token's scopes narrow the principal's: this one has

@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{
-    ServerSpec, TestDatabase, TestServer, event, metric_sum, publish,
+    ServerSpec, TestDatabase, TestServer, event, free_port, metric_sum, publish,
     streaming::{ids_of, requests, stream_until},
     wait_for_status,
 };
@@ -182,13 +182,6 @@ async fn a_slow_database_opens_the_breaker_by_the_slow_rule_and_no_event_is_lost
 struct Cluster {
     data: PathBuf,
     port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// A PostgreSQL tool, run as `postgres` under root.

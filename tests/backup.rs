@@ -69,22 +69,13 @@ async fn a_restore_to_a_point_in_time_brings_back_exactly_what_was_committed_bef
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_kept_off_the_machine_in_s3_restore_to_a_point_in_time() {
-    let endpoint = std::env::var("TEST_SLUICE_S3_ENDPOINT").expect(
-        "TEST_SLUICE_S3_ENDPOINT is unset: run the suite with scripts/test, which starts moto",
+    let s3 = common::S3::from_env();
+    let url = format!(
+        "s3://{}/backups-{}",
+        s3.bucket,
+        uuid::Uuid::new_v4().simple()
     );
-    let bucket =
-        std::env::var("TEST_SLUICE_S3_BUCKET").unwrap_or_else(|_| "sluice-test".to_owned());
-    let url = format!("s3://{bucket}/backups-{}", uuid::Uuid::new_v4().simple());
-    let env = [
-        ("AWS_ENDPOINT_URL", endpoint.as_str()),
-        ("AWS_ALLOW_HTTP", "true"),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-        ("AWS_REGION", "us-east-1"),
-    ]
-    .map(|(key, value)| (key.to_owned(), value.to_owned()))
-    .to_vec();
-    point_in_time_restore(&url, env).await;
+    point_in_time_restore(&url, s3.env()).await;
 }
 
 /// A, a base backup, B, the target time T, C; the cluster destroyed; a restore to T holds

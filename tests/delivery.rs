@@ -54,7 +54,7 @@ async fn sigkill_mid_ingest_loses_no_acknowledged_event_and_resends_store_each_e
 
     // Restart on the same directory (a spool, if any, is replayed) and check every ack.
     let spec = ServerSpec {
-        dir: Some(server.dir.path().to_owned()),
+        dir: Some(server.dir_path().to_owned()),
         ..ServerSpec::with_database(&database.url)
     };
     let restarted = TestServer::start(spec).await;
@@ -94,7 +94,7 @@ async fn postgres_outage_keeps_ingest_acknowledged_through_the_spool_and_loses_n
     common::init_crypto();
     let server =
         TestServer::start(ServerSpec::default().env("SLUICE_BREAKER__OPEN_INITIAL", "500ms")).await;
-    let data_dir = server.dir.path().join("data");
+    let data_dir = server.dir_path().join("data");
     let cluster = EmbeddedPostgres::start(&data_dir).expect("attach to the private cluster");
     let url = cluster.url();
 
@@ -248,7 +248,7 @@ async fn with_the_database_down_and_the_spool_full_clients_get_resource_exhauste
             .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
     )
     .await;
-    let data_dir = server.dir.path().join("data");
+    let data_dir = server.dir_path().join("data");
     let cluster = EmbeddedPostgres::start(&data_dir).expect("attach to the private cluster");
     let url = cluster.url();
     cluster.stop().expect("stop PostgreSQL");

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{ServerSpec, TestDatabase, TestServer, event, publish};
+use common::{ServerSpec, TestDatabase, TestServer, event, free_port, publish};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -153,8 +153,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_one_the_server_exports() {
         vec![event("metrics", "one"), event("metrics", "two")],
     )
     .await;
-    let mut query =
-        sluice::proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     query
         .stats(sluice::proto::StatsRequest::default())
         .await
@@ -185,13 +184,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// `GET /api/v1/<path>` of Prometheus, as JSON.
@@ -264,8 +256,7 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
 
     // Traffic while Prometheus scrapes: stored events, a rejected one, reads.
     let mut ingest = server.ingest_client().await;
-    let mut query =
-        sluice::proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let mut bad = event("metrics", "bad");
     bad.service = String::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -383,5 +374,144 @@ async fn a_real_prometheus_scraping_a_live_server_evaluates_every_dashboard_and_
             rules.len()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The methods of every service in the proto's descriptor set, by name.
+fn proto_methods() -> Vec<String> {
+    use prost::Message;
+    let descriptors = prost_types::FileDescriptorSet::decode(sluice::proto::FILE_DESCRIPTOR_SET)
+        .expect("descriptor set");
+    descriptors
+        .file
+        .iter()
+        .flat_map(|file| &file.service)
+        .flat_map(|service| &service.method)
+        .map(|method| method.name().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_has_a_duration_series_with_its_code_once_called() {
+    use sluice::proto::{
+        AnonymizeRequest, AuditRequest, DeleteRequest, ExportRequest, OptInRequest, OptOutRequest,
+        QueryRequest, RestoreRequest, StatsRequest, TailRequest,
+    };
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = server.query_client().await;
+    let user = |user_id: &str| user_id.to_owned();
+    publish(&mut ingest, vec![event("rpcs", "published")]).await;
+    ingest
+        .ingest(tokio_stream::iter(vec![common::request(vec![event(
+            "rpcs", "streamed",
+        )])]))
+        .await
+        .expect("ingest");
+    let mut acks = ingest
+        .ingest_stream(tokio_stream::iter(vec![common::request(vec![event(
+            "rpcs", "acked",
+        )])]))
+        .await
+        .expect("ingest stream")
+        .into_inner();
+    while acks.message().await.expect("ack").is_some() {}
+    query.query(QueryRequest::default()).await.expect("query");
+    let mut chunks = query
+        .export(ExportRequest {
+            user_id: user("u-1"),
+            ..Default::default()
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    while chunks.message().await.expect("chunk").is_some() {}
+    query.stats(StatsRequest::default()).await.expect("stats");
+    query.audit(AuditRequest::default()).await.expect("audit");
+    let now = chrono::Utc::now();
+    let mut progress = query
+        .restore(RestoreRequest {
+            start_time: Some(prost_types::Timestamp {
+                seconds: now.timestamp() - 86_400,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: now.timestamp(),
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("restore")
+        .into_inner();
+    while progress.message().await.expect("progress").is_some() {}
+    query
+        .opt_out(OptOutRequest {
+            user_id: user("u-1"),
+            ..Default::default()
+        })
+        .await
+        .expect("opt out");
+    query
+        .opt_in(OptInRequest {
+            user_id: user("u-1"),
+            ..Default::default()
+        })
+        .await
+        .expect("opt in");
+    query
+        .anonymize(AnonymizeRequest {
+            user_id: user("u-1"),
+            ..Default::default()
+        })
+        .await
+        .expect("anonymize");
+    query
+        .delete(DeleteRequest {
+            user_id: user("u-1"),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    // A refused call is recorded with its code, and a stream the client drops as CANCELLED.
+    let refused = query
+        .query(QueryRequest {
+            limit: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("limit too large");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    drop(query.tail(TailRequest::default()).await.expect("tail"));
+
+    let methods = proto_methods();
+    assert_eq!(methods.len(), 13, "{methods:?}");
+    let series = |text: &str, method: &str, code: &str| {
+        text.lines().any(|line| {
+            line.starts_with("sluice_rpc_duration_seconds_count{")
+                && line.contains(&format!("method=\"{method}\""))
+                && line.contains(&format!("code=\"{code}\""))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = server.metrics().await;
+        let missing: Vec<&String> = methods
+            .iter()
+            .filter(|method| {
+                let code = if *method == "Tail" { "CANCELLED" } else { "OK" };
+                !series(&text, method, code)
+            })
+            .collect();
+        if missing.is_empty() && series(&text, "Query", "INVALID_ARGUMENT") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no duration series for {missing:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

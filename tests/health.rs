@@ -15,7 +15,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 async fn private_cluster_starts_without_database_url_and_health_follows_its_outage() {
     common::init_crypto();
     let server = TestServer::start(ServerSpec::default()).await;
-    let data_dir = server.dir.path().join("data");
+    let data_dir = server.dir_path().join("data");
     assert!(
         data_dir.join("postgres/PG_VERSION").exists(),
         "initdb ran under the data dir"
@@ -50,8 +50,7 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
     // and the spooled event reaches PostgreSQL.
     let cluster = EmbeddedPostgres::start(&data_dir).expect("restart PostgreSQL");
     wait_for_status(&server, ServingStatus::Serving).await;
-    let mut query =
-        sluice::proto::query_service_client::QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let request = sluice::proto::QueryRequest {
@@ -102,7 +101,7 @@ async fn private_cluster_starts_without_database_url_and_health_follows_its_outa
 
     // A new sluice on the same data dir finds the events again.
     let spec = ServerSpec {
-        dir: Some(server.dir.path().to_owned()),
+        dir: Some(server.dir_path().to_owned()),
         ..ServerSpec::default()
     };
     let restarted = TestServer::start(spec).await;

@@ -310,11 +310,11 @@ async fn malformed_protobuf_is_invalid_argument_with_bad_request_on_every_servic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_values_the_database_cannot_take_are_refused_by_field_without_database_text() {
-    use sluice::proto::{QueryRequest, query_service_client::QueryServiceClient};
+    use sluice::proto::QueryRequest;
     common::init_crypto();
     let database = TestDatabase::create().await;
     let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
-    let mut client = QueryServiceClient::new(server.channel().await);
+    let mut client = server.query_client().await;
     let with_nul = |key: &str, value: &str| prost_types::Struct {
         fields: [(
             key.to_owned(),

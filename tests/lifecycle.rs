@@ -31,13 +31,7 @@ after = "off"
 
 /// A server whose `sluice.toml` holds [`RULES`].
 async fn start_with_rules(database: &TestDatabase) -> TestServer {
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    std::fs::write(dir.join("sluice.toml"), RULES).expect("write sluice.toml");
-    TestServer::start(ServerSpec {
-        dir: Some(dir),
-        ..ServerSpec::with_database(&database.url)
-    })
-    .await
+    TestServer::start(ServerSpec::with_database(&database.url).toml(RULES)).await
 }
 
 /// Runs `sluice lifecycle --once` with the server's configuration; returns its JSON report.

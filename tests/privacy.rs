@@ -51,13 +51,7 @@ scopes = ["admin"]
 "#;
 
 async fn start(database: &TestDatabase, toml: &str) -> TestServer {
-    let dir = tempfile::tempdir().expect("tempdir").keep();
-    std::fs::write(dir.join("sluice.toml"), toml).expect("write sluice.toml");
-    TestServer::start(ServerSpec {
-        dir: Some(dir),
-        ..ServerSpec::with_database(&database.url)
-    })
-    .await
+    TestServer::start(ServerSpec::with_database(&database.url).toml(toml)).await
 }
 
 fn metadata(value: Json) -> sluice::proto::Metadata {
@@ -317,7 +311,7 @@ async fn a_new_key_encrypts_after_a_reload_old_values_still_open_and_rotate_reen
     )
     .await;
     assert_eq!(stored_key_ids(&database).await, ["k1", "k1", "k1", "k2"]);
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let ssns = |events: Vec<Event>| -> Vec<Json> {
         let mut ssns: Vec<Json> = events
             .iter()
@@ -462,7 +456,7 @@ async fn a_changed_or_missing_key_file_refuses_to_start_and_writes_no_new_key() 
         ..ServerSpec::with_database(&database.url)
     })
     .await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let events = query_user(&mut query, "dave").await.expect("query");
     assert_eq!(metadata_json(&events[0])["ssn"], "111-22-3333");
 }
@@ -480,7 +474,7 @@ async fn an_opted_out_user_is_refused_at_ingest_until_opt_in_and_events_already_
     let database = TestDatabase::create().await;
     let server = start(&database, "").await;
     let mut ingest = server.ingest_client().await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let of = |user: &str, service: &str| Event {
         user_id: user.to_owned(),
         ..event(service, "tracked")
@@ -620,7 +614,7 @@ async fn anonymize_breaks_the_link_in_the_table_dead_letters_and_archive_and_is_
         1
     );
 
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let anonymize = |dry_run| sluice::proto::AnonymizeRequest {
         user_id: "gina".to_owned(),
         dry_run,

@@ -134,7 +134,7 @@ async fn start() -> (
     )
     .await;
     let ingest = server.ingest_client().await;
-    let query = QueryServiceClient::new(server.channel().await);
+    let query = server.query_client().await;
     (database, server, ingest, query)
 }
 
@@ -474,7 +474,7 @@ async fn a_time_sliced_scan_pages_exactly_the_rows_of_one_unbounded_query_while_
     )
     .await;
     let mut ingest = server.ingest_client().await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     // A day of events across services; the matches are in its first and last two hours only,
     // so the scan crosses twenty hours of slices that hold none.
     let needle = |age: i64| !(7_200..79_200).contains(&age);
@@ -902,7 +902,7 @@ async fn with_a_read_replica_reads_go_to_it_and_writes_stay_on_the_primary() {
     )
     .await;
     let mut ingest = server.ingest_client().await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     publish(
         &mut ingest,
         vec![event("primary", "written to the primary")],
@@ -972,7 +972,7 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
     )
     .await;
     let mut ingest = server.ingest_client().await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     // Matches a minute old and 45 days old: always two different monthly partitions.
     let events = (0..20)
         .map(|index| Event {
@@ -1084,7 +1084,7 @@ async fn a_query_past_the_read_statement_timeout_is_deadline_exceeded_while_expo
     .execute(&mut connection)
     .await
     .expect("seed");
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let refused = query
         .query(QueryRequest {
             message_contains: "no such text".to_owned(),
@@ -1204,7 +1204,7 @@ async fn the_search_indexes_are_built_at_start_serve_the_content_filters_and_go_
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut ingest = server.ingest_client().await;
-    let mut query = QueryServiceClient::new(server.channel().await);
+    let mut query = server.query_client().await;
     let mut all = fixture();
     for message in ["progress 100%_done", "progress 100x done", "progress 10%_d"] {
         all.push(event("checkout", message));

@@ -13,10 +13,7 @@ use std::{
 };
 
 use common::{ServerSpec, TestDatabase, TestServer, event, request};
-use sluice::proto::{
-    DeleteRequest, StatsRequest, ingest_service_client::IngestServiceClient,
-    query_service_client::QueryServiceClient,
-};
+use sluice::proto::{DeleteRequest, StatsRequest, ingest_service_client::IngestServiceClient};
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
@@ -35,10 +32,7 @@ impl Redis {
     }
 
     async fn start_with(durable: bool) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("free port")
-            .port();
+        let port = common::free_port();
         let mut redis = Self {
             child: None,
             port,
@@ -276,7 +270,9 @@ async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_thro
             .matches("claimed entries another writer left pending")
             .count()
     );
-    let stats = QueryServiceClient::new(writer_b.channel().await)
+    let stats = writer_b
+        .query_client()
+        .await
         .stats(StatsRequest::default())
         .await
         .expect("stats")
@@ -487,7 +483,9 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
     assert!(common::metric_sum(&metrics, "sluice_events_refused_total", "backlog_full") >= 1.0);
     // A full backlog takes the ingest node out of the load balancer's rotation.
     common::wait_for_status(&ingest, ServingStatus::NotServing).await;
-    let stats = QueryServiceClient::new(ingest.channel().await)
+    let stats = ingest
+        .query_client()
+        .await
         .stats(StatsRequest::default())
         .await
         .expect("stats")
@@ -499,7 +497,7 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
 
     // Delete of a user whose event is still in the streams: it waits for a writer to store
     // it, then deletes it.
-    let mut query = QueryServiceClient::new(ingest.channel().await);
+    let mut query = ingest.query_client().await;
     let delete = tokio::spawn(async move {
         query
             .delete(DeleteRequest {

@@ -20,10 +20,7 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value,
     trace::v1::Span,
 };
-use sluice::proto::{
-    IngestRequest, QueryRequest, ingest_service_client::IngestServiceClient,
-    query_service_client::QueryServiceClient,
-};
+use sluice::proto::{IngestRequest, QueryRequest, ingest_service_client::IngestServiceClient};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Request;
 
@@ -115,7 +112,9 @@ async fn spans_until(
 }
 
 async fn query_trace(server: &TestServer, trace_id: &str) -> Vec<sluice::proto::Event> {
-    QueryServiceClient::new(server.channel().await)
+    server
+        .query_client()
+        .await
         .query(QueryRequest {
             trace_id: trace_id.to_owned(),
             ..QueryRequest::default()
@@ -227,7 +226,9 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
         .publish(request(vec![event("untraced-caller", "four")]))
         .await
         .expect("publish");
-    let events = QueryServiceClient::new(server.channel().await)
+    let events = server
+        .query_client()
+        .await
         .query(QueryRequest {
             services: vec!["untraced-caller".to_owned()],
             ..QueryRequest::default()
@@ -239,7 +240,9 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
     assert_eq!(events[0].trace_id.len(), 32, "{events:?}");
     assert_ne!(events[0].trace_id, TRACE_ID);
 
-    let status = QueryServiceClient::new(server.channel().await)
+    let status = server
+        .query_client()
+        .await
         .query(QueryRequest {
             trace_id: "not-a-trace".to_owned(),
             ..QueryRequest::default()
@@ -278,7 +281,9 @@ async fn without_export_the_callers_trace_id_is_still_stored_and_logged() {
         "no trace, no id: sluice starts no trace of its own when not exporting"
     );
     // The log lines of a traced call carry its trace id beside its request id.
-    QueryServiceClient::new(server.channel().await)
+    server
+        .query_client()
+        .await
         .delete(with_traceparent(
             sluice::proto::DeleteRequest {
                 services: vec!["logged".to_owned()],

@@ -475,11 +475,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(writer_side.lock().await.recv().await);
         });
-        buffer
+        let started = tokio::time::Instant::now();
+        let _second = buffer
             .admit(events(2))
             .await
             .expect("admitted once room frees");
+        assert_eq!(started.elapsed(), Duration::from_millis(50));
         releaser.await.expect("releaser");
+        // Nothing frees room now: the wait ends at admit_wait, refused.
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            buffer.admit(events(1)).await,
+            Err(AdmitError::Full { .. })
+        ));
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ use std::{
 
 use sluice::proto::{
     Event, IngestRequest, IngestResponse, ingest_service_client::IngestServiceClient,
+    query_service_client::QueryServiceClient,
 };
 use sqlx::{Connection, PgConnection};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -27,6 +28,44 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The throwaway S3 server (moto) that `scripts/test` runs: its endpoint and bucket, and the
+/// `AWS_*` variables a server or command needs to reach it.
+pub struct S3 {
+    pub endpoint: String,
+    pub bucket: String,
+}
+
+impl S3 {
+    pub fn from_env() -> Self {
+        let endpoint = std::env::var("TEST_SLUICE_S3_ENDPOINT").expect(
+            "TEST_SLUICE_S3_ENDPOINT is unset: run the suite with scripts/test, which starts moto",
+        );
+        let bucket =
+            std::env::var("TEST_SLUICE_S3_BUCKET").unwrap_or_else(|_| "sluice-test".to_owned());
+        Self { endpoint, bucket }
+    }
+
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .to_vec()
+    }
 }
 
 /// A fresh database on the shared test cluster.
@@ -98,7 +137,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub cert_dir: PathBuf,
-    pub dir: tempfile::TempDir,
+    /// Removed when the server is dropped (unless the spec named a directory of its own).
+    _dir: tempfile::TempDir,
     /// Where the server runs: its data dir, certs and `sluice.toml` are here.
     base: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
@@ -115,6 +155,8 @@ pub struct ServerSpec {
     pub args: Vec<String>,
     /// Reuse this directory (data dir and certs) instead of a fresh one.
     pub dir: Option<PathBuf>,
+    /// The `sluice.toml` to write in the server's directory before it starts.
+    pub toml: Option<String>,
 }
 
 impl ServerSpec {
@@ -134,12 +176,21 @@ impl ServerSpec {
         self.args.push(arg.to_owned());
         self
     }
+
+    /// Starts the server with this `sluice.toml`.
+    pub fn toml(mut self, toml: &str) -> Self {
+        self.toml = Some(toml.to_owned());
+        self
+    }
 }
 
 impl TestServer {
     pub async fn start(spec: ServerSpec) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = spec.dir.clone().unwrap_or_else(|| dir.path().to_owned());
+        if let Some(toml) = &spec.toml {
+            std::fs::write(base.join("sluice.toml"), toml).expect("write sluice.toml");
+        }
         let cert_dir = base.join("certs");
         let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
         command
@@ -214,7 +265,7 @@ impl TestServer {
             addr: addr.expect("address"),
             metrics_addr,
             cert_dir,
-            dir,
+            _dir: dir,
             base,
             logs,
         }
@@ -261,6 +312,10 @@ impl TestServer {
 
     pub async fn ingest_client(&self) -> IngestServiceClient<Channel> {
         IngestServiceClient::new(self.channel().await)
+    }
+
+    pub async fn query_client(&self) -> QueryServiceClient<Channel> {
+        QueryServiceClient::new(self.channel().await)
     }
 
     /// Sends SIGTERM.
