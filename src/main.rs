@@ -218,13 +218,10 @@ fn main() -> ExitCode {
             out_dir,
         }) => issue_certs(&name, &cert_dir, &out_dir),
         Some(Command::Send(args)) => match runtime.block_on(cli::send::run(args)) {
-            Ok(summary) => {
-                println!(
-                    "{}",
-                    serde_json::to_string(&summary).unwrap_or_else(|_| "{}".to_owned())
-                );
-                ExitCode::from(summary.exit_code())
-            }
+            Ok(summary) => match print_json("sluice send", &summary) {
+                ExitCode::SUCCESS => ExitCode::from(summary.exit_code()),
+                failed => failed,
+            },
             Err(error) => client_failed("send", error),
         },
         Some(Command::Query(args)) => {
@@ -250,16 +247,25 @@ fn main() -> ExitCode {
                 eprintln!("sluice lifecycle: pass --once (the server runs the job on its own)");
                 return ExitCode::FAILURE;
             }
-            runtime.block_on(lifecycle_once(serve))
+            runtime.block_on(job("sluice lifecycle", &serve, lifecycle_job))
         }
         Some(Command::Privacy {
             action: PrivacyAction::Rotate { serve },
-        }) => runtime.block_on(privacy_rotate(serve)),
+        }) => runtime.block_on(job("sluice privacy rotate", &serve, rotation_job)),
         Some(Command::Backup {
             once: _,
-            verify,
+            verify: true,
             serve,
-        }) => runtime.block_on(backup_job(serve, verify)),
+        }) => runtime.block_on(job(
+            "sluice backup --verify",
+            &serve,
+            async |config: Config| cli::backup::verify(&config).await,
+        )),
+        Some(Command::Backup { serve, .. }) => runtime.block_on(job(
+            "sluice backup --once",
+            &serve,
+            async |config: Config| cli::backup::once(&config).await,
+        )),
         Some(Command::Restore {
             to,
             data_dir,
@@ -291,21 +297,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// `sluice backup --once` / `--verify`: prints the report as JSON.
-async fn backup_job(args: ServeArgs, verify: bool) -> ExitCode {
-    let Some((config, telemetry)) = load_config(&args) else {
-        return ExitCode::FAILURE;
-    };
-    let exit = if verify {
-        print_report("sluice backup --verify", cli::backup::verify(&config).await)
-    } else {
-        print_report("sluice backup --once", cli::backup::once(&config).await)
-    };
-    flush_traces(telemetry).await;
-    exit
-}
-
-/// `sluice restore`: prints the report as JSON.
+/// `sluice restore`: rebuilds the private cluster; prints the report as JSON.
 async fn restore_job(
     to: String,
     data_dir: PathBuf,
@@ -317,15 +309,33 @@ async fn restore_job(
         data_dir: Some(data_dir.clone()),
         ..ServeArgs::default()
     };
-    let Some((config, telemetry)) = load_config(&args) else {
+    job("sluice restore", &args, async |config: Config| {
+        let target = cli::backup::recovery_target(&to)?;
+        cli::backup::restore(&config, backup_url.as_deref(), target, &data_dir).await
+    })
+    .await
+}
+
+/// A job against the configuration (file, environment, flags): loads it and starts logging
+/// and trace export, runs `work`, flushes the traces, and prints the report as JSON (or the
+/// error, exiting non-zero).
+async fn job<T: serde::Serialize, E: std::fmt::Display>(
+    name: &str,
+    args: &ServeArgs,
+    work: impl AsyncFnOnce(Config) -> Result<T, E>,
+) -> ExitCode {
+    let Some((config, telemetry)) = load_config(args) else {
         return ExitCode::FAILURE;
     };
-    let outcome = match cli::backup::recovery_target(&to) {
-        Ok(target) => cli::backup::restore(&config, backup_url.as_deref(), target, &data_dir).await,
-        Err(error) => Err(error),
-    };
+    let outcome = work(config).await;
     flush_traces(telemetry).await;
-    print_report("sluice restore", outcome)
+    match outcome {
+        Ok(report) => print_json(name, &report),
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Loads the configuration (file, environment, flags) and starts logging and trace export;
@@ -374,86 +384,39 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// `sluice lifecycle --once`: the job once, against the configured database; prints its report
-/// as JSON.
-async fn lifecycle_once(args: ServeArgs) -> ExitCode {
-    let Some((config, telemetry)) = load_config(&args) else {
-        return ExitCode::FAILURE;
-    };
-    let exit = lifecycle_job(&config).await;
-    flush_traces(telemetry).await;
-    exit
-}
+/// A job's failure, with its source kept for the message.
+type JobError = Box<dyn std::error::Error>;
 
-async fn lifecycle_job(config: &Config) -> ExitCode {
-    let policy = match sluice::lifecycle::RetentionPolicy::new(&config.retention) {
-        Ok(policy) => policy,
-        Err(error) => {
-            eprintln!("sluice: invalid configuration: retention.rules: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let archive = match sluice::server::open_archive(config).await {
-        Ok(archive) => archive,
-        Err(error) => {
-            eprintln!("sluice lifecycle: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let store = match sluice::store::Store::open(config).await {
-        Ok(store) => store,
-        Err(error) => {
-            eprintln!("sluice lifecycle: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
+/// `sluice lifecycle --once`: the job once, against the configured database.
+async fn lifecycle_job(config: Config) -> Result<sluice::lifecycle::Report, JobError> {
+    let policy = sluice::lifecycle::RetentionPolicy::new(&config.retention)?;
+    let archive = sluice::server::open_archive(&config).await?;
+    let store = sluice::store::Store::open(&config).await?;
     let outcome = sluice::lifecycle::run_once(&store.maintenance_pool, &policy, &archive).await;
     store.close().await;
-    print_report("sluice lifecycle", outcome)
+    Ok(outcome?)
 }
 
-/// `sluice privacy rotate`: re-encrypts old values under the newest key; prints its report as
-/// JSON.
-async fn privacy_rotate(args: ServeArgs) -> ExitCode {
-    let Some((config, telemetry)) = load_config(&args) else {
-        return ExitCode::FAILURE;
-    };
-    let exit = rotation_job(&config).await;
-    flush_traces(telemetry).await;
-    exit
-}
-
-async fn rotation_job(config: &Config) -> ExitCode {
-    let store = match sluice::store::Store::open(config).await {
-        Ok(store) => store,
-        Err(error) => {
-            eprintln!("sluice privacy rotate: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let outcome = match sluice::privacy::fingerprints::open(config, &store.pool).await {
+/// `sluice privacy rotate`: re-encrypts old values under the newest key.
+async fn rotation_job(config: Config) -> Result<sluice::privacy::fingerprints::Rotated, JobError> {
+    let store = sluice::store::Store::open(&config).await?;
+    let outcome = match sluice::privacy::fingerprints::open(&config, &store.pool).await {
         Ok(privacy) => sluice::privacy::fingerprints::rotate(&store.pool, &privacy).await,
         Err(error) => Err(error),
     };
     store.close().await;
-    print_report("sluice privacy rotate", outcome)
+    Ok(outcome?)
 }
 
-/// Prints a job's report as JSON, or its error.
-fn print_report<T: serde::Serialize, E: std::fmt::Display>(
-    job: &str,
-    outcome: Result<T, E>,
-) -> ExitCode {
-    match outcome {
-        Ok(report) => {
-            println!(
-                "{}",
-                serde_json::to_string(&report).unwrap_or_else(|_| "{}".to_owned())
-            );
+/// Prints `report` as one line of JSON; a report that cannot be serialized is a failure.
+fn print_json<T: serde::Serialize>(name: &str, report: &T) -> ExitCode {
+    match serde_json::to_string(report) {
+        Ok(json) => {
+            println!("{json}");
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("{job}: {error}");
+            eprintln!("{name}: cannot write the report as JSON: {error}");
             ExitCode::FAILURE
         }
     }
