@@ -423,12 +423,9 @@ impl Filter {
             *user_id = privacy.user_id(user_id);
         }
         if let Some(metadata) = self.metadata_contains.as_mut() {
-            privacy.search_form(metadata).map_err(|key| {
-                InvalidArgument::new(
-                    "metadata_contains",
-                    format!("{key} is redacted or encrypted (privacy.*) and cannot be searched"),
-                )
-            })?;
+            privacy
+                .search_form(metadata)
+                .map_err(|error| InvalidArgument::new("metadata_contains", error.to_string()))?;
         }
         Ok(())
     }

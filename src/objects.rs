@@ -2,15 +2,36 @@
 //! fsync) or `s3://bucket/prefix` (credentials, region and endpoint from the usual `AWS_*`
 //! variables).
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use object_store::{
     ObjectStore, aws::AmazonS3Builder, local::LocalFileSystem, prefix::PrefixStore,
 };
 
+/// Why a URL names no store that can be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectsError {
+    #[error("{url} is not a URL: {source}")]
+    NotUrl {
+        url: String,
+        source: url::ParseError,
+    },
+    #[error("{url} names no bucket (s3://bucket/prefix)")]
+    NoBucket { url: String },
+    #[error("{url} is not an absolute file URL")]
+    NotAbsoluteFile { url: String },
+    #[error("scheme {scheme}: use file:///path or s3://bucket/prefix")]
+    Scheme { scheme: String },
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
+}
+
 /// Opens the store a URL names; the error says why it cannot be used.
-pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, String> {
-    let parsed = url::Url::parse(url).map_err(|error| format!("{url} is not a URL: {error}"))?;
+pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, ObjectsError> {
+    let parsed = url::Url::parse(url).map_err(|source| ObjectsError::NotUrl {
+        url: url.to_owned(),
+        source,
+    })?;
     match parsed.scheme() {
         "file" => {
             // Rooted at `/` under a prefix rather than `new_with_prefix`, which needs the
@@ -26,11 +47,12 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, String> {
             let bucket = parsed
                 .host_str()
                 .filter(|bucket| !bucket.is_empty())
-                .ok_or_else(|| format!("{url} names no bucket (s3://bucket/prefix)"))?;
+                .ok_or_else(|| ObjectsError::NoBucket {
+                    url: url.to_owned(),
+                })?;
             let store = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
-                .build()
-                .map_err(|error| error.to_string())?;
+                .build()?;
             let prefix = parsed.path().trim_matches('/');
             Ok(if prefix.is_empty() {
                 Arc::new(store)
@@ -38,17 +60,19 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, String> {
                 Arc::new(PrefixStore::new(store, prefix))
             })
         }
-        scheme => Err(format!(
-            "scheme {scheme}: use file:///path or s3://bucket/prefix"
-        )),
+        scheme => Err(ObjectsError::Scheme {
+            scheme: scheme.to_owned(),
+        }),
     }
 }
 
 /// The directory of a `file://` URL.
-pub fn local_directory(url: &str) -> Result<std::path::PathBuf, String> {
+pub fn local_directory(url: &str) -> Result<PathBuf, ObjectsError> {
     url::Url::parse(url)
         .ok()
         .filter(|parsed| parsed.scheme() == "file")
         .and_then(|parsed| parsed.to_file_path().ok())
-        .ok_or_else(|| format!("{url} is not an absolute file URL"))
+        .ok_or_else(|| ObjectsError::NotAbsoluteFile {
+            url: url.to_owned(),
+        })
 }

@@ -35,6 +35,8 @@ use format::{ArchivedEvent, Encoded, Encoder};
 pub enum ArchiveError {
     #[error("invalid configuration: archive.url: {reason}")]
     Config { reason: String },
+    #[error("invalid configuration: archive.url: {0}")]
+    Url(#[from] crate::objects::ObjectsError),
     #[error("invalid configuration: archive.url {url} cannot be written: {reason}")]
     Unwritable { url: String, reason: String },
     #[error("object store error: {0}")]
@@ -154,8 +156,7 @@ impl Archive {
             }
         };
         let root = url.trim_end_matches('/').to_owned();
-        let objects =
-            crate::objects::open(&root).map_err(|reason| ArchiveError::Config { reason })?;
+        let objects = crate::objects::open(&root)?;
         let archive = Self {
             objects,
             root,

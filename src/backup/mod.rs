@@ -33,6 +33,8 @@ const ZSTD_LEVEL: i32 = 3;
 pub enum BackupError {
     #[error("invalid configuration: backup.url: {0}")]
     Config(String),
+    #[error("invalid configuration: backup.url: {0}")]
+    Url(#[from] crate::objects::ObjectsError),
     #[error(
         "backups are for the private cluster only; with database.url set, use pgBackRest or WAL-G (see the README)"
     )]
@@ -87,7 +89,7 @@ pub struct Repository {
 impl Repository {
     pub fn open(url: &str) -> Result<Self, BackupError> {
         let url = url.trim_end_matches('/').to_owned();
-        let objects = crate::objects::open(&url).map_err(BackupError::Config)?;
+        let objects = crate::objects::open(&url)?;
         Ok(Self { objects, url })
     }
 
@@ -293,7 +295,7 @@ pub fn cluster_settings(
     };
     Repository::open(url)?;
     if url.starts_with("file:") {
-        let directory = crate::objects::local_directory(url).map_err(BackupError::Config)?;
+        let directory = crate::objects::local_directory(url)?;
         let wal = directory.join("wal");
         std::fs::create_dir_all(&wal).map_err(BackupError::io(&wal))?;
         let cluster = EmbeddedPostgres::locate(&config.data_dir)?;

@@ -67,6 +67,13 @@ impl From<PrivacyError> for tonic::Status {
     }
 }
 
+/// A metadata key a search cannot name: it is dropped or encrypted before storage.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} is redacted or encrypted (privacy.*) and cannot be searched")]
+pub struct Unsearchable {
+    pub key: String,
+}
+
 /// What happens to a redacted key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Redaction {
@@ -331,9 +338,9 @@ impl Privacy {
     }
 
     /// A `metadata_contains` filter in the form values are stored in: hashed keys and a
-    /// pseudonymized `userId` hashed, at any depth. Err(key) for a key that is dropped or
-    /// encrypted: nothing stored can match it.
-    pub fn search_form(&self, filter: &mut Map<String, Json>) -> Result<(), String> {
+    /// pseudonymized `userId` hashed, at any depth. A key that is dropped or encrypted is
+    /// refused: nothing stored can match it.
+    pub fn search_form(&self, filter: &mut Map<String, Json>) -> Result<(), Unsearchable> {
         if self.pseudonymize
             && let Some(user) = filter.get_mut("userId")
             && !user.is_null()
@@ -343,13 +350,14 @@ impl Privacy {
         self.search_object(filter)
     }
 
-    fn search_object(&self, object: &mut Map<String, Json>) -> Result<(), String> {
+    fn search_object(&self, object: &mut Map<String, Json>) -> Result<(), Unsearchable> {
         for (key, value) in object.iter_mut() {
             let lower = key.to_lowercase();
+            let unsearchable = || Unsearchable { key: key.clone() };
             match self.redact.get(&lower) {
-                Some(Redaction::Drop) => return Err(key.clone()),
+                Some(Redaction::Drop) => return Err(unsearchable()),
                 Some(Redaction::Hash) => *value = Json::String(self.hash(&canonical(value))),
-                None if self.encrypt.contains(&lower) => return Err(key.clone()),
+                None if self.encrypt.contains(&lower) => return Err(unsearchable()),
                 None => match value {
                     Json::Object(inner) => self.search_object(inner)?,
                     Json::Array(items) => {
@@ -691,7 +699,12 @@ mod tests {
                 .as_object()
                 .cloned()
                 .expect("object");
-            assert_eq!(privacy.search_form(&mut filter), Err(key.to_owned()));
+            assert_eq!(
+                privacy.search_form(&mut filter),
+                Err(Unsearchable {
+                    key: key.to_owned()
+                })
+            );
         }
     }
 
