@@ -580,6 +580,22 @@ async fn a_lifecycle_run_killed_midway_loses_and_duplicates_nothing() {
     .await
     .expect("seed");
     let total = DAYS * PER_DAY;
+    // The run's second object waits on a lock the test holds: the kill lands midway however
+    // fast the machine archives.
+    let mut holder = archived.database.connect().await;
+    for statement in [
+        "SELECT pg_advisory_lock(4242)",
+        "CREATE FUNCTION test_hold_second_object() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF EXISTS (SELECT 1 FROM archives) THEN PERFORM pg_advisory_xact_lock_shared(4242); END IF; \
+         RETURN NEW; END $$",
+        "CREATE TRIGGER test_hold_second_object BEFORE INSERT ON archives \
+         FOR EACH ROW EXECUTE FUNCTION test_hold_second_object()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut holder)
+            .await
+            .expect("hold the second object");
+    }
 
     let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args([
@@ -607,6 +623,16 @@ async fn a_lifecycle_run_killed_midway_loses_and_duplicates_nothing() {
     }
     run.kill().expect("SIGKILL");
     run.wait().expect("reap");
+    for statement in [
+        "SELECT pg_advisory_unlock(4242)",
+        "DROP TRIGGER test_hold_second_object ON archives",
+        "DROP FUNCTION test_hold_second_object()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut holder)
+            .await
+            .expect("release the second object");
+    }
     let recorded = archived
         .database
         .scalar("SELECT count(*) FROM archives")

@@ -125,14 +125,10 @@ async fn scopes_and_service_permissions_hold_and_every_read_and_refusal_is_audit
         .expect_err("not its service");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "SERVICE_DENIED");
-    let page = reader
-        .query(QueryRequest::default())
-        .await
-        .expect("query")
-        .into_inner();
-    assert_eq!(page.events.len(), 2);
+    let events = common::query_all(&mut reader, QueryRequest::default()).await;
+    assert_eq!(events.len(), 2);
     assert!(
-        page.events
+        events
             .iter()
             .all(|event| event.service.starts_with("billing"))
     );

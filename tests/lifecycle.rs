@@ -121,9 +121,10 @@ async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
         .expect("lock");
     let skipped = lifecycle_once(&server, &database.url);
     assert_eq!(skipped["ran"], false);
-    drop(holder);
-    // Closing the connection releases the session lock; wait until it is free.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('sluice.lifecycle'))")
+        .execute(&mut holder)
+        .await
+        .expect("unlock");
 
     let report = lifecycle_once(&server, &database.url);
     assert_eq!(report["ran"], true, "{report}");
@@ -212,6 +213,23 @@ async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() 
     .await
     .expect("seed kept");
     let expired = || database.scalar("SELECT count(*) FROM events WHERE message = 'expired'");
+    // The run's second batch waits on a lock the test holds: the kill lands midway however
+    // fast the machine deletes (the first batch of 5,000 rows passes, the next row waits).
+    let mut holder = database.connect().await;
+    for statement in [
+        "SELECT pg_advisory_lock(4243)",
+        "CREATE SEQUENCE test_deleted_rows",
+        "CREATE FUNCTION test_hold_second_batch() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF nextval('test_deleted_rows') > 5000 THEN PERFORM pg_advisory_xact_lock_shared(4243); END IF; \
+         RETURN OLD; END $$",
+        "CREATE TRIGGER test_hold_second_batch BEFORE DELETE ON events \
+         FOR EACH ROW EXECUTE FUNCTION test_hold_second_batch()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut holder)
+            .await
+            .expect("hold the second batch");
+    }
 
     // Kill the run with SIGKILL once its first batch has committed.
     let mut run = Command::new(env!("CARGO_BIN_EXE_sluice"))
@@ -238,6 +256,16 @@ async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() 
     }
     run.kill().expect("SIGKILL");
     run.wait().expect("reap");
+    for statement in [
+        "SELECT pg_advisory_unlock(4243)",
+        "DROP TRIGGER test_hold_second_batch ON events",
+        "DROP FUNCTION test_hold_second_batch()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut holder)
+            .await
+            .expect("release the second batch");
+    }
     // A statement in flight when the client died still finishes in PostgreSQL: count once the
     // dead client's sessions are gone.
     while database

@@ -491,9 +491,21 @@ async fn an_opted_out_user_is_refused_at_ingest_until_opt_in_and_events_already_
             .expect("early publish")
             .into_inner()
     });
+    // In the buffer, past the opt-out check (Stats reads the buffer live).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while common::metric_sum(&server.metrics().await, "sluice_events_received_total", "") < 1.0 {
-        assert!(Instant::now() < deadline, "the early event never arrived");
+    loop {
+        let stats = query
+            .stats(sluice::proto::StatsRequest::default())
+            .await
+            .expect("stats")
+            .into_inner();
+        if stats.buffer.is_some_and(|buffer| buffer.events >= 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the early event never reached the buffer"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     query

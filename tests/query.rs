@@ -9,7 +9,7 @@ use std::{
 };
 
 use chrono::{TimeDelta, Utc};
-use common::{ServerSpec, TestDatabase, TestServer, event};
+use common::{ServerSpec, TestDatabase, TestServer, event, query_all};
 use prost_types::{Struct, Value, value::Kind};
 use sluice::proto::{
     DeleteRequest, Event, ExportRequest, IngestRequest, Order, QueryRequest, StatsRequest,
@@ -62,10 +62,16 @@ async fn publish(client: &mut IngestServiceClient<Channel>, events: Vec<Event>) 
     }
 }
 
-async fn query_all(client: &mut QueryServiceClient<Channel>, request: QueryRequest) -> Vec<Event> {
+/// The first `wanted` events of a query, following page tokens: a scanned page may be
+/// partial, or empty, with a token, however fast the machine is.
+async fn first_events(
+    client: &mut QueryServiceClient<Channel>,
+    request: QueryRequest,
+    wanted: usize,
+) -> Vec<Event> {
     let mut events = Vec::new();
     let mut page_token = String::new();
-    loop {
+    while events.len() < wanted {
         let page = client
             .query(QueryRequest {
                 page_token,
@@ -76,10 +82,12 @@ async fn query_all(client: &mut QueryServiceClient<Channel>, request: QueryReque
             .into_inner();
         events.extend(page.events);
         if page.next_page_token.is_empty() {
-            return events;
+            break;
         }
         page_token = page.next_page_token;
     }
+    events.truncate(wanted);
+    events
 }
 
 fn messages(events: &[Event]) -> Vec<String> {
@@ -226,33 +234,27 @@ async fn every_filter_and_their_combinations_select_exactly_the_matching_events(
     );
 
     // Newest first by default, oldest first on request.
-    let newest = query
-        .query(QueryRequest {
+    let newest = first_events(
+        &mut query,
+        QueryRequest {
             limit: 3,
             ..Default::default()
-        })
-        .await
-        .expect("query")
-        .into_inner();
-    assert_eq!(
-        newest
-            .events
-            .iter()
-            .map(|event| event.message.as_str())
-            .collect::<Vec<_>>()[0],
-        all[0].message
-    );
-    let oldest = query
-        .query(QueryRequest {
+        },
+        1,
+    )
+    .await;
+    assert_eq!(newest[0].message, all[0].message);
+    let oldest = first_events(
+        &mut query,
+        QueryRequest {
             limit: 1,
             order: Order::OldestFirst as i32,
             ..Default::default()
-        })
-        .await;
-    assert_eq!(
-        oldest.expect("query").into_inner().events[0].message,
-        all[59].message
-    );
+        },
+        1,
+    )
+    .await;
+    assert_eq!(oldest[0].message, all[59].message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -730,7 +732,23 @@ async fn delete_by_user_removes_every_partition_dead_letters_and_buffered_events
             .expect("late publish")
             .into_inner()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The late events are in the buffer (Stats reads it live) before the Delete starts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = query
+            .stats(sluice::proto::StatsRequest::default())
+            .await
+            .expect("stats")
+            .into_inner();
+        if stats.buffer.is_some_and(|buffer| buffer.events >= 5) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late events never reached the buffer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut delete_client = query.clone();
     let deletion = tokio::spawn(async move {
         delete_client
@@ -967,7 +985,10 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
             .env("SLUICE_RETENTION__DEFAULT", "90days")
-            .env("SLUICE_SEARCH__MAX_SCAN_TIME", "300ms")
+            // Week-long slices reach the old partition in the call's second or third step, and
+            // a budget far above a step's cost lets them get there on any machine.
+            .env("SLUICE_SEARCH__SLICE", "7days")
+            .env("SLUICE_SEARCH__MAX_SCAN_TIME", "2s")
             .env("SLUICE_DATABASE__READ_STATEMENT_TIMEOUT", "20s"),
     )
     .await;
@@ -1071,40 +1092,43 @@ async fn a_query_past_the_read_statement_timeout_is_deadline_exceeded_while_expo
     let database = TestDatabase::create().await;
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
-            .env("SLUICE_DATABASE__READ_STATEMENT_TIMEOUT", "1ms"),
+            .env("SLUICE_DATABASE__READ_STATEMENT_TIMEOUT", "500ms"),
     )
     .await;
-    // Enough rows that a substring scan takes far longer than 1 ms.
-    let mut connection = database.connect().await;
-    sqlx::query(
-        "INSERT INTO events (id, service, message, ts, metadata) \
-         SELECT gen_random_uuid(), 'scan', 'message number ' || i, now() - i * interval '1 ms', '{}' \
-         FROM generate_series(1, 300000) i",
-    )
-    .execute(&mut connection)
-    .await
-    .expect("seed");
+    let mut ingest = server.ingest_client().await;
+    publish(&mut ingest, vec![event("scan", "message number 12345")]).await;
     let mut query = server.query_client().await;
+    // A statement that waits on a lock runs for as long as the lock is held, whatever the
+    // machine's speed: the Query is cancelled at the read statement timeout.
+    let mut locker = database.connect().await;
+    lock_partition_of(&mut locker, "message number 12345").await;
     let refused = query
         .query(QueryRequest {
-            message_contains: "no such text".to_owned(),
+            services: vec!["scan".to_owned()],
             ..Default::default()
         })
         .await
-        .expect_err("a 1 ms budget cannot scan 300,000 rows");
+        .expect_err("the statement waits on the lock past the read statement timeout");
     assert_eq!(refused.code(), tonic::Code::DeadlineExceeded, "{refused:?}");
     assert!(refused.message().contains("read_statement_timeout"));
-    // Export streams for as long as its client reads: exempt.
-    let (total, lines) = export_all(
-        &mut query,
-        ExportRequest {
-            message_contains: "number 12345".to_owned(),
-            ..Default::default()
-        },
-    )
-    .await;
-    assert_eq!(total as usize, lines.len());
-    assert!(total >= 1, "{total}");
+    // Export streams for as long as its client reads: exempt. It waits on the same lock for
+    // twice the timeout, then answers.
+    let mut export = server.query_client().await;
+    let exported = tokio::spawn(async move {
+        export_all(
+            &mut export,
+            ExportRequest {
+                message_contains: "number 12345".to_owned(),
+                ..Default::default()
+            },
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!exported.is_finished(), "the export waits on the lock");
+    TestDatabase::resume_writers(locker).await;
+    let (total, lines) = exported.await.expect("export");
+    assert_eq!((total, lines.len()), (1, 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,17 +18,23 @@ async fn sigterm_with_events_in_flight_loses_no_acknowledged_event() {
     )
     .await;
     let acknowledged = Arc::new(Mutex::new(0u64));
+    // The senders that have had a publish acknowledged.
+    let through = Arc::new(Mutex::new(std::collections::HashSet::new()));
     let mut senders = tokio::task::JoinSet::new();
     for sender in 0..4 {
         let mut client = server.ingest_client().await;
         let acknowledged = acknowledged.clone();
+        let through = through.clone();
         senders.spawn(async move {
             for round in 0.. {
                 let events = (0..200)
                     .map(|offset| event("shutdown", &format!("{sender}-{round}-{offset}")))
                     .collect();
                 match client.publish(common::request(events)).await {
-                    Ok(response) => *acknowledged.lock().await += response.into_inner().accepted,
+                    Ok(response) => {
+                        *acknowledged.lock().await += response.into_inner().accepted;
+                        through.lock().await.insert(sender);
+                    }
                     Err(status) => {
                         assert!(
                             matches!(
@@ -46,7 +52,12 @@ async fn sigterm_with_events_in_flight_loses_no_acknowledged_event() {
             unreachable!("the loop ends with the server")
         });
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every sender has had events through before the signal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while through.lock().await.len() < 4 {
+        assert!(std::time::Instant::now() < deadline, "no events through");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.terminate();
     let status = server.wait(Duration::from_secs(60));
     assert!(status.success(), "clean exit: {status}\n{}", server.logs());

@@ -22,8 +22,8 @@ pub struct DatabaseConfig {
     pub read_connections: u32,
     /// Longest one Query or Stats statement may run on the read pool: one whose filter has no
     /// index path fails with DEADLINE_EXCEEDED instead of holding a connection. The steps of
-    /// a time-sliced scan run under what is left of the shorter `search.max_scan_time`;
-    /// Export streams from one snapshot and is exempt; Audit reads the primary.
+    /// a time-sliced scan run under what is left of `search.max_scan_time` instead; Export
+    /// streams from one snapshot and is exempt; Audit reads the primary.
     #[default(Duration::from_secs(10))]
     #[serde(with = "humantime_serde")]
     pub read_statement_timeout: Duration,

@@ -422,6 +422,30 @@ pub async fn publish(
         .into_inner()
 }
 
+/// Every event a query matches, following page tokens (a scanned page may be partial).
+pub async fn query_all(
+    client: &mut QueryServiceClient<Channel>,
+    request: sluice::proto::QueryRequest,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut page_token = request.page_token.clone();
+    loop {
+        let page = client
+            .query(sluice::proto::QueryRequest {
+                page_token,
+                ..request.clone()
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return events;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 /// A valid event stamped now.
 pub fn event(service: &str, message: &str) -> Event {
     let now = chrono::Utc::now();
