@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 rows=${1:-1000000}
 ensure_postgres_binaries
-cargo build --release --quiet
+cargo build --profile dist --quiet
 work=$(mktemp -d /tmp/sluice-archive-bench.XXXXXX)
 trap 'stop_throwaway_postgres; rm -rf "$work"' EXIT
 start_throwaway_postgres
@@ -21,7 +21,7 @@ after = "7days"
 url = "file://$work/archive"
 TOML
 lifecycle() {
-  SLUICE_DATA_DIR="$work/data" RUST_LOG=warn target/release/sluice lifecycle --once \
+  SLUICE_DATA_DIR="$work/data" RUST_LOG=warn target/dist/sluice lifecycle --once \
     --database-url "$PG_URL" --config "$work/sluice.toml"
 }
 echo "machine: $(nproc) cores, $(uname -sr), $(postgres --version)"

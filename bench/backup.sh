@@ -9,14 +9,14 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 rows=${1:-1000000}
 ensure_postgres_binaries
-cargo build --release --quiet
+cargo build --profile dist --quiet
 work=$(mktemp -d /tmp/sluice-backup-bench.XXXXXX)
 chmod 755 "$work" # PostgreSQL (the postgres user, under root) reaches its cluster and the repository
 data="$work/data"
 stop_cluster() { run_as_postgres "$PG_BIN/pg_ctl" -D "$data/postgres" -m immediate -w stop >/dev/null 2>&1 || true; }
 trap 'stop_cluster; rm -rf "$work"' EXIT
 export SLUICE_DATA_DIR="$data" SLUICE_BACKUP__URL="file://$work/repository" RUST_LOG=warn
-sluice() { target/release/sluice "$@"; }
+sluice() { target/dist/sluice "$@"; }
 seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 echo "machine: $(nproc) cores, $(uname -sr), $(postgres --version)"

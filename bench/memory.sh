@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Server memory under wide-Struct requests (issue 15): a throwaway PostgreSQL, a release build
+# Server memory under wide-Struct requests (issue 15): a throwaway PostgreSQL, a dist build (fat LTO)
 # of sluice over mTLS, then bench/memory_attack.py (grpcio) against it.
 #
 #   bench/memory.sh              # 350,000-key metadata, 30 s settle

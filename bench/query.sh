@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Read-side benchmark: loads ROWS synthetic events (default 10M, over the last 28 days, 8
 # services, 50,000 users, in time order as ingest writes them, so that each block holds a
-# narrow span of time as in production) into a throwaway PostgreSQL, starts a release build of sluice on it,
+# narrow span of time as in production) into a throwaway PostgreSQL, starts a dist build (fat LTO) of sluice on it,
 # prints the plans of the read queries, then runs `sluice bench-query` (Query, next page and
 # Stats latency percentiles; Export of one service, about ROWS/8 events, with server RSS).
 #
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
-cargo build --release --quiet
+cargo build --profile dist --quiet
 cleanup() {
   stop_release_server
   stop_throwaway_postgres
@@ -41,6 +41,6 @@ psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT service
   FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1"
 
 # shellcheck disable=SC2046
-target/release/sluice bench-query $(release_server_client_flags) \
+target/dist/sluice bench-query $(release_server_client_flags) \
   --export-service svc-3 --server-pid "$SLUICE_PID" "$@"
 echo "server peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$SLUICE_PID/status)"

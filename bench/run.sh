@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end benchmark on this machine: a throwaway PostgreSQL with default (durable) settings,
-# a release build of sluice over mTLS, then `sluice bench`, which measures the raw binary COPY
+# a dist build (fat LTO) of sluice over mTLS, then `sluice bench`, which measures the raw binary COPY
 # ceiling of the same database and sluice's ingest rate, and prints their ratio.
 #
 #   bench/run.sh                          # defaults: 200k events, 8 streams, 500 events/request
@@ -37,7 +37,7 @@ if [ "$redis" = 0 ]; then
     echo "dropped index $index"
   done
   # shellcheck disable=SC2046
-  "${BENCH_BINARY:-target/release/sluice}" bench $(release_server_client_flags) \
+  "${BENCH_BINARY:-target/dist/sluice}" bench $(release_server_client_flags) \
     --database-url "$PG_URL" --server-pid "$SLUICE_PID" --reset-table "$@"
   exit 0
 fi
@@ -58,7 +58,7 @@ measure() {
   for port in "$@"; do extra+=(--extra-addr "https://localhost:$port"); done
   echo "=== $label"
   # shellcheck disable=SC2046
-  "${BENCH_BINARY:-target/release/sluice}" bench $(client_flags "$first") "${extra[@]}" \
+  "${BENCH_BINARY:-target/dist/sluice}" bench $(client_flags "$first") "${extra[@]}" \
     --database-url "$PG_URL" --reset-table --wait-stored "${BENCH_ARGS[@]}" | tee "$SLUICE_WORK/report"
   RATE=$(awk '/^stored end to end:/ {print $5}' "$SLUICE_WORK/report")
 }

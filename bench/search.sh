@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
-cargo build --release --quiet
+cargo build --profile dist --quiet
 config=$(mktemp /tmp/sluice-search.XXXXXX.toml)
 cleanup() {
   stop_release_server
@@ -28,7 +28,7 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname
 echo "rows: $(psql_at 'SELECT count(*) FROM events')"
 bench_query() {
   # shellcheck disable=SC2046
-  target/release/sluice bench-query $(release_server_client_flags) --server-pid "$SLUICE_PID" "$@"
+  target/dist/sluice bench-query $(release_server_client_flags) --server-pid "$SLUICE_PID" "$@"
 }
 # Each phase restarts sluice with some of the search options (the server drops the indexes of
 # the last phase and builds its own), then runs bench-query. SEARCH_PHASES lists the phases,

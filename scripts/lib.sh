@@ -81,7 +81,7 @@ stop_throwaway_s3() {
   return 0
 }
 
-# Starts a release build of sluice on a free port against database URL $1, with dev certificates
+# Starts a dist build (fat LTO) of sluice on a free port against database URL $1, with dev certificates
 # in a temp dir, and with `--config $BENCH_CONFIG` when that is set. Sets SLUICE_PID, SLUICE_PORT and SLUICE_WORK (certs in $SLUICE_WORK/certs);
 # stop_release_server stops it and removes the dir.
 start_release_server() {
@@ -90,7 +90,7 @@ start_release_server() {
   local config=()
   [ -n "${BENCH_CONFIG:-}" ] && config=(--config "$(readlink -f "$BENCH_CONFIG")")
   SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/data" \
-    "${BENCH_BINARY:-target/release/sluice}" "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
+    "${BENCH_BINARY:-target/dist/sluice}" "${config[@]}" --listen "127.0.0.1:$SLUICE_PORT" --database-url "$1" --metrics-listen 127.0.0.1:0 \
     >"$SLUICE_WORK/server.log" 2>&1 &
   SLUICE_PID=$!
   wait_for_listening "$SLUICE_WORK/server.log"
@@ -126,7 +126,7 @@ start_release_node() {
   mkdir -p "$SLUICE_WORK/$name"
   NODE_PORT=$(free_port)
   SLUICE_TLS__CERT_DIR="$SLUICE_WORK/certs" SLUICE_DATA_DIR="$SLUICE_WORK/$name/data" \
-    "${BENCH_BINARY:-target/release/sluice}" --listen "127.0.0.1:$NODE_PORT" --database-url "$url" --metrics-listen 127.0.0.1:0 "$@" \
+    "${BENCH_BINARY:-target/dist/sluice}" --listen "127.0.0.1:$NODE_PORT" --database-url "$url" --metrics-listen 127.0.0.1:0 "$@" \
     >"$SLUICE_WORK/$name/server.log" 2>&1 &
   NODE_PIDS+=("$!")
   wait_for_listening "$SLUICE_WORK/$name/server.log"
@@ -169,7 +169,7 @@ release_server_client_flags() {
     --cert "$SLUICE_WORK/certs/client.pem" --key "$SLUICE_WORK/certs/client.key"
 }
 
-# For benchmarks: PostgreSQL binaries, a release build, a throwaway cluster (durable settings),
+# For benchmarks: PostgreSQL binaries, a dist build (fat LTO), a throwaway cluster (durable settings),
 # and an EXIT trap that stops the server and the cluster.
 bench_cleanup() {
   stop_release_server
@@ -181,7 +181,7 @@ bench_cleanup() {
 start_bench_environment() {
   ensure_postgres_binaries
   if [ -z "${BENCH_BINARY:-}" ]; then
-    cargo build --release --quiet
+    cargo build --profile dist --quiet
   fi
   trap bench_cleanup EXIT
   start_throwaway_postgres

@@ -2,8 +2,12 @@
 //! `audit_log` table (a trigger refuses UPDATE and DELETE of rows younger than the retention).
 //!
 //! Every Query, Export, Delete and Stats gets a row, and so does every policy reload. Refusals
-//! on authentication or permission are counted per peer, principal, RPC, code and reason and
-//! written once a minute with their count, so a flood cannot fill the table.
+//! on authentication or permission are counted per peer, principal, RPC, code and reason (the
+//! ErrorInfo reason, a bounded set, never the message a client's input shaped) and written
+//! once a minute with their count, so a flood cannot fill the table. What a row stores is
+//! bounded too: strings, lists and the whole row. The log has a small pool of its own, so
+//! that neither ingest nor a flood of reads can starve the other of connections; a read of
+//! personal data whose row cannot be written is refused ([`Audit::record_read`]).
 
 use std::{
     collections::HashMap,
@@ -56,18 +60,25 @@ impl Entry {
     }
 }
 
-/// Aggregation key of a refusal.
+/// Aggregation key of a refusal: every part bounded, whatever the client sent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct FailureKey {
     peer: String,
     principal: String,
     rpc: &'static str,
     code: Code,
+    /// The ErrorInfo reason (`SERVICE_DENIED`, …), else the code's name.
     reason: String,
 }
 
 /// Longest text kept in an audit row's details (a client chooses some of it).
 const MAX_DETAIL_CHARS: usize = 512;
+/// Most items of a list, and entries of an object, kept in a row's details.
+const MAX_DETAIL_ITEMS: usize = 100;
+/// Largest row details, as JSON: a larger one keeps its start only.
+const MAX_DETAIL_BYTES: usize = 16 * 1024;
+/// Distinct refusal keys counted between flushes; past it the rest count under one key.
+const MAX_FAILURE_KEYS: usize = 10_000;
 
 /// Makes client-chosen text storable and bounded: jsonb holds no NUL, and a row stays small.
 fn sanitize(value: &mut Json) {
@@ -87,10 +98,26 @@ fn sanitize(value: &mut Json) {
                     .collect();
             }
         }
-        Json::Array(items) => items.iter_mut().for_each(sanitize),
+        Json::Array(items) => {
+            if items.len() > MAX_DETAIL_ITEMS {
+                let more = items.len() - MAX_DETAIL_ITEMS;
+                items.truncate(MAX_DETAIL_ITEMS);
+                items.push(json!({ "more": more }));
+            }
+            items.iter_mut().for_each(sanitize);
+        }
         Json::Object(object) => {
             let keys: Vec<String> = object.keys().cloned().collect();
-            for key in keys {
+            if keys.len() > MAX_DETAIL_ITEMS {
+                for key in &keys[MAX_DETAIL_ITEMS..] {
+                    object.remove(key);
+                }
+                object.insert(
+                    "(more)".to_owned(),
+                    Json::from(keys.len() - MAX_DETAIL_ITEMS),
+                );
+            }
+            for key in keys.into_iter().take(MAX_DETAIL_ITEMS) {
                 if let Some(mut value) = object.remove(&key) {
                     sanitize(&mut value);
                     let mut key = Json::String(key);
@@ -102,6 +129,38 @@ fn sanitize(value: &mut Json) {
             }
         }
         Json::Null | Json::Bool(_) | Json::Number(_) => {}
+    }
+}
+
+/// Makes row details storable and bounded: every string, list and object, then the whole.
+fn bounded(details: &Json) -> Json {
+    let mut details = details.clone();
+    sanitize(&mut details);
+    let text = details.to_string();
+    if text.len() <= MAX_DETAIL_BYTES {
+        return details;
+    }
+    let mut cut = MAX_DETAIL_BYTES / 2;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    json!({ "truncated": true, "bytes": text.len(), "start": &text[..cut] })
+}
+
+/// An audit row of a read could not be written: the read is refused (UNAVAILABLE).
+#[derive(Debug, thiserror::Error)]
+#[error("the audit log cannot record this read; retry later")]
+pub struct NotRecorded(#[from] sqlx::Error);
+
+impl From<NotRecorded> for Status {
+    fn from(error: NotRecorded) -> Self {
+        crate::proto::status::refusal(
+            Code::Unavailable,
+            error.to_string(),
+            "AUDIT_UNAVAILABLE",
+            Some(Duration::from_secs(1)),
+            HashMap::new(),
+        )
     }
 }
 
@@ -120,19 +179,20 @@ impl Audit {
 
     /// Writes one row, durably. A failure is logged and counted, never hidden.
     pub async fn record(&self, entry: Entry) {
-        self.write(entry, true).await;
+        let _ = self.write(entry, true).await;
     }
 
     /// Writes the row of a read (Query, Export, Tail, Stats, Audit) without waiting for its
     /// WAL flush (`synchronous_commit = off`): a flush that the disk stalls would otherwise
     /// land in the answer of every read (it was the tail of bounded searches). A PostgreSQL
     /// crash can lose such rows of the last moments (`wal_writer_delay`, 200 ms by default);
-    /// rows of calls that change anything stay durable.
-    pub async fn record_read(&self, entry: Entry) {
-        self.write(entry, false).await;
+    /// rows of calls that change anything stay durable. A row that cannot be written at all
+    /// is an error, so that a read of personal data fails closed.
+    pub async fn record_read(&self, entry: Entry) -> Result<(), NotRecorded> {
+        self.write(entry, false).await
     }
 
-    async fn write(&self, entry: Entry, durable: bool) {
+    async fn write(&self, entry: Entry, durable: bool) -> Result<(), NotRecorded> {
         let result = async {
             let mut transaction = self.pool.begin().await?;
             if !durable {
@@ -144,10 +204,11 @@ impl Audit {
             transaction.commit().await
         }
         .await;
-        if let Err(error) = result {
+        result.map_err(|error| {
             metrics::audit_error();
             tracing::error!(%error, principal = %entry.principal, rpc = entry.rpc, "cannot write the audit log");
-        }
+            NotRecorded(error)
+        })
     }
 
     /// Writes one row on `connection`, inside the caller's transaction when it has one.
@@ -155,8 +216,7 @@ impl Audit {
         connection: &mut PgConnection,
         entry: &Entry,
     ) -> Result<(), sqlx::Error> {
-        let mut details = entry.details.clone();
-        sanitize(&mut details);
+        let details = bounded(&entry.details);
         let mut principal = Json::String(entry.principal.clone());
         sanitize(&mut principal);
         sqlx::query(
@@ -180,19 +240,23 @@ impl Audit {
         peer: Option<SocketAddr>,
         status: &Status,
     ) {
-        let key = FailureKey {
+        use tonic_types::StatusExt;
+        let reason = status
+            .get_details_error_info()
+            .map_or_else(|| code_name(status.code()).to_owned(), |info| info.reason);
+        let mut key = FailureKey {
             peer: peer.map_or_else(|| "unknown".to_owned(), |peer| peer.ip().to_string()),
-            principal: principal.to_owned(),
+            principal: principal.chars().take(MAX_DETAIL_CHARS).collect(),
             rpc,
             code: status.code(),
-            reason: status.message().chars().take(MAX_DETAIL_CHARS).collect(),
+            reason,
         };
-        *self
-            .failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
-            .or_default() += 1;
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        if failures.len() >= MAX_FAILURE_KEYS && !failures.contains_key(&key) {
+            key.peer = "(many)".to_owned();
+            key.principal = "(many)".to_owned();
+        }
+        *failures.entry(key).or_default() += 1;
     }
 
     /// Writes the refusals counted since the last flush.

@@ -1,23 +1,48 @@
 //! Live events for `Tail`: the writers publish each batch once it is durable, and each Tail
-//! stream subscribes. One ring of `TAIL_BATCHES` batches is shared by every subscriber, so
+//! stream subscribes. One ring of [`TAIL_BATCHES`] batches is shared by every subscriber, so
 //! memory is bounded however many follow and however slow they read: a subscriber that falls
-//! behind skips batches and is told how many. Publishing costs nothing while nobody follows.
+//! behind skips batches and is told how many. A batch is converted to its wire form once, for
+//! every subscriber ([`TailBatch::converted`]). Publishing costs nothing while nobody follows.
 //!
 //! A node sees the events its own writers store: with several nodes, follow each.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::broadcast;
 
-use crate::event::ValidEvent;
+use crate::{event::ValidEvent, privacy::PrivacyError, proto::Event};
 
 /// Batches kept for subscribers that are behind: at most this many writer batches are held
 /// (each at most `writer.batch_max_bytes`), however many follow.
-const TAIL_BATCHES: usize = 64;
+pub const TAIL_BATCHES: usize = 64;
+
+/// A batch's events as Tail shows them: one per event of the batch, in order.
+pub type Converted = Result<Arc<[Event]>, PrivacyError>;
+
+/// One durable batch, with its wire forms made on first use: encrypted values masked (for
+/// most subscribers) and opened (for scope `pii`).
+pub struct TailBatch {
+    pub events: Vec<ValidEvent>,
+    masked: OnceLock<Converted>,
+    revealed: OnceLock<Converted>,
+}
+
+impl TailBatch {
+    /// The batch's wire form, `convert`ed by the first subscriber that asks and shared by the
+    /// rest.
+    pub fn converted(
+        &self,
+        reveal: bool,
+        convert: impl FnOnce(&[ValidEvent]) -> Converted,
+    ) -> Converted {
+        let cell = if reveal { &self.revealed } else { &self.masked };
+        cell.get_or_init(|| convert(&self.events)).clone()
+    }
+}
 
 /// The batches written by this node's writers, for subscribers.
 pub struct TailFeed {
-    sender: broadcast::Sender<Arc<[ValidEvent]>>,
+    sender: broadcast::Sender<Arc<TailBatch>>,
 }
 
 impl Default for TailFeed {
@@ -38,17 +63,23 @@ impl TailFeed {
     pub fn publish(&self, events: Vec<ValidEvent>) {
         if !events.is_empty() {
             // No subscriber left: nothing to do.
-            let _ = self.sender.send(events.into());
+            let _ = self.sender.send(Arc::new(TailBatch {
+                events,
+                masked: OnceLock::new(),
+                revealed: OnceLock::new(),
+            }));
         }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<[ValidEvent]>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<TailBatch>> {
         self.sender.subscribe()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     #[tokio::test]
@@ -65,5 +96,24 @@ mod tests {
             Err(broadcast::error::RecvError::Lagged(3))
         ));
         assert!(subscriber.recv().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_converted_once_for_every_subscriber() {
+        let hub = TailFeed::default();
+        let mut subscribers: Vec<_> = (0..5).map(|_| hub.subscribe()).collect();
+        hub.publish(vec![ValidEvent::sample(0), ValidEvent::sample(1)]);
+        let conversions = AtomicUsize::new(0);
+        for subscriber in &mut subscribers {
+            let batch = subscriber.recv().await.expect("batch");
+            let events = batch
+                .converted(false, |events| {
+                    conversions.fetch_add(1, Ordering::Relaxed);
+                    Ok(events.iter().map(|_| Event::default()).collect())
+                })
+                .expect("converted");
+            assert_eq!(events.len(), 2);
+        }
+        assert_eq!(conversions.load(Ordering::Relaxed), 1);
     }
 }

@@ -149,8 +149,18 @@ fn metadata_filter(
     }
 }
 
-/// Service names a call names (Tail, OptOut, OptIn): the same rule as events'.
+/// Service names a call names (Tail, OptOut, OptIn): the same rule as events', and at most
+/// [`MAX_FILTER_SERVICES`] of them, as for any filter.
 pub fn check_services(services: &[String]) -> Result<(), InvalidArgument> {
+    if services.len() > MAX_FILTER_SERVICES {
+        return Err(InvalidArgument::new(
+            "services",
+            format!(
+                "{} services named, the limit is {MAX_FILTER_SERVICES}",
+                services.len()
+            ),
+        ));
+    }
     services.iter().try_for_each(|service| {
         check_service(service).map_err(|error| InvalidArgument::new("services", error.to_string()))
     })

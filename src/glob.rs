@@ -59,6 +59,11 @@ impl ServiceGlobs {
         })
     }
 
+    /// The globs as configured; None when every service matches.
+    pub fn globs(&self) -> Option<&[String]> {
+        (!self.all).then_some(self.patterns.as_slice())
+    }
+
     pub fn allows(&self, service: &str) -> bool {
         self.all || self.globs.is_match(service)
     }

@@ -1,16 +1,17 @@
 //! sluice: a gRPC streaming ingestion server that lands events in PostgreSQL.
 //!
-//! Data flows one way: RPC ([`ingest`]) → validation → [`privacy`] → bounded [`buffer`] →
-//! [`writer`] pool → PostgreSQL ([`store`]), with the [`spool`] beside the buffer for database
-//! outages. The read side ([`query`]) reads the store and the [`archive`], where the
-//! [`lifecycle`] job moves old events; [`backup`] keeps the private cluster restorable to a
-//! point in time. [`server`] wires the pieces together.
+//! Data flows one way: RPC ([`ingest`]) → the one envelope of [`rpc`] → validation →
+//! [`privacy`] → bounded [`buffer`] → [`writer`] pool → PostgreSQL ([`store`]) or the Redis
+//! [`broker`], with the [`spool`] beside the buffer for database outages. The read side
+//! ([`query`]) reads the store and the [`archive`], where the [`lifecycle`] job moves old
+//! events; `erasure` takes personal data away everywhere it is; [`backup`] keeps the private
+//! cluster restorable to a point in time. [`server`] wires the pieces together.
 //!
-//! Imports flow the same way: `server → {ingest, query, lifecycle, backup} → {buffer, writer,
-//! archive, privacy} → {spool, store}`,
-//! and the leaves (`config`, `event`, `wire`, `metrics`, `status`, `proto`) import nothing above
-//! them. Each module maps its own error type to a `tonic::Status` beside that type, through
-//! the domain-free helpers of [`status`].
+//! Imports flow the same way: `server → {ingest, query} → {erasure, lifecycle, archive} →
+//! {writer, filter, rpc} → {spool, store, auth, audit} → {buffer, metrics} → {broker, privacy,
+//! proto}`, and the leaves (`config`, `event`, `glob`, `objects`, `backoff`) import nothing of
+//! sluice. Each module maps its own error type to a `tonic::Status` beside that type, through
+//! the domain-free helpers of `proto::status`.
 
 pub mod archive;
 pub(crate) mod audit;

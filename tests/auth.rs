@@ -429,6 +429,7 @@ audience = "sluice"
 
 [[auth.principals]]
 name = "svc-a"
+kind = "token"
 scopes = ["ingest", "query"]
 services = ["svc-a"]
 events_per_second = 250
@@ -462,6 +463,12 @@ burst_events = 500
     wrong_issuer["iss"] = serde_json::json!("https://evil.test");
     let mut wrong_audience = claims("svc-a", "ingest");
     wrong_audience["aud"] = serde_json::json!("someone-else");
+    // A configured audience or issuer is required: a token without the claim is refused as
+    // one that names another.
+    let mut no_audience = claims("svc-a", "ingest");
+    no_audience.as_object_mut().expect("object").remove("aud");
+    let mut no_issuer = claims("svc-a", "ingest");
+    no_issuer.as_object_mut().expect("object").remove("iss");
     let unsigned = {
         use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
         format!(
@@ -500,6 +507,8 @@ burst_events = 500
         ("not yet valid", rsa.sign(&early), "not valid yet"),
         ("wrong issuer", rsa.sign(&wrong_issuer), "issuer"),
         ("wrong audience", rsa.sign(&wrong_audience), "audience"),
+        ("no audience", rsa.sign(&no_audience), "audience (aud)"),
+        ("no issuer", rsa.sign(&no_issuer), "issuer (iss)"),
         ("alg none", unsigned, "none"),
         ("algorithm confusion", confused, "algorithm"),
         ("unknown kid", unknown_kid, "kid"),
@@ -653,4 +662,246 @@ burst_events = 500
             "{secret:?} appears in the logs:\n{logs}"
         );
     }
+}
+
+/// An RSA signer of test tokens, its JWKS file written in `dir`.
+fn rsa_signer(dir: &Path) -> (Signer, std::path::PathBuf) {
+    let (private, _) = openssl_key(
+        dir,
+        "rsa",
+        &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+    );
+    let signer = Signer {
+        key: EncodingKey::from_rsa_pem(&private).expect("rsa"),
+        algorithm: Algorithm::RS256,
+        kid: "rsa-1".to_owned(),
+    };
+    let jwks = dir.join("jwks.json");
+    write_jwks(&jwks, &[&signer]);
+    (signer, jwks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_tokens_claim_only_principals_of_their_own_kind() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (rsa, jwks) = rsa_signer(keys.path());
+    let toml = format!(
+        r#"
+[auth.jwt]
+jwks_file = "{}"
+issuer = "https://issuer.test"
+audience = "sluice"
+
+[[auth.principals]]
+name = "ops"
+scopes = ["admin"]
+
+[[auth.principals]]
+name = "robot"
+kind = "token"
+scopes = ["admin"]
+"#,
+        jwks.display()
+    );
+    let server = start_with_policy(&database, &toml, &["ops", "robot", "(operator)"]).await;
+
+    // A certificate named after a token principal is a stranger: the default grant.
+    let mut robot_certificate = QueryServiceClient::new(channel_as(&server, "robot").await);
+    let status = robot_certificate
+        .audit(AuditRequest::default())
+        .await
+        .expect_err("a certificate cannot claim a token principal");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // A token whose subject names a certificate principal is a stranger too.
+    let mut query = server.query_client().await;
+    let status = query
+        .audit(with_token(
+            AuditRequest::default(),
+            &rsa.sign(&claims("ops", "admin")),
+        ))
+        .await
+        .expect_err("a token cannot claim a certificate principal");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Each, with its own kind of credential, has its rights.
+    QueryServiceClient::new(channel_as(&server, "ops").await)
+        .audit(AuditRequest::default())
+        .await
+        .expect("ops by its certificate");
+    let token = rsa.sign(&claims("robot", "admin"));
+    query
+        .stats(with_token(StatsRequest::default(), &token))
+        .await
+        .expect("robot by its token");
+
+    // A certificate may not take a name reserved for the server's own rows.
+    let mut operator = QueryServiceClient::new(channel_as(&server, "(operator)").await);
+    let status = operator
+        .stats(StatsRequest::default())
+        .await
+        .expect_err("reserved identity");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(reason(&status), "RESERVED_IDENTITY");
+
+    // A token that rides on a certificate: the audit row names both.
+    let rows = query
+        .audit(with_token(
+            AuditRequest {
+                principal: "robot".to_owned(),
+                rpc: "Stats".to_owned(),
+                ..AuditRequest::default()
+            },
+            &token,
+        ))
+        .await
+        .expect("audit")
+        .into_inner()
+        .entries;
+    let details = rows[0].details.clone().expect("details").to_struct();
+    assert_eq!(
+        details.fields["certificate"].kind,
+        Some(prost_types::value::Kind::StringValue("client".to_owned())),
+        "{details:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_jwks_file_keeps_its_keys_for_max_stale_then_every_token_is_refused() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let keys = tempfile::tempdir().expect("tempdir");
+    let (rsa, jwks) = rsa_signer(keys.path());
+    let toml = format!(
+        r#"
+[auth.jwt]
+jwks_file = "{}"
+issuer = "https://issuer.test"
+audience = "sluice"
+max_stale = "10s"
+
+[[auth.principals]]
+name = "svc-a"
+kind = "token"
+scopes = ["ingest"]
+"#,
+        jwks.display()
+    );
+    let server = start_with_policy(&database, &toml, &[]).await;
+    let mut ingest = server.ingest_client().await;
+    let publish = |token: &str| with_token(request(vec![event("svc-a", "t")]), token);
+    let token = rsa.sign(&claims("svc-a", "ingest"));
+    ingest.publish(publish(&token)).await.expect("fresh keys");
+
+    // The file is gone: the keys in hand stay in use (a rewrite in progress must not lock
+    // everyone out), and the staleness shows in metrics.
+    std::fs::remove_file(&jwks).expect("remove the JWKS file");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = server.metrics().await;
+        if metric_sum(&metrics, "sluice_jwks_stale_seconds", "") > 0.0 {
+            assert!(
+                metrics.contains("sluice_health_check{check=\"jwks\"} 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "staleness never shown"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Past max_stale, every token is refused: revocation fails closed.
+    let refused = loop {
+        match ingest.publish(publish(&token)).await {
+            Ok(_) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "stale keys kept for ever"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(refused.message().contains("keys"), "{refused:?}");
+    // A good file again: tokens pass.
+    write_jwks(&jwks, &[&rsa]);
+    while ingest.publish(publish(&token)).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new file never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_grouped_by_reason_and_rows_stay_bounded_whatever_a_client_sends() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let policy = r#"
+[[auth.principals]]
+name = "reader"
+scopes = ["query"]
+services = ["billing"]
+
+[[auth.principals]]
+name = "ops"
+scopes = ["admin"]
+"#;
+    let server = start_with_policy(&database, policy, &["reader", "ops"]).await;
+    let mut reader = QueryServiceClient::new(channel_as(&server, "reader").await);
+    // Services the client makes up: each refusal's message names one, but they are one kind.
+    for index in 0..300 {
+        let status = reader
+            .query(QueryRequest {
+                services: vec![format!("made-up-{index}")],
+                ..QueryRequest::default()
+            })
+            .await
+            .expect_err("not its service");
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+    // A Tail naming its service 15,000 times is refused before anything is kept of it.
+    let status = reader
+        .tail(sluice::proto::TailRequest {
+            services: vec!["billing".to_owned(); 15_000],
+            ..Default::default()
+        })
+        .await
+        .expect_err("too many services");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let mut ops = QueryServiceClient::new(channel_as(&server, "ops").await);
+    ops.audit(AuditRequest::default())
+        .await
+        .expect("flushes the refusals");
+    assert_eq!(
+        database
+            .scalar(
+                "SELECT count(*) FROM audit_log WHERE principal = 'reader' AND rpc = 'Query' \
+                 AND code = 'PERMISSION_DENIED'"
+            )
+            .await,
+        1,
+        "one row for the kind of refusal"
+    );
+    assert_eq!(
+        database
+            .scalar(
+                "SELECT (details->>'count')::bigint FROM audit_log WHERE principal = 'reader' \
+                 AND rpc = 'Query' AND code = 'PERMISSION_DENIED'"
+            )
+            .await,
+        300
+    );
+    assert!(
+        database
+            .scalar("SELECT max(octet_length(details::text))::bigint FROM audit_log")
+            .await
+            < 20_000,
+        "no row holds what a client chose to send at length"
+    );
 }

@@ -189,7 +189,7 @@ async fn a_spool_with_a_torn_tail_is_replayed_at_startup_up_to_the_tear() {
             .expect("spool");
         for batch in &batches {
             spool
-                .append(&batch.iter().collect::<Vec<_>>())
+                .append(&batch.iter().collect::<Vec<_>>(), Some(chrono::Utc::now()))
                 .await
                 .expect("append");
         }

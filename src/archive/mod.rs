@@ -16,6 +16,7 @@ pub mod format;
 pub mod restore;
 mod selection;
 
+use std::ops::ControlFlow;
 use std::{
     collections::{HashMap, HashSet},
     path::Path as FsPath,
@@ -121,6 +122,8 @@ pub struct TakeProgress {
     pub objects_changed: u64,
     pub events: u64,
     pub inserted: u64,
+    /// The work stopped before its end, as `progress` asked.
+    pub stopped: bool,
 }
 
 /// The object store and the archiving settings.
@@ -156,6 +159,19 @@ impl Archive {
             }
         };
         let root = url.trim_end_matches('/').to_owned();
+        // Archived events are personal data: a local archive is this user's only, whatever
+        // the umask (objects inside cannot be reached through a 0700 directory).
+        if root.starts_with("file:") {
+            use std::os::unix::fs::PermissionsExt;
+            let directory = crate::objects::local_directory(&root)?;
+            let private = std::fs::create_dir_all(&directory).and_then(|()| {
+                std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o700))
+            });
+            private.map_err(|error| ArchiveError::Unwritable {
+                url: root.clone(),
+                reason: error.to_string(),
+            })?;
+        }
         let objects = crate::objects::open(&root)?;
         let archive = Self {
             objects,
@@ -314,13 +330,15 @@ impl Archive {
         }
     }
 
-    /// The ids held by the objects of a service's day (the caller holds the archive lock).
-    pub async fn ids_of_day(
+    /// The keys `(id, timestamp)` held by the objects of a service's day (the caller holds
+    /// the archive lock): the idempotency key of events everywhere, so that two events that
+    /// share an id but not a timestamp are both kept.
+    pub async fn keys_of_day(
         &self,
         connection: &mut sqlx::PgConnection,
         service: &str,
         day: NaiveDate,
-    ) -> Result<HashSet<uuid::Uuid>, ArchiveError> {
+    ) -> Result<HashSet<(uuid::Uuid, DateTime<Utc>)>, ArchiveError> {
         let mut ids = HashSet::new();
         for object in catalog::objects_of_day(connection, service, day).await? {
             for line in self.matching_lines(&object, Arc::new(|_| true)).await? {
@@ -328,7 +346,7 @@ impl Archive {
                     path: object.path.clone(),
                     reason: error.to_string(),
                 })?;
-                ids.insert(event.id);
+                ids.insert((event.id, event.timestamp));
             }
         }
         Ok(ids)
@@ -350,14 +368,15 @@ impl Archive {
     }
 
     /// [`Archive::take`] on every object of `selection`, until a fresh selection finds no
-    /// object left to look at; `progress` is called after each object.
+    /// object left to look at; `progress` is called after each object, and stops the work
+    /// there when it answers [`ControlFlow::Break`] (`stopped` tells).
     pub async fn take_all(
         &self,
         pool: &PgPool,
         selection: &Selection,
         matches: Matcher,
         removal: Removal,
-        mut progress: impl FnMut(&TakeProgress) + Send,
+        mut progress: impl FnMut(&TakeProgress) -> ControlFlow<()> + Send,
     ) -> Result<TakeProgress, ArchiveError> {
         let mut seen: HashSet<i64> = HashSet::new();
         let mut state = TakeProgress::default();
@@ -390,7 +409,10 @@ impl Archive {
                     seen.extend(taken.replacement);
                 }
                 state.objects_done += 1;
-                progress(&state);
+                if progress(&state).is_break() {
+                    state.stopped = true;
+                    return Ok(state);
+                }
             }
         }
     }

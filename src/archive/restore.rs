@@ -1,8 +1,10 @@
 //! Restore: moves the archived events of a time range (maybe some services) back into
 //! `events`, where Query sees them, and holds the range there (the lifecycle job leaves it
-//! alone) until a given time. Idempotent by `(id, ts)`; reports progress per object.
+//! alone) until a given time. Idempotent by `(id, ts)`; reports progress per object. The
+//! caller is authorized again after every object: an expired token or a reload that took
+//! the scope away stops the restore there (what was restored stays, held).
 
-use std::{pin::Pin, sync::Arc};
+use std::{ops::ControlFlow, pin::Pin, sync::Arc};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use futures::Stream;
@@ -68,12 +70,19 @@ pub async fn serve(
                 matcher: filter.archived_matcher(),
             };
             let sender = progress.clone();
+            let (refresh, refreshed) = (admission.clone(), call.clone());
             let result = restore(&pool, &archive, range, hold_until, &move |step| {
+                if let Err(error) = refresh.refresh(&refreshed) {
+                    let _ = sender.send(Err(error.into()));
+                    return ControlFlow::Break(());
+                }
                 // The client may have gone: the restore still finishes (and is audited).
                 let _ = sender.send(Ok(step));
+                ControlFlow::Continue(())
             })
             .await
             .map(|restored| {
+                details["stopped"] = Json::Bool(restored.stopped);
                 details["objects"] = Json::from(restored.objects);
                 details["rows"] = Json::from(restored.events);
                 details["inserted"] = Json::from(restored.inserted);
@@ -105,16 +114,19 @@ pub struct Restored {
     pub objects: u64,
     pub events: u64,
     pub inserted: u64,
+    /// Stopped before its end (the caller lost its right to it).
+    pub stopped: bool,
 }
 
 /// Brings `range` back, holding it in PostgreSQL until `hold_until`; `progress` hears of
-/// every object and, last, of the whole (a client that went away does not stop it).
+/// every object and, last, of the whole, and stops the restore when it answers `Break` (a
+/// client that went away does not stop it).
 pub async fn restore(
     pool: &PgPool,
     archive: &Archive,
     range: Range<'_>,
     hold_until: DateTime<Utc>,
-    progress: &(dyn Fn(RestoreProgress) + Send + Sync),
+    progress: &(dyn Fn(RestoreProgress) -> ControlFlow<()> + Send + Sync),
 ) -> Result<Restored, ArchiveError> {
     // First the hold: from now on the lifecycle job leaves the range in PostgreSQL.
     let services = (!range.services.is_empty()).then_some(range.services);
@@ -137,10 +149,13 @@ pub async fn restore(
             |state| progress(report(state, false)),
         )
         .await?;
-    progress(report(&done, true));
+    if !done.stopped {
+        let _ = progress(report(&done, true));
+    }
     Ok(Restored {
         objects: done.objects_changed,
         events: done.events,
         inserted: done.inserted,
+        stopped: done.stopped,
     })
 }

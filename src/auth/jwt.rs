@@ -1,6 +1,12 @@
 //! Bearer JWTs: keys from a JWKS file (re-read when it changes, so keys rotate without a
-//! restart), `iss`/`aud`/`exp`/`nbf` checks with a leeway, and an algorithm allowlist. Every
-//! refusal names what was wrong, never key material.
+//! restart), `iss`/`aud`/`exp`/`nbf` checks with a leeway, and an algorithm allowlist. A
+//! configured issuer or audience is required: a token that omits the claim is refused like
+//! one that names another. Every refusal names what was wrong, never key material.
+//!
+//! Revocation fails closed: a JWKS file that is deleted, unreadable or not a key set keeps the
+//! last good keys in use for at most `auth.jwt.max_stale` (a file caught mid-rewrite must not
+//! lock everyone out), counted in `sluice_jwks_stale_seconds` and warned of; past it, every
+//! token is refused until the file is good again.
 
 use std::{
     collections::BTreeSet,
@@ -45,6 +51,10 @@ pub enum TokenError {
     WrongIssuer,
     #[error("token audience is not accepted")]
     WrongAudience,
+    #[error("token has no issuer (iss), and this server requires one")]
+    MissingIssuer,
+    #[error("token has no audience (aud), and this server requires one")]
+    MissingAudience,
     #[error("token has no usable subject (sub)")]
     MissingSubject,
     #[error("token keys are unavailable")]
@@ -80,6 +90,17 @@ struct KeyCache {
     keys: Arc<JwkSet>,
     modified: Option<SystemTime>,
     checked: Option<Instant>,
+    /// When the file was last read, or seen unchanged: the keys in hand are that fresh.
+    good: Instant,
+}
+
+/// Why the JWKS file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("not a JWK set: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// Verifies tokens against the configured JWKS file.
@@ -89,6 +110,7 @@ pub struct JwtVerifier {
     audience: Option<String>,
     algorithms: Vec<Algorithm>,
     leeway: Duration,
+    max_stale: Duration,
     cache: Mutex<KeyCache>,
 }
 
@@ -103,8 +125,8 @@ pub enum JwtConfigError {
         "auth.jwt.audience is required with a jwks_file: tokens issued for other services must not pass"
     )]
     NoAudience,
-    #[error("cannot read the JWKS file {path}: {reason}")]
-    Jwks { path: PathBuf, reason: String },
+    #[error("cannot read the JWKS file {path}: {source}")]
+    Jwks { path: PathBuf, source: JwksError },
 }
 
 impl JwtVerifier {
@@ -134,16 +156,18 @@ impl JwtVerifier {
             audience: config.audience.clone(),
             algorithms,
             leeway: config.leeway,
+            max_stale: config.max_stale,
             cache: Mutex::new(KeyCache {
                 keys: Arc::new(JwkSet { keys: Vec::new() }),
                 modified: None,
                 checked: None,
+                good: Instant::now(),
             }),
         };
         // Fail at start (or reload) on an unreadable file, rather than on the first token.
-        verifier.load().map_err(|reason| JwtConfigError::Jwks {
+        verifier.load().map_err(|source| JwtConfigError::Jwks {
             path: file.clone(),
-            reason,
+            source,
         })?;
         Ok(Some(verifier))
     }
@@ -168,7 +192,11 @@ impl JwtVerifier {
         validation.algorithms = vec![header.alg];
         validation.leeway = self.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience is required, not only checked when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         match &self.issuer {
             Some(issuer) => validation.set_issuer(&[issuer]),
             None => validation.iss = None,
@@ -185,9 +213,12 @@ impl JwtVerifier {
                 ErrorKind::InvalidAudience => TokenError::WrongAudience,
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
                 ErrorKind::InvalidAlgorithm => TokenError::AlgorithmNotAccepted,
-                ErrorKind::MissingRequiredClaim(claim) if claim == "sub" => {
-                    TokenError::MissingSubject
-                }
+                ErrorKind::MissingRequiredClaim(claim) => match claim.as_str() {
+                    "sub" => TokenError::MissingSubject,
+                    "iss" => TokenError::MissingIssuer,
+                    "aud" => TokenError::MissingAudience,
+                    _ => TokenError::Malformed,
+                },
                 _ => TokenError::Malformed,
             })?
             .claims;
@@ -208,43 +239,66 @@ impl JwtVerifier {
         })
     }
 
-    /// The keys, re-read when the file changed (looked at most once per second).
+    /// The keys, re-read when the file changed (looked at most once per second); none once
+    /// the file has been unusable for longer than `max_stale`.
     fn keys(&self) -> Result<Arc<JwkSet>, TokenError> {
-        let due = {
-            let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-            cache
-                .checked
-                .is_none_or(|checked| checked.elapsed() >= RECHECK_INTERVAL)
-        };
-        if due && let Err(reason) = self.load() {
-            // Keep the keys in hand: a file caught mid-rewrite must not lock everyone out.
-            tracing::warn!(file = %self.file.display(), reason, "cannot re-read the JWKS file; keeping the keys already loaded");
-        }
+        self.check();
         let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.keys.keys.is_empty() {
+        if cache.keys.keys.is_empty() || cache.good.elapsed() > self.max_stale {
             return Err(TokenError::KeysUnavailable);
         }
         Ok(cache.keys.clone())
     }
 
+    /// Looks at the file when a second has passed since the last look; returns how long the
+    /// keys in hand have gone without a good read (zero when the file is fine).
+    pub fn check(&self) -> Duration {
+        let due = {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            let due = cache
+                .checked
+                .is_none_or(|checked| checked.elapsed() >= RECHECK_INTERVAL);
+            if due {
+                cache.checked = Some(Instant::now());
+            }
+            due
+        };
+        if due && let Err(error) = self.load() {
+            let stale = self.stale_for();
+            if stale > self.max_stale {
+                tracing::error!(file = %self.file.display(), %error, ?stale, "the JWKS file is unusable past auth.jwt.max_stale; bearer tokens are refused until it is good again");
+            } else {
+                tracing::warn!(file = %self.file.display(), %error, ?stale, "cannot re-read the JWKS file; the keys in hand stay in use up to auth.jwt.max_stale");
+            }
+        }
+        let stale = self.stale_for();
+        crate::metrics::jwks_stale(stale);
+        stale
+    }
+
+    /// How long the keys in hand have gone without a good read.
+    fn stale_for(&self) -> Duration {
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.good.elapsed().saturating_sub(RECHECK_INTERVAL)
+    }
+
     /// Re-reads the file if its modification time changed.
-    fn load(&self) -> Result<(), String> {
-        let modified = std::fs::metadata(&self.file)
-            .and_then(|metadata| metadata.modified())
-            .map_err(|error| error.to_string())?;
+    fn load(&self) -> Result<(), JwksError> {
+        let modified = std::fs::metadata(&self.file).and_then(|metadata| metadata.modified())?;
         {
             let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-            cache.checked = Some(Instant::now());
             if cache.modified == Some(modified) {
+                cache.good = Instant::now();
                 return Ok(());
             }
         }
-        let text = std::fs::read_to_string(&self.file).map_err(|error| error.to_string())?;
-        let keys: JwkSet = serde_json::from_str(&text).map_err(|error| error.to_string())?;
+        let text = std::fs::read_to_string(&self.file)?;
+        let keys: JwkSet = serde_json::from_str(&text)?;
         tracing::info!(file = %self.file.display(), keys = keys.keys.len(), "loaded JWKS keys");
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         cache.keys = Arc::new(keys);
         cache.modified = Some(modified);
+        cache.good = Instant::now();
         Ok(())
     }
 }

@@ -8,8 +8,6 @@ use governor::{
     clock::{Clock, DefaultClock},
 };
 
-use crate::config::PrincipalConfig;
-
 /// Which limit refused a request: the `QuotaFailure` description and the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exceeded {
@@ -59,9 +57,19 @@ pub struct Limits {
     clock: DefaultClock,
 }
 
+/// The rates of a principal's limits; 0: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    pub events_per_second: u32,
+    /// Events allowed at once above the rate (0: one second's worth).
+    pub burst_events: u32,
+    /// The burst is one second's worth.
+    pub bytes_per_second: u32,
+}
+
 impl Limits {
-    /// None when the principal has no limit.
-    pub fn from_config(principal: &PrincipalConfig) -> Option<Self> {
+    /// None when the rates set no limit.
+    pub fn new(rates: Rates) -> Option<Self> {
         let limiter = |rate: u32, burst: u32| {
             let rate = NonZeroU32::new(rate)?;
             let burst = NonZeroU32::new(burst).unwrap_or(rate);
@@ -70,8 +78,8 @@ impl Limits {
                 burst.get(),
             ))
         };
-        let events = limiter(principal.events_per_second, principal.burst_events);
-        let bytes = limiter(principal.bytes_per_second, principal.bytes_per_second);
+        let events = limiter(rates.events_per_second, rates.burst_events);
+        let bytes = limiter(rates.bytes_per_second, rates.bytes_per_second);
         if events.is_none() && bytes.is_none() {
             return None;
         }
@@ -133,11 +141,8 @@ fn saturating_u32(value: usize) -> u32 {
 mod tests {
     use super::*;
 
-    fn principal(events_per_second: u32, burst_events: u32) -> PrincipalConfig {
-        PrincipalConfig {
-            name: "p".to_owned(),
-            scopes: Vec::new(),
-            services: vec!["*".to_owned()],
+    fn principal(events_per_second: u32, burst_events: u32) -> Rates {
+        Rates {
             events_per_second,
             burst_events,
             bytes_per_second: 0,
@@ -146,12 +151,12 @@ mod tests {
 
     #[test]
     fn no_rate_means_no_limiter() {
-        assert!(Limits::from_config(&principal(0, 0)).is_none());
+        assert!(Limits::new(principal(0, 0)).is_none());
     }
 
     #[test]
     fn the_burst_passes_then_requests_wait_for_tokens() {
-        let limits = Limits::from_config(&principal(100, 200)).expect("limited");
+        let limits = Limits::new(principal(100, 200)).expect("limited");
         limits.admit(150, 0).expect("within the burst");
         let Refusal::Wait(refused) = limits.admit(100, 0).expect_err("over the burst") else {
             panic!("a wait, not a never-fits");

@@ -2,9 +2,13 @@
 //! [`Caller`]: a principal (a bearer JWT's `sub`, else the verified client certificate's
 //! identity), its scopes, the services it may write and read, and its rate limits.
 //!
-//! With no principals configured (the zero-config first run) every authenticated client has
-//! every scope on every service. Once any principal is configured, an unknown one gets
-//! `auth.default_scopes`. The policy reloads on SIGHUP ([`Authorizer::reload`]).
+//! Certificate identities and token subjects are two namespaces: a principal is configured
+//! for one of them (`kind`), and a name of the other never claims it. Names in parentheses
+//! are reserved for the server's own audit rows, from either. With no principals configured
+//! (the zero-config first run) every authenticated client has every scope on every service.
+//! Once any principal is configured, an unknown one gets the default grant (`auth.default_*`:
+//! scopes, services, and rate limits of its own). The policy reloads on SIGHUP
+//! ([`Authorizer::reload`]).
 
 pub mod identity;
 pub mod jwt;
@@ -13,7 +17,7 @@ pub mod limits;
 use std::{
     collections::{BTreeSet, HashMap},
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use arc_swap::ArcSwap;
@@ -21,13 +25,13 @@ use tonic::{Code, Request, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    config::{AuthConfig, PrincipalConfig, Scope},
+    config::{AuthConfig, PrincipalConfig, PrincipalKind, Scope},
     glob::ServiceGlobs,
     metrics,
     proto::status::ERROR_DOMAIN,
 };
 use jwt::{JwtConfigError, JwtVerifier, TokenError};
-use limits::{Limits, RateLimited};
+use limits::{Limits, RateLimited, Rates};
 
 /// The principal of a client with neither a token nor a certificate (plaintext mode). Names in
 /// parentheses are reserved for the server's own audit rows.
@@ -42,6 +46,8 @@ pub enum AuthError {
     Token(#[from] TokenError),
     #[error("the authorization header is not a bearer token")]
     NotBearer,
+    #[error("the client certificate names a reserved identity")]
+    ReservedIdentity,
     #[error("{principal} lacks the {} scope", scope.as_str())]
     MissingScope { principal: String, scope: Scope },
     #[error("{principal} may not read or write service {service}")]
@@ -63,6 +69,7 @@ impl AuthError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Token(_) | Self::NotBearer => "INVALID_TOKEN",
+            Self::ReservedIdentity => "RESERVED_IDENTITY",
             Self::MissingScope { .. } => "MISSING_SCOPE",
             Self::ServiceDenied { .. } => "SERVICE_DENIED",
             Self::RateLimited { .. } | Self::LargerThanBurst { .. } => "RATE_LIMITED",
@@ -75,7 +82,7 @@ impl From<AuthError> for Status {
         let message = error.to_string();
         let reason = error.reason();
         match error {
-            AuthError::Token(_) | AuthError::NotBearer => {
+            AuthError::Token(_) | AuthError::NotBearer | AuthError::ReservedIdentity => {
                 let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, HashMap::new());
                 Status::with_error_details(Code::Unauthenticated, message, details)
             }
@@ -113,6 +120,8 @@ impl From<AuthError> for Status {
 pub enum AuthConfigError {
     #[error("auth.principals: {name:?} is listed twice")]
     Duplicate { name: String },
+    #[error("auth.principals: {name:?} is reserved (names in parentheses are the server's own)")]
+    Reserved { name: String },
     #[error("auth.principals: a principal needs a name")]
     Unnamed,
     #[error("auth.principals {name:?}: invalid service glob {glob:?}: {reason}")]
@@ -125,12 +134,80 @@ pub enum AuthConfigError {
     Jwt(#[from] JwtConfigError),
 }
 
+/// Whether a name is reserved for the server's own audit rows (`(operator)`, `(unknown)`).
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with('(')
+}
+
+/// Unknown principals that get rate limiters of their own; past it, the rest share one (a
+/// client cannot grow the map without bound by inventing identities).
+const MAX_DEFAULT_LIMITERS: usize = 4_096;
+
+/// How a grant limits the rate of its principals.
+#[derive(Debug)]
+enum GrantLimits {
+    None,
+    /// A configured principal's own limiters.
+    Own(Limits),
+    /// The default grant: each unknown principal its own limiters of these rates.
+    Each {
+        rates: Rates,
+        limiters: Mutex<HashMap<String, Arc<Limits>>>,
+        shared: Option<Arc<Limits>>,
+    },
+}
+
+impl GrantLimits {
+    fn each(rates: Rates) -> Self {
+        match Limits::new(rates) {
+            None => Self::None,
+            Some(shared) => Self::Each {
+                rates,
+                limiters: Mutex::default(),
+                shared: Some(Arc::new(shared)),
+            },
+        }
+    }
+
+    fn admit(&self, principal: &str, events: usize, bytes: usize) -> Result<(), limits::Refusal> {
+        match self {
+            Self::None => Ok(()),
+            Self::Own(limits) => limits.admit(events, bytes),
+            Self::Each {
+                rates,
+                limiters,
+                shared,
+            } => {
+                let limits = {
+                    let mut limiters = limiters.lock().unwrap_or_else(PoisonError::into_inner);
+                    match limiters.get(principal) {
+                        Some(limits) => Some(limits.clone()),
+                        None if limiters.len() < MAX_DEFAULT_LIMITERS => {
+                            let limits = Limits::new(*rates).map(Arc::new);
+                            if let Some(limits) = &limits {
+                                limiters.insert(principal.to_owned(), limits.clone());
+                            }
+                            limits
+                        }
+                        None => shared.clone(),
+                    }
+                };
+                limits.map_or(Ok(()), |limits| limits.admit(events, bytes))
+            }
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        matches!(self, Self::None)
+    }
+}
+
 /// What one principal is granted.
 #[derive(Debug)]
 struct Grant {
     scopes: BTreeSet<Scope>,
     services: ServiceGlobs,
-    limits: Option<Limits>,
+    limits: GrantLimits,
 }
 
 impl Grant {
@@ -138,29 +215,50 @@ impl Grant {
         Self {
             scopes: Scope::ALL.into_iter().collect(),
             services: ServiceGlobs::all(),
-            limits: None,
+            limits: GrantLimits::None,
         }
     }
 
     fn from_config(principal: &PrincipalConfig) -> Result<Self, AuthConfigError> {
         Ok(Self {
             scopes: principal.scopes.iter().copied().collect(),
-            services: ServiceGlobs::new(&principal.services).map_err(|error| {
-                AuthConfigError::Glob {
-                    name: principal.name.clone(),
-                    glob: error.glob,
-                    reason: error.reason,
-                }
-            })?,
-            limits: Limits::from_config(principal),
+            services: services(&principal.name, &principal.services)?,
+            limits: Limits::new(Rates {
+                events_per_second: principal.events_per_second,
+                burst_events: principal.burst_events,
+                bytes_per_second: principal.bytes_per_second,
+            })
+            .map_or(GrantLimits::None, GrantLimits::Own),
         })
     }
+
+    /// The grant of an authenticated principal that is not configured.
+    fn default_for(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        Ok(Self {
+            scopes: config.default_scopes.iter().copied().collect(),
+            services: services("(default)", &config.default_services)?,
+            limits: GrantLimits::each(Rates {
+                events_per_second: config.default_events_per_second,
+                burst_events: config.default_burst_events,
+                bytes_per_second: config.default_bytes_per_second,
+            }),
+        })
+    }
+}
+
+fn services(name: &str, globs: &[String]) -> Result<ServiceGlobs, AuthConfigError> {
+    ServiceGlobs::new(globs).map_err(|error| AuthConfigError::Glob {
+        name: name.to_owned(),
+        glob: error.glob,
+        reason: error.reason,
+    })
 }
 
 struct Policy {
     /// No principal configured: everyone authenticated may do everything.
     open: bool,
-    principals: HashMap<String, Arc<Grant>>,
+    /// Configured principals, by the kind of credential that names them.
+    principals: HashMap<(PrincipalKind, String), Arc<Grant>>,
     /// For an authenticated principal that is not configured.
     default: Arc<Grant>,
     jwt: Option<JwtVerifier>,
@@ -169,26 +267,30 @@ struct Policy {
 impl Policy {
     fn build(config: &AuthConfig) -> Result<Self, AuthConfigError> {
         let mut principals = HashMap::new();
+        let mut names = std::collections::HashSet::new();
         for principal in &config.principals {
             if principal.name.is_empty() {
                 return Err(AuthConfigError::Unnamed);
             }
-            let grant = Arc::new(Grant::from_config(principal)?);
-            if principals.insert(principal.name.clone(), grant).is_some() {
+            if is_reserved(&principal.name) {
+                return Err(AuthConfigError::Reserved {
+                    name: principal.name.clone(),
+                });
+            }
+            // One name, one principal: an audit row names it without saying its kind.
+            if !names.insert(principal.name.clone()) {
                 return Err(AuthConfigError::Duplicate {
                     name: principal.name.clone(),
                 });
             }
+            let grant = Arc::new(Grant::from_config(principal)?);
+            principals.insert((principal.kind, principal.name.clone()), grant);
         }
         let open = principals.is_empty();
         let default = if open {
             Grant::everything()
         } else {
-            Grant {
-                scopes: config.default_scopes.iter().copied().collect(),
-                services: ServiceGlobs::all(),
-                limits: None,
-            }
+            Grant::default_for(config)?
         };
         Ok(Self {
             open,
@@ -196,6 +298,14 @@ impl Policy {
             default: Arc::new(default),
             jwt: JwtVerifier::from_config(&config.jwt)?,
         })
+    }
+
+    /// The grant of `name`, named by a credential of `kind`.
+    fn grant(&self, kind: PrincipalKind, name: &str) -> Arc<Grant> {
+        self.principals
+            .get(&(kind, name.to_owned()))
+            .cloned()
+            .unwrap_or_else(|| self.default.clone())
     }
 }
 
@@ -213,6 +323,8 @@ pub enum Credential {
 pub struct Caller {
     pub principal: String,
     pub credential: Credential,
+    /// The client certificate's identity when a token rides on it (the audit row names both).
+    pub certificate: Option<String>,
     pub peer: Option<SocketAddr>,
     scopes: BTreeSet<Scope>,
     grant: Arc<Grant>,
@@ -258,6 +370,11 @@ impl Caller {
         }
     }
 
+    /// The globs of the services the caller may use; None for all.
+    pub fn service_globs(&self) -> Option<Vec<String>> {
+        self.grant.services.globs().map(<[String]>::to_vec)
+    }
+
     /// The services the caller may read, as SQL `LIKE` patterns; None for all.
     pub fn service_patterns(&self) -> Option<Vec<String>> {
         self.grant.services.like_patterns()
@@ -266,10 +383,11 @@ impl Caller {
     /// Takes rate-limit tokens for a request of `events` events and `bytes()` bytes (measured
     /// only when the caller has a limit: it walks the whole request).
     pub fn admit(&self, events: usize, bytes: impl FnOnce() -> usize) -> Result<(), AuthError> {
-        let Some(limits) = &self.grant.limits else {
+        if self.grant.limits.is_none() {
             return Ok(());
-        };
-        limits.admit(events, bytes()).map_err(|refusal| {
+        }
+        let admitted = self.grant.limits.admit(&self.principal, events, bytes());
+        admitted.map_err(|refusal| {
             metrics::rate_limited(&self.principal, refusal.exceeded().as_str());
             match refusal {
                 limits::Refusal::Wait(limited) => AuthError::RateLimited {
@@ -338,37 +456,37 @@ impl Authorizer {
             return Ok(Caller {
                 principal: verified.subject.clone(),
                 credential: Credential::Token,
+                certificate: certificate_identity(request),
                 peer,
                 scopes,
                 grant,
                 token: Some(verified),
             });
         }
-        let certificate_identity = request
-            .peer_certs()
-            .and_then(|certificates| {
-                certificates
-                    .first()
-                    .map(|der| identity::certificate_identity(der))
-            })
-            .flatten();
-        let (principal, credential) = match certificate_identity {
+        let (principal, credential) = match certificate_identity(request) {
+            Some(name) if is_reserved(&name) => {
+                metrics::auth_refused("RESERVED_IDENTITY");
+                return Err(AuthError::ReservedIdentity);
+            }
             Some(name) => (name, Credential::Certificate),
             None => (ANONYMOUS.to_owned(), Credential::Nothing),
         };
-        let grant = policy
-            .principals
-            .get(&principal)
-            .cloned()
-            .unwrap_or_else(|| policy.default.clone());
+        let grant = policy.grant(PrincipalKind::Certificate, &principal);
         Ok(Caller {
             scopes: grant.scopes.clone(),
             principal,
             credential,
+            certificate: None,
             peer,
             grant,
             token: None,
         })
+    }
+
+    /// How long the JWKS keys in hand have gone without a good read of their file (zero when
+    /// fine); None without bearer tokens.
+    pub fn jwks_stale(&self) -> Option<std::time::Duration> {
+        self.policy.load().jwt.as_ref().map(JwtVerifier::check)
     }
 
     /// The same caller under the policy in force now, for long-lived streams: a reload that
@@ -385,11 +503,7 @@ impl Authorizer {
                 token_grant(&policy, verified)
             }
             None => {
-                let grant = policy
-                    .principals
-                    .get(&caller.principal)
-                    .cloned()
-                    .unwrap_or_else(|| policy.default.clone());
+                let grant = policy.grant(PrincipalKind::Certificate, &caller.principal);
                 let scopes = grant.scopes.clone();
                 (grant, scopes)
             }
@@ -397,6 +511,7 @@ impl Authorizer {
         Ok(Caller {
             principal: caller.principal.clone(),
             credential: caller.credential,
+            certificate: caller.certificate.clone(),
             peer: caller.peer,
             scopes,
             grant,
@@ -409,11 +524,7 @@ impl Authorizer {
 /// token's scopes narrowed to the principal's; any other `sub` gets the default grant, with
 /// the token's scopes narrowed to `auth.default_scopes` (every scope in the open mode).
 fn token_grant(policy: &Policy, verified: &jwt::Verified) -> (Arc<Grant>, BTreeSet<Scope>) {
-    let grant = policy
-        .principals
-        .get(&verified.subject)
-        .cloned()
-        .unwrap_or_else(|| policy.default.clone());
+    let grant = policy.grant(PrincipalKind::Token, &verified.subject);
     let scopes = if policy.open {
         grant.scopes.clone()
     } else {
@@ -426,6 +537,18 @@ fn token_grant(policy: &Policy, verified: &jwt::Verified) -> (Arc<Grant>, BTreeS
     (grant, scopes)
 }
 
+/// The verified client certificate's identity, when the connection has one.
+fn certificate_identity<T>(request: &Request<T>) -> Option<String> {
+    request
+        .peer_certs()
+        .and_then(|certificates| {
+            certificates
+                .first()
+                .map(|der| identity::certificate_identity(der))
+        })
+        .flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -435,6 +558,7 @@ mod tests {
     fn principal(name: &str, scopes: &[Scope], services: &[&str]) -> PrincipalConfig {
         PrincipalConfig {
             name: name.to_owned(),
+            kind: PrincipalKind::Certificate,
             scopes: scopes.to_vec(),
             services: services
                 .iter()
@@ -481,6 +605,47 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn reserved_names_and_a_name_of_both_kinds_are_refused() {
+        let reserved = AuthConfig {
+            principals: vec![principal("(operator)", &[Scope::Admin], &["*"])],
+            ..AuthConfig::default()
+        };
+        assert!(matches!(
+            Authorizer::new(&reserved),
+            Err(AuthConfigError::Reserved { .. })
+        ));
+        let mut token = principal("ops", &[Scope::Query], &["*"]);
+        token.kind = PrincipalKind::Token;
+        let both = AuthConfig {
+            principals: vec![principal("ops", &[Scope::Admin], &["*"]), token],
+            ..AuthConfig::default()
+        };
+        assert!(matches!(
+            Authorizer::new(&both),
+            Err(AuthConfigError::Duplicate { .. })
+        ));
+    }
+
+    #[test]
+    fn each_unknown_principal_has_rate_limits_of_its_own() {
+        let config = AuthConfig {
+            principals: vec![principal("billing", &[Scope::Ingest], &["billing"])],
+            default_scopes: vec![Scope::Ingest],
+            default_events_per_second: 10,
+            default_burst_events: 10,
+            ..AuthConfig::default()
+        };
+        let policy = Policy::build(&config).expect("policy");
+        let grant = &policy.default;
+        grant.limits.admit("a", 10, 0).expect("a's burst");
+        assert!(grant.limits.admit("a", 1, 0).is_err(), "a is over its own");
+        grant
+            .limits
+            .admit("b", 10, 0)
+            .expect("b has a burst of its own");
     }
 
     #[test]

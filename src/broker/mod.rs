@@ -18,7 +18,13 @@ use redis::{
     streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply},
 };
 
-use crate::{config::RedisConfig, event::ValidEvent, event::batch};
+use chrono::{DateTime, Utc};
+
+use crate::{
+    config::RedisConfig,
+    event::ValidEvent,
+    event::batch::{self, Batch},
+};
 
 /// Field of an entry holding the encoded batch.
 const PAYLOAD_FIELD: &str = "b";
@@ -96,13 +102,23 @@ pub struct Backlog {
     pub bytes: u64,
 }
 
+/// Why an entry's events cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("the entry has no payload")]
+    NoPayload,
+    #[error(transparent)]
+    Batch(#[from] crate::event::batch::BatchError),
+}
+
 /// One entry as a writer reads it.
 #[derive(Debug)]
 pub struct Entry {
     pub shard: usize,
     pub id: String,
-    /// The events, or why they cannot be read (a newer format, a damaged entry).
-    pub events: Result<Vec<ValidEvent>, String>,
+    /// The events and when they were admitted, or why they cannot be read (a newer format,
+    /// a damaged entry).
+    pub events: Result<Batch, EntryError>,
     /// The payload as stored, for `dead_letters` when it cannot be read.
     pub payload: Vec<u8>,
     pub event_count: u64,
@@ -237,7 +253,11 @@ impl Broker {
     /// Appends `events`, one entry per shard they fall in, with the backlog counters, all or
     /// nothing; then waits for `redis.wait_replicas`. Retrying after an error may append twice:
     /// writers store by id, so a second copy is a duplicate, not a second event.
-    pub async fn append(&self, events: &[&ValidEvent]) -> Result<(), BrokerError> {
+    pub async fn append(
+        &self,
+        events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Result<(), BrokerError> {
         let mut by_shard: Vec<Vec<&ValidEvent>> = vec![Vec::new(); self.shared.keys.len()];
         for event in events {
             by_shard[shard_of(event, self.shared.keys.len())].push(event);
@@ -249,7 +269,7 @@ impl Broker {
             if shard_events.is_empty() {
                 continue;
             }
-            let payload = batch::encode(shard_events);
+            let payload = batch::encode(shard_events, admitted_at);
             total_events += shard_events.len() as u64;
             total_bytes += payload.len() as u64;
             pipe.cmd("XADD")
@@ -514,9 +534,9 @@ fn entry(shard: usize, stream_id: StreamId, deliveries: u64) -> Entry {
     };
     let event_count = stream_id.get::<u64>(COUNT_FIELD).unwrap_or_default();
     let events = if payload.is_empty() {
-        Err("the entry has no payload".to_owned())
+        Err(EntryError::NoPayload)
     } else {
-        batch::decode(&payload).map_err(|error| error.to_string())
+        batch::decode(&payload).map_err(EntryError::Batch)
     };
     Entry {
         shard,
@@ -544,7 +564,7 @@ mod tests {
     #[test]
     fn an_entry_decodes_what_an_append_encodes_and_names_what_it_cannot_read() {
         let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
-        let payload = batch::encode(&events.iter().collect::<Vec<_>>());
+        let payload = batch::encode(&events.iter().collect::<Vec<_>>(), None);
         let mut map = std::collections::HashMap::new();
         map.insert(PAYLOAD_FIELD.to_owned(), redis::Value::BulkString(payload));
         map.insert(
@@ -561,7 +581,7 @@ mod tests {
             1,
         );
         assert_eq!(read.event_count, 2);
-        let decoded = read.events.expect("decodes");
+        let decoded = read.events.expect("decodes").events;
         assert_eq!(decoded.len(), 2);
         assert_eq!(decoded[1].id, events[1].id);
 

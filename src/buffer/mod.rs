@@ -50,6 +50,8 @@ pub struct Envelope {
     pub bytes: usize,
     /// When the envelope was admitted, for ack latency.
     pub admitted_at: Instant,
+    /// The same moment by the wall clock, for the erasures that reach the envelope's events.
+    pub admitted_wall: chrono::DateTime<chrono::Utc>,
     /// The span of the request, for the batch span to link to (when traces are exported).
     pub origin: Option<SpanContext>,
     pub ack: oneshot::Sender<Durable>,
@@ -154,6 +156,7 @@ impl Buffer {
             _pending: self.pending.track(),
             bytes,
             admitted_at: Instant::now(),
+            admitted_wall: chrono::Utc::now(),
             origin: telemetry::current_span_context(),
             ack,
             _event_permit: event_permit,

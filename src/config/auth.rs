@@ -60,8 +60,18 @@ impl Scope {
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub principals: Vec<PrincipalConfig>,
-    /// Scopes of an authenticated client that is not among `principals` (once any is).
+    /// The default grant, for an authenticated client that is not among `principals` (once
+    /// any is; with none, every client may do everything): its scopes...
     pub default_scopes: Vec<Scope>,
+    /// ...the services it may use (globs)...
+    #[default(vec!["*".to_owned()])]
+    pub default_services: Vec<String>,
+    /// ...and its rate limits, each unknown principal its own (0: no limit).
+    #[default(1_000)]
+    pub default_events_per_second: u32,
+    pub default_burst_events: u32,
+    #[default(1024 * 1024)]
+    pub default_bytes_per_second: u32,
     pub jwt: JwtConfig,
     /// How long audit rows are kept.
     #[default(Duration::from_secs(365 * 86_400))]
@@ -78,11 +88,35 @@ impl AuthConfig {
     }
 }
 
-/// One principal: a certificate identity (URI SAN, else first DNS SAN, else CN) or a JWT `sub`.
+/// Which credential names a principal. The two namespaces are apart: a certificate never
+/// claims a token principal, nor a token a certificate one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    /// A verified client certificate's identity (URI SAN, else first DNS SAN, else CN).
+    #[default]
+    Certificate,
+    /// A bearer JWT's `sub`.
+    Token,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Certificate => "certificate",
+            Self::Token => "token",
+        }
+    }
+}
+
+/// One principal: a certificate identity or a JWT `sub`, as `kind` says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrincipalConfig {
     pub name: String,
+    /// `certificate` (the default) or `token`.
+    #[serde(default)]
+    pub kind: PrincipalKind,
     #[serde(default)]
     pub scopes: Vec<Scope>,
     /// Globs of the services it may write and read.
@@ -121,4 +155,9 @@ pub struct JwtConfig {
     #[default(Duration::from_secs(30))]
     #[serde(with = "humantime_serde")]
     pub leeway: Duration,
+    /// How long the last good keys stay in use when the JWKS file becomes unusable (deleted,
+    /// unreadable, not a key set); past it, every token is refused.
+    #[default(Duration::from_secs(300))]
+    #[serde(with = "humantime_serde")]
+    pub max_stale: Duration,
 }

@@ -10,6 +10,7 @@ mod database;
 mod grpc;
 mod health;
 mod privacy;
+mod reads;
 mod redis;
 mod retention;
 mod search;
@@ -34,12 +35,13 @@ use serde::{Deserialize, Serialize};
 use smart_default::SmartDefault;
 
 pub use archive::{ArchiveConfig, BackupConfig};
-pub use auth::{AuthConfig, JwtConfig, PrincipalConfig, Scope};
+pub use auth::{AuthConfig, JwtConfig, PrincipalConfig, PrincipalKind, Scope};
 pub use buffer::BufferConfig;
 pub use database::DatabaseConfig;
 pub use grpc::GrpcConfig;
 pub use health::{FreeSpace, HealthConfig};
 pub use privacy::PrivacyConfig;
+pub use reads::ReadsConfig;
 pub use redis::{RedisConfig, Role};
 pub use retention::{LifecycleConfig, RetentionConfig, RetentionRule};
 pub use search::SearchConfig;
@@ -103,6 +105,7 @@ pub struct Config {
     pub role: Role,
     pub redis: RedisConfig,
     pub search: SearchConfig,
+    pub reads: ReadsConfig,
     pub health: HealthConfig,
     pub backup: BackupConfig,
 }
@@ -158,6 +161,7 @@ impl Config {
         self.privacy.check()?;
         self.redis.check(self.role)?;
         self.search.check()?;
+        self.reads.check()?;
         self.backup.check()?;
         Ok(())
     }

@@ -18,6 +18,7 @@ use crate::{
     proto::{AnonymizeRequest, AnonymizeResponse},
     rpc::{Admission, Call},
     spool::Spool,
+    writer,
 };
 
 /// Serves an Anonymize in a task of its own: a client that goes away does not stop it before
@@ -61,19 +62,29 @@ async fn anonymize_user(
         let caller = call.caller.clone();
         Arc::new(move |service: &str| caller.may_use(service))
     };
-    let done = anonymize(
-        Scope {
-            pool: &erasure.store.pool,
-            archive_pool: &erasure.store.maintenance_pool,
-            archive: &erasure.archive,
-            spool: erasure.spool.as_ref(),
-            privacy: erasure.privacy.load_full(),
-            filter: &filter,
-            may_use,
+    let pseudonym = format!("anon:{}", Uuid::new_v4().simple());
+    let recorded = (!request.dry_run).then(|| writer::erasures::Erasure {
+        kind: writer::erasures::Kind::Anonymize {
+            pseudonym: pseudonym.clone(),
         },
-        request.dry_run,
-    )
-    .await?;
+        user_id: filter.user_id.clone(),
+        services: Vec::new(),
+        service_globs: call.caller.service_globs(),
+        start: None,
+        end: None,
+    });
+    let scope = Scope {
+        pool: &erasure.store.pool,
+        archive_pool: &erasure.store.maintenance_pool,
+        archive: &erasure.archive,
+        spool: erasure.spool.as_ref(),
+        privacy: erasure.privacy.load_full(),
+        filter: &filter,
+        may_use,
+    };
+    let done = erasure
+        .recorded(recorded, anonymize(scope, &pseudonym, request.dry_run))
+        .await?;
     details["rows"] = Json::from(done.events);
     details["dead_letters"] = Json::from(done.dead_letters);
     details["spooled"] = Json::from(done.spooled);
@@ -113,8 +124,12 @@ struct Scope<'a> {
 }
 
 /// Gives the user's events a new random pseudonym, everywhere, or (dry run) counts them.
-async fn anonymize(scope: Scope<'_>, dry_run: bool) -> Result<Anonymized, ErasureError> {
-    let pseudonym = format!("anon:{}", Uuid::new_v4().simple());
+async fn anonymize(
+    scope: Scope<'_>,
+    pseudonym: &str,
+    dry_run: bool,
+) -> Result<Anonymized, ErasureError> {
+    let pseudonym = pseudonym.to_owned();
     let Some(user) = scope.filter.user_id.clone() else {
         return Err(ErasureError::invalid(
             "user_id",
@@ -167,7 +182,7 @@ async fn anonymize(scope: Scope<'_>, dry_run: bool) -> Result<Anonymized, Erasur
             Removal::Rewrite(Arc::new(move |line| {
                 privacy.anonymize_line(line, &line_pseudonym)
             })),
-            |_| {},
+            |_| std::ops::ControlFlow::Continue(()),
         )
         .await?;
     done.archived = taken.events;

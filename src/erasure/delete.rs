@@ -18,6 +18,7 @@ use crate::{
     proto::{DeleteRequest, DeleteResponse},
     rpc::{Admission, Call},
     store::{self, sqlstates},
+    writer,
 };
 
 /// Rows deleted per transaction, so large deletes never hold long locks.
@@ -61,6 +62,32 @@ async fn delete(
     details["dry_run"] = Json::Bool(request.dry_run);
     let dry_run = request.dry_run;
     let _turn = erasure.take_turn().await?;
+    let recorded = (!dry_run).then(|| writer::erasures::Erasure {
+        kind: writer::erasures::Kind::Delete,
+        user_id: filter.user_id.clone(),
+        services: filter.services.clone(),
+        service_globs: call.caller.service_globs(),
+        start: filter.start,
+        end: filter.end,
+    });
+    erasure
+        .recorded(
+            recorded,
+            erase(erasure, admission, call, &filter, dry_run, details),
+        )
+        .await
+}
+
+/// The deletion itself, everywhere this node reaches.
+async fn erase(
+    erasure: &Erasure,
+    admission: &Admission,
+    call: &Call,
+    filter: &Filter,
+    dry_run: bool,
+    details: &mut Json,
+) -> Result<DeleteResponse, ErasureError> {
+    let filter = filter.clone();
     let spooled_deleted = match &erasure.spool {
         Some(spool) => {
             let doomed = filter.clone();
@@ -99,7 +126,7 @@ async fn delete(
                 &selection,
                 filter.archived_matcher(),
                 Removal::Delete,
-                |_| {},
+                |_| std::ops::ControlFlow::Continue(()),
             )
             .await?;
         // A Restore may have moved matching lines back into the table before this took

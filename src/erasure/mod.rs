@@ -1,8 +1,10 @@
 //! Erasure: the RPCs that take personal data away, each in its own file: [`delete`] (right to
 //! be forgotten), [`anonymize`] (keep the events, break the link to the person) and
 //! [`optout`] (refuse a user's events at ingest). Each reaches every place the events are:
-//! the table's partitions, dead letters, the spool and the archive, after the [`barrier`]
-//! that covers events accepted before the call.
+//! the table's partitions, dead letters, this node's spool and the archive, after the
+//! [`barrier`] that covers events accepted before the call. Other nodes' spools and the
+//! broker are reached at write time: the erasure is recorded, and every writer applies it
+//! (`writer::erasures`).
 
 pub mod anonymize;
 pub mod barrier;
@@ -25,6 +27,7 @@ use crate::{
     proto::status::{InvalidArgument, refusal},
     spool::{Spool, SpoolError},
     store::Store,
+    writer,
 };
 
 /// Where a user's events may be, and what erasure waits for.
@@ -72,6 +75,27 @@ impl Erasure {
     /// `filter` restricted to what `caller` may change, in stored form.
     fn restrict(&self, filter: &mut Filter, caller: &Caller) -> Result<(), InvalidArgument> {
         filter.restrict(caller, &self.privacy.load())
+    }
+
+    /// Runs `work` as the erasure `erasure` (None: a dry run, which changes nothing): recorded
+    /// before it starts, so that every writer on every node applies it to what it writes
+    /// from then on, and marked finished once it ends, however it ends.
+    async fn recorded<T>(
+        &self,
+        erasure: Option<writer::erasures::Erasure>,
+        work: impl Future<Output = Result<T, ErasureError>>,
+    ) -> Result<T, ErasureError> {
+        let Some(erasure) = erasure else {
+            return work.await;
+        };
+        let id = erasure.record(&self.store.pool).await?;
+        let outcome = work.await;
+        if let Err(error) = writer::erasures::finish(&self.store.pool, id).await {
+            // Unfinished, it goes on erasing the user's new events; the lifecycle job closes
+            // it after a day.
+            tracing::error!(%error, erasure = id, "cannot mark an erasure finished");
+        }
+        outcome
     }
 
     /// Waits for the other Delete or Anonymize under way, then for the events accepted

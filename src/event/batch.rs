@@ -2,7 +2,7 @@
 //! broker's entries: a version byte, then that version's encoding (version 1: a protobuf
 //! `SpoolBatch`, documented in `proto/sluice/spool/v1/spool.proto`).
 
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use prost::Message;
 use uuid::Uuid;
 
@@ -32,9 +32,30 @@ pub enum BatchError {
     InvalidTimestamp,
 }
 
+/// A batch of events, and when the first of them was admitted (None: not known).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub events: Vec<ValidEvent>,
+    pub admitted_at: Option<DateTime<Utc>>,
+}
+
+/// When the first event of several batches was admitted: the earliest, or None when any is
+/// not known (every recorded erasure then reaches them).
+pub fn earliest(
+    admitted: impl IntoIterator<Item = Option<DateTime<Utc>>>,
+) -> Option<DateTime<Utc>> {
+    let mut earliest: Option<DateTime<Utc>> = None;
+    for at in admitted {
+        let at = at?;
+        earliest = Some(earliest.map_or(at, |earliest| earliest.min(at)));
+    }
+    earliest
+}
+
 /// Encodes a batch as a current-version payload.
-pub fn encode(events: &[&ValidEvent]) -> Vec<u8> {
+pub fn encode(events: &[&ValidEvent], admitted_at: Option<DateTime<Utc>>) -> Vec<u8> {
     let batch = pb::SpoolBatch {
+        admitted_at_micros: admitted_at.map_or(0, |at| at.timestamp_micros()),
         events: events
             .iter()
             .map(|event| pb::SpoolEvent {
@@ -60,7 +81,7 @@ pub fn encode(events: &[&ValidEvent]) -> Vec<u8> {
 
 /// Decodes a payload. Events are numbered by their place in the batch (the index of a
 /// request is of no use once the request was acknowledged).
-pub fn decode(payload: &[u8]) -> Result<Vec<ValidEvent>, BatchError> {
+pub fn decode(payload: &[u8]) -> Result<Batch, BatchError> {
     match payload.split_first() {
         None => Err(BatchError::Empty),
         Some((&VERSION_PROTOBUF, rest)) => decode_protobuf(rest),
@@ -68,8 +89,15 @@ pub fn decode(payload: &[u8]) -> Result<Vec<ValidEvent>, BatchError> {
     }
 }
 
-fn decode_protobuf(bytes: &[u8]) -> Result<Vec<ValidEvent>, BatchError> {
-    pb::SpoolBatch::decode(bytes)?
+fn decode_protobuf(bytes: &[u8]) -> Result<Batch, BatchError> {
+    let batch = pb::SpoolBatch::decode(bytes)?;
+    let admitted_at = match batch.admitted_at_micros {
+        0 => None,
+        micros => {
+            Some(DateTime::from_timestamp_micros(micros).ok_or(BatchError::InvalidTimestamp)?)
+        }
+    };
+    let events = batch
         .events
         .into_iter()
         .enumerate()
@@ -88,7 +116,11 @@ fn decode_protobuf(bytes: &[u8]) -> Result<Vec<ValidEvent>, BatchError> {
                 metadata_json: event.metadata_json,
             })
         })
-        .collect()
+        .collect::<Result<Vec<ValidEvent>, BatchError>>()?;
+    Ok(Batch {
+        events,
+        admitted_at,
+    })
 }
 
 #[cfg(test)]
@@ -119,14 +151,24 @@ mod tests {
                 ..event()
             },
         ];
-        let payload = encode(&events.iter().collect::<Vec<_>>());
+        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_654_321);
+        let payload = encode(&events.iter().collect::<Vec<_>>(), admitted_at);
         assert_eq!(payload[0], VERSION_PROTOBUF);
-        assert_eq!(decode(&payload).expect("decodes"), events);
+        assert_eq!(
+            decode(&payload).expect("decodes"),
+            Batch {
+                events,
+                admitted_at,
+            }
+        );
+        // A record written before admission times were kept says it does not know.
+        let unknown = encode(&[&event()], None);
+        assert_eq!(decode(&unknown).expect("decodes").admitted_at, None);
     }
 
     #[test]
     fn an_unknown_version_is_an_error_not_an_empty_batch() {
-        let mut payload = encode(&[&event()]);
+        let mut payload = encode(&[&event()], None);
         payload[0] = 9;
         assert!(matches!(
             decode(&payload),

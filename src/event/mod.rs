@@ -3,6 +3,18 @@
 
 pub mod batch;
 
+/// The one rule of what a user id is, applied alike by validation (`metadata.userId` when
+/// `user_id` is empty), privacy (pseudonymizing it), OptOut, Delete and Anonymize: a string
+/// is itself, any other value (a number, say) its compact JSON text; null and "" are none.
+pub fn user_id_of(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(text) if text.is_empty() => None,
+        serde_json::Value::String(text) => Some(text.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 

@@ -5,6 +5,7 @@
 //! data and spool volumes have their free space ([`resources`]) and memory is under its limit;
 //! NOT_SERVING otherwise and during shutdown. Each check is the gauge
 //! `sluice_health_check{check}`, and a change of status is logged with the failing checks.
+//! The `jwks` check only warns: an unusable JWKS file refuses tokens, not certificates.
 //!
 //! In Redis mode an ingest node needs Redis (its writers' destination) instead of PostgreSQL,
 //! and a backlog under its limit; a writer node needs PostgreSQL and Redis, and reports
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
+    auth::Authorizer,
     broker::{BacklogGate, Broker},
     buffer::Buffer,
     config::Role,
@@ -39,6 +41,8 @@ pub struct Watched {
     pub breaker: Arc<Breaker>,
     pub spool: Option<Spool>,
     pub resources: Resources,
+    /// The JWKS file behind bearer tokens.
+    pub auth: Arc<Authorizer>,
     /// Redis mode.
     pub streams: Option<WatchedStreams>,
 }
@@ -149,6 +153,11 @@ pub async fn watch(reporter: HealthReporter, watched: Watched, stopping: Cancell
         .unwrap_or_default();
         check(&mut failing, "disk", disk.map_or(Ok(()), Err));
         check(&mut failing, "memory", memory.map_or(Ok(()), Err));
+        // A warning, not a failure: certificates still authenticate while the JWKS file is
+        // unusable, and tokens are refused once it has been so past auth.jwt.max_stale.
+        if let Some(stale) = watched.auth.jwks_stale() {
+            metrics::health_check("jwks", stale.is_zero());
+        }
         // Everything but the database and Redis: what this node itself must have to serve.
         let local = failing.iter().all(|(name, _)| *name == "database");
         let (serving, overall) = match &watched.streams {

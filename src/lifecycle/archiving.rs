@@ -67,7 +67,8 @@ pub async fn move_old_events(
 /// What one part did.
 struct Part {
     archived: u64,
-    /// Rows whose id an object of the day already holds (a client resent an archived event):
+    /// Rows whose `(id, ts)` an object of the day already holds (a client resent an archived
+    /// event):
     /// deleted, not archived twice.
     already_archived: u64,
 }
@@ -88,7 +89,7 @@ async fn archive_part(
     catalog::lock(&mut transaction).await?;
     // A day archived before holds ids a resent event may repeat: read them (rare: late or
     // resent events only).
-    let archived_ids = archive.ids_of_day(&mut transaction, service, day).await?;
+    let archived_keys = archive.keys_of_day(&mut transaction, service, day).await?;
     sqlx::query("SET LOCAL TimeZone = 'UTC'")
         .execute(&mut *transaction)
         .await?;
@@ -126,7 +127,7 @@ async fn archive_part(
                 .await?;
         let full = page.len() as i64 == PAGE;
         for (id, ts, user_id, line) in page {
-            if archived_ids.contains(&id) {
+            if archived_keys.contains(&(id, ts)) {
                 already_archived += 1;
             } else {
                 encoder.push(&line, ts, user_id.as_deref())?;

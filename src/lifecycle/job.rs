@@ -141,6 +141,9 @@ async fn sweep(
             delete_before(pool, "event_counts", "hour", &sweep, hour_cutoff).await?;
         archiving::expire_objects(pool, archive, &sweep, cutoff, report).await?;
     }
+    // An erasure outlives every event it could reach: past the longest retention, none of
+    // them is kept anywhere.
+    report.erasures_expired = crate::writer::erasures::expire(pool, policy.longest()).await?;
     archived
 }
 

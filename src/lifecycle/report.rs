@@ -26,5 +26,7 @@ pub struct Report {
     pub partitions_dropped: Vec<String>,
     pub counts_deleted: u64,
     pub dead_letters_deleted: u64,
+    /// Erasures forgotten: ended longer ago than the longest retention.
+    pub erasures_expired: u64,
     pub seconds: f64,
 }

@@ -43,3 +43,19 @@ pub fn rate_limited(principal: &str, limit: &'static str) {
 pub fn audit_error() {
     counter!("sluice_audit_errors_total").increment(1);
 }
+
+/// How long the JWKS keys in hand have gone without a good read of their file (0: fresh).
+pub fn jwks_stale(stale: Duration) {
+    metrics::gauge!("sluice_jwks_stale_seconds").set(stale.as_secs_f64());
+}
+
+/// A read refused because its principal (or the node) runs the most calls of its `kind` there
+/// may be (`queries`, `exports`, `tails`).
+pub fn read_refused(kind: &'static str) {
+    counter!("sluice_reads_refused_total", "kind" => kind).increment(1);
+}
+
+/// Batches a Tail subscriber skipped because it read too slowly.
+pub fn tail_batches_missed(batches: u64) {
+    counter!("sluice_tail_batches_missed_total").increment(batches);
+}

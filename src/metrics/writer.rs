@@ -123,3 +123,9 @@ pub fn spool_size(bytes: u64) {
 pub fn spool_quarantine(segments: usize) {
     gauge!("sluice_spool_quarantined_segments").set(segments as f64);
 }
+
+/// Events not written because an erasure (Delete) that ended after their admission covers
+/// them: another node's spool, the broker or a late write brought them after the Delete.
+pub fn events_erased(count: u64) {
+    counter!("sluice_events_erased_total").increment(count);
+}

@@ -41,7 +41,7 @@ pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
 /// What callers without scope `pii` see in place of an encrypted value.
 pub const REDACTED_MARKER: &str = "[encrypted]";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrivacyError {
     #[error(
         "an encrypted metadata value failed authentication (tampered, or moved to another event or key)"
@@ -189,10 +189,10 @@ impl Privacy {
             serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
         if self.pseudonymize
             && let Some(user) = metadata.get_mut("userId")
-            && !user.is_null()
+            && let Some(id) = crate::event::user_id_of(user)
         {
             // Whatever its type: a number is as much a user id as a string.
-            *user = Json::String(self.hash(&canonical(user)));
+            *user = Json::String(self.hash(&id));
         }
         self.protect(event.id, &mut None, &mut metadata)?;
         event.metadata_json =
@@ -343,9 +343,9 @@ impl Privacy {
     pub fn search_form(&self, filter: &mut Map<String, Json>) -> Result<(), Unsearchable> {
         if self.pseudonymize
             && let Some(user) = filter.get_mut("userId")
-            && !user.is_null()
+            && let Some(id) = crate::event::user_id_of(user)
         {
-            *user = Json::String(self.hash(&canonical(user)));
+            *user = Json::String(self.hash(&id));
         }
         self.search_object(filter)
     }

@@ -205,10 +205,7 @@ impl Metadata {
             return;
         }
         if key == USER_ID_KEY {
-            self.user_id = match &value.json {
-                Json::String(user_id) if !user_id.is_empty() => Some(user_id.clone()),
-                _ => None,
-            };
+            self.user_id = crate::event::user_id_of(&value.json);
         }
         self.depth = self.depth.max(1 + depth(&value.json));
         self.open_entry();
@@ -268,10 +265,7 @@ impl From<Map<String, Json>> for Metadata {
     fn from(object: Map<String, Json>) -> Self {
         let mut text = Vec::new();
         write_json(&mut text, &Json::Object(object.clone()));
-        let user_id = match object.get(USER_ID_KEY) {
-            Some(Json::String(user_id)) if !user_id.is_empty() => Some(user_id.clone()),
-            _ => None,
-        };
+        let user_id = object.get(USER_ID_KEY).and_then(crate::event::user_id_of);
         Self {
             text,
             entries: object.len(),
@@ -329,7 +323,8 @@ struct FastEntry<'a> {
 
 impl FastEntry<'_> {
     /// `"key":value`. At the top level, what it says of the user id: `Some(Some(id))` for a
-    /// `userId` entry holding a non-empty string, `Some(None)` for any other `userId` entry.
+    /// `userId` entry holding one (a non-empty string, or any other value as its compact JSON
+    /// text: [`crate::event::user_id_of`]), `Some(None)` for a `userId` entry holding none.
     fn write_entry(
         &mut self,
         mut entry: &[u8],
@@ -349,12 +344,20 @@ impl FastEntry<'_> {
         if !entry.is_empty() {
             return Err(Irregular);
         }
+        let start = self.out.len();
         let text = self.write_value(value, level)?;
         if !user_id_entry {
             return Ok(None);
         }
-        // Already checked as UTF-8 when written.
-        let user_id = text.filter(|id| !id.is_empty()).map(utf8).transpose()?;
+        let user_id = match text {
+            // Already checked as UTF-8 when written.
+            Some(string) => Some(utf8(string)?).filter(|id| !id.is_empty()),
+            // Any other value: the JSON text just written, as a user id (none for null).
+            None => match &self.out[start..] {
+                b"null" => None,
+                written => Some(utf8(written)?),
+            },
+        };
         Ok(Some(user_id.map(str::to_owned)))
     }
 
@@ -1037,13 +1040,25 @@ mod tests {
             r#"{"b":false,"f":2.5,"l":[1,{"deep":true}],"n":42,"s":"é \"q\"\n\u0001","userId":"u-1","z":null}"#
         );
         assert_eq!(decoded.json_len(), json.len());
-        // A userId that is not a non-empty string is no user id.
-        for kind in [Kind::NumberValue(7.0), Kind::StringValue(String::new())] {
+        // The one rule of user ids (`event::user_id_of`), on the fast path and on prost's: a
+        // number is its decimal text, any other value its compact JSON; "" and null are none.
+        let nested = Kind::StructValue(Struct {
+            fields: BTreeMap::from([("id".to_owned(), value(Kind::NumberValue(5.0)))]),
+        });
+        for (kind, wanted) in [
+            (Kind::NumberValue(12345.0), Some("12345")),
+            (Kind::NumberValue(2.5), Some("2.5")),
+            (Kind::BoolValue(true), Some("true")),
+            (nested, Some(r#"{"id":5}"#)),
+            (Kind::StringValue(String::new()), None),
+            (Kind::NullValue(0), None),
+        ] {
             let fields = Struct {
                 fields: BTreeMap::from([("userId".to_owned(), value(kind))]),
             };
             let decoded = Metadata::decode(fields.encode_to_vec().as_slice()).expect("decodes");
-            assert_eq!(decoded.user_id(), None);
+            assert_eq!(decoded.user_id(), wanted);
+            assert_eq!(Metadata::from(fields).user_id(), wanted, "prost's path");
         }
     }
 

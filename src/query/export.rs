@@ -1,19 +1,26 @@
 //! Export: every matching event as NDJSON, archived events first (one object at a time), then
 //! rows, from one consistent (REPEATABLE READ) snapshot of the rows and of the archive
 //! catalog, streamed in chunks of about [`EXPORT_CHUNK_BYTES`] so that memory stays flat.
+//!
+//! An export holds a read connection and a snapshot for as long as it runs, so it is bounded:
+//! a principal runs at most `reads.max_exports_per_principal` at once, a client that takes no
+//! chunk for `reads.export_idle_timeout` ends its export (DEADLINE_EXCEEDED, its connection
+//! freed; PostgreSQL's `idle_in_transaction_session_timeout` backs that up), and the caller is
+//! authorized again before every chunk, so an expired token or a reload that took the scope
+//! away ends it too.
 
-use std::{borrow::Cow, pin::Pin, sync::Arc};
+use std::{borrow::Cow, pin::Pin, sync::Arc, time::Duration};
 
-use futures::{Stream, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{QueryError, Reader};
+use super::{QueryError, Reader, slots::Slot};
 use crate::{
     archive::{Archive, ArchiveError, catalog},
     config::Scope,
@@ -36,105 +43,201 @@ pub type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> +
 /// Checks and audits the request, then streams the export from a task of its own.
 pub async fn serve(
     reader: &Reader,
-    admission: &Admission,
+    admission: &Arc<Admission>,
     call: Call,
     request: ExportRequest,
 ) -> Result<ExportStream, Status> {
-    let filter = Filter::from_export(request, &reader.config.validation).and_then(|mut filter| {
-        reader.restrict(&mut filter, &call.caller)?;
-        Ok(filter)
-    });
+    let filter = Filter::from_export(request, &reader.config.validation)
+        .map_err(QueryError::from)
+        .and_then(|mut filter| {
+            reader.restrict(&mut filter, &call.caller)?;
+            Ok(filter)
+        });
     let details = serde_json::json!({
         "filters": filter.as_ref().map(Filter::details).unwrap_or(Json::Null),
     });
-    let filter = admission.audited(&call, details, filter).await?;
+    let started =
+        filter.and_then(|filter| Ok((filter, reader.exports.take(&call.caller.principal)?)));
+    let (filter, slot) = admission.audited(&call, details, started).await?;
     let (chunks, receiver) = mpsc::channel(EXPORT_QUEUE);
-    let pool = reader.store.read_pool.clone();
-    let archive = reader.archive.clone();
-    let privacy = reader.privacy.load_full();
-    let show = call.caller.has_scope(Scope::Pii);
+    // Why the export ended early, sent after the chunks already queued.
+    let (ended, end) = oneshot::channel();
+    let export = Exporting {
+        pool: reader.store.read_pool.clone(),
+        archive: reader.archive.clone(),
+        privacy: reader.privacy.load_full(),
+        show: call.caller.has_scope(Scope::Pii),
+        admission: admission.clone(),
+        call,
+        idle: reader.config.reads.export_idle_timeout,
+        chunks,
+        _slot: slot,
+    };
     tokio::spawn(
         async move {
-            if let Err(error) = export(pool, archive, privacy, show, filter, &chunks).await {
-                let _ = chunks.send(Err(error.into())).await;
+            if let Err(status) = export.run(filter).await {
+                let _ = ended.send(status);
             }
         }
         .in_current_span(),
     );
-    Ok(Box::pin(ReceiverStream::new(receiver)))
+    let end = futures::stream::once(end).filter_map(|ended| async move { ended.ok().map(Err) });
+    Ok(Box::pin(ReceiverStream::new(receiver).chain(end)))
 }
 
-/// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
-/// catalog: each event is in exactly one of them): the counts first, then the archived lines,
-/// one object at a time, then NDJSON lines built by PostgreSQL, fetched row by row.
-async fn export(
+/// One export under way.
+struct Exporting {
     pool: PgPool,
     archive: Arc<Archive>,
     privacy: Arc<Privacy>,
     show: bool,
-    filter: Filter,
-    chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
-) -> Result<(), QueryError> {
-    // An object replaced or expired between the snapshot and its reading: take a fresh
-    // snapshot, as long as nothing was sent yet.
-    let mut attempts = 0;
-    let snapshot = loop {
-        attempts += 1;
-        match Snapshot::take(&pool, &archive, &filter).await {
-            Err(QueryError::Archive(ArchiveError::Gone { .. })) if attempts < EXPORT_ATTEMPTS => {
+    admission: Arc<Admission>,
+    call: Call,
+    idle: Duration,
+    chunks: mpsc::Sender<Result<ExportChunk, Status>>,
+    /// Held while the export runs.
+    _slot: Slot,
+}
+
+/// How handing a chunk on went.
+enum Sent {
+    Taken,
+    /// The client went away: nothing more to do.
+    Gone,
+}
+
+impl Exporting {
+    /// Streams the export; the status it ended with early, if any.
+    async fn run(&self, filter: Filter) -> Result<(), Status> {
+        match self.export(filter).await {
+            Ok(()) => Ok(()),
+            Err(Ended::Refused(status)) => Err(status),
+            Err(Ended::Failed(error)) => Err(error.into()),
+        }
+    }
+
+    /// Hands a chunk to the client within the idle timeout, after authorizing the caller
+    /// again.
+    async fn send(&self, chunk: ExportChunk) -> Result<Sent, Ended> {
+        self.admission
+            .refresh(&self.call)
+            .map_err(|error| Ended::Refused(error.into()))?;
+        match self.chunks.send_timeout(Ok(chunk), self.idle).await {
+            Ok(()) => Ok(Sent::Taken),
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Ok(Sent::Gone),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                tracing::warn!(idle = ?self.idle, "an export's client took no chunk within reads.export_idle_timeout; ending it");
+                Err(Ended::Refused(Status::deadline_exceeded(
+                    "the client took no chunk within reads.export_idle_timeout; the export ended",
+                )))
+            }
+        }
+    }
+}
+
+/// Why an export ended before its last chunk.
+enum Ended {
+    Refused(Status),
+    Failed(QueryError),
+}
+
+impl From<QueryError> for Ended {
+    fn from(error: QueryError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+impl From<sqlx::Error> for Ended {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+impl From<ArchiveError> for Ended {
+    fn from(error: ArchiveError) -> Self {
+        Self::Failed(error.into())
+    }
+}
+
+impl Exporting {
+    /// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
+    /// catalog: each event is in exactly one of them): the counts first, then the archived
+    /// lines, one object at a time, then NDJSON lines built by PostgreSQL, fetched row by row.
+    async fn export(&self, filter: Filter) -> Result<(), Ended> {
+        // An object replaced or expired between the snapshot and its reading: take a fresh
+        // snapshot, as long as nothing was sent yet.
+        let mut attempts = 0;
+        let snapshot = loop {
+            attempts += 1;
+            match Snapshot::take(&self.pool, &self.archive, &filter, self.idle).await {
+                Err(QueryError::Archive(ArchiveError::Gone { .. }))
+                    if attempts < EXPORT_ATTEMPTS =>
+                {
+                    continue;
+                }
+                outcome => break outcome?,
+            }
+        };
+        let Snapshot {
+            mut transaction,
+            hot,
+            objects,
+            archived_counts,
+        } = snapshot;
+        let archived: u64 = archived_counts.iter().sum();
+        let total = hot + archived;
+        let first = ExportChunk {
+            total_events: total,
+            archived_events: archived,
+            last: total == 0,
+            ..ExportChunk::default()
+        };
+        if matches!(self.send(first).await?, Sent::Gone) || total == 0 {
+            return Ok(());
+        }
+        let mut chunk = ExportChunk::default();
+        let matcher = filter.archived_matcher();
+        for (object, count) in objects.iter().zip(archived_counts) {
+            if count == 0 {
                 continue;
             }
-            outcome => break outcome?,
+            for line in self.archive.matching_lines(object, matcher.clone()).await? {
+                let line = reveal_line(&self.privacy, &line, self.show)?;
+                if matches!(self.append_line(&mut chunk, &line).await?, Sent::Gone) {
+                    return Ok(());
+                }
+            }
         }
-    };
-    let Snapshot {
-        mut transaction,
-        hot,
-        objects,
-        archived_counts,
-    } = snapshot;
-    let archived: u64 = archived_counts.iter().sum();
-    let total = hot + archived;
-    let first = ExportChunk {
-        total_events: total,
-        archived_events: archived,
-        last: total == 0,
-        ..ExportChunk::default()
-    };
-    if chunks.send(Ok(first)).await.is_err() || total == 0 {
-        return Ok(());
-    }
-    let mut chunk = ExportChunk::default();
-    let matcher = filter.archived_matcher();
-    for (object, count) in objects.iter().zip(archived_counts) {
-        if count == 0 {
-            continue;
-        }
-        for line in archive.matching_lines(object, matcher.clone()).await? {
-            let line = reveal_line(&privacy, &line, show)?;
-            if !append_line(&mut chunk, &line, chunks).await {
+        let mut lines =
+            QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
+        filter.push_where(&mut lines);
+        lines.push(" ORDER BY ts, id");
+        let mut rows = lines
+            .build_query_scalar::<String>()
+            .fetch(&mut *transaction);
+        while let Some(line) = rows.try_next().await? {
+            let line = reveal_line(&self.privacy, &line, self.show)?;
+            if matches!(self.append_line(&mut chunk, &line).await?, Sent::Gone) {
                 return Ok(());
             }
         }
+        drop(rows);
+        chunk.last = true;
+        self.send(chunk).await?;
+        transaction.commit().await?;
+        Ok(())
     }
-    let mut lines =
-        QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
-    filter.push_where(&mut lines);
-    lines.push(" ORDER BY ts, id");
-    let mut rows = lines
-        .build_query_scalar::<String>()
-        .fetch(&mut *transaction);
-    while let Some(line) = rows.try_next().await? {
-        let line = reveal_line(&privacy, &line, show)?;
-        if !append_line(&mut chunk, &line, chunks).await {
-            return Ok(());
+
+    /// Adds one NDJSON line to the chunk being filled, handing it on once full.
+    async fn append_line(&self, chunk: &mut ExportChunk, line: &str) -> Result<Sent, Ended> {
+        chunk.ndjson.extend_from_slice(line.as_bytes());
+        chunk.ndjson.push(b'\n');
+        chunk.events += 1;
+        if chunk.ndjson.len() < EXPORT_CHUNK_BYTES {
+            return Ok(Sent::Taken);
         }
+        self.send(std::mem::take(chunk)).await
     }
-    drop(rows);
-    chunk.last = true;
-    let _ = chunks.send(Ok(chunk)).await;
-    transaction.commit().await?;
-    Ok(())
 }
 
 /// The export's snapshot: its transaction, how many rows match, the archived objects that may
@@ -147,7 +250,12 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    async fn take(pool: &PgPool, archive: &Archive, filter: &Filter) -> Result<Self, QueryError> {
+    async fn take(
+        pool: &PgPool,
+        archive: &Archive,
+        filter: &Filter,
+        idle: Duration,
+    ) -> Result<Self, QueryError> {
         let mut transaction = pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *transaction)
@@ -155,6 +263,13 @@ impl Snapshot {
         // An export streams for as long as its client reads: the read pool's statement
         // timeout is for queries, not for this.
         sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *transaction)
+            .await?;
+        // A client that stops reading leaves the transaction idle: PostgreSQL ends it past
+        // the idle timeout (and a margin), should the export task not have.
+        let idle_ms = (idle + Duration::from_secs(10)).as_millis().to_string();
+        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+            .bind(idle_ms)
             .execute(&mut *transaction)
             .await?;
         sqlx::query("SET LOCAL TimeZone = 'UTC'")
@@ -175,19 +290,6 @@ impl Snapshot {
             archived_counts,
         })
     }
-}
-
-/// Adds one NDJSON line to the chunk being filled, sending it once full. False when the
-/// client has gone.
-async fn append_line(
-    chunk: &mut ExportChunk,
-    line: &str,
-    chunks: &mpsc::Sender<Result<ExportChunk, Status>>,
-) -> bool {
-    chunk.ndjson.extend_from_slice(line.as_bytes());
-    chunk.ndjson.push(b'\n');
-    chunk.events += 1;
-    chunk.ndjson.len() < EXPORT_CHUNK_BYTES || chunks.send(Ok(std::mem::take(chunk))).await.is_ok()
 }
 
 /// An NDJSON line as the caller may see it: encrypted metadata values opened for scope `pii`,

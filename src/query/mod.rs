@@ -10,6 +10,7 @@ mod reader;
 pub mod scan;
 mod search;
 pub mod service;
+pub mod slots;
 mod stats;
 mod tail;
 
@@ -17,6 +18,7 @@ use tonic::Status;
 
 pub use reader::Reader;
 pub use service::QueryHandler;
+pub use slots::Slots;
 
 use crate::{archive::ArchiveError, privacy::PrivacyError, proto::status::InvalidArgument};
 
@@ -31,6 +33,10 @@ pub enum QueryError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Privacy(#[from] PrivacyError),
+    #[error("this principal has {limit} {kind} running, the most it may; retry once one ends")]
+    TooMany { kind: &'static str, limit: usize },
+    #[error(transparent)]
+    NotRecorded(#[from] crate::audit::NotRecorded),
 }
 
 impl QueryError {
@@ -42,11 +48,20 @@ impl QueryError {
 /// Each source maps its own errors; this only picks the source.
 impl From<QueryError> for Status {
     fn from(error: QueryError) -> Self {
+        let error_message = error.to_string();
         match error {
             QueryError::Invalid(invalid) => invalid.into(),
             QueryError::Database(database) => crate::store::database_status(&database),
             QueryError::Archive(archive) => archive.into(),
             QueryError::Privacy(privacy) => privacy.into(),
+            QueryError::TooMany { .. } => crate::proto::status::refusal(
+                tonic::Code::ResourceExhausted,
+                error_message,
+                "TOO_MANY_CALLS",
+                Some(std::time::Duration::from_secs(1)),
+                std::collections::HashMap::new(),
+            ),
+            QueryError::NotRecorded(error) => error.into(),
         }
     }
 }

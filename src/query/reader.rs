@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::slots::Slots;
 use crate::{
     archive::Archive, auth::Caller, broker::Broker, buffer::Buffer, config::Config, feed::TailFeed,
     filter::Filter, metrics::Counters, privacy::SharedPrivacy, proto::status::InvalidArgument,
@@ -26,6 +27,10 @@ pub struct Reader {
     pub feed: Arc<TailFeed>,
     /// Cancelled when the server stops: Tail streams end.
     pub shutdown: CancellationToken,
+    /// What one principal may have running at once (`reads.*`).
+    pub queries: Arc<Slots>,
+    pub exports: Arc<Slots>,
+    pub tails: Arc<Slots>,
 }
 
 impl Reader {

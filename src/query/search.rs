@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use futures::{Stream, TryStreamExt};
 use serde_json::Value as Json;
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
@@ -39,6 +40,8 @@ pub struct EventRow {
     pub user_id: Option<String>,
     pub metadata: sqlx::types::Json<Json>,
     pub trace_id: Option<String>,
+    /// The message's and the metadata's size as stored, for the response's byte bound.
+    pub bytes: i64,
 }
 
 impl From<EventRow> for Event {
@@ -68,6 +71,12 @@ struct Page {
     scanned_until: Option<DateTime<Utc>>,
 }
 
+/// The rows of one read, and whether it stopped at the response's byte bound.
+struct Rows {
+    rows: Vec<EventRow>,
+    cut: bool,
+}
+
 /// Serves one Query call, noting its filter and row count in `details` (its audit row).
 pub async fn query(
     reader: &Reader,
@@ -75,6 +84,7 @@ pub async fn query(
     request: QueryRequest,
     details: &mut Json,
 ) -> Result<QueryResponse, QueryError> {
+    let _slot = reader.queries.take(&caller.principal)?;
     let mut filter = Filter::from_query(&request, &reader.config.validation)?;
     reader.restrict(&mut filter, caller)?;
     details["filters"] = filter.details();
@@ -93,11 +103,13 @@ pub async fn query(
     let cursor = (!request.page_token.is_empty())
         .then(|| Cursor::decode(&request.page_token, &filter, oldest_first))
         .transpose()?;
+    let budget = reader.config.reads.max_response_bytes;
     let page = if filter.needs_scan() {
         scan_page(reader, &filter, cursor, limit, oldest_first).await?
     } else {
-        let mut rows = page_rows(reader, &filter, cursor, None, limit, oldest_first).await?;
-        let more = rows.len() > limit as usize;
+        let Rows { mut rows, cut } =
+            page_rows(reader, &filter, cursor, None, limit, oldest_first, budget).await?;
+        let more = cut || rows.len() > limit as usize;
         rows.truncate(limit as usize);
         let next = more
             .then(|| rows.last().map(|last| Cursor::at(last.ts, last.id)))
@@ -129,7 +141,8 @@ pub async fn query(
 }
 
 /// Rows after `cursor` (in the order asked), within `window` when given, at most
-/// `limit + 1` (the extra one says whether there are more).
+/// `limit + 1` (the extra one says whether there are more), and no more than `budget` bytes
+/// of them (but at least one).
 async fn page_rows(
     reader: &Reader,
     filter: &Filter,
@@ -137,7 +150,8 @@ async fn page_rows(
     window: Option<(DateTime<Utc>, DateTime<Utc>)>,
     limit: u32,
     oldest_first: bool,
-) -> Result<Vec<EventRow>, QueryError> {
+    budget: usize,
+) -> Result<Rows, QueryError> {
     let mut builder = rows_query(
         filter,
         &reader.config.search,
@@ -146,15 +160,43 @@ async fn page_rows(
         limit,
         oldest_first,
     );
-    Ok(builder
-        .build_query_as()
-        .fetch_all(&reader.store.read_pool)
-        .await?)
+    let rows = builder.build_query_as().fetch(&reader.store.read_pool);
+    Ok(collect(rows, limit as usize + 1, budget).await?)
+}
+
+/// Takes rows as they stream in until `wanted` are in hand or the next would pass `budget`
+/// bytes: memory holds one response's worth, whatever the rows hold.
+async fn collect(
+    mut rows: impl Stream<Item = Result<EventRow, sqlx::Error>> + Unpin,
+    wanted: usize,
+    budget: usize,
+) -> Result<Rows, sqlx::Error> {
+    let mut taken = Vec::new();
+    let mut used = 0usize;
+    while taken.len() < wanted {
+        let Some(row) = rows.try_next().await? else {
+            break;
+        };
+        let bytes = usize::try_from(row.bytes).unwrap_or(0);
+        if !taken.is_empty() && used + bytes > budget {
+            return Ok(Rows {
+                rows: taken,
+                cut: true,
+            });
+        }
+        used += bytes;
+        taken.push(row);
+    }
+    Ok(Rows {
+        rows: taken,
+        cut: false,
+    })
 }
 
 /// [`page_rows`] under a statement timeout of `budget`: `None` when PostgreSQL cancelled the
 /// step at the budget, so that a step whose plan turned out slower than the last one's ends
 /// the call on time instead of late.
+#[allow(clippy::too_many_arguments)]
 async fn page_rows_within(
     reader: &Reader,
     filter: &Filter,
@@ -163,7 +205,8 @@ async fn page_rows_within(
     limit: u32,
     oldest_first: bool,
     budget: Duration,
-) -> Result<Option<Vec<EventRow>>, QueryError> {
+    bytes: usize,
+) -> Result<Option<Rows>, QueryError> {
     let mut builder = rows_query(
         filter,
         &reader.config.search,
@@ -179,7 +222,8 @@ async fn page_rows_within(
         .bind(timeout_ms)
         .execute(&mut *transaction)
         .await?;
-    let rows = match builder.build_query_as().fetch_all(&mut *transaction).await {
+    let rows = builder.build_query_as().fetch(&mut *transaction);
+    let rows = match collect(rows, limit as usize + 1, bytes).await {
         Ok(rows) => rows,
         Err(error) if store::is_sqlstate(&error, sqlstates::QUERY_CANCELED) => {
             metrics::search_step_cancelled();
@@ -201,7 +245,8 @@ fn rows_query(
     oldest_first: bool,
 ) -> QueryBuilder<Postgres> {
     let mut builder = QueryBuilder::<Postgres>::new(
-        "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
+        "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id, \
+         octet_length(message)::bigint + octet_length(metadata::text)::bigint AS bytes FROM events",
     );
     filter.push_where(&mut builder);
     filter.push_index_hints(&mut builder, search);
@@ -258,13 +303,23 @@ async fn scan_page(
     };
     let mut rows: Vec<EventRow> = Vec::new();
     let mut position = cursor;
+    let mut bytes_left = reader.config.reads.max_response_bytes;
     while let Some(window) = plan.next_window() {
         let step = Instant::now();
         let wanted = limit - rows.len() as u32;
         let found = match plan.begin_step(started.elapsed()) {
-            StepBound::Unbounded => {
-                Some(page_rows(reader, filter, position, Some(window), wanted, oldest_first).await?)
-            }
+            StepBound::Unbounded => Some(
+                page_rows(
+                    reader,
+                    filter,
+                    position,
+                    Some(window),
+                    wanted,
+                    oldest_first,
+                    bytes_left,
+                )
+                .await?,
+            ),
             StepBound::Within(budget) => {
                 page_rows_within(
                     reader,
@@ -274,12 +329,17 @@ async fn scan_page(
                     wanted,
                     oldest_first,
                     budget,
+                    bytes_left,
                 )
                 .await?
             }
         };
         // Cancelled at the budget: the call ends where the scan stood before the step.
-        let Some(mut found) = found else {
+        let Some(Rows {
+            rows: mut found,
+            cut,
+        }) = found
+        else {
             plan.cancelled();
             return Ok(Page {
                 rows,
@@ -287,7 +347,8 @@ async fn scan_page(
                 scanned_until: Some(plan.scanned_until()),
             });
         };
-        if found.len() > wanted as usize {
+        // The page is full, in rows or in bytes: it ends at its last row.
+        if cut || found.len() > wanted as usize {
             found.truncate(wanted as usize);
             rows.extend(found);
             let next = rows
@@ -299,6 +360,8 @@ async fn scan_page(
                 next,
             });
         }
+        let used: i64 = found.iter().map(|row| row.bytes).sum();
+        bytes_left = bytes_left.saturating_sub(usize::try_from(used).unwrap_or(0));
         rows.extend(found);
         plan.covered(window, step.elapsed());
         position = Some(plan.edge());

@@ -1,6 +1,10 @@
 //! Tail: follows new events as this node's writers store them, like `tail -f`, filtered by
-//! services and user. Every subscriber reads the one shared ring of the [`TailFeed`]; one
-//! that reads too slowly skips batches and is told how many.
+//! services and user. Every subscriber reads the one shared ring of the [`TailFeed`], whose
+//! batches are converted once for all of them. The stream holds no queue of its own: it takes
+//! the next batch when its client can take the next message, so a subscriber that does not
+//! read costs nothing but its place in the ring, and one that reads too slowly skips batches
+//! and is told how many (`missed_batches`, `sluice_tail_batches_missed_total`). Subscribers
+//! are capped per principal and per node (`reads.max_tails*`).
 //!
 //! [`TailFeed`]: crate::feed::TailFeed
 
@@ -9,27 +13,25 @@ use std::{pin::Pin, sync::Arc};
 use chrono::Utc;
 use futures::Stream;
 use serde_json::Value as Json;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::Instrument;
 
-use super::{QueryError, Reader};
+use super::{QueryError, Reader, slots::Slot};
 use crate::{
     config::Scope,
     event::ValidEvent,
+    feed::{Converted, TailBatch},
     filter::check_services,
-    privacy::{Privacy, PrivacyError},
+    metrics,
+    privacy::{Privacy, PrivacyError, SharedPrivacy},
     proto::{Event, TailRequest, TailResponse, wire::to_timestamp},
     rpc::{Admission, Call},
 };
 
-/// Tail responses queued per subscriber before it skips batches.
-const TAIL_QUEUE: usize = 8;
-
 pub type TailStream = Pin<Box<dyn Stream<Item = Result<TailResponse, Status>> + Send + 'static>>;
 
-/// Checks and audits the request, then follows the feed from a task of its own.
+/// Checks and audits the request, then follows the feed for as long as the client reads.
 pub async fn serve(
     reader: &Reader,
     admission: &Arc<Admission>,
@@ -43,86 +45,134 @@ pub async fn serve(
                 return Err(QueryError::invalid("user_id", "longer than any event's"));
             }
             Ok(())
-        });
+        })
+        .and_then(|()| reader.tails.take(&call.caller.principal));
     let details = serde_json::json!({ "services": request.services });
-    admission.audited(&call, details, checked).await?;
+    let slot = admission.audited(&call, details, checked).await?;
     let user =
         (!request.user_id.is_empty()).then(|| reader.privacy.load().user_id(&request.user_id));
-    let privacy = reader.privacy.clone();
-    let admission = admission.clone();
-    let mut batches = reader.feed.subscribe();
-    let shutdown = reader.shutdown.clone();
-    let (responses, receiver) = mpsc::channel(TAIL_QUEUE);
-    tokio::spawn(
-        async move {
-            loop {
-                let received = tokio::select! {
-                    received = batches.recv() => received,
-                    () = shutdown.cancelled() => return,
-                };
-                // A long-lived stream: the caller is looked up again under the policy in
-                // force, so a reload or an expired token applies from the next batch on.
-                let caller = match admission.refresh(&call) {
-                    Ok(caller) => caller,
-                    Err(error) => {
-                        let _ = responses.send(Err(Status::from(error))).await;
-                        return;
-                    }
-                };
-                let show = caller.has_scope(Scope::Pii);
-                let wanted = |event: &ValidEvent| {
-                    caller.may_use(&event.service)
-                        && (request.services.is_empty()
-                            || request.services.contains(&event.service))
-                        && user
-                            .as_ref()
-                            .is_none_or(|user| event.user_id.as_ref() == Some(user))
-                };
-                let response = match received {
-                    Ok(batch) => {
-                        let privacy = privacy.load();
-                        let events: Result<Vec<Event>, QueryError> = batch
-                            .iter()
-                            .filter(|event| wanted(event))
-                            .map(|event| tailed_event(&privacy, event, show))
-                            .collect();
-                        match events {
-                            Ok(events) if events.is_empty() => continue,
-                            Ok(events) => Ok(TailResponse {
-                                events,
-                                missed_batches: 0,
-                            }),
-                            Err(error) => Err(Status::from(error)),
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => Ok(TailResponse {
-                        events: Vec::new(),
-                        missed_batches: missed,
-                    }),
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                // A client that stops reading must not hold up shutdown.
-                tokio::select! {
-                    sent = responses.send(response) => {
-                        if sent.is_err() {
-                            // The client went away: stop following.
-                            return;
-                        }
-                    }
-                    () = shutdown.cancelled() => return,
-                }
-            }
-        }
-        .in_current_span(),
-    );
-    Ok(Box::pin(ReceiverStream::new(receiver)))
+    let following = Following {
+        batches: reader.feed.subscribe(),
+        services: request.services,
+        user,
+        privacy: reader.privacy.clone(),
+        admission: admission.clone(),
+        call,
+        shutdown: reader.shutdown.clone(),
+        done: false,
+        _slot: slot,
+    };
+    Ok(Box::pin(futures::stream::unfold(
+        following,
+        |mut following| async move {
+            let next = following.next().await?;
+            Some((next, following))
+        },
+    )))
 }
 
-/// A stored event as Tail shows it: encrypted values opened for `pii` only.
-fn tailed_event(privacy: &Privacy, event: &ValidEvent, show: bool) -> Result<Event, QueryError> {
+/// One subscriber's place in the feed.
+struct Following {
+    batches: broadcast::Receiver<Arc<TailBatch>>,
+    services: Vec<String>,
+    /// The user, in stored form.
+    user: Option<String>,
+    privacy: SharedPrivacy,
+    admission: Arc<Admission>,
+    call: Call,
+    shutdown: CancellationToken,
+    /// The stream ended with an error: nothing follows it.
+    done: bool,
+    /// Held while the stream is open.
+    _slot: Slot,
+}
+
+impl Following {
+    /// The next message for the client; None once the stream ends.
+    async fn next(&mut self) -> Option<Result<TailResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let received = tokio::select! {
+                received = self.batches.recv() => received,
+                // Shutdown ends Tail streams instead of waiting for them.
+                () = self.shutdown.cancelled() => return None,
+            };
+            // A long-lived stream: the caller is looked up again under the policy in force,
+            // so a reload or an expired token applies from the next batch on.
+            let caller = match self.admission.refresh(&self.call) {
+                Ok(caller) => caller,
+                Err(error) => {
+                    self.done = true;
+                    return Some(Err(error.into()));
+                }
+            };
+            let batch = match received {
+                Ok(batch) => batch,
+                Err(RecvError::Lagged(missed)) => {
+                    metrics::tail_batches_missed(missed);
+                    return Some(Ok(TailResponse {
+                        events: Vec::new(),
+                        missed_batches: missed,
+                    }));
+                }
+                Err(RecvError::Closed) => return None,
+            };
+            let wanted: Vec<usize> = batch
+                .events
+                .iter()
+                .enumerate()
+                .filter(|(_, event)| {
+                    caller.may_use(&event.service)
+                        && (self.services.is_empty() || self.services.contains(&event.service))
+                        && self
+                            .user
+                            .as_ref()
+                            .is_none_or(|user| event.user_id.as_ref() == Some(user))
+                })
+                .map(|(index, _)| index)
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let reveal = caller.has_scope(Scope::Pii);
+            let privacy = self.privacy.load();
+            let converted = batch.converted(reveal, |events| convert(&privacy, events, reveal));
+            return Some(match converted {
+                Ok(events) => Ok(TailResponse {
+                    events: wanted
+                        .into_iter()
+                        .map(|index| events[index].clone())
+                        .collect(),
+                    missed_batches: 0,
+                }),
+                Err(error) => {
+                    self.done = true;
+                    Err(QueryError::from(error).into())
+                }
+            });
+        }
+    }
+}
+
+/// A batch as Tail shows it: encrypted values opened for `pii` only.
+fn convert(privacy: &Privacy, events: &[ValidEvent], reveal: bool) -> Converted {
+    events
+        .iter()
+        .map(|event| tailed_event(privacy, event, reveal))
+        .collect::<Result<Vec<Event>, PrivacyError>>()
+        .map(Arc::from)
+}
+
+fn tailed_event(
+    privacy: &Privacy,
+    event: &ValidEvent,
+    reveal: bool,
+) -> Result<Event, PrivacyError> {
     let mut metadata: Json =
         serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
-    privacy.reveal(event.id, &mut metadata, show)?;
+    privacy.reveal(event.id, &mut metadata, reveal)?;
     Ok(Event {
         id: event.id.to_string(),
         service: event.service.clone(),

@@ -9,7 +9,7 @@ use tonic::{Code, Request, Status};
 
 use super::{Audited, Rpc};
 use crate::{
-    audit::{self, Audit, Entry},
+    audit::{self, Audit, Entry, NotRecorded},
     auth::{AuthError, Authorizer, Caller},
     config::Role,
 };
@@ -91,7 +91,9 @@ impl Admission {
         Ok(caller)
     }
 
-    /// Writes the audit row of an admitted call with `details`, and passes its result on.
+    /// Writes the audit row of an admitted call with `details`, and passes its result on. A
+    /// read of personal data whose row cannot be written fails closed: UNAVAILABLE, with
+    /// RetryInfo, and nothing of what it read.
     pub async fn audited<T, E: Into<Status>>(
         &self,
         call: &Call,
@@ -99,10 +101,10 @@ impl Admission {
         result: Result<T, E>,
     ) -> Result<T, Status> {
         match result {
-            Ok(value) => {
-                self.record(call, details, Code::Ok).await;
-                Ok(value)
-            }
+            Ok(value) => match self.record(call, details, Code::Ok).await {
+                Err(not_recorded) if call.rpc.reads_personal_data() => Err(not_recorded.into()),
+                _ => Ok(value),
+            },
             Err(error) => Err(self.refused(call, details, error).await),
         }
     }
@@ -110,12 +112,18 @@ impl Admission {
     /// Writes the audit row of an admitted call refused with `error`; gives its status.
     pub async fn refused(&self, call: &Call, details: Json, error: impl Into<Status>) -> Status {
         let status = error.into();
-        self.record(call, details, status.code()).await;
+        // A refusal reads nothing: it stands whether or not its row was written.
+        let _ = self.record(call, details, status.code()).await;
         status
     }
 
-    /// The audit row of `call` ended with `code`.
-    pub fn entry(&self, call: &Call, details: Json, code: Code) -> Entry {
+    /// The audit row of `call` ended with `code`. A token that rides on a client certificate
+    /// names the principal; the row keeps the certificate's identity beside it.
+    pub fn entry(&self, call: &Call, mut details: Json, code: Code) -> Entry {
+        if let (Some(certificate), Json::Object(object)) = (&call.caller.certificate, &mut details)
+        {
+            object.insert("certificate".to_owned(), Json::String(certificate.clone()));
+        }
         Entry::new(
             &call.caller.principal,
             call.rpc.name(),
@@ -126,12 +134,15 @@ impl Admission {
         )
     }
 
-    async fn record(&self, call: &Call, details: Json, code: Code) {
+    async fn record(&self, call: &Call, details: Json, code: Code) -> Result<(), NotRecorded> {
         let entry = self.entry(call, details, code);
         match call.rpc.audited() {
-            Audited::RefusalsOnly => {}
+            Audited::RefusalsOnly => Ok(()),
             Audited::Read => self.audit.record_read(entry).await,
-            Audited::Durable => self.audit.record(entry).await,
+            Audited::Durable => {
+                self.audit.record(entry).await;
+                Ok(())
+            }
         }
     }
 

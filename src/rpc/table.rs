@@ -114,6 +114,12 @@ impl Rpc {
         matches!(self, Self::Ingest | Self::Publish | Self::IngestStream)
     }
 
+    /// Whether it answers with events (personal data): its audit row must be written before
+    /// it answers, or it is refused.
+    pub const fn reads_personal_data(self) -> bool {
+        matches!(self, Self::Query | Self::Export | Self::Tail)
+    }
+
     /// How its audit row is written.
     pub const fn audited(self) -> Audited {
         match self {

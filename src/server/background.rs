@@ -66,7 +66,7 @@ impl Background {
         let shutdown = CancellationToken::new();
         let (buffer, receiver) = Buffer::new(&config.buffer);
         let background = Self {
-            audit: Arc::new(Audit::new(storage.store.pool.clone())),
+            audit: Arc::new(Audit::new(storage.store.audit_pool.clone())),
             breaker: Arc::new(Breaker::new(&config.breaker)),
             counters: Arc::new(Counters::default()),
             feed: Arc::new(TailFeed::default()),
@@ -80,7 +80,7 @@ impl Background {
         };
         let destination = match &storage.broker {
             Some(broker) => Destination::Broker(broker.clone()),
-            None => Destination::Postgres(storage.store.pool.clone()),
+            None => Destination::Postgres(storage.store.pool.clone(), storage.privacy.clone()),
         };
         let writers = WriterContext {
             config: config.writer.clone(),
@@ -108,6 +108,7 @@ impl Background {
                 breaker: consumers_breaker.clone(),
                 counters: background.counters.clone(),
                 tail: background.feed.clone(),
+                privacy: storage.privacy.clone(),
                 node: format!(
                     "{}-{}",
                     std::process::id(),
@@ -162,6 +163,7 @@ impl Background {
                 breaker: self.breaker.clone(),
                 spool: storage.spool.clone(),
                 resources: health::resources::Resources::new(config),
+                auth: reloadable.auth.clone(),
                 streams: storage
                     .broker
                     .clone()

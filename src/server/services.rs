@@ -17,7 +17,7 @@ use crate::{
     proto::{
         self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
     },
-    query::{QueryHandler, Reader},
+    query::{QueryHandler, Reader, Slots},
     rpc::Admission,
 };
 
@@ -80,6 +80,21 @@ pub fn build(
         broker: storage.broker.clone(),
         feed: background.feed.clone(),
         shutdown: background.shutdown_token(),
+        queries: Slots::new(
+            "queries",
+            config.reads.max_queries_per_principal,
+            usize::MAX,
+        ),
+        exports: Slots::new(
+            "exports",
+            config.reads.max_exports_per_principal,
+            usize::MAX,
+        ),
+        tails: Slots::new(
+            "tails",
+            config.reads.max_tails_per_principal,
+            config.reads.max_tails,
+        ),
     });
     let erasure = Arc::new(Erasure::new(
         storage.store.clone(),

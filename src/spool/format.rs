@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::event::{
     ValidEvent,
-    batch::{self, BatchError},
+    batch::{self, Batch, BatchError},
 };
 
 /// The magic of segments written now.
@@ -54,6 +54,10 @@ pub enum DecodeError {
     CorruptRecord,
     #[error("a record length is larger than any record (corruption, not a torn append)")]
     BadLength,
+    #[error(
+        "a sealed segment ends inside a record (corruption: only the newest segment can be torn)"
+    )]
+    SealedTornTail,
     #[error("the segment does not start with a known magic (written by a newer sluice?)")]
     UnknownFormat,
     #[error(transparent)]
@@ -64,9 +68,12 @@ pub enum DecodeError {
 
 /// Decodes a payload of a segment of `format`. Events are numbered by their place in the
 /// batch (the index of a request is of no use once the request was acknowledged).
-pub fn decode_batch(format: SegmentFormat, payload: &[u8]) -> Result<Vec<ValidEvent>, DecodeError> {
+pub fn decode_batch(format: SegmentFormat, payload: &[u8]) -> Result<Batch, DecodeError> {
     match format {
-        SegmentFormat::LegacyJson => decode_legacy_json(payload),
+        SegmentFormat::LegacyJson => Ok(Batch {
+            events: decode_legacy_json(payload)?,
+            admitted_at: None,
+        }),
         SegmentFormat::Versioned => Ok(batch::decode(payload)?),
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod format;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::{
     collections::BTreeMap,
     fs::{self, File, OpenOptions},
@@ -29,7 +30,12 @@ use std::{
 
 use tokio::sync::OwnedMutexGuard;
 
-use crate::{event::ValidEvent, metrics};
+use chrono::{DateTime, Utc};
+
+use crate::{
+    event::{ValidEvent, batch::Batch},
+    metrics,
+};
 use format::{
     DecodeError, Frame, MAGIC, MAGIC_LEN, MAX_RECORD_BYTES, RECORD_HEADER, SegmentFormat,
 };
@@ -149,7 +155,7 @@ impl Spool {
         max_bytes: u64,
         segment_bytes: u64,
     ) -> Result<(Self, Recovery), SpoolError> {
-        fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        private_dir(&dir)?;
         let inner = Inner {
             dir: dir.clone(),
             max_bytes,
@@ -166,7 +172,7 @@ impl Spool {
         };
         let mut recovery = Recovery::default();
         let mut sealed = BTreeMap::new();
-        let mut highest = None;
+        let mut segments = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_error(&dir))? {
             let path = entry.map_err(io_error(&dir))?.path();
             if path
@@ -177,12 +183,21 @@ impl Spool {
                 fs::remove_file(&path).map_err(io_error(&path))?;
                 continue;
             }
-            let Some(sequence) = segment_sequence(&path) else {
-                continue;
-            };
-            highest = highest.max(Some(sequence));
+            if let Some(sequence) = segment_sequence(&path) {
+                segments.push((sequence, path));
+            }
+        }
+        segments.sort();
+        let mut highest = segments.last().map(|(sequence, _)| *sequence);
+        for (sequence, path) in segments {
             let check = check_segment(&path)?;
-            if let Some(source) = check.unreadable {
+            // Only the newest segment was being appended to: a sealed one that ends inside a
+            // record held acknowledged events and is corrupt, not torn.
+            let unreadable = check.unreadable.or_else(|| {
+                (check.good_bytes < check.file_bytes && Some(sequence) != highest)
+                    .then_some(DecodeError::SealedTornTail)
+            });
+            if let Some(source) = unreadable {
                 let error = inner.quarantine(&path, source)?;
                 tracing::error!(%error, "spool segment quarantined at start-up");
                 recovery.quarantined += 1;
@@ -226,9 +241,14 @@ impl Spool {
         ))
     }
 
-    /// Appends one batch and fsyncs it before returning.
-    pub async fn append(&self, events: &[&ValidEvent]) -> Result<(), SpoolError> {
-        let payload = crate::event::batch::encode(events);
+    /// Appends one batch and fsyncs it before returning. `admitted_at` is when its first
+    /// event was admitted: the erasures that reach it when it is replayed follow from it.
+    pub async fn append(
+        &self,
+        events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Result<(), SpoolError> {
+        let payload = crate::event::batch::encode(events, admitted_at);
         let inner = self.inner.clone();
         blocking(move || inner.append(&payload)).await
     }
@@ -435,16 +455,27 @@ impl Inner {
             .file
             .write_all(&record)
             .and_then(|()| active.file.sync_data());
-        let mut state = self.lock();
         if let Err(source) = written {
-            // The segment may now end in a torn record: seal it; reading stops at the tear.
-            let path = active.path.clone();
-            state
-                .sealed
-                .insert(active.sequence, active.bytes + record_bytes);
-            state.total_bytes += record_bytes;
-            return Err(SpoolError::Io { path, source });
+            // A failed append was not acknowledged: cut it off, so that a sealed segment never
+            // ends in a torn record (only the active one can, in a crash). Should the cut fail
+            // too, the tear stays, and the next start quarantines the segment.
+            let cut = active
+                .file
+                .set_len(active.bytes)
+                .and_then(|()| active.file.sync_data());
+            let kept = match cut {
+                Ok(()) => active.bytes,
+                Err(_) => active.bytes + record_bytes,
+            };
+            let mut state = self.lock();
+            state.sealed.insert(active.sequence, kept);
+            state.total_bytes += kept - active.bytes;
+            return Err(SpoolError::Io {
+                path: active.path.clone(),
+                source,
+            });
         }
+        let mut state = self.lock();
         active.bytes += record_bytes;
         state.total_bytes += record_bytes;
         state.active = Some(active);
@@ -485,8 +516,8 @@ impl Inner {
                         return Err(self.quarantine_sealed(sequence, source));
                     }
                 };
-                let mut kept = Vec::with_capacity(batch.len());
-                for mut event in batch {
+                let mut kept = Vec::with_capacity(batch.events.len());
+                for mut event in batch.events {
                     match edit(&mut event) {
                         Edit::Keep => kept.push(event),
                         Edit::Changed => {
@@ -497,7 +528,10 @@ impl Inner {
                     }
                 }
                 if !kept.is_empty() {
-                    kept_batches.push(kept);
+                    kept_batches.push(Batch {
+                        events: kept,
+                        admitted_at: batch.admitted_at,
+                    });
                 }
             }
             edited += edited_here;
@@ -515,13 +549,20 @@ impl Inner {
     }
 
     /// Writes `batches` as a new segment in the current format over `path`, atomically.
-    fn rewrite_segment(&self, path: &Path, batches: &[Vec<ValidEvent>]) -> Result<u64, SpoolError> {
+    fn rewrite_segment(&self, path: &Path, batches: &[Batch]) -> Result<u64, SpoolError> {
         let temporary = path.with_extension("rewrite");
-        let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(PRIVATE_FILE)
+            .open(&temporary)
+            .map_err(io_error(&temporary))?;
         let mut bytes = MAGIC_LEN;
         file.write_all(MAGIC).map_err(io_error(&temporary))?;
         for batch in batches {
-            let payload = crate::event::batch::encode(&batch.iter().collect::<Vec<_>>());
+            let events: Vec<&ValidEvent> = batch.events.iter().collect();
+            let payload = crate::event::batch::encode(&events, batch.admitted_at);
             let record = format::frame(&payload);
             file.write_all(&record).map_err(io_error(&temporary))?;
             bytes += record.len() as u64;
@@ -535,6 +576,7 @@ impl Inner {
     fn create_segment(&self, sequence: u64) -> Result<Active, SpoolError> {
         let path = self.segment_path(sequence);
         let mut file = OpenOptions::new()
+            .mode(PRIVATE_FILE)
             .create_new(true)
             .append(true)
             .open(&path)
@@ -555,7 +597,7 @@ impl Inner {
     /// error that says where it went; an I/O failure while moving it is returned instead.
     fn quarantine(&self, path: &Path, source: DecodeError) -> Result<SpoolError, SpoolError> {
         let quarantine_dir = self.quarantine_dir();
-        fs::create_dir_all(&quarantine_dir).map_err(io_error(&quarantine_dir))?;
+        private_dir(&quarantine_dir)?;
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         // Never replace a segment already in quarantine.
         let mut quarantined = quarantine_dir.join(name.as_ref());
@@ -642,7 +684,7 @@ impl SegmentReplay {
 
     /// The next batch; None at the end of the segment. A batch that cannot be decoded
     /// quarantines the segment and returns [`SpoolError::Quarantined`].
-    pub async fn next_batch(&mut self) -> Result<Option<Vec<ValidEvent>>, SpoolError> {
+    pub async fn next_batch(&mut self) -> Result<Option<Batch>, SpoolError> {
         let Some(mut reader) = self.reader.take() else {
             return Ok(None);
         };
@@ -716,7 +758,7 @@ impl SegmentReader {
     /// The next batch; None at the end. A torn tail (the file ends inside the last record, as
     /// after a failed append) ends the segment; a bad record with more bytes after it is
     /// corruption, and an error, so that nothing after it is ever dropped.
-    fn next_batch(&mut self) -> Result<Option<Vec<ValidEvent>>, ReadError> {
+    fn next_batch(&mut self) -> Result<Option<Batch>, ReadError> {
         let frame = format::read_frame(&mut self.reader)
             .map_err(|source| ReadError::Spool(io_error(&self.path)(source)))?;
         match frame {
@@ -750,6 +792,18 @@ struct SegmentCheck {
 /// unknown magic (corruption, not a torn append) makes the segment unreadable: it is then
 /// quarantined, never cut. A file shorter than the magic holds no records (a crash between
 /// creating it and writing its magic).
+/// Spool files hold events as they are stored, personal data among them: readable by this
+/// user only, whatever the process's umask.
+const PRIVATE_FILE: u32 = 0o600;
+const PRIVATE_DIR: u32 = 0o700;
+
+/// Creates `dir` (and its parents) when missing, and makes it this user's only.
+fn private_dir(dir: &Path) -> Result<(), SpoolError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(PRIVATE_DIR)).map_err(io_error(dir))
+}
+
 fn check_segment(path: &Path) -> Result<SegmentCheck, SpoolError> {
     let file_bytes = fs::metadata(path).map_err(io_error(path))?.len();
     let mut check = SegmentCheck {
@@ -806,7 +860,7 @@ mod tests {
 
     async fn append(spool: &Spool, events: &[ValidEvent]) {
         spool
-            .append(&events.iter().collect::<Vec<_>>())
+            .append(&events.iter().collect::<Vec<_>>(), Some(chrono::Utc::now()))
             .await
             .expect("append");
     }
@@ -817,7 +871,7 @@ mod tests {
         let mut events = Vec::new();
         while let Some(mut segment) = spool.oldest_segment().await.expect("open segment") {
             while let Some(batch) = segment.next_batch().await.expect("read") {
-                events.extend(batch);
+                events.extend(batch.events);
             }
             segment.finish().await.expect("remove");
         }
@@ -1099,7 +1153,9 @@ mod tests {
         let (spool, _) = Spool::open(dir.path(), 300, MIB).await.expect("open");
         append(&spool, &batch(1)).await;
         assert!(matches!(
-            spool.append(&batch(4).iter().collect::<Vec<_>>()).await,
+            spool
+                .append(&batch(4).iter().collect::<Vec<_>>(), None)
+                .await,
             Err(SpoolError::Full { .. })
         ));
     }

@@ -107,6 +107,8 @@ pub fn database_status(error: &sqlx::Error) -> tonic::Status {
 /// Connections of the write pool beyond one per writer: health pings, partition upkeep, the
 /// spool replayer and Delete.
 const WRITE_SIDE_EXTRA_CONNECTIONS: u32 = 3;
+/// Connections of the audit log's own pool.
+const AUDIT_CONNECTIONS: u32 = 2;
 
 /// Connections for lifecycle and archive work: a lifecycle run holds up to three (its lock,
 /// a transaction, a side connection), and a Delete, Restore or Anonymize two.
@@ -188,6 +190,9 @@ pub struct Store {
     /// The lifecycle job and the archive side of Delete, Restore and Anonymize: no statement
     /// timeout, and apart from the writers' connections.
     pub maintenance_pool: PgPool,
+    /// The audit log's own small pool on the primary: neither ingest nor a flood of reads can
+    /// take the connections the other needs for its rows.
+    pub audit_pool: PgPool,
     pub embedded: Option<EmbeddedPostgres>,
     /// Keep the pools on the host that fits when `database.url` (or `read_url`) names several.
     failovers: Vec<Failover>,
@@ -298,6 +303,17 @@ impl Store {
             },
         )
         .await?;
+        let (audit_pool, audit_options) = open_pool(
+            pool_options(config, AUDIT_CONNECTIONS, &write_clock),
+            &write_hosts,
+            current,
+            |options| {
+                options
+                    .application_name("sluice-audit")
+                    .options([("statement_timeout", write_timeout.as_str())])
+            },
+        )
+        .await?;
         // No read runs away: each statement is bounded (Export lifts it in its transaction).
         let read_timeout = format!("{}ms", config.database.read_statement_timeout.as_millis());
         let read_settings = |options: PgConnectOptions| {
@@ -310,6 +326,7 @@ impl Store {
             Failover::new("write", write_hosts.clone(), current, write_clock.clone())
                 .pool(pool.clone(), write_options)
                 .pool(maintenance_pool.clone(), maintenance_options)
+                .pool(audit_pool.clone(), audit_options)
                 .require_sync_standby(config.database.require_sync_standby);
         let mut failovers = Vec::new();
         let read_pool = match &config.database.read_url {
@@ -353,6 +370,7 @@ impl Store {
             pool,
             read_pool,
             maintenance_pool,
+            audit_pool,
             embedded,
             failovers,
         };
@@ -409,6 +427,7 @@ impl Store {
     pub async fn close(&self) {
         self.read_pool.close().await;
         self.maintenance_pool.close().await;
+        self.audit_pool.close().await;
         self.pool.close().await;
         if let Some(cluster) = &self.embedded
             && cluster.started_here()

@@ -21,13 +21,17 @@ use super::{
     breaker::Breaker,
     sink::{self, EventOutcome, Sink},
 };
+use chrono::{DateTime, Utc};
+
 use crate::{
     backoff::Backoff,
     broker::{self, Broker, Entry},
     config::{RedisConfig, WriterConfig},
     event::ValidEvent,
+    event::batch::{self, Batch},
     feed::TailFeed,
     metrics::{self, Counters, WriteFailure},
+    privacy::SharedPrivacy,
 };
 
 /// The first rollup shard of consumers (local writers use 0..workers, replay i16::MAX).
@@ -46,6 +50,8 @@ pub struct ConsumeContext {
     pub breaker: Arc<Breaker>,
     pub counters: Arc<Counters>,
     pub tail: Arc<TailFeed>,
+    /// For the erasures that anonymize what they cover.
+    pub privacy: SharedPrivacy,
     /// This node's name in the consumer group; each consumer appends its index.
     pub node: String,
     pub stopping: CancellationToken,
@@ -77,6 +83,7 @@ async fn run(context: ConsumeContext, worker: usize) {
             context.pool.clone(),
             FIRST_SHARD + worker as i16,
             context.writer.write_timeout,
+            context.privacy.clone(),
         ),
         name,
         streams,
@@ -189,12 +196,16 @@ impl Consumer {
                 }
             }
         }
-        let events: Vec<&ValidEvent> = readable
+        let batches: Vec<&Batch> = readable
             .iter()
             .filter_map(|entry| entry.events.as_ref().ok())
-            .flatten()
             .collect();
-        let Some(outcomes) = self.write(&events).await else {
+        let events: Vec<&ValidEvent> = batches
+            .iter()
+            .flat_map(|batch| batch.events.iter())
+            .collect();
+        let admitted_at = batch::earliest(batches.iter().map(|batch| batch.admitted_at));
+        let Some(outcomes) = self.write(&events, admitted_at).await else {
             return done;
         };
         self.account(&events, &outcomes);
@@ -204,7 +215,11 @@ impl Consumer {
 
     /// Writes `events` until PostgreSQL takes them; None when the server stops first (their
     /// entries stay pending and are claimed after `claim_idle`).
-    async fn write(&self, events: &[&ValidEvent]) -> Option<Vec<EventOutcome>> {
+    async fn write(
+        &self,
+        events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Option<Vec<EventOutcome>> {
         if events.is_empty() {
             return Some(Vec::new());
         }
@@ -220,7 +235,7 @@ impl Consumer {
         loop {
             if context.breaker.allow() {
                 let write_started = Instant::now();
-                match self.sink.write_batch(events).await {
+                match self.sink.write_batch(events, admitted_at).await {
                     Ok(outcomes) => {
                         context.breaker.record_success(write_started.elapsed());
                         metrics::batch_written(events.len(), started.elapsed());
@@ -252,6 +267,7 @@ impl Consumer {
                     stored.push((*event).clone());
                 }
                 EventOutcome::Duplicate => duplicates += 1,
+                EventOutcome::Erased => {}
                 EventOutcome::Rejected(reason) => counters.event_rejected(reason.as_str()),
             }
         }
@@ -287,9 +303,9 @@ impl Consumer {
         );
         let written = match &entry.events {
             // Stops at the first failure: the entry then stays pending, and is tried again.
-            Ok(events) => {
+            Ok(batch) => {
                 let mut outcome = Ok(());
-                for event in events {
+                for event in &batch.events {
                     outcome =
                         sink::dead_letter_undeliverable(&self.context.pool, event, &reason).await;
                     if outcome.is_err() {

@@ -6,6 +6,7 @@
 pub(crate) mod breaker;
 pub mod consume;
 pub mod copy;
+pub mod erasures;
 pub(crate) mod replay;
 pub(crate) mod sink;
 
@@ -15,11 +16,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use tracing::Instrument;
 
-use crate::{backoff::Backoff, feed::TailFeed, telemetry};
+use crate::{backoff::Backoff, feed::TailFeed, privacy::SharedPrivacy, telemetry};
 use crate::{
     broker::{Broker, BrokerError},
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
@@ -34,8 +36,8 @@ use sink::{EventOutcome, Sink};
 /// Where the writers' batches go.
 #[derive(Clone)]
 pub enum Destination {
-    /// PostgreSQL: direct mode.
-    Postgres(PgPool),
+    /// PostgreSQL: direct mode (the keys, for the erasures that anonymize).
+    Postgres(PgPool, SharedPrivacy),
     /// The Redis streams: ingest nodes of Redis mode. Writer nodes move the entries on to
     /// PostgreSQL ([`consume`]).
     Broker(Broker),
@@ -45,7 +47,12 @@ impl Destination {
     /// One writer's way there; `shard` is its rollup shard in PostgreSQL.
     fn target(&self, shard: i16, write_timeout: Duration) -> Target {
         match self {
-            Self::Postgres(pool) => Target::Postgres(Sink::new(pool.clone(), shard, write_timeout)),
+            Self::Postgres(pool, privacy) => Target::Postgres(Sink::new(
+                pool.clone(),
+                shard,
+                write_timeout,
+                privacy.clone(),
+            )),
             Self::Broker(streams) => Target::Broker(streams.clone()),
         }
     }
@@ -76,11 +83,15 @@ impl WriteError {
 
 impl Target {
     /// Writes a batch: one outcome per event, or the error that stopped it (retry it).
-    async fn write_batch(&self, events: &[&ValidEvent]) -> Result<Vec<EventOutcome>, WriteError> {
+    async fn write_batch(
+        &self,
+        events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Result<Vec<EventOutcome>, WriteError> {
         match self {
-            Self::Postgres(sink) => Ok(sink.write_batch(events).await?),
+            Self::Postgres(sink) => Ok(sink.write_batch(events, admitted_at).await?),
             Self::Broker(streams) => {
-                streams.append(events).await?;
+                streams.append(events, admitted_at).await?;
                 Ok(vec![EventOutcome::Stored; events.len()])
             }
         }
@@ -188,7 +199,11 @@ impl Writer {
             batch.iter().filter_map(|envelope| envelope.origin.as_ref()),
         );
         let started = Instant::now();
-        let written = self.write_retrying(&writable).instrument(span).await;
+        let admitted_at = batch.iter().map(|envelope| envelope.admitted_wall).min();
+        let written = self
+            .write_retrying(&writable, admitted_at)
+            .instrument(span)
+            .await;
         for (position, outcome) in writable.iter().map(|(position, _)| *position).zip(written) {
             outcomes[position] = Some(outcome);
         }
@@ -212,7 +227,11 @@ impl Writer {
 
     /// Writes `events` (with their positions in the batch) until PostgreSQL or the spool
     /// takes them; one outcome per event, in order.
-    async fn write_retrying(&self, events: &[(usize, &ValidEvent)]) -> Vec<EventOutcome> {
+    async fn write_retrying(
+        &self,
+        events: &[(usize, &ValidEvent)],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Vec<EventOutcome> {
         if events.is_empty() {
             return Vec::new();
         }
@@ -230,7 +249,7 @@ impl Writer {
             attempt += 1;
             if context.breaker.allow() {
                 let started = Instant::now();
-                match self.target.write_batch(&events).await {
+                match self.target.write_batch(&events, admitted_at).await {
                     Ok(outcomes) => {
                         context.breaker.record_success(started.elapsed());
                         break outcomes;
@@ -245,7 +264,7 @@ impl Writer {
             if context.breaker.state() != CircuitState::Closed
                 && let Some(spool) = &context.spool
             {
-                match spool.append(&events).await {
+                match spool.append(&events, admitted_at).await {
                     Ok(()) => {
                         context.counters.events_spooled(events.len(), spool.bytes());
                         break vec![EventOutcome::Stored; events.len()];
@@ -307,6 +326,9 @@ fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<Option<EventOutcome>>, counte
         for (event, outcome) in envelope.events.iter().zip(outcomes.by_ref()) {
             match outcome {
                 Some(EventOutcome::Stored) => durable.stored += 1,
+                // Accepted, then erased by a Delete or Anonymize that covered it: the client's
+                // event was taken, as the call's ack says.
+                Some(EventOutcome::Erased) => durable.stored += 1,
                 Some(EventOutcome::Duplicate) => {
                     durable.stored += 1;
                     durable.duplicates += 1;

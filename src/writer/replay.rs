@@ -95,7 +95,7 @@ pub async fn run(
 /// and not a read-only standby.
 async fn is_reachable(destination: &Destination) -> bool {
     let pool = match destination {
-        Destination::Postgres(pool) => pool,
+        Destination::Postgres(pool, _) => pool,
         Destination::Broker(streams) => {
             return tokio::time::timeout(PROBE_TIMEOUT, streams.ping())
                 .await
@@ -124,9 +124,9 @@ async fn replay_segment(
         if !breaker.allow() {
             return Err(ReplayError::CircuitOpen);
         }
-        let events: Vec<&ValidEvent> = batch.iter().collect();
+        let events: Vec<&ValidEvent> = batch.events.iter().collect();
         let started = Instant::now();
-        match target.write_batch(&events).await {
+        match target.write_batch(&events, batch.admitted_at).await {
             Ok(_) => breaker.record_success(started.elapsed()),
             Err(error) => {
                 breaker.record_failure();

@@ -10,6 +10,7 @@
 //! - Anything else (connection lost, database down) is returned as transient: the caller retries.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     sync::{Mutex, PoisonError},
     time::Duration,
@@ -21,10 +22,11 @@ use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::copy;
+use super::{copy, erasures};
 use crate::{
     event::{RejectReason, ValidEvent},
     metrics::{self, WriteFailure},
+    privacy::SharedPrivacy,
     store::{self, partitions},
 };
 
@@ -33,6 +35,8 @@ use crate::{
 pub enum EventOutcome {
     Stored,
     Duplicate,
+    /// Not stored: an erasure (Delete) that ended after the event was admitted covers it.
+    Erased,
     /// Not stored: refused before the write, or by PostgreSQL (then kept in `dead_letters`).
     Rejected(RejectReason),
 }
@@ -89,6 +93,8 @@ const MAX_KEPT_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Sink {
     pool: PgPool,
+    /// For the erasures that anonymize what they cover.
+    privacy: SharedPrivacy,
     shard: i16,
     timeout: Duration,
     /// The COPY buffer of the last batch, reused by the next. A fresh megabyte-sized buffer per
@@ -101,9 +107,10 @@ impl Sink {
     /// `timeout` bounds each database step of a batch write: a database that hangs (a
     /// black-holed network, a lock held for long) counts as a failure for the circuit breaker
     /// instead of stalling.
-    pub fn new(pool: PgPool, shard: i16, timeout: Duration) -> Self {
+    pub fn new(pool: PgPool, shard: i16, timeout: Duration, privacy: SharedPrivacy) -> Self {
         Self {
             pool,
+            privacy,
             shard,
             timeout,
             payload: Mutex::new(BytesMut::new()),
@@ -146,53 +153,107 @@ impl Sink {
     /// Writes `events`, returning one outcome per event in order, or the transient error that
     /// stopped it (nothing of the batch is then committed by the failing step; retrying is safe
     /// because retries are idempotent).
+    /// `admitted_at` is when the batch's first event was admitted (None: not known): the
+    /// erasures that ended after it reach the batch ([`erasures`]).
     pub async fn write_batch(
         &self,
         events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
         let pool = &self.pool;
         let mut created_partitions = false;
         loop {
-            let error = match self.timed(self.copy_fast(events)).await {
-                Ok(()) => return Ok(vec![EventOutcome::Stored; events.len()]),
+            let error = match self.timed(self.copy_fast(events, admitted_at)).await {
+                Ok(outcomes) => return Ok(outcomes),
                 Err(error) => error,
             };
             match classify(&error) {
                 FailureKind::Duplicate | FailureKind::BadData => {
-                    return self.write_isolating(events).await;
+                    return self.write_isolating(events, admitted_at).await;
                 }
                 FailureKind::MissingPartition if !created_partitions => {
                     self.timed(create_partitions_for(pool, events)).await?;
                     created_partitions = true;
                 }
-                FailureKind::MissingPartition => return self.write_isolating(events).await,
+                FailureKind::MissingPartition => {
+                    return self.write_isolating(events, admitted_at).await;
+                }
                 FailureKind::Transient => return Err(error),
             }
         }
     }
 
-    async fn copy_fast(&self, events: &[&ValidEvent]) -> Result<(), sqlx::Error> {
-        let payload = self.encode(events)?;
+    /// The events of a write that the erasures reaching it leave (anonymized where one
+    /// anonymizes), read in the write's transaction under the erasure lock; one outcome per
+    /// event, `Erased` or `Stored`.
+    async fn after_erasures<'a>(
+        &self,
+        transaction: &mut PgConnection,
+        events: &[&'a ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Result<(Vec<Cow<'a, ValidEvent>>, Vec<EventOutcome>), sqlx::Error> {
+        let reaching = erasures::Reaching::read(transaction, admitted_at).await?;
+        if reaching.is_empty() {
+            let kept = events.iter().map(|event| Cow::Borrowed(*event)).collect();
+            return Ok((kept, vec![EventOutcome::Stored; events.len()]));
+        }
+        let privacy = self.privacy.load();
+        let mut kept = Vec::with_capacity(events.len());
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            match reaching.apply(event, &privacy) {
+                Some(event) => {
+                    kept.push(event);
+                    outcomes.push(EventOutcome::Stored);
+                }
+                None => outcomes.push(EventOutcome::Erased),
+            }
+        }
+        let erased = events.len() - kept.len();
+        if erased > 0 {
+            metrics::events_erased(erased as u64);
+            tracing::info!(erased, "events covered by an erasure were not written");
+        }
+        Ok((kept, outcomes))
+    }
+
+    async fn copy_fast(
+        &self,
+        events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+    ) -> Result<Vec<EventOutcome>, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
-        let mut copy_in = transaction.copy_in_raw(&statement).await?;
-        copy_in.send(&payload[..]).await?;
-        self.keep_payload(payload);
-        copy_in.finish().await?;
-        add_to_rollup(&mut transaction, self.shard, events.iter().copied()).await?;
-        transaction.commit().await
+        let (kept, outcomes) = self
+            .after_erasures(&mut transaction, events, admitted_at)
+            .await?;
+        let kept: Vec<&ValidEvent> = kept.iter().map(AsRef::as_ref).collect();
+        if !kept.is_empty() {
+            let payload = self.encode(&kept)?;
+            let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
+            let mut copy_in = transaction.copy_in_raw(&statement).await?;
+            copy_in.send(&payload[..]).await?;
+            self.keep_payload(payload);
+            copy_in.finish().await?;
+            add_to_rollup(&mut transaction, self.shard, kept.iter().copied()).await?;
+        }
+        transaction.commit().await?;
+        Ok(outcomes)
     }
 
     /// The idempotent path with bisection of bad rows.
     fn write_isolating<'a>(
         &'a self,
         events: &'a [&'a ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
     ) -> BoxFuture<'a, Result<Vec<EventOutcome>, sqlx::Error>> {
         Box::pin(async move {
             let pool = &self.pool;
             let mut created_partitions = false;
             loop {
-                let error = match self.timed(self.insert_deduplicated(events)).await {
+                let error = match self
+                    .timed(self.insert_deduplicated(events, admitted_at))
+                    .await
+                {
                     Ok(outcomes) => return Ok(outcomes),
                     Err(error) => error,
                 };
@@ -228,8 +289,8 @@ impl Sink {
                             )]);
                         }
                         let (left, right) = events.split_at(events.len() / 2);
-                        let mut outcomes = self.write_isolating(left).await?;
-                        outcomes.extend(self.write_isolating(right).await?);
+                        let mut outcomes = self.write_isolating(left, admitted_at).await?;
+                        outcomes.extend(self.write_isolating(right, admitted_at).await?);
                         return Ok(outcomes);
                     }
                 }
@@ -240,9 +301,15 @@ impl Sink {
     async fn insert_deduplicated(
         &self,
         events: &[&ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
-        let payload = self.encode(events)?;
         let mut transaction = self.pool.begin().await?;
+        let (kept, mut outcomes) = self
+            .after_erasures(&mut transaction, events, admitted_at)
+            .await?;
+        let kept: Vec<&ValidEvent> = kept.iter().map(AsRef::as_ref).collect();
+        let events = kept.as_slice();
+        let payload = self.encode(events)?;
         sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         .execute(&mut *transaction)
         .await?;
@@ -266,7 +333,7 @@ impl Sink {
         for key in inserted {
             *newly_stored.entry(key).or_default() += 1;
         }
-        let outcomes: Vec<EventOutcome> = events
+        let written: Vec<EventOutcome> = events
             .iter()
             .map(
                 |event| match newly_stored.get_mut(&(event.id, event.timestamp)) {
@@ -280,7 +347,7 @@ impl Sink {
             .collect();
         let stored = events
             .iter()
-            .zip(&outcomes)
+            .zip(&written)
             .filter(|(_, outcome)| **outcome == EventOutcome::Stored);
         add_to_rollup(
             &mut transaction,
@@ -288,13 +355,22 @@ impl Sink {
             stored.map(|(event, _)| *event),
         )
         .await?;
-        let conflicting = if outcomes.contains(&EventOutcome::Duplicate) {
+        let conflicting = if written.contains(&EventOutcome::Duplicate) {
             count_conflicting(&mut transaction).await?
         } else {
             0
         };
         transaction.commit().await?;
         metrics::duplicates_conflicting(conflicting);
+        // The written events' outcomes in the places the erasures left them.
+        let mut written = written.into_iter();
+        for outcome in &mut outcomes {
+            if *outcome == EventOutcome::Stored
+                && let Some(written) = written.next()
+            {
+                *outcome = written;
+            }
+        }
         Ok(outcomes)
     }
 }
