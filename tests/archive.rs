@@ -690,3 +690,42 @@ async fn a_lifecycle_run_killed_midway_loses_and_duplicates_nothing() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_share_an_id_but_not_a_timestamp_are_both_archived_and_kept() {
+    let archived = Archived::start(Store::Files, "").await;
+    let mut ingest = archived.server.ingest_client().await;
+    let mut query = archived.server.query_client().await;
+    let first = event_at("orders", "dana", days_ago(10, 0), 1);
+    publish(&mut ingest, vec![first.clone()]).await;
+    let report = archived.lifecycle();
+    assert_eq!(report["rows_archived"].as_u64(), Some(1), "{report}");
+    // The same id, another timestamp of the same day: another event (the key is (id, ts)).
+    let second = Event {
+        timestamp: Some(prost_types::Timestamp {
+            seconds: days_ago(10, 60).timestamp(),
+            nanos: 0,
+        }),
+        message: "same id, a minute later".to_owned(),
+        ..first.clone()
+    };
+    assert_eq!(publish(&mut ingest, vec![second]).await.accepted, 1);
+    let report = archived.lifecycle();
+    assert_eq!(
+        (
+            report["rows_archived"].as_u64(),
+            report["rows_already_archived"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{report}"
+    );
+    let (total, from_archive, lines) = export(
+        &mut query,
+        ExportRequest {
+            user_id: "dana".to_owned(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((total, from_archive, lines.len()), (2, 2, 2), "{lines:?}");
+}

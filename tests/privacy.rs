@@ -729,3 +729,75 @@ async fn anonymize_breaks_the_link_in_the_table_dead_letters_and_archive_and_is_
         3
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_user_id_in_metadata_is_the_user_for_queries_opt_out_and_delete() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = start(&database, "[privacy]\npseudonymize_user_id = true\n").await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = server.query_client().await;
+    let numbered = |message: &str| Event {
+        metadata: Some(metadata(json!({ "userId": 12345, "plan": "pro" }))),
+        ..event("accounts", message)
+    };
+    publish(&mut ingest, vec![numbered("first")]).await;
+    // Stored under the pseudonym of "12345", in the column and in the metadata alike.
+    let found = query_user(&mut query, "12345").await.expect("query");
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        metadata_json(&found[0])["userId"],
+        json!(found[0].user_id),
+        "one pseudonym for the column and the metadata"
+    );
+    assert!(
+        found[0].user_id.starts_with("h1:"),
+        "{:?}",
+        found[0].user_id
+    );
+
+    // Opted out as "12345": the numeric form is refused as the string form is.
+    query
+        .opt_out(sluice::proto::OptOutRequest {
+            user_id: "12345".to_owned(),
+            services: vec![],
+        })
+        .await
+        .expect("opt out");
+    let refused = publish(
+        &mut ingest,
+        vec![
+            numbered("second"),
+            Event {
+                user_id: "12345".to_owned(),
+                ..event("accounts", "third")
+            },
+        ],
+    )
+    .await;
+    assert_eq!((refused.accepted, refused.rejected), (0, 2), "{refused:?}");
+    query
+        .opt_in(sluice::proto::OptInRequest {
+            user_id: "12345".to_owned(),
+            services: vec![],
+        })
+        .await
+        .expect("opt in");
+
+    // Deleted as "12345".
+    let deleted = query
+        .delete(DeleteRequest {
+            user_id: "12345".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete")
+        .into_inner();
+    assert_eq!(deleted.deleted, 1);
+    assert!(
+        query_user(&mut query, "12345")
+            .await
+            .expect("query")
+            .is_empty()
+    );
+}

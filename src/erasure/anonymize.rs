@@ -89,12 +89,15 @@ async fn anonymize_user(
     details["dead_letters"] = Json::from(done.dead_letters);
     details["spooled"] = Json::from(done.spooled);
     details["archived"] = Json::from(done.archived);
+    let quarantined_segments = erasure.quarantined_segments().await;
+    details["quarantined_segments"] = Json::from(quarantined_segments);
     Ok(AnonymizeResponse {
         anonymized: done.events,
         dead_letters_anonymized: done.dead_letters,
         spooled_anonymized: done.spooled,
         archived_anonymized: done.archived,
         dry_run: request.dry_run,
+        quarantined_segments,
     })
 }
 

@@ -141,6 +141,8 @@ async fn erase(
     details["archive_objects_rewritten"] = Json::from(archive_objects_rewritten);
     details["dead_letters"] = Json::from(dead_letters_deleted);
     details["spooled"] = Json::from(spooled_deleted);
+    let quarantined_segments = erasure.quarantined_segments().await;
+    details["quarantined_segments"] = Json::from(quarantined_segments);
     let entry = admission.entry(call, details.clone(), Code::Ok);
     Audit::record_in(&mut transaction, &entry).await?;
     transaction.commit().await?;
@@ -163,6 +165,7 @@ async fn erase(
         dry_run,
         archived_deleted,
         archive_objects_rewritten,
+        quarantined_segments,
     })
 }
 

@@ -98,6 +98,22 @@ impl Erasure {
         outcome
     }
 
+    /// Spool segments in quarantine, which an erasure cannot search: said in its answer and
+    /// its audit row, and warned of.
+    async fn quarantined_segments(&self) -> u64 {
+        let Some(spool) = &self.spool else {
+            return 0;
+        };
+        let segments = spool.quarantined().await as u64;
+        if segments > 0 {
+            tracing::warn!(
+                segments,
+                "an erasure could not search spool segments in quarantine; inspect or remove them (README, Personal data)"
+            );
+        }
+        segments
+    }
+
     /// Waits for the other Delete or Anonymize under way, then for the events accepted
     /// before now ([`barrier`]); the permit holds the turn until dropped.
     async fn take_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ErasureError> {

@@ -940,6 +940,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sealed_segment_ending_inside_a_record_is_quarantined_not_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let newest = batch(2);
+        {
+            // Segments of one record each: the first is sealed, the second the newest.
+            let (spool, _) = Spool::open(dir.path(), MIB, 250).await.expect("open");
+            append(&spool, &batch(3)).await;
+            append(&spool, &newest).await;
+        }
+        let sealed = segment(dir.path(), 0);
+        let full = fs::metadata(&sealed).expect("meta").len();
+        OpenOptions::new()
+            .write(true)
+            .open(&sealed)
+            .expect("open")
+            .set_len(full - 10)
+            .expect("truncate");
+        let (spool, recovery) = Spool::open(dir.path(), MIB, 250).await.expect("reopen");
+        assert_eq!(
+            (recovery.quarantined, recovery.truncated_bytes),
+            (1, 0),
+            "acknowledged events of a sealed segment are kept aside, never cut"
+        );
+        assert!(
+            dir.path()
+                .join(QUARANTINE_DIR)
+                .join(sealed.file_name().expect("name"))
+                .exists()
+        );
+        assert_eq!(unindexed(read_all(&spool).await), unindexed(newest));
+    }
+
+    #[tokio::test]
+    async fn spool_files_are_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("spool");
+        let (spool, _) = Spool::open(&root, MIB, MIB).await.expect("open");
+        append(&spool, &batch(1)).await;
+        let mode = |path: &Path| fs::metadata(path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&segment(&root, 0)), 0o600);
+    }
+
+    #[tokio::test]
     async fn a_last_record_failing_its_checksum_is_a_torn_write_and_is_cut() {
         let dir = tempfile::tempdir().expect("tempdir");
         let kept = batch(2);

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
 pub mod streaming;
 
 use std::{
@@ -92,6 +93,26 @@ impl TestDatabase {
         Self {
             url: format!("{base}/{name}"),
         }
+    }
+
+    /// The address of the test cluster.
+    pub fn address(&self) -> SocketAddr {
+        let url = url::Url::parse(&self.url).expect("database url");
+        format!(
+            "{}:{}",
+            url.host_str().expect("host"),
+            url.port().unwrap_or(5432)
+        )
+        .parse()
+        .expect("address")
+    }
+
+    /// The database's URL through `port` of this machine (a [`proxy::Proxy`] in front of it).
+    pub fn url_via(&self, port: u16) -> String {
+        let mut url = url::Url::parse(&self.url).expect("database url");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(port)).expect("port");
+        url.to_string()
     }
 
     pub async fn connect(&self) -> PgConnection {
