@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 rows=${1:-1000000}
 ensure_postgres_binaries
-cargo build --profile dist --quiet
+cargo build --profile dist --features jemalloc --quiet
 work=$(mktemp -d /tmp/sluice-archive-bench.XXXXXX)
 trap 'stop_throwaway_postgres; rm -rf "$work"' EXIT
 start_throwaway_postgres

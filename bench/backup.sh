@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 rows=${1:-1000000}
 ensure_postgres_binaries
-cargo build --profile dist --quiet
+cargo build --profile dist --features jemalloc --quiet
 work=$(mktemp -d /tmp/sluice-backup-bench.XXXXXX)
 chmod 755 "$work" # PostgreSQL (the postgres user, under root) reaches its cluster and the repository
 data="$work/data"

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
-cargo build --profile dist --quiet
+cargo build --profile dist --features jemalloc --quiet
 cleanup() {
   stop_release_server
   stop_throwaway_postgres

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
-cargo build --profile dist --quiet
+cargo build --profile dist --features jemalloc --quiet
 config=$(mktemp /tmp/sluice-search.XXXXXX.toml)
 cleanup() {
   stop_release_server

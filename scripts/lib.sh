@@ -181,7 +181,7 @@ bench_cleanup() {
 start_bench_environment() {
   ensure_postgres_binaries
   if [ -z "${BENCH_BINARY:-}" ]; then
-    cargo build --profile dist --quiet
+    cargo build --profile dist --features jemalloc --quiet
   fi
   trap bench_cleanup EXIT
   start_throwaway_postgres

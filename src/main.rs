@@ -191,6 +191,7 @@ impl ServeArgs {
 /// jemalloc: about a quarter less CPU per event than glibc's malloc on the ingest path, where
 /// events are allocated on one thread and freed on another (BENCHMARKS.md, "Performance").
 /// Its options (`.cargo/config.toml`) return freed memory to the system within seconds.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -729,3 +729,64 @@ async fn events_that_share_an_id_but_not_a_timestamp_are_both_archived_and_kept(
     .await;
     assert_eq!((total, from_archive, lines.len()), (2, 2, 2), "{lines:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_ends_at_the_next_object_once_a_reload_takes_its_scope_away() {
+    // The dev client certificate is an admin principal, for as long as the policy says so.
+    let admin = "\n[[auth.principals]]\nname = \"client\"\nscopes = [\"admin\"]\n";
+    let archived = Archived::start(Store::Files, admin).await;
+    let mut ingest = archived.server.ingest_client().await;
+    publish(&mut ingest, fixture()).await;
+    let report = archived.lifecycle();
+    assert_eq!(report["objects_written"], 3, "{report}");
+    // The archive lock held: the restore waits at its first object while the policy changes.
+    let mut holder = archived.database.connect().await;
+    sqlx::query("SELECT pg_advisory_lock(hashtext('sluice.archive'))")
+        .execute(&mut holder)
+        .await
+        .expect("lock");
+    let mut query = archived.query_client().await;
+    let mut progress = query
+        .restore(RestoreRequest {
+            services: Vec::new(),
+            start_time: Some(prost_types::Timestamp {
+                seconds: days_ago(20, 0).timestamp(),
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: days_ago(8, 0).timestamp(),
+                nanos: 0,
+            }),
+        })
+        .await
+        .expect("restore")
+        .into_inner();
+    let toml = archived.server.dir_path().join("sluice.toml");
+    let demoted = std::fs::read_to_string(&toml)
+        .expect("sluice.toml")
+        .replace("scopes = [\"admin\"]", "scopes = [\"query\"]");
+    std::fs::write(&toml, demoted).expect("rewrite");
+    let pid = nix::unistd::Pid::from_raw(archived.server.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !archived.server.logs().contains("auth policy reloaded") {
+        assert!(std::time::Instant::now() < deadline, "never reloaded");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    sqlx::query("SELECT pg_advisory_unlock(hashtext('sluice.archive'))")
+        .execute(&mut holder)
+        .await
+        .expect("unlock");
+    let ended = loop {
+        match progress.next().await {
+            Some(Ok(step)) => assert!(!step.last, "the restore went to its end: {step:?}"),
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(
+        archived.hot_rows("TRUE").await < 100,
+        "stopped before every object was back"
+    );
+}

@@ -92,6 +92,10 @@ pub struct BenchArgs {
     /// UUIDv7).
     #[arg(long, value_enum, default_value_t = IdKind::V7)]
     pub ids: IdKind,
+    /// Tail streams to open (over ten connections) before the load and never read: what idle
+    /// subscribers cost ingest.
+    #[arg(long, default_value_t = 0)]
+    pub idle_tails: usize,
 }
 
 /// Where event ids come from (`--ids`).
@@ -393,6 +397,27 @@ fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Opens `--idle-tails` Tail streams over ten connections; the streams are never read.
+async fn idle_tails(
+    args: &BenchArgs,
+) -> Result<Vec<tonic::Streaming<sluice::proto::TailResponse>>, BenchError> {
+    use sluice::proto::{TailRequest, query_service_client::QueryServiceClient};
+    if args.idle_tails == 0 {
+        return Ok(Vec::new());
+    }
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(QueryServiceClient::new(args.connect.channel().await?));
+    }
+    let mut tails = Vec::with_capacity(args.idle_tails);
+    for index in 0..args.idle_tails {
+        let client = &mut clients[index % 10];
+        tails.push(client.tail(TailRequest::default()).await?.into_inner());
+    }
+    println!("idle Tail streams: {}", tails.len());
+    Ok(tails)
+}
+
 pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     println!(
         "sluice bench: {} events, {} streams, {} events/request, window {}",
@@ -415,6 +440,8 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             args.ceiling_batch.unwrap_or(args.batch)
         );
     }
+    // Held open, never read, until the report is printed.
+    let _tails = idle_tails(&args).await?;
     let workload = workload(&args);
     let started = Instant::now();
     let cpu_before = args.server_pid.and_then(cpu_seconds);

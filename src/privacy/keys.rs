@@ -21,12 +21,43 @@ pub const KEY_BYTES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("privacy key file {path}: {reason}")]
-    File { path: PathBuf, reason: String },
+    #[error("privacy key file {path}: {problem}")]
+    File {
+        path: PathBuf,
+        problem: KeyFileProblem,
+    },
     #[error("privacy.key (SLUICE_PRIVACY__KEY): {0}")]
-    EnvKey(String),
+    EnvKey(KeyProblem),
     #[error("cannot draw random key bytes")]
     Random,
+}
+
+/// What is wrong with one key's text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyProblem {
+    #[error("a key is not base64")]
+    NotBase64,
+    #[error("a key must be {KEY_BYTES} bytes")]
+    WrongLength,
+}
+
+/// What is wrong with the key file. Never quotes the file: it holds the keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileProblem {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("readable by others (mode {mode:o}); chmod 600 it")]
+    ReadableByOthers { mode: u32 },
+    #[error(
+        "not a valid key file{at}: expected hmac_key = \"<base64>\" and [[encryption_keys]] entries with id and key"
+    )]
+    Malformed { at: String },
+    #[error("key id {id:?} must be non-empty and without ':'")]
+    BadId { id: String },
+    #[error("key id {id} appears twice")]
+    DuplicateId { id: String },
+    #[error(transparent)]
+    Key(#[from] KeyProblem),
 }
 
 /// A key as stored: base64 of 32 bytes.
@@ -82,33 +113,30 @@ pub fn generate() -> Result<Keys, KeyError> {
     })
 }
 
-fn decode(text: &str) -> Result<[u8; KEY_BYTES], String> {
+fn decode(text: &str) -> Result<[u8; KEY_BYTES], KeyProblem> {
     let bytes = STANDARD
         .decode(text.trim())
-        .map_err(|_| "a key is not base64".to_owned())?;
-    bytes
-        .try_into()
-        .map_err(|_| format!("a key must be {KEY_BYTES} bytes"))
+        .map_err(|_| KeyProblem::NotBase64)?;
+    bytes.try_into().map_err(|_| KeyProblem::WrongLength)
 }
 
 /// The keys of `path`, or new ones when it does not exist (written only by [`Loaded::persist`],
 /// once the database agreed). `env_hmac` (base64) replaces the file's HMAC key.
 pub fn load(path: &Path, env_hmac: Option<&str>) -> Result<Loaded, KeyError> {
-    let file_error = |reason: String| KeyError::File {
+    let file_error = |problem: KeyFileProblem| KeyError::File {
         path: path.to_owned(),
-        reason,
+        problem,
     };
     let (file, created) = match std::fs::read_to_string(path) {
         Ok(text) => {
             let mode = std::fs::metadata(path)
-                .map_err(|error| file_error(error.to_string()))?
+                .map_err(|error| file_error(error.into()))?
                 .permissions()
                 .mode();
             if mode & 0o077 != 0 {
-                return Err(file_error(format!(
-                    "readable by others (mode {:o}); chmod 600 it",
-                    mode & 0o777
-                )));
+                return Err(file_error(KeyFileProblem::ReadableByOthers {
+                    mode: mode & 0o777,
+                }));
             }
             let file: KeyFile = toml_from_str(&text).map_err(file_error)?;
             (file, false)
@@ -123,24 +151,26 @@ pub fn load(path: &Path, env_hmac: Option<&str>) -> Result<Loaded, KeyError> {
             };
             (file, true)
         }
-        Err(error) => return Err(file_error(error.to_string())),
+        Err(error) => return Err(file_error(error.into())),
     };
     let hmac = match env_hmac {
         Some(text) => decode(text).map_err(KeyError::EnvKey)?,
-        None => decode(&file.hmac_key).map_err(file_error)?,
+        None => decode(&file.hmac_key).map_err(|problem| file_error(problem.into()))?,
     };
     let mut encryption = Vec::with_capacity(file.encryption_keys.len());
     for named in &file.encryption_keys {
         if named.id.is_empty() || named.id.contains(':') {
-            return Err(file_error(format!(
-                "key id {:?} must be non-empty and without ':'",
-                named.id
-            )));
+            return Err(file_error(KeyFileProblem::BadId {
+                id: named.id.clone(),
+            }));
         }
         if encryption.iter().any(|(id, _)| id == &named.id) {
-            return Err(file_error(format!("key id {} appears twice", named.id)));
+            return Err(file_error(KeyFileProblem::DuplicateId {
+                id: named.id.clone(),
+            }));
         }
-        encryption.push((named.id.clone(), decode(&named.key).map_err(file_error)?));
+        let key = decode(&named.key).map_err(|problem| file_error(problem.into()))?;
+        encryption.push((named.id.clone(), key));
     }
     Ok(Loaded {
         keys: Keys { hmac, encryption },
@@ -151,18 +181,15 @@ pub fn load(path: &Path, env_hmac: Option<&str>) -> Result<Loaded, KeyError> {
 
 /// Parses the key file (TOML) through figment's TOML provider, already in the tree. The
 /// parser's own messages can quote the file, keys included: only the kind of problem is told.
-fn toml_from_str(text: &str) -> Result<KeyFile, String> {
+fn toml_from_str(text: &str) -> Result<KeyFile, KeyFileProblem> {
     use figment::providers::Format;
     figment::Figment::from(figment::providers::Toml::string(text))
         .extract()
-        .map_err(|error| {
-            let field = error
+        .map_err(|error| KeyFileProblem::Malformed {
+            at: error
                 .path
                 .last()
-                .map_or_else(String::new, |field| format!(" (at {field})"));
-            format!(
-                "not a valid key file{field}: expected hmac_key = \"<base64>\" and [[encryption_keys]] entries with id and key"
-            )
+                .map_or_else(String::new, |field| format!(" (at {field})")),
         })
 }
 
@@ -180,12 +207,12 @@ impl Loaded {
         let Some(path) = &self.created else {
             return Ok(());
         };
-        let file_error = |reason: String| KeyError::File {
+        let file_error = |error: std::io::Error| KeyError::File {
             path: path.clone(),
-            reason,
+            problem: error.into(),
         };
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|error| file_error(error.to_string()))?;
+            std::fs::create_dir_all(parent).map_err(file_error)?;
         }
         let mut text = String::from(
             "# sluice privacy keys: keep secret, back up with the database, never edit a key.\n\
@@ -204,10 +231,10 @@ impl Loaded {
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|error| file_error(error.to_string()))?;
+            .map_err(file_error)?;
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
-            .map_err(|error| file_error(error.to_string()))?;
+            .map_err(file_error)?;
         tracing::warn!(path = %path.display(), "created the privacy key file; back it up: data written under it is unreadable without it");
         Ok(())
     }
