@@ -21,7 +21,7 @@ use crate::{
 /// Most services one filter may name.
 pub const MAX_FILTER_SERVICES: usize = 100;
 
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Filter {
     pub services: Vec<String>,
     pub start: Option<DateTime<Utc>>,
@@ -34,7 +34,7 @@ pub struct Filter {
     pub allowed_services: Option<Vec<String>>,
     /// Only events brought by requests of this trace (32 lowercase hex digits). Left out of
     /// page-token fingerprints when unset, so tokens from before the filter existed still work.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
 }
 

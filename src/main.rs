@@ -10,6 +10,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 use figment::Figment;
+use sluice::backup::base::AfterRestore;
 use sluice::config::{Config, LogFormat, Role};
 use sluice::telemetry::Telemetry;
 
@@ -88,6 +89,11 @@ enum Command {
         /// The backup repository. Default: `backup.url` of the configuration.
         #[arg(long)]
         backup_url: Option<String>,
+        /// Leave undone the Deletes, Anonymizes and opt-outs made since the restored backup
+        /// (to bring back what a mistaken Delete removed). Without it, the server applies
+        /// them again before it serves.
+        #[arg(long)]
+        undo_erasures: bool,
         /// Configuration file (TOML). Default: `sluice.toml` if it exists.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -271,8 +277,16 @@ fn main() -> ExitCode {
             to,
             data_dir,
             backup_url,
+            undo_erasures,
             config,
-        }) => runtime.block_on(restore_job(to, data_dir, backup_url, config)),
+        }) => {
+            let erasures = if undo_erasures {
+                AfterRestore::Undo
+            } else {
+                AfterRestore::Reapply
+            };
+            runtime.block_on(restore_job(to, data_dir, backup_url, erasures, config))
+        }
         Some(Command::WalPush { url, path, name }) => {
             match runtime.block_on(cli::backup::wal_push(&url, &path, &name)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -303,6 +317,7 @@ async fn restore_job(
     to: String,
     data_dir: PathBuf,
     backup_url: Option<String>,
+    erasures: AfterRestore,
     config: Option<PathBuf>,
 ) -> ExitCode {
     let args = ServeArgs {
@@ -312,7 +327,7 @@ async fn restore_job(
     };
     job("sluice restore", &args, async |config: Config| {
         let target = cli::backup::recovery_target(&to)?;
-        cli::backup::restore(&config, backup_url.as_deref(), target, &data_dir).await
+        cli::backup::restore(&config, backup_url.as_deref(), target, &data_dir, erasures).await
     })
     .await
 }

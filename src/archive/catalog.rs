@@ -17,7 +17,7 @@ pub async fn lock(connection: &mut PgConnection) -> Result<(), sqlx::Error> {
 }
 
 /// One archived object, as the catalog knows it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ArchivedObject {
     pub id: i64,
     pub path: String,
@@ -29,6 +29,23 @@ pub struct ArchivedObject {
     pub sha256: String,
     /// The selected user's events in this object, when the selection names a user.
     pub user_events: Option<i64>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ArchivedObject {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            id: row.try_get("id")?,
+            path: row.try_get("path")?,
+            service: row.try_get("service")?,
+            day: row.try_get("day")?,
+            min_ts: row.try_get("min_ts")?,
+            max_ts: row.try_get("max_ts")?,
+            rows: row.try_get("rows")?,
+            sha256: row.try_get("sha256")?,
+            user_events: row.try_get("user_events")?,
+        })
+    }
 }
 
 /// Which objects a read or a delete must look at: those that may hold a matching event.

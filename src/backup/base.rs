@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{ConnectOptions, Connection};
 
-use super::{BackupError, Repository, StoredObject, wal};
+use super::{BackupError, Repository, StoredObject, journal, wal};
 use crate::store::embedded::EmbeddedPostgres;
 
 /// The files `pg_basebackup -Ft` writes, in the order they are stored and restored.
@@ -235,6 +235,8 @@ pub async fn list(repository: &Repository) -> Result<Vec<BackupManifest>, Backup
 pub struct Pruned {
     pub backups: usize,
     pub wal_files: usize,
+    /// Journal entries of erasures older than every backup left.
+    pub erasures: usize,
 }
 
 /// Removes the backups that finished more than `keep` ago (never the newest), then the WAL
@@ -264,6 +266,16 @@ pub async fn prune(repository: &Repository, keep: Duration) -> Result<Pruned, Ba
             repository.delete(&path).await?;
         }
         pruned.backups += 1;
+    }
+    // Erasures that ended before the oldest backup left began are in every backup.
+    if let Some(oldest) = backups
+        .iter()
+        .enumerate()
+        .filter(|(index, backup)| kept(*index, backup))
+        .map(|(_, backup)| backup.started_at)
+        .min()
+    {
+        pruned.erasures = journal::prune(repository, oldest - journal::CLOCK_SKEW).await?;
     }
     // WAL older than every backup left is of no use to any restore.
     let Some(oldest_segment) = backups
@@ -303,6 +315,17 @@ pub enum RecoveryTarget {
     Immediate,
 }
 
+/// What a restore does with the erasures (Delete, Anonymize, OptOut, OptIn) journaled since
+/// the backup it restores began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterRestore {
+    /// The server applies them again before it serves: an erasure is never undone by a
+    /// restore.
+    Reapply,
+    /// They stay undone: the restore is to bring back what a mistaken Delete removed.
+    Undo,
+}
+
 /// What a restore did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
@@ -311,6 +334,11 @@ pub struct RestoreReport {
     pub data_dir: PathBuf,
     /// Rows of `events` in the restored cluster.
     pub events: i64,
+    /// Erasures made since the restored backup began, which the server applies again before
+    /// it serves (`backup::journal`).
+    pub erasures_to_reapply: usize,
+    /// Erasures since the backup began left undone (`--undo-erasures`).
+    pub erasures_undone: usize,
     pub seconds: f64,
 }
 
@@ -326,6 +354,7 @@ pub async fn restore(
     target: RecoveryTarget,
     root: &FsPath,
     publish_timeline: bool,
+    erasures: AfterRestore,
 ) -> Result<RestoreReport, BackupError> {
     let started = std::time::Instant::now();
     let backups = list(repository).await?;
@@ -419,11 +448,33 @@ pub async fn restore(
         .map_err(BackupError::Task)?;
     let events = events?;
     stopped?;
+    // The erasures the restored database may lack, for the server to apply again before it
+    // serves, unless they are what the restore is to undo. A throwaway copy ([`verify`])
+    // leaves none.
+    let (mut erasures_to_reapply, mut erasures_undone) = (0, 0);
+    if publish_timeline {
+        let since = backup.started_at - journal::CLOCK_SKEW;
+        let entries = journal::reaching_after(repository, since).await?;
+        match erasures {
+            AfterRestore::Reapply => {
+                journal::write_pending(root, &entries)?;
+                erasures_to_reapply = entries.len();
+            }
+            AfterRestore::Undo => {
+                for entry in &entries {
+                    tracing::warn!(journal_id = %entry.id, principal = %entry.principal, started_at = %entry.started_at, "an erasure since the restored backup is not applied again (--undo-erasures)");
+                }
+                erasures_undone = entries.len();
+            }
+        }
+    }
     Ok(RestoreReport {
         backup: backup.id.clone(),
         target: target_text,
         data_dir,
         events,
+        erasures_to_reapply,
+        erasures_undone,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -561,7 +612,14 @@ pub async fn verify(
             std::fs::remove_dir_all(dir).map_err(BackupError::io(dir))?;
         }
     }
-    let result = restore(repository, RecoveryTarget::Immediate, scratch, false).await;
+    let result = restore(
+        repository,
+        RecoveryTarget::Immediate,
+        scratch,
+        false,
+        AfterRestore::Undo,
+    )
+    .await;
     for dir in [scratch, cluster_dir.as_path()] {
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -11,6 +11,7 @@
 //!   written last: a backup without it is incomplete and is never used.
 
 pub mod base;
+pub mod journal;
 pub mod schedule;
 pub mod wal;
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use sluice::{
     backup::{
         self, BackupError, Repository,
-        base::{self, BackupManifest, Pruned, RecoveryTarget},
+        base::{self, AfterRestore, BackupManifest, Pruned, RecoveryTarget},
         wal,
     },
     config::Config,
@@ -90,12 +90,13 @@ pub async fn restore(
     url: Option<&str>,
     target: RecoveryTarget,
     data_dir: &Path,
+    erasures: AfterRestore,
 ) -> Result<base::RestoreReport, BackupError> {
     let repository = match url {
         Some(url) => Repository::open(url)?,
         None => repository(config)?,
     };
-    base::restore(&repository, target, data_dir, true).await
+    base::restore(&repository, target, data_dir, true, erasures).await
 }
 
 /// `archive_command`: archives one WAL file.

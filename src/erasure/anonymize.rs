@@ -4,15 +4,17 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder, types::Json as SqlJson};
 use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{Erasure, ErasureError, optout};
+use super::{Erasure, ErasureError, optout, push_written_before};
 use crate::{
     archive::{Archive, Removal},
+    backup::journal::Change,
     filter::Filter,
     privacy::Privacy,
     proto::{AnonymizeRequest, AnonymizeResponse},
@@ -63,15 +65,22 @@ async fn anonymize_user(
         Arc::new(move |service: &str| caller.may_use(service))
     };
     let pseudonym = format!("anon:{}", Uuid::new_v4().simple());
-    let recorded = (!request.dry_run).then(|| writer::erasures::Erasure {
-        kind: writer::erasures::Kind::Anonymize {
+    let recorded = (!request.dry_run).then(|| {
+        let erasure = writer::erasures::Erasure {
+            kind: writer::erasures::Kind::Anonymize {
+                pseudonym: pseudonym.clone(),
+            },
+            user_id: filter.user_id.clone(),
+            services: Vec::new(),
+            service_globs: call.caller.service_globs(),
+            start: None,
+            end: None,
+        };
+        let change = Change::Anonymize {
+            filter: filter.clone(),
             pseudonym: pseudonym.clone(),
-        },
-        user_id: filter.user_id.clone(),
-        services: Vec::new(),
-        service_globs: call.caller.service_globs(),
-        start: None,
-        end: None,
+        };
+        (erasure, change)
     });
     let scope = Scope {
         pool: &erasure.store.pool,
@@ -83,7 +92,11 @@ async fn anonymize_user(
         may_use,
     };
     let done = erasure
-        .recorded(recorded, anonymize(scope, &pseudonym, request.dry_run))
+        .recorded(
+            recorded,
+            &call.caller,
+            anonymize(scope, &pseudonym, request.dry_run),
+        )
         .await?;
     details["rows"] = Json::from(done.events);
     details["dead_letters"] = Json::from(done.dead_letters);
@@ -158,8 +171,14 @@ async fn anonymize(
             )
             .await?;
     }
-    done.events = anonymize_rows(&scope, &pseudonym, dry_run).await?;
-    done.dead_letters = anonymize_dead_letters(&scope, &pseudonym, dry_run).await?;
+    let table = Table {
+        pool: scope.pool,
+        privacy: &scope.privacy,
+        filter: scope.filter,
+        written_before: None,
+    };
+    done.events = table.anonymize_rows(&pseudonym, dry_run).await?;
+    done.dead_letters = table.anonymize_dead_letters(&pseudonym, dry_run).await?;
     let selection = scope.filter.archive_selection();
     if dry_run {
         let objects = scope
@@ -190,87 +209,116 @@ async fn anonymize(
         .await?;
     done.archived = taken.events;
     // A Restore may have moved the user's lines back into the table meanwhile.
-    done.events += anonymize_rows(&scope, &pseudonym, false).await?;
+    done.events += table.anonymize_rows(&pseudonym, false).await?;
     Ok(done)
 }
 
-/// The user's rows of `events`, a batch per transaction.
-async fn anonymize_rows(
-    scope: &Scope<'_>,
-    pseudonym: &str,
-    dry_run: bool,
-) -> Result<u64, ErasureError> {
-    if dry_run {
-        let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
-        scope.filter.push_where(&mut count);
-        let count: i64 = count.build_query_scalar().fetch_one(scope.pool).await?;
-        return Ok(count.max(0) as u64);
-    }
-    let mut changed = 0;
-    loop {
-        let mut transaction = scope.pool.begin().await?;
-        let mut select = QueryBuilder::<Postgres>::new("SELECT id, ts, metadata FROM events");
-        scope.filter.push_where(&mut select);
-        select.push(" LIMIT ").push_bind(BATCH).push(" FOR UPDATE");
-        let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>, SqlJson<Json>)> =
-            select.build_query_as().fetch_all(&mut *transaction).await?;
-        if rows.is_empty() {
-            return Ok(changed);
-        }
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut stamps = Vec::with_capacity(rows.len());
-        let mut metadata = Vec::with_capacity(rows.len());
-        for (id, ts, SqlJson(mut value)) in rows {
-            scope.privacy.anonymize_metadata(&mut value, pseudonym);
-            ids.push(id);
-            stamps.push(ts);
-            metadata.push(value);
-        }
-        let updated = sqlx::query(
-            "UPDATE events e SET user_id = $1, metadata = u.metadata \
-             FROM unnest($2::uuid[], $3::timestamptz[], $4::jsonb[]) AS u(id, ts, metadata) \
-             WHERE e.id = u.id AND e.ts = u.ts",
-        )
-        .bind(pseudonym)
-        .bind(&ids)
-        .bind(&stamps)
-        .bind(metadata.into_iter().map(SqlJson).collect::<Vec<_>>())
-        .execute(&mut *transaction)
-        .await?
-        .rows_affected();
-        transaction.commit().await?;
-        changed += updated;
-    }
+/// The user's rows in the database: of `filter`, written before `written_before` when set.
+struct Table<'a> {
+    pool: &'a PgPool,
+    privacy: &'a Privacy,
+    filter: &'a Filter,
+    written_before: Option<DateTime<Utc>>,
 }
 
-/// The user's dead letters: their column and the event JSON they keep.
-async fn anonymize_dead_letters(
-    scope: &Scope<'_>,
+/// Anonymizes the user of `filter` in the table and dead letters, in rows written before
+/// `written_before` (an erasure applied again after a restore); gives the rows and dead
+/// letters changed.
+pub(super) async fn anonymize_table(
+    pool: &PgPool,
+    privacy: &Privacy,
+    filter: &Filter,
     pseudonym: &str,
-    dry_run: bool,
-) -> Result<u64, ErasureError> {
-    let mut select = QueryBuilder::<Postgres>::new("SELECT id, raw FROM dead_letters");
-    scope.filter.push_where(&mut select);
-    let rows: Vec<(i64, Vec<u8>)> = select.build_query_as().fetch_all(scope.pool).await?;
-    if dry_run || rows.is_empty() {
-        return Ok(rows.len() as u64);
-    }
-    let mut transaction = scope.pool.begin().await?;
-    let mut changed = 0;
-    for (id, raw) in rows {
-        // A raw that is not the expected JSON is dropped rather than left linked.
-        let anonymized = scope
-            .privacy
-            .anonymize_dead_letter(&raw, pseudonym)
-            .unwrap_or_default();
-        changed += sqlx::query("UPDATE dead_letters SET user_id = $1, raw = $2 WHERE id = $3")
+    written_before: DateTime<Utc>,
+) -> Result<(u64, u64), ErasureError> {
+    let table = Table {
+        pool,
+        privacy,
+        filter,
+        written_before: Some(written_before),
+    };
+    let rows = table.anonymize_rows(pseudonym, false).await?;
+    let dead_letters = table.anonymize_dead_letters(pseudonym, false).await?;
+    Ok((rows, dead_letters))
+}
+
+impl Table<'_> {
+    /// The user's rows of `events`, a batch per transaction.
+    async fn anonymize_rows(&self, pseudonym: &str, dry_run: bool) -> Result<u64, ErasureError> {
+        if dry_run {
+            let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
+            self.filter.push_where(&mut count);
+            let count: i64 = count.build_query_scalar().fetch_one(self.pool).await?;
+            return Ok(count.max(0) as u64);
+        }
+        let mut changed = 0;
+        loop {
+            let mut transaction = self.pool.begin().await?;
+            let mut select = QueryBuilder::<Postgres>::new("SELECT id, ts, metadata FROM events");
+            self.filter.push_where(&mut select);
+            push_written_before(&mut select, "ingested_at", self.written_before);
+            select.push(" LIMIT ").push_bind(BATCH).push(" FOR UPDATE");
+            let rows: Vec<(Uuid, chrono::DateTime<chrono::Utc>, SqlJson<Json>)> =
+                select.build_query_as().fetch_all(&mut *transaction).await?;
+            if rows.is_empty() {
+                return Ok(changed);
+            }
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut stamps = Vec::with_capacity(rows.len());
+            let mut metadata = Vec::with_capacity(rows.len());
+            for (id, ts, SqlJson(mut value)) in rows {
+                self.privacy.anonymize_metadata(&mut value, pseudonym);
+                ids.push(id);
+                stamps.push(ts);
+                metadata.push(value);
+            }
+            let updated = sqlx::query(
+                "UPDATE events e SET user_id = $1, metadata = u.metadata \
+             FROM unnest($2::uuid[], $3::timestamptz[], $4::jsonb[]) AS u(id, ts, metadata) \
+             WHERE e.id = u.id AND e.ts = u.ts",
+            )
             .bind(pseudonym)
-            .bind(anonymized)
-            .bind(id)
+            .bind(&ids)
+            .bind(&stamps)
+            .bind(metadata.into_iter().map(SqlJson).collect::<Vec<_>>())
             .execute(&mut *transaction)
             .await?
             .rows_affected();
+            transaction.commit().await?;
+            changed += updated;
+        }
     }
-    transaction.commit().await?;
-    Ok(changed)
+
+    /// The user's dead letters: their column and the event JSON they keep.
+    async fn anonymize_dead_letters(
+        &self,
+        pseudonym: &str,
+        dry_run: bool,
+    ) -> Result<u64, ErasureError> {
+        let mut select = QueryBuilder::<Postgres>::new("SELECT id, raw FROM dead_letters");
+        self.filter.push_where(&mut select);
+        push_written_before(&mut select, "failed_at", self.written_before);
+        let rows: Vec<(i64, Vec<u8>)> = select.build_query_as().fetch_all(self.pool).await?;
+        if dry_run || rows.is_empty() {
+            return Ok(rows.len() as u64);
+        }
+        let mut transaction = self.pool.begin().await?;
+        let mut changed = 0;
+        for (id, raw) in rows {
+            // A raw that is not the expected JSON is dropped rather than left linked.
+            let anonymized = self
+                .privacy
+                .anonymize_dead_letter(&raw, pseudonym)
+                .unwrap_or_default();
+            changed += sqlx::query("UPDATE dead_letters SET user_id = $1, raw = $2 WHERE id = $3")
+                .bind(pseudonym)
+                .bind(anonymized)
+                .bind(id)
+                .execute(&mut *transaction)
+                .await?
+                .rows_affected();
+        }
+        transaction.commit().await?;
+        Ok(changed)
+    }
 }

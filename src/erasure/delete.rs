@@ -5,15 +5,17 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder};
 use tonic::{Code, Status};
 use tracing::Instrument;
 
-use super::{Erasure, ErasureError};
+use super::{Erasure, ErasureError, push_written_before};
 use crate::{
     archive::Removal,
     audit::Audit,
+    backup::journal::Change,
     filter::Filter,
     proto::{DeleteRequest, DeleteResponse},
     rpc::{Admission, Call},
@@ -62,17 +64,24 @@ async fn delete(
     details["dry_run"] = Json::Bool(request.dry_run);
     let dry_run = request.dry_run;
     let _turn = erasure.take_turn().await?;
-    let recorded = (!dry_run).then(|| writer::erasures::Erasure {
-        kind: writer::erasures::Kind::Delete,
-        user_id: filter.user_id.clone(),
-        services: filter.services.clone(),
-        service_globs: call.caller.service_globs(),
-        start: filter.start,
-        end: filter.end,
+    let recorded = (!dry_run).then(|| {
+        let erasure = writer::erasures::Erasure {
+            kind: writer::erasures::Kind::Delete,
+            user_id: filter.user_id.clone(),
+            services: filter.services.clone(),
+            service_globs: call.caller.service_globs(),
+            start: filter.start,
+            end: filter.end,
+        };
+        let change = Change::Delete {
+            filter: filter.clone(),
+        };
+        (erasure, change)
     });
     erasure
         .recorded(
             recorded,
+            &call.caller,
             erase(erasure, admission, call, &filter, dry_run, details),
         )
         .await
@@ -106,7 +115,7 @@ async fn erase(
     let mut deleted = if dry_run {
         count_events(pool, &filter).await?
     } else {
-        delete_events(pool, &filter).await?
+        delete_events(pool, &filter, None).await?
     };
     // Rows a concurrent lifecycle run was archiving are in the objects this finds: it reads
     // the catalog under the archive lock.
@@ -131,11 +140,12 @@ async fn erase(
             .await?;
         // A Restore may have moved matching lines back into the table before this took
         // their object: once the archive holds none, delete what the table holds again.
-        deleted += delete_events(pool, &filter).await?;
+        deleted += delete_events(pool, &filter, None).await?;
         (done.events, done.objects_changed)
     };
     let mut transaction = pool.begin().await?;
-    let dead_letters_deleted = delete_dead_letters(&mut transaction, &filter, dry_run).await?;
+    let dead_letters_deleted =
+        delete_dead_letters(&mut transaction, &filter, dry_run, None).await?;
     details["rows"] = Json::from(deleted);
     details["archived"] = Json::from(archived_deleted);
     details["archive_objects_rewritten"] = Json::from(archive_objects_rewritten);
@@ -177,13 +187,19 @@ async fn count_events(pool: &PgPool, filter: &Filter) -> Result<u64, ErasureErro
 }
 
 /// Deletes in batches of [`DELETE_BATCH`] rows, each in its own transaction, keeping the
-/// rollup in step. Retries a batch that lost a deadlock against a writer.
-async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, ErasureError> {
+/// rollup in step. Retries a batch that lost a deadlock against a writer. With
+/// `written_before`, only rows written by then.
+pub(super) async fn delete_events(
+    pool: &PgPool,
+    filter: &Filter,
+    written_before: Option<DateTime<Utc>>,
+) -> Result<u64, ErasureError> {
     let mut deleted = 0u64;
     loop {
         let mut builder =
             QueryBuilder::<Postgres>::new("WITH doomed AS (SELECT id, ts FROM events");
         filter.push_where(&mut builder);
+        push_written_before(&mut builder, "ingested_at", written_before);
         builder.push(" LIMIT ").push_bind(DELETE_BATCH);
         builder.push(
             "), removed AS (DELETE FROM events e USING doomed d WHERE e.id = d.id AND e.ts = d.ts \
@@ -210,10 +226,11 @@ async fn delete_events(pool: &PgPool, filter: &Filter) -> Result<u64, ErasureErr
 }
 
 /// Dead letters match on the same user, services and event time range as the events.
-async fn delete_dead_letters(
+pub(super) async fn delete_dead_letters(
     connection: &mut PgConnection,
     filter: &Filter,
     dry_run: bool,
+    written_before: Option<DateTime<Utc>>,
 ) -> Result<u64, ErasureError> {
     let mut builder = QueryBuilder::<Postgres>::new(if dry_run {
         "SELECT count(*) FROM dead_letters"
@@ -222,6 +239,7 @@ async fn delete_dead_letters(
     });
     // dead_letters has the service, ts and user_id columns a Delete filter uses.
     filter.push_where(&mut builder);
+    push_written_before(&mut builder, "failed_at", written_before);
     if !dry_run {
         builder.push(" RETURNING 1) SELECT count(*) FROM removed");
     }

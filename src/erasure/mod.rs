@@ -10,15 +10,22 @@ pub mod anonymize;
 pub mod barrier;
 pub mod delete;
 pub mod optout;
+pub mod reapply;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
+use sqlx::{Postgres, QueryBuilder};
 use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 
 use crate::{
     archive::{Archive, ArchiveError},
     auth::Caller,
+    backup::{
+        BackupError,
+        journal::{self, Change, Journal},
+    },
     broker::{Broker, BrokerError},
     buffer::Buffer,
     config::Config,
@@ -42,6 +49,9 @@ pub struct Erasure {
     pub buffer: Arc<Buffer>,
     /// ...or, in Redis mode, in the broker's streams.
     pub broker: Option<Broker>,
+    /// With backups, every erasure is journaled in their repository first: a restore to
+    /// before it applies it again ([`reapply`]).
+    pub journal: Option<Journal>,
     /// Deletes and Anonymizes run one at a time: they use the write pool, which the writers
     /// need.
     one_at_a_time: Semaphore,
@@ -58,6 +68,7 @@ impl Erasure {
         spool: Option<Spool>,
         buffer: Arc<Buffer>,
         broker: Option<Broker>,
+        journal: Option<Journal>,
     ) -> Self {
         Self {
             store,
@@ -68,6 +79,7 @@ impl Erasure {
             spool,
             buffer,
             broker,
+            journal,
             one_at_a_time: Semaphore::new(1),
         }
     }
@@ -77,17 +89,19 @@ impl Erasure {
         filter.restrict(caller, &self.privacy.load())
     }
 
-    /// Runs `work` as the erasure `erasure` (None: a dry run, which changes nothing): recorded
-    /// before it starts, so that every writer on every node applies it to what it writes
-    /// from then on, and marked finished once it ends, however it ends.
+    /// Runs `work` as the erasure `erasure` (None: a dry run, which changes nothing):
+    /// journaled and recorded before it starts, so that every writer on every node applies it
+    /// to what it writes from then on, and marked finished once it ends, however it ends.
     async fn recorded<T>(
         &self,
-        erasure: Option<writer::erasures::Erasure>,
+        erasure: Option<(writer::erasures::Erasure, Change)>,
+        caller: &Caller,
         work: impl Future<Output = Result<T, ErasureError>>,
     ) -> Result<T, ErasureError> {
-        let Some(erasure) = erasure else {
+        let Some((erasure, change)) = erasure else {
             return work.await;
         };
+        let journaled = self.journal_start(change, caller).await?;
         let id = erasure.record(&self.store.pool).await?;
         let outcome = work.await;
         if let Err(error) = writer::erasures::finish(&self.store.pool, id).await {
@@ -95,7 +109,35 @@ impl Erasure {
             // it after a day.
             tracing::error!(%error, erasure = id, "cannot mark an erasure finished");
         }
+        self.journal_finish(journaled).await;
         outcome
+    }
+
+    /// Writes `change` to the backup repository's journal before it is made: a restore to
+    /// before it then applies it again. Without backups, there is no journal.
+    async fn journal_start(
+        &self,
+        change: Change,
+        caller: &Caller,
+    ) -> Result<Option<journal::Entry>, ErasureError> {
+        let Some(journal) = &self.journal else {
+            return Ok(None);
+        };
+        let entry = journal::Entry::new(change, caller.service_globs(), &caller.principal);
+        journal.write(&entry).await.map_err(ErasureError::Journal)?;
+        Ok(Some(entry))
+    }
+
+    /// Marks a journaled change made. Unmarked, a restore applies it to the events of a day
+    /// after its start: logged.
+    async fn journal_finish(&self, entry: Option<journal::Entry>) {
+        let (Some(journal), Some(mut entry)) = (&self.journal, entry) else {
+            return;
+        };
+        entry.finished_at = Some(Utc::now());
+        if let Err(error) = journal.write(&entry).await {
+            tracing::error!(%error, journal_id = %entry.id, "cannot mark an erasure finished in the backup journal");
+        }
     }
 
     /// Spool segments in quarantine, which an erasure cannot search: said in its answer and
@@ -129,6 +171,18 @@ impl Erasure {
     }
 }
 
+/// Narrows a statement to the rows written by `bound`, when set (`column`: the table's time
+/// of writing).
+fn push_written_before(
+    builder: &mut QueryBuilder<Postgres>,
+    column: &'static str,
+    bound: Option<DateTime<Utc>>,
+) {
+    if let Some(bound) = bound {
+        builder.push(format!(" AND {column} <= ")).push_bind(bound);
+    }
+}
+
 /// Why an erasure call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ErasureError {
@@ -146,6 +200,8 @@ pub enum ErasureError {
     Keys(#[from] PrivacyStartError),
     #[error("redis: {0}")]
     Broker(#[from] BrokerError),
+    #[error("the erasure journal in backup.url: {0}")]
+    Journal(BackupError),
     #[error("events accepted before the call are not yet written; retry after {retry_after:?}")]
     Busy { retry_after: Duration },
 }
@@ -169,6 +225,14 @@ impl From<ErasureError> for Status {
             ErasureError::Privacy(privacy) => privacy.into(),
             ErasureError::Keys(keys) => keys.into(),
             ErasureError::Broker(broker) => broker.into(),
+            // Nothing was changed: the journal comes first.
+            ErasureError::Journal(_) => refusal(
+                Code::Unavailable,
+                message,
+                "JOURNAL_UNAVAILABLE",
+                Some(Duration::from_secs(5)),
+                HashMap::new(),
+            ),
             ErasureError::Busy { retry_after } => refusal(
                 Code::Unavailable,
                 message,

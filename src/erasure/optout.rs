@@ -9,6 +9,7 @@ use serde_json::Value as Json;
 use super::{Erasure, ErasureError};
 use crate::{
     auth::Caller,
+    backup::journal::Change,
     config::Config,
     filter::check_services,
     privacy::{fingerprints, optouts::OptInError},
@@ -29,11 +30,17 @@ pub async fn opt_out(
         details,
     )
     .await?;
+    let change = Change::OptOut {
+        user_key: key.clone(),
+        services: request.services.clone(),
+    };
+    let journaled = erasure.journal_start(change, caller).await?;
     let mut connection = erasure.store.pool.acquire().await?;
     erasure
         .optouts
         .opt_out(&mut connection, &key, &request.services)
         .await?;
+    erasure.journal_finish(journaled).await;
     Ok(OptOutResponse {})
 }
 
@@ -51,6 +58,11 @@ pub async fn opt_in(
         details,
     )
     .await?;
+    let change = Change::OptIn {
+        user_key: key.clone(),
+        services: request.services.clone(),
+    };
+    let journaled = erasure.journal_start(change, caller).await?;
     let was_opted_out = erasure
         .optouts
         .opt_in(&erasure.store.pool, &key, &request.services)
@@ -59,6 +71,7 @@ pub async fn opt_in(
             OptInError::EveryService => ErasureError::invalid("services", error.to_string()),
             OptInError::Database(error) => ErasureError::Database(error),
         })?;
+    erasure.journal_finish(journaled).await;
     Ok(OptInResponse { was_opted_out })
 }
 

@@ -14,7 +14,6 @@ use crate::proto::{
 const DEFAULT_AUDIT_PAGE: u32 = 100;
 const MAX_AUDIT_PAGE: u32 = 1_000;
 
-#[derive(sqlx::FromRow)]
 struct AuditRow {
     id: i64,
     at: DateTime<Utc>,
@@ -22,6 +21,20 @@ struct AuditRow {
     rpc: String,
     code: String,
     details: sqlx::types::Json<serde_json::Value>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for AuditRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            id: row.try_get("id")?,
+            at: row.try_get("at")?,
+            principal: row.try_get("principal")?,
+            rpc: row.try_get("rpc")?,
+            code: row.try_get("code")?,
+            details: row.try_get("details")?,
+        })
+    }
 }
 
 /// One page of the audit log.

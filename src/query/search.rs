@@ -30,7 +30,6 @@ pub const MAX_PAGE: u32 = 10_000;
 pub const DEFAULT_PAGE: u32 = 100;
 
 /// A stored event as the read side selects it.
-#[derive(sqlx::FromRow)]
 pub struct EventRow {
     pub id: Uuid,
     pub service: String,
@@ -42,6 +41,23 @@ pub struct EventRow {
     pub trace_id: Option<String>,
     /// The message's and the metadata's size as stored, for the response's byte bound.
     pub bytes: i64,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for EventRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            id: row.try_get("id")?,
+            service: row.try_get("service")?,
+            message: row.try_get("message")?,
+            ts: row.try_get("ts")?,
+            ingested_at: row.try_get("ingested_at")?,
+            user_id: row.try_get("user_id")?,
+            metadata: row.try_get("metadata")?,
+            trace_id: row.try_get("trace_id")?,
+            bytes: row.try_get("bytes")?,
+        })
+    }
 }
 
 impl From<EventRow> for Event {

@@ -76,6 +76,10 @@ pub enum ServerError {
     Privacy(#[from] PrivacyStartError),
     #[error("backups: {0}")]
     Backup(#[from] crate::backup::BackupError),
+    #[error(
+        "the erasures a restore left could not be applied again (they are retried at the next start): {0}"
+    )]
+    Reapply(#[from] crate::erasure::ErasureError),
 }
 
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully. With a `reloader`,
@@ -108,7 +112,9 @@ pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), Serve
         &auth,
         &retention,
         health_service,
-    ) {
+    )
+    .await
+    {
         Ok(routes) => serve::until_signal(&config, tls_config, routes, &background).await,
         Err(error) => Err(error),
     };

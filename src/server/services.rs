@@ -10,8 +10,9 @@ use tonic::{
 use super::{ServerError, background::Background, storage::Storage};
 use crate::{
     auth::Authorizer,
+    backup::journal::Journal,
     config::Config,
-    erasure::Erasure,
+    erasure::{self, Erasure},
     ingest::{IngestHandler, service::IngestDeps},
     lifecycle::RetentionPolicy,
     proto::{
@@ -34,7 +35,7 @@ macro_rules! with_codec_limits {
     };
 }
 
-pub fn build(
+pub async fn build(
     config: &Arc<Config>,
     storage: &Storage,
     background: &Background,
@@ -105,7 +106,11 @@ pub fn build(
         storage.spool.clone(),
         background.buffer.clone(),
         storage.broker.clone(),
+        Journal::open(config)?,
     ));
+    // A restore leaves the erasures made since its point in time: applied again before any
+    // call is served.
+    erasure::reapply::pending(&erasure).await?;
     let query = QueryHandler::new(admission, reader, erasure);
     let mut routes = RoutesBuilder::default();
     routes

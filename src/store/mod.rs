@@ -2,6 +2,7 @@
 
 pub mod embedded;
 pub mod hosts;
+pub mod migrations;
 pub mod nodelay;
 pub mod partitions;
 pub mod search_indexes;
@@ -18,8 +19,6 @@ use crate::config::Config;
 
 pub use embedded::EmbeddedPostgres;
 use hosts::{Failover, HostList, SessionAttrs};
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -285,7 +284,9 @@ impl Store {
                 .clone()
                 .application_name("sluice");
             let mut migration_connection = options.connect().await.map_err(StoreError::Connect)?;
-            MIGRATOR.run(&mut migration_connection).await?;
+            migrations::migrator()
+                .run(&mut migration_connection)
+                .await?;
             migration_connection.close().await?;
         }
         // Lifecycle and archive work: long transactions (an object upload under the archive

@@ -50,10 +50,7 @@ impl Erasure {
     /// Records the erasure before its work starts, after every write under way committed;
     /// gives its id, for [`finish`].
     pub async fn record(&self, pool: &PgPool) -> Result<i64, sqlx::Error> {
-        let (kind, pseudonym) = match &self.kind {
-            Kind::Delete => ("delete", None),
-            Kind::Anonymize { pseudonym } => ("anonymize", Some(pseudonym.as_str())),
-        };
+        let (kind, pseudonym) = self.kind_columns();
         let mut transaction = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.erasures'))")
             .execute(&mut *transaction)
@@ -73,6 +70,47 @@ impl Erasure {
         .await?;
         transaction.commit().await?;
         Ok(id)
+    }
+}
+
+impl Erasure {
+    /// Records an erasure applied again after a restore (`erasure::reapply`), with the times
+    /// of the original call: it reaches what was admitted before it ended, no later.
+    pub async fn record_again(
+        &self,
+        pool: &PgPool,
+        started_at: DateTime<Utc>,
+        finished_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        let (kind, pseudonym) = self.kind_columns();
+        let mut transaction = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.erasures'))")
+            .execute(&mut *transaction)
+            .await?;
+        sqlx::query(
+            "INSERT INTO erasures (kind, user_id, services, service_globs, start_ts, end_ts, pseudonym, started_at, finished_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(kind)
+        .bind(&self.user_id)
+        .bind(&self.services)
+        .bind(&self.service_globs)
+        .bind(self.start)
+        .bind(self.end)
+        .bind(pseudonym)
+        .bind(started_at)
+        .bind(finished_at)
+        .execute(&mut *transaction)
+        .await?;
+        transaction.commit().await
+    }
+
+    /// The `kind` and `pseudonym` columns.
+    fn kind_columns(&self) -> (&'static str, Option<&str>) {
+        match &self.kind {
+            Kind::Delete => ("delete", None),
+            Kind::Anonymize { pseudonym } => ("anonymize", Some(pseudonym.as_str())),
+        }
     }
 }
 
@@ -106,7 +144,6 @@ pub async fn expire(pool: &PgPool, older_than: Duration) -> Result<u64, sqlx::Er
     Ok(deleted)
 }
 
-#[derive(sqlx::FromRow)]
 struct Row {
     kind: String,
     user_id: Option<String>,
@@ -115,6 +152,21 @@ struct Row {
     start_ts: Option<DateTime<Utc>>,
     end_ts: Option<DateTime<Utc>>,
     pseudonym: Option<String>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Row {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            kind: row.try_get("kind")?,
+            user_id: row.try_get("user_id")?,
+            services: row.try_get("services")?,
+            service_globs: row.try_get("service_globs")?,
+            start_ts: row.try_get("start_ts")?,
+            end_ts: row.try_get("end_ts")?,
+            pseudonym: row.try_get("pseudonym")?,
+        })
+    }
 }
 
 /// The erasures that reach one write.
