@@ -11,7 +11,7 @@ use super::{TraceId, ValidEvent};
 /// The generated `sluice.spool.v1` messages.
 #[allow(clippy::all, missing_docs)]
 mod pb {
-    include!(concat!(env!("OUT_DIR"), "/sluice.spool.v1.rs"));
+    include!("../proto/generated/sluice.spool.v1.rs");
 }
 
 /// The payload version written now.
