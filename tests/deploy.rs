@@ -176,6 +176,48 @@ async fn every_metric_the_dashboard_and_alerts_use_is_one_the_server_exports() {
     assert!(exposition.contains(r#"sluice_rpc_duration_seconds_count{method="Stats",code="OK"}"#));
 }
 
+/// Right after start, before any traffic, every series the dashboard and the alert rules use
+/// is on `/metrics` (at 0), so that a `rate()` ratio or an `absent()` rule has something to
+/// work on and no panel says "No data". Backups are off here: their series may be missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_series_the_dashboard_and_alerts_use_exists_right_after_start() {
+    let alerts =
+        std::fs::read_to_string(format!("{ROOT}/deploy/prometheus/alerts.yml")).expect("alerts");
+    let used: BTreeSet<String> = metric_names(&alerts)
+        .into_iter()
+        .chain(
+            dashboard_queries(&dashboard())
+                .iter()
+                .flat_map(|query| metric_names(query)),
+        )
+        .collect();
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    // A principal with a rate limit, so that its series exists too.
+    let server = TestServer::start(ServerSpec::with_database(&database.url).toml(
+        r#"
+[[auth.principals]]
+name = "client"
+scopes = ["admin", "ingest"]
+events_per_second = 100000
+"#,
+    ))
+    .await;
+    let exported = metric_names(&server.metrics().await);
+    let off = [
+        "sluice_backup_last_finished_timestamp_seconds",
+        "sluice_wal_archive_failures",
+    ];
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|name| !exported.contains(*name) && !off.contains(&name.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used by the dashboard or the alerts, absent right after start: {missing:?}"
+    );
+}
+
 /// A child process killed when the test ends, pass or fail.
 struct KillOnDrop(Child);
 

@@ -15,7 +15,12 @@ use tonic_types::StatusExt;
 async fn ingest_of_100k_events_over_concurrent_streams_stores_every_one() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    // Room for every event at once: the streams never wait on the writers, whatever the
+    // machine's speed (backpressure has tests of its own).
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url).env("SLUICE_BUFFER__MAX_EVENTS", "200000"),
+    )
+    .await;
     const STREAMS: usize = 8;
     const PER_STREAM: usize = 12_500;
     const BATCH: usize = 500;
@@ -380,7 +385,9 @@ async fn ingest_stream_acks_every_sequence_once_durable_and_refuses_only_the_seq
     let database = TestDatabase::create().await;
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
-            .env("SLUICE_BUFFER__MAX_EVENTS", "300")
+            // A sender alone may hold 90% of the buffer (the rest is headroom for others):
+            // 340 events, room for three sequences of 100.
+            .env("SLUICE_BUFFER__MAX_EVENTS", "340")
             .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
     )
     .await;
@@ -402,7 +409,8 @@ async fn ingest_stream_acks_every_sequence_once_durable_and_refuses_only_the_seq
             .await
             .expect("send");
     }
-    // Sequence 3 does not fit (300 events of room): refused in its ack, the stream stays open.
+    // Sequence 3 does not fit (306 events of room for one sender): refused in its ack, the
+    // stream stays open.
     let refusal = tokio::time::timeout(Duration::from_secs(10), acks.next())
         .await
         .expect("ack")

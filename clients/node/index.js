@@ -4,8 +4,9 @@
 // - every event gets a client-side id when it has none, so a resend is stored once;
 // - `publish` retries RESOURCE_EXHAUSTED and UNAVAILABLE after the server's
 //   grpc-retry-pushback-ms (the same delay as its google.rpc.RetryInfo);
-// - `ingestStream` keeps a window of requests in flight and resends a refused request
-//   (an ack with a non-zero code) after the ack's retry_after.
+// - `ingestStream` keeps a window of requests in flight, and its unacknowledged events within
+//   the server's credit (an ack's credit_events), and resends a refused request (an ack with a
+//   non-zero code) after the ack's retry_after.
 const crypto = require('node:crypto');
 const fs = require('node:fs');
 const path = require('node:path');
@@ -119,15 +120,17 @@ class Client {
   }
 
   /**
-   * Streams events over IngestStream in requests of `batch` events with `window` in flight.
-   * A refused request is resent after its ack's retry_after. Resolves to
-   * { accepted, rejected, rejections, resent } once every request is acknowledged.
+   * Streams events over IngestStream in requests of `batch` events with `window` in flight,
+   * and no more unacknowledged events than the server's last credit (one request always may
+   * be). A refused request is resent after its ack's retry_after. Resolves to
+   * { accepted, rejected, rejections, resent, heldByCredit } once every request is
+   * acknowledged.
    */
   ingestStream(events, { batch = 500, window = 4 } = {}) {
     const batches = [];
     const all = events.map(toEvent);
     for (let start = 0; start < all.length; start += batch) batches.push(all.slice(start, start + batch));
-    const totals = { accepted: 0, rejected: 0, rejections: [], resent: 0 };
+    const totals = { accepted: 0, rejected: 0, rejections: [], resent: 0, heldByCredit: 0 };
     return new Promise((resolve, reject) => {
       const call = this.ingest.IngestStream(this.metadata());
       const pending = new Map();
@@ -135,6 +138,20 @@ class Client {
       let next = 0;
       let waiting = 0;
       let ended = false;
+      // The server's credit: null until an ack carries one (older servers send none).
+      let credit = null;
+      const inFlight = () => {
+        let events = 0;
+        for (const requestEvents of pending.values()) events += requestEvents.length;
+        return events;
+      };
+      const withinCredit = () => {
+        if (credit === null) return true;
+        const held = inFlight();
+        const ok = held === 0 || held + batch <= credit;
+        if (!ok) totals.heldByCredit += 1;
+        return ok;
+      };
       const write = (requestEvents) => {
         const tag = sequence;
         sequence += 1;
@@ -142,7 +159,7 @@ class Client {
         call.write({ events: requestEvents, sequence: tag });
       };
       const pump = () => {
-        while (next < batches.length && pending.size + waiting < window) {
+        while (next < batches.length && pending.size + waiting < window && withinCredit()) {
           write(batches[next]);
           next += 1;
         }
@@ -165,6 +182,8 @@ class Client {
           }, durationMs(ack.retry_after) || 200);
           return;
         }
+        // proto3 `optional`: proto-loader names a present field in its synthetic oneof.
+        if (ack._credit_events === 'credit_events') credit = Number(ack.credit_events);
         totals.accepted += ack.accepted;
         totals.rejected += ack.rejected;
         totals.rejections.push(...ack.rejections);

@@ -148,23 +148,58 @@ def ingest(stub, events, batch=500, attempts=50):
     raise RuntimeError("gave up after repeated refusals")
 
 
-def stream(stub, events, batch=500):
-    """Bidirectional streaming: one ack per sequence; refused sequences are resent.
+def stream(stub, events, batch=500, window=8):
+    """Bidirectional streaming: one ack per sequence, `window` requests in flight, and no more
+    unacknowledged events than the server's last credit (an ack's credit_events; one request
+    may always be in flight). Refused sequences are resent after their retry_after.
 
     Returns (accepted, rejected, refusals): refusals counts the sequences refused and resent."""
+    import threading
+
     batches = {seq: events[i:i + batch] for seq, i in enumerate(range(0, len(events), batch))}
     accepted = rejected = refusals = 0
+    credit = None
     while batches:
-        requests = [ingest_pb2.IngestRequest(events=evs, sequence=seq) for seq, evs in batches.items()]
+        changed = threading.Condition()
+        in_flight = {}
+        stopped = []
+
+        def may_send(size):
+            if stopped:
+                return True
+            if len(in_flight) >= window:
+                return False
+            held = sum(in_flight.values())
+            return credit is None or held == 0 or held + size <= credit
+
+        def requests(todo=sorted(batches.items())):
+            for seq, evs in todo:
+                with changed:
+                    changed.wait_for(lambda: may_send(len(evs)))
+                    if stopped:
+                        return
+                    in_flight[seq] = len(evs)
+                yield ingest_pb2.IngestRequest(events=evs, sequence=seq)
+
         delay = 0.0
-        for ack in stub.IngestStream(iter(requests)):
-            if ack.code == 0:
-                accepted += ack.accepted
-                rejected += ack.rejected
-                batches.pop(ack.sequence, None)
-            else:
-                refusals += 1
-                delay = max(delay, ack.retry_after.seconds + ack.retry_after.nanos / 1e9)
+        try:
+            for ack in stub.IngestStream(requests()):
+                with changed:
+                    in_flight.pop(ack.sequence, None)
+                    if ack.HasField("credit_events"):
+                        credit = ack.credit_events
+                    changed.notify_all()
+                if ack.code == 0:
+                    accepted += ack.accepted
+                    rejected += ack.rejected
+                    batches.pop(ack.sequence, None)
+                else:
+                    refusals += 1
+                    delay = max(delay, ack.retry_after.seconds + ack.retry_after.nanos / 1e9)
+        finally:
+            with changed:
+                stopped.append(True)
+                changed.notify_all()
         time.sleep(delay)
     return accepted, rejected, refusals
 

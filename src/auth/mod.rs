@@ -65,6 +65,15 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every [`Self::reason`].
+    pub const REASONS: [&'static str; 5] = [
+        "INVALID_TOKEN",
+        "RESERVED_IDENTITY",
+        "MISSING_SCOPE",
+        "SERVICE_DENIED",
+        "RATE_LIMITED",
+    ];
+
     /// The `reason` label of `sluice_auth_refusals_total`, also the ErrorInfo reason.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -200,6 +209,16 @@ impl GrantLimits {
     fn is_none(&self) -> bool {
         matches!(self, Self::None)
     }
+
+    /// The `principal` label of `sluice_rate_limited_total`: a configured principal's name,
+    /// or `(default)` for every principal under the default grant (bounded: any client may
+    /// name itself anything).
+    fn label<'a>(&self, principal: &'a str) -> &'a str {
+        match self {
+            Self::Each { .. } => DEFAULT_GRANT_LABEL,
+            Self::None | Self::Own(_) => principal,
+        }
+    }
 }
 
 /// What one principal is granted.
@@ -208,6 +227,8 @@ struct Grant {
     scopes: BTreeSet<Scope>,
     services: ServiceGlobs,
     limits: GrantLimits,
+    /// Its weight in the buffer's fair share.
+    weight: u32,
 }
 
 impl Grant {
@@ -216,6 +237,7 @@ impl Grant {
             scopes: Scope::ALL.into_iter().collect(),
             services: ServiceGlobs::all(),
             limits: GrantLimits::None,
+            weight: 1,
         }
     }
 
@@ -229,6 +251,7 @@ impl Grant {
                 bytes_per_second: principal.bytes_per_second,
             })
             .map_or(GrantLimits::None, GrantLimits::Own),
+            weight: principal.weight,
         })
     }
 
@@ -242,6 +265,7 @@ impl Grant {
                 burst_events: config.default_burst_events,
                 bytes_per_second: config.default_bytes_per_second,
             }),
+            weight: config.default_weight,
         })
     }
 }
@@ -333,6 +357,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Who holds the room this caller's events take in the buffer, with its weight.
+    pub fn holder(&self) -> crate::buffer::Holder {
+        crate::buffer::Holder::new(&self.principal, self.grant.weight)
+    }
+
     /// Refuses the call without `scope` (`admin` grants every scope but `pii`).
     pub fn require(&self, scope: Scope) -> Result<(), AuthError> {
         if self.has_scope(scope) {
@@ -388,7 +417,8 @@ impl Caller {
         }
         let admitted = self.grant.limits.admit(&self.principal, events, bytes());
         admitted.map_err(|refusal| {
-            metrics::rate_limited(&self.principal, refusal.exceeded().as_str());
+            let label = self.grant.limits.label(&self.principal);
+            metrics::rate_limited(label, refusal.exceeded().as_str());
             match refusal {
                 limits::Refusal::Wait(limited) => AuthError::RateLimited {
                     principal: self.principal.clone(),
@@ -402,6 +432,9 @@ impl Caller {
         })
     }
 }
+
+/// The label of the principals under the default grant in `sluice_rate_limited_total`.
+const DEFAULT_GRANT_LABEL: &str = "(default)";
 
 /// The policy in force, swapped whole on reload.
 pub struct Authorizer {
@@ -419,6 +452,23 @@ impl Authorizer {
         Ok(Self {
             policy: ArcSwap::from_pointee(policy),
         })
+    }
+
+    /// The `principal` labels `sluice_rate_limited_total` may take: the configured principals
+    /// with a limit, and `(default)` when the default grant has one.
+    pub fn limited_principals(&self) -> Vec<String> {
+        let policy = self.policy.load();
+        let mut labels: Vec<String> = policy
+            .principals
+            .iter()
+            .filter(|(_, grant)| !grant.limits.is_none())
+            .map(|((_, name), _)| name.clone())
+            .collect();
+        if !policy.default.limits.is_none() {
+            labels.push(DEFAULT_GRANT_LABEL.to_owned());
+        }
+        labels.sort();
+        labels
     }
 
     /// Replaces the policy (principals, scopes, limits, JWKS) as a whole, or keeps the old one
@@ -567,6 +617,7 @@ mod tests {
             events_per_second: 0,
             burst_events: 0,
             bytes_per_second: 0,
+            weight: 1,
         }
     }
 

@@ -3,7 +3,14 @@
 //! Admission takes permits from two semaphores, one counting events and one counting bytes, so
 //! memory is bounded in both. A request is admitted whole or not at all. Permits travel with the
 //! [`Envelope`] and are released only when the writer drops it after the commit, so the bound
-//! covers everything accepted but not yet durable.
+//! covers everything accepted but not yet durable. Under pressure each principal holds at
+//! most its [`fair`] share, and refused callers are told successive turns of the drain
+//! ([`retry`]), so that they do not come back together.
+
+mod fair;
+mod retry;
+
+pub use fair::Holder;
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -55,6 +62,7 @@ pub struct Envelope {
     /// The span of the request, for the batch span to link to (when traces are exported).
     pub origin: Option<SpanContext>,
     pub ack: oneshot::Sender<Durable>,
+    _held: fair::Held,
     _event_permit: OwnedSemaphorePermit,
     _byte_permit: OwnedSemaphorePermit,
 }
@@ -63,6 +71,14 @@ pub struct Envelope {
 pub enum AdmitError {
     #[error("buffer is full")]
     Full { retry_after: Duration },
+    #[error(
+        "the buffer is under pressure and this principal holds its share ({held} of {share} events)"
+    )]
+    OverShare {
+        retry_after: Duration,
+        held: usize,
+        share: usize,
+    },
     #[error("server is shutting down")]
     Closed,
     #[error(
@@ -86,9 +102,10 @@ pub struct BufferUsage {
 }
 
 impl BufferUsage {
-    /// True when fewer than 1% of the event or byte slots are free.
+    /// True when fewer than 10% of the event slots, or 1% of the byte slots, are free: from
+    /// there a sender alone is refused (the rest is headroom for others, [`fair`]).
     pub fn is_full(&self) -> bool {
-        self.events * 100 >= self.max_events * 99 || self.bytes * 100 >= self.max_bytes * 99
+        self.events * 10 >= self.max_events * 9 || self.bytes * 100 >= self.max_bytes * 99
     }
 }
 
@@ -100,6 +117,8 @@ pub struct Buffer {
     byte_slots: Arc<Semaphore>,
     config: BufferConfig,
     drain: Mutex<DrainRate>,
+    fair: Arc<fair::FairShare>,
+    line: retry::RetryLine,
 }
 
 /// The receiving side, shared by the writers.
@@ -117,6 +136,8 @@ impl Buffer {
             byte_slots: Arc::new(Semaphore::new(config.max_bytes)),
             config: config.clone(),
             drain: Mutex::new(DrainRate::new()),
+            fair: fair::FairShare::new(config.max_events),
+            line: retry::RetryLine::new(),
         };
         (
             Arc::new(buffer),
@@ -124,8 +145,12 @@ impl Buffer {
         )
     }
 
-    /// Admits a request's valid events, waiting at most `admit_wait` for room.
-    pub async fn admit(&self, events: Vec<ValidEvent>) -> Result<AckReceiver, AdmitError> {
+    /// Admits a request's valid events for `holder`, waiting at most `admit_wait` for room.
+    pub async fn admit(
+        &self,
+        events: Vec<ValidEvent>,
+        holder: &Holder,
+    ) -> Result<AckReceiver, AdmitError> {
         let count = events.len();
         let bytes: usize = events.iter().map(ValidEvent::weight).sum();
         if count > self.config.max_events || bytes > self.config.max_bytes {
@@ -140,6 +165,7 @@ impl Buffer {
             return Err(AdmitError::Closed);
         }
         let deadline = Instant::now() + self.config.admit_wait;
+        let held = self.take_share(holder, count, deadline).await?;
         let full = || AdmitError::Full {
             retry_after: self.retry_after(count),
         };
@@ -159,6 +185,7 @@ impl Buffer {
             admitted_wall: chrono::Utc::now(),
             origin: telemetry::current_span_context(),
             ack,
+            _held: held,
             _event_permit: event_permit,
             _byte_permit: byte_permit,
         };
@@ -166,6 +193,39 @@ impl Buffer {
         let sender = guard.as_ref().ok_or(AdmitError::Closed)?;
         sender.try_send(envelope).map_err(|_| AdmitError::Closed)?;
         Ok(ack_receiver)
+    }
+
+    /// Takes `holder`'s room for `count` events in the fair share, waiting until `deadline`
+    /// for room it holds to be given back.
+    async fn take_share(
+        &self,
+        holder: &Holder,
+        count: usize,
+        deadline: Instant,
+    ) -> Result<fair::Held, AdmitError> {
+        loop {
+            // Registered before the check, so that no give-back between the two is missed.
+            let released = self.fair.released();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let now = Instant::now();
+            let over = match self.fair.take(holder, count, self.usage().events, now) {
+                Ok(held) => return Ok(held),
+                Err(over) => over,
+            };
+            if now >= deadline || tokio::time::timeout_at(deadline, released).await.is_err() {
+                let retry_after = self.advise(now, count, over.held + count - over.share);
+                if !over.contended {
+                    // Alone, it is only kept out of the headroom: to it, the buffer is full.
+                    return Err(AdmitError::Full { retry_after });
+                }
+                return Err(AdmitError::OverShare {
+                    retry_after,
+                    held: over.held,
+                    share: over.share,
+                });
+            }
+        }
     }
 
     /// Waits until every envelope admitted before this call has been written (or abandoned),
@@ -197,27 +257,48 @@ impl Buffer {
         }
     }
 
-    /// Called by writers after a commit, to estimate how fast the buffer drains.
-    pub fn record_drained(&self, events: usize) {
+    /// Called by writers after a commit of `events` that took `elapsed`, to estimate how fast
+    /// the buffer can drain.
+    pub fn record_drained(&self, events: usize, elapsed: Duration) {
         if let Ok(mut drain) = self.drain.lock() {
-            drain.record(events, Instant::now());
+            drain.record(events, elapsed, Instant::now());
         }
     }
 
-    /// How long a refused client should wait: the time to drain what is queued ahead of it plus
-    /// its own request at the drain rate of the last second, between 100 ms and 10 s. With no
-    /// commit in the last second the rate is unknown (writers just woke up, or the database is
-    /// down) and the advice is 1 s.
+    /// How long a refused request of `request_events` should wait: until the buffer has
+    /// drained enough for it, at the drain rate of the last second, and the requests refused
+    /// before it had their turn ([`retry::RetryLine`]), between 20 ms and 10 s. With no commit
+    /// in the last second the rate is unknown (writers just woke up, or the database is down)
+    /// and the advice is spread over 1 to 2 s.
     pub fn retry_after(&self, request_events: usize) -> Duration {
-        let backlog = (self.usage().events + request_events) as f64;
+        let usage = self.usage();
+        let to_drain = (usage.events + request_events).saturating_sub(usage.max_events);
+        self.advise(Instant::now(), request_events, to_drain)
+    }
+
+    /// The advice for a request of `events` that fits once `to_drain` events are written.
+    fn advise(&self, now: Instant, events: usize, to_drain: usize) -> Duration {
         let rate = self
             .drain
             .lock()
-            .map_or(0.0, |mut drain| drain.events_per_second(Instant::now()));
-        if rate <= 0.0 {
-            return UNKNOWN_RATE_RETRY;
-        }
-        Duration::from_secs_f64((backlog / rate).clamp(0.1, 10.0))
+            .map_or(0.0, |mut drain| drain.events_per_second(now));
+        let room_in = if rate > 0.0 {
+            Duration::from_secs_f64((to_drain as f64 / rate).min(retry::MAX_RETRY.as_secs_f64()))
+        } else {
+            Duration::ZERO
+        };
+        self.line.advise(now, events, room_in, rate)
+    }
+
+    /// How many more events and bytes `holder` may send right now: the buffer's free room,
+    /// and under pressure what is left of its share. The credit of `IngestStream` acks.
+    pub fn credit(&self, holder: &Holder) -> (usize, usize) {
+        let usage = self.usage();
+        let events = usage
+            .max_events
+            .saturating_sub(usage.events)
+            .min(self.fair.room(holder, usage.events, Instant::now()));
+        (events, usage.max_bytes.saturating_sub(usage.bytes))
     }
 }
 
@@ -312,14 +393,22 @@ async fn acquire(
         .ok()
 }
 
-/// Commits of the last second, to estimate the drain rate.
+/// Commits of the last second, to estimate the drain rate: what drained in the last second,
+/// or the most that drained in a second lately ([`PEAK_MEMORY`]), whichever is more. Refused
+/// callers come back when told: were the advice to follow the last second alone, a buffer
+/// that callers left idle would seem to drain little, make the advice longer, and the buffer
+/// idler still.
 struct DrainRate {
-    samples: VecDeque<(Instant, usize)>,
+    /// When each commit ended, its events, and how long it took.
+    samples: VecDeque<(Instant, usize, Duration)>,
+    /// The highest rate seen lately, and when.
+    peak: Option<(f64, Instant)>,
 }
 
+/// How long the highest drain rate seen is remembered.
+const PEAK_MEMORY: Duration = Duration::from_secs(10);
+
 const DRAIN_WINDOW: Duration = Duration::from_secs(1);
-/// Retry advice when nothing committed in the last `DRAIN_WINDOW`.
-const UNKNOWN_RATE_RETRY: Duration = Duration::from_secs(1);
 /// Bounds the samples kept (one per committed batch).
 const MAX_DRAIN_SAMPLES: usize = 1024;
 
@@ -327,14 +416,15 @@ impl DrainRate {
     fn new() -> Self {
         Self {
             samples: VecDeque::new(),
+            peak: None,
         }
     }
 
-    fn record(&mut self, events: usize, now: Instant) {
+    fn record(&mut self, events: usize, elapsed: Duration, now: Instant) {
         if self.samples.len() == MAX_DRAIN_SAMPLES {
             self.samples.pop_front();
         }
-        self.samples.push_back((now, events));
+        self.samples.push_back((now, events, elapsed));
     }
 
     /// Events per second over the last second; zero when nothing drained in that time.
@@ -342,16 +432,24 @@ impl DrainRate {
         while self
             .samples
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > DRAIN_WINDOW)
+            .is_some_and(|(at, _, _)| now.duration_since(*at) > DRAIN_WINDOW)
         {
             self.samples.pop_front();
         }
-        let Some((oldest, _)) = self.samples.front() else {
+        let Some((oldest, _, _)) = self.samples.front() else {
             return 0.0;
         };
         let span = now.duration_since(*oldest).max(Duration::from_millis(50));
-        let drained: usize = self.samples.iter().map(|(_, events)| events).sum();
-        drained as f64 / span.as_secs_f64()
+        let drained: usize = self.samples.iter().map(|(_, events, _)| events).sum();
+        let rate = drained as f64 / span.as_secs_f64();
+        let peak = match self.peak {
+            Some((peak, at)) if peak >= rate && now.duration_since(at) < PEAK_MEMORY => peak,
+            _ => {
+                self.peak = Some((rate, now));
+                rate
+            }
+        };
+        rate.max(peak)
     }
 }
 
@@ -365,6 +463,10 @@ mod tests {
             .collect()
     }
 
+    fn holder() -> Holder {
+        Holder::new("tests", 1)
+    }
+
     fn config(max_events: usize) -> BufferConfig {
         BufferConfig {
             max_events,
@@ -376,16 +478,21 @@ mod tests {
     #[tokio::test]
     async fn admission_is_refused_once_event_slots_are_taken_and_resumes_after_release() {
         let (buffer, receiver) = Buffer::new(&config(10));
-        let _first = buffer.admit(events(6)).await.expect("fits");
-        let refused = buffer.admit(events(5)).await.expect_err("full");
+        let _first = buffer.admit(events(6), &holder()).await.expect("fits");
+        // Another principal, within its share: refused for want of room alone.
+        let other = Holder::new("other", 1);
+        let refused = buffer.admit(events(5), &other).await.expect_err("full");
         assert!(
-            matches!(refused, AdmitError::Full { retry_after } if retry_after >= Duration::from_millis(100))
+            matches!(refused, AdmitError::Full { retry_after } if retry_after >= retry::MIN_RETRY)
         );
         assert_eq!(buffer.usage().events, 6);
         let envelope = receiver.lock().await.recv().await.expect("queued");
         drop(envelope);
         assert_eq!(buffer.usage().events, 0);
-        buffer.admit(events(5)).await.expect("fits again");
+        buffer
+            .admit(events(5), &holder())
+            .await
+            .expect("fits again");
     }
 
     #[tokio::test]
@@ -395,41 +502,68 @@ mod tests {
             max_bytes: 1000,
             admit_wait: Duration::ZERO,
         });
-        buffer.admit(events(5)).await.expect("5 small events fit");
+        buffer
+            .admit(events(5), &holder())
+            .await
+            .expect("5 small events fit");
         assert!(matches!(
-            buffer.admit(events(5)).await,
+            buffer.admit(events(5), &holder()).await,
             Err(AdmitError::Full { .. })
         ));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn retry_delay_follows_the_recent_drain_rate() {
+    async fn refused_requests_are_told_successive_turns_of_the_recent_drain() {
         let (buffer, _receiver) = Buffer::new(&config(100_000));
-        assert_eq!(
-            buffer.retry_after(1_000),
-            UNKNOWN_RATE_RETRY,
-            "no recent commit: rate unknown"
+        let unknown = buffer.retry_after(1_000);
+        assert!(
+            unknown >= retry::UNKNOWN_RATE_RETRY && unknown < retry::UNKNOWN_RATE_RETRY * 2,
+            "no recent commit: the rate is unknown, {unknown:?}"
         );
         // 2,000 events drained over the last second: 2,000 events/s.
-        buffer.record_drained(1_000);
+        buffer.record_drained(1_000, Duration::from_millis(500));
         tokio::time::advance(Duration::from_millis(500)).await;
-        buffer.record_drained(1_000);
+        buffer.record_drained(1_000, Duration::from_millis(500));
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert_eq!(buffer.retry_after(4_000), Duration::from_secs(2));
-        assert_eq!(buffer.retry_after(1_000), Duration::from_millis(500));
-        // Faster draining: shorter advice for the same backlog.
-        buffer.record_drained(8_000);
-        let delay = buffer.retry_after(4_000);
-        assert!(
-            delay.abs_diff(Duration::from_millis(400)) < Duration::from_micros(1),
-            "{delay:?}"
-        );
-        // Bounded on both sides.
-        assert_eq!(buffer.retry_after(1), Duration::from_millis(100));
-        assert_eq!(buffer.retry_after(200_000), Duration::from_secs(10));
+        // Requests of 1,000 refused one after the other: half a second of drain each.
+        for position in 0..4u64 {
+            let delay = buffer.retry_after(1_000);
+            let turn = Duration::from_millis(500 * position).max(retry::MIN_RETRY);
+            assert!(
+                delay >= turn && delay <= turn + Duration::from_millis(125),
+                "request {position}: {delay:?}, its turn at {turn:?}"
+            );
+        }
+        // Bounded: a request far beyond the drain is told the longest wait at most.
+        assert!(buffer.retry_after(200_000) <= retry::MAX_RETRY);
         // A second without commits: the rate is unknown again.
         tokio::time::advance(Duration::from_millis(1_001)).await;
-        assert_eq!(buffer.retry_after(1_000), UNKNOWN_RATE_RETRY);
+        assert!(buffer.retry_after(1_000) >= retry::UNKNOWN_RATE_RETRY);
+    }
+
+    #[tokio::test]
+    async fn a_principal_over_its_share_under_pressure_is_refused_while_another_gets_in() {
+        let (buffer, _receiver) = Buffer::new(&config(1_000));
+        let (noisy, quiet) = (Holder::new("noisy", 1), Holder::new("quiet", 1));
+        let _quiet = buffer.admit(events(10), &quiet).await.expect("room");
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(buffer.admit(events(100), &noisy).await.expect("its share"));
+        }
+        assert!(matches!(
+            buffer.admit(events(100), &noisy).await,
+            Err(AdmitError::OverShare {
+                held: 500,
+                share: 500,
+                ..
+            })
+        ));
+        buffer
+            .admit(events(100), &quiet)
+            .await
+            .expect("the quiet one gets in");
+        assert_eq!(buffer.credit(&noisy).0, 0, "no credit left over its share");
+        assert!(buffer.credit(&quiet).0 > 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -439,7 +573,7 @@ mod tests {
             buffer.wait_for_admitted(Duration::from_millis(10)).await,
             "nothing pending"
         );
-        let _ack = buffer.admit(events(1)).await.expect("fits");
+        let _ack = buffer.admit(events(1), &holder()).await.expect("fits");
         assert!(
             !buffer.wait_for_admitted(Duration::from_millis(50)).await,
             "still queued"
@@ -461,7 +595,7 @@ mod tests {
     async fn a_request_larger_than_the_buffer_is_too_large_not_full() {
         let (buffer, _receiver) = Buffer::new(&config(3));
         assert!(matches!(
-            buffer.admit(events(4)).await,
+            buffer.admit(events(4), &holder()).await,
             Err(AdmitError::TooLarge { events: 4, .. })
         ));
     }
@@ -472,15 +606,16 @@ mod tests {
             admit_wait: Duration::from_secs(5),
             ..config(2)
         });
-        let _held = buffer.admit(events(2)).await.expect("fits");
+        let _held = buffer.admit(events(2), &holder()).await.expect("fits");
         let writer_side = receiver.clone();
         let releaser = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(writer_side.lock().await.recv().await);
         });
         let started = tokio::time::Instant::now();
+        // Others than the holder of the room, each within its share: they wait for room.
         let _second = buffer
-            .admit(events(2))
+            .admit(events(2), &Holder::new("second", 1))
             .await
             .expect("admitted once room frees");
         assert_eq!(started.elapsed(), Duration::from_millis(50));
@@ -488,7 +623,7 @@ mod tests {
         // Nothing frees room now: the wait ends at admit_wait, refused.
         let started = tokio::time::Instant::now();
         assert!(matches!(
-            buffer.admit(events(1)).await,
+            buffer.admit(events(1), &Holder::new("third", 1)).await,
             Err(AdmitError::Full { .. })
         ));
         assert_eq!(started.elapsed(), Duration::from_secs(5));
@@ -497,10 +632,13 @@ mod tests {
     #[tokio::test]
     async fn closed_buffer_refuses_and_writers_see_the_end_after_draining() {
         let (buffer, receiver) = Buffer::new(&config(10));
-        let _ack = buffer.admit(events(1)).await.expect("fits");
+        let _ack = buffer.admit(events(1), &holder()).await.expect("fits");
         buffer.close();
         assert_eq!(
-            buffer.admit(events(1)).await.expect_err("closed"),
+            buffer
+                .admit(events(1), &holder())
+                .await
+                .expect_err("closed"),
             AdmitError::Closed
         );
         let mut receiver = receiver.lock().await;

@@ -273,6 +273,9 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
     // counts them as in flight meanwhile.
     let (resend, mut due) = mpsc::unbounded_channel::<Batch>();
     let mut waiting = 0usize;
+    // The server's credit (`IngestAck.credit_events`): unacknowledged events stay within it,
+    // so that the sender slows down before it is refused. None from a server that gives none.
+    let mut credit: Option<u64> = None;
     'streams: loop {
         let (requests, receiver) = mpsc::channel::<IngestRequest>(args.window.max(1) * 2);
         let mut acks = match client
@@ -295,7 +298,10 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
             send(&requests, &mut pending, &mut next_sequence, batch).await;
         }
         loop {
-            while !input_done && pending.len() + waiting < args.window.max(1) {
+            while !input_done
+                && pending.len() + waiting < args.window.max(1)
+                && within_credit(credit, &pending, args.batch)
+            {
                 let mut report_invalid = |number: u64, line: &str, reason: String| {
                     invalid_records.push(
                         json!({"line": number, "text": line, "field": "line", "reason": reason}),
@@ -387,6 +393,9 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
                 waiting += 1;
                 continue;
             }
+            if ack.credit_events.is_some() {
+                credit = ack.credit_events;
+            }
             summary.accepted += ack.accepted;
             summary.rejected += ack.rejected;
             bar.inc(ack.accepted + ack.rejected);
@@ -429,6 +438,16 @@ pub async fn run(args: SendArgs) -> Result<Summary, SendError> {
         summary.events_per_second
     );
     Ok(summary)
+}
+
+/// Whether another request of `batch` events keeps the unacknowledged ones within `credit`.
+/// One request is always allowed in flight, or a credit below a batch would stall the sender.
+fn within_credit(credit: Option<u64>, pending: &HashMap<u64, Batch>, batch: usize) -> bool {
+    let Some(credit) = credit else {
+        return true;
+    };
+    let in_flight: usize = pending.values().map(|batch| batch.events.len()).sum();
+    in_flight == 0 || (in_flight + batch) as u64 <= credit
 }
 
 async fn send(

@@ -72,6 +72,9 @@ pub struct AuthConfig {
     pub default_burst_events: u32,
     #[default(1024 * 1024)]
     pub default_bytes_per_second: u32,
+    /// ...and its weight in the buffer's fair share (each unknown principal its own).
+    #[default(1)]
+    pub default_weight: u32,
     pub jwt: JwtConfig,
     /// How long audit rows are kept.
     #[default(Duration::from_secs(365 * 86_400))]
@@ -83,6 +86,16 @@ impl AuthConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.audit_retention < Duration::from_secs(86_400) {
             return Err(invalid("auth.audit_retention", "must be at least 1day"));
+        }
+        if self.default_weight == 0 {
+            return Err(invalid("auth.default_weight", "must be at least 1"));
+        }
+        if self
+            .principals
+            .iter()
+            .any(|principal| principal.weight == 0)
+        {
+            return Err(invalid("auth.principals.weight", "must be at least 1"));
         }
         Ok(())
     }
@@ -132,6 +145,14 @@ pub struct PrincipalConfig {
     /// counts them); 0: no limit. The burst is one second's worth.
     #[serde(default)]
     pub bytes_per_second: u32,
+    /// Its weight in the buffer's fair share: under pressure, each active principal may hold
+    /// the buffer's capacity times its weight over the active principals' weights.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn all_services() -> Vec<String> {

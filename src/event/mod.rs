@@ -157,6 +157,29 @@ impl RejectReason {
         }
     }
 
+    /// Every `reason` label of `sluice_events_rejected_total`: [`Self::as_str`] of each
+    /// variant, and `undeliverable` (a broker entry no writer could decode).
+    pub const LABELS: [&'static str; 18] = [
+        "invalid_id",
+        "invalid_service",
+        "missing_message",
+        "message_too_large",
+        "missing_timestamp",
+        "invalid_timestamp",
+        "timestamp_too_old",
+        "timestamp_in_future",
+        "metadata_too_deep",
+        "invalid_metadata",
+        "metadata_too_large",
+        "user_id_too_large",
+        "field_too_long",
+        "privacy",
+        "user_opted_out",
+        "service_forbidden",
+        "database_refused",
+        "undeliverable",
+    ];
+
     /// The `reason` label of `sluice_events_rejected_total`.
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -187,4 +210,55 @@ pub struct EventRejection {
     pub index: u64,
     pub event_id: String,
     pub reason: RejectReason,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rejection_reason_label_is_listed_for_the_series_at_zero() {
+        let now = Utc::now();
+        let every = [
+            RejectReason::InvalidId,
+            RejectReason::NilId,
+            RejectReason::MissingService,
+            RejectReason::InvalidService,
+            RejectReason::MissingMessage,
+            RejectReason::MessageTooLarge { bytes: 0, limit: 0 },
+            RejectReason::MissingTimestamp,
+            RejectReason::InvalidTimestamp,
+            RejectReason::TimestampTooOld {
+                at: now,
+                oldest: now,
+                rule: String::new(),
+            },
+            RejectReason::TimestampInFuture {
+                at: now,
+                newest: now,
+            },
+            RejectReason::MetadataTooDeep { max: 0 },
+            RejectReason::InvalidMetadata,
+            RejectReason::MetadataTooLarge { bytes: 0, limit: 0 },
+            RejectReason::UserIdTooLarge { bytes: 0, limit: 0 },
+            RejectReason::FieldTooLong {
+                field: "message",
+                bytes: 0,
+            },
+            RejectReason::OptedOut,
+            RejectReason::Privacy(String::new()),
+            RejectReason::ServiceForbidden {
+                principal: String::new(),
+                service: String::new(),
+            },
+            RejectReason::DatabaseRefused(String::new()),
+        ];
+        for reason in &every {
+            assert!(
+                RejectReason::LABELS.contains(&reason.as_str()),
+                "{} is not in RejectReason::LABELS",
+                reason.as_str()
+            );
+        }
+    }
 }

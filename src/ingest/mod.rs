@@ -41,6 +41,15 @@ pub enum IngestError {
         retry_after: Duration,
         progress: Progress,
     },
+    #[error(
+        "the buffer is under pressure and this principal holds its fair share ({held} of {share} events); retry after {retry_after:?}"
+    )]
+    OverShare {
+        retry_after: Duration,
+        held: usize,
+        share: usize,
+        progress: Progress,
+    },
     #[error("server is shutting down, retry on another node or later")]
     ShuttingDown { progress: Progress },
     #[error("events were admitted but not committed before the server stopped; resend them")]
@@ -89,6 +98,11 @@ impl From<IngestError> for Status {
                 retry_after,
                 progress,
             ),
+            IngestError::OverShare {
+                retry_after,
+                progress,
+                ..
+            } => refused(Code::ResourceExhausted, "OVER_SHARE", retry_after, progress),
             IngestError::ShuttingDown { progress } => {
                 refused(Code::Unavailable, "SHUTTING_DOWN", RETRY_SOON, progress)
             }

@@ -14,7 +14,7 @@ use tracing::Instrument;
 use super::{IngestError, Progress, validate::Validator};
 use crate::{
     broker::BacklogGate,
-    buffer::{AckReceiver, AdmitError, Buffer, Durable},
+    buffer::{AckReceiver, AdmitError, Buffer, Durable, Holder},
     config::Config,
     event::{EventRejection, RejectReason, TraceId, ValidEvent},
     lifecycle::RetentionPolicy,
@@ -118,6 +118,7 @@ impl IngestHandler {
         let mut validated = Validated {
             events: Vec::with_capacity(request.events.len()),
             rejections: Vec::new(),
+            holder: caller.holder(),
         };
         for (offset, event) in request.events.into_iter().enumerate() {
             let checked = validator
@@ -166,8 +167,13 @@ impl IngestHandler {
         Ok(validated)
     }
 
-    /// Admits valid events to the buffer. None when there was nothing valid to admit.
-    async fn admit(&self, events: Vec<ValidEvent>) -> Result<Option<AckReceiver>, AdmitError> {
+    /// Admits valid events to the buffer, as `holder`'s. None when there was nothing valid to
+    /// admit.
+    async fn admit(
+        &self,
+        events: Vec<ValidEvent>,
+        holder: &Holder,
+    ) -> Result<Option<AckReceiver>, AdmitError> {
         if events.is_empty() {
             return Ok(None);
         }
@@ -178,11 +184,12 @@ impl IngestHandler {
                 retry_after: BACKLOG_RETRY_AFTER,
             });
         }
-        match self.buffer.admit(events).await {
+        match self.buffer.admit(events, holder).await {
             Ok(ack) => Ok(Some(ack)),
             Err(refusal) => {
                 let reason = match refusal {
                     AdmitError::Full { .. } => Refusal::BufferFull,
+                    AdmitError::OverShare { .. } => Refusal::OverShare,
                     AdmitError::Closed => Refusal::ShuttingDown,
                     AdmitError::TooLarge { .. } => Refusal::TooLarge,
                 };
@@ -210,6 +217,8 @@ fn event_bytes(event: &crate::proto::Event) -> usize {
 struct Validated {
     events: Vec<ValidEvent>,
     rejections: Vec<EventRejection>,
+    /// Whose room in the buffer the events take.
+    holder: Holder,
 }
 
 /// Running totals of one call.
@@ -296,6 +305,16 @@ fn refusal_error(refusal: AdmitError, progress: Progress) -> IngestError {
             retry_after,
             progress,
         },
+        AdmitError::OverShare {
+            retry_after,
+            held,
+            share,
+        } => IngestError::OverShare {
+            retry_after,
+            held,
+            share,
+            progress,
+        },
         AdmitError::Closed => IngestError::ShuttingDown { progress },
         AdmitError::TooLarge {
             events,
@@ -365,7 +384,7 @@ impl IngestHandler {
                             return Err(tally.progress().trail(error.into()));
                         }
                     };
-                    match self.admit(validated.events).await {
+                    match self.admit(validated.events, &validated.holder).await {
                         Ok(ack) => {
                             pending.extend(ack);
                             tally.reject(validated.rejections);
@@ -393,7 +412,7 @@ impl IngestHandler {
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let validated = self.validate(&call, request.into_inner(), 0, trace_id)?;
         let ack = self
-            .admit(validated.events)
+            .admit(validated.events, &validated.holder)
             .await
             .map_err(|refusal| refusal_error(refusal, Progress::default()))?;
         tally.reject(validated.rejections);
@@ -486,7 +505,10 @@ impl IngestHandler {
                     }
                 },
             };
-            let Some(ack) = ack else { continue };
+            let Some(mut ack) = ack else { continue };
+            if let Ok(ack) = &mut ack {
+                self.grant_credit(&call, ack);
+            }
             if acks.send(ack).await.is_err() {
                 return;
             }
@@ -495,6 +517,17 @@ impl IngestHandler {
             // The client may be gone already, which is fine.
             let _ = acks.send(Err(error)).await;
         }
+    }
+
+    /// The credit an ack carries: how many more events (and bytes) the sender may send now
+    /// without being refused for room. Nothing with a refusal: its `retry_after` says when.
+    fn grant_credit(&self, call: &Call, ack: &mut IngestAck) {
+        if ack.code != 0 {
+            return;
+        }
+        let (events, bytes) = self.buffer.credit(&call.caller.holder());
+        ack.credit_events = Some(events as u64);
+        ack.credit_bytes = Some(bytes as u64);
     }
 
     /// Handles one request of IngestStream: an immediate ack (refusal, or nothing to store) or
@@ -514,7 +547,7 @@ impl IngestHandler {
             Err(error) => return Some(Ok(refused_ack(sequence, error))),
         };
         tally.reject(validated.rejections);
-        match self.admit(validated.events).await {
+        match self.admit(validated.events, &validated.holder).await {
             Ok(None) => Some(Ok(tally.into_ack(sequence))),
             Ok(Some(receiver)) => {
                 pending.push(Box::pin(async move {

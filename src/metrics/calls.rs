@@ -32,7 +32,8 @@ pub fn auth_refused(reason: &'static str) {
 }
 
 /// A request refused by a principal's rate limit (`limit`: `events_per_second` or
-/// `bytes_per_second`). Only configured principals have limits, so the label set is bounded.
+/// `bytes_per_second`). `principal` is a configured principal's name, or `(default)` for any
+/// principal of the default grant, so the label set is bounded.
 pub fn rate_limited(principal: &str, limit: &'static str) {
     auth_refused("RATE_LIMITED");
     counter!("sluice_rate_limited_total", "principal" => principal.to_owned(), "limit" => limit)

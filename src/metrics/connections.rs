@@ -19,6 +19,14 @@ pub enum ConnectionFailure {
 }
 
 impl ConnectionFailure {
+    pub const ALL: [ConnectionFailure; 5] = [
+        ConnectionFailure::Limit,
+        ConnectionFailure::Timeout,
+        ConnectionFailure::Tls,
+        ConnectionFailure::Closed,
+        ConnectionFailure::BadPreface,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Limit => "limit",

@@ -18,6 +18,8 @@ use super::histogram::EVENT_COMMIT_SECONDS;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     BufferFull,
+    /// The buffer is under pressure and the principal holds its fair share.
+    OverShare,
     /// The Redis streams hold `redis.max_pending_events` (or bytes) not yet written.
     BacklogFull,
     ShuttingDown,
@@ -27,9 +29,19 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::BufferFull,
+        Refusal::OverShare,
+        Refusal::BacklogFull,
+        Refusal::ShuttingDown,
+        Refusal::TooLarge,
+        Refusal::RateLimited,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BufferFull => "buffer_full",
+            Self::OverShare => "over_share",
             Self::BacklogFull => "backlog_full",
             Self::ShuttingDown => "shutting_down",
             Self::TooLarge => "too_large",

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `sluice_events_received_total` | counter | |
 //! | `sluice_events_rejected_total` | counter | `reason` (a validation reason, `field_too_long` or `database_refused`) |
-//! | `sluice_events_refused_total` | counter | `reason` ([`Refusal`]: `buffer_full`, `shutting_down`, `too_large`) |
+//! | `sluice_events_refused_total` | counter | `reason` ([`Refusal`]: `buffer_full`, `over_share`, `backlog_full`, `shutting_down`, `too_large`, `rate_limited`) |
 //! | `sluice_events_stored_total` | counter | |
 //! | `sluice_events_duplicate_total` | counter | |
 //! | `sluice_events_duplicate_conflicting_total` | counter | |
@@ -52,7 +52,8 @@
 //! One file per concern: [`calls`] (RPCs, request sizes, auth refusals), [`writer`] (buffer,
 //! writers, circuit, spool, broker), [`connections`] (the listener), [`upkeep`] (health,
 //! failovers, backups, lifecycle), [`counters`] (the totals Stats reads), and [`histogram`]
-//! (the fixed-bucket per-event histograms).
+//! (the fixed-bucket per-event histograms); [`zero`] touches every series with a known label
+//! set at start, so that each exists at 0 before it first counts.
 
 mod calls;
 mod connections;
@@ -60,6 +61,7 @@ mod counters;
 mod histogram;
 mod upkeep;
 mod writer;
+pub mod zero;
 
 use std::{net::SocketAddr, time::Duration};
 

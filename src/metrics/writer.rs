@@ -24,6 +24,16 @@ pub enum WriteFailure {
 }
 
 impl WriteFailure {
+    pub const ALL: [WriteFailure; 7] = [
+        WriteFailure::Duplicate,
+        WriteFailure::MissingPartition,
+        WriteFailure::BadData,
+        WriteFailure::Transient,
+        WriteFailure::Spool,
+        WriteFailure::DeadLetterRefused,
+        WriteFailure::Redis,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Duplicate => "duplicate",

@@ -19,5 +19,4 @@ mod generated {
 pub use generated::*;
 
 /// The encoded `FileDescriptorSet` of every sluice proto, served by gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!("generated/sluice_descriptor.bin");
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/sluice_descriptor.bin");

@@ -82,6 +82,21 @@ pub enum ServerError {
     Reapply(#[from] crate::erasure::ErasureError),
 }
 
+/// Every series with a known label set, at 0 before it first counts.
+fn register_series(config: &Config, auth: &Authorizer) {
+    let rpcs = crate::rpc::Rpc::ALL.map(crate::rpc::Rpc::name);
+    let breaker_causes = crate::writer::breaker::OpenCause::ALL.map(|cause| cause.as_str());
+    metrics::zero::register(&metrics::zero::Known {
+        rejection_reasons: &crate::event::RejectReason::LABELS,
+        auth_refusals: &crate::auth::AuthError::REASONS,
+        rpcs: &rpcs,
+        limited_principals: &auth.limited_principals(),
+        breaker_causes: &breaker_causes,
+        redis: config.redis.url.is_some(),
+        backups: config.backup.url.is_some() && config.database.url.is_none(),
+    });
+}
+
 /// Runs the server until SIGTERM or SIGINT, then shuts down gracefully. With a `reloader`,
 /// SIGHUP reloads the `auth` section (principals, scopes, limits, JWKS) and the `privacy`
 /// section and key file (checked against the stored fingerprints) without a restart.
@@ -92,6 +107,7 @@ pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), Serve
     serve::serve_metrics(&config).await?;
     let tls_config = serve::prepare_tls(&config)?;
     let auth = Arc::new(Authorizer::new(&config.auth)?);
+    register_series(&config, &auth);
     let storage = storage::Storage::open(&config).await?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&health_reporter, ServingStatus::NotServing).await;

@@ -45,6 +45,13 @@ pub enum OpenCause {
 }
 
 impl OpenCause {
+    pub const ALL: [OpenCause; 4] = [
+        OpenCause::Failures,
+        OpenCause::SlowWrites,
+        OpenCause::ErrorRate,
+        OpenCause::ProbeFailed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Failures => "failures",

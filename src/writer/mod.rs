@@ -220,7 +220,9 @@ impl Writer {
                 .collect();
             self.context.tail.publish(stored);
         }
-        self.context.buffer.record_drained(events.len());
+        self.context
+            .buffer
+            .record_drained(events.len(), started.elapsed());
         drop(events);
         acknowledge(batch, outcomes, &self.context.counters);
     }

@@ -100,6 +100,17 @@ pub struct IngestAck {
     /// How long to wait before resending a refused request.
     #[prost(message, optional, tag = "7")]
     pub retry_after: ::core::option::Option<::prost_types::Duration>,
+    /// Credit: how many more events the sender may have in flight right now without being
+    /// refused for room, counting from this ack. It is the buffer's free room and, while the
+    /// buffer is under pressure, what is left of the sender's fair share. A sender that keeps
+    /// its unacknowledged events within it slows down before it is refused; rate limits still
+    /// apply. Zero on a refused request (see `retry_after`). Senders that ignore it are served
+    /// as before.
+    #[prost(uint64, optional, tag = "8")]
+    pub credit_events: ::core::option::Option<u64>,
+    /// Credit in bytes: the buffer's free room, as it weighs events.
+    #[prost(uint64, optional, tag = "9")]
+    pub credit_bytes: ::core::option::Option<u64>,
 }
 /// Generated client implementations.
 pub mod ingest_service_client {

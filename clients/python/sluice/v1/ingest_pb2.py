@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from sluice.v1 import event_pb2 as sluice_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15sluice/v1/event.proto\"C\n\rIngestRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Event\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"K\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"^\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12(\n\nrejections\x18\x03 \x03(\x0b\x32\x14.sluice.v1.Rejection\"\xba\x01\n\tIngestAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12(\n\nrejections\x18\x04 \x03(\x0b\x32\x14.sluice.v1.Rejection\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x12.\n\x0bretry_after\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration2\xd4\x01\n\rIngestService\x12?\n\x06Ingest\x12\x18.sluice.v1.IngestRequest\x1a\x19.sluice.v1.IngestResponse(\x01\x12>\n\x07Publish\x12\x18.sluice.v1.IngestRequest\x1a\x19.sluice.v1.IngestResponse\x12\x42\n\x0cIngestStream\x12\x18.sluice.v1.IngestRequest\x1a\x14.sluice.v1.IngestAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x15sluice/v1/event.proto\"C\n\rIngestRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.sluice.v1.Event\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"K\n\tRejection\x12\r\n\x05index\x18\x01 \x01(\x04\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"^\n\x0eIngestResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12(\n\nrejections\x18\x03 \x03(\x0b\x32\x14.sluice.v1.Rejection\"\x94\x02\n\tIngestAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12(\n\nrejections\x18\x04 \x03(\x0b\x32\x14.sluice.v1.Rejection\x12\x0c\n\x04\x63ode\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\x12.\n\x0bretry_after\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\rcredit_events\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x19\n\x0c\x63redit_bytes\x18\t \x01(\x04H\x01\x88\x01\x01\x42\x10\n\x0e_credit_eventsB\x0f\n\r_credit_bytes2\xd4\x01\n\rIngestService\x12?\n\x06Ingest\x12\x18.sluice.v1.IngestRequest\x1a\x19.sluice.v1.IngestResponse(\x01\x12>\n\x07Publish\x12\x18.sluice.v1.IngestRequest\x1a\x19.sluice.v1.IngestResponse\x12\x42\n\x0cIngestStream\x12\x18.sluice.v1.IngestRequest\x1a\x14.sluice.v1.IngestAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,7 +40,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTRESPONSE']._serialized_start=238
   _globals['_INGESTRESPONSE']._serialized_end=332
   _globals['_INGESTACK']._serialized_start=335
-  _globals['_INGESTACK']._serialized_end=521
-  _globals['_INGESTSERVICE']._serialized_start=524
-  _globals['_INGESTSERVICE']._serialized_end=736
+  _globals['_INGESTACK']._serialized_end=611
+  _globals['_INGESTSERVICE']._serialized_start=614
+  _globals['_INGESTSERVICE']._serialized_end=826
 # @@protoc_insertion_point(module_scope)
