@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Overload as stock clients meet it (issue 27), on a throwaway PostgreSQL with a small buffer
-# (2,000 events, admit_wait 0): herds of concurrent Publish calls of 200 events from stock
+# (2,000 events; admit_wait 200 ms, the default, or BENCH_ADMIT_WAIT): herds of concurrent Publish calls of 200 events from stock
 # grpc-js and grpcio stubs with a plain service-config retry policy (5 attempts,
 # RESOURCE_EXHAUSTED retryable), at 1x, 4x and 16x of 60 calls; then one principal flooding
 # from 16 streams while another sends 100 events every 100 ms. Reports calls that got
@@ -18,7 +18,7 @@ command -v node >/dev/null || { echo "needs node (scripts/test installs it)" >&2
 binary=${BENCH_BINARY:-target/dist/sluice}
 start_bench_environment
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr), $(postgres --version)"
-SLUICE_BUFFER__MAX_EVENTS=2000 SLUICE_BUFFER__ADMIT_WAIT=0s start_release_server "$PG_URL"
+SLUICE_BUFFER__MAX_EVENTS=2000 SLUICE_BUFFER__ADMIT_WAIT=${BENCH_ADMIT_WAIT:-200ms} start_release_server "$PG_URL"
 metrics=$(grep -o 'metrics endpoint listening.*' "$SLUICE_WORK/server.log" | grep -o '127\.0\.0\.1:[0-9]*' | head -1)
 refused_attempts() {
   # Refused requests: events refused for room, 200 per request.

@@ -19,12 +19,10 @@ use futures::StreamExt;
 use sluice::proto::{IngestRequest, ingest_service_client::IngestServiceClient};
 use tonic::Code;
 
-/// A server whose buffer holds ten 200-event requests and that refuses at once when full.
+/// A server whose buffer holds ten 200-event requests; the other settings are the defaults.
 async fn small_buffer_server(database: &TestDatabase) -> TestServer {
     TestServer::start(
-        ServerSpec::with_database(&database.url)
-            .env("SLUICE_BUFFER__MAX_EVENTS", "2000")
-            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s"),
+        ServerSpec::with_database(&database.url).env("SLUICE_BUFFER__MAX_EVENTS", "2000"),
     )
     .await
 }
@@ -123,13 +121,33 @@ async fn a_quiet_principal_is_never_refused_while_another_floods() {
             }
         }));
     }
-    // The flood is on before the quiet one first sends.
+    // The flood fills the buffer before the quiet one first sends: the writers are held by a
+    // lock until the noisy principal is refused, whatever the machine's speed.
+    let stalled = database.stall_writers().await;
     while noisy_refused.load(Ordering::Relaxed) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut quiet = IngestServiceClient::new(channel_as(&server, "quiet").await);
     let mut quiet_refusals = Vec::new();
-    for _ in 0..40 {
+    // Its first request is admitted into a full buffer (and waits for its commit); the
+    // noisy one, contended now, is refused for its share.
+    let first = {
+        let mut quiet = quiet.clone();
+        tokio::spawn(async move { quiet.publish(request(batch("quiet", 100))).await })
+    };
+    while common::metric_sum(
+        &server.metrics().await,
+        "sluice_events_refused_total",
+        "reason=\"over_share\"",
+    ) == 0.0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    TestDatabase::resume_writers(stalled).await;
+    if let Err(status) = first.await.expect("first quiet request") {
+        quiet_refusals.push(status.message().to_owned());
+    }
+    for _ in 1..40 {
         if let Err(status) = quiet.publish(request(batch("quiet", 100))).await {
             quiet_refusals.push(status.message().to_owned());
         }

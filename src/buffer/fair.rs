@@ -100,7 +100,11 @@ impl FairShare {
         let held = holdings
             .get(&holder.principal)
             .map_or(0, |holding| holding.held);
-        let under_pressure = (used + events) as f64 > self.capacity as f64 * PRESSURE;
+        // Room taken here is taken before its buffer slots (and given back after them), so
+        // the holdings count requests still on their way into the buffer too: many arriving
+        // at once cannot all pass as if the buffer were empty.
+        let taken: usize = holdings.values().map(|holding| holding.held).sum();
+        let under_pressure = (used.max(taken) + events) as f64 > self.capacity as f64 * PRESSURE;
         // A principal that holds nothing may always take one request, however large: its
         // share is never smaller than what it must send at once.
         if under_pressure && held > 0 {
@@ -257,6 +261,20 @@ mod tests {
         );
         fair.take(&quiet, 100, 500, now)
             .expect("the quiet one gets in");
+    }
+
+    #[test]
+    fn requests_arriving_together_are_held_to_the_share_before_any_enters_the_buffer() {
+        let fair = FairShare::new(1_000);
+        let noisy = Holder::new("noisy", 1);
+        let now = Instant::now();
+        // Sixteen requests pass the share before any takes its buffer slots (used stays 0).
+        let admitted: Vec<_> = (0..16)
+            .filter_map(|_| fair.take(&noisy, 100, 0, now).ok())
+            .collect();
+        assert_eq!(admitted.len(), 9, "all but the headroom");
+        fair.take(&Holder::new("newcomer", 1), 100, 0, now)
+            .expect("the headroom is left for a newcomer");
     }
 
     #[test]

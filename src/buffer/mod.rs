@@ -145,11 +145,13 @@ impl Buffer {
         )
     }
 
-    /// Admits a request's valid events for `holder`, waiting at most `admit_wait` for room.
+    /// Admits a request's valid events for `holder`, waiting for room at most `admit_wait`,
+    /// doubled for each earlier attempt of the same call ([`Buffer::admit_wait`]).
     pub async fn admit(
         &self,
         events: Vec<ValidEvent>,
         holder: &Holder,
+        previous_attempts: u32,
     ) -> Result<AckReceiver, AdmitError> {
         let count = events.len();
         let bytes: usize = events.iter().map(ValidEvent::weight).sum();
@@ -164,7 +166,7 @@ impl Buffer {
         if self.is_closed() {
             return Err(AdmitError::Closed);
         }
-        let deadline = Instant::now() + self.config.admit_wait;
+        let deadline = Instant::now() + self.admit_wait(previous_attempts);
         let held = self.take_share(holder, count, deadline).await?;
         let full = || AdmitError::Full {
             retry_after: self.retry_after(count),
@@ -193,6 +195,16 @@ impl Buffer {
         let sender = guard.as_ref().ok_or(AdmitError::Closed)?;
         sender.try_send(envelope).map_err(|_| AdmitError::Closed)?;
         Ok(ack_receiver)
+    }
+
+    /// How long a request may wait for room: `admit_wait` for a first attempt, doubled for each
+    /// earlier attempt its client reports (gRFC A6's `grpc-previous-rpc-attempts`), up to
+    /// [`MAX_RETRY_PATIENCE`] times. A caller refused before, and back at its turn, finds a
+    /// drain a little slower than estimated: it waits the difference instead of spending
+    /// another of its few attempts. `admit_wait = 0` never waits, retry or not.
+    pub fn admit_wait(&self, previous_attempts: u32) -> Duration {
+        let doublings = previous_attempts.min(MAX_RETRY_PATIENCE.trailing_zeros());
+        self.config.admit_wait * (1 << doublings)
     }
 
     /// Takes `holder`'s room for `count` events in the fair share, waiting until `deadline`
@@ -282,6 +294,9 @@ impl Buffer {
             .drain
             .lock()
             .map_or(0.0, |mut drain| drain.events_per_second(now));
+        // Turns a little later than the estimate: an estimate on the high side would bring
+        // callers back to a buffer still full, and each refusal costs them an attempt.
+        let rate = rate * PACE;
         let room_in = if rate > 0.0 {
             Duration::from_secs_f64((to_drain as f64 / rate).min(retry::MAX_RETRY.as_secs_f64()))
         } else {
@@ -409,6 +424,12 @@ struct DrainRate {
 const PEAK_MEMORY: Duration = Duration::from_secs(10);
 
 const DRAIN_WINDOW: Duration = Duration::from_secs(1);
+
+/// The share of the estimated drain rate the retry advice counts on.
+const PACE: f64 = 0.75;
+
+/// The most a retry's wait for room grows: `admit_wait` times this (a power of two).
+const MAX_RETRY_PATIENCE: u32 = 8;
 /// Bounds the samples kept (one per committed batch).
 const MAX_DRAIN_SAMPLES: usize = 1024;
 
@@ -478,10 +499,10 @@ mod tests {
     #[tokio::test]
     async fn admission_is_refused_once_event_slots_are_taken_and_resumes_after_release() {
         let (buffer, receiver) = Buffer::new(&config(10));
-        let _first = buffer.admit(events(6), &holder()).await.expect("fits");
+        let _first = buffer.admit(events(6), &holder(), 0).await.expect("fits");
         // Another principal, within its share: refused for want of room alone.
         let other = Holder::new("other", 1);
-        let refused = buffer.admit(events(5), &other).await.expect_err("full");
+        let refused = buffer.admit(events(5), &other, 0).await.expect_err("full");
         assert!(
             matches!(refused, AdmitError::Full { retry_after } if retry_after >= retry::MIN_RETRY)
         );
@@ -490,7 +511,7 @@ mod tests {
         drop(envelope);
         assert_eq!(buffer.usage().events, 0);
         buffer
-            .admit(events(5), &holder())
+            .admit(events(5), &holder(), 0)
             .await
             .expect("fits again");
     }
@@ -503,11 +524,11 @@ mod tests {
             admit_wait: Duration::ZERO,
         });
         buffer
-            .admit(events(5), &holder())
+            .admit(events(5), &holder(), 0)
             .await
             .expect("5 small events fit");
         assert!(matches!(
-            buffer.admit(events(5), &holder()).await,
+            buffer.admit(events(5), &holder(), 0).await,
             Err(AdmitError::Full { .. })
         ));
     }
@@ -525,12 +546,14 @@ mod tests {
         tokio::time::advance(Duration::from_millis(500)).await;
         buffer.record_drained(1_000, Duration::from_millis(500));
         tokio::time::advance(Duration::from_millis(500)).await;
-        // Requests of 1,000 refused one after the other: half a second of drain each.
+        // Requests of 1,000 refused one after the other: each its turn of the drain, counted
+        // at PACE of the estimate (2,000 × 0.75 = 1,500 events/s: 667 ms each).
         for position in 0..4u64 {
             let delay = buffer.retry_after(1_000);
-            let turn = Duration::from_millis(500 * position).max(retry::MIN_RETRY);
+            let own_turn = Duration::from_secs_f64(1_000.0 / (2_000.0 * PACE));
+            let turn = (own_turn * position as u32).max(retry::MIN_RETRY);
             assert!(
-                delay >= turn && delay <= turn + Duration::from_millis(125),
+                delay >= turn && delay <= turn + own_turn / 4 + Duration::from_millis(1),
                 "request {position}: {delay:?}, its turn at {turn:?}"
             );
         }
@@ -545,13 +568,18 @@ mod tests {
     async fn a_principal_over_its_share_under_pressure_is_refused_while_another_gets_in() {
         let (buffer, _receiver) = Buffer::new(&config(1_000));
         let (noisy, quiet) = (Holder::new("noisy", 1), Holder::new("quiet", 1));
-        let _quiet = buffer.admit(events(10), &quiet).await.expect("room");
+        let _quiet = buffer.admit(events(10), &quiet, 0).await.expect("room");
         let mut held = Vec::new();
         for _ in 0..5 {
-            held.push(buffer.admit(events(100), &noisy).await.expect("its share"));
+            held.push(
+                buffer
+                    .admit(events(100), &noisy, 0)
+                    .await
+                    .expect("its share"),
+            );
         }
         assert!(matches!(
-            buffer.admit(events(100), &noisy).await,
+            buffer.admit(events(100), &noisy, 0).await,
             Err(AdmitError::OverShare {
                 held: 500,
                 share: 500,
@@ -559,7 +587,7 @@ mod tests {
             })
         ));
         buffer
-            .admit(events(100), &quiet)
+            .admit(events(100), &quiet, 0)
             .await
             .expect("the quiet one gets in");
         assert_eq!(buffer.credit(&noisy).0, 0, "no credit left over its share");
@@ -573,7 +601,7 @@ mod tests {
             buffer.wait_for_admitted(Duration::from_millis(10)).await,
             "nothing pending"
         );
-        let _ack = buffer.admit(events(1), &holder()).await.expect("fits");
+        let _ack = buffer.admit(events(1), &holder(), 0).await.expect("fits");
         assert!(
             !buffer.wait_for_admitted(Duration::from_millis(50)).await,
             "still queued"
@@ -595,7 +623,7 @@ mod tests {
     async fn a_request_larger_than_the_buffer_is_too_large_not_full() {
         let (buffer, _receiver) = Buffer::new(&config(3));
         assert!(matches!(
-            buffer.admit(events(4), &holder()).await,
+            buffer.admit(events(4), &holder(), 0).await,
             Err(AdmitError::TooLarge { events: 4, .. })
         ));
     }
@@ -606,7 +634,7 @@ mod tests {
             admit_wait: Duration::from_secs(5),
             ..config(2)
         });
-        let _held = buffer.admit(events(2), &holder()).await.expect("fits");
+        let _held = buffer.admit(events(2), &holder(), 0).await.expect("fits");
         let writer_side = receiver.clone();
         let releaser = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -615,7 +643,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         // Others than the holder of the room, each within its share: they wait for room.
         let _second = buffer
-            .admit(events(2), &Holder::new("second", 1))
+            .admit(events(2), &Holder::new("second", 1), 0)
             .await
             .expect("admitted once room frees");
         assert_eq!(started.elapsed(), Duration::from_millis(50));
@@ -623,20 +651,55 @@ mod tests {
         // Nothing frees room now: the wait ends at admit_wait, refused.
         let started = tokio::time::Instant::now();
         assert!(matches!(
-            buffer.admit(events(1), &Holder::new("third", 1)).await,
+            buffer.admit(events(1), &Holder::new("third", 1), 0).await,
             Err(AdmitError::Full { .. })
         ));
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_request_waits_longer_for_room_the_more_attempts_it_spent() {
+        let (buffer, _receiver) = Buffer::new(&BufferConfig {
+            admit_wait: Duration::from_millis(200),
+            ..config(2)
+        });
+        let _held = buffer.admit(events(2), &holder(), 0).await.expect("fits");
+        for (previous_attempts, waited) in [(0, 200), (1, 400), (2, 800), (3, 1_600), (9, 1_600)] {
+            let started = tokio::time::Instant::now();
+            let refused = buffer
+                .admit(events(1), &Holder::new("retrying", 1), previous_attempts)
+                .await;
+            assert!(
+                matches!(refused, Err(AdmitError::Full { .. })),
+                "{refused:?}"
+            );
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_millis(waited),
+                "after {previous_attempts} attempts"
+            );
+        }
+        // No wait configured: a retry is refused at once too.
+        let (buffer, _receiver) = Buffer::new(&config(2));
+        let _held = buffer.admit(events(2), &holder(), 0).await.expect("fits");
+        let started = tokio::time::Instant::now();
+        assert!(
+            buffer
+                .admit(events(1), &Holder::new("retrying", 1), 4)
+                .await
+                .is_err()
+        );
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn closed_buffer_refuses_and_writers_see_the_end_after_draining() {
         let (buffer, receiver) = Buffer::new(&config(10));
-        let _ack = buffer.admit(events(1), &holder()).await.expect("fits");
+        let _ack = buffer.admit(events(1), &holder(), 0).await.expect("fits");
         buffer.close();
         assert_eq!(
             buffer
-                .admit(events(1), &holder())
+                .admit(events(1), &holder(), 0)
                 .await
                 .expect_err("closed"),
             AdmitError::Closed

@@ -171,6 +171,7 @@ impl IngestHandler {
     /// admit.
     async fn admit(
         &self,
+        call: &Call,
         events: Vec<ValidEvent>,
         holder: &Holder,
     ) -> Result<Option<AckReceiver>, AdmitError> {
@@ -184,7 +185,11 @@ impl IngestHandler {
                 retry_after: BACKLOG_RETRY_AFTER,
             });
         }
-        match self.buffer.admit(events, holder).await {
+        match self
+            .buffer
+            .admit(events, holder, call.previous_attempts)
+            .await
+        {
             Ok(ack) => Ok(Some(ack)),
             Err(refusal) => {
                 let reason = match refusal {
@@ -384,7 +389,7 @@ impl IngestHandler {
                             return Err(tally.progress().trail(error.into()));
                         }
                     };
-                    match self.admit(validated.events, &validated.holder).await {
+                    match self.admit(&call, validated.events, &validated.holder).await {
                         Ok(ack) => {
                             pending.extend(ack);
                             tally.reject(validated.rejections);
@@ -412,7 +417,7 @@ impl IngestHandler {
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
         let validated = self.validate(&call, request.into_inner(), 0, trace_id)?;
         let ack = self
-            .admit(validated.events, &validated.holder)
+            .admit(&call, validated.events, &validated.holder)
             .await
             .map_err(|refusal| refusal_error(refusal, Progress::default()))?;
         tally.reject(validated.rejections);
@@ -547,7 +552,7 @@ impl IngestHandler {
             Err(error) => return Some(Ok(refused_ack(sequence, error))),
         };
         tally.reject(validated.rejections);
-        match self.admit(validated.events, &validated.holder).await {
+        match self.admit(call, validated.events, &validated.holder).await {
             Ok(None) => Some(Ok(tally.into_ack(sequence))),
             Ok(Some(receiver)) => {
                 pending.push(Box::pin(async move {

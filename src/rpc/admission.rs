@@ -24,6 +24,9 @@ pub struct Call {
     pub caller: Caller,
     pub peer: Option<SocketAddr>,
     pub request_id: String,
+    /// Earlier attempts of this call that its client reports (`grpc-previous-rpc-attempts`,
+    /// gRFC A6): 0 for a first attempt, or when the client says nothing.
+    pub previous_attempts: u32,
 }
 
 /// The envelope's shared state: the policy, the audit log, and what this node serves.
@@ -68,6 +71,7 @@ impl Admission {
             caller,
             peer,
             request_id: audit::request_id(request.metadata()),
+            previous_attempts: previous_attempts(request.metadata()),
         })
     }
 
@@ -152,5 +156,33 @@ impl Admission {
 
     pub fn authorizer(&self) -> &Arc<Authorizer> {
         &self.auth
+    }
+}
+
+/// The header a retrying gRPC client sets on every attempt after the first (gRFC A6).
+const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+
+/// How many attempts of this call came before, as its client reports them; 0 when absent or
+/// malformed.
+fn previous_attempts(metadata: &tonic::metadata::MetadataMap) -> u32 {
+    metadata
+        .get(PREVIOUS_ATTEMPTS)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_attempts_are_read_from_the_retry_header_and_default_to_none() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        assert_eq!(previous_attempts(&metadata), 0);
+        metadata.insert(PREVIOUS_ATTEMPTS, "3".parse().expect("ascii"));
+        assert_eq!(previous_attempts(&metadata), 3);
+        metadata.insert(PREVIOUS_ATTEMPTS, "many".parse().expect("ascii"));
+        assert_eq!(previous_attempts(&metadata), 0);
     }
 }
