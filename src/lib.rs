@@ -1,13 +1,13 @@
 //! sluice: a gRPC streaming ingestion server that lands events in PostgreSQL.
 //!
-//! Data flows one way: RPC ([`ingest`]) → the one envelope of [`rpc`] → validation →
+//! Data flows one way: RPC ([`ingest`], or OpenTelemetry's logs through [`otlp`]) → the one envelope of [`rpc`] → validation →
 //! [`privacy`] → bounded [`buffer`] → [`writer`] pool → PostgreSQL ([`store`]) or the Redis
 //! [`broker`], with the [`spool`] beside the buffer for database outages. The read side
 //! ([`query`]) reads the store and the [`archive`], where the [`lifecycle`] job moves old
 //! events; `erasure` takes personal data away everywhere it is; [`backup`] keeps the private
 //! cluster restorable to a point in time. [`server`] wires the pieces together.
 //!
-//! Imports flow the same way: `server → {ingest, query} → {erasure, lifecycle, archive} →
+//! Imports flow the same way: `server → otlp → {ingest, query} → {erasure, lifecycle, archive} →
 //! {writer, filter, rpc} → {spool, store, auth, audit} → {buffer, metrics} → {broker, privacy,
 //! proto}`, and the leaves (`config`, `event`, `glob`, `objects`, `backoff`) import nothing of
 //! sluice. Each module maps its own error type to a `tonic::Status` beside that type, through
@@ -31,6 +31,7 @@ pub mod ingest;
 pub mod lifecycle;
 pub(crate) mod metrics;
 pub mod objects;
+pub(crate) mod otlp;
 pub mod privacy;
 pub mod proto;
 pub(crate) mod query;

@@ -179,12 +179,21 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
         .into_iter()
         .map(|service| service.name)
         .collect();
-    for expected in ["sluice.v1.IngestService", "grpc.health.v1.Health"] {
+    for expected in [
+        "sluice.v1.IngestService",
+        "sluice.v1.QueryService",
+        "opentelemetry.proto.collector.logs.v1.LogsService",
+        "grpc.health.v1.Health",
+    ] {
         assert!(
             names.iter().any(|name| name == expected),
             "{expected} listed in {names:?}"
         );
     }
+    assert!(
+        !names.iter().any(|name| name.contains("TraceService")),
+        "only the services served are listed: {names:?}"
+    );
 
     let mut alpha_client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let request = v1alpha::ServerReflectionRequest {

@@ -279,6 +279,14 @@ async fn malformed_protobuf_is_invalid_argument_with_bad_request_on_every_servic
     assert_bad_request(&status, "request");
     let status = call_raw(&server, "/sluice.v1.QueryService/Delete", vec![0x08, 0x01]).await;
     assert_bad_request(&status, "request");
+    // OTLP's rule too: a malformed export is INVALID_ARGUMENT, which exporters drop.
+    let status = call_raw(
+        &server,
+        "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+        vec![0xff; 16],
+    )
+    .await;
+    assert_bad_request(&status, "request");
 
     // A client stream: one good request, then garbage. The good one is stored and the
     // trailers say so.

@@ -9,6 +9,7 @@ mod buffer;
 mod database;
 mod grpc;
 mod health;
+mod otlp;
 mod privacy;
 mod reads;
 mod redis;
@@ -40,6 +41,7 @@ pub use buffer::BufferConfig;
 pub use database::DatabaseConfig;
 pub use grpc::GrpcConfig;
 pub use health::{FreeSpace, HealthConfig};
+pub use otlp::OtlpConfig;
 pub use privacy::PrivacyConfig;
 pub use reads::ReadsConfig;
 pub use redis::{RedisConfig, Role};
@@ -108,6 +110,7 @@ pub struct Config {
     pub reads: ReadsConfig,
     pub health: HealthConfig,
     pub backup: BackupConfig,
+    pub otlp: OtlpConfig,
 }
 
 impl Config {
@@ -163,6 +166,7 @@ impl Config {
         self.search.check()?;
         self.reads.check()?;
         self.backup.check()?;
+        self.otlp.check()?;
         Ok(())
     }
 

@@ -205,6 +205,49 @@ impl IngestHandler {
     }
 }
 
+/// A whole batch from another protocol (OTLP, [`crate::otlp`]).
+impl IngestHandler {
+    /// The envelope every call goes through.
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    /// Takes `events` as one request: validated as the native RPCs validate (rate limits,
+    /// services, opt-outs, privacy), the valid ones admitted whole or not at all, and waited
+    /// for until durable. Each event's trace is `trace_ids[index]`. Returns the events refused
+    /// for good (invalid, or dead-lettered by PostgreSQL); every transient condition is an
+    /// error, with nothing taken.
+    pub async fn ingest_batch(
+        &self,
+        call: &Call,
+        events: Vec<crate::proto::Event>,
+        trace_ids: &[Option<TraceId>],
+    ) -> Result<Vec<EventRejection>, IngestError> {
+        let request = IngestRequest {
+            events,
+            sequence: 0,
+        };
+        let mut validated = self.validate(call, request, 0, None)?;
+        for event in &mut validated.events {
+            event.trace_id = usize::try_from(event.index)
+                .ok()
+                .and_then(|index| trace_ids.get(index).copied().flatten());
+        }
+        let mut rejected = validated.rejections;
+        let ack = self
+            .admit(call, validated.events, &validated.holder)
+            .await
+            .map_err(|refusal| refusal_error(refusal, Progress::default()))?;
+        if let Some(ack) = ack {
+            let durable = ack.await.map_err(|_| IngestError::NotDurable {
+                progress: Progress::default(),
+            })?;
+            rejected.extend(durable.rejected);
+        }
+        Ok(rejected)
+    }
+}
+
 /// An event's size as sluice counts it (`sluice_event_bytes`, `bytes_per_second`): its text
 /// fields plus its metadata as JSON. Cheap: decoding already holds the metadata as text, where
 /// a protobuf `encoded_len` would have to rebuild the Struct.

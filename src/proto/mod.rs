@@ -18,5 +18,12 @@ mod generated {
 
 pub use generated::*;
 
+/// OTLP's `LogsService` server ([`crate::otlp`]), generated over the opentelemetry-proto
+/// crate's messages with sluice's strict codec: a malformed export is INVALID_ARGUMENT.
+#[allow(clippy::all, missing_docs)]
+pub mod otlp_logs {
+    include!("generated/opentelemetry.proto.collector.logs.v1.rs");
+}
+
 /// The encoded `FileDescriptorSet` of every sluice proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/sluice_descriptor.bin");

@@ -8,4 +8,4 @@ pub mod record;
 mod table;
 
 pub use admission::{Admission, Call};
-pub use table::{Audited, Rpc};
+pub use table::{Audited, INGEST_SERVICE, OTLP_LOGS_SERVICE, QUERY_SERVICE, Rpc};

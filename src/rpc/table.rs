@@ -20,6 +20,8 @@ pub enum Rpc {
     OptIn,
     Anonymize,
     Tail,
+    /// OTLP's `LogsService/Export` ([`crate::otlp`]).
+    OtlpLogs,
 }
 
 /// How a call's audit row is written.
@@ -38,9 +40,10 @@ pub enum Audited {
 /// The generated services' names.
 pub const INGEST_SERVICE: &str = "sluice.v1.IngestService";
 pub const QUERY_SERVICE: &str = "sluice.v1.QueryService";
+pub const OTLP_LOGS_SERVICE: &str = "opentelemetry.proto.collector.logs.v1.LogsService";
 
 impl Rpc {
-    pub const ALL: [Rpc; 13] = [
+    pub const ALL: [Rpc; 14] = [
         Rpc::Ingest,
         Rpc::Publish,
         Rpc::IngestStream,
@@ -54,9 +57,11 @@ impl Rpc {
         Rpc::OptIn,
         Rpc::Anonymize,
         Rpc::Tail,
+        Rpc::OtlpLogs,
     ];
 
-    /// The method's name, as the proto, the audit log and `sluice_rpc_duration_seconds` say it.
+    /// The call's name, as the audit log and `sluice_rpc_duration_seconds` say it: the
+    /// method's, except OTLP's `Export`, which is `OtlpLogs` (Query's `Export` is another).
     pub const fn name(self) -> &'static str {
         match self {
             Self::Ingest => "Ingest",
@@ -72,6 +77,15 @@ impl Rpc {
             Self::OptIn => "OptIn",
             Self::Anonymize => "Anonymize",
             Self::Tail => "Tail",
+            Self::OtlpLogs => "OtlpLogs",
+        }
+    }
+
+    /// The method's name in its proto.
+    pub const fn method(self) -> &'static str {
+        match self {
+            Self::OtlpLogs => "Export",
+            other => other.name(),
         }
     }
 
@@ -79,6 +93,7 @@ impl Rpc {
     pub const fn service(self) -> &'static str {
         match self {
             Self::Ingest | Self::Publish | Self::IngestStream => INGEST_SERVICE,
+            Self::OtlpLogs => OTLP_LOGS_SERVICE,
             _ => QUERY_SERVICE,
         }
     }
@@ -86,7 +101,7 @@ impl Rpc {
     /// The scope a caller needs.
     pub const fn scope(self) -> Scope {
         match self {
-            Self::Ingest | Self::Publish | Self::IngestStream => Scope::Ingest,
+            Self::Ingest | Self::Publish | Self::IngestStream | Self::OtlpLogs => Scope::Ingest,
             Self::Query | Self::Stats | Self::Tail => Scope::Query,
             Self::Export => Scope::Export,
             Self::Delete | Self::OptOut | Self::OptIn | Self::Anonymize => Scope::Delete,
@@ -101,6 +116,7 @@ impl Rpc {
             Self::Ingest
                 | Self::Publish
                 | Self::IngestStream
+                | Self::OtlpLogs
                 | Self::Delete
                 | Self::Restore
                 | Self::OptOut
@@ -111,7 +127,10 @@ impl Rpc {
 
     /// Whether it takes events in: served only by nodes whose role ingests.
     pub const fn ingests(self) -> bool {
-        matches!(self, Self::Ingest | Self::Publish | Self::IngestStream)
+        matches!(
+            self,
+            Self::Ingest | Self::Publish | Self::IngestStream | Self::OtlpLogs
+        )
     }
 
     /// Whether it answers with events (personal data): its audit row must be written before
@@ -123,7 +142,9 @@ impl Rpc {
     /// How its audit row is written.
     pub const fn audited(self) -> Audited {
         match self {
-            Self::Ingest | Self::Publish | Self::IngestStream => Audited::RefusalsOnly,
+            Self::Ingest | Self::Publish | Self::IngestStream | Self::OtlpLogs => {
+                Audited::RefusalsOnly
+            }
             Self::Query | Self::Export | Self::Stats | Self::Audit | Self::Tail => Audited::Read,
             Self::Delete | Self::Restore | Self::OptOut | Self::OptIn | Self::Anonymize => {
                 Audited::Durable
@@ -137,7 +158,7 @@ impl Rpc {
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;
         Self::ALL
             .into_iter()
-            .find(|rpc| rpc.service() == service && rpc.name() == method)
+            .find(|rpc| rpc.service() == service && rpc.method() == method)
     }
 }
 
@@ -147,27 +168,50 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn every_method_of_the_proto_is_in_the_table_once_and_found_by_its_path() {
-        let descriptors = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
-            .expect("descriptor set");
+    /// `/package.Service/Method` of every method of the services in `descriptors` whose
+    /// names `keep` accepts.
+    fn method_paths(descriptors: &[u8], keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let descriptors =
+            prost_types::FileDescriptorSet::decode(descriptors).expect("descriptor set");
         let mut methods = Vec::new();
         for file in descriptors.file {
             let package = file.package.clone().unwrap_or_default();
             for service in &file.service {
                 let service_name = format!("{package}.{}", service.name());
+                if !keep(&service_name) {
+                    continue;
+                }
                 for method in &service.method {
                     methods.push(format!("/{service_name}/{}", method.name()));
                 }
             }
         }
+        methods
+    }
+
+    #[test]
+    fn every_method_served_is_in_the_table_once_and_found_by_its_path() {
+        let mut methods = method_paths(crate::proto::FILE_DESCRIPTOR_SET, |_| true);
+        methods.extend(method_paths(opentelemetry_proto::DESCRIPTORS, |service| {
+            service == OTLP_LOGS_SERVICE
+        }));
         assert_eq!(methods.len(), Rpc::ALL.len(), "{methods:?}");
         for path in &methods {
             let rpc = Rpc::from_path(path).unwrap_or_else(|| panic!("{path} is not in the table"));
-            assert_eq!(format!("/{}/{}", rpc.service(), rpc.name()), *path);
+            assert_eq!(format!("/{}/{}", rpc.service(), rpc.method()), *path);
         }
+        let names: std::collections::HashSet<_> = Rpc::ALL.iter().map(|rpc| rpc.name()).collect();
+        assert_eq!(
+            names.len(),
+            Rpc::ALL.len(),
+            "every call has a name of its own"
+        );
         assert_eq!(Rpc::from_path("/grpc.health.v1.Health/Check"), None);
         assert_eq!(Rpc::from_path("/sluice.v1.QueryService/Nope"), None);
+        assert_eq!(
+            Rpc::from_path("/opentelemetry.proto.collector.trace.v1.TraceService/Export"),
+            None
+        );
         assert_eq!(Rpc::from_path("nonsense"), None);
     }
 

@@ -15,8 +15,11 @@ use crate::{
     erasure::{self, Erasure},
     ingest::{IngestHandler, service::IngestDeps},
     lifecycle::RetentionPolicy,
+    otlp::OtlpLogsHandler,
     proto::{
-        self, ingest_service_server::IngestServiceServer, query_service_server::QueryServiceServer,
+        self, ingest_service_server::IngestServiceServer,
+        otlp_logs::logs_service_server::LogsServiceServer,
+        query_service_server::QueryServiceServer,
     },
     query::{QueryHandler, Reader, Slots},
     rpc::Admission,
@@ -35,6 +38,28 @@ macro_rules! with_codec_limits {
     };
 }
 
+/// The services reflection lists: those served here, not every service of the descriptor
+/// sets (OTLP's set also holds the trace, metrics and profiles services, which sluice does not
+/// serve).
+const ADVERTISED: [&str; 6] = [
+    crate::rpc::INGEST_SERVICE,
+    crate::rpc::QUERY_SERVICE,
+    crate::rpc::OTLP_LOGS_SERVICE,
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    ADVERTISED.into_iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(opentelemetry_proto::DESCRIPTORS),
+        |builder, service| builder.with_service_name(service),
+    )
+}
+
 pub async fn build(
     config: &Arc<Config>,
     storage: &Storage,
@@ -45,14 +70,8 @@ pub async fn build(
         impl tonic_health::pb::health_server::Health,
     >,
 ) -> Result<Routes, ServerError> {
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let admission = Arc::new(Admission::new(
         auth.clone(),
         background.audit.clone(),
@@ -111,6 +130,7 @@ pub async fn build(
     // A restore leaves the erasures made since its point in time: applied again before any
     // call is served.
     erasure::reapply::pending(&erasure).await?;
+    let otlp_logs = OtlpLogsHandler::new(ingest.clone(), &config.otlp.user_id_attributes);
     let query = QueryHandler::new(admission, reader, erasure);
     let mut routes = RoutesBuilder::default();
     routes
@@ -124,6 +144,10 @@ pub async fn build(
         .add_service(with_codec_limits!(
             QueryServiceServer::new(query),
             config.grpc.max_query_message_bytes
+        ))
+        .add_service(with_codec_limits!(
+            LogsServiceServer::new(otlp_logs),
+            config.otlp.max_request_bytes
         ));
     Ok(routes.routes())
 }

@@ -53,6 +53,15 @@ fn generate(root: &Path, out: &Path) -> Result<(), Box<dyn Error>> {
             "crate::proto::metadata::Metadata",
         )
         .compile_fds(file_descriptors)?;
+    // OTLP's LogsService: only the server, over the opentelemetry-proto crate's messages,
+    // with the same strict codec (a malformed export is INVALID_ARGUMENT, as OTLP asks).
+    tonic_prost_build::configure()
+        .out_dir(out)
+        .build_client(false)
+        .build_server(true)
+        .codec_path("crate::proto::codec::StrictProstCodec")
+        .extern_path(".opentelemetry.proto", "::opentelemetry_proto::tonic")
+        .compile_fds(otlp_logs_descriptors()?)?;
     let spool_descriptors =
         protox::compile([include.join("sluice/spool/v1/spool.proto")], [&include])?;
     tonic_prost_build::configure()
@@ -61,6 +70,29 @@ fn generate(root: &Path, out: &Path) -> Result<(), Box<dyn Error>> {
         .build_server(false)
         .compile_fds(spool_descriptors)?;
     Ok(())
+}
+
+/// The files of OTLP's logs service and what they import, from the descriptors the
+/// opentelemetry-proto crate ships (the protos sluice's messages are generated from).
+fn otlp_logs_descriptors() -> Result<prost_types::FileDescriptorSet, Box<dyn Error>> {
+    const FILES: [&str; 4] = [
+        "opentelemetry/proto/common/v1/common.proto",
+        "opentelemetry/proto/resource/v1/resource.proto",
+        "opentelemetry/proto/logs/v1/logs.proto",
+        "opentelemetry/proto/collector/logs/v1/logs_service.proto",
+    ];
+    let all = prost_types::FileDescriptorSet::decode(opentelemetry_proto::DESCRIPTORS)?;
+    let file = FILES
+        .iter()
+        .map(|name| {
+            all.file
+                .iter()
+                .find(|file| file.name() == *name)
+                .cloned()
+                .ok_or_else(|| format!("{name} is not in opentelemetry-proto's descriptors"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(prost_types::FileDescriptorSet { file })
 }
 
 fn main() -> Result<(), Box<dyn Error>> {
