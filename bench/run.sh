@@ -7,6 +7,8 @@
 #   bench/run.sh --events 500000 --streams 16
 #   bench/run.sh --ceiling-batch 5000     # the stronger ceiling: 5,000-row COPY transactions
 #   BENCH_BINARY=/tmp/sluice-a bench/run.sh # a prebuilt binary (A/B runs of two builds)
+#   bench/run.sh --otlp                   # then the same events as OTLP logs (LogsService/Export):
+#                                         # events/s and CPU per event against the native path
 #   bench/run.sh --redis                  # direct mode, then Redis mode with 1 ingest + 1 writer
 #                                         # node, then 2 + 2, all in one run (see BENCHMARKS.md)
 #

@@ -380,3 +380,68 @@ services = ["billing"]
     );
     assert_eq!(database.scalar("SELECT count(*) FROM events").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_sdk_logs_over_otlp_grpc_are_stored_once_with_their_user_and_severity() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let node = std::env::var("TEST_SLUICE_NODE")
+        .expect("TEST_SLUICE_NODE is unset: run the suite with scripts/test");
+    let certs = &server.cert_dir;
+    let output = Command::new(node)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/otel/node/emit_logs.js"
+        ))
+        .env(
+            "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+            format!("https://localhost:{}", server.addr.port()),
+        )
+        .env("OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE", certs.join("ca.pem"))
+        .env(
+            "OTEL_EXPORTER_OTLP_LOGS_CLIENT_CERTIFICATE",
+            certs.join("client.pem"),
+        )
+        .env(
+            "OTEL_EXPORTER_OTLP_LOGS_CLIENT_KEY",
+            certs.join("client.key"),
+        )
+        .env("RECORDS", "500")
+        .output()
+        .expect("run the OpenTelemetry JS SDK");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "emit_logs.js failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("json report");
+    assert_eq!(report["export_errors"], 0, "{report}");
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'node-orders'")
+            .await,
+        500
+    );
+    let mut query = server.query_client().await;
+    let failed = query_all(
+        &mut query,
+        QueryRequest {
+            user_id: "node-user".to_owned(),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].message, "order failed");
+    let metadata = failed[0]
+        .metadata
+        .clone()
+        .map(|metadata| metadata.into_object())
+        .unwrap_or_default();
+    assert_eq!(metadata["severity_text"], "ERROR", "{metadata:?}");
+    assert_eq!(metadata["attributes"]["order.id"], 0);
+    assert_eq!(metadata["scope"]["name"], "emit_logs");
+}

@@ -6,6 +6,8 @@
 //! into the same table over `--copy-connections` connections (the ceiling), and prints the ratio.
 //! Given `--server-pid`, it reports the server's peak RSS.
 
+mod otlp;
+
 use std::{
     collections::HashMap,
     sync::Arc,
@@ -96,6 +98,11 @@ pub struct BenchArgs {
     /// subscribers cost ingest.
     #[arg(long, default_value_t = 0)]
     pub idle_tails: usize,
+    /// After the native load, send the same events again as OTLP logs (`LogsService/Export`,
+    /// `--window` calls in flight per connection) and report that rate, its server CPU per
+    /// event and its ratio to the native path's.
+    #[arg(long)]
+    pub otlp: bool,
 }
 
 /// Where event ids come from (`--ids`).
@@ -447,14 +454,28 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     let cpu_before = args.server_pid.and_then(cpu_seconds);
     let report = grpc_load(&args, &workload).await?;
     report.print("sluice ingest:   ");
-    if let (Some(before), Some(after)) = (cpu_before, args.server_pid.and_then(cpu_seconds))
-        && report.events > 0
-    {
+    let native_cpu = cpu_per_event(&args, cpu_before, report.events);
+    if args.otlp {
+        let exports = otlp::requests(&workload);
+        if let Some(url) = &args.database_url {
+            reset_if_asked(url, &args).await?;
+        }
+        let cpu_before = args.server_pid.and_then(cpu_seconds);
+        let logs = otlp::load(&args, &exports, report.events).await?;
+        logs.print("sluice OTLP logs:");
+        let logs_cpu = cpu_per_event(&args, cpu_before, logs.events);
         println!(
-            "server CPU:       {:.2} µs per event (user + system, {:.2} s over the load)",
-            (after - before) * 1e6 / report.events as f64,
-            after - before
+            "OTLP / native: {:.2} of the events/s{}",
+            logs.rate() / report.rate(),
+            match (logs_cpu, native_cpu) {
+                (Some(logs), Some(native)) =>
+                    format!(", {:.2} of the CPU per event", logs / native),
+                _ => String::new(),
+            }
         );
+        if let Some(rate) = ceiling {
+            println!("OTLP ratio to raw COPY ceiling: {:.2}", logs.rate() / rate);
+        }
     }
     if let (Some(url), true) = (&args.database_url, args.wait_stored) {
         wait_stored(url, report.events).await?;
@@ -501,6 +522,20 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         }
     }
     Ok(())
+}
+
+/// Prints and returns the server's CPU time per event since `before` (with `--server-pid`).
+fn cpu_per_event(args: &BenchArgs, before: Option<f64>, events: u64) -> Option<f64> {
+    let (before, after) = (before?, args.server_pid.and_then(cpu_seconds)?);
+    if events == 0 {
+        return None;
+    }
+    let per_event = (after - before) * 1e6 / events as f64;
+    println!(
+        "server CPU:       {per_event:.2} µs per event (user + system, {:.2} s over the load)",
+        after - before
+    );
+    Some(per_event)
 }
 
 /// Waits until `events` holds `acknowledged` rows (at most 10 minutes).

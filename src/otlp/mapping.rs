@@ -24,7 +24,6 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 use prost::Message;
-use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -67,6 +66,10 @@ pub struct Mapped {
 
 /// Maps every record of `request` in order (resource by resource, scope by scope), taking
 /// user ids from `user_id_attributes`, with `received` for records that carry no time.
+///
+/// The metadata of each record is written straight as the JSON text that is stored: the
+/// resource's and the scope's parts once per resource and scope, the record's own fields
+/// once per record, with no JSON tree built or copied.
 pub fn map_request(
     request: ExportLogsServiceRequest,
     user_id_attributes: &[String],
@@ -79,24 +82,65 @@ pub fn map_request(
         .map(|scope| scope.log_records.len())
         .sum();
     let mut mapped = Vec::with_capacity(records);
+    let mut scratch = Vec::new();
     for resource_logs in request.resource_logs {
         let resource = ResourceContext::new(resource_logs.resource, user_id_attributes);
         for scope_logs in resource_logs.scope_logs {
             let scope = ScopeContext::new(&resource, scope_logs.scope);
             for record in scope_logs.log_records {
-                mapped.push(scope.map(record, user_id_attributes, received));
+                mapped.push(scope.map(record, user_id_attributes, received, &mut scratch));
             }
         }
     }
     mapped
 }
 
+/// A JSON object's text, with its entries and depth.
+#[derive(Debug, Default)]
+struct JsonObject {
+    text: Vec<u8>,
+    entries: usize,
+    depth: usize,
+}
+
+impl JsonObject {
+    /// `attributes` as an object, less those whose key `skip` names; a repeated key is
+    /// written twice, and the last one wins where the text is read (PostgreSQL's `jsonb`,
+    /// serde_json).
+    fn of_attributes(attributes: &[KeyValue], skip: impl Fn(&str) -> bool) -> Self {
+        let mut object = JsonObject::default();
+        object.text.push(b'{');
+        let mut deepest = 0;
+        for KeyValue { key, value, .. } in attributes {
+            if skip(key) {
+                continue;
+            }
+            object.key(key);
+            deepest = deepest.max(write_any(&mut object.text, value.as_ref()));
+        }
+        object.text.push(b'}');
+        object.depth = 1 + deepest;
+        object
+    }
+
+    /// Starts the entry `key` (its value is written next).
+    fn key(&mut self, key: &str) {
+        if self.entries > 0 {
+            self.text.push(b',');
+        }
+        self.entries += 1;
+        write_string(&mut self.text, key);
+        self.text.push(b':');
+    }
+}
+
 /// What the records of one resource share.
 struct ResourceContext {
     service: String,
-    /// The resource's attributes, less the user id attribute when it came from there.
-    attributes: Map<String, Json>,
-    user_id: Option<(String, String)>,
+    /// The resource's attributes as JSON (less the user id attribute when it came from
+    /// there, with its dropped count); None when it has none.
+    attributes: Option<JsonObject>,
+    user_id: Option<String>,
     /// The resource as sent, for record ids.
     encoded: Vec<u8>,
 }
@@ -105,22 +149,24 @@ impl ResourceContext {
     fn new(resource: Option<Resource>, user_id_attributes: &[String]) -> Self {
         let resource = resource.unwrap_or_default();
         let encoded = resource.encode_to_vec();
-        let mut attributes = attributes_json(resource.attributes);
-        if resource.dropped_attributes_count > 0 {
-            attributes.insert(
-                keys::DROPPED_ATTRIBUTES.to_owned(),
-                resource.dropped_attributes_count.into(),
-            );
-        }
-        let service = match attributes.get(SERVICE_NAME) {
-            Some(Json::String(name)) => normalize_service(name),
+        let service = match last_value(&resource.attributes, SERVICE_NAME) {
+            Some(any_value::Value::StringValue(name)) => normalize_service(name),
             _ => UNKNOWN_SERVICE.to_owned(),
         };
-        let user_id = take_user_id(&mut attributes, user_id_attributes);
+        let user = user_id_of(&resource.attributes, user_id_attributes);
+        let user_key = user.as_ref().map(|(key, _)| key.as_str());
+        let mut attributes =
+            JsonObject::of_attributes(&resource.attributes, |key| Some(key) == user_key);
+        if resource.dropped_attributes_count > 0 {
+            attributes.text.pop();
+            attributes.key(keys::DROPPED_ATTRIBUTES);
+            write_display(&mut attributes.text, resource.dropped_attributes_count);
+            attributes.text.push(b'}');
+        }
         Self {
             service,
-            attributes,
-            user_id,
+            attributes: (attributes.entries > 0).then_some(attributes),
+            user_id: user.map(|(_, id)| id),
             encoded,
         }
     }
@@ -130,7 +176,7 @@ impl ResourceContext {
 /// already fed with both (each record's id digest starts from a copy).
 struct ScopeContext<'a> {
     resource: &'a ResourceContext,
-    scope: Option<Json>,
+    scope: Option<JsonObject>,
     digest: Sha256,
 }
 
@@ -140,22 +186,28 @@ impl<'a> ScopeContext<'a> {
         let mut digest = Sha256::new();
         digest_part(&mut digest, &resource.encoded);
         digest_part(&mut digest, &scope.encode_to_vec());
-        let mut json = Map::new();
+        let mut json = JsonObject::default();
+        json.text.push(b'{');
         if !scope.name.is_empty() {
-            json.insert("name".to_owned(), scope.name.into());
+            json.key("name");
+            write_string(&mut json.text, &scope.name);
         }
         if !scope.version.is_empty() {
-            json.insert("version".to_owned(), scope.version.into());
+            json.key("version");
+            write_string(&mut json.text, &scope.version);
         }
+        let mut depth = 1;
         if !scope.attributes.is_empty() {
-            json.insert(
-                keys::ATTRIBUTES.to_owned(),
-                Json::Object(attributes_json(scope.attributes)),
-            );
+            let attributes = JsonObject::of_attributes(&scope.attributes, |_| false);
+            json.key(keys::ATTRIBUTES);
+            json.text.extend_from_slice(&attributes.text);
+            depth += attributes.depth;
         }
+        json.text.push(b'}');
+        json.depth = depth;
         Self {
             resource,
-            scope: (!json.is_empty()).then_some(Json::Object(json)),
+            scope: (json.entries > 0).then_some(json),
             digest,
         }
     }
@@ -165,76 +217,90 @@ impl<'a> ScopeContext<'a> {
         record: LogRecord,
         user_id_attributes: &[String],
         received: DateTime<Utc>,
+        scratch: &mut Vec<u8>,
     ) -> Mapped {
+        scratch.clear();
+        record.encode_raw(scratch);
         let mut digest = self.digest.clone();
-        digest_part(&mut digest, &record.encode_to_vec());
-        let mut attributes = attributes_json(record.attributes);
-        let id = match attributes.remove(RECORD_UID) {
-            Some(Json::String(uid)) => {
-                Uuid::try_parse(&uid).unwrap_or_else(|_| hashed_uuid(Sha256::new(), uid.as_bytes()))
+        digest_part(&mut digest, scratch);
+        let id = match last_value(&record.attributes, RECORD_UID) {
+            Some(any_value::Value::StringValue(uid)) => {
+                Uuid::try_parse(uid).unwrap_or_else(|_| hashed_uuid(uid.as_bytes()))
             }
-            Some(other) => hashed_uuid(Sha256::new(), other.to_string().as_bytes()),
+            Some(other) => {
+                let mut text = Vec::new();
+                write_value(&mut text, other);
+                hashed_uuid(&text)
+            }
             None => uuid_of(digest),
         };
-        let user_id = take_user_id(&mut attributes, user_id_attributes)
-            .or_else(|| self.resource.user_id.clone())
-            .map(|(_, id)| id);
+        let user = user_id_of(&record.attributes, user_id_attributes);
+        let user_key = user.as_ref().map(|(key, _)| key.as_str());
 
-        let mut metadata = Map::new();
+        let mut metadata = JsonObject::default();
+        metadata.text.reserve(256);
+        metadata.text.push(b'{');
+        let mut depth = 1;
         let (timestamp, source) = timestamp_of(
             record.time_unix_nano,
             record.observed_time_unix_nano,
             received,
         );
         if let Some(source) = source {
-            metadata.insert(keys::TIME_SOURCE.to_owned(), source.into());
+            metadata.key(keys::TIME_SOURCE);
+            write_string(&mut metadata.text, source);
         }
         if !record.severity_text.is_empty() {
-            metadata.insert(keys::SEVERITY_TEXT.to_owned(), record.severity_text.into());
+            metadata.key(keys::SEVERITY_TEXT);
+            write_string(&mut metadata.text, &record.severity_text);
         }
         if record.severity_number != 0 {
-            metadata.insert(
-                keys::SEVERITY_NUMBER.to_owned(),
-                record.severity_number.into(),
-            );
+            metadata.key(keys::SEVERITY_NUMBER);
+            write_display(&mut metadata.text, record.severity_number);
         }
         if !record.span_id.is_empty() {
-            metadata.insert(
-                keys::SPAN_ID.to_owned(),
-                hex::encode(&record.span_id).into(),
-            );
+            metadata.key(keys::SPAN_ID);
+            write_string(&mut metadata.text, &hex::encode(&record.span_id));
         }
         if record.flags != 0 {
-            metadata.insert(keys::TRACE_FLAGS.to_owned(), record.flags.into());
+            metadata.key(keys::TRACE_FLAGS);
+            write_display(&mut metadata.text, record.flags);
         }
         if !record.event_name.is_empty() {
-            metadata.insert(
-                keys::EVENT_NAME.to_owned(),
-                record.event_name.clone().into(),
-            );
+            metadata.key(keys::EVENT_NAME);
+            write_string(&mut metadata.text, &record.event_name);
         }
         if record.dropped_attributes_count > 0 {
-            metadata.insert(
-                keys::DROPPED_ATTRIBUTES.to_owned(),
-                record.dropped_attributes_count.into(),
-            );
+            metadata.key(keys::DROPPED_ATTRIBUTES);
+            write_display(&mut metadata.text, record.dropped_attributes_count);
         }
-        if !attributes.is_empty() {
-            metadata.insert(keys::ATTRIBUTES.to_owned(), Json::Object(attributes));
+        let attributes = JsonObject::of_attributes(&record.attributes, |key| {
+            key == RECORD_UID || Some(key) == user_key
+        });
+        if attributes.entries > 0 {
+            metadata.key(keys::ATTRIBUTES);
+            metadata.text.extend_from_slice(&attributes.text);
+            depth = depth.max(1 + attributes.depth);
         }
-        if !self.resource.attributes.is_empty() {
-            metadata.insert(
-                keys::RESOURCE.to_owned(),
-                Json::Object(self.resource.attributes.clone()),
-            );
+        if let Some(resource) = &self.resource.attributes {
+            metadata.key(keys::RESOURCE);
+            metadata.text.extend_from_slice(&resource.text);
+            depth = depth.max(1 + resource.depth);
         }
         if let Some(scope) = &self.scope {
-            metadata.insert(keys::SCOPE.to_owned(), scope.clone());
+            metadata.key(keys::SCOPE);
+            metadata.text.extend_from_slice(&scope.text);
+            depth = depth.max(1 + scope.depth);
         }
+        metadata.text.push(b'}');
 
         let message = match record.body.and_then(|body| body.value) {
             Some(any_value::Value::StringValue(text)) => text,
-            Some(other) => any_value_json(other).to_string(),
+            Some(other) => {
+                let mut text = Vec::new();
+                write_value(&mut text, &other);
+                String::from_utf8_lossy(&text).into_owned()
+            }
             None if !record.event_name.is_empty() => record.event_name,
             None => NO_BODY.to_owned(),
         };
@@ -251,8 +317,12 @@ impl<'a> ScopeContext<'a> {
                     seconds: timestamp.timestamp(),
                     nanos: timestamp.timestamp_subsec_nanos() as i32,
                 }),
-                user_id: user_id.unwrap_or_default(),
-                metadata: (!metadata.is_empty()).then(|| Metadata::from(metadata)),
+                user_id: user
+                    .map(|(_, id)| id)
+                    .or_else(|| self.resource.user_id.clone())
+                    .unwrap_or_default(),
+                metadata: (metadata.entries > 0)
+                    .then(|| Metadata::from_object_text(metadata.text, metadata.entries, depth)),
                 ..Default::default()
             },
             trace_id,
@@ -313,63 +383,101 @@ fn timestamp_of(
     (received, Some("received"))
 }
 
-/// Removes the first of `keys` that holds a usable user id (a non-empty string, or an
-/// integer as its decimal text) from `attributes`: the key and the id.
-fn take_user_id(attributes: &mut Map<String, Json>, keys: &[String]) -> Option<(String, String)> {
-    for key in keys {
-        let id = match attributes.get(key) {
-            Some(Json::String(text)) if !text.is_empty() => text.clone(),
-            Some(Json::Number(number)) if number.is_i64() || number.is_u64() => number.to_string(),
-            _ => continue,
-        };
-        attributes.remove(key);
-        return Some((key.clone(), id));
-    }
-    None
+/// The value of the last attribute named `key` (the one that wins), when it has one.
+fn last_value<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attributes
+        .iter()
+        .rev()
+        .find(|attribute| attribute.key == key)
+        .and_then(|attribute| attribute.value.as_ref())
+        .and_then(|value| value.value.as_ref())
 }
 
-/// OTLP attributes as a JSON object; a repeated key keeps its last value.
-pub fn attributes_json(attributes: Vec<KeyValue>) -> Map<String, Json> {
-    let mut object = Map::with_capacity(attributes.len());
-    // `key_strindex` refers to a profiles dictionary: logs carry none.
-    for KeyValue { key, value, .. } in attributes {
-        let value = value
-            .and_then(|AnyValue { value }| value)
-            .map_or(Json::Null, any_value_json);
-        object.insert(key, value);
-    }
-    object
+/// The first of `keys` whose value in `attributes` is a usable user id (a non-empty string,
+/// or an integer as its decimal text): the key and the id.
+fn user_id_of(attributes: &[KeyValue], keys: &[String]) -> Option<(String, String)> {
+    keys.iter().find_map(|key| {
+        let id = match last_value(attributes, key)? {
+            any_value::Value::StringValue(text) if !text.is_empty() => text.clone(),
+            any_value::Value::IntValue(number) => number.to_string(),
+            _ => return None,
+        };
+        Some((key.clone(), id))
+    })
 }
 
 /// The largest integer JSON readers take exactly (2^53).
-const MAX_EXACT_INTEGER: i64 = 1 << 53;
+const MAX_EXACT_INTEGER: u64 = 1 << 53;
 
-/// An AnyValue as JSON: bytes as base64, integers past 2^53 as decimal text, doubles that JSON
-/// cannot hold (NaN, infinities) as text, lists as arrays, key-value lists as objects.
-pub fn any_value_json(value: any_value::Value) -> Json {
-    match value {
-        any_value::Value::StringValue(text) => Json::String(text),
-        any_value::Value::BoolValue(flag) => Json::Bool(flag),
-        any_value::Value::IntValue(number) if number.unsigned_abs() <= MAX_EXACT_INTEGER as u64 => {
-            Json::from(number)
+/// Writes an attribute's value (JSON `null` when it has none) and returns its depth.
+fn write_any(out: &mut Vec<u8>, value: Option<&AnyValue>) -> usize {
+    match value.and_then(|value| value.value.as_ref()) {
+        Some(value) => write_value(out, value),
+        None => {
+            out.extend_from_slice(b"null");
+            0
         }
-        any_value::Value::IntValue(number) => Json::String(number.to_string()),
-        any_value::Value::DoubleValue(number) => serde_json::Number::from_f64(number)
-            .map_or_else(|| Json::String(number.to_string()), Json::Number),
-        any_value::Value::ArrayValue(array) => Json::Array(
-            array
-                .values
-                .into_iter()
-                .map(|AnyValue { value }| value.map_or(Json::Null, any_value_json))
-                .collect(),
-        ),
-        any_value::Value::KvlistValue(list) => Json::Object(attributes_json(list.values)),
+    }
+}
+
+/// Writes an AnyValue as JSON and returns its depth (0 for a scalar): bytes as base64,
+/// integers past 2^53 as decimal text, doubles that JSON cannot hold (NaN, infinities) as
+/// text, lists as arrays, key-value lists as objects.
+fn write_value(out: &mut Vec<u8>, value: &any_value::Value) -> usize {
+    match value {
+        any_value::Value::StringValue(text) => write_string(out, text),
+        any_value::Value::BoolValue(flag) => {
+            out.extend_from_slice(if *flag { b"true" } else { b"false" })
+        }
+        any_value::Value::IntValue(number) if number.unsigned_abs() <= MAX_EXACT_INTEGER => {
+            write_display(out, number)
+        }
+        any_value::Value::IntValue(number) => write_string(out, &number.to_string()),
+        any_value::Value::DoubleValue(number) if number.is_finite() => {
+            let _ = serde_json::to_writer(&mut *out, number);
+        }
+        any_value::Value::DoubleValue(number) => write_string(out, &number.to_string()),
+        any_value::Value::ArrayValue(array) => {
+            out.push(b'[');
+            let mut deepest = 0;
+            for (index, item) in array.values.iter().enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                deepest = deepest.max(write_any(out, Some(item)));
+            }
+            out.push(b']');
+            return 1 + deepest;
+        }
+        any_value::Value::KvlistValue(list) => {
+            let object = JsonObject::of_attributes(&list.values, |_| false);
+            out.extend_from_slice(&object.text);
+            return object.depth;
+        }
         any_value::Value::BytesValue(bytes) => {
-            Json::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            out.push(b'"');
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(bytes)
+                    .as_bytes(),
+            );
+            out.push(b'"');
         }
         // An index into a profiles dictionary, which logs do not have.
-        any_value::Value::StringValueStrindex(_) => Json::Null,
+        any_value::Value::StringValueStrindex(_) => out.extend_from_slice(b"null"),
     }
+    0
+}
+
+/// A JSON string, escaped as serde_json escapes it.
+fn write_string(out: &mut Vec<u8>, text: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = write!(out, "{value}");
 }
 
 /// Feeds one length-prefixed part to a digest, so that parts cannot run into each other.
@@ -378,7 +486,8 @@ fn digest_part(digest: &mut Sha256, part: &[u8]) {
     digest.update(part);
 }
 
-fn hashed_uuid(mut digest: Sha256, bytes: &[u8]) -> Uuid {
+fn hashed_uuid(bytes: &[u8]) -> Uuid {
+    let mut digest = Sha256::new();
     digest.update(bytes);
     uuid_of(digest)
 }
@@ -397,6 +506,8 @@ mod tests {
         common::v1::{ArrayValue, KeyValueList},
         logs::v1::{ResourceLogs, ScopeLogs},
     };
+
+    use serde_json::{Map, Value as Json};
 
     use super::*;
 
@@ -596,12 +707,45 @@ mod tests {
                 attribute("dup", any_value::Value::IntValue(2)),
             ],
         });
+        let mut text = Vec::new();
+        write_value(&mut text, &value);
         assert_eq!(
-            any_value_json(value),
+            serde_json::from_slice::<Json>(&text).expect("json"),
             serde_json::json!({
                 "s": "text", "b": true, "i": -7, "big": "9223372036854775807", "d": 1.5,
                 "nan": "NaN", "bytes": "AAEC/w==", "list": ["x", null], "dup": 2
             })
+        );
+    }
+
+    #[test]
+    fn the_metadata_written_as_text_knows_its_depth_as_validation_counts_it() {
+        let nested = any_value::Value::KvlistValue(KeyValueList {
+            values: vec![attribute(
+                "inner",
+                any_value::Value::ArrayValue(ArrayValue {
+                    values: vec![AnyValue {
+                        value: Some(any_value::Value::KvlistValue(KeyValueList {
+                            values: vec![attribute("leaf", any_value::Value::IntValue(1))],
+                        })),
+                    }],
+                }),
+            )],
+        });
+        let mapped = map_one(
+            Some("a"),
+            LogRecord {
+                attributes: vec![attribute("outer", nested)],
+                ..Default::default()
+            },
+        );
+        let written = mapped.event.metadata.clone().expect("metadata");
+        let parsed = Json::Object(metadata(&mapped));
+        assert_eq!(written.depth(), crate::proto::metadata::depth(&parsed));
+        assert_eq!(
+            written.depth(),
+            5,
+            "metadata, attributes, outer, the list, {{leaf}}"
         );
     }
 

@@ -115,6 +115,18 @@ impl PartialEq for Metadata {
 
 impl Metadata {
     /// The object; empty past a [`Problem`].
+    /// Metadata from compact JSON text written elsewhere (an object of `entries` entries,
+    /// `depth` deep, no top-level `userId`): neither parsed nor copied. The OTLP mapping writes
+    /// its records' metadata this way.
+    pub(crate) fn from_object_text(text: Vec<u8>, entries: usize, depth: usize) -> Self {
+        Self {
+            text,
+            entries,
+            depth,
+            ..Self::default()
+        }
+    }
+
     pub fn as_object(&self) -> &Map<String, Json> {
         self.object.get_or_init(|| self.parse())
     }

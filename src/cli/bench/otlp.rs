@@ -1,0 +1,196 @@
+//! `sluice bench --otlp`: the same workload sent as OTLP logs (`LogsService/Export`, one
+//! resource per service, records as an OpenTelemetry SDK sends them: no record id, the user in
+//! `enduser.id`, the metadata as attributes), `window` calls in flight per connection.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use hdrhistogram::Histogram;
+use opentelemetry_proto::tonic::{
+    collector::logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
+    common::v1::{AnyValue, KeyValue, any_value},
+    logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
+    resource::v1::Resource,
+};
+use serde_json::Value as Json;
+use tokio::sync::Mutex;
+use tonic::{Code, transport::Channel};
+use tonic_types::StatusExt;
+
+use super::{BenchArgs, BenchError, LoadReport};
+use sluice::proto::{Event, IngestRequest};
+
+/// The workload's requests as OTLP exports, built before timing starts.
+pub fn requests(workload: &[Vec<IngestRequest>]) -> Vec<Vec<ExportLogsServiceRequest>> {
+    workload
+        .iter()
+        .map(|stream| stream.iter().map(export_request).collect())
+        .collect()
+}
+
+fn export_request(request: &IngestRequest) -> ExportLogsServiceRequest {
+    let mut by_service: Vec<(String, Vec<LogRecord>)> = Vec::new();
+    for event in &request.events {
+        let record = record(event);
+        match by_service
+            .iter_mut()
+            .find(|(service, _)| *service == event.service)
+        {
+            Some((_, records)) => records.push(record),
+            None => by_service.push((event.service.clone(), vec![record])),
+        }
+    }
+    ExportLogsServiceRequest {
+        resource_logs: by_service
+            .into_iter()
+            .map(|(service, records)| ResourceLogs {
+                resource: Some(Resource {
+                    attributes: vec![attribute("service.name", Json::String(service))],
+                    ..Default::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    log_records: records,
+                    ..Default::default()
+                }],
+                schema_url: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn record(event: &Event) -> LogRecord {
+    let time = event.timestamp.as_ref().map_or(0, |timestamp| {
+        (timestamp.seconds as u64) * 1_000_000_000 + timestamp.nanos as u64
+    });
+    let mut attributes: Vec<KeyValue> = event
+        .metadata
+        .as_ref()
+        .map(|metadata| {
+            metadata
+                .as_object()
+                .iter()
+                .map(|(key, value)| attribute(key, value.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    attributes.push(attribute("enduser.id", Json::String(event.user_id.clone())));
+    LogRecord {
+        time_unix_nano: time,
+        observed_time_unix_nano: time,
+        severity_number: 9,
+        severity_text: "INFO".to_owned(),
+        body: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(event.message.clone())),
+        }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+fn attribute(key: &str, value: Json) -> KeyValue {
+    let value = match value {
+        Json::String(text) => any_value::Value::StringValue(text),
+        Json::Number(number) => match number.as_i64() {
+            Some(integer) => any_value::Value::IntValue(integer),
+            None => any_value::Value::DoubleValue(number.as_f64().unwrap_or_default()),
+        },
+        Json::Bool(flag) => any_value::Value::BoolValue(flag),
+        other => any_value::Value::StringValue(other.to_string()),
+    };
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+/// Sends every stream's exports over its own connection, `window` calls in flight each; a
+/// refused call (UNAVAILABLE + RetryInfo) is sent again after the delay it names.
+pub async fn load(
+    args: &BenchArgs,
+    workload: &[Vec<ExportLogsServiceRequest>],
+    records: u64,
+) -> Result<LoadReport, BenchError> {
+    let mut clients = Vec::with_capacity(workload.len());
+    for _ in workload {
+        let channel = args.connect.channel().await?;
+        clients.push(LogsServiceClient::new(channel).max_decoding_message_size(64 << 20));
+    }
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1,
+        600_000_000,
+        3,
+    )?));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (client, requests) in clients.into_iter().zip(workload.iter().cloned()) {
+        let latency = latency.clone();
+        let window = args.window.max(1);
+        tasks.spawn(async move { drive(client, requests, window, latency).await });
+    }
+    let mut refusals = 0;
+    while let Some(result) = tasks.join_next().await {
+        refusals += result??;
+    }
+    let elapsed = started.elapsed();
+    let latency = latency.lock().await.clone();
+    Ok(LoadReport {
+        events: records,
+        elapsed,
+        latency,
+        refusals,
+    })
+}
+
+async fn drive(
+    client: LogsServiceClient<Channel>,
+    requests: Vec<ExportLogsServiceRequest>,
+    window: usize,
+    latency: Arc<Mutex<Histogram<u64>>>,
+) -> Result<u64, BenchError> {
+    let mut pending = FuturesUnordered::new();
+    let mut requests = requests.into_iter();
+    let mut refusals = 0;
+    let send = |request: ExportLogsServiceRequest| {
+        let mut client = client.clone();
+        async move {
+            let mut refused = 0;
+            let started = Instant::now();
+            loop {
+                match client.export(request.clone()).await {
+                    Ok(_) => return Ok::<_, tonic::Status>((started.elapsed(), refused)),
+                    Err(status) if status.code() == Code::Unavailable => {
+                        refused += 1;
+                        let delay = status
+                            .get_error_details()
+                            .retry_info()
+                            .and_then(|retry| retry.retry_delay)
+                            .unwrap_or(Duration::from_millis(100));
+                        tokio::time::sleep(delay).await;
+                    }
+                    Err(status) => return Err(status),
+                }
+            }
+        }
+    };
+    loop {
+        while pending.len() < window {
+            let Some(request) = requests.next() else {
+                break;
+            };
+            pending.push(send(request));
+        }
+        let Some(done) = pending.next().await else {
+            return Ok(refusals);
+        };
+        let (took, refused) = done?;
+        refusals += refused;
+        latency
+            .lock()
+            .await
+            .saturating_record((took.as_micros() as u64).max(1));
+    }
+}
