@@ -1,10 +1,12 @@
 //! Tail: follows new events as this node's writers store them, like `tail -f`, filtered by
 //! services and user. Every subscriber reads the one shared ring of the [`TailFeed`], whose
-//! batches are converted once for all of them. The stream holds no queue of its own: it takes
-//! the next batch when its client can take the next message, so a subscriber that does not
-//! read costs nothing but its place in the ring, and one that reads too slowly skips batches
-//! and is told how many (`missed_batches`, `sluice_tail_batches_missed_total`). Subscribers
-//! are capped per principal and per node (`reads.max_tails*`).
+//! batches are converted once for all of them. The stream holds no queue of its own, only the
+//! rest of the batch it is sending, in messages of at most [`EVENTS_PER_MESSAGE`] events: it
+//! takes the next message when HTTP/2 lets it send, so a subscriber that does not read holds
+//! its place in the ring, one small message and the connection's bounded send buffer, and
+//! one that reads too slowly skips batches and is told how many (`missed_batches`,
+//! `sluice_tail_batches_missed_total`). Subscribers are capped per principal and per node
+//! (`reads.max_tails*`).
 //!
 //! [`TailFeed`]: crate::feed::TailFeed
 
@@ -25,7 +27,7 @@ use crate::{
     filter::check_services,
     metrics,
     privacy::{Privacy, PrivacyError, SharedPrivacy},
-    proto::{Event, TailRequest, TailResponse, wire::to_timestamp},
+    proto::{Event, Metadata, TailRequest, TailResponse, wire::to_timestamp},
     rpc::{Admission, Call},
 };
 
@@ -60,6 +62,7 @@ pub async fn serve(
         call,
         shutdown: reader.shutdown.clone(),
         done: false,
+        unsent: None,
         _slot: slot,
     };
     Ok(Box::pin(futures::stream::unfold(
@@ -83,6 +86,9 @@ struct Following {
     shutdown: CancellationToken,
     /// The stream ended with an error: nothing follows it.
     done: bool,
+    /// Events of the current batch not yet sent: the converted batch, the positions this
+    /// subscriber wants, and how many of them were sent.
+    unsent: Option<(Arc<[Event]>, Vec<usize>, usize)>,
     /// Held while the stream is open.
     _slot: Slot,
 }
@@ -92,6 +98,9 @@ impl Following {
     async fn next(&mut self) -> Option<Result<TailResponse, Status>> {
         if self.done {
             return None;
+        }
+        if let Some(message) = self.next_chunk() {
+            return Some(Ok(message));
         }
         loop {
             let received = tokio::select! {
@@ -139,22 +148,41 @@ impl Following {
             let reveal = caller.has_scope(Scope::Pii);
             let privacy = self.privacy.load();
             let converted = batch.converted(reveal, |events| convert(&privacy, events, reveal));
-            return Some(match converted {
-                Ok(events) => Ok(TailResponse {
-                    events: wanted
-                        .into_iter()
-                        .map(|index| events[index].clone())
-                        .collect(),
-                    missed_batches: 0,
-                }),
+            match converted {
+                Ok(events) => {
+                    self.unsent = Some((events, wanted, 0));
+                    if let Some(message) = self.next_chunk() {
+                        return Some(Ok(message));
+                    }
+                }
                 Err(error) => {
                     self.done = true;
-                    Err(QueryError::from(error).into())
+                    return Some(Err(QueryError::from(error).into()));
                 }
-            });
+            }
         }
     }
+
+    /// The next message of the current batch: at most [`EVENTS_PER_MESSAGE`] events, so that
+    /// what one stream holds while its client does not read (its encoded message, HTTP/2's
+    /// send buffer) stays small however large the writers' batches are.
+    fn next_chunk(&mut self) -> Option<TailResponse> {
+        let (events, wanted, sent) = self.unsent.as_mut()?;
+        let chunk = &wanted[*sent..wanted.len().min(*sent + EVENTS_PER_MESSAGE)];
+        if chunk.is_empty() {
+            self.unsent = None;
+            return None;
+        }
+        *sent += chunk.len();
+        Some(TailResponse {
+            events: chunk.iter().map(|index| events[*index].clone()).collect(),
+            missed_batches: 0,
+        })
+    }
 }
+
+/// The most events one Tail message carries (a writer's batch can hold thousands).
+const EVENTS_PER_MESSAGE: usize = 128;
 
 /// A batch as Tail shows it: encrypted values opened for `pii` only.
 fn convert(privacy: &Privacy, events: &[ValidEvent], reveal: bool) -> Converted {
@@ -179,8 +207,17 @@ fn tailed_event(
         message: event.message.clone(),
         timestamp: Some(to_timestamp(event.timestamp)),
         user_id: event.user_id.clone().unwrap_or_default(),
+        // Text only, with no parsed object kept beside it: each subscriber's copy of the
+        // event is then one buffer, not a tree.
         metadata: match metadata {
-            Json::Object(object) => Some(object.into()),
+            Json::Object(object) => {
+                let entries = object.len();
+                let json = Json::Object(object);
+                let depth = crate::proto::metadata::depth(&json);
+                serde_json::to_vec(&json)
+                    .ok()
+                    .map(|text| Metadata::from_object_text(text, entries, depth))
+            }
             _ => None,
         },
         ingested_at: Some(to_timestamp(Utc::now())),

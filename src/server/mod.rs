@@ -4,14 +4,16 @@
 //!    broker in Redis mode, and the privacy keys;
 //! 2. [`background`]: the buffer, the writer pool, consumers, upkeep and the spool replayer,
 //!    as groups of tasks with one cancellation token each ([`tasks`]);
-//! 3. [`services`]: ingest, query, health and reflection, behind the RPC envelope;
-//! 4. [`serve`]: mTLS behind the hardened accept loop of [`listener`], until SIGTERM or
-//!    SIGINT ([`signals`]), then drain within `shutdown_timeout`; SIGHUP reloads ([`reload`]);
+//! 3. [`services`]: ingest, OTLP logs, query, health and reflection, behind the RPC envelope;
+//! 4. [`serve`]: mTLS behind the hardened accept loop of [`listener`], each connection served
+//!    by hyper ([`connections`]), until SIGTERM or SIGINT ([`signals`]), then drain within
+//!    `shutdown_timeout`; SIGHUP reloads ([`reload`]);
 //!
 //! then [`background::Background::shutdown`] and [`storage::Storage::close`] tear down in the
 //! one order that keeps every acknowledged event durable.
 
 mod background;
+mod connections;
 pub mod listener;
 mod reload;
 mod serve;

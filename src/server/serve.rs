@@ -2,21 +2,23 @@
 //! opt-in) behind the hardened accept loop of [`super::listener`], until SIGTERM or SIGINT,
 //! then drains within `shutdown_timeout`. Every call passes the same layers: a request id,
 //! the RPC's span, the record of its duration and code, and the oversized-request rewrite.
+//! Connections are served by [`super::connections`] (hyper, with HTTP/2's send buffer per
+//! stream bounded), not by tonic's `Server`, which does not expose that setting. A client's
+//! `grpc-timeout` is enforced by the client, which resets the stream at its deadline; the
+//! server then drops the call.
 
 use std::{io, sync::Arc};
 
 use futures::Stream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tonic::{
-    service::Routes,
-    transport::{Server, server::Connected},
-};
+use tonic::{service::Routes, transport::server::Connected};
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
 
-use super::{ServerError, background::Background, listener, signals::StopSignals};
+use super::{ServerError, background::Background, connections, listener, signals::StopSignals};
 use crate::{
     config::Config,
     metrics,
@@ -25,6 +27,11 @@ use crate::{
     telemetry,
     tls::{self, TlsError},
 };
+
+/// The most HTTP/2 queues for one response stream beyond what its client's flow-control
+/// window takes (hyper's default is 400 KB): a stream whose client stops reading, such as an
+/// idle Tail, holds this much at most.
+const MAX_SEND_BUFFER: usize = 64 * 1024;
 
 /// The `listener` field of the "listening" log lines, which tools read to find the ports.
 pub const GRPC_LISTENER: &str = "grpc";
@@ -149,7 +156,7 @@ where
         tracing::info!(timeout = ?shutdown_timeout, "shutting down: refusing new events, draining the buffer");
         background.trip();
     };
-    let serve = Server::builder()
+    let service = tower::ServiceBuilder::new()
         // A request id on every call: the client's `x-request-id`, or a new UUID. It is echoed
         // in the response headers and is a field of every log line of the call.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -160,11 +167,15 @@ where
         .layer(tower::util::MapResponseLayer::new(
             status::oversized_unary_to_invalid_argument,
         ))
-        .http2_keepalive_interval(Some(config.grpc.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.grpc.keepalive_timeout))
+        .service(routes.prepare());
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(config.grpc.keepalive_interval)
+        .keep_alive_timeout(config.grpc.keepalive_timeout)
         .max_concurrent_streams(config.grpc.max_concurrent_streams)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, stop_signal);
+        .max_send_buf_size(MAX_SEND_BUFFER);
+    let serve = connections::serve(incoming, service, http2, stop_signal);
     tokio::pin!(serve);
     // Serving ends on its own after the signal when no connection is open: the signal trips
     // shutdown inside the same poll. Serving that ends while not stopping means the accept
@@ -174,24 +185,17 @@ where
         () = background.stopping() => None,
         result = &mut serve => Some(result),
     };
-    if !background.is_stopping()
-        && let Some(result) = ended
-    {
-        return match result {
-            Ok(()) => Err(ServerError::AcceptLoopStopped),
-            Err(error) => Err(error.into()),
-        };
+    if !background.is_stopping() && ended.is_some() {
+        return Err(ServerError::AcceptLoopStopped);
     }
     let drain = async {
-        let served = match ended {
-            Some(result) => result,
-            None => (&mut serve).await,
-        };
+        if ended.is_none() {
+            (&mut serve).await;
+        }
         background.writers_drained().await;
-        served
     };
     match tokio::time::timeout(shutdown_timeout, drain).await {
-        Ok(served) => served.map_err(ServerError::from),
+        Ok(()) => Ok(()),
         Err(_) => {
             let left = background.buffer.usage().events;
             tracing::error!(
