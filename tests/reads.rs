@@ -344,6 +344,43 @@ async fn tail_streams_are_capped_per_principal_and_a_slow_one_is_told_what_it_mi
     );
 }
 
+/// A writer's batch of thousands of events reaches a subscriber in small messages, so that a
+/// stream whose client stops reading holds one small message, not a whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_reaches_a_tail_subscriber_in_messages_of_at_most_128_events() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let mut query = server.query_client().await;
+    let mut tail = query
+        .tail(TailRequest::default())
+        .await
+        .expect("tail")
+        .into_inner();
+    let mut ingest = server.ingest_client().await;
+    let events: Vec<Event> = (0..1_000)
+        .map(|index| event("chunked", &format!("event {index}")))
+        .collect();
+    publish(&mut ingest, events).await;
+    let (mut received, mut messages) = (0, 0);
+    while received < 1_000 {
+        let response = tokio::time::timeout(Duration::from_secs(10), tail.next())
+            .await
+            .expect("a message in time")
+            .expect("a message")
+            .expect("ok");
+        assert!(
+            response.events.len() <= 128,
+            "{} events",
+            response.events.len()
+        );
+        received += response.events.len();
+        messages += 1;
+    }
+    assert_eq!(received, 1_000);
+    assert!(messages >= 8, "{messages} messages");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_whose_audit_row_cannot_be_written_is_refused_while_ingest_goes_on() {
     common::init_crypto();
