@@ -285,6 +285,20 @@ async fn records_refused_for_good_are_a_partial_success_and_the_rest_is_stored()
             .await,
         1
     );
+    let metrics = server.metrics().await;
+    let records = |outcome: &str| {
+        metric_sum(
+            &metrics,
+            "sluice_otlp_log_records_total",
+            &format!("outcome=\"{outcome}\""),
+        )
+    };
+    assert_eq!(records("rejected"), 2.0);
+    assert_eq!(records("stored"), 2.0);
+    assert!(
+        metrics.contains("sluice_otlp_log_records_total{outcome=\"refused\"} 0"),
+        "the series exists at 0"
+    );
     // The same request again: OK, and nothing stored twice (ids are hashed from the records).
     let resent = logs_request("kinds", vec![record_now("fine")]);
     client.export(resent.clone()).await.expect("first");

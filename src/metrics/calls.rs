@@ -60,3 +60,33 @@ pub fn read_refused(kind: &'static str) {
 pub fn tail_batches_missed(batches: u64) {
     counter!("sluice_tail_batches_missed_total").increment(batches);
 }
+
+/// `sluice_otlp_log_records_total{outcome}`: the records of OTLP exports, by what became of
+/// them (beside the per-reason counts every event shares).
+pub fn otlp_log_records(outcome: OtlpOutcome, records: usize) {
+    counter!("sluice_otlp_log_records_total", "outcome" => outcome.as_str())
+        .increment(records as u64);
+}
+
+/// What became of an OTLP export's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpOutcome {
+    /// Committed (or spooled): the export's OK.
+    Stored,
+    /// Refused for good, reported in `partial_success`.
+    Rejected,
+    /// The whole export was refused (retried by the exporter, or dropped when it never fits).
+    Refused,
+}
+
+impl OtlpOutcome {
+    pub const ALL: [OtlpOutcome; 3] = [Self::Stored, Self::Rejected, Self::Refused];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Rejected => "rejected",
+            Self::Refused => "refused",
+        }
+    }
+}

@@ -17,6 +17,7 @@
 //! | `sluice_principal_events_total` | counter | `principal` (the first [`TOP_LABEL_VALUES`] principals that sent events, then `other`) |
 //! | `sluice_batch_events`, `sluice_batch_write_seconds` | histogram | |
 //! | `sluice_request_events`, `sluice_event_bytes` | histogram | |
+//! | `sluice_otlp_log_records_total` | counter | `outcome` (`stored`, `rejected` in a partial success, `refused` with the whole export) |
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (every RPC of `rpc::Rpc`), `code` | (until the call's status: a stream's whole life) |
 //! | `sluice_search_steps_cancelled_total` | counter | | (a time-sliced scan's step cancelled at `search.max_scan_time`) |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |

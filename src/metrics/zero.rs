@@ -106,6 +106,9 @@ pub fn register(known: &Known) {
                 .increment(0);
         }
     }
+    for outcome in super::OtlpOutcome::ALL {
+        counter!("sluice_otlp_log_records_total", "outcome" => outcome.as_str()).increment(0);
+    }
     for kind in READ_KINDS {
         counter!("sluice_reads_refused_total", "kind" => kind).increment(0);
     }

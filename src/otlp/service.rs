@@ -11,8 +11,11 @@ use tonic::{Request, Response, Status};
 
 use super::{OtlpError, mapping};
 use crate::{
-    event::EventRejection, ingest::IngestHandler,
-    proto::otlp_logs::logs_service_server::LogsService, rpc::Rpc,
+    event::EventRejection,
+    ingest::IngestHandler,
+    metrics::{self, OtlpOutcome},
+    proto::otlp_logs::logs_service_server::LogsService,
+    rpc::Rpc,
 };
 
 /// How many refusals the `partial_success` message describes; the count covers them all.
@@ -48,11 +51,16 @@ impl OtlpLogsHandler {
             .into_iter()
             .map(|mapped| (mapped.event, mapped.trace_id))
             .unzip();
-        let rejected = self
-            .ingest
-            .ingest_batch(&call, events, &trace_ids)
-            .await
-            .map_err(OtlpError::from)?;
+        let records = events.len();
+        let rejected = match self.ingest.ingest_batch(&call, events, &trace_ids).await {
+            Ok(rejected) => rejected,
+            Err(error) => {
+                metrics::otlp_log_records(OtlpOutcome::Refused, records);
+                return Err(OtlpError::from(error).into());
+            }
+        };
+        metrics::otlp_log_records(OtlpOutcome::Rejected, rejected.len());
+        metrics::otlp_log_records(OtlpOutcome::Stored, records - rejected.len());
         Ok(Response::new(ExportLogsServiceResponse {
             partial_success: partial_success(&rejected),
         }))
