@@ -11,8 +11,10 @@
 //!   retry. A prefix of a request is never taken: a partial success cannot be retried, so the
 //!   rest would be lost.
 //!
-//! [`mapping`] turns a record into an event; [`service`] is the RPC.
+//! [`mapping`] turns a record into an event, writing its metadata as JSON text with
+//! [`json`]; [`service`] is the RPC.
 
+mod json;
 pub mod mapping;
 pub mod service;
 
