@@ -20,7 +20,10 @@ use tokio::sync::Mutex;
 use tonic::{Code, transport::Channel};
 use tonic_types::StatusExt;
 
-use super::{BenchArgs, BenchError, LoadReport};
+use super::{
+    BenchArgs, BenchError,
+    native::{LoadReport, latency_histogram},
+};
 use sluice::proto::{Event, IngestRequest};
 
 /// The workload's requests as OTLP exports, built before timing starts.
@@ -119,11 +122,7 @@ pub async fn load(
         let channel = args.connect.channel().await?;
         clients.push(LogsServiceClient::new(channel).max_decoding_message_size(64 << 20));
     }
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-        1,
-        600_000_000,
-        3,
-    )?));
+    let latency = latency_histogram()?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (client, requests) in clients.into_iter().zip(workload.iter().cloned()) {
