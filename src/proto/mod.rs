@@ -5,9 +5,11 @@
 pub(crate) mod codec;
 pub mod metadata;
 pub(crate) mod status;
+pub mod tail;
 pub(crate) mod wire;
 
 pub use metadata::Metadata;
+pub use tail::TailResponse;
 
 /// Generated from `proto/` by `cargo run -p sluice-protogen` (checked in, so that building
 /// sluice compiles no protobuf compiler; a test fails when it is stale).

@@ -1,6 +1,7 @@
 //! Tail: follows new events as this node's writers store them, like `tail -f`, filtered by
 //! services and user. Every subscriber reads the one shared ring of the [`TailFeed`], whose
-//! batches are converted once for all of them. The stream holds no queue of its own, only the
+//! batches are converted and encoded once for all of them: a subscriber's message is a slice
+//! of those bytes (a copy of some when it filters). The stream holds no queue of its own, only the
 //! rest of the batch it is sending, in messages of at most [`EVENTS_PER_MESSAGE`] events: it
 //! takes the next message when HTTP/2 lets it send, so a subscriber that does not read holds
 //! its place in the ring, one small message and the connection's bounded send buffer, and
@@ -15,7 +16,6 @@ use std::{pin::Pin, sync::Arc};
 use chrono::Utc;
 use futures::Stream;
 use serde_json::Value as Json;
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -23,11 +23,11 @@ use super::{QueryError, Reader, slots::Slot};
 use crate::{
     config::Scope,
     event::ValidEvent,
-    feed::{Converted, TailBatch},
+    feed::{Converted, EncodedBatch, Received, Subscriber},
     filter::check_services,
     metrics,
     privacy::{Privacy, PrivacyError, SharedPrivacy},
-    proto::{Event, Metadata, TailRequest, TailResponse, wire::to_timestamp},
+    proto::{Event, Metadata, TailRequest, TailResponse, tail::encode_event, wire::to_timestamp},
     rpc::{Admission, Call},
 };
 
@@ -76,7 +76,7 @@ pub async fn serve(
 
 /// One subscriber's place in the feed.
 struct Following {
-    batches: broadcast::Receiver<Arc<TailBatch>>,
+    batches: Subscriber,
     services: Vec<String>,
     /// The user, in stored form.
     user: Option<String>,
@@ -86,9 +86,9 @@ struct Following {
     shutdown: CancellationToken,
     /// The stream ended with an error: nothing follows it.
     done: bool,
-    /// Events of the current batch not yet sent: the converted batch, the positions this
+    /// Events of the current batch not yet sent: the encoded batch, the positions this
     /// subscriber wants, and how many of them were sent.
-    unsent: Option<(Arc<[Event]>, Vec<usize>, usize)>,
+    unsent: Option<(Arc<EncodedBatch>, Vec<usize>, usize)>,
     /// Held while the stream is open.
     _slot: Slot,
 }
@@ -118,15 +118,14 @@ impl Following {
                 }
             };
             let batch = match received {
-                Ok(batch) => batch,
-                Err(RecvError::Lagged(missed)) => {
+                Received::Batch(batch) => batch,
+                Received::Missed(missed) => {
                     metrics::tail_batches_missed(missed);
                     return Some(Ok(TailResponse {
-                        events: Vec::new(),
                         missed_batches: missed,
+                        ..TailResponse::default()
                     }));
                 }
-                Err(RecvError::Closed) => return None,
             };
             let wanted: Vec<usize> = batch
                 .events
@@ -165,7 +164,8 @@ impl Following {
 
     /// The next message of the current batch: at most [`EVENTS_PER_MESSAGE`] events, so that
     /// what one stream holds while its client does not read (its encoded message, HTTP/2's
-    /// send buffer) stays small however large the writers' batches are.
+    /// send buffer) stays small however large the writers' batches are. The events are the
+    /// batch's shared encoding: a slice of it when this subscriber wants every event.
     fn next_chunk(&mut self) -> Option<TailResponse> {
         let (events, wanted, sent) = self.unsent.as_mut()?;
         let chunk = &wanted[*sent..wanted.len().min(*sent + EVENTS_PER_MESSAGE)];
@@ -174,23 +174,21 @@ impl Following {
             return None;
         }
         *sent += chunk.len();
-        Some(TailResponse {
-            events: chunk.iter().map(|index| events[*index].clone()).collect(),
-            missed_batches: 0,
-        })
+        Some(TailResponse::encoded(events.entries(chunk)))
     }
 }
 
 /// The most events one Tail message carries (a writer's batch can hold thousands).
 const EVENTS_PER_MESSAGE: usize = 128;
 
-/// A batch as Tail shows it: encrypted values opened for `pii` only.
+/// A batch as Tail shows it, encoded once for every subscriber: encrypted values opened for
+/// `pii` only.
 fn convert(privacy: &Privacy, events: &[ValidEvent], reveal: bool) -> Converted {
-    events
-        .iter()
-        .map(|event| tailed_event(privacy, event, reveal))
-        .collect::<Result<Vec<Event>, PrivacyError>>()
-        .map(Arc::from)
+    EncodedBatch::build(events, |event, bytes| {
+        encode_event(&tailed_event(privacy, event, reveal)?, bytes);
+        Ok(())
+    })
+    .map(Arc::new)
 }
 
 fn tailed_event(
@@ -207,8 +205,7 @@ fn tailed_event(
         message: event.message.clone(),
         timestamp: Some(to_timestamp(event.timestamp)),
         user_id: event.user_id.clone().unwrap_or_default(),
-        // Text only, with no parsed object kept beside it: each subscriber's copy of the
-        // event is then one buffer, not a tree.
+        // Text only, with no parsed object kept beside it: encoded as it is.
         metadata: match metadata {
             Json::Object(object) => {
                 let entries = object.len();

@@ -978,15 +978,6 @@ pub struct TailRequest {
     #[prost(string, tag = "2")]
     pub user_id: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, ::prost::Message)]
-pub struct TailResponse {
-    /// Newly stored events, oldest first within the batch.
-    #[prost(message, repeated, tag = "1")]
-    pub events: ::prost::alloc::vec::Vec<Event>,
-    /// Batches skipped since the last message because this subscriber fell behind.
-    #[prost(uint64, tag = "2")]
-    pub missed_batches: u64,
-}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
 pub enum Order {
@@ -1342,7 +1333,7 @@ pub mod query_service_client {
             &mut self,
             request: impl tonic::IntoRequest<super::TailRequest>,
         ) -> std::result::Result<
-            tonic::Response<tonic::codec::Streaming<super::TailResponse>>,
+            tonic::Response<tonic::codec::Streaming<crate::proto::tail::TailResponse>>,
             tonic::Status,
         > {
             self.inner
@@ -1453,7 +1444,10 @@ pub mod query_service_server {
         >;
         /// Server streaming response type for the Tail method.
         type TailStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::TailResponse, tonic::Status>,
+                Item = std::result::Result<
+                    crate::proto::tail::TailResponse,
+                    tonic::Status,
+                >,
             >
             + std::marker::Send
             + 'static;
@@ -1959,7 +1953,7 @@ pub mod query_service_server {
                         T: QueryService,
                     > tonic::server::ServerStreamingService<super::TailRequest>
                     for TailSvc<T> {
-                        type Response = super::TailResponse;
+                        type Response = crate::proto::tail::TailResponse;
                         type ResponseStream = T::TailStream;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,

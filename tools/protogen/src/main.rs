@@ -52,6 +52,11 @@ fn generate(root: &Path, out: &Path) -> Result<(), Box<dyn Error>> {
             ".google.protobuf.Struct",
             "crate::proto::metadata::Metadata",
         )
+        // Written by hand so that Tail can send events encoded once for all subscribers.
+        .extern_path(
+            ".sluice.v1.TailResponse",
+            "crate::proto::tail::TailResponse",
+        )
         .compile_fds(file_descriptors)?;
     // OTLP's LogsService: only the server, over the opentelemetry-proto crate's messages,
     // with the same strict codec (a malformed export is INVALID_ARGUMENT, as OTLP asks).
