@@ -63,6 +63,11 @@ impl EncodedBatch {
         self.ends.is_empty()
     }
 
+    /// The encoded size of event `position`'s entry.
+    pub fn entry_len(&self, position: usize) -> usize {
+        self.span(position..position + 1).len()
+    }
+
     /// The entries of the events at `positions` (ascending), concatenated: a slice of the
     /// shared bytes when the positions follow each other, a copy of the entries otherwise.
     pub fn entries(&self, positions: &[usize]) -> Bytes {

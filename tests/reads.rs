@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ServerSpec, TestDatabase, TestServer, event, metric_sum, publish, query_all};
+use prost::Message;
 use sluice::proto::{
     Event, ExportChunk, ExportRequest, QueryRequest, StatsRequest, TailRequest,
     query_service_client::QueryServiceClient,
@@ -347,7 +348,8 @@ async fn tail_streams_are_capped_per_principal_and_a_slow_one_is_told_what_it_mi
 /// A writer's batch of thousands of events reaches a subscriber in small messages, so that a
 /// stream whose client stops reading holds one small message, not a whole batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_batch_reaches_a_tail_subscriber_in_messages_of_at_most_128_events() {
+async fn a_large_batch_reaches_a_tail_subscriber_in_order_in_messages_of_at_most_128_events_and_16_kib()
+ {
     common::init_crypto();
     let database = TestDatabase::create().await;
     let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
@@ -358,12 +360,13 @@ async fn a_large_batch_reaches_a_tail_subscriber_in_messages_of_at_most_128_even
         .expect("tail")
         .into_inner();
     let mut ingest = server.ingest_client().await;
+    // 100-byte messages: 128 events would be more than 16 KiB.
     let events: Vec<Event> = (0..1_000)
-        .map(|index| event("chunked", &format!("event {index}")))
+        .map(|index| event("chunked", &format!("event {index:>94}")))
         .collect();
     publish(&mut ingest, events).await;
-    let (mut received, mut messages) = (0, 0);
-    while received < 1_000 {
+    let (mut received, mut messages) = (Vec::new(), 0);
+    while received.len() < 1_000 {
         let response = tokio::time::timeout(Duration::from_secs(10), tail.next())
             .await
             .expect("a message in time")
@@ -374,10 +377,18 @@ async fn a_large_batch_reaches_a_tail_subscriber_in_messages_of_at_most_128_even
             "{} events",
             response.events.len()
         );
-        received += response.events.len();
+        assert!(
+            response.encoded_len() <= 16 * 1024,
+            "{} bytes",
+            response.encoded_len()
+        );
+        received.extend(response.events.into_iter().map(|event| event.message));
         messages += 1;
     }
-    assert_eq!(received, 1_000);
+    let expected: Vec<String> = (0..1_000)
+        .map(|index| format!("event {index:>94}"))
+        .collect();
+    assert_eq!(received, expected, "every event once, in order");
     assert!(messages >= 8, "{messages} messages");
 }
 

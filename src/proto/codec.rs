@@ -3,7 +3,10 @@
 //! limit) is the client's fault and gets INVALID_ARGUMENT with a BadRequest that says what was
 //! wrong, not prost's INTERNAL.
 
-use std::{any::Any, marker::PhantomData};
+use std::{
+    any::{Any, TypeId},
+    marker::PhantomData,
+};
 
 use bytes::Buf;
 use prost::{
@@ -16,7 +19,7 @@ use tonic::{
 };
 use tonic_prost::ProstEncoder;
 
-use crate::proto::{IngestRequest, status::bad_request};
+use crate::proto::{IngestRequest, TailResponse, status::bad_request, tail};
 
 /// The field a BadRequest names for a request that does not decode.
 pub const MALFORMED_FIELD: &str = "request";
@@ -46,7 +49,7 @@ where
     type Decoder = StrictProstDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::default())
+        ProstEncoder::new(encoder_settings::<T>())
     }
 
     fn decoder(&mut self) -> Self::Decoder {
@@ -84,6 +87,16 @@ impl<U: Message + Default + 'static> Decoder for StrictProstDecoder<U> {
     fn buffer_settings(&self) -> BufferSettings {
         BufferSettings::default()
     }
+}
+
+/// How much a response stream's encoder gathers before yielding to HTTP/2: tonic's default,
+/// except for Tail, whose streams are many, long-lived and often not read
+/// ([`tail::MESSAGE_BYTES`]).
+fn encoder_settings<T: 'static>() -> BufferSettings {
+    if TypeId::of::<T>() == TypeId::of::<TailResponse>() {
+        return BufferSettings::new(tail::MESSAGE_BYTES, tail::MESSAGE_BYTES);
+    }
+    BufferSettings::default()
 }
 
 /// The fewest encoded bytes per event that pre-sizing counts on: a request of smaller

@@ -12,6 +12,11 @@ use prost::{
 
 use super::Event;
 
+/// The size Tail's messages keep to (each carries at least one event, however large), and
+/// the most its stream's encoder gathers before handing bytes to HTTP/2: a stream whose
+/// client does not read then holds little beyond HTTP/2's own send buffer.
+pub const MESSAGE_BYTES: usize = 16 * 1024;
+
 /// The field number of `events`.
 pub const EVENTS_FIELD: u32 = 1;
 /// The field number of `missed_batches`.

@@ -1,17 +1,20 @@
 //! Tail: follows new events as this node's writers store them, like `tail -f`, filtered by
 //! services and user. Every subscriber reads the one shared ring of the [`TailFeed`], whose
 //! batches are converted and encoded once for all of them: a subscriber's message is a slice
-//! of those bytes (a copy of some when it filters). The stream holds no queue of its own, only the
-//! rest of the batch it is sending, in messages of at most [`EVENTS_PER_MESSAGE`] events: it
-//! takes the next message when HTTP/2 lets it send, so a subscriber that does not read holds
-//! its place in the ring, one small message and the connection's bounded send buffer, and
-//! one that reads too slowly skips batches and is told how many (`missed_batches`,
-//! `sluice_tail_batches_missed_total`). Subscribers are capped per principal and per node
-//! (`reads.max_tails*`).
+//! of those bytes (a copy of the entries it wants when it filters). The stream holds no queue
+//! of its own, only its place in the batch it is sending, which it holds weakly, in messages
+//! of at most [`EVENTS_PER_MESSAGE`] events and [`MESSAGE_BYTES`]: it takes the next message
+//! when HTTP/2 lets it send, so a subscriber that does not read holds its place in the ring
+//! and the connection's bounded send buffer, and one that reads too slowly skips batches and
+//! is told how many (`missed_batches`, `sluice_tail_batches_missed_total`). Subscribers are
+//! capped per principal and per node (`reads.max_tails*`).
 //!
 //! [`TailFeed`]: crate::feed::TailFeed
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    pin::Pin,
+    sync::{Arc, Weak},
+};
 
 use chrono::Utc;
 use futures::Stream;
@@ -21,13 +24,18 @@ use tonic::Status;
 
 use super::{QueryError, Reader, slots::Slot};
 use crate::{
+    auth::Caller,
     config::Scope,
     event::ValidEvent,
-    feed::{Converted, EncodedBatch, Received, Subscriber},
+    feed::{Converted, EncodedBatch, Received, Subscriber, TailBatch},
     filter::check_services,
     metrics,
     privacy::{Privacy, PrivacyError, SharedPrivacy},
-    proto::{Event, Metadata, TailRequest, TailResponse, tail::encode_event, wire::to_timestamp},
+    proto::{
+        Event, Metadata, TailRequest, TailResponse,
+        tail::{MESSAGE_BYTES, encode_event},
+        wire::to_timestamp,
+    },
     rpc::{Admission, Call},
 };
 
@@ -86,9 +94,8 @@ struct Following {
     shutdown: CancellationToken,
     /// The stream ended with an error: nothing follows it.
     done: bool,
-    /// Events of the current batch not yet sent: the encoded batch, the positions this
-    /// subscriber wants, and how many of them were sent.
-    unsent: Option<(Arc<EncodedBatch>, Vec<usize>, usize)>,
+    /// The batch being sent, while it holds more for this subscriber.
+    unsent: Option<Sending>,
     /// Held while the stream is open.
     _slot: Slot,
 }
@@ -99,10 +106,10 @@ impl Following {
         if self.done {
             return None;
         }
-        if let Some(message) = self.next_chunk() {
-            return Some(Ok(message));
-        }
         loop {
+            if let Some(message) = self.next_chunk() {
+                return Some(message);
+            }
             let received = tokio::select! {
                 received = self.batches.recv() => received,
                 // Shutdown ends Tail streams instead of waiting for them.
@@ -117,47 +124,16 @@ impl Following {
                     return Some(Err(error.into()));
                 }
             };
-            let batch = match received {
-                Received::Batch(batch) => batch,
-                Received::Missed(missed) => {
-                    metrics::tail_batches_missed(missed);
-                    return Some(Ok(TailResponse {
-                        missed_batches: missed,
-                        ..TailResponse::default()
-                    }));
+            match received {
+                Received::Batch(batch) => {
+                    self.unsent = Some(Sending {
+                        batch: Arc::downgrade(&batch),
+                        reveal: caller.has_scope(Scope::Pii),
+                        caller,
+                        position: 0,
+                    });
                 }
-            };
-            let wanted: Vec<usize> = batch
-                .events
-                .iter()
-                .enumerate()
-                .filter(|(_, event)| {
-                    caller.may_use(&event.service)
-                        && (self.services.is_empty() || self.services.contains(&event.service))
-                        && self
-                            .user
-                            .as_ref()
-                            .is_none_or(|user| event.user_id.as_ref() == Some(user))
-                })
-                .map(|(index, _)| index)
-                .collect();
-            if wanted.is_empty() {
-                continue;
-            }
-            let reveal = caller.has_scope(Scope::Pii);
-            let privacy = self.privacy.load();
-            let converted = batch.converted(reveal, |events| convert(&privacy, events, reveal));
-            match converted {
-                Ok(events) => {
-                    self.unsent = Some((events, wanted, 0));
-                    if let Some(message) = self.next_chunk() {
-                        return Some(Ok(message));
-                    }
-                }
-                Err(error) => {
-                    self.done = true;
-                    return Some(Err(QueryError::from(error).into()));
-                }
+                Received::Missed(missed) => return Some(Ok(missed_batches(missed))),
             }
         }
     }
@@ -165,17 +141,70 @@ impl Following {
     /// The next message of the current batch: at most [`EVENTS_PER_MESSAGE`] events, so that
     /// what one stream holds while its client does not read (its encoded message, HTTP/2's
     /// send buffer) stays small however large the writers' batches are. The events are the
-    /// batch's shared encoding: a slice of it when this subscriber wants every event.
-    fn next_chunk(&mut self) -> Option<TailResponse> {
-        let (events, wanted, sent) = self.unsent.as_mut()?;
-        let chunk = &wanted[*sent..wanted.len().min(*sent + EVENTS_PER_MESSAGE)];
+    /// batch's shared encoding: a slice of it when this subscriber wants every event. None
+    /// once the batch holds nothing more for this subscriber.
+    fn next_chunk(&mut self) -> Option<Result<TailResponse, Status>> {
+        let sending = self.unsent.as_mut()?;
+        let Some(batch) = sending.batch.upgrade() else {
+            // The batch left the ring while the client was not reading: it missed the rest.
+            self.unsent = None;
+            return Some(Ok(missed_batches(1)));
+        };
+        let reveal = sending.reveal;
+        let privacy = self.privacy.load();
+        let encoded = match batch.converted(reveal, |events| convert(&privacy, events, reveal)) {
+            Ok(encoded) => encoded,
+            Err(error) => {
+                self.done = true;
+                return Some(Err(QueryError::from(error).into()));
+            }
+        };
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for (position, event) in batch.events.iter().enumerate().skip(sending.position) {
+            let wanted = sending.caller.may_use(&event.service)
+                && (self.services.is_empty() || self.services.contains(&event.service))
+                && self
+                    .user
+                    .as_ref()
+                    .is_none_or(|user| event.user_id.as_ref() == Some(user));
+            if wanted {
+                let len = encoded.entry_len(position);
+                let full = chunk.len() == EVENTS_PER_MESSAGE || bytes + len > MESSAGE_BYTES;
+                if full && !chunk.is_empty() {
+                    break;
+                }
+                chunk.push(position);
+                bytes += len;
+            }
+            sending.position = position + 1;
+        }
         if chunk.is_empty() {
             self.unsent = None;
             return None;
         }
-        *sent += chunk.len();
-        Some(TailResponse::encoded(events.entries(chunk)))
+        Some(Ok(TailResponse::encoded(encoded.entries(&chunk))))
     }
+}
+
+/// The message that tells a subscriber how many batches it missed.
+fn missed_batches(missed: u64) -> TailResponse {
+    metrics::tail_batches_missed(missed);
+    TailResponse {
+        missed_batches: missed,
+        ..TailResponse::default()
+    }
+}
+
+/// Where a subscriber is in the batch it is sending. The batch is held weakly: a client that
+/// does not read holds no batch the ring has let go.
+struct Sending {
+    batch: Weak<TailBatch>,
+    /// The caller's rights when the batch arrived, which filter it.
+    caller: Caller,
+    reveal: bool,
+    /// The next event of the batch to consider.
+    position: usize,
 }
 
 /// The most events one Tail message carries (a writer's batch can hold thousands).

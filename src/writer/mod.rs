@@ -211,20 +211,15 @@ impl Writer {
         if self.target.stores() {
             count_services(&events, &outcomes, &self.context.counters);
         }
-        if self.target.stores() && self.context.tail.has_subscribers() {
-            let stored = events
-                .iter()
-                .zip(&outcomes)
-                .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
-                .map(|(event, _)| (*event).clone())
-                .collect();
-            self.context.tail.publish(stored);
-        }
         self.context
             .buffer
             .record_drained(events.len(), started.elapsed());
         drop(events);
-        acknowledge(batch, outcomes, &self.context.counters);
+        let tailed = self.target.stores() && self.context.tail.has_subscribers();
+        let stored = acknowledge(batch, outcomes, &self.context.counters, tailed);
+        if tailed {
+            self.context.tail.publish(stored);
+        }
     }
 
     /// Writes `events` (with their positions in the batch) until PostgreSQL or the spool
@@ -320,14 +315,29 @@ fn count_services(events: &[&ValidEvent], outcomes: &[Option<EventOutcome>], cou
 }
 
 /// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the
-/// envelope afterwards releases its buffer permits.
-fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<Option<EventOutcome>>, counters: &Counters) {
+/// envelope afterwards releases its buffer permits. With `keep_stored`, returns the events
+/// stored (moved, not copied, for Tail); otherwise nothing.
+fn acknowledge(
+    batch: Vec<Envelope>,
+    outcomes: Vec<Option<EventOutcome>>,
+    counters: &Counters,
+    keep_stored: bool,
+) -> Vec<ValidEvent> {
     let mut outcomes = outcomes.into_iter();
-    for envelope in batch {
+    let mut stored = Vec::new();
+    for mut envelope in batch {
         let mut durable = Durable::default();
-        for (event, outcome) in envelope.events.iter().zip(outcomes.by_ref()) {
+        for (event, outcome) in std::mem::take(&mut envelope.events)
+            .into_iter()
+            .zip(outcomes.by_ref())
+        {
             match outcome {
-                Some(EventOutcome::Stored) => durable.stored += 1,
+                Some(EventOutcome::Stored) => {
+                    durable.stored += 1;
+                    if keep_stored {
+                        stored.push(event);
+                    }
+                }
                 // Accepted, then erased by a Delete or Anonymize that covered it: the client's
                 // event was taken, as the call's ack says.
                 Some(EventOutcome::Erased) => durable.stored += 1,
@@ -365,6 +375,7 @@ fn acknowledge(batch: Vec<Envelope>, outcomes: Vec<Option<EventOutcome>>, counte
         // A closed receiver means the client went away; its events are durable regardless.
         let _ = envelope.ack.send(durable);
     }
+    stored
 }
 
 #[cfg(test)]
