@@ -23,7 +23,7 @@ pub const TAIL_BATCHES: usize = 64;
 /// ...and the most bytes of events (as the buffer counts them, [`ValidEvent::weight`]); the
 /// newest batch is kept whatever its size. Each batch's wire forms, made while subscribers
 /// read it, come on top: at most about as much again per form (masked, and opened for `pii`).
-pub const TAIL_RING_BYTES: usize = 16 * 1024 * 1024;
+pub const TAIL_RING_BYTES: usize = 8 * 1024 * 1024;
 
 /// A batch's events as Tail sends them, or why they cannot be shown.
 pub type Converted = Result<Arc<EncodedBatch>, PrivacyError>;

@@ -31,7 +31,7 @@ use crate::{
 /// The most HTTP/2 queues for one response stream beyond what its client's flow-control
 /// window takes (hyper's default is 400 KB): a stream whose client stops reading, such as an
 /// idle Tail, holds this much at most.
-const MAX_SEND_BUFFER: usize = 64 * 1024;
+const MAX_SEND_BUFFER: usize = 32 * 1024;
 
 /// The `listener` field of the "listening" log lines, which tools read to find the ports.
 pub const GRPC_LISTENER: &str = "grpc";
