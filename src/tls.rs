@@ -238,6 +238,14 @@ pub fn server_tls_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError>
     Ok(Arc::new(server))
 }
 
+/// `grpc`'s mTLS configuration for an HTTP/1.1 port (OTLP/HTTP): the same identity and client
+/// verification, with ALPN offering HTTP/1.1.
+pub fn for_http1(grpc: &ServerConfig) -> Arc<ServerConfig> {
+    let mut http1 = grpc.clone();
+    http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(http1)
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem_error = |source| TlsError::Pem {
         path: path.to_owned(),

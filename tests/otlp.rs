@@ -2,7 +2,9 @@
 //! Python SDK (logging handler, batch processor, OTLP/gRPC exporter with mTLS) sends to
 //! sluice unchanged and every record is stored once, found by its user and its trace; stock
 //! exporters retry sluice's UNAVAILABLE + RetryInfo by themselves; a tonic OTLP client sends
-//! zstd, a compression bomb, every AnyValue kind and records refused for good.
+//! zstd, a compression bomb, every AnyValue kind and records refused for good. OTLP/HTTP: the
+//! stock Python SDK's HTTP exporter, and an HTTPS client sending OTLP/JSON and compressed
+//! protobuf, bombs, malformed bodies, and requests refused for rights or a full buffer.
 
 mod common;
 
@@ -29,6 +31,9 @@ fn emit_logs(server: &TestServer, env: &[(&str, &str)]) -> serde_json::Value {
         ))
         .env("SLUICE_ADDR", format!("localhost:{}", server.addr.port()))
         .env("SLUICE_CERTS", &server.cert_dir)
+        // requests lets these override the exporter's own `certificate_file`.
+        .env_remove("REQUESTS_CA_BUNDLE")
+        .env_remove("CURL_CA_BUNDLE")
         .envs(env.iter().copied())
         .output()
         .expect("run the OpenTelemetry SDK");
@@ -458,4 +463,343 @@ async fn node_sdk_logs_over_otlp_grpc_are_stored_once_with_their_user_and_severi
     assert_eq!(metadata["severity_text"], "ERROR", "{metadata:?}");
     assert_eq!(metadata["attributes"]["order.id"], 0);
     assert_eq!(metadata["scope"]["name"], "emit_logs");
+}
+
+/// A server with OTLP/HTTP on a port of its own.
+fn with_otlp_http(spec: ServerSpec) -> ServerSpec {
+    spec.env("SLUICE_OTLP__HTTP_LISTEN", "127.0.0.1:0")
+}
+
+fn logs_url(server: &TestServer) -> String {
+    let port = server.otlp_http_addr.expect("otlp/http listener").port();
+    format!("https://localhost:{port}/v1/logs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_logs_over_otlp_http_are_stored_once_and_found_by_trace() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(with_otlp_http(ServerSpec::with_database(&database.url))).await;
+    let port = server.otlp_http_addr.expect("otlp/http listener").port();
+    let report = emit_logs(
+        &server,
+        &[
+            ("PROTOCOL", "http"),
+            ("SLUICE_ADDR", &format!("localhost:{port}")),
+            ("RECORDS", "1000"),
+            ("SENDERS", "2"),
+            ("SERVICE", "storefront"),
+            ("OTEL_EXPORTER_OTLP_LOGS_COMPRESSION", "gzip"),
+        ],
+    );
+    assert_eq!(report["export_errors"], 0, "{report}");
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'storefront'")
+            .await,
+        1000,
+        "every record stored once"
+    );
+    let mut query = server.query_client().await;
+    for trace_id in report["trace_ids"].as_array().expect("trace ids") {
+        let trace_id = trace_id.as_str().expect("hex");
+        let traced = query_all(
+            &mut query,
+            QueryRequest {
+                trace_id: trace_id.to_owned(),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(traced.len(), 500, "trace {trace_id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_takes_json_and_compressed_protobuf_and_answers_each_refusal_with_its_code() {
+    use prost::Message;
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(with_otlp_http(ServerSpec::with_database(&database.url))).await;
+    let client = common::https_client(&server, Some("client"));
+    let url = logs_url(&server);
+    // OTLP/JSON: hex ids, the enum as a number, 64-bit integers as strings, every AnyValue.
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let json = serde_json::json!({"resourceLogs": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "web"}}]},
+        "scopeLogs": [{
+            "scope": {"name": "http-test", "version": "1.0"},
+            "logRecords": [{
+                "timeUnixNano": now.to_string(),
+                "severityNumber": 13,
+                "severityText": "WARN",
+                "traceId": "4bf92f3577b34da6a3ce929d0e0e4736",
+                "spanId": "00f067aa0ba902b7",
+                "body": {"stringValue": "json over http"},
+                "attributes": [
+                    {"key": "enduser.id", "value": {"stringValue": "u-http"}},
+                    {"key": "count", "value": {"intValue": "9007199254740993"}},
+                    {"key": "ratio", "value": {"doubleValue": 0.5}},
+                    {"key": "ok", "value": {"boolValue": true}},
+                    {"key": "raw", "value": {"bytesValue": "aGVsbG8="}},
+                    {"key": "list", "value": {"arrayValue": {"values": [
+                        {"stringValue": "a"}, {"intValue": "2"}]}}},
+                    {"key": "map", "value": {"kvlistValue": {"values": [
+                        {"key": "k", "value": {"stringValue": "v"}}]}}}
+                ]
+            }]
+        }]
+    }]});
+    let answer = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(json.to_string())
+        .send()
+        .await
+        .expect("send json");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "application/json");
+    let body: serde_json::Value =
+        serde_json::from_slice(&answer.bytes().await.expect("body")).expect("json answer");
+    assert!(body["partialSuccess"].is_null(), "{body}");
+    let mut query = server.query_client().await;
+    let found = query_all(
+        &mut query,
+        QueryRequest {
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
+            limit: 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].message, "json over http");
+    assert_eq!(found[0].service, "web");
+    assert_eq!(found[0].user_id, "u-http");
+    let metadata = found[0]
+        .metadata
+        .clone()
+        .map(|metadata| metadata.into_object())
+        .unwrap_or_default();
+    assert_eq!(metadata["severity_text"], "WARN");
+    assert_eq!(metadata["span_id"], "00f067aa0ba902b7");
+    assert_eq!(
+        metadata["attributes"],
+        serde_json::json!({"count": "9007199254740993", "ratio": 0.5, "ok": true,
+            "raw": "aGVsbG8=", "list": ["a", 2], "map": {"k": "v"}}),
+    );
+    // Protobuf, zstd-compressed: the answer is protobuf.
+    let records = (0..50)
+        .map(|index| record_now(&format!("zstd {index}")))
+        .collect();
+    let protobuf = logs_request("web", records).encode_to_vec();
+    let answer = client
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "zstd")
+        .body(zstd::encode_all(&protobuf[..], 3).expect("zstd"))
+        .send()
+        .await
+        .expect("send zstd");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-type"], "application/x-protobuf");
+    let body = answer.bytes().await.expect("body");
+    let response =
+        opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse::decode(body)
+            .expect("protobuf answer");
+    assert_eq!(response.partial_success, None);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'web'")
+            .await,
+        51
+    );
+    // A gzip bomb: 64 MiB of zeros in about 64 KiB, over the 16 MiB cap once inflated.
+    let bomb = {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder
+            .write_all(&vec![0u8; 64 * 1024 * 1024])
+            .expect("gzip");
+        encoder.finish().expect("gzip")
+    };
+    let refused = client
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .expect("send bomb");
+    assert_eq!(refused.status(), 413);
+    // Malformed JSON and protobuf: 400, with a google.rpc.Status in the request's encoding.
+    let refused = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{\"resourceLogs\": [")
+        .send()
+        .await
+        .expect("send bad json");
+    assert_eq!(refused.status(), 400);
+    let status: serde_json::Value =
+        serde_json::from_slice(&refused.bytes().await.expect("body")).expect("json status");
+    assert_eq!(status["code"], Code::InvalidArgument as i32, "{status}");
+    let refused = client
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .body(vec![0xff, 0xff, 0xff, 0xff])
+        .send()
+        .await
+        .expect("send bad protobuf");
+    assert_eq!(refused.status(), 400);
+    let status = tonic_types::pb::Status::decode(refused.bytes().await.expect("body"))
+        .expect("google.rpc.Status");
+    assert_eq!(status.code, Code::InvalidArgument as i32);
+    // Not OTLP/HTTP: an unknown type, an unknown encoding, another method.
+    let refused = client
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .expect("send text");
+    assert_eq!(refused.status(), 415);
+    let refused = client
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .header("content-encoding", "br")
+        .body(protobuf.clone())
+        .send()
+        .await
+        .expect("send br");
+    assert_eq!(refused.status(), 415);
+    let refused = client.get(&url).send().await.expect("get");
+    assert_eq!(refused.status(), 405);
+    assert_eq!(
+        database
+            .scalar("SELECT count(*) FROM events WHERE service = 'web'")
+            .await,
+        51,
+        "nothing refused was stored"
+    );
+    // Without a client certificate, no request gets through the handshake.
+    let anonymous = common::https_client(&server, None);
+    let refused = anonymous
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .body(protobuf)
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    let metrics = server.metrics().await;
+    assert!(
+        metric_sum(
+            &metrics,
+            "sluice_rpc_duration_seconds_count",
+            "method=\"OtlpLogs\",code=\"OK\""
+        ) >= 2.0,
+        "OTLP/HTTP calls are recorded like every RPC"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_refuses_a_full_buffer_with_503_and_retry_after_and_a_missing_scope_with_403() {
+    use prost::Message;
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(
+        with_otlp_http(ServerSpec::with_database(&database.url))
+            .env("SLUICE_BUFFER__MAX_EVENTS", "10")
+            .env("SLUICE_BUFFER__ADMIT_WAIT", "0s")
+            .toml(
+                r#"
+[[auth.principals]]
+name = "reader"
+scopes = ["query"]
+
+[[auth.principals]]
+name = "client"
+scopes = ["ingest"]
+"#,
+            ),
+    )
+    .await;
+    issue_certificate(&server, "reader");
+    let reader = common::https_client(&server, Some("reader"));
+    let url = logs_url(&server);
+    let request = |count: usize| {
+        let records = (0..count)
+            .map(|index| record_now(&format!("r{index}")))
+            .collect();
+        logs_request("full", records).encode_to_vec()
+    };
+    let refused = reader
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .body(request(1))
+        .send()
+        .await
+        .expect("send as reader");
+    assert_eq!(refused.status(), 403);
+    let status = tonic_types::pb::Status::decode(refused.bytes().await.expect("body"))
+        .expect("google.rpc.Status");
+    assert_eq!(status.code, Code::PermissionDenied as i32);
+    // Eight records fill the buffer while the writers are held; the next eight are refused
+    // whole, with the advice exporters follow.
+    let stalled = database.stall_writers().await;
+    let client = common::https_client(&server, Some("client"));
+    let first = tokio::spawn({
+        let (client, url, body) = (client.clone(), url.clone(), request(8));
+        async move {
+            client
+                .post(&url)
+                .header("content-type", "application/x-protobuf")
+                .body(body)
+                .send()
+                .await
+                .expect("send first")
+                .status()
+        }
+    });
+    // The first request's events are in the buffer once a writer's COPY waits on the lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while database
+        .scalar(
+            "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) \
+             WHERE NOT granted AND query ILIKE 'COPY%'",
+        )
+        .await
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline && !first.is_finished(),
+            "no writer waits"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = client
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .body(request(8))
+        .send()
+        .await
+        .expect("send second");
+    assert_eq!(
+        refused.status(),
+        503,
+        "{:?}",
+        refused.headers().get("retry-after")
+    );
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry_after >= 1, "{retry_after}");
+    let status = tonic_types::pb::Status::decode(refused.bytes().await.expect("body"))
+        .expect("google.rpc.Status");
+    assert_eq!(status.code, Code::Unavailable as i32);
+    TestDatabase::resume_writers(stalled).await;
+    assert_eq!(first.await.expect("first"), 200);
 }

@@ -1,4 +1,7 @@
-//! `[otlp]`: OpenTelemetry logs in (`LogsService/Export` on the gRPC listener).
+//! `[otlp]`: OpenTelemetry logs in (`LogsService/Export` on the gRPC listener, and
+//! `POST /v1/logs` on a listener of its own when `http_listen` is set).
+
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use smart_default::SmartDefault;
@@ -16,6 +19,9 @@ pub struct OtlpConfig {
     /// bomb) is refused before it is held in memory.
     #[default(16 * 1024 * 1024)]
     pub max_request_bytes: usize,
+    /// Address of the OTLP/HTTP listener (`POST /v1/logs`), with the gRPC port's TLS and
+    /// client certificates; unset (the default) serves OTLP over gRPC only.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl OtlpConfig {

@@ -12,8 +12,9 @@
 //!   rest would be lost.
 //!
 //! [`mapping`] turns a record into an event, writing its metadata as JSON text with
-//! [`json`]; [`service`] is the RPC.
+//! [`json`]; [`service`] is the RPC; [`http`] serves the same export as OTLP/HTTP.
 
+pub mod http;
 mod json;
 pub mod mapping;
 pub mod service;

@@ -37,7 +37,8 @@ impl OtlpLogsHandler {
         }
     }
 
-    async fn export_call(
+    /// One export, from either protocol: gRPC, or OTLP/HTTP's body made into a request.
+    pub(crate) async fn export_call(
         &self,
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {

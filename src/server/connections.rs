@@ -1,18 +1,16 @@
-//! Serving HTTP/2 connections, with the settings tonic's own server does not expose: each
-//! connection from the accept loop is served by hyper with the layered routes, its connect
-//! info (peer address, client certificate) in every request's extensions as tonic's server
-//! puts it, and a bounded send buffer per stream. On the stop signal the accept loop is
-//! dropped (no new connections), every connection is asked to finish gracefully (GOAWAY;
-//! calls in flight complete), and serving ends when the last one has closed.
+//! Serving connections, with the settings tonic's own server does not expose: each
+//! connection from the accept loop is served by hyper (HTTP/2 for gRPC, HTTP/1.1 for
+//! OTLP/HTTP) with the layered routes, its connect info (peer address, client certificate) in
+//! every request's extensions as tonic's server puts it. On the stop signal the accept loop
+//! is dropped (no new connections), every connection is asked to finish gracefully (GOAWAY,
+//! or closing after the response in flight; calls in flight complete), and serving ends when
+//! the last one has closed.
 
-use std::{convert::Infallible, io};
+use std::{convert::Infallible, fmt::Display, io};
 
 use futures::{Stream, StreamExt};
 use hyper::body::Incoming;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    service::TowerToHyperService,
-};
+use hyper_util::{server::graceful::GracefulConnection, service::TowerToHyperService};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
@@ -24,23 +22,40 @@ use tonic::{
 };
 use tower::{Service, ServiceExt};
 
-/// Serves every connection of `incoming` with `service` until `stop` resolves, then waits for
-/// the open connections to finish.
-pub async fn serve<IO, S, ResBody>(
-    incoming: impl Stream<Item = io::Result<IO>>,
+/// `service` for one connection, as hyper calls it: each request carries the connection's
+/// `info` in its extensions, where tonic's server would put it.
+pub fn for_connection<S, ResBody, Info>(
     service: S,
-    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    info: Info,
+) -> TowerToHyperService<
+    impl Service<
+        Request<Incoming>,
+        Response = Response<ResBody>,
+        Error = Infallible,
+        Future = S::Future,
+    > + Clone,
+>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>, Error = Infallible> + Clone,
+    Info: Clone + Send + Sync + 'static,
+{
+    TowerToHyperService::new(service.map_request(move |request: Request<Incoming>| {
+        let mut request = request.map(Body::new);
+        request.extensions_mut().insert(info.clone());
+        request
+    }))
+}
+
+/// Serves every connection of `incoming`, each made into a hyper connection by `connect`,
+/// until `stop` resolves, then waits for the open connections to finish.
+pub async fn serve<IO, C>(
+    incoming: impl Stream<Item = io::Result<IO>>,
+    connect: impl Fn(IO) -> C,
     stop: impl Future<Output = ()>,
 ) where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
-    S: Service<Request<Body>, Response = Response<ResBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    ResBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    ResBody::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    C: GracefulConnection + Send + 'static,
+    C::Error: Display,
 {
     // Each connection holds a receiver: the sender learns when all are gone.
     let (stopping, watching) = watch::channel(false);
@@ -58,16 +73,7 @@ pub async fn serve<IO, S, ResBody>(
                     None => break,
                 },
             };
-            let info = io.connect_info();
-            let service = service
-                .clone()
-                .map_request(move |request: Request<Incoming>| {
-                    let mut request = request.map(Body::new);
-                    request.extensions_mut().insert(info.clone());
-                    request
-                });
-            let connection =
-                http2.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+            let connection = connect(io);
             let mut watching = watching.clone();
             tokio::spawn(async move {
                 let mut connection = std::pin::pin!(connection);

@@ -1,9 +1,10 @@
 //! The accept loop, built to survive hostile peers:
 //! - at most `grpc.max_connections` connections are open (in handshake or served); one more is
 //!   closed at once and counted;
-//! - a connection must finish its TLS handshake **and** send the HTTP/2 preface within
-//!   `grpc.handshake_timeout`, or it is closed and counted; handshakes run on their own tasks,
-//!   so a slow one never holds up the next accept;
+//! - a connection must finish its TLS handshake **and**, on the gRPC port, send the HTTP/2
+//!   preface within `grpc.handshake_timeout`, or it is closed and counted (OTLP/HTTP's port
+//!   leaves the first request's headers to hyper's timeout of the same length); handshakes run
+//!   on their own tasks, so a slow one never holds up the next accept;
 //! - `accept` failures (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially, are logged at
 //!   most once per interval and counted: the loop never spins.
 //!
@@ -54,6 +55,9 @@ pub struct Limits {
     /// these slots, never the ones of served connections.
     pub max_handshakes: usize,
     pub handshake_timeout: Duration,
+    /// Whether a connection must send the HTTP/2 preface within the handshake timeout (the
+    /// gRPC port); an HTTP/1.1 port leaves the first request to hyper's header timeout.
+    pub http2_preface: bool,
 }
 
 /// Accepts on `listener` until the returned stream is dropped. With `tls`, connections are
@@ -152,7 +156,7 @@ async fn accept_loop<S, E>(
             let _handshaking = handshaking;
             let connection = match tokio::time::timeout(
                 limits.handshake_timeout,
-                handshake_then_preface(handshake),
+                handshake_then_preface(handshake, limits.http2_preface),
             )
             .await
             {
@@ -178,13 +182,19 @@ async fn accept_loop<S, E>(
     }
 }
 
-/// TLS (or nothing), then the 24-byte HTTP/2 preface. Returns the stream and how many preface
-/// bytes were read from it (all of them).
-async fn handshake_then_preface<S>(handshake: Establish<S>) -> Result<(S, usize), ConnectionFailure>
+/// TLS (or nothing), then, when `preface` is asked for, the 24-byte HTTP/2 preface. Returns
+/// the stream and how many preface bytes were read from it (all of them, or none).
+async fn handshake_then_preface<S>(
+    handshake: Establish<S>,
+    preface: bool,
+) -> Result<(S, usize), ConnectionFailure>
 where
     S: AsyncRead + Unpin,
 {
     let mut stream = handshake.await.map_err(|_| ConnectionFailure::Tls)?;
+    if !preface {
+        return Ok((stream, 0));
+    }
     let mut preface = [0u8; PREFACE.len()];
     stream
         .read_exact(&mut preface)
@@ -373,7 +383,9 @@ mod tests {
             .await
             .expect("write");
         let handshake: Establish<tokio::io::DuplexStream> = Box::pin(async move { Ok(server) });
-        let (io, read) = handshake_then_preface(handshake).await.expect("preface");
+        let (io, read) = handshake_then_preface(handshake, true)
+            .await
+            .expect("preface");
         let slot = Arc::new(Semaphore::new(1))
             .try_acquire_owned()
             .expect("slot");
@@ -396,7 +408,7 @@ mod tests {
             .expect("write");
         let handshake: Establish<tokio::io::DuplexStream> = Box::pin(async move { Ok(server) });
         assert!(matches!(
-            handshake_then_preface(handshake).await,
+            handshake_then_preface(handshake, true).await,
             Err(ConnectionFailure::BadPreface)
         ));
     }

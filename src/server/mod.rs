@@ -27,7 +27,7 @@ use std::sync::Arc;
 use tonic_health::ServingStatus;
 
 pub use reload::{OPERATOR, Reloader};
-pub use serve::{GRPC_LISTENER, METRICS_LISTENER};
+pub use serve::{GRPC_LISTENER, METRICS_LISTENER, OTLP_HTTP_LISTENER};
 pub use storage::open_archive;
 
 use crate::{
@@ -133,7 +133,7 @@ pub async fn run(config: Config, reloader: Option<Reloader>) -> Result<(), Serve
     )
     .await
     {
-        Ok(routes) => serve::until_signal(&config, tls_config, routes, &background).await,
+        Ok(served) => serve::until_signal(&config, tls_config, served, &background).await,
         Err(error) => Err(error),
     };
     let redis_mode = storage.broker.is_some();

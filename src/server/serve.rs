@@ -1,5 +1,6 @@
 //! Phase 4: serves the routes on the gRPC listener (mTLS, or the loudly logged plaintext
-//! opt-in) behind the hardened accept loop of [`super::listener`], until SIGTERM or SIGINT,
+//! opt-in), and OTLP/HTTP on its own listener when `otlp.http_listen` is set (the same TLS,
+//! HTTP/1.1), behind the hardened accept loop of [`super::listener`], until SIGTERM or SIGINT,
 //! then drains within `shutdown_timeout`. Every call passes the same layers: a request id,
 //! the RPC's span, the record of its duration and code, and the oversized-request rewrite.
 //! Connections are served by [`super::connections`] (hyper, with HTTP/2's send buffer per
@@ -7,18 +8,24 @@
 //! `grpc-timeout` is enforced by the client, which resets the stream at its deadline; the
 //! server then drops the call.
 
-use std::{io, sync::Arc};
+use std::{io, net::SocketAddr, sync::Arc};
 
 use futures::Stream;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tonic::{service::Routes, transport::server::Connected};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+};
+use tonic::transport::server::Connected;
 use tower_http::{
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     trace::TraceLayer,
 };
 
-use super::{ServerError, background::Background, connections, listener, signals::StopSignals};
+use super::{
+    ServerError, background::Background, connections, listener, services::Served,
+    signals::StopSignals,
+};
 use crate::{
     config::Config,
     metrics,
@@ -36,6 +43,7 @@ const MAX_SEND_BUFFER: usize = 32 * 1024;
 /// The `listener` field of the "listening" log lines, which tools read to find the ports.
 pub const GRPC_LISTENER: &str = "grpc";
 pub const METRICS_LISTENER: &str = "metrics";
+pub const OTLP_HTTP_LISTENER: &str = "otlp_http";
 
 /// Serves `/metrics` when `metrics.listen` is set.
 pub async fn serve_metrics(config: &Config) -> Result<(), ServerError> {
@@ -88,22 +96,36 @@ fn rpc_span<B>(request: &tonic::codegen::http::Request<B>) -> tracing::Span {
     span
 }
 
+/// Binds `address`, naming it in the error.
+async fn bind(address: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let bind_error = |source| ServerError::Bind { address, source };
+    let listener = TcpListener::bind(address).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
 /// Serves until SIGTERM or SIGINT, then gives in-flight calls and the writers
 /// `shutdown_timeout` to finish.
 pub async fn until_signal(
     config: &Config,
     tls_config: Option<Arc<rustls::ServerConfig>>,
-    routes: Routes,
+    served: Served,
     background: &Background,
 ) -> Result<(), ServerError> {
-    let bind_error = |source| ServerError::Bind {
-        address: config.listen,
-        source,
+    let otlp_http = match config.otlp.http_listen {
+        Some(address) => {
+            let (listener, bound) = bind(address).await?;
+            tracing::info!(
+                listener = OTLP_HTTP_LISTENER,
+                address = %bound,
+                tls = tls_config.is_some(),
+                "sluice listening for OTLP/HTTP on /v1/logs"
+            );
+            Some(listener)
+        }
+        None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(bind_error)?;
-    let bound = listener.local_addr().map_err(bind_error)?;
+    let (listener, bound) = bind(config.listen).await?;
     // Handlers first: a signal right after "listening" must start a shutdown, not kill.
     let signals = StopSignals::install();
     let limits = listener::Limits {
@@ -116,6 +138,12 @@ pub async fn until_signal(
         },
         max_handshakes: config.grpc.max_handshakes,
         handshake_timeout: config.grpc.handshake_timeout,
+        http2_preface: true,
+    };
+    // OTLP/HTTP's port: the same limits, HTTP/1.1.
+    let http_limits = listener::Limits {
+        http2_preface: false,
+        ..limits
     };
     tracing::info!(
         listener = GRPC_LISTENER,
@@ -127,29 +155,71 @@ pub async fn until_signal(
     );
     match tls_config {
         Some(tls_config) => {
+            let http_incoming = otlp_http.map(|listener| {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls::for_http1(&tls_config));
+                listener::incoming(listener, http_limits, listener::tls(acceptor))
+            });
             let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
             let incoming = listener::incoming(listener, limits, listener::tls(acceptor));
-            serve(config, routes, incoming, signals, background).await
+            let listening = Listening {
+                grpc: incoming,
+                otlp_http: http_incoming,
+            };
+            serve(config, served, listening, signals, background).await
         }
         None => {
+            let http_incoming = otlp_http
+                .map(|listener| listener::incoming(listener, http_limits, listener::plaintext()));
             let incoming = listener::incoming(listener, limits, listener::plaintext());
-            serve(config, routes, incoming, signals, background).await
+            let listening = Listening {
+                grpc: incoming,
+                otlp_http: http_incoming,
+            };
+            serve(config, served, listening, signals, background).await
         }
     }
 }
 
-/// Serves `incoming` until the signal, then drains.
-async fn serve<IO>(
+/// The connections of each listener.
+struct Listening<G, H> {
+    grpc: G,
+    otlp_http: Option<H>,
+}
+
+/// Serves the listeners' connections until the signal, then drains.
+async fn serve<IO, G, H>(
     config: &Config,
-    routes: Routes,
-    incoming: impl Stream<Item = io::Result<IO>>,
+    served: Served,
+    listening: Listening<G, H>,
     signals: StopSignals,
     background: &Background,
 ) -> Result<(), ServerError>
 where
     IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
     IO::ConnectInfo: Clone + Send + Sync + 'static,
+    G: Stream<Item = io::Result<IO>>,
+    H: Stream<Item = io::Result<IO>> + Send + 'static,
 {
+    // OTLP/HTTP on its own task, stopped with the rest and awaited in the drain below.
+    let otlp_http = listening.otlp_http.map(|incoming| {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.grpc.handshake_timeout);
+        let router = served.otlp_http;
+        let stopping = background.shutdown_token().cancelled_owned();
+        tokio::spawn(connections::serve(
+            incoming,
+            move |io: IO| {
+                let info = io.connect_info();
+                http1.serve_connection(
+                    TokioIo::new(io),
+                    connections::for_connection(router.clone(), info),
+                )
+            },
+            stopping,
+        ))
+    });
     let shutdown_timeout = config.shutdown_timeout;
     let stop_signal = async {
         signals.wait().await;
@@ -167,7 +237,7 @@ where
         .layer(tower::util::MapResponseLayer::new(
             status::oversized_unary_to_invalid_argument,
         ))
-        .service(routes.prepare());
+        .service(served.grpc.prepare());
     let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     http2
         .timer(TokioTimer::new())
@@ -175,7 +245,17 @@ where
         .keep_alive_timeout(config.grpc.keepalive_timeout)
         .max_concurrent_streams(config.grpc.max_concurrent_streams)
         .max_send_buf_size(MAX_SEND_BUFFER);
-    let serve = connections::serve(incoming, service, http2, stop_signal);
+    let serve = connections::serve(
+        listening.grpc,
+        move |io: IO| {
+            let info = io.connect_info();
+            http2.serve_connection(
+                TokioIo::new(io),
+                connections::for_connection(service.clone(), info),
+            )
+        },
+        stop_signal,
+    );
     tokio::pin!(serve);
     // Serving ends on its own after the signal when no connection is open: the signal trips
     // shutdown inside the same poll. Serving that ends while not stopping means the accept
@@ -191,6 +271,9 @@ where
     let drain = async {
         if ended.is_none() {
             (&mut serve).await;
+        }
+        if let Some(otlp_http) = otlp_http {
+            let _ = otlp_http.await;
         }
         background.writers_drained().await;
     };

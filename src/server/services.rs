@@ -1,4 +1,5 @@
-//! Phase 3: every gRPC service with its codec limits, behind the one RPC envelope.
+//! Phase 3: every gRPC service with its codec limits, behind the one RPC envelope, and the
+//! OTLP/HTTP routes over the same OTLP handler.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use crate::{
     erasure::{self, Erasure},
     ingest::{IngestHandler, service::IngestDeps},
     lifecycle::RetentionPolicy,
-    otlp::OtlpLogsHandler,
+    otlp::{self, OtlpLogsHandler},
     proto::{
         self, ingest_service_server::IngestServiceServer,
         otlp_logs::logs_service_server::LogsServiceServer,
@@ -24,6 +25,12 @@ use crate::{
     query::{QueryHandler, Reader, Slots},
     rpc::Admission,
 };
+
+/// What the listeners serve: the gRPC routes, and OTLP/HTTP's.
+pub struct Served {
+    pub grpc: Routes,
+    pub otlp_http: axum::Router,
+}
 
 /// Message size limit and compression (gzip and zstd, both ways) for a generated service. A
 /// macro because the generated servers share these methods but no trait.
@@ -69,7 +76,7 @@ pub async fn build(
     health_service: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> Result<Routes, ServerError> {
+) -> Result<Served, ServerError> {
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let admission = Arc::new(Admission::new(
@@ -131,6 +138,7 @@ pub async fn build(
     // call is served.
     erasure::reapply::pending(&erasure).await?;
     let otlp_logs = OtlpLogsHandler::new(ingest.clone(), &config.otlp.user_id_attributes);
+    let otlp_http = otlp::http::router(otlp_logs.clone(), config.otlp.max_request_bytes);
     let query = QueryHandler::new(admission, reader, erasure);
     let mut routes = RoutesBuilder::default();
     routes
@@ -149,5 +157,8 @@ pub async fn build(
             LogsServiceServer::new(otlp_logs),
             config.otlp.max_request_bytes
         ));
-    Ok(routes.routes())
+    Ok(Served {
+        grpc: routes.routes(),
+        otlp_http,
+    })
 }

@@ -157,6 +157,8 @@ pub struct TestServer {
     child: Option<Child>,
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The OTLP/HTTP listener, when `otlp.http_listen` is set.
+    pub otlp_http_addr: Option<SocketAddr>,
     pub cert_dir: PathBuf,
     /// Removed when the server is dropped (unless the spec named a directory of its own).
     _dir: tempfile::TempDir,
@@ -261,10 +263,15 @@ impl TestServer {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let mut addr = None;
         let mut metrics_addr = None;
+        // Logged before the gRPC listener's line.
+        let mut otlp_http_addr = None;
         while addr.is_none() {
             let remaining = deadline.saturating_duration_since(Instant::now());
             match found.recv_timeout(remaining.min(Duration::from_millis(200))) {
                 Ok((listener, address)) if listener == "grpc" => addr = Some(address),
+                Ok((listener, address)) if listener == "otlp_http" => {
+                    otlp_http_addr = Some(address)
+                }
                 Ok((_, address)) => metrics_addr = Some(address),
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
@@ -285,6 +292,7 @@ impl TestServer {
             child: Some(child),
             addr: addr.expect("address"),
             metrics_addr,
+            otlp_http_addr,
             cert_dir,
             _dir: dir,
             base,
@@ -561,21 +569,51 @@ pub async fn wait_for_status(server: &TestServer, wanted: ServingStatus) {
 /// A rustls client config trusting the dev CA and presenting the dev client certificate, for
 /// tests that speak TLS below gRPC.
 pub fn rustls_client_config(cert_dir: &Path) -> Arc<rustls::ClientConfig> {
+    Arc::new(rustls_client_config_as(cert_dir, Some("client"), b"h2"))
+}
+
+/// A rustls client config trusting the dev CA, presenting the certificate `client` (issued
+/// into `cert_dir`) or none, and offering `alpn`.
+pub fn rustls_client_config_as(
+    cert_dir: &Path,
+    client: Option<&str>,
+    alpn: &[u8],
+) -> rustls::ClientConfig {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_file_iter(cert_dir.join("ca.pem")).expect("ca.pem") {
         roots.add(ca.expect("ca cert")).expect("add ca");
     }
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(cert_dir.join("client.pem"))
-            .expect("client.pem")
-            .map(|cert| cert.expect("client cert"))
-            .collect();
-    let key = PrivateKeyDer::from_pem_file(cert_dir.join("client.key")).expect("client.key");
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .expect("client config");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match client {
+        Some(client) => {
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(cert_dir.join(format!("{client}.pem")))
+                    .expect("client certificate")
+                    .map(|cert| cert.expect("client cert"))
+                    .collect();
+            let key = PrivateKeyDer::from_pem_file(cert_dir.join(format!("{client}.key")))
+                .expect("client key");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("client config")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config
+}
+
+/// An HTTPS client (HTTP/1.1) for the server's OTLP/HTTP port, presenting the certificate
+/// `client`, or none.
+pub fn https_client(server: &TestServer, client: Option<&str>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(rustls_client_config_as(
+            &server.cert_dir,
+            client,
+            b"http/1.1",
+        ))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("https client")
 }
