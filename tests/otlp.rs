@@ -95,6 +95,28 @@ async fn logs_client(server: &TestServer) -> LogsServiceClient<Channel> {
     LogsServiceClient::new(server.channel().await)
 }
 
+/// Each sender of `emit_logs.py` logged its records inside one span: `sluice query --trace-id`
+/// finds `per_trace` events for each, all of that trace.
+async fn each_trace_holds(server: &TestServer, report: &serde_json::Value, per_trace: usize) {
+    let mut query = server.query_client().await;
+    let trace_ids = report["trace_ids"].as_array().expect("trace ids");
+    assert_eq!(trace_ids.len(), 2);
+    for trace_id in trace_ids {
+        let trace_id = trace_id.as_str().expect("hex");
+        let traced = query_all(
+            &mut query,
+            QueryRequest {
+                trace_id: trace_id.to_owned(),
+                limit: 1000,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert_eq!(traced.len(), per_trace, "trace {trace_id}");
+        assert!(traced.iter().all(|event| event.trace_id == trace_id));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_logs_over_otlp_grpc_are_stored_once_with_severity_attributes_user_and_trace() {
     common::init_crypto();
@@ -147,22 +169,7 @@ async fn python_sdk_logs_over_otlp_grpc_are_stored_once_with_severity_attributes
         "{metadata:?}"
     );
     // Every record of a sender was logged inside its span: found by the span's trace id.
-    let trace_ids = report["trace_ids"].as_array().expect("trace ids");
-    assert_eq!(trace_ids.len(), 2);
-    for trace_id in trace_ids {
-        let trace_id = trace_id.as_str().expect("hex");
-        let traced = query_all(
-            &mut query,
-            QueryRequest {
-                trace_id: trace_id.to_owned(),
-                limit: 1000,
-                ..Default::default()
-            },
-        )
-        .await;
-        assert_eq!(traced.len(), 1000, "trace {trace_id}");
-        assert!(traced.iter().all(|event| event.trace_id == trace_id));
-    }
+    each_trace_holds(&server, &report, 1000).await;
     let metrics = server.metrics().await;
     assert!(
         metric_sum(
@@ -500,20 +507,7 @@ async fn python_sdk_logs_over_otlp_http_are_stored_once_and_found_by_trace() {
         1000,
         "every record stored once"
     );
-    let mut query = server.query_client().await;
-    for trace_id in report["trace_ids"].as_array().expect("trace ids") {
-        let trace_id = trace_id.as_str().expect("hex");
-        let traced = query_all(
-            &mut query,
-            QueryRequest {
-                trace_id: trace_id.to_owned(),
-                limit: 1000,
-                ..Default::default()
-            },
-        )
-        .await;
-        assert_eq!(traced.len(), 500, "trace {trace_id}");
-    }
+    each_trace_holds(&server, &report, 500).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
