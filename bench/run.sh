@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end benchmark on this machine: a throwaway PostgreSQL with default (durable) settings,
 # a dist build (fat LTO) of sluice over mTLS, then `sluice bench`, which measures the raw binary COPY
-# ceiling of the same database and sluice's ingest rate, and prints their ratio.
+# ceiling of the same database, PostgreSQL's own load of the same rows from local files
+# (server-side COPY, binary and text), and sluice's ingest rate, and prints the ratios.
 #
 #   bench/run.sh                          # defaults: 200k events, 8 streams, 500 events/request
 #   bench/run.sh --events 500000 --streams 16
@@ -40,7 +41,7 @@ if [ "$redis" = 0 ]; then
   done
   # shellcheck disable=SC2046
   "${BENCH_BINARY:-target/dist/sluice}" bench $(release_server_client_flags) \
-    --database-url "$PG_URL" --server-pid "$SLUICE_PID" --reset-table "$@"
+    --database-url "$PG_URL" --server-pid "$SLUICE_PID" --reset-table --file-ceiling "$@"
   exit 0
 fi
 

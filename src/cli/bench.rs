@@ -6,23 +6,26 @@
 //! into the same table over `--copy-connections` connections (the ceiling), and prints the ratio.
 //! Given `--server-pid`, it reports the server's peak RSS.
 
+mod ceiling;
 mod native;
 mod otlp;
 
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use chrono::Utc;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::Connection;
 use tokio_stream::StreamExt;
 
-use self::native::{grpc_load, workload};
+use self::{
+    ceiling::{FileCeilings, copy_ceiling, file_ceilings},
+    native::{grpc_load, workload},
+};
 use super::connect::{ConnectArgs, ConnectError};
 use uuid::Uuid;
 
-use sluice::{event::ValidEvent, proto::Event, writer::copy};
+use sluice::proto::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -63,6 +66,12 @@ pub struct BenchArgs {
     /// Rows per COPY (one transaction each) of the raw ceiling; default: `--batch`.
     #[arg(long)]
     pub ceiling_batch: Option<usize>,
+    /// Also time PostgreSQL loading the same rows from files itself (server-side COPY, binary
+    /// and text, `--copy-connections`, `--ceiling-batch` rows a file), and report the ratio to
+    /// the better. Writes its files into the database's data directory: a throwaway database
+    /// only (bench/run.sh uses it).
+    #[arg(long, requires = "reset_table")]
+    pub file_ceiling: bool,
     /// TRUNCATE `events` before each phase, so both start from an empty table. Destroys data:
     /// only for a throwaway database (bench/run.sh uses it).
     #[arg(long, requires = "database_url")]
@@ -422,12 +431,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         "sluice bench: {} events, {} streams, {} events/request, window {}",
         args.events, args.streams, args.batch, args.window
     );
-    let ceiling = match &args.database_url {
+    let (ceiling, files) = match &args.database_url {
         Some(url) => {
             reset_if_asked(url, &args).await?;
-            Some(copy_ceiling(url, &args).await?)
+            let ceiling = copy_ceiling(url, &args).await?;
+            // From the rows the raw ceiling loaded.
+            let files = if args.file_ceiling {
+                Some(file_ceilings(url, &args).await?)
+            } else {
+                None
+            };
+            (Some(ceiling), files)
         }
-        None => None,
+        None => (None, None),
     };
     if let Some(url) = &args.database_url {
         reset_if_asked(url, &args).await?;
@@ -435,6 +451,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if let Some(rate) = ceiling {
         println!(
             "raw COPY ceiling: {rate:.0} rows/s ({} connections, {}-row batches)",
+            args.copy_connections,
+            args.ceiling_batch.unwrap_or(args.batch)
+        );
+    }
+    if let Some(files) = files {
+        println!(
+            "PostgreSQL's own load from files: binary {:.0} rows/s, text {:.0} rows/s (server-side COPY, {} connections, {}-row files)",
+            files.binary,
+            files.text,
             args.copy_connections,
             args.ceiling_batch.unwrap_or(args.batch)
         );
@@ -468,6 +493,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         if let Some(rate) = ceiling {
             println!("OTLP ratio to raw COPY ceiling: {:.2}", logs.rate() / rate);
         }
+        print_file_ratio("OTLP ratio", logs.rate(), files);
     }
     if let (Some(url), true) = (&args.database_url, args.wait_stored) {
         wait_stored(url, report.events).await?;
@@ -489,6 +515,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         let ratio = report.rate() / rate;
         println!("ratio to raw COPY ceiling: {ratio:.2}");
     }
+    print_file_ratio("ratio", report.rate(), files);
     if args.duplicates {
         let again = grpc_load(&args, &workload).await?;
         again.print("resend (all dup):");
@@ -545,6 +572,17 @@ async fn wait_stored(url: &str, acknowledged: u64) -> Result<(), BenchError> {
     }
 }
 
+/// `rate` against the better of PostgreSQL's own loads from files, when measured.
+fn print_file_ratio(label: &str, rate: f64, files: Option<FileCeilings>) {
+    if let Some(files) = files {
+        let (best, format) = files.best();
+        println!(
+            "{label} to PostgreSQL's own load from files ({format}): {:.2}",
+            rate / best
+        );
+    }
+}
+
 async fn reset_if_asked(url: &str, args: &BenchArgs) -> Result<(), BenchError> {
     if args.reset_table {
         let mut connection = sqlx::PgConnection::connect(url).await?;
@@ -554,62 +592,6 @@ async fn reset_if_asked(url: &str, args: &BenchArgs) -> Result<(), BenchError> {
         sqlx::query("CHECKPOINT").execute(&mut connection).await?;
     }
     Ok(())
-}
-
-/// Times binary COPY of `args.events` rows in `args.batch`-row batches over
-/// `args.copy_connections` connections. Returns rows per second.
-async fn copy_ceiling(url: &str, args: &BenchArgs) -> Result<f64, BenchError> {
-    let per_connection = args.events / args.copy_connections.max(1);
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for connection_index in 0..args.copy_connections.max(1) {
-        let url = url.to_owned();
-        let batch = args.ceiling_batch.unwrap_or(args.batch).max(1);
-        let ids = args.ids;
-        tasks.spawn(async move {
-            let mut rng = StdRng::seed_from_u64(connection_index as u64);
-            let mut connection = sqlx::PgConnection::connect(&url).await?;
-            // The same socket settings as the server's pool, for a fair ceiling.
-            sluice::store::nodelay::enable(&mut connection).await?;
-            let mut sent = 0;
-            while sent < per_connection {
-                let count = batch.min(per_connection - sent);
-                let rows: Vec<ValidEvent> = (0..count)
-                    .map(|offset| as_valid(sample_event(&mut rng, sent + offset, ids), ids))
-                    .collect();
-                let mut payload = BytesMut::new();
-                copy::encode(rows.iter(), &mut payload)
-                    .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-                let statement =
-                    format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
-                let mut copy_in = connection.copy_in_raw(&statement).await?;
-                copy_in.send(payload.freeze()).await?;
-                copy_in.finish().await?;
-                sent += count;
-            }
-            Ok::<usize, sqlx::Error>(sent)
-        });
-    }
-    let mut rows = 0;
-    while let Some(result) = tasks.join_next().await {
-        rows += result??;
-    }
-    Ok(rows as f64 / started.elapsed().as_secs_f64())
-}
-
-/// The row the server would store for `event` (the bench's events are always valid).
-fn as_valid(event: Event, ids: IdKind) -> ValidEvent {
-    let metadata_json = serde_json::json!({"path": "/api/orders", "status": 200, "latencyMs": 12, "region": "eu-west-1"}).to_string();
-    ValidEvent {
-        trace_id: None,
-        index: 0,
-        id: ids.stored(),
-        service: event.service,
-        message: event.message,
-        timestamp: Utc::now(),
-        user_id: Some(event.user_id),
-        metadata_json,
-    }
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
