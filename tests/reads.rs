@@ -462,3 +462,85 @@ scopes = ["admin"]
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert_eq!(reason(&refused), "RATE_LIMITED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_lines_built_by_sluice_are_byte_for_byte_those_postgresql_builds() {
+    use sluice::store::{self, line};
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    // Started once, for its migrations.
+    let _server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let mut connection = database.connect().await;
+    let rows = [
+        (
+            "2026-12-01 00:00:08+00",
+            "plain",
+            Some("user-1"),
+            r#"{"k": 1}"#,
+            None,
+        ),
+        (
+            "2026-12-01 00:00:08.1+00",
+            "quotes \" and \\ and\ttabs\nnewlines\r\u{1} \u{1f} é ✓",
+            None,
+            r#"{"nested": {"list": [1, "two", null, true]}, "ünï": "\"q\""}"#,
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ),
+        (
+            "2026-12-01 23:59:59.000001+00",
+            "",
+            Some("with \"quote\""),
+            "{}",
+            None,
+        ),
+        (
+            "2026-12-02 12:00:00.439201+00",
+            "x",
+            Some(""),
+            r#"{"big": 12345678901234567890, "f": 1.50}"#,
+            None,
+        ),
+    ];
+    for (ts, message, user_id, metadata, trace_id) in rows {
+        sqlx::query(
+            "INSERT INTO events (id, service, message, ts, user_id, metadata, trace_id) \
+             VALUES (gen_random_uuid(), 'lines', $1, $2::timestamptz, $3, $4::jsonb, $5)",
+        )
+        .bind(message)
+        .bind(ts)
+        .bind(user_id)
+        .bind(metadata)
+        .bind(trace_id)
+        .execute(&mut connection)
+        .await
+        .expect("insert");
+    }
+    sqlx::query("SET TimeZone = 'UTC'")
+        .execute(&mut connection)
+        .await
+        .expect("utc");
+    let built_by_postgresql: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM events ORDER BY ts, id",
+        store::EVENT_JSON
+    )))
+    .fetch_all(&mut connection)
+    .await
+    .expect("postgresql's lines");
+    let rows: Vec<line::EventRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM events ORDER BY ts, id",
+        line::EVENT_COLUMNS
+    )))
+    .fetch_all(&mut connection)
+    .await
+    .expect("rows");
+    let built_by_sluice: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let mut text = String::new();
+            line::write_line(row, &mut text);
+            text
+        })
+        .collect();
+    assert_eq!(built_by_sluice.len(), 4);
+    assert_eq!(built_by_sluice, built_by_postgresql);
+}

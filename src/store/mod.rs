@@ -2,6 +2,7 @@
 
 pub mod embedded;
 pub mod hosts;
+pub mod line;
 pub mod migrations;
 pub mod nodelay;
 pub mod partitions;
