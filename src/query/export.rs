@@ -162,8 +162,7 @@ impl From<ArchiveError> for Ended {
 impl Exporting {
     /// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
     /// catalog: each event is in exactly one of them): the counts first, then the archived
-    /// lines, one object at a time, then the rows' NDJSON lines ([`store::line`]), fetched row
-    /// by row.
+    /// lines, one object at a time, then NDJSON lines built by PostgreSQL, fetched row by row.
     async fn export(&self, filter: Filter) -> Result<(), Ended> {
         // An object replaced or expired between the snapshot and its reading: take a fresh
         // snapshot, as long as nothing was sent yet.
@@ -209,18 +208,14 @@ impl Exporting {
                 }
             }
         }
-        let mut lines = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {} FROM events",
-            store::line::EVENT_COLUMNS
-        ));
+        let mut lines =
+            QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
         filter.push_where(&mut lines);
         lines.push(" ORDER BY ts, id");
         let mut rows = lines
-            .build_query_as::<store::line::EventRow>()
+            .build_query_scalar::<String>()
             .fetch(&mut *transaction);
-        let mut line = String::new();
-        while let Some(row) = rows.try_next().await? {
-            store::line::write_line(&row, &mut line);
+        while let Some(line) = rows.try_next().await? {
             let line = reveal_line(&self.privacy, &line, self.show)?;
             if matches!(self.append_line(&mut chunk, &line).await?, Sent::Gone) {
                 return Ok(());

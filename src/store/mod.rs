@@ -2,7 +2,6 @@
 
 pub mod embedded;
 pub mod hosts;
-pub mod line;
 pub mod migrations;
 pub mod nodelay;
 pub mod partitions;
