@@ -1,5 +1,5 @@
-//! Hostile peers: silent connections, the connection limit, TLS without HTTP/2, malformed
-//! protobuf and filter values the database cannot take.
+//! Hostile peers: silent connections, the connection limit, TLS without HTTP/2, silent and
+//! idle OTLP/HTTP connections, malformed protobuf and filter values the database cannot take.
 
 mod common;
 
@@ -104,6 +104,73 @@ async fn tls_without_the_http2_preface_is_closed_after_the_handshake_timeout() {
             "reason=\"handshake_timeout\""
         ) >= 1.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_http_connections_that_stay_silent_or_idle_are_closed_after_the_handshake_timeout() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_GRPC__HANDSHAKE_TIMEOUT", "1s")
+            .env("SLUICE_OTLP__HTTP_LISTEN", "127.0.0.1:0"),
+    )
+    .await;
+    let address = server.otlp_http_addr.expect("otlp/http listener");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        common::rustls_client_config_as(&server.cert_dir, Some("client"), b"http/1.1"),
+    ));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    // Silent after the handshake: no request line ever comes.
+    let started = Instant::now();
+    let tcp = TcpStream::connect(address).await.expect("connect");
+    let mut silent = connector
+        .connect(name.clone(), tcp)
+        .await
+        .expect("mutual TLS handshake");
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buffer))
+        .await
+        .expect("closed before 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    // Idle after one answered request: the kept-alive connection is not held forever.
+    let tcp = TcpStream::connect(address).await.expect("connect");
+    let mut idle = connector
+        .connect(name, tcp)
+        .await
+        .expect("mutual TLS handshake");
+    let body = br#"{"resourceLogs":[]}"#;
+    let request = format!(
+        "POST /v1/logs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut idle, request.as_bytes())
+        .await
+        .expect("request");
+    tokio::io::AsyncWriteExt::write_all(&mut idle, body)
+        .await
+        .expect("body");
+    // Everything the server sends until it closes: the answer, then nothing.
+    let asked = Instant::now();
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(read) => received.extend_from_slice(&buffer[..read]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open 10 s after its answer");
+    assert!(
+        received.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&received)
+    );
+    assert!(asked.elapsed() >= Duration::from_millis(500));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
