@@ -149,14 +149,20 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
     assert_eq!(response.into_inner().accepted, 2);
 
     let hex = hex_of;
+    // The batch span ends before the RPC's (which ends once its answer is sent): they may
+    // reach the collector in different exports, so wait for both.
     let spans = spans_until(&receiver, |spans| {
-        spans.iter().any(|(_, span)| {
+        let linked_batch = spans.iter().any(|(_, span)| {
             span.name == "write_batch"
                 && span
                     .links
                     .iter()
                     .any(|link| hex(&link.trace_id) == TRACE_ID)
-        })
+        });
+        let rpc = spans
+            .iter()
+            .any(|(_, span)| span.name == "/sluice.v1.IngestService/Publish");
+        linked_batch && rpc
     })
     .await;
     let rpc = spans
