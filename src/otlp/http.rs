@@ -180,53 +180,40 @@ impl Compression {
 
     /// The body decompressed, refused as soon as it would pass `max` bytes.
     fn decompress(self, body: Bytes, max: usize) -> Result<Bytes, HttpError> {
-        let failed = |encoding: &'static str| {
-            move |error: std::io::Error| HttpError::Compression {
-                encoding,
-                reason: error.to_string(),
-            }
-        };
         match self {
             Self::None => Ok(body),
-            Self::Gzip => read_capped(flate2::read::MultiGzDecoder::new(&body[..]), max)
-                .map_err(|error| error.or_else(failed("gzip"))),
-            Self::Zstd => {
-                let decoder = zstd::stream::read::Decoder::new(&body[..])
-                    .map_err(|error| failed("zstd")(error))?;
-                read_capped(decoder, max).map_err(|error| error.or_else(failed("zstd")))
-            }
-        }
-    }
-}
-
-/// A failure to decompress: over the cap, or an I/O error for the caller to name.
-enum ReadError {
-    TooLarge(usize),
-    Io(std::io::Error),
-}
-
-impl ReadError {
-    fn or_else(self, io: impl FnOnce(std::io::Error) -> HttpError) -> HttpError {
-        match self {
-            Self::TooLarge(max) => HttpError::TooLarge {
+            Self::Gzip => read_capped(
+                "gzip",
+                Ok(flate2::read::MultiGzDecoder::new(&body[..])),
                 max,
-                stage: " once decompressed",
-            },
-            Self::Io(error) => io(error),
+            ),
+            Self::Zstd => read_capped("zstd", zstd::stream::read::Decoder::new(&body[..]), max),
         }
     }
 }
 
-/// Reads at most `max` bytes from `reader`; one more is an error, and nothing past it is
-/// decompressed.
-fn read_capped(reader: impl Read, max: usize) -> Result<Bytes, ReadError> {
+/// Reads at most `max` bytes from the `encoding` decoder; one more is an error, and nothing
+/// past it is decompressed.
+fn read_capped(
+    encoding: &'static str,
+    decoder: std::io::Result<impl Read>,
+    max: usize,
+) -> Result<Bytes, HttpError> {
+    let failed = |error: std::io::Error| HttpError::Compression {
+        encoding,
+        reason: error.to_string(),
+    };
     let mut out = Vec::new();
-    reader
+    decoder
+        .map_err(failed)?
         .take(max as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(ReadError::Io)?;
+        .map_err(failed)?;
     if out.len() > max {
-        return Err(ReadError::TooLarge(max));
+        return Err(HttpError::TooLarge {
+            max,
+            stage: " once decompressed",
+        });
     }
     Ok(Bytes::from(out))
 }
