@@ -130,9 +130,28 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PrivacyAction {
-    /// Re-encrypts, under the newest key of the key file, every encrypted metadata value
-    /// written under an older one, in batches; prints a JSON report.
+    /// Re-encrypts, under the newest key, every encrypted metadata value written under an
+    /// older one, in `events`, dead letters and archived objects; prints a JSON report.
     Rotate {
+        /// Make a new encryption key first (by the KMS with `privacy.kms.key_id`, else
+        /// appended to the key file): it encrypts new values from then on.
+        #[arg(long)]
+        new_key: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Moves the key file's keys to the KMS: wraps each with `privacy.kms.key_id` and stores
+    /// it in PostgreSQL beside its fingerprint. The keys do not change.
+    KmsImport {
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Wraps the stored keys with another KMS key (no value is rewritten); then set
+    /// `privacy.kms.key_id` to it on every node.
+    Rewrap {
+        /// The new KMS key (id, ARN or alias/...).
+        #[arg(long)]
+        to: String,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -257,8 +276,26 @@ fn main() -> ExitCode {
             runtime.block_on(job("sluice lifecycle", &serve, lifecycle_job))
         }
         Some(Command::Privacy {
-            action: PrivacyAction::Rotate { serve },
-        }) => runtime.block_on(job("sluice privacy rotate", &serve, rotation_job)),
+            action: PrivacyAction::Rotate { new_key, serve },
+        }) => runtime.block_on(job(
+            "sluice privacy rotate",
+            &serve,
+            async |config: Config| cli::privacy::rotate(&config, new_key).await,
+        )),
+        Some(Command::Privacy {
+            action: PrivacyAction::KmsImport { serve },
+        }) => runtime.block_on(job(
+            "sluice privacy kms-import",
+            &serve,
+            async |config: Config| cli::privacy::kms_import(&config).await,
+        )),
+        Some(Command::Privacy {
+            action: PrivacyAction::Rewrap { to, serve },
+        }) => runtime.block_on(job(
+            "sluice privacy rewrap",
+            &serve,
+            async |config: Config| cli::privacy::rewrap(&config, &to).await,
+        )),
         Some(Command::Backup {
             once: _,
             verify: true,
@@ -409,17 +446,6 @@ async fn lifecycle_job(config: Config) -> Result<sluice::lifecycle::Report, JobE
     let archive = sluice::server::open_archive(&config).await?;
     let store = sluice::store::Store::open(&config).await?;
     let outcome = sluice::lifecycle::run_once(&store.maintenance_pool, &policy, &archive).await;
-    store.close().await;
-    Ok(outcome?)
-}
-
-/// `sluice privacy rotate`: re-encrypts old values under the newest key.
-async fn rotation_job(config: Config) -> Result<sluice::privacy::fingerprints::Rotated, JobError> {
-    let store = sluice::store::Store::open(&config).await?;
-    let outcome = match sluice::privacy::fingerprints::open(&config, &store.pool).await {
-        Ok(privacy) => sluice::privacy::fingerprints::rotate(&store.pool, &privacy).await,
-        Err(error) => Err(error),
-    };
     store.close().await;
     Ok(outcome?)
 }

@@ -437,7 +437,19 @@ burst_events = 500
 "#,
         jwks.display()
     );
-    let server = start_with_policy(&database, &toml, &[]).await;
+    // Its own logs also go out over OTLP, sluice's at debug: the exported records are checked for
+    // secrets like the log lines.
+    let (collector, receiver) = common::otlp::Receiver::start().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .toml(&toml)
+            .env(
+                "SLUICE_TELEMETRY__OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            )
+            .env("SLUICE_TELEMETRY__LOG_LEVEL", "info,sluice=debug"),
+    )
+    .await;
     let mut ingest = server.ingest_client().await;
     let mut query = server.query_client().await;
     let publish = |token: &str| with_token(request(vec![event("svc-a", "t")]), token);
@@ -660,6 +672,24 @@ burst_events = 500
         assert!(
             !logs.contains(secret),
             "{secret:?} appears in the logs:\n{logs}"
+        );
+    }
+    // The same for every record exported over OTLP: bodies, attributes, span fields.
+    let records = receiver
+        .logs_until(|records| records.iter().any(|record| record.body().contains("JWKS")))
+        .await;
+    let exported = format!("{records:?}");
+    for token in [&token, &retired, &stranger] {
+        let signature = token.rsplit('.').next().expect("signature");
+        assert!(
+            !exported.contains(signature),
+            "a token signature was exported"
+        );
+    }
+    for secret in ["eyJ", "BEGIN", "PRIVATE KEY", "Bearer", "authorization"] {
+        assert!(
+            !exported.contains(secret),
+            "{secret:?} appears in the exported records:\n{exported}"
         );
     }
 }

@@ -358,7 +358,13 @@ async fn a_new_key_encrypts_after_a_reload_old_values_still_open_and_rotate_reen
 /// Starts the server binary and waits for it to exit; fails if it is still serving after 30 s.
 fn start_expecting_refusal(server_dir: &Path, database_url: &str) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["--listen", "127.0.0.1:0", "--config"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
         .arg(server_dir.join("sluice.toml"))
         .env("DATABASE_URL", database_url)
         .env("SLUICE_DATA_DIR", server_dir.join("data"))

@@ -5,80 +5,15 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use common::{ServerSpec, TestDatabase, TestServer, event, request};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-        trace_service_server::{TraceService, TraceServiceServer},
-    },
-    common::v1::any_value,
-    trace::v1::Span,
-};
+use common::{ServerSpec, TestDatabase, TestServer, event, otlp::Receiver, request};
 use sluice::proto::{IngestRequest, QueryRequest, ingest_service_client::IngestServiceClient};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Request;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN_ID: &str = "00f067aa0ba902b7";
 const STREAM_TRACE_ID: &str = "0af7651916cd43dd8448eb211c80319c";
-
-/// Every span received, with the `service.name` of its resource.
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<(String, Span)>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().expect("spans");
-        for resource_spans in request.into_inner().resource_spans {
-            let service_name = resource_spans
-                .resource
-                .iter()
-                .flat_map(|resource| resource.attributes.iter())
-                .find(|attribute| attribute.key == "service.name")
-                .and_then(|attribute| attribute.value.as_ref()?.value.clone())
-                .map(|value| match value {
-                    any_value::Value::StringValue(name) => name,
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for scope in resource_spans.scope_spans {
-                for span in scope.spans {
-                    spans.push((service_name.clone(), span));
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-async fn start_receiver() -> (SocketAddr, Receiver) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind receiver");
-    let address = listener.local_addr().expect("address");
-    let receiver = Receiver::default();
-    let service = TraceServiceServer::new(receiver.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(TcpListenerStream::new(listener))
-            .await
-            .expect("receiver serves");
-    });
-    (address, receiver)
-}
 
 fn with_traceparent<T>(message: T, trace_id: &str, span_id: &str) -> Request<T> {
     let mut request = Request::new(message);
@@ -89,26 +24,6 @@ fn with_traceparent<T>(message: T, trace_id: &str, span_id: &str) -> Request<T> 
             .expect("traceparent"),
     );
     request
-}
-
-/// Waits until `wanted` holds for the received spans.
-async fn spans_until(
-    receiver: &Receiver,
-    wanted: impl Fn(&[(String, Span)]) -> bool,
-) -> Vec<(String, Span)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let spans = receiver.spans.lock().expect("spans").clone();
-        if wanted(&spans) {
-            return spans;
-        }
-        let names: Vec<&str> = spans.iter().map(|(_, span)| span.name.as_str()).collect();
-        assert!(
-            Instant::now() < deadline,
-            "spans never arrived; got {names:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn query_trace(server: &TestServer, trace_id: &str) -> Vec<sluice::proto::Event> {
@@ -129,7 +44,7 @@ async fn query_trace(server: &TestServer, trace_id: &str) -> Vec<sluice::proto::
 async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_batch_spans() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let (collector, receiver) = start_receiver().await;
+    let (collector, receiver) = Receiver::start().await;
     let server = TestServer::start(
         ServerSpec::with_database(&database.url)
             .env(
@@ -151,20 +66,21 @@ async fn a_callers_trace_reaches_the_collector_with_rpc_validation_and_linked_ba
     let hex = hex_of;
     // The batch span ends before the RPC's (which ends once its answer is sent): they may
     // reach the collector in different exports, so wait for both.
-    let spans = spans_until(&receiver, |spans| {
-        let linked_batch = spans.iter().any(|(_, span)| {
-            span.name == "write_batch"
-                && span
-                    .links
-                    .iter()
-                    .any(|link| hex(&link.trace_id) == TRACE_ID)
-        });
-        let rpc = spans
-            .iter()
-            .any(|(_, span)| span.name == "/sluice.v1.IngestService/Publish");
-        linked_batch && rpc
-    })
-    .await;
+    let spans = receiver
+        .spans_until(|spans| {
+            let linked_batch = spans.iter().any(|(_, span)| {
+                span.name == "write_batch"
+                    && span
+                        .links
+                        .iter()
+                        .any(|link| hex(&link.trace_id) == TRACE_ID)
+            });
+            let rpc = spans
+                .iter()
+                .any(|(_, span)| span.name == "/sluice.v1.IngestService/Publish");
+            linked_batch && rpc
+        })
+        .await;
     let rpc = spans
         .iter()
         .map(|(_, span)| span)
@@ -310,6 +226,130 @@ async fn without_export_the_callers_trace_id_is_still_stored_and_logged() {
         "{line}"
     );
     assert!(line.contains(r#""request_id":"#), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn its_own_logs_reach_the_collector_with_their_fields_request_id_principal_and_trace() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let (collector, receiver) = Receiver::start().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url).env(
+        "SLUICE_TELEMETRY__OTLP_ENDPOINT",
+        &format!("http://{collector}"),
+    ))
+    .await;
+    server
+        .query_client()
+        .await
+        .delete(with_traceparent(
+            sluice::proto::DeleteRequest {
+                services: vec!["logged".to_owned()],
+                ..Default::default()
+            },
+            STREAM_TRACE_ID,
+            CALLER_SPAN_ID,
+        ))
+        .await
+        .expect("delete");
+    let logs = receiver
+        .logs_until(|logs| logs.iter().any(|log| log.body() == "delete request served"))
+        .await;
+    let served = logs
+        .iter()
+        .find(|log| log.body() == "delete request served")
+        .expect("the delete's record");
+    assert_eq!(served.service, "sluice");
+    // Its target, its severity and its own fields.
+    assert_eq!(served.scope, "audit");
+    assert_eq!(served.record.severity_text, "INFO");
+    assert_eq!(served.record.severity_number, 9);
+    assert_eq!(
+        served.attribute("dry_run").as_deref(),
+        Some("BoolValue(false)")
+    );
+    assert_eq!(served.attribute("deleted").as_deref(), Some("IntValue(0)"));
+    // The RPC span's fields: the call and who made it.
+    assert_eq!(served.attribute("rpc").as_deref(), Some("Delete"));
+    assert!(
+        served
+            .attribute("request_id")
+            .is_some_and(|id| !id.is_empty()),
+        "{served:?}"
+    );
+    assert!(
+        served
+            .attribute("principal")
+            .is_some_and(|name| !name.is_empty()),
+        "{served:?}"
+    );
+    // The trace and span it was logged in: the caller's trace, and the RPC span, which the
+    // collector also received.
+    assert_eq!(hex_of(&served.record.trace_id), STREAM_TRACE_ID);
+    let span_id = served.record.span_id.clone();
+    assert_eq!(span_id.len(), 8);
+    assert_ne!(hex_of(&span_id), CALLER_SPAN_ID);
+    receiver
+        .spans_until(|spans| spans.iter().any(|(_, span)| span.span_id == span_id))
+        .await;
+    let metrics = server.metrics().await;
+    assert!(
+        common::metric_sum(&metrics, "sluice_log_records_exported_total", "") >= 1.0,
+        "{metrics}"
+    );
+    // The start-up records went out too, without a trace.
+    assert!(
+        logs.iter()
+            .any(|log| log.body().contains("listening") && log.record.trace_id.is_empty()),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_receiver_that_never_answers_costs_a_bounded_queue_and_never_holds_calls() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    // Takes connections and never answers: every export waits out the exporter's timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = silent.local_addr().expect("address");
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env(
+                "SLUICE_TELEMETRY__OTLP_ENDPOINT",
+                &format!("http://{address}"),
+            )
+            .env("SLUICE_TELEMETRY__LOG_QUEUE", "8"),
+    )
+    .await;
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains("sluice_log_records_dropped_total{reason=\"queue_full\"}"),
+        "the series exists from start: {metrics}"
+    );
+    // Each Delete logs a record. The queue holds 8: past them, records are dropped and
+    // counted while every call is answered.
+    let mut query = server.query_client().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut calls = 0;
+    loop {
+        query
+            .delete(sluice::proto::DeleteRequest {
+                services: vec!["logged".to_owned()],
+                dry_run: true,
+                ..Default::default()
+            })
+            .await
+            .expect("delete answered while the receiver hangs");
+        calls += 1;
+        let metrics = server.metrics().await;
+        if common::metric_sum(&metrics, "sluice_log_records_dropped_total", "queue_full") > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record dropped after {calls} calls:\n{metrics}"
+        );
+    }
+    drop(silent);
 }
 
 fn hex_of(bytes: &[u8]) -> String {

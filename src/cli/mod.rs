@@ -4,5 +4,6 @@
 pub mod backup;
 pub mod bench;
 pub mod connect;
+pub mod privacy;
 pub mod read;
 pub mod send;

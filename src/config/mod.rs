@@ -42,7 +42,7 @@ pub use database::DatabaseConfig;
 pub use grpc::GrpcConfig;
 pub use health::{FreeSpace, HealthConfig};
 pub use otlp::OtlpConfig;
-pub use privacy::PrivacyConfig;
+pub use privacy::{KmsConfig, PrivacyConfig};
 pub use reads::ReadsConfig;
 pub use redis::{RedisConfig, Role};
 pub use retention::{LifecycleConfig, RetentionConfig, RetentionRule};

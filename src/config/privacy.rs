@@ -27,9 +27,41 @@ pub struct PrivacyConfig {
     #[default(Duration::from_secs(2))]
     #[serde(with = "humantime_serde")]
     pub optout_refresh: Duration,
+    /// Keys from AWS KMS (envelope encryption) instead of the key file.
+    pub kms: KmsConfig,
+}
+
+/// `[privacy.kms]`: the data keys are made by a KMS key and stored only wrapped by it, in
+/// PostgreSQL. Region, endpoint and credentials come from the usual `AWS_*` variables.
+#[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
+#[serde(default, deny_unknown_fields)]
+pub struct KmsConfig {
+    /// The KMS key (id, ARN or `alias/...`) that wraps the data keys. Unset: the key file.
+    pub key_id: Option<String>,
+    /// How often each node checks that the KMS still unwraps its keys, and picks up keys
+    /// added by `sluice privacy rotate --new-key`.
+    #[default(Duration::from_secs(30))]
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// The longest one KMS call may take, retries included.
+    #[default(Duration::from_secs(10))]
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl KmsConfig {
+    /// The KMS key in use, when keys come from the KMS.
+    pub fn key_id(&self) -> Option<&str> {
+        self.key_id.as_deref().filter(|id| !id.is_empty())
+    }
 }
 
 impl PrivacyConfig {
+    /// Whether the keys come from a KMS (else from the key file).
+    pub fn uses_kms(&self) -> bool {
+        self.kms.key_id().is_some()
+    }
+
     /// Whether any setting transforms events.
     pub fn enabled(&self) -> bool {
         self.pseudonymize_user_id
@@ -41,6 +73,20 @@ impl PrivacyConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.optout_refresh.is_zero() {
             return Err(invalid("privacy.optout_refresh", "must be above zero"));
+        }
+        if self.kms.key_id().is_some() {
+            if self.key.is_some() {
+                return Err(invalid(
+                    "privacy.key",
+                    "cannot be set with privacy.kms.key_id: the KMS makes the HMAC key",
+                ));
+            }
+            if self.kms.check_interval.is_zero() || self.kms.timeout.is_zero() {
+                return Err(invalid(
+                    "privacy.kms",
+                    "check_interval and timeout must be above zero",
+                ));
+            }
         }
         Ok(())
     }

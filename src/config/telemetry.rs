@@ -33,9 +33,10 @@ pub struct LogConfig {
     pub filter: String,
 }
 
-/// OpenTelemetry traces. Export is off unless an endpoint is set here or in the standard
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_SERVICE_NAME`,
-/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` are honoured.
+/// OpenTelemetry traces and sluice's own logs. Export is off unless an endpoint is set here or
+/// in the standard `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+/// `OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*` are honoured.
 #[derive(Debug, Clone, Serialize, Deserialize, SmartDefault)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -49,6 +50,14 @@ pub struct TelemetryConfig {
     /// `Query` filter): the caller's `traceparent`, or this server's sampled trace.
     #[default(true)]
     pub store_trace_id: bool,
+    /// Which of sluice's own log events are exported as OTLP log records, when an endpoint
+    /// is set: a tracing filter (`info`, `warn,sluice=debug`), or `off`.
+    #[default("info")]
+    pub log_level: String,
+    /// Log records waiting for export at most; past it (a receiver that is down or slow),
+    /// new records are dropped and counted.
+    #[default(4096)]
+    pub log_queue: usize,
 }
 
 impl TelemetryConfig {
@@ -58,6 +67,18 @@ impl TelemetryConfig {
                 "telemetry.sample_ratio",
                 "must be between 0.0 and 1.0",
             ));
+        }
+        if self.log_queue == 0 {
+            return Err(invalid("telemetry.log_queue", "must be above zero"));
+        }
+        if let Err(error) = self
+            .log_level
+            .parse::<tracing_subscriber::filter::Targets>()
+        {
+            return Err(ConfigError::Invalid {
+                field: "telemetry.log_level",
+                reason: format!("not a tracing filter: {error}"),
+            });
         }
         Ok(())
     }

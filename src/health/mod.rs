@@ -5,7 +5,8 @@
 //! data and spool volumes have their free space ([`resources`]) and memory is under its limit;
 //! NOT_SERVING otherwise and during shutdown. Each check is the gauge
 //! `sluice_health_check{check}`, and a change of status is logged with the failing checks.
-//! The `jwks` check only warns: an unusable JWKS file refuses tokens, not certificates.
+//! The `jwks` check only warns: an unusable JWKS file refuses tokens, not certificates. So
+//! does `kms`: keys unwrapped at start stay in use while the KMS cannot be reached.
 //!
 //! In Redis mode an ingest node needs Redis (its writers' destination) instead of PostgreSQL,
 //! and a backlog under its limit; a writer node needs PostgreSQL and Redis, and reports
@@ -25,6 +26,7 @@ use crate::{
     config::Role,
     health::resources::Resources,
     metrics,
+    privacy::kms::KmsStatus,
     spool::Spool,
     store::Store,
     writer::breaker::{Breaker, CircuitState},
@@ -43,6 +45,8 @@ pub struct Watched {
     pub resources: Resources,
     /// The JWKS file behind bearer tokens.
     pub auth: Arc<Authorizer>,
+    /// Keys from a KMS: whether it still unwraps them.
+    pub kms: Option<Arc<KmsStatus>>,
     /// Redis mode.
     pub streams: Option<WatchedStreams>,
 }
@@ -157,6 +161,10 @@ pub async fn watch(reporter: HealthReporter, watched: Watched, stopping: Cancell
         // unusable, and tokens are refused once it has been so past auth.jwt.max_stale.
         if let Some(stale) = watched.auth.jwks_stale() {
             metrics::health_check("jwks", stale.is_zero());
+        }
+        // A warning too: the keys unwrapped at start stay in memory and in use.
+        if let Some(kms) = &watched.kms {
+            metrics::health_check("kms", kms.reachable());
         }
         // Everything but the database and Redis: what this node itself must have to serve.
         let local = failing.iter().all(|(name, _)| *name == "database");

@@ -17,6 +17,21 @@ pub fn health_check(check: &'static str, ok: bool) {
     gauge!("sluice_health_check", "check" => check).set(if ok { 1.0 } else { 0.0 });
 }
 
+/// A KMS call failed (`operation`: `GenerateDataKey`, `Decrypt`, ...).
+pub fn kms_failure(operation: &'static str) {
+    counter!("sluice_kms_failures_total", "operation" => operation).increment(1);
+}
+
+/// sluice's own log records sent over OTLP.
+pub fn log_records_exported(records: u64) {
+    counter!("sluice_log_records_exported_total").increment(records);
+}
+
+/// sluice's own log records not sent (`reason`: `queue_full`, `export_failed`, `shut_down`).
+pub fn log_records_dropped(reason: &'static str, records: u64) {
+    counter!("sluice_log_records_dropped_total", "reason" => reason).increment(records);
+}
+
 /// A pool moved to another database host (`pools`: `write`, `read`).
 pub fn database_failover(pools: &'static str) {
     counter!("sluice_database_failovers_total", "pools" => pools).increment(1);

@@ -26,6 +26,10 @@ pub struct Known<'a> {
     pub redis: bool,
     /// Backups of the private cluster.
     pub backups: bool,
+    /// Privacy keys from a KMS.
+    pub kms: bool,
+    /// sluice's own logs exported over OTLP.
+    pub log_export: bool,
 }
 
 /// Counters without labels.
@@ -59,6 +63,9 @@ const PLAIN_HISTOGRAMS: &[&str] = &[
 
 /// `sluice_accept_errors_total{kind}`.
 pub const ACCEPT_ERROR_KINDS: [&str; 5] = ["emfile", "enfile", "no_memory", "aborted", "other"];
+
+/// `sluice_kms_failures_total{operation}`: the KMS calls a running server makes.
+const KMS_OPERATIONS: [&str; 2] = ["GenerateDataKey", "Decrypt"];
 
 /// `sluice_reads_refused_total{kind}`.
 pub const READ_KINDS: [&str; 3] = ["queries", "exports", "tails"];
@@ -129,6 +136,17 @@ pub fn register(known: &Known) {
     if known.redis {
         for outcome in ["stored", "duplicate"] {
             counter!("sluice_stream_events_written_total", "outcome" => outcome).increment(0);
+        }
+    }
+    if known.log_export {
+        counter!("sluice_log_records_exported_total").increment(0);
+        for reason in ["queue_full", "export_failed", "shut_down"] {
+            counter!("sluice_log_records_dropped_total", "reason" => reason).increment(0);
+        }
+    }
+    if known.kms {
+        for operation in KMS_OPERATIONS {
+            counter!("sluice_kms_failures_total", "operation" => operation).increment(0);
         }
     }
     if known.backups {

@@ -1,14 +1,15 @@
-//! Opening privacy at start: the keys are checked against the fingerprints PostgreSQL holds of
-//! the keys its data was written under, before anything is written, and the rotate job.
+//! Opening privacy at start: the keys (from the key file, or from the KMS in [`kms`]) are
+//! checked against the fingerprints PostgreSQL holds of the keys its data was written under,
+//! before anything is written.
 
 use std::path::PathBuf;
 
 use sqlx::PgPool;
-use uuid::Uuid;
 
 use super::{
-    ENCRYPTED_PREFIX, Privacy, PrivacyError,
+    Privacy, PrivacyError,
     keys::{self, KeyError},
+    kms::{self, Kms, KmsError},
 };
 use crate::config::Config;
 
@@ -16,22 +17,48 @@ use crate::config::Config;
 pub enum PrivacyStartError {
     #[error(transparent)]
     Key(#[from] KeyError),
+    #[error(transparent)]
+    Kms(#[from] KmsError),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     #[error(
-        "privacy key file {path}: the {what} differs from the one stored data was written under (fingerprint {stored}); restore the original key file, or data already stored becomes unreachable"
+        "{origin}: the {what} differs from the one stored data was written under (fingerprint {stored}); restore the original keys, or data already stored becomes unreachable"
     )]
     Changed {
-        path: PathBuf,
+        origin: Where,
         what: String,
         stored: String,
     },
     #[error(
-        "privacy key file {path}: encryption key {key_id} is missing, and stored values were encrypted with it; restore the original key file"
+        "{origin}: encryption key {key_id} is missing, and stored values were encrypted with it; restore the original keys"
     )]
-    Missing { path: PathBuf, key_id: String },
+    Missing { origin: Where, key_id: String },
+    #[error("{origin}: privacy_keys holds encryption keys but no HMAC key")]
+    HmacMissing { origin: Where },
+    #[error(
+        "kms key {kms_key}: the stored privacy keys come from a key file; move them to the KMS once with `sluice privacy kms-import` (the key file and privacy.kms.key_id both set)"
+    )]
+    NotWrapped { kms_key: String },
+    #[error("a key {key_id} was added meanwhile by another rotation; run it again")]
+    ConcurrentRotation { key_id: String },
     #[error("rotate: {0}")]
     Rotate(#[from] PrivacyError),
+}
+
+/// Where the keys come from, as messages name it (never the keys).
+#[derive(Debug, Clone)]
+pub enum Where {
+    File(PathBuf),
+    Kms(String),
+}
+
+impl std::fmt::Display for Where {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => write!(formatter, "privacy key file {}", path.display()),
+            Self::Kms(key_id) => write!(formatter, "kms key {key_id}"),
+        }
+    }
 }
 
 /// Keys that cannot be made persistent during a call (the first opt-out of a server whose
@@ -78,6 +105,11 @@ async fn open_with(
     pool: &PgPool,
     persistent: bool,
 ) -> Result<Privacy, PrivacyStartError> {
+    // The KMS makes and keeps the keys: they are always persistent.
+    if let Some(key_id) = config.privacy.kms.key_id() {
+        let kms = Kms::connect(key_id, &config.privacy.kms).await;
+        return kms::open(&config.privacy, &kms, pool).await;
+    }
     let recorded = fingerprints(pool).await?;
     let opted_out: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM privacy_optouts)")
         .fetch_one(pool)
@@ -87,8 +119,9 @@ async fn open_with(
         return Ok(Privacy::ephemeral(&config.privacy, &keys::generate()?));
     }
     let path = key_file(config);
+    let source = Where::File(path.clone());
     let loaded = keys::load(&path, config.privacy.key.as_ref().map(|key| key.0.as_str()))?;
-    check_against(&path, &loaded.keys, &recorded)?;
+    check_against(&source, &loaded.keys, &recorded)?;
     if recorded.iter().any(|(kind, _, _)| kind == "hmac") && !config.privacy.pseudonymize_user_id {
         tracing::warn!(
             "privacy.pseudonymize_user_id is off but stored user ids were pseudonymized: filters by user_id no longer find those events"
@@ -117,7 +150,7 @@ async fn open_with(
     // Two nodes starting fresh at once may each have made keys: only the first recorded set
     // counts, and the other node must refuse rather than write under its own.
     let now_recorded = fingerprints(pool).await?;
-    check_against(&path, &loaded.keys, &now_recorded)?;
+    check_against(&source, &loaded.keys, &now_recorded)?;
     tracing::info!(
         key_file = %path.display(),
         encryption_keys = loaded.keys.encryption.len(),
@@ -127,12 +160,11 @@ async fn open_with(
 }
 
 /// Refuses keys that lack or differ from any recorded fingerprint.
-fn check_against(
-    path: &std::path::Path,
+pub(super) fn check_against(
+    source: &Where,
     loaded: &keys::Keys,
     recorded: &Fingerprints,
 ) -> Result<(), PrivacyStartError> {
-    let path = path.to_owned();
     for (kind, key_id, fingerprint) in recorded {
         let present = match kind.as_str() {
             "hmac" => Some(keys::fingerprint(&loaded.hmac)),
@@ -145,13 +177,13 @@ fn check_against(
         match present {
             None => {
                 return Err(PrivacyStartError::Missing {
-                    path: path.clone(),
+                    origin: source.clone(),
                     key_id: key_id.clone(),
                 });
             }
             Some(present) if &present != fingerprint => {
                 return Err(PrivacyStartError::Changed {
-                    path: path.clone(),
+                    origin: source.clone(),
                     what: if kind == "hmac" {
                         "HMAC key (pseudonymized user ids, hashed values)".to_owned()
                     } else {
@@ -164,62 +196,4 @@ fn check_against(
         }
     }
     Ok(())
-}
-
-/// What the rotate job did.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct Rotated {
-    pub rows_scanned: u64,
-    pub rows_updated: u64,
-    pub values_reencrypted: u64,
-}
-
-/// Rows per batch of the rotate job.
-const ROTATE_BATCH: i64 = 1_000;
-
-/// Re-encrypts, under the newest key, every encrypted metadata value of `events` written under
-/// an older one, in batches (keyset on `(ts, id)`), each its own transaction.
-pub async fn rotate(pool: &PgPool, privacy: &Privacy) -> Result<Rotated, PrivacyStartError> {
-    let mut done = Rotated::default();
-    let mut cursor: Option<(chrono::DateTime<chrono::Utc>, Uuid)> = None;
-    let pattern = format!("%{ENCRYPTED_PREFIX}%");
-    loop {
-        let mut transaction = pool.begin().await?;
-        let rows: Vec<(
-            Uuid,
-            chrono::DateTime<chrono::Utc>,
-            sqlx::types::Json<serde_json::Value>,
-        )> = sqlx::query_as(
-            "SELECT id, ts, metadata FROM events WHERE metadata::text LIKE $1 \
-                 AND ($2::timestamptz IS NULL OR (ts, id) > ($2, $3)) ORDER BY ts, id LIMIT $4 \
-                 FOR UPDATE",
-        )
-        .bind(&pattern)
-        .bind(cursor.map(|(ts, _)| ts))
-        .bind(cursor.map(|(_, id)| id))
-        .bind(ROTATE_BATCH)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let full = rows.len() as i64 == ROTATE_BATCH;
-        for (id, ts, metadata) in rows {
-            done.rows_scanned += 1;
-            cursor = Some((ts, id));
-            let mut metadata = metadata.0;
-            let changed = privacy.reencrypt(id, &mut metadata)?;
-            if changed > 0 {
-                sqlx::query("UPDATE events SET metadata = $1 WHERE id = $2 AND ts = $3")
-                    .bind(sqlx::types::Json(&metadata))
-                    .bind(id)
-                    .bind(ts)
-                    .execute(&mut *transaction)
-                    .await?;
-                done.rows_updated += 1;
-                done.values_reencrypted += changed as u64;
-            }
-        }
-        transaction.commit().await?;
-        if !full {
-            return Ok(done);
-        }
-    }
 }

@@ -97,7 +97,8 @@ impl std::fmt::Debug for Keys {
     }
 }
 
-fn random_key() -> Result<[u8; KEY_BYTES], KeyError> {
+/// A new random key.
+pub fn random() -> Result<[u8; KEY_BYTES], KeyError> {
     let mut key = [0u8; KEY_BYTES];
     SystemRandom::new()
         .fill(&mut key)
@@ -108,9 +109,14 @@ fn random_key() -> Result<[u8; KEY_BYTES], KeyError> {
 /// Fresh random keys (one encryption key, `k1`), in memory.
 pub fn generate() -> Result<Keys, KeyError> {
     Ok(Keys {
-        hmac: random_key()?,
-        encryption: vec![("k1".to_owned(), random_key()?)],
+        hmac: random()?,
+        encryption: vec![("k1".to_owned(), random()?)],
     })
+}
+
+/// A key as the key file stores it.
+pub fn encode(key: &[u8; KEY_BYTES]) -> String {
+    STANDARD.encode(key)
 }
 
 fn decode(text: &str) -> Result<[u8; KEY_BYTES], KeyProblem> {
@@ -143,10 +149,10 @@ pub fn load(path: &Path, env_hmac: Option<&str>) -> Result<Loaded, KeyError> {
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let file = KeyFile {
-                hmac_key: STANDARD.encode(random_key()?),
+                hmac_key: STANDARD.encode(random()?),
                 encryption_keys: vec![NamedKey {
                     id: "k1".to_owned(),
-                    key: STANDARD.encode(random_key()?),
+                    key: STANDARD.encode(random()?),
                 }],
             };
             (file, true)

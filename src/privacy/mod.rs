@@ -15,7 +15,9 @@
 
 pub mod fingerprints;
 pub mod keys;
+pub mod kms;
 pub mod optouts;
+pub mod rotate;
 
 use std::collections::{HashMap, HashSet};
 
@@ -93,6 +95,8 @@ pub struct Privacy {
     random: SystemRandom,
     /// Built from keys that are written nowhere (privacy off, nothing protected yet).
     ephemeral: bool,
+    /// The settings it was built from, to build it again with more keys.
+    settings: PrivacyConfig,
 }
 
 impl std::fmt::Debug for Privacy {
@@ -142,7 +146,23 @@ impl Privacy {
             newest: keys.encryption.last().map(|(id, _)| id.clone()),
             random: SystemRandom::new(),
             ephemeral: false,
+            settings: config.clone(),
         }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &PrivacyConfig {
+        &self.settings
+    }
+
+    /// The ids of the encryption keys held.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.ciphers.keys().cloned().collect()
+    }
+
+    /// The id of the key new values are encrypted with.
+    pub fn newest_key(&self) -> Option<&str> {
+        self.newest.as_deref()
     }
 
     /// Privacy over keys that are written nowhere: nothing may be stored under them.

@@ -22,7 +22,7 @@ use crate::{
     health,
     lifecycle::{self, RetentionPolicy},
     metrics::Counters,
-    privacy::optouts,
+    privacy::{kms, optouts},
     store::search_indexes,
     writer::{
         self, Destination, WriterContext,
@@ -155,6 +155,16 @@ impl Background {
         retention: Arc<RetentionPolicy>,
     ) {
         let upkeep = &self.upkeep;
+        let kms = config.privacy.uses_kms().then(|| {
+            let status = Arc::new(kms::KmsStatus::default());
+            upkeep.spawn_until_cancelled(kms::keep_checked(
+                config.privacy.kms.clone(),
+                storage.privacy.clone(),
+                storage.store.pool.clone(),
+                status.clone(),
+            ));
+            status
+        });
         upkeep.spawn(health::watch(
             health_reporter,
             health::Watched {
@@ -164,6 +174,7 @@ impl Background {
                 spool: storage.spool.clone(),
                 resources: health::resources::Resources::new(config),
                 auth: reloadable.auth.clone(),
+                kms,
                 streams: storage
                     .broker
                     .clone()

@@ -96,6 +96,9 @@ fn register_series(config: &Config, auth: &Authorizer) {
         breaker_causes: &breaker_causes,
         redis: config.redis.url.is_some(),
         backups: config.backup.url.is_some() && config.database.url.is_none(),
+        kms: config.privacy.uses_kms(),
+        log_export: crate::telemetry::logs::endpoint(&config.telemetry).is_some()
+            && config.telemetry.log_level.trim() != "off",
     });
 }
 

@@ -29,6 +29,7 @@ const FILES: &[(&str, &str)] = migrations![
     "0010_ts_brin.sql",
     "0011_ingested_at_brin.sql",
     "0012_erasures.sql",
+    "0013_privacy_wrapped_keys.sql",
 ];
 
 /// The migrator over [`FILES`].

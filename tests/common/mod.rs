@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod otlp;
 pub mod proxy;
 pub mod streaming;
 
@@ -66,6 +67,93 @@ impl S3 {
         ]
         .map(|(key, value)| (key.to_owned(), value.to_owned()))
         .to_vec()
+    }
+}
+
+/// A KMS of one test's own: moto serving the AWS KMS API on a free loopback port, so that a
+/// test can take it down. Killed when dropped.
+pub struct Kms {
+    child: Option<Child>,
+    pub endpoint: String,
+}
+
+impl Kms {
+    pub fn start() -> Self {
+        let python = std::env::var("TEST_SLUICE_PYTHON")
+            .expect("TEST_SLUICE_PYTHON is unset: run the suite with scripts/test");
+        let port = free_port();
+        let child = Command::new(python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn moto");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child: Some(child),
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// The `AWS_*` variables that reach it.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .to_vec()
+    }
+
+    /// Creates a symmetric key with `alias` (`alias/...`) through the AWS API (boto3).
+    pub fn create_key(&self, alias: &str) {
+        let python = std::env::var("TEST_SLUICE_PYTHON").expect("TEST_SLUICE_PYTHON");
+        let output = Command::new(python)
+            .args([
+                "-c",
+                "import sys, boto3\n\
+                 kms = boto3.client('kms', endpoint_url=sys.argv[1], region_name='us-east-1', \
+                 aws_access_key_id='test', aws_secret_access_key='test')\n\
+                 key = kms.create_key()['KeyMetadata']['KeyId']\n\
+                 kms.create_alias(AliasName=sys.argv[2], TargetKeyId=key)",
+                &self.endpoint,
+                alias,
+            ])
+            .output()
+            .expect("create a KMS key");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Takes the KMS down.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Kms {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -197,6 +285,12 @@ impl ServerSpec {
 
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_owned());
+        self
+    }
+
+    /// Runs in `dir` (its data dir, certs and `sluice.toml`) instead of a fresh directory.
+    pub fn dir(mut self, dir: &Path) -> Self {
+        self.dir = Some(dir.to_owned());
         self
     }
 

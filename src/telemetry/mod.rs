@@ -1,6 +1,6 @@
-//! Logs and traces: the `tracing` subscriber (text or JSON lines), OpenTelemetry export over
-//! OTLP/gRPC (off unless an endpoint is configured), W3C trace context from callers, and the
-//! trace id that stored events carry.
+//! Logs and traces: the `tracing` subscriber (text or JSON lines), OpenTelemetry export of
+//! spans and of log records ([`logs`]) over OTLP/gRPC (off unless an endpoint is configured),
+//! W3C trace context from callers, and the trace id that stored events carry.
 //!
 //! Spans: one per RPC (`rpc`, made in [`crate::server`]), a child of the caller's span when the
 //! request carries `traceparent`; one per validation pass (`validate`); and one per batch write
@@ -16,16 +16,23 @@ use opentelemetry_http::HeaderExtractor;
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     Resource,
+    logs::SdkLoggerProvider,
     propagation::TraceContextPropagator,
     trace::{Sampler, SdkTracerProvider},
 };
 use tonic::codegen::http::HeaderMap;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+    EnvFilter, Layer,
+    filter::{LevelFilter, Targets},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
 };
 
 use crate::config::{LogConfig, LogFormat, TelemetryConfig};
+
+mod gate;
+pub mod logs;
 
 /// The standard variables that turn export on when `telemetry.otlp_endpoint` is unset.
 const ENDPOINT_VARIABLES: [&str; 2] = [
@@ -42,26 +49,33 @@ static STORE_TRACE_ID: AtomicBool = AtomicBool::new(true);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("cannot set up the OTLP trace exporter for {endpoint}: {reason}")]
+    #[error("cannot set up the OTLP exporter for {endpoint}: {reason}")]
     Exporter { endpoint: String, reason: String },
     #[error("a tracing subscriber was already installed")]
     AlreadyInstalled,
 }
 
-/// Export in progress; [`Telemetry::shutdown`] flushes the spans still queued.
+/// Export in progress; [`Telemetry::shutdown`] flushes the spans and log records still
+/// queued.
 #[must_use = "shut telemetry down at exit, or queued spans are lost"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    logs: Option<SdkLoggerProvider>,
 }
 
 impl Telemetry {
-    /// Flushes queued spans (bounded by the exporter's timeout). Blocking: call it off the
-    /// async workers, or once serving has ended.
+    /// Flushes queued spans and log records (bounded by the exporters' timeouts). Blocking:
+    /// call it off the async workers, or once serving has ended.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
             && let Err(error) = provider.shutdown()
         {
             eprintln!("sluice: flushing traces at exit failed: {error}");
+        }
+        if let Some(logs) = self.logs
+            && let Err(error) = logs.shutdown()
+        {
+            eprintln!("sluice: flushing log records at exit failed: {error}");
         }
     }
 }
@@ -121,11 +135,23 @@ fn tracer_provider(
 }
 
 /// Installs the global subscriber: log lines to stderr under `log.filter` (`RUST_LOG` wins),
-/// and, when an OTLP endpoint is set, sluice's spans to the exporter. Call it inside the
-/// async runtime: the exporter's channel lives there.
+/// and, when an OTLP endpoint is set, sluice's spans and log records to the exporters. Call it
+/// inside the async runtime: the exporters' channels live there.
 pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     STORE_TRACE_ID.store(telemetry.store_trace_id, Ordering::Relaxed);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    // Whatever the filter says: the AWS SDK's trace events hold response bodies, and the
+    // KMS's hold data keys.
+    // The AWS SDK's trace events hold response bodies, and the KMS's hold data keys: a
+    // filter that reaches TRACE anywhere keeps the SDK at DEBUG.
+    let filter = if filter.max_level_hint() == Some(LevelFilter::TRACE) {
+        ["aws_smithy_runtime=debug", "aws_smithy_http_client=debug"]
+            .into_iter()
+            .filter_map(|directive| directive.parse().ok())
+            .fold(filter, EnvFilter::add_directive)
+    } else {
+        filter
+    };
     let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let lines = match log.format {
         LogFormat::Text => lines.with_filter(filter).boxed(),
@@ -141,17 +167,30 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<Telemetry, T
             .with_tracer(provider.tracer("sluice"))
             .with_filter(Targets::new().with_target("sluice", tracing::Level::INFO))
     });
+    let logs_endpoint = logs::endpoint(telemetry);
+    let exported_logs = match &logs_endpoint {
+        Some(endpoint) => logs::layer(endpoint, telemetry, resource())?,
+        None => None,
+    };
+    let (logs_provider, logs_layer) = exported_logs.unzip();
+    let logs_layer =
+        logs_layer.map(|layer| gate::Gated::new(layer, logs::filter(&telemetry.log_level)));
     tracing_subscriber::registry()
         .with(lines)
         .with(traces)
+        .with(logs_layer)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     if let Some((endpoint, _)) = &provider {
         EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!(%endpoint, sample_ratio = telemetry.sample_ratio, "exporting traces over OTLP");
     }
+    if let (Some(endpoint), Some(_)) = (&logs_endpoint, &logs_provider) {
+        tracing::info!(%endpoint, log_level = %telemetry.log_level, "exporting logs over OTLP");
+    }
     Ok(Telemetry {
         provider: provider.map(|(_, provider)| provider),
+        logs: logs_provider,
     })
 }
 
