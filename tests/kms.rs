@@ -8,11 +8,11 @@ mod common;
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Kms, ServerSpec, TestDatabase, TestServer, event, publish};
+use common::{Kms, ServerSpec, TestDatabase, TestServer, event, publish, start_expecting_refusal};
 use futures::StreamExt;
 use serde_json::{Value as Json, json};
 use sluice::proto::{Event, ExportRequest, query_service_client::QueryServiceClient};
@@ -103,50 +103,6 @@ fn sluice_command(
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
     Ok(serde_json::from_slice(&output.stdout).expect("a JSON report"))
-}
-
-/// Starts the server in `server_dir` and waits for it to exit; its stderr. Fails if it is
-/// still serving after 60 s.
-fn start_expecting_refusal(
-    server_dir: &Path,
-    database_url: &str,
-    env: &[(String, String)],
-) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(server_dir.join("sluice.toml"))
-        .env("DATABASE_URL", database_url)
-        .env("SLUICE_DATA_DIR", server_dir.join("data"))
-        .env("SLUICE_TLS__CERT_DIR", server_dir.join("certs"))
-        .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(key, value)| (key, value)))
-        .current_dir(server_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(!status.success(), "the server must refuse to start");
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server started");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
-    stderr
 }
 
 async fn wrapped_keys(

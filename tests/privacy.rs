@@ -7,12 +7,15 @@ mod common;
 
 use std::{
     path::Path,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use common::{ServerSpec, TestDatabase, TestServer, channel_as, event, issue_certificate, publish};
+use common::{
+    ServerSpec, TestDatabase, TestServer, channel_as, event, issue_certificate, publish,
+    start_expecting_refusal,
+};
 use futures::StreamExt;
 use serde_json::{Value as Json, json};
 use sluice::proto::{
@@ -355,44 +358,6 @@ async fn a_new_key_encrypts_after_a_reload_old_values_still_open_and_rotate_reen
     );
 }
 
-/// Starts the server binary and waits for it to exit; fails if it is still serving after 30 s.
-fn start_expecting_refusal(server_dir: &Path, database_url: &str) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(server_dir.join("sluice.toml"))
-        .env("DATABASE_URL", database_url)
-        .env("SLUICE_DATA_DIR", server_dir.join("data"))
-        .env("SLUICE_TLS__CERT_DIR", server_dir.join("certs"))
-        .env("RUST_LOG", "info")
-        .current_dir(server_dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            assert!(!status.success(), "the server must refuse to start");
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the server started with the wrong keys");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("stderr");
-    stderr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_or_missing_key_file_refuses_to_start_and_writes_no_new_key() {
     common::init_crypto();
@@ -409,7 +374,7 @@ async fn a_changed_or_missing_key_file_refuses_to_start_and_writes_no_new_key() 
     // Missing: the server would make a new key and strand the stored data. It refuses, and
     // leaves no new key file behind.
     std::fs::remove_file(&key_file).expect("remove");
-    let stderr = start_expecting_refusal(&dir, &database.url);
+    let stderr = start_expecting_refusal(&dir, &database.url, &[]);
     assert!(
         stderr.contains("privacy key file") && stderr.contains("differs"),
         "{stderr}"
@@ -430,7 +395,7 @@ async fn a_changed_or_missing_key_file_refuses_to_start_and_writes_no_new_key() 
         .collect::<Vec<_>>()
         .join("\n");
     write_private(&key_file, &changed);
-    let stderr = start_expecting_refusal(&dir, &database.url);
+    let stderr = start_expecting_refusal(&dir, &database.url, &[]);
     assert!(
         stderr.contains("HMAC key") && stderr.contains("differs"),
         "{stderr}"
@@ -452,7 +417,7 @@ async fn a_changed_or_missing_key_file_refuses_to_start_and_writes_no_new_key() 
         .expect("head")
         .to_owned();
     write_private(&key_file, &dropped);
-    let stderr = start_expecting_refusal(&dir, &database.url);
+    let stderr = start_expecting_refusal(&dir, &database.url, &[]);
     assert!(stderr.contains("encryption key k1 is missing"), "{stderr}");
 
     // The original file: it starts again, and the data opens.

@@ -6,69 +6,14 @@ use std::path::PathBuf;
 
 use sqlx::PgPool;
 
+pub use super::check::{PrivacyStartError, Where};
 use super::{
-    Privacy, PrivacyError,
-    keys::{self, KeyError},
-    kms::{self, Kms, KmsError},
+    Privacy,
+    check::{Fingerprints, check_against},
+    keys,
+    kms::{self, Kms},
 };
 use crate::config::Config;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PrivacyStartError {
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    #[error(transparent)]
-    Kms(#[from] KmsError),
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error(
-        "{origin}: the {what} differs from the one stored data was written under (fingerprint {stored}); restore the original keys, or data already stored becomes unreachable"
-    )]
-    Changed {
-        origin: Where,
-        what: String,
-        stored: String,
-    },
-    #[error(
-        "{origin}: encryption key {key_id} is missing, and stored values were encrypted with it; restore the original keys"
-    )]
-    Missing { origin: Where, key_id: String },
-    #[error("{origin}: privacy_keys holds encryption keys but no HMAC key")]
-    HmacMissing { origin: Where },
-    #[error(
-        "kms key {kms_key}: the stored privacy keys come from a key file; move them to the KMS once with `sluice privacy kms-import` (the key file and privacy.kms.key_id both set)"
-    )]
-    NotWrapped { kms_key: String },
-    #[error("a key {key_id} was added meanwhile by another rotation; run it again")]
-    ConcurrentRotation { key_id: String },
-    #[error("rotate: {0}")]
-    Rotate(#[from] PrivacyError),
-}
-
-/// Where the keys come from, as messages name it (never the keys).
-#[derive(Debug, Clone)]
-pub enum Where {
-    File(PathBuf),
-    Kms(String),
-}
-
-impl std::fmt::Display for Where {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::File(path) => write!(formatter, "privacy key file {}", path.display()),
-            Self::Kms(key_id) => write!(formatter, "kms key {key_id}"),
-        }
-    }
-}
-
-/// Keys that cannot be made persistent during a call (the first opt-out of a server whose
-/// privacy settings are all off): the operator's problem, not the caller's.
-impl From<PrivacyStartError> for tonic::Status {
-    fn from(error: PrivacyStartError) -> Self {
-        tracing::error!(%error, "privacy keys cannot be made persistent");
-        tonic::Status::failed_precondition("the privacy key file cannot be used; see server logs")
-    }
-}
 
 /// The key file in use.
 pub fn key_file(config: &Config) -> PathBuf {
@@ -91,8 +36,6 @@ pub async fn open(config: &Config, pool: &PgPool) -> Result<Privacy, PrivacyStar
 pub async fn open_persistent(config: &Config, pool: &PgPool) -> Result<Privacy, PrivacyStartError> {
     open_with(config, pool, true).await
 }
-
-type Fingerprints = Vec<(String, String, String)>;
 
 async fn fingerprints(pool: &PgPool) -> Result<Fingerprints, sqlx::Error> {
     sqlx::query_as("SELECT kind, key_id, fingerprint FROM privacy_keys ORDER BY 1, 2")
@@ -157,43 +100,4 @@ async fn open_with(
         "privacy keys loaded and checked against the database"
     );
     Ok(Privacy::new(&config.privacy, &loaded.keys))
-}
-
-/// Refuses keys that lack or differ from any recorded fingerprint.
-pub(super) fn check_against(
-    source: &Where,
-    loaded: &keys::Keys,
-    recorded: &Fingerprints,
-) -> Result<(), PrivacyStartError> {
-    for (kind, key_id, fingerprint) in recorded {
-        let present = match kind.as_str() {
-            "hmac" => Some(keys::fingerprint(&loaded.hmac)),
-            _ => loaded
-                .encryption
-                .iter()
-                .find(|(id, _)| id == key_id)
-                .map(|(_, key)| keys::fingerprint(key)),
-        };
-        match present {
-            None => {
-                return Err(PrivacyStartError::Missing {
-                    origin: source.clone(),
-                    key_id: key_id.clone(),
-                });
-            }
-            Some(present) if &present != fingerprint => {
-                return Err(PrivacyStartError::Changed {
-                    origin: source.clone(),
-                    what: if kind == "hmac" {
-                        "HMAC key (pseudonymized user ids, hashed values)".to_owned()
-                    } else {
-                        format!("encryption key {key_id}")
-                    },
-                    stored: fingerprint.clone(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    Ok(())
 }

@@ -13,6 +13,7 @@
 //! Keys live in the key file ([`keys`]); [`store`] makes sure the database's data was written
 //! under the keys at hand before anything is written.
 
+pub mod check;
 pub mod fingerprints;
 pub mod keys;
 pub mod kms;

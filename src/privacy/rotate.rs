@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::{
     ENCRYPTED_PREFIX, Privacy, PrivacyError,
-    fingerprints::PrivacyStartError,
+    check::PrivacyStartError,
     keys::{self, KeyError, KeyFileProblem},
     kms::{NewKey, next_key_id},
 };

@@ -157,6 +157,50 @@ impl Drop for Kms {
     }
 }
 
+/// Starts the server in `server_dir` and waits for it to exit; its stderr. Fails if it is
+/// still serving after 60 s.
+pub fn start_expecting_refusal(
+    server_dir: &Path,
+    database_url: &str,
+    env: &[(String, String)],
+) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(server_dir.join("sluice.toml"))
+        .env("DATABASE_URL", database_url)
+        .env("SLUICE_DATA_DIR", server_dir.join("data"))
+        .env("SLUICE_TLS__CERT_DIR", server_dir.join("certs"))
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(key, value)| (key, value)))
+        .current_dir(server_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(!status.success(), "the server must refuse to start");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server started");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    stderr
+}
+
 /// A fresh database on the shared test cluster.
 pub struct TestDatabase {
     pub url: String,

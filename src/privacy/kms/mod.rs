@@ -18,7 +18,7 @@ use sqlx::PgPool;
 
 use super::{
     Privacy, SharedPrivacy,
-    fingerprints::{PrivacyStartError, Where, check_against},
+    check::{PrivacyStartError, Where, check_against},
     keys::{self, KEY_BYTES, Keys},
 };
 use crate::{
@@ -26,39 +26,13 @@ use crate::{
     metrics,
 };
 
+pub(super) mod error;
+
+pub use error::KmsError;
+
 /// The encryption-context key that binds a wrapped key to its role (`hmac`, or
 /// `encryption:<id>`): a wrapped key copied to another row does not unwrap.
 const CONTEXT_KEY: &str = "sluice:privacy-key";
-
-#[derive(Debug, thiserror::Error)]
-pub enum KmsError {
-    #[error("kms key {key_id}: the KMS cannot be reached for {operation}: {reason}")]
-    Unreachable {
-        key_id: String,
-        operation: &'static str,
-        reason: String,
-    },
-    #[error("kms key {key_id}: {operation} refused: {code}: {message}")]
-    Refused {
-        key_id: String,
-        operation: &'static str,
-        code: String,
-        message: String,
-    },
-    #[error("kms key {key_id}: {operation} answered without {what}")]
-    Incomplete {
-        key_id: String,
-        operation: &'static str,
-        what: &'static str,
-    },
-}
-
-impl KmsError {
-    /// The KMS could not be asked (network, timeout), as against a refusal.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, Self::Unreachable { .. })
-    }
-}
 
 /// A KMS key and the client that reaches it.
 #[derive(Clone)]
