@@ -88,6 +88,60 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Starts it as a cluster node (fails over after 2 s without its master).
+    async fn spawn_clustered(&mut self) {
+        let binary = std::env::var("TEST_SLUICE_REDIS_SERVER")
+            .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+        let child = Command::new(binary)
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether this node is the master that serves `slot` now.
+    fn is_master_of(&self, slot: u16) -> bool {
+        let Ok(output) = Command::new(redis_cli())
+            .args(["-p", &self.port.to_string(), "cluster", "nodes"])
+            .output()
+        else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        text.lines()
+            .filter(|line| line.contains("myself") && line.contains("master"))
+            .flat_map(|line| line.split_whitespace().skip(8))
+            .any(|range| match range.split_once('-') {
+                Some((low, high)) => low
+                    .parse::<u16>()
+                    .ok()
+                    .zip(high.parse::<u16>().ok())
+                    .is_some_and(|(low, high)| (low..=high).contains(&slot)),
+                None => range.parse::<u16>().is_ok_and(|single| single == slot),
+            })
+    }
+
     /// SIGKILL: whatever AOF `always` wrote survives.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -139,6 +193,197 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A Redis Cluster of one test: 3 masters and 3 replicas (`redis-server --cluster-enabled yes`,
+/// AOF `always`, each in its own directory, on free loopback ports whose bus port, port +
+/// 10000, is free too), made with `redis-cli --cluster create`.
+struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    async fn start() -> Self {
+        let mut nodes = Vec::new();
+        while nodes.len() < 6 {
+            let port = common::free_port();
+            if port >= 55_535 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
+            {
+                continue;
+            }
+            let mut node = Redis {
+                child: None,
+                port,
+                dir: tempfile::tempdir().expect("tempdir"),
+                durable: true,
+            };
+            node.spawn_clustered().await;
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let output = Command::new(redis_cli())
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and sees 3 masters.
+    async fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = self
+                .nodes
+                .iter()
+                .filter(|node| node.child.is_some())
+                .all(|node| {
+                    Command::new(redis_cli())
+                        .args(["-p", &node.port.to_string(), "cluster", "info"])
+                        .output()
+                        .is_ok_and(|output| {
+                            let text = String::from_utf8_lossy(&output.stdout);
+                            text.contains("cluster_state:ok") && text.contains("cluster_size:3")
+                        })
+                });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster never became ok");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The seed nodes, as `redis.cluster_nodes` takes them from the environment.
+    fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| node.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn connection(&self) -> redis::cluster_async::ClusterConnection {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .map(Redis::url)
+            .collect();
+        redis::cluster::ClusterClient::new(seeds)
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("connect to the cluster")
+    }
+
+    /// The streams (and their counters) sluice made: `sluice:events:{<tag>}`.
+    async fn streams(&self) -> Vec<String> {
+        let mut streams = Vec::new();
+        for node in self.nodes.iter().filter(|node| node.child.is_some()) {
+            let mut connection = node.connection().await;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("sluice:events:{*}")
+                .query_async(&mut connection)
+                .await
+                .expect("keys");
+            streams.extend(keys);
+        }
+        streams.sort();
+        streams.dedup();
+        streams
+    }
+
+    /// Backlog events over every shard, and entries pending with a writer.
+    async fn backlog_and_pending(&self) -> (i64, i64) {
+        let mut connection = self.connection().await;
+        let (mut backlog, mut pending) = (0, 0);
+        for key in self.streams().await {
+            if key.ends_with(":backlog:events") {
+                let value: Option<i64> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("get");
+                backlog += value.unwrap_or_default();
+            } else if !key.contains(":backlog:") {
+                let summary: redis::Value = redis::cmd("XPENDING")
+                    .arg(&key)
+                    .arg("sluice-writers")
+                    .query_async(&mut connection)
+                    .await
+                    .expect("xpending");
+                if let redis::Value::Array(fields) = summary
+                    && let Some(redis::Value::Int(count)) = fields.first()
+                {
+                    pending += count;
+                }
+            }
+        }
+        (backlog, pending)
+    }
+
+    /// The node that is master of the most sluice streams.
+    fn busiest_master(&self, streams: &[String]) -> usize {
+        let mut best = (0, 0);
+        for (index, node) in self.nodes.iter().enumerate() {
+            let Some(_) = node.child else { continue };
+            let owned = streams
+                .iter()
+                .filter(|key| !key.contains(":backlog:"))
+                .filter(|key| {
+                    Command::new(redis_cli())
+                        .args(["-p", &node.port.to_string(), "cluster", "keyslot", key])
+                        .output()
+                        .ok()
+                        .and_then(|output| {
+                            String::from_utf8_lossy(&output.stdout)
+                                .trim()
+                                .parse::<u16>()
+                                .ok()
+                        })
+                        .is_some_and(|slot| node.is_master_of(slot))
+                })
+                .count();
+            if owned > best.1 {
+                best = (index, owned);
+            }
+        }
+        best.0
+    }
+
+    /// Waits until the streams hold nothing: every entry written and acknowledged.
+    async fn drained(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (backlog, pending) = self.backlog_and_pending().await;
+            if backlog == 0 && pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backlog never drained: {backlog} events, {pending} pending entries"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn redis_cli() -> std::path::PathBuf {
+    let server = std::env::var("TEST_SLUICE_REDIS_SERVER")
+        .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+    std::path::Path::new(&server).with_file_name("redis-cli")
 }
 
 fn node(database: &TestDatabase, redis: &Redis, role: &str) -> ServerSpec {
@@ -558,4 +803,155 @@ async fn a_redis_without_aof_always_is_refused_at_start_unless_allowed() {
     )
     .await;
     assert!(allowed.logs().contains("redis durability is weaker"));
+}
+
+fn cluster_node(database: &TestDatabase, cluster: &RedisCluster, role: &str) -> ServerSpec {
+    ServerSpec::with_database(&database.url)
+        .env("SLUICE_REDIS__CLUSTER_NODES", &cluster.seeds())
+        .env("SLUICE_REDIS__CLAIM_IDLE", "1s")
+        .env("SLUICE_REDIS__WAIT_REPLICAS", "1")
+        .env("SLUICE_REDIS__WAIT_TIMEOUT", "2s")
+        .arg("--role")
+        .arg(role)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_keeps_every_acknowledged_event_once_through_a_master_kill_9() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let mut cluster = RedisCluster::start().await;
+    let ingest_a = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
+    let ingest_b = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
+    let writer_a = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
+    let writer_b = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
+
+    // Every shard in a slot of its own, and the shards on more than one master.
+    let streams = cluster.streams().await;
+    let shards: Vec<&String> = streams
+        .iter()
+        .filter(|key| !key.contains(":backlog:"))
+        .collect();
+    assert_eq!(shards.len(), 4, "{streams:?}");
+    let masters: HashSet<usize> = (0..cluster.nodes.len())
+        .filter(|index| {
+            shards.iter().any(|key| {
+                let slot = Command::new(redis_cli())
+                    .args([
+                        "-p",
+                        &cluster.nodes[*index].port.to_string(),
+                        "cluster",
+                        "keyslot",
+                        key,
+                    ])
+                    .output()
+                    .ok()
+                    .and_then(|output| String::from_utf8_lossy(&output.stdout).trim().parse().ok());
+                slot.is_some_and(|slot| cluster.nodes[*index].is_master_of(slot))
+            })
+        })
+        .collect();
+    assert!(
+        masters.len() >= 2,
+        "the shards sit on one master: {masters:?}"
+    );
+
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let mut senders = tokio::task::JoinSet::new();
+    for (index, server) in [&ingest_a, &ingest_b, &ingest_a, &ingest_b]
+        .iter()
+        .enumerate()
+    {
+        senders.spawn(send_through_failover(
+            server.ingest_client().await,
+            format!("cluster-{index}"),
+            40,
+            500,
+            acknowledged.clone(),
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acknowledged.lock().expect("ids").len() < 20_000 {
+        assert!(Instant::now() < deadline, "too slow before the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // kill -9 of the master with the most shards: its replica takes over, alone. With
+    // wait_replicas = 1 those shards' appends cannot be confirmed until the old master is back
+    // (as the new master's replica): the ingest nodes spool them meanwhile, and go on acking.
+    let busiest = cluster.busiest_master(&streams);
+    cluster.nodes[busiest].kill();
+    while senders.join_next().await.is_some() {}
+    cluster.nodes[busiest].spawn_clustered().await;
+    cluster.wait_until_ok().await;
+
+    // Acks the ingest nodes spooled while a shard had no master replay into the streams.
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    assert_eq!(
+        acknowledged.len(),
+        80_000,
+        "every request was acknowledged in the end"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (rows, stored) = loop {
+        let (rows, stored) = stored_ids(&database, "cluster-%").await;
+        if acknowledged.is_subset(&stored) {
+            break (rows, stored);
+        }
+        let lost: Vec<&String> = acknowledged.difference(&stored).take(5).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged but not stored, e.g. {lost:?}\ningest:\n{}\nwriter:\n{}",
+            acknowledged.difference(&stored).count(),
+            ingest_a.logs(),
+            writer_a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cluster.drained(Duration::from_secs(60)).await;
+    assert_eq!(rows as usize, stored.len(), "every event stored once");
+    eprintln!(
+        "acknowledged {}, stored {rows}; spooled by the ingest nodes: {}",
+        acknowledged.len(),
+        ingest_a.logs().matches("replayed spool segment").count()
+            + ingest_b.logs().matches("replayed spool segment").count()
+    );
+    let stats = writer_b
+        .query_client()
+        .await
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.writer.expect("writer stats").stream_backlog_events, 0);
+    drop((ingest_a, ingest_b, writer_a));
+}
+
+/// [`send`], but a refusal while the cluster fails over (UNAVAILABLE) is retried too: every
+/// round is acknowledged in the end.
+async fn send_through_failover(
+    mut client: IngestServiceClient<Channel>,
+    service: String,
+    rounds: usize,
+    size: usize,
+    acknowledged: Arc<Mutex<HashSet<String>>>,
+) {
+    for round in 0..rounds {
+        let events: Vec<_> = (0..size)
+            .map(|index| event(&service, &format!("{round}-{index}")))
+            .collect();
+        let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match client.publish(request(events.clone())).await {
+                Ok(response) => {
+                    assert_eq!(response.into_inner().accepted as usize, size);
+                    acknowledged.lock().expect("ids").extend(ids);
+                    break;
+                }
+                Err(status) => {
+                    assert!(Instant::now() < deadline, "never acknowledged: {status:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
 }

@@ -7,16 +7,26 @@
 //! each entry and lower the counters in one script. Nothing is ever trimmed by length: an
 //! entry leaves a stream only once it is stored (or dead-lettered).
 //!
+//! In a Redis Cluster (`redis.cluster_nodes`) every shard lives in one slot: its stream and its
+//! backlog counters carry the hash tag `{<n>}`, so an append is one atomic script on the
+//! master of that slot, and the shards spread over the masters. Commands never span slots:
+//! appends, reads and acks go shard by shard, concurrently.
+//!
 //! An entry is the spool's record format (a version byte, then a protobuf `SpoolBatch`), so
 //! both ends share one versioned, tested encoding.
 
+mod connection;
+
 use std::{sync::Arc, time::Duration};
 
+use futures::future::try_join_all;
 use redis::{
-    AsyncCommands, Script,
-    aio::{ConnectionManager, ConnectionManagerConfig},
+    Script,
+    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
     streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply},
 };
+
+use connection::{Connection, Connector};
 
 use chrono::{DateTime, Utc};
 
@@ -32,6 +42,9 @@ const PAYLOAD_FIELD: &str = "b";
 const COUNT_FIELD: &str = "n";
 /// How long a writer's read waits for new entries before it looks for stale ones.
 const READ_BLOCK: Duration = Duration::from_millis(500);
+/// In a cluster, where a read spans no slots and so cannot block on all shards at once, how
+/// long a writer waits after reads that found nothing.
+const CLUSTER_POLL: Duration = Duration::from_millis(50);
 /// Entries one read takes from each stream.
 const ENTRIES_PER_READ: usize = 8;
 
@@ -50,6 +63,14 @@ end
 redis.call('DECRBY', KEYS[1], events)
 redis.call('DECRBY', KEYS[2], bytes)
 return events
+";
+
+/// One shard's append in a cluster, atomic on its slot: the entry and its counters.
+const APPEND_SCRIPT: &str = r"
+redis.call('XADD', KEYS[1], '*', 'b', ARGV[1], 'n', ARGV[2])
+redis.call('INCRBY', KEYS[2], ARGV[2])
+redis.call('INCRBY', KEYS[3], ARGV[3])
+return 1
 ";
 
 #[derive(Debug, thiserror::Error)]
@@ -129,17 +150,47 @@ pub struct Entry {
 /// The streams of one deployment. Cheap to clone; clones share one multiplexed connection.
 #[derive(Clone)]
 pub struct Broker {
-    connection: ConnectionManager,
+    connection: Connection,
     shared: Arc<Shared>,
 }
 
 /// What every connection to the streams shares.
 struct Shared {
-    client: redis::Client,
+    connector: Connector,
     config: RedisConfig,
-    keys: Vec<String>,
-    backlog_events_key: String,
-    backlog_bytes_key: String,
+    shards: Vec<ShardKeys>,
+}
+
+/// The keys of one shard. On one Redis every shard shares the two backlog counters; in a
+/// cluster each shard has its own, in its slot.
+struct ShardKeys {
+    stream: String,
+    backlog_events: String,
+    backlog_bytes: String,
+}
+
+impl ShardKeys {
+    fn all(config: &RedisConfig) -> Vec<Self> {
+        let prefix = &config.prefix;
+        (0..config.shards)
+            .map(|shard| {
+                if config.is_cluster() {
+                    let tag = spread_tag(shard, config.shards);
+                    Self {
+                        stream: format!("{prefix}:{{{tag}}}"),
+                        backlog_events: format!("{prefix}:{{{tag}}}:backlog:events"),
+                        backlog_bytes: format!("{prefix}:{{{tag}}}:backlog:bytes"),
+                    }
+                } else {
+                    Self {
+                        stream: format!("{prefix}:{shard}"),
+                        backlog_events: format!("{prefix}:backlog:events"),
+                        backlog_bytes: format!("{prefix}:backlog:bytes"),
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 /// Whether `error` says a stream has no consumer group (it was deleted and recreated).
@@ -150,26 +201,13 @@ pub fn is_missing_group(error: &BrokerError) -> bool {
 impl Broker {
     /// Connects, checks Redis's durability settings, and creates the consumer group.
     pub async fn connect(config: &RedisConfig) -> Result<Self, BrokerError> {
-        let url = config
-            .url
-            .as_ref()
-            .map(|url| url.0.as_str())
-            .unwrap_or_default();
-        let client = redis::Client::open(url)?;
-        let connection = client
-            .get_connection_manager_with_config(connection_config(config))
-            .await?;
-        let keys = (0..config.shards)
-            .map(|shard| format!("{}:{shard}", config.prefix))
-            .collect();
+        let (connector, connection) = Connector::connect(config).await?;
         let streams = Self {
             connection,
             shared: Arc::new(Shared {
-                client,
+                connector,
                 config: config.clone(),
-                keys,
-                backlog_events_key: format!("{}:backlog:events", config.prefix),
-                backlog_bytes_key: format!("{}:backlog:bytes", config.prefix),
+                shards: ShardKeys::all(config),
             }),
         };
         streams.check_durability().await?;
@@ -187,25 +225,21 @@ impl Broker {
             ("appendfsync", "always"),
             ("maxmemory-policy", "noeviction"),
         ] {
-            let reply: Result<Vec<String>, _> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(setting)
-                .query_async(&mut connection)
-                .await;
-            let value = match reply {
-                Ok(pair) => pair.get(1).cloned().unwrap_or_default(),
+            let values = match setting_everywhere(&mut connection, setting).await {
+                Ok(values) => values,
                 Err(error) => {
                     tracing::warn!(%error, setting, "cannot read redis settings (CONFIG disabled?); make sure appendonly is yes and appendfsync is always");
                     return Ok(());
                 }
             };
-            if value != wanted {
-                if self.shared.config.allow_weak_durability {
-                    tracing::warn!(setting, value = %value, wanted, "redis durability is weaker than acks promise: an acknowledged event can be lost in a redis crash (redis.allow_weak_durability is set)");
-                } else {
-                    return Err(BrokerError::WeakDurability { setting, value });
-                }
+            // The weakest master decides.
+            let Some(value) = values.into_iter().find(|value| value != wanted) else {
+                continue;
+            };
+            if !self.shared.config.allow_weak_durability {
+                return Err(BrokerError::WeakDurability { setting, value });
             }
+            tracing::warn!(setting, value = %value, wanted, "redis durability is weaker than acks promise: an acknowledged event can be lost in a redis crash (redis.allow_weak_durability is set)");
         }
         Ok(())
     }
@@ -214,7 +248,7 @@ impl Broker {
     /// recreated empty by the next append, without the group).
     pub async fn create_group(&self) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
-        for key in &self.shared.keys {
+        for key in self.shared.shards.iter().map(|shard| &shard.stream) {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
                 .arg("CREATE")
                 .arg(key)
@@ -235,11 +269,7 @@ impl Broker {
     /// A connection of its own, for a writer's blocking reads (a blocked read would hold up
     /// every command multiplexed on a shared one).
     pub async fn reader(&self) -> Result<Self, BrokerError> {
-        let connection = self
-            .shared
-            .client
-            .get_connection_manager_with_config(connection_config(&self.shared.config))
-            .await?;
+        let connection = self.shared.connector.reader(&self.shared.config).await?;
         Ok(Self {
             connection,
             shared: self.shared.clone(),
@@ -247,7 +277,11 @@ impl Broker {
     }
 
     pub fn shards(&self) -> usize {
-        self.shared.keys.len()
+        self.shared.shards.len()
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.connection, Connection::Cluster(_))
     }
 
     /// Appends `events`, one entry per shard they fall in, with the backlog counters, all or
@@ -258,57 +292,98 @@ impl Broker {
         events: &[&ValidEvent],
         admitted_at: Option<DateTime<Utc>>,
     ) -> Result<(), BrokerError> {
-        let mut by_shard: Vec<Vec<&ValidEvent>> = vec![Vec::new(); self.shared.keys.len()];
+        let shards = &self.shared.shards;
+        let mut by_shard: Vec<Vec<&ValidEvent>> = vec![Vec::new(); shards.len()];
         for event in events {
-            by_shard[shard_of(event, self.shared.keys.len())].push(event);
+            by_shard[shard_of(event, shards.len())].push(event);
+        }
+        let payloads: Vec<(usize, usize, Vec<u8>)> = by_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, shard_events)| !shard_events.is_empty())
+            .map(|(shard, shard_events)| {
+                (
+                    shard,
+                    shard_events.len(),
+                    batch::encode(shard_events, admitted_at),
+                )
+            })
+            .collect();
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        if self.is_cluster() {
+            // One atomic script per shard on its slot's master, then WAIT on that master.
+            try_join_all(payloads.into_iter().map(|(shard, count, payload)| {
+                let mut connection = self.connection.clone();
+                async move {
+                    let keys = &self.shared.shards[shard];
+                    let bytes = payload.len();
+                    let _: i64 = Script::new(APPEND_SCRIPT)
+                        .key(&keys.stream)
+                        .key(&keys.backlog_events)
+                        .key(&keys.backlog_bytes)
+                        .arg(payload)
+                        .arg(count)
+                        .arg(bytes)
+                        .invoke_async(&mut connection)
+                        .await?;
+                    self.wait_replicas(&mut connection, &keys.stream).await
+                }
+            }))
+            .await?;
+            return Ok(());
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
         let (mut total_events, mut total_bytes) = (0u64, 0u64);
-        for (key, shard_events) in self.shared.keys.iter().zip(&by_shard) {
-            if shard_events.is_empty() {
-                continue;
-            }
-            let payload = batch::encode(shard_events, admitted_at);
-            total_events += shard_events.len() as u64;
+        for (shard, count, payload) in payloads {
+            total_events += count as u64;
             total_bytes += payload.len() as u64;
             pipe.cmd("XADD")
-                .arg(key)
+                .arg(&shards[shard].stream)
                 .arg("*")
                 .arg(PAYLOAD_FIELD)
                 .arg(payload)
                 .arg(COUNT_FIELD)
-                .arg(shard_events.len())
+                .arg(count)
                 .ignore();
         }
-        if total_events == 0 {
-            return Ok(());
-        }
         pipe.cmd("INCRBY")
-            .arg(&self.shared.backlog_events_key)
+            .arg(&shards[0].backlog_events)
             .arg(total_events)
             .ignore();
         pipe.cmd("INCRBY")
-            .arg(&self.shared.backlog_bytes_key)
+            .arg(&shards[0].backlog_bytes)
             .arg(total_bytes)
             .ignore();
         let mut connection = self.connection.clone();
         pipe.query_async::<()>(&mut connection).await?;
+        self.wait_replicas(&mut connection, &shards[0].stream).await
+    }
+
+    /// Waits for `redis.wait_replicas` replicas of the master that holds `key` to confirm
+    /// what it took; fewer within `redis.wait_timeout` fails the append.
+    async fn wait_replicas(
+        &self,
+        connection: &mut Connection,
+        key: &str,
+    ) -> Result<(), BrokerError> {
         let wanted = self.shared.config.wait_replicas;
-        if wanted > 0 {
-            let timeout = self.shared.config.wait_timeout;
-            let acked: i64 = redis::cmd("WAIT")
-                .arg(wanted)
-                .arg(timeout.as_millis() as u64)
-                .query_async(&mut connection)
-                .await?;
-            if acked < i64::from(wanted) {
-                return Err(BrokerError::Replicas {
-                    wanted,
-                    acked,
-                    timeout,
-                });
-            }
+        if wanted == 0 {
+            return Ok(());
+        }
+        let timeout = self.shared.config.wait_timeout;
+        let mut command = redis::cmd("WAIT");
+        command.arg(wanted).arg(timeout.as_millis() as u64);
+        let reply = connection.on_master_of(key, command).await?;
+        let acked: i64 = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+        if acked < i64::from(wanted) {
+            return Err(BrokerError::Replicas {
+                wanted,
+                acked,
+                timeout,
+            });
         }
         Ok(())
     }
@@ -316,16 +391,29 @@ impl Broker {
     /// Events and bytes appended and not yet acknowledged by a writer.
     pub async fn backlog(&self) -> Result<Backlog, BrokerError> {
         let mut connection = self.connection.clone();
-        let (events, bytes): (Option<i64>, Option<i64>) = connection
-            .mget(&[
-                &self.shared.backlog_events_key,
-                &self.shared.backlog_bytes_key,
-            ])
+        // One Redis: the two shared counters; a cluster: every shard's (MGET is split by slot).
+        let counters: Vec<&String> = if self.is_cluster() {
+            self.shared
+                .shards
+                .iter()
+                .flat_map(|shard| [&shard.backlog_events, &shard.backlog_bytes])
+                .collect()
+        } else {
+            vec![
+                &self.shared.shards[0].backlog_events,
+                &self.shared.shards[0].backlog_bytes,
+            ]
+        };
+        let values: Vec<Option<i64>> = redis::cmd("MGET")
+            .arg(&counters)
+            .query_async(&mut connection)
             .await?;
-        Ok(Backlog {
-            events: events.unwrap_or_default().max(0) as u64,
-            bytes: bytes.unwrap_or_default().max(0) as u64,
-        })
+        let mut backlog = Backlog::default();
+        for pair in values.chunks(2) {
+            backlog.events += pair.first().copied().flatten().unwrap_or_default().max(0) as u64;
+            backlog.bytes += pair.get(1).copied().flatten().unwrap_or_default().max(0) as u64;
+        }
+        Ok(backlog)
     }
 
     /// Whether the backlog is past `redis.max_pending_events` or `max_pending_bytes`.
@@ -341,27 +429,54 @@ impl Broker {
         pong.is_ok()
     }
 
-    /// New entries for `consumer`, waiting up to [`READ_BLOCK`] for some.
+    /// New entries for `consumer`, waiting up to [`READ_BLOCK`] for some (in a cluster, one
+    /// read per shard, then [`CLUSTER_POLL`] when none had any).
     pub async fn read_new(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
-        let mut command = redis::cmd("XREADGROUP");
-        command
-            .arg("GROUP")
-            .arg(&self.shared.config.group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(ENTRIES_PER_READ)
-            .arg("BLOCK")
-            .arg(READ_BLOCK.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&self.shared.keys);
-        for _ in &self.shared.keys {
-            command.arg(">");
-        }
-        let mut connection = self.connection.clone();
-        let reply: Option<StreamReadReply> = command.query_async(&mut connection).await?;
+        let read = |keys: &[&String], block: Option<Duration>| {
+            let mut command = redis::cmd("XREADGROUP");
+            command
+                .arg("GROUP")
+                .arg(&self.shared.config.group)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(ENTRIES_PER_READ);
+            if let Some(block) = block {
+                command.arg("BLOCK").arg(block.as_millis() as u64);
+            }
+            command.arg("STREAMS").arg(keys);
+            for _ in keys {
+                command.arg(">");
+            }
+            command
+        };
+        let keys: Vec<&String> = self
+            .shared
+            .shards
+            .iter()
+            .map(|shard| &shard.stream)
+            .collect();
+        let replies: Vec<Option<StreamReadReply>> = if self.is_cluster() {
+            let replies = try_join_all(keys.iter().map(|key| {
+                let mut connection = self.connection.clone();
+                let command = read(&[*key], None);
+                async move { command.query_async(&mut connection).await }
+            }))
+            .await?;
+            if replies.iter().all(Option::is_none) {
+                tokio::time::sleep(CLUSTER_POLL).await;
+            }
+            replies
+        } else {
+            let mut connection = self.connection.clone();
+            vec![
+                read(&keys, Some(READ_BLOCK))
+                    .query_async(&mut connection)
+                    .await?,
+            ]
+        };
         let mut entries = Vec::new();
-        for stream in reply.map(|reply| reply.keys).unwrap_or_default() {
-            let Some(shard) = self.shared.keys.iter().position(|key| *key == stream.key) else {
+        for stream in replies.into_iter().flatten().flat_map(|reply| reply.keys) {
+            let Some(shard) = keys.iter().position(|key| **key == stream.key) else {
                 continue;
             };
             entries.extend(stream.ids.into_iter().map(|id| entry(shard, id, 1)));
@@ -374,7 +489,13 @@ impl Broker {
     pub async fn claim_stale(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
         let mut connection = self.connection.clone();
         let mut entries = Vec::new();
-        for (shard, key) in self.shared.keys.iter().enumerate() {
+        for (shard, key) in self
+            .shared
+            .shards
+            .iter()
+            .map(|shard| &shard.stream)
+            .enumerate()
+        {
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(key)
                 .arg(&self.shared.config.group)
@@ -427,7 +548,13 @@ impl Broker {
     /// delivery), so that a writer waiting out a database outage is not taken for dead.
     pub async fn renew(&self, consumer: &str, entries: &[&Entry]) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
-        for (shard, key) in self.shared.keys.iter().enumerate() {
+        for (shard, key) in self
+            .shared
+            .shards
+            .iter()
+            .map(|shard| &shard.stream)
+            .enumerate()
+        {
             let ids: Vec<&str> = entries
                 .iter()
                 .filter(|entry| entry.shard == shard)
@@ -455,28 +582,46 @@ impl Broker {
         if entries.is_empty() {
             return Ok(0);
         }
-        let script = Script::new(ACK_SCRIPT);
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(&self.shared.backlog_events_key)
-            .key(&self.shared.backlog_bytes_key)
-            .arg(&self.shared.config.group);
-        for entry in entries {
-            invocation
-                .key(&self.shared.keys[entry.shard])
-                .arg(&entry.id)
-                .arg(entry.event_count)
-                .arg(entry.payload.len());
-        }
-        let mut connection = self.connection.clone();
-        Ok(invocation.invoke_async(&mut connection).await?)
+        // One script over every stream on one Redis; one per shard (its slot) in a cluster.
+        let groups: Vec<Vec<&Entry>> = if self.is_cluster() {
+            let mut by_shard: Vec<Vec<&Entry>> = vec![Vec::new(); self.shared.shards.len()];
+            for entry in entries {
+                by_shard[entry.shard].push(entry);
+            }
+            by_shard.retain(|group| !group.is_empty());
+            by_shard
+        } else {
+            vec![entries.to_vec()]
+        };
+        let acked = try_join_all(groups.into_iter().map(|group| {
+            let mut connection = self.connection.clone();
+            async move {
+                let counters = &self.shared.shards[group[0].shard];
+                let script = Script::new(ACK_SCRIPT);
+                let mut invocation = script.prepare_invoke();
+                invocation
+                    .key(&counters.backlog_events)
+                    .key(&counters.backlog_bytes)
+                    .arg(&self.shared.config.group);
+                for entry in &group {
+                    invocation
+                        .key(&self.shared.shards[entry.shard].stream)
+                        .arg(&entry.id)
+                        .arg(entry.event_count)
+                        .arg(entry.payload.len());
+                }
+                invocation.invoke_async::<u64>(&mut connection).await
+            }
+        }))
+        .await?;
+        Ok(acked.into_iter().sum())
     }
 
     /// The newest entry id of every stream now: what [`Self::delivered_up_to`] waits for.
     pub async fn mark(&self) -> Result<Vec<Option<String>>, BrokerError> {
         let mut connection = self.connection.clone();
-        let mut mark = Vec::with_capacity(self.shared.keys.len());
-        for key in &self.shared.keys {
+        let mut mark = Vec::with_capacity(self.shared.shards.len());
+        for key in self.shared.shards.iter().map(|shard| &shard.stream) {
             let newest: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
                 .arg(key)
                 .arg("+")
@@ -494,7 +639,13 @@ impl Broker {
     /// dead-lettered): entries are deleted only then.
     pub async fn delivered_up_to(&self, mark: &[Option<String>]) -> Result<bool, BrokerError> {
         let mut connection = self.connection.clone();
-        for (key, newest) in self.shared.keys.iter().zip(mark) {
+        for (key, newest) in self
+            .shared
+            .shards
+            .iter()
+            .map(|shard| &shard.stream)
+            .zip(mark)
+        {
             let Some(newest) = newest else { continue };
             let left: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
                 .arg(key)
@@ -512,14 +663,50 @@ impl Broker {
     }
 }
 
-fn connection_config(config: &RedisConfig) -> ConnectionManagerConfig {
-    // Appends with `appendfsync always` (and `WAIT`) take longer than the client's 500 ms
-    // default under load; a blocked read takes READ_BLOCK.
-    let response_timeout = (config.wait_timeout + Duration::from_secs(5)).max(READ_BLOCK * 4);
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(response_timeout))
-        .set_number_of_retries(2)
+/// Slots of a Redis Cluster.
+const CLUSTER_SLOTS: u32 = 16_384;
+
+/// The slot of a hash tag (CRC16/XMODEM modulo the slots, as Redis computes it).
+fn slot_of(tag: &str) -> u32 {
+    u32::from(crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes())) % CLUSTER_SLOTS
+}
+
+/// The hash tag of `shard` (`<shard>.<k>`): the first whose slot falls in the shard's
+/// `1/shards` of the slot space. `redis-cli --cluster create` and rebalancing give masters
+/// even, contiguous slot ranges, so evenly spaced slots spread the shards over the masters.
+fn spread_tag(shard: usize, shards: usize) -> String {
+    (0u32..)
+        .map(|k| format!("{shard}.{k}"))
+        .find(|tag| (slot_of(tag) as usize * shards) / CLUSTER_SLOTS as usize == shard)
+        .unwrap_or_else(|| shard.to_string())
+}
+
+/// The value of `setting` on every master (one Redis: on it).
+async fn setting_everywhere(
+    connection: &mut Connection,
+    setting: &str,
+) -> Result<Vec<String>, redis::RedisError> {
+    let mut command = redis::cmd("CONFIG");
+    command.arg("GET").arg(setting);
+    let pairs: Vec<Vec<String>> = match connection {
+        Connection::Single(connection) => vec![command.query_async(connection).await?],
+        Connection::Cluster(connection) => {
+            let replies = connection
+                .route_command(
+                    command,
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .await?;
+            // Each master's reply, keyed by its address.
+            let by_node: Vec<(String, Vec<String>)> =
+                redis::from_redis_value(replies).map_err(redis::RedisError::from)?;
+            by_node.into_iter().map(|(_, pair)| pair).collect()
+        }
+    };
+    Ok(pairs
+        .into_iter()
+        .map(|pair| pair.get(1).cloned().unwrap_or_default())
+        .collect())
 }
 
 /// The shard of an event: its id's low 64 bits (random in UUIDv4 and v7) modulo the shards.
@@ -551,6 +738,22 @@ fn entry(shard: usize, stream_id: StreamId, deliveries: u64) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_shards_take_evenly_spaced_slots() {
+        // Redis's own example: the slot of "123456789" (CRC16/XMODEM 0x31C3).
+        assert_eq!(slot_of("123456789"), 0x31C3 % CLUSTER_SLOTS);
+        for shards in [1, 3, 4, 12] {
+            for shard in 0..shards {
+                let slot = slot_of(&spread_tag(shard, shards)) as usize;
+                assert_eq!(
+                    slot * shards / CLUSTER_SLOTS as usize,
+                    shard,
+                    "{shard}/{shards}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn events_spread_over_every_shard() {

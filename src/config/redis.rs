@@ -37,7 +37,12 @@ impl Role {
 pub struct RedisConfig {
     /// `redis://[:password@]host:port[/db]` (or `rediss://` for TLS). Never logged.
     pub url: Option<Secret>,
-    /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`).
+    /// Seed nodes of a Redis Cluster (`redis://host:port`), instead of `url`: the slot map is
+    /// read from them and followed (MOVED, ASK). Comma-separated in the environment.
+    #[serde(deserialize_with = "super::secret::secret_list::deserialize")]
+    pub cluster_nodes: Vec<Secret>,
+    /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`, or
+    /// `<prefix>:{<n>}` in a cluster: one slot per shard, its counters with it).
     #[default(4)]
     pub shards: usize,
     /// Key prefix of the streams and the backlog counters.
@@ -75,14 +80,25 @@ pub struct RedisConfig {
 impl RedisConfig {
     /// Whether Redis mode is on.
     pub fn enabled(&self) -> bool {
-        self.url.is_some()
+        self.url.is_some() || self.is_cluster()
+    }
+
+    /// Whether the streams live in a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
     }
 
     pub fn check(&self, role: Role) -> Result<(), ConfigError> {
         if role != Role::All && !self.enabled() {
             return Err(invalid(
                 "role",
-                "ingest and writer roles need redis.url (Redis mode)",
+                "ingest and writer roles need redis.url or redis.cluster_nodes (Redis mode)",
+            ));
+        }
+        if self.url.is_some() && self.is_cluster() {
+            return Err(invalid(
+                "redis.cluster_nodes",
+                "set redis.url (one Redis) or redis.cluster_nodes (a cluster), not both",
             ));
         }
         if self.shards == 0 || self.shards > 1024 {

@@ -50,3 +50,33 @@ pub mod optional_duration {
         }
     }
 }
+
+/// A list of secrets from a file's array, or from one comma-separated string (how an
+/// environment variable gives a list: `SLUICE_REDIS__CLUSTER_NODES=redis://a:7000,redis://b:7001`).
+pub mod secret_list {
+    use serde::{Deserialize, Deserializer};
+
+    use super::Secret;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        List(Vec<String>),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Secret>, D::Error> {
+        let items = match Given::deserialize(deserializer)? {
+            Given::List(items) => items,
+            Given::Text(text) => text.split(',').map(str::to_owned).collect(),
+        };
+        Ok(items
+            .into_iter()
+            .map(|item| item.trim().to_owned())
+            .filter(|item| !item.is_empty())
+            .map(Secret)
+            .collect())
+    }
+}

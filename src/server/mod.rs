@@ -94,7 +94,7 @@ fn register_series(config: &Config, auth: &Authorizer) {
         rpcs: &rpcs,
         limited_principals: &auth.limited_principals(),
         breaker_causes: &breaker_causes,
-        redis: config.redis.url.is_some(),
+        redis: config.redis.enabled(),
         backups: config.backup.url.is_some() && config.database.url.is_none(),
         kms: config.privacy.uses_kms(),
         log_export: crate::telemetry::logs::endpoint(&config.telemetry).is_some()
