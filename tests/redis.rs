@@ -334,6 +334,29 @@ impl RedisCluster {
         (backlog, pending)
     }
 
+    /// `redis-cli --cluster reshard`: every slot of master `from` moved to master `to`.
+    fn move_all_slots(&self, from: usize, to: usize) {
+        let id = |index: usize| {
+            let output = Command::new(redis_cli())
+                .args(["-p", &self.nodes[index].port.to_string(), "cluster", "myid"])
+                .output()
+                .expect("cluster myid");
+            String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        };
+        let output = Command::new(redis_cli())
+            .args(["--cluster", "reshard"])
+            .arg(format!("127.0.0.1:{}", self.nodes[to].port))
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", "16384", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+
     /// The node that is master of the most sluice streams.
     fn busiest_master(&self, streams: &[String]) -> usize {
         let mut best = (0, 0);
@@ -954,4 +977,84 @@ async fn send_through_failover(
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a_cluster() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let cluster = RedisCluster::start().await;
+    let ingest = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
+    let mut writer_a = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
+    let writer_b = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
+    let streams = cluster.streams().await;
+
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let mut senders = tokio::task::JoinSet::new();
+    for index in 0..3 {
+        senders.spawn(send_through_failover(
+            ingest.ingest_client().await,
+            format!("reshard-{index}"),
+            40,
+            500,
+            acknowledged.clone(),
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acknowledged.lock().expect("ids").len() < 10_000 {
+        assert!(Instant::now() < deadline, "too slow before the writer kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A writer dies mid-batch: the other claims its pending entries on each master.
+    writer_a.kill_hard();
+    while acknowledged.lock().expect("ids").len() < 20_000 {
+        assert!(Instant::now() < deadline, "too slow before the reshard");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every slot of the busiest master moves to another master, under load.
+    let from = cluster.busiest_master(&streams);
+    let to = (0..cluster.nodes.len())
+        .find(|index| {
+            *index != from
+                && Command::new(redis_cli())
+                    .args(["-p", &cluster.nodes[*index].port.to_string(), "role"])
+                    .output()
+                    .is_ok_and(|output| {
+                        String::from_utf8_lossy(&output.stdout).starts_with("master")
+                    })
+        })
+        .expect("another master");
+    cluster.move_all_slots(from, to);
+    while senders.join_next().await.is_some() {}
+
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    assert_eq!(
+        acknowledged.len(),
+        60_000,
+        "every request was acknowledged in the end"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (rows, stored) = loop {
+        let (rows, stored) = stored_ids(&database, "reshard-%").await;
+        if acknowledged.is_subset(&stored) {
+            break (rows, stored);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged but not stored\n{}",
+            acknowledged.difference(&stored).count(),
+            writer_b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    cluster.drained(Duration::from_secs(60)).await;
+    assert_eq!(rows as usize, stored.len(), "every event stored once");
+    // The shards left the emptied master.
+    assert_eq!(cluster.busiest_master(&streams), to);
+    assert!(
+        writer_b
+            .logs()
+            .contains("claimed entries another writer left pending"),
+        "the surviving writer claimed the dead one's entries"
+    );
 }
