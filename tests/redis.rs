@@ -483,7 +483,10 @@ async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_thro
     let mut ingest_a = TestServer::start(node(&database, &redis, "ingest")).await;
     let ingest_b = TestServer::start(node(&database, &redis, "ingest")).await;
     let mut writer_a = TestServer::start(node(&database, &redis, "writer")).await;
-    let writer_b = TestServer::start(node(&database, &redis, "writer")).await;
+    let writer_b = TestServer::start(
+        node(&database, &redis, "writer").env("SLUICE_REDIS__CONSUMER_EXPIRY", "2s"),
+    )
+    .await;
 
     // A writer node takes no events, and says so through health.
     let refused = writer_b
@@ -548,6 +551,37 @@ async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_thro
     let writer = stats.writer.expect("writer stats");
     assert_eq!(writer.mode, "writer");
     assert_eq!(writer.stream_backlog_events, 0);
+    // The dead writer's consumer names leave the group once idle past consumer_expiry (they
+    // hold nothing pending: the survivor claimed it all); the survivor's stay.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut connection = redis.connection().await;
+        let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg("sluice:events:0")
+            .arg("sluice-writers")
+            .query_async(&mut connection)
+            .await
+            .expect("xinfo consumers");
+        let nodes: HashSet<String> = reply
+            .consumers
+            .iter()
+            .filter_map(|consumer| {
+                consumer
+                    .name
+                    .rsplit_once('-')
+                    .map(|(node, _)| node.to_owned())
+            })
+            .collect();
+        if nodes.len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead writer's consumers stayed: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(ingest_b);
 }
 

@@ -23,7 +23,10 @@ use futures::future::try_join_all;
 use redis::{
     Script,
     cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
-    streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply},
+    streams::{
+        StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
+        StreamReadReply,
+    },
 };
 
 use connection::{Connection, Connector};
@@ -542,6 +545,38 @@ impl Broker {
             }
         }
         Ok(entries)
+    }
+
+    /// Removes from the group, on every stream, the consumers idle past
+    /// `redis.consumer_expiry` that hold nothing pending (a consumer with pending entries
+    /// stays: removing it would drop them from the pending list). Returns how many.
+    pub async fn forget_idle_consumers(&self) -> Result<u64, BrokerError> {
+        let expiry = self.shared.config.consumer_expiry.as_millis();
+        let group = &self.shared.config.group;
+        let mut connection = self.connection.clone();
+        let mut forgotten = 0;
+        for key in self.shared.shards.iter().map(|shard| &shard.stream) {
+            let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(key)
+                .arg(group)
+                .query_async(&mut connection)
+                .await?;
+            for consumer in reply.consumers {
+                if consumer.pending > 0 || (consumer.idle as u128) < expiry {
+                    continue;
+                }
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(key)
+                    .arg(group)
+                    .arg(&consumer.name)
+                    .query_async(&mut connection)
+                    .await?;
+                forgotten += 1;
+            }
+        }
+        Ok(forgotten)
     }
 
     /// Keeps `entries` owned by `consumer` (resets their idle time without counting a

@@ -56,6 +56,11 @@ pub struct RedisConfig {
     #[default(Duration::from_secs(30))]
     #[serde(with = "humantime_serde")]
     pub claim_idle: Duration,
+    /// Consumer names (one per writer worker) idle this long with nothing pending are removed
+    /// from the group: those of writers that died or were replaced.
+    #[default(Duration::from_secs(3600))]
+    #[serde(with = "humantime_serde")]
+    pub consumer_expiry: Duration,
     /// Deliveries after which an entry no writer could store goes to `dead_letters`.
     #[default(5)]
     pub max_deliveries: u64,
@@ -106,6 +111,12 @@ impl RedisConfig {
         }
         if self.max_deliveries == 0 {
             return Err(invalid("redis.max_deliveries", "must be at least 1"));
+        }
+        if self.consumer_expiry < self.claim_idle {
+            return Err(invalid(
+                "redis.consumer_expiry",
+                "must be at least redis.claim_idle",
+            ));
         }
         if self.claim_idle < Duration::from_millis(100) {
             return Err(invalid("redis.claim_idle", "must be at least 100ms"));

@@ -86,6 +86,7 @@ async fn run(context: ConsumeContext, worker: usize) {
             context.privacy.clone(),
         ),
         name,
+        worker,
         streams,
         context,
     };
@@ -94,6 +95,8 @@ async fn run(context: ConsumeContext, worker: usize) {
 
 struct Consumer {
     name: String,
+    /// Worker 0 of each node also removes consumers of writers long gone.
+    worker: usize,
     streams: Broker,
     sink: Sink,
     context: ConsumeContext,
@@ -135,6 +138,17 @@ impl Consumer {
             };
             if claiming && !entries.is_empty() {
                 tracing::info!(consumer = %self.name, entries = entries.len(), "claimed entries another writer left pending");
+            }
+            if claiming && self.worker == 0 {
+                match self.streams.forget_idle_consumers().await {
+                    Ok(0) => {}
+                    Ok(forgotten) => {
+                        tracing::info!(consumer = %self.name, forgotten, "removed consumers of writers gone for redis.consumer_expiry");
+                    }
+                    Err(error) => {
+                        tracing::warn!(consumer = %self.name, %error, "cannot look for idle consumers");
+                    }
+                }
             }
             if !entries.is_empty() {
                 self.handle(entries).await;
