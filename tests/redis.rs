@@ -1092,3 +1092,66 @@ async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a
         "the surviving writer claimed the dead one's entries"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cluster_down_and_back_loses_nothing_acknowledged() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let mut cluster = RedisCluster::start().await;
+    let ingest = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
+    let writer = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let sender = tokio::spawn(send_through_failover(
+        ingest.ingest_client().await,
+        "outage".to_owned(),
+        60,
+        200,
+        acknowledged.clone(),
+    ));
+    while acknowledged.lock().expect("ids").len() < 2_000 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    // With every node gone, acks keep coming: the ingest node spools them.
+    let during = acknowledged.lock().expect("ids").len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acknowledged.lock().expect("ids").len() < during + 1_000 {
+        assert!(
+            Instant::now() < deadline,
+            "no acks while the cluster was down:\n{}",
+            ingest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Back, each node with its AOF and nodes.conf.
+    for node in &mut cluster.nodes {
+        node.spawn_clustered().await;
+    }
+    cluster.wait_until_ok().await;
+    sender.await.expect("sender");
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    assert_eq!(acknowledged.len(), 12_000);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (rows, stored) = stored_ids(&database, "outage").await;
+        if acknowledged.is_subset(&stored) {
+            assert_eq!(rows as usize, stored.len(), "every event stored once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events missing:\n{}",
+            acknowledged.difference(&stored).count(),
+            ingest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.drained(Duration::from_secs(60)).await;
+    assert!(
+        ingest.logs().contains("replayed spool segment"),
+        "the spool carried the outage"
+    );
+    drop(writer);
+}
