@@ -204,13 +204,27 @@ struct RedisCluster {
 
 impl RedisCluster {
     async fn start() -> Self {
-        let mut nodes = Vec::new();
-        while nodes.len() < 6 {
+        Self::start_on(Self::free_ports()).await
+    }
+
+    /// Six free loopback ports whose bus ports (port + 10000) are free too.
+    fn free_ports() -> Vec<u16> {
+        let mut ports = Vec::new();
+        while ports.len() < 6 {
             let port = common::free_port();
-            if port >= 55_535 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err()
+            if port < 55_535
+                && !ports.contains(&port)
+                && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
             {
-                continue;
+                ports.push(port);
             }
+        }
+        ports
+    }
+
+    async fn start_on(ports: Vec<u16>) -> Self {
+        let mut nodes = Vec::new();
+        for port in ports {
             let mut node = Redis {
                 child: None,
                 port,
@@ -303,6 +317,37 @@ impl RedisCluster {
         streams.sort();
         streams.dedup();
         streams
+    }
+
+    /// The nodes (consumer names less their worker index) holding pending entries.
+    async fn consumers_with_pending(&self) -> HashSet<String> {
+        let mut connection = self.connection().await;
+        let mut nodes = HashSet::new();
+        for key in self.streams().await {
+            if key.contains(":backlog:") {
+                continue;
+            }
+            let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&key)
+                .arg("sluice-writers")
+                .query_async(&mut connection)
+                .await
+                .expect("xinfo consumers");
+            nodes.extend(
+                reply
+                    .consumers
+                    .iter()
+                    .filter(|consumer| consumer.pending > 0)
+                    .filter_map(|consumer| {
+                        consumer
+                            .name
+                            .rsplit_once('-')
+                            .map(|(node, _)| node.to_owned())
+                    }),
+            );
+        }
+        nodes
     }
 
     /// Backlog events over every shard, and entries pending with a writer.
@@ -1039,8 +1084,19 @@ async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a
         assert!(Instant::now() < deadline, "too slow before the writer kill");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A writer dies mid-batch: the other claims its pending entries on each master.
+    // A writer dies mid-batch: with PostgreSQL held, both writers hold entries pending;
+    // writer A is killed with some, and the other claims them on each master.
+    let stall = database.stall_writers().await;
+    let deadline_pending = Instant::now() + Duration::from_secs(60);
+    while cluster.consumers_with_pending().await.len() < 2 {
+        assert!(
+            Instant::now() < deadline_pending,
+            "the writers never held entries"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     writer_a.kill_hard();
+    TestDatabase::resume_writers(stall).await;
     while acknowledged.lock().expect("ids").len() < 20_000 {
         assert!(Instant::now() < deadline, "too slow before the reshard");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1154,4 +1210,62 @@ async fn the_whole_cluster_down_and_back_loses_nothing_acknowledged() {
         "the spool carried the outage"
     );
     drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_start_before_the_cluster_exists_spool_and_drain_when_it_appears() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let ports = RedisCluster::free_ports();
+    let seeds = ports
+        .iter()
+        .map(|port| format!("redis://127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let spec = |role: &str| {
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_REDIS__CLUSTER_NODES", &seeds)
+            .env("SLUICE_REDIS__CLAIM_IDLE", "1s")
+            .arg("--role")
+            .arg(role)
+    };
+    // No Redis anywhere yet: both nodes start.
+    let ingest = TestServer::start(spec("ingest")).await;
+    let writer = TestServer::start(spec("writer")).await;
+    assert!(
+        ingest.logs().contains("redis cannot be reached at start"),
+        "{}",
+        ingest.logs()
+    );
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    send(
+        ingest.ingest_client().await,
+        "early".to_owned(),
+        10,
+        100,
+        acknowledged.clone(),
+    )
+    .await;
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    assert_eq!(acknowledged.len(), 1_000, "acknowledged into the spool");
+
+    // The cluster appears: the spool drains into it, and the writer stores everything.
+    let cluster = RedisCluster::start_on(ports).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (rows, stored) = stored_ids(&database, "early").await;
+        if acknowledged.is_subset(&stored) {
+            assert_eq!(rows as usize, stored.len(), "every event stored once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events missing:\ningest:\n{}\nwriter:\n{}",
+            acknowledged.difference(&stored).count(),
+            ingest.logs(),
+            writer.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.drained(Duration::from_secs(60)).await;
 }

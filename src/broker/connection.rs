@@ -1,24 +1,61 @@
 //! The connection to the streams: one Redis (a reconnecting `ConnectionManager`) or a Redis
 //! Cluster (redis-rs's async cluster connection, which follows MOVED and ASK and refreshes
-//! the slot map). Both are `ConnectionLike`, so a command is written once for either.
+//! the slot map). Both are `ConnectionLike`, so a command is written once for either. A node
+//! that finds Redis unreachable at start still starts: its connection is pending, and the
+//! first command that finds Redis up connects (and checks its durability) for every clone.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use futures::FutureExt;
 use redis::{
     Cmd, Pipeline, RedisFuture, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
-    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr},
+    cluster_routing::{
+        MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr,
+    },
 };
 
 use crate::config::RedisConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(
+        "redis is not durable enough: {setting} is {value:?}, acks need appendonly yes, appendfsync always and maxmemory-policy noeviction (set redis.allow_weak_durability to start anyway)"
+    )]
+    WeakDurability {
+        setting: &'static str,
+        value: String,
+    },
+}
 
 /// How the streams are reached.
 #[derive(Clone)]
 pub enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// Redis was unreachable at start: connected by the first command that finds it up.
+    Pending(Arc<Pending>),
+}
+
+pub struct Pending {
+    config: RedisConfig,
+    connected: tokio::sync::OnceCell<(Connector, Connection)>,
+}
+
+impl Pending {
+    async fn get(&self) -> Result<&(Connector, Connection), ConnectError> {
+        self.connected
+            .get_or_try_init(|| async {
+                let connected = Connector::establish(&self.config).await?;
+                tracing::info!("redis answers now: connected");
+                Ok(connected)
+            })
+            .await
+    }
 }
 
 /// What makes connections: a client for one Redis, or the cluster connection itself (it is
@@ -27,11 +64,34 @@ pub enum Connection {
 pub enum Connector {
     Single(redis::Client),
     Cluster(ClusterConnection),
+    Pending(Arc<Pending>),
 }
 
 impl Connector {
-    /// Connects to `config.url`, or to the cluster behind `config.cluster_nodes`.
-    pub async fn connect(config: &RedisConfig) -> redis::RedisResult<(Self, Connection)> {
+    /// Connects to `config.url`, or to the cluster behind `config.cluster_nodes`, and checks
+    /// its durability; when Redis cannot be reached, a pending connection that connects later.
+    pub async fn connect(config: &RedisConfig) -> Result<(Self, Connection), ConnectError> {
+        match Self::establish(config).await {
+            Ok(connected) => Ok(connected),
+            Err(ConnectError::Redis(error)) => {
+                tracing::warn!(%error, "redis cannot be reached at start; ingest spools until it answers");
+                let pending = Arc::new(Pending {
+                    config: config.clone(),
+                    connected: tokio::sync::OnceCell::new(),
+                });
+                Ok((Self::Pending(pending.clone()), Connection::Pending(pending)))
+            }
+            Err(weak) => Err(weak),
+        }
+    }
+
+    async fn establish(config: &RedisConfig) -> Result<(Self, Connection), ConnectError> {
+        let (connector, mut connection) = Self::open(config).await?;
+        check_durability(&mut connection, config).await?;
+        Ok((connector, connection))
+    }
+
+    async fn open(config: &RedisConfig) -> redis::RedisResult<(Self, Connection)> {
         if config.is_cluster() {
             let nodes: Vec<&str> = config
                 .cluster_nodes
@@ -63,7 +123,7 @@ impl Connector {
 
     /// A connection of its own for a writer's blocking reads on one Redis; in a cluster, the
     /// shared one (reads there do not block).
-    pub async fn reader(&self, config: &RedisConfig) -> redis::RedisResult<Connection> {
+    pub async fn reader(&self, config: &RedisConfig) -> Result<Connection, ConnectError> {
         match self {
             Self::Single(client) => Ok(Connection::Single(
                 client
@@ -71,6 +131,7 @@ impl Connector {
                     .await?,
             )),
             Self::Cluster(connection) => Ok(Connection::Cluster(connection.clone())),
+            Self::Pending(pending) => Box::pin(pending.get().await?.0.reader(config)).await,
         }
     }
 }
@@ -93,6 +154,10 @@ impl Connection {
     /// must reach the node that took the write); on one Redis, that Redis.
     pub async fn on_master_of(&mut self, key: &str, command: Cmd) -> redis::RedisResult<Value> {
         match self {
+            Self::Pending(pending) => {
+                let mut connection = pending.get().await.map_err(redis_error)?.1.clone();
+                Box::pin(connection.on_master_of(key, command)).await
+            }
             Self::Single(connection) => command.query_async(connection).await,
             Self::Cluster(connection) => {
                 let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
@@ -112,6 +177,11 @@ impl ConnectionLike for Connection {
         match self {
             Self::Single(connection) => connection.req_packed_command(cmd),
             Self::Cluster(connection) => connection.req_packed_command(cmd),
+            Self::Pending(pending) => async move {
+                let mut connection = pending.get().await.map_err(redis_error)?.1.clone();
+                connection.req_packed_command(cmd).await
+            }
+            .boxed(),
         }
     }
 
@@ -124,6 +194,13 @@ impl ConnectionLike for Connection {
         match self {
             Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
             Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Pending(pending) => async move {
+                let mut connection = pending.get().await.map_err(redis_error)?.1.clone();
+                connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }
+            .boxed(),
         }
     }
 
@@ -131,6 +208,75 @@ impl ConnectionLike for Connection {
         match self {
             Self::Single(connection) => connection.get_db(),
             Self::Cluster(connection) => connection.get_db(),
+            Self::Pending(_) => 0,
         }
     }
+}
+
+/// A connect failure as a command's error (what `ConnectionLike` returns).
+fn redis_error(error: ConnectError) -> redis::RedisError {
+    match error {
+        ConnectError::Redis(error) => error,
+        weak @ ConnectError::WeakDurability { .. } => {
+            redis::RedisError::from((redis::ErrorKind::Client, "redis refused", weak.to_string()))
+        }
+    }
+}
+
+/// Refuses (or warns, with `allow_weak_durability`) when an acknowledged append would not
+/// survive a Redis crash: AOF on, fsync on every write, and no eviction (which would drop
+/// entries no writer has stored yet). In a cluster, every master is read; the weakest decides.
+async fn check_durability(
+    connection: &mut Connection,
+    config: &RedisConfig,
+) -> Result<(), ConnectError> {
+    for (setting, wanted) in [
+        ("appendonly", "yes"),
+        ("appendfsync", "always"),
+        ("maxmemory-policy", "noeviction"),
+    ] {
+        let values = match setting_everywhere(connection, setting).await {
+            Ok(values) => values,
+            Err(error) => {
+                tracing::warn!(%error, setting, "cannot read redis settings (CONFIG disabled?); make sure appendonly is yes and appendfsync is always");
+                return Ok(());
+            }
+        };
+        let Some(value) = values.into_iter().find(|value| value != wanted) else {
+            continue;
+        };
+        if !config.allow_weak_durability {
+            return Err(ConnectError::WeakDurability { setting, value });
+        }
+        tracing::warn!(setting, value = %value, wanted, "redis durability is weaker than acks promise: an acknowledged event can be lost in a redis crash (redis.allow_weak_durability is set)");
+    }
+    Ok(())
+}
+
+/// The value of `setting` on every master (one Redis: on it).
+async fn setting_everywhere(
+    connection: &mut Connection,
+    setting: &str,
+) -> Result<Vec<String>, redis::RedisError> {
+    let mut command = redis::cmd("CONFIG");
+    command.arg("GET").arg(setting);
+    let pairs: Vec<Vec<String>> = match connection {
+        Connection::Cluster(connection) => {
+            let replies = connection
+                .route_command(
+                    command,
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .await?;
+            // Each master's reply, keyed by its address.
+            let by_node: Vec<(String, Vec<String>)> =
+                redis::from_redis_value(replies).map_err(redis::RedisError::from)?;
+            by_node.into_iter().map(|(_, pair)| pair).collect()
+        }
+        connection => vec![command.query_async(connection).await?],
+    };
+    Ok(pairs
+        .into_iter()
+        .map(|pair| pair.get(1).cloned().unwrap_or_default())
+        .collect())
 }

@@ -22,14 +22,13 @@ use std::{sync::Arc, time::Duration};
 use futures::future::try_join_all;
 use redis::{
     Script,
-    cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo},
     streams::{
         StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
         StreamReadReply,
     },
 };
 
-use connection::{Connection, Connector};
+use connection::{ConnectError, Connection, Connector};
 
 use chrono::{DateTime, Utc};
 
@@ -86,13 +85,8 @@ pub enum BrokerError {
         acked: i64,
         timeout: Duration,
     },
-    #[error(
-        "redis is not durable enough: {setting} is {value:?}, acks need appendonly yes, appendfsync always and maxmemory-policy noeviction (set redis.allow_weak_durability to start anyway)"
-    )]
-    WeakDurability {
-        setting: &'static str,
-        value: String,
-    },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
 }
 
 /// Redis could not serve a call (the Delete barrier, Stats): retryable.
@@ -202,7 +196,8 @@ pub fn is_missing_group(error: &BrokerError) -> bool {
 }
 
 impl Broker {
-    /// Connects, checks Redis's durability settings, and creates the consumer group.
+    /// Connects, checks Redis's durability settings, and creates the consumer group; a Redis
+    /// that cannot be reached yet is connected to by the first command that finds it up.
     pub async fn connect(config: &RedisConfig) -> Result<Self, BrokerError> {
         let (connector, connection) = Connector::connect(config).await?;
         let streams = Self {
@@ -213,38 +208,13 @@ impl Broker {
                 shards: ShardKeys::all(config),
             }),
         };
-        streams.check_durability().await?;
-        streams.create_group().await?;
-        Ok(streams)
-    }
-
-    /// Refuses (or warns, with `allow_weak_durability`) when an acknowledged append would not
-    /// survive a Redis crash: AOF on, fsync on every write.
-    async fn check_durability(&self) -> Result<(), BrokerError> {
-        let mut connection = self.connection.clone();
-        // Eviction would drop entries no writer has stored yet.
-        for (setting, wanted) in [
-            ("appendonly", "yes"),
-            ("appendfsync", "always"),
-            ("maxmemory-policy", "noeviction"),
-        ] {
-            let values = match setting_everywhere(&mut connection, setting).await {
-                Ok(values) => values,
-                Err(error) => {
-                    tracing::warn!(%error, setting, "cannot read redis settings (CONFIG disabled?); make sure appendonly is yes and appendfsync is always");
-                    return Ok(());
-                }
-            };
-            // The weakest master decides.
-            let Some(value) = values.into_iter().find(|value| value != wanted) else {
-                continue;
-            };
-            if !self.shared.config.allow_weak_durability {
-                return Err(BrokerError::WeakDurability { setting, value });
-            }
-            tracing::warn!(setting, value = %value, wanted, "redis durability is weaker than acks promise: an acknowledged event can be lost in a redis crash (redis.allow_weak_durability is set)");
+        // Redis that answers only later gets its groups from the writers (NOGROUP).
+        if !matches!(streams.connection, Connection::Pending(_))
+            && let Err(error) = streams.create_group().await
+        {
+            return Err(error);
         }
-        Ok(())
+        Ok(streams)
     }
 
     /// Creates the consumer group on every stream that lacks it (a stream deleted by hand is
@@ -284,7 +254,7 @@ impl Broker {
     }
 
     fn is_cluster(&self) -> bool {
-        matches!(self.connection, Connection::Cluster(_))
+        self.shared.config.is_cluster()
     }
 
     /// Appends `events`, one entry per shard they fall in, with the backlog counters, all or
@@ -714,34 +684,6 @@ fn spread_tag(shard: usize, shards: usize) -> String {
         .map(|k| format!("{shard}.{k}"))
         .find(|tag| (slot_of(tag) as usize * shards) / CLUSTER_SLOTS as usize == shard)
         .unwrap_or_else(|| shard.to_string())
-}
-
-/// The value of `setting` on every master (one Redis: on it).
-async fn setting_everywhere(
-    connection: &mut Connection,
-    setting: &str,
-) -> Result<Vec<String>, redis::RedisError> {
-    let mut command = redis::cmd("CONFIG");
-    command.arg("GET").arg(setting);
-    let pairs: Vec<Vec<String>> = match connection {
-        Connection::Single(connection) => vec![command.query_async(connection).await?],
-        Connection::Cluster(connection) => {
-            let replies = connection
-                .route_command(
-                    command,
-                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
-                )
-                .await?;
-            // Each master's reply, keyed by its address.
-            let by_node: Vec<(String, Vec<String>)> =
-                redis::from_redis_value(replies).map_err(redis::RedisError::from)?;
-            by_node.into_iter().map(|(_, pair)| pair).collect()
-        }
-    };
-    Ok(pairs
-        .into_iter()
-        .map(|pair| pair.get(1).cloned().unwrap_or_default())
-        .collect())
 }
 
 /// The shard of an event: its id's low 64 bits (random in UUIDv4 and v7) modulo the shards.
