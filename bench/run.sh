@@ -12,6 +12,8 @@
 #                                         # events/s and CPU per event against the native path
 #   bench/run.sh --redis                  # direct mode, then Redis mode with 1 ingest + 1 writer
 #                                         # node, then 2 + 2, all in one run (see BENCHMARKS.md)
+#   bench/run.sh --redis-cluster          # direct mode, then 2 ingest + 2 writer nodes through a
+#                                         # 3-master Redis Cluster (3 replicas), in one run
 #
 # Server settings can be varied through SLUICE_* variables, e.g.
 #   SLUICE_WRITER__BATCH_MAX_EVENTS=1000 bench/run.sh
@@ -24,6 +26,9 @@ cd "$(dirname "$0")/.."
 redis=0
 if [ "${1:-}" = "--redis" ]; then
   redis=1
+  shift
+elif [ "${1:-}" = "--redis-cluster" ]; then
+  redis=cluster
   shift
 fi
 
@@ -46,7 +51,11 @@ if [ "$redis" = 0 ]; then
 fi
 
 # --- Redis mode, compared with direct mode in the same run ----------------------------------
-start_throwaway_redis
+if [ "$redis" = cluster ]; then
+  start_throwaway_redis_cluster
+else
+  start_throwaway_redis
+fi
 echo "redis: $(redis-server --version | awk '{print $3}'), appendonly yes, appendfsync always"
 client_flags() {
   echo --addr "https://localhost:$1" --ca "$SLUICE_WORK/certs/ca.pem" \
@@ -75,6 +84,28 @@ stop_release_nodes
 redis_node() {
   SLUICE_REDIS__URL=$REDIS_URL start_release_node "$@"
 }
+
+if [ "$redis" = cluster ]; then
+  cluster_node() {
+    SLUICE_REDIS__CLUSTER_NODES=$REDIS_CLUSTER_NODES SLUICE_REDIS__SHARDS=${BENCH_REDIS_SHARDS:-12} \
+      start_release_node "$@"
+  }
+  cluster_node ingest-1 "$DATABASE" --role ingest
+  ingest_1=$NODE_PORT
+  cluster_node ingest-2 "$DATABASE" --role ingest
+  ingest_2=$NODE_PORT
+  cluster_node writer-1 "$DATABASE" --role writer
+  cluster_node writer-2 "$DATABASE" --role writer
+  measure "redis cluster (3 masters + 3 replicas): 2 ingest + 2 writers" "$ingest_1" "$ingest_2"
+  two=$RATE
+  stop_release_nodes
+  echo "=== end-to-end rates (every acknowledged event in PostgreSQL), same run"
+  awk -v d="$direct" -v t="$two" 'BEGIN {
+    printf "direct:              %8.0f events/s\n", d
+    printf "cluster 2 + 2:       %8.0f events/s  (%.2f x direct)\n", t, t / d
+  }'
+  exit 0
+fi
 redis_node ingest-1 "$DATABASE" --role ingest
 ingest_1=$NODE_PORT
 redis_node writer-1 "$DATABASE" --role writer

@@ -159,8 +159,44 @@ start_throwaway_redis() {
 
 stop_throwaway_redis() {
   if [ -n "${REDIS_PID:-}" ]; then { kill "$REDIS_PID" && wait "$REDIS_PID"; } 2>/dev/null || true; fi
+  local pid
+  for pid in "${REDIS_CLUSTER_PIDS[@]}"; do { kill "$pid" && wait "$pid"; } 2>/dev/null || true; done
+  REDIS_CLUSTER_PIDS=()
   [ -n "${REDIS_TMP:-}" ] && rm -rf "$REDIS_TMP"
   return 0
+}
+
+# Starts a Redis Cluster of 3 masters and 3 replicas (AOF on, fsync on every write), each node
+# on a free loopback port below 55535 (its bus port is +10000) in a temp dir. Sets
+# REDIS_CLUSTER_NODES (comma-separated URLs); stop_throwaway_redis stops it.
+REDIS_CLUSTER_PIDS=()
+start_throwaway_redis_cluster() {
+  command -v redis-server >/dev/null 2>&1 || apt_install redis-server
+  REDIS_TMP=$(mktemp -d /tmp/sluice-redis.XXXXXX)
+  local port addresses=() urls=()
+  while [ "${#addresses[@]}" -lt 6 ]; do
+    port=$(free_port)
+    [ "$port" -lt 55535 ] || continue
+    mkdir -p "$REDIS_TMP/$port"
+    redis-server --bind 127.0.0.1 --port "$port" --dir "$REDIS_TMP/$port" --cluster-enabled yes \
+      --appendonly yes --appendfsync always --save "" >"$REDIS_TMP/$port/redis.log" 2>&1 &
+    REDIS_CLUSTER_PIDS+=($!)
+    addresses+=("127.0.0.1:$port")
+    urls+=("redis://127.0.0.1:$port")
+  done
+  for address in "${addresses[@]}"; do
+    for _ in $(seq 1 100); do
+      redis-cli -p "${address#*:}" ping >/dev/null 2>&1 && break
+      sleep 0.1
+    done
+  done
+  redis-cli --cluster create "${addresses[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+  for _ in $(seq 1 300); do
+    redis-cli -p "${addresses[0]#*:}" cluster info | grep -q cluster_state:ok && break
+    sleep 0.1
+  done
+  REDIS_CLUSTER_NODES=$(IFS=,; echo "${urls[*]}")
+  log "started throwaway Redis Cluster (3 masters, 3 replicas) on ${addresses[*]}"
 }
 
 # The client flags for the server started by start_release_server.

@@ -90,6 +90,15 @@ impl Redis {
 
     /// Starts it as a cluster node (fails over after 2 s without its master).
     async fn spawn_clustered(&mut self) {
+        self.spawn_clustered_process();
+        assert!(
+            self.clustered_up().await,
+            "redis did not start on {}",
+            self.port
+        );
+    }
+
+    fn spawn_clustered_process(&mut self) {
         let binary = std::env::var("TEST_SLUICE_REDIS_SERVER")
             .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
         let child = Command::new(binary)
@@ -113,9 +122,32 @@ impl Redis {
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
+    }
+
+    /// Waits until this node's own process answers as a cluster node; false when the process
+    /// exited (another test took the port meanwhile).
+    async fn clustered_up(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis did not start");
+        loop {
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|child| child.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                return false;
+            }
+            let info = Command::new(redis_cli())
+                .args(["-p", &self.port.to_string(), "info", "cluster"])
+                .output();
+            if info.is_ok_and(|output| {
+                String::from_utf8_lossy(&output.stdout).contains("cluster_enabled:1")
+            }) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -204,7 +236,24 @@ struct RedisCluster {
 
 impl RedisCluster {
     async fn start() -> Self {
-        Self::start_on(Self::free_ports()).await
+        // A port another test takes between the check and the spawn is replaced by another.
+        let mut nodes = Vec::new();
+        while nodes.len() < 6 {
+            let port = Self::free_ports()[0];
+            let mut node = Redis {
+                child: None,
+                port,
+                dir: tempfile::tempdir().expect("tempdir"),
+                durable: true,
+            };
+            node.spawn_clustered_process();
+            if node.clustered_up().await {
+                nodes.push(node);
+            } else {
+                node.kill();
+            }
+        }
+        Self::create(nodes).await
     }
 
     /// Six free loopback ports whose bus ports (port + 10000) are free too.
@@ -234,6 +283,11 @@ impl RedisCluster {
             node.spawn_clustered().await;
             nodes.push(node);
         }
+        Self::create(nodes).await
+    }
+
+    /// `redis-cli --cluster create` over `nodes`, then waits until the cluster is ok.
+    async fn create(nodes: Vec<Redis>) -> Self {
         let addresses: Vec<String> = nodes
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
