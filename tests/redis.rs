@@ -558,6 +558,32 @@ async fn stored_ids(database: &TestDatabase, service_like: &str) -> (i64, HashSe
     (ids.len() as i64, ids.into_iter().collect())
 }
 
+/// Waits until every acknowledged id of `service_like` is in PostgreSQL (spools may still be
+/// replaying), then checks that each is stored once. `logs` say what the nodes saw on failure.
+async fn all_stored_once(
+    database: &TestDatabase,
+    service_like: &str,
+    acknowledged: &HashSet<String>,
+    logs: impl Fn() -> String,
+) -> i64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (rows, stored) = stored_ids(database, service_like).await;
+        if acknowledged.is_subset(&stored) {
+            assert_eq!(rows as usize, stored.len(), "every event stored once");
+            return rows;
+        }
+        let lost: Vec<&String> = acknowledged.difference(&stored).take(5).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged but not stored, e.g. {lost:?}\n{}",
+            acknowledged.difference(&stored).count(),
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until the streams hold nothing: every entry written and acknowledged.
 async fn drained(redis: &Redis, within: Duration) {
     let deadline = Instant::now() + within;
@@ -1046,24 +1072,11 @@ async fn a_redis_cluster_keeps_every_acknowledged_event_once_through_a_master_ki
         80_000,
         "every request was acknowledged in the end"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (rows, stored) = loop {
-        let (rows, stored) = stored_ids(&database, "cluster-%").await;
-        if acknowledged.is_subset(&stored) {
-            break (rows, stored);
-        }
-        let lost: Vec<&String> = acknowledged.difference(&stored).take(5).collect();
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged but not stored, e.g. {lost:?}\ningest:\n{}\nwriter:\n{}",
-            acknowledged.difference(&stored).count(),
-            ingest_a.logs(),
-            writer_a.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let rows = all_stored_once(&database, "cluster-%", &acknowledged, || {
+        format!("ingest:\n{}\nwriter:\n{}", ingest_a.logs(), writer_a.logs())
+    })
+    .await;
     cluster.drained(Duration::from_secs(60)).await;
-    assert_eq!(rows as usize, stored.len(), "every event stored once");
     eprintln!(
         "acknowledged {}, stored {rows}; spooled by the ingest nodes: {}",
         acknowledged.len(),
@@ -1177,22 +1190,8 @@ async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a
         60_000,
         "every request was acknowledged in the end"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (rows, stored) = loop {
-        let (rows, stored) = stored_ids(&database, "reshard-%").await;
-        if acknowledged.is_subset(&stored) {
-            break (rows, stored);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged but not stored\n{}",
-            acknowledged.difference(&stored).count(),
-            writer_b.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    all_stored_once(&database, "reshard-%", &acknowledged, || writer_b.logs()).await;
     cluster.drained(Duration::from_secs(60)).await;
-    assert_eq!(rows as usize, stored.len(), "every event stored once");
     // The shards left the emptied master.
     assert_eq!(cluster.busiest_master(&streams), to);
     assert!(
@@ -1243,21 +1242,7 @@ async fn the_whole_cluster_down_and_back_loses_nothing_acknowledged() {
     sender.await.expect("sender");
     let acknowledged = acknowledged.lock().expect("ids").clone();
     assert_eq!(acknowledged.len(), 12_000);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (rows, stored) = stored_ids(&database, "outage").await;
-        if acknowledged.is_subset(&stored) {
-            assert_eq!(rows as usize, stored.len(), "every event stored once");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged events missing:\n{}",
-            acknowledged.difference(&stored).count(),
-            ingest.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    all_stored_once(&database, "outage", &acknowledged, || ingest.logs()).await;
     cluster.drained(Duration::from_secs(60)).await;
     assert!(
         ingest.logs().contains("replayed spool segment"),
@@ -1305,21 +1290,9 @@ async fn nodes_start_before_the_cluster_exists_spool_and_drain_when_it_appears()
 
     // The cluster appears: the spool drains into it, and the writer stores everything.
     let cluster = RedisCluster::start_on(ports).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (rows, stored) = stored_ids(&database, "early").await;
-        if acknowledged.is_subset(&stored) {
-            assert_eq!(rows as usize, stored.len(), "every event stored once");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} acknowledged events missing:\ningest:\n{}\nwriter:\n{}",
-            acknowledged.difference(&stored).count(),
-            ingest.logs(),
-            writer.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    all_stored_once(&database, "early", &acknowledged, || {
+        format!("ingest:\n{}\nwriter:\n{}", ingest.logs(), writer.logs())
+    })
+    .await;
     cluster.drained(Duration::from_secs(60)).await;
 }
