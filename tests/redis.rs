@@ -516,20 +516,31 @@ fn node(database: &TestDatabase, redis: &Redis, role: &str) -> ServerSpec {
         .arg(role)
 }
 
-/// Sends `rounds` requests of `size` events through `client`, counting the acknowledged ids;
-/// retries refusals that ask for it, and stops when the node is gone.
+/// What a sender does with a refused request.
+#[derive(Clone, Copy)]
+enum Refused {
+    /// Retries refusals that say when to come back (a full backlog or buffer); any other
+    /// means the node was killed, and what it acknowledged is all that counts.
+    RetryWhenTold,
+    /// Retries every refusal (a cluster failing over) until the request is acknowledged.
+    RetryUntilAcknowledged,
+}
+
+/// Sends `rounds` requests of `size` events through `client`, counting the acknowledged ids.
 async fn send(
     mut client: IngestServiceClient<Channel>,
     service: String,
     rounds: usize,
     size: usize,
     acknowledged: Arc<Mutex<HashSet<String>>>,
+    refused: Refused,
 ) {
     for round in 0..rounds {
         let events: Vec<_> = (0..size)
             .map(|index| event(&service, &format!("{round}-{index}")))
             .collect();
         let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             match client.publish(request(events.clone())).await {
                 Ok(response) => {
@@ -537,13 +548,17 @@ async fn send(
                     acknowledged.lock().expect("ids").extend(ids);
                     break;
                 }
-                // Refusals that say when to come back (a full backlog or buffer).
-                Err(status) if status.get_error_details().retry_info().is_some() => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                // The node was killed: what it acknowledged is all that counts.
-                Err(_) => return,
+                Err(status) => match refused {
+                    Refused::RetryWhenTold if status.get_error_details().retry_info().is_none() => {
+                        return;
+                    }
+                    Refused::RetryWhenTold => {}
+                    Refused::RetryUntilAcknowledged => {
+                        assert!(Instant::now() < deadline, "never acknowledged: {status:?}");
+                    }
+                },
             }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
@@ -635,6 +650,7 @@ async fn two_ingest_and_two_writer_nodes_keep_every_acknowledged_event_once_thro
             50,
             1_000,
             acknowledged.clone(),
+            Refused::RetryWhenTold,
         ));
     }
     // Mid-stream: kill -9 a writer (its pending entries must be claimed), then an ingest node.
@@ -726,6 +742,7 @@ async fn redis_killed_and_restarted_under_load_loses_nothing_acknowledged() {
         60,
         200,
         acknowledged.clone(),
+        Refused::RetryWhenTold,
     ));
     while acknowledged.lock().expect("ids").len() < 2_000 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1043,12 +1060,13 @@ async fn a_redis_cluster_keeps_every_acknowledged_event_once_through_a_master_ki
         .iter()
         .enumerate()
     {
-        senders.spawn(send_through_failover(
+        senders.spawn(send(
             server.ingest_client().await,
             format!("cluster-{index}"),
             40,
             500,
             acknowledged.clone(),
+            Refused::RetryUntilAcknowledged,
         ));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1094,37 +1112,6 @@ async fn a_redis_cluster_keeps_every_acknowledged_event_once_through_a_master_ki
     drop((ingest_a, ingest_b, writer_a));
 }
 
-/// [`send`], but a refusal while the cluster fails over (UNAVAILABLE) is retried too: every
-/// round is acknowledged in the end.
-async fn send_through_failover(
-    mut client: IngestServiceClient<Channel>,
-    service: String,
-    rounds: usize,
-    size: usize,
-    acknowledged: Arc<Mutex<HashSet<String>>>,
-) {
-    for round in 0..rounds {
-        let events: Vec<_> = (0..size)
-            .map(|index| event(&service, &format!("{round}-{index}")))
-            .collect();
-        let ids: Vec<String> = events.iter().map(|event| event.id.clone()).collect();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match client.publish(request(events.clone())).await {
-                Ok(response) => {
-                    assert_eq!(response.into_inner().accepted as usize, size);
-                    acknowledged.lock().expect("ids").extend(ids);
-                    break;
-                }
-                Err(status) => {
-                    assert!(Instant::now() < deadline, "never acknowledged: {status:?}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a_cluster() {
     common::init_crypto();
@@ -1138,12 +1125,13 @@ async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
     let mut senders = tokio::task::JoinSet::new();
     for index in 0..3 {
-        senders.spawn(send_through_failover(
+        senders.spawn(send(
             ingest.ingest_client().await,
             format!("reshard-{index}"),
             40,
             500,
             acknowledged.clone(),
+            Refused::RetryUntilAcknowledged,
         ));
     }
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -1210,12 +1198,13 @@ async fn the_whole_cluster_down_and_back_loses_nothing_acknowledged() {
     let ingest = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
     let writer = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
     let acknowledged = Arc::new(Mutex::new(HashSet::new()));
-    let sender = tokio::spawn(send_through_failover(
+    let sender = tokio::spawn(send(
         ingest.ingest_client().await,
         "outage".to_owned(),
         60,
         200,
         acknowledged.clone(),
+        Refused::RetryUntilAcknowledged,
     ));
     while acknowledged.lock().expect("ids").len() < 2_000 {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1283,6 +1272,7 @@ async fn nodes_start_before_the_cluster_exists_spool_and_drain_when_it_appears()
         10,
         100,
         acknowledged.clone(),
+        Refused::RetryWhenTold,
     )
     .await;
     let acknowledged = acknowledged.lock().expect("ids").clone();

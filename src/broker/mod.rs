@@ -221,7 +221,7 @@ impl Broker {
     /// recreated empty by the next append, without the group).
     pub async fn create_group(&self) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
-        for key in self.shared.shards.iter().map(|shard| &shard.stream) {
+        for key in self.streams() {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
                 .arg("CREATE")
                 .arg(key)
@@ -251,6 +251,11 @@ impl Broker {
 
     pub fn shards(&self) -> usize {
         self.shared.shards.len()
+    }
+
+    /// Every shard's stream key, in shard order.
+    fn streams(&self) -> impl Iterator<Item = &String> {
+        self.shared.shards.iter().map(|shard| &shard.stream)
     }
 
     fn is_cluster(&self) -> bool {
@@ -422,12 +427,7 @@ impl Broker {
             }
             command
         };
-        let keys: Vec<&String> = self
-            .shared
-            .shards
-            .iter()
-            .map(|shard| &shard.stream)
-            .collect();
+        let keys: Vec<&String> = self.streams().collect();
         let replies: Vec<Option<StreamReadReply>> = if self.is_cluster() {
             let replies = try_join_all(keys.iter().map(|key| {
                 let mut connection = self.connection.clone();
@@ -462,13 +462,7 @@ impl Broker {
     pub async fn claim_stale(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
         let mut connection = self.connection.clone();
         let mut entries = Vec::new();
-        for (shard, key) in self
-            .shared
-            .shards
-            .iter()
-            .map(|shard| &shard.stream)
-            .enumerate()
-        {
+        for (shard, key) in self.streams().enumerate() {
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(key)
                 .arg(&self.shared.config.group)
@@ -525,7 +519,7 @@ impl Broker {
         let group = &self.shared.config.group;
         let mut connection = self.connection.clone();
         let mut forgotten = 0;
-        for key in self.shared.shards.iter().map(|shard| &shard.stream) {
+        for key in self.streams() {
             let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
                 .arg("CONSUMERS")
                 .arg(key)
@@ -553,13 +547,7 @@ impl Broker {
     /// delivery), so that a writer waiting out a database outage is not taken for dead.
     pub async fn renew(&self, consumer: &str, entries: &[&Entry]) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
-        for (shard, key) in self
-            .shared
-            .shards
-            .iter()
-            .map(|shard| &shard.stream)
-            .enumerate()
-        {
+        for (shard, key) in self.streams().enumerate() {
             let ids: Vec<&str> = entries
                 .iter()
                 .filter(|entry| entry.shard == shard)
@@ -626,7 +614,7 @@ impl Broker {
     pub async fn mark(&self) -> Result<Vec<Option<String>>, BrokerError> {
         let mut connection = self.connection.clone();
         let mut mark = Vec::with_capacity(self.shared.shards.len());
-        for key in self.shared.shards.iter().map(|shard| &shard.stream) {
+        for key in self.streams() {
             let newest: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
                 .arg(key)
                 .arg("+")
@@ -644,13 +632,7 @@ impl Broker {
     /// dead-lettered): entries are deleted only then.
     pub async fn delivered_up_to(&self, mark: &[Option<String>]) -> Result<bool, BrokerError> {
         let mut connection = self.connection.clone();
-        for (key, newest) in self
-            .shared
-            .shards
-            .iter()
-            .map(|shard| &shard.stream)
-            .zip(mark)
-        {
+        for (key, newest) in self.streams().zip(mark) {
             let Some(newest) = newest else { continue };
             let left: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
                 .arg(key)
