@@ -18,6 +18,19 @@ use crate::{
     proto::wire::{self, check_service},
 };
 
+/// Which indexes one step of a search may read for `message_contains` and
+/// `metadata_contains`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentIndexes {
+    /// The whole table's, as `search.*` builds them.
+    Configured,
+    /// A closed partition's as well: the step reads that partition through them.
+    Closed,
+    /// None on metadata but the whole table's: the step is a slice of a closed partition
+    /// whose index ran out of time, and would read it again for every slice.
+    Avoided,
+}
+
 /// Most services one filter may name.
 pub const MAX_FILTER_SERVICES: usize = 100;
 
@@ -309,6 +322,27 @@ impl Filter {
 
     /// Appends ` WHERE …` with every condition as a bound parameter.
     pub fn push_where(&self, builder: &mut QueryBuilder<Postgres>) {
+        self.push_conditions(builder, false);
+    }
+
+    /// [`Filter::push_where`] for one step of a search, with the conditions the indexes that
+    /// `content` allows can serve (see [`Filter::push_index_hints`]).
+    pub fn push_where_for_step(
+        &self,
+        builder: &mut QueryBuilder<Postgres>,
+        search: &SearchConfig,
+        content: ContentIndexes,
+    ) {
+        self.push_conditions(
+            builder,
+            content == ContentIndexes::Avoided && !search.metadata_index,
+        );
+        self.push_index_hints(builder, search, content == ContentIndexes::Closed);
+    }
+
+    /// The conditions, keeping `metadata_contains` out of any GIN index on `metadata` with
+    /// `avoid_metadata_index`.
+    fn push_conditions(&self, builder: &mut QueryBuilder<Postgres>, avoid_metadata_index: bool) {
         builder.push(" WHERE TRUE");
         match self.services.as_slice() {
             [] => {}
@@ -343,7 +377,7 @@ impl Filter {
             // statistics for `@>` and guesses it rare, so with a GIN index on `metadata`
             // (`search.metadata_index`) it would scan that instead, for every event holding a
             // common value: `metadata || '{}'` is the same object, out of the GIN index's reach.
-            let column = if self.user_id.is_some() || self.trace_id.is_some() {
+            let column = if avoid_metadata_index || self.user_id.is_some() || self.trace_id.is_some() {
                 "(metadata || '{}'::jsonb)"
             } else {
                 "metadata"
@@ -364,15 +398,19 @@ impl Filter {
     }
 
     /// Conditions the filter implies, written so that the optional search indexes can serve
-    /// them (`search.*`): `message LIKE '%…%'` for the trigram index (3 characters or more;
-    /// fewer give it no trigram), and `(metadata ->> 'key') = 'value'` for an indexed key with
-    /// a string or boolean value (numbers are left to `@>`: `->>` keeps a number's written
-    /// form, `@>` compares values), unless a user or trace filter narrows better. The results
-    /// do not change.
-    pub fn push_index_hints(&self, builder: &mut QueryBuilder<Postgres>, search: &SearchConfig) {
-        if search.message_index
-            && let Some(text) = &self.message_contains
-            && text.chars().count() >= 3
+    /// them (`search.*`): `message LIKE '%…%'` for a trigram index (the whole table's, or a
+    /// closed partition's with `closed`; 3 characters or more, as fewer give it no trigram),
+    /// and `(metadata ->> 'key') = 'value'` for an indexed key with a string or boolean value
+    /// (numbers are left to `@>`: `->>` keeps a number's written form, `@>` compares values),
+    /// unless a user or trace filter narrows better. The results do not change.
+    pub fn push_index_hints(
+        &self,
+        builder: &mut QueryBuilder<Postgres>,
+        search: &SearchConfig,
+        closed: bool,
+    ) {
+        if (search.message_index || closed)
+            && let Some(text) = self.trigram_needle()
         {
             builder
                 .push(" AND message LIKE ")
@@ -397,6 +435,20 @@ impl Filter {
                 .push(format_args!(" AND (metadata ->> '{key}') = "))
                 .push_bind(value);
         }
+    }
+
+    /// The `message_contains` a trigram index can serve: 3 characters or more.
+    fn trigram_needle(&self) -> Option<&String> {
+        self.message_contains
+            .as_ref()
+            .filter(|text| text.chars().count() >= 3)
+    }
+
+    /// Whether a closed partition's indexes serve a condition of this filter: its trigram
+    /// index (`message`) or its GIN index on metadata (`metadata`).
+    pub fn served_by(&self, message: bool, metadata: bool) -> bool {
+        (message && self.trigram_needle().is_some())
+            || (metadata && self.metadata_contains.is_some())
     }
 
     /// Whether no index narrows this filter, so that Query must bound its scan in time

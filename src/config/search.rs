@@ -30,12 +30,31 @@ pub struct SearchConfig {
     /// Top-level metadata keys with a B-tree index on their text value each, for
     /// `metadata_contains` with a string or boolean value under that key.
     pub indexed_metadata_keys: Vec<String>,
+    /// Search indexes on each partition once it stops taking writes (a trigram GIN on
+    /// `message`, a GIN `jsonb_path_ops` on `metadata`), built in the background, so that a
+    /// rare `message_contains` or `metadata_contains` reads an index over past days and scans
+    /// only the open one. Ingest never pays for them. Off drops them.
+    #[default(true)]
+    pub index_closed_partitions: bool,
+    /// How long after a partition's range ends its indexes are built: events arriving later
+    /// for that range still land, and pay for the index.
+    #[default(Duration::from_secs(3600))]
+    #[serde(with = "humantime_serde")]
+    pub index_delay: Duration,
+    /// How often each node looks for closed partitions to index (one node builds at a time)
+    /// and refreshes which partitions its searches can read through an index.
+    #[default(Duration::from_secs(60))]
+    #[serde(with = "humantime_serde")]
+    pub index_check_interval: Duration,
 }
 
 impl SearchConfig {
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.slice < Duration::from_secs(1) {
             return Err(invalid("search.slice", "must be at least 1s"));
+        }
+        if self.index_check_interval.is_zero() {
+            return Err(invalid("search.index_check_interval", "must be above zero"));
         }
         if self.max_scan_time.is_zero() {
             return Err(invalid("search.max_scan_time", "must be above zero"));

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, pool::PoolConnection};
 
 use super::{
@@ -11,7 +11,7 @@ use super::{
     policy::{RetentionPolicy, SWEEP_SERVICES, Sweep},
     report::{LifecycleError, Report},
 };
-use crate::{archive::Archive, metrics};
+use crate::{archive::Archive, metrics, store::partitions};
 
 /// Rows deleted per statement, so that no delete holds locks for long.
 const DELETE_BATCH: i64 = 5_000;
@@ -197,20 +197,12 @@ async fn drop_partitions_before(
     pool: &PgPool,
     cutoff: DateTime<Utc>,
 ) -> Result<Vec<String>, sqlx::Error> {
-    let partitions: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-         WHERE i.inhparent = 'events'::regclass ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await?;
     let mut dropped = Vec::new();
-    for name in partitions {
-        let Some(end) = partition_end(&name) else {
-            continue;
-        };
-        if end > cutoff {
+    for partition in partitions::list(pool).await? {
+        if partition.end > cutoff {
             continue;
         }
+        let name = partition.name;
         // CONCURRENTLY does not block ingest into the other partitions; it cannot run in a
         // transaction block, hence the simple-protocol statement.
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
@@ -225,27 +217,4 @@ async fn drop_partitions_before(
         dropped.push(name);
     }
     Ok(dropped)
-}
-
-/// The end of a monthly partition named `events_pYYYY_MM` (the start of the next month).
-fn partition_end(name: &str) -> Option<DateTime<Utc>> {
-    let (year, month) = name.strip_prefix("events_p")?.split_once('_')?;
-    let start = NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)?;
-    let end = start.checked_add_months(chrono::Months::new(1))?;
-    Some(end.and_hms_opt(0, 0, 0)?.and_utc())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partition_names_give_their_end() {
-        assert_eq!(
-            partition_end("events_p2025_12").map(|end| end.to_rfc3339()),
-            Some("2026-01-01T00:00:00+00:00".to_owned())
-        );
-        assert_eq!(partition_end("events_default"), None);
-        assert_eq!(partition_end("events_p2025_13"), None);
-    }
 }

@@ -1,6 +1,6 @@
 //! The server's upkeep: readiness checks, database failovers, backups and lifecycle runs.
 
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, histogram};
 
 /// Free bytes on a watched volume (`data`, `spool`).
 pub fn disk_free(volume: &'static str, bytes: u64) {
@@ -74,4 +74,17 @@ pub fn lifecycle_run(status: &'static str, totals: LifecycleTotals) {
     counter!("sluice_archive_objects_written_total").increment(totals.objects_written);
     counter!("sluice_archive_objects_deleted_total").increment(totals.objects_deleted);
     counter!("sluice_lifecycle_partitions_dropped_total").increment(totals.partitions_dropped);
+}
+
+/// A closed partition's search index was built (or its build failed), in `seconds`.
+pub fn closed_index_built(kind: &'static str, ok: bool, seconds: f64) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("sluice_search_closed_index_builds_total", "kind" => kind, "outcome" => outcome)
+        .increment(1);
+    histogram!("sluice_search_closed_index_build_seconds", "kind" => kind).record(seconds);
+}
+
+/// Closed partitions still lacking a search index after a build round.
+pub fn closed_partitions_unindexed(count: usize) {
+    gauge!("sluice_search_closed_partitions_unindexed").set(count as f64);
 }

@@ -125,6 +125,14 @@ pub fn register(known: &Known) {
     for status in ["ok", "failed"] {
         counter!("sluice_lifecycle_runs_total", "status" => status).increment(0);
     }
+    for kind in ["message", "metadata"] {
+        for outcome in ["ok", "failed"] {
+            counter!("sluice_search_closed_index_builds_total", "kind" => kind, "outcome" => outcome)
+                .increment(0);
+        }
+        let _ = histogram!("sluice_search_closed_index_build_seconds", "kind" => kind);
+    }
+    gauge!("sluice_search_closed_partitions_unindexed").set(0.0);
     for pools in ["write", "read"] {
         counter!("sluice_database_failovers_total", "pools" => pools).increment(0);
     }

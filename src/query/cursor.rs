@@ -17,6 +17,9 @@ pub struct Cursor {
     /// A time-sliced scan's slice size when the page ended, so that the next call goes on
     /// with what the last one learned (a slice whose first step ran out of time is smaller).
     pub slice: Option<TimeDelta>,
+    /// The start of a partition the scan reads in slices, not through its closed-partition
+    /// index: a step through that index ran out of time.
+    pub unindexed: Option<DateTime<Utc>>,
 }
 
 impl Cursor {
@@ -25,11 +28,12 @@ impl Cursor {
             ts,
             id,
             slice: None,
+            unindexed: None,
         }
     }
 
-    /// An opaque token: version, filter fingerprint, timestamp (µs), id, and the slice in
-    /// seconds when there is one.
+    /// An opaque token: version, filter fingerprint, timestamp (µs), id, the slice in
+    /// seconds when there is one, and `u` with the start (µs) of a partition read unindexed.
     pub fn encode(&self, filter: &Filter, oldest_first: bool) -> String {
         let mut text = format!(
             "1.{}.{}.{}",
@@ -39,6 +43,9 @@ impl Cursor {
         );
         if let Some(slice) = self.slice {
             text.push_str(&format!(".{}", slice.num_seconds()));
+            if let Some(start) = self.unindexed {
+                text.push_str(&format!(".u{}", start.timestamp_micros()));
+            }
         }
         URL_SAFE_NO_PAD.encode(text)
     }
@@ -54,16 +61,19 @@ impl Cursor {
         }
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
         let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-        let mut parts = text.split('.');
-        let (Some("1"), Some(fingerprint), Some(micros), Some(id), slice, None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            return Err(invalid());
+        let parts: Vec<&str> = text.split('.').collect();
+        let (fingerprint, micros, id, slice, unindexed) = match parts.as_slice() {
+            ["1", fingerprint, micros, id] => (fingerprint, micros, id, None, None),
+            ["1", fingerprint, micros, id, slice] => (fingerprint, micros, id, Some(slice), None),
+            ["1", fingerprint, micros, id, slice, unindexed] => {
+                let start = unindexed
+                    .strip_prefix('u')
+                    .and_then(|micros| micros.parse::<i64>().ok())
+                    .and_then(DateTime::from_timestamp_micros)
+                    .ok_or_else(invalid)?;
+                (fingerprint, micros, id, Some(slice), Some(start))
+            }
+            _ => return Err(invalid()),
         };
         if fingerprint.parse::<u32>().ok() != Some(filter.fingerprint(oldest_first)) {
             return Err(InvalidArgument::new(
@@ -88,7 +98,12 @@ impl Cursor {
                     .ok_or_else(invalid)?,
             ),
         };
-        Ok(Self { ts, id, slice })
+        Ok(Self {
+            ts,
+            id,
+            slice,
+            unindexed,
+        })
     }
 }
 
@@ -130,6 +145,16 @@ mod tests {
             Cursor::decode(&token, &filter, false).expect("decodes"),
             scanning
         );
+        // So does a scan's fallback from a closed partition's index.
+        let unindexed = Cursor {
+            unindexed: DateTime::from_timestamp_micros(1_799_900_000_000_000),
+            ..scanning
+        };
+        let token = unindexed.encode(&filter, false);
+        assert_eq!(
+            Cursor::decode(&token, &filter, false).expect("decodes"),
+            unindexed
+        );
     }
 
     #[test]
@@ -160,6 +185,7 @@ mod tests {
                 ts: DateTime::from_timestamp_micros(1_800_000_000_000_000).expect("ts"),
                 id: Uuid::nil(),
                 slice: Some(TimeDelta::hours(2)),
+                unindexed: DateTime::from_timestamp_micros(1_799_900_000_000_000),
             };
             let token = cursor.encode(&filter, true);
             let mut chars: Vec<char> = token.chars().collect();

@@ -13,12 +13,12 @@ use uuid::Uuid;
 use super::{
     QueryError, Reader,
     cursor::Cursor,
-    scan::{ScanPlan, StepBound},
+    scan::{ScanPlan, Step, StepBound, Window},
 };
 use crate::{
     auth::Caller,
     config::{Scope, SearchConfig},
-    filter::Filter,
+    filter::{ContentIndexes, Filter},
     metrics,
     proto::{Event, Order, QueryRequest, QueryResponse, wire::to_timestamp},
     store::{self, partitions, sqlstates},
@@ -163,7 +163,7 @@ async fn page_rows(
     reader: &Reader,
     filter: &Filter,
     cursor: Option<Cursor>,
-    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    window: Option<Window>,
     limit: u32,
     oldest_first: bool,
     budget: usize,
@@ -211,13 +211,14 @@ async fn collect(
 
 /// [`page_rows`] under a statement timeout of `budget`: `None` when PostgreSQL cancelled the
 /// step at the budget, so that a step whose plan turned out slower than the last one's ends
-/// the call on time instead of late.
+/// the call on time instead of late. Planned for the window's own bounds (a custom plan), so
+/// that PostgreSQL reads only its partition, through that partition's indexes.
 #[allow(clippy::too_many_arguments)]
 async fn page_rows_within(
     reader: &Reader,
     filter: &Filter,
     cursor: Option<Cursor>,
-    window: (DateTime<Utc>, DateTime<Utc>),
+    window: Window,
     limit: u32,
     oldest_first: bool,
     budget: Duration,
@@ -234,8 +235,11 @@ async fn page_rows_within(
     let mut transaction = reader.store.read_pool.begin().await?;
     // Whole milliseconds, at least one: 0 would mean no timeout at all.
     let timeout_ms = budget.as_millis().clamp(1, i64::MAX as u128).to_string();
-    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-        .bind(timeout_ms)
+    sqlx::query(
+        "SELECT set_config('statement_timeout', $1, true), \
+         set_config('plan_cache_mode', 'force_custom_plan', true)",
+    )
+    .bind(timeout_ms)
         .execute(&mut *transaction)
         .await?;
     let rows = builder.build_query_as().fetch(&mut *transaction);
@@ -251,12 +255,13 @@ async fn page_rows_within(
     Ok(Some(rows))
 }
 
-/// The SELECT of [`page_rows`].
+/// The SELECT of [`page_rows`], within a scan's window when given (read as that window's
+/// step says).
 fn rows_query(
     filter: &Filter,
     search: &SearchConfig,
     cursor: Option<Cursor>,
-    window: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    window: Option<Window>,
     limit: u32,
     oldest_first: bool,
 ) -> QueryBuilder<Postgres> {
@@ -264,8 +269,17 @@ fn rows_query(
         "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id, \
          octet_length(message)::bigint + octet_length(metadata::text)::bigint AS bytes FROM events",
     );
-    filter.push_where(&mut builder);
-    filter.push_index_hints(&mut builder, search);
+    let content = match window {
+        Some(Window {
+            step: Step::Indexed,
+            ..
+        }) => ContentIndexes::Closed,
+        Some(Window {
+            avoid_index: true, ..
+        }) => ContentIndexes::Avoided,
+        _ => ContentIndexes::Configured,
+    };
+    filter.push_where_for_step(&mut builder, search, content);
     let (comparison, direction) = if oldest_first {
         (">", "ASC")
     } else {
@@ -282,7 +296,7 @@ fn rows_query(
             .push_bind(cursor.ts);
         builder.push(", ").push_bind(cursor.id).push(")");
     }
-    if let Some((from, until)) = window {
+    if let Some(Window { from, until, .. }) = window {
         builder.push(" AND ts >= ").push_bind(from);
         builder.push(" AND ts < ").push_bind(until);
     }
@@ -312,8 +326,24 @@ async fn scan_page(
     let newest = filter.end.unwrap_or_else(|| {
         Utc::now() + reader.config.validation.max_future_skew + TimeDelta::seconds(1)
     });
+    // The partitions whose closed-partition indexes serve this filter.
+    let indexed = reader
+        .store
+        .closed_indexes
+        .ranges()
+        .iter()
+        .filter(|range| filter.served_by(range.message, range.metadata))
+        .map(|range| (range.start, range.end))
+        .collect();
     let Some(mut plan) = oldest.and_then(|oldest| {
-        ScanPlan::new(oldest, newest, cursor, oldest_first, &reader.config.search)
+        ScanPlan::new(
+            oldest,
+            newest,
+            cursor,
+            oldest_first,
+            &reader.config.search,
+            indexed,
+        )
     }) else {
         return Ok(Page::default());
     };
@@ -323,7 +353,7 @@ async fn scan_page(
     while let Some(window) = plan.next_window() {
         let step = Instant::now();
         let wanted = limit - rows.len() as u32;
-        let found = match plan.begin_step(started.elapsed()) {
+        let found = match plan.begin_step(started.elapsed(), &window) {
             StepBound::Unbounded => Some(
                 page_rows(
                     reader,
@@ -379,7 +409,7 @@ async fn scan_page(
         let used: i64 = found.iter().map(|row| row.bytes).sum();
         bytes_left = bytes_left.saturating_sub(usize::try_from(used).unwrap_or(0));
         rows.extend(found);
-        plan.covered(window, step.elapsed());
+        plan.covered(&window, step.elapsed());
         position = Some(plan.edge());
         if plan.should_stop(started.elapsed(), step.elapsed()) {
             return Ok(Page {

@@ -23,7 +23,7 @@ use crate::{
     lifecycle::{self, RetentionPolicy},
     metrics::Counters,
     privacy::{kms, optouts},
-    store::search_indexes,
+    store::{closed_indexes, search_indexes},
     writer::{
         self, Destination, WriterContext,
         breaker::Breaker,
@@ -196,6 +196,12 @@ impl Background {
         upkeep.spawn_until_cancelled(search_indexes::keep(
             storage.store.maintenance_pool.clone(),
             config.search.clone(),
+        ));
+        upkeep.spawn_until_cancelled(closed_indexes::keep(
+            storage.store.maintenance_pool.clone(),
+            storage.store.read_pool.clone(),
+            config.search.clone(),
+            storage.store.closed_indexes.clone(),
         ));
         upkeep.spawn_until_cancelled(crate::backup::schedule::run(
             config.backup.clone(),

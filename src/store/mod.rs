@@ -1,5 +1,6 @@
 //! PostgreSQL: connecting (to a URL or the private cluster), migrations and partitions.
 
+pub mod closed_indexes;
 pub mod embedded;
 pub mod hosts;
 pub mod migrations;
@@ -103,6 +104,10 @@ pub fn database_status(error: &sqlx::Error) -> tonic::Status {
     Status::new(code, "database error; see server logs")
 }
 
+/// How many days ahead of today partitions exist (created hourly; a writer creates a
+/// missing one on demand, so this only keeps that off the hot path).
+const PARTITIONS_AHEAD_DAYS: i64 = 7;
+
 /// Connections of the write pool beyond one per writer: health pings, partition upkeep, the
 /// spool replayer and Delete.
 const WRITE_SIDE_EXTRA_CONNECTIONS: u32 = 3;
@@ -193,6 +198,8 @@ pub struct Store {
     /// take the connections the other needs for its rows.
     pub audit_pool: PgPool,
     pub embedded: Option<EmbeddedPostgres>,
+    /// Which partitions searches read through their closed-partition indexes.
+    pub closed_indexes: std::sync::Arc<closed_indexes::ClosedIndexes>,
     /// Keep the pools on the host that fits when `database.url` (or `read_url`) names several.
     failovers: Vec<Failover>,
 }
@@ -373,6 +380,7 @@ impl Store {
             maintenance_pool,
             audit_pool,
             embedded,
+            closed_indexes: Default::default(),
             failovers,
         };
         // Not fatal: a lock held on `events` (a long export, pg_dump) must not stop start-up. The
@@ -392,8 +400,8 @@ impl Store {
         futures::future::join_all(watches).await;
     }
 
-    /// Makes sure partitions exist from the oldest accepted time to two months ahead.
-    /// Creates the partitions ahead every hour (every minute after a failure), until the
+    /// Makes sure partitions exist from the oldest accepted time to
+    /// [`PARTITIONS_AHEAD_DAYS`] ahead. Creates the partitions ahead every hour (every minute after a failure), until the
     /// task is dropped.
     pub async fn maintain_partitions(&self, retention: Duration) {
         const CHECK_INTERVAL: Duration = Duration::from_secs(3600);
@@ -414,7 +422,7 @@ impl Store {
     pub async fn ensure_partitions(&self, retention: Duration) -> Result<usize, StoreError> {
         let now = Utc::now();
         let oldest = now - retention;
-        let ahead = now + chrono::Duration::days(62);
+        let ahead = now + chrono::Duration::days(PARTITIONS_AHEAD_DAYS);
         Ok(partitions::ensure_partitions(&self.pool, oldest, ahead).await?)
     }
 

@@ -1,64 +1,149 @@
-//! Monthly range partitions of `events`, created ahead of time so that no valid event ever
+//! Range partitions of `events` on `ts`, created ahead of time so that no valid event ever
 //! lacks a partition.
+//!
+//! From the current month on, a partition holds one UTC day (`events_pYYYY_MM_DD`): a day
+//! stops taking writes once it is over, and only then gets its search indexes
+//! ([`super::closed_indexes`]), so ingest never pays for them. A month wholly in the past that
+//! no partition touches yet (old events, a restore) gets one monthly partition
+//! (`events_pYYYY_MM`), as every partition did before daily ones; both kinds live side by
+//! side, and every reader of partition names goes through [`Partition::parse`].
 
-use chrono::{DateTime, Datelike, Months, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, Days, Months, NaiveDate, Utc};
 use sqlx::PgPool;
 
-/// First day of the month of `at`.
-fn month_start(at: DateTime<Utc>) -> NaiveDate {
-    NaiveDate::from_ymd_opt(at.year(), at.month(), 1).unwrap_or(NaiveDate::MIN)
+/// A partition of `events`: its name and its range `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub name: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
 }
 
-/// The partition name and bounds of every month touching `[from, to]`.
-pub fn months_between(
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-) -> Vec<(String, NaiveDate, NaiveDate)> {
-    let last = month_start(to);
-    let mut month = month_start(from);
-    let mut months = Vec::new();
-    while month <= last {
-        let Some(next) = month.checked_add_months(Months::new(1)) else {
-            break;
-        };
-        months.push((
-            format!("events_p{}_{:02}", month.year(), month.month()),
-            month,
-            next,
-        ));
-        month = next;
+/// Midnight UTC of `day`.
+fn midnight(day: NaiveDate) -> DateTime<Utc> {
+    day.and_time(chrono::NaiveTime::MIN).and_utc()
+}
+
+/// First day of the month of `day`.
+fn month_start(day: NaiveDate) -> NaiveDate {
+    day.with_day(1).unwrap_or(day)
+}
+
+impl Partition {
+    /// The partition of one day.
+    pub fn day(day: NaiveDate) -> Self {
+        Self {
+            name: format!(
+                "events_p{}_{:02}_{:02}",
+                day.year(),
+                day.month(),
+                day.day()
+            ),
+            start: midnight(day),
+            end: midnight(day + Days::new(1)),
+        }
     }
-    months
+
+    /// The partition of the month of `day`.
+    pub fn month(day: NaiveDate) -> Self {
+        let first = month_start(day);
+        let next = first
+            .checked_add_months(Months::new(1))
+            .unwrap_or(NaiveDate::MAX);
+        Self {
+            name: format!("events_p{}_{:02}", first.year(), first.month()),
+            start: midnight(first),
+            end: midnight(next),
+        }
+    }
+
+    /// The partition a name sluice gave stands for: `events_pYYYY_MM_DD` or `events_pYYYY_MM`.
+    /// None for any other table.
+    pub fn parse(name: &str) -> Option<Self> {
+        let mut parts = name.strip_prefix("events_p")?.split('_');
+        let (year, month) = (parts.next()?, parts.next()?);
+        let day = parts.next();
+        if parts.next().is_some() || year.len() != 4 || month.len() != 2 {
+            return None;
+        }
+        let (year, month) = (year.parse().ok()?, month.parse().ok()?);
+        let partition = match day {
+            Some(day) if day.len() == 2 => {
+                Self::day(NaiveDate::from_ymd_opt(year, month, day.parse().ok()?)?)
+            }
+            Some(_) => return None,
+            None => Self::month(NaiveDate::from_ymd_opt(year, month, 1)?),
+        };
+        (partition.name == name).then_some(partition)
+    }
+
+    /// Whether its range and `[start, end)` share an instant.
+    pub fn overlaps(&self, start: DateTime<Utc>, end: DateTime<Utc>) -> bool {
+        self.start < end && start < self.end
+    }
+}
+
+/// The partitions of `events` that sluice made, oldest first.
+pub async fn list(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<Partition>, sqlx::Error> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'events'::regclass",
+    )
+    .fetch_all(executor)
+    .await?;
+    let mut partitions: Vec<Partition> = names.iter().filter_map(|name| Partition::parse(name)).collect();
+    partitions.sort_by_key(|partition| partition.start);
+    Ok(partitions)
 }
 
 /// The start of the oldest partition of `events`: nothing is stored before it. None when
 /// there is no partition.
 pub async fn oldest_start(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    let oldest: Option<String> = sqlx::query_scalar(
-        "SELECT min(c.relname::text) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-         WHERE i.inhparent = 'events'::regclass AND c.relname ~ '^events_p[0-9]{4}_[0-9]{2}$'",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok(oldest.and_then(|name| partition_start(&name)))
+    Ok(list(pool).await?.first().map(|partition| partition.start))
 }
 
-/// The first instant of partition `events_pYYYY_MM`.
-fn partition_start(name: &str) -> Option<DateTime<Utc>> {
-    let (year, month) = name.strip_prefix("events_p")?.split_once('_')?;
-    NaiveDate::from_ymd_opt(year.parse().ok()?, month.parse().ok()?, 1)?
-        .and_hms_opt(0, 0, 0)
-        .map(|start| start.and_utc())
+/// The partitions to create so that `[from, to]` is covered, given the `existing` ones and
+/// `today`: a month before the current one that no partition touches gets a monthly
+/// partition, every other uncovered day a daily one.
+pub fn missing(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    existing: &[Partition],
+    today: NaiveDate,
+) -> Vec<Partition> {
+    let this_month = month_start(today);
+    let mut wanted: Vec<Partition> = Vec::new();
+    let covered = |partition: &Partition, wanted: &[Partition]| {
+        existing
+            .iter()
+            .chain(wanted)
+            .any(|other| other.overlaps(partition.start, partition.end))
+    };
+    let last = to.date_naive();
+    let mut day = from.date_naive();
+    while day <= last {
+        let month = Partition::month(day);
+        if month_start(day) < this_month && !covered(&month, &wanted) {
+            day = month.end.date_naive();
+            wanted.push(month);
+            continue;
+        }
+        let daily = Partition::day(day);
+        if !covered(&daily, &wanted) {
+            wanted.push(daily);
+        }
+        day = day + Days::new(1);
+    }
+    wanted
 }
 
-/// Creates the missing monthly partitions covering `[from, to]`. Safe to call concurrently
-/// from several writers and nodes (serialized by an advisory lock).
+/// Creates the missing partitions covering `[from, to]` (see [`missing`]). Safe to call
+/// concurrently from several writers and nodes (serialized by an advisory lock).
 pub async fn ensure_partitions(
     pool: &PgPool,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<usize, sqlx::Error> {
-    let mut created = 0;
     let mut transaction = pool.begin().await?;
     // Creating a partition locks `events`; never queue behind a long reader (and hold up every
     // writer behind this DDL) for more than a few seconds. A timeout is retried later.
@@ -68,6 +153,11 @@ pub async fn ensure_partitions(
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('sluice.partitions'))")
         .execute(&mut *transaction)
         .await?;
+    let existing = list(&mut *transaction).await?;
+    let wanted = missing(from, to, &existing, Utc::now().date_naive());
+    if wanted.is_empty() {
+        return Ok(0);
+    }
     // Column compression set on `events` (by name: `lz4` or `pglz`), to copy onto partitions.
     let compression: Vec<(String, String)> = sqlx::query_as(
         "SELECT attname::text, CASE attcompression WHEN 'l' THEN 'lz4' ELSE 'pglz' END \
@@ -76,17 +166,12 @@ pub async fn ensure_partitions(
     )
     .fetch_all(&mut *transaction)
     .await?;
-    for (name, start, end) in months_between(from, to) {
-        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(&name)
-            .fetch_one(&mut *transaction)
-            .await?;
-        if exists {
-            continue;
-        }
+    for Partition { name, start, end } in &wanted {
         // Names and bounds come from dates formatted above, never from input.
         let statement = format!(
-            "CREATE TABLE {name} PARTITION OF events FOR VALUES FROM ('{start}') TO ('{end}')"
+            "CREATE TABLE {name} PARTITION OF events FOR VALUES FROM ('{}') TO ('{}')",
+            start.to_rfc3339(),
+            end.to_rfc3339()
         );
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut *transaction)
@@ -100,46 +185,88 @@ pub async fn ensure_partitions(
             .await?;
         }
         tracing::info!(partition = %name, %start, %end, "created events partition");
-        created += 1;
     }
     transaction.commit().await?;
-    Ok(created)
+    Ok(wanted.len())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn partition_names_give_their_first_instant() {
-        assert_eq!(
-            partition_start("events_p2026_11").map(|start| start.to_rfc3339()),
-            Some("2026-11-01T00:00:00+00:00".to_owned())
-        );
-        assert_eq!(partition_start("events_p2026_13"), None);
-        assert_eq!(partition_start("other"), None);
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).expect("date").to_utc()
+    }
+
+    fn names(partitions: &[Partition]) -> Vec<&str> {
+        partitions
+            .iter()
+            .map(|partition| partition.name.as_str())
+            .collect()
     }
 
     #[test]
-    fn months_between_spans_year_boundaries() {
-        let from = DateTime::parse_from_rfc3339("2026-11-15T00:00:00Z")
-            .expect("date")
-            .to_utc();
-        let to = DateTime::parse_from_rfc3339("2027-01-02T00:00:00Z")
-            .expect("date")
-            .to_utc();
-        let names: Vec<String> = months_between(from, to)
-            .into_iter()
-            .map(|(name, _, _)| name)
-            .collect();
-        assert_eq!(
-            names,
-            ["events_p2026_11", "events_p2026_12", "events_p2027_01"]
+    fn names_of_days_and_months_give_their_ranges_and_nothing_else_parses() {
+        let day = Partition::parse("events_p2026_11_30").expect("a day");
+        assert_eq!(day.start, at("2026-11-30T00:00:00Z"));
+        assert_eq!(day.end, at("2026-12-01T00:00:00Z"));
+        let month = Partition::parse("events_p2026_12").expect("a month");
+        assert_eq!(month.start, at("2026-12-01T00:00:00Z"));
+        assert_eq!(month.end, at("2027-01-01T00:00:00Z"));
+        for other in [
+            "events_p2026_13",
+            "events_p2026_02_30",
+            "events_p2026_2_01",
+            "events_p2026_12_01_x",
+            "events_default",
+            "other",
+        ] {
+            assert_eq!(Partition::parse(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn past_months_get_one_partition_and_the_current_month_on_a_partition_a_day() {
+        let today = NaiveDate::from_ymd_opt(2026, 12, 3).expect("today");
+        let wanted = missing(
+            at("2026-10-20T10:00:00Z"),
+            at("2026-12-05T00:00:00Z"),
+            &[],
+            today,
         );
-        let (_, start, end) = &months_between(from, from)[0];
         assert_eq!(
-            (start.to_string(), end.to_string()),
-            ("2026-11-01".to_owned(), "2026-12-01".to_owned())
+            names(&wanted),
+            [
+                "events_p2026_10",
+                "events_p2026_11",
+                "events_p2026_12_01",
+                "events_p2026_12_02",
+                "events_p2026_12_03",
+                "events_p2026_12_04",
+                "events_p2026_12_05",
+            ]
         );
+    }
+
+    #[test]
+    fn existing_partitions_of_either_kind_are_never_overlapped() {
+        let today = NaiveDate::from_ymd_opt(2027, 1, 10).expect("today");
+        // A monthly partition made before daily ones, and a day of last month already made
+        // daily: the rest of last month goes day by day, this month's days are covered.
+        let existing = [
+            Partition::month(NaiveDate::from_ymd_opt(2027, 1, 1).expect("month")),
+            Partition::day(NaiveDate::from_ymd_opt(2026, 12, 30).expect("day")),
+        ];
+        let wanted = missing(
+            at("2026-12-29T00:00:00Z"),
+            at("2027-02-01T12:00:00Z"),
+            &existing,
+            today,
+        );
+        assert_eq!(
+            names(&wanted),
+            ["events_p2026_12_29", "events_p2026_12_31", "events_p2027_02_01"]
+        );
+        assert!(missing(at("2027-01-05T00:00:00Z"), at("2027-01-06T00:00:00Z"), &existing, today).is_empty());
     }
 }
