@@ -377,11 +377,12 @@ impl Filter {
             // statistics for `@>` and guesses it rare, so with a GIN index on `metadata`
             // (`search.metadata_index`) it would scan that instead, for every event holding a
             // common value: `metadata || '{}'` is the same object, out of the GIN index's reach.
-            let column = if avoid_metadata_index || self.user_id.is_some() || self.trace_id.is_some() {
-                "(metadata || '{}'::jsonb)"
-            } else {
-                "metadata"
-            };
+            let column =
+                if avoid_metadata_index || self.user_id.is_some() || self.trace_id.is_some() {
+                    "(metadata || '{}'::jsonb)"
+                } else {
+                    "metadata"
+                };
             builder
                 .push(format_args!(" AND {column} @> "))
                 .push_bind(sqlx::types::Json(Json::Object(metadata.clone())));

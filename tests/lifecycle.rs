@@ -165,8 +165,8 @@ async fn each_rule_keeps_exactly_its_window_and_old_partitions_are_dropped() {
         1
     );
 
-    // Migration 0005: partitions store metadata and message with lz4.
-    let this_month = format!("events_p{}_{:02}", now.year(), now.month());
+    // Migration 0005: partitions store metadata and message with lz4 (today's, a daily one).
+    let this_month = format!("events_p{}_{:02}_{:02}", now.year(), now.month(), now.day());
     let compression: Vec<String> = sqlx::query_scalar(
         "SELECT attcompression::text FROM pg_attribute \
          WHERE attrelid = $1::regclass AND attname IN ('metadata', 'message') ORDER BY attname",

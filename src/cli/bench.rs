@@ -6,6 +6,7 @@
 //! into the same table over `--copy-connections` connections (the ceiling), and prints the ratio.
 //! Given `--server-pid`, it reports the server's peak RSS.
 
+mod answers;
 mod ceiling;
 mod native;
 mod otlp;
@@ -205,6 +206,16 @@ pub struct QueryBenchArgs {
     /// Server process id, to report its RSS around the export.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Complete answers per search shape (every page until `limit` events or no token).
+    #[arg(long, default_value_t = 10)]
+    pub answers: usize,
+    /// Most calls one complete answer may take before the bench gives up on it.
+    #[arg(long, default_value_t = 400)]
+    pub max_calls_per_answer: usize,
+    /// A substring exactly one loaded message holds (bench/query.sh writes
+    /// `GET /api/orders/<n> -> ...` for n from 1 to the row count).
+    #[arg(long, default_value = "/orders/1234567 -> ")]
+    pub unique_needle: String,
 }
 
 /// Latency of the read-side calls on a loaded database, and Export throughput.
@@ -337,6 +348,39 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
             args.iterations,
             returned
         );
+    }
+    let search =
+        |services: Vec<String>, message: &str, metadata: Option<serde_json::Value>| QueryRequest {
+            services,
+            message_contains: message.to_owned(),
+            metadata_contains: metadata.and_then(contains),
+            limit: 10,
+            ..QueryRequest::default()
+        };
+    let shapes = vec![
+        answers::Shape {
+            name: "rare message, all",
+            request: search(Vec::new(), &args.unique_needle, None),
+        },
+        answers::Shape {
+            name: "service + rare message",
+            request: search(vec!["svc-3".to_owned()], &args.unique_needle, None),
+        },
+        answers::Shape {
+            name: "absent message, all",
+            request: search(Vec::new(), "-> 599 in", None),
+        },
+        answers::Shape {
+            name: "metadata, no match",
+            request: search(Vec::new(), "", Some(serde_json::json!({"status": 500}))),
+        },
+        answers::Shape {
+            name: "metadata, a third",
+            request: search(Vec::new(), "", Some(serde_json::json!({"region": "eu"}))),
+        },
+    ];
+    if args.answers > 0 {
+        answers::run(&mut client, shapes, args.answers, args.max_calls_per_answer).await?;
     }
     if let Some(service) = &args.export_service {
         let rss_before = args.server_pid.and_then(current_rss_kib);

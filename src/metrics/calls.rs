@@ -25,6 +25,12 @@ pub fn search_step_cancelled() {
     counter!("sluice_search_steps_cancelled_total").increment(1);
 }
 
+/// A step of a search ran (`step`: `indexed` through a closed partition's index, `sliced`
+/// over a time slice).
+pub fn search_step(step: &'static str) {
+    counter!("sluice_search_steps_total", "step" => step).increment(1);
+}
+
 /// A request refused on who sent it; `reason` is the ErrorInfo reason (`INVALID_TOKEN`,
 /// `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`).
 pub fn auth_refused(reason: &'static str) {

@@ -20,6 +20,7 @@
 //! | `sluice_otlp_log_records_total` | counter | `outcome` (`stored`, `rejected` in a partial success, `refused` with the whole export) |
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (every RPC of `rpc::Rpc`), `code` | (until the call's status: a stream's whole life) |
 //! | `sluice_search_steps_cancelled_total` | counter | | (a time-sliced scan's step cancelled at `search.max_scan_time`) |
+//! | `sluice_search_steps_total` | counter | `step` (`indexed`: one partition through its closed-partition index; `sliced`: one time slice) |
 //! | `sluice_search_closed_index_builds_total` | counter | `kind` (`message`, `metadata`), `outcome` (`ok`, `failed`) | (an index of a closed partition built) |
 //! | `sluice_search_closed_index_build_seconds` | histogram | `kind` |
 //! | `sluice_search_closed_partitions_unindexed` | gauge | | (closed partitions still lacking an index after the last build round) |

@@ -125,6 +125,9 @@ pub fn register(known: &Known) {
     for status in ["ok", "failed"] {
         counter!("sluice_lifecycle_runs_total", "status" => status).increment(0);
     }
+    for step in ["indexed", "sliced"] {
+        counter!("sluice_search_steps_total", "step" => step).increment(0);
+    }
     for kind in ["message", "metadata"] {
         for outcome in ["ok", "failed"] {
             counter!("sluice_search_closed_index_builds_total", "kind" => kind, "outcome" => outcome)

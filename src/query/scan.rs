@@ -41,6 +41,15 @@ pub enum Step {
     Sliced,
 }
 
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Indexed => "indexed",
+            Step::Sliced => "sliced",
+        }
+    }
+}
+
 /// What the next step reads: `[from, until)`, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
@@ -347,13 +356,16 @@ mod tests {
         let slow = Duration::from_millis(30);
         let plan = ScanPlan::new(at(10), at(100), None, false, &search(), days()).expect("plan");
         let newest_first = windows(plan, slow);
-        assert_eq!(newest_first[..5], [
-            sliced(at(99), at(100)),
-            sliced(at(98), at(99)),
-            sliced(at(97), at(98)),
-            sliced(at(96), at(97)),
-            indexed(at(72), at(96)),
-        ]);
+        assert_eq!(
+            newest_first[..5],
+            [
+                sliced(at(99), at(100)),
+                sliced(at(98), at(99)),
+                sliced(at(97), at(98)),
+                sliced(at(96), at(97)),
+                indexed(at(72), at(96)),
+            ]
+        );
         assert!(newest_first.contains(&sliced(at(48), at(49))));
         assert!(newest_first.contains(&indexed(at(24), at(48))));
         assert_eq!(newest_first.last(), Some(&sliced(at(10), at(11))));
@@ -406,8 +418,9 @@ mod tests {
             let partition = if oldest_first { at(24) } else { at(72) };
             assert_eq!(token.unindexed, Some(partition));
             // The next call slices that partition, and goes back to indexes past it.
-            let mut plan = ScanPlan::new(at(24), at(96), Some(token), oldest_first, &search(), days())
-                .expect("plan");
+            let mut plan =
+                ScanPlan::new(at(24), at(96), Some(token), oldest_first, &search(), days())
+                    .expect("plan");
             let mut steps = Vec::new();
             while let Some(window) = plan.next_window() {
                 plan.begin_step(Duration::ZERO, &window);
@@ -427,8 +440,14 @@ mod tests {
                 };
                 assert_eq!(token.unindexed.is_some(), inside, "{window:?}");
             }
-            assert_eq!(steps.iter().filter(|step| **step == Step::Sliced).count(), 24 + 24);
-            assert_eq!(steps.iter().filter(|step| **step == Step::Indexed).count(), 1);
+            assert_eq!(
+                steps.iter().filter(|step| **step == Step::Sliced).count(),
+                24 + 24
+            );
+            assert_eq!(
+                steps.iter().filter(|step| **step == Step::Indexed).count(),
+                1
+            );
         }
     }
 
@@ -461,9 +480,7 @@ mod tests {
             let mut covered = TimeDelta::zero();
             let mut windows = Vec::new();
             while let Some(window) = plan.next_window() {
-                assert!(
-                    window.from >= at(0) && window.until <= at(0) + TimeDelta::minutes(150)
-                );
+                assert!(window.from >= at(0) && window.until <= at(0) + TimeDelta::minutes(150));
                 covered += window.until - window.from;
                 windows.push(window);
                 // Neither fast nor slow: the slice stays an hour.
@@ -476,7 +493,8 @@ mod tests {
 
     #[test]
     fn fast_steps_double_the_slice_up_to_its_maximum_and_slow_ones_halve_it_to_its_minimum() {
-        let mut plan = ScanPlan::new(at(0), at(100_000), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(100_000), None, false, &search(), Vec::new()).expect("plan");
         for _ in 0..20 {
             let window = plan.next_window().expect("more to scan");
             plan.covered(&window, Duration::from_millis(1));
@@ -491,7 +509,8 @@ mod tests {
 
     #[test]
     fn every_step_runs_within_what_is_left_of_the_budget_but_a_first_at_the_smallest_slice() {
-        let mut plan = ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         assert_eq!(
             plan.begin_step(Duration::from_millis(5), &window),
@@ -505,8 +524,8 @@ mod tests {
             slice: Some(TimeDelta::seconds(1)),
             ..Cursor::at(at(5), Uuid::nil())
         };
-        let mut plan =
-            ScanPlan::new(at(0), at(10), Some(smallest), false, &search(), Vec::new()).expect("plan");
+        let mut plan = ScanPlan::new(at(0), at(10), Some(smallest), false, &search(), Vec::new())
+            .expect("plan");
         assert_eq!(plan.slice(), TimeDelta::hours(1) / MIN_SLICE_DIVISOR);
         let window = plan.next_window().expect("window");
         assert_eq!(
@@ -521,14 +540,16 @@ mod tests {
 
     #[test]
     fn a_cancelled_first_step_shrinks_the_next_calls_slice_and_a_later_one_does_not() {
-        let mut plan = ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.begin_step(Duration::ZERO, &window);
         plan.cancelled();
         assert_eq!(plan.slice(), TimeDelta::hours(1) / FIRST_STEP_SHRINK);
         let token = plan.resume(None);
         assert_eq!(token.slice, Some(TimeDelta::hours(1) / FIRST_STEP_SHRINK));
-        let mut plan = ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.begin_step(Duration::ZERO, &window);
         plan.covered(&window, Duration::from_millis(20));
@@ -544,26 +565,30 @@ mod tests {
             slice: Some(TimeDelta::days(400)),
             ..Cursor::at(at(5), Uuid::nil())
         };
-        let plan = ScanPlan::new(at(0), at(10), Some(huge), false, &search(), Vec::new()).expect("plan");
+        let plan =
+            ScanPlan::new(at(0), at(10), Some(huge), false, &search(), Vec::new()).expect("plan");
         assert_eq!(plan.slice(), MAX_SLICE);
         // Newest first goes on at and below the cursor's row; oldest first at and above it.
         assert_eq!(
             plan.next_window().map(|window| window.until),
             Some(at(5) + TimeDelta::microseconds(1))
         );
-        let plan = ScanPlan::new(at(0), at(10), Some(huge), true, &search(), Vec::new()).expect("plan");
+        let plan =
+            ScanPlan::new(at(0), at(10), Some(huge), true, &search(), Vec::new()).expect("plan");
         assert_eq!(plan.next_window().map(|window| window.from), Some(at(5)));
     }
 
     #[test]
     fn the_call_stops_before_a_step_that_would_likely_end_past_the_budget() {
-        let mut plan = ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.covered(&window, Duration::from_millis(30));
         assert!(!plan.should_stop(Duration::from_millis(30), Duration::from_millis(30)));
         assert!(plan.should_stop(Duration::from_millis(40), Duration::from_millis(30)));
         // Nothing is left: no reason to stop early.
-        let mut plan = ScanPlan::new(at(0), at(1), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(1), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.covered(&window, Duration::from_millis(79));
         assert!(!plan.should_stop(Duration::from_millis(79), Duration::from_millis(79)));
@@ -571,7 +596,8 @@ mod tests {
 
     #[test]
     fn the_edge_cursor_covers_one_side_of_the_scan_and_nothing_beyond() {
-        let mut plan = ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.covered(&window, Duration::from_millis(20));
         assert_eq!(
@@ -579,7 +605,8 @@ mod tests {
             Cursor::at(at(9) - TimeDelta::microseconds(1), Uuid::max())
         );
         assert_eq!(plan.scanned_until(), at(9));
-        let mut plan = ScanPlan::new(at(0), at(10), None, true, &search(), Vec::new()).expect("plan");
+        let mut plan =
+            ScanPlan::new(at(0), at(10), None, true, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.covered(&window, Duration::from_millis(20));
         assert_eq!(plan.edge(), Cursor::at(at(1), Uuid::nil()));

@@ -240,8 +240,8 @@ async fn page_rows_within(
          set_config('plan_cache_mode', 'force_custom_plan', true)",
     )
     .bind(timeout_ms)
-        .execute(&mut *transaction)
-        .await?;
+    .execute(&mut *transaction)
+    .await?;
     let rows = builder.build_query_as().fetch(&mut *transaction);
     let rows = match collect(rows, limit as usize + 1, bytes).await {
         Ok(rows) => rows,
@@ -353,6 +353,7 @@ async fn scan_page(
     while let Some(window) = plan.next_window() {
         let step = Instant::now();
         let wanted = limit - rows.len() as u32;
+        metrics::search_step(window.step.as_str());
         let found = match plan.begin_step(started.elapsed(), &window) {
             StepBound::Unbounded => Some(
                 page_rows(

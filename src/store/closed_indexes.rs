@@ -241,6 +241,17 @@ async fn build_all(
     }
     let closed = closed(partitions, now, search.index_delay);
     for partition in &closed {
+        // An empty partition needs no index (a scan of it costs nothing); a late event makes
+        // it worth one at the next round.
+        let empty: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT NOT EXISTS (SELECT 1 FROM {})",
+            partition.name
+        )))
+        .fetch_one(pool)
+        .await?;
+        if empty {
+            continue;
+        }
         for &kind in &kinds {
             let name = kind.index_name(&partition.name);
             let state = existing
@@ -264,7 +275,11 @@ async fn build_all(
                     readers.refresh().await;
                 }
                 Err(error) => {
-                    metrics::closed_index_built(kind.as_str(), false, started.elapsed().as_secs_f64());
+                    metrics::closed_index_built(
+                        kind.as_str(),
+                        false,
+                        started.elapsed().as_secs_f64(),
+                    );
                     tracing::error!(%error, index = %name, "cannot build a closed partition's index; the next round retries");
                     round.unindexed += 1;
                 }
@@ -323,7 +338,12 @@ pub async fn keep(
             Ok(Some(round)) => {
                 metrics::closed_partitions_unindexed(round.unindexed);
                 if !round.built.is_empty() || !round.dropped.is_empty() {
-                    tracing::info!(built = round.built.len(), dropped = round.dropped.len(), unindexed = round.unindexed, "closed partition indexes updated");
+                    tracing::info!(
+                        built = round.built.len(),
+                        dropped = round.dropped.len(),
+                        unindexed = round.unindexed,
+                        "closed partition indexes updated"
+                    );
                 }
             }
             Ok(None) => {}
@@ -379,6 +399,9 @@ mod tests {
             ..SearchConfig::default()
         };
         assert!(!Kind::Message.wanted(&off) && !Kind::Metadata.wanted(&off));
-        assert_eq!(Kind::Message.index_name("events_p2026_12_01"), "events_p2026_12_01_msg_trgm");
+        assert_eq!(
+            Kind::Message.index_name("events_p2026_12_01"),
+            "events_p2026_12_01_msg_trgm"
+        );
     }
 }

@@ -1,15 +1,20 @@
 //! Range partitions of `events` on `ts`, created ahead of time so that no valid event ever
 //! lacks a partition.
 //!
-//! From the current month on, a partition holds one UTC day (`events_pYYYY_MM_DD`): a day
-//! stops taking writes once it is over, and only then gets its search indexes
-//! ([`super::closed_indexes`]), so ingest never pays for them. A month wholly in the past that
-//! no partition touches yet (old events, a restore) gets one monthly partition
-//! (`events_pYYYY_MM`), as every partition did before daily ones; both kinds live side by
-//! side, and every reader of partition names goes through [`Partition::parse`].
+//! A partition holds one UTC day (`events_pYYYY_MM_DD`): a day stops taking writes once it is
+//! over, and only then gets its search indexes ([`super::closed_indexes`]), so ingest never
+//! pays for them, and a search reads a day's index in a few milliseconds. A month that ended
+//! more than [`DAILY_DAYS`] ago and that no partition touches yet (the start of a long
+//! retention window, a backfill, a restore) gets one monthly partition (`events_pYYYY_MM`), as
+//! every partition did before daily ones, so that a retention of years does not mean
+//! thousands of empty tables. Both kinds live side by side, and every reader of partition
+//! names goes through [`Partition::parse`].
 
 use chrono::{DateTime, Datelike, Days, Months, NaiveDate, Utc};
 use sqlx::PgPool;
+
+/// How far back new partitions are daily: a month that ended before is created whole.
+pub const DAILY_DAYS: u64 = 62;
 
 /// A partition of `events`: its name and its range `[start, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,12 +38,7 @@ impl Partition {
     /// The partition of one day.
     pub fn day(day: NaiveDate) -> Self {
         Self {
-            name: format!(
-                "events_p{}_{:02}_{:02}",
-                day.year(),
-                day.month(),
-                day.day()
-            ),
+            name: format!("events_p{}_{:02}_{:02}", day.year(), day.month(), day.day()),
             start: midnight(day),
             end: midnight(day + Days::new(1)),
         }
@@ -91,7 +91,10 @@ pub async fn list(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<Partition>,
     )
     .fetch_all(executor)
     .await?;
-    let mut partitions: Vec<Partition> = names.iter().filter_map(|name| Partition::parse(name)).collect();
+    let mut partitions: Vec<Partition> = names
+        .iter()
+        .filter_map(|name| Partition::parse(name))
+        .collect();
     partitions.sort_by_key(|partition| partition.start);
     Ok(partitions)
 }
@@ -103,15 +106,15 @@ pub async fn oldest_start(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::
 }
 
 /// The partitions to create so that `[from, to]` is covered, given the `existing` ones and
-/// `today`: a month before the current one that no partition touches gets a monthly
-/// partition, every other uncovered day a daily one.
+/// `today`: a month that ended [`DAILY_DAYS`] before today or earlier, that no partition
+/// touches, gets a monthly partition; every other uncovered day a daily one.
 pub fn missing(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     existing: &[Partition],
     today: NaiveDate,
 ) -> Vec<Partition> {
-    let this_month = month_start(today);
+    let daily_from = midnight(today - Days::new(DAILY_DAYS));
     let mut wanted: Vec<Partition> = Vec::new();
     let covered = |partition: &Partition, wanted: &[Partition]| {
         existing
@@ -123,7 +126,7 @@ pub fn missing(
     let mut day = from.date_naive();
     while day <= last {
         let month = Partition::month(day);
-        if month_start(day) < this_month && !covered(&month, &wanted) {
+        if month.end <= daily_from && !covered(&month, &wanted) {
             day = month.end.date_naive();
             wanted.push(month);
             continue;
@@ -226,33 +229,34 @@ mod tests {
     }
 
     #[test]
-    fn past_months_get_one_partition_and_the_current_month_on_a_partition_a_day() {
+    fn months_long_past_get_one_partition_and_the_recent_ones_a_partition_a_day() {
         let today = NaiveDate::from_ymd_opt(2026, 12, 3).expect("today");
+        // 62 days before today is October 2nd: September ended before, October did not.
         let wanted = missing(
-            at("2026-10-20T10:00:00Z"),
+            at("2026-08-20T10:00:00Z"),
             at("2026-12-05T00:00:00Z"),
             &[],
             today,
         );
+        let names = names(&wanted);
         assert_eq!(
-            names(&wanted),
+            names[..4],
             [
-                "events_p2026_10",
-                "events_p2026_11",
-                "events_p2026_12_01",
-                "events_p2026_12_02",
-                "events_p2026_12_03",
-                "events_p2026_12_04",
-                "events_p2026_12_05",
+                "events_p2026_08",
+                "events_p2026_09",
+                "events_p2026_10_01",
+                "events_p2026_10_02"
             ]
         );
+        assert_eq!(names.last(), Some(&"events_p2026_12_05"));
+        assert_eq!(names.len(), 2 + 31 + 30 + 5);
     }
 
     #[test]
     fn existing_partitions_of_either_kind_are_never_overlapped() {
-        let today = NaiveDate::from_ymd_opt(2027, 1, 10).expect("today");
-        // A monthly partition made before daily ones, and a day of last month already made
-        // daily: the rest of last month goes day by day, this month's days are covered.
+        let today = NaiveDate::from_ymd_opt(2027, 4, 10).expect("today");
+        // A monthly partition made before daily ones, and a day of a month long past already
+        // made daily: the rest of that month goes day by day, January's days are covered.
         let existing = [
             Partition::month(NaiveDate::from_ymd_opt(2027, 1, 1).expect("month")),
             Partition::day(NaiveDate::from_ymd_opt(2026, 12, 30).expect("day")),
@@ -265,8 +269,20 @@ mod tests {
         );
         assert_eq!(
             names(&wanted),
-            ["events_p2026_12_29", "events_p2026_12_31", "events_p2027_02_01"]
+            [
+                "events_p2026_12_29",
+                "events_p2026_12_31",
+                "events_p2027_02_01"
+            ]
         );
-        assert!(missing(at("2027-01-05T00:00:00Z"), at("2027-01-06T00:00:00Z"), &existing, today).is_empty());
+        assert!(
+            missing(
+                at("2027-01-05T00:00:00Z"),
+                at("2027-01-06T00:00:00Z"),
+                &existing,
+                today
+            )
+            .is_empty()
+        );
     }
 }
