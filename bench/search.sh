@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
-cargo build --profile dist --features jemalloc --quiet
+# BENCH_BINARY: a server binary built already (else the dist profile is built here).
+[ -n "${BENCH_BINARY:-}" ] || cargo build --profile dist --features jemalloc --quiet
 config=$(mktemp /tmp/sluice-search.XXXXXX.toml)
 cleanup() {
   stop_release_server
@@ -32,7 +33,7 @@ echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname
 echo "rows: $(psql_at 'SELECT count(*) FROM events') in $(psql_at "SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass") partitions"
 bench_query() {
   # shellcheck disable=SC2046
-  target/dist/sluice bench-query $(release_server_client_flags) --server-pid "$SLUICE_PID" "$@"
+  "${BENCH_BINARY:-target/dist/sluice}" bench-query $(release_server_client_flags) --server-pid "$SLUICE_PID" "$@"
 }
 # Closed partitions holding rows that lack a valid closed-partition index named <partition>$1.
 unindexed_closed() {
@@ -79,8 +80,8 @@ for phase in $phases; do
   fi
   echo "=== phase: ${options:-the defaults}; indexes ready in $(( $(date +%s) - started )) s"
   grep "search index built" "$SLUICE_WORK/server.log" | sed 's/.*index=/  built: index=/' || true
-  grep "closed partition indexed" "$SLUICE_WORK/server.log" |
-    sed -E 's/.*kind=([a-z]+) seconds=([0-9.]+).*/\1 \2/' |
+  sed 's/\x1b\[[0-9;]*m//g' "$SLUICE_WORK/server.log" | grep "closed partition indexed" |
+    sed -E 's/.*kind="?([a-z]+)"? seconds=([0-9.]+).*/\1 \2/' |
     awk '{n[$1]++; s[$1]+=$2} END {for (k in n) printf "  closed partitions indexed: %s, %d in %.1f s\n", k, n[k], s[k]}' || true
   psql_at "SELECT '  closed-partition indexes: ' || pg_size_pretty(coalesce(sum(pg_relation_size(c.oid)), 0))
     FROM pg_class c WHERE c.relname ~ '^events_p[0-9_]+_(msg_trgm|meta_gin)$'"

@@ -87,8 +87,6 @@ pub struct ScanPlan {
     indexed: Vec<(DateTime<Utc>, DateTime<Utc>)>,
     /// An indexed partition read in slices instead: its indexed step ran out of time.
     unindexed: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    /// How the step under way reads.
-    step: Step,
 }
 
 impl ScanPlan {
@@ -130,7 +128,6 @@ impl ScanPlan {
             steps: 0,
             indexed,
             unindexed,
-            step: Step::Sliced,
         })
     }
 
@@ -198,28 +195,45 @@ impl ScanPlan {
     pub fn begin_step(&mut self, elapsed: Duration, window: &Window) -> StepBound {
         self.steps += 1;
         self.first_step = self.steps == 1;
-        self.step = window.step;
         if self.first_step && window.step == Step::Sliced && self.slice <= self.min_slice {
             return StepBound::Unbounded;
         }
         StepBound::Within(self.budget.saturating_sub(elapsed))
     }
 
-    /// The step under way was cancelled at the budget. An indexed step leaves its partition
-    /// to slices; a first sliced step shrinks the slice the next call starts with.
-    pub fn cancelled(&mut self) {
-        match self.step {
+    /// `first` and the indexed windows that follow it, `most` in all: indexed steps are
+    /// independent of each other, so a call may read several at once. A sliced window goes
+    /// alone (the next slice's size depends on its time).
+    pub fn batch(&self, first: Window, most: usize) -> Vec<Window> {
+        let mut batch = vec![first];
+        if first.step != Step::Indexed {
+            return batch;
+        }
+        let mut ahead = self.clone();
+        let mut last = first;
+        while batch.len() < most {
+            ahead.covered(&last, Duration::ZERO);
+            match ahead.next_window() {
+                Some(next) if next.step == Step::Indexed => {
+                    batch.push(next);
+                    last = next;
+                }
+                _ => break,
+            }
+        }
+        batch
+    }
+
+    /// The step over `window` was cancelled at the budget. An indexed step leaves its
+    /// partition to slices; a first sliced step shrinks the slice the next call starts with.
+    pub fn cancelled(&mut self, window: &Window) {
+        match window.step {
             Step::Indexed => {
-                let edge = if self.oldest_first {
-                    self.low
-                } else {
-                    self.high - TimeDelta::microseconds(1)
-                };
                 self.unindexed = self
                     .indexed
                     .iter()
                     .copied()
-                    .find(|(start, end)| *start <= edge && edge < *end);
+                    .find(|(start, end)| *start <= window.from && window.until <= *end);
             }
             Step::Sliced if self.first_step => {
                 self.slice = (self.slice / FIRST_STEP_SHRINK).max(self.min_slice);
@@ -388,6 +402,21 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_the_indexed_windows_in_a_row_and_a_sliced_one_goes_alone() {
+        let three = vec![(at(24), at(48)), (at(48), at(72)), (at(72), at(96))];
+        let plan = ScanPlan::new(at(10), at(96), None, false, &search(), three).expect("plan");
+        let first = plan.next_window().expect("window");
+        assert_eq!(
+            plan.batch(first, 2),
+            [indexed(at(72), at(96)), indexed(at(48), at(72))]
+        );
+        assert_eq!(plan.batch(first, 5).len(), 3, "up to the slices below");
+        let plan = ScanPlan::new(at(10), at(100), None, false, &search(), days()).expect("plan");
+        let first = plan.next_window().expect("window");
+        assert_eq!(plan.batch(first, 4), [sliced(at(99), at(100))]);
+    }
+
+    #[test]
     fn an_indexed_step_is_always_bounded_and_leaves_the_slice_as_it_was() {
         let smallest = Cursor {
             slice: Some(TimeDelta::seconds(1)),
@@ -413,7 +442,7 @@ mod tests {
             let window = plan.next_window().expect("window");
             assert_eq!(window.step, Step::Indexed);
             plan.begin_step(Duration::ZERO, &window);
-            plan.cancelled();
+            plan.cancelled(&window);
             let token = plan.resume(None);
             let partition = if oldest_first { at(24) } else { at(72) };
             assert_eq!(token.unindexed, Some(partition));
@@ -544,7 +573,7 @@ mod tests {
             ScanPlan::new(at(0), at(10), None, false, &search(), Vec::new()).expect("plan");
         let window = plan.next_window().expect("window");
         plan.begin_step(Duration::ZERO, &window);
-        plan.cancelled();
+        plan.cancelled(&window);
         assert_eq!(plan.slice(), TimeDelta::hours(1) / FIRST_STEP_SHRINK);
         let token = plan.resume(None);
         assert_eq!(token.slice, Some(TimeDelta::hours(1) / FIRST_STEP_SHRINK));
@@ -555,7 +584,7 @@ mod tests {
         plan.covered(&window, Duration::from_millis(20));
         let window = plan.next_window().expect("window");
         plan.begin_step(Duration::from_millis(20), &window);
-        plan.cancelled();
+        plan.cancelled(&window);
         assert_eq!(plan.slice(), TimeDelta::hours(1));
     }
 

@@ -352,66 +352,53 @@ async fn scan_page(
     let mut bytes_left = reader.config.reads.max_response_bytes;
     while let Some(window) = plan.next_window() {
         let step = Instant::now();
+        let batch = plan.batch(window, reader.config.search.concurrent_steps);
         let wanted = limit - rows.len() as u32;
-        metrics::search_step(window.step.as_str());
-        let found = match plan.begin_step(started.elapsed(), &window) {
-            StepBound::Unbounded => Some(
-                page_rows(
-                    reader,
-                    filter,
-                    position,
-                    Some(window),
-                    wanted,
-                    oldest_first,
-                    bytes_left,
-                )
-                .await?,
-            ),
-            StepBound::Within(budget) => {
-                page_rows_within(
-                    reader,
-                    filter,
-                    position,
-                    window,
-                    wanted,
-                    oldest_first,
-                    budget,
-                    bytes_left,
-                )
-                .await?
-            }
-        };
-        // Cancelled at the budget: the call ends where the scan stood before the step.
-        let Some(Rows {
-            rows: mut found,
-            cut,
-        }) = found
-        else {
-            plan.cancelled();
-            return Ok(Page {
-                rows,
-                next: Some(plan.resume(position)),
-                scanned_until: Some(plan.scanned_until()),
-            });
-        };
-        // The page is full, in rows or in bytes: it ends at its last row.
-        if cut || found.len() > wanted as usize {
-            found.truncate(wanted as usize);
-            rows.extend(found);
-            let next = rows
-                .last()
-                .map(|last| plan.resume(Some(Cursor::at(last.ts, last.id))));
-            return Ok(Page {
-                scanned_until: next.map(|next| next.ts),
-                rows,
-                next,
-            });
+        let mut reads = Vec::with_capacity(batch.len());
+        for window in &batch {
+            metrics::search_step(window.step.as_str());
+            let bound = plan.begin_step(started.elapsed(), window);
+            reads.push(read_step(
+                reader,
+                filter,
+                position,
+                *window,
+                wanted,
+                oldest_first,
+                bound,
+                bytes_left,
+            ));
         }
-        let used: i64 = found.iter().map(|row| row.bytes).sum();
-        bytes_left = bytes_left.saturating_sub(usize::try_from(used).unwrap_or(0));
-        rows.extend(found);
-        plan.covered(&window, step.elapsed());
-        position = Some(plan.edge());
+        let results = futures::future::join_all(reads).await;
+        for (window, found) in batch.iter().zip(results) {
+            // Cancelled at the budget: the call ends where the scan stood before the step.
+            let Some(found) = found? else {
+                plan.cancelled(window);
+                return Ok(Page {
+                    rows,
+                    next: Some(plan.resume(position)),
+                    scanned_until: Some(plan.scanned_until()),
+                });
+            };
+            let wanted = limit as usize - rows.len();
+            let (taken, full) = fit(found, wanted, bytes_left, rows.is_empty());
+            let used: i64 = taken.iter().map(|row| row.bytes).sum();
+            bytes_left = bytes_left.saturating_sub(usize::try_from(used).unwrap_or(0));
+            rows.extend(taken);
+            // The page is full, in rows or in bytes: it ends at its last row.
+            if full {
+                let next = rows
+                    .last()
+                    .map(|last| plan.resume(Some(Cursor::at(last.ts, last.id))));
+                return Ok(Page {
+                    scanned_until: next.map(|next| next.ts),
+                    rows,
+                    next,
+                });
+            }
+            plan.covered(window, step.elapsed());
+            position = Some(plan.edge());
+        }
         if plan.should_stop(started.elapsed(), step.elapsed()) {
             return Ok(Page {
                 rows,
@@ -421,6 +408,66 @@ async fn scan_page(
         }
     }
     Ok(Page::default_with(rows))
+}
+
+/// One step of a scan: `None` when PostgreSQL cancelled it at its bound.
+#[allow(clippy::too_many_arguments)]
+async fn read_step(
+    reader: &Reader,
+    filter: &Filter,
+    position: Option<Cursor>,
+    window: Window,
+    wanted: u32,
+    oldest_first: bool,
+    bound: StepBound,
+    bytes_left: usize,
+) -> Result<Option<Rows>, QueryError> {
+    match bound {
+        StepBound::Unbounded => Ok(Some(
+            page_rows(
+                reader,
+                filter,
+                position,
+                Some(window),
+                wanted,
+                oldest_first,
+                bytes_left,
+            )
+            .await?,
+        )),
+        StepBound::Within(budget) => {
+            page_rows_within(
+                reader,
+                filter,
+                position,
+                window,
+                wanted,
+                oldest_first,
+                budget,
+                bytes_left,
+            )
+            .await
+        }
+    }
+}
+
+/// The rows of a step that fit the page: at most `wanted`, within `bytes_left` (the page's
+/// first row always fits), and whether the page ends with them (more rows were there).
+fn fit(found: Rows, wanted: usize, bytes_left: usize, page_empty: bool) -> (Vec<EventRow>, bool) {
+    let mut full = found.cut || found.rows.len() > wanted;
+    let mut taken = Vec::with_capacity(found.rows.len().min(wanted));
+    let mut used = 0usize;
+    for row in found.rows {
+        let bytes = usize::try_from(row.bytes).unwrap_or(0);
+        let first = page_empty && taken.is_empty();
+        if taken.len() == wanted || (!first && used + bytes > bytes_left) {
+            full = true;
+            break;
+        }
+        used += bytes;
+        taken.push(row);
+    }
+    (taken, full)
 }
 
 impl Page {

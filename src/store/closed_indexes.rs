@@ -230,17 +230,25 @@ async fn build_all(
     if kinds.is_empty() {
         return Ok(round);
     }
-    let mut trigrams = true;
-    if kinds.contains(&Kind::Message)
-        && let Err(error) = sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_trgm")
-            .execute(pool)
-            .await
-    {
-        tracing::error!(%error, "cannot create the pg_trgm extension; message_contains on closed partitions stays a scan");
-        trigrams = false;
-    }
+    // Whether `pg_trgm` is there, once a trigram index is to be built.
+    let mut trigrams: Option<bool> = None;
     let closed = closed(partitions, now, search.index_delay);
     for partition in &closed {
+        let missing: Vec<(Kind, String, Option<bool>)> = kinds
+            .iter()
+            .map(|&kind| {
+                let name = kind.index_name(&partition.name);
+                let state = existing
+                    .iter()
+                    .find(|(existing, _)| existing == &name)
+                    .map(|(_, valid)| *valid);
+                (kind, name, state)
+            })
+            .filter(|(_, _, state)| *state != Some(true))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
         // An empty partition needs no index (a scan of it costs nothing); a late event makes
         // it worth one at the next round.
         let empty: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -252,18 +260,16 @@ async fn build_all(
         if empty {
             continue;
         }
-        for &kind in &kinds {
-            let name = kind.index_name(&partition.name);
-            let state = existing
-                .iter()
-                .find(|(existing, _)| existing == &name)
-                .map(|(_, valid)| *valid);
-            if state == Some(true) {
-                continue;
-            }
-            if kind == Kind::Message && !trigrams {
-                round.unindexed += 1;
-                continue;
+        for (kind, name, state) in missing {
+            if kind == Kind::Message {
+                let available = match trigrams {
+                    Some(available) => available,
+                    None => *trigrams.insert(trigram_extension(pool).await),
+                };
+                if !available {
+                    round.unindexed += 1;
+                    continue;
+                }
             }
             let started = Instant::now();
             match build(pool, &partition.name, &name, kind, state).await {
@@ -287,6 +293,20 @@ async fn build_all(
         }
     }
     Ok(round)
+}
+
+/// Creates `pg_trgm` if it is missing: false (logged) when this role may not.
+async fn trigram_extension(pool: &PgPool) -> bool {
+    match sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        .execute(pool)
+        .await
+    {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::error!(%error, "cannot create the pg_trgm extension; message_contains on closed partitions stays a scan");
+            false
+        }
+    }
 }
 
 /// Builds one index concurrently; an invalid one left by a build cut short is dropped first.
