@@ -106,7 +106,7 @@ pub fn database_status(error: &sqlx::Error) -> tonic::Status {
 
 /// How many days ahead of today partitions exist (created hourly; a writer creates a
 /// missing one on demand, so this only keeps that off the hot path).
-const PARTITIONS_AHEAD_DAYS: i64 = 7;
+const PARTITIONS_AHEAD_DAYS: i64 = 2;
 
 /// Connections of the write pool beyond one per writer: health pings, partition upkeep, the
 /// spool replayer and Delete.
