@@ -21,11 +21,12 @@ use crate::{
 /// Which indexes one step of a search may read for `message_contains` and
 /// `metadata_contains`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContentIndexes {
+pub enum ContentIndexes<'a> {
     /// The whole table's, as `search.*` builds them.
     Configured,
-    /// A closed partition's as well: the step reads that partition through them.
-    Closed,
+    /// A closed partition's as well: the step reads that partition through them, its trigram
+    /// index looking up `message` (a part of `message_contains`, see `query::needle`).
+    Closed { message: Option<&'a str> },
     /// None on metadata but the whole table's: the step is a slice of a closed partition
     /// whose index ran out of time, and would read it again for every slice.
     Avoided,
@@ -337,7 +338,11 @@ impl Filter {
             builder,
             content == ContentIndexes::Avoided && !search.metadata_index,
         );
-        self.push_index_hints(builder, search, content == ContentIndexes::Closed);
+        let closed = match content {
+            ContentIndexes::Closed { message } => message,
+            _ => None,
+        };
+        self.push_index_hints(builder, search, closed);
     }
 
     /// The conditions, keeping `metadata_contains` out of any GIN index on `metadata` with
@@ -399,8 +404,9 @@ impl Filter {
     }
 
     /// Conditions the filter implies, written so that the optional search indexes can serve
-    /// them (`search.*`): `message LIKE '%…%'` for a trigram index (the whole table's, or a
-    /// closed partition's with `closed`; 3 characters or more, as fewer give it no trigram),
+    /// them (`search.*`): `message LIKE '%…%'` for a trigram index (the whole table's, on the
+    /// needle of 3 characters or more, as fewer give it no trigram; or a closed partition's,
+    /// on the part `closed` of the needle),
     /// and `(metadata ->> 'key') = 'value'` for an indexed key with a string or boolean value
     /// (numbers are left to `@>`: `->>` keeps a number's written form, `@>` compares values),
     /// unless a user or trace filter narrows better. The results do not change.
@@ -408,11 +414,14 @@ impl Filter {
         &self,
         builder: &mut QueryBuilder<Postgres>,
         search: &SearchConfig,
-        closed: bool,
+        closed: Option<&str>,
     ) {
-        if (search.message_index || closed)
-            && let Some(text) = self.trigram_needle()
-        {
+        let lookup = match closed {
+            Some(part) => Some(part),
+            None if search.message_index => self.trigram_needle().map(String::as_str),
+            None => None,
+        };
+        if let Some(text) = lookup {
             builder
                 .push(" AND message LIKE ")
                 .push_bind(crate::glob::like_containing(text));
@@ -439,7 +448,7 @@ impl Filter {
     }
 
     /// The `message_contains` a trigram index can serve: 3 characters or more.
-    fn trigram_needle(&self) -> Option<&String> {
+    pub fn trigram_needle(&self) -> Option<&String> {
         self.message_contains
             .as_ref()
             .filter(|text| text.chars().count() >= 3)

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::{
     QueryError, Reader,
     cursor::Cursor,
+    needle,
     scan::{ScanPlan, Step, StepBound, Window},
 };
 use crate::{
@@ -21,7 +22,7 @@ use crate::{
     filter::{ContentIndexes, Filter},
     metrics,
     proto::{Event, Order, QueryRequest, QueryResponse, wire::to_timestamp},
-    store::{self, partitions, sqlstates},
+    store::{self, closed_indexes::IndexedRange, partitions, sqlstates},
 };
 
 /// The most events one Query page may return.
@@ -123,8 +124,17 @@ pub async fn query(
     let page = if filter.needs_scan() {
         scan_page(reader, &filter, cursor, limit, oldest_first).await?
     } else {
-        let Rows { mut rows, cut } =
-            page_rows(reader, &filter, cursor, None, limit, oldest_first, budget).await?;
+        let Rows { mut rows, cut } = page_rows(
+            reader,
+            &filter,
+            cursor,
+            None,
+            None,
+            limit,
+            oldest_first,
+            budget,
+        )
+        .await?;
         let more = cut || rows.len() > limit as usize;
         rows.truncate(limit as usize);
         let next = more
@@ -159,11 +169,13 @@ pub async fn query(
 /// Rows after `cursor` (in the order asked), within `window` when given, at most
 /// `limit + 1` (the extra one says whether there are more), and no more than `budget` bytes
 /// of them (but at least one).
+#[allow(clippy::too_many_arguments)]
 async fn page_rows(
     reader: &Reader,
     filter: &Filter,
     cursor: Option<Cursor>,
     window: Option<Window>,
+    lookup: Option<&str>,
     limit: u32,
     oldest_first: bool,
     budget: usize,
@@ -173,6 +185,7 @@ async fn page_rows(
         &reader.config.search,
         cursor,
         window,
+        lookup,
         limit,
         oldest_first,
     );
@@ -219,6 +232,7 @@ async fn page_rows_within(
     filter: &Filter,
     cursor: Option<Cursor>,
     window: Window,
+    lookup: Option<&str>,
     limit: u32,
     oldest_first: bool,
     budget: Duration,
@@ -229,6 +243,7 @@ async fn page_rows_within(
         &reader.config.search,
         cursor,
         Some(window),
+        lookup,
         limit,
         oldest_first,
     );
@@ -256,12 +271,13 @@ async fn page_rows_within(
 }
 
 /// The SELECT of [`page_rows`], within a scan's window when given (read as that window's
-/// step says).
+/// step says, an indexed one looking up `lookup` in its trigram index).
 fn rows_query(
     filter: &Filter,
     search: &SearchConfig,
     cursor: Option<Cursor>,
     window: Option<Window>,
+    lookup: Option<&str>,
     limit: u32,
     oldest_first: bool,
 ) -> QueryBuilder<Postgres> {
@@ -273,7 +289,7 @@ fn rows_query(
         Some(Window {
             step: Step::Indexed,
             ..
-        }) => ContentIndexes::Closed,
+        }) => ContentIndexes::Closed { message: lookup },
         Some(Window {
             avoid_index: true, ..
         }) => ContentIndexes::Avoided,
@@ -327,10 +343,8 @@ async fn scan_page(
         Utc::now() + reader.config.validation.max_future_skew + TimeDelta::seconds(1)
     });
     // The partitions whose closed-partition indexes serve this filter.
-    let indexed = reader
-        .store
-        .closed_indexes
-        .ranges()
+    let ranges = reader.store.closed_indexes.ranges();
+    let indexed = ranges
         .iter()
         .filter(|range| filter.served_by(range.message, range.metadata))
         .map(|range| (range.start, range.end))
@@ -363,6 +377,7 @@ async fn scan_page(
                 filter,
                 position,
                 *window,
+                closed_lookup(&ranges, window, filter),
                 wanted,
                 oldest_first,
                 bound,
@@ -417,6 +432,7 @@ async fn read_step(
     filter: &Filter,
     position: Option<Cursor>,
     window: Window,
+    lookup: Option<&str>,
     wanted: u32,
     oldest_first: bool,
     bound: StepBound,
@@ -429,6 +445,7 @@ async fn read_step(
                 filter,
                 position,
                 Some(window),
+                lookup,
                 wanted,
                 oldest_first,
                 bytes_left,
@@ -441,6 +458,7 @@ async fn read_step(
                 filter,
                 position,
                 window,
+                lookup,
                 wanted,
                 oldest_first,
                 budget,
@@ -449,6 +467,23 @@ async fn read_step(
             .await
         }
     }
+}
+
+/// For an indexed step, the part of the filter's needle its partition's trigram index looks
+/// up ([`needle::trigram_lookup`]); None when there is no needle or no such index.
+fn closed_lookup<'a>(
+    ranges: &'a [IndexedRange],
+    window: &Window,
+    filter: &'a Filter,
+) -> Option<&'a str> {
+    if window.step != Step::Indexed {
+        return None;
+    }
+    let needle = filter.trigram_needle()?;
+    let range = ranges
+        .iter()
+        .find(|range| range.message && range.start <= window.from && window.until <= range.end)?;
+    Some(needle::trigram_lookup(needle, &range.common_words))
 }
 
 /// The rows of a step that fit the page: at most `wanted`, within `bytes_left` (the page's

@@ -11,7 +11,8 @@
 //! PostgreSQL indexes on the rows themselves.
 
 use std::{
-    sync::Arc,
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -71,12 +72,73 @@ impl Kind {
 }
 
 /// A partition's range and which closed-partition indexes it has, valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexedRange {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub message: bool,
     pub metadata: bool,
+    /// Words a large share of the partition's messages hold (from a sample): a trigram
+    /// lookup of a needle skips them, as their posting lists are most of its cost.
+    pub common_words: Arc<HashSet<String>>,
+}
+
+/// The words `pg_trgm` indexes in `text`: runs of alphanumeric characters, lowercased, with
+/// their byte range in `text`.
+pub fn words(text: &str) -> Vec<(usize, usize, String)> {
+    let mut words = Vec::new();
+    let mut start = None;
+    for (at, character) in text.char_indices().chain([(text.len(), ' ')]) {
+        match (character.is_alphanumeric(), start) {
+            (true, None) => start = Some(at),
+            (false, Some(from)) => {
+                words.push((from, at, text[from..at].to_lowercase()));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    words
+}
+
+/// A word is common when at least this share of the sampled messages hold it.
+const COMMON_SHARE: f64 = 0.05;
+/// About how many pages of a partition its sample reads.
+const SAMPLE_PAGES: f64 = 40.0;
+
+/// The words at least [`COMMON_SHARE`] of a sample of `partition`'s messages hold.
+async fn common_words(pool: &PgPool, partition: &str) -> Result<HashSet<String>, sqlx::Error> {
+    let pages: Option<i32> =
+        sqlx::query_scalar("SELECT relpages FROM pg_class WHERE oid = to_regclass($1)")
+            .bind(partition)
+            .fetch_optional(pool)
+            .await?;
+    let percent = match pages {
+        Some(pages) if pages > 0 => (SAMPLE_PAGES * 100.0 / f64::from(pages)).clamp(0.01, 100.0),
+        _ => 100.0,
+    };
+    // The name is one sluice made (checked by `Partition::parse`); the percentage a number.
+    let messages: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT message FROM {partition} TABLESAMPLE SYSTEM ({percent:.4}) LIMIT 5000"
+    )))
+    .fetch_all(pool)
+    .await?;
+    let mut holders: HashMap<String, usize> = HashMap::new();
+    for message in &messages {
+        let distinct: HashSet<String> = words(message)
+            .into_iter()
+            .map(|(_, _, word)| word)
+            .collect();
+        for word in distinct {
+            *holders.entry(word).or_default() += 1;
+        }
+    }
+    let least = ((messages.len() as f64 * COMMON_SHARE).ceil() as usize).max(2);
+    Ok(holders
+        .into_iter()
+        .filter(|(_, count)| *count >= least)
+        .map(|(word, _)| word)
+        .collect())
 }
 
 /// Which partitions searches can read through their closed-partition indexes, as last read
@@ -86,6 +148,9 @@ pub struct IndexedRange {
 #[derive(Debug, Default)]
 pub struct ClosedIndexes {
     ranges: ArcSwap<Vec<IndexedRange>>,
+    /// The common words of each partition sampled so far, by name: a closed day's messages
+    /// barely change, so each is sampled once per node.
+    sampled: Mutex<HashMap<String, Arc<HashSet<String>>>>,
 }
 
 impl ClosedIndexes {
@@ -107,22 +172,57 @@ impl ClosedIndexes {
         )
         .fetch_all(pool)
         .await?;
-        let mut ranges: Vec<IndexedRange> = rows
-            .into_iter()
-            .filter(|(_, message, metadata)| *message || *metadata)
-            .filter_map(|(name, message, metadata)| {
-                let partition = Partition::parse(&name)?;
-                Some(IndexedRange {
-                    start: partition.start,
-                    end: partition.end,
-                    message,
-                    metadata,
-                })
-            })
-            .collect();
+        let mut ranges = Vec::new();
+        for (name, message, metadata) in rows {
+            let Some(partition) = Partition::parse(&name) else {
+                continue;
+            };
+            if !message && !metadata {
+                continue;
+            }
+            let common_words = if message {
+                self.common_words_of(pool, &name).await
+            } else {
+                Arc::default()
+            };
+            ranges.push(IndexedRange {
+                start: partition.start,
+                end: partition.end,
+                message,
+                metadata,
+                common_words,
+            });
+        }
         ranges.sort_by_key(|range| range.start);
         self.ranges.store(Arc::new(ranges));
         Ok(())
+    }
+}
+
+impl ClosedIndexes {
+    /// `partition`'s common words, sampled the first time. A failed sample gives none (the
+    /// whole needle is looked up) and is tried again at the next refresh.
+    async fn common_words_of(&self, pool: &PgPool, partition: &str) -> Arc<HashSet<String>> {
+        if let Some(words) = self.sampled().get(partition) {
+            return words.clone();
+        }
+        match common_words(pool, partition).await {
+            Ok(words) => {
+                let words = Arc::new(words);
+                self.sampled().insert(partition.to_owned(), words.clone());
+                words
+            }
+            Err(error) => {
+                tracing::warn!(%error, partition, "cannot sample a closed partition's words");
+                Arc::default()
+            }
+        }
+    }
+
+    fn sampled(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<HashSet<String>>>> {
+        self.sampled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -403,6 +503,15 @@ mod tests {
             .into_iter()
             .map(|partition| partition.name)
             .collect()
+    }
+
+    #[test]
+    fn words_are_lowercased_alphanumeric_runs_with_their_place() {
+        let found: Vec<(usize, usize, String)> = words("GET /api/Orders/42 -> 200 in 5ms");
+        let names: Vec<&str> = found.iter().map(|(_, _, word)| word.as_str()).collect();
+        assert_eq!(names, ["get", "api", "orders", "42", "200", "in", "5ms"]);
+        assert_eq!((found[2].0, found[2].1), (9, 15));
+        assert!(words(" -> ").is_empty());
     }
 
     #[test]
