@@ -956,27 +956,6 @@ async fn with_a_read_replica_reads_go_to_it_and_writes_stay_on_the_primary() {
     assert!(server.logs().contains("reads go to the read replica"));
 }
 
-/// Opens a transaction on `locker` that holds the partition of the event with `message` in
-/// ACCESS EXCLUSIVE mode (as a migration or a retention drop would) until it ends.
-async fn lock_partition_of(locker: &mut sqlx::PgConnection, message: &str) {
-    let partition: String =
-        sqlx::query_scalar("SELECT tableoid::regclass::text FROM events WHERE message = $1")
-            .bind(message)
-            .fetch_one(&mut *locker)
-            .await
-            .expect("partition");
-    sqlx::query("BEGIN")
-        .execute(&mut *locker)
-        .await
-        .expect("begin");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "LOCK TABLE {partition} IN ACCESS EXCLUSIVE MODE"
-    )))
-    .execute(&mut *locker)
-    .await
-    .expect("lock");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns_its_partial_page()
 {
@@ -1009,7 +988,7 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
     // A migration or a retention drop holding the old partition: a step that reaches it waits
     // on the lock, as it would on any slow plan.
     let mut locker = database.connect().await;
-    lock_partition_of(&mut locker, "old needle 0").await;
+    common::lock_partition_of(&mut locker, "old needle 0").await;
     let request = QueryRequest {
         message_contains: "needle".to_owned(),
         limit: 100,
@@ -1059,7 +1038,7 @@ async fn a_scan_step_that_runs_past_the_budget_is_cancelled_and_the_call_returns
 
     // The first step of a call is bounded too: with the newest partition held, a fresh call
     // answers on time with nothing and a token, and paging on from it later finds everything.
-    lock_partition_of(&mut locker, "recent needle 0").await;
+    common::lock_partition_of(&mut locker, "recent needle 0").await;
     let started = std::time::Instant::now();
     let blocked = query
         .query(request.clone())
@@ -1101,7 +1080,7 @@ async fn a_query_past_the_read_statement_timeout_is_deadline_exceeded_while_expo
     // A statement that waits on a lock runs for as long as the lock is held, whatever the
     // machine's speed: the Query is cancelled at the read statement timeout.
     let mut locker = database.connect().await;
-    lock_partition_of(&mut locker, "message number 12345").await;
+    common::lock_partition_of(&mut locker, "message number 12345").await;
     let refused = query
         .query(QueryRequest {
             services: vec!["scan".to_owned()],

@@ -40,10 +40,7 @@ fn kind(value: &str) -> sluice::proto::Metadata {
 
 /// A server that indexes every day once it is over (no delay), checking often.
 fn indexing(database: &TestDatabase) -> ServerSpec {
-    ServerSpec::with_database(&database.url)
-        .env("SLUICE_RETENTION__DEFAULT", "90days")
-        .env("SLUICE_SEARCH__INDEX_DELAY", "0s")
-        .env("SLUICE_SEARCH__INDEX_CHECK_INTERVAL", "200ms")
+    indexing_or_not(database, false)
 }
 
 /// Events over the last five days, hay mostly: every 17th holds the needle (and metadata
@@ -81,6 +78,17 @@ async fn unindexed_days(database: &TestDatabase) -> i64 {
                     AND x.relname::text IN (c.relname || '_msg_trgm', c.relname || '_meta_gin')) < 2",
         )
         .await
+}
+
+/// Starts `spec`, sends [`five_days`] and waits until the closed days are indexed.
+async fn five_days_indexed(database: &TestDatabase, spec: ServerSpec) -> TestServer {
+    let server = TestServer::start(spec).await;
+    let mut ingest = server.ingest_client().await;
+    for chunk in five_days().chunks(400) {
+        publish(&mut ingest, chunk.to_vec()).await;
+    }
+    wait_for_indexes(database, &server).await;
+    server
 }
 
 async fn wait_for_indexes(database: &TestDatabase, server: &TestServer) {
@@ -172,13 +180,9 @@ async fn until_indexed(server: &TestServer, query: &mut QueryServiceClient<Chann
 async fn closed_days_are_indexed_and_searches_through_them_page_exactly_like_one_unbounded_query() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let server = TestServer::start(indexing(&database)).await;
+    let server = five_days_indexed(&database, indexing(&database)).await;
     let mut ingest = server.ingest_client().await;
     let mut query = server.query_client().await;
-    for chunk in five_days().chunks(400) {
-        publish(&mut ingest, chunk.to_vec()).await;
-    }
-    wait_for_indexes(&database, &server).await;
     let needle = QueryRequest {
         message_contains: "zq-needle".to_owned(),
         limit: 7,
@@ -278,18 +282,14 @@ async fn an_indexed_step_past_the_budget_hands_its_day_to_slices_and_paging_stil
     common::init_crypto();
     let database = TestDatabase::create().await;
     // A budget far above a step's cost: only the lock below makes a step run out of it.
-    let server = TestServer::start(
+    let server = five_days_indexed(
+        &database,
         indexing(&database)
             .env("SLUICE_SEARCH__MAX_SCAN_TIME", "500ms")
             .env("SLUICE_DATABASE__READ_STATEMENT_TIMEOUT", "20s"),
     )
     .await;
-    let mut ingest = server.ingest_client().await;
     let mut query = server.query_client().await;
-    for chunk in five_days().chunks(400) {
-        publish(&mut ingest, chunk.to_vec()).await;
-    }
-    wait_for_indexes(&database, &server).await;
     // A range wholly inside indexed days: without a fallback, no step of it would be sliced.
     let request = QueryRequest {
         message_contains: "zq-needle".to_owned(),
@@ -311,22 +311,7 @@ async fn an_indexed_step_past_the_budget_hands_its_day_to_slices_and_paging_stil
     // The day of a needle 47.6 hours old is held in ACCESS EXCLUSIVE mode (as a retention
     // drop would): its indexed step waits, and PostgreSQL cancels it at the budget.
     let mut locker = database.connect().await;
-    let partition: String = sqlx::query_scalar(
-        "SELECT tableoid::regclass::text FROM events WHERE message = 'found the zq-needle 476'",
-    )
-    .fetch_one(&mut locker)
-    .await
-    .expect("partition");
-    sqlx::query("BEGIN")
-        .execute(&mut locker)
-        .await
-        .expect("begin");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "LOCK TABLE {partition} IN ACCESS EXCLUSIVE MODE"
-    )))
-    .execute(&mut locker)
-    .await
-    .expect("lock");
+    common::lock_partition_of(&mut locker, "found the zq-needle 476").await;
     let first = query
         .query(request.clone())
         .await

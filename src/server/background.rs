@@ -193,16 +193,17 @@ impl Background {
         let store = storage.store.clone();
         let longest = config.retention.longest();
         upkeep.spawn_until_cancelled(async move { store.maintain_partitions(longest).await });
-        upkeep.spawn_until_cancelled(search_indexes::keep(
-            storage.store.maintenance_pool.clone(),
-            config.search.clone(),
-        ));
-        upkeep.spawn_until_cancelled(closed_indexes::keep(
+        // The whole-table search indexes first, then the closed partitions' (never both at
+        // once: their DDL on `events` and on a partition would wait on each other).
+        let (build_pool, read_pool) = (
             storage.store.maintenance_pool.clone(),
             storage.store.read_pool.clone(),
-            config.search.clone(),
-            storage.store.closed_indexes.clone(),
-        ));
+        );
+        let (search, closed) = (config.search.clone(), storage.store.closed_indexes.clone());
+        upkeep.spawn_until_cancelled(async move {
+            search_indexes::keep(build_pool.clone(), search.clone()).await;
+            closed_indexes::keep(build_pool, read_pool, search, closed).await;
+        });
         upkeep.spawn_until_cancelled(crate::backup::schedule::run(
             config.backup.clone(),
             storage.store.clone(),

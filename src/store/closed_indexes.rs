@@ -20,11 +20,12 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::partitions::{self, Partition};
+// One node builds at a time, under the lock of the whole-table search indexes.
+use super::{
+    partitions::{self, Partition},
+    search_indexes::LOCK,
+};
 use crate::{config::SearchConfig, metrics};
-
-/// The advisory lock (as `hashtext` of this) one node holds while it builds.
-const LOCK: &str = "sluice.closed_indexes";
 
 /// A kind of search index on a closed partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,20 +277,7 @@ pub async fn build_round(
     now: DateTime<Utc>,
     readers: &Readers<'_>,
 ) -> Result<Option<Round>, sqlx::Error> {
-    let mut lock = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-        .bind(LOCK)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !locked {
-        return Ok(None);
-    }
-    let result = build_all(pool, search, now, readers).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
-        .bind(LOCK)
-        .execute(&mut *lock)
-        .await;
-    result.map(Some)
+    super::while_locked(pool, LOCK, build_all(pool, search, now, readers)).await
 }
 
 async fn build_all(

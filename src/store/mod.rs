@@ -67,6 +67,29 @@ pub mod sqlstates {
     pub const CHECK_VIOLATION: &str = "23514";
 }
 
+/// Runs `work` while this session holds the advisory lock `name` (by `hashtext`), one node at
+/// a time: None, without running it, when another session holds the lock.
+pub async fn while_locked<T>(
+    pool: &PgPool,
+    name: &str,
+    work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<Option<T>, sqlx::Error> {
+    let mut lock = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(name)
+        .fetch_one(&mut *lock)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let result = work.await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+        .bind(name)
+        .execute(&mut *lock)
+        .await;
+    result.map(Some)
+}
+
 /// Whether `error` is the database's `state`.
 pub fn is_sqlstate(error: &sqlx::Error, state: &str) -> bool {
     sqlstate(error).as_deref() == Some(state)

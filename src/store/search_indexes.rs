@@ -11,8 +11,9 @@ use crate::config::SearchConfig;
 
 /// Prefix of the indexes this module owns: any other `events_search_*` index is dropped.
 const PREFIX: &str = "events_search_";
-/// The advisory lock (as `hashtext` of this) held while indexes change.
-const LOCK: &str = "sluice.search_indexes";
+/// The advisory lock (as `hashtext` of this) held while search indexes change, these and the
+/// closed partitions' alike: their DDL would otherwise wait on each other across nodes.
+pub const LOCK: &str = "sluice.search_indexes";
 
 /// One index the configuration asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,20 +91,7 @@ pub async fn reconcile(
     pool: &PgPool,
     search: &SearchConfig,
 ) -> Result<Option<Reconciled>, sqlx::Error> {
-    let mut lock = pool.acquire().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-        .bind(LOCK)
-        .fetch_one(&mut *lock)
-        .await?;
-    if !locked {
-        return Ok(None);
-    }
-    let result = apply(pool, search).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
-        .bind(LOCK)
-        .execute(&mut *lock)
-        .await;
-    result.map(Some)
+    super::while_locked(pool, LOCK, apply(pool, search)).await
 }
 
 async fn apply(pool: &PgPool, search: &SearchConfig) -> Result<Reconciled, sqlx::Error> {

@@ -369,6 +369,10 @@ impl TestServer {
             .env("SLUICE_TLS__CERT_DIR", &cert_dir)
             .env("SLUICE_SHUTDOWN_TIMEOUT", "30s")
             .env("RUST_LOG", "info,sqlx=warn")
+            // No closed day is indexed unless a test asks (tests/search.rs): a build in the
+            // background (CREATE INDEX CONCURRENTLY) would race the tests that lock `events`
+            // or change its indexes, and PostgreSQL would end one side as a deadlock.
+            .env("SLUICE_SEARCH__INDEX_DELAY", "36500days")
             .current_dir(&base)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -754,4 +758,25 @@ pub fn https_client(server: &TestServer, client: Option<&str>) -> reqwest::Clien
         .timeout(Duration::from_secs(30))
         .build()
         .expect("https client")
+}
+
+/// Opens a transaction on `locker` that holds the partition of the event with `message` in
+/// ACCESS EXCLUSIVE mode (as a migration or a retention drop would) until it ends.
+pub async fn lock_partition_of(locker: &mut sqlx::PgConnection, message: &str) {
+    let partition: String =
+        sqlx::query_scalar("SELECT tableoid::regclass::text FROM events WHERE message = $1")
+            .bind(message)
+            .fetch_one(&mut *locker)
+            .await
+            .expect("partition");
+    sqlx::query("BEGIN")
+        .execute(&mut *locker)
+        .await
+        .expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {partition} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *locker)
+    .await
+    .expect("lock");
 }
