@@ -195,6 +195,11 @@ impl ClosedIndexes {
             });
         }
         ranges.sort_by_key(|range| range.start);
+        // Partitions dropped since (retention) take their sample with them.
+        self.sampled().retain(|name, _| {
+            Partition::parse(name)
+                .is_some_and(|partition| ranges.iter().any(|range| range.start == partition.start))
+        });
         self.ranges.store(Arc::new(ranges));
         Ok(())
     }
