@@ -151,6 +151,24 @@ async fn ids_in_order(
     .expect("unbounded query")
 }
 
+/// The ids of `zq-needle` events that paging `request` (newest first) finds, and those one
+/// unbounded SQL query finds.
+async fn needles_paged_and_stored(
+    query: &mut QueryServiceClient<Channel>,
+    database: &TestDatabase,
+    request: &QueryRequest,
+) -> (Vec<String>, Vec<String>) {
+    let paged = page_through(query, request.clone()).await;
+    let stored = ids_in_order(
+        database,
+        "strpos(message, 'zq-needle') > 0",
+        "DESC",
+        request,
+    )
+    .await;
+    (paged, stored)
+}
+
 async fn steps(server: &TestServer, step: &str) -> f64 {
     metric_sum(
         &server.metrics().await,
@@ -263,14 +281,7 @@ async fn closed_days_are_indexed_and_searches_through_them_page_exactly_like_one
         .collect();
     publish(&mut ingest, late).await;
     let indexed_before = steps(&server, "indexed").await;
-    let paged = page_through(&mut query, needle.clone()).await;
-    let expected = ids_in_order(
-        &database,
-        "strpos(message, 'zq-needle') > 0",
-        "DESC",
-        &needle,
-    )
-    .await;
+    let (paged, expected) = needles_paged_and_stored(&mut query, &database, &needle).await;
     assert_eq!(paged.len(), 1200 / 17 + 1 + 6);
     assert_eq!(paged, expected, "late needles included");
     assert!(steps(&server, "indexed").await > indexed_before);
@@ -447,14 +458,7 @@ async fn a_closed_day_index_build_killed_midway_is_built_again_and_a_delete_reac
         ..Default::default()
     };
     until_indexed(&server, &mut query).await;
-    let paged = page_through(&mut query, needle.clone()).await;
-    let expected = ids_in_order(
-        &database,
-        "strpos(message, 'zq-needle') > 0",
-        "DESC",
-        &needle,
-    )
-    .await;
+    let (paged, expected) = needles_paged_and_stored(&mut query, &database, &needle).await;
     assert_eq!(paged, expected);
 
     // A Delete reaches what the indexes serve.
