@@ -2,10 +2,10 @@
 //! fsync) or `s3://bucket/prefix` (credentials, region and endpoint from the usual `AWS_*`
 //! variables).
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use object_store::{
-    ObjectStore, aws::AmazonS3Builder, local::LocalFileSystem, prefix::PrefixStore,
+    ObjectStore, RetryConfig, aws::AmazonS3Builder, local::LocalFileSystem, prefix::PrefixStore,
 };
 
 /// Why a URL names no store that can be used.
@@ -50,8 +50,17 @@ pub fn open(url: &str) -> Result<Arc<dyn ObjectStore>, ObjectsError> {
                 .ok_or_else(|| ObjectsError::NoBucket {
                     url: url.to_owned(),
                 })?;
+            // A store that cannot be reached is said within seconds (a Query answers
+            // UNAVAILABLE, a lifecycle run tries again next time), not after the client's
+            // default of ten retries over three minutes.
+            let retry = RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(20),
+                ..RetryConfig::default()
+            };
             let store = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
+                .with_retry(retry)
                 .build()?;
             let prefix = parsed.path().trim_matches('/');
             Ok(if prefix.is_empty() {

@@ -65,6 +65,30 @@ pub async fn select(
     connection: &mut PgConnection,
     selection: &Selection,
 ) -> Result<Vec<ArchivedObject>, sqlx::Error> {
+    let mut builder = selection_query(selection);
+    builder.push(" ORDER BY a.day, a.service, a.part");
+    builder.build_query_as().fetch_all(connection).await
+}
+
+/// At most `limit` objects of `selection`, nearest first in a read's direction: newest end
+/// first, or (`oldest_first`) oldest start first.
+pub async fn select_nearest(
+    connection: &mut PgConnection,
+    selection: &Selection,
+    oldest_first: bool,
+    limit: i64,
+) -> Result<Vec<ArchivedObject>, sqlx::Error> {
+    let mut builder = selection_query(selection);
+    builder.push(if oldest_first {
+        " ORDER BY a.min_ts, a.id LIMIT "
+    } else {
+        " ORDER BY a.max_ts DESC, a.id LIMIT "
+    });
+    builder.push_bind(limit);
+    builder.build_query_as().fetch_all(connection).await
+}
+
+fn selection_query(selection: &Selection) -> QueryBuilder<Postgres> {
     let mut builder = QueryBuilder::<Postgres>::new(
         "SELECT a.id, a.path, a.service, a.day, a.min_ts, a.max_ts, a.rows, a.sha256, ",
     );
@@ -93,8 +117,7 @@ pub async fn select(
     if let Some(end) = selection.end {
         builder.push(" AND a.min_ts < ").push_bind(end);
     }
-    builder.push(" ORDER BY a.day, a.service, a.part");
-    builder.build_query_as().fetch_all(connection).await
+    builder
 }
 
 /// The objects of one service's day.

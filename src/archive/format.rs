@@ -25,6 +25,8 @@ pub struct ArchivedEvent {
     pub service: String,
     pub message: String,
     pub timestamp: DateTime<Utc>,
+    #[serde(default)]
+    pub ingested_at: Option<DateTime<Utc>>,
     pub user_id: Option<String>,
     #[serde(default)]
     pub metadata: Json,

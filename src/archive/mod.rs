@@ -11,6 +11,7 @@
 //! an object is either recorded or removed by the next garbage collection, and no row leaves
 //! PostgreSQL before its object is durable.
 
+pub mod cache;
 pub mod catalog;
 pub mod format;
 pub mod restore;
@@ -48,6 +49,12 @@ pub enum ArchiveError {
     Corrupt { path: String, reason: String },
     #[error("archived object {path} was rewritten or expired during the call; retry")]
     Gone { path: String },
+    #[error(
+        "the archive changed under the call again and again (the lifecycle job is moving this range); retry"
+    )]
+    Moving,
+    #[error("archived object {path} is recorded in the catalog but missing from the store")]
+    Missing { path: String },
     #[error("cannot compress an object: {0}")]
     Compress(std::io::Error),
     #[error("archive task failed: {0}")]
@@ -63,16 +70,26 @@ impl From<ArchiveError> for tonic::Status {
             ArchiveError::Database(database_error) => {
                 crate::store::database_status(&database_error)
             }
-            ArchiveError::Gone { .. } => Status::aborted(error.to_string()),
+            ArchiveError::Gone { .. } | ArchiveError::Moving => Status::aborted(error.to_string()),
             ArchiveError::Store(store_error) => {
                 tracing::error!(error = %store_error, "archive store error during a call");
-                Status::unavailable("archive store error; see server logs")
+                crate::proto::status::refusal(
+                    tonic::Code::Unavailable,
+                    "the archive's object store cannot be read; see server logs".to_owned(),
+                    "ARCHIVE_UNAVAILABLE",
+                    Some(Duration::from_secs(5)),
+                    HashMap::new(),
+                )
             }
             ArchiveError::Corrupt {
                 ref path,
                 ref reason,
             } => {
                 tracing::error!(path, reason, "an archived object is corrupt");
+                Status::data_loss(error.to_string())
+            }
+            ArchiveError::Missing { ref path } => {
+                tracing::error!(path, "an archived object is missing from the store");
                 Status::data_loss(error.to_string())
             }
             other => {
@@ -136,6 +153,8 @@ pub struct Archive {
     pub after: Option<Duration>,
     /// How long Restore keeps a restored range in PostgreSQL.
     pub restore_hold: Duration,
+    /// Decoded objects for the next Query page.
+    cache: cache::ObjectCache,
 }
 
 /// Uncompressed bytes at which an object is closed and the next part begins.
@@ -178,6 +197,7 @@ impl Archive {
             root,
             after: config.after,
             restore_hold: config.restore_hold,
+            cache: cache::ObjectCache::new(config.query_cache_bytes),
         };
         if archive.after.is_some() {
             archive.probe().await?;

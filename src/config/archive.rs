@@ -25,6 +25,13 @@ pub struct ArchiveConfig {
     #[default(Duration::from_secs(7 * 86_400))]
     #[serde(with = "humantime_serde")]
     pub restore_hold: Duration,
+    /// Decoded archived objects a node keeps for the next Query page over the same object,
+    /// in bytes (about twice an object's uncompressed size); 0 keeps none.
+    #[default(128 * 1024 * 1024)]
+    pub query_cache_bytes: u64,
+    /// Archived objects one Query call fetches and decodes at once.
+    #[default(4)]
+    pub query_concurrency: usize,
 }
 
 impl ArchiveConfig {
@@ -34,6 +41,9 @@ impl ArchiveConfig {
         }
         if self.restore_hold.is_zero() {
             return Err(invalid("archive.restore_hold", "must be above zero"));
+        }
+        if self.query_concurrency == 0 {
+            return Err(invalid("archive.query_concurrency", "must be above zero"));
         }
         Ok(())
     }

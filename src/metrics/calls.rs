@@ -31,6 +31,18 @@ pub fn search_step(step: &'static str) {
     counter!("sluice_search_steps_total", "step" => step).increment(1);
 }
 
+/// An archived object a Query call read (`source`: `cache`, decoded by an earlier call;
+/// `store`, fetched, checked and decoded).
+pub fn archive_query_object(source: &'static str) {
+    counter!("sluice_archive_query_objects_total", "source" => source).increment(1);
+}
+
+/// A Query call read its page again because the archive changed under it (the lifecycle job
+/// moved, rewrote or expired an object it reads).
+pub fn archive_query_retried() {
+    counter!("sluice_archive_query_retries_total").increment(1);
+}
+
 /// A request refused on who sent it; `reason` is the ErrorInfo reason (`INVALID_TOKEN`,
 /// `MISSING_SCOPE`, `SERVICE_DENIED`, `RATE_LIMITED`).
 pub fn auth_refused(reason: &'static str) {

@@ -21,6 +21,8 @@
 //! | `sluice_rpc_duration_seconds` | histogram | `method` (every RPC of `rpc::Rpc`), `code` | (until the call's status: a stream's whole life) |
 //! | `sluice_search_steps_cancelled_total` | counter | | (a time-sliced scan's step cancelled at `search.max_scan_time`) |
 //! | `sluice_search_steps_total` | counter | `step` (`indexed`: one partition through its closed-partition index; `sliced`: one time slice) |
+//! | `sluice_archive_query_objects_total` | counter | `source` (`cache`: decoded by an earlier call; `store`: fetched, sha256-checked and decoded) |
+//! | `sluice_archive_query_retries_total` | counter | | (a Query page read again: the archive changed under it) |
 //! | `sluice_search_closed_index_builds_total` | counter | `kind` (`message`, `metadata`), `outcome` (`ok`, `failed`) | (an index of a closed partition built) |
 //! | `sluice_search_closed_index_build_seconds` | histogram | `kind` |
 //! | `sluice_search_closed_partitions_unindexed` | gauge | | (closed partitions still lacking an index after the last build round) |

@@ -128,6 +128,10 @@ pub fn register(known: &Known) {
     for step in ["indexed", "sliced"] {
         counter!("sluice_search_steps_total", "step" => step).increment(0);
     }
+    for source in ["cache", "store"] {
+        counter!("sluice_archive_query_objects_total", "source" => source).increment(0);
+    }
+    counter!("sluice_archive_query_retries_total").increment(0);
     for kind in ["message", "metadata"] {
         for outcome in ["ok", "failed"] {
             counter!("sluice_search_closed_index_builds_total", "kind" => kind, "outcome" => outcome)

@@ -1,8 +1,10 @@
 //! The read side of `QueryService`, one file per RPC: [`search`] (Query, over the
-//! [`scan`] plan of a time-sliced search and the [`needle`] a closed day's index looks up), [`export`], [`stats`], [`tail`] and [`audit_log`],
+//! [`scan`] plan of a time-sliced search and the [`needle`] a closed day's index looks up,
+//! merged with the [`archived`] tier), [`export`], [`stats`], [`tail`] and [`audit_log`],
 //! behind the thin trait impl of [`service`]. The RPCs that change data live elsewhere:
 //! Delete, Anonymize and OptOut/OptIn in `erasure`, Restore beside the archive it reads.
 
+mod archived;
 mod audit_log;
 mod cursor;
 mod export;

@@ -12,11 +12,13 @@ use uuid::Uuid;
 
 use super::{
     QueryError, Reader,
+    archived::{self, Direction, Found, Position, Unsettled},
     cursor::Cursor,
     needle,
     scan::{ScanPlan, Step, StepBound, Window},
 };
 use crate::{
+    archive::{ArchiveError, format::ArchivedEvent},
     auth::Caller,
     config::{Scope, SearchConfig},
     filter::{ContentIndexes, Filter},
@@ -86,6 +88,183 @@ struct Page {
     rows: Vec<EventRow>,
     next: Option<Cursor>,
     scanned_until: Option<DateTime<Utc>>,
+    /// How many of `rows` came from the archive.
+    archived: u32,
+}
+
+/// Times a call reads its page again when the archive changes under it.
+const ARCHIVE_ATTEMPTS: u32 = 3;
+
+/// A page over both tiers: the rows (PostgreSQL) and the archived objects, merged in the
+/// page's order ([`archived`] says how and why a page is read again).
+async fn tiered_page(
+    reader: &Reader,
+    filter: &Filter,
+    cursor: Option<Cursor>,
+    limit: u32,
+    oldest_first: bool,
+) -> Result<Page, QueryError> {
+    let direction = Direction { oldest_first };
+    let pool = &reader.store.read_pool;
+    let position = cursor.map(|cursor| (cursor.ts, cursor.id));
+    for _ in 0..ARCHIVE_ATTEMPTS {
+        let started = Instant::now();
+        let mut archived = archived::Reading::begin(
+            &reader.archive,
+            pool,
+            filter,
+            position,
+            direction,
+            reader.config.archive.query_concurrency,
+        )
+        .await?;
+        let rows = rows_page(reader, filter, cursor, limit, oldest_first).await?;
+        let found = if archived.is_empty() {
+            Ok(Found::none())
+        } else {
+            let positions: Vec<Position> = rows.rows.iter().map(|row| (row.ts, row.id)).collect();
+            let deadline = archived::deadline(started, reader.config.search.max_scan_time);
+            let rows_bound = rows.next.map(|next| (next.ts, next.id));
+            archived
+                .finish(
+                    filter,
+                    &positions,
+                    rows_bound,
+                    limit as usize,
+                    deadline,
+                    pool,
+                )
+                .await
+        };
+        let page = match found {
+            Ok(found) => merge(
+                rows,
+                found,
+                limit as usize,
+                reader.config.reads.max_response_bytes,
+                direction,
+            ),
+            Err(Unsettled::Changed) => {
+                metrics::archive_query_retried();
+                continue;
+            }
+            Err(Unsettled::Failed(error)) => return Err(error.into()),
+        };
+        let end = page.next.map(|next| (next.ts, next.id));
+        match archived.check_unchanged(filter, end, pool).await {
+            Ok(()) => return Ok(page),
+            Err(Unsettled::Changed) => metrics::archive_query_retried(),
+            Err(Unsettled::Failed(error)) => return Err(error.into()),
+        }
+    }
+    Err(ArchiveError::Moving.into())
+}
+
+/// The rows' part of a page: read straight when an index narrows the filter, else scanned.
+async fn rows_page(
+    reader: &Reader,
+    filter: &Filter,
+    cursor: Option<Cursor>,
+    limit: u32,
+    oldest_first: bool,
+) -> Result<Page, QueryError> {
+    if filter.needs_scan() {
+        return scan_page(reader, filter, cursor, limit, oldest_first).await;
+    }
+    let Rows { mut rows, cut } = page_rows(
+        reader,
+        filter,
+        cursor,
+        None,
+        None,
+        limit,
+        oldest_first,
+        reader.config.reads.max_response_bytes,
+    )
+    .await?;
+    let more = cut || rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = more
+        .then(|| rows.last().map(|last| Cursor::at(last.ts, last.id)))
+        .flatten();
+    Ok(Page {
+        rows,
+        next,
+        ..Page::default()
+    })
+}
+
+/// The page of rows and archived events together: everything up to the nearer of the two
+/// parts' bounds, in order, at most `limit` events and `bytes` (the first always fits).
+fn merge(rows: Page, found: Found, limit: usize, bytes: usize, direction: Direction) -> Page {
+    let rows_bound = rows.next.map(|next| (next.ts, next.id));
+    let bound = match (rows_bound, found.bound) {
+        (Some(a), Some(b)) => Some(if direction.before(a, b) { a } else { b }),
+        (a, b) => a.or(b),
+    };
+    if found.events.is_empty() && bound == rows_bound {
+        return rows;
+    }
+    let mut all: Vec<(EventRow, bool)> = rows
+        .rows
+        .into_iter()
+        .map(|row| (row, false))
+        .chain(
+            found
+                .events
+                .into_iter()
+                .map(|event| (EventRow::from(event), true)),
+        )
+        .filter(|(row, _)| bound.is_none_or(|bound| !direction.before(bound, (row.ts, row.id))))
+        .collect();
+    all.sort_by(|(a, _), (b, _)| archived::order(direction, (a.ts, a.id), (b.ts, b.id)));
+    let available = all.len();
+    let mut taken = Vec::with_capacity(available.min(limit));
+    let mut archived = 0u32;
+    let mut used = 0usize;
+    for (row, from_archive) in all {
+        let size = usize::try_from(row.bytes).unwrap_or(0);
+        if taken.len() == limit || (!taken.is_empty() && used + size > bytes) {
+            break;
+        }
+        used += size;
+        archived += u32::from(from_archive);
+        taken.push(row);
+    }
+    let scan = rows.next.map(|next| (next.slice, next.unindexed));
+    let next = if taken.len() < available {
+        taken.last().map(|last| (last.ts, last.id))
+    } else {
+        bound
+    };
+    let next = next.map(|(ts, id)| Cursor {
+        slice: scan.and_then(|(slice, _)| slice),
+        unindexed: scan.and_then(|(_, unindexed)| unindexed),
+        ..Cursor::at(ts, id)
+    });
+    Page {
+        scanned_until: next.map(|next| next.ts),
+        rows: taken,
+        next,
+        archived,
+    }
+}
+
+impl From<ArchivedEvent> for EventRow {
+    fn from(event: ArchivedEvent) -> Self {
+        let metadata_bytes = serde_json::to_vec(&event.metadata).map_or(0, |text| text.len());
+        Self {
+            bytes: (event.message.len() + metadata_bytes) as i64,
+            id: event.id,
+            service: event.service,
+            message: event.message,
+            ts: event.timestamp,
+            ingested_at: event.ingested_at.unwrap_or(event.timestamp),
+            user_id: event.user_id,
+            metadata: sqlx::types::Json(event.metadata),
+            trace_id: event.trace_id,
+        }
+    }
 }
 
 /// The rows of one read, and whether it stopped at the response's byte bound.
@@ -120,39 +299,16 @@ pub async fn query(
     let cursor = (!request.page_token.is_empty())
         .then(|| Cursor::decode(&request.page_token, &filter, oldest_first))
         .transpose()?;
-    let budget = reader.config.reads.max_response_bytes;
-    let page = if filter.needs_scan() {
-        scan_page(reader, &filter, cursor, limit, oldest_first).await?
-    } else {
-        let Rows { mut rows, cut } = page_rows(
-            reader,
-            &filter,
-            cursor,
-            None,
-            None,
-            limit,
-            oldest_first,
-            budget,
-        )
-        .await?;
-        let more = cut || rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let next = more
-            .then(|| rows.last().map(|last| Cursor::at(last.ts, last.id)))
-            .flatten();
-        Page {
-            rows,
-            next,
-            scanned_until: None,
-        }
-    };
+    let page = tiered_page(reader, &filter, cursor, limit, oldest_first).await?;
     let next_page_token = page
         .next
         .map(|cursor| cursor.encode(&filter, oldest_first))
         .unwrap_or_default();
     details["rows"] = Json::from(page.rows.len());
+    details["archived_rows"] = Json::from(page.archived);
     let privacy = reader.privacy.load();
     Ok(QueryResponse {
+        archived_events: page.archived,
         events: page
             .rows
             .into_iter()
@@ -393,6 +549,7 @@ async fn scan_page(
                     rows,
                     next: Some(plan.resume(position)),
                     scanned_until: Some(plan.scanned_until()),
+                    archived: 0,
                 });
             };
             let wanted = limit as usize - rows.len();
@@ -409,6 +566,7 @@ async fn scan_page(
                     scanned_until: next.map(|next| next.ts),
                     rows,
                     next,
+                    archived: 0,
                 });
             }
             plan.covered(window, step.elapsed());
@@ -419,6 +577,7 @@ async fn scan_page(
                 rows,
                 next: Some(plan.resume(position)),
                 scanned_until: Some(plan.scanned_until()),
+                archived: 0,
             });
         }
     }
@@ -510,8 +669,7 @@ impl Page {
     fn default_with(rows: Vec<EventRow>) -> Self {
         Self {
             rows,
-            next: None,
-            scanned_until: None,
+            ..Self::default()
         }
     }
 }

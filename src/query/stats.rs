@@ -42,10 +42,16 @@ pub async fn stats(
     let day_start = this_hour - TimeDelta::hours(23);
     let trend_start = this_hour - TimeDelta::hours(trend_hours - 1);
     let pool = &reader.store.read_pool;
-    let per_service: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT service, sum(events)::bigint, coalesce(sum(events) FILTER (WHERE hour >= $1), 0)::bigint \
-         FROM event_counts WHERE ($2::text[] IS NULL OR service LIKE ANY($2)) \
-         GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1",
+    // The rollup counts archived events too (it keeps its hours when a day is archived);
+    // the catalog says how many of them are archived.
+    let per_service: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT c.service, c.total, c.last_24h, coalesce(a.archived, 0)::bigint FROM ( \
+           SELECT service, sum(events)::bigint AS total, \
+           coalesce(sum(events) FILTER (WHERE hour >= $1), 0)::bigint AS last_24h \
+           FROM event_counts WHERE ($2::text[] IS NULL OR service LIKE ANY($2)) \
+           GROUP BY service HAVING sum(events) > 0) c \
+         LEFT JOIN (SELECT service, sum(rows) AS archived FROM archives GROUP BY service) a \
+         USING (service) ORDER BY 2 DESC, 1",
     )
     .bind(day_start)
     .bind(allowed.clone())
@@ -63,10 +69,11 @@ pub async fn stats(
     .collect();
     let services: Vec<ServiceCount> = per_service
         .into_iter()
-        .map(|(service, total, last_24h)| ServiceCount {
+        .map(|(service, total, last_24h, archived)| ServiceCount {
             service,
             total: total.max(0) as u64,
             last_24h: last_24h.max(0) as u64,
+            archived: archived.clamp(0, total.max(0)) as u64,
         })
         .collect();
     let mut top_services = services.clone();
@@ -88,6 +95,7 @@ pub async fn stats(
         .collect();
     let response = StatsResponse {
         total_events: services.iter().map(|service| service.total).sum(),
+        archived_events: services.iter().map(|service| service.archived).sum(),
         services,
         hourly,
         top_services,

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod archived;
 pub mod otlp;
 pub mod proxy;
 pub mod streaming;
@@ -641,7 +642,19 @@ pub fn lifecycle_run(
     database_url: &str,
     env: &[(String, String)],
 ) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    lifecycle_command(server, database_url, env)
+        .output()
+        .expect("run sluice lifecycle")
+}
+
+/// The command of [`lifecycle_run`], to start and wait for at will.
+pub fn lifecycle_command(
+    server: &TestServer,
+    database_url: &str,
+    env: &[(String, String)],
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command
         .args([
             "lifecycle",
             "--once",
@@ -652,9 +665,8 @@ pub fn lifecycle_run(
         .arg(server.dir_path().join("sluice.toml"))
         .env("SLUICE_DATA_DIR", server.dir_path().join("data"))
         .envs(env.iter().map(|(key, value)| (key, value)))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run sluice lifecycle")
+        .env("RUST_LOG", "warn");
+    command
 }
 
 /// [`lifecycle_run`] that must succeed; returns its JSON report.

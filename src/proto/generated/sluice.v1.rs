@@ -658,6 +658,10 @@ pub struct QueryResponse {
     /// older) is in this page or an earlier one. Set when the page has a token.
     #[prost(message, optional, tag = "3")]
     pub scanned_until: ::core::option::Option<::prost_types::Timestamp>,
+    /// How many of `events` were read from the archive (events older than `archive.after`
+    /// live in archived objects; Query reads both tiers as one).
+    #[prost(uint32, tag = "4")]
+    pub archived_events: u32,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ExportRequest {
@@ -783,6 +787,9 @@ pub struct ServiceCount {
     pub total: u64,
     #[prost(uint64, tag = "3")]
     pub last_24h: u64,
+    /// Of `total`, the events in archived objects (the rest are rows of PostgreSQL).
+    #[prost(uint64, tag = "4")]
+    pub archived: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct HourCount {
@@ -869,6 +876,9 @@ pub struct StatsResponse {
     /// Total stored events.
     #[prost(uint64, tag = "7")]
     pub total_events: u64,
+    /// Of `total_events`, the events in archived objects.
+    #[prost(uint64, tag = "8")]
+    pub archived_events: u64,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditRequest {
