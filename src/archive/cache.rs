@@ -6,8 +6,11 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use quick_cache::{Weighter, sync::Cache};
+use serde::Deserialize;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use super::{
     Archive, ArchiveError,
@@ -16,34 +19,89 @@ use super::{
 };
 use crate::metrics;
 
-/// The events of one archived object, in `(timestamp, id)` order.
+/// One archived object, decompressed: its text, and where each line is, in
+/// `(timestamp, id)` order. Lines are parsed whole only when a call looks at them.
 pub struct DecodedObject {
-    pub events: Vec<ArchivedEvent>,
-    /// About what it holds in memory, in bytes.
-    weight: u64,
+    path: String,
+    text: String,
+    pub lines: Vec<LineKey>,
+}
+
+/// Where a line is in its object, and its place in the order of events.
+#[derive(Debug, Clone, Copy)]
+pub struct LineKey {
+    pub timestamp: DateTime<Utc>,
+    pub id: Uuid,
+    start: u32,
+    end: u32,
+}
+
+/// The fields of a line that order it; the rest is skipped, not built.
+#[derive(Deserialize)]
+struct KeyFields {
+    id: Uuid,
+    timestamp: DateTime<Utc>,
 }
 
 impl DecodedObject {
-    /// Parses an object's bytes (already checked against its sha256).
+    /// Decompresses an object's bytes (already checked against its sha256) and reads the
+    /// key of every line.
     fn parse(path: &str, bytes: &[u8]) -> Result<Self, ArchiveError> {
         let corrupt = |reason: String| ArchiveError::Corrupt {
             path: path.to_owned(),
             reason,
         };
-        let lines = format::decode(bytes).map_err(|error| corrupt(error.to_string()))?;
-        let mut weight = 0u64;
-        let mut events = Vec::with_capacity(lines.len());
-        for line in lines {
-            // Parsed, a line holds about twice its text (strings, the metadata's map).
-            weight += 2 * line.len() as u64 + std::mem::size_of::<ArchivedEvent>() as u64;
-            events.push(ArchivedEvent::parse(&line).map_err(|error| corrupt(error.to_string()))?);
+        let text = format::decompress(bytes).map_err(|error| corrupt(error.to_string()))?;
+        let mut lines = Vec::new();
+        let mut start = 0usize;
+        for line in text.split_inclusive('\n') {
+            let end = start + line.len();
+            let body = line.trim_end_matches('\n');
+            if !body.is_empty() {
+                let key: KeyFields =
+                    serde_json::from_str(body).map_err(|error| corrupt(error.to_string()))?;
+                let offset = |at: usize| {
+                    u32::try_from(at).map_err(|_| corrupt("larger than 4 GiB".to_owned()))
+                };
+                lines.push(LineKey {
+                    timestamp: key.timestamp,
+                    id: key.id,
+                    start: offset(start)?,
+                    end: offset(start + body.len())?,
+                });
+            }
+            start = end;
         }
         // Written in this order; sorting again costs little and guards objects written by
         // anything else.
-        if !events.is_sorted_by_key(|event| (event.timestamp, event.id)) {
-            events.sort_by_key(|event| (event.timestamp, event.id));
+        if !lines.is_sorted_by_key(|line| (line.timestamp, line.id)) {
+            lines.sort_by_key(|line| (line.timestamp, line.id));
         }
-        Ok(Self { events, weight })
+        Ok(Self {
+            path: path.to_owned(),
+            text,
+            lines,
+        })
+    }
+
+    /// The text of a line.
+    pub fn text(&self, line: &LineKey) -> &str {
+        self.text
+            .get(line.start as usize..line.end as usize)
+            .unwrap_or_default()
+    }
+
+    /// A line parsed whole.
+    pub fn event(&self, line: &LineKey) -> Result<ArchivedEvent, ArchiveError> {
+        ArchivedEvent::parse(self.text(line)).map_err(|error| ArchiveError::Corrupt {
+            path: self.path.clone(),
+            reason: error.to_string(),
+        })
+    }
+
+    /// About what it holds in memory, in bytes.
+    fn weight(&self) -> u64 {
+        (self.text.len() + self.lines.len() * std::mem::size_of::<LineKey>()) as u64
     }
 }
 
@@ -52,7 +110,7 @@ struct ByBytes;
 
 impl Weighter<i64, Arc<DecodedObject>> for ByBytes {
     fn weight(&self, _id: &i64, object: &Arc<DecodedObject>) -> u64 {
-        object.weight.max(1)
+        object.weight().max(1)
     }
 }
 
@@ -132,14 +190,13 @@ mod tests {
         }
         let encoded = encoder.finish().expect("finish").expect("lines");
         let decoded = DecodedObject::parse("p", &encoded.bytes).expect("decoded");
-        let order: Vec<u128> = decoded
-            .events
-            .iter()
-            .map(|event| event.id.as_u128())
-            .collect();
+        let order: Vec<u128> = decoded.lines.iter().map(|line| line.id.as_u128()).collect();
         assert_eq!(order, [2, 1, 3]);
-        assert!(decoded.events[0].ingested_at.is_some());
-        assert!(decoded.weight > 3 * 100, "{}", decoded.weight);
+        let first = decoded.event(&decoded.lines[0]).expect("event");
+        assert_eq!(first.id.as_u128(), 2);
+        assert!(first.ingested_at.is_some());
+        assert!(decoded.text(&decoded.lines[2]).contains("\"n\":3"));
+        assert!(decoded.weight() > 3 * 100, "{}", decoded.weight());
         assert!(matches!(
             DecodedObject::parse("p", b"not zstd"),
             Err(ArchiveError::Corrupt { .. })

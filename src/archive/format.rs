@@ -125,6 +125,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// An object's text, decompressed.
+pub fn decompress(bytes: &[u8]) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut zstd::stream::read::Decoder::new(bytes)?, &mut text)?;
+    Ok(text)
+}
+
 /// The lines of an object, without their newlines.
 pub fn decode(bytes: &[u8]) -> std::io::Result<Vec<String>> {
     let reader = std::io::BufReader::new(zstd::stream::read::Decoder::new(bytes)?);

@@ -51,6 +51,22 @@ impl Filter {
         })
     }
 
+    /// Texts that every matching line holds as it is written (JSON-escaped): a line without
+    /// one of them is skipped unparsed. Only texts that JSON writes unescaped are listed.
+    pub fn archived_needles(&self) -> Vec<String> {
+        let plain = |text: &str| !text.chars().any(|c| c == '"' || c == '\\' || c < ' ');
+        [
+            self.message_contains.as_deref(),
+            self.user_id.as_deref(),
+            self.trace_id.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|text| !text.is_empty() && plain(text))
+        .map(str::to_owned)
+        .collect()
+    }
+
     /// How many events of `object` match, when the catalog alone tells (no content filter,
     /// and the whole object inside the time bounds); None when the object must be read.
     pub fn archived_matches_known(&self, object: &ArchivedObject) -> Option<u64> {

@@ -2,8 +2,9 @@
 //! the page's rows by `(timestamp, id)`, so that one page token goes on across both tiers.
 //!
 //! A call lists the objects ahead of its cursor, nearest first (from the catalog: by service
-//! and time span, by user through `archive_users`), and starts fetching and decoding the
-//! first `archive.query_concurrency` of them while the rows are read. It then takes objects
+//! and time span, by user through `archive_users`), and fetches and decodes
+//! `archive.query_concurrency` of them at a time (while the rows are read, when the archive
+//! surely comes first). It then takes objects
 //! in order until the page is settled (the next object starts beyond the page's last event),
 //! the rows' own bound is passed, or the call's time (`search.max_scan_time`) is spent. The
 //! first object it did not read bounds the page: the token resumes there. A call always
@@ -24,7 +25,7 @@ use uuid::Uuid;
 use crate::{
     archive::{
         Archive, ArchiveError, Matcher,
-        cache::DecodedObject,
+        cache::{DecodedObject, LineKey},
         catalog::{self, ArchivedObject, Selection},
         format::ArchivedEvent,
     },
@@ -177,7 +178,16 @@ impl Reading {
             loads: VecDeque::new(),
             concurrency,
         };
-        reading.keep_loading(0);
+        // Fetched while the rows are read when the archive surely comes first: oldest first,
+        // or a cursor already inside an object. Newest first, the rows usually fill the page
+        // and the objects are fetched only if they do not.
+        let first_needed = reading
+            .objects
+            .first()
+            .is_some_and(|object| cursor.is_some_and(|cursor| !direction.beyond(object, cursor)));
+        if direction.oldest_first || first_needed {
+            reading.keep_loading(0);
+        }
         Ok(reading)
     }
 
@@ -210,6 +220,7 @@ impl Reading {
     ) -> Result<Found, Unsettled> {
         let direction = self.direction;
         let matcher = filter.archived_matcher();
+        let needles = Arc::new(filter.archived_needles());
         let mut events: Vec<ArchivedEvent> = Vec::new();
         let mut bound = self
             .unlisted
@@ -217,7 +228,8 @@ impl Reading {
             .map(|object| direction.near_edge(object));
         let mut read = 0;
         while read < self.objects.len() {
-            let object = &self.objects[read];
+            let object = self.objects[read].clone();
+            let object = &object;
             let edge = direction.near_edge(object);
             let past_rows = rows_bound.is_some_and(|end| direction.beyond(object, end));
             let settled = self
@@ -231,6 +243,7 @@ impl Reading {
                 bound = Some(edge);
                 break;
             }
+            self.keep_loading(read);
             let Some(load) = self.loads.pop_front() else {
                 break;
             };
@@ -261,6 +274,7 @@ impl Reading {
             let taken = take_matches(
                 decoded,
                 matcher.clone(),
+                needles.clone(),
                 self.cursor,
                 rows_bound,
                 limit + 1,
@@ -379,56 +393,61 @@ fn merge(
 
 /// The first `limit` events of an object that match, strictly after `cursor` and up to
 /// `bound` (inclusive), in the read's order; off the async threads when the object is big.
+/// A line without one of `needles` in its text is skipped without being parsed.
 async fn take_matches(
     decoded: Arc<DecodedObject>,
     matcher: Matcher,
+    needles: Arc<Vec<String>>,
     cursor: Option<Position>,
     bound: Option<Position>,
     limit: usize,
     direction: Direction,
 ) -> Result<Vec<ArchivedEvent>, ArchiveError> {
-    // A few thousand events are matched in well under a millisecond.
-    const INLINE_EVENTS: usize = 4_096;
-    let inline = decoded.events.len() <= INLINE_EVENTS;
+    // A few thousand lines are matched in well under a millisecond.
+    const INLINE_LINES: usize = 4_096;
+    let inline = decoded.lines.len() <= INLINE_LINES;
     let scan = move || {
-        let events = &decoded.events;
-        let key = |event: &ArchivedEvent| (event.timestamp, event.id);
-        let within =
-            |event: &ArchivedEvent| bound.is_none_or(|bound| !direction.before(bound, key(event)));
-        let mut taken = Vec::new();
-        if direction.oldest_first {
+        let lines = &decoded.lines;
+        let key = |line: &LineKey| (line.timestamp, line.id);
+        let (first, end) = if direction.oldest_first {
             let first = cursor.map_or(0, |cursor| {
-                events.partition_point(|event| key(event) <= cursor)
+                lines.partition_point(|line| key(line) <= cursor)
             });
-            for event in &events[first..] {
-                if taken.len() == limit || !within(event) {
-                    break;
-                }
-                if matcher(event) {
-                    taken.push(event.clone());
-                }
-            }
+            (first, lines.len())
         } else {
-            let end = cursor.map_or(events.len(), |cursor| {
-                events.partition_point(|event| key(event) < cursor)
+            let end = cursor.map_or(lines.len(), |cursor| {
+                lines.partition_point(|line| key(line) < cursor)
             });
-            for event in events[..end].iter().rev() {
-                if taken.len() == limit || !within(event) {
-                    break;
-                }
-                if matcher(event) {
-                    taken.push(event.clone());
-                }
+            (0, end)
+        };
+        let ahead: Box<dyn Iterator<Item = &LineKey>> = if direction.oldest_first {
+            Box::new(lines[first..end].iter())
+        } else {
+            Box::new(lines[first..end].iter().rev())
+        };
+        let mut taken = Vec::new();
+        for line in ahead {
+            if taken.len() == limit || bound.is_some_and(|bound| direction.before(bound, key(line)))
+            {
+                break;
+            }
+            let text = decoded.text(line);
+            if !needles.iter().all(|needle| text.contains(needle.as_str())) {
+                continue;
+            }
+            let event = decoded.event(line)?;
+            if matcher(&event) {
+                taken.push(event);
             }
         }
-        taken
+        Ok(taken)
     };
     if inline {
-        return Ok(scan());
+        return scan();
     }
     tokio::task::spawn_blocking(scan)
         .await
-        .map_err(ArchiveError::Task)
+        .map_err(ArchiveError::Task)?
 }
 
 impl Found {
