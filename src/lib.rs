@@ -4,12 +4,12 @@
 //! [`privacy`] → bounded [`buffer`] → [`writer`] pool → PostgreSQL ([`store`]) or the Redis
 //! [`broker`], with the [`spool`] beside the buffer for database outages. The read side
 //! ([`query`]) reads the store and the [`archive`], where the [`lifecycle`] job moves old
-//! events; `erasure` takes personal data away everywhere it is; [`backup`] keeps the private
+//! events, and the business figures each node keeps ([`figures`]); `erasure` takes personal data away everywhere it is; [`backup`] keeps the private
 //! cluster restorable to a point in time. [`server`] wires the pieces together.
 //!
 //! Imports flow the same way: `server → otlp → {ingest, query} → {erasure, lifecycle, archive} →
-//! {writer, filter, rpc} → {spool, store, auth, audit} → {buffer, metrics} → {broker, privacy,
-//! proto}`, and the leaves (`config`, `event`, `glob`, `objects`, `backoff`) import nothing of
+//! {writer, filter, rpc} → {spool, store, auth, audit} → {buffer, metrics} → {figures, broker,
+//! privacy, proto}`, and the leaves (`config`, `event`, `glob`, `objects`, `backoff`) import nothing of
 //! sluice. Each module maps its own error type to a `tonic::Status` beside that type, through
 //! the domain-free helpers of `proto::status`.
 
@@ -24,6 +24,7 @@ pub mod config;
 pub(crate) mod erasure;
 pub mod event;
 pub(crate) mod feed;
+pub(crate) mod figures;
 pub(crate) mod filter;
 pub(crate) mod glob;
 pub(crate) mod health;

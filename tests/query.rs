@@ -846,6 +846,7 @@ async fn stats_agree_with_the_stored_rows_after_a_mixed_ingest() {
         .stats(StatsRequest {
             top_n: 2,
             trend_hours: 48,
+            ..Default::default()
         })
         .await
         .expect("stats")
@@ -1309,4 +1310,161 @@ async fn the_search_indexes_are_built_at_start_serve_the_content_filters_and_go_
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Stats until `done` holds (figures reach PostgreSQL every `metrics.figures_interval`).
+async fn stats_once(
+    query: &mut QueryServiceClient<Channel>,
+    request: StatsRequest,
+    done: impl Fn(&sluice::proto::StatsResponse) -> bool,
+) -> sluice::proto::StatsResponse {
+    for _ in 0..200 {
+        let stats = query
+            .stats(request.clone())
+            .await
+            .expect("stats")
+            .into_inner();
+        if done(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the figures never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_carries_the_business_figures_of_every_node_over_a_chosen_window() {
+    let database = TestDatabase::create().await;
+    let spec = || {
+        ServerSpec::with_database(&database.url).env("SLUICE_METRICS__FIGURES_INTERVAL", "100ms")
+    };
+    let first = TestServer::start(spec()).await;
+    let second = TestServer::start(spec()).await;
+    let sized = |service: &str, message_bytes: usize, metadata_bytes: usize| {
+        let mut event = event(service, &"m".repeat(message_bytes));
+        if metadata_bytes > 0 {
+            let mut object = serde_json::Map::new();
+            object.insert("blob".to_owned(), "x".repeat(metadata_bytes).into());
+            event.metadata = Some(object.into());
+        }
+        event
+    };
+    // 30 small, 5 between 1 and 10 KiB, 2 over 10 KiB, and 3 refused, on the first node.
+    let mut checkout: Vec<Event> = (0..30).map(|_| sized("checkout", 100, 0)).collect();
+    checkout.extend((0..5).map(|_| sized("checkout", 2_000, 0)));
+    checkout.extend((0..2).map(|_| sized("checkout", 100, 12_000)));
+    checkout.push(Event {
+        id: "not-a-uuid".to_owned(),
+        ..event("checkout", "bad id")
+    });
+    checkout.push(Event {
+        id: "still-not-a-uuid".to_owned(),
+        ..event("checkout", "bad id")
+    });
+    checkout.push(Event {
+        message: String::new(),
+        ..event("checkout", "")
+    });
+    let mut ingest = first.ingest_client().await;
+    let response = ingest
+        .publish(common::request(checkout))
+        .await
+        .expect("publish")
+        .into_inner();
+    assert_eq!((response.accepted, response.rejected), (37, 3));
+    // 10 more, and one refused, on the second node.
+    let mut billing: Vec<Event> = (0..10)
+        .map(|n| event("billing", &format!("b{n}")))
+        .collect();
+    billing.push(Event {
+        message: String::new(),
+        ..event("billing", "")
+    });
+    let mut other = second.ingest_client().await;
+    other
+        .publish(common::request(billing))
+        .await
+        .expect("publish");
+
+    let mut query = first.query_client().await;
+    let stats = stats_once(&mut query, StatsRequest::default(), |stats| {
+        stats
+            .all_services
+            .as_ref()
+            .is_some_and(|all| (all.accepted, all.rejected) == (47, 4))
+    })
+    .await;
+    let figures: BTreeMap<&str, &sluice::proto::ServiceFigures> = stats
+        .figures
+        .iter()
+        .map(|figures| (figures.service.as_str(), figures))
+        .collect();
+    let checkout = figures["checkout"];
+    assert_eq!((checkout.accepted, checkout.rejected), (37, 3));
+    assert_eq!(
+        checkout.rejected_by_reason,
+        [
+            ("invalid_id".to_owned(), 2),
+            ("missing_message".to_owned(), 1)
+        ]
+        .into()
+    );
+    assert!((checkout.rejection_rate - 3.0 / 40.0).abs() < 1e-9);
+    assert!((checkout.rejection_rate_by_reason["invalid_id"] - 2.0 / 40.0).abs() < 1e-9);
+    assert_eq!(
+        (
+            checkout.size_under_1kib,
+            checkout.size_1_to_10kib,
+            checkout.size_over_10kib
+        ),
+        (30, 5, 2)
+    );
+    assert!(checkout.ack_latency_p50_ms > 0.0);
+    assert!(checkout.ack_latency_p50_ms <= checkout.ack_latency_p95_ms);
+    assert!(checkout.ack_latency_p95_ms <= checkout.ack_latency_p99_ms);
+    assert!(checkout.processing_avg_ms > 0.0);
+    assert!(checkout.processing_avg_ms <= checkout.processing_max_ms);
+    let billing = figures["billing"];
+    assert_eq!(
+        (
+            billing.accepted,
+            billing.rejected,
+            &billing.rejected_by_reason
+        ),
+        (10, 1, &[("missing_message".to_owned(), 1)].into())
+    );
+    // When events arrive: every accepted event in the hour and weekday it was received.
+    let usage = stats.usage.expect("usage");
+    assert_eq!(usage.by_hour_of_day.len(), 24);
+    assert_eq!(usage.by_day_of_week.len(), 7);
+    assert_eq!(usage.by_hour_of_day.iter().sum::<u64>(), 47);
+    assert_eq!(usage.by_day_of_week.iter().sum::<u64>(), 47);
+    let busiest = usage
+        .by_hour_of_day
+        .iter()
+        .position(|count| *count > 0)
+        .expect("an hour");
+    let this_hour = Utc::now()
+        .format("%H")
+        .to_string()
+        .parse::<usize>()
+        .expect("hour");
+    assert!(busiest == this_hour || (busiest + 1) % 24 == this_hour);
+
+    // A window the caller chooses: yesterday holds nothing; a reversed one is refused.
+    let yesterday = StatsRequest {
+        start_time: at(TimeDelta::hours(48)),
+        end_time: at(TimeDelta::hours(24)),
+        ..Default::default()
+    };
+    let past = query.stats(yesterday).await.expect("stats").into_inner();
+    assert!(past.figures.is_empty());
+    assert_eq!(past.all_services.expect("all").accepted, 0);
+    let reversed = StatsRequest {
+        start_time: at(TimeDelta::hours(1)),
+        end_time: at(TimeDelta::hours(2)),
+        ..Default::default()
+    };
+    let status = query.stats(reversed).await.expect_err("reversed window");
+    assert_eq!(status.code(), Code::InvalidArgument);
 }

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value as Json, json};
 use sluice::proto::{
-    DeleteRequest, Event, ExportRequest, Metadata, Order, QueryRequest, StatsRequest, TailRequest,
-    query_service_client::QueryServiceClient,
+    DeleteRequest, Event, ExportRequest, Metadata, Order, QueryRequest, ServiceFigures,
+    StatsRequest, TailRequest, query_service_client::QueryServiceClient,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -181,6 +181,13 @@ pub struct StatsArgs {
     /// Top services to list.
     #[arg(long, default_value_t = 10)]
     pub top: u32,
+    /// Start of the business figures' window: RFC 3339, or a duration ago (`7d`). Default:
+    /// 24 hours before `--until`.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// End of the business figures' window (default: now).
+    #[arg(long)]
+    pub until: Option<String>,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -489,10 +496,22 @@ pub async fn delete(args: DeleteArgs) -> Result<(), ReadError> {
 pub async fn stats(args: StatsArgs) -> Result<(), ReadError> {
     let mut client = client(&args.connect).await?;
     let stats = client
-        .stats(args.connect.request(StatsRequest {
-            top_n: args.top,
-            trend_hours: 24,
-        })?)
+        .stats(
+            args.connect.request(StatsRequest {
+                top_n: args.top,
+                trend_hours: 24,
+                start_time: args
+                    .since
+                    .as_deref()
+                    .map(|text| parse_time("--since", text))
+                    .transpose()?,
+                end_time: args
+                    .until
+                    .as_deref()
+                    .map(|text| parse_time("--until", text))
+                    .transpose()?,
+            })?,
+        )
         .await?
         .into_inner();
     let mut text = format!("events stored: {}\n", stats.total_events);
@@ -517,11 +536,65 @@ pub async fn stats(args: StatsArgs) -> Result<(), ReadError> {
             ingest.received, ingest.stored, ingest.duplicates, ingest.rejected, ingest.refused, ingest.spooled
         ));
     }
-    text.push_str("top services (last 24 h / total):\n");
+    text.push_str("top services (last 24 h / total / archived):\n");
     for service in &stats.top_services {
         text.push_str(&format!(
-            "  {:<24} {:>12} / {}\n",
-            service.service, service.last_24h, service.total
+            "  {:<24} {:>12} / {} / {}\n",
+            service.service, service.last_24h, service.total, service.archived
+        ));
+    }
+    text.push_str(&format!(
+        "figures from {} to {}:\n  {:<24} {:>10} {:>9} {:>7} {:>24} {:>18} {:>22}\n",
+        rfc3339(stats.figures_start.as_ref()),
+        rfc3339(stats.figures_end.as_ref()),
+        "SERVICE",
+        "ACCEPTED",
+        "REJECTED",
+        "RATE",
+        "ACK p50/p95/p99 ms",
+        "PROCESS avg/max ms",
+        "SIZE <1K/1-10K/>10K"
+    ));
+    let all = stats.all_services.iter().map(|all| ServiceFigures {
+        service: "(all)".to_owned(),
+        ..all.clone()
+    });
+    for figures in stats.figures.iter().cloned().chain(all) {
+        text.push_str(&format!(
+            "  {:<24} {:>10} {:>9} {:>6.2}% {:>24} {:>18} {:>22}\n",
+            figures.service,
+            figures.accepted,
+            figures.rejected,
+            figures.rejection_rate * 100.0,
+            format!(
+                "{:.1}/{:.1}/{:.1}",
+                figures.ack_latency_p50_ms, figures.ack_latency_p95_ms, figures.ack_latency_p99_ms
+            ),
+            format!(
+                "{:.1}/{:.1}",
+                figures.processing_avg_ms, figures.processing_max_ms
+            ),
+            format!(
+                "{}/{}/{}",
+                figures.size_under_1kib, figures.size_1_to_10kib, figures.size_over_10kib
+            ),
+        ));
+        for (reason, count) in &figures.rejected_by_reason {
+            text.push_str(&format!("      rejected {reason}: {count}\n"));
+        }
+    }
+    if let Some(usage) = &stats.usage {
+        let row = |counts: &[u64]| {
+            counts
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        text.push_str(&format!(
+            "accepted by UTC hour (00..23): {}\naccepted by weekday (Mon..Sun): {}\n",
+            row(&usage.by_hour_of_day),
+            row(&usage.by_day_of_week)
         ));
     }
     print!("{text}");

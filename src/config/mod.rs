@@ -157,6 +157,7 @@ impl Config {
         self.breaker.check()?;
         self.validation.check()?;
         self.telemetry.check()?;
+        self.metrics.check()?;
         self.auth.check()?;
         self.retention.check()?;
         self.lifecycle.check()?;

@@ -1,6 +1,6 @@
 //! `[metrics]`, `[log]` and `[telemetry]`: what the server says about itself.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use smart_default::SmartDefault;
@@ -13,6 +13,20 @@ pub struct MetricsConfig {
     /// Address of the Prometheus `/metrics` endpoint; unset disables it.
     #[default(Some(SocketAddr::from(([127, 0, 0, 1], 9464))))]
     pub listen: Option<SocketAddr>,
+    /// How often each node adds its business figures (accepted, rejected by reason, sizes,
+    /// ack latency per service and hour) to PostgreSQL, where Stats reads them.
+    #[default(Duration::from_secs(10))]
+    #[serde(with = "humantime_serde")]
+    pub figures_interval: Duration,
+}
+
+impl MetricsConfig {
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.figures_interval.is_zero() {
+            return Err(invalid("metrics.figures_interval", "must be above zero"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]

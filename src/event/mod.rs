@@ -209,6 +209,8 @@ impl RejectReason {
 pub struct EventRejection {
     pub index: u64,
     pub event_id: String,
+    /// The event's service as sent (cut to a bounded length), for the business figures.
+    pub service: String,
     pub reason: RejectReason,
 }
 

@@ -129,6 +129,7 @@ impl IngestHandler {
                         return Err(EventRejection {
                             index: valid.index,
                             event_id: valid.id.to_string(),
+                            service: valid.service.clone(),
                             reason: RejectReason::ServiceForbidden {
                                 principal: caller.principal.clone(),
                                 service: valid.service,
@@ -143,6 +144,7 @@ impl IngestHandler {
                         return Err(EventRejection {
                             index: valid.index,
                             event_id: valid.id.to_string(),
+                            service: valid.service,
                             reason: RejectReason::OptedOut,
                         });
                     }
@@ -152,6 +154,7 @@ impl IngestHandler {
                         Err(error) => Err(EventRejection {
                             index: valid.index,
                             event_id: valid.id.to_string(),
+                            service: valid.service,
                             reason: RejectReason::Privacy(error.to_string()),
                         }),
                     }
@@ -159,7 +162,8 @@ impl IngestHandler {
             match checked {
                 Ok(valid) => validated.events.push(valid),
                 Err(rejection) => {
-                    self.counters.event_rejected(rejection.reason.as_str());
+                    self.counters
+                        .event_rejected(&rejection.service, rejection.reason.as_str());
                     validated.rejections.push(rejection);
                 }
             }

@@ -53,9 +53,10 @@ impl<'a> Validator<'a> {
     /// Validates one event found at `index`.
     pub fn validate(&self, index: u64, event: Event) -> Result<ValidEvent, EventRejection> {
         self.check(event)
-            .map_err(|(event_id, reason)| EventRejection {
+            .map_err(|(event_id, service, reason)| EventRejection {
                 index,
                 event_id,
+                service,
                 reason,
             })
             .map(|valid| ValidEvent { index, ..valid })
@@ -63,8 +64,9 @@ impl<'a> Validator<'a> {
 
     /// The checks, in the order a client reads about them. A refusal carries the event's id
     /// as sent (cut to a bounded length) and the reason.
-    fn check(&self, event: Event) -> Result<ValidEvent, (String, RejectReason)> {
-        let reject = |reason: RejectReason| (echoed_id(&event.id), reason);
+    fn check(&self, event: Event) -> Result<ValidEvent, (String, String, RejectReason)> {
+        let reject =
+            |reason: RejectReason| (echoed_id(&event.id), echoed_id(&event.service), reason);
         let id = if event.id.is_empty() {
             Uuid::now_v7()
         } else {

@@ -139,6 +139,9 @@ async fn sweep(
         let hour_cutoff = cutoff - Duration::from_secs(3600);
         report.counts_deleted +=
             delete_before(pool, "event_counts", "hour", &sweep, hour_cutoff).await?;
+        // The business figures of an hour go with it (not counted in the report).
+        delete_before(pool, "ingest_figures", "hour", &sweep, hour_cutoff).await?;
+        delete_before(pool, "ingest_rejections", "hour", &sweep, hour_cutoff).await?;
         archiving::expire_objects(pool, archive, &sweep, cutoff, report).await?;
     }
     // An erasure outlives every event it could reach: past the longest retention, none of

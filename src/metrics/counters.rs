@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -13,6 +13,7 @@ use std::{
 use metrics::{counter, gauge, histogram};
 
 use super::histogram::EVENT_COMMIT_SECONDS;
+use crate::figures::Figures;
 
 /// Why a whole request was refused: the `reason` label of `sluice_events_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct Counters {
     services: BoundedLabel,
     /// Events received per principal, bounded in cardinality.
     principals: BoundedLabel,
+    /// The business figures per service and hour that Stats reads from PostgreSQL.
+    figures: Arc<Figures>,
 }
 
 impl Default for Counters {
@@ -89,6 +92,7 @@ impl Default for Counters {
             refused: Mutex::default(),
             services: BoundedLabel::new("sluice_service_events_total", "service"),
             principals: BoundedLabel::new("sluice_principal_events_total", "principal"),
+            figures: Arc::default(),
         }
     }
 }
@@ -159,15 +163,21 @@ impl Counters {
         self.received.fetch_add(count as u64, Ordering::Relaxed);
     }
 
-    /// One event refused, with the label of its reason.
-    pub fn event_rejected(&self, reason: &'static str) {
-        self.events_rejected(reason, 1);
+    /// One event of `service` refused, with the label of its reason.
+    pub fn event_rejected(&self, service: &str, reason: &'static str) {
+        self.events_rejected(service, reason, 1);
     }
 
-    /// `count` events not stored, for one reason.
-    pub fn events_rejected(&self, reason: &'static str, count: u64) {
+    /// `count` events of `service` not stored, for one reason.
+    pub fn events_rejected(&self, service: &str, reason: &'static str, count: u64) {
         counter!("sluice_events_rejected_total", "reason" => reason).increment(count);
         add(&self.rejected, reason, count);
+        self.figures.rejected(service, reason, count);
+    }
+
+    /// The business figures this node counts (Stats reads them from PostgreSQL).
+    pub fn figures(&self) -> &Arc<Figures> {
+        &self.figures
     }
 
     /// A whole request of `count` events refused.
@@ -226,8 +236,8 @@ mod tests {
     fn counters_keep_totals_by_reason() {
         let counters = Counters::default();
         counters.events_received(5);
-        counters.event_rejected("invalid_id");
-        counters.event_rejected("invalid_id");
+        counters.event_rejected("s", "invalid_id");
+        counters.event_rejected("s", "invalid_id");
         counters.events_refused(Refusal::BufferFull, 3);
         counters.events_committed(2, 1, Duration::from_millis(3));
         let totals = counters.totals();

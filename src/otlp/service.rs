@@ -112,6 +112,7 @@ mod tests {
             .map(|index| EventRejection {
                 index,
                 event_id: String::new(),
+                service: "svc".to_owned(),
                 reason: RejectReason::MissingMessage,
             })
             .collect();

@@ -1,5 +1,7 @@
-//! Stats: events per service (total and last 24 h), an hourly trend, the top services, and,
-//! for admins, the node's buffer, writers, circuit and ingest counters. It reads
+//! Stats: events per service (total, last 24 h, archived), an hourly trend, the top services,
+//! the business figures of a window (accepted, rejected by reason, ack latency, processing
+//! time, sizes, usage by hour and weekday; see `figures`), and, for admins, the node's buffer,
+//! writers, circuit and ingest counters. It reads
 //! `event_counts`, the hourly rollup the writers keep in the same transaction as each COPY,
 //! so it never counts the events table.
 
@@ -12,9 +14,11 @@ use crate::{
     auth::Caller,
     broker::Backlog,
     config::Scope,
+    figures::store::{self, Summed},
     proto::{
-        BufferStats, HourCount, IngestCounters, ServiceCount, StatsRequest, StatsResponse,
-        WriterStats, wire::to_timestamp,
+        BufferStats, HourCount, IngestCounters, ServiceCount, ServiceFigures, StatsRequest,
+        StatsResponse, UsagePattern, WriterStats,
+        wire::{to_datetime, to_timestamp},
     },
 };
 
@@ -93,12 +97,32 @@ pub async fn stats(
             }
         })
         .collect();
+    let (figures_start, figures_end) = figures_window(&request, now)?;
+    let window = store::window(pool, figures_start, figures_end, caller.service_patterns()).await?;
+    let mut all = Summed::default();
+    for summed in window.services.values() {
+        all.absorb(summed);
+    }
+    let mut figures: Vec<ServiceFigures> = window
+        .services
+        .iter()
+        .map(|(service, summed)| service_figures(service, summed))
+        .collect();
+    figures.sort_by(|a, b| b.accepted.cmp(&a.accepted).then(a.service.cmp(&b.service)));
     let response = StatsResponse {
         total_events: services.iter().map(|service| service.total).sum(),
         archived_events: services.iter().map(|service| service.archived).sum(),
         services,
         hourly,
         top_services,
+        figures,
+        all_services: Some(service_figures("", &all)),
+        usage: Some(UsagePattern {
+            by_hour_of_day: window.by_hour_of_day.to_vec(),
+            by_day_of_week: window.by_day_of_week.to_vec(),
+        }),
+        figures_start: Some(to_timestamp(figures_start)),
+        figures_end: Some(to_timestamp(figures_end)),
         ..StatsResponse::default()
     };
     // Node-wide figures cover every service: only for admins.
@@ -111,6 +135,60 @@ pub async fn stats(
         ingest: Some(ingest_counters(reader)),
         ..response
     })
+}
+
+/// The window of the business figures: the request's, or the last 24 hours.
+fn figures_window(
+    request: &StatsRequest,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), QueryError> {
+    let time = |field: &'static str, value: &Option<prost_types::Timestamp>| {
+        value
+            .as_ref()
+            .map(|value| {
+                to_datetime(value).map_err(|_| QueryError::invalid(field, "not a valid time"))
+            })
+            .transpose()
+    };
+    let end = time("end_time", &request.end_time)?.unwrap_or(now);
+    let start = time("start_time", &request.start_time)?.unwrap_or(end - TimeDelta::hours(24));
+    if start >= end {
+        return Err(QueryError::invalid("start_time", "must be before end_time"));
+    }
+    Ok((start, end))
+}
+
+/// One line of business figures.
+fn service_figures(service: &str, summed: &Summed) -> ServiceFigures {
+    let rejected = summed.rejected_total();
+    let events = summed.accepted + rejected;
+    let rate = |count: u64| {
+        if events == 0 {
+            0.0
+        } else {
+            count as f64 / events as f64
+        }
+    };
+    ServiceFigures {
+        service: service.to_owned(),
+        accepted: summed.accepted,
+        rejected,
+        rejected_by_reason: summed.rejected.clone().into_iter().collect(),
+        rejection_rate: rate(rejected),
+        rejection_rate_by_reason: summed
+            .rejected
+            .iter()
+            .map(|(reason, count)| (reason.clone(), rate(*count)))
+            .collect(),
+        ack_latency_p50_ms: summed.ack_ms(0.50),
+        ack_latency_p95_ms: summed.ack_ms(0.95),
+        ack_latency_p99_ms: summed.ack_ms(0.99),
+        processing_avg_ms: summed.processing_avg_ms(),
+        processing_max_ms: summed.processing_max_us as f64 / 1000.0,
+        size_under_1kib: summed.sizes[0],
+        size_1_to_10kib: summed.sizes[1],
+        size_over_10kib: summed.sizes[2],
+    }
 }
 
 fn buffer_stats(reader: &Reader) -> BufferStats {

@@ -19,7 +19,7 @@ use crate::{
     buffer::Buffer,
     config::Config,
     feed::TailFeed,
-    health,
+    figures, health,
     lifecycle::{self, RetentionPolicy},
     metrics::Counters,
     privacy::{kms, optouts},
@@ -155,6 +155,13 @@ impl Background {
         retention: Arc<RetentionPolicy>,
     ) {
         let upkeep = &self.upkeep;
+        // Stopped after the writers: their last acknowledgements are in the last flush.
+        upkeep.spawn(figures::store::flush_every(
+            storage.store.pool.clone(),
+            self.counters.figures().clone(),
+            config.metrics.figures_interval,
+            upkeep.token(),
+        ));
         let kms = config.privacy.uses_kms().then(|| {
             let status = Arc::new(kms::KmsStatus::default());
             upkeep.spawn_until_cancelled(kms::keep_checked(

@@ -282,7 +282,9 @@ impl Consumer {
                 }
                 EventOutcome::Duplicate => duplicates += 1,
                 EventOutcome::Erased => {}
-                EventOutcome::Rejected(reason) => counters.event_rejected(reason.as_str()),
+                EventOutcome::Rejected(reason) => {
+                    counters.event_rejected(&event.service, reason.as_str());
+                }
             }
         }
         metrics::stream_events_written(written, duplicates);
@@ -339,9 +341,11 @@ impl Consumer {
         };
         match written {
             Ok(()) => {
-                self.context
-                    .counters
-                    .events_rejected("undeliverable", entry.event_count.max(1));
+                self.context.counters.events_rejected(
+                    crate::figures::UNKNOWN_SERVICE,
+                    "undeliverable",
+                    entry.event_count.max(1),
+                );
                 tracing::error!(consumer = %self.name, entry = %entry.id, deliveries = entry.deliveries, "stream entry moved to dead letters");
                 true
             }

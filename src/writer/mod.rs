@@ -27,6 +27,7 @@ use crate::{
     buffer::{Buffer, BufferReceiver, Durable, Envelope},
     config::WriterConfig,
     event::{EventRejection, ValidEvent},
+    figures::Accepted,
     metrics::{self, Counters, WriteFailure},
     spool::Spool,
 };
@@ -327,10 +328,18 @@ fn acknowledge(
     let mut stored = Vec::new();
     for mut envelope in batch {
         let mut durable = Durable::default();
+        // The request's accepted events by service, for the business figures.
+        let mut accepted: Vec<(String, Accepted)> = Vec::new();
         for (event, outcome) in std::mem::take(&mut envelope.events)
             .into_iter()
             .zip(outcomes.by_ref())
         {
+            if matches!(
+                outcome,
+                Some(EventOutcome::Stored | EventOutcome::Erased | EventOutcome::Duplicate)
+            ) {
+                tally(&mut accepted, &event);
+            }
             match outcome {
                 Some(EventOutcome::Stored) => {
                     durable.stored += 1;
@@ -346,10 +355,11 @@ fn acknowledge(
                     durable.duplicates += 1;
                 }
                 Some(EventOutcome::Rejected(reason)) => {
-                    counters.event_rejected(reason.as_str());
+                    counters.event_rejected(&event.service, reason.as_str());
                     durable.rejected.push(EventRejection {
                         index: event.index,
                         event_id: event.id.to_string(),
+                        service: event.service.clone(),
                         reason,
                     });
                 }
@@ -360,6 +370,7 @@ fn acknowledge(
                     durable.rejected.push(EventRejection {
                         index: event.index,
                         event_id: event.id.to_string(),
+                        service: event.service.clone(),
                         reason: crate::event::RejectReason::DatabaseRefused(
                             "not written: internal error, resend it".to_owned(),
                         ),
@@ -367,15 +378,30 @@ fn acknowledge(
                 }
             }
         }
-        counters.events_committed(
-            durable.stored,
-            durable.duplicates,
-            envelope.admitted_at.elapsed(),
-        );
+        let latency = envelope.admitted_at.elapsed();
+        counters.events_committed(durable.stored, durable.duplicates, latency);
+        counters.figures().acknowledged(&accepted, latency);
         // A closed receiver means the client went away; its events are durable regardless.
         let _ = envelope.ack.send(durable);
     }
     stored
+}
+
+/// Counts one accepted event under its service: requests mostly carry one service, so the
+/// last entry is tried first.
+fn tally(accepted: &mut Vec<(String, Accepted)>, event: &ValidEvent) {
+    let bytes = event.message.len() + event.metadata_json.len();
+    if let Some((_, counts)) = accepted
+        .iter_mut()
+        .rev()
+        .find(|(service, _)| *service == event.service)
+    {
+        counts.add(bytes);
+        return;
+    }
+    let mut counts = Accepted::default();
+    counts.add(bytes);
+    accepted.push((event.service.clone(), counts));
 }
 
 #[cfg(test)]

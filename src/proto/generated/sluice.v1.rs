@@ -778,6 +778,70 @@ pub struct StatsRequest {
     /// Hours of hourly trend: 24 when 0, at most 48.
     #[prost(uint32, tag = "2")]
     pub trend_hours: u32,
+    /// The window of the business figures (`figures`, `all_services`, `usage`): the UTC hours
+    /// of receipt from the one holding start_time up to end_time. Default: the last 24 hours.
+    /// Figures are kept as long as the events of their service (retention).
+    #[prost(message, optional, tag = "3")]
+    pub start_time: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "4")]
+    pub end_time: ::core::option::Option<::prost_types::Timestamp>,
+}
+/// The business figures of one service (or of all) over a window, summed over every node.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ServiceFigures {
+    #[prost(string, tag = "1")]
+    pub service: ::prost::alloc::string::String,
+    /// Events acknowledged as durable (stored, or already stored under the same id).
+    #[prost(uint64, tag = "2")]
+    pub accepted: u64,
+    /// Events refused for good, one by one (invalid, service forbidden, opted out, refused by
+    /// PostgreSQL), by the reason of `IngestResponse.rejected`. Whole requests refused for a
+    /// while (buffer full, rate limited) are retried by clients, not rejected: see `ingest`.
+    #[prost(uint64, tag = "3")]
+    pub rejected: u64,
+    #[prost(map = "string, uint64", tag = "4")]
+    pub rejected_by_reason: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        u64,
+    >,
+    /// rejected / (accepted + rejected), 0 without events; by reason likewise.
+    #[prost(double, tag = "5")]
+    pub rejection_rate: f64,
+    #[prost(map = "string, double", tag = "6")]
+    pub rejection_rate_by_reason: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        f64,
+    >,
+    /// Requests holding events of this service: time from admission to the durable ack (ms),
+    /// estimated from buckets √2 apart (within about 20%).
+    #[prost(double, tag = "7")]
+    pub ack_latency_p50_ms: f64,
+    #[prost(double, tag = "8")]
+    pub ack_latency_p95_ms: f64,
+    #[prost(double, tag = "9")]
+    pub ack_latency_p99_ms: f64,
+    /// Per event: admission to commit (ms), the mean and the longest.
+    #[prost(double, tag = "10")]
+    pub processing_avg_ms: f64,
+    #[prost(double, tag = "11")]
+    pub processing_max_ms: f64,
+    /// Accepted events by size (message + metadata as stored).
+    #[prost(uint64, tag = "12")]
+    pub size_under_1kib: u64,
+    #[prost(uint64, tag = "13")]
+    pub size_1_to_10kib: u64,
+    #[prost(uint64, tag = "14")]
+    pub size_over_10kib: u64,
+}
+/// When events arrive, over the window: accepted events by UTC hour of receipt.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UsagePattern {
+    /// 24 entries, from 00:00 to 23:00 UTC.
+    #[prost(uint64, repeated, tag = "1")]
+    pub by_hour_of_day: ::prost::alloc::vec::Vec<u64>,
+    /// 7 entries, Monday first.
+    #[prost(uint64, repeated, tag = "2")]
+    pub by_day_of_week: ::prost::alloc::vec::Vec<u64>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServiceCount {
@@ -879,6 +943,19 @@ pub struct StatsResponse {
     /// Of `total_events`, the events in archived objects.
     #[prost(uint64, tag = "8")]
     pub archived_events: u64,
+    /// The business figures over the request's window, per service (most accepted first).
+    #[prost(message, repeated, tag = "9")]
+    pub figures: ::prost::alloc::vec::Vec<ServiceFigures>,
+    /// The same over every service the caller may read.
+    #[prost(message, optional, tag = "10")]
+    pub all_services: ::core::option::Option<ServiceFigures>,
+    #[prost(message, optional, tag = "11")]
+    pub usage: ::core::option::Option<UsagePattern>,
+    /// The window the figures cover.
+    #[prost(message, optional, tag = "12")]
+    pub figures_start: ::core::option::Option<::prost_types::Timestamp>,
+    #[prost(message, optional, tag = "13")]
+    pub figures_end: ::core::option::Option<::prost_types::Timestamp>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct AuditRequest {
