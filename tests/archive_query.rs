@@ -374,3 +374,52 @@ async fn a_missing_or_corrupt_object_is_data_loss_by_name_and_an_unreachable_sto
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_query_reads_only_the_archived_objects_that_may_hold_the_trace() {
+    let archived = Archived::start(Store::Files, "").await;
+    let mut ingest = archived.server.ingest_client().await;
+    publish(&mut ingest, fixture()).await;
+    // Four more orders ten days ago, brought by one traced request.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traced: Vec<Event> = (100..104)
+        .map(|n| event_at("orders", "carol", days_ago(10, n as i64), n))
+        .collect();
+    let mut request = tonic::Request::new(common::request(traced.clone()));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("traceparent"),
+    );
+    let response = ingest.publish(request).await.expect("publish").into_inner();
+    assert_eq!(response.accepted, 4);
+    archived.lifecycle();
+    assert_eq!(
+        archived.catalog().await.len(),
+        3,
+        "three objects, one with the trace"
+    );
+
+    let mut query = archived.query_client().await;
+    let (found, from_archive, _) = page_through(
+        &mut query,
+        QueryRequest {
+            trace_id: trace_id.to_owned(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("query");
+    assert_eq!(ids(&found), ids(&traced));
+    assert_eq!(from_archive, 4);
+    assert!(found.iter().all(|event| event.trace_id == trace_id));
+    // The two objects whose trace filter rules the trace out were never fetched.
+    let metrics = archived.server.metrics().await;
+    let fetched = metric_sum(
+        &metrics,
+        "sluice_archive_query_objects_total",
+        "source=\"store\"",
+    );
+    assert_eq!(fetched, 1.0);
+}

@@ -186,7 +186,7 @@ mod tests {
         let mut encoder = Encoder::new().expect("encoder");
         for (id, seconds) in [(3, 20), (2, 10), (1, 20)] {
             let (text, ts) = line(id, seconds);
-            encoder.push(&text, ts, None).expect("push");
+            encoder.push(&text, ts, None, None).expect("push");
         }
         let encoded = encoder.finish().expect("finish").expect("lines");
         let decoded = DecodedObject::parse("p", &encoded.bytes).expect("decoded");

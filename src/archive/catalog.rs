@@ -29,6 +29,19 @@ pub struct ArchivedObject {
     pub sha256: String,
     /// The selected user's events in this object, when the selection names a user.
     pub user_events: Option<i64>,
+    /// The Bloom filter of its trace ids, when the selection names a trace and the object
+    /// has one.
+    pub trace_bloom: Option<Vec<u8>>,
+}
+
+impl ArchivedObject {
+    /// Whether the object may hold events of `trace_id` (always, without a trace or a filter).
+    pub fn may_hold_trace(&self, trace_id: Option<&str>) -> bool {
+        match (trace_id, &self.trace_bloom) {
+            (Some(trace_id), Some(filter)) => super::bloom::may_hold(filter, trace_id),
+            _ => true,
+        }
+    }
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ArchivedObject {
@@ -44,6 +57,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for ArchivedObject {
             rows: row.try_get("rows")?,
             sha256: row.try_get("sha256")?,
             user_events: row.try_get("user_events")?,
+            trace_bloom: row.try_get("trace_bloom")?,
         })
     }
 }
@@ -58,6 +72,8 @@ pub struct Selection {
     pub start: Option<DateTime<Utc>>,
     pub end: Option<DateTime<Utc>>,
     pub user_id: Option<String>,
+    /// With it, objects carry their trace filter ([`ArchivedObject::may_hold_trace`]).
+    pub trace_id: Option<String>,
 }
 
 /// The objects that may hold events of `selection`, oldest day first.
@@ -89,9 +105,11 @@ pub async fn select_nearest(
 }
 
 fn selection_query(selection: &Selection) -> QueryBuilder<Postgres> {
-    let mut builder = QueryBuilder::<Postgres>::new(
-        "SELECT a.id, a.path, a.service, a.day, a.min_ts, a.max_ts, a.rows, a.sha256, ",
-    );
+    let mut builder = QueryBuilder::<Postgres>::new(if selection.trace_id.is_some() {
+        "SELECT a.id, a.path, a.service, a.day, a.min_ts, a.max_ts, a.rows, a.sha256, a.trace_bloom, "
+    } else {
+        "SELECT a.id, a.path, a.service, a.day, a.min_ts, a.max_ts, a.rows, a.sha256, NULL::bytea AS trace_bloom, "
+    });
     match &selection.user_id {
         Some(user_id) => builder
             .push("u.events AS user_events FROM archives a JOIN archive_users u ON u.archive_id = a.id AND u.user_id = ")
@@ -127,7 +145,8 @@ pub async fn objects_of_day(
     day: NaiveDate,
 ) -> Result<Vec<ArchivedObject>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, path, service, day, min_ts, max_ts, rows, sha256, NULL::bigint AS user_events \
+        "SELECT id, path, service, day, min_ts, max_ts, rows, sha256, NULL::bigint AS user_events, \
+         NULL::bytea AS trace_bloom \
          FROM archives WHERE service = $1 AND day = $2 ORDER BY part",
     )
     .bind(service)
@@ -143,7 +162,8 @@ pub async fn reload(
     id: i64,
 ) -> Result<Option<ArchivedObject>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, path, service, day, min_ts, max_ts, rows, sha256, NULL::bigint AS user_events \
+        "SELECT id, path, service, day, min_ts, max_ts, rows, sha256, NULL::bigint AS user_events, \
+         NULL::bytea AS trace_bloom \
          FROM archives WHERE id = $1 FOR UPDATE",
     )
     .bind(id)
@@ -194,8 +214,8 @@ pub async fn record(
     encoded: &Encoded,
 ) -> Result<i64, sqlx::Error> {
     let id: i64 = sqlx::query_scalar(
-        "INSERT INTO archives (path, uri, service, day, part, min_ts, max_ts, rows, bytes, sha256) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+        "INSERT INTO archives (path, uri, service, day, part, min_ts, max_ts, rows, bytes, sha256, \
+         trace_bloom) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
     )
     .bind(&placement.path)
     .bind(&placement.uri)
@@ -207,6 +227,7 @@ pub async fn record(
     .bind(encoded.rows)
     .bind(encoded.bytes.len() as i64)
     .bind(&encoded.sha256)
+    .bind(&encoded.trace_bloom)
     .fetch_one(&mut *connection)
     .await?;
     let (users, counts): (Vec<String>, Vec<i64>) = encoded

@@ -3,7 +3,7 @@
 //! ordered by `(timestamp, id)`. `zstdcat part-1.ndjson.zst | jq` reads one.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, Write},
 };
 
@@ -52,6 +52,8 @@ pub struct Encoded {
     pub max_ts: DateTime<Utc>,
     /// Events per user (events without a user are not listed).
     pub users: BTreeMap<String, i64>,
+    /// The Bloom filter of its trace ids ([`super::bloom`]).
+    pub trace_bloom: Vec<u8>,
 }
 
 /// Compresses lines as they come; `finish` gives the object.
@@ -61,6 +63,7 @@ pub struct Encoder {
     raw_bytes: usize,
     span: Option<(DateTime<Utc>, DateTime<Utc>)>,
     users: BTreeMap<String, i64>,
+    traces: BTreeSet<String>,
 }
 
 impl Encoder {
@@ -71,6 +74,7 @@ impl Encoder {
             raw_bytes: 0,
             span: None,
             users: BTreeMap::new(),
+            traces: BTreeSet::new(),
         })
     }
 
@@ -80,6 +84,7 @@ impl Encoder {
         line: &str,
         ts: DateTime<Utc>,
         user_id: Option<&str>,
+        trace_id: Option<&str>,
     ) -> std::io::Result<()> {
         self.zstd.write_all(line.as_bytes())?;
         self.zstd.write_all(b"\n")?;
@@ -91,6 +96,9 @@ impl Encoder {
         });
         if let Some(user) = user_id {
             *self.users.entry(user.to_owned()).or_default() += 1;
+        }
+        if let Some(trace) = trace_id.filter(|trace| !self.traces.contains(*trace)) {
+            self.traces.insert(trace.to_owned());
         }
         Ok(())
     }
@@ -117,6 +125,7 @@ impl Encoder {
             min_ts,
             max_ts,
             users: self.users,
+            trace_bloom: super::bloom::build(self.traces.iter().map(String::as_str)),
         }))
     }
 }
@@ -188,14 +197,19 @@ mod tests {
     #[test]
     fn objects_round_trip_with_their_checksum_span_and_users() {
         let mut encoder = Encoder::new().expect("encoder");
-        encoder.push("{\"a\":1}", at(20), Some("u1")).expect("push");
-        encoder.push("{\"a\":2}", at(10), Some("u1")).expect("push");
-        encoder.push("{\"a\":3}", at(30), None).expect("push");
+        encoder
+            .push("{\"a\":1}", at(20), Some("u1"), Some("t1"))
+            .expect("push");
+        encoder
+            .push("{\"a\":2}", at(10), Some("u1"), None)
+            .expect("push");
+        encoder.push("{\"a\":3}", at(30), None, None).expect("push");
         let encoded = encoder.finish().expect("finish").expect("lines");
         assert_eq!(encoded.rows, 3);
         assert_eq!((encoded.min_ts, encoded.max_ts), (at(10), at(30)));
         assert_eq!(encoded.users.get("u1"), Some(&2));
         assert_eq!(encoded.sha256, sha256_hex(&encoded.bytes));
+        assert!(super::super::bloom::may_hold(&encoded.trace_bloom, "t1"));
         assert_eq!(
             decode(&encoded.bytes).expect("decode"),
             ["{\"a\":1}", "{\"a\":2}", "{\"a\":3}"]

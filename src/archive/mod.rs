@@ -11,6 +11,7 @@
 //! an object is either recorded or removed by the next garbage collection, and no row leaves
 //! PostgreSQL before its object is durable.
 
+pub mod bloom;
 pub mod cache;
 pub mod catalog;
 pub mod format;
@@ -558,8 +559,13 @@ fn split(
                     .ok_or_else(|| corrupt("a line cannot be rewritten".to_owned()))?;
                 let changed =
                     ArchivedEvent::parse(&rewritten).map_err(|error| corrupt(error.to_string()))?;
-                kept.push(&rewritten, changed.timestamp, changed.user_id.as_deref())
-                    .map_err(|error| corrupt(error.to_string()))?;
+                kept.push(
+                    &rewritten,
+                    changed.timestamp,
+                    changed.user_id.as_deref(),
+                    changed.trace_id.as_deref(),
+                )
+                .map_err(|error| corrupt(error.to_string()))?;
             }
             taken.push(Line {
                 text,
@@ -567,8 +573,13 @@ fn split(
                 ts: event.timestamp,
             });
         } else {
-            kept.push(&text, event.timestamp, event.user_id.as_deref())
-                .map_err(|error| corrupt(error.to_string()))?;
+            kept.push(
+                &text,
+                event.timestamp,
+                event.user_id.as_deref(),
+                event.trace_id.as_deref(),
+            )
+            .map_err(|error| corrupt(error.to_string()))?;
         }
     }
     // Nothing taken: the kept copy is never written.

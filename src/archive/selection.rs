@@ -21,6 +21,7 @@ impl Filter {
             start: self.start,
             end: self.end,
             user_id: self.user_id.clone(),
+            trace_id: self.trace_id.clone(),
         }
     }
 

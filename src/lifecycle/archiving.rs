@@ -96,13 +96,13 @@ async fn archive_part(
     // Pages walk the (service, ts, id) index: each starts where the last ended (`$2` is
     // the last key's ts, and `(ts, id) > ($2, $4)` excludes what was read), never rescanning.
     let page_after = format!(
-        "SELECT id, ts, user_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
+        "SELECT id, ts, user_id, trace_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
          AND (ts, id) > ($2, $4) AND {} ORDER BY ts, id LIMIT $5",
         store::EVENT_JSON,
         catalog::NOT_HELD
     );
     let first_page = format!(
-        "SELECT id, ts, user_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
+        "SELECT id, ts, user_id, trace_id, {} FROM events e WHERE service = $1 AND ts >= $2 AND ts < $3 \
          AND $4::uuid IS NULL AND {} ORDER BY ts, id LIMIT $5",
         store::EVENT_JSON,
         catalog::NOT_HELD
@@ -116,21 +116,21 @@ async fn archive_part(
             Some(last) => (page_after.as_str(), *last),
             None => (first_page.as_str(), from),
         };
-        let page: Vec<(Uuid, DateTime<Utc>, Option<String>, String)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(statement))
-                .bind(service)
-                .bind(start)
-                .bind(to)
-                .bind(ids.last())
-                .bind(PAGE)
-                .fetch_all(&mut *transaction)
-                .await?;
+        type Row = (Uuid, DateTime<Utc>, Option<String>, Option<String>, String);
+        let page: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(statement))
+            .bind(service)
+            .bind(start)
+            .bind(to)
+            .bind(ids.last())
+            .bind(PAGE)
+            .fetch_all(&mut *transaction)
+            .await?;
         let full = page.len() as i64 == PAGE;
-        for (id, ts, user_id, line) in page {
+        for (id, ts, user_id, trace_id, line) in page {
             if archived_keys.contains(&(id, ts)) {
                 already_archived += 1;
             } else {
-                encoder.push(&line, ts, user_id.as_deref())?;
+                encoder.push(&line, ts, user_id.as_deref(), trace_id.as_deref())?;
             }
             ids.push(id);
             stamps.push(ts);

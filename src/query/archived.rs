@@ -169,6 +169,8 @@ impl Reading {
         let unlisted = (objects.len() as i64 > LISTED_OBJECTS)
             .then(|| objects.pop())
             .flatten();
+        // Objects whose trace filter rules the trace out need no reading.
+        objects.retain(|object| object.may_hold_trace(filter.trace_id.as_deref()));
         let mut reading = Self {
             archive: archive.clone(),
             direction,
@@ -345,7 +347,7 @@ impl Reading {
             .objects
             .iter()
             .chain(self.unlisted.iter())
-            .filter(|object| covers(object))
+            .filter(|object| covers(object) && object.may_hold_trace(filter.trace_id.as_deref()))
             .map(|object| object.id)
             .collect();
         let selection = Selection {
@@ -357,6 +359,7 @@ impl Reading {
         let mut now: Vec<i64> = catalog::select(&mut connection, &selection)
             .await?
             .into_iter()
+            .filter(|object| object.may_hold_trace(filter.trace_id.as_deref()))
             .map(|object| object.id)
             .collect();
         listed.sort_unstable();

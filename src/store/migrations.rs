@@ -30,7 +30,7 @@ const FILES: &[(&str, &str)] = migrations![
     "0011_ingested_at_brin.sql",
     "0012_erasures.sql",
     "0013_privacy_wrapped_keys.sql",
-    "0014_ingest_figures.sql",
+    "0014_figures_and_trace_blooms.sql",
 ];
 
 /// The migrator over [`FILES`].

@@ -28,3 +28,7 @@ CREATE TABLE ingest_rejections (
     PRIMARY KEY (service, hour, reason)
 );
 CREATE INDEX ingest_rejections_hour_idx ON ingest_rejections (hour);
+
+-- The trace ids of each archived object as a Bloom filter (archive/bloom.rs): a Query by
+-- trace id reads only the objects that may hold it. NULL for objects archived before: read.
+ALTER TABLE archives ADD COLUMN trace_bloom bytea;
