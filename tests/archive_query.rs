@@ -15,7 +15,7 @@ use common::{
 };
 use object_store::{ObjectStoreExt, PutPayload, path::Path};
 use sluice::proto::{
-    Event, ExportRequest, Order, QueryRequest, StatsRequest,
+    AuditRequest, DeleteRequest, Event, ExportRequest, Order, QueryRequest, StatsRequest,
     query_service_client::QueryServiceClient,
 };
 use tonic::{Code, transport::Channel};
@@ -217,6 +217,46 @@ async fn query_reads_the_rows_and_the_archive_as_one_table_in_both_orders() {
         "source=\"store\"",
     );
     assert!((1.0..=3.0).contains(&from_store), "{from_store}");
+
+    // Reads of archived personal data are audited like reads of rows, saying how many
+    // archived events each call returned.
+    let audit = query
+        .audit(AuditRequest {
+            rpc: "Query".to_owned(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("audit")
+        .into_inner();
+    let archived_rows: f64 = audit
+        .entries
+        .iter()
+        .filter_map(|entry| {
+            let details = entry.details.clone()?.into_object();
+            details.get("archived_rows")?.as_f64()
+        })
+        .sum();
+    assert!(archived_rows >= 90.0, "{archived_rows}");
+
+    // A Delete reaches both tiers, and Stats' archived share follows it.
+    query
+        .delete(DeleteRequest {
+            user_id: "alice".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+    let stats = query
+        .stats(StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!((stats.total_events, stats.archived_events), (50, 45));
+    let (left, _, _) = page_through(&mut query, QueryRequest::default())
+        .await
+        .expect("query");
+    assert_eq!(left.len(), 50);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
