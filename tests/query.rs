@@ -1320,7 +1320,7 @@ async fn stats_once(
 ) -> sluice::proto::StatsResponse {
     for _ in 0..200 {
         let stats = query
-            .stats(request.clone())
+            .stats(request)
             .await
             .expect("stats")
             .into_inner();
