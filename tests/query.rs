@@ -1319,11 +1319,7 @@ async fn stats_once(
     done: impl Fn(&sluice::proto::StatsResponse) -> bool,
 ) -> sluice::proto::StatsResponse {
     for _ in 0..200 {
-        let stats = query
-            .stats(request)
-            .await
-            .expect("stats")
-            .into_inner();
+        let stats = query.stats(request).await.expect("stats").into_inner();
         if done(&stats) {
             return stats;
         }
