@@ -224,10 +224,6 @@ impl Reading {
         let matcher = filter.archived_matcher();
         let needles = Arc::new(filter.archived_needles());
         let mut events: Vec<ArchivedEvent> = Vec::new();
-        let mut bound = self
-            .unlisted
-            .as_ref()
-            .map(|object| direction.near_edge(object));
         let mut read = 0;
         while read < self.objects.len() {
             let object = self.objects[read].clone();
@@ -242,12 +238,17 @@ impl Reading {
                 .cursor
                 .is_some_and(|cursor| !direction.beyond(object, cursor));
             if past_rows || settled || (!must && Instant::now() >= deadline) {
-                bound = Some(edge);
-                break;
+                return Ok(Found {
+                    events,
+                    bound: Some(edge),
+                });
             }
             self.keep_loading(read);
             let Some(load) = self.loads.pop_front() else {
-                break;
+                return Ok(Found {
+                    events,
+                    bound: Some(edge),
+                });
             };
             let decoded = if must {
                 load.await
@@ -256,8 +257,10 @@ impl Reading {
                     Ok(decoded) => decoded,
                     // The load goes on, for the next call.
                     Err(_) => {
-                        bound = Some(edge);
-                        break;
+                        return Ok(Found {
+                            events,
+                            bound: Some(edge),
+                        });
                     }
                 }
             };
@@ -285,12 +288,11 @@ impl Reading {
             .await?;
             events = merge(events, taken, limit + 1, direction);
         }
-        if read == self.objects.len() && bound.is_none() {
-            bound = self
-                .unlisted
-                .as_ref()
-                .map(|object| direction.near_edge(object));
-        }
+        // Every listed object read: the first one past them, if any, bounds the page.
+        let bound = self
+            .unlisted
+            .as_ref()
+            .map(|object| direction.near_edge(object));
         Ok(Found { events, bound })
     }
 
