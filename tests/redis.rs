@@ -1286,3 +1286,88 @@ async fn nodes_start_before_the_cluster_exists_spool_and_drain_when_it_appears()
     .await;
     cluster.drained(Duration::from_secs(60)).await;
 }
+
+/// Sets `appendfsync` on every node of the cluster.
+async fn set_appendfsync(cluster: &RedisCluster, value: &str) {
+    for node in &cluster.nodes {
+        let mut connection = node.connection().await;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("appendfsync")
+            .arg(value)
+            .query_async(&mut connection)
+            .await
+            .expect("config set");
+    }
+}
+
+/// Waits until the node's `sluice_health_check{check}` gauge reads `value`.
+async fn health_check_reads(server: &TestServer, check: &str, value: f64) {
+    let label = format!("check=\"{check}\"");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::metric_sum(&server.metrics().await, "sluice_health_check", &label) != value {
+        assert!(
+            Instant::now() < deadline,
+            "{check} never read {value}:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_found_weak_while_running_stops_appends_and_ingest_spools_until_it_is_durable() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let cluster = RedisCluster::start().await;
+    let ingest = TestServer::start(
+        cluster_node(&database, &cluster, "ingest")
+            .env("SLUICE_REDIS__DURABILITY_CHECK_INTERVAL", "200ms"),
+    )
+    .await;
+    let _writer = TestServer::start(cluster_node(&database, &cluster, "writer")).await;
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    let sending = |service: &str| {
+        let (ingest, acknowledged, service) = (&ingest, acknowledged.clone(), service.to_owned());
+        async move {
+            send(
+                ingest.ingest_client().await,
+                service,
+                5,
+                100,
+                acknowledged,
+                Refused::RetryUntilAcknowledged,
+            )
+            .await;
+        }
+    };
+    sending("durable").await;
+    health_check_reads(&ingest, "redis_durability", 1.0).await;
+
+    // An operator (or a failover to a node configured otherwise) weakens the masters.
+    set_appendfsync(&cluster, "everysec").await;
+    health_check_reads(&ingest, "redis_durability", 0.0).await;
+    assert!(
+        ingest
+            .logs()
+            .lines()
+            .any(|line| line.contains("not durable enough") && line.contains("everysec")),
+        "{}",
+        ingest.logs()
+    );
+    let spooled_before =
+        common::metric_sum(&ingest.metrics().await, "sluice_events_spooled_total", "");
+    sending("weak").await;
+    // Acknowledged all the same, into the node's own fsync'd spool, not the weak masters.
+    let spooled = common::metric_sum(&ingest.metrics().await, "sluice_events_spooled_total", "")
+        - spooled_before;
+    assert!(spooled >= 500.0, "{spooled} spooled:\n{}", ingest.logs());
+
+    // Durable again: appends resume, the spool drains, everything is stored once.
+    set_appendfsync(&cluster, "always").await;
+    health_check_reads(&ingest, "redis_durability", 1.0).await;
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    assert_eq!(acknowledged.len(), 1_000);
+    all_stored_once(&database, "%", &acknowledged, || ingest.logs()).await;
+    cluster.drained(Duration::from_secs(60)).await;
+}

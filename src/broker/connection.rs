@@ -226,7 +226,7 @@ fn redis_error(error: ConnectError) -> redis::RedisError {
 /// Refuses (or warns, with `allow_weak_durability`) when an acknowledged append would not
 /// survive a Redis crash: AOF on, fsync on every write, and no eviction (which would drop
 /// entries no writer has stored yet). In a cluster, every master is read; the weakest decides.
-async fn check_durability(
+pub(super) async fn check_durability(
     connection: &mut Connection,
     config: &RedisConfig,
 ) -> Result<(), ConnectError> {

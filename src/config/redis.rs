@@ -80,6 +80,12 @@ pub struct RedisConfig {
     /// Start even when Redis is not `appendonly yes` + `appendfsync always` (acks then
     /// survive less than a Redis crash).
     pub allow_weak_durability: bool,
+    /// How often every master's durability settings are read again while running (a
+    /// failover or a reshard brings other masters in): while one is weak, appends stop and
+    /// ingest spools.
+    #[default(Duration::from_secs(5))]
+    #[serde(with = "humantime_serde")]
+    pub durability_check_interval: Duration,
 }
 
 impl RedisConfig {

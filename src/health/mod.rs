@@ -81,6 +81,14 @@ async fn streams_health(watched: &WatchedStreams, failing: &mut Failing) -> (boo
         "redis",
         redis_up.then_some(()).ok_or("redis does not answer"),
     );
+    // Ingest nodes append: a weak master stops their appends (they spool meanwhile).
+    let weak = if watched.role.ingests() {
+        watched.streams.recheck_durability().await
+    } else {
+        None
+    };
+    let durable = weak.is_none();
+    check(failing, "redis_durability", weak.map_or(Ok(()), Err));
     check(
         failing,
         "backlog",
@@ -88,7 +96,7 @@ async fn streams_health(watched: &WatchedStreams, failing: &mut Failing) -> (boo
             .then_some(())
             .ok_or("the stream backlog is over its limit"),
     );
-    (redis_up && !backlog_over, redis_up && writer_ok)
+    (redis_up && !backlog_over && durable, redis_up && writer_ok)
 }
 
 /// The checks that fail, with their reasons.

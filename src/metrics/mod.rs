@@ -38,7 +38,7 @@
 //! | `sluice_spool_quarantined_total` | counter | |
 //! | `sluice_spool_quarantined_segments` | gauge | |
 //! | `sluice_circuit_state` | gauge | `state` (`closed`, `open`, `half_open`) |
-//! | `sluice_health_check` | gauge | `check` (`database`, `buffer`, `circuit`, `spool_quarantine`, `disk`, `memory`, `redis`, `backlog`): 1 passing, 0 failing |
+//! | `sluice_health_check` | gauge | `check` (`database`, `buffer`, `circuit`, `spool_quarantine`, `disk`, `memory`, `redis`, `redis_durability`, `backlog`): 1 passing, 0 failing |
 //! | `sluice_disk_free_bytes` | gauge | `volume` (`data`, `spool`) |
 //! | `sluice_resident_memory_bytes` | gauge | |
 //! | `sluice_database_failovers_total` | counter | `pools` (`write`, `read`) |
