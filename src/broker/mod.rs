@@ -16,6 +16,7 @@
 //! both ends share one versioned, tested encoding.
 
 mod connection;
+mod durability;
 
 use std::{sync::Arc, time::Duration};
 
@@ -158,10 +159,8 @@ struct Shared {
     connector: Connector,
     config: RedisConfig,
     shards: Vec<ShardKeys>,
-    /// Why appends stop: a master found weak by the last durability re-check.
-    weak: std::sync::Mutex<Option<String>>,
-    /// When the durability settings were last read.
-    checked_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The last re-check of the masters' durability.
+    durability: durability::Verdict,
 }
 
 /// The keys of one shard. On one Redis every shard shares the two backlog counters; in a
@@ -212,8 +211,7 @@ impl Broker {
                 connector,
                 config: config.clone(),
                 shards: ShardKeys::all(config),
-                weak: std::sync::Mutex::new(None),
-                checked_at: std::sync::Mutex::new(None),
+                durability: durability::Verdict::default(),
             }),
         };
         // Redis that answers only later gets its groups from the writers (NOGROUP).
@@ -278,7 +276,7 @@ impl Broker {
         events: &[&ValidEvent],
         admitted_at: Option<DateTime<Utc>>,
     ) -> Result<(), BrokerError> {
-        if let Some(reason) = self.weak_durability() {
+        if let Some(reason) = self.shared.durability.weak() {
             return Err(BrokerError::Weak { reason });
         }
         let shards = &self.shared.shards;
@@ -412,67 +410,6 @@ impl Broker {
     }
 
     /// Whether Redis answers.
-    /// Why appends stop, if a master was found weak (and `redis.allow_weak_durability` is off).
-    pub fn weak_durability(&self) -> Option<String> {
-        self.shared
-            .weak
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Reads every master's durability settings again, at most once per
-    /// `redis.durability_check_interval`: a master promoted by a failover or added by a
-    /// reshard is held to what acks promise. While one is weak, appends fail (ingest spools)
-    /// and the answer says why; an unreachable Redis keeps the last verdict.
-    pub async fn recheck_durability(&self) -> Option<String> {
-        if self.shared.config.allow_weak_durability {
-            return None;
-        }
-        let due = {
-            let mut checked_at = self
-                .shared
-                .checked_at
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let due = checked_at
-                .is_none_or(|at| at.elapsed() >= self.shared.config.durability_check_interval);
-            if due {
-                *checked_at = Some(std::time::Instant::now());
-            }
-            due
-        };
-        if due {
-            let mut connection = self.connection.clone();
-            let verdict =
-                match connection::check_durability(&mut connection, &self.shared.config).await {
-                    Ok(()) => Some(None),
-                    Err(weak @ ConnectError::WeakDurability { .. }) => Some(Some(weak.to_string())),
-                    Err(ConnectError::Redis(_)) => None,
-                };
-            if let Some(verdict) = verdict {
-                let mut weak = self
-                    .shared
-                    .weak
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if *weak != verdict {
-                    match &verdict {
-                        Some(reason) => tracing::error!(
-                            reason,
-                            "a redis master is not durable enough: appends stop, ingest spools"
-                        ),
-                        None => {
-                            tracing::info!("every redis master is durable again: appends resume")
-                        }
-                    }
-                }
-                *weak = verdict;
-            }
-        }
-        self.weak_durability()
-    }
-
     pub async fn ping(&self) -> bool {
         let mut connection = self.connection.clone();
         let pong: Result<String, _> = redis::cmd("PING").query_async(&mut connection).await;
