@@ -162,6 +162,7 @@ stop_throwaway_redis() {
   local pid
   for pid in "${REDIS_CLUSTER_PIDS[@]}"; do { kill "$pid" && wait "$pid"; } 2>/dev/null || true; done
   REDIS_CLUSTER_PIDS=()
+  REDIS_CLUSTER_PORTS=()
   [ -n "${REDIS_TMP:-}" ] && rm -rf "$REDIS_TMP"
   return 0
 }
@@ -170,6 +171,7 @@ stop_throwaway_redis() {
 # on a free loopback port below 55535 (its bus port is +10000) in a temp dir. Sets
 # REDIS_CLUSTER_NODES (comma-separated URLs); stop_throwaway_redis stops it.
 REDIS_CLUSTER_PIDS=()
+REDIS_CLUSTER_PORTS=()
 start_throwaway_redis_cluster() {
   command -v redis-server >/dev/null 2>&1 || apt_install redis-server
   REDIS_TMP=$(mktemp -d /tmp/sluice-redis.XXXXXX)
@@ -179,8 +181,11 @@ start_throwaway_redis_cluster() {
     [ "$port" -lt 55535 ] || continue
     mkdir -p "$REDIS_TMP/$port"
     redis-server --bind 127.0.0.1 --port "$port" --dir "$REDIS_TMP/$port" --cluster-enabled yes \
+      --cluster-node-timeout "${REDIS_CLUSTER_NODE_TIMEOUT:-15000}" \
+      --cluster-replica-validity-factor "${REDIS_CLUSTER_VALIDITY_FACTOR:-10}" \
       --appendonly yes --appendfsync always --save "" >"$REDIS_TMP/$port/redis.log" 2>&1 &
     REDIS_CLUSTER_PIDS+=($!)
+    REDIS_CLUSTER_PORTS+=("$port")
     addresses+=("127.0.0.1:$port")
     urls+=("redis://127.0.0.1:$port")
   done
