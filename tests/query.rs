@@ -1146,11 +1146,7 @@ async fn every_call_has_a_request_id_echoed_in_its_response_and_logged_with_its_
         .metadata_mut()
         .insert("x-request-id", "req-78".parse().expect("ascii"));
     query.delete(delete).await.expect("delete");
-    let logs = server.logs();
-    let line = logs
-        .lines()
-        .find(|line| line.contains("delete request served"))
-        .expect("the delete's log line");
+    let line = server.log_line("delete request served").await;
     assert!(line.contains(r#""request_id":"req-78""#), "{line}");
     assert!(line.contains(r#""principal":"#), "{line}");
 }

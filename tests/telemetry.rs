@@ -216,11 +216,7 @@ async fn without_export_the_callers_trace_id_is_still_stored_and_logged() {
         ))
         .await
         .expect("delete");
-    let logs = server.logs();
-    let line = logs
-        .lines()
-        .find(|line| line.contains("delete request served"))
-        .expect("the delete's log line");
+    let line = server.log_line("delete request served").await;
     assert!(
         line.contains(&format!(r#""trace_id":"{STREAM_TRACE_ID}""#)),
         "{line}"

@@ -456,6 +456,29 @@ impl TestServer {
         self.logs.lock().expect("logs").join("\n")
     }
 
+    /// The first log line holding `needle`, waiting for it: a line the server writes after
+    /// its response reaches the test through a pipe and a reader thread, a moment later.
+    pub async fn log_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = self
+                .logs
+                .lock()
+                .expect("logs")
+                .iter()
+                .find(|line| line.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line holds {needle:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A TLS config trusting the dev CA and presenting the dev client certificate.
     pub fn client_tls(&self) -> ClientTlsConfig {
         tls_from(&self.cert_dir)
