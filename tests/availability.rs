@@ -18,23 +18,6 @@ use common::{
 };
 use tonic_health::pb::health_check_response::ServingStatus;
 
-/// Polls the server's metrics until `ready` holds of them (at most 30 s).
-async fn wait_for_metrics(server: &TestServer, what: &str, ready: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let metrics = server.metrics().await;
-        if ready(&metrics) {
-            return metrics;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw {what}:\n{metrics}\n{}",
-            server.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_not_serving_when_the_data_volume_is_short_of_free_space() {
     common::init_crypto();
@@ -45,10 +28,11 @@ async fn health_turns_not_serving_when_the_data_volume_is_short_of_free_space() 
     )
     .await;
     wait_for_status(&server, ServingStatus::NotServing).await;
-    let metrics = wait_for_metrics(&server, "the failing disk check", |metrics| {
-        metrics.contains("sluice_health_check{check=\"disk\"} 0")
-    })
-    .await;
+    let metrics = server
+        .wait_for_metrics("the failing disk check", |metrics| {
+            metrics.contains("sluice_health_check{check=\"disk\"} 0")
+        })
+        .await;
     assert!(
         metrics.contains("sluice_health_check{check=\"database\"} 1"),
         "{metrics}"
@@ -72,11 +56,12 @@ async fn health_turns_not_serving_when_resident_memory_passes_its_limit_and_serv
     )
     .await;
     wait_for_status(&server, ServingStatus::NotServing).await;
-    wait_for_metrics(&server, "the failing memory check", |metrics| {
-        metrics.contains("sluice_health_check{check=\"memory\"} 0")
-            && metric_sum(metrics, "sluice_resident_memory_bytes", "") > 1_048_576.0
-    })
-    .await;
+    server
+        .wait_for_metrics("the failing memory check", |metrics| {
+            metrics.contains("sluice_health_check{check=\"memory\"} 0")
+                && metric_sum(metrics, "sluice_resident_memory_bytes", "") > 1_048_576.0
+        })
+        .await;
     assert!(server.logs().contains("memory: resident memory"));
 
     // The default limit (buffer bytes + 256 MiB) serves.
@@ -124,14 +109,15 @@ async fn a_slow_database_opens_the_breaker_by_the_slow_rule_and_no_event_is_lost
         assert_eq!(response.accepted, 1, "acknowledged, slow or not");
         sent += 1;
     }
-    let metrics = wait_for_metrics(&server, "the breaker opened by the slow rule", |metrics| {
-        metric_sum(
-            metrics,
-            "sluice_breaker_opened_total",
-            "cause=\"slow_writes\"",
-        ) >= 1.0
-    })
-    .await;
+    let metrics = server
+        .wait_for_metrics("the breaker opened by the slow rule", |metrics| {
+            metric_sum(
+                metrics,
+                "sluice_breaker_opened_total",
+                "cause=\"slow_writes\"",
+            ) >= 1.0
+        })
+        .await;
     assert!(
         metric_sum(
             &metrics,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{ServerSpec, TestDatabase, TestServer, event, metric_sum, proxy::Proxy, publish};
 use sluice::proto::{AnonymizeRequest, DeleteRequest, Event};
@@ -12,23 +12,6 @@ fn of(user: &str, message: &str) -> Event {
     Event {
         user_id: user.to_owned(),
         ..event("erasure", message)
-    }
-}
-
-/// Waits (60 s at most) until `ready` holds of the server's metrics.
-async fn wait_for_metrics(server: &TestServer, what: &str, ready: impl Fn(&str) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let metrics = server.metrics().await;
-        if ready(&metrics) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw {what}:\n{metrics}\n{}",
-            server.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -70,7 +53,7 @@ async fn an_event_acknowledged_before_a_delete_returns_is_never_found_after_it_o
     ];
     let acked = publish(&mut b_ingest, spooled).await;
     assert_eq!(acked.accepted, 6, "acknowledged from the spool");
-    wait_for_metrics(&b, "the spooled events", |metrics| {
+    b.wait_for_metrics("the spooled events", |metrics| {
         metric_sum(metrics, "sluice_events_spooled_total", "") >= 6.0
     })
     .await;
@@ -94,7 +77,7 @@ async fn an_event_acknowledged_before_a_delete_returns_is_never_found_after_it_o
 
     // B gets PostgreSQL back and replays its spool: the erasures apply to what it writes.
     proxy.restore();
-    wait_for_metrics(&b, "the spool replayed", |metrics| {
+    b.wait_for_metrics("the spool replayed", |metrics| {
         metric_sum(metrics, "sluice_events_replayed_total", "") >= 6.0
     })
     .await;

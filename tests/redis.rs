@@ -1304,15 +1304,11 @@ async fn set_appendfsync(cluster: &RedisCluster, value: &str) {
 /// Waits until the node's `sluice_health_check{check}` gauge reads `value`.
 async fn health_check_reads(server: &TestServer, check: &str, value: f64) {
     let label = format!("check=\"{check}\"");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while common::metric_sum(&server.metrics().await, "sluice_health_check", &label) != value {
-        assert!(
-            Instant::now() < deadline,
-            "{check} never read {value}:\n{}",
-            server.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    server
+        .wait_for_metrics(&format!("{check} at {value}"), |metrics| {
+            common::metric_sum(metrics, "sluice_health_check", &label) == value
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

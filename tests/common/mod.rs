@@ -456,6 +456,24 @@ impl TestServer {
         self.logs.lock().expect("logs").join("\n")
     }
 
+    /// Polls the server's metrics until `ready` holds of them (at most 60 s); `what` names
+    /// the wait in the failure.
+    pub async fn wait_for_metrics(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let metrics = self.metrics().await;
+            if ready(&metrics) {
+                return metrics;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {what}:\n{metrics}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The first log line holding `needle`, waiting for it: a line the server writes after
     /// its response reaches the test through a pipe and a reader thread, a moment later.
     pub async fn log_line(&self, needle: &str) -> String {
