@@ -1460,3 +1460,153 @@ async fn stats_carries_the_business_figures_of_every_node_over_a_chosen_window()
     let status = query.stats(reversed).await.expect_err("reversed window");
     assert_eq!(status.code(), Code::InvalidArgument);
 }
+
+/// Whether `name` is an index on `events`, and valid: None when there is none.
+async fn index_valid(database: &TestDatabase, name: &str) -> Option<bool> {
+    let mut connection = database.connect().await;
+    sqlx::query_scalar("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)")
+        .bind(name)
+        .fetch_optional(&mut connection)
+        .await
+        .expect("index")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_index_an_upgrade_leaves_is_built_without_blocking_ingest_and_replaces_the_old_one()
+ {
+    let (database, server, mut ingest, _) = start().await;
+    // A new install gets `(user_id, ts, id)` at once, without the bare `(user_id)` of 0001.
+    assert_eq!(
+        index_valid(&database, "events_user_ts_idx").await,
+        Some(true)
+    );
+    assert_eq!(index_valid(&database, "events_user_id_idx").await, None);
+    // Three days of events for a few users, over three daily partitions.
+    let events: Vec<Event> = (0..300)
+        .map(|index: i64| Event {
+            timestamp: at(TimeDelta::minutes(index * 14 + 1)),
+            user_id: format!("user-{}", index % 3),
+            ..event("users", &format!("user event {index:03}"))
+        })
+        .collect();
+    publish(&mut ingest, events.clone()).await;
+    drop(ingest);
+    drop(server);
+
+    // The database as a build before migration 0015 left it, holding these events.
+    let mut connection = database.connect().await;
+    for statement in [
+        "DROP INDEX events_user_ts_idx",
+        "CREATE INDEX events_user_id_idx ON events (user_id) WHERE user_id IS NOT NULL",
+        "DELETE FROM _sqlx_migrations WHERE version = 15",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .expect(statement);
+    }
+    // A reader holding an old snapshot makes each CREATE INDEX CONCURRENTLY wait for it.
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut connection)
+        .await
+        .expect("begin");
+    sqlx::query("SELECT count(*) FROM audit_log")
+        .execute(&mut connection)
+        .await
+        .expect("snapshot");
+
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url).env("SLUICE_RETENTION__DEFAULT", "90days"),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while database
+        .scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE query LIKE 'CREATE INDEX CONCURRENTLY%user_ts_idx%' AND wait_event_type = 'Lock'",
+        )
+        .await
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no build waits:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The migration made only the parent index, and ingest goes on while the build waits.
+    assert_eq!(
+        index_valid(&database, "events_user_ts_idx").await,
+        Some(false)
+    );
+    assert_eq!(
+        index_valid(&database, "events_user_id_idx").await,
+        Some(true)
+    );
+    let mut ingest = server.ingest_client().await;
+    let during = vec![Event {
+        timestamp: at(TimeDelta::minutes(3)),
+        user_id: "user-0".to_owned(),
+        ..event("users", "user event during the build")
+    }];
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        publish(&mut ingest, during.clone()),
+    )
+    .await
+    .expect("ingest is not blocked by the build");
+
+    TestDatabase::resume_writers(connection).await;
+    server.log_line("schema indexes finished").await;
+    assert_eq!(
+        index_valid(&database, "events_user_ts_idx").await,
+        Some(true)
+    );
+    assert_eq!(index_valid(&database, "events_user_id_idx").await, None);
+    assert_eq!(
+        database
+            .scalar(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'events_user_ts_idx'::regclass"
+            )
+            .await,
+        database
+            .scalar("SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass")
+            .await,
+        "every partition's part is attached"
+    );
+    // A user's page is an ordered walk of the new index, merged over the partitions.
+    let plan = plan(
+        &database,
+        "SELECT id FROM events WHERE user_id = 'user-0' ORDER BY ts DESC, id DESC LIMIT 11",
+    )
+    .await;
+    assert!(plan.contains("user_ts_idx"), "{plan}");
+    assert!(!plan.contains("Sort Key"), "{plan}");
+
+    // And it answers what it answered before, newest first, across the days.
+    let mut query = server.query_client().await;
+    let found: Vec<String> = first_events(
+        &mut query,
+        QueryRequest {
+            user_id: "user-0".to_owned(),
+            limit: 7,
+            ..Default::default()
+        },
+        1000,
+    )
+    .await
+    .into_iter()
+    .map(|event| event.id)
+    .collect();
+    let mut expected: Vec<&Event> = events
+        .iter()
+        .chain(&during)
+        .filter(|event| event.user_id == "user-0")
+        .collect();
+    expected.sort_by_key(|event| {
+        std::cmp::Reverse(event.timestamp.as_ref().map(|at| (at.seconds, at.nanos)))
+    });
+    let expected: Vec<String> = expected.iter().map(|event| event.id.clone()).collect();
+    assert_eq!(found, expected);
+}

@@ -216,6 +216,16 @@ pub struct QueryBenchArgs {
     /// `GET /api/orders/<n> -> ...` for n from 1 to the row count).
     #[arg(long, default_value = "/orders/1234567 -> ")]
     pub unique_needle: String,
+    /// Only the scenarios and shapes whose name contains one of these (repeatable; all when
+    /// none is given), as in `--only "user"`.
+    #[arg(long)]
+    pub only: Vec<String>,
+}
+
+impl QueryBenchArgs {
+    fn runs(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|part| name.contains(part.as_str()))
+    }
 }
 
 /// Latency of the read-side calls on a loaded database, and Export throughput.
@@ -250,6 +260,9 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
         "metadata, a third",
         "user + metadata",
     ] {
+        if !args.runs(scenario) {
+            continue;
+        }
         let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let mut returned = 0usize;
         for _ in 0..args.iterations {
@@ -378,8 +391,11 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
             name: "metadata, a third",
             request: search(Vec::new(), "", Some(serde_json::json!({"region": "eu"}))),
         },
-    ];
-    if args.answers > 0 {
+    ]
+    .into_iter()
+    .filter(|shape| args.runs(shape.name))
+    .collect::<Vec<_>>();
+    if args.answers > 0 && !shapes.is_empty() {
         answers::run(&mut client, shapes, args.answers, args.max_calls_per_answer).await?;
     }
     if let Some(service) = &args.export_service {
