@@ -108,7 +108,7 @@ pub async fn build(pool: &PgPool, index: &PartitionedIndex) -> Result<(), sqlx::
         index = %index.name,
         partitions = partitions.len(),
         seconds = started.elapsed().as_secs_f64(),
-        "search index built"
+        "index built on every partition"
     );
     Ok(())
 }
