@@ -1610,3 +1610,78 @@ async fn the_user_index_an_upgrade_leaves_is_built_without_blocking_ingest_and_r
     let expected: Vec<String> = expected.iter().map(|event| event.id.clone()).collect();
     assert_eq!(found, expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_pages_cross_days_in_both_orders_exactly_like_one_sorted_list() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_RETENTION__DEFAULT", "90days")
+            .env("SLUICE_READS__MAX_RESPONSE_BYTES", "65536"),
+    )
+    .await;
+    let mut ingest = server.ingest_client().await;
+    let mut query = server.query_client().await;
+    // `billing` has 20 short events over 40 hours; `bulky` 30 of 6 KiB over 3 days, so that
+    // a page also ends at its byte bound, within a day and across one.
+    let mut events = fixture();
+    events.extend((0..30).map(|index: i64| Event {
+        timestamp: at(TimeDelta::minutes(index * 150 + 7)),
+        ..event("bulky", &format!("{index:02} {}", "x".repeat(6 * 1024)))
+    }));
+    publish(&mut ingest, events.clone()).await;
+    let order = |oldest_first: bool| {
+        let order = if oldest_first {
+            Order::OldestFirst
+        } else {
+            Order::NewestFirst
+        };
+        order as i32
+    };
+    let stamp = |event: &Event| event.timestamp.as_ref().map(|at| (at.seconds, at.nanos));
+    for service in ["billing", "bulky"] {
+        for oldest_first in [false, true] {
+            let mut expected: Vec<&Event> = events
+                .iter()
+                .filter(|event| event.service == service)
+                .collect();
+            expected.sort_by_key(|event| stamp(event));
+            if !oldest_first {
+                expected.reverse();
+            }
+            // With no range, and from an edge on every fifth hour of the span.
+            for hours in std::iter::once(None).chain((1..80).step_by(5).map(Some)) {
+                let edge = hours.and_then(|hours| at(TimeDelta::hours(hours)));
+                let found = first_events(
+                    &mut query,
+                    QueryRequest {
+                        services: vec![service.to_owned()],
+                        start_time: if oldest_first { edge } else { None },
+                        end_time: if oldest_first { None } else { edge },
+                        order: order(oldest_first),
+                        limit: 12,
+                        ..Default::default()
+                    },
+                    1000,
+                )
+                .await;
+                let edge = edge.map(|at| (at.seconds, at.nanos));
+                let within: Vec<&String> = expected
+                    .iter()
+                    .filter(|event| match edge {
+                        None => true,
+                        Some(_) if oldest_first => stamp(event) >= edge,
+                        Some(_) => stamp(event) < edge,
+                    })
+                    .map(|event| &event.id)
+                    .collect();
+                assert_eq!(
+                    found.iter().map(|event| &event.id).collect::<Vec<_>>(),
+                    within,
+                    "{service}, {hours:?} h, oldest first: {oldest_first}"
+                );
+            }
+        }
+    }
+}

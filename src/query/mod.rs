@@ -1,5 +1,6 @@
 //! The read side of `QueryService`, one file per RPC: [`search`] (Query, over the
-//! [`scan`] plan of a time-sliced search and the [`needle`] a closed day's index looks up,
+//! [`scan`] plan of a time-sliced search, the [`needle`] a closed day's index looks up and
+//! the [`nearest_day`] an ordered walk of services reads first,
 //! merged with the [`archived`] tier), [`export`], [`stats`], [`tail`] and [`audit_log`],
 //! behind the thin trait impl of [`service`]. The RPCs that change data live elsewhere:
 //! Delete, Anonymize and OptOut/OptIn in `erasure`, Restore beside the archive it reads.
@@ -8,6 +9,7 @@ mod archived;
 mod audit_log;
 mod cursor;
 mod export;
+mod nearest_day;
 mod needle;
 mod reader;
 pub mod scan;

@@ -14,7 +14,7 @@ use super::{
     QueryError, Reader,
     archived::{self, Direction, Found, Position, Unsettled},
     cursor::Cursor,
-    needle,
+    nearest_day, needle,
     scan::{ScanPlan, Step, StepBound, Window},
 };
 use crate::{
@@ -171,17 +171,7 @@ async fn rows_page(
     if filter.needs_scan() {
         return scan_page(reader, filter, cursor, limit, oldest_first).await;
     }
-    let Rows { mut rows, cut } = page_rows(
-        reader,
-        filter,
-        cursor,
-        None,
-        None,
-        limit,
-        oldest_first,
-        reader.config.reads.max_response_bytes,
-    )
-    .await?;
+    let Rows { mut rows, cut } = walk_rows(reader, filter, cursor, limit, oldest_first).await?;
     let more = cut || rows.len() > limit as usize;
     rows.truncate(limit as usize);
     let next = more
@@ -192,6 +182,74 @@ async fn rows_page(
         next,
         ..Page::default()
     })
+}
+
+/// The rows of a page an index narrows: through the nearest day first when the page walks
+/// the services' index over many days ([`nearest_day`]), else in one read.
+async fn walk_rows(
+    reader: &Reader,
+    filter: &Filter,
+    cursor: Option<Cursor>,
+    limit: u32,
+    oldest_first: bool,
+) -> Result<Rows, QueryError> {
+    let budget = reader.config.reads.max_response_bytes;
+    let Some((near, rest)) = nearest_day::split(filter, cursor.as_ref(), oldest_first, Utc::now())
+    else {
+        return page_rows(
+            reader,
+            filter,
+            cursor,
+            None,
+            None,
+            limit,
+            oldest_first,
+            budget,
+        )
+        .await;
+    };
+    let first = page_rows(
+        reader,
+        &near,
+        cursor,
+        None,
+        None,
+        limit,
+        oldest_first,
+        budget,
+    )
+    .await?;
+    let got = first.rows.len();
+    if first.cut || got > limit as usize {
+        return Ok(first);
+    }
+    let used: usize = first
+        .rows
+        .iter()
+        .map(|row| usize::try_from(row.bytes).unwrap_or(0))
+        .sum();
+    let left = budget.saturating_sub(used);
+    // `limit - got` more, and the one after them that says whether there are more still.
+    let then = page_rows(
+        reader,
+        &rest,
+        cursor,
+        None,
+        None,
+        limit - got as u32,
+        oldest_first,
+        left,
+    )
+    .await?;
+    let mut rows = first.rows;
+    let mut cut = then.cut;
+    // A read's first row always fits its budget; after the first day's rows it must fit
+    // what they left.
+    match then.rows.first() {
+        Some(row) if got > 0 && usize::try_from(row.bytes).unwrap_or(0) > left => cut = true,
+        _ => rows.extend(then.rows),
+    }
+    Ok(Rows { rows, cut })
 }
 
 /// The page of rows and archived events together: everything up to the nearer of the two
