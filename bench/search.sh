@@ -79,7 +79,7 @@ for phase in $phases; do
     done
   fi
   echo "=== phase: ${options:-the defaults}; indexes ready in $(( $(date +%s) - started )) s"
-  grep "index built on every partition" "$SLUICE_WORK/server.log" | sed 's/.*index=/  built: index=/' || true
+  grep "search index built" "$SLUICE_WORK/server.log" | sed 's/.*index=/  built: index=/' || true
   sed 's/\x1b\[[0-9;]*m//g' "$SLUICE_WORK/server.log" | grep "closed partition indexed" |
     sed -E 's/.*kind="?([a-z]+)"? seconds=([0-9.]+).*/\1 \2/' |
     awk '{n[$1]++; s[$1]+=$2} END {for (k in n) printf "  closed partitions indexed: %s, %d in %.1f s\n", k, n[k], s[k]}' || true

@@ -67,7 +67,7 @@ fn five_days() -> Vec<Event> {
         .collect()
 }
 
-/// Closed partitions (before today, UTC) that hold rows but lack either valid index.
+/// Closed partitions (before today, UTC) that hold rows but lack one of their valid indexes.
 async fn unindexed_days(database: &TestDatabase) -> i64 {
     database
         .scalar(
@@ -75,7 +75,8 @@ async fn unindexed_days(database: &TestDatabase) -> i64 {
              WHERE ts < date_trunc('day', now(), 'UTC')) p JOIN pg_class c ON c.oid = p.tableoid \
              WHERE (SELECT count(*) FROM pg_index i JOIN pg_class x ON x.oid = i.indexrelid \
                     WHERE i.indrelid = c.oid AND i.indisvalid \
-                    AND x.relname::text IN (c.relname || '_msg_trgm', c.relname || '_meta_gin')) < 2",
+                    AND x.relname::text IN (c.relname || '_msg_trgm', c.relname || '_meta_gin', \
+                                            c.relname || '_user_ts')) < 3",
         )
         .await
 }
@@ -257,6 +258,24 @@ async fn closed_days_are_indexed_and_searches_through_them_page_exactly_like_one
             },
             "strpos(message, 'zq-needle') > 0 AND metadata @> '{\"kind\": \"needle\"}'",
         ),
+        // A user's events and a service's, which their B-trees serve in page order.
+        (
+            QueryRequest {
+                message_contains: String::new(),
+                user_id: "user-2".to_owned(),
+                ..needle.clone()
+            },
+            "user_id = 'user-2'",
+        ),
+        (
+            QueryRequest {
+                message_contains: String::new(),
+                services: vec!["days-b".to_owned()],
+                limit: 100,
+                ..needle.clone()
+            },
+            "service = 'days-b'",
+        ),
     ];
     for (request, condition) in &shapes {
         for (order, sql) in [(Order::NewestFirst, "DESC"), (Order::OldestFirst, "ASC")] {
@@ -271,6 +290,21 @@ async fn closed_days_are_indexed_and_searches_through_them_page_exactly_like_one
         }
     }
     background.await.expect("background ingest");
+    // A closed day's page of a user is an ordered walk of its `(user_id, ts, id)` index.
+    let mut connection = database.connect().await;
+    sqlx::query("SET enable_seqscan = off")
+        .execute(&mut connection)
+        .await
+        .expect("set");
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT id FROM events WHERE user_id = 'user-2' \
+         AND ts < date_trunc('day', now(), 'UTC') ORDER BY ts DESC, id DESC LIMIT 8",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("explain");
+    let plan = plan.join("\n");
+    assert!(plan.contains("_user_ts"), "{plan}");
 
     // Needles that arrive late, into days already indexed, are found through the index.
     let late: Vec<Event> = (0..6)

@@ -132,7 +132,7 @@ pub fn register(known: &Known) {
         counter!("sluice_archive_query_objects_total", "source" => source).increment(0);
     }
     counter!("sluice_archive_query_retries_total").increment(0);
-    for kind in ["message", "metadata"] {
+    for kind in ["message", "metadata", "user"] {
         for outcome in ["ok", "failed"] {
             counter!("sluice_search_closed_index_builds_total", "kind" => kind, "outcome" => outcome)
                 .increment(0);

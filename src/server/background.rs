@@ -23,7 +23,7 @@ use crate::{
     lifecycle::{self, RetentionPolicy},
     metrics::Counters,
     privacy::{kms, optouts},
-    store::{closed_indexes, core_indexes, search_indexes},
+    store::{closed_indexes, search_indexes},
     writer::{
         self, Destination, WriterContext,
         breaker::Breaker,
@@ -200,16 +200,14 @@ impl Background {
         let store = storage.store.clone();
         let longest = config.retention.longest();
         upkeep.spawn_until_cancelled(async move { store.maintain_partitions(longest).await });
-        // The schema's indexes a migration left to build, the whole-table search indexes, then
-        // the closed partitions' (never at once: their DDL on `events` and on a partition
-        // would wait on each other).
+        // The whole-table search indexes first, then the closed partitions' (never both at
+        // once: their DDL on `events` and on a partition would wait on each other).
         let (build_pool, read_pool) = (
             storage.store.maintenance_pool.clone(),
             storage.store.read_pool.clone(),
         );
         let (search, closed) = (config.search.clone(), storage.store.closed_indexes.clone());
         upkeep.spawn_until_cancelled(async move {
-            core_indexes::keep(build_pool.clone()).await;
             search_indexes::keep(build_pool.clone(), search.clone()).await;
             closed_indexes::keep(build_pool, read_pool, search, closed).await;
         });

@@ -1,9 +1,11 @@
 //! Search indexes on closed partitions (`search.index_closed_partitions`): once a partition's
-//! range has ended (plus `search.index_delay`), it gets a trigram GIN index on `message` and a
-//! GIN `jsonb_path_ops` index on `metadata`, built in the background with
-//! `CREATE INDEX CONCURRENTLY`. Ingest writes to the open partition, which has neither, so it
-//! never pays for them; a search reads past days through them ([`crate::query::scan`]) and
-//! scans only the open range.
+//! range has ended (plus `search.index_delay`), it gets a trigram GIN index on `message`, a
+//! GIN `jsonb_path_ops` index on `metadata` and a B-tree on `(user_id, ts, id)`, built in the
+//! background with `CREATE INDEX CONCURRENTLY`. Ingest writes to the open partition, which has
+//! none of them, so it never pays for them; a search reads past days through them
+//! ([`crate::query::scan`]) and scans only the open range, and a user's page walks the closed
+//! days in time order and stops once it is full, where the deduplicated `(user_id)` index
+//! every partition keeps (cheap to write) would fetch and sort all of the user's events.
 //!
 //! The catalog is the record: an index exists and is valid, or it is built (again). A build
 //! cut short (a crash, `kill -9`, a lost connection) leaves an invalid index, which the next
@@ -34,15 +36,18 @@ pub enum Kind {
     Message,
     /// Any `metadata_contains`.
     Metadata,
+    /// A user's events in time order.
+    User,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Message, Kind::Metadata];
+    pub const ALL: [Kind; 3] = [Kind::Message, Kind::Metadata, Kind::User];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Message => "message",
             Kind::Metadata => "metadata",
+            Kind::User => "user",
         }
     }
 
@@ -51,6 +56,7 @@ impl Kind {
         match self {
             Kind::Message => format!("{partition}_msg_trgm"),
             Kind::Metadata => format!("{partition}_meta_gin"),
+            Kind::User => format!("{partition}_user_ts"),
         }
     }
 
@@ -58,6 +64,7 @@ impl Kind {
         match self {
             Kind::Message => "USING gin (message gin_trgm_ops)",
             Kind::Metadata => "USING gin (metadata jsonb_path_ops)",
+            Kind::User => "USING btree (user_id, ts, id) WHERE user_id IS NOT NULL",
         }
     }
 
@@ -68,6 +75,7 @@ impl Kind {
             && match self {
                 Kind::Message => !search.message_index,
                 Kind::Metadata => !search.metadata_index,
+                Kind::User => true,
             }
     }
 }
@@ -296,7 +304,8 @@ async fn build_all(
         "SELECT c.relname::text, i.indisvalid FROM pg_inherits h \
          JOIN pg_index i ON i.indrelid = h.inhrelid JOIN pg_class c ON c.oid = i.indexrelid \
          WHERE h.inhparent = 'events'::regclass \
-         AND (c.relname LIKE '%\\_msg\\_trgm' OR c.relname LIKE '%\\_meta\\_gin')",
+         AND (c.relname LIKE '%\\_msg\\_trgm' OR c.relname LIKE '%\\_meta\\_gin' \
+              OR c.relname LIKE '%\\_user\\_ts')",
     )
     .fetch_all(pool)
     .await?;
@@ -521,6 +530,7 @@ mod tests {
             ..SearchConfig::default()
         };
         assert!(!Kind::Message.wanted(&off) && !Kind::Metadata.wanted(&off));
+        assert!(Kind::User.wanted(&search) && !Kind::User.wanted(&off));
         assert_eq!(
             Kind::Message.index_name("events_p2026_12_01"),
             "events_p2026_12_01_msg_trgm"

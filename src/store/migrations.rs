@@ -31,7 +31,6 @@ const FILES: &[(&str, &str)] = migrations![
     "0012_erasures.sql",
     "0013_privacy_wrapped_keys.sql",
     "0014_figures_and_trace_blooms.sql",
-    "0015_user_ts_index.sql",
 ];
 
 /// The migrator over [`FILES`].

@@ -1,12 +1,10 @@
 //! PostgreSQL: connecting (to a URL or the private cluster), migrations and partitions.
 
 pub mod closed_indexes;
-pub mod core_indexes;
 pub mod embedded;
 pub mod hosts;
 pub mod migrations;
 pub mod nodelay;
-pub mod partitioned_index;
 pub mod partitions;
 pub mod search_indexes;
 

@@ -1,11 +1,12 @@
 //! The optional search indexes of `search.*`, created or dropped at start-up to match the
-//! configuration. Each is an index on the partitioned `events` table, built partition by
-//! partition without blocking ingest (`partitioned_index`). Every managed index is named
-//! `events_search_*`.
+//! configuration. Each is an index on the partitioned `events` table, built without blocking
+//! ingest: `CREATE INDEX … ON ONLY events` (invalid at first), then
+//! `CREATE INDEX CONCURRENTLY` on each partition and `ALTER INDEX … ATTACH PARTITION`; once
+//! every partition's index is attached the parent index is valid, and partitions created later
+//! get theirs with the partition. Every managed index is named `events_search_*`.
 
 use sqlx::PgPool;
 
-use super::partitioned_index::{PartitionedIndex, build, ddl};
 use crate::config::SearchConfig;
 
 /// Prefix of the indexes this module owns: any other `events_search_*` index is dropped.
@@ -14,18 +15,35 @@ const PREFIX: &str = "events_search_";
 /// closed partitions' alike: their DDL would otherwise wait on each other across nodes.
 pub const LOCK: &str = "sluice.search_indexes";
 
+/// One index the configuration asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchIndex {
+    /// Name of the index on `events`; a partition's index is `<partition>_<suffix>`.
+    pub name: String,
+    /// What follows `ON <table>`: the method and the expression.
+    pub definition: String,
+    /// The extension it needs, if any.
+    pub extension: Option<&'static str>,
+}
+
+impl SearchIndex {
+    fn suffix(&self) -> &str {
+        self.name.trim_start_matches("events_")
+    }
+}
+
 /// The indexes `search` asks for.
-pub fn wanted(search: &SearchConfig) -> Vec<PartitionedIndex> {
+pub fn wanted(search: &SearchConfig) -> Vec<SearchIndex> {
     let mut indexes = Vec::new();
     if search.message_index {
-        indexes.push(PartitionedIndex {
+        indexes.push(SearchIndex {
             name: format!("{PREFIX}message_trgm"),
             definition: "USING gin (message gin_trgm_ops)".to_owned(),
             extension: Some("pg_trgm"),
         });
     }
     if search.metadata_index {
-        indexes.push(PartitionedIndex {
+        indexes.push(SearchIndex {
             name: format!("{PREFIX}metadata_gin"),
             definition: "USING gin (metadata jsonb_path_ops)".to_owned(),
             extension: None,
@@ -46,7 +64,7 @@ pub fn wanted(search: &SearchConfig) -> Vec<PartitionedIndex> {
                 }
             })
             .collect();
-        indexes.push(PartitionedIndex {
+        indexes.push(SearchIndex {
             name: format!(
                 "{PREFIX}key_{readable}_{:08x}",
                 crc32c::crc32c(key.as_bytes())
@@ -118,6 +136,95 @@ async fn apply(pool: &PgPool, search: &SearchConfig) -> Result<Reconciled, sqlx:
         sqlx::query("ANALYZE events").execute(pool).await?;
     }
     Ok(reconciled)
+}
+
+/// How long a statement that locks `events` (or a partition) whole may wait for its lock: a
+/// long reader must not leave it queued, with every insert queued behind it.
+const LOCK_TIMEOUT: &str = "5s";
+
+/// Runs a statement that takes a strong lock, giving up after [`LOCK_TIMEOUT`] (the next
+/// start tries again).
+async fn ddl(pool: &PgPool, statement: &str) -> Result<(), sqlx::Error> {
+    let mut transaction = pool.begin().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"
+    )))
+    .execute(&mut *transaction)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut *transaction)
+        .await?;
+    transaction.commit().await
+}
+
+/// Builds `index` on `events` partition by partition and attaches each part.
+async fn build(pool: &PgPool, index: &SearchIndex) -> Result<(), sqlx::Error> {
+    let started = std::time::Instant::now();
+    ddl(
+        pool,
+        &format!(
+            "CREATE INDEX IF NOT EXISTS {} ON ONLY events {}",
+            index.name, index.definition
+        ),
+    )
+    .await?;
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid \
+         WHERE h.inhparent = 'events'::regclass ORDER BY c.relname",
+    )
+    .fetch_all(pool)
+    .await?;
+    for partition in &partitions {
+        // A part already attached, whatever its name (a partition created after the parent
+        // index gets one named by PostgreSQL), is kept.
+        let attached: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid \
+             WHERE h.inhparent = to_regclass($1) AND i.indrelid = to_regclass($2))",
+        )
+        .bind(&index.name)
+        .bind(partition)
+        .fetch_one(pool)
+        .await?;
+        if attached {
+            continue;
+        }
+        let part = format!("{partition}_{}", index.suffix());
+        // An invalid part, left by an interrupted concurrent build, is built again.
+        let valid: Option<bool> = sqlx::query_scalar(
+            "SELECT i.indisvalid FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid \
+             WHERE c.relname = $1",
+        )
+        .bind(&part)
+        .fetch_optional(pool)
+        .await?;
+        if valid == Some(false) {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS {part}"
+            )))
+            .execute(pool)
+            .await?;
+        }
+        if valid != Some(true) {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {part} ON {partition} {}",
+                index.definition
+            )))
+            .execute(pool)
+            .await?;
+        }
+        ddl(
+            pool,
+            &format!("ALTER INDEX {} ATTACH PARTITION {part}", index.name),
+        )
+        .await?;
+    }
+    tracing::info!(
+        index = %index.name,
+        partitions = partitions.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "search index built"
+    );
+    Ok(())
 }
 
 /// Builds the search indexes the configuration asks for and drops the others, in the
