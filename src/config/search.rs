@@ -31,9 +31,10 @@ pub struct SearchConfig {
     /// `metadata_contains` with a string or boolean value under that key.
     pub indexed_metadata_keys: Vec<String>,
     /// Search indexes on each partition once it stops taking writes (a trigram GIN on
-    /// `message`, a GIN `jsonb_path_ops` on `metadata`), built in the background, so that a
-    /// rare `message_contains` or `metadata_contains` reads an index over past days and scans
-    /// only the open one. Ingest never pays for them. Off drops them.
+    /// `message`, a GIN `jsonb_path_ops` on `metadata`, a B-tree on `(user_id, ts, id)`),
+    /// built in the background, so that a rare `message_contains` or `metadata_contains` reads
+    /// an index over past days and scans only the open one, and a user's page walks past days
+    /// in order. Ingest never pays for them. Off drops them.
     #[default(true)]
     pub index_closed_partitions: bool,
     /// How long after a partition's range ends its indexes are built: events arriving later
