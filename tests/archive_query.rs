@@ -36,13 +36,24 @@ async fn page_through(
     loop {
         calls += 1;
         assert!(calls < 2_000, "paging does not end");
-        let page = query
-            .query(QueryRequest {
-                page_token,
-                ..request.clone()
-            })
-            .await?
-            .into_inner();
+        // ABORTED says the archive moved under the call again and again: retry it, as the
+        // status asks (and as `sluice query` does).
+        let mut aborted = 0;
+        let page = loop {
+            match query
+                .query(QueryRequest {
+                    page_token: page_token.clone(),
+                    ..request.clone()
+                })
+                .await
+            {
+                Err(status) if status.code() == tonic::Code::Aborted && aborted < 20 => {
+                    aborted += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                answer => break answer?.into_inner(),
+            }
+        };
         archived += page.archived_events;
         events.extend(page.events);
         if page.next_page_token.is_empty() {

@@ -222,6 +222,9 @@ fn write_error(path: &str) -> impl Fn(std::io::Error) -> ReadError + '_ {
 }
 
 /// `sluice query`: a table on a terminal, NDJSON otherwise.
+/// How many times `sluice query` asks a page again after ABORTED.
+const ABORTED_RETRIES: u32 = 10;
+
 pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
     let filters = args.filters.parse()?;
     let mut client = client(&args.connect).await?;
@@ -255,10 +258,20 @@ pub async fn query(args: QueryArgs) -> Result<(), ReadError> {
             page_token,
             trace_id: args.trace_id.clone().unwrap_or_default(),
         };
-        let page = client
-            .query(args.connect.request(request)?)
-            .await?
-            .into_inner();
+        // ABORTED: the archive moved under the call (the lifecycle job at work); the same
+        // page is asked again, a few times.
+        let mut aborted = 0;
+        let page = loop {
+            match client.query(args.connect.request(request.clone())?).await {
+                Err(status)
+                    if status.code() == tonic::Code::Aborted && aborted < ABORTED_RETRIES =>
+                {
+                    aborted += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                answer => break answer?.into_inner(),
+            }
+        };
         for event in &page.events {
             writeln!(out, "{}", event_line(event, table)).map_err(write_error("stdout"))?;
         }
