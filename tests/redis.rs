@@ -1367,3 +1367,124 @@ async fn a_master_found_weak_while_running_stops_appends_and_ingest_spools_until
     all_stored_once(&database, "%", &acknowledged, || ingest.logs()).await;
     cluster.drained(Duration::from_secs(60)).await;
 }
+
+/// The Stats backlog of `server` once it reads zero (within a minute).
+async fn backlog_reads_zero(server: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats = server
+            .query_client()
+            .await
+            .stats(StatsRequest::default())
+            .await
+            .expect("stats")
+            .into_inner()
+            .writer
+            .expect("writer stats");
+        if stats.stream_backlog_events == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog stays at {}:\n{}",
+            stats.stream_backlog_events,
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Events appended under one `redis.shards`, then nodes restarted with another: the writers
+/// (of the new count) read the old layout's streams too, a Delete waits for them, and the
+/// backlog of every layout drains. `spec` makes a node of a role and a shard count.
+async fn a_change_of_shards_drains_the_old_layout(
+    database: &TestDatabase,
+    spec: impl Fn(&str, &str) -> ServerSpec,
+) {
+    let old = TestServer::start(spec("ingest", "6")).await;
+    let acknowledged = Arc::new(Mutex::new(HashSet::new()));
+    send(
+        old.ingest_client().await,
+        "reshaped".to_owned(),
+        10,
+        200,
+        acknowledged.clone(),
+        Refused::RetryWhenTold,
+    )
+    .await;
+    let mut forget = event("reshaped-user", "personal");
+    forget.user_id = "u-reshaped".to_owned();
+    old.ingest_client()
+        .await
+        .publish(request(vec![forget]))
+        .await
+        .expect("publish");
+    drop(old);
+
+    // New nodes with another count; the Delete of a user still in the old streams waits
+    // for a writer to store it.
+    let ingest = TestServer::start(spec("ingest", "3")).await;
+    let mut query = ingest.query_client().await;
+    let delete = tokio::spawn(async move {
+        query
+            .delete(DeleteRequest {
+                user_id: "u-reshaped".to_owned(),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !delete.is_finished(),
+        "delete waits for the old layout's streams"
+    );
+    let writer = TestServer::start(spec("writer", "3")).await;
+    send(
+        ingest.ingest_client().await,
+        "reshaped".to_owned(),
+        5,
+        200,
+        acknowledged.clone(),
+        Refused::RetryWhenTold,
+    )
+    .await;
+    let deleted = delete.await.expect("task").expect("delete").into_inner();
+    assert_eq!(deleted.deleted, 1);
+    let acknowledged = acknowledged.lock().expect("ids").clone();
+    assert_eq!(acknowledged.len(), 3_000);
+    let rows = all_stored_once(database, "reshaped", &acknowledged, || {
+        format!("{}\n{}", ingest.logs(), writer.logs())
+    })
+    .await;
+    assert_eq!(rows, 3_000);
+    backlog_reads_zero(&ingest).await;
+    assert!(
+        writer
+            .logs()
+            .contains("reading the streams of another redis.shards layout too"),
+        "{}",
+        writer.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_redis_shards_on_one_redis_drains_the_old_streams() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    a_change_of_shards_drains_the_old_layout(&database, |role, shards| {
+        node(&database, &redis, role).env("SLUICE_REDIS__SHARDS", shards)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_redis_shards_in_a_cluster_drains_the_old_streams() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let cluster = RedisCluster::start().await;
+    a_change_of_shards_drains_the_old_layout(&database, |role, shards| {
+        cluster_node(&database, &cluster, role).env("SLUICE_REDIS__SHARDS", shards)
+    })
+    .await;
+}

@@ -29,6 +29,7 @@ use redis::{
     },
 };
 
+use arc_swap::ArcSwap;
 use connection::{ConnectError, Connection, Connector};
 
 use chrono::{DateTime, Utc};
@@ -48,6 +49,9 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// In a cluster, where a read spans no slots and so cannot block on all shards at once, how
 /// long a writer waits after reads that found nothing.
 const CLUSTER_POLL: Duration = Duration::from_millis(50);
+/// How often a writer (and the backlog's readers) look for the shards of another
+/// `redis.shards` layout.
+const LAYOUTS_READ_EVERY: Duration = Duration::from_secs(5);
 /// Entries one read takes from each stream.
 const ENTRIES_PER_READ: usize = 8;
 
@@ -158,13 +162,20 @@ pub struct Broker {
 struct Shared {
     connector: Connector,
     config: RedisConfig,
-    shards: Vec<ShardKeys>,
+    /// Every shard writers read: this node's layout first (appends go to these), then the
+    /// shards of the other counts nodes registered in `<prefix>:layouts` (a change of
+    /// `redis.shards`), so that entries appended under an old count are read and stored.
+    /// The list only grows: an entry's shard index stays valid until it is acknowledged.
+    shards: ArcSwap<Vec<ShardKeys>>,
+    /// When the registered layouts were last read.
+    layouts_read: std::sync::Mutex<Option<std::time::Instant>>,
     /// The last re-check of the masters' durability.
     durability: durability::Verdict,
 }
 
 /// The keys of one shard. On one Redis every shard shares the two backlog counters; in a
 /// cluster each shard has its own, in its slot.
+#[derive(Clone)]
 struct ShardKeys {
     stream: String,
     backlog_events: String,
@@ -172,12 +183,13 @@ struct ShardKeys {
 }
 
 impl ShardKeys {
-    fn all(config: &RedisConfig) -> Vec<Self> {
+    /// The shards of a layout of `shards` streams.
+    fn layout(config: &RedisConfig, shards: usize) -> Vec<Self> {
         let prefix = &config.prefix;
-        (0..config.shards)
+        (0..shards)
             .map(|shard| {
                 if config.is_cluster() {
-                    let tag = spread_tag(shard, config.shards);
+                    let tag = spread_tag(shard, shards);
                     Self {
                         stream: format!("{prefix}:{{{tag}}}"),
                         backlog_events: format!("{prefix}:{{{tag}}}:backlog:events"),
@@ -210,7 +222,8 @@ impl Broker {
             shared: Arc::new(Shared {
                 connector,
                 config: config.clone(),
-                shards: ShardKeys::all(config),
+                shards: ArcSwap::from_pointee(ShardKeys::layout(config, config.shards)),
+                layouts_read: std::sync::Mutex::new(None),
                 durability: durability::Verdict::default(),
             }),
         };
@@ -227,7 +240,23 @@ impl Broker {
     /// recreated empty by the next append, without the group).
     pub async fn create_group(&self) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
-        for key in self.streams() {
+        // This node's layout, for writers of any count to find.
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.layouts_key())
+            .arg(self.shared.config.shards)
+            .query_async(&mut connection)
+            .await?;
+        let shards = self.all_shards();
+        self.create_group_on(shards.iter().map(|shard| &shard.stream))
+            .await
+    }
+
+    async fn create_group_on(
+        &self,
+        keys: impl Iterator<Item = &String>,
+    ) -> Result<(), BrokerError> {
+        let mut connection = self.connection.clone();
+        for key in keys {
             let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
                 .arg("CREATE")
                 .arg(key)
@@ -256,12 +285,79 @@ impl Broker {
     }
 
     pub fn shards(&self) -> usize {
-        self.shared.shards.len()
+        self.shared.config.shards
     }
 
-    /// Every shard's stream key, in shard order.
-    fn streams(&self) -> impl Iterator<Item = &String> {
-        self.shared.shards.iter().map(|shard| &shard.stream)
+    /// Every shard read now: this node's layout, then those found in the registry.
+    fn all_shards(&self) -> Arc<Vec<ShardKeys>> {
+        self.shared.shards.load_full()
+    }
+
+    /// The set of shard counts nodes have used (one key, one slot).
+    fn layouts_key(&self) -> String {
+        format!("{}:layouts", self.shared.config.prefix)
+    }
+
+    /// Reads the registered layouts again when `at_most_every` has passed since the last
+    /// read (always with zero), and adds their shards to the read list, with the group.
+    async fn discover_layouts(&self, at_most_every: Duration) -> Result<(), BrokerError> {
+        {
+            let mut last = self
+                .shared
+                .layouts_read
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|last| last.elapsed() < at_most_every) {
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let mut connection = self.connection.clone();
+        // This node's own count too: a node that started before Redis answered registers here.
+        let (_, counts): (i64, Vec<usize>) = redis::pipe()
+            .cmd("SADD")
+            .arg(self.layouts_key())
+            .arg(self.shared.config.shards)
+            .cmd("SMEMBERS")
+            .arg(self.layouts_key())
+            .query_async(&mut connection)
+            .await?;
+        let known = self.all_shards();
+        let mut new: Vec<ShardKeys> = Vec::new();
+        for count in counts {
+            if !(1..=1024).contains(&count) || count == self.shared.config.shards {
+                continue;
+            }
+            for shard in ShardKeys::layout(&self.shared.config, count) {
+                if known
+                    .iter()
+                    .chain(&new)
+                    .all(|seen| seen.stream != shard.stream)
+                {
+                    new.push(shard);
+                }
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.create_group_on(new.iter().map(|shard| &shard.stream))
+            .await?;
+        tracing::info!(
+            streams = new.len(),
+            "reading the streams of another redis.shards layout too"
+        );
+        // Only this task adds (under the time gate); appending keeps every index.
+        self.shared.shards.rcu(|current| {
+            let mut all: Vec<ShardKeys> = current.as_ref().clone();
+            for shard in &new {
+                if all.iter().all(|known| known.stream != shard.stream) {
+                    all.push(shard.clone());
+                }
+            }
+            all
+        });
+        Ok(())
     }
 
     fn is_cluster(&self) -> bool {
@@ -279,7 +375,9 @@ impl Broker {
         if let Some(reason) = self.shared.durability.weak() {
             return Err(BrokerError::Weak { reason });
         }
-        let shards = &self.shared.shards;
+        let all = self.all_shards();
+        // Appends go to this node's own layout, the first shards of the list.
+        let shards = &all[..self.shared.config.shards.min(all.len())];
         let mut by_shard: Vec<Vec<&ValidEvent>> = vec![Vec::new(); shards.len()];
         for event in events {
             by_shard[shard_of(event, shards.len())].push(event);
@@ -304,7 +402,7 @@ impl Broker {
             try_join_all(payloads.into_iter().map(|(shard, count, payload)| {
                 let mut connection = self.connection.clone();
                 async move {
-                    let keys = &self.shared.shards[shard];
+                    let keys = &shards[shard];
                     let bytes = payload.len();
                     let _: i64 = Script::new(APPEND_SCRIPT)
                         .key(&keys.stream)
@@ -377,19 +475,17 @@ impl Broker {
 
     /// Events and bytes appended and not yet acknowledged by a writer.
     pub async fn backlog(&self) -> Result<Backlog, BrokerError> {
+        self.discover_layouts(LAYOUTS_READ_EVERY).await?;
+        let shards = self.all_shards();
         let mut connection = self.connection.clone();
         // One Redis: the two shared counters; a cluster: every shard's (MGET is split by slot).
         let counters: Vec<&String> = if self.is_cluster() {
-            self.shared
-                .shards
+            shards
                 .iter()
                 .flat_map(|shard| [&shard.backlog_events, &shard.backlog_bytes])
                 .collect()
         } else {
-            vec![
-                &self.shared.shards[0].backlog_events,
-                &self.shared.shards[0].backlog_bytes,
-            ]
+            vec![&shards[0].backlog_events, &shards[0].backlog_bytes]
         };
         let values: Vec<Option<i64>> = redis::cmd("MGET")
             .arg(&counters)
@@ -436,7 +532,9 @@ impl Broker {
             }
             command
         };
-        let keys: Vec<&String> = self.streams().collect();
+        self.discover_layouts(LAYOUTS_READ_EVERY).await?;
+        let shards = self.all_shards();
+        let keys: Vec<&String> = shards.iter().map(|shard| &shard.stream).collect();
         let replies: Vec<Option<StreamReadReply>> = if self.is_cluster() {
             let replies = try_join_all(keys.iter().map(|key| {
                 let mut connection = self.connection.clone();
@@ -471,7 +569,8 @@ impl Broker {
     pub async fn claim_stale(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
         let mut connection = self.connection.clone();
         let mut entries = Vec::new();
-        for (shard, key) in self.streams().enumerate() {
+        let shards = self.all_shards();
+        for (shard, key) in shards.iter().map(|shard| &shard.stream).enumerate() {
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(key)
                 .arg(&self.shared.config.group)
@@ -528,7 +627,8 @@ impl Broker {
         let group = &self.shared.config.group;
         let mut connection = self.connection.clone();
         let mut forgotten = 0;
-        for key in self.streams() {
+        let shards = self.all_shards();
+        for key in shards.iter().map(|shard| &shard.stream) {
             let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
                 .arg("CONSUMERS")
                 .arg(key)
@@ -556,7 +656,8 @@ impl Broker {
     /// delivery), so that a writer waiting out a database outage is not taken for dead.
     pub async fn renew(&self, consumer: &str, entries: &[&Entry]) -> Result<(), BrokerError> {
         let mut connection = self.connection.clone();
-        for (shard, key) in self.streams().enumerate() {
+        let shards = self.all_shards();
+        for (shard, key) in shards.iter().map(|shard| &shard.stream).enumerate() {
             let ids: Vec<&str> = entries
                 .iter()
                 .filter(|entry| entry.shard == shard)
@@ -584,9 +685,10 @@ impl Broker {
         if entries.is_empty() {
             return Ok(0);
         }
+        let shards = self.all_shards();
         // One script over every stream on one Redis; one per shard (its slot) in a cluster.
         let groups: Vec<Vec<&Entry>> = if self.is_cluster() {
-            let mut by_shard: Vec<Vec<&Entry>> = vec![Vec::new(); self.shared.shards.len()];
+            let mut by_shard: Vec<Vec<&Entry>> = vec![Vec::new(); shards.len()];
             for entry in entries {
                 by_shard[entry.shard].push(entry);
             }
@@ -595,10 +697,11 @@ impl Broker {
         } else {
             vec![entries.to_vec()]
         };
+        let shards = &shards;
         let acked = try_join_all(groups.into_iter().map(|group| {
             let mut connection = self.connection.clone();
             async move {
-                let counters = &self.shared.shards[group[0].shard];
+                let counters = &shards[group[0].shard];
                 let script = Script::new(ACK_SCRIPT);
                 let mut invocation = script.prepare_invoke();
                 invocation
@@ -607,7 +710,7 @@ impl Broker {
                     .arg(&self.shared.config.group);
                 for entry in &group {
                     invocation
-                        .key(&self.shared.shards[entry.shard].stream)
+                        .key(&shards[entry.shard].stream)
                         .arg(&entry.id)
                         .arg(entry.event_count)
                         .arg(entry.payload.len());
@@ -621,9 +724,12 @@ impl Broker {
 
     /// The newest entry id of every stream now: what [`Self::delivered_up_to`] waits for.
     pub async fn mark(&self) -> Result<Vec<Option<String>>, BrokerError> {
+        // Every layout's streams: a Delete waits for what nodes of another count appended.
+        self.discover_layouts(Duration::ZERO).await?;
+        let shards = self.all_shards();
         let mut connection = self.connection.clone();
-        let mut mark = Vec::with_capacity(self.shared.shards.len());
-        for key in self.streams() {
+        let mut mark = Vec::with_capacity(shards.len());
+        for key in shards.iter().map(|shard| &shard.stream) {
             let newest: Vec<(String, redis::Value)> = redis::cmd("XREVRANGE")
                 .arg(key)
                 .arg("+")
@@ -641,7 +747,8 @@ impl Broker {
     /// dead-lettered): entries are deleted only then.
     pub async fn delivered_up_to(&self, mark: &[Option<String>]) -> Result<bool, BrokerError> {
         let mut connection = self.connection.clone();
-        for (key, newest) in self.streams().zip(mark) {
+        let shards = self.all_shards();
+        for (key, newest) in shards.iter().map(|shard| &shard.stream).zip(mark) {
             let Some(newest) = newest else { continue };
             let left: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
                 .arg(key)

@@ -42,7 +42,8 @@ pub struct RedisConfig {
     #[serde(deserialize_with = "super::secret::secret_list::deserialize")]
     pub cluster_nodes: Vec<Secret>,
     /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`, or
-    /// `<prefix>:{<n>}` in a cluster: one slot per shard, its counters with it).
+    /// `<prefix>:{<n>}` in a cluster: one slot per shard, its counters with it). May be
+    /// changed later: every count used is registered, and writers read them all.
     #[default(4)]
     pub shards: usize,
     /// Key prefix of the streams and the backlog counters.
