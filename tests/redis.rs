@@ -599,6 +599,28 @@ async fn all_stored_once(
     }
 }
 
+/// A Delete of `user` through `server`, checked to be still waiting a second later (for the
+/// streams to be stored); await it once a writer runs.
+async fn delete_waiting(
+    server: &TestServer,
+    user: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<sluice::proto::DeleteResponse>, tonic::Status>>
+{
+    let mut query = server.query_client().await;
+    let user = user.to_owned();
+    let delete = tokio::spawn(async move {
+        query
+            .delete(DeleteRequest {
+                user_id: user,
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!delete.is_finished(), "delete waits for the streams");
+    delete
+}
+
 /// Waits until the streams hold nothing: every entry written and acknowledged.
 async fn drained(redis: &Redis, within: Duration) {
     let deadline = Instant::now() + within;
@@ -941,17 +963,7 @@ async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_stre
 
     // Delete of a user whose event is still in the streams: it waits for a writer to store
     // it, then deletes it.
-    let mut query = ingest.query_client().await;
-    let delete = tokio::spawn(async move {
-        query
-            .delete(DeleteRequest {
-                user_id: "u-forget".to_owned(),
-                ..Default::default()
-            })
-            .await
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!delete.is_finished(), "delete waits for the streams");
+    let delete = delete_waiting(&ingest, "u-forget").await;
     let writer = TestServer::start(node(&database, &redis, "writer")).await;
     let deleted = delete.await.expect("task").expect("delete").into_inner();
     assert_eq!(deleted.deleted, 1);
@@ -1424,20 +1436,7 @@ async fn a_change_of_shards_drains_the_old_layout(
     // New nodes with another count; the Delete of a user still in the old streams waits
     // for a writer to store it.
     let ingest = TestServer::start(spec("ingest", "3")).await;
-    let mut query = ingest.query_client().await;
-    let delete = tokio::spawn(async move {
-        query
-            .delete(DeleteRequest {
-                user_id: "u-reshaped".to_owned(),
-                ..Default::default()
-            })
-            .await
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(
-        !delete.is_finished(),
-        "delete waits for the old layout's streams"
-    );
+    let delete = delete_waiting(&ingest, "u-reshaped").await;
     let writer = TestServer::start(spec("writer", "3")).await;
     send(
         ingest.ingest_client().await,

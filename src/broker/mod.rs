@@ -17,6 +17,7 @@
 
 mod connection;
 mod durability;
+mod layouts;
 
 use std::{sync::Arc, time::Duration};
 
@@ -31,6 +32,7 @@ use redis::{
 
 use arc_swap::ArcSwap;
 use connection::{ConnectError, Connection, Connector};
+use layouts::{LAYOUTS_READ_EVERY, ShardKeys};
 
 use chrono::{DateTime, Utc};
 
@@ -49,9 +51,6 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// In a cluster, where a read spans no slots and so cannot block on all shards at once, how
 /// long a writer waits after reads that found nothing.
 const CLUSTER_POLL: Duration = Duration::from_millis(50);
-/// How often a writer (and the backlog's readers) look for the shards of another
-/// `redis.shards` layout.
-const LAYOUTS_READ_EVERY: Duration = Duration::from_secs(5);
 /// Entries one read takes from each stream.
 const ENTRIES_PER_READ: usize = 8;
 
@@ -173,40 +172,6 @@ struct Shared {
     durability: durability::Verdict,
 }
 
-/// The keys of one shard. On one Redis every shard shares the two backlog counters; in a
-/// cluster each shard has its own, in its slot.
-#[derive(Clone)]
-struct ShardKeys {
-    stream: String,
-    backlog_events: String,
-    backlog_bytes: String,
-}
-
-impl ShardKeys {
-    /// The shards of a layout of `shards` streams.
-    fn layout(config: &RedisConfig, shards: usize) -> Vec<Self> {
-        let prefix = &config.prefix;
-        (0..shards)
-            .map(|shard| {
-                if config.is_cluster() {
-                    let tag = spread_tag(shard, shards);
-                    Self {
-                        stream: format!("{prefix}:{{{tag}}}"),
-                        backlog_events: format!("{prefix}:{{{tag}}}:backlog:events"),
-                        backlog_bytes: format!("{prefix}:{{{tag}}}:backlog:bytes"),
-                    }
-                } else {
-                    Self {
-                        stream: format!("{prefix}:{shard}"),
-                        backlog_events: format!("{prefix}:backlog:events"),
-                        backlog_bytes: format!("{prefix}:backlog:bytes"),
-                    }
-                }
-            })
-            .collect()
-    }
-}
-
 /// Whether `error` says a stream has no consumer group (it was deleted and recreated).
 pub fn is_missing_group(error: &BrokerError) -> bool {
     matches!(error, BrokerError::Redis(error) if error.code() == Some("NOGROUP"))
@@ -286,78 +251,6 @@ impl Broker {
 
     pub fn shards(&self) -> usize {
         self.shared.config.shards
-    }
-
-    /// Every shard read now: this node's layout, then those found in the registry.
-    fn all_shards(&self) -> Arc<Vec<ShardKeys>> {
-        self.shared.shards.load_full()
-    }
-
-    /// The set of shard counts nodes have used (one key, one slot).
-    fn layouts_key(&self) -> String {
-        format!("{}:layouts", self.shared.config.prefix)
-    }
-
-    /// Reads the registered layouts again when `at_most_every` has passed since the last
-    /// read (always with zero), and adds their shards to the read list, with the group.
-    async fn discover_layouts(&self, at_most_every: Duration) -> Result<(), BrokerError> {
-        {
-            let mut last = self
-                .shared
-                .layouts_read
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if last.is_some_and(|last| last.elapsed() < at_most_every) {
-                return Ok(());
-            }
-            *last = Some(std::time::Instant::now());
-        }
-        let mut connection = self.connection.clone();
-        // This node's own count too: a node that started before Redis answered registers here.
-        let (_, counts): (i64, Vec<usize>) = redis::pipe()
-            .cmd("SADD")
-            .arg(self.layouts_key())
-            .arg(self.shared.config.shards)
-            .cmd("SMEMBERS")
-            .arg(self.layouts_key())
-            .query_async(&mut connection)
-            .await?;
-        let known = self.all_shards();
-        let mut new: Vec<ShardKeys> = Vec::new();
-        for count in counts {
-            if !(1..=1024).contains(&count) || count == self.shared.config.shards {
-                continue;
-            }
-            for shard in ShardKeys::layout(&self.shared.config, count) {
-                if known
-                    .iter()
-                    .chain(&new)
-                    .all(|seen| seen.stream != shard.stream)
-                {
-                    new.push(shard);
-                }
-            }
-        }
-        if new.is_empty() {
-            return Ok(());
-        }
-        self.create_group_on(new.iter().map(|shard| &shard.stream))
-            .await?;
-        tracing::info!(
-            streams = new.len(),
-            "reading the streams of another redis.shards layout too"
-        );
-        // Only this task adds (under the time gate); appending keeps every index.
-        self.shared.shards.rcu(|current| {
-            let mut all: Vec<ShardKeys> = current.as_ref().clone();
-            for shard in &new {
-                if all.iter().all(|known| known.stream != shard.stream) {
-                    all.push(shard.clone());
-                }
-            }
-            all
-        });
-        Ok(())
     }
 
     fn is_cluster(&self) -> bool {
