@@ -78,6 +78,16 @@ impl IngestHandler {
         }
     }
 
+    /// Refuses (and counts) a request of more events than `grpc.max_events_per_request`.
+    pub(crate) fn check_request_size(&self, events: usize) -> Result<(), IngestError> {
+        let limit = self.config.grpc.max_events_per_request;
+        if events > limit {
+            self.counters.events_refused(Refusal::TooLarge, events);
+            return Err(IngestError::TooManyEvents { events, limit });
+        }
+        Ok(())
+    }
+
     /// Validates a request's events (numbered from `first_index`). Invalid events, and events
     /// for services the caller may not write, are counted and returned as rejections; the
     /// request fails only when it is too large as a whole or over the caller's rate limit.
@@ -89,15 +99,7 @@ impl IngestHandler {
         trace_id: Option<TraceId>,
     ) -> Result<Validated, IngestError> {
         let _span = tracing::info_span!("validate", events = request.events.len()).entered();
-        let limit = self.config.grpc.max_events_per_request;
-        if request.events.len() > limit {
-            self.counters
-                .events_refused(Refusal::TooLarge, request.events.len());
-            return Err(IngestError::TooManyEvents {
-                events: request.events.len(),
-                limit,
-            });
-        }
+        self.check_request_size(request.events.len())?;
         // A stream lives long: its caller is looked up again under the policy in force, so a
         // reload (scopes, services, limits) or an expired token applies from this message on.
         let caller = &self.admission.refresh(call)?;

@@ -34,7 +34,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tracing::Instrument;
 
 use super::OtlpLogsHandler;
-use crate::{metrics, rpc::Rpc, telemetry};
+use crate::{metrics, proto::otlp::EncodedLogsRequest, rpc::Rpc, telemetry};
 
 /// The path OTLP/HTTP exporters send logs to.
 pub const LOGS_PATH: &str = "/v1/logs";
@@ -112,18 +112,17 @@ impl Format {
         }
     }
 
-    fn decode(self, body: &[u8]) -> Result<ExportLogsServiceRequest, HttpError> {
-        let malformed = |reason: String| HttpError::Malformed {
-            format: self.name(),
-            reason,
-        };
+    /// The request in protobuf: a protobuf body as it is (it is checked as it is mapped, as
+    /// on gRPC), an OTLP/JSON one parsed and encoded.
+    fn decode(self, body: Bytes) -> Result<EncodedLogsRequest, HttpError> {
         match self {
-            Self::Protobuf => {
-                ExportLogsServiceRequest::decode(body).map_err(|error| malformed(error.to_string()))
-            }
-            Self::Json => {
-                serde_json::from_slice(body).map_err(|error| malformed(error.to_string()))
-            }
+            Self::Protobuf => Ok(EncodedLogsRequest::new(body)),
+            Self::Json => serde_json::from_slice::<ExportLogsServiceRequest>(&body)
+                .map(|request| EncodedLogsRequest::from(&request))
+                .map_err(|error| HttpError::Malformed {
+                    format: self.name(),
+                    reason: error.to_string(),
+                }),
         }
     }
 
@@ -310,7 +309,7 @@ async fn export(
             })?
             .to_bytes();
         let body = compression.decompress(body, max)?;
-        let message = format.decode(&body)?;
+        let message = format.decode(body)?;
         Ok::<_, HttpError>(tonic::Request::from_http(Request::from_parts(
             parts, message,
         )))

@@ -3,7 +3,8 @@
 //! way. No JSON tree is built.
 
 use base64::Engine;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+
+use super::wire::{Any, Attribute, Nesting, WireError, items};
 
 /// A JSON object's text, with its entries and depth.
 #[derive(Debug, Default)]
@@ -14,23 +15,31 @@ pub(super) struct JsonObject {
 }
 
 impl JsonObject {
-    /// `attributes` as an object, less those whose key `skip` names; a repeated key is
-    /// written twice, and the last one wins where the text is read (PostgreSQL's `jsonb`,
-    /// serde_json).
-    pub(super) fn of_attributes(attributes: &[KeyValue], skip: impl Fn(&str) -> bool) -> Self {
+    /// `attributes` as an object, less those whose key `skip` names (their values are still
+    /// checked, as a decoder would); a repeated key is written twice, and the last one wins
+    /// where the text is read (PostgreSQL's `jsonb`, serde_json).
+    pub(super) fn of_attributes(
+        attributes: &[Attribute<'_>],
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<Self, WireError> {
         let mut object = JsonObject::default();
         object.text.push(b'{');
         let mut deepest = 0;
-        for KeyValue { key, value, .. } in attributes {
-            if skip(key) {
+        for attribute in attributes {
+            if skip(attribute.key) {
+                write_attribute_value(&mut Vec::new(), attribute, Nesting::default())?;
                 continue;
             }
-            object.key(key);
-            deepest = deepest.max(write_any(&mut object.text, value.as_ref()));
+            object.key(attribute.key);
+            deepest = deepest.max(write_attribute_value(
+                &mut object.text,
+                attribute,
+                Nesting::default(),
+            )?);
         }
         object.text.push(b'}');
         object.depth = 1 + deepest;
-        object
+        Ok(object)
     }
 
     /// Starts the entry `key` (its value is written next).
@@ -48,12 +57,27 @@ impl JsonObject {
 const MAX_EXACT_INTEGER: u64 = 1 << 53;
 
 /// Writes an attribute's value (JSON `null` when it has none) and returns its depth.
-pub(super) fn write_any(out: &mut Vec<u8>, value: Option<&AnyValue>) -> usize {
-    match value.and_then(|value| value.value.as_ref()) {
-        Some(value) => write_value(out, value),
+fn write_attribute_value(
+    out: &mut Vec<u8>,
+    attribute: &Attribute<'_>,
+    nesting: Nesting,
+) -> Result<usize, WireError> {
+    write_any(out, attribute.value.as_deref(), nesting)
+}
+
+/// Writes an encoded AnyValue (JSON `null` for none, or one with no value) and returns its
+/// depth.
+fn write_any(
+    out: &mut Vec<u8>,
+    encoded: Option<&[u8]>,
+    nesting: Nesting,
+) -> Result<usize, WireError> {
+    let nesting = nesting.enter()?;
+    match encoded {
+        Some(encoded) => write_value(out, &Any::parse(encoded)?, nesting),
         None => {
             out.extend_from_slice(b"null");
-            0
+            Ok(0)
         }
     }
 }
@@ -61,38 +85,50 @@ pub(super) fn write_any(out: &mut Vec<u8>, value: Option<&AnyValue>) -> usize {
 /// Writes an AnyValue as JSON and returns its depth (0 for a scalar): bytes as base64,
 /// integers past 2^53 as decimal text, doubles that JSON cannot hold (NaN, infinities) as
 /// text, lists as arrays, key-value lists as objects.
-pub(super) fn write_value(out: &mut Vec<u8>, value: &any_value::Value) -> usize {
+pub(super) fn write_value(
+    out: &mut Vec<u8>,
+    value: &Any<'_>,
+    nesting: Nesting,
+) -> Result<usize, WireError> {
     match value {
-        any_value::Value::StringValue(text) => write_string(out, text),
-        any_value::Value::BoolValue(flag) => {
-            out.extend_from_slice(if *flag { b"true" } else { b"false" })
-        }
-        any_value::Value::IntValue(number) if number.unsigned_abs() <= MAX_EXACT_INTEGER => {
+        Any::String(text) => write_string(out, text),
+        Any::Bool(flag) => out.extend_from_slice(if *flag { b"true" } else { b"false" }),
+        Any::Int(number) if number.unsigned_abs() <= MAX_EXACT_INTEGER => {
             write_display(out, number)
         }
-        any_value::Value::IntValue(number) => write_string(out, &number.to_string()),
-        any_value::Value::DoubleValue(number) if number.is_finite() => {
+        Any::Int(number) => write_string(out, &number.to_string()),
+        Any::Double(number) if number.is_finite() => {
             let _ = serde_json::to_writer(&mut *out, number);
         }
-        any_value::Value::DoubleValue(number) => write_string(out, &number.to_string()),
-        any_value::Value::ArrayValue(array) => {
+        Any::Double(number) => write_string(out, &number.to_string()),
+        Any::Array(list) => {
             out.push(b'[');
             let mut deepest = 0;
-            for (index, item) in array.values.iter().enumerate() {
+            for (index, item) in items(list, "ArrayValue").enumerate() {
                 if index > 0 {
                     out.push(b',');
                 }
-                deepest = deepest.max(write_any(out, Some(item)));
+                deepest = deepest.max(write_any(out, Some(item?), nesting)?);
             }
             out.push(b']');
-            return 1 + deepest;
+            return Ok(1 + deepest);
         }
-        any_value::Value::KvlistValue(list) => {
-            let object = JsonObject::of_attributes(&list.values, |_| false);
-            out.extend_from_slice(&object.text);
-            return object.depth;
+        Any::Kvlist(list) => {
+            out.push(b'{');
+            let mut deepest = 0;
+            for (index, entry) in items(list, "KeyValueList").enumerate() {
+                if index > 0 {
+                    out.push(b',');
+                }
+                let attribute = Attribute::parse(entry?)?;
+                write_string(out, attribute.key);
+                out.push(b':');
+                deepest = deepest.max(write_attribute_value(out, &attribute, nesting)?);
+            }
+            out.push(b'}');
+            return Ok(1 + deepest);
         }
-        any_value::Value::BytesValue(bytes) => {
+        Any::Bytes(bytes) => {
             out.push(b'"');
             out.extend_from_slice(
                 base64::engine::general_purpose::STANDARD
@@ -101,10 +137,9 @@ pub(super) fn write_value(out: &mut Vec<u8>, value: &any_value::Value) -> usize 
             );
             out.push(b'"');
         }
-        // An index into a profiles dictionary, which logs do not have.
-        any_value::Value::StringValueStrindex(_) => out.extend_from_slice(b"null"),
+        Any::Empty | Any::Strindex => out.extend_from_slice(b"null"),
     }
-    0
+    Ok(0)
 }
 
 /// A JSON string, escaped as serde_json escapes it.
@@ -120,7 +155,10 @@ pub(super) fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry_proto::tonic::common::v1::{ArrayValue, KeyValueList};
+    use opentelemetry_proto::tonic::common::v1::{
+        AnyValue, ArrayValue, KeyValue, KeyValueList, any_value,
+    };
+    use prost::Message;
     use serde_json::Value as Json;
 
     use super::*;
@@ -135,33 +173,41 @@ mod tests {
 
     #[test]
     fn every_any_value_kind_has_a_json_form() {
-        let value = any_value::Value::KvlistValue(KeyValueList {
-            values: vec![
-                attribute("s", any_value::Value::StringValue("text".to_owned())),
-                attribute("b", any_value::Value::BoolValue(true)),
-                attribute("i", any_value::Value::IntValue(-7)),
-                attribute("big", any_value::Value::IntValue(i64::MAX)),
-                attribute("d", any_value::Value::DoubleValue(1.5)),
-                attribute("nan", any_value::Value::DoubleValue(f64::NAN)),
-                attribute("bytes", any_value::Value::BytesValue(vec![0, 1, 2, 255])),
-                attribute(
-                    "list",
-                    any_value::Value::ArrayValue(ArrayValue {
-                        values: vec![
-                            AnyValue {
-                                value: Some(any_value::Value::StringValue("x".to_owned())),
-                            },
-                            AnyValue { value: None },
-                        ],
-                    }),
-                ),
-                attribute("dup", any_value::Value::IntValue(1)),
-                attribute("dup", any_value::Value::IntValue(2)),
-            ],
-        });
+        let value = AnyValue {
+            value: Some(any_value::Value::KvlistValue(KeyValueList {
+                values: vec![
+                    attribute("s", any_value::Value::StringValue("text".to_owned())),
+                    attribute("b", any_value::Value::BoolValue(true)),
+                    attribute("i", any_value::Value::IntValue(-7)),
+                    attribute("big", any_value::Value::IntValue(i64::MAX)),
+                    attribute("d", any_value::Value::DoubleValue(1.5)),
+                    attribute("nan", any_value::Value::DoubleValue(f64::NAN)),
+                    attribute("bytes", any_value::Value::BytesValue(vec![0, 1, 2, 255])),
+                    attribute(
+                        "list",
+                        any_value::Value::ArrayValue(ArrayValue {
+                            values: vec![
+                                AnyValue {
+                                    value: Some(any_value::Value::StringValue("x".to_owned())),
+                                },
+                                AnyValue { value: None },
+                            ],
+                        }),
+                    ),
+                    KeyValue {
+                        key: "none".to_owned(),
+                        ..Default::default()
+                    },
+                    attribute("dup", any_value::Value::IntValue(1)),
+                    attribute("dup", any_value::Value::IntValue(2)),
+                ],
+            })),
+        }
+        .encode_to_vec();
         let mut text = Vec::new();
+        let parsed = Any::parse(&value).expect("parses");
         assert_eq!(
-            write_value(&mut text, &value),
+            write_value(&mut text, &parsed, Nesting::default()).expect("writes"),
             2,
             "an object holding a list"
         );
@@ -169,8 +215,25 @@ mod tests {
             serde_json::from_slice::<Json>(&text).expect("json"),
             serde_json::json!({
                 "s": "text", "b": true, "i": -7, "big": "9223372036854775807", "d": 1.5,
-                "nan": "NaN", "bytes": "AAEC/w==", "list": ["x", null], "dup": 2
+                "nan": "NaN", "bytes": "AAEC/w==", "list": ["x", null], "none": null, "dup": 2
             })
         );
+    }
+
+    #[test]
+    fn a_value_nested_past_the_recursion_limit_is_malformed_not_a_stack_overflow() {
+        let mut value = AnyValue {
+            value: Some(any_value::Value::IntValue(1)),
+        };
+        for _ in 0..200 {
+            value = AnyValue {
+                value: Some(any_value::Value::ArrayValue(ArrayValue {
+                    values: vec![value],
+                })),
+            };
+        }
+        let encoded = value.encode_to_vec();
+        let parsed = Any::parse(&encoded).expect("the top level parses");
+        assert!(write_value(&mut Vec::new(), &parsed, Nesting::default()).is_err());
     }
 }

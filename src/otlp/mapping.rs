@@ -8,25 +8,30 @@
 //! - `timestamp` ← `time_unix_nano`, else `observed_time_unix_nano`, else the receive time
 //!   (`metadata.time_source` says which, when it is not the first).
 //! - `id` ← attribute `log.record.uid` (a UUID as it is, any other text hashed into one), else a
-//!   UUID hashed from the record, its scope and its resource: an SDK's retry after a timeout
-//!   is the same event, stored once.
+//!   UUID hashed from the record, its scope and its resource as they were sent: an SDK's retry
+//!   after a timeout is the same event, stored once.
 //! - `trace_id` ← the record's trace id; span id, flags, severity, event name, scope, resource
 //!   and record attributes go into `metadata` under the keys of [`keys`].
 //! - `user_id` ← the first present of the configured attribute keys, record attributes first,
 //!   then the resource's; the attribute leaves `metadata`, so privacy sees the id once.
+//!
+//! The request is read in place ([`super::wire`]): strings are slices of it, and every
+//! attribute's JSON is written straight from its encoding. It is checked as prost would check
+//! it, so a request that would not decode is an error here too.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
-use opentelemetry_proto::tonic::{
-    collector::logs::v1::ExportLogsServiceRequest,
-    common::v1::{InstrumentationScope, KeyValue, any_value},
-    logs::v1::LogRecord,
-    resource::v1::Resource,
-};
-use prost::Message;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::json::{JsonObject, write_display, write_string, write_value};
+use super::{
+    json::{JsonObject, write_display, write_string, write_value},
+    wire::{
+        Any, Attribute, Fields, Nesting, Value, WireError, check_strings, last_value, merge, utf8,
+        wrong_type,
+    },
+};
 use crate::{
     event::TraceId,
     proto::{Event, metadata::Metadata},
@@ -64,35 +69,118 @@ pub struct Mapped {
     pub trace_id: Option<TraceId>,
 }
 
-/// Maps every record of `request` in order (resource by resource, scope by scope), taking
-/// user ids from `user_id_attributes`, with `received` for records that carry no time.
+/// How many log records an encoded `ExportLogsServiceRequest` holds, counted without mapping
+/// them (a malformed request counts what precedes the fault; mapping it then fails).
+pub fn count_records(request: &[u8]) -> usize {
+    messages(request, 1)
+        .flat_map(|resource_logs| messages(resource_logs, 2))
+        .map(|scope_logs| messages(scope_logs, 2).count())
+        .sum()
+}
+
+/// The occurrences of the message field `tag`, up to the first fault.
+fn messages(bytes: &[u8], tag: u32) -> impl Iterator<Item = &[u8]> {
+    Fields::new(bytes)
+        .map_while(Result::ok)
+        .filter_map(move |field| match field {
+            (found, Value::Bytes(message)) if found == tag => Some(message),
+            _ => None,
+        })
+}
+
+/// Maps every record of an encoded `ExportLogsServiceRequest` in order (resource by
+/// resource, scope by scope), taking user ids from `user_id_attributes`, with `received` for
+/// records that carry no time. A request that does not decode is an error, whole.
 ///
 /// The metadata of each record is written straight as the JSON text that is stored: the
 /// resource's and the scope's parts once per resource and scope, the record's own fields
 /// once per record, with no JSON tree built or copied.
 pub fn map_request(
-    request: ExportLogsServiceRequest,
+    request: &[u8],
     user_id_attributes: &[String],
     received: DateTime<Utc>,
-) -> Vec<Mapped> {
-    let records = request
-        .resource_logs
-        .iter()
-        .flat_map(|resource| &resource.scope_logs)
-        .map(|scope| scope.log_records.len())
-        .sum();
-    let mut mapped = Vec::with_capacity(records);
-    let mut scratch = Vec::new();
-    for resource_logs in request.resource_logs {
-        let resource = ResourceContext::new(resource_logs.resource, user_id_attributes);
-        for scope_logs in resource_logs.scope_logs {
-            let scope = ScopeContext::new(&resource, scope_logs.scope);
-            for record in scope_logs.log_records {
-                mapped.push(scope.map(record, user_id_attributes, received, &mut scratch));
-            }
+) -> Result<Vec<Mapped>, WireError> {
+    let mut mapper = Mapper {
+        user_id_attributes,
+        received,
+        mapped: Vec::with_capacity(count_records(request)),
+        attributes: Vec::new(),
+    };
+    for field in Fields::new(request) {
+        match field? {
+            (1, Value::Bytes(resource_logs)) => mapper.resource_logs(resource_logs)?,
+            (1, _) => return Err(wrong_type("ExportLogsServiceRequest", 1)),
+            _ => {}
         }
     }
-    mapped
+    Ok(mapper.mapped)
+}
+
+/// A request's mapping under way: what every record needs, the records mapped so far, and
+/// the scratch list of one record's attributes.
+struct Mapper<'a, 'k> {
+    user_id_attributes: &'k [String],
+    received: DateTime<Utc>,
+    mapped: Vec<Mapped>,
+    attributes: Vec<Attribute<'a>>,
+}
+
+impl<'a> Mapper<'a, '_> {
+    /// One `ResourceLogs`: its resource (which may follow its scopes on the wire), then each
+    /// of its `ScopeLogs`.
+    fn resource_logs(&mut self, encoded: &'a [u8]) -> Result<(), WireError> {
+        let mut resource = None;
+        let mut scopes = Vec::new();
+        for field in Fields::new(encoded) {
+            match field? {
+                (1, Value::Bytes(more)) => resource = Some(merge(resource, more)),
+                (2, Value::Bytes(scope_logs)) => scopes.push(scope_logs),
+                (3, Value::Bytes(schema_url)) => {
+                    utf8(schema_url)?;
+                }
+                (tag @ 1..=3, _) => return Err(wrong_type("ResourceLogs", tag)),
+                _ => {}
+            }
+        }
+        let resource =
+            ResourceContext::new(resource.as_deref().unwrap_or(&[]), self.user_id_attributes)?;
+        for scope_logs in scopes {
+            self.scope_logs(&resource, scope_logs)?;
+        }
+        Ok(())
+    }
+
+    /// One `ScopeLogs`: its scope (which may follow its records), then each record.
+    fn scope_logs(
+        &mut self,
+        resource: &ResourceContext,
+        encoded: &'a [u8],
+    ) -> Result<(), WireError> {
+        let mut scope = None;
+        let mut records = Vec::new();
+        for field in Fields::new(encoded) {
+            match field? {
+                (1, Value::Bytes(more)) => scope = Some(merge(scope, more)),
+                (2, Value::Bytes(record)) => records.push(record),
+                (3, Value::Bytes(schema_url)) => {
+                    utf8(schema_url)?;
+                }
+                (tag @ 1..=3, _) => return Err(wrong_type("ScopeLogs", tag)),
+                _ => {}
+            }
+        }
+        let scope = ScopeContext::new(resource, scope.as_deref().unwrap_or(&[]))?;
+        for record in records {
+            let mapped = scope.map(
+                record,
+                self.user_id_attributes,
+                self.received,
+                &mut self.attributes,
+            )?;
+            self.mapped.push(mapped);
+        }
+        Ok(())
+    }
 }
 
 /// What the records of one resource share.
@@ -102,101 +190,168 @@ struct ResourceContext {
     /// there, with its dropped count); None when it has none.
     attributes: Option<JsonObject>,
     user_id: Option<String>,
-    /// The resource as sent, for record ids.
-    encoded: Vec<u8>,
+    /// A digest fed with the resource as sent, for record ids.
+    digest: Sha256,
 }
 
 impl ResourceContext {
-    fn new(resource: Option<Resource>, user_id_attributes: &[String]) -> Self {
-        let resource = resource.unwrap_or_default();
-        let encoded = resource.encode_to_vec();
-        let service = match last_value(&resource.attributes, SERVICE_NAME) {
-            Some(any_value::Value::StringValue(name)) => normalize_service(name),
+    /// A `Resource` from its encoding: 1 attributes, 2 dropped_attributes_count,
+    /// 3 entity_refs.
+    fn new(encoded: &[u8], user_id_attributes: &[String]) -> Result<Self, WireError> {
+        let mut attributes = Vec::new();
+        let mut dropped = 0;
+        for field in Fields::new(encoded) {
+            match field? {
+                (1, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
+                (2, Value::Varint(count)) => dropped = count as u32,
+                (3, Value::Bytes(entity)) => check_strings(entity, "EntityRef", &[1, 2, 3, 4])?,
+                (tag @ 1..=3, _) => return Err(wrong_type("Resource", tag)),
+                _ => {}
+            }
+        }
+        let service = match last_value(&attributes, SERVICE_NAME)? {
+            Some(Any::String(name)) => normalize_service(name),
             _ => UNKNOWN_SERVICE.to_owned(),
         };
-        let user = user_id_of(&resource.attributes, user_id_attributes);
-        let user_key = user.as_ref().map(|(key, _)| key.as_str());
-        let mut attributes =
-            JsonObject::of_attributes(&resource.attributes, |key| Some(key) == user_key);
-        if resource.dropped_attributes_count > 0 {
-            attributes.text.pop();
-            attributes.key(keys::DROPPED_ATTRIBUTES);
-            write_display(&mut attributes.text, resource.dropped_attributes_count);
-            attributes.text.push(b'}');
+        let user = user_id_of(&attributes, user_id_attributes)?;
+        let user_key = user.as_ref().map(|(key, _)| *key);
+        let mut json = JsonObject::of_attributes(&attributes, |key| Some(key) == user_key)?;
+        if dropped > 0 {
+            json.text.pop();
+            json.key(keys::DROPPED_ATTRIBUTES);
+            write_display(&mut json.text, dropped);
+            json.text.push(b'}');
         }
-        Self {
+        let mut digest = Sha256::new();
+        digest_part(&mut digest, encoded);
+        Ok(Self {
             service,
-            attributes: (attributes.entries > 0).then_some(attributes),
+            attributes: (json.entries > 0).then_some(json),
             user_id: user.map(|(_, id)| id),
-            encoded,
-        }
+            digest,
+        })
     }
 }
 
 /// What the records of one scope share: the resource's part, the scope's JSON, and a digest
 /// already fed with both (each record's id digest starts from a copy).
-struct ScopeContext<'a> {
-    resource: &'a ResourceContext,
+struct ScopeContext<'r> {
+    resource: &'r ResourceContext,
     scope: Option<JsonObject>,
     digest: Sha256,
 }
 
-impl<'a> ScopeContext<'a> {
-    fn new(resource: &'a ResourceContext, scope: Option<InstrumentationScope>) -> Self {
-        let scope = scope.unwrap_or_default();
-        let mut digest = Sha256::new();
-        digest_part(&mut digest, &resource.encoded);
-        digest_part(&mut digest, &scope.encode_to_vec());
+/// One `LogRecord`'s fields, as slices of the request (its attributes go to a list the
+/// caller keeps, so that one allocation serves every record).
+#[derive(Default)]
+struct Record<'a> {
+    time_unix_nano: u64,
+    observed_time_unix_nano: u64,
+    severity_number: i32,
+    severity_text: &'a str,
+    body: Option<Cow<'a, [u8]>>,
+    dropped_attributes_count: u32,
+    flags: u32,
+    trace_id: &'a [u8],
+    span_id: &'a [u8],
+    event_name: &'a str,
+}
+
+impl<'a> Record<'a> {
+    fn parse(encoded: &'a [u8], attributes: &mut Vec<Attribute<'a>>) -> Result<Self, WireError> {
+        let mut record = Record::default();
+        attributes.clear();
+        for field in Fields::new(encoded) {
+            match field? {
+                (1, Value::Fixed64(nanos)) => record.time_unix_nano = nanos,
+                (2, Value::Varint(number)) => record.severity_number = number as i32,
+                (3, Value::Bytes(text)) => record.severity_text = utf8(text)?,
+                (5, Value::Bytes(body)) => record.body = Some(merge(record.body.take(), body)),
+                (6, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
+                (7, Value::Varint(count)) => record.dropped_attributes_count = count as u32,
+                (8, Value::Fixed32(flags)) => record.flags = flags,
+                (9, Value::Bytes(trace_id)) => record.trace_id = trace_id,
+                (10, Value::Bytes(span_id)) => record.span_id = span_id,
+                (11, Value::Fixed64(nanos)) => record.observed_time_unix_nano = nanos,
+                (12, Value::Bytes(name)) => record.event_name = utf8(name)?,
+                (tag @ (1..=3 | 5..=12), _) => return Err(wrong_type("LogRecord", tag)),
+                _ => {}
+            }
+        }
+        Ok(record)
+    }
+}
+
+impl<'r> ScopeContext<'r> {
+    /// An `InstrumentationScope` from its encoding: 1 name, 2 version, 3 attributes,
+    /// 4 dropped_attributes_count (not kept).
+    fn new(resource: &'r ResourceContext, encoded: &[u8]) -> Result<Self, WireError> {
+        let mut name = "";
+        let mut version = "";
+        let mut attributes = Vec::new();
+        for field in Fields::new(encoded) {
+            match field? {
+                (1, Value::Bytes(text)) => name = utf8(text)?,
+                (2, Value::Bytes(text)) => version = utf8(text)?,
+                (3, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
+                (4, Value::Varint(_)) => {}
+                (tag @ 1..=4, _) => return Err(wrong_type("InstrumentationScope", tag)),
+                _ => {}
+            }
+        }
+        let mut digest = resource.digest.clone();
+        digest_part(&mut digest, encoded);
         let mut json = JsonObject::default();
         json.text.push(b'{');
-        if !scope.name.is_empty() {
+        if !name.is_empty() {
             json.key("name");
-            write_string(&mut json.text, &scope.name);
+            write_string(&mut json.text, name);
         }
-        if !scope.version.is_empty() {
+        if !version.is_empty() {
             json.key("version");
-            write_string(&mut json.text, &scope.version);
+            write_string(&mut json.text, version);
         }
         let mut depth = 1;
-        if !scope.attributes.is_empty() {
-            let attributes = JsonObject::of_attributes(&scope.attributes, |_| false);
+        if !attributes.is_empty() {
+            let attributes = JsonObject::of_attributes(&attributes, |_| false)?;
             json.key(keys::ATTRIBUTES);
             json.text.extend_from_slice(&attributes.text);
             depth += attributes.depth;
         }
         json.text.push(b'}');
         json.depth = depth;
-        Self {
+        Ok(Self {
             resource,
             scope: (json.entries > 0).then_some(json),
             digest,
-        }
+        })
     }
 
-    fn map(
+    fn map<'a>(
         &self,
-        record: LogRecord,
+        encoded: &'a [u8],
         user_id_attributes: &[String],
         received: DateTime<Utc>,
-        scratch: &mut Vec<u8>,
-    ) -> Mapped {
-        scratch.clear();
-        record.encode_raw(scratch);
-        let mut digest = self.digest.clone();
-        digest_part(&mut digest, scratch);
-        let id = match last_value(&record.attributes, RECORD_UID) {
-            Some(any_value::Value::StringValue(uid)) => {
+        attributes: &mut Vec<Attribute<'a>>,
+    ) -> Result<Mapped, WireError> {
+        let record = Record::parse(encoded, attributes)?;
+        let id = match last_value(attributes, RECORD_UID)? {
+            Some(Any::String(uid)) => {
                 Uuid::try_parse(uid).unwrap_or_else(|_| hashed_uuid(uid.as_bytes()))
             }
             Some(other) => {
                 let mut text = Vec::new();
-                write_value(&mut text, other);
+                write_value(&mut text, &other, Nesting::default())?;
                 hashed_uuid(&text)
             }
-            None => uuid_of(digest),
+            None => {
+                let mut digest = self.digest.clone();
+                digest_part(&mut digest, encoded);
+                uuid_of(digest)
+            }
         };
-        let user = user_id_of(&record.attributes, user_id_attributes);
-        let user_key = user.as_ref().map(|(key, _)| key.as_str());
+        let user = user_id_of(attributes, user_id_attributes)?;
+        let user_key = user.as_ref().map(|(key, _)| *key);
 
         let mut metadata = JsonObject::default();
         metadata.text.reserve(256);
@@ -213,7 +368,7 @@ impl<'a> ScopeContext<'a> {
         }
         if !record.severity_text.is_empty() {
             metadata.key(keys::SEVERITY_TEXT);
-            write_string(&mut metadata.text, &record.severity_text);
+            write_string(&mut metadata.text, record.severity_text);
         }
         if record.severity_number != 0 {
             metadata.key(keys::SEVERITY_NUMBER);
@@ -221,7 +376,7 @@ impl<'a> ScopeContext<'a> {
         }
         if !record.span_id.is_empty() {
             metadata.key(keys::SPAN_ID);
-            write_string(&mut metadata.text, &hex::encode(&record.span_id));
+            write_hex(&mut metadata.text, record.span_id);
         }
         if record.flags != 0 {
             metadata.key(keys::TRACE_FLAGS);
@@ -229,19 +384,19 @@ impl<'a> ScopeContext<'a> {
         }
         if !record.event_name.is_empty() {
             metadata.key(keys::EVENT_NAME);
-            write_string(&mut metadata.text, &record.event_name);
+            write_string(&mut metadata.text, record.event_name);
         }
         if record.dropped_attributes_count > 0 {
             metadata.key(keys::DROPPED_ATTRIBUTES);
             write_display(&mut metadata.text, record.dropped_attributes_count);
         }
-        let attributes = JsonObject::of_attributes(&record.attributes, |key| {
+        let record_attributes = JsonObject::of_attributes(attributes, |key| {
             key == RECORD_UID || Some(key) == user_key
-        });
-        if attributes.entries > 0 {
+        })?;
+        if record_attributes.entries > 0 {
             metadata.key(keys::ATTRIBUTES);
-            metadata.text.extend_from_slice(&attributes.text);
-            depth = depth.max(1 + attributes.depth);
+            metadata.text.extend_from_slice(&record_attributes.text);
+            depth = depth.max(1 + record_attributes.depth);
         }
         if let Some(resource) = &self.resource.attributes {
             metadata.key(keys::RESOURCE);
@@ -255,39 +410,47 @@ impl<'a> ScopeContext<'a> {
         }
         metadata.text.push(b'}');
 
-        let message = match record.body.and_then(|body| body.value) {
-            Some(any_value::Value::StringValue(text)) => text,
-            Some(other) => {
+        let body = match &record.body {
+            Some(body) => Any::parse(body)?,
+            None => Any::Empty,
+        };
+        let message = match body {
+            Any::String(text) => text.to_owned(),
+            Any::Empty if !record.event_name.is_empty() => record.event_name.to_owned(),
+            Any::Empty => NO_BODY.to_owned(),
+            other => {
                 let mut text = Vec::new();
-                write_value(&mut text, &other);
+                write_value(&mut text, &other, Nesting::default())?;
                 String::from_utf8_lossy(&text).into_owned()
             }
-            None if !record.event_name.is_empty() => record.event_name,
-            None => NO_BODY.to_owned(),
         };
-        let trace_id = <[u8; 16]>::try_from(record.trace_id.as_slice())
+        let trace_id = <[u8; 16]>::try_from(record.trace_id)
             .ok()
             .map(TraceId::from_bytes)
             .filter(|trace| *trace != TraceId::INVALID);
-        Mapped {
+        let user_id = match user {
+            Some((_, id)) => id,
+            None => self.resource.user_id.clone().unwrap_or_default(),
+        };
+        Ok(Mapped {
             event: Event {
-                id: id.to_string(),
+                id: id
+                    .hyphenated()
+                    .encode_lower(&mut Uuid::encode_buffer())
+                    .to_owned(),
                 service: self.resource.service.clone(),
                 message,
                 timestamp: Some(prost_types::Timestamp {
                     seconds: timestamp.timestamp(),
                     nanos: timestamp.timestamp_subsec_nanos() as i32,
                 }),
-                user_id: user
-                    .map(|(_, id)| id)
-                    .or_else(|| self.resource.user_id.clone())
-                    .unwrap_or_default(),
+                user_id,
                 metadata: (metadata.entries > 0)
                     .then(|| Metadata::from_object_text(metadata.text, metadata.entries, depth)),
                 ..Default::default()
             },
             trace_id,
-        }
+        })
     }
 }
 
@@ -344,27 +507,33 @@ fn timestamp_of(
     (received, Some("received"))
 }
 
-/// The value of the last attribute named `key` (the one that wins), when it has one.
-fn last_value<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
-    attributes
-        .iter()
-        .rev()
-        .find(|attribute| attribute.key == key)
-        .and_then(|attribute| attribute.value.as_ref())
-        .and_then(|value| value.value.as_ref())
-}
-
 /// The first of `keys` whose value in `attributes` is a usable user id (a non-empty string,
 /// or an integer as its decimal text): the key and the id.
-fn user_id_of(attributes: &[KeyValue], keys: &[String]) -> Option<(String, String)> {
-    keys.iter().find_map(|key| {
+fn user_id_of<'k>(
+    attributes: &[Attribute<'_>],
+    keys: &'k [String],
+) -> Result<Option<(&'k str, String)>, WireError> {
+    for key in keys {
         let id = match last_value(attributes, key)? {
-            any_value::Value::StringValue(text) if !text.is_empty() => text.clone(),
-            any_value::Value::IntValue(number) => number.to_string(),
-            _ => return None,
+            Some(Any::String(text)) if !text.is_empty() => text.to_owned(),
+            Some(Any::Int(number)) => number.to_string(),
+            _ => continue,
         };
-        Some((key.clone(), id))
-    })
+        return Ok(Some((key, id)));
+    }
+    Ok(None)
+}
+
+/// Bytes as a JSON string of lower-case hex.
+fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2 + 2);
+    out.push(b'"');
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)]);
+        out.push(DIGITS[usize::from(byte & 0x0f)]);
+    }
+    out.push(b'"');
 }
 
 /// Feeds one length-prefixed part to a digest, so that parts cannot run into each other.
@@ -390,9 +559,14 @@ fn uuid_of(digest: Sha256) -> Uuid {
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::{
-        common::v1::{AnyValue, ArrayValue, KeyValueList},
-        logs::v1::{ResourceLogs, ScopeLogs},
+        collector::logs::v1::ExportLogsServiceRequest,
+        common::v1::{
+            AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value,
+        },
+        logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
+        resource::v1::Resource,
     };
+    use prost::Message;
 
     use serde_json::{Map, Value as Json};
 
@@ -448,8 +622,12 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000, 0).expect("time")
     }
 
+    fn map(request: &ExportLogsServiceRequest) -> Vec<Mapped> {
+        map_request(&request.encode_to_vec(), &users(), received()).expect("maps")
+    }
+
     fn map_one(service: Option<&str>, record: LogRecord) -> Mapped {
-        let mut mapped = map_request(request(service, vec![record]), &users(), received());
+        let mut mapped = map(&request(service, vec![record]));
         assert_eq!(mapped.len(), 1);
         mapped.remove(0)
     }
@@ -713,7 +891,7 @@ mod tests {
                 any_value::Value::StringValue("from-resource".to_owned()),
             ));
         }
-        let mapped = map_request(request, &users(), received());
+        let mapped = map(&request);
         assert_eq!(mapped[0].event.user_id, "12345");
         assert_eq!(mapped[1].event.user_id, "from-resource");
         assert!(
@@ -722,6 +900,102 @@ mod tests {
                 .is_some_and(|resource| resource.contains_key("enduser.id")),
             "the resource's user id leaves its attributes too"
         );
+    }
+
+    #[test]
+    fn a_request_reads_as_prost_decodes_it_merged_fields_and_unknown_ones_included() {
+        let record = LogRecord {
+            time_unix_nano: 1_800_000_000_000_000_000,
+            body: Some(string("first")),
+            attributes: vec![attribute("k", any_value::Value::IntValue(1))],
+            ..Default::default()
+        };
+        let mut encoded = record.encode_to_vec();
+        // A second body merges into the first (a string replaces a string), a second
+        // time_unix_nano wins, an unknown field (tag 40) is skipped.
+        encoded.extend(
+            LogRecord {
+                time_unix_nano: 1_800_000_002_000_000_000,
+                body: Some(string("second")),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        encoded.extend([0xc0, 0x02, 0x07]);
+        let decoded = LogRecord::decode(encoded.as_slice()).expect("prost decodes it");
+        let ours = map(&request(Some("a"), vec![decoded]));
+        let mut scope_logs =
+            request(Some("a"), Vec::new()).resource_logs[0].scope_logs[0].encode_to_vec();
+        scope_logs.push(0x12);
+        prost::encoding::encode_varint(encoded.len() as u64, &mut scope_logs);
+        scope_logs.extend(&encoded);
+        let mut resource_logs = request(Some("a"), Vec::new()).resource_logs[0].clone();
+        resource_logs.scope_logs.clear();
+        let mut resource_logs = resource_logs.encode_to_vec();
+        resource_logs.push(0x12);
+        prost::encoding::encode_varint(scope_logs.len() as u64, &mut resource_logs);
+        resource_logs.extend(&scope_logs);
+        let mut sent = vec![0x0a];
+        prost::encoding::encode_varint(resource_logs.len() as u64, &mut sent);
+        sent.extend(&resource_logs);
+        let mapped = map_request(&sent, &users(), received()).expect("maps");
+        assert_eq!(count_records(&sent), 1);
+        assert_eq!(mapped.len(), 1);
+        assert_eq!(mapped[0].event.message, "second");
+        assert_eq!(mapped[0].event.message, ours[0].event.message);
+        assert_eq!(mapped[0].event.timestamp, ours[0].event.timestamp);
+        assert_eq!(metadata(&mapped[0]), metadata(&ours[0]));
+    }
+
+    #[test]
+    fn a_malformed_request_is_an_error_not_a_partial_mapping() {
+        let good = request(Some("a"), vec![LogRecord::default()]).encode_to_vec();
+        let mut bad_utf8 = request(
+            Some("a"),
+            vec![LogRecord {
+                severity_text: "x".to_owned(),
+                ..Default::default()
+            }],
+        )
+        .encode_to_vec();
+        let at = bad_utf8
+            .iter()
+            .rposition(|byte| *byte == b'x')
+            .expect("the text");
+        bad_utf8[at] = 0xff;
+        let mut truncated = good.clone();
+        truncated.pop();
+        for (case, bytes) in [
+            ("garbage", vec![0xff; 16]),
+            ("truncated", truncated),
+            ("invalid utf-8 in a record", bad_utf8),
+            ("resource_logs as a varint", vec![0x08, 0x01]),
+        ] {
+            assert!(map_request(&bytes, &users(), received()).is_err(), "{case}");
+        }
+        assert_eq!(
+            map_request(&good, &users(), received())
+                .expect("maps")
+                .len(),
+            1
+        );
+        assert_eq!(
+            map_request(&[], &users(), received()).expect("maps"),
+            Vec::new()
+        );
+    }
+
+    #[test]
+    fn records_are_counted_across_resources_and_scopes() {
+        let mut request = request(Some("a"), vec![LogRecord::default(); 3]);
+        let resource = request.resource_logs[0].clone();
+        request.resource_logs.push(resource);
+        request.resource_logs[1].scope_logs.push(ScopeLogs {
+            log_records: vec![LogRecord::default(); 2],
+            ..Default::default()
+        });
+        assert_eq!(count_records(&request.encode_to_vec()), 8);
+        assert_eq!(map(&request).len(), 8);
     }
 
     #[test]

@@ -11,13 +11,15 @@
 //!   retry. A prefix of a request is never taken: a partial success cannot be retried, so the
 //!   rest would be lost.
 //!
-//! [`mapping`] turns a record into an event, writing its metadata as JSON text with
-//! [`json`]; [`service`] is the RPC; [`http`] serves the same export as OTLP/HTTP.
+//! [`mapping`] turns a record into an event, reading the request in place with [`wire`] and
+//! writing its metadata as JSON text with [`json`]; [`service`] is the RPC; [`http`] serves
+//! the same export as OTLP/HTTP.
 
 pub mod http;
 mod json;
 pub mod mapping;
 pub mod service;
+mod wire;
 
 use std::{collections::HashMap, time::Duration};
 

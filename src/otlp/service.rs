@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+    ExportLogsPartialSuccess, ExportLogsServiceResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -14,7 +14,7 @@ use crate::{
     event::EventRejection,
     ingest::IngestHandler,
     metrics::{self, OtlpOutcome},
-    proto::otlp_logs::logs_service_server::LogsService,
+    proto::{otlp::EncodedLogsRequest, otlp_logs::logs_service_server::LogsService},
     rpc::Rpc,
 };
 
@@ -40,14 +40,20 @@ impl OtlpLogsHandler {
     /// One export, from either protocol: gRPC, or OTLP/HTTP's body made into a request.
     pub(crate) async fn export_call(
         &self,
-        request: Request<ExportLogsServiceRequest>,
+        request: Request<EncodedLogsRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         let call = self
             .ingest
             .admission()
             .admit(&request, Rpc::OtlpLogs, &[])?;
-        let mapped =
-            mapping::map_request(request.into_inner(), &self.user_id_attributes, Utc::now());
+        let encoded = request.get_ref().bytes();
+        // Refused before it is mapped: the limit bounds the work a request costs, too.
+        let records = mapping::count_records(encoded);
+        if let Err(error) = self.ingest.check_request_size(records) {
+            metrics::otlp_log_records(OtlpOutcome::Refused, records);
+            return Err(OtlpError::from(error).into());
+        }
+        let mapped = mapping::map_request(encoded, &self.user_id_attributes, Utc::now())?;
         let (events, trace_ids): (Vec<_>, Vec<_>) = mapped
             .into_iter()
             .map(|mapped| (mapped.event, mapped.trace_id))
@@ -94,7 +100,7 @@ pub fn partial_success(rejected: &[EventRejection]) -> Option<ExportLogsPartialS
 impl LogsService for OtlpLogsHandler {
     async fn export(
         &self,
-        request: Request<ExportLogsServiceRequest>,
+        request: Request<EncodedLogsRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
         self.export_call(request).await
     }

@@ -19,7 +19,9 @@ use tonic::{
 };
 use tonic_prost::ProstEncoder;
 
-use crate::proto::{IngestRequest, TailResponse, status::bad_request, tail};
+use crate::proto::{
+    IngestRequest, TailResponse, otlp::EncodedLogsRequest, status::bad_request, tail,
+};
 
 /// The field a BadRequest names for a request that does not decode.
 pub const MALFORMED_FIELD: &str = "request";
@@ -73,11 +75,17 @@ impl<U: Message + Default + 'static> Decoder for StrictProstDecoder<U> {
         // `DecodeBuf`'s bounds bookkeeping for every byte it advances (BENCHMARKS.md, "Decoding
         // from a slice").
         let len = buf.remaining();
+        let mut message = U::default();
+        if let Some(request) = (&mut message as &mut dyn Any).downcast_mut::<EncodedLogsRequest>() {
+            // Kept as it came (a slice of tonic's buffer, not a copy): OTLP maps the records
+            // from the encoding, and a malformed one is refused there.
+            *request = EncodedLogsRequest::new(buf.copy_to_bytes(len));
+            return Ok(Some(message));
+        }
         let chunk = buf.chunk();
         if chunk.len() != len {
             return U::decode(buf).map(Some).map_err(malformed);
         }
-        let mut message = U::default();
         reserve_events(&mut message, chunk);
         let decoded = message.merge(chunk);
         buf.advance(len);
@@ -148,7 +156,7 @@ fn count_events(mut bytes: &[u8]) -> usize {
 const EVENTS_TAG: u32 = 1;
 
 /// INVALID_ARGUMENT + BadRequest for a message that does not decode.
-pub fn malformed(error: prost::DecodeError) -> Status {
+pub fn malformed(error: impl std::fmt::Display) -> Status {
     bad_request(
         "request is not a valid protobuf message of this method".to_owned(),
         MALFORMED_FIELD,

@@ -4,6 +4,7 @@
 
 pub(crate) mod codec;
 pub mod metadata;
+pub mod otlp;
 pub(crate) mod status;
 pub mod tail;
 pub(crate) mod wire;
@@ -21,7 +22,8 @@ mod generated {
 pub use generated::*;
 
 /// OTLP's `LogsService` server ([`crate::otlp`]), generated over the opentelemetry-proto
-/// crate's messages with sluice's strict codec: a malformed export is INVALID_ARGUMENT.
+/// crate's messages with sluice's strict codec; its request is kept encoded
+/// ([`otlp::EncodedLogsRequest`]), and a malformed one is INVALID_ARGUMENT.
 #[allow(clippy::all, missing_docs)]
 pub mod otlp_logs {
     include!("generated/opentelemetry.proto.collector.logs.v1.rs");

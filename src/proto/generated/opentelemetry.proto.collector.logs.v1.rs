@@ -14,9 +14,7 @@ pub mod logs_service_server {
     pub trait LogsService: std::marker::Send + std::marker::Sync + 'static {
         async fn export(
             &self,
-            request: tonic::Request<
-                ::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
-            >,
+            request: tonic::Request<crate::proto::otlp::EncodedLogsRequest>,
         ) -> std::result::Result<
             tonic::Response<
                 ::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse,
@@ -105,9 +103,8 @@ pub mod logs_service_server {
                     struct ExportSvc<T: LogsService>(pub Arc<T>);
                     impl<
                         T: LogsService,
-                    > tonic::server::UnaryService<
-                        ::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
-                    > for ExportSvc<T> {
+                    > tonic::server::UnaryService<crate::proto::otlp::EncodedLogsRequest>
+                    for ExportSvc<T> {
                         type Response = ::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse;
                         type Future = BoxFuture<
                             tonic::Response<Self::Response>,
@@ -116,7 +113,7 @@ pub mod logs_service_server {
                         fn call(
                             &mut self,
                             request: tonic::Request<
-                                ::opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
+                                crate::proto::otlp::EncodedLogsRequest,
                             >,
                         ) -> Self::Future {
                             let inner = Arc::clone(&self.0);

@@ -65,6 +65,11 @@ fn generate(root: &Path, out: &Path) -> Result<(), Box<dyn Error>> {
         .build_client(false)
         .build_server(true)
         .codec_path("crate::proto::codec::StrictProstCodec")
+        // The request stays encoded: the records are mapped from its bytes in place.
+        .extern_path(
+            ".opentelemetry.proto.collector.logs.v1.ExportLogsServiceRequest",
+            "crate::proto::otlp::EncodedLogsRequest",
+        )
         .extern_path(".opentelemetry.proto", "::opentelemetry_proto::tonic")
         .compile_fds(otlp_logs_descriptors()?)?;
     let spool_descriptors =
