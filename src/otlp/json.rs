@@ -23,23 +23,30 @@ impl JsonObject {
         skip: impl Fn(&str) -> bool,
     ) -> Result<Self, WireError> {
         let mut object = JsonObject::default();
-        object.text.push(b'{');
-        let mut deepest = 0;
-        for attribute in attributes {
-            if skip(attribute.key) {
-                write_attribute_value(&mut Vec::new(), attribute, Nesting::default())?;
-                continue;
-            }
-            object.key(attribute.key);
-            deepest = deepest.max(write_attribute_value(
-                &mut object.text,
-                attribute,
-                Nesting::default(),
-            )?);
-        }
-        object.text.push(b'}');
-        object.depth = 1 + deepest;
+        let written = write_attributes(&mut object.text, attributes, skip)?;
+        object.entries = written.entries;
+        object.depth = written.depth;
         Ok(object)
+    }
+
+    /// Adds the entry `key` holding `attributes` as an object (as [`Self::of_attributes`]
+    /// writes it), written in place; no entry when none is left after `skip`. Returns the
+    /// entry's depth.
+    pub(super) fn attributes_entry(
+        &mut self,
+        key: &str,
+        attributes: &[Attribute<'_>],
+        skip: impl Fn(&str) -> bool,
+    ) -> Result<usize, WireError> {
+        let mark = self.text.len();
+        self.key(key);
+        let written = write_attributes(&mut self.text, attributes, skip)?;
+        if written.entries == 0 {
+            self.text.truncate(mark);
+            self.entries -= 1;
+            return Ok(0);
+        }
+        Ok(written.depth)
     }
 
     /// Starts the entry `key` (its value is written next).
@@ -51,6 +58,42 @@ impl JsonObject {
         write_string(&mut self.text, key);
         self.text.push(b':');
     }
+}
+
+/// What [`write_attributes`] wrote: how many entries, and the object's depth.
+struct Written {
+    entries: usize,
+    depth: usize,
+}
+
+/// Writes `attributes` as a JSON object, less those `skip` names (whose values are checked
+/// all the same).
+fn write_attributes(
+    out: &mut Vec<u8>,
+    attributes: &[Attribute<'_>],
+    skip: impl Fn(&str) -> bool,
+) -> Result<Written, WireError> {
+    out.push(b'{');
+    let mut entries = 0;
+    let mut deepest = 0;
+    for attribute in attributes {
+        if skip(attribute.key) {
+            write_attribute_value(&mut Vec::new(), attribute, Nesting::default())?;
+            continue;
+        }
+        if entries > 0 {
+            out.push(b',');
+        }
+        entries += 1;
+        write_string(out, attribute.key);
+        out.push(b':');
+        deepest = deepest.max(write_attribute_value(out, attribute, Nesting::default())?);
+    }
+    out.push(b'}');
+    Ok(Written {
+        entries,
+        depth: 1 + deepest,
+    })
 }
 
 /// The largest integer JSON readers take exactly (2^53).
@@ -144,6 +187,18 @@ pub(super) fn write_value(
 
 /// A JSON string, escaped as serde_json escapes it.
 pub(super) fn write_string(out: &mut Vec<u8>, text: &str) {
+    // Most keys and values need no escape (serde_json escapes control characters, `"` and
+    // `\\` only): copied as they are.
+    if !text
+        .bytes()
+        .any(|byte| byte < 0x20 || byte == b'"' || byte == b'\\')
+    {
+        out.reserve(text.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, text);
 }

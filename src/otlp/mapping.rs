@@ -62,11 +62,12 @@ const MAX_SERVICE_LEN: usize = 64;
 /// The message of a record with neither body nor event name.
 const NO_BODY: &str = "-";
 
-/// A record mapped: the event as a native client would have sent it, and its trace.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mapped {
-    pub event: Event,
-    pub trace_id: Option<TraceId>,
+/// A request's records mapped: each as the event a native client would have sent, and the
+/// record's trace beside it (the same index).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MappedRequest {
+    pub events: Vec<Event>,
+    pub trace_ids: Vec<Option<TraceId>>,
 }
 
 /// How many log records an encoded `ExportLogsServiceRequest` holds, counted without mapping
@@ -99,11 +100,15 @@ pub fn map_request(
     request: &[u8],
     user_id_attributes: &[String],
     received: DateTime<Utc>,
-) -> Result<Vec<Mapped>, WireError> {
+) -> Result<MappedRequest, WireError> {
+    let records = count_records(request);
     let mut mapper = Mapper {
         user_id_attributes,
         received,
-        mapped: Vec::with_capacity(count_records(request)),
+        mapped: MappedRequest {
+            events: Vec::with_capacity(records),
+            trace_ids: Vec::with_capacity(records),
+        },
         attributes: Vec::new(),
     };
     for field in Fields::new(request) {
@@ -121,7 +126,7 @@ pub fn map_request(
 struct Mapper<'a, 'k> {
     user_id_attributes: &'k [String],
     received: DateTime<Utc>,
-    mapped: Vec<Mapped>,
+    mapped: MappedRequest,
     attributes: Vec<Attribute<'a>>,
 }
 
@@ -171,13 +176,14 @@ impl<'a> Mapper<'a, '_> {
         }
         let scope = ScopeContext::new(resource, scope.as_deref().unwrap_or(&[]))?;
         for record in records {
-            let mapped = scope.map(
+            let (event, trace_id) = scope.map(
                 record,
                 self.user_id_attributes,
                 self.received,
                 &mut self.attributes,
             )?;
-            self.mapped.push(mapped);
+            self.mapped.events.push(event);
+            self.mapped.trace_ids.push(trace_id);
         }
         Ok(())
     }
@@ -333,7 +339,7 @@ impl<'r> ScopeContext<'r> {
         user_id_attributes: &[String],
         received: DateTime<Utc>,
         attributes: &mut Vec<Attribute<'a>>,
-    ) -> Result<Mapped, WireError> {
+    ) -> Result<(Event, Option<TraceId>), WireError> {
         let record = Record::parse(encoded, attributes)?;
         let id = match last_value(attributes, RECORD_UID)? {
             Some(Any::String(uid)) => {
@@ -354,7 +360,18 @@ impl<'r> ScopeContext<'r> {
         let user_key = user.as_ref().map(|(key, _)| *key);
 
         let mut metadata = JsonObject::default();
-        metadata.text.reserve(256);
+        // Room for all of it: the record's own fields take less as JSON than as protobuf,
+        // but for their keys and quotes.
+        metadata.text.reserve(
+            encoded.len()
+                + 128
+                + self
+                    .resource
+                    .attributes
+                    .as_ref()
+                    .map_or(0, |json| json.text.len())
+                + self.scope.as_ref().map_or(0, |json| json.text.len()),
+        );
         metadata.text.push(b'{');
         let mut depth = 1;
         let (timestamp, source) = timestamp_of(
@@ -390,14 +407,10 @@ impl<'r> ScopeContext<'r> {
             metadata.key(keys::DROPPED_ATTRIBUTES);
             write_display(&mut metadata.text, record.dropped_attributes_count);
         }
-        let record_attributes = JsonObject::of_attributes(attributes, |key| {
+        let attributes_depth = metadata.attributes_entry(keys::ATTRIBUTES, attributes, |key| {
             key == RECORD_UID || Some(key) == user_key
         })?;
-        if record_attributes.entries > 0 {
-            metadata.key(keys::ATTRIBUTES);
-            metadata.text.extend_from_slice(&record_attributes.text);
-            depth = depth.max(1 + record_attributes.depth);
-        }
+        depth = depth.max(1 + attributes_depth);
         if let Some(resource) = &self.resource.attributes {
             metadata.key(keys::RESOURCE);
             metadata.text.extend_from_slice(&resource.text);
@@ -432,8 +445,8 @@ impl<'r> ScopeContext<'r> {
             Some((_, id)) => id,
             None => self.resource.user_id.clone().unwrap_or_default(),
         };
-        Ok(Mapped {
-            event: Event {
+        Ok((
+            Event {
                 id: id
                     .hyphenated()
                     .encode_lower(&mut Uuid::encode_buffer())
@@ -450,7 +463,7 @@ impl<'r> ScopeContext<'r> {
                 ..Default::default()
             },
             trace_id,
-        })
+        ))
     }
 }
 
@@ -622,8 +635,24 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000, 0).expect("time")
     }
 
+    /// One record mapped, as the tests look at it.
+    #[derive(Debug, PartialEq)]
+    struct Mapped {
+        event: Event,
+        trace_id: Option<TraceId>,
+    }
+
+    fn records(mapped: MappedRequest) -> Vec<Mapped> {
+        mapped
+            .events
+            .into_iter()
+            .zip(mapped.trace_ids)
+            .map(|(event, trace_id)| Mapped { event, trace_id })
+            .collect()
+    }
+
     fn map(request: &ExportLogsServiceRequest) -> Vec<Mapped> {
-        map_request(&request.encode_to_vec(), &users(), received()).expect("maps")
+        records(map_request(&request.encode_to_vec(), &users(), received()).expect("maps"))
     }
 
     fn map_one(service: Option<&str>, record: LogRecord) -> Mapped {
@@ -938,7 +967,7 @@ mod tests {
         let mut sent = vec![0x0a];
         prost::encoding::encode_varint(resource_logs.len() as u64, &mut sent);
         sent.extend(&resource_logs);
-        let mapped = map_request(&sent, &users(), received()).expect("maps");
+        let mapped = records(map_request(&sent, &users(), received()).expect("maps"));
         assert_eq!(count_records(&sent), 1);
         assert_eq!(mapped.len(), 1);
         assert_eq!(mapped[0].event.message, "second");
@@ -976,12 +1005,13 @@ mod tests {
         assert_eq!(
             map_request(&good, &users(), received())
                 .expect("maps")
+                .events
                 .len(),
             1
         );
         assert_eq!(
             map_request(&[], &users(), received()).expect("maps"),
-            Vec::new()
+            MappedRequest::default()
         );
     }
 

@@ -54,12 +54,12 @@ impl OtlpLogsHandler {
             return Err(OtlpError::from(error).into());
         }
         let mapped = mapping::map_request(encoded, &self.user_id_attributes, Utc::now())?;
-        let (events, trace_ids): (Vec<_>, Vec<_>) = mapped
-            .into_iter()
-            .map(|mapped| (mapped.event, mapped.trace_id))
-            .unzip();
-        let records = events.len();
-        let rejected = match self.ingest.ingest_batch(&call, events, &trace_ids).await {
+        let records = mapped.events.len();
+        let rejected = match self
+            .ingest
+            .ingest_batch(&call, mapped.events, &mapped.trace_ids)
+            .await
+        {
             Ok(rejected) => rejected,
             Err(error) => {
                 metrics::otlp_log_records(OtlpOutcome::Refused, records);

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 
-use prost::encoding::{WireType, decode_key, decode_varint};
+use prost::encoding::decode_varint;
 use tonic::Status;
 
 use crate::proto::codec::malformed;
@@ -21,6 +21,8 @@ pub enum WireError {
     Underflow,
     #[error("unexpected group")]
     Group,
+    #[error("invalid key value: {0}")]
+    Key(u64),
     #[error("{message}.{tag}: invalid wire type")]
     WrongType { message: &'static str, tag: u32 },
     #[error("invalid string value: data is not UTF-8 encoded")]
@@ -59,14 +61,20 @@ impl<'a> Fields<'a> {
         Self { rest: bytes }
     }
 
+    #[inline]
     fn read(&mut self) -> Result<(u32, Value<'a>), WireError> {
-        let (tag, wire_type) = decode_key(&mut self.rest)?;
-        let value = match wire_type {
-            WireType::Varint => Value::Varint(decode_varint(&mut self.rest)?),
-            WireType::SixtyFourBit => Value::Fixed64(u64::from_le_bytes(self.take()?)),
-            WireType::ThirtyTwoBit => Value::Fixed32(u32::from_le_bytes(self.take()?)),
-            WireType::LengthDelimited => {
-                let len = decode_varint(&mut self.rest)?;
+        let key = self.varint()?;
+        let tag = u32::try_from(key)
+            .ok()
+            .map(|key| key >> 3)
+            .filter(|tag| *tag > 0)
+            .ok_or(WireError::Key(key))?;
+        let value = match key & 0x07 {
+            0 => Value::Varint(self.varint()?),
+            1 => Value::Fixed64(u64::from_le_bytes(self.take()?)),
+            5 => Value::Fixed32(u32::from_le_bytes(self.take()?)),
+            2 => {
+                let len = self.varint()?;
                 let len = usize::try_from(len)
                     .ok()
                     .filter(|len| *len <= self.rest.len())
@@ -76,11 +84,22 @@ impl<'a> Fields<'a> {
                 Value::Bytes(value)
             }
             // OTLP defines no groups, and proto3 cannot declare one.
-            WireType::StartGroup | WireType::EndGroup => {
-                return Err(WireError::Group);
-            }
+            3 | 4 => return Err(WireError::Group),
+            _ => return Err(WireError::Key(key)),
         };
         Ok((tag, value))
+    }
+
+    /// A varint: one byte (keys, small lengths and numbers) read here, longer ones by prost.
+    #[inline]
+    fn varint(&mut self) -> Result<u64, WireError> {
+        if let Some((&byte, rest)) = self.rest.split_first()
+            && byte < 0x80
+        {
+            self.rest = rest;
+            return Ok(u64::from(byte));
+        }
+        Ok(decode_varint(&mut self.rest)?)
     }
 
     fn take<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
@@ -93,6 +112,7 @@ impl<'a> Fields<'a> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Value<'a>), WireError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.rest.is_empty() {
             return None;
