@@ -187,12 +187,8 @@ pub(super) fn write_value(
 
 /// A JSON string, escaped as serde_json escapes it.
 pub(super) fn write_string(out: &mut Vec<u8>, text: &str) {
-    // Most keys and values need no escape (serde_json escapes control characters, `"` and
-    // `\\` only): copied as they are.
-    if !text
-        .bytes()
-        .any(|byte| byte < 0x20 || byte == b'"' || byte == b'\\')
-    {
+    // Most keys and values need no escape: copied as they are.
+    if !needs_escape(text.as_bytes()) {
         out.reserve(text.len() + 2);
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
@@ -201,6 +197,30 @@ pub(super) fn write_string(out: &mut Vec<u8>, text: &str) {
     }
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// Whether JSON text needs an escape in `bytes`: a control character, `"` or `\\` (all
+/// that serde_json escapes), looked for eight bytes at a time.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Whether a byte of `word` is below `limit` (at most 0x80), exactly.
+    let has_below =
+        |word: u64, limit: u8| word.wrapping_sub(ONES * u64::from(limit)) & !word & HIGHS != 0;
+    let has = |word: u64, byte: u8| has_below(word ^ (ONES * u64::from(byte)), 1);
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_ne_bytes(word);
+        if has_below(word, 0x20) || has(word, b'"') || has(word, b'\\') {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|byte| *byte < 0x20 || *byte == b'"' || *byte == b'\\')
 }
 
 pub(super) fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
@@ -273,6 +293,31 @@ mod tests {
                 "nan": "NaN", "bytes": "AAEC/w==", "list": ["x", null], "none": null, "dup": 2
             })
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn strings_are_written_as_serde_json_writes_them(text in "\\PC*|[ -~\\x00-\\x1f\"\\\\]{0,40}") {
+            let mut ours = Vec::new();
+            write_string(&mut ours, &text);
+            proptest::prop_assert_eq!(ours, serde_json::to_vec(&text).expect("json"));
+        }
+    }
+
+    #[test]
+    fn escapes_are_found_wherever_they_are_in_a_word() {
+        for escape in ['"', '\\', '\n', '\u{1}', '\u{1f}'] {
+            for at in 0..20 {
+                let mut chars: Vec<char> = "abcdéfghijklmnopqrstu".chars().collect();
+                chars.insert(at, escape);
+                let text = String::from_iter(chars);
+                assert!(needs_escape(text.as_bytes()), "{text:?}");
+            }
+        }
+        assert!(!needs_escape(
+            "plain text, ünïcödé, ~ and 0x7f \u{7f}".as_bytes()
+        ));
+        assert!(!needs_escape(b""));
     }
 
     #[test]
