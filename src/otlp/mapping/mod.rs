@@ -19,23 +19,13 @@
 //! attribute's JSON is written straight from its encoding. It is checked as prost would check
 //! it, so a request that would not decode is an error here too.
 
-use std::borrow::Cow;
+mod context;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
-use uuid::Uuid;
 
-use super::{
-    json::{JsonObject, write_display, write_string, write_value},
-    wire::{
-        Any, Attribute, Fields, Nesting, Value, WireError, check_strings, last_value, merge, utf8,
-        wrong_type,
-    },
-};
-use crate::{
-    event::TraceId,
-    proto::{Event, metadata::Metadata},
-};
+use self::context::{ResourceContext, ScopeContext};
+use super::wire::{Attribute, Fields, Value, WireError, merge, utf8, wrong_type};
+use crate::{event::TraceId, proto::Event};
 
 /// The metadata keys an OTLP record's fields are stored under.
 pub mod keys {
@@ -189,284 +179,6 @@ impl<'a> Mapper<'a, '_> {
     }
 }
 
-/// What the records of one resource share.
-struct ResourceContext {
-    service: String,
-    /// The resource's attributes as JSON (less the user id attribute when it came from
-    /// there, with its dropped count); None when it has none.
-    attributes: Option<JsonObject>,
-    user_id: Option<String>,
-    /// A digest fed with the resource as sent, for record ids.
-    digest: Sha256,
-}
-
-impl ResourceContext {
-    /// A `Resource` from its encoding: 1 attributes, 2 dropped_attributes_count,
-    /// 3 entity_refs.
-    fn new(encoded: &[u8], user_id_attributes: &[String]) -> Result<Self, WireError> {
-        let mut attributes = Vec::new();
-        let mut dropped = 0;
-        for field in Fields::new(encoded) {
-            match field? {
-                (1, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
-                (2, Value::Varint(count)) => dropped = count as u32,
-                (3, Value::Bytes(entity)) => check_strings(entity, "EntityRef", &[1, 2, 3, 4])?,
-                (tag @ 1..=3, _) => return Err(wrong_type("Resource", tag)),
-                _ => {}
-            }
-        }
-        let service = match last_value(&attributes, SERVICE_NAME)? {
-            Some(Any::String(name)) => normalize_service(name),
-            _ => UNKNOWN_SERVICE.to_owned(),
-        };
-        let user = user_id_of(&attributes, user_id_attributes)?;
-        let user_key = user.as_ref().map(|(key, _)| *key);
-        let mut json = JsonObject::of_attributes(&attributes, |key| Some(key) == user_key)?;
-        if dropped > 0 {
-            json.text.pop();
-            json.key(keys::DROPPED_ATTRIBUTES);
-            write_display(&mut json.text, dropped);
-            json.text.push(b'}');
-        }
-        let mut digest = Sha256::new();
-        digest_part(&mut digest, encoded);
-        Ok(Self {
-            service,
-            attributes: (json.entries > 0).then_some(json),
-            user_id: user.map(|(_, id)| id),
-            digest,
-        })
-    }
-}
-
-/// What the records of one scope share: the resource's part, the scope's JSON, and a digest
-/// already fed with both (each record's id digest starts from a copy).
-struct ScopeContext<'r> {
-    resource: &'r ResourceContext,
-    scope: Option<JsonObject>,
-    digest: Sha256,
-}
-
-/// One `LogRecord`'s fields, as slices of the request (its attributes go to a list the
-/// caller keeps, so that one allocation serves every record).
-#[derive(Default)]
-struct Record<'a> {
-    time_unix_nano: u64,
-    observed_time_unix_nano: u64,
-    severity_number: i32,
-    severity_text: &'a str,
-    body: Option<Cow<'a, [u8]>>,
-    dropped_attributes_count: u32,
-    flags: u32,
-    trace_id: &'a [u8],
-    span_id: &'a [u8],
-    event_name: &'a str,
-}
-
-impl<'a> Record<'a> {
-    fn parse(encoded: &'a [u8], attributes: &mut Vec<Attribute<'a>>) -> Result<Self, WireError> {
-        let mut record = Record::default();
-        attributes.clear();
-        for field in Fields::new(encoded) {
-            match field? {
-                (1, Value::Fixed64(nanos)) => record.time_unix_nano = nanos,
-                (2, Value::Varint(number)) => record.severity_number = number as i32,
-                (3, Value::Bytes(text)) => record.severity_text = utf8(text)?,
-                (5, Value::Bytes(body)) => record.body = Some(merge(record.body.take(), body)),
-                (6, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
-                (7, Value::Varint(count)) => record.dropped_attributes_count = count as u32,
-                (8, Value::Fixed32(flags)) => record.flags = flags,
-                (9, Value::Bytes(trace_id)) => record.trace_id = trace_id,
-                (10, Value::Bytes(span_id)) => record.span_id = span_id,
-                (11, Value::Fixed64(nanos)) => record.observed_time_unix_nano = nanos,
-                (12, Value::Bytes(name)) => record.event_name = utf8(name)?,
-                (tag @ (1..=3 | 5..=12), _) => return Err(wrong_type("LogRecord", tag)),
-                _ => {}
-            }
-        }
-        Ok(record)
-    }
-}
-
-impl<'r> ScopeContext<'r> {
-    /// An `InstrumentationScope` from its encoding: 1 name, 2 version, 3 attributes,
-    /// 4 dropped_attributes_count (not kept).
-    fn new(resource: &'r ResourceContext, encoded: &[u8]) -> Result<Self, WireError> {
-        let mut name = "";
-        let mut version = "";
-        let mut attributes = Vec::new();
-        for field in Fields::new(encoded) {
-            match field? {
-                (1, Value::Bytes(text)) => name = utf8(text)?,
-                (2, Value::Bytes(text)) => version = utf8(text)?,
-                (3, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
-                (4, Value::Varint(_)) => {}
-                (tag @ 1..=4, _) => return Err(wrong_type("InstrumentationScope", tag)),
-                _ => {}
-            }
-        }
-        let mut digest = resource.digest.clone();
-        digest_part(&mut digest, encoded);
-        let mut json = JsonObject::default();
-        json.text.push(b'{');
-        if !name.is_empty() {
-            json.key("name");
-            write_string(&mut json.text, name);
-        }
-        if !version.is_empty() {
-            json.key("version");
-            write_string(&mut json.text, version);
-        }
-        let mut depth = 1;
-        if !attributes.is_empty() {
-            let attributes = JsonObject::of_attributes(&attributes, |_| false)?;
-            json.key(keys::ATTRIBUTES);
-            json.text.extend_from_slice(&attributes.text);
-            depth += attributes.depth;
-        }
-        json.text.push(b'}');
-        json.depth = depth;
-        Ok(Self {
-            resource,
-            scope: (json.entries > 0).then_some(json),
-            digest,
-        })
-    }
-
-    fn map<'a>(
-        &self,
-        encoded: &'a [u8],
-        user_id_attributes: &[String],
-        received: DateTime<Utc>,
-        attributes: &mut Vec<Attribute<'a>>,
-    ) -> Result<(Event, Option<TraceId>), WireError> {
-        let record = Record::parse(encoded, attributes)?;
-        let id = match last_value(attributes, RECORD_UID)? {
-            Some(Any::String(uid)) => {
-                Uuid::try_parse(uid).unwrap_or_else(|_| hashed_uuid(uid.as_bytes()))
-            }
-            Some(other) => {
-                let mut text = Vec::new();
-                write_value(&mut text, &other, Nesting::default())?;
-                hashed_uuid(&text)
-            }
-            None => {
-                let mut digest = self.digest.clone();
-                digest_part(&mut digest, encoded);
-                uuid_of(digest)
-            }
-        };
-        let user = user_id_of(attributes, user_id_attributes)?;
-        let user_key = user.as_ref().map(|(key, _)| *key);
-
-        let mut metadata = JsonObject::default();
-        // Room for all of it: the record's own fields take less as JSON than as protobuf,
-        // but for their keys and quotes.
-        metadata.text.reserve(
-            encoded.len()
-                + 128
-                + self
-                    .resource
-                    .attributes
-                    .as_ref()
-                    .map_or(0, |json| json.text.len())
-                + self.scope.as_ref().map_or(0, |json| json.text.len()),
-        );
-        metadata.text.push(b'{');
-        let mut depth = 1;
-        let (timestamp, source) = timestamp_of(
-            record.time_unix_nano,
-            record.observed_time_unix_nano,
-            received,
-        );
-        if let Some(source) = source {
-            metadata.key(keys::TIME_SOURCE);
-            write_string(&mut metadata.text, source);
-        }
-        if !record.severity_text.is_empty() {
-            metadata.key(keys::SEVERITY_TEXT);
-            write_string(&mut metadata.text, record.severity_text);
-        }
-        if record.severity_number != 0 {
-            metadata.key(keys::SEVERITY_NUMBER);
-            write_display(&mut metadata.text, record.severity_number);
-        }
-        if !record.span_id.is_empty() {
-            metadata.key(keys::SPAN_ID);
-            write_hex(&mut metadata.text, record.span_id);
-        }
-        if record.flags != 0 {
-            metadata.key(keys::TRACE_FLAGS);
-            write_display(&mut metadata.text, record.flags);
-        }
-        if !record.event_name.is_empty() {
-            metadata.key(keys::EVENT_NAME);
-            write_string(&mut metadata.text, record.event_name);
-        }
-        if record.dropped_attributes_count > 0 {
-            metadata.key(keys::DROPPED_ATTRIBUTES);
-            write_display(&mut metadata.text, record.dropped_attributes_count);
-        }
-        let attributes_depth = metadata.attributes_entry(keys::ATTRIBUTES, attributes, |key| {
-            key == RECORD_UID || Some(key) == user_key
-        })?;
-        depth = depth.max(1 + attributes_depth);
-        if let Some(resource) = &self.resource.attributes {
-            metadata.key(keys::RESOURCE);
-            metadata.text.extend_from_slice(&resource.text);
-            depth = depth.max(1 + resource.depth);
-        }
-        if let Some(scope) = &self.scope {
-            metadata.key(keys::SCOPE);
-            metadata.text.extend_from_slice(&scope.text);
-            depth = depth.max(1 + scope.depth);
-        }
-        metadata.text.push(b'}');
-
-        let body = match &record.body {
-            Some(body) => Any::parse(body)?,
-            None => Any::Empty,
-        };
-        let message = match body {
-            Any::String(text) => text.to_owned(),
-            Any::Empty if !record.event_name.is_empty() => record.event_name.to_owned(),
-            Any::Empty => NO_BODY.to_owned(),
-            other => {
-                let mut text = Vec::new();
-                write_value(&mut text, &other, Nesting::default())?;
-                String::from_utf8_lossy(&text).into_owned()
-            }
-        };
-        let trace_id = <[u8; 16]>::try_from(record.trace_id)
-            .ok()
-            .map(TraceId::from_bytes)
-            .filter(|trace| *trace != TraceId::INVALID);
-        let user_id = match user {
-            Some((_, id)) => id,
-            None => self.resource.user_id.clone().unwrap_or_default(),
-        };
-        Ok((
-            Event {
-                id: id
-                    .hyphenated()
-                    .encode_lower(&mut Uuid::encode_buffer())
-                    .to_owned(),
-                service: self.resource.service.clone(),
-                message,
-                timestamp: Some(prost_types::Timestamp {
-                    seconds: timestamp.timestamp(),
-                    nanos: timestamp.timestamp_subsec_nanos() as i32,
-                }),
-                user_id,
-                metadata: (metadata.entries > 0)
-                    .then(|| Metadata::from_object_text(metadata.text, metadata.entries, depth)),
-                ..Default::default()
-            },
-            trace_id,
-        ))
-    }
-}
-
 /// A service name as sluice's rule takes it (`^[a-z0-9][a-z0-9._-]{0,63}$`): lower-cased,
 /// every other character `-`, leading characters that cannot start a name dropped, cut to 64
 /// bytes; `unknown_service` when nothing is left. `unknown_service:python3` (an SDK's default)
@@ -520,55 +232,6 @@ fn timestamp_of(
     (received, Some("received"))
 }
 
-/// The first of `keys` whose value in `attributes` is a usable user id (a non-empty string,
-/// or an integer as its decimal text): the key and the id.
-fn user_id_of<'k>(
-    attributes: &[Attribute<'_>],
-    keys: &'k [String],
-) -> Result<Option<(&'k str, String)>, WireError> {
-    for key in keys {
-        let id = match last_value(attributes, key)? {
-            Some(Any::String(text)) if !text.is_empty() => text.to_owned(),
-            Some(Any::Int(number)) => number.to_string(),
-            _ => continue,
-        };
-        return Ok(Some((key, id)));
-    }
-    Ok(None)
-}
-
-/// Bytes as a JSON string of lower-case hex.
-fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(bytes.len() * 2 + 2);
-    out.push(b'"');
-    for byte in bytes {
-        out.push(DIGITS[usize::from(byte >> 4)]);
-        out.push(DIGITS[usize::from(byte & 0x0f)]);
-    }
-    out.push(b'"');
-}
-
-/// Feeds one length-prefixed part to a digest, so that parts cannot run into each other.
-fn digest_part(digest: &mut Sha256, part: &[u8]) {
-    digest.update((part.len() as u64).to_le_bytes());
-    digest.update(part);
-}
-
-fn hashed_uuid(bytes: &[u8]) -> Uuid {
-    let mut digest = Sha256::new();
-    digest.update(bytes);
-    uuid_of(digest)
-}
-
-/// A version-8 (custom) UUID from a digest's first 16 bytes.
-fn uuid_of(digest: Sha256) -> Uuid {
-    let hash = digest.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hash[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
-}
-
 #[cfg(test)]
 mod tests {
     use opentelemetry_proto::tonic::{
@@ -583,7 +246,10 @@ mod tests {
 
     use serde_json::{Map, Value as Json};
 
+    use uuid::Uuid;
+
     use super::*;
+    use crate::proto::metadata::Metadata;
 
     fn string(text: &str) -> AnyValue {
         AnyValue {
