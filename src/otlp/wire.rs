@@ -180,6 +180,19 @@ pub(super) struct Attribute<'a> {
 
 impl<'a> Attribute<'a> {
     pub(super) fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
+        // What SDKs send: the key, then the value, each once and shorter than 128 bytes.
+        if let [0x0a, key_len, rest @ ..] = bytes
+            && let Some((key, [0x12, value_len, value @ ..])) =
+                rest.split_at_checked(*key_len as usize)
+            && *key_len < 0x80
+            && usize::from(*value_len) == value.len()
+            && *value_len < 0x80
+        {
+            return Ok(Self {
+                key: utf8(key)?,
+                value: Some(Cow::Borrowed(value)),
+            });
+        }
         let mut key = "";
         let mut value = None;
         for field in Fields::new(bytes) {
@@ -242,6 +255,20 @@ pub(super) enum Any<'a> {
 
 impl<'a> Any<'a> {
     pub(super) fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
+        // What SDKs send: one short string, or one integer.
+        match bytes {
+            [0x0a, len, text @ ..] if usize::from(*len) == text.len() && *len < 0x80 => {
+                return Ok(Any::String(utf8(text)?));
+            }
+            [0x18, number @ ..]
+                if number.last().is_some_and(|byte| *byte < 0x80)
+                    && number[..number.len() - 1].iter().all(|byte| *byte >= 0x80)
+                    && number.len() <= 10 =>
+            {
+                return Ok(Any::Int(decode_varint(&mut &number[..])? as i64));
+            }
+            _ => {}
+        }
         let mut value = Any::Empty;
         for field in Fields::new(bytes) {
             value = match (field?, value) {
@@ -338,6 +365,46 @@ mod tests {
         replaced.extend(string("last").encode_to_vec());
         assert_eq!(Any::parse(&replaced).expect("parses"), Any::String("last"));
         assert_eq!(Any::parse(&[]).expect("parses"), Any::Empty);
+    }
+
+    #[test]
+    fn the_short_paths_for_what_sdks_send_read_as_the_general_one() {
+        let values = [
+            any_value::Value::StringValue("eu-west-1".to_owned()),
+            any_value::Value::StringValue("x".repeat(200)),
+            any_value::Value::IntValue(0),
+            any_value::Value::IntValue(200),
+            any_value::Value::IntValue(-1),
+            any_value::Value::IntValue(i64::MAX),
+            any_value::Value::BoolValue(true),
+            any_value::Value::DoubleValue(1.5),
+        ];
+        for value in values {
+            let attribute = KeyValue {
+                key: "key".to_owned(),
+                value: Some(AnyValue { value: Some(value) }),
+                ..Default::default()
+            };
+            let canonical = attribute.encode_to_vec();
+            // An unknown field after it takes the general path.
+            let mut general = canonical.clone();
+            general.extend([0x48, 0x00]);
+            let fast = Attribute::parse(&canonical).expect("parses");
+            let slow = Attribute::parse(&general).expect("parses");
+            assert_eq!(fast.key, slow.key);
+            assert_eq!(fast.any().expect("any"), slow.any().expect("any"));
+            let encoded = fast.value.clone().expect("a value").into_owned();
+            let mut any_general = encoded.clone();
+            any_general.extend([0x48, 0x00]);
+            assert_eq!(
+                Any::parse(&encoded).expect("parses"),
+                Any::parse(&any_general).expect("parses"),
+                "{attribute:?}"
+            );
+        }
+        // A key that is not UTF-8 fails on the short path too.
+        assert!(Attribute::parse(&[0x0a, 0x01, 0xff, 0x12, 0x00]).is_err());
+        assert!(Any::parse(&[0x0a, 0x01, 0xff]).is_err());
     }
 
     #[test]
