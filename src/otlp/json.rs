@@ -78,7 +78,11 @@ fn write_attributes(
     let mut deepest = 0;
     for attribute in attributes {
         if skip(attribute.key) {
-            write_attribute_value(&mut Vec::new(), attribute, Nesting::default())?;
+            // Checked by writing it where the text goes, then taking it back: no buffer of
+            // its own per record.
+            let mark = out.len();
+            write_attribute_value(out, attribute, Nesting::default())?;
+            out.truncate(mark);
             continue;
         }
         if entries > 0 {
