@@ -53,7 +53,7 @@ impl OtlpLogsHandler {
             metrics::otlp_log_records(OtlpOutcome::Refused, records);
             return Err(OtlpError::from(error).into());
         }
-        let mapped = mapping::map_request(encoded, &self.user_id_attributes, Utc::now())?;
+        let mapped = mapping::map_request(encoded, records, &self.user_id_attributes, Utc::now())?;
         let records = mapped.events.len();
         let rejected = match self
             .ingest

@@ -81,17 +81,19 @@ fn messages(bytes: &[u8], tag: u32) -> impl Iterator<Item = &[u8]> {
 
 /// Maps every record of an encoded `ExportLogsServiceRequest` in order (resource by
 /// resource, scope by scope), taking user ids from `user_id_attributes`, with `received` for
-/// records that carry no time. A request that does not decode is an error, whole.
+/// records that carry no time. A request that does not decode is an error, whole. `records`
+/// is what [`count_records`] found (the caller counts them first, to refuse a request over
+/// the limit before mapping it): the room reserved for the events.
 ///
 /// The metadata of each record is written straight as the JSON text that is stored: the
 /// resource's and the scope's parts once per resource and scope, the record's own fields
 /// once per record, with no JSON tree built or copied.
 pub fn map_request(
     request: &[u8],
+    records: usize,
     user_id_attributes: &[String],
     received: DateTime<Utc>,
 ) -> Result<MappedRequest, WireError> {
-    let records = count_records(request);
     let mut mapper = Mapper {
         user_id_attributes,
         received,
@@ -317,8 +319,12 @@ mod tests {
             .collect()
     }
 
+    fn map_bytes(request: &[u8]) -> Result<MappedRequest, WireError> {
+        map_request(request, count_records(request), &users(), received())
+    }
+
     fn map(request: &ExportLogsServiceRequest) -> Vec<Mapped> {
-        records(map_request(&request.encode_to_vec(), &users(), received()).expect("maps"))
+        records(map_bytes(&request.encode_to_vec()).expect("maps"))
     }
 
     fn map_one(service: Option<&str>, record: LogRecord) -> Mapped {
@@ -633,7 +639,7 @@ mod tests {
         let mut sent = vec![0x0a];
         prost::encoding::encode_varint(resource_logs.len() as u64, &mut sent);
         sent.extend(&resource_logs);
-        let mapped = records(map_request(&sent, &users(), received()).expect("maps"));
+        let mapped = records(map_bytes(&sent).expect("maps"));
         assert_eq!(count_records(&sent), 1);
         assert_eq!(mapped.len(), 1);
         assert_eq!(mapped[0].event.message, "second");
@@ -666,19 +672,10 @@ mod tests {
             ("invalid utf-8 in a record", bad_utf8),
             ("resource_logs as a varint", vec![0x08, 0x01]),
         ] {
-            assert!(map_request(&bytes, &users(), received()).is_err(), "{case}");
+            assert!(map_bytes(&bytes).is_err(), "{case}");
         }
-        assert_eq!(
-            map_request(&good, &users(), received())
-                .expect("maps")
-                .events
-                .len(),
-            1
-        );
-        assert_eq!(
-            map_request(&[], &users(), received()).expect("maps"),
-            MappedRequest::default()
-        );
+        assert_eq!(map_bytes(&good).expect("maps").events.len(), 1);
+        assert_eq!(map_bytes(&[]).expect("maps"), MappedRequest::default());
     }
 
     #[test]
