@@ -1235,6 +1235,9 @@ async fn the_whole_cluster_down_and_back_loses_nothing_acknowledged() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Down longer than a connection may fail before it is replaced (5 s): the nodes try fresh
+    // connections while nothing answers, and keep working once the cluster is back.
+    tokio::time::sleep(Duration::from_secs(6)).await;
     // Back, each node with its AOF and nodes.conf.
     for node in &mut cluster.nodes {
         node.spawn_clustered().await;
@@ -1243,7 +1246,10 @@ async fn the_whole_cluster_down_and_back_loses_nothing_acknowledged() {
     sender.await.expect("sender");
     let acknowledged = acknowledged.lock().expect("ids").clone();
     assert_eq!(acknowledged.len(), 12_000);
-    all_stored_once(&database, "outage", &acknowledged, || ingest.logs()).await;
+    all_stored_once(&database, "outage", &acknowledged, || {
+        format!("ingest:\n{}\nwriter:\n{}", ingest.logs(), writer.logs())
+    })
+    .await;
     cluster.drained(Duration::from_secs(60)).await;
     assert!(
         ingest.logs().contains("replayed spool segment"),

@@ -11,12 +11,12 @@ use redis::{
     Cmd, Pipeline, RedisFuture, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
-    cluster_async::ClusterConnection,
     cluster_routing::{
         MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr,
     },
 };
 
+use super::cluster_link::ClusterLink;
 use crate::config::RedisConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum ConnectError {
 #[derive(Clone)]
 pub enum Connection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterLink),
     /// Redis was unreachable at start: connected by the first command that finds it up.
     Pending(Arc<Pending>),
 }
@@ -63,7 +63,7 @@ impl Pending {
 #[derive(Clone)]
 pub enum Connector {
     Single(redis::Client),
-    Cluster(ClusterConnection),
+    Cluster(ClusterLink),
     Pending(Arc<Pending>),
 }
 
@@ -101,9 +101,9 @@ impl Connector {
             let client = ClusterClient::builder(nodes)
                 .connection_timeout(Duration::from_secs(2))
                 .response_timeout(response_timeout(config))
-                .retries(4)
+                .retries(CLUSTER_RETRIES)
                 .build()?;
-            let connection = client.get_async_connection().await?;
+            let connection = ClusterLink::connect(client, cluster_call_budget(config)).await?;
             return Ok((
                 Self::Cluster(connection.clone()),
                 Connection::Cluster(connection),
@@ -142,6 +142,15 @@ fn response_timeout(config: &RedisConfig) -> Duration {
     (config.wait_timeout + Duration::from_secs(5)).max(super::READ_BLOCK * 4)
 }
 
+/// How often redis-rs retries a cluster command (after MOVED, ASK, a lost node).
+const CLUSTER_RETRIES: u32 = 4;
+
+/// The longest one cluster command may take with its retries before it counts as failed (and
+/// towards replacing a connection that stays broken).
+fn cluster_call_budget(config: &RedisConfig) -> Duration {
+    response_timeout(config) * (CLUSTER_RETRIES + 2)
+}
+
 fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -159,14 +168,13 @@ impl Connection {
                 Box::pin(connection.on_master_of(key, command)).await
             }
             Self::Single(connection) => command.query_async(connection).await,
-            Self::Cluster(connection) => {
+            Self::Cluster(link) => {
                 let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
-                connection
-                    .route_command(
-                        command,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await
+                link.route_command(
+                    command,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await
             }
         }
     }
@@ -176,7 +184,7 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(connection) => connection.req_packed_command(cmd),
-            Self::Cluster(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(link) => link.command(cmd).boxed(),
             Self::Pending(pending) => async move {
                 let mut connection = pending.get().await.map_err(redis_error)?.1.clone();
                 connection.req_packed_command(cmd).await
@@ -193,7 +201,7 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(link) => link.pipeline(pipeline, offset, count).boxed(),
             Self::Pending(pending) => async move {
                 let mut connection = pending.get().await.map_err(redis_error)?.1.clone();
                 connection
@@ -207,7 +215,7 @@ impl ConnectionLike for Connection {
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(connection) => connection.get_db(),
-            Self::Cluster(connection) => connection.get_db(),
+            Self::Cluster(link) => link.get_db(),
             Self::Pending(_) => 0,
         }
     }
@@ -261,8 +269,8 @@ async fn setting_everywhere(
     let mut command = redis::cmd("CONFIG");
     command.arg("GET").arg(setting);
     let pairs: Vec<Vec<String>> = match connection {
-        Connection::Cluster(connection) => {
-            let replies = connection
+        Connection::Cluster(link) => {
+            let replies = link
                 .route_command(
                     command,
                     RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),

@@ -15,6 +15,7 @@
 //! An entry is the spool's record format (a version byte, then a protobuf `SpoolBatch`), so
 //! both ends share one versioned, tested encoding.
 
+mod cluster_link;
 mod connection;
 mod durability;
 mod layouts;

@@ -28,6 +28,7 @@
 //! | `sluice_search_closed_partitions_unindexed` | gauge | | (closed partitions still lacking an index after the last build round) |
 //! | `sluice_writer_errors_total` | counter | `kind` ([`WriteFailure`]) |
 //! | `sluice_stream_events_written_total` | counter | `outcome` (`stored`, `duplicate`): Redis mode, streams → PostgreSQL |
+//! | `sluice_redis_connections_replaced_total` | counter | | (Redis Cluster mode: a connection whose commands kept failing with connection errors for 5 s, replaced by a fresh one from the seed nodes) |
 //! | `sluice_stream_backlog_events`, `sluice_stream_backlog_bytes` | gauge | | (Redis mode: in the streams, not yet in PostgreSQL) |
 //! | `sluice_buffer_events`, `sluice_buffer_bytes`, `sluice_buffer_capacity_events`, `sluice_buffer_capacity_bytes` | gauge | |
 //! | `sluice_buffer_utilization` | gauge | | (the fuller of events and bytes, 0.0 to 1.0) |

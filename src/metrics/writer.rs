@@ -55,6 +55,11 @@ pub fn stream_events_written(stored: u64, duplicates: u64) {
 }
 
 /// The Redis streams' backlog, as a writer or ingest node last read it.
+/// A Redis Cluster connection that stayed broken was replaced by a fresh one.
+pub fn redis_connection_replaced() {
+    counter!("sluice_redis_connections_replaced_total").increment(1);
+}
+
 pub fn stream_backlog(events: u64, bytes: u64) {
     gauge!("sluice_stream_backlog_events").set(events as f64);
     gauge!("sluice_stream_backlog_bytes").set(bytes as f64);

@@ -152,6 +152,7 @@ pub fn register(known: &Known) {
         for outcome in ["stored", "duplicate"] {
             counter!("sluice_stream_events_written_total", "outcome" => outcome).increment(0);
         }
+        counter!("sluice_redis_connections_replaced_total").increment(0);
     }
     if known.log_export {
         counter!("sluice_log_records_exported_total").increment(0);
