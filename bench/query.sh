@@ -7,13 +7,14 @@
 #
 #   bench/query.sh                 # 10,000,000 rows
 #   ROWS=1000000 bench/query.sh
+#   BENCH_BINARY=/tmp/sluice-a bench/query.sh   # a prebuilt binary (A/B runs of two builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 rows=${ROWS:-10000000}
 ensure_postgres_binaries
-cargo build --profile dist --features jemalloc --quiet
+[ -n "${BENCH_BINARY:-}" ] || cargo build --profile dist --features jemalloc --quiet
 cleanup() {
   stop_release_server
   stop_throwaway_postgres
@@ -41,6 +42,6 @@ psql_run -c "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) SELECT service
   FROM event_counts GROUP BY service HAVING sum(events) > 0 ORDER BY 2 DESC, 1"
 
 # shellcheck disable=SC2046
-target/dist/sluice bench-query $(release_server_client_flags) \
+"${BENCH_BINARY:-target/dist/sluice}" bench-query $(release_server_client_flags) \
   --export-service svc-3 --server-pid "$SLUICE_PID" "$@"
 echo "server peak RSS: $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$SLUICE_PID/status)"

@@ -29,6 +29,7 @@ pub(crate) mod filter;
 pub(crate) mod glob;
 pub(crate) mod health;
 pub mod ingest;
+pub(crate) mod json_text;
 pub mod lifecycle;
 pub(crate) mod metrics;
 pub mod objects;

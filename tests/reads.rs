@@ -462,3 +462,87 @@ scopes = ["admin"]
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert_eq!(reason(&refused), "RATE_LIMITED");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exported_lines_are_byte_for_byte_the_lines_postgresql_builds() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    let mut connection = database.connect().await;
+    let rows = [
+        (
+            "2026-12-01 00:00:08+00",
+            "plain",
+            Some("user-1"),
+            r#"{"k": 1}"#,
+            None,
+        ),
+        (
+            "2026-12-01 00:00:08.1+00",
+            "quotes \" and \\ and\ttabs\nnewlines\r\u{1} \u{1f} \u{8}\u{c} é ✓ \u{7f}",
+            None,
+            r#"{"nested": {"list": [1, "two", null, true]}, "ünï": "\"q\"\n"}"#,
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+        ),
+        (
+            "2026-12-01 23:59:59.000001+00",
+            "",
+            Some("with \"quote\""),
+            "{}",
+            None,
+        ),
+        (
+            "2026-12-02 12:00:00.439201+00",
+            "x",
+            Some(""),
+            r#"{"big": 12345678901234567890, "f": 1.50, "e": 1e400}"#,
+            None,
+        ),
+    ];
+    for (ts, message, user_id, metadata, trace_id) in rows {
+        sqlx::query(
+            "INSERT INTO events (id, service, message, ts, user_id, metadata, trace_id) \
+             VALUES (gen_random_uuid(), 'lines', $1, $2::timestamptz, $3, $4::jsonb, $5)",
+        )
+        .bind(message)
+        .bind(ts)
+        .bind(user_id)
+        .bind(metadata)
+        .bind(trace_id)
+        .execute(&mut connection)
+        .await
+        .expect("insert");
+    }
+    sqlx::query("SET TimeZone = 'UTC'")
+        .execute(&mut connection)
+        .await
+        .expect("utc");
+    let built_by_postgresql: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM events WHERE service = 'lines' ORDER BY ts, id",
+        sluice::store::EVENT_JSON
+    )))
+    .fetch_all(&mut connection)
+    .await
+    .expect("postgresql's lines");
+
+    let mut chunks = server
+        .query_client()
+        .await
+        .export(ExportRequest {
+            services: vec!["lines".to_owned()],
+            ..Default::default()
+        })
+        .await
+        .expect("export")
+        .into_inner();
+    let mut ndjson = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        ndjson.extend(chunk.expect("chunk").ndjson);
+    }
+    let exported: Vec<&str> = std::str::from_utf8(&ndjson)
+        .expect("utf-8")
+        .lines()
+        .collect();
+    assert_eq!(exported.len(), rows.len());
+    assert_eq!(exported, built_by_postgresql);
+}

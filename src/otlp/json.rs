@@ -2,6 +2,7 @@
 //! object, an AnyValue as its JSON form, with the depth that validation checks counted on the
 //! way. No JSON tree is built.
 
+use crate::json_text::needs_escape;
 use base64::Engine;
 
 use super::wire::{Any, Attribute, Nesting, WireError, items};
@@ -201,30 +202,6 @@ pub(super) fn write_string(out: &mut Vec<u8>, text: &str) {
     }
     // Writing into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, text);
-}
-
-/// Whether JSON text needs an escape in `bytes`: a control character, `"` or `\\` (all
-/// that serde_json escapes), looked for eight bytes at a time.
-fn needs_escape(bytes: &[u8]) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Whether a byte of `word` is below `limit` (at most 0x80), exactly.
-    let has_below =
-        |word: u64, limit: u8| word.wrapping_sub(ONES * u64::from(limit)) & !word & HIGHS != 0;
-    let has = |word: u64, byte: u8| has_below(word ^ (ONES * u64::from(byte)), 1);
-    let mut words = bytes.chunks_exact(8);
-    for chunk in &mut words {
-        let mut word = [0; 8];
-        word.copy_from_slice(chunk);
-        let word = u64::from_ne_bytes(word);
-        if has_below(word, 0x20) || has(word, b'"') || has(word, b'\\') {
-            return true;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .any(|byte| *byte < 0x20 || *byte == b'"' || *byte == b'\\')
 }
 
 pub(super) fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {

@@ -28,7 +28,7 @@ use crate::{
     privacy::{ENCRYPTED_PREFIX, Privacy, PrivacyError},
     proto::{ExportChunk, ExportRequest},
     rpc::{Admission, Call},
-    store,
+    store::{self, line::EventColumns},
 };
 
 /// Target size of one export chunk.
@@ -162,7 +162,8 @@ impl From<ArchiveError> for Ended {
 impl Exporting {
     /// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
     /// catalog: each event is in exactly one of them): the counts first, then the archived
-    /// lines, one object at a time, then NDJSON lines built by PostgreSQL, fetched row by row.
+    /// lines, one object at a time, then the rows, fetched one by one as their binary columns and
+    /// written as NDJSON lines by sluice ([`store::line`]).
     async fn export(&self, filter: Filter) -> Result<(), Ended> {
         // An object replaced or expired between the snapshot and its reading: take a fresh
         // snapshot, as long as nothing was sent yet.
@@ -208,16 +209,31 @@ impl Exporting {
                 }
             }
         }
-        let mut lines =
-            QueryBuilder::<Postgres>::new(format!("SELECT {} FROM events", store::EVENT_JSON));
-        filter.push_where(&mut lines);
-        lines.push(" ORDER BY ts, id");
-        let mut rows = lines
-            .build_query_scalar::<String>()
-            .fetch(&mut *transaction);
-        while let Some(line) = rows.try_next().await? {
-            let line = reveal_line(&self.privacy, &line, self.show)?;
-            if matches!(self.append_line(&mut chunk, &line).await?, Sent::Gone) {
+        let mut rows = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {} FROM events",
+            store::line::EVENT_COLUMNS
+        ));
+        filter.push_where(&mut rows);
+        rows.push(" ORDER BY ts, id");
+        let mut rows = rows.build().fetch(&mut *transaction);
+        while let Some(row) = rows.try_next().await? {
+            let columns = EventColumns::from_row(&row).map_err(QueryError::from)?;
+            // Metadata that is not UTF-8 (never stored by PostgreSQL) takes the checked path.
+            let encrypted = std::str::from_utf8(columns.metadata())
+                .map_or(true, |metadata| metadata.contains(ENCRYPTED_PREFIX));
+            let sent = if encrypted {
+                let mut line = Vec::new();
+                columns.write_line(&mut line);
+                let line = String::from_utf8(line)
+                    .map_err(|_| PrivacyError::Malformed)
+                    .map_err(QueryError::from)?;
+                let line = reveal_line(&self.privacy, &line, self.show)?;
+                self.append_line(&mut chunk, &line).await?
+            } else {
+                columns.write_line(&mut chunk.ndjson);
+                self.line_appended(&mut chunk).await?
+            };
+            if matches!(sent, Sent::Gone) {
                 return Ok(());
             }
         }
@@ -231,6 +247,11 @@ impl Exporting {
     /// Adds one NDJSON line to the chunk being filled, handing it on once full.
     async fn append_line(&self, chunk: &mut ExportChunk, line: &str) -> Result<Sent, Ended> {
         chunk.ndjson.extend_from_slice(line.as_bytes());
+        self.line_appended(chunk).await
+    }
+
+    /// Ends the line just written into the chunk, handing the chunk on once full.
+    async fn line_appended(&self, chunk: &mut ExportChunk) -> Result<Sent, Ended> {
         chunk.ndjson.push(b'\n');
         chunk.events += 1;
         if chunk.ndjson.len() < EXPORT_CHUNK_BYTES {

@@ -38,6 +38,8 @@ pub enum QueryError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Privacy(#[from] PrivacyError),
+    #[error(transparent)]
+    Line(#[from] crate::store::line::LineError),
     #[error("this principal has {limit} {kind} running, the most it may; retry once one ends")]
     TooMany { kind: &'static str, limit: usize },
     #[error(transparent)]
@@ -59,6 +61,7 @@ impl From<QueryError> for Status {
             QueryError::Database(database) => crate::store::database_status(&database),
             QueryError::Archive(archive) => archive.into(),
             QueryError::Privacy(privacy) => privacy.into(),
+            QueryError::Line(line) => line.into(),
             QueryError::TooMany { .. } => crate::proto::status::refusal(
                 tonic::Code::ResourceExhausted,
                 error_message,
