@@ -3,7 +3,8 @@
 # services, 50,000 users, in time order as ingest writes them, so that each block holds a
 # narrow span of time as in production) into a throwaway PostgreSQL, starts a dist build (fat LTO) of sluice on it,
 # prints the plans of the read queries, then runs `sluice bench-query` (Query, next page and
-# Stats latency percentiles; Export of one service, about ROWS/8 events, with server RSS).
+# Stats latency percentiles; Export of one service (about ROWS/8 events), of one whole day
+# (about ROWS/28) and of one user, with the server's RSS and CPU per event).
 #
 #   bench/query.sh                 # 10,000,000 rows
 #   ROWS=1000000 bench/query.sh

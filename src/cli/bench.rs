@@ -200,7 +200,8 @@ pub struct QueryBenchArgs {
     pub services: usize,
     #[arg(long, default_value_t = 50_000)]
     pub users: usize,
-    /// Export one service's events and time it.
+    /// Export this service's events, then every service's events of one whole day (from two
+    /// days ago to one day ago), then the events of `user-4242`, and time each.
     #[arg(long)]
     pub export_service: Option<String>,
     /// Server process id, to report its RSS around the export.
@@ -399,42 +400,89 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
         answers::run(&mut client, shapes, args.answers, args.max_calls_per_answer).await?;
     }
     if let Some(service) = &args.export_service {
-        let rss_before = args.server_pid.and_then(current_rss_kib);
-        let started = Instant::now();
-        let mut chunks = client
-            .export(ExportRequest {
-                services: vec![service.clone()],
-                ..ExportRequest::default()
-            })
-            .await?
-            .into_inner();
-        let mut events = 0u64;
-        let mut bytes = 0usize;
-        let mut total = 0u64;
-        let mut peak_rss = rss_before.unwrap_or(0);
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk?;
-            total = total.max(chunk.total_events);
-            events += chunk.events;
-            bytes += chunk.ndjson.len();
-            if let Some(rss) = args.server_pid.and_then(current_rss_kib) {
-                peak_rss = peak_rss.max(rss);
-            }
+        let day_ends = chrono::Utc::now() - chrono::Duration::days(1);
+        let timestamp = |at: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+            seconds: at.timestamp(),
+            nanos: 0,
+        };
+        let exports = [
+            (
+                format!("export of {service}"),
+                ExportRequest {
+                    services: vec![service.clone()],
+                    ..ExportRequest::default()
+                },
+            ),
+            (
+                "export of a whole day".to_owned(),
+                ExportRequest {
+                    start_time: Some(timestamp(day_ends - chrono::Duration::days(1))),
+                    end_time: Some(timestamp(day_ends)),
+                    ..ExportRequest::default()
+                },
+            ),
+            (
+                "export of user-4242".to_owned(),
+                ExportRequest {
+                    user_id: "user-4242".to_owned(),
+                    ..ExportRequest::default()
+                },
+            ),
+        ];
+        for (name, request) in exports {
+            export_once(&mut client, &name, request, args.server_pid).await?;
         }
-        let elapsed = started.elapsed();
+    }
+    Ok(())
+}
+
+/// One Export, timed, with the server's RSS and CPU around it when its pid is known.
+async fn export_once(
+    client: &mut sluice::proto::query_service_client::QueryServiceClient<tonic::transport::Channel>,
+    name: &str,
+    request: sluice::proto::ExportRequest,
+    server_pid: Option<u32>,
+) -> Result<(), BenchError> {
+    let rss_before = server_pid.and_then(current_rss_kib);
+    let cpu_before = server_pid.and_then(cpu_seconds);
+    let started = Instant::now();
+    let mut chunks = client.export(request).await?.into_inner();
+    let mut events = 0u64;
+    let mut bytes = 0usize;
+    let mut total = 0u64;
+    let mut peak_rss = rss_before.unwrap_or(0);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        total = total.max(chunk.total_events);
+        events += chunk.events;
+        bytes += chunk.ndjson.len();
+        if let Some(rss) = server_pid.and_then(current_rss_kib) {
+            peak_rss = peak_rss.max(rss);
+        }
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{name}: {events} events (announced {total}), {:.1} MiB NDJSON in {:.3} s = {:.0} events/s",
+        bytes as f64 / 1048576.0,
+        elapsed.as_secs_f64(),
+        events as f64 / elapsed.as_secs_f64()
+    );
+    if let Some(before) = rss_before {
         println!(
-            "export of {service}: {events} events (announced {total}), {:.1} MiB NDJSON in {:.2} s = {:.0} events/s",
-            bytes as f64 / 1048576.0,
-            elapsed.as_secs_f64(),
-            events as f64 / elapsed.as_secs_f64()
+            "  server RSS during export: {:.1} MiB before, {:.1} MiB at most",
+            before as f64 / 1024.0,
+            peak_rss as f64 / 1024.0
         );
-        if let Some(before) = rss_before {
-            println!(
-                "server RSS during export: {:.1} MiB before, {:.1} MiB at most",
-                before as f64 / 1024.0,
-                peak_rss as f64 / 1024.0
-            );
-        }
+    }
+    let cpu_after = server_pid.and_then(cpu_seconds);
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after)
+        && events > 0
+    {
+        println!(
+            "  server CPU during export: {:.2} µs per event ({:.3} s)",
+            (after - before) * 1e6 / events as f64,
+            after - before
+        );
     }
     Ok(())
 }
