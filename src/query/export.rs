@@ -11,6 +11,8 @@
 
 use std::{borrow::Cow, pin::Pin, sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
+
 use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value as Json;
 use sqlx::{PgPool, Postgres, QueryBuilder};
@@ -28,7 +30,11 @@ use crate::{
     privacy::{ENCRYPTED_PREFIX, Privacy, PrivacyError},
     proto::{ExportChunk, ExportRequest},
     rpc::{Admission, Call},
-    store::{self, line::EventColumns},
+    store::{
+        self,
+        line::EventColumns,
+        partitions::{self, Partition},
+    },
 };
 
 /// Target size of one export chunk.
@@ -162,8 +168,9 @@ impl From<ArchiveError> for Ended {
 impl Exporting {
     /// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
     /// catalog: each event is in exactly one of them): the counts first, then the archived
-    /// lines, one object at a time, then the rows, fetched one by one as their binary columns and
-    /// written as NDJSON lines by sluice ([`store::line`]).
+    /// lines, one object at a time, then the rows, partition by partition ([`time_windows`]),
+    /// fetched one by one as their binary columns and written as NDJSON lines by sluice
+    /// ([`store::line`]).
     async fn export(&self, filter: Filter) -> Result<(), Ended> {
         // An object replaced or expired between the snapshot and its reading: take a fresh
         // snapshot, as long as nothing was sent yet.
@@ -209,13 +216,43 @@ impl Exporting {
                 }
             }
         }
+        let windows = match partitions::all_known(&mut *transaction).await? {
+            Some(partitions) => time_windows(filter.start, filter.end, &partitions),
+            None => vec![(filter.start, filter.end)],
+        };
+        for (start, end) in windows {
+            let window = Filter {
+                start,
+                end,
+                ..filter.clone()
+            };
+            if matches!(
+                self.rows(&mut transaction, &window, &mut chunk).await?,
+                Sent::Gone
+            ) {
+                return Ok(());
+            }
+        }
+        chunk.last = true;
+        self.send(chunk).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Streams the rows `filter` matches, in order, into chunks.
+    async fn rows(
+        &self,
+        transaction: &mut sqlx::Transaction<'static, Postgres>,
+        filter: &Filter,
+        chunk: &mut ExportChunk,
+    ) -> Result<Sent, Ended> {
         let mut rows = QueryBuilder::<Postgres>::new(format!(
             "SELECT {} FROM events",
             store::line::EVENT_COLUMNS
         ));
         filter.push_where(&mut rows);
         rows.push(" ORDER BY ts, id");
-        let mut rows = rows.build().fetch(&mut *transaction);
+        let mut rows = rows.build().fetch(&mut **transaction);
         while let Some(row) = rows.try_next().await? {
             let columns = EventColumns::from_row(&row).map_err(QueryError::from)?;
             // Metadata that is not UTF-8 (never stored by PostgreSQL) takes the checked path.
@@ -228,20 +265,16 @@ impl Exporting {
                     .map_err(|_| PrivacyError::Malformed)
                     .map_err(QueryError::from)?;
                 let line = reveal_line(&self.privacy, &line, self.show)?;
-                self.append_line(&mut chunk, &line).await?
+                self.append_line(chunk, &line).await?
             } else {
                 columns.write_line(&mut chunk.ndjson);
-                self.line_appended(&mut chunk).await?
+                self.line_appended(chunk).await?
             };
             if matches!(sent, Sent::Gone) {
-                return Ok(());
+                return Ok(Sent::Gone);
             }
         }
-        drop(rows);
-        chunk.last = true;
-        self.send(chunk).await?;
-        transaction.commit().await?;
-        Ok(())
+        Ok(Sent::Taken)
     }
 
     /// Adds one NDJSON line to the chunk being filled, handing it on once full.
@@ -313,6 +346,31 @@ impl Snapshot {
     }
 }
 
+/// The time windows an export reads one after the other, oldest first: the part of
+/// `[start, end)` in each partition. Each query then sorts one partition's matches (small
+/// enough to sort in memory) and streams them, where one query over every partition sorts
+/// every match before its first row leaves (BENCHMARKS.md, "Export read partition by
+/// partition"). Rows can only be in a partition, and partitions do not overlap.
+fn time_windows(
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+    partitions: &[Partition],
+) -> Vec<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+    partitions
+        .iter()
+        .filter(|partition| {
+            start.is_none_or(|start| start < partition.end)
+                && end.is_none_or(|end| partition.start < end)
+        })
+        .map(|partition| {
+            (
+                Some(start.map_or(partition.start, |start| start.max(partition.start))),
+                Some(end.map_or(partition.end, |end| end.min(partition.end))),
+            )
+        })
+        .collect()
+}
+
 /// An NDJSON line as the caller may see it: encrypted metadata values opened for scope `pii`,
 /// masked for everyone else. Lines without encrypted values pass through byte for byte.
 fn reveal_line<'a>(
@@ -330,4 +388,58 @@ fn reveal_line<'a>(
         .ok_or(PrivacyError::Malformed)?;
     privacy.reveal(id, &mut event["metadata"], show)?;
     Ok(Cow::Owned(event.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::NaiveDate;
+
+    use super::*;
+
+    fn day(day: u32) -> Partition {
+        Partition::day(NaiveDate::from_ymd_opt(2026, 12, day).expect("a day"))
+    }
+
+    fn at(day: u32, hour: u32) -> DateTime<Utc> {
+        NaiveDate::from_ymd_opt(2026, 12, day)
+            .and_then(|date| date.and_hms_opt(hour, 0, 0))
+            .expect("a time")
+            .and_utc()
+    }
+
+    #[test]
+    fn an_export_reads_each_partition_its_range_touches_in_order() {
+        let partitions = [day(1), day(2), day(3), day(4)];
+        let windows = time_windows(Some(at(2, 6)), Some(at(3, 18)), &partitions);
+        assert_eq!(
+            windows,
+            vec![
+                (Some(at(2, 6)), Some(at(3, 0))),
+                (Some(at(3, 0)), Some(at(3, 18))),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_export_without_a_range_reads_every_partition_whole() {
+        let partitions = [day(1), day(2)];
+        let windows = time_windows(None, None, &partitions);
+        assert_eq!(
+            windows,
+            vec![
+                (Some(at(1, 0)), Some(at(2, 0))),
+                (Some(at(2, 0)), Some(at(3, 0)))
+            ]
+        );
+        assert!(time_windows(None, None, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_range_that_ends_where_a_partition_starts_leaves_that_partition_out() {
+        let partitions = [day(1), day(2)];
+        let windows = time_windows(None, Some(at(2, 0)), &partitions);
+        assert_eq!(windows, vec![(Some(at(1, 0)), Some(at(2, 0)))]);
+        let windows = time_windows(Some(at(2, 0)), None, &partitions);
+        assert_eq!(windows, vec![(Some(at(2, 0)), Some(at(3, 0)))]);
+    }
 }

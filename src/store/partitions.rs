@@ -83,20 +83,43 @@ impl Partition {
     }
 }
 
-/// The partitions of `events` that sluice made, oldest first.
-pub async fn list(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<Partition>, sqlx::Error> {
-    let names: Vec<String> = sqlx::query_scalar(
+/// The names of every partition of `events`.
+async fn children(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = 'events'::regclass",
     )
     .fetch_all(executor)
-    .await?;
-    let mut partitions: Vec<Partition> = names
+    .await
+}
+
+/// The partitions of `events` that sluice made, oldest first.
+pub async fn list(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<Partition>, sqlx::Error> {
+    let mut partitions: Vec<Partition> = children(executor)
+        .await?
         .iter()
         .filter_map(|name| Partition::parse(name))
         .collect();
     partitions.sort_by_key(|partition| partition.start);
     Ok(partitions)
+}
+
+/// Every partition of `events`, oldest first; None when one of them is not a partition
+/// sluice made (one an operator attached, a default partition): where rows may be is then
+/// not known from the names.
+pub async fn all_known(
+    executor: impl sqlx::PgExecutor<'_>,
+) -> Result<Option<Vec<Partition>>, sqlx::Error> {
+    let names = children(executor).await?;
+    let mut partitions = Vec::with_capacity(names.len());
+    for name in &names {
+        let Some(partition) = Partition::parse(name) else {
+            return Ok(None);
+        };
+        partitions.push(partition);
+    }
+    partitions.sort_by_key(|partition| partition.start);
+    Ok(Some(partitions))
 }
 
 /// The start of the oldest partition of `events`: nothing is stored before it. None when
