@@ -346,6 +346,9 @@ impl Snapshot {
     }
 }
 
+/// A time range `[start, end)`, either end open when `None`.
+type TimeWindow = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 /// The time windows an export reads one after the other, oldest first: the part of
 /// `[start, end)` in each partition. Each query then sorts one partition's matches (small
 /// enough to sort in memory) and streams them, where one query over every partition sorts
@@ -355,7 +358,7 @@ fn time_windows(
     start: Option<DateTime<Utc>>,
     end: Option<DateTime<Utc>>,
     partitions: &[Partition],
-) -> Vec<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> {
+) -> Vec<TimeWindow> {
     partitions
         .iter()
         .filter(|partition| {
