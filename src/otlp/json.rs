@@ -2,10 +2,10 @@
 //! object, an AnyValue as its JSON form, with the depth that validation checks counted on the
 //! way. No JSON tree is built.
 
-use crate::json_text::needs_escape;
 use base64::Engine;
 
 use super::wire::{Any, Attribute, Nesting, WireError, items};
+use crate::json_text::needs_escape;
 
 /// A JSON object's text, with its entries and depth.
 #[derive(Debug, Default)]

@@ -95,13 +95,13 @@ async fn children(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<String>, sq
 
 /// The partitions of `events` that sluice made, oldest first.
 pub async fn list(executor: impl sqlx::PgExecutor<'_>) -> Result<Vec<Partition>, sqlx::Error> {
-    let mut partitions: Vec<Partition> = children(executor)
-        .await?
-        .iter()
-        .filter_map(|name| Partition::parse(name))
-        .collect();
-    partitions.sort_by_key(|partition| partition.start);
-    Ok(partitions)
+    let names = children(executor).await?;
+    Ok(oldest_first(
+        names
+            .iter()
+            .filter_map(|name| Partition::parse(name))
+            .collect(),
+    ))
 }
 
 /// Every partition of `events`, oldest first; None when one of them is not a partition
@@ -111,15 +111,14 @@ pub async fn all_known(
     executor: impl sqlx::PgExecutor<'_>,
 ) -> Result<Option<Vec<Partition>>, sqlx::Error> {
     let names = children(executor).await?;
-    let mut partitions = Vec::with_capacity(names.len());
-    for name in &names {
-        let Some(partition) = Partition::parse(name) else {
-            return Ok(None);
-        };
-        partitions.push(partition);
-    }
+    let partitions: Option<Vec<Partition>> =
+        names.iter().map(|name| Partition::parse(name)).collect();
+    Ok(partitions.map(oldest_first))
+}
+
+fn oldest_first(mut partitions: Vec<Partition>) -> Vec<Partition> {
     partitions.sort_by_key(|partition| partition.start);
-    Ok(Some(partitions))
+    partitions
 }
 
 /// The start of the oldest partition of `events`: nothing is stored before it. None when
