@@ -1535,3 +1535,46 @@ async fn a_services_pages_cross_days_in_both_orders_exactly_like_one_sorted_list
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_page_returns_each_events_metadata_as_it_was_sent() {
+    let (_database, _server, mut ingest, mut query) = start().await;
+    let long = "ü".repeat(300);
+    let sent = [
+        serde_json::json!({}),
+        serde_json::json!({"userId": "u-7", "n": 42, "f": -2.5, "tiny": 1e-300, "huge": 1e300,
+            "t": true, "no": false, "nothing": null}),
+        serde_json::json!({"escapes": "q\"b\\s/n\nt\tc\u{1}é😀", "k\u{e9}y": "v", "": "empty key"}),
+        serde_json::json!({"deep": {"list": [1, "two", null, {"k": []}, [[]]], "o": {}},
+            "long": long, "lists": [long, [long, {"long": long}]]}),
+    ];
+    let events: Vec<Event> = sent
+        .iter()
+        .enumerate()
+        .map(|(index, metadata)| Event {
+            metadata: match metadata {
+                serde_json::Value::Object(object) => Some(object.clone().into()),
+                _ => None,
+            },
+            ..event("shapes", &format!("event {index}"))
+        })
+        .collect();
+    publish(&mut ingest, events).await;
+    let request = QueryRequest {
+        services: vec!["shapes".to_owned()],
+        order: Order::OldestFirst as i32,
+        ..Default::default()
+    };
+    let found = query_all(&mut query, request).await;
+    assert_eq!(found.len(), sent.len());
+    for event in found {
+        let index: usize = event.message["event ".len()..].parse().expect("numbered");
+        let metadata = event.metadata.expect("metadata");
+        assert_eq!(
+            serde_json::Value::Object(metadata.as_object().clone()),
+            sent[index],
+            "{}",
+            event.message
+        );
+    }
+}

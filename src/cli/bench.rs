@@ -10,6 +10,7 @@ mod answers;
 mod ceiling;
 mod native;
 mod otlp;
+mod page;
 
 use std::time::{Duration, Instant};
 
@@ -207,6 +208,13 @@ pub struct QueryBenchArgs {
     /// Server process id, to report its RSS around the export.
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// Ask for this service's newest `--page-events` events, `--iterations` times, and
+    /// report the latency and the server's CPU per page (bench/query_page.sh loads `wide`,
+    /// events with 4 KiB of metadata).
+    #[arg(long)]
+    pub page_service: Option<String>,
+    #[arg(long, default_value_t = 1000)]
+    pub page_events: u32,
     /// Complete answers per search shape (every page until `limit` events or no token).
     #[arg(long, default_value_t = 10)]
     pub answers: usize,
@@ -398,6 +406,16 @@ pub async fn run_queries(args: QueryBenchArgs) -> Result<(), BenchError> {
     .collect::<Vec<_>>();
     if args.answers > 0 && !shapes.is_empty() {
         answers::run(&mut client, shapes, args.answers, args.max_calls_per_answer).await?;
+    }
+    if let Some(service) = &args.page_service {
+        page::pages(
+            &mut client,
+            service,
+            args.page_events,
+            args.iterations,
+            args.server_pid,
+        )
+        .await?;
     }
     if let Some(service) = &args.export_service {
         let day_ends = chrono::Utc::now() - chrono::Duration::days(1);

@@ -479,6 +479,24 @@ impl Privacy {
         self.walk(event_id, metadata, &mut Vec::new(), mode, &mut changed)
     }
 
+    /// [`Privacy::reveal`] on metadata held as JSON text: the text itself when it holds no
+    /// encrypted value (a substring search, the common case), else parsed, revealed and
+    /// written again.
+    pub fn revealed_text(
+        &self,
+        event_id: Uuid,
+        text: Vec<u8>,
+        show: bool,
+    ) -> Result<Vec<u8>, PrivacyError> {
+        if memchr::memmem::find(&text, ENCRYPTED_PREFIX.as_bytes()).is_none() {
+            return Ok(text);
+        }
+        let mut metadata: Json =
+            serde_json::from_slice(&text).map_err(|_| PrivacyError::Malformed)?;
+        self.reveal(event_id, &mut metadata, show)?;
+        serde_json::to_vec(&metadata).map_err(|_| PrivacyError::Malformed)
+    }
+
     /// Re-encrypts, under the newest key, the values written under older ones (the rotate
     /// job); returns how many it re-encrypted.
     pub fn reencrypt(&self, event_id: Uuid, metadata: &mut Json) -> Result<usize, PrivacyError> {

@@ -40,6 +40,8 @@ pub enum QueryError {
     Privacy(#[from] PrivacyError),
     #[error(transparent)]
     Line(#[from] crate::store::line::LineError),
+    #[error("stored metadata is not one json object: {0}")]
+    StoredMetadata(#[source] serde_json::Error),
     #[error("this principal has {limit} {kind} running, the most it may; retry once one ends")]
     TooMany { kind: &'static str, limit: usize },
     #[error(transparent)]
@@ -62,6 +64,7 @@ impl From<QueryError> for Status {
             QueryError::Archive(archive) => archive.into(),
             QueryError::Privacy(privacy) => privacy.into(),
             QueryError::Line(line) => line.into(),
+            QueryError::StoredMetadata(_) => Status::internal(error_message),
             QueryError::TooMany { .. } => crate::proto::status::refusal(
                 tonic::Code::ResourceExhausted,
                 error_message,

@@ -18,7 +18,6 @@ use std::{
 
 use chrono::Utc;
 use futures::Stream;
-use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -225,27 +224,15 @@ fn tailed_event(
     event: &ValidEvent,
     reveal: bool,
 ) -> Result<Event, PrivacyError> {
-    let mut metadata: Json =
-        serde_json::from_str(&event.metadata_json).map_err(|_| PrivacyError::Malformed)?;
-    privacy.reveal(event.id, &mut metadata, reveal)?;
+    let text = privacy.revealed_text(event.id, event.metadata_json.clone().into_bytes(), reveal)?;
+    let metadata = Metadata::from_stored_text(text).map_err(|_| PrivacyError::Malformed)?;
     Ok(Event {
         id: event.id.to_string(),
         service: event.service.clone(),
         message: event.message.clone(),
         timestamp: Some(to_timestamp(event.timestamp)),
         user_id: event.user_id.clone().unwrap_or_default(),
-        // Text only, with no parsed object kept beside it: encoded as it is.
-        metadata: match metadata {
-            Json::Object(object) => {
-                let entries = object.len();
-                let json = Json::Object(object);
-                let depth = crate::proto::metadata::depth(&json);
-                serde_json::to_vec(&json)
-                    .ok()
-                    .map(|text| Metadata::from_object_text(text, entries, depth))
-            }
-            _ => None,
-        },
+        metadata: Some(metadata),
         ingested_at: Some(to_timestamp(Utc::now())),
         trace_id: event
             .trace_id

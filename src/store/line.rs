@@ -18,6 +18,7 @@ use sqlx::{
 };
 use uuid::Uuid;
 
+use super::jsonb_text::JSONB_VERSION;
 use crate::json_text::needs_escape;
 
 /// The columns [`EventColumns::from_row`] reads, in its order.
@@ -26,8 +27,6 @@ pub const EVENT_COLUMNS: &str =
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
-/// The version byte that starts `jsonb`'s binary form.
-const JSONB_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {

@@ -3,6 +3,7 @@
 pub mod closed_indexes;
 pub mod embedded;
 pub mod hosts;
+pub mod jsonb_text;
 pub mod line;
 pub mod migrations;
 pub mod nodelay;

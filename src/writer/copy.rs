@@ -6,7 +6,10 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::event::{RejectReason, ValidEvent};
+use crate::{
+    event::{RejectReason, ValidEvent},
+    store::jsonb_text::JSONB_VERSION,
+};
 
 /// The column list every COPY of events uses, in the order [`encode`] writes them.
 pub const COLUMNS: &str = "id, service, message, ts, user_id, metadata, trace_id";
@@ -14,7 +17,6 @@ pub const COLUMNS: &str = "id, service, message, ts, user_id, metadata, trace_id
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const POSTGRES_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
-const JSONB_VERSION: u8 = 1;
 const FIELD_COUNT: i16 = 7;
 /// A trace id as text: 32 lowercase hex digits.
 const TRACE_ID_HEX_BYTES: usize = 32;

@@ -40,11 +40,13 @@ use serde_json::{Map, Number, Value as Json};
 
 mod fast;
 mod json;
+mod transcode;
 mod wire;
 
 use fast::*;
 use json::*;
 pub use json::{depth, json_to_struct};
+use transcode::*;
 use wire::*;
 
 /// The largest JSON object a decoded Struct may hold; past it, decoding stops keeping
@@ -93,6 +95,8 @@ pub struct Metadata {
     /// Past a [`Problem::TooLarge`]: the length reached when decoding stopped.
     stopped_at: usize,
     object: OnceLock<Map<String, Json>>,
+    /// The Struct's body on the wire, written from the text when first encoded.
+    wire: OnceLock<Vec<u8>>,
 }
 
 impl Default for Metadata {
@@ -105,6 +109,7 @@ impl Default for Metadata {
             problem: None,
             stopped_at: 0,
             object: OnceLock::new(),
+            wire: OnceLock::new(),
         }
     }
 }
@@ -137,6 +142,40 @@ impl Metadata {
             depth,
             ..Self::default()
         }
+    }
+
+    /// Metadata read back from the store: the text of a JSON object as PostgreSQL's `jsonb`
+    /// writes it (`", "` and `": "` between entries), neither copied nor parsed into a tree.
+    /// Its wire form is written in the pass that checks it ([`transcode`]); an error when the
+    /// text is not one JSON object.
+    pub fn from_stored_text(text: Vec<u8>) -> Result<Self, serde_json::Error> {
+        let transcoded = transcode(&text)?;
+        let mut metadata = Self {
+            text,
+            entries: transcoded.entries,
+            depth: transcoded.depth,
+            user_id: transcoded.user_id.flatten(),
+            wire: OnceLock::from(transcoded.wire),
+            ..Self::default()
+        };
+        if transcoded.user_id_not_a_string {
+            metadata.user_id = metadata
+                .as_object()
+                .get(USER_ID_KEY)
+                .and_then(crate::event::user_id_of);
+        }
+        Ok(metadata)
+    }
+
+    /// The Struct's body on the wire.
+    fn wire(&self) -> &[u8] {
+        self.wire.get_or_init(|| {
+            // The text is always one JSON object (written here, or checked when read from
+            // the store); a failure would be a bug, never input.
+            transcode(&self.text)
+                .map(|transcoded| transcoded.wire)
+                .unwrap_or_default()
+        })
     }
 
     pub fn as_object(&self) -> &Map<String, Json> {
@@ -220,6 +259,7 @@ impl Metadata {
         self.entries = 0;
         self.user_id = None;
         self.object = OnceLock::new();
+        self.wire = OnceLock::new();
     }
 
     /// One entry the fast path could not take (see [`FastEntry`]), decoded by prost.
@@ -288,16 +328,15 @@ impl Metadata {
 impl From<Map<String, Json>> for Metadata {
     fn from(object: Map<String, Json>) -> Self {
         let mut text = Vec::new();
-        write_json(&mut text, &Json::Object(object.clone()));
+        write_json(&mut text, &object);
         let user_id = object.get(USER_ID_KEY).and_then(crate::event::user_id_of);
         Self {
             text,
             entries: object.len(),
             depth: 1 + object.values().map(depth).max().unwrap_or(0),
             user_id,
-            problem: None,
-            stopped_at: 0,
             object: OnceLock::from(object),
+            ..Self::default()
         }
     }
 }
@@ -322,7 +361,7 @@ impl From<prost_types::Struct> for Metadata {
 const USER_ID_KEY: &str = "userId";
 
 /// Appends `value` as compact JSON.
-fn write_json(out: &mut Vec<u8>, value: &Json) {
+fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) {
     // Writing into a Vec cannot fail, and a `Value` always serializes.
     let _ = serde_json::to_writer(out, value);
 }

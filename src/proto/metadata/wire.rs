@@ -76,7 +76,7 @@ pub(super) const VALUES_TAG: u32 = 1;
 
 impl Message for Metadata {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        encode_object_body(self.as_object(), buf);
+        buf.put_slice(self.wire());
     }
 
     fn merge_field(
@@ -101,7 +101,7 @@ impl Message for Metadata {
     }
 
     fn encoded_len(&self) -> usize {
-        object_len(self.as_object())
+        self.wire().len()
     }
 
     fn clear(&mut self) {
