@@ -50,7 +50,10 @@ pub(super) fn transcode(text: &[u8]) -> Result<Transcoded, serde_json::Error> {
         user_id: None,
         user_id_not_a_string: false,
     };
-    let mut parser = serde_json::Deserializer::from_slice(text);
+    // One check of the whole text rather than one per string (serde_json's slice reader).
+    let text = std::str::from_utf8(text)
+        .map_err(|_| <serde_json::Error as serde::de::Error>::custom("text is not utf-8"))?;
+    let mut parser = serde_json::Deserializer::from_str(text);
     parser.deserialize_map(Object {
         out: &mut transcoded,
         level: 1,
@@ -355,6 +358,7 @@ mod tests {
         ] {
             assert!(transcode(text.as_bytes()).is_err(), "{text:?}");
         }
+        assert!(transcode(b"{\"a\": \"\xff\"}").is_err(), "not utf-8");
     }
 
     fn json_value() -> impl Strategy<Value = Json> {
