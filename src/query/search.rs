@@ -23,7 +23,7 @@ use crate::{
     config::{Scope, SearchConfig},
     filter::{ContentIndexes, Filter},
     metrics,
-    privacy::Privacy,
+    privacy::{ENCRYPTED_PREFIX, Privacy},
     proto::{Event, Metadata, Order, QueryRequest, QueryResponse, wire::to_timestamp},
     store::{self, closed_indexes::IndexedRange, jsonb_text::JsonbText, partitions, sqlstates},
 };
@@ -41,25 +41,48 @@ pub struct EventRow {
     pub ts: DateTime<Utc>,
     pub ingested_at: DateTime<Utc>,
     pub user_id: Option<String>,
-    pub metadata: JsonbText,
+    pub metadata: RowMetadata,
     pub trace_id: Option<String>,
     /// The message's and the metadata's size as stored, for the response's byte bound.
     pub bytes: i64,
 }
 
+/// A row's metadata, read as `jsonb`'s text. Encoded for the reply as the row streams in, so
+/// that the encoding overlaps PostgreSQL's sending of the rows after it; text that holds an
+/// encrypted value waits for the caller's scope, which says how to reveal it.
+pub enum RowMetadata {
+    Encoded(Metadata),
+    Sealed(Vec<u8>),
+}
+
+impl RowMetadata {
+    fn from_text(text: Vec<u8>) -> Self {
+        if memchr::memmem::find(&text, ENCRYPTED_PREFIX.as_bytes()).is_some() {
+            return Self::Sealed(text);
+        }
+        // Text that is not one object (never stored) fails when the reply is built.
+        match Metadata::from_stored_text(text) {
+            Ok(metadata) => Self::Encoded(metadata),
+            Err(_) => Self::Sealed(Vec::new()),
+        }
+    }
+}
+
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for EventRow {
     fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row;
+        let message: String = row.try_get("message")?;
+        let JsonbText(metadata) = row.try_get("metadata")?;
         Ok(Self {
             id: row.try_get("id")?,
             service: row.try_get("service")?,
-            message: row.try_get("message")?,
+            bytes: (message.len() + metadata.len()) as i64,
+            message,
             ts: row.try_get("ts")?,
             ingested_at: row.try_get("ingested_at")?,
             user_id: row.try_get("user_id")?,
-            metadata: row.try_get("metadata")?,
+            metadata: RowMetadata::from_text(metadata),
             trace_id: row.try_get("trace_id")?,
-            bytes: row.try_get("bytes")?,
         })
     }
 }
@@ -69,8 +92,13 @@ impl EventRow {
     /// `show`), and the metadata encoded from its stored text without a tree in between
     /// (BENCHMARKS.md, "Query pages encoded from the stored text").
     fn into_event(self, privacy: &Privacy, show: bool) -> Result<Event, QueryError> {
-        let text = privacy.revealed_text(self.id, self.metadata.0, show)?;
-        let metadata = Metadata::from_stored_text(text).map_err(QueryError::StoredMetadata)?;
+        let metadata = match self.metadata {
+            RowMetadata::Encoded(metadata) => metadata,
+            RowMetadata::Sealed(text) => {
+                let text = privacy.revealed_text(self.id, text, show)?;
+                Metadata::from_stored_text(text).map_err(QueryError::StoredMetadata)?
+            }
+        };
         Ok(Event {
             id: self.id.to_string(),
             service: self.service,
@@ -321,7 +349,7 @@ impl From<ArchivedEvent> for EventRow {
             ts: event.timestamp,
             ingested_at: event.ingested_at.unwrap_or(event.timestamp),
             user_id: event.user_id,
-            metadata: JsonbText(metadata),
+            metadata: RowMetadata::from_text(metadata),
             trace_id: event.trace_id,
         }
     }
@@ -495,8 +523,7 @@ fn rows_query(
     oldest_first: bool,
 ) -> QueryBuilder<Postgres> {
     let mut builder = QueryBuilder::<Postgres>::new(
-        "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id, \
-         octet_length(message)::bigint + octet_length(metadata::text)::bigint AS bytes FROM events",
+        "SELECT id, service, message, ts, ingested_at, user_id, metadata, trace_id FROM events",
     );
     let content = match window {
         Some(Window {
