@@ -41,6 +41,13 @@ pub type SharedPrivacy = std::sync::Arc<arc_swap::ArcSwap<Privacy>>;
 pub const HASH_PREFIX: &str = "h1:";
 /// Prefix of encrypted metadata values.
 pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
+
+/// Whether JSON text holds an encrypted value, or a string that starts like one: a substring
+/// search, no parsing.
+pub fn holds_encrypted(text: &[u8]) -> bool {
+    memchr::memmem::find(text, ENCRYPTED_PREFIX.as_bytes()).is_some()
+}
+
 /// What callers without scope `pii` see in place of an encrypted value.
 pub const REDACTED_MARKER: &str = "[encrypted]";
 
@@ -488,7 +495,7 @@ impl Privacy {
         text: Vec<u8>,
         show: bool,
     ) -> Result<Vec<u8>, PrivacyError> {
-        if memchr::memmem::find(&text, ENCRYPTED_PREFIX.as_bytes()).is_none() {
+        if !holds_encrypted(&text) {
             return Ok(text);
         }
         let mut metadata: Json =

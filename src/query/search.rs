@@ -23,7 +23,7 @@ use crate::{
     config::{Scope, SearchConfig},
     filter::{ContentIndexes, Filter},
     metrics,
-    privacy::{ENCRYPTED_PREFIX, Privacy},
+    privacy::{Privacy, holds_encrypted},
     proto::{Event, Metadata, Order, QueryRequest, QueryResponse, wire::to_timestamp},
     store::{self, closed_indexes::IndexedRange, jsonb_text::JsonbText, partitions, sqlstates},
 };
@@ -53,17 +53,18 @@ pub struct EventRow {
 pub enum RowMetadata {
     Encoded(Metadata),
     Sealed(Vec<u8>),
+    /// Not one JSON object (never stored): the reply fails when it is built.
+    Unreadable(serde_json::Error),
 }
 
 impl RowMetadata {
     fn from_text(text: Vec<u8>) -> Self {
-        if memchr::memmem::find(&text, ENCRYPTED_PREFIX.as_bytes()).is_some() {
+        if holds_encrypted(&text) {
             return Self::Sealed(text);
         }
-        // Text that is not one object (never stored) fails when the reply is built.
         match Metadata::from_stored_text(text) {
             Ok(metadata) => Self::Encoded(metadata),
-            Err(_) => Self::Sealed(Vec::new()),
+            Err(error) => Self::Unreadable(error),
         }
     }
 }
@@ -98,6 +99,7 @@ impl EventRow {
                 let text = privacy.revealed_text(self.id, text, show)?;
                 Metadata::from_stored_text(text).map_err(QueryError::StoredMetadata)?
             }
+            RowMetadata::Unreadable(error) => return Err(QueryError::StoredMetadata(error)),
         };
         Ok(Event {
             id: self.id.to_string(),

@@ -20,8 +20,13 @@
 //! On the wire this is exactly `google.protobuf.Struct`: any client, grpcurl and reflection
 //! see no difference.
 //!
+//! Sending is the same in reverse: the wire form is written from the text in one pass of
+//! serde_json's parser ([`transcode`]), without a tree, and the read side hands it the text
+//! PostgreSQL stored.
+//!
 //! Here: the [`Metadata`] type, its limits and conversions; [`fast`] is the fast decoding
-//! path, [`wire`] the encoding and prost's path, [`json`] the JSON lengths and depth.
+//! path, [`wire`] prost's path and the lists' encoding, [`transcode`] the encoding from text,
+//! [`json`] the JSON lengths and depth.
 
 use std::sync::{
     OnceLock,
@@ -84,7 +89,8 @@ pub enum Problem {
 /// [`Self::json_len`] counts both (the size limit errs on the safe side).
 #[derive(Clone)]
 pub struct Metadata {
-    /// Compact JSON of an object, always valid UTF-8 and always closed (`{…}`).
+    /// JSON of an object, always valid UTF-8 and always closed (`{…}`): compact when decoded
+    /// or built here, as PostgreSQL's `jsonb` writes it when read from the store.
     text: Vec<u8>,
     entries: usize,
     /// The deepest nesting: 1 for an object of scalars.
@@ -155,8 +161,10 @@ impl Metadata {
             entries: transcoded.entries,
             depth: transcoded.depth,
             user_id: transcoded.user_id.flatten(),
+            problem: None,
+            stopped_at: 0,
+            object: OnceLock::new(),
             wire: OnceLock::from(transcoded.wire),
-            ..Self::default()
         };
         if transcoded.user_id_not_a_string {
             metadata.user_id = metadata
@@ -201,7 +209,7 @@ impl Metadata {
     }
 
     /// The length of the object as compact JSON (at least this much, past a
-    /// [`Problem::TooLarge`]).
+    /// [`Problem::TooLarge`]); read from the store, the length of its stored text.
     pub fn json_len(&self) -> usize {
         match self.problem {
             Some(Problem::TooLarge) => self.stopped_at,
@@ -335,8 +343,10 @@ impl From<Map<String, Json>> for Metadata {
             entries: object.len(),
             depth: 1 + object.values().map(depth).max().unwrap_or(0),
             user_id,
+            problem: None,
+            stopped_at: 0,
             object: OnceLock::from(object),
-            ..Self::default()
+            wire: OnceLock::new(),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The Struct's wire form: `Message` for [`Metadata`], encoding the JSON object as
-//! `google.protobuf.Struct` entries without building prost's tree.
+//! The Struct's wire form: `Message` for [`Metadata`] (decoding through the fast path or
+//! prost's, encoding the wire [`super::transcode`] wrote from the text), and for the lists
+//! prost's path decodes, whose JSON values are encoded as `google.protobuf.Value`s without
+//! building prost's tree.
 
 use super::*;
 
