@@ -142,7 +142,7 @@ pub(super) fn write_value(
         Any::String(text) => write_string(out, text),
         Any::Bool(flag) => out.extend_from_slice(if *flag { b"true" } else { b"false" }),
         Any::Int(number) if number.unsigned_abs() <= MAX_EXACT_INTEGER => {
-            write_display(out, number)
+            write_integer(out, *number)
         }
         Any::Int(number) => write_string(out, &number.to_string()),
         Any::Double(number) if number.is_finite() => {
@@ -204,9 +204,9 @@ pub(super) fn write_string(out: &mut Vec<u8>, text: &str) {
     let _ = serde_json::to_writer(&mut *out, text);
 }
 
-pub(super) fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = write!(out, "{value}");
+/// An integer as JSON: its decimal digits.
+pub(super) fn write_integer(out: &mut Vec<u8>, value: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 #[cfg(test)]

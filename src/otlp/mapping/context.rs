@@ -4,8 +4,8 @@
 use std::borrow::Cow;
 
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, xxh3_128, xxh3_128_with_seed};
 
 use super::{
     NO_BODY, RECORD_UID, SERVICE_NAME, UNKNOWN_SERVICE, keys, normalize_service, timestamp_of,
@@ -13,7 +13,7 @@ use super::{
 use crate::{
     event::TraceId,
     otlp::{
-        json::{JsonObject, write_display, write_string, write_value},
+        json::{JsonObject, write_integer, write_string, write_value},
         wire::{
             Any, Attribute, Fields, Nesting, Value, WireError, check_strings, last_value, merge,
             utf8, wrong_type,
@@ -29,8 +29,8 @@ pub(super) struct ResourceContext {
     /// there, with its dropped count); None when it has none.
     attributes: Option<JsonObject>,
     user_id: Option<String>,
-    /// A digest fed with the resource as sent, for record ids.
-    digest: Sha256,
+    /// The resource as sent, hashed: the seed of its scopes' hashes ([`record_id`]).
+    seed: u64,
 }
 
 impl ResourceContext {
@@ -58,26 +58,24 @@ impl ResourceContext {
         if dropped > 0 {
             json.text.pop();
             json.key(keys::DROPPED_ATTRIBUTES);
-            write_display(&mut json.text, dropped);
+            write_integer(&mut json.text, dropped);
             json.text.push(b'}');
         }
-        let mut digest = Sha256::new();
-        digest_part(&mut digest, encoded);
         Ok(Self {
             service,
             attributes: (json.entries > 0).then_some(json),
             user_id: user.map(|(_, id)| id),
-            digest,
+            seed: xxh3_64(encoded),
         })
     }
 }
 
-/// What the records of one scope share: the resource's part, the scope's JSON, and a digest
-/// already fed with both (each record's id digest starts from a copy).
+/// What the records of one scope share: the resource's part, the scope's JSON, and the
+/// scope and resource as sent, hashed: the seed of each record's id ([`record_id`]).
 pub(super) struct ScopeContext<'r> {
     resource: &'r ResourceContext,
     scope: Option<JsonObject>,
-    digest: Sha256,
+    seed: u64,
 }
 
 /// One `LogRecord`'s fields, as slices of the request (its attributes go to a list the
@@ -138,8 +136,7 @@ impl<'r> ScopeContext<'r> {
                 _ => {}
             }
         }
-        let mut digest = resource.digest.clone();
-        digest_part(&mut digest, encoded);
+        let seed = xxh3_64_with_seed(encoded, resource.seed);
         let mut json = JsonObject::default();
         json.text.push(b'{');
         if !name.is_empty() {
@@ -162,7 +159,7 @@ impl<'r> ScopeContext<'r> {
         Ok(Self {
             resource,
             scope: (json.entries > 0).then_some(json),
-            digest,
+            seed,
         })
     }
 
@@ -183,11 +180,7 @@ impl<'r> ScopeContext<'r> {
                 write_value(&mut text, &other, Nesting::default())?;
                 hashed_uuid(&text)
             }
-            None => {
-                let mut digest = self.digest.clone();
-                digest_part(&mut digest, encoded);
-                uuid_of(digest)
-            }
+            None => record_id(encoded, self.seed),
         };
         let user = user_id_of(attributes, user_id_attributes)?;
         let user_key = user.as_ref().map(|(key, _)| *key);
@@ -222,7 +215,7 @@ impl<'r> ScopeContext<'r> {
         }
         if record.severity_number != 0 {
             metadata.key(keys::SEVERITY_NUMBER);
-            write_display(&mut metadata.text, record.severity_number);
+            write_integer(&mut metadata.text, record.severity_number);
         }
         if !record.span_id.is_empty() {
             metadata.key(keys::SPAN_ID);
@@ -230,7 +223,7 @@ impl<'r> ScopeContext<'r> {
         }
         if record.flags != 0 {
             metadata.key(keys::TRACE_FLAGS);
-            write_display(&mut metadata.text, record.flags);
+            write_integer(&mut metadata.text, record.flags);
         }
         if !record.event_name.is_empty() {
             metadata.key(keys::EVENT_NAME);
@@ -238,7 +231,7 @@ impl<'r> ScopeContext<'r> {
         }
         if record.dropped_attributes_count > 0 {
             metadata.key(keys::DROPPED_ATTRIBUTES);
-            write_display(&mut metadata.text, record.dropped_attributes_count);
+            write_integer(&mut metadata.text, record.dropped_attributes_count);
         }
         let attributes_depth = metadata.attributes_entry(keys::ATTRIBUTES, attributes, |key| {
             key == RECORD_UID || Some(key) == user_key
@@ -286,10 +279,7 @@ impl<'r> ScopeContext<'r> {
                     .to_owned(),
                 service: self.resource.service.clone(),
                 message,
-                timestamp: Some(prost_types::Timestamp {
-                    seconds: timestamp.timestamp(),
-                    nanos: timestamp.timestamp_subsec_nanos() as i32,
-                }),
+                timestamp: Some(timestamp),
                 user_id,
                 metadata: (metadata.entries > 0)
                     .then(|| Metadata::from_object_text(metadata.text, metadata.entries, depth)),
@@ -329,22 +319,22 @@ fn write_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(b'"');
 }
 
-/// Feeds one length-prefixed part to a digest, so that parts cannot run into each other.
-fn digest_part(digest: &mut Sha256, part: &[u8]) {
-    digest.update((part.len() as u64).to_le_bytes());
-    digest.update(part);
+/// A record's id when it carries none: a version-8 (custom) UUID from the 128-bit xxh3 of
+/// the record as sent, seeded by the hash of its scope, itself seeded by its resource's. The
+/// same record resent (an SDK's retry after a timeout) has the same id, and so is stored
+/// once; records that differ in a byte, or in their scope or resource, differ in id (bar a
+/// collision of the 64-bit seeds of two scopes, about one chance in 2^64). Not a secret nor a
+/// defence: a client that knows a record can name its id outright
+/// (`log.record.uid`, or the native API's `id`), so a fast hash costs nothing in safety.
+fn record_id(encoded: &[u8], seed: u64) -> Uuid {
+    uuid_of(xxh3_128_with_seed(encoded, seed))
 }
 
+/// A `log.record.uid` that is not a UUID (a ULID, say) as one.
 fn hashed_uuid(bytes: &[u8]) -> Uuid {
-    let mut digest = Sha256::new();
-    digest.update(bytes);
-    uuid_of(digest)
+    uuid_of(xxh3_128(bytes))
 }
 
-/// A version-8 (custom) UUID from a digest's first 16 bytes.
-fn uuid_of(digest: Sha256) -> Uuid {
-    let hash = digest.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&hash[..16]);
-    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+fn uuid_of(hash: u128) -> Uuid {
+    uuid::Builder::from_custom_bytes(hash.to_be_bytes()).into_uuid()
 }

@@ -215,11 +215,13 @@ fn timestamp_of(
     time: u64,
     observed: u64,
     received: DateTime<Utc>,
-) -> (DateTime<Utc>, Option<&'static str>) {
+) -> (prost_types::Timestamp, Option<&'static str>) {
+    // Nanoseconds past i64 (year 2262) are not a time chrono or PostgreSQL would take.
     let from_nanos = |nanos: u64| {
-        i64::try_from(nanos)
-            .ok()
-            .map(DateTime::from_timestamp_nanos)
+        i64::try_from(nanos).ok().map(|nanos| prost_types::Timestamp {
+            seconds: nanos / NANOS_PER_SECOND,
+            nanos: (nanos % NANOS_PER_SECOND) as i32,
+        })
     };
     if time != 0
         && let Some(at) = from_nanos(time)
@@ -231,8 +233,14 @@ fn timestamp_of(
     {
         return (at, Some("observed_time_unix_nano"));
     }
-    (received, Some("received"))
+    let at = prost_types::Timestamp {
+        seconds: received.timestamp(),
+        nanos: received.timestamp_subsec_nanos() as i32,
+    };
+    (at, Some("received"))
 }
+
+const NANOS_PER_SECOND: i64 = 1_000_000_000;
 
 #[cfg(test)]
 mod tests {
