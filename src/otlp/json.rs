@@ -30,26 +30,6 @@ impl JsonObject {
         Ok(object)
     }
 
-    /// Adds the entry `key` holding `attributes` as an object (as [`Self::of_attributes`]
-    /// writes it), written in place; no entry when none is left after `skip`. Returns the
-    /// entry's depth.
-    pub(super) fn attributes_entry(
-        &mut self,
-        key: &str,
-        attributes: &[Attribute<'_>],
-        skip: impl Fn(&str) -> bool,
-    ) -> Result<usize, WireError> {
-        let mark = self.text.len();
-        self.key(key);
-        let written = write_attributes(&mut self.text, attributes, skip)?;
-        if written.entries == 0 {
-            self.text.truncate(mark);
-            self.entries -= 1;
-            return Ok(0);
-        }
-        Ok(written.depth)
-    }
-
     /// Starts the entry `key` (its value is written next).
     pub(super) fn key(&mut self, key: &str) {
         if self.entries > 0 {
@@ -61,10 +41,64 @@ impl JsonObject {
     }
 }
 
-/// What [`write_attributes`] wrote: how many entries, and the object's depth.
-struct Written {
+/// What an [`AttributesWriter`] wrote: how many entries, and the object's depth.
+pub(super) struct Written {
+    pub(super) entries: usize,
+    pub(super) depth: usize,
+}
+
+/// An attribute list written as a JSON object as its attributes are read, one at a time: a
+/// repeated key is written twice, and the last one wins where the text is read
+/// (PostgreSQL's `jsonb`, serde_json).
+pub(super) struct AttributesWriter {
     entries: usize,
-    depth: usize,
+    deepest: usize,
+}
+
+impl AttributesWriter {
+    /// Opens the object at the end of `out`.
+    pub(super) fn open(out: &mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self {
+            entries: 0,
+            deepest: 0,
+        }
+    }
+
+    /// Writes one attribute as the object's next entry.
+    pub(super) fn entry(
+        &mut self,
+        out: &mut Vec<u8>,
+        attribute: &Attribute<'_>,
+    ) -> Result<(), WireError> {
+        if self.entries > 0 {
+            out.push(b',');
+        }
+        self.entries += 1;
+        write_string(out, attribute.key);
+        out.push(b':');
+        let depth = write_attribute_value(out, attribute, Nesting::default())?;
+        self.deepest = self.deepest.max(depth);
+        Ok(())
+    }
+
+    /// Checks an attribute that is left out of the object as a decoder would check it, by
+    /// writing its value where the text goes and taking it back: no buffer of its own.
+    pub(super) fn check(out: &mut Vec<u8>, attribute: &Attribute<'_>) -> Result<(), WireError> {
+        let mark = out.len();
+        write_attribute_value(out, attribute, Nesting::default())?;
+        out.truncate(mark);
+        Ok(())
+    }
+
+    /// Closes the object.
+    pub(super) fn close(self, out: &mut Vec<u8>) -> Written {
+        out.push(b'}');
+        Written {
+            entries: self.entries,
+            depth: 1 + self.deepest,
+        }
+    }
 }
 
 /// Writes `attributes` as a JSON object, less those `skip` names (whose values are checked
@@ -74,31 +108,15 @@ fn write_attributes(
     attributes: &[Attribute<'_>],
     skip: impl Fn(&str) -> bool,
 ) -> Result<Written, WireError> {
-    out.push(b'{');
-    let mut entries = 0;
-    let mut deepest = 0;
+    let mut object = AttributesWriter::open(out);
     for attribute in attributes {
         if skip(attribute.key) {
-            // Checked by writing it where the text goes, then taking it back: no buffer of
-            // its own per record.
-            let mark = out.len();
-            write_attribute_value(out, attribute, Nesting::default())?;
-            out.truncate(mark);
-            continue;
+            AttributesWriter::check(out, attribute)?;
+        } else {
+            object.entry(out, attribute)?;
         }
-        if entries > 0 {
-            out.push(b',');
-        }
-        entries += 1;
-        write_string(out, attribute.key);
-        out.push(b':');
-        deepest = deepest.max(write_attribute_value(out, attribute, Nesting::default())?);
     }
-    out.push(b'}');
-    Ok(Written {
-        entries,
-        depth: 1 + deepest,
-    })
+    Ok(object.close(out))
 }
 
 /// The largest integer JSON readers take exactly (2^53).

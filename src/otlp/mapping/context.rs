@@ -13,7 +13,7 @@ use super::{
 use crate::{
     event::TraceId,
     otlp::{
-        json::{JsonObject, write_integer, write_string, write_value},
+        json::{AttributesWriter, JsonObject, write_integer, write_string, write_value},
         wire::{
             Any, Attribute, Fields, Nesting, Value, WireError, check_strings, last_value, merge,
             utf8, wrong_type,
@@ -78,8 +78,8 @@ pub(super) struct ScopeContext<'r> {
     seed: u64,
 }
 
-/// One `LogRecord`'s fields, as slices of the request (its attributes go to a list the
-/// caller keeps, so that one allocation serves every record).
+/// One `LogRecord`'s fields, as slices of the request (its attributes are handed on one by
+/// one as they are read).
 #[derive(Default)]
 struct Record<'a> {
     time_unix_nano: u64,
@@ -95,16 +95,18 @@ struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
-    fn parse(encoded: &'a [u8], attributes: &mut Vec<Attribute<'a>>) -> Result<Self, WireError> {
+    fn parse(
+        encoded: &'a [u8],
+        mut attribute: impl FnMut(Attribute<'a>) -> Result<(), WireError>,
+    ) -> Result<Self, WireError> {
         let mut record = Record::default();
-        attributes.clear();
         for field in Fields::new(encoded) {
             match field? {
                 (1, Value::Fixed64(nanos)) => record.time_unix_nano = nanos,
                 (2, Value::Varint(number)) => record.severity_number = number as i32,
                 (3, Value::Bytes(text)) => record.severity_text = utf8(text)?,
                 (5, Value::Bytes(body)) => record.body = Some(merge(record.body.take(), body)),
-                (6, Value::Bytes(attribute)) => attributes.push(Attribute::parse(attribute)?),
+                (6, Value::Bytes(encoded)) => attribute(Attribute::parse(encoded)?)?,
                 (7, Value::Varint(count)) => record.dropped_attributes_count = count as u32,
                 (8, Value::Fixed32(flags)) => record.flags = flags,
                 (9, Value::Bytes(trace_id)) => record.trace_id = trace_id,
@@ -163,28 +165,17 @@ impl<'r> ScopeContext<'r> {
         })
     }
 
+    /// Maps one record. Its attributes are written into the metadata's `attributes` object
+    /// as they are read, but for `log.record.uid` and the user id keys: those are set aside
+    /// in `set_aside` (a list the caller keeps, so that one allocation serves every record),
+    /// since which of them leaves the metadata is known only once all are read.
     pub(super) fn map<'a>(
         &self,
         encoded: &'a [u8],
         user_id_attributes: &[String],
         received: DateTime<Utc>,
-        attributes: &mut Vec<Attribute<'a>>,
+        set_aside: &mut Vec<Attribute<'a>>,
     ) -> Result<(Event, Option<TraceId>), WireError> {
-        let record = Record::parse(encoded, attributes)?;
-        let id = match last_value(attributes, RECORD_UID)? {
-            Some(Any::String(uid)) => {
-                Uuid::try_parse(uid).unwrap_or_else(|_| hashed_uuid(uid.as_bytes()))
-            }
-            Some(other) => {
-                let mut text = Vec::new();
-                write_value(&mut text, &other, Nesting::default())?;
-                hashed_uuid(&text)
-            }
-            None => record_id(encoded, self.seed),
-        };
-        let user = user_id_of(attributes, user_id_attributes)?;
-        let user_key = user.as_ref().map(|(key, _)| *key);
-
         let mut metadata = JsonObject::default();
         // Room for all of it: the record's own fields take less as JSON than as protobuf,
         // but for their keys and quotes.
@@ -199,7 +190,49 @@ impl<'r> ScopeContext<'r> {
                 + self.scope.as_ref().map_or(0, |json| json.text.len()),
         );
         metadata.text.push(b'{');
+        metadata.key(keys::ATTRIBUTES);
+        let mut attributes = AttributesWriter::open(&mut metadata.text);
+        set_aside.clear();
+        let record = Record::parse(encoded, |attribute| {
+            if attribute.key == RECORD_UID
+                || user_id_attributes.iter().any(|key| key == attribute.key)
+            {
+                set_aside.push(attribute);
+                return Ok(());
+            }
+            attributes.entry(&mut metadata.text, &attribute)
+        })?;
+        let id = match last_value(set_aside, RECORD_UID)? {
+            Some(Any::String(uid)) => {
+                Uuid::try_parse(uid).unwrap_or_else(|_| hashed_uuid(uid.as_bytes()))
+            }
+            Some(other) => {
+                let mut text = Vec::new();
+                write_value(&mut text, &other, Nesting::default())?;
+                hashed_uuid(&text)
+            }
+            None => record_id(encoded, self.seed),
+        };
+        let user = user_id_of(set_aside, user_id_attributes)?;
+        let user_key = user.as_ref().map(|(key, _)| *key);
+        // The user id leaves the metadata, so that privacy sees it once; the other user id
+        // keys stay.
+        for attribute in set_aside.iter() {
+            if attribute.key == RECORD_UID || Some(attribute.key) == user_key {
+                AttributesWriter::check(&mut metadata.text, attribute)?;
+            } else {
+                attributes.entry(&mut metadata.text, attribute)?;
+            }
+        }
+        let written = attributes.close(&mut metadata.text);
         let mut depth = 1;
+        if written.entries == 0 {
+            // No attributes: the object is `{` again, with no entry.
+            metadata.text.truncate(1);
+            metadata.entries = 0;
+        } else {
+            depth = 1 + written.depth;
+        }
         let (timestamp, source) = timestamp_of(
             record.time_unix_nano,
             record.observed_time_unix_nano,
@@ -233,10 +266,6 @@ impl<'r> ScopeContext<'r> {
             metadata.key(keys::DROPPED_ATTRIBUTES);
             write_integer(&mut metadata.text, record.dropped_attributes_count);
         }
-        let attributes_depth = metadata.attributes_entry(keys::ATTRIBUTES, attributes, |key| {
-            key == RECORD_UID || Some(key) == user_key
-        })?;
-        depth = depth.max(1 + attributes_depth);
         if let Some(resource) = &self.resource.attributes {
             metadata.key(keys::RESOURCE);
             metadata.text.extend_from_slice(&resource.text);

@@ -612,6 +612,31 @@ mod tests {
     }
 
     #[test]
+    fn the_user_id_key_that_wins_leaves_the_attributes_and_the_other_keys_stay() {
+        let text = |text: &str| any_value::Value::StringValue(text.to_owned());
+        let mapped = map_one(
+            Some("a"),
+            LogRecord {
+                attributes: vec![
+                    attribute("user.id", any_value::Value::IntValue(7)),
+                    attribute("region", text("eu")),
+                    attribute("enduser.id", text("first")),
+                    attribute(RECORD_UID, text("01HZX3Y8J0Q4V7W9K2M5N6P8R0")),
+                    attribute("enduser.id", text("u-42")),
+                    attribute("region", text("us")),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(mapped.event.user_id, "u-42", "the last value of the first key");
+        assert_eq!(
+            metadata(&mapped)[keys::ATTRIBUTES],
+            serde_json::json!({"region": "us", "user.id": 7}),
+            "the winning key and the record uid leave, the other user key stays, the last region wins"
+        );
+    }
+
+    #[test]
     fn a_request_reads_as_prost_decodes_it_merged_fields_and_unknown_ones_included() {
         let record = LogRecord {
             time_unix_nano: 1_800_000_000_000_000_000,
