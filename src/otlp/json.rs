@@ -5,7 +5,7 @@
 use base64::Engine;
 
 use super::wire::{Any, Attribute, Nesting, WireError, items};
-use crate::json_text::needs_escape;
+use crate::json_text::{exact_integer, is_plain_ascii, needs_escape};
 
 /// A JSON object's text, with its entries and depth.
 #[derive(Debug, Default)]
@@ -30,14 +30,18 @@ impl JsonObject {
         Ok(object)
     }
 
-    /// Starts the entry `key` (its value is written next).
-    pub(super) fn key(&mut self, key: &str) {
+    /// Starts the entry `key`, one of sluice's own keys (its value is written next). Those
+    /// need no escape, so none is looked for.
+    pub(super) fn key(&mut self, key: &'static str) {
+        debug_assert!(!needs_escape(key.as_bytes()), "{key}");
         if self.entries > 0 {
             self.text.push(b',');
         }
         self.entries += 1;
-        write_string(&mut self.text, key);
-        self.text.push(b':');
+        self.text.reserve(key.len() + 3);
+        self.text.push(b'"');
+        self.text.extend_from_slice(key.as_bytes());
+        self.text.extend_from_slice(b"\":");
     }
 }
 
@@ -77,6 +81,11 @@ impl AttributesWriter {
         self.entries += 1;
         write_string(out, attribute.key);
         out.push(b':');
+        if let Some(value) = attribute.value.as_deref()
+            && write_common_scalar(out, value)
+        {
+            return Ok(());
+        }
         let depth = write_attribute_value(out, attribute, Nesting::default())?;
         self.deepest = self.deepest.max(depth);
         Ok(())
@@ -98,6 +107,28 @@ impl AttributesWriter {
             entries: self.entries,
             depth: 1 + self.deepest,
         }
+    }
+}
+
+/// Writes the AnyValues SDKs send most, without the general reader: a short string that JSON
+/// takes as it is (checked and copied in one pass), or a double. False, with nothing
+/// written, for any other value.
+#[inline]
+fn write_common_scalar(out: &mut Vec<u8>, encoded: &[u8]) -> bool {
+    match encoded {
+        [0x0a, len, text @ ..]
+            if *len < 0x80 && usize::from(*len) == text.len() && is_plain_ascii(text) =>
+        {
+            out.reserve(text.len() + 2);
+            out.push(b'"');
+            out.extend_from_slice(text);
+            out.push(b'"');
+            true
+        }
+        [0x21, bits @ ..] if let Ok(bits) = <[u8; 8]>::try_from(bits) => {
+            write_number(out, f64::from_bits(u64::from_le_bytes(bits)))
+        }
+        _ => false,
     }
 }
 
@@ -163,10 +194,11 @@ pub(super) fn write_value(
             write_integer(out, *number)
         }
         Any::Int(number) => write_string(out, &number.to_string()),
-        Any::Double(number) if number.is_finite() => {
-            let _ = serde_json::to_writer(&mut *out, number);
+        Any::Double(number) => {
+            if !write_number(out, *number) {
+                write_string(out, &number.to_string());
+            }
         }
-        Any::Double(number) => write_string(out, &number.to_string()),
         Any::Array(list) => {
             out.push(b'[');
             let mut deepest = 0;
@@ -206,6 +238,21 @@ pub(super) fn write_value(
         Any::Empty | Any::Strindex => out.extend_from_slice(b"null"),
     }
     Ok(0)
+}
+
+/// A double as a JSON number: an integer without its fraction when it holds one, as the
+/// native path writes it. False, with nothing written, for NaN and the infinities, which JSON
+/// has no number for.
+fn write_number(out: &mut Vec<u8>, number: f64) -> bool {
+    match exact_integer(number) {
+        Some(integer) => write_integer(out, integer),
+        None if number.is_finite() => {
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &number);
+        }
+        None => return false,
+    }
+    true
 }
 
 /// A JSON string, escaped as serde_json escapes it.
@@ -291,6 +338,51 @@ mod tests {
                 "s": "text", "b": true, "i": -7, "big": "9223372036854775807", "d": 1.5,
                 "nan": "NaN", "bytes": "AAEC/w==", "list": ["x", null], "none": null, "dup": 2
             })
+        );
+    }
+
+    #[test]
+    fn the_short_paths_write_what_the_general_writer_writes() {
+        let values = [
+            any_value::Value::StringValue("eu-west-1".to_owned()),
+            any_value::Value::StringValue("quote \" and tab \t".to_owned()),
+            any_value::Value::StringValue("café ☕".to_owned()),
+            any_value::Value::StringValue("x".repeat(200)),
+            any_value::Value::DoubleValue(200.0),
+            any_value::Value::DoubleValue(-0.0),
+            any_value::Value::DoubleValue(1.5),
+            any_value::Value::DoubleValue(9_007_199_254_740_992.0),
+            any_value::Value::DoubleValue(f64::NAN),
+            any_value::Value::DoubleValue(f64::NEG_INFINITY),
+            any_value::Value::IntValue(-7),
+            any_value::Value::BoolValue(false),
+        ];
+        for value in values {
+            let encoded = attribute("k", value.clone()).encode_to_vec();
+            let parsed = Attribute::parse(&encoded).expect("parses");
+            let mut short = Vec::new();
+            let mut object = AttributesWriter::open(&mut short);
+            object.entry(&mut short, &parsed).expect("writes");
+            object.close(&mut short);
+            let mut general = b"{\"k\":".to_vec();
+            write_value(
+                &mut general,
+                &parsed.any().expect("any"),
+                Nesting::default(),
+            )
+            .expect("writes");
+            general.push(b'}');
+            assert_eq!(
+                String::from_utf8_lossy(&short),
+                String::from_utf8_lossy(&general),
+                "{value:?}"
+            );
+        }
+        let mut text = Vec::new();
+        assert!(write_number(&mut text, 200.0));
+        assert_eq!(
+            text, b"200",
+            "an integral double as the native path writes it"
         );
     }
 

@@ -255,11 +255,15 @@ pub(super) enum Any<'a> {
 
 impl<'a> Any<'a> {
     pub(super) fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
-        // What SDKs send: one short string, or one integer.
+        // What SDKs send: one short string, one integer, one double or one bool.
         match bytes {
             [0x0a, len, text @ ..] if usize::from(*len) == text.len() && *len < 0x80 => {
                 return Ok(Any::String(utf8(text)?));
             }
+            [0x21, bits @ ..] if let Ok(bits) = <[u8; 8]>::try_from(bits) => {
+                return Ok(Any::Double(f64::from_bits(u64::from_le_bytes(bits))));
+            }
+            [0x10, flag] if *flag < 0x80 => return Ok(Any::Bool(*flag != 0)),
             [0x18, number @ ..]
                 if number.last().is_some_and(|byte| *byte < 0x80)
                     && number[..number.len() - 1].iter().all(|byte| *byte >= 0x80)

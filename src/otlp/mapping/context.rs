@@ -216,8 +216,16 @@ impl<'r> ScopeContext<'r> {
         let user = user_id_of(set_aside, user_id_attributes)?;
         let user_key = user.as_ref().map(|(key, _)| *key);
         // The user id leaves the metadata, so that privacy sees it once; the other user id
-        // keys stay.
-        for attribute in set_aside.iter() {
+        // keys stay. The value the user id came from was read whole already.
+        let user_at = user_key.and_then(|user_key| {
+            set_aside
+                .iter()
+                .rposition(|attribute| attribute.key == user_key)
+        });
+        for (index, attribute) in set_aside.iter().enumerate() {
+            if Some(index) == user_at {
+                continue;
+            }
             if attribute.key == RECORD_UID || Some(attribute.key) == user_key {
                 AttributesWriter::check(&mut metadata.text, attribute)?;
             } else {

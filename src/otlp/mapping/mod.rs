@@ -218,10 +218,12 @@ fn timestamp_of(
 ) -> (prost_types::Timestamp, Option<&'static str>) {
     // Nanoseconds past i64 (year 2262) are not a time chrono or PostgreSQL would take.
     let from_nanos = |nanos: u64| {
-        i64::try_from(nanos).ok().map(|nanos| prost_types::Timestamp {
-            seconds: nanos / NANOS_PER_SECOND,
-            nanos: (nanos % NANOS_PER_SECOND) as i32,
-        })
+        i64::try_from(nanos)
+            .ok()
+            .map(|nanos| prost_types::Timestamp {
+                seconds: nanos / NANOS_PER_SECOND,
+                nanos: (nanos % NANOS_PER_SECOND) as i32,
+            })
     };
     if time != 0
         && let Some(at) = from_nanos(time)
@@ -628,7 +630,10 @@ mod tests {
                 ..Default::default()
             },
         );
-        assert_eq!(mapped.event.user_id, "u-42", "the last value of the first key");
+        assert_eq!(
+            mapped.event.user_id, "u-42",
+            "the last value of the first key"
+        );
         assert_eq!(
             metadata(&mapped)[keys::ATTRIBUTES],
             serde_json::json!({"region": "us", "user.id": 7}),

@@ -6,13 +6,10 @@ use super::*;
 /// Whole numbers within f64's exact integer range are JSON integers; NaN and infinities have
 /// no JSON form.
 pub(super) fn json_number(number: f64) -> Option<Number> {
-    const EXACT_INTEGER_LIMIT: f64 = 9_007_199_254_740_992.0;
-    // A round trip through i64 rather than `fract()`, which is a libm call on baseline x86-64.
-    let integer = number as i64;
-    if integer as f64 == number && number.abs() < EXACT_INTEGER_LIMIT {
-        return Some(Number::from(integer));
+    match crate::json_text::exact_integer(number) {
+        Some(integer) => Some(Number::from(integer)),
+        None => Number::from_f64(number),
     }
-    Number::from_f64(number)
 }
 
 /// The length of `value` as compact JSON, as `serde_json` writes it.
