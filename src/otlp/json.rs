@@ -4,7 +4,7 @@
 
 use base64::Engine;
 
-use super::wire::{Any, Attribute, Nesting, WireError, items};
+use super::wire::{Any, Attribute, Nesting, WireError, items, utf8};
 use crate::json_text::{exact_integer, is_plain_ascii, needs_escape};
 
 /// A JSON object's text, with its entries and depth.
@@ -21,7 +21,7 @@ impl JsonObject {
     /// where the text is read (PostgreSQL's `jsonb`, serde_json).
     pub(super) fn of_attributes(
         attributes: &[Attribute<'_>],
-        skip: impl Fn(&str) -> bool,
+        skip: impl Fn(&[u8]) -> bool,
     ) -> Result<Self, WireError> {
         let mut object = JsonObject::default();
         let written = write_attributes(&mut object.text, attributes, skip)?;
@@ -79,8 +79,7 @@ impl AttributesWriter {
             out.push(b',');
         }
         self.entries += 1;
-        write_string(out, attribute.key);
-        out.push(b':');
+        write_key(out, attribute.key)?;
         if let Some(value) = attribute.value.as_deref()
             && write_common_scalar(out, value)
         {
@@ -137,7 +136,7 @@ fn write_common_scalar(out: &mut Vec<u8>, encoded: &[u8]) -> bool {
 fn write_attributes(
     out: &mut Vec<u8>,
     attributes: &[Attribute<'_>],
-    skip: impl Fn(&str) -> bool,
+    skip: impl Fn(&[u8]) -> bool,
 ) -> Result<Written, WireError> {
     let mut object = AttributesWriter::open(out);
     for attribute in attributes {
@@ -219,8 +218,7 @@ pub(super) fn write_value(
                     out.push(b',');
                 }
                 let attribute = Attribute::parse(entry?)?;
-                write_string(out, attribute.key);
-                out.push(b':');
+                write_key(out, attribute.key)?;
                 deepest = deepest.max(write_attribute_value(out, &attribute, nesting)?);
             }
             out.push(b'}');
@@ -253,6 +251,22 @@ fn write_number(out: &mut Vec<u8>, number: f64) -> bool {
         None => return false,
     }
     true
+}
+
+/// An attribute's key and the colon after it: plain ASCII copied as it is (checked in the
+/// same pass), anything else checked as UTF-8 and escaped. A key that is not UTF-8 fails the
+/// request here, as prost fails it.
+fn write_key(out: &mut Vec<u8>, key: &[u8]) -> Result<(), WireError> {
+    if is_plain_ascii(key) {
+        out.reserve(key.len() + 3);
+        out.push(b'"');
+        out.extend_from_slice(key);
+        out.extend_from_slice(b"\":");
+    } else {
+        write_string(out, utf8(key)?);
+        out.push(b':');
+    }
+    Ok(())
 }
 
 /// A JSON string, escaped as serde_json escapes it.

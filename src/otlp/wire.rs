@@ -172,9 +172,15 @@ pub(super) fn check_strings(
 }
 
 /// One `KeyValue`: its key, and its `AnyValue`'s encoding when it has one.
+///
+/// The key is checked as UTF-8 where it is used, not here: written into JSON (by
+/// `json::write_key`, which checks and escapes in one pass), or found equal to one of the
+/// keys sluice looks for (`service.name`, `log.record.uid`, the user id keys), which are text.
+/// Every key of a request is one or the other, so a key that is not UTF-8 still fails the
+/// request, as prost would fail it.
 #[derive(Debug, Clone)]
 pub(super) struct Attribute<'a> {
-    pub(super) key: &'a str,
+    pub(super) key: &'a [u8],
     pub(super) value: Option<Cow<'a, [u8]>>,
 }
 
@@ -189,15 +195,15 @@ impl<'a> Attribute<'a> {
             && *value_len < 0x80
         {
             return Ok(Self {
-                key: utf8(key)?,
+                key,
                 value: Some(Cow::Borrowed(value)),
             });
         }
-        let mut key = "";
+        let mut key: &[u8] = &[];
         let mut value = None;
         for field in Fields::new(bytes) {
             match field? {
-                (1, Value::Bytes(text)) => key = utf8(text)?,
+                (1, Value::Bytes(text)) => key = text,
                 (2, Value::Bytes(encoded)) => value = Some(merge(value, encoded)),
                 // key_strindex: a profiles dictionary index, which logs do not have.
                 (3, Value::Varint(_)) => {}
@@ -225,7 +231,7 @@ pub(super) fn last_value<'b>(
     let Some(attribute) = attributes
         .iter()
         .rev()
-        .find(|attribute| attribute.key == key)
+        .find(|attribute| attribute.key == key.as_bytes())
     else {
         return Ok(None);
     };
@@ -406,8 +412,13 @@ mod tests {
                 "{attribute:?}"
             );
         }
-        // A key that is not UTF-8 fails on the short path too.
-        assert!(Attribute::parse(&[0x0a, 0x01, 0xff, 0x12, 0x00]).is_err());
+        // A key that is not UTF-8 is read as its bytes: it fails where it is written.
+        assert_eq!(
+            Attribute::parse(&[0x0a, 0x01, 0xff, 0x12, 0x00])
+                .expect("parses")
+                .key,
+            [0xff]
+        );
         assert!(Any::parse(&[0x0a, 0x01, 0xff]).is_err());
     }
 

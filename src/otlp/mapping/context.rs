@@ -53,7 +53,7 @@ impl ResourceContext {
             _ => UNKNOWN_SERVICE.to_owned(),
         };
         let user = user_id_of(&attributes, user_id_attributes)?;
-        let user_key = user.as_ref().map(|(key, _)| *key);
+        let user_key = user.as_ref().map(|(key, _)| key.as_bytes());
         let mut json = JsonObject::of_attributes(&attributes, |key| Some(key) == user_key)?;
         if dropped > 0 {
             json.text.pop();
@@ -194,8 +194,10 @@ impl<'r> ScopeContext<'r> {
         let mut attributes = AttributesWriter::open(&mut metadata.text);
         set_aside.clear();
         let record = Record::parse(encoded, |attribute| {
-            if attribute.key == RECORD_UID
-                || user_id_attributes.iter().any(|key| key == attribute.key)
+            if attribute.key == RECORD_UID.as_bytes()
+                || user_id_attributes
+                    .iter()
+                    .any(|key| key.as_bytes() == attribute.key)
             {
                 set_aside.push(attribute);
                 return Ok(());
@@ -214,7 +216,7 @@ impl<'r> ScopeContext<'r> {
             None => record_id(encoded, self.seed),
         };
         let user = user_id_of(set_aside, user_id_attributes)?;
-        let user_key = user.as_ref().map(|(key, _)| *key);
+        let user_key = user.as_ref().map(|(key, _)| key.as_bytes());
         // The user id leaves the metadata, so that privacy sees it once; the other user id
         // keys stay. The value the user id came from was read whole already.
         let user_at = user_key.and_then(|user_key| {
@@ -226,7 +228,7 @@ impl<'r> ScopeContext<'r> {
             if Some(index) == user_at {
                 continue;
             }
-            if attribute.key == RECORD_UID || Some(attribute.key) == user_key {
+            if attribute.key == RECORD_UID.as_bytes() || Some(attribute.key) == user_key {
                 AttributesWriter::check(&mut metadata.text, attribute)?;
             } else {
                 attributes.entry(&mut metadata.text, attribute)?;

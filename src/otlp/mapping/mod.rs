@@ -704,6 +704,47 @@ mod tests {
         bad_utf8[at] = 0xff;
         let mut truncated = good.clone();
         truncated.pop();
+        // Attribute keys are checked where they are written: in a record, in a list nested
+        // in one, and in the resource.
+        let bad_key = |record: LogRecord, resource_key: &str| {
+            let mut request = request(Some("a"), vec![record]);
+            if let Some(resource) = request.resource_logs[0].resource.as_mut() {
+                resource.attributes.push(attribute(
+                    resource_key,
+                    any_value::Value::StringValue("v".to_owned()),
+                ));
+            }
+            let mut bytes = request.encode_to_vec();
+            let at = bytes
+                .windows(4)
+                .rposition(|window| window == b"k\xc3\xa9y")
+                .expect("the key");
+            bytes[at + 1] = 0xff;
+            bytes
+        };
+        let with_key = |key: &str| LogRecord {
+            attributes: vec![attribute(key, any_value::Value::IntValue(1))],
+            ..Default::default()
+        };
+        let nested = LogRecord {
+            attributes: vec![attribute(
+                "list",
+                any_value::Value::KvlistValue(KeyValueList {
+                    values: vec![attribute("kéy", any_value::Value::IntValue(1))],
+                }),
+            )],
+            ..Default::default()
+        };
+        for (case, bytes) in [
+            ("a record's key", bad_key(with_key("kéy"), "r")),
+            ("a nested key", bad_key(nested, "r")),
+            ("a resource's key", bad_key(with_key("k"), "kéy")),
+        ] {
+            assert!(
+                map_bytes(&bytes).is_err(),
+                "a key that is not utf-8: {case}"
+            );
+        }
         for (case, bytes) in [
             ("garbage", vec![0xff; 16]),
             ("truncated", truncated),
