@@ -256,18 +256,14 @@ async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() 
     }
     run.kill().expect("SIGKILL");
     run.wait().expect("reap");
-    for statement in [
-        "SELECT pg_advisory_unlock(4243)",
-        "DROP TRIGGER test_hold_second_batch ON events",
-        "DROP FUNCTION test_hold_second_batch()",
-    ] {
-        sqlx::query(statement)
-            .execute(&mut holder)
-            .await
-            .expect("release the second batch");
-    }
+    sqlx::query("SELECT pg_advisory_unlock(4243)")
+        .execute(&mut holder)
+        .await
+        .expect("release the second batch");
     // A statement in flight when the client died still finishes in PostgreSQL: count once the
-    // dead client's sessions are gone.
+    // dead client's sessions are gone. The trigger is dropped only then: dropping it while that
+    // DELETE still runs takes the partitions' locks in another order than the DELETE does, a
+    // deadlock PostgreSQL breaks by failing one of the two.
     while database
         .scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
@@ -281,6 +277,15 @@ async fn a_run_killed_midway_resumes_on_the_next_and_deletes_only_the_expired() 
             "the killed run's sessions linger"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for statement in [
+        "DROP TRIGGER test_hold_second_batch ON events",
+        "DROP FUNCTION test_hold_second_batch()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut holder)
+            .await
+            .expect("drop the trigger that held the second batch");
     }
     let left = expired().await;
     assert!(
