@@ -18,6 +18,7 @@ pub mod fingerprints;
 pub mod keys;
 pub mod kms;
 pub mod optouts;
+mod reveal;
 pub mod rotate;
 
 use std::collections::{HashMap, HashSet};
@@ -33,6 +34,7 @@ use uuid::Uuid;
 
 use crate::{config::PrivacyConfig, event::ValidEvent};
 use keys::Keys;
+pub use reveal::holds_encrypted;
 
 /// The privacy settings in force, swapped whole on a reload (SIGHUP).
 pub type SharedPrivacy = std::sync::Arc<arc_swap::ArcSwap<Privacy>>;
@@ -41,12 +43,6 @@ pub type SharedPrivacy = std::sync::Arc<arc_swap::ArcSwap<Privacy>>;
 pub const HASH_PREFIX: &str = "h1:";
 /// Prefix of encrypted metadata values.
 pub const ENCRYPTED_PREFIX: &str = "enc:v1:";
-
-/// Whether JSON text holds an encrypted value, or a string that starts like one: a substring
-/// search, no parsing.
-pub fn holds_encrypted(text: &[u8]) -> bool {
-    memchr::memmem::find(text, ENCRYPTED_PREFIX.as_bytes()).is_some()
-}
 
 /// What callers without scope `pii` see in place of an encrypted value.
 pub const REDACTED_MARKER: &str = "[encrypted]";
@@ -465,43 +461,6 @@ impl Privacy {
             Json::Array(items) => items.iter_mut().for_each(|item| self.strip(item)),
             _ => {}
         }
-    }
-
-    /// The id of the key a stored value was encrypted with, when it is one.
-    pub fn key_id_of(stored: &str) -> Option<&str> {
-        stored.strip_prefix(ENCRYPTED_PREFIX)?.split(':').next()
-    }
-
-    /// On the way out: encrypted values become plaintext for callers with scope `pii`
-    /// (`show`), else the redacted marker. Fails closed: a value that does not authenticate
-    /// is an error, never garbage.
-    pub fn reveal(
-        &self,
-        event_id: Uuid,
-        metadata: &mut Json,
-        show: bool,
-    ) -> Result<(), PrivacyError> {
-        let mode = if show { Walk::Show } else { Walk::Hide };
-        let mut changed = 0;
-        self.walk(event_id, metadata, &mut Vec::new(), mode, &mut changed)
-    }
-
-    /// [`Privacy::reveal`] on metadata held as JSON text: the text itself when it holds no
-    /// encrypted value (a substring search, the common case), else parsed, revealed and
-    /// written again.
-    pub fn revealed_text(
-        &self,
-        event_id: Uuid,
-        text: Vec<u8>,
-        show: bool,
-    ) -> Result<Vec<u8>, PrivacyError> {
-        if !holds_encrypted(&text) {
-            return Ok(text);
-        }
-        let mut metadata: Json =
-            serde_json::from_slice(&text).map_err(|_| PrivacyError::Malformed)?;
-        self.reveal(event_id, &mut metadata, show)?;
-        serde_json::to_vec(&metadata).map_err(|_| PrivacyError::Malformed)
     }
 
     /// Re-encrypts, under the newest key, the values written under older ones (the rotate
