@@ -901,6 +901,43 @@ async fn a_poison_entry_goes_to_dead_letters_after_max_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_batch_is_one_entry_and_the_batches_take_the_shards_in_turn() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    // An ingest node and no writer: every entry stays in its stream to be counted.
+    let ingest = TestServer::start(node(&database, &redis, "ingest")).await;
+    let mut client = ingest.ingest_client().await;
+    // One request at a time, so each batch holds exactly one request's events.
+    for round in 0..8 {
+        let events = (0..50)
+            .map(|index| event("turns", &format!("{round}-{index}")))
+            .collect();
+        client.publish(request(events)).await.expect("publish");
+    }
+    let mut connection = redis.connection().await;
+    for shard in 0..4 {
+        let entries: Vec<(String, std::collections::HashMap<String, redis::Value>)> =
+            redis::cmd("XRANGE")
+                .arg(format!("sluice:events:{shard}"))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut connection)
+                .await
+                .expect("xrange");
+        let counts: Vec<String> = entries
+            .iter()
+            .map(|(_, fields)| match fields.get("n") {
+                Some(redis::Value::BulkString(count)) => String::from_utf8_lossy(count).into(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(counts, ["50", "50"], "shard {shard}: one entry per batch");
+    }
+    assert_eq!(redis.backlog_events().await, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_backlog_is_refused_with_retry_info_and_delete_waits_for_the_streams() {
     common::init_crypto();
     let database = TestDatabase::create().await;

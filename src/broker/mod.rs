@@ -1,8 +1,8 @@
 //! Redis Broker between ingest nodes and writer nodes (Redis mode).
 //!
-//! Ingest nodes append each batch of acknowledged-to-be events as entries of `redis.shards`
-//! streams (`<prefix>:<n>`, by a hash of the event id), in one `MULTI` with the backlog
-//! counters, and acknowledge clients only after Redis (and `WAIT`'s replicas) has them.
+//! Ingest nodes append each batch of acknowledged-to-be events as one entry of one of
+//! `redis.shards` streams (`<prefix>:<n>`, each batch to the next), in one script with the
+//! backlog counters, and acknowledge clients only after Redis (and `WAIT`'s replicas) has it.
 //! Writer nodes read through one consumer group, write to PostgreSQL, then `XACK` and `XDEL`
 //! each entry and lower the counters in one script. Nothing is ever trimmed by length: an
 //! entry leaves a stream only once it is stored (or dead-lettered).
@@ -10,7 +10,7 @@
 //! In a Redis Cluster (`redis.cluster_nodes`) every shard lives in one slot: its stream and its
 //! backlog counters carry the hash tag `{<n>}`, so an append is one atomic script on the
 //! master of that slot, and the shards spread over the masters. Commands never span slots:
-//! appends, reads and acks go shard by shard, concurrently.
+//! reads and acks go shard by shard, concurrently.
 //!
 //! An entry is the spool's record format (a version byte, then a protobuf `SpoolBatch`), so
 //! both ends share one versioned, tested encoding.
@@ -20,7 +20,13 @@ mod connection;
 mod durability;
 mod layouts;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::future::try_join_all;
 use redis::{
@@ -52,8 +58,13 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// In a cluster, where a read spans no slots and so cannot block on all shards at once, how
 /// long a writer waits after reads that found nothing.
 const CLUSTER_POLL: Duration = Duration::from_millis(50);
-/// Entries one read takes from each stream.
+/// Entries (each one ingest batch) one read takes over all the streams it reads.
 const ENTRIES_PER_READ: usize = 8;
+
+/// Entries a read takes from each of `streams` streams, [`ENTRIES_PER_READ`] over them all.
+fn entries_per_stream(streams: usize) -> usize {
+    ENTRIES_PER_READ.div_ceil(streams.max(1))
+}
 
 /// Acknowledges entries, deletes them, and lowers the backlog counters by what was really
 /// acknowledged (an entry stored twice, after a claim, counts once).
@@ -72,7 +83,7 @@ redis.call('DECRBY', KEYS[2], bytes)
 return events
 ";
 
-/// One shard's append in a cluster, atomic on its slot: the entry and its counters.
+/// One append, atomic (on its shard's slot in a cluster): the entry and its counters.
 const APPEND_SCRIPT: &str = r"
 redis.call('XADD', KEYS[1], '*', 'b', ARGV[1], 'n', ARGV[2])
 redis.call('INCRBY', KEYS[2], ARGV[2])
@@ -171,6 +182,8 @@ struct Shared {
     layouts_read: std::sync::Mutex<Option<std::time::Instant>>,
     /// The last re-check of the masters' durability.
     durability: durability::Verdict,
+    /// The shard of this node's layout the next append goes to (modulo its count).
+    next_shard: AtomicUsize,
 }
 
 /// Whether `error` says a stream has no consumer group (it was deleted and recreated).
@@ -191,6 +204,7 @@ impl Broker {
                 shards: ArcSwap::from_pointee(ShardKeys::layout(config, config.shards)),
                 layouts_read: std::sync::Mutex::new(None),
                 durability: durability::Verdict::default(),
+                next_shard: AtomicUsize::new(0),
             }),
         };
         // Redis that answers only later gets its groups from the writers (NOGROUP).
@@ -258,9 +272,10 @@ impl Broker {
         self.shared.config.is_cluster()
     }
 
-    /// Appends `events`, one entry per shard they fall in, with the backlog counters, all or
-    /// nothing; then waits for `redis.wait_replicas`. Retrying after an error may append twice:
-    /// writers store by id, so a second copy is a duplicate, not a second event.
+    /// Appends `events` as one entry of the next shard of this node's layout, with its backlog
+    /// counters, all or nothing; then waits for `redis.wait_replicas`. Retrying after an error
+    /// may append twice: writers store by id, so a second copy is a duplicate, not a second
+    /// event.
     pub async fn append(
         &self,
         events: &[&ValidEvent],
@@ -270,75 +285,30 @@ impl Broker {
             return Err(BrokerError::Weak { reason });
         }
         let all = self.all_shards();
-        // Appends go to this node's own layout, the first shards of the list.
+        // Appends go to this node's own layout, the first shards of the list, a whole batch
+        // to one shard, each batch to the next: one entry, one script and one fsync per batch.
         let shards = &all[..self.shared.config.shards.min(all.len())];
-        let mut by_shard: Vec<Vec<&ValidEvent>> = vec![Vec::new(); shards.len()];
-        for event in events {
-            by_shard[shard_of(event, shards.len())].push(event);
-        }
-        let payloads: Vec<(usize, usize, Vec<u8>)> = by_shard
-            .iter()
-            .enumerate()
-            .filter(|(_, shard_events)| !shard_events.is_empty())
-            .map(|(shard, shard_events)| {
-                (
-                    shard,
-                    shard_events.len(),
-                    batch::encode(shard_events, admitted_at),
-                )
-            })
-            .collect();
-        if payloads.is_empty() {
+        if events.is_empty() || shards.is_empty() {
             return Ok(());
         }
-        if self.is_cluster() {
-            // One atomic script per shard on its slot's master, then WAIT on that master.
-            try_join_all(payloads.into_iter().map(|(shard, count, payload)| {
-                let mut connection = self.connection.clone();
-                async move {
-                    let keys = &shards[shard];
-                    let bytes = payload.len();
-                    let _: i64 = Script::new(APPEND_SCRIPT)
-                        .key(&keys.stream)
-                        .key(&keys.backlog_events)
-                        .key(&keys.backlog_bytes)
-                        .arg(payload)
-                        .arg(count)
-                        .arg(bytes)
-                        .invoke_async(&mut connection)
-                        .await?;
-                    self.wait_replicas(&mut connection, &keys.stream).await
-                }
-            }))
-            .await?;
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let (mut total_events, mut total_bytes) = (0u64, 0u64);
-        for (shard, count, payload) in payloads {
-            total_events += count as u64;
-            total_bytes += payload.len() as u64;
-            pipe.cmd("XADD")
-                .arg(&shards[shard].stream)
-                .arg("*")
-                .arg(PAYLOAD_FIELD)
-                .arg(payload)
-                .arg(COUNT_FIELD)
-                .arg(count)
-                .ignore();
-        }
-        pipe.cmd("INCRBY")
-            .arg(&shards[0].backlog_events)
-            .arg(total_events)
-            .ignore();
-        pipe.cmd("INCRBY")
-            .arg(&shards[0].backlog_bytes)
-            .arg(total_bytes)
-            .ignore();
+        let shard = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % shards.len();
+        let keys = &shards[shard];
+        let count = events.len();
+        let payload = batch::encode(events, admitted_at);
+        let bytes = payload.len();
+        // One atomic script: the entry and its shard's counters (on one Redis every shard
+        // shares them; in a cluster they sit in the shard's slot).
         let mut connection = self.connection.clone();
-        pipe.query_async::<()>(&mut connection).await?;
-        self.wait_replicas(&mut connection, &shards[0].stream).await
+        let _: i64 = Script::new(APPEND_SCRIPT)
+            .key(&keys.stream)
+            .key(&keys.backlog_events)
+            .key(&keys.backlog_bytes)
+            .arg(payload)
+            .arg(count)
+            .arg(bytes)
+            .invoke_async(&mut connection)
+            .await?;
+        self.wait_replicas(&mut connection, &keys.stream).await
     }
 
     /// Waits for `redis.wait_replicas` replicas of the master that holds `key` to confirm
@@ -409,6 +379,10 @@ impl Broker {
     /// New entries for `consumer`, waiting up to [`READ_BLOCK`] for some (in a cluster, one
     /// read per shard, then [`CLUSTER_POLL`] when none had any).
     pub async fn read_new(&self, consumer: &str) -> Result<Vec<Entry>, BrokerError> {
+        self.discover_layouts(LAYOUTS_READ_EVERY).await?;
+        let shards = self.all_shards();
+        let keys: Vec<&String> = shards.iter().map(|shard| &shard.stream).collect();
+        let count = entries_per_stream(keys.len());
         let read = |keys: &[&String], block: Option<Duration>| {
             let mut command = redis::cmd("XREADGROUP");
             command
@@ -416,7 +390,7 @@ impl Broker {
                 .arg(&self.shared.config.group)
                 .arg(consumer)
                 .arg("COUNT")
-                .arg(ENTRIES_PER_READ);
+                .arg(count);
             if let Some(block) = block {
                 command.arg("BLOCK").arg(block.as_millis() as u64);
             }
@@ -426,9 +400,6 @@ impl Broker {
             }
             command
         };
-        self.discover_layouts(LAYOUTS_READ_EVERY).await?;
-        let shards = self.all_shards();
-        let keys: Vec<&String> = shards.iter().map(|shard| &shard.stream).collect();
         let replies: Vec<Option<StreamReadReply>> = if self.is_cluster() {
             let replies = try_join_all(keys.iter().map(|key| {
                 let mut connection = self.connection.clone();
@@ -464,6 +435,7 @@ impl Broker {
         let mut connection = self.connection.clone();
         let mut entries = Vec::new();
         let shards = self.all_shards();
+        let count = entries_per_stream(shards.len());
         for (shard, key) in shards.iter().map(|shard| &shard.stream).enumerate() {
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(key)
@@ -472,7 +444,7 @@ impl Broker {
                 .arg(self.shared.config.claim_idle.as_millis() as u64)
                 .arg("0-0")
                 .arg("COUNT")
-                .arg(ENTRIES_PER_READ)
+                .arg(count)
                 .query_async(&mut connection)
                 .await?;
             if !reply.deleted_ids.is_empty() {
@@ -678,11 +650,6 @@ fn spread_tag(shard: usize, shards: usize) -> String {
         .unwrap_or_else(|| shard.to_string())
 }
 
-/// The shard of an event: its id's low 64 bits (random in UUIDv4 and v7) modulo the shards.
-fn shard_of(event: &ValidEvent, shards: usize) -> usize {
-    (event.id.as_u64_pair().1 % shards as u64) as usize
-}
-
 fn entry(shard: usize, stream_id: StreamId, deliveries: u64) -> Entry {
     let payload = match stream_id.map.get(PAYLOAD_FIELD) {
         Some(redis::Value::BulkString(bytes)) => bytes.clone(),
@@ -722,15 +689,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn events_spread_over_every_shard() {
-        let mut seen = [0usize; 4];
-        for index in 0..400 {
-            seen[shard_of(&ValidEvent::sample(index), 4)] += 1;
-        }
-        assert!(seen.iter().all(|count| *count > 50), "{seen:?}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub struct RedisConfig {
     /// read from them and followed (MOVED, ASK). Comma-separated in the environment.
     #[serde(deserialize_with = "super::secret::secret_list::deserialize")]
     pub cluster_nodes: Vec<Secret>,
-    /// Streams events are spread over, by a hash of the event id (`<prefix>:<n>`, or
+    /// Streams events are spread over, each batch to the next (`<prefix>:<n>`, or
     /// `<prefix>:{<n>}` in a cluster: one slot per shard, its counters with it). May be
     /// changed later: every count used is registered, and writers read them all.
     #[default(4)]
