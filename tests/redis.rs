@@ -46,6 +46,22 @@ impl Redis {
     async fn spawn(&mut self) {
         let binary = std::env::var("TEST_SLUICE_REDIS_SERVER")
             .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+        self.spawn_server(&binary, &[]).await;
+    }
+
+    /// A durable server of `binary` (redis-server or valkey-server), with `extra` arguments.
+    async fn start_server(binary: &str, extra: &[String]) -> Self {
+        let mut redis = Self {
+            child: None,
+            port: common::free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            durable: true,
+        };
+        redis.spawn_server(binary, extra).await;
+        redis
+    }
+
+    async fn spawn_server(&mut self, binary: &str, extra: &[String]) {
         let (appendonly, fsync) = if self.durable {
             ("yes", "always")
         } else {
@@ -63,6 +79,7 @@ impl Redis {
                 "--save",
                 "",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -935,6 +952,83 @@ async fn each_batch_is_one_entry_and_the_batches_take_the_shards_in_turn() {
         assert_eq!(counts, ["50", "50"], "shard {shard}: one entry per batch");
     }
     assert_eq!(redis.backlog_events().await, 400);
+}
+
+/// One field of `INFO <section>` on `redis`.
+async fn info_field(redis: &Redis, section: &str, field: &str) -> Option<String> {
+    let mut connection = redis.connection().await;
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut connection)
+        .await
+        .expect("info");
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .map(str::to_owned)
+}
+
+/// With `redis.wait_replicas = 1`, a master of `binary` and one replica: the ack waits with
+/// the command the server knows. Returns the master's `INFO commandstats`.
+async fn acks_wait_for_a_replica_with(binary: &str) -> String {
+    let database = TestDatabase::create().await;
+    let master = Redis::start_server(binary, &[]).await;
+    let replica = Redis::start_server(
+        binary,
+        &[
+            "--replicaof".to_owned(),
+            "127.0.0.1".to_owned(),
+            master.port.to_string(),
+        ],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while info_field(&replica, "replication", "master_link_status")
+        .await
+        .as_deref()
+        != Some("up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ingest = TestServer::start(
+        node(&database, &master, "ingest").env("SLUICE_REDIS__WAIT_REPLICAS", "1"),
+    )
+    .await;
+    let mut client = ingest.ingest_client().await;
+    for round in 0..3 {
+        let events = (0..10)
+            .map(|index| event("replicas", &format!("{round}-{index}")))
+            .collect();
+        client.publish(request(events)).await.expect("publish");
+    }
+    // Every batch went to Redis (none to the spool, where a failed wait would send it).
+    assert_eq!(master.backlog_events().await, 30, "{}", ingest.logs());
+    let mut connection = master.connection().await;
+    redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("commandstats")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_wait_for_the_replicas_aof_with_waitaof_where_the_server_knows_it() {
+    common::init_crypto();
+    let valkey = std::env::var("TEST_SLUICE_VALKEY_SERVER")
+        .expect("TEST_SLUICE_VALKEY_SERVER is unset: run the suite with scripts/test");
+    let stats = acks_wait_for_a_replica_with(&valkey).await;
+    assert!(stats.contains("cmdstat_waitaof:calls=3,"), "{stats}");
+    assert!(!stats.contains("cmdstat_wait:"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_wait_with_wait_on_a_redis_without_waitaof() {
+    common::init_crypto();
+    let redis = std::env::var("TEST_SLUICE_REDIS_SERVER")
+        .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+    let stats = acks_wait_for_a_replica_with(&redis).await;
+    assert!(stats.contains("cmdstat_wait:calls=3,"), "{stats}");
+    assert!(!stats.contains("cmdstat_waitaof:"), "{stats}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ mod cluster_link;
 mod connection;
 mod durability;
 mod layouts;
+mod replication;
 
 use std::{
     sync::{
@@ -184,6 +185,8 @@ struct Shared {
     durability: durability::Verdict,
     /// The shard of this node's layout the next append goes to (modulo its count).
     next_shard: AtomicUsize,
+    /// `WAITAOF` or `WAIT`, once the masters said which they know.
+    wait_command: replication::WaitCommand,
 }
 
 /// Whether `error` says a stream has no consumer group (it was deleted and recreated).
@@ -205,6 +208,7 @@ impl Broker {
                 layouts_read: std::sync::Mutex::new(None),
                 durability: durability::Verdict::default(),
                 next_shard: AtomicUsize::new(0),
+                wait_command: replication::WaitCommand::default(),
             }),
         };
         // Redis that answers only later gets its groups from the writers (NOGROUP).
@@ -309,32 +313,6 @@ impl Broker {
             .invoke_async(&mut connection)
             .await?;
         self.wait_replicas(&mut connection, &keys.stream).await
-    }
-
-    /// Waits for `redis.wait_replicas` replicas of the master that holds `key` to confirm
-    /// what it took; fewer within `redis.wait_timeout` fails the append.
-    async fn wait_replicas(
-        &self,
-        connection: &mut Connection,
-        key: &str,
-    ) -> Result<(), BrokerError> {
-        let wanted = self.shared.config.wait_replicas;
-        if wanted == 0 {
-            return Ok(());
-        }
-        let timeout = self.shared.config.wait_timeout;
-        let mut command = redis::cmd("WAIT");
-        command.arg(wanted).arg(timeout.as_millis() as u64);
-        let reply = connection.on_master_of(key, command).await?;
-        let acked: i64 = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-        if acked < i64::from(wanted) {
-            return Err(BrokerError::Replicas {
-                wanted,
-                acked,
-                timeout,
-            });
-        }
-        Ok(())
     }
 
     /// Events and bytes appended and not yet acknowledged by a writer.

@@ -72,9 +72,10 @@ pub struct RedisConfig {
     /// ...or bytes (encoded entries).
     #[default(1 << 30)]
     pub max_pending_bytes: u64,
-    /// Replicas that must confirm an append before the ack (`WAIT`); 0: the primary only.
+    /// Replicas that must confirm an append before the ack (`WAITAOF`, in their AOF, where
+    /// the server knows it; else `WAIT`, in their memory); 0: the primary only.
     pub wait_replicas: u32,
-    /// Longest `WAIT` for those replicas; fewer in time fails the append (it is retried).
+    /// Longest wait for those replicas; fewer in time fails the append (it is retried).
     #[default(Duration::from_secs(1))]
     #[serde(with = "humantime_serde")]
     pub wait_timeout: Duration,
