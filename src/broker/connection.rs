@@ -162,6 +162,13 @@ impl Connection {
     /// `command` on the master that holds `key`'s slot (a keyless command such as `WAIT`
     /// must reach the node that took the write); on one Redis, that Redis.
     pub async fn on_master_of(&mut self, key: &str, command: Cmd) -> redis::RedisResult<Value> {
+        // A cluster's routed command hands a server's error back as a value: an error here.
+        self.routed_to_master_of(key, command)
+            .await
+            .and_then(Value::extract_error)
+    }
+
+    async fn routed_to_master_of(&mut self, key: &str, command: Cmd) -> redis::RedisResult<Value> {
         match self {
             Self::Pending(pending) => {
                 let mut connection = pending.get().await.map_err(redis_error)?.1.clone();
