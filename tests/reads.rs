@@ -116,6 +116,77 @@ async fn an_export_whose_client_stops_reading_ends_at_the_idle_timeout_and_frees
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_reads_its_partitions_ahead_on_two_connections_from_the_snapshot_it_started_in() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
+    // 40,000 events (10 MB of NDJSON) on each of the four days before today: four
+    // partitions, far more than the queues between the export and a client that stops.
+    let mut connection = database.connect().await;
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, metadata) \
+         SELECT gen_random_uuid(), 'bulk', repeat('x', 150) || i, \
+                date_trunc('day', now(), 'UTC') - d * interval '1 day' + interval '1 hour' + i * interval '10 ms', '{}' \
+         FROM generate_series(1, 4) d, generate_series(1, 40000) i",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("seed");
+    let mut query = server.query_client().await;
+    let mut chunks = start_export(&mut query).await;
+    let first = chunks.next().await.expect("a first chunk").expect("ok");
+    assert_eq!(first.total_events, 160_000);
+    // The export holds its transaction and a second one in the same snapshot.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exporting_connections(&database).await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the export never read ahead on a second connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Meanwhile the newest day loses its events and the day before gains some: neither
+    // change is in the export's snapshot, whichever connection reads those days.
+    sqlx::query(
+        "DELETE FROM events WHERE service = 'bulk' AND ts >= date_trunc('day', now(), 'UTC') - interval '1 day'",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("delete");
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, metadata) \
+         SELECT gen_random_uuid(), 'bulk', 'late', date_trunc('day', now(), 'UTC') - interval '2 days' + i * interval '1 s', '{}' \
+         FROM generate_series(1, 100) i",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("insert");
+    let mut lines = first.events;
+    let mut ndjson = first.ndjson;
+    let mut last = first.last;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.expect("a chunk");
+        lines += chunk.events;
+        ndjson.extend_from_slice(&chunk.ndjson);
+        last = chunk.last;
+    }
+    assert!(last, "the export ended without its last chunk");
+    assert_eq!(lines, 160_000);
+    let text = String::from_utf8(ndjson).expect("utf-8");
+    assert_eq!(text.lines().count(), 160_000);
+    assert!(!text.contains("\"late\""), "a row from after the snapshot");
+    // In time order across the partitions.
+    let times: Vec<&str> = text
+        .lines()
+        .map(|line| line.split("\"timestamp\" : \"").nth(1).unwrap_or_default())
+        .collect();
+    assert!(
+        times.windows(2).all(|pair| pair[0] <= pair[1]),
+        "out of order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_runs_at_most_its_share_of_exports_and_queries_at_once() {
     common::init_crypto();
     let database = TestDatabase::create().await;

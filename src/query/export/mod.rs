@@ -13,14 +13,16 @@ use std::{borrow::Cow, pin::Pin, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use serde_json::Value as Json;
-use sqlx::{PgPool, Postgres, QueryBuilder};
+use sqlx::{PgPool, Postgres, QueryBuilder, postgres::PgRow};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
+
+mod windows;
 
 use super::{QueryError, Reader, slots::Slot};
 use crate::{
@@ -31,11 +33,11 @@ use crate::{
     proto::{ExportChunk, ExportRequest},
     rpc::{Admission, Call},
     store::{
-        self,
         line::EventColumns,
         partitions::{self, Partition},
     },
 };
+use windows::{ExportTransaction, Windows};
 
 /// Target size of one export chunk.
 const EXPORT_CHUNK_BYTES: usize = 256 * 1024;
@@ -170,9 +172,10 @@ impl From<ArchiveError> for Ended {
 impl Exporting {
     /// Streams the export from one REPEATABLE READ snapshot (of the rows and of the archive
     /// catalog: each event is in exactly one of them): the counts first, then the archived
-    /// lines, one object at a time, then the rows, partition by partition ([`time_windows`]),
-    /// fetched one by one as their binary columns and written as NDJSON lines by sluice
-    /// ([`store::line`]).
+    /// lines, one object at a time, then the rows, partition by partition ([`time_windows`],
+    /// read ahead on two connections in the snapshot: [`Windows`]), fetched as their binary
+    /// columns and written as NDJSON lines by sluice
+    /// ([`crate::store::line`]).
     async fn export(&self, filter: Filter) -> Result<(), Ended> {
         // An object replaced or expired between the snapshot and its reading: take a fresh
         // snapshot, as long as nothing was sent yet.
@@ -230,41 +233,32 @@ impl Exporting {
             Some(partitions) => time_windows(filter.start, filter.end, &partitions),
             None => vec![(filter.start, filter.end)],
         };
-        for (start, end) in windows {
-            let window = Filter {
+        let windows = windows
+            .into_iter()
+            .map(|(start, end)| Filter {
                 start,
                 end,
                 ..filter.clone()
-            };
-            if matches!(
-                self.rows(&mut transaction, &window, &mut chunk).await?,
-                Sent::Gone
-            ) {
+            })
+            .collect();
+        let mut windows = Windows::start(&self.pool, transaction, windows, self.idle)
+            .instrument(self.span.clone())
+            .await?;
+        while let Some(rows) = windows.next_rows().await? {
+            if matches!(self.rows(&rows, &mut chunk).await?, Sent::Gone) {
                 return Ok(());
             }
         }
         chunk.last = true;
         self.send(chunk).await?;
-        transaction.commit().await?;
+        windows.finish().await?;
         Ok(())
     }
 
-    /// Streams the rows `filter` matches, in order, into chunks.
-    async fn rows(
-        &self,
-        transaction: &mut sqlx::Transaction<'static, Postgres>,
-        filter: &Filter,
-        chunk: &mut ExportChunk,
-    ) -> Result<Sent, Ended> {
-        let mut rows = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {} FROM events",
-            store::line::EVENT_COLUMNS
-        ));
-        filter.push_where(&mut rows);
-        rows.push(" ORDER BY ts, id");
-        let mut rows = rows.build().fetch(&mut **transaction);
-        while let Some(row) = rows.try_next().await? {
-            let columns = EventColumns::from_row(&row).map_err(QueryError::from)?;
+    /// Writes `rows` as lines into chunks, handing each on once full.
+    async fn rows(&self, rows: &[PgRow], chunk: &mut ExportChunk) -> Result<Sent, Ended> {
+        for row in rows {
+            let columns = EventColumns::from_row(row).map_err(QueryError::from)?;
             // Metadata that is not UTF-8 (never stored by PostgreSQL) takes the checked path.
             let encrypted = std::str::from_utf8(columns.metadata())
                 .map_or(true, |metadata| metadata.contains(ENCRYPTED_PREFIX));
@@ -307,7 +301,7 @@ impl Exporting {
 /// The export's snapshot: its transaction, how many rows match, the archived objects that may
 /// hold matches, and how many each holds.
 struct Snapshot {
-    transaction: sqlx::Transaction<'static, Postgres>,
+    transaction: ExportTransaction,
     hot: u64,
     objects: Vec<catalog::ArchivedObject>,
     archived_counts: Vec<u64>,
@@ -324,21 +318,7 @@ impl Snapshot {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *transaction)
             .await?;
-        // An export streams for as long as its client reads: the read pool's statement
-        // timeout is for queries, not for this.
-        sqlx::query("SET LOCAL statement_timeout = 0")
-            .execute(&mut *transaction)
-            .await?;
-        // A client that stops reading leaves the transaction idle: PostgreSQL ends it past
-        // the idle timeout (and a margin), should the export task not have.
-        let idle_ms = (idle + Duration::from_secs(10)).as_millis().to_string();
-        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
-            .bind(idle_ms)
-            .execute(&mut *transaction)
-            .await?;
-        sqlx::query("SET LOCAL TimeZone = 'UTC'")
-            .execute(&mut *transaction)
-            .await?;
+        settings(&mut transaction, idle).await?;
         let mut count = QueryBuilder::<Postgres>::new("SELECT count(*) FROM events");
         filter.push_where(&mut count);
         let hot: i64 = count
@@ -354,6 +334,26 @@ impl Snapshot {
             archived_counts,
         })
     }
+}
+
+/// An export transaction's settings, after its isolation level (and snapshot).
+async fn settings(transaction: &mut ExportTransaction, idle: Duration) -> Result<(), sqlx::Error> {
+    // An export streams for as long as its client reads: the read pool's statement timeout
+    // is for queries, not for this.
+    sqlx::query("SET LOCAL statement_timeout = 0")
+        .execute(&mut **transaction)
+        .await?;
+    // A client that stops reading leaves the transaction idle: PostgreSQL ends it past the
+    // idle timeout (and a margin), should the export task not have.
+    let idle_ms = (idle + Duration::from_secs(10)).as_millis().to_string();
+    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+        .bind(idle_ms)
+        .execute(&mut **transaction)
+        .await?;
+    sqlx::query("SET LOCAL TimeZone = 'UTC'")
+        .execute(&mut **transaction)
+        .await?;
+    Ok(())
 }
 
 /// A time range `[start, end)`, either end open when `None`.
