@@ -56,13 +56,13 @@ impl Windows {
         idle: Duration,
     ) -> Result<Self, sqlx::Error> {
         let count = windows.len();
-        let mut transactions = vec![];
-        if count > 1
-            && let Some(second) = second_transaction(pool, &mut transaction, idle).await?
-        {
-            transactions.push(second);
-        }
-        transactions.insert(0, transaction);
+        let second = if count > 1 {
+            second_transaction(pool, &mut transaction, idle).await?
+        } else {
+            None
+        };
+        let transactions: Vec<ExportTransaction> =
+            std::iter::once(transaction).chain(second).collect();
         let turns = transactions.len();
         let readers = transactions
             .into_iter()
