@@ -79,7 +79,7 @@ impl Broker {
         let (_, counts): (i64, Vec<usize>) = redis::pipe()
             .cmd("SADD")
             .arg(self.layouts_key())
-            .arg(self.shared.config.shards)
+            .arg(self.shared.config.shards())
             .cmd("SMEMBERS")
             .arg(self.layouts_key())
             .query_async(&mut connection)
@@ -87,7 +87,7 @@ impl Broker {
         let known = self.all_shards();
         let mut new: Vec<ShardKeys> = Vec::new();
         for count in counts {
-            if !(1..=1024).contains(&count) || count == self.shared.config.shards {
+            if !(1..=1024).contains(&count) || count == self.shared.config.shards() {
                 continue;
             }
             for shard in ShardKeys::layout(&self.shared.config, count) {

@@ -204,7 +204,7 @@ impl Broker {
             shared: Arc::new(Shared {
                 connector,
                 config: config.clone(),
-                shards: ArcSwap::from_pointee(ShardKeys::layout(config, config.shards)),
+                shards: ArcSwap::from_pointee(ShardKeys::layout(config, config.shards())),
                 layouts_read: std::sync::Mutex::new(None),
                 durability: durability::Verdict::default(),
                 next_shard: AtomicUsize::new(0),
@@ -227,7 +227,7 @@ impl Broker {
         // This node's layout, for writers of any count to find.
         let _: i64 = redis::cmd("SADD")
             .arg(self.layouts_key())
-            .arg(self.shared.config.shards)
+            .arg(self.shared.config.shards())
             .query_async(&mut connection)
             .await?;
         let shards = self.all_shards();
@@ -269,7 +269,7 @@ impl Broker {
     }
 
     pub fn shards(&self) -> usize {
-        self.shared.config.shards
+        self.shared.config.shards()
     }
 
     fn is_cluster(&self) -> bool {
@@ -291,7 +291,7 @@ impl Broker {
         let all = self.all_shards();
         // Appends go to this node's own layout, the first shards of the list, a whole batch
         // to one shard, each batch to the next: one entry, one script and one fsync per batch.
-        let shards = &all[..self.shared.config.shards.min(all.len())];
+        let shards = &all[..self.shared.config.shards().min(all.len())];
         if events.is_empty() || shards.is_empty() {
             return Ok(());
         }

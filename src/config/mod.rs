@@ -288,8 +288,20 @@ mod tests {
         ));
         config.redis.url = Some(Secret("redis://127.0.0.1".to_owned()));
         assert!(config.check().is_ok());
-        config.redis.shards = 0;
+        config.redis.shards = Some(0);
         assert!(config.check().is_err());
+    }
+
+    #[test]
+    fn redis_shards_default_to_4_on_one_redis_and_12_in_a_cluster() {
+        let mut config = Config::default();
+        config.redis.url = Some(Secret("redis://127.0.0.1".to_owned()));
+        assert_eq!(config.redis.shards(), 4);
+        config.redis.url = None;
+        config.redis.cluster_nodes = vec![Secret("redis://127.0.0.1:7000".to_owned())];
+        assert_eq!(config.redis.shards(), 12);
+        config.redis.shards = Some(6);
+        assert_eq!(config.redis.shards(), 6);
     }
 
     #[test]

@@ -42,10 +42,10 @@ pub struct RedisConfig {
     #[serde(deserialize_with = "super::secret::secret_list::deserialize")]
     pub cluster_nodes: Vec<Secret>,
     /// Streams events are spread over, each batch to the next (`<prefix>:<n>`, or
-    /// `<prefix>:{<n>}` in a cluster: one slot per shard, its counters with it). May be
-    /// changed later: every count used is registered, and writers read them all.
-    #[default(4)]
-    pub shards: usize,
+    /// `<prefix>:{<n>}` in a cluster: one slot per shard, its counters with it). Unset:
+    /// [`RedisConfig::shards`]'s default. May be changed later: every count used is
+    /// registered, and writers read them all.
+    pub shards: Option<usize>,
     /// Key prefix of the streams and the backlog counters.
     #[default("sluice:events")]
     pub prefix: String,
@@ -96,6 +96,13 @@ impl RedisConfig {
         self.url.is_some() || self.is_cluster()
     }
 
+    /// The shards: `redis.shards`, else 4 on one Redis and 12 in a cluster (12 spreads evenly
+    /// over 1, 2, 3, 4 or 6 masters).
+    pub fn shards(&self) -> usize {
+        self.shards
+            .unwrap_or(if self.is_cluster() { 12 } else { 4 })
+    }
+
     /// Whether the streams live in a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         !self.cluster_nodes.is_empty()
@@ -114,7 +121,7 @@ impl RedisConfig {
                 "set redis.url (one Redis) or redis.cluster_nodes (a cluster), not both",
             ));
         }
-        if self.shards == 0 || self.shards > 1024 {
+        if !(1..=1024).contains(&self.shards()) {
             return Err(invalid("redis.shards", "must be between 1 and 1024"));
         }
         if self.max_deliveries == 0 {
