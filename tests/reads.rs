@@ -61,6 +61,33 @@ async fn exporting_connections(database: &TestDatabase) -> i64 {
         .await
 }
 
+/// 40,000 events of service `bulk` (10 MB of NDJSON) on each of the four days before today:
+/// four partitions, far more than the queues between an export and a client that stops.
+async fn bulk_over_four_days(database: &TestDatabase) {
+    let mut connection = database.connect().await;
+    sqlx::query(
+        "INSERT INTO events (id, service, message, ts, metadata) \
+         SELECT gen_random_uuid(), 'bulk', repeat('x', 150) || i, \
+                date_trunc('day', now(), 'UTC') - d * interval '1 day' + interval '1 hour' + i * interval '10 ms', '{}' \
+         FROM generate_series(1, 4) d, generate_series(1, 40000) i",
+    )
+    .execute(&mut connection)
+    .await
+    .expect("seed");
+}
+
+/// Waits until the server's reads hold `count` transactions or fewer.
+async fn exporting_connections_fall_to(database: &TestDatabase, count: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exporting_connections(database).await > count {
+        assert!(
+            Instant::now() < deadline,
+            "the export still holds its connections"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Connections of the server's reads waiting on a lock.
 async fn reads_waiting_on_a_lock(database: &TestDatabase) -> i64 {
     database
@@ -119,19 +146,13 @@ async fn an_export_whose_client_stops_reading_ends_at_the_idle_timeout_and_frees
 async fn an_export_reads_its_partitions_ahead_on_two_connections_from_the_snapshot_it_started_in() {
     common::init_crypto();
     let database = TestDatabase::create().await;
-    let server = TestServer::start(ServerSpec::with_database(&database.url)).await;
-    // 40,000 events (10 MB of NDJSON) on each of the four days before today: four
-    // partitions, far more than the queues between the export and a client that stops.
-    let mut connection = database.connect().await;
-    sqlx::query(
-        "INSERT INTO events (id, service, message, ts, metadata) \
-         SELECT gen_random_uuid(), 'bulk', repeat('x', 150) || i, \
-                date_trunc('day', now(), 'UTC') - d * interval '1 day' + interval '1 hour' + i * interval '10 ms', '{}' \
-         FROM generate_series(1, 4) d, generate_series(1, 40000) i",
+    // Room for the second connection even while the server's upkeep reads a moment.
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url).env("SLUICE_DATABASE__READ_CONNECTIONS", "8"),
     )
-    .execute(&mut connection)
-    .await
-    .expect("seed");
+    .await;
+    bulk_over_four_days(&database).await;
+    let mut connection = database.connect().await;
     let mut query = server.query_client().await;
     let mut chunks = start_export(&mut query).await;
     let first = chunks.next().await.expect("a first chunk").expect("ok");
@@ -175,6 +196,8 @@ async fn an_export_reads_its_partitions_ahead_on_two_connections_from_the_snapsh
     let text = String::from_utf8(ndjson).expect("utf-8");
     assert_eq!(text.lines().count(), 160_000);
     assert!(!text.contains("\"late\""), "a row from after the snapshot");
+    // Both transactions ended with the export.
+    exporting_connections_fall_to(&database, 0).await;
     // In time order across the partitions.
     let times: Vec<&str> = text
         .lines()
@@ -184,6 +207,39 @@ async fn an_export_reads_its_partitions_ahead_on_two_connections_from_the_snapsh
         times.windows(2).all(|pair| pair[0] <= pair[1]),
         "out of order"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_reading_ahead_whose_client_stops_frees_both_connections_at_the_idle_timeout() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let server = TestServer::start(
+        ServerSpec::with_database(&database.url)
+            .env("SLUICE_READS__EXPORT_IDLE_TIMEOUT", "1s")
+            .env("SLUICE_DATABASE__READ_CONNECTIONS", "8"),
+    )
+    .await;
+    bulk_over_four_days(&database).await;
+    let mut query = server.query_client().await;
+    let mut chunks = start_export(&mut query).await;
+    let first = chunks.next().await.expect("a first chunk").expect("ok");
+    assert_eq!(first.total_events, 160_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exporting_connections(&database).await < 2 {
+        assert!(Instant::now() < deadline, "the export never read ahead");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The client reads nothing more: one idle timeout later, both connections are free.
+    exporting_connections_fall_to(&database, 0).await;
+    let ended = loop {
+        match chunks.next().await {
+            Some(Ok(chunk)) => assert!(!chunk.last, "the export ended early"),
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without a status"),
+        }
+    };
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    query.stats(StatsRequest::default()).await.expect("stats");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
