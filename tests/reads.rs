@@ -88,6 +88,18 @@ async fn exporting_connections_fall_to(database: &TestDatabase, count: i64) {
     }
 }
 
+/// What an export ends with before its last chunk: its chunks are read (none may be the
+/// last) until the status.
+async fn status_it_ends_with(chunks: &mut Streaming<ExportChunk>) -> tonic::Status {
+    loop {
+        match chunks.next().await {
+            Some(Ok(chunk)) => assert!(!chunk.last, "the export went to its end"),
+            Some(Err(status)) => return status,
+            None => panic!("the stream ended without a status"),
+        }
+    }
+}
+
 /// Connections of the server's reads waiting on a lock.
 async fn reads_waiting_on_a_lock(database: &TestDatabase) -> i64 {
     database
@@ -129,13 +141,7 @@ async fn an_export_whose_client_stops_reading_ends_at_the_idle_timeout_and_frees
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // What was queued reaches the client, then the reason the export ended.
-    let ended = loop {
-        match chunks.next().await {
-            Some(Ok(chunk)) => assert!(!chunk.last, "the export ended early"),
-            Some(Err(status)) => break status,
-            None => panic!("the stream ended without a status"),
-        }
-    };
+    let ended = status_it_ends_with(&mut chunks).await;
     assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
     assert!(ended.message().contains("export_idle_timeout"));
     // Query and Stats go on.
@@ -231,13 +237,7 @@ async fn an_export_reading_ahead_whose_client_stops_frees_both_connections_at_th
     }
     // The client reads nothing more: one idle timeout later, both connections are free.
     exporting_connections_fall_to(&database, 0).await;
-    let ended = loop {
-        match chunks.next().await {
-            Some(Ok(chunk)) => assert!(!chunk.last, "the export ended early"),
-            Some(Err(status)) => break status,
-            None => panic!("the stream ended without a status"),
-        }
-    };
+    let ended = status_it_ends_with(&mut chunks).await;
     assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
     query.stats(StatsRequest::default()).await.expect("stats");
 }
@@ -361,13 +361,7 @@ async fn an_export_ends_once_a_reload_takes_its_scope_away() {
         assert!(Instant::now() < deadline, "never reloaded");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let ended = loop {
-        match chunks.next().await {
-            Some(Ok(chunk)) => assert!(!chunk.last, "the export went to its end"),
-            Some(Err(status)) => break status,
-            None => panic!("the stream ended without a status"),
-        }
-    };
+    let ended = status_it_ends_with(&mut chunks).await;
     assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
 }
 
