@@ -44,8 +44,7 @@ impl Redis {
     }
 
     async fn spawn(&mut self) {
-        let binary = std::env::var("TEST_SLUICE_REDIS_SERVER")
-            .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+        let binary = server_binary("TEST_SLUICE_REDIS_SERVER");
         self.spawn_server(&binary, &[]).await;
     }
 
@@ -116,8 +115,7 @@ impl Redis {
     }
 
     fn spawn_clustered_process(&mut self) {
-        let binary = std::env::var("TEST_SLUICE_REDIS_SERVER")
-            .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+        let binary = server_binary("TEST_SLUICE_REDIS_SERVER");
         let child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--dir")
@@ -519,9 +517,14 @@ impl RedisCluster {
     }
 }
 
+/// The server binary `scripts/test` names in `variable` (redis-server or valkey-server).
+fn server_binary(variable: &str) -> String {
+    std::env::var(variable)
+        .unwrap_or_else(|_| panic!("{variable} is unset: run the suite with scripts/test"))
+}
+
 fn redis_cli() -> std::path::PathBuf {
-    let server = std::env::var("TEST_SLUICE_REDIS_SERVER")
-        .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+    let server = server_binary("TEST_SLUICE_REDIS_SERVER");
     std::path::Path::new(&server).with_file_name("redis-cli")
 }
 
@@ -1014,8 +1017,7 @@ async fn acks_wait_for_a_replica_with(binary: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_wait_for_the_replicas_aof_with_waitaof_where_the_server_knows_it() {
     common::init_crypto();
-    let valkey = std::env::var("TEST_SLUICE_VALKEY_SERVER")
-        .expect("TEST_SLUICE_VALKEY_SERVER is unset: run the suite with scripts/test");
+    let valkey = server_binary("TEST_SLUICE_VALKEY_SERVER");
     let stats = acks_wait_for_a_replica_with(&valkey).await;
     assert!(stats.contains("cmdstat_waitaof:calls=3,"), "{stats}");
     assert!(!stats.contains("cmdstat_wait:"), "{stats}");
@@ -1024,8 +1026,7 @@ async fn acks_wait_for_the_replicas_aof_with_waitaof_where_the_server_knows_it()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_wait_with_wait_on_a_redis_without_waitaof() {
     common::init_crypto();
-    let redis = std::env::var("TEST_SLUICE_REDIS_SERVER")
-        .expect("TEST_SLUICE_REDIS_SERVER is unset: run the suite with scripts/test");
+    let redis = server_binary("TEST_SLUICE_REDIS_SERVER");
     let stats = acks_wait_for_a_replica_with(&redis).await;
     assert!(stats.contains("cmdstat_wait:calls=3,"), "{stats}");
     assert!(!stats.contains("cmdstat_waitaof:"), "{stats}");
