@@ -239,8 +239,11 @@ fn timestamp_of(
         seconds: received.timestamp(),
         nanos: received.timestamp_subsec_nanos() as i32,
     };
-    (at, Some("received"))
+    (at, Some(RECEIVED))
 }
+
+/// `metadata.time_source` of a record that carries no time of its own.
+const RECEIVED: &str = "received";
 
 const NANOS_PER_SECOND: i64 = 1_000_000_000;
 
@@ -543,6 +546,57 @@ mod tests {
         assert_ne!(first.event.id, other_body.event.id);
         let id = Uuid::try_parse(&first.event.id).expect("uuid");
         assert_eq!(id.get_version_num(), 8);
+    }
+
+    #[test]
+    fn ids_grow_with_the_records_time_and_a_record_without_one_keeps_its_id_on_a_retry() {
+        let at = |nanos: u64, observed: u64, body: &str| LogRecord {
+            time_unix_nano: nanos,
+            observed_time_unix_nano: observed,
+            body: Some(string(body)),
+            ..Default::default()
+        };
+        let id = |record: LogRecord, received: DateTime<Utc>| {
+            let encoded = request(Some("a"), vec![record]).encode_to_vec();
+            let mapped = map_request(&encoded, 1, &users(), received).expect("maps");
+            Uuid::try_parse(&mapped.events[0].id).expect("uuid")
+        };
+        let second = 1_000_000_000;
+        // Later records get greater ids, whatever their hash: the key's B-tree appends.
+        let ids: Vec<Uuid> = (0..50)
+            .map(|n| {
+                id(
+                    at(
+                        1_800_000_000 * second + n * 1_000_000,
+                        0,
+                        &format!("r{}", 50 - n),
+                    ),
+                    received(),
+                )
+            })
+            .collect();
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+        for (n, id) in ids.iter().enumerate() {
+            let millis = u128::from_be_bytes(*id.as_bytes()) >> 80;
+            assert_eq!(
+                millis,
+                1_800_000_000_000 + n as u128,
+                "the first 48 bits are the time in ms"
+            );
+            assert_eq!(id.get_version_num(), 8);
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        }
+        // Records of the same millisecond differ by their hash.
+        assert_ne!(
+            id(at(1_800_000_000 * second, 0, "x"), received()),
+            id(at(1_800_000_000 * second + 1, 0, "x"), received())
+        );
+        // The observed time orders a record without its own time.
+        let observed = id(at(0, 1_800_000_000 * second, "o"), received());
+        assert_eq!(&observed.as_bytes()[..6], &ids[0].as_bytes()[..6]);
+        // Without either, the receive time is no part of the id: a retry has the same one.
+        let later = received() + chrono::Duration::seconds(30);
+        assert_eq!(id(at(0, 0, "n"), received()), id(at(0, 0, "n"), later));
     }
 
     #[test]
