@@ -33,7 +33,7 @@ pub(crate) mod json_text;
 pub mod lifecycle;
 pub(crate) mod metrics;
 pub mod objects;
-pub(crate) mod otlp;
+pub mod otlp;
 pub mod privacy;
 pub mod proto;
 pub(crate) mod query;

@@ -103,7 +103,9 @@ pub struct BenchArgs {
     pub idle_tails: usize,
     /// After the native load, send the same events again as OTLP logs (`LogsService/Export`,
     /// `--window` calls in flight per connection) and report that rate, its server CPU per
-    /// event and its ratio to the native path's.
+    /// event and its ratio to the native path's; then natively once more, events stored as the
+    /// OTLP records are (their metadata under `attributes`, with severity and resource), and
+    /// the ratios to that.
     #[arg(long)]
     pub otlp: bool,
 }
@@ -620,6 +622,25 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
             println!("OTLP ratio to raw COPY ceiling: {:.2}", logs.rate() / rate);
         }
         print_file_ratio("OTLP ratio", logs.rate(), files);
+        // The same rows again through the native path: what the protocol costs, apart from
+        // what OTLP's larger rows cost PostgreSQL.
+        let twins = otlp::native_twins(&workload, args.ids);
+        if let Some(url) = &args.database_url {
+            reset_if_asked(url, &args).await?;
+        }
+        let cpu_before = args.server_pid.and_then(cpu_seconds);
+        let same_rows = grpc_load(&args, &twins).await?;
+        same_rows.print("native, OTLP's rows:");
+        let same_rows_cpu = cpu_per_event(&args, cpu_before, same_rows.events);
+        println!(
+            "OTLP / native with the same rows: {:.2} of the events/s{}",
+            logs.rate() / same_rows.rate(),
+            match (logs_cpu, same_rows_cpu) {
+                (Some(logs), Some(native)) =>
+                    format!(", {:.2} of the CPU per event", logs / native),
+                _ => String::new(),
+            }
+        );
     }
     if let (Some(url), true) = (&args.database_url, args.wait_stored) {
         wait_stored(url, report.events).await?;

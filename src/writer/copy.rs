@@ -57,36 +57,52 @@ pub fn encode<'a>(
     events: impl IntoIterator<Item = &'a ValidEvent>,
     out: &mut BytesMut,
 ) -> Result<(), FieldTooLong> {
+    put_header(out);
+    for (position, event) in events.into_iter().enumerate() {
+        put_row(out, event).map_err(|reason| FieldTooLong { position, reason })?;
+    }
+    put_trailer(out);
+    Ok(())
+}
+
+/// What a binary COPY payload starts with: the signature, no flags, no header extension.
+pub fn put_header(out: &mut BytesMut) {
     out.put_slice(SIGNATURE);
     out.put_i32(0);
     out.put_i32(0);
-    for (position, event) in events.into_iter().enumerate() {
-        check(event).map_err(|reason| FieldTooLong { position, reason })?;
-        out.put_i16(FIELD_COUNT);
-        put_field(out, event.id.as_bytes());
-        put_field(out, event.service.as_bytes());
-        put_field(out, event.message.as_bytes());
-        out.put_i32(8);
-        out.put_i64(event.timestamp.timestamp_micros() - POSTGRES_EPOCH_OFFSET_MICROS);
-        match &event.user_id {
-            Some(user_id) => put_field(out, user_id.as_bytes()),
-            None => out.put_i32(-1),
-        }
-        put_length(out, event.metadata_json.len() + 1);
-        out.put_u8(JSONB_VERSION);
-        out.put_slice(event.metadata_json.as_bytes());
-        match event.trace_id {
-            Some(trace_id) => {
-                let mut hex = [0u8; TRACE_ID_HEX_BYTES];
-                // 16 bytes always fit 32 hex digits.
-                let _ = hex::encode_to_slice(trace_id.to_bytes(), &mut hex);
-                put_field(out, &hex);
-            }
-            None => out.put_i32(-1),
-        }
+}
+
+/// One event as one row; nothing is written for an event that [`check`] refuses.
+pub fn put_row(out: &mut BytesMut, event: &ValidEvent) -> Result<(), RejectReason> {
+    check(event)?;
+    out.put_i16(FIELD_COUNT);
+    put_field(out, event.id.as_bytes());
+    put_field(out, event.service.as_bytes());
+    put_field(out, event.message.as_bytes());
+    out.put_i32(8);
+    out.put_i64(event.timestamp.timestamp_micros() - POSTGRES_EPOCH_OFFSET_MICROS);
+    match &event.user_id {
+        Some(user_id) => put_field(out, user_id.as_bytes()),
+        None => out.put_i32(-1),
     }
-    out.put_i16(-1);
+    put_length(out, event.metadata_json.len() + 1);
+    out.put_u8(JSONB_VERSION);
+    out.put_slice(event.metadata_json.as_bytes());
+    match event.trace_id {
+        Some(trace_id) => {
+            let mut hex = [0u8; TRACE_ID_HEX_BYTES];
+            // 16 bytes always fit 32 hex digits.
+            let _ = hex::encode_to_slice(trace_id.to_bytes(), &mut hex);
+            put_field(out, &hex);
+        }
+        None => out.put_i32(-1),
+    }
     Ok(())
+}
+
+/// What ends a binary COPY payload.
+pub fn put_trailer(out: &mut BytesMut) {
+    out.put_i16(-1);
 }
 
 /// The encoded size of `event`, to size buffers ahead.

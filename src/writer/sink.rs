@@ -19,7 +19,7 @@ use std::{
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool, postgres::PgCopyIn};
 use uuid::Uuid;
 
 use super::{copy, erasures};
@@ -84,8 +84,14 @@ pub fn classify(error: &sqlx::Error) -> FailureKind {
     }
 }
 
-/// The largest COPY buffer a writer keeps between batches: a full default batch (5,000 events
-/// of a few hundred bytes) fits; a buffer grown past it by an unusually wide batch is freed.
+/// How much of a batch's COPY is encoded before it is sent. PostgreSQL parses the first rows
+/// while the next ones are encoded, and the buffer (ours, and sqlx's copy of it on its way to
+/// the socket) stays this small and in the cache, instead of growing to the whole batch (a
+/// megabyte and more of a default batch, written cold, then copied cold).
+const COPY_CHUNK_BYTES: usize = 128 * 1024;
+
+/// The largest COPY buffer a writer keeps between batches: a chunk and a row of a few hundred
+/// bytes fit; a buffer grown past it by an unusually wide row is freed.
 const MAX_KEPT_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 
 /// Writes batches through one pool, counting stored events into its own rollup shard, so
@@ -97,9 +103,10 @@ pub struct Sink {
     privacy: SharedPrivacy,
     shard: i16,
     timeout: Duration,
-    /// The COPY buffer of the last batch, reused by the next. A fresh megabyte-sized buffer per
-    /// batch came from pages the allocator had returned to the system, and the kernel zeroing
-    /// them took 4% of the server's CPU (BENCHMARKS.md, "One COPY buffer per writer").
+    /// The COPY buffer of the last batch (a chunk of it at a time), reused by the next. A fresh
+    /// buffer per batch came from pages the allocator had returned to the system, and the
+    /// kernel zeroing them took 4% of the server's CPU (BENCHMARKS.md, "One COPY buffer per
+    /// writer").
     payload: Mutex<BytesMut>,
 }
 
@@ -117,12 +124,21 @@ impl Sink {
         }
     }
 
-    /// `events` as a binary COPY payload, in the buffer the last batch left (see
-    /// [`Self::keep_payload`]).
-    fn encode(&self, events: &[&ValidEvent]) -> Result<BytesMut, sqlx::Error> {
-        let reused =
+    /// Sends `events` through `copy_in` as one binary COPY, encoded in pieces of about
+    /// [`COPY_CHUNK_BYTES`] into the buffer the last batch left (see [`Self::keep_payload`]).
+    /// An event that [`copy::check`] refuses fails the write (writers reject those before they
+    /// reach a sink), and the COPY, dropped unfinished, stores nothing of it.
+    async fn send_rows(
+        &self,
+        copy_in: &mut PgCopyIn<&mut PgConnection>,
+        events: &[&ValidEvent],
+    ) -> Result<(), sqlx::Error> {
+        let mut buffer =
             std::mem::take(&mut *self.payload.lock().unwrap_or_else(PoisonError::into_inner));
-        encode(events, reused)
+        buffer.clear();
+        let sent = send_rows(copy_in, events, &mut buffer).await;
+        self.keep_payload(buffer);
+        sent
     }
 
     /// Keeps `payload`'s memory for the next batch, unless it grew past
@@ -228,11 +244,9 @@ impl Sink {
             .await?;
         let kept: Vec<&ValidEvent> = kept.iter().map(AsRef::as_ref).collect();
         if !kept.is_empty() {
-            let payload = self.encode(&kept)?;
             let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
             let mut copy_in = transaction.copy_in_raw(&statement).await?;
-            copy_in.send(&payload[..]).await?;
-            self.keep_payload(payload);
+            self.send_rows(&mut copy_in, &kept).await?;
             copy_in.finish().await?;
             add_to_rollup(&mut transaction, self.shard, kept.iter().copied()).await?;
         }
@@ -309,7 +323,6 @@ impl Sink {
             .await?;
         let kept: Vec<&ValidEvent> = kept.iter().map(AsRef::as_ref).collect();
         let events = kept.as_slice();
-        let payload = self.encode(events)?;
         sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         .execute(&mut *transaction)
         .await?;
@@ -318,8 +331,7 @@ impl Sink {
             copy::COLUMNS
         );
         let mut copy_in = transaction.copy_in_raw(&statement).await?;
-        copy_in.send(&payload[..]).await?;
-        self.keep_payload(payload);
+        self.send_rows(&mut copy_in, events).await?;
         copy_in.finish().await?;
         let inserted: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id, ts",
@@ -507,20 +519,27 @@ async fn create_partitions_for(pool: &PgPool, events: &[&ValidEvent]) -> Result<
         .map(|_| ())
 }
 
-/// The batch as a binary COPY payload, written over `payload`'s memory. Writers reject events
-/// that [`copy::check`] refuses before they reach a sink, so this fails only if that was
-/// skipped; it then fails the write rather than store a corrupt row.
-fn encode(events: &[&ValidEvent], mut payload: BytesMut) -> Result<BytesMut, sqlx::Error> {
-    payload.clear();
-    payload.reserve(
-        32 + events
-            .iter()
-            .map(|event| copy::encoded_len(event))
-            .sum::<usize>(),
-    );
-    copy::encode(events.iter().copied(), &mut payload)
-        .map_err(|error| sqlx::Error::Encode(Box::new(error)))?;
-    Ok(payload)
+/// `events` as one binary COPY through `copy_in`, encoded into `buffer` and sent each time it
+/// holds [`COPY_CHUNK_BYTES`].
+async fn send_rows(
+    copy_in: &mut PgCopyIn<&mut PgConnection>,
+    events: &[&ValidEvent],
+    buffer: &mut BytesMut,
+) -> Result<(), sqlx::Error> {
+    buffer.reserve(COPY_CHUNK_BYTES);
+    copy::put_header(buffer);
+    for (position, event) in events.iter().enumerate() {
+        copy::put_row(buffer, event).map_err(|reason| {
+            sqlx::Error::Encode(Box::new(copy::FieldTooLong { position, reason }))
+        })?;
+        if buffer.len() >= COPY_CHUNK_BYTES {
+            copy_in.send(&buffer[..]).await?;
+            buffer.clear();
+        }
+    }
+    copy::put_trailer(buffer);
+    copy_in.send(&buffer[..]).await?;
+    Ok(())
 }
 
 /// What the client reads: the SQLSTATE, never the database's own words (they stay in the
