@@ -23,7 +23,7 @@ mod replication;
 
 use std::{
     sync::{
-        Arc,
+        Arc, LazyLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -31,7 +31,7 @@ use std::{
 
 use futures::future::try_join_all;
 use redis::{
-    Script,
+    ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs,
     streams::{
         StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
         StreamReadReply,
@@ -85,12 +85,41 @@ return events
 ";
 
 /// One append, atomic (on its shard's slot in a cluster): the entry and its counters.
-const APPEND_SCRIPT: &str = r"
+static APPEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 redis.call('XADD', KEYS[1], '*', 'b', ARGV[1], 'n', ARGV[2])
 redis.call('INCRBY', KEYS[2], ARGV[2])
 redis.call('INCRBY', KEYS[3], ARGV[3])
 return 1
-";
+",
+    )
+});
+
+/// A batch as the argument of its append: encoded into the command itself.
+struct EntryArg<'a> {
+    events: &'a [&'a ValidEvent],
+    admitted_at: Option<DateTime<Utc>>,
+    /// Its encoded length (the backlog counts bytes).
+    len: usize,
+}
+
+impl<'a> EntryArg<'a> {
+    fn new(events: &'a [&'a ValidEvent], admitted_at: Option<DateTime<Utc>>) -> Self {
+        Self {
+            events,
+            admitted_at,
+            len: batch::encoded_len(events, admitted_at),
+        }
+    }
+}
+
+impl ToRedisArgs for EntryArg<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.bufmut_for_next_arg(self.len);
+        batch::encode_into(self.events, self.admitted_at, &mut arg);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -297,21 +326,32 @@ impl Broker {
         }
         let shard = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % shards.len();
         let keys = &shards[shard];
-        let count = events.len();
-        let payload = batch::encode(events, admitted_at);
-        let bytes = payload.len();
+        let entry = EntryArg::new(events, admitted_at);
         // One atomic script: the entry and its shard's counters (on one Redis every shard
-        // shares them; in a cluster they sit in the shard's slot).
+        // shares them; in a cluster they sit in the shard's slot). The entry is encoded
+        // straight into the command: no payload of its own, copied into the command after.
+        let mut append = redis::cmd("EVALSHA");
+        append
+            .arg(APPEND.get_hash())
+            .arg(3)
+            .arg(&keys.stream)
+            .arg(&keys.backlog_events)
+            .arg(&keys.backlog_bytes)
+            .arg(&entry)
+            .arg(events.len())
+            .arg(entry.len);
         let mut connection = self.connection.clone();
-        let _: i64 = Script::new(APPEND_SCRIPT)
-            .key(&keys.stream)
-            .key(&keys.backlog_events)
-            .key(&keys.backlog_bytes)
-            .arg(payload)
-            .arg(count)
-            .arg(bytes)
-            .invoke_async(&mut connection)
-            .await?;
+        let appended: Result<i64, _> = append.query_async(&mut connection).await;
+        match appended {
+            // A Redis that restarted, or a master new to the slot, has not seen the script.
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                APPEND.load_async(&mut connection).await?;
+                let _: i64 = append.query_async(&mut connection).await?;
+            }
+            appended => {
+                appended?;
+            }
+        }
         self.wait_replicas(&mut connection, &keys.stream).await
     }
 
@@ -667,6 +707,26 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_append_encodes_its_entry_into_the_command_as_the_spool_encodes_a_record() {
+        let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
+        let events: Vec<&ValidEvent> = events.iter().collect();
+        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
+        let entry = EntryArg::new(&events, admitted_at);
+        let mut command = redis::cmd("EVALSHA");
+        command.arg("hash").arg(&entry).arg(entry.len);
+        let args: Vec<Vec<u8>> = command
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let payload = batch::encode(&events, admitted_at);
+        assert_eq!(args[2], payload);
+        assert_eq!(args[3], payload.len().to_string().as_bytes());
     }
 
     #[test]

@@ -108,7 +108,11 @@ pub fn native_twins(workload: &[Vec<IngestRequest>], ids: IdKind) -> Vec<Vec<Ing
             stream
                 .iter()
                 .map(|request| IngestRequest {
-                    events: request.events.iter().map(|event| twin(event, ids)).collect(),
+                    events: request
+                        .events
+                        .iter()
+                        .map(|event| twin(event, ids))
+                        .collect(),
                     sequence: request.sequence,
                 })
                 .collect()
