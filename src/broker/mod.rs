@@ -20,6 +20,7 @@ mod connection;
 mod durability;
 mod layouts;
 mod replication;
+mod reply;
 
 use std::{
     sync::{
@@ -32,10 +33,7 @@ use std::{
 use futures::future::try_join_all;
 use redis::{
     ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs,
-    streams::{
-        StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
-        StreamReadReply,
-    },
+    streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply},
 };
 
 use arc_swap::ArcSwap;
@@ -135,6 +133,8 @@ pub enum BrokerError {
     Connect(#[from] ConnectError),
     #[error("{reason}")]
     Weak { reason: String },
+    #[error(transparent)]
+    Reply(#[from] reply::ReplyError),
 }
 
 /// Redis could not serve a call (the Delete barrier, Stats): retryable.
@@ -418,14 +418,14 @@ impl Broker {
             }
             command
         };
-        let replies: Vec<Option<StreamReadReply>> = if self.is_cluster() {
+        let replies: Vec<redis::Value> = if self.is_cluster() {
             let replies = try_join_all(keys.iter().map(|key| {
                 let mut connection = self.connection.clone();
                 let command = read(&[*key], None);
                 async move { command.query_async(&mut connection).await }
             }))
             .await?;
-            if replies.iter().all(Option::is_none) {
+            if replies.iter().all(|reply| *reply == redis::Value::Nil) {
                 tokio::time::sleep(CLUSTER_POLL).await;
             }
             replies
@@ -438,11 +438,13 @@ impl Broker {
             ]
         };
         let mut entries = Vec::new();
-        for stream in replies.into_iter().flatten().flat_map(|reply| reply.keys) {
-            let Some(shard) = keys.iter().position(|key| **key == stream.key) else {
-                continue;
-            };
-            entries.extend(stream.ids.into_iter().map(|id| entry(shard, id, 1)));
+        for reply in replies {
+            for stream in reply::read_group(reply)? {
+                let Some(shard) = keys.iter().position(|key| **key == stream.key) else {
+                    continue;
+                };
+                entries.extend(stream.entries.into_iter().map(|id| entry(shard, id, 1)));
+            }
         }
         Ok(entries)
     }
@@ -668,9 +670,10 @@ fn spread_tag(shard: usize, shards: usize) -> String {
         .unwrap_or_else(|| shard.to_string())
 }
 
-fn entry(shard: usize, stream_id: StreamId, deliveries: u64) -> Entry {
-    let payload = match stream_id.map.get(PAYLOAD_FIELD) {
-        Some(redis::Value::BulkString(bytes)) => bytes.clone(),
+fn entry(shard: usize, mut stream_id: StreamId, deliveries: u64) -> Entry {
+    // Moved out of the reply: an entry's payload is a whole ingest batch.
+    let payload = match stream_id.map.remove(PAYLOAD_FIELD) {
+        Some(redis::Value::BulkString(bytes)) => bytes,
         _ => Vec::new(),
     };
     let event_count = stream_id.get::<u64>(COUNT_FIELD).unwrap_or_default();
