@@ -142,11 +142,17 @@ impl Metadata {
     /// `depth` deep, no top-level `userId`): neither parsed nor copied. The OTLP mapping writes
     /// its records' metadata this way.
     pub(crate) fn from_object_text(text: Vec<u8>, entries: usize, depth: usize) -> Self {
+        // Every field named: `..Self::default()` would allocate the default's text, only to
+        // drop it (once per OTLP record).
         Self {
             text,
             entries,
             depth,
-            ..Self::default()
+            user_id: None,
+            problem: None,
+            stopped_at: 0,
+            object: OnceLock::new(),
+            wire: OnceLock::new(),
         }
     }
 
