@@ -609,14 +609,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         let logs = otlp::load(&args, &exports, report.events).await?;
         logs.print("sluice OTLP logs:");
         let logs_cpu = cpu_per_event(&args, cpu_before, logs.events);
-        println!(
-            "OTLP / native: {:.2} of the events/s{}",
-            logs.rate() / report.rate(),
-            match (logs_cpu, native_cpu) {
-                (Some(logs), Some(native)) =>
-                    format!(", {:.2} of the CPU per event", logs / native),
-                _ => String::new(),
-            }
+        print_comparison(
+            "OTLP / native",
+            (logs.rate(), logs_cpu),
+            (report.rate(), native_cpu),
         );
         if let Some(rate) = ceiling {
             println!("OTLP ratio to raw COPY ceiling: {:.2}", logs.rate() / rate);
@@ -632,14 +628,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         let same_rows = grpc_load(&args, &twins).await?;
         same_rows.print("native, OTLP's rows:");
         let same_rows_cpu = cpu_per_event(&args, cpu_before, same_rows.events);
-        println!(
-            "OTLP / native with the same rows: {:.2} of the events/s{}",
-            logs.rate() / same_rows.rate(),
-            match (logs_cpu, same_rows_cpu) {
-                (Some(logs), Some(native)) =>
-                    format!(", {:.2} of the CPU per event", logs / native),
-                _ => String::new(),
-            }
+        print_comparison(
+            "OTLP / native with the same rows",
+            (logs.rate(), logs_cpu),
+            (same_rows.rate(), same_rows_cpu),
         );
     }
     if let (Some(url), true) = (&args.database_url, args.wait_stored) {
@@ -688,6 +680,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         }
     }
     Ok(())
+}
+
+/// One load against another, each as (events/s, server CPU µs per event when known).
+fn print_comparison(label: &str, load: (f64, Option<f64>), other: (f64, Option<f64>)) {
+    let cpu = match (load.1, other.1) {
+        (Some(load), Some(other)) => format!(", {:.2} of the CPU per event", load / other),
+        _ => String::new(),
+    };
+    println!("{label}: {:.2} of the events/s{cpu}", load.0 / other.0);
 }
 
 /// Prints and returns the server's CPU time per event since `before` (with `--server-pid`).
