@@ -9,7 +9,8 @@
 //!   (`metadata.time_source` says which, when it is not the first).
 //! - `id` ← attribute `log.record.uid` (a UUID as it is, any other text hashed into one), else a
 //!   UUID hashed from the record, its scope and its resource as they were sent: an SDK's retry
-//!   after a timeout is the same event, stored once.
+//!   after a timeout is the same event, stored once. It starts with the record's time, as a
+//!   UUIDv7 does, so that ids grow with time.
 //! - `trace_id` ← the record's trace id; span id, flags, severity, event name, scope, resource
 //!   and record attributes go into `metadata` under the keys of [`keys`].
 //! - `user_id` ← the first present of the configured attribute keys, record attributes first,
