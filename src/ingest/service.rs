@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
+use uuid::Uuid;
 
 use super::{IngestError, Progress, validate::Validator};
 use crate::{
@@ -91,12 +92,15 @@ impl IngestHandler {
     /// Validates a request's events (numbered from `first_index`). Invalid events, and events
     /// for services the caller may not write, are counted and returned as rejections; the
     /// request fails only when it is too large as a whole or over the caller's rate limit.
+    /// `known_ids[offset]`, when there, is the id of the request's event at `offset`, already
+    /// a UUID (its text is then not read).
     fn validate(
         &self,
         call: &Call,
         request: IngestRequest,
         first_index: u64,
         trace_id: Option<TraceId>,
+        known_ids: &[Uuid],
     ) -> Result<Validated, IngestError> {
         let _span = tracing::info_span!("validate", events = request.events.len()).entered();
         self.check_request_size(request.events.len())?;
@@ -123,44 +127,47 @@ impl IngestHandler {
             holder: caller.holder(),
         };
         for (offset, event) in request.events.into_iter().enumerate() {
-            let checked = validator
-                .validate(first_index + offset as u64, event)
-                .and_then(|mut valid| {
-                    valid.trace_id = trace_id;
-                    if !caller.may_use(&valid.service) {
-                        return Err(EventRejection {
-                            index: valid.index,
-                            event_id: valid.id.to_string(),
-                            service: valid.service.clone(),
-                            reason: RejectReason::ServiceForbidden {
-                                principal: caller.principal.clone(),
-                                service: valid.service,
-                            },
-                        });
-                    }
-                    // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
-                    if !self.optouts.is_empty()
-                        && let Some(user) = valid.user_id.as_deref()
-                        && self.optouts.refuses(&privacy.hash(user), &valid.service)
-                    {
-                        return Err(EventRejection {
-                            index: valid.index,
-                            event_id: valid.id.to_string(),
+            let index = first_index + offset as u64;
+            let checked = match known_ids.get(offset) {
+                Some(id) => validator.validate_known_id(index, event, *id),
+                None => validator.validate(index, event),
+            };
+            let checked = checked.and_then(|mut valid| {
+                valid.trace_id = trace_id;
+                if !caller.may_use(&valid.service) {
+                    return Err(EventRejection {
+                        index: valid.index,
+                        event_id: valid.id.to_string(),
+                        service: valid.service.clone(),
+                        reason: RejectReason::ServiceForbidden {
+                            principal: caller.principal.clone(),
                             service: valid.service,
-                            reason: RejectReason::OptedOut,
-                        });
-                    }
-                    // Before the buffer: plain user ids and redacted values go no further.
-                    match privacy.protect_event(&mut valid) {
-                        Ok(()) => Ok(valid),
-                        Err(error) => Err(EventRejection {
-                            index: valid.index,
-                            event_id: valid.id.to_string(),
-                            service: valid.service,
-                            reason: RejectReason::Privacy(error.to_string()),
-                        }),
-                    }
-                });
+                        },
+                    });
+                }
+                // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
+                if !self.optouts.is_empty()
+                    && let Some(user) = valid.user_id.as_deref()
+                    && self.optouts.refuses(&privacy.hash(user), &valid.service)
+                {
+                    return Err(EventRejection {
+                        index: valid.index,
+                        event_id: valid.id.to_string(),
+                        service: valid.service,
+                        reason: RejectReason::OptedOut,
+                    });
+                }
+                // Before the buffer: plain user ids and redacted values go no further.
+                match privacy.protect_event(&mut valid) {
+                    Ok(()) => Ok(valid),
+                    Err(error) => Err(EventRejection {
+                        index: valid.index,
+                        event_id: valid.id.to_string(),
+                        service: valid.service,
+                        reason: RejectReason::Privacy(error.to_string()),
+                    }),
+                }
+            });
             match checked {
                 Ok(valid) => validated.events.push(valid),
                 Err(rejection) => {
@@ -220,20 +227,22 @@ impl IngestHandler {
 
     /// Takes `events` as one request: validated as the native RPCs validate (rate limits,
     /// services, opt-outs, privacy), the valid ones admitted whole or not at all, and waited
-    /// for until durable. Each event's trace is `trace_ids[index]`. Returns the events refused
+    /// for until durable. Each event's id is `ids[index]` when there (the event's own `id`
+    /// text is then not read) and its trace `trace_ids[index]`. Returns the events refused
     /// for good (invalid, or dead-lettered by PostgreSQL); every transient condition is an
     /// error, with nothing taken.
     pub async fn ingest_batch(
         &self,
         call: &Call,
         events: Vec<crate::proto::Event>,
+        ids: &[Uuid],
         trace_ids: &[Option<TraceId>],
     ) -> Result<Vec<EventRejection>, IngestError> {
         let request = IngestRequest {
             events,
             sequence: 0,
         };
-        let mut validated = self.validate(call, request, 0, None)?;
+        let mut validated = self.validate(call, request, 0, None, ids)?;
         for event in &mut validated.events {
             event.trace_id = usize::try_from(event.index)
                 .ok()
@@ -431,7 +440,7 @@ impl IngestHandler {
                         }
                     };
                     let count = request.events.len() as u64;
-                    let validated = match self.validate(&call, request, next_index, trace_id) {
+                    let validated = match self.validate(&call, request, next_index, trace_id, &[]) {
                         Ok(validated) => validated,
                         Err(error) => {
                             settle(&mut pending, &mut tally).await?;
@@ -464,7 +473,7 @@ impl IngestHandler {
         let call = self.admission.admit(&request, Rpc::Publish, &[])?;
         let trace_id = telemetry::request_trace_id(request.metadata());
         let mut tally = Tally::new(self.config.validation.max_reported_rejections);
-        let validated = self.validate(&call, request.into_inner(), 0, trace_id)?;
+        let validated = self.validate(&call, request.into_inner(), 0, trace_id, &[])?;
         let ack = self
             .admit(&call, validated.events, &validated.holder)
             .await
@@ -596,7 +605,7 @@ impl IngestHandler {
     ) -> Option<Result<IngestAck, Status>> {
         let sequence = request.sequence;
         let mut tally = Tally::new(max_reported);
-        let validated = match self.validate(call, request, 0, trace_id) {
+        let validated = match self.validate(call, request, 0, trace_id, &[]) {
             Ok(validated) => validated,
             Err(error) => return Some(Ok(refused_ack(sequence, error))),
         };

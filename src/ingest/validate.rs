@@ -52,7 +52,28 @@ impl<'a> Validator<'a> {
 
     /// Validates one event found at `index`.
     pub fn validate(&self, index: u64, event: Event) -> Result<ValidEvent, EventRejection> {
-        self.check(event)
+        self.validate_with(index, event, None)
+    }
+
+    /// Validates one event whose id is already known as a UUID (`event.id` is then not read):
+    /// another protocol's mapping computed it, and writing it out as text only for it to be
+    /// parsed again would be work for nothing (OTLP, [`crate::otlp`]).
+    pub fn validate_known_id(
+        &self,
+        index: u64,
+        event: Event,
+        id: Uuid,
+    ) -> Result<ValidEvent, EventRejection> {
+        self.validate_with(index, event, Some(id))
+    }
+
+    fn validate_with(
+        &self,
+        index: u64,
+        event: Event,
+        known_id: Option<Uuid>,
+    ) -> Result<ValidEvent, EventRejection> {
+        self.check(event, known_id)
             .map_err(|(event_id, service, reason)| EventRejection {
                 index,
                 event_id,
@@ -64,20 +85,29 @@ impl<'a> Validator<'a> {
 
     /// The checks, in the order a client reads about them. A refusal carries the event's id
     /// as sent (cut to a bounded length) and the reason.
-    fn check(&self, event: Event) -> Result<ValidEvent, (String, String, RejectReason)> {
-        let reject =
-            |reason: RejectReason| (echoed_id(&event.id), echoed_id(&event.service), reason);
-        let id = if event.id.is_empty() {
-            Uuid::now_v7()
-        } else {
-            // Any form the uuid crate reads (hyphenated, simple, braced, urn:uuid:, either
-            // case) is stored and echoed in canonical form; the nil UUID is a client bug.
-            let id = Uuid::try_parse(&event.id).map_err(|_| reject(RejectReason::InvalidId))?;
-            if id.is_nil() {
-                return Err(reject(RejectReason::NilId));
-            }
-            id
+    fn check(
+        &self,
+        event: Event,
+        known_id: Option<Uuid>,
+    ) -> Result<ValidEvent, (String, String, RejectReason)> {
+        let reject = |reason: RejectReason| {
+            let id = match known_id {
+                Some(id) => id.to_string(),
+                None => echoed_id(&event.id),
+            };
+            (id, echoed_id(&event.service), reason)
         };
+        let id = match known_id {
+            Some(id) => id,
+            None if event.id.is_empty() => Uuid::now_v7(),
+            // Any form the uuid crate reads (hyphenated, simple, braced, urn:uuid:, either
+            // case) is stored and echoed in canonical form.
+            None => Uuid::try_parse(&event.id).map_err(|_| reject(RejectReason::InvalidId))?,
+        };
+        // The nil UUID is a client bug.
+        if id.is_nil() {
+            return Err(reject(RejectReason::NilId));
+        }
         wire::check_service(&event.service).map_err(|error| reject(error.into()))?;
         if event.message.is_empty() {
             return Err(reject(RejectReason::MissingMessage));
@@ -320,6 +350,38 @@ mod tests {
             )),
             "id"
         );
+    }
+
+    #[test]
+    fn a_known_id_is_taken_as_it_is_refused_when_nil_and_echoed_in_refusals() {
+        let limits = limits();
+        let validator = Validator::new(&limits, now());
+        let known = Uuid::parse_str("0190f0d2-7c1e-8000-8000-000000000001").expect("uuid");
+        // The event's own id text is not read.
+        let ignored = Event {
+            id: "not read".to_owned(),
+            ..event()
+        };
+        let valid = validator
+            .validate_known_id(0, ignored, known)
+            .expect("valid");
+        assert_eq!(valid.id, known);
+        let nil = validator
+            .validate_known_id(0, event(), Uuid::nil())
+            .expect_err("nil");
+        assert_eq!(nil.reason, RejectReason::NilId);
+        let refused = validator
+            .validate_known_id(
+                3,
+                Event {
+                    message: String::new(),
+                    ..event()
+                },
+                known,
+            )
+            .expect_err("no message");
+        assert_eq!(refused.event_id, known.to_string());
+        assert_eq!(refused.index, 3);
     }
 
     #[test]

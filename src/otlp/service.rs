@@ -57,7 +57,7 @@ impl OtlpLogsHandler {
         let records = mapped.events.len();
         let rejected = match self
             .ingest
-            .ingest_batch(&call, mapped.events, &mapped.trace_ids)
+            .ingest_batch(&call, mapped.events, &mapped.ids, &mapped.trace_ids)
             .await
         {
             Ok(rejected) => rejected,

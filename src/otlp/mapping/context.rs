@@ -176,7 +176,7 @@ impl<'r> ScopeContext<'r> {
         user_id_attributes: &[String],
         received: DateTime<Utc>,
         set_aside: &mut Vec<Attribute<'a>>,
-    ) -> Result<(Event, Option<TraceId>), WireError> {
+    ) -> Result<(Event, Uuid, Option<TraceId>), WireError> {
         let mut metadata = JsonObject::default();
         // Room for all of it: the record's own fields take less as JSON than as protobuf,
         // but for their keys and quotes.
@@ -315,10 +315,6 @@ impl<'r> ScopeContext<'r> {
         };
         Ok((
             Event {
-                id: id
-                    .hyphenated()
-                    .encode_lower(&mut Uuid::encode_buffer())
-                    .to_owned(),
                 service: self.resource.service.clone(),
                 message,
                 timestamp: Some(timestamp),
@@ -327,6 +323,7 @@ impl<'r> ScopeContext<'r> {
                     .then(|| Metadata::from_object_text(metadata.text, metadata.entries, depth)),
                 ..Default::default()
             },
+            id,
             trace_id,
         ))
     }

@@ -23,6 +23,7 @@
 mod context;
 
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use self::context::{ResourceContext, ScopeContext};
 use super::wire::{Attribute, Fields, Value, WireError, merge, utf8, wrong_type};
@@ -53,11 +54,13 @@ const MAX_SERVICE_LEN: usize = 64;
 /// The message of a record with neither body nor event name.
 const NO_BODY: &str = "-";
 
-/// A request's records mapped: each as the event a native client would have sent, and the
-/// record's trace beside it (the same index).
+/// A request's records mapped: each as the event a native client would have sent, but for
+/// its id, beside it as a UUID (not written out as text only for validation to parse it
+/// again), and the record's trace (the same index).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MappedRequest {
     pub events: Vec<Event>,
+    pub ids: Vec<Uuid>,
     pub trace_ids: Vec<Option<TraceId>>,
 }
 
@@ -100,6 +103,7 @@ pub fn map_request(
         received,
         mapped: MappedRequest {
             events: Vec::with_capacity(records),
+            ids: Vec::with_capacity(records),
             trace_ids: Vec::with_capacity(records),
         },
         attributes: Vec::new(),
@@ -169,13 +173,14 @@ impl<'a> Mapper<'a, '_> {
         }
         let scope = ScopeContext::new(resource, scope.as_deref().unwrap_or(&[]))?;
         for record in records {
-            let (event, trace_id) = scope.map(
+            let (event, id, trace_id) = scope.map(
                 record,
                 self.user_id_attributes,
                 self.received,
                 &mut self.attributes,
             )?;
             self.mapped.events.push(event);
+            self.mapped.ids.push(id);
             self.mapped.trace_ids.push(trace_id);
         }
         Ok(())
