@@ -21,6 +21,8 @@ use tonic_types::StatusExt;
 /// A redis-server of one test: its own port and directory, AOF on, fsync on every write.
 struct Redis {
     child: Option<Child>,
+    /// redis-server, or valkey-server where a test needs Redis 7.2+'s commands.
+    binary: String,
     port: u16,
     dir: tempfile::TempDir,
     durable: bool,
@@ -35,6 +37,7 @@ impl Redis {
         let port = common::free_port();
         let mut redis = Self {
             child: None,
+            binary: server_binary("TEST_SLUICE_REDIS_SERVER"),
             port,
             dir: tempfile::tempdir().expect("tempdir"),
             durable,
@@ -44,29 +47,29 @@ impl Redis {
     }
 
     async fn spawn(&mut self) {
-        let binary = server_binary("TEST_SLUICE_REDIS_SERVER");
-        self.spawn_server(&binary, &[]).await;
+        self.spawn_server(&[]).await;
     }
 
     /// A durable server of `binary` (redis-server or valkey-server), with `extra` arguments.
     async fn start_server(binary: &str, extra: &[String]) -> Self {
         let mut redis = Self {
             child: None,
+            binary: binary.to_owned(),
             port: common::free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             durable: true,
         };
-        redis.spawn_server(binary, extra).await;
+        redis.spawn_server(extra).await;
         redis
     }
 
-    async fn spawn_server(&mut self, binary: &str, extra: &[String]) {
+    async fn spawn_server(&mut self, extra: &[String]) {
         let (appendonly, fsync) = if self.durable {
             ("yes", "always")
         } else {
             ("no", "everysec")
         };
-        let child = Command::new(binary)
+        let child = Command::new(&self.binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--dir")
             .arg(self.dir.path())
@@ -115,8 +118,7 @@ impl Redis {
     }
 
     fn spawn_clustered_process(&mut self) {
-        let binary = server_binary("TEST_SLUICE_REDIS_SERVER");
-        let child = Command::new(binary)
+        let child = Command::new(&self.binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--dir")
             .arg(self.dir.path())
@@ -251,12 +253,18 @@ struct RedisCluster {
 
 impl RedisCluster {
     async fn start() -> Self {
+        Self::start_of(&server_binary("TEST_SLUICE_REDIS_SERVER")).await
+    }
+
+    /// A cluster of `binary` (redis-server or valkey-server).
+    async fn start_of(binary: &str) -> Self {
         // A port another test takes between the check and the spawn is replaced by another.
         let mut nodes = Vec::new();
         while nodes.len() < 6 {
             let port = Self::free_ports()[0];
             let mut node = Redis {
                 child: None,
+                binary: binary.to_owned(),
                 port,
                 dir: tempfile::tempdir().expect("tempdir"),
                 durable: true,
@@ -291,6 +299,7 @@ impl RedisCluster {
         for port in ports {
             let mut node = Redis {
                 child: None,
+                binary: server_binary("TEST_SLUICE_REDIS_SERVER"),
                 port,
                 dir: tempfile::tempdir().expect("tempdir"),
                 durable: true,
@@ -320,7 +329,33 @@ impl RedisCluster {
         );
         let cluster = Self { nodes };
         cluster.wait_until_ok().await;
+        cluster.wait_until_replicas_synced().await;
         cluster
+    }
+
+    /// Waits until every replica is linked to its master and done rewriting the AOF its full
+    /// sync starts (until then it cannot confirm an append's fsync to `WAITAOF`).
+    async fn wait_until_replicas_synced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let synced = self.nodes.iter().all(|node| {
+                Command::new(redis_cli())
+                    .args(["-p", &node.port.to_string(), "info"])
+                    .output()
+                    .is_ok_and(|output| {
+                        let text = String::from_utf8_lossy(&output.stdout);
+                        text.contains("role:master")
+                            || (text.contains("master_link_status:up")
+                                && text.contains("aof_rewrite_in_progress:0")
+                                && text.contains("aof_rewrite_scheduled:0"))
+                    })
+            });
+            if synced {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the replicas never synced");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until every live node says `cluster_state:ok` and sees 3 masters.
@@ -376,12 +411,14 @@ impl RedisCluster {
         let mut streams = Vec::new();
         for node in self.nodes.iter().filter(|node| node.child.is_some()) {
             let mut connection = node.connection().await;
+            // Not `sluice:events:{*}`: Valkey 8 takes a pattern's `{…}` as a hash tag and
+            // looks in that one slot only.
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("sluice:events:{*}")
+                .arg("sluice:events:*")
                 .query_async(&mut connection)
                 .await
                 .expect("keys");
-            streams.extend(keys);
+            streams.extend(keys.into_iter().filter(|key| key.contains('{')));
         }
         streams.sort();
         streams.dedup();
@@ -1021,6 +1058,99 @@ async fn acks_wait_for_the_replicas_aof_with_waitaof_where_the_server_knows_it()
     let stats = acks_wait_for_a_replica_with(&valkey).await;
     assert!(stats.contains("cmdstat_waitaof:calls=3,"), "{stats}");
     assert!(!stats.contains("cmdstat_wait:"), "{stats}");
+}
+
+/// `calls` and `failed_calls` of `command` in a node's `INFO commandstats` (0 when never called).
+fn command_calls(stats: &str, command: &str) -> (i64, i64) {
+    let Some(line) = stats
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+    else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_default()
+    };
+    (field("calls"), field("failed_calls"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_wait_with_waitaof_on_the_master_that_took_each_append_in_a_valkey_cluster() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let cluster = RedisCluster::start_of(&server_binary("TEST_SLUICE_VALKEY_SERVER")).await;
+    let ingest = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
+    let mut client = ingest.ingest_client().await;
+    // 24 batches: the 12 shards take two each, in turn, so every master takes appends.
+    for round in 0..24 {
+        let events = (0..10)
+            .map(|index| event("valkey-cluster", &format!("{round}-{index}")))
+            .collect();
+        client.publish(request(events)).await.expect("publish");
+    }
+
+    // Each master was asked WAITAOF (its own AOF and a replica's) once per entry it took: the
+    // wait went to the node that took the append, never a plain WAIT, and none failed.
+    let mut entries_per_master = Vec::new();
+    for node in &cluster.nodes {
+        let mut connection = node.connection().await;
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .expect("commandstats");
+        assert_eq!(command_calls(&stats, "wait"), (0, 0), "{stats}");
+        if info_field(node, "replication", "role").await.as_deref() != Some("master") {
+            assert_eq!(command_calls(&stats, "waitaof"), (0, 0), "{stats}");
+            continue;
+        }
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("sluice:events:*")
+            .query_async(&mut connection)
+            .await
+            .expect("keys");
+        let mut entries = 0;
+        for stream in keys
+            .iter()
+            .filter(|key| key.contains('{') && !key.contains(":backlog:"))
+        {
+            let length: i64 = redis::cmd("XLEN")
+                .arg(stream)
+                .query_async(&mut connection)
+                .await
+                .expect("xlen");
+            entries += length;
+        }
+        assert_eq!(command_calls(&stats, "waitaof"), (entries, 0), "{stats}");
+        if entries > 0 {
+            entries_per_master.push(entries);
+        }
+    }
+    assert_eq!(entries_per_master.len(), 3, "{entries_per_master:?}");
+    assert_eq!(
+        entries_per_master.iter().sum::<i64>(),
+        24,
+        "{entries_per_master:?}"
+    );
+    // Every batch went to the streams, none to the ingest node's spool (where an append whose
+    // wait fell short would go).
+    assert_eq!(cluster.backlog_and_pending().await, (240, 0));
+    let metrics = ingest.metrics().await;
+    assert!(metrics.contains("sluice_events_spooled_total"), "{metrics}");
+    assert_eq!(
+        common::metric_sum(&metrics, "sluice_events_spooled_total", ""),
+        0.0,
+        "{}",
+        ingest.logs()
+    );
+    assert!(
+        ingest.logs().contains("redis knows WAITAOF"),
+        "{}",
+        ingest.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
