@@ -13,7 +13,10 @@ use std::{
 };
 
 use common::{ServerSpec, TestDatabase, TestServer, event, request};
-use sluice::proto::{DeleteRequest, StatsRequest, ingest_service_client::IngestServiceClient};
+use sluice::proto::{
+    DeleteRequest, StatsRequest, TailRequest, ingest_service_client::IngestServiceClient,
+};
+use tokio_stream::StreamExt;
 use tonic::{Code, transport::Channel};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
@@ -692,6 +695,63 @@ async fn drained(redis: &Redis, within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_node_tails_what_it_stores_and_counts_it_per_service() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    let ingest = TestServer::start(node(&database, &redis, "ingest")).await;
+    let writer = TestServer::start(node(&database, &redis, "writer")).await;
+    let mut tail = writer
+        .query_client()
+        .await
+        .tail(TailRequest::default())
+        .await
+        .expect("tail")
+        .into_inner();
+    let mut client = ingest.ingest_client().await;
+    let events = (0..30)
+        .map(|index| {
+            let service = if index % 3 == 0 {
+                "tailed-a"
+            } else {
+                "tailed-b"
+            };
+            event(service, &format!("event {index}"))
+        })
+        .collect();
+    client.publish(request(events)).await.expect("publish");
+
+    let mut received = HashSet::new();
+    while received.len() < 30 {
+        let response = tokio::time::timeout(Duration::from_secs(20), tail.next())
+            .await
+            .expect("tailed in time")
+            .expect("a message")
+            .expect("ok");
+        received.extend(response.events.into_iter().map(|event| event.message));
+    }
+    assert_eq!(received.len(), 30);
+    let metrics = writer
+        .wait_for_metrics("both services counted", |metrics| {
+            common::metric_sum(
+                metrics,
+                "sluice_service_events_total",
+                "service=\"tailed-b\"",
+            ) == 20.0
+        })
+        .await;
+    assert_eq!(
+        common::metric_sum(
+            &metrics,
+            "sluice_service_events_total",
+            "service=\"tailed-a\""
+        ),
+        10.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

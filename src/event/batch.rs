@@ -195,26 +195,22 @@ fn decode_protobuf(bytes: &[u8]) -> Result<Batch, BatchError> {
             Some(DateTime::from_timestamp_micros(micros).ok_or(BatchError::InvalidTimestamp)?)
         }
     };
-    let events = batch
-        .events
-        .into_iter()
-        .enumerate()
-        .map(|(index, event)| {
-            Ok(ValidEvent {
-                trace_id: <[u8; 16]>::try_from(event.trace_id.as_slice())
-                    .ok()
-                    .map(TraceId::from_bytes),
-                index: index as u64,
-                id: Uuid::from_slice(&event.id).map_err(|_| BatchError::InvalidId)?,
-                service: event.service,
-                message: event.message,
-                timestamp: DateTime::from_timestamp_micros(event.timestamp_micros)
-                    .ok_or(BatchError::InvalidTimestamp)?,
-                user_id: event.user_id,
-                metadata_json: event.metadata_json,
-            })
-        })
-        .collect::<Result<Vec<ValidEvent>, BatchError>>()?;
+    let mut events = Vec::with_capacity(batch.events.len());
+    for (index, event) in batch.events.into_iter().enumerate() {
+        events.push(ValidEvent {
+            trace_id: <[u8; 16]>::try_from(event.trace_id.as_slice())
+                .ok()
+                .map(TraceId::from_bytes),
+            index: index as u64,
+            id: Uuid::from_slice(&event.id).map_err(|_| BatchError::InvalidId)?,
+            service: event.service,
+            message: event.message,
+            timestamp: DateTime::from_timestamp_micros(event.timestamp_micros)
+                .ok_or(BatchError::InvalidTimestamp)?,
+            user_id: event.user_id,
+            metadata_json: event.metadata_json,
+        });
+    }
     Ok(Batch {
         events,
         admitted_at,

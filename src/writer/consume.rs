@@ -15,6 +15,7 @@ use std::{
 };
 
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -107,6 +108,7 @@ impl Consumer {
         tracing::info!(consumer = %self.name, "stream consumer started");
         let claim_every = self.context.redis.claim_idle / 2;
         let mut last_claim: Option<Instant> = None;
+        let mut acking: Option<JoinHandle<()>> = None;
         while !self.context.stopping.is_cancelled() {
             let claiming = last_claim.is_none_or(|at| at.elapsed() >= claim_every);
             let read = if claiming {
@@ -151,19 +153,38 @@ impl Consumer {
                 }
             }
             if !entries.is_empty() {
-                self.handle(entries).await;
+                self.handle(entries, &mut acking).await;
             }
         }
+        finish(acking.take()).await;
         tracing::info!(consumer = %self.name, "stream consumer stopped");
     }
 
     /// Stores the events of `entries` (or dead-letters those past `max_deliveries`), keeping
-    /// them owned meanwhile, then acknowledges what is done. Entries that cannot be read stay
-    /// pending (a newer writer may read them) until they are past `max_deliveries`.
-    async fn handle(&self, entries: Vec<Entry>) {
+    /// them owned meanwhile, then acknowledges what is done while the next read and COPY go
+    /// on: they need not wait for Redis to fsync the acks. One ack at a time per consumer
+    /// (`acking`, awaited before the next starts). Entries that cannot be read stay pending
+    /// (a newer writer may read them) until they are past `max_deliveries`.
+    async fn handle(&self, entries: Vec<Entry>, acking: &mut Option<JoinHandle<()>>) {
         let held: Vec<&Entry> = entries.iter().collect();
         let done = self.renewing(&held, self.store(&entries)).await;
-        self.acknowledge(&done).await;
+        let done: Vec<Entry> = entries
+            .into_iter()
+            .enumerate()
+            .filter(|(index, _)| done.contains(index))
+            .map(|(_, entry)| entry)
+            .collect();
+        finish(acking.take()).await;
+        if done.is_empty() {
+            return;
+        }
+        // On the node's shared connection: this consumer's own may be blocked in a read.
+        let streams = self.context.streams.clone();
+        let name = self.name.clone();
+        let stopping = self.context.stopping.clone();
+        *acking = Some(tokio::spawn(async move {
+            acknowledge(&streams, &name, &stopping, &done).await;
+        }));
     }
 
     /// Runs `work` while keeping `entries` owned: renewed every third of `claim_idle`, so that
@@ -187,24 +208,25 @@ impl Consumer {
         }
     }
 
-    /// The entries that are done: stored, or dead-lettered past `max_deliveries`. At shutdown
-    /// only those dead-lettered so far; the rest stay pending for another writer.
-    async fn store<'a>(&self, entries: &'a [Entry]) -> Vec<&'a Entry> {
+    /// The indices of the entries that are done: stored, or dead-lettered past
+    /// `max_deliveries`. At shutdown only those dead-lettered so far; the rest stay pending
+    /// for another writer.
+    async fn store(&self, entries: &[Entry]) -> Vec<usize> {
         let max_deliveries = self.context.redis.max_deliveries;
         let mut done = Vec::new();
         let mut readable = Vec::new();
-        for entry in entries {
+        for (index, entry) in entries.iter().enumerate() {
             if entry.deliveries > max_deliveries {
                 if self.context.stopping.is_cancelled() {
                     return done;
                 }
                 if self.dead_letter(entry).await {
-                    done.push(entry);
+                    done.push(index);
                 }
                 continue;
             }
             match &entry.events {
-                Ok(_) => readable.push(entry),
+                Ok(_) => readable.push(index),
                 Err(reason) => {
                     tracing::error!(consumer = %self.name, entry = %entry.id, deliveries = entry.deliveries, %reason, "cannot read a stream entry; left for another delivery");
                 }
@@ -212,7 +234,7 @@ impl Consumer {
         }
         let batches: Vec<&Batch> = readable
             .iter()
-            .filter_map(|entry| entry.events.as_ref().ok())
+            .filter_map(|index| entries[*index].events.as_ref().ok())
             .collect();
         let events: Vec<&ValidEvent> = batches
             .iter()
@@ -268,17 +290,20 @@ impl Consumer {
         }
     }
 
-    /// Counts what was stored and hands it to Tail.
+    /// Counts what was stored and hands it to Tail (copies of the events only while someone
+    /// tails).
     fn account(&self, events: &[&ValidEvent], outcomes: &[EventOutcome]) {
         let counters = &self.context.counters;
+        let tailed = self.context.tail.has_subscribers();
         let mut stored = Vec::new();
         let (mut written, mut duplicates) = (0u64, 0u64);
         for (event, outcome) in events.iter().zip(outcomes) {
             match outcome {
                 EventOutcome::Stored => {
                     written += 1;
-                    counters.service_events(&event.service, 1);
-                    stored.push((*event).clone());
+                    if tailed {
+                        stored.push((*event).clone());
+                    }
                 }
                 EventOutcome::Duplicate => duplicates += 1,
                 EventOutcome::Erased => {}
@@ -287,26 +312,16 @@ impl Consumer {
                 }
             }
         }
+        counters.services_stored(
+            events
+                .iter()
+                .zip(outcomes)
+                .filter(|(_, outcome)| matches!(outcome, EventOutcome::Stored))
+                .map(|(event, _)| event.service.as_str()),
+        );
         metrics::stream_events_written(written, duplicates);
-        if self.context.tail.has_subscribers() && !stored.is_empty() {
+        if tailed && !stored.is_empty() {
             self.context.tail.publish(stored);
-        }
-    }
-
-    /// Acknowledges stored or dead-lettered entries, retrying while Redis is away (an entry
-    /// not acknowledged is stored again after a claim: a duplicate, never a loss).
-    async fn acknowledge(&self, entries: &[&Entry]) {
-        loop {
-            match self.streams.ack(entries).await {
-                Ok(_) => return,
-                Err(error) => {
-                    metrics::writer_error(WriteFailure::Redis);
-                    tracing::warn!(consumer = %self.name, %error, "cannot acknowledge stored entries; retrying");
-                    if wait_or_stop(&self.context.stopping, REDIS_RETRY).await {
-                        return;
-                    }
-                }
-            }
         }
     }
 
@@ -355,6 +370,39 @@ impl Consumer {
                 false
             }
         }
+    }
+}
+
+/// Acknowledges stored or dead-lettered entries, retrying while Redis is away (an entry
+/// not acknowledged is stored again after a claim: a duplicate, never a loss).
+async fn acknowledge(
+    streams: &Broker,
+    consumer: &str,
+    stopping: &CancellationToken,
+    entries: &[Entry],
+) {
+    let entries: Vec<&Entry> = entries.iter().collect();
+    loop {
+        match streams.ack(&entries).await {
+            Ok(_) => return,
+            Err(error) => {
+                metrics::writer_error(WriteFailure::Redis);
+                tracing::warn!(consumer, %error, "cannot acknowledge stored entries; retrying");
+                if wait_or_stop(stopping, REDIS_RETRY).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a consumer's ack in flight, if any.
+async fn finish(acking: Option<JoinHandle<()>>) {
+    let Some(acking) = acking else {
+        return;
+    };
+    if let Err(error) = acking.await {
+        tracing::error!(%error, "an acknowledgement task failed; its entries stay pending");
     }
 }
 

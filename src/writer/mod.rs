@@ -11,7 +11,6 @@ pub(crate) mod replay;
 pub(crate) mod sink;
 
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -301,18 +300,13 @@ fn split_unwritable<'a>(
 /// Counts the stored events per service: one counter update per distinct service of the
 /// batch, however its events interleave.
 fn count_services(events: &[&ValidEvent], outcomes: &[Option<EventOutcome>], counters: &Counters) {
-    let mut per_service: BTreeMap<&str, u64> = BTreeMap::new();
-    let stored = events
-        .iter()
-        .zip(outcomes)
-        .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
-        .map(|(event, _)| event.service.as_str());
-    for service in stored {
-        *per_service.entry(service).or_default() += 1;
-    }
-    for (service, count) in per_service {
-        counters.service_events(service, count);
-    }
+    counters.services_stored(
+        events
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
+            .map(|(event, _)| event.service.as_str()),
+    );
 }
 
 /// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the
