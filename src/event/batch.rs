@@ -2,11 +2,11 @@
 //! broker's entries: a version byte, then that version's encoding (version 1: a protobuf
 //! `SpoolBatch`, documented in `proto/sluice/spool/v1/spool.proto`).
 
-use bytes::BufMut;
+use bytes::{Buf, BufMut};
 use chrono::{DateTime, Utc};
-use prost::{
-    Message,
-    encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len},
+use prost::encoding::{
+    DecodeContext, WireType, check_wire_type, decode_key, decode_varint, encode_key, encode_varint,
+    encoded_len_varint, key_len, skip_field,
 };
 use uuid::Uuid;
 
@@ -34,6 +34,10 @@ pub enum BatchError {
     InvalidId,
     #[error("event timestamp is out of range")]
     InvalidTimestamp,
+    #[error("a field runs past the end of the record")]
+    Truncated,
+    #[error("a text field is not UTF-8")]
+    NotUtf8,
 }
 
 /// A batch of events, and when the first of them was admitted (None: not known).
@@ -187,34 +191,110 @@ pub fn decode(payload: &[u8]) -> Result<Batch, BatchError> {
     }
 }
 
-fn decode_protobuf(bytes: &[u8]) -> Result<Batch, BatchError> {
-    let batch = pb::SpoolBatch::decode(bytes)?;
-    let admitted_at = match batch.admitted_at_micros {
+/// Reads a `SpoolBatch` as prost's generated code reads it (fields in any order, the last
+/// of a repeated scalar winning, unknown fields skipped), but straight into the events: no
+/// generated message in between, the vector sized once, each text copied once out of the
+/// payload. A writer node decodes every entry it reads.
+fn decode_protobuf(mut buf: &[u8]) -> Result<Batch, BatchError> {
+    let mut events = Vec::with_capacity(count_events(buf));
+    let mut admitted_at_micros = 0i64;
+    while buf.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            EVENTS_TAG => {
+                let event = take_delimited(&mut buf, wire_type)?;
+                events.push(decode_event(event, events.len() as u64)?);
+            }
+            ADMITTED_AT_TAG => admitted_at_micros = take_int64(&mut buf, wire_type)?,
+            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    let admitted_at = match admitted_at_micros {
         0 => None,
         micros => {
             Some(DateTime::from_timestamp_micros(micros).ok_or(BatchError::InvalidTimestamp)?)
         }
     };
-    let mut events = Vec::with_capacity(batch.events.len());
-    for (index, event) in batch.events.into_iter().enumerate() {
-        events.push(ValidEvent {
-            trace_id: <[u8; 16]>::try_from(event.trace_id.as_slice())
-                .ok()
-                .map(TraceId::from_bytes),
-            index: index as u64,
-            id: Uuid::from_slice(&event.id).map_err(|_| BatchError::InvalidId)?,
-            service: event.service,
-            message: event.message,
-            timestamp: DateTime::from_timestamp_micros(event.timestamp_micros)
-                .ok_or(BatchError::InvalidTimestamp)?,
-            user_id: event.user_id,
-            metadata_json: event.metadata_json,
-        });
-    }
     Ok(Batch {
         events,
         admitted_at,
     })
+}
+
+/// The events of a `SpoolBatch`, counted from its keys alone (a damaged payload counts what
+/// precedes the damage; the decoding reports it).
+fn count_events(mut buf: &[u8]) -> usize {
+    let mut count = 0;
+    while buf.has_remaining() {
+        let Ok((tag, wire_type)) = decode_key(&mut buf) else {
+            break;
+        };
+        if tag == EVENTS_TAG {
+            count += 1;
+        }
+        if skip_field(wire_type, tag, &mut buf, DecodeContext::default()).is_err() {
+            break;
+        }
+    }
+    count
+}
+
+fn decode_event(mut buf: &[u8], index: u64) -> Result<ValidEvent, BatchError> {
+    let mut id: &[u8] = &[];
+    let (mut service, mut message, mut metadata_json) =
+        (String::new(), String::new(), String::new());
+    let mut timestamp_micros = 0i64;
+    let mut user_id = None;
+    let mut trace_id: &[u8] = &[];
+    while buf.has_remaining() {
+        let (tag, wire_type) = decode_key(&mut buf)?;
+        match tag {
+            ID_TAG => id = take_delimited(&mut buf, wire_type)?,
+            SERVICE_TAG => service = take_string(&mut buf, wire_type)?,
+            MESSAGE_TAG => message = take_string(&mut buf, wire_type)?,
+            TIMESTAMP_TAG => timestamp_micros = take_int64(&mut buf, wire_type)?,
+            USER_ID_TAG => user_id = Some(take_string(&mut buf, wire_type)?),
+            METADATA_TAG => metadata_json = take_string(&mut buf, wire_type)?,
+            TRACE_ID_TAG => trace_id = take_delimited(&mut buf, wire_type)?,
+            _ => skip_field(wire_type, tag, &mut buf, DecodeContext::default())?,
+        }
+    }
+    Ok(ValidEvent {
+        trace_id: <[u8; 16]>::try_from(trace_id).ok().map(TraceId::from_bytes),
+        index,
+        id: Uuid::from_slice(id).map_err(|_| BatchError::InvalidId)?,
+        service,
+        message,
+        timestamp: DateTime::from_timestamp_micros(timestamp_micros)
+            .ok_or(BatchError::InvalidTimestamp)?,
+        user_id,
+        metadata_json,
+    })
+}
+
+/// A length-delimited field's bytes, borrowed from the payload.
+fn take_delimited<'a>(buf: &mut &'a [u8], wire_type: WireType) -> Result<&'a [u8], BatchError> {
+    check_wire_type(WireType::LengthDelimited, wire_type)?;
+    let len = usize::try_from(decode_varint(buf)?).map_err(|_| BatchError::Truncated)?;
+    if len > buf.len() {
+        return Err(BatchError::Truncated);
+    }
+    let (field, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(field)
+}
+
+fn take_string(buf: &mut &[u8], wire_type: WireType) -> Result<String, BatchError> {
+    let bytes = take_delimited(buf, wire_type)?;
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| BatchError::NotUtf8)
+}
+
+fn take_int64(buf: &mut &[u8], wire_type: WireType) -> Result<i64, BatchError> {
+    check_wire_type(WireType::Varint, wire_type)?;
+    // int64 is the varint's bits, as prost reads it.
+    Ok(decode_varint(buf)? as i64)
 }
 
 #[cfg(test)]
@@ -281,8 +361,100 @@ mod tests {
                 .collect(),
         };
         let mut payload = vec![VERSION_PROTOBUF];
-        payload.extend(batch.encode_to_vec());
+        payload.extend(prost::Message::encode_to_vec(&batch));
         payload
+    }
+
+    /// The batch as the generated message decodes it: what [`decode`] reads without it.
+    fn decoded_by_prost(payload: &[u8]) -> Batch {
+        let batch = <pb::SpoolBatch as prost::Message>::decode(&payload[1..]).expect("prost");
+        Batch {
+            admitted_at: DateTime::from_timestamp_micros(batch.admitted_at_micros)
+                .filter(|_| batch.admitted_at_micros != 0),
+            events: batch
+                .events
+                .into_iter()
+                .enumerate()
+                .map(|(index, event)| ValidEvent {
+                    trace_id: <[u8; 16]>::try_from(event.trace_id.as_slice())
+                        .ok()
+                        .map(TraceId::from_bytes),
+                    index: index as u64,
+                    id: Uuid::from_slice(&event.id).expect("id"),
+                    service: event.service,
+                    message: event.message,
+                    timestamp: DateTime::from_timestamp_micros(event.timestamp_micros)
+                        .expect("timestamp"),
+                    user_id: event.user_id,
+                    metadata_json: event.metadata_json,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_read_as_prost_reads_the_generated_message_and_damage_is_an_error() {
+        let events = [
+            event(),
+            ValidEvent {
+                index: 1,
+                user_id: None,
+                trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
+                ..event()
+            },
+            ValidEvent {
+                index: 2,
+                user_id: Some(String::new()),
+                metadata_json: String::new(),
+                message: "\u{1f600}".repeat(100),
+                ..event()
+            },
+        ];
+        let refs: Vec<&ValidEvent> = events.iter().collect();
+        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_654_321);
+        let mut payload = encoded_by_prost(&refs, admitted_at);
+        // A field a newer writer may add to the batch: skipped, as prost skips it.
+        encode_key(15, WireType::Varint, &mut payload);
+        encode_varint(7, &mut payload);
+        let read = decode(&payload).expect("decodes");
+        assert_eq!(read, decoded_by_prost(&payload));
+        assert_eq!(read.events, events);
+        assert_eq!(read.admitted_at, admitted_at);
+
+        // Fields out of order and one unknown inside an event, the last of a repeated
+        // field winning: as prost reads them.
+        let mut event_bytes = Vec::new();
+        put_bytes(SERVICE_TAG, b"first", &mut event_bytes);
+        encode_key(9, WireType::LengthDelimited, &mut event_bytes);
+        encode_varint(2, &mut event_bytes);
+        event_bytes.extend_from_slice(b"??");
+        put_int64(TIMESTAMP_TAG, 1_800_000_000_000_000, &mut event_bytes);
+        put_bytes(ID_TAG, event().id.as_bytes(), &mut event_bytes);
+        put_bytes(SERVICE_TAG, b"second", &mut event_bytes);
+        let mut reordered = vec![VERSION_PROTOBUF];
+        put_bytes(EVENTS_TAG, &event_bytes, &mut reordered);
+        let read = decode(&reordered).expect("decodes");
+        assert_eq!(read, decoded_by_prost(&reordered));
+        assert_eq!(read.events[0].service, "second");
+
+        // Cut anywhere: refused where prost refuses it, read as prost reads it elsewhere
+        // (a cut between two events leaves a shorter batch, as protobuf has it).
+        for cut in 1..payload.len() {
+            let cut = &payload[..cut];
+            match <pb::SpoolBatch as prost::Message>::decode(&cut[1..]) {
+                Err(_) => assert!(decode(cut).is_err(), "{cut:?}"),
+                Ok(_) => assert_eq!(decode(cut).expect("decodes"), decoded_by_prost(cut)),
+            }
+        }
+        let mut bad_event = Vec::new();
+        put_bytes(ID_TAG, event().id.as_bytes(), &mut bad_event);
+        put_bytes(SERVICE_TAG, &[0xff, 0xfe], &mut bad_event);
+        let mut not_utf8 = vec![VERSION_PROTOBUF];
+        put_bytes(EVENTS_TAG, &bad_event, &mut not_utf8);
+        assert!(matches!(decode(&not_utf8), Err(BatchError::NotUtf8)));
+        let mut wrong_type = vec![VERSION_PROTOBUF];
+        put_int64(EVENTS_TAG, 5, &mut wrong_type);
+        assert!(matches!(decode(&wrong_type), Err(BatchError::Protobuf(_))));
     }
 
     #[test]
