@@ -12,7 +12,9 @@ use uuid::Uuid;
 
 use super::{TraceId, ValidEvent};
 
-/// The generated `sluice.spool.v1` messages.
+/// The generated `sluice.spool.v1` messages: the schema that the hand-written encoding and
+/// decoding are tested against.
+#[cfg(test)]
 #[allow(clippy::all, missing_docs)]
 mod pb {
     include!("../proto/generated/sluice.spool.v1.rs");
