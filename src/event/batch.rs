@@ -316,17 +316,19 @@ mod tests {
         }
     }
 
+    /// An event at `index` with a trace id and no user id.
+    fn traced(index: u64) -> ValidEvent {
+        ValidEvent {
+            index,
+            user_id: None,
+            trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
+            ..event()
+        }
+    }
+
     #[test]
     fn a_batch_round_trips_through_the_current_version() {
-        let events = vec![
-            event(),
-            ValidEvent {
-                index: 1,
-                user_id: None,
-                trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
-                ..event()
-            },
-        ];
+        let events = vec![event(), traced(1)];
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_654_321);
         let payload = encode(&events.iter().collect::<Vec<_>>(), admitted_at);
         assert_eq!(payload[0], VERSION_PROTOBUF);
@@ -398,12 +400,7 @@ mod tests {
     fn a_batch_is_read_as_prost_reads_the_generated_message_and_damage_is_an_error() {
         let events = [
             event(),
-            ValidEvent {
-                index: 1,
-                user_id: None,
-                trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
-                ..event()
-            },
+            traced(1),
             ValidEvent {
                 index: 2,
                 user_id: Some(String::new()),
@@ -464,11 +461,7 @@ mod tests {
         let long = "x".repeat(300);
         let events = [
             event(),
-            ValidEvent {
-                user_id: None,
-                trace_id: TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").ok(),
-                ..event()
-            },
+            traced(0),
             // An empty user id is still written (the field is optional); an empty metadata
             // text and the epoch itself are proto3 defaults, left out.
             ValidEvent {
