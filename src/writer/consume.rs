@@ -168,11 +168,17 @@ impl Consumer {
     async fn handle(&self, entries: Vec<Entry>, acking: &mut Option<JoinHandle<()>>) {
         let held: Vec<&Entry> = entries.iter().collect();
         let done = self.renewing(&held, self.store(&entries)).await;
+        // What the ack needs of each entry: its id, shard and counts, not its events.
         let done: Vec<Entry> = entries
             .into_iter()
             .enumerate()
             .filter(|(index, _)| done.contains(index))
-            .map(|(_, entry)| entry)
+            .map(|(_, mut entry)| {
+                if let Ok(batch) = &mut entry.events {
+                    batch.events = Vec::new();
+                }
+                entry
+            })
             .collect();
         finish(acking.take()).await;
         if done.is_empty() {
