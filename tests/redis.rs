@@ -576,6 +576,22 @@ fn node(database: &TestDatabase, redis: &Redis, role: &str) -> ServerSpec {
         .arg(role)
 }
 
+/// `rounds` requests of `size` events of `service`, each sent once the previous one is
+/// acknowledged; messages are `<round>-<index>`.
+async fn publish_one_at_a_time(
+    client: &mut IngestServiceClient<Channel>,
+    service: &str,
+    rounds: usize,
+    size: usize,
+) {
+    for round in 0..rounds {
+        let events = (0..size)
+            .map(|index| event(service, &format!("{round}-{index}")))
+            .collect();
+        client.publish(request(events)).await.expect("publish");
+    }
+}
+
 /// What a sender does with a refused request.
 #[derive(Clone, Copy)]
 enum Refused {
@@ -1026,12 +1042,7 @@ async fn each_batch_is_one_entry_and_the_batches_take_the_shards_in_turn() {
     let ingest = TestServer::start(node(&database, &redis, "ingest")).await;
     let mut client = ingest.ingest_client().await;
     // One request at a time, so each batch holds exactly one request's events.
-    for round in 0..8 {
-        let events = (0..50)
-            .map(|index| event("turns", &format!("{round}-{index}")))
-            .collect();
-        client.publish(request(events)).await.expect("publish");
-    }
+    publish_one_at_a_time(&mut client, "turns", 8, 50).await;
     let mut connection = redis.connection().await;
     for shard in 0..4 {
         let entries: Vec<(String, std::collections::HashMap<String, redis::Value>)> =
@@ -1095,12 +1106,7 @@ async fn acks_wait_for_a_replica_with(binary: &str) -> String {
     )
     .await;
     let mut client = ingest.ingest_client().await;
-    for round in 0..3 {
-        let events = (0..10)
-            .map(|index| event("replicas", &format!("{round}-{index}")))
-            .collect();
-        client.publish(request(events)).await.expect("publish");
-    }
+    publish_one_at_a_time(&mut client, "replicas", 3, 10).await;
     // Every batch went to Redis (none to the spool, where a failed wait would send it).
     assert_eq!(master.backlog_events().await, 30, "{}", ingest.logs());
     let mut connection = master.connection().await;
@@ -1145,12 +1151,7 @@ async fn acks_wait_with_waitaof_on_the_master_that_took_each_append_in_a_valkey_
     let ingest = TestServer::start(cluster_node(&database, &cluster, "ingest")).await;
     let mut client = ingest.ingest_client().await;
     // 24 batches: the 12 shards take two each, in turn, so every master takes appends.
-    for round in 0..24 {
-        let events = (0..10)
-            .map(|index| event("valkey-cluster", &format!("{round}-{index}")))
-            .collect();
-        client.publish(request(events)).await.expect("publish");
-    }
+    publish_one_at_a_time(&mut client, "valkey-cluster", 24, 10).await;
 
     // Each master was asked WAITAOF (its own AOF and a replica's) once per entry it took: the
     // wait went to the node that took the append, never a plain WAIT, and none failed.
