@@ -1,15 +1,15 @@
 //! Redis Broker between ingest nodes and writer nodes (Redis mode).
 //!
 //! Ingest nodes append each batch of acknowledged-to-be events as one entry of one of
-//! `redis.shards` streams (`<prefix>:<n>`, each batch to the next), in one script with the
+//! `redis.shards` streams (`<prefix>:<n>`, each batch to the next), in one `MULTI` with the
 //! backlog counters, and acknowledge clients only after Redis (and `WAIT`'s replicas) has it.
 //! Writer nodes read through one consumer group, write to PostgreSQL, then `XACK` and `XDEL`
 //! each entry and lower the counters in one script. Nothing is ever trimmed by length: an
 //! entry leaves a stream only once it is stored (or dead-lettered).
 //!
 //! In a Redis Cluster (`redis.cluster_nodes`) every shard lives in one slot: its stream and its
-//! backlog counters carry the hash tag `{<n>}`, so an append is one atomic script on the
-//! master of that slot, and the shards spread over the masters. Commands never span slots:
+//! backlog counters carry the hash tag `{<n>}`, so an append is one `MULTI` transaction on
+//! the master of that slot, and the shards spread over the masters. Commands never span slots:
 //! reads and acks go shard by shard, concurrently.
 //!
 //! An entry is the spool's record format (a version byte, then a protobuf `SpoolBatch`), so
@@ -24,7 +24,7 @@ mod reply;
 
 use std::{
     sync::{
-        Arc, LazyLock,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -32,7 +32,7 @@ use std::{
 
 use futures::future::try_join_all;
 use redis::{
-    ErrorKind, RedisWrite, Script, ServerErrorKind, ToRedisArgs,
+    RedisWrite, Script, ToRedisArgs,
     streams::{StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply},
 };
 
@@ -81,18 +81,6 @@ redis.call('DECRBY', KEYS[1], events)
 redis.call('DECRBY', KEYS[2], bytes)
 return events
 ";
-
-/// One append, atomic (on its shard's slot in a cluster): the entry and its counters.
-static APPEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-redis.call('XADD', KEYS[1], '*', 'b', ARGV[1], 'n', ARGV[2])
-redis.call('INCRBY', KEYS[2], ARGV[2])
-redis.call('INCRBY', KEYS[3], ARGV[3])
-return 1
-",
-    )
-});
 
 /// A batch as the argument of its append: encoded into the command itself.
 struct EntryArg<'a> {
@@ -327,31 +315,33 @@ impl Broker {
         let shard = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % shards.len();
         let keys = &shards[shard];
         let entry = EntryArg::new(events, admitted_at);
-        // One atomic script: the entry and its shard's counters (on one Redis every shard
-        // shares them; in a cluster they sit in the shard's slot). The entry is encoded
-        // straight into the command: no payload of its own, copied into the command after.
-        let mut append = redis::cmd("EVALSHA");
+        // One transaction on the shard's slot: the entry and its shard's counters (on one
+        // Redis every shard shares them; in a cluster they sit in the shard's slot), all or
+        // nothing. The entry is encoded straight into the command: no payload of its own,
+        // copied into the command after. Not a Lua script: a script's arguments are copied
+        // into Lua and back, which doubled a master's CPU for entries this size
+        // (BENCHMARKS.md, "An append as MULTI, not a script").
+        let mut append = redis::pipe();
         append
-            .arg(APPEND.get_hash())
-            .arg(3)
+            .atomic()
+            .cmd("XADD")
             .arg(&keys.stream)
-            .arg(&keys.backlog_events)
-            .arg(&keys.backlog_bytes)
+            .arg("*")
+            .arg(PAYLOAD_FIELD)
             .arg(&entry)
+            .arg(COUNT_FIELD)
             .arg(events.len())
-            .arg(entry.len);
+            .ignore()
+            .cmd("INCRBY")
+            .arg(&keys.backlog_events)
+            .arg(events.len())
+            .ignore()
+            .cmd("INCRBY")
+            .arg(&keys.backlog_bytes)
+            .arg(entry.len)
+            .ignore();
         let mut connection = self.connection.clone();
-        let appended: Result<i64, _> = append.query_async(&mut connection).await;
-        match appended {
-            // A Redis that restarted, or a master new to the slot, has not seen the script.
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                APPEND.load_async(&mut connection).await?;
-                let _: i64 = append.query_async(&mut connection).await?;
-            }
-            appended => {
-                appended?;
-            }
-        }
+        let () = append.query_async(&mut connection).await?;
         self.wait_replicas(&mut connection, &keys.stream).await
     }
 
@@ -718,8 +708,8 @@ mod tests {
         let events: Vec<&ValidEvent> = events.iter().collect();
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
         let entry = EntryArg::new(&events, admitted_at);
-        let mut command = redis::cmd("EVALSHA");
-        command.arg("hash").arg(&entry).arg(entry.len);
+        let mut command = redis::cmd("XADD");
+        command.arg("stream").arg(&entry).arg(entry.len);
         let args: Vec<Vec<u8>> = command
             .args_iter()
             .map(|arg| match arg {
