@@ -208,15 +208,13 @@ impl Writer {
             outcomes[position] = Some(outcome);
         }
         metrics::batch_written(events.len(), started.elapsed());
-        if self.target.stores() {
-            count_services(&events, &outcomes, &self.context.counters);
-        }
         self.context
             .buffer
             .record_drained(events.len(), started.elapsed());
         drop(events);
-        let tailed = self.target.stores() && self.context.tail.has_subscribers();
-        let stored = acknowledge(batch, outcomes, &self.context.counters, tailed);
+        let stores = self.target.stores();
+        let tailed = stores && self.context.tail.has_subscribers();
+        let stored = acknowledge(batch, outcomes, &self.context.counters, stores, tailed);
         if tailed {
             self.context.tail.publish(stored);
         }
@@ -297,29 +295,43 @@ fn split_unwritable<'a>(
     (writable, outcomes)
 }
 
-/// Counts the stored events per service: one counter update per distinct service of the
-/// batch, however its events interleave.
-fn count_services(events: &[&ValidEvent], outcomes: &[Option<EventOutcome>], counters: &Counters) {
-    counters.services_stored(
-        events
-            .iter()
-            .zip(outcomes)
-            .filter(|(_, outcome)| matches!(outcome, Some(EventOutcome::Stored)))
-            .map(|(event, _)| event.service.as_str()),
-    );
+/// Stored events per service, for `sluice_service_events_total`: one counter update per
+/// distinct service of the batch, however its events interleave.
+#[derive(Default)]
+struct StoredPerService(Vec<(String, u64)>);
+
+impl StoredPerService {
+    /// Batches mostly carry few services: the last one seen is tried first.
+    fn add(&mut self, service: &str) {
+        if let Some((_, count)) = self.0.iter_mut().rev().find(|(known, _)| known == service) {
+            *count += 1;
+            return;
+        }
+        self.0.push((service.to_owned(), 1));
+    }
+
+    fn record(self, counters: &Counters) {
+        for (service, count) in self.0 {
+            counters.service_events(&service, count);
+        }
+    }
 }
 
 /// Splits the batch's outcomes back per envelope and sends each envelope's ack. Dropping the
-/// envelope afterwards releases its buffer permits. With `keep_stored`, returns the events
-/// stored (moved, not copied, for Tail); otherwise nothing.
+/// envelope afterwards releases its buffer permits. With `count_stored` (this writer stores into
+/// PostgreSQL, not an ingest node's writer to Redis), counts the stored events per service on the way,
+/// while each event's memory is at hand. With `keep_stored`, returns the events stored (moved,
+/// not copied, for Tail); otherwise nothing.
 fn acknowledge(
     batch: Vec<Envelope>,
     outcomes: Vec<Option<EventOutcome>>,
     counters: &Counters,
+    count_stored: bool,
     keep_stored: bool,
 ) -> Vec<ValidEvent> {
     let mut outcomes = outcomes.into_iter();
     let mut stored = Vec::new();
+    let mut per_service = StoredPerService::default();
     for mut envelope in batch {
         let mut durable = Durable::default();
         // The request's accepted events by service, for the business figures.
@@ -337,6 +349,9 @@ fn acknowledge(
             match outcome {
                 Some(EventOutcome::Stored) => {
                     durable.stored += 1;
+                    if count_stored {
+                        per_service.add(&event.service);
+                    }
                     if keep_stored {
                         stored.push(event);
                     }
@@ -378,6 +393,7 @@ fn acknowledge(
         // A closed receiver means the client went away; its events are durable regardless.
         let _ = envelope.ack.send(durable);
     }
+    per_service.record(counters);
     stored
 }
 

@@ -128,15 +128,18 @@ impl Sink {
     /// [`COPY_CHUNK_BYTES`] into the buffer the last batch left (see [`Self::keep_payload`]).
     /// An event that [`copy::check`] refuses fails the write (writers reject those before they
     /// reach a sink), and the COPY, dropped unfinished, stores nothing of it.
-    async fn send_rows(
+    /// With `rollup`, each event is also counted there as its row is written (while its
+    /// memory is at hand, not in a pass of its own).
+    async fn send_rows<'a>(
         &self,
         copy_in: &mut PgCopyIn<&mut PgConnection>,
-        events: &[&ValidEvent],
+        events: &[&'a ValidEvent],
+        rollup: Option<&mut Rollup<'a>>,
     ) -> Result<(), sqlx::Error> {
         let mut buffer =
             std::mem::take(&mut *self.payload.lock().unwrap_or_else(PoisonError::into_inner));
         buffer.clear();
-        let sent = send_rows(copy_in, events, &mut buffer).await;
+        let sent = send_rows(copy_in, events, &mut buffer, rollup).await;
         self.keep_payload(buffer);
         sent
     }
@@ -201,17 +204,17 @@ impl Sink {
 
     /// The events of a write that the erasures reaching it leave (anonymized where one
     /// anonymizes), read in the write's transaction under the erasure lock; one outcome per
-    /// event, `Erased` or `Stored`.
+    /// event, `Erased` or `Stored`. None when no erasure reaches the write (the usual case):
+    /// every event is then written as it is, with no per-event copy or pass for nothing.
     async fn after_erasures<'a>(
         &self,
         transaction: &mut PgConnection,
         events: &[&'a ValidEvent],
         admitted_at: Option<DateTime<Utc>>,
-    ) -> Result<(Vec<Cow<'a, ValidEvent>>, Vec<EventOutcome>), sqlx::Error> {
+    ) -> Result<Option<(Vec<Cow<'a, ValidEvent>>, Vec<EventOutcome>)>, sqlx::Error> {
         let reaching = erasures::Reaching::read(transaction, admitted_at).await?;
         if reaching.is_empty() {
-            let kept = events.iter().map(|event| Cow::Borrowed(*event)).collect();
-            return Ok((kept, vec![EventOutcome::Stored; events.len()]));
+            return Ok(None);
         }
         let privacy = self.privacy.load();
         let mut kept = Vec::with_capacity(events.len());
@@ -230,7 +233,7 @@ impl Sink {
             metrics::events_erased(erased as u64);
             tracing::info!(erased, "events covered by an erasure were not written");
         }
-        Ok((kept, outcomes))
+        Ok(Some((kept, outcomes)))
     }
 
     async fn copy_fast(
@@ -239,16 +242,18 @@ impl Sink {
         admitted_at: Option<DateTime<Utc>>,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        let (kept, outcomes) = self
+        let left = self
             .after_erasures(&mut transaction, events, admitted_at)
             .await?;
-        let kept: Vec<&ValidEvent> = kept.iter().map(AsRef::as_ref).collect();
+        let (kept, outcomes) = kept_events(events, left.as_ref());
         if !kept.is_empty() {
             let statement = format!("COPY events ({}) FROM STDIN (FORMAT binary)", copy::COLUMNS);
             let mut copy_in = transaction.copy_in_raw(&statement).await?;
-            self.send_rows(&mut copy_in, &kept).await?;
+            let mut rollup = Rollup::default();
+            self.send_rows(&mut copy_in, &kept, Some(&mut rollup))
+                .await?;
             copy_in.finish().await?;
-            add_to_rollup(&mut transaction, self.shard, kept.iter().copied()).await?;
+            add_to_rollup(&mut transaction, self.shard, rollup).await?;
         }
         transaction.commit().await?;
         Ok(outcomes)
@@ -318,10 +323,10 @@ impl Sink {
         admitted_at: Option<DateTime<Utc>>,
     ) -> Result<Vec<EventOutcome>, sqlx::Error> {
         let mut transaction = self.pool.begin().await?;
-        let (kept, mut outcomes) = self
+        let left = self
             .after_erasures(&mut transaction, events, admitted_at)
             .await?;
-        let kept: Vec<&ValidEvent> = kept.iter().map(AsRef::as_ref).collect();
+        let (kept, mut outcomes) = kept_events(events, left.as_ref());
         let events = kept.as_slice();
         sqlx::query("CREATE TEMP TABLE IF NOT EXISTS sluice_staging (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         .execute(&mut *transaction)
@@ -331,7 +336,7 @@ impl Sink {
             copy::COLUMNS
         );
         let mut copy_in = transaction.copy_in_raw(&statement).await?;
-        self.send_rows(&mut copy_in, events).await?;
+        self.send_rows(&mut copy_in, events, None).await?;
         copy_in.finish().await?;
         let inserted: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "INSERT INTO events ({columns}) SELECT {columns} FROM sluice_staging ON CONFLICT DO NOTHING RETURNING id, ts",
@@ -357,16 +362,15 @@ impl Sink {
                 },
             )
             .collect();
-        let stored = events
+        let mut rollup = Rollup::default();
+        for (event, _) in events
             .iter()
             .zip(&written)
-            .filter(|(_, outcome)| **outcome == EventOutcome::Stored);
-        add_to_rollup(
-            &mut transaction,
-            self.shard,
-            stored.map(|(event, _)| *event),
-        )
-        .await?;
+            .filter(|(_, outcome)| **outcome == EventOutcome::Stored)
+        {
+            rollup.add(event);
+        }
+        add_to_rollup(&mut transaction, self.shard, rollup).await?;
         let conflicting = if written.contains(&EventOutcome::Duplicate) {
             count_conflicting(&mut transaction).await?
         } else {
@@ -403,16 +407,11 @@ async fn count_conflicting(connection: &mut PgConnection) -> Result<u64, sqlx::E
 
 /// Adds stored events to the per-service hourly counts of `shard`, in the caller's
 /// transaction. Keys are upserted in sorted order.
-async fn add_to_rollup<'a>(
+async fn add_to_rollup(
     connection: &mut PgConnection,
     shard: i16,
-    stored: impl Iterator<Item = &'a ValidEvent>,
+    Rollup(counts): Rollup<'_>,
 ) -> Result<(), sqlx::Error> {
-    let mut counts: BTreeMap<(&str, i64), i64> = BTreeMap::new();
-    for event in stored {
-        let hour = event.timestamp.timestamp().div_euclid(3600) * 3600;
-        *counts.entry((event.service.as_str(), hour)).or_default() += 1;
-    }
     if counts.is_empty() {
         return Ok(());
     }
@@ -435,6 +434,30 @@ async fn add_to_rollup<'a>(
     .execute(connection)
     .await?;
     Ok(())
+}
+
+/// The events to write, and every event's outcome so far, given what the erasures left
+/// ([`Sink::after_erasures`]; None: all of them, as they are).
+fn kept_events<'a>(
+    events: &[&'a ValidEvent],
+    left: Option<&'a (Vec<Cow<'a, ValidEvent>>, Vec<EventOutcome>)>,
+) -> (Vec<&'a ValidEvent>, Vec<EventOutcome>) {
+    match left {
+        None => (events.to_vec(), vec![EventOutcome::Stored; events.len()]),
+        Some((kept, outcomes)) => (kept.iter().map(AsRef::as_ref).collect(), outcomes.clone()),
+    }
+}
+
+/// Stored events per service and hour (the keys of `event_counts`), counted one event at a
+/// time.
+#[derive(Debug, Default)]
+struct Rollup<'a>(BTreeMap<(&'a str, i64), i64>);
+
+impl<'a> Rollup<'a> {
+    fn add(&mut self, event: &'a ValidEvent) {
+        let hour = event.timestamp.timestamp().div_euclid(3600) * 3600;
+        *self.0.entry((event.service.as_str(), hour)).or_default() += 1;
+    }
 }
 
 async fn dead_letter(
@@ -521,10 +544,11 @@ async fn create_partitions_for(pool: &PgPool, events: &[&ValidEvent]) -> Result<
 
 /// `events` as one binary COPY through `copy_in`, encoded into `buffer` and sent each time it
 /// holds [`COPY_CHUNK_BYTES`].
-async fn send_rows(
+async fn send_rows<'a>(
     copy_in: &mut PgCopyIn<&mut PgConnection>,
-    events: &[&ValidEvent],
+    events: &[&'a ValidEvent],
     buffer: &mut BytesMut,
+    mut rollup: Option<&mut Rollup<'a>>,
 ) -> Result<(), sqlx::Error> {
     buffer.reserve(COPY_CHUNK_BYTES);
     copy::put_header(buffer);
@@ -532,6 +556,9 @@ async fn send_rows(
         copy::put_row(buffer, event).map_err(|reason| {
             sqlx::Error::Encode(Box::new(copy::FieldTooLong { position, reason }))
         })?;
+        if let Some(rollup) = rollup.as_deref_mut() {
+            rollup.add(event);
+        }
         if buffer.len() >= COPY_CHUNK_BYTES {
             copy_in.send(&buffer[..]).await?;
             buffer.clear();
