@@ -14,13 +14,14 @@ use uuid::Uuid;
 
 use super::{IngestError, Progress, validate::Validator};
 use crate::{
+    auth::Caller,
     broker::BacklogGate,
     buffer::{AckReceiver, AdmitError, Buffer, Durable, Holder},
     config::Config,
     event::{EventRejection, RejectReason, TraceId, ValidEvent},
     lifecycle::RetentionPolicy,
     metrics::{Counters, Refusal},
-    privacy::{SharedPrivacy, optouts::OptOuts},
+    privacy::{Privacy, SharedPrivacy, optouts::OptOuts},
     proto::status,
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
@@ -132,52 +133,56 @@ impl IngestHandler {
                 Some(id) => validator.validate_known_id(index, event, *id),
                 None => validator.validate(index, event),
             };
-            let checked = checked.and_then(|mut valid| {
-                valid.trace_id = trace_id;
-                if !caller.may_use(&valid.service) {
-                    return Err(EventRejection {
-                        index: valid.index,
-                        event_id: valid.id.to_string(),
-                        service: valid.service.clone(),
-                        reason: RejectReason::ServiceForbidden {
-                            principal: caller.principal.clone(),
+            let rejection = match checked {
+                Ok(mut valid) => {
+                    valid.trace_id = trace_id;
+                    match self.may_keep(caller, &privacy, &mut valid) {
+                        Ok(()) => {
+                            validated.events.push(valid);
+                            continue;
+                        }
+                        Err(reason) => EventRejection {
+                            index: valid.index,
+                            event_id: valid.id.to_string(),
                             service: valid.service,
+                            reason,
                         },
-                    });
+                    }
                 }
-                // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
-                if !self.optouts.is_empty()
-                    && let Some(user) = valid.user_id.as_deref()
-                    && self.optouts.refuses(&privacy.hash(user), &valid.service)
-                {
-                    return Err(EventRejection {
-                        index: valid.index,
-                        event_id: valid.id.to_string(),
-                        service: valid.service,
-                        reason: RejectReason::OptedOut,
-                    });
-                }
-                // Before the buffer: plain user ids and redacted values go no further.
-                match privacy.protect_event(&mut valid) {
-                    Ok(()) => Ok(valid),
-                    Err(error) => Err(EventRejection {
-                        index: valid.index,
-                        event_id: valid.id.to_string(),
-                        service: valid.service,
-                        reason: RejectReason::Privacy(error.to_string()),
-                    }),
-                }
-            });
-            match checked {
-                Ok(valid) => validated.events.push(valid),
-                Err(rejection) => {
-                    self.counters
-                        .event_rejected(&rejection.service, rejection.reason.as_str());
-                    validated.rejections.push(rejection);
-                }
-            }
+                Err(rejection) => rejection,
+            };
+            self.counters
+                .event_rejected(&rejection.service, rejection.reason.as_str());
+            validated.rejections.push(rejection);
         }
         Ok(validated)
+    }
+
+    /// Whether a valid event may go on to the buffer: its caller may write its service, its
+    /// user did not opt out, and privacy applies (pseudonymized user id, redacted values), in
+    /// place, so that plain user ids and redacted values go no further.
+    fn may_keep(
+        &self,
+        caller: &Caller,
+        privacy: &Privacy,
+        valid: &mut ValidEvent,
+    ) -> Result<(), RejectReason> {
+        if !caller.may_use(&valid.service) {
+            return Err(RejectReason::ServiceForbidden {
+                principal: caller.principal.clone(),
+                service: valid.service.clone(),
+            });
+        }
+        // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
+        if !self.optouts.is_empty()
+            && let Some(user) = valid.user_id.as_deref()
+            && self.optouts.refuses(&privacy.hash(user), &valid.service)
+        {
+            return Err(RejectReason::OptedOut);
+        }
+        privacy
+            .protect_event(valid)
+            .map_err(|error| RejectReason::Privacy(error.to_string()))
     }
 
     /// Admits valid events to the buffer, as `holder`'s. None when there was nothing valid to

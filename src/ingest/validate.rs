@@ -67,35 +67,22 @@ impl<'a> Validator<'a> {
         self.validate_with(index, event, Some(id))
     }
 
+    /// The checks, in the order a client reads about them. A refusal carries the event's id
+    /// as sent (cut to a bounded length) and the reason.
     fn validate_with(
         &self,
         index: u64,
         event: Event,
         known_id: Option<Uuid>,
     ) -> Result<ValidEvent, EventRejection> {
-        self.check(event, known_id)
-            .map_err(|(event_id, service, reason)| EventRejection {
-                index,
-                event_id,
-                service,
-                reason,
-            })
-            .map(|valid| ValidEvent { index, ..valid })
-    }
-
-    /// The checks, in the order a client reads about them. A refusal carries the event's id
-    /// as sent (cut to a bounded length) and the reason.
-    fn check(
-        &self,
-        event: Event,
-        known_id: Option<Uuid>,
-    ) -> Result<ValidEvent, (String, String, RejectReason)> {
-        let reject = |reason: RejectReason| {
-            let id = match known_id {
+        let reject = |reason: RejectReason| EventRejection {
+            index,
+            event_id: match known_id {
                 Some(id) => id.to_string(),
                 None => echoed_id(&event.id),
-            };
-            (id, echoed_id(&event.service), reason)
+            },
+            service: echoed_id(&event.service),
+            reason,
         };
         let id = match known_id {
             Some(id) => id,
@@ -140,7 +127,7 @@ impl<'a> Validator<'a> {
         }
         Ok(ValidEvent {
             trace_id: None,
-            index: 0,
+            index,
             id,
             service: event.service,
             message: event.message,

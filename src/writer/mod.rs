@@ -289,7 +289,7 @@ fn split_unwritable<'a>(
     for (position, event) in events.iter().enumerate() {
         match copy::check(event) {
             Ok(()) => writable.push((position, *event)),
-            Err(reason) => outcomes[position] = Some(EventOutcome::Rejected(reason)),
+            Err(reason) => outcomes[position] = Some(EventOutcome::Rejected(Box::new(reason))),
         }
     }
     (writable, outcomes)
@@ -369,7 +369,7 @@ fn acknowledge(
                         index: event.index,
                         event_id: event.id.to_string(),
                         service: event.service.clone(),
-                        reason,
+                        reason: *reason,
                     });
                 }
                 // Every position is filled by `write`; an empty one would be a bug, and the

@@ -38,7 +38,9 @@ pub enum EventOutcome {
     /// Not stored: an erasure (Delete) that ended after the event was admitted covers it.
     Erased,
     /// Not stored: refused before the write, or by PostgreSQL (then kept in `dead_letters`).
-    Rejected(RejectReason),
+    /// Boxed: a batch holds an outcome per event, nearly all `Stored`, and the reason would
+    /// make every one of them several times larger.
+    Rejected(Box<RejectReason>),
 }
 
 /// How a database error is handled.
@@ -303,9 +305,9 @@ impl Sink {
                                         .push_str("; it could not be kept in dead letters either");
                                 }
                             }
-                            return Ok(vec![EventOutcome::Rejected(
+                            return Ok(vec![EventOutcome::Rejected(Box::new(
                                 RejectReason::DatabaseRefused(reason),
-                            )]);
+                            ))]);
                         }
                         let (left, right) = events.split_at(events.len() / 2);
                         let mut outcomes = self.write_isolating(left, admitted_at).await?;
