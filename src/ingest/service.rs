@@ -21,7 +21,10 @@ use crate::{
     event::{EventRejection, RejectReason, TraceId, ValidEvent},
     lifecycle::RetentionPolicy,
     metrics::{Counters, Refusal},
-    privacy::{Privacy, SharedPrivacy, optouts::OptOuts},
+    privacy::{
+        Privacy, SharedPrivacy,
+        optouts::{OptOutSet, OptOuts},
+    },
     proto::status,
     proto::{
         IngestAck, IngestRequest, IngestResponse, Rejection, ingest_service_server::IngestService,
@@ -122,6 +125,7 @@ impl IngestHandler {
         let validator =
             Validator::new(&self.config.validation, Utc::now()).with_retention(&self.retention);
         let privacy = self.privacy.load();
+        let optouts = self.optouts.current();
         let mut validated = Validated {
             events: Vec::with_capacity(request.events.len()),
             rejections: Vec::new(),
@@ -136,7 +140,7 @@ impl IngestHandler {
             let rejection = match checked {
                 Ok(mut valid) => {
                     valid.trace_id = trace_id;
-                    match self.may_keep(caller, &privacy, &mut valid) {
+                    match may_keep(caller, &privacy, &optouts, &mut valid) {
                         Ok(()) => {
                             validated.events.push(valid);
                             continue;
@@ -156,33 +160,6 @@ impl IngestHandler {
             validated.rejections.push(rejection);
         }
         Ok(validated)
-    }
-
-    /// Whether a valid event may go on to the buffer: its caller may write its service, its
-    /// user did not opt out, and privacy applies (pseudonymized user id, redacted values), in
-    /// place, so that plain user ids and redacted values go no further.
-    fn may_keep(
-        &self,
-        caller: &Caller,
-        privacy: &Privacy,
-        valid: &mut ValidEvent,
-    ) -> Result<(), RejectReason> {
-        if !caller.may_use(&valid.service) {
-            return Err(RejectReason::ServiceForbidden {
-                principal: caller.principal.clone(),
-                service: valid.service.clone(),
-            });
-        }
-        // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
-        if !self.optouts.is_empty()
-            && let Some(user) = valid.user_id.as_deref()
-            && self.optouts.refuses(&privacy.hash(user), &valid.service)
-        {
-            return Err(RejectReason::OptedOut);
-        }
-        privacy
-            .protect_event(valid)
-            .map_err(|error| RejectReason::Privacy(error.to_string()))
     }
 
     /// Admits valid events to the buffer, as `holder`'s. None when there was nothing valid to
@@ -266,6 +243,33 @@ impl IngestHandler {
         }
         Ok(rejected)
     }
+}
+
+/// Whether a valid event may go on to the buffer: its caller may write its service, its user
+/// did not opt out, and privacy applies (pseudonymized user id, redacted values), in place, so
+/// that plain user ids and redacted values go no further.
+fn may_keep(
+    caller: &Caller,
+    privacy: &Privacy,
+    optouts: &OptOutSet,
+    valid: &mut ValidEvent,
+) -> Result<(), RejectReason> {
+    if !caller.may_use(&valid.service) {
+        return Err(RejectReason::ServiceForbidden {
+            principal: caller.principal.clone(),
+            service: valid.service.clone(),
+        });
+    }
+    // Opted-out users: a keyed hash and a lookup, only when anyone opted out.
+    if !optouts.is_empty()
+        && let Some(user) = valid.user_id.as_deref()
+        && optouts.refuses(&privacy.hash(user), &valid.service)
+    {
+        return Err(RejectReason::OptedOut);
+    }
+    privacy
+        .protect_event(valid)
+        .map_err(|error| RejectReason::Privacy(error.to_string()))
 }
 
 /// An event's size as sluice counts it (`sluice_event_bytes`, `bytes_per_second`): its text

@@ -24,6 +24,30 @@ pub struct OptOuts {
     users: ArcSwap<HashMap<String, Scope>>,
 }
 
+/// The opted-out users at one moment ([`OptOuts::current`]).
+#[derive(Debug)]
+pub struct OptOutSet(Arc<HashMap<String, Scope>>);
+
+impl OptOutSet {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether the user (by key) opted out of `service`.
+    pub fn refuses(&self, user_key: &str, service: &str) -> bool {
+        refuses(&self.0, user_key, service)
+    }
+}
+
+/// Whether `users` holds the user (by key) as opted out of `service`.
+fn refuses(users: &HashMap<String, Scope>, user_key: &str, service: &str) -> bool {
+    match users.get(user_key) {
+        None => false,
+        Some(None) => true,
+        Some(Some(services)) => services.contains(service),
+    }
+}
+
 /// What OptIn can refuse.
 #[derive(Debug, thiserror::Error)]
 pub enum OptInError {
@@ -36,16 +60,16 @@ pub enum OptInError {
 impl OptOuts {
     /// Whether the user (by key) opted out of `service`. Cheap when nobody did.
     pub fn refuses(&self, user_key: &str, service: &str) -> bool {
-        let users = self.users.load();
-        match users.get(user_key) {
-            None => false,
-            Some(None) => true,
-            Some(Some(services)) => services.contains(service),
-        }
+        refuses(&self.users.load(), user_key, service)
     }
 
     pub fn is_empty(&self) -> bool {
         self.users.load().is_empty()
+    }
+
+    /// The set as it is now, for checking many events (a request's) against one load.
+    pub fn current(&self) -> OptOutSet {
+        OptOutSet(self.users.load_full())
     }
 
     /// Reloads the set from the table.
