@@ -204,17 +204,6 @@ impl Counters {
         self.services.add(service, count);
     }
 
-    /// One event stored per item of `services`: counted per service, one update each.
-    pub fn services_stored<'a>(&self, services: impl Iterator<Item = &'a str>) {
-        let mut per_service: BTreeMap<&str, u64> = BTreeMap::new();
-        for service in services {
-            *per_service.entry(service).or_default() += 1;
-        }
-        for (service, count) in per_service {
-            self.service_events(service, count);
-        }
-    }
-
     /// `count` events received from `principal`.
     pub fn principal_events(&self, principal: &str, count: u64) {
         self.principals.add(principal, count);

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
+    StoredPerService,
     breaker::Breaker,
     sink::{self, EventOutcome, Sink},
 };
@@ -302,11 +303,13 @@ impl Consumer {
         let counters = &self.context.counters;
         let tailed = self.context.tail.has_subscribers();
         let mut stored = Vec::new();
+        let mut per_service = StoredPerService::default();
         let (mut written, mut duplicates) = (0u64, 0u64);
         for (event, outcome) in events.iter().zip(outcomes) {
             match outcome {
                 EventOutcome::Stored => {
                     written += 1;
+                    per_service.add(&event.service);
                     if tailed {
                         stored.push((*event).clone());
                     }
@@ -318,13 +321,7 @@ impl Consumer {
                 }
             }
         }
-        counters.services_stored(
-            events
-                .iter()
-                .zip(outcomes)
-                .filter(|(_, outcome)| matches!(outcome, EventOutcome::Stored))
-                .map(|(event, _)| event.service.as_str()),
-        );
+        per_service.record(counters);
         metrics::stream_events_written(written, duplicates);
         if tailed && !stored.is_empty() {
             self.context.tail.publish(stored);

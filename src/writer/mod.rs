@@ -298,11 +298,11 @@ fn split_unwritable<'a>(
 /// Stored events per service, for `sluice_service_events_total`: one counter update per
 /// distinct service of the batch, however its events interleave.
 #[derive(Default)]
-struct StoredPerService(Vec<(String, u64)>);
+pub(super) struct StoredPerService(Vec<(String, u64)>);
 
 impl StoredPerService {
     /// Batches mostly carry few services: the last one seen is tried first.
-    fn add(&mut self, service: &str) {
+    pub(super) fn add(&mut self, service: &str) {
         if let Some((_, count)) = self.0.iter_mut().rev().find(|(known, _)| known == service) {
             *count += 1;
             return;
@@ -310,7 +310,7 @@ impl StoredPerService {
         self.0.push((service.to_owned(), 1));
     }
 
-    fn record(self, counters: &Counters) {
+    pub(super) fn record(self, counters: &Counters) {
         for (service, count) in self.0 {
             counters.service_events(&service, count);
         }
