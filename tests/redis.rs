@@ -511,6 +511,21 @@ impl RedisCluster {
         );
     }
 
+    /// A master other than node `from`.
+    fn another_master(&self, from: usize) -> usize {
+        (0..self.nodes.len())
+            .find(|index| {
+                *index != from
+                    && Command::new(redis_cli())
+                        .args(["-p", &self.nodes[*index].port.to_string(), "role"])
+                        .output()
+                        .is_ok_and(|output| {
+                            String::from_utf8_lossy(&output.stdout).starts_with("master")
+                        })
+            })
+            .expect("another master")
+    }
+
     /// The node that is master of the most sluice streams.
     fn busiest_master(&self, streams: &[String]) -> usize {
         let mut best = (0, 0);
@@ -1491,17 +1506,7 @@ async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a
     }
     // Every slot of the busiest master moves to another master, under load.
     let from = cluster.busiest_master(&streams);
-    let to = (0..cluster.nodes.len())
-        .find(|index| {
-            *index != from
-                && Command::new(redis_cli())
-                    .args(["-p", &cluster.nodes[*index].port.to_string(), "role"])
-                    .output()
-                    .is_ok_and(|output| {
-                        String::from_utf8_lossy(&output.stdout).starts_with("master")
-                    })
-        })
-        .expect("another master");
+    let to = cluster.another_master(from);
     cluster.move_all_slots(from, to);
     while senders.join_next().await.is_some() {}
 
@@ -1521,6 +1526,65 @@ async fn a_reshard_under_load_and_a_writer_kill_9_lose_nothing_acknowledged_in_a
             .contains("claimed entries another writer left pending"),
         "the surviving writer claimed the dead one's entries"
     );
+}
+
+/// An event as validation makes it, for appending through the broker itself.
+fn valid_event(index: u64) -> sluice::event::ValidEvent {
+    sluice::event::ValidEvent {
+        index,
+        id: uuid::Uuid::new_v4(),
+        service: "moved".to_owned(),
+        message: format!("event {index}"),
+        timestamp: chrono::Utc::now(),
+        user_id: None,
+        metadata_json: "{}".to_owned(),
+        trace_id: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_follows_its_shard_to_another_master_and_waits_for_that_masters_replica() {
+    let cluster = RedisCluster::start().await;
+    let config = sluice::config::RedisConfig {
+        cluster_nodes: cluster
+            .seeds()
+            .split(',')
+            .map(|seed| sluice::config::Secret(seed.to_owned()))
+            .collect(),
+        wait_replicas: 1,
+        wait_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    // The broker alone, in this process: nothing else (no health check, no backlog poll, no
+    // writer) refreshes its slot map, so the appends themselves meet the stale one.
+    let broker = sluice::broker::Broker::connect(&config)
+        .await
+        .expect("connect");
+    let event = valid_event(0);
+    let shards = broker.shards();
+    for _ in 0..shards {
+        broker.append(&[&event], None).await.expect("append");
+    }
+    let streams = cluster.streams().await;
+    let from = cluster.busiest_master(&streams);
+    let to = cluster.another_master(from);
+    cluster.move_all_slots(from, to);
+
+    // Each shard whose slot moved answers MOVED inside the transaction: the append is sent
+    // where MOVED points, and its wait asks that master's replica, not the old master.
+    for _ in 0..shards {
+        broker
+            .append(&[&event], None)
+            .await
+            .expect("an append follows its slot");
+    }
+    let backlog = broker.backlog().await.expect("backlog");
+    assert_eq!(
+        backlog.events,
+        2 * shards as u64,
+        "every append is in a stream once"
+    );
+    assert_eq!(cluster.busiest_master(&streams), to);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -252,10 +252,13 @@ pub(super) async fn check_durability(
     ] {
         let values = match setting_everywhere(connection, setting).await {
             Ok(values) => values,
-            Err(error) => {
+            Err(error) if is_refused(&error) => {
                 tracing::warn!(%error, setting, "cannot read redis settings (CONFIG disabled?); make sure appendonly is yes and appendfsync is always");
                 return Ok(());
             }
+            // Not there yet (no connection, a cluster with no master yet): not checked, so
+            // not connected either.
+            Err(error) => return Err(error.into()),
         };
         let Some(value) = values.into_iter().find(|value| value != wanted) else {
             continue;
@@ -266,6 +269,17 @@ pub(super) async fn check_durability(
         tracing::warn!(setting, value = %value, wanted, "redis durability is weaker than acks promise: an acknowledged event can be lost in a redis crash (redis.allow_weak_durability is set)");
     }
     Ok(())
+}
+
+/// Whether `error` is Redis refusing a command (renamed away, or denied by an ACL), as opposed
+/// to Redis not answering it at all.
+fn is_refused(error: &redis::RedisError) -> bool {
+    matches!(
+        error.kind(),
+        redis::ErrorKind::Server(
+            redis::ServerErrorKind::ResponseError | redis::ServerErrorKind::NoPerm
+        ) | redis::ErrorKind::Extension
+    )
 }
 
 /// The value of `setting` on every master (one Redis: on it).
@@ -294,4 +308,41 @@ async fn setting_everywhere(
         .into_iter()
         .map(|pair| pair.get(1).cloned().unwrap_or_default())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_error(reply: &[u8]) -> redis::RedisError {
+        redis::parse_redis_value(reply)
+            .and_then(Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn a_config_renamed_away_or_denied_is_a_refusal() {
+        for reply in [
+            &b"-ERR unknown command 'CONFIG', with args beginning with: 'GET'\r\n"[..],
+            b"-NOPERM this user has no permissions to run the 'config|get' command\r\n",
+        ] {
+            assert!(is_refused(&reply_error(reply)), "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn a_redis_not_there_yet_is_not_a_refusal_and_so_not_a_pass() {
+        let no_master = redis::RedisError::from((
+            redis::ErrorKind::ClusterConnectionNotFound,
+            "No connections found for multi-node operation",
+        ));
+        let refused = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        let forming = reply_error(b"-CLUSTERDOWN Hash slot not served\r\n");
+        for error in [no_master, refused, forming] {
+            assert!(!is_refused(&error), "{error}");
+        }
+    }
 }

@@ -123,6 +123,8 @@ pub enum BrokerError {
     Weak { reason: String },
     #[error(transparent)]
     Reply(#[from] reply::ReplyError),
+    #[error("unexpected reply to an append: {0}")]
+    AppendReply(&'static str),
 }
 
 /// Redis could not serve a call (the Delete barrier, Stats): retryable.
@@ -147,6 +149,49 @@ impl BacklogGate {
     pub fn set(&self, over: bool) {
         self.over.store(over, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Checks the replies of an append's pipeline (`MULTI`, `XADD`, `INCRBY`, `INCRBY`, `EXEC`,
+/// then the wait, if any) and returns the wait's. The entry was taken only when `EXEC` answered
+/// the new entry's id and both counters: a command refused when queued (`OOM`, a stale route
+/// that could not be followed) is the error; any other shape (a peer that is not Redis) is
+/// not taken for an append.
+fn appended(replies: Vec<redis::Value>) -> Result<Option<redis::Value>, BrokerError> {
+    let mut replies = replies.into_iter();
+    for _queued in 0..4 {
+        let reply = replies
+            .next()
+            .ok_or(BrokerError::AppendReply("fewer replies than commands"))?;
+        reply.extract_error()?;
+    }
+    let exec = replies
+        .next()
+        .ok_or(BrokerError::AppendReply("no reply to EXEC"))?
+        .extract_error()?;
+    let redis::Value::Array(executed) = exec else {
+        return Err(BrokerError::AppendReply("EXEC answered no array"));
+    };
+    let [id, events, bytes] = executed.as_slice() else {
+        return Err(BrokerError::AppendReply(
+            "EXEC answered another count of replies",
+        ));
+    };
+    let is_id = |id: &redis::Value| match id {
+        redis::Value::BulkString(id) => id.split(|byte| *byte == b'-').count() == 2,
+        redis::Value::SimpleString(id) => id.split('-').count() == 2,
+        _ => false,
+    };
+    if !is_id(id)
+        || !matches!(
+            (events, bytes),
+            (redis::Value::Int(_), redis::Value::Int(_))
+        )
+    {
+        return Err(BrokerError::AppendReply(
+            "EXEC answered no entry id and counters",
+        ));
+    }
+    Ok(replies.next())
 }
 
 /// Events and bytes in the streams, not yet in PostgreSQL.
@@ -317,13 +362,17 @@ impl Broker {
         let entry = EntryArg::new(events, admitted_at);
         // One transaction on the shard's slot: the entry and its shard's counters (on one
         // Redis every shard shares them; in a cluster they sit in the shard's slot), all or
-        // nothing. The entry is encoded straight into the command: no payload of its own,
-        // copied into the command after. Not a Lua script: a script's arguments are copied
-        // into Lua and back, which doubled a master's CPU for entries this size
-        // (BENCHMARKS.md, "An append as MULTI, not a script").
+        // nothing, then the wait for replicas, in one pipeline to one node. The entry is
+        // encoded straight into the command: no payload of its own, copied into the command
+        // after. Not a Lua script: a script's arguments are copied into Lua and back, which
+        // doubled a master's CPU for entries this size (BENCHMARKS.md, "An append as MULTI,
+        // not a script"). `MULTI` and `EXEC` are commands of the pipeline rather than
+        // redis-rs's atomic mode: redis-rs follows a `MOVED` (and learns the new slot map)
+        // only from a plain pipeline's replies; an aborted transaction's would stay an error
+        // on every append until something else refreshed the map.
         let mut append = redis::pipe();
         append
-            .atomic()
+            .cmd("MULTI")
             .cmd("XADD")
             .arg(&keys.stream)
             .arg("*")
@@ -331,18 +380,29 @@ impl Broker {
             .arg(&entry)
             .arg(COUNT_FIELD)
             .arg(events.len())
-            .ignore()
             .cmd("INCRBY")
             .arg(&keys.backlog_events)
             .arg(events.len())
-            .ignore()
             .cmd("INCRBY")
             .arg(&keys.backlog_bytes)
             .arg(entry.len)
-            .ignore();
+            .cmd("EXEC");
+        let wait = self.wait_command();
+        if let Some(wait) = &wait {
+            append.add_command(wait.command.clone());
+        }
         let mut connection = self.connection.clone();
-        let () = append.query_async(&mut connection).await?;
-        self.wait_replicas(&mut connection, &keys.stream).await
+        let replies: Vec<redis::Value> =
+            append.ignore_errors().query_async(&mut connection).await?;
+        let waited = appended(replies)?;
+        match (wait, waited) {
+            (Some(wait), Some(reply)) => {
+                self.check_wait(wait, reply, &mut connection, &keys.stream)
+                    .await
+            }
+            (None, _) => Ok(()),
+            (Some(_), None) => Err(BrokerError::AppendReply("no reply to the wait")),
+        }
     }
 
     /// Events and bytes appended and not yet acknowledged by a writer.
@@ -700,6 +760,69 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn ok() -> redis::Value {
+        redis::Value::Okay
+    }
+
+    fn queued() -> redis::Value {
+        redis::Value::SimpleString("QUEUED".to_owned())
+    }
+
+    fn error(reply: &[u8]) -> redis::Value {
+        redis::parse_redis_value(reply).expect("an error reply")
+    }
+
+    fn executed() -> redis::Value {
+        redis::Value::Array(vec![
+            redis::Value::BulkString(b"1733400000000-0".to_vec()),
+            redis::Value::Int(500),
+            redis::Value::Int(81_920),
+        ])
+    }
+
+    #[test]
+    fn an_append_is_taken_when_exec_answers_the_entry_id_and_both_counters() {
+        let waited = appended(vec![ok(), queued(), queued(), queued(), executed()]).expect("taken");
+        assert_eq!(waited, None);
+        let wait = redis::Value::Int(1);
+        let waited = appended(vec![
+            ok(),
+            queued(),
+            queued(),
+            queued(),
+            executed(),
+            wait.clone(),
+        ])
+        .expect("taken");
+        assert_eq!(waited, Some(wait));
+    }
+
+    #[test]
+    fn an_append_refused_when_queued_fails_with_the_refusal() {
+        let refusal = error(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n");
+        let aborted = error(b"-EXECABORT Transaction discarded because of previous errors.\r\n");
+        let failure =
+            appended(vec![ok(), refusal, queued(), queued(), aborted]).expect_err("not taken");
+        assert!(failure.to_string().contains("OOM"), "{failure}");
+    }
+
+    #[test]
+    fn an_exec_that_did_not_take_the_entry_fails_the_append() {
+        let wrong_type = redis::Value::Array(vec![
+            error(b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"),
+            redis::Value::Int(1),
+            redis::Value::Int(1),
+        ]);
+        // A watched key changed (nil), a runtime error inside, and what a peer that is not
+        // Redis, or a socket connected to itself, answers: its own commands echoed back.
+        let echo = redis::Value::Array(vec![redis::Value::BulkString(b"EXEC".to_vec())]);
+        for exec in [redis::Value::Nil, wrong_type, echo] {
+            let replies = vec![ok(), queued(), queued(), queued(), exec.clone()];
+            assert!(appended(replies).is_err(), "{exec:?}");
+        }
+        assert!(appended(vec![ok(), queued()]).is_err(), "cut short");
     }
 
     #[test]

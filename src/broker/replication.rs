@@ -3,11 +3,18 @@
 //! N replicas' AOFs have fsync'd the entry. Older servers (Redis 7.0, Debian bookworm's) answer
 //! it with an unknown-command error; from then on this node asks `WAIT N`: N replicas hold the
 //! entry in memory. Which one a node uses is logged when it learns it.
+//!
+//! The wait ends the append's own pipeline, so that it reaches the very connection and node
+//! that took the entry, even when the append followed a `MOVED` its node's slot map did not
+//! know yet (a `WAIT` routed on its own could ask the old master, which took nothing from this
+//! connection and so confirms at once).
 
 use std::{
     sync::atomic::{AtomicU8, Ordering},
     time::Duration,
 };
+
+use redis::{Cmd, Value};
 
 use super::{Broker, BrokerError, connection::Connection};
 
@@ -36,6 +43,12 @@ impl WaitCommand {
     }
 }
 
+/// What an append waits with: the command, and which of the two it is.
+pub(super) struct Wait {
+    pub command: Cmd,
+    kind: u8,
+}
+
 /// Whether `error` is a server's answer to a command it does not know.
 fn is_unknown_command(error: &redis::RedisError) -> bool {
     error.code() == Some("ERR")
@@ -45,54 +58,77 @@ fn is_unknown_command(error: &redis::RedisError) -> bool {
 }
 
 impl Broker {
-    /// Waits for `redis.wait_replicas` replicas of the master that holds `key` to confirm
-    /// what it took (and, with `WAITAOF`, for the master's own fsync); fewer within
-    /// `redis.wait_timeout` fails the append.
-    pub(super) async fn wait_replicas(
-        &self,
-        connection: &mut Connection,
-        key: &str,
-    ) -> Result<(), BrokerError> {
+    /// The command that ends an append's pipeline to wait for `redis.wait_replicas` replicas
+    /// (and, with `WAITAOF`, for the master's own fsync): none when no replica is wanted.
+    pub(super) fn wait_command(&self) -> Option<Wait> {
         let config = &self.shared.config;
         let wanted = config.wait_replicas;
         if wanted == 0 {
-            return Ok(());
+            return None;
         }
-        let timeout = config.wait_timeout;
+        let timeout = millis(config.wait_timeout);
+        if self.shared.wait_command.0.load(Ordering::Relaxed) == WAIT {
+            let mut command = redis::cmd("WAIT");
+            command.arg(wanted).arg(timeout);
+            return Some(Wait {
+                command,
+                kind: WAIT,
+            });
+        }
+        // The master's own fsync too, unless weak durability was allowed: a master without an
+        // AOF refuses `WAITAOF 1`.
+        let local = u32::from(!config.allow_weak_durability);
+        let mut command = redis::cmd("WAITAOF");
+        command.arg(local).arg(wanted).arg(timeout);
+        Some(Wait {
+            command,
+            kind: WAITAOF,
+        })
+    }
+
+    /// Checks `reply`, the answer to `wait`: fewer replicas (or no fsync on the master) within
+    /// `redis.wait_timeout` fails the append. A server without `WAITAOF` is asked `WAIT` now,
+    /// on the master of `key` (once: later appends end with `WAIT` themselves).
+    pub(super) async fn check_wait(
+        &self,
+        wait: Wait,
+        reply: Value,
+        connection: &mut Connection,
+        key: &str,
+    ) -> Result<(), BrokerError> {
         let wait_command = &self.shared.wait_command;
-        if wait_command.0.load(Ordering::Relaxed) != WAIT {
-            // The master's own fsync too, unless weak durability was allowed: a master
-            // without an AOF refuses `WAITAOF 1`.
-            let local = u32::from(!config.allow_weak_durability);
-            let mut command = redis::cmd("WAITAOF");
-            command.arg(local).arg(wanted).arg(millis(timeout));
-            match connection.on_master_of(key, command).await {
-                Ok(reply) => {
-                    wait_command.learn(WAITAOF);
-                    let (fsynced, replicas): (i64, i64) =
-                        redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-                    if fsynced < i64::from(local) || replicas < i64::from(wanted) {
-                        return Err(BrokerError::Replicas {
-                            wanted,
-                            acked: replicas,
-                            timeout,
-                        });
-                    }
+        let reply = match reply.extract_error() {
+            Ok(reply) => reply,
+            Err(error) if wait.kind == WAITAOF && is_unknown_command(&error) => {
+                wait_command.learn(WAIT);
+                let Some(wait) = self.wait_command() else {
                     return Ok(());
-                }
-                Err(error) if is_unknown_command(&error) => wait_command.learn(WAIT),
-                Err(error) => return Err(error.into()),
+                };
+                let reply = connection.on_master_of(key, wait.command).await?;
+                return self.count_confirmations(WAIT, reply);
             }
-        }
-        let mut command = redis::cmd("WAIT");
-        command.arg(wanted).arg(millis(timeout));
-        let reply = connection.on_master_of(key, command).await?;
-        let acked: i64 = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
-        if acked < i64::from(wanted) {
+            Err(error) => return Err(error.into()),
+        };
+        wait_command.learn(wait.kind);
+        self.count_confirmations(wait.kind, reply)
+    }
+
+    /// Whether `reply` (of `WAITAOF` or `WAIT`, as `kind` says) confirms enough.
+    fn count_confirmations(&self, kind: u8, reply: Value) -> Result<(), BrokerError> {
+        let config = &self.shared.config;
+        let wanted = config.wait_replicas;
+        let (fsynced, replicas): (i64, i64) = if kind == WAITAOF {
+            redis::from_redis_value(reply).map_err(redis::RedisError::from)?
+        } else {
+            let replicas = redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+            (1, replicas)
+        };
+        let local = i64::from(kind == WAITAOF && !config.allow_weak_durability);
+        if fsynced < local || replicas < i64::from(wanted) {
             return Err(BrokerError::Replicas {
                 wanted,
-                acked,
-                timeout,
+                acked: replicas,
+                timeout: config.wait_timeout,
             });
         }
         Ok(())
