@@ -43,7 +43,7 @@ use layouts::{LAYOUTS_READ_EVERY, ShardKeys};
 use chrono::{DateTime, Utc};
 
 use crate::{
-    config::RedisConfig,
+    config::{EntryCompression, RedisConfig},
     event::ValidEvent,
     event::batch::{self, Batch},
 };
@@ -82,28 +82,61 @@ redis.call('DECRBY', KEYS[2], bytes)
 return events
 ";
 
-/// A batch as the argument of its append: encoded into the command itself.
-struct EntryArg<'a> {
-    events: &'a [&'a ValidEvent],
-    admitted_at: Option<DateTime<Utc>>,
-    /// Its encoded length (the backlog counts bytes).
-    len: usize,
+/// A batch as the argument of its append.
+enum EntryArg<'a> {
+    /// Encoded straight into the command itself: no payload of its own first.
+    Plain {
+        events: &'a [&'a ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+        /// Its encoded length (the backlog counts bytes).
+        len: usize,
+    },
+    /// Compressed (`redis.compression`), into a payload of its own.
+    Compressed(Vec<u8>),
 }
 
 impl<'a> EntryArg<'a> {
-    fn new(events: &'a [&'a ValidEvent], admitted_at: Option<DateTime<Utc>>) -> Self {
-        Self {
-            events,
-            admitted_at,
-            len: batch::encoded_len(events, admitted_at),
+    fn new(
+        events: &'a [&'a ValidEvent],
+        admitted_at: Option<DateTime<Utc>>,
+        config: &RedisConfig,
+    ) -> Result<Self, batch::BatchError> {
+        Ok(match config.compression {
+            EntryCompression::Zstd => Self::Compressed(batch::encode_compressed(
+                events,
+                admitted_at,
+                config.compression_level,
+            )?),
+            EntryCompression::None => Self::Plain {
+                events,
+                admitted_at,
+                len: batch::encoded_len(events, admitted_at),
+            },
+        })
+    }
+
+    /// The bytes the entry holds in Redis.
+    fn len(&self) -> usize {
+        match self {
+            Self::Plain { len, .. } => *len,
+            Self::Compressed(payload) => payload.len(),
         }
     }
 }
 
 impl ToRedisArgs for EntryArg<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        let mut arg = out.bufmut_for_next_arg(self.len);
-        batch::encode_into(self.events, self.admitted_at, &mut arg);
+        match self {
+            Self::Plain {
+                events,
+                admitted_at,
+                len,
+            } => {
+                let mut arg = out.bufmut_for_next_arg(*len);
+                batch::encode_into(events, *admitted_at, &mut arg);
+            }
+            Self::Compressed(payload) => out.write_arg(payload),
+        }
     }
 }
 
@@ -125,6 +158,8 @@ pub enum BrokerError {
     Reply(#[from] reply::ReplyError),
     #[error("unexpected reply to an append: {0}")]
     AppendReply(&'static str),
+    #[error("cannot encode an entry: {0}")]
+    Encode(#[from] batch::BatchError),
 }
 
 /// Redis could not serve a call (the Delete barrier, Stats): retryable.
@@ -359,7 +394,7 @@ impl Broker {
         }
         let shard = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % shards.len();
         let keys = &shards[shard];
-        let entry = EntryArg::new(events, admitted_at);
+        let entry = EntryArg::new(events, admitted_at, &self.shared.config)?;
         // One transaction on the shard's slot: the entry and its shard's counters (on one
         // Redis every shard shares them; in a cluster they sit in the shard's slot), all or
         // nothing, then the wait for replicas, in one pipeline to one node. The entry is
@@ -385,7 +420,7 @@ impl Broker {
             .arg(events.len())
             .cmd("INCRBY")
             .arg(&keys.backlog_bytes)
-            .arg(entry.len)
+            .arg(entry.len())
             .cmd("EXEC");
         let wait = self.wait_command();
         if let Some(wait) = &wait {
@@ -830,19 +865,34 @@ mod tests {
         let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
         let events: Vec<&ValidEvent> = events.iter().collect();
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
-        let entry = EntryArg::new(&events, admitted_at);
-        let mut command = redis::cmd("XADD");
-        command.arg("stream").arg(&entry).arg(entry.len);
-        let args: Vec<Vec<u8>> = command
-            .args_iter()
-            .map(|arg| match arg {
-                redis::Arg::Simple(bytes) => bytes.to_vec(),
-                _ => Vec::new(),
-            })
-            .collect();
+        let args_of = |entry: &EntryArg| -> Vec<Vec<u8>> {
+            let mut command = redis::cmd("XADD");
+            command.arg("stream").arg(entry).arg(entry.len());
+            command
+                .args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => bytes.to_vec(),
+                    _ => Vec::new(),
+                })
+                .collect()
+        };
+        let plain = RedisConfig {
+            compression: EntryCompression::None,
+            ..RedisConfig::default()
+        };
+        let entry = EntryArg::new(&events, admitted_at, &plain).expect("encoded");
+        let args = args_of(&entry);
         let payload = batch::encode(&events, admitted_at);
         assert_eq!(args[2], payload);
         assert_eq!(args[3], payload.len().to_string().as_bytes());
+
+        // Compressed by default: the backlog counts the bytes Redis holds, and the entry
+        // reads back as the same batch.
+        let entry = EntryArg::new(&events, admitted_at, &RedisConfig::default()).expect("encoded");
+        let args = args_of(&entry);
+        assert_eq!(args[3], args[2].len().to_string().as_bytes());
+        let read = batch::decode(&args[2]).expect("decoded");
+        assert_eq!(read, batch::decode(&payload).expect("decoded"));
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub use health::{FreeSpace, HealthConfig};
 pub use otlp::OtlpConfig;
 pub use privacy::{KmsConfig, PrivacyConfig};
 pub use reads::ReadsConfig;
-pub use redis::{RedisConfig, Role};
+pub use redis::{EntryCompression, RedisConfig, Role};
 pub use retention::{LifecycleConfig, RetentionConfig, RetentionRule};
 pub use search::SearchConfig;
 pub use secret::Secret;

@@ -22,6 +22,27 @@ mod pb {
 
 /// The payload version written now.
 const VERSION_PROTOBUF: u8 = 1;
+/// A version-1 payload (without its version byte) compressed as one zstd frame, which
+/// carries the decompressed size. Redis entries are written so by default.
+const VERSION_ZSTD: u8 = 2;
+/// The largest batch a compressed payload may decompress to: past it, the payload is damaged
+/// (or hostile), not a batch. Batches are bounded far below it by `writer.batch_max_bytes`.
+const MAX_DECOMPRESSED: u64 = 1 << 28;
+/// The plain payload a thread keeps between batches, at most: a larger one is freed after use.
+const KEEP_PLAIN: usize = 8 << 20;
+
+thread_local! {
+    /// Each thread's zstd contexts and the plain payload a compression starts from, kept
+    /// from one batch to the next (a context costs more to make than a batch to compress).
+    static ZSTD: std::cell::RefCell<Zstd> = std::cell::RefCell::default();
+}
+
+#[derive(Default)]
+struct Zstd {
+    compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    plain: Vec<u8>,
+}
 
 /// Why a payload cannot be read as events.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +61,10 @@ pub enum BatchError {
     Truncated,
     #[error("a text field is not UTF-8")]
     NotUtf8,
+    #[error("a compressed payload does not say its size, or says more than {MAX_DECOMPRESSED} bytes")]
+    CompressedSize,
+    #[error("zstd: {0}")]
+    Zstd(#[from] std::io::Error),
 }
 
 /// A batch of events, and when the first of them was admitted (None: not known).
@@ -94,6 +119,69 @@ pub fn encode_into(
         put_event(event, out);
     }
     put_int64(ADMITTED_AT_TAG, micros(admitted_at), out);
+}
+
+/// [`encode`]'s payload compressed with zstd at `level` (a version-2 payload): a batch of
+/// logs takes a third to a fourth of the bytes, in Redis's memory, its AOF, its replication
+/// and on every hop between the nodes.
+pub fn encode_compressed(
+    events: &[&ValidEvent],
+    admitted_at: Option<DateTime<Utc>>,
+    level: i32,
+) -> Result<Vec<u8>, BatchError> {
+    ZSTD.with_borrow_mut(|zstd| {
+        let Zstd {
+            compressor, plain, ..
+        } = zstd;
+        plain.clear();
+        plain.reserve(encoded_len(events, admitted_at));
+        encode_into(events, admitted_at, plain);
+        let compressor = match compressor {
+            Some((current, compressor)) if *current == level => compressor,
+            _ => &mut compressor.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        let body = plain.get(1..).unwrap_or_default();
+        let mut payload = vec![0; 1 + zstd::zstd_safe::compress_bound(body.len())];
+        payload[0] = VERSION_ZSTD;
+        let compressed = compressor.compress_to_buffer(body, &mut payload[1..]);
+        release_if_large(plain);
+        payload.truncate(1 + compressed?);
+        Ok(payload)
+    })
+}
+
+/// Decompresses a version-2 payload's body and reads it as version 1.
+fn decode_zstd(body: &[u8]) -> Result<Batch, BatchError> {
+    let size = zstd::zstd_safe::get_frame_content_size(body)
+        .ok()
+        .flatten()
+        .filter(|size| *size <= MAX_DECOMPRESSED)
+        .ok_or(BatchError::CompressedSize)?;
+    ZSTD.with_borrow_mut(|zstd| {
+        let Zstd {
+            decompressor,
+            plain,
+            ..
+        } = zstd;
+        let decompressor = match decompressor {
+            Some(decompressor) => decompressor,
+            None => decompressor.insert(zstd::bulk::Decompressor::new()?),
+        };
+        plain.clear();
+        plain.reserve(size as usize);
+        let batch = decompressor
+            .decompress_to_buffer(body, plain)
+            .map_err(BatchError::from)
+            .and_then(|_| decode_protobuf(plain));
+        release_if_large(plain);
+        batch
+    })
+}
+
+fn release_if_large(plain: &mut Vec<u8>) {
+    if plain.capacity() > KEEP_PLAIN {
+        *plain = Vec::new();
+    }
 }
 
 /// An admission time as stored: 0 when not known.
@@ -189,6 +277,7 @@ pub fn decode(payload: &[u8]) -> Result<Batch, BatchError> {
     match payload.split_first() {
         None => Err(BatchError::Empty),
         Some((&VERSION_PROTOBUF, rest)) => decode_protobuf(rest),
+        Some((&VERSION_ZSTD, rest)) => decode_zstd(rest),
         Some((&version, _)) => Err(BatchError::UnknownVersion(version)),
     }
 }
@@ -342,6 +431,46 @@ mod tests {
         // A record written before admission times were kept says it does not know.
         let unknown = encode(&[&event()], None);
         assert_eq!(decode(&unknown).expect("decodes").admitted_at, None);
+    }
+
+    #[test]
+    fn a_compressed_batch_reads_back_as_the_batch_and_takes_fewer_bytes() {
+        let events: Vec<ValidEvent> = (0..200).map(|index| traced(index)).collect();
+        let refs: Vec<&ValidEvent> = events.iter().collect();
+        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_654_321);
+        let plain = encode(&refs, admitted_at);
+        for level in [-5, -1, 1, 3] {
+            let compressed = encode_compressed(&refs, admitted_at, level).expect("compressed");
+            assert_eq!(compressed[0], VERSION_ZSTD);
+            assert!(compressed.len() * 2 < plain.len(), "level {level}: {} of {}", compressed.len(), plain.len());
+            assert_eq!(
+                decode(&compressed).expect("decodes"),
+                Batch {
+                    events: events.clone(),
+                    admitted_at,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_damaged_compressed_batch_is_an_error_not_a_panic_or_a_huge_allocation() {
+        let events = [event(), traced(1)];
+        let compressed =
+            encode_compressed(&events.iter().collect::<Vec<_>>(), None, 1).expect("compressed");
+        // Every cut of it.
+        for end in 1..compressed.len() {
+            assert!(decode(&compressed[..end]).is_err(), "cut at {end}");
+        }
+        // A frame whose header claims 1 TiB (magic, a single segment with an 8-byte size),
+        // and a frame that does not say its size (streamed).
+        let mut huge = vec![VERSION_ZSTD, 0x28, 0xB5, 0x2F, 0xFD, 0xE0];
+        huge.extend((1u64 << 40).to_le_bytes());
+        assert!(matches!(decode(&huge), Err(BatchError::CompressedSize)));
+        let mut streamed = zstd::stream::Encoder::new(vec![VERSION_ZSTD], 1).expect("encoder");
+        std::io::Write::write_all(&mut streamed, &encode(&[&event()], None)[1..]).expect("write");
+        let streamed = streamed.finish().expect("finish");
+        assert!(matches!(decode(&streamed), Err(BatchError::CompressedSize)));
     }
 
     /// The batch as the generated message encodes it: what [`encode`] writes without it.
