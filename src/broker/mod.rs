@@ -13,7 +13,8 @@
 //! reads and acks go shard by shard, concurrently.
 //!
 //! An entry is the spool's record format (a version byte, then a protobuf `SpoolBatch`), so
-//! both ends share one versioned, tested encoding.
+//! both ends share one versioned, tested encoding; by default (`redis.compression`) version 2,
+//! that `SpoolBatch` compressed with zstd.
 
 mod cluster_link;
 mod connection;
@@ -82,61 +83,28 @@ redis.call('DECRBY', KEYS[2], bytes)
 return events
 ";
 
-/// A batch as the argument of its append.
-enum EntryArg<'a> {
-    /// Encoded straight into the command itself: no payload of its own first.
-    Plain {
-        events: &'a [&'a ValidEvent],
-        admitted_at: Option<DateTime<Utc>>,
-        /// Its encoded length (the backlog counts bytes).
-        len: usize,
-    },
-    /// Compressed (`redis.compression`), into a payload of its own.
-    Compressed(Vec<u8>),
+/// A batch as the argument of its append: encoded into the command itself.
+struct EntryArg<'a> {
+    events: &'a [&'a ValidEvent],
+    admitted_at: Option<DateTime<Utc>>,
+    /// Its encoded length (the backlog counts bytes).
+    len: usize,
 }
 
 impl<'a> EntryArg<'a> {
-    fn new(
-        events: &'a [&'a ValidEvent],
-        admitted_at: Option<DateTime<Utc>>,
-        config: &RedisConfig,
-    ) -> Result<Self, batch::BatchError> {
-        Ok(match config.compression {
-            EntryCompression::Zstd => Self::Compressed(batch::encode_compressed(
-                events,
-                admitted_at,
-                config.compression_level,
-            )?),
-            EntryCompression::None => Self::Plain {
-                events,
-                admitted_at,
-                len: batch::encoded_len(events, admitted_at),
-            },
-        })
-    }
-
-    /// The bytes the entry holds in Redis.
-    fn len(&self) -> usize {
-        match self {
-            Self::Plain { len, .. } => *len,
-            Self::Compressed(payload) => payload.len(),
+    fn new(events: &'a [&'a ValidEvent], admitted_at: Option<DateTime<Utc>>) -> Self {
+        Self {
+            events,
+            admitted_at,
+            len: batch::encoded_len(events, admitted_at),
         }
     }
 }
 
 impl ToRedisArgs for EntryArg<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        match self {
-            Self::Plain {
-                events,
-                admitted_at,
-                len,
-            } => {
-                let mut arg = out.bufmut_for_next_arg(*len);
-                batch::encode_into(events, *admitted_at, &mut arg);
-            }
-            Self::Compressed(payload) => out.write_arg(payload),
-        }
+        let mut arg = out.bufmut_for_next_arg(self.len);
+        batch::encode_into(self.events, self.admitted_at, &mut arg);
     }
 }
 
@@ -184,6 +152,34 @@ impl BacklogGate {
     pub fn set(&self, over: bool) {
         self.over.store(over, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// An append of `entry` (`bytes` long, `events` events) to `keys`' stream, with its counters:
+/// `MULTI`, `XADD`, `INCRBY`, `INCRBY`, `EXEC`.
+fn append_pipeline(
+    keys: &ShardKeys,
+    entry: &impl ToRedisArgs,
+    bytes: usize,
+    events: usize,
+) -> redis::Pipeline {
+    let mut append = redis::pipe();
+    append
+        .cmd("MULTI")
+        .cmd("XADD")
+        .arg(&keys.stream)
+        .arg("*")
+        .arg(PAYLOAD_FIELD)
+        .arg(entry)
+        .arg(COUNT_FIELD)
+        .arg(events)
+        .cmd("INCRBY")
+        .arg(&keys.backlog_events)
+        .arg(events)
+        .cmd("INCRBY")
+        .arg(&keys.backlog_bytes)
+        .arg(bytes)
+        .cmd("EXEC");
+    append
 }
 
 /// Checks the replies of an append's pipeline (`MULTI`, `XADD`, `INCRBY`, `INCRBY`, `EXEC`,
@@ -394,34 +390,29 @@ impl Broker {
         }
         let shard = self.shared.next_shard.fetch_add(1, Ordering::Relaxed) % shards.len();
         let keys = &shards[shard];
-        let entry = EntryArg::new(events, admitted_at, &self.shared.config)?;
         // One transaction on the shard's slot: the entry and its shard's counters (on one
         // Redis every shard shares them; in a cluster they sit in the shard's slot), all or
-        // nothing, then the wait for replicas, in one pipeline to one node. The entry is
-        // encoded straight into the command: no payload of its own, copied into the command
-        // after. Not a Lua script: a script's arguments are copied into Lua and back, which
-        // doubled a master's CPU for entries this size (BENCHMARKS.md, "An append as MULTI,
-        // not a script"). `MULTI` and `EXEC` are commands of the pipeline rather than
-        // redis-rs's atomic mode: redis-rs follows a `MOVED` (and learns the new slot map)
-        // only from a plain pipeline's replies; an aborted transaction's would stay an error
-        // on every append until something else refreshed the map.
-        let mut append = redis::pipe();
-        append
-            .cmd("MULTI")
-            .cmd("XADD")
-            .arg(&keys.stream)
-            .arg("*")
-            .arg(PAYLOAD_FIELD)
-            .arg(&entry)
-            .arg(COUNT_FIELD)
-            .arg(events.len())
-            .cmd("INCRBY")
-            .arg(&keys.backlog_events)
-            .arg(events.len())
-            .cmd("INCRBY")
-            .arg(&keys.backlog_bytes)
-            .arg(entry.len())
-            .cmd("EXEC");
+        // nothing, then the wait for replicas, in one pipeline to one node. Not a Lua script:
+        // a script's arguments are copied into Lua and back, which doubled a master's CPU for
+        // entries this size (BENCHMARKS.md, "An append as MULTI, not a script"). `MULTI` and
+        // `EXEC` are commands of the pipeline rather than redis-rs's atomic mode: redis-rs
+        // follows a `MOVED` (and learns the new slot map) only from a plain pipeline's
+        // replies; an aborted transaction's would stay an error on every append until
+        // something else refreshed the map.
+        let config = &self.shared.config;
+        let mut append = match config.compression {
+            // The compressed entry is copied into the command from this thread's buffer.
+            EntryCompression::Zstd => {
+                batch::with_compressed(events, admitted_at, config.compression_level, |payload| {
+                    append_pipeline(keys, &payload, payload.len(), events.len())
+                })?
+            }
+            // The entry is encoded straight into the command: no payload of its own first.
+            EntryCompression::None => {
+                let entry = EntryArg::new(events, admitted_at);
+                append_pipeline(keys, &entry, entry.len, events.len())
+            }
+        };
         let wait = self.wait_command();
         if let Some(wait) = &wait {
             append.add_command(wait.command.clone());
@@ -865,9 +856,9 @@ mod tests {
         let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
         let events: Vec<&ValidEvent> = events.iter().collect();
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
-        let args_of = |entry: &EntryArg| -> Vec<Vec<u8>> {
+        let args_of = |entry: &EntryArg, len: usize| -> Vec<Vec<u8>> {
             let mut command = redis::cmd("XADD");
-            command.arg("stream").arg(entry).arg(entry.len());
+            command.arg("stream").arg(entry).arg(len);
             command
                 .args_iter()
                 .map(|arg| match arg {
@@ -876,23 +867,46 @@ mod tests {
                 })
                 .collect()
         };
-        let plain = RedisConfig {
-            compression: EntryCompression::None,
-            ..RedisConfig::default()
-        };
-        let entry = EntryArg::new(&events, admitted_at, &plain).expect("encoded");
-        let args = args_of(&entry);
+        let entry = EntryArg::new(&events, admitted_at);
+        let args = args_of(&entry, entry.len);
         let payload = batch::encode(&events, admitted_at);
         assert_eq!(args[2], payload);
         assert_eq!(args[3], payload.len().to_string().as_bytes());
+    }
 
-        // Compressed by default: the backlog counts the bytes Redis holds, and the entry
-        // reads back as the same batch.
-        let entry = EntryArg::new(&events, admitted_at, &RedisConfig::default()).expect("encoded");
-        let args = args_of(&entry);
-        assert_eq!(args[3], args[2].len().to_string().as_bytes());
-        let read = batch::decode(&args[2]).expect("decoded");
-        assert_eq!(read, batch::decode(&payload).expect("decoded"));
+    #[test]
+    fn a_compressed_append_carries_the_batch_and_counts_the_bytes_redis_holds() {
+        let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
+        let events: Vec<&ValidEvent> = events.iter().collect();
+        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
+        let config = RedisConfig::default();
+        let keys = &ShardKeys::layout(&config, 1)[0];
+        let append = batch::with_compressed(&events, admitted_at, -1, |payload| {
+            append_pipeline(keys, &payload, payload.len(), events.len())
+        })
+        .expect("compressed");
+        let args = |index: usize| -> Vec<Vec<u8>> {
+            append
+                .cmd_iter()
+                .nth(index)
+                .map(|command| {
+                    command
+                        .args_iter()
+                        .map(|arg| match arg {
+                            redis::Arg::Simple(bytes) => bytes.to_vec(),
+                            _ => Vec::new(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let xadd = args(1);
+        assert_eq!(xadd.len(), 7, "XADD stream * b <entry> n <count>");
+        assert_eq!(
+            batch::decode(&xadd[4]).expect("decoded"),
+            batch::decode(&batch::encode(&events, admitted_at)).expect("decoded")
+        );
+        assert_eq!(args(3)[2], xadd[4].len().to_string().as_bytes());
     }
 
     #[test]

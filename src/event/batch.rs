@@ -1,6 +1,7 @@
 //! The versioned encoding of a batch of events, shared by the spool's records and the Redis
 //! broker's entries: a version byte, then that version's encoding (version 1: a protobuf
-//! `SpoolBatch`, documented in `proto/sluice/spool/v1/spool.proto`).
+//! `SpoolBatch`, documented in `proto/sluice/spool/v1/spool.proto`; version 2: that
+//! `SpoolBatch` as one zstd frame, which says its decompressed size).
 
 use bytes::{Buf, BufMut};
 use chrono::{DateTime, Utc};
@@ -28,7 +29,7 @@ const VERSION_ZSTD: u8 = 2;
 /// The largest batch a compressed payload may decompress to: past it, the payload is damaged
 /// (or hostile), not a batch. Batches are bounded far below it by `writer.batch_max_bytes`.
 const MAX_DECOMPRESSED: u64 = 1 << 28;
-/// The plain payload a thread keeps between batches, at most: a larger one is freed after use.
+/// The payload buffers a thread keeps between batches, at most: a larger one is freed after use.
 const KEEP_PLAIN: usize = 8 << 20;
 
 thread_local! {
@@ -41,7 +42,10 @@ thread_local! {
 struct Zstd {
     compressor: Option<(i32, zstd::bulk::Compressor<'static>)>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    /// A version-1 payload: what is compressed, or what was decompressed.
     plain: Vec<u8>,
+    /// A version-2 payload, at the start of a buffer as large as the largest yet.
+    compressed: Vec<u8>,
 }
 
 /// Why a payload cannot be read as events.
@@ -61,7 +65,9 @@ pub enum BatchError {
     Truncated,
     #[error("a text field is not UTF-8")]
     NotUtf8,
-    #[error("a compressed payload does not say its size, or says more than {MAX_DECOMPRESSED} bytes")]
+    #[error(
+        "a compressed payload does not say its size, or says more than {MAX_DECOMPRESSED} bytes"
+    )]
     CompressedSize,
     #[error("zstd: {0}")]
     Zstd(#[from] std::io::Error),
@@ -129,24 +135,47 @@ pub fn encode_compressed(
     admitted_at: Option<DateTime<Utc>>,
     level: i32,
 ) -> Result<Vec<u8>, BatchError> {
+    with_compressed(events, admitted_at, level, <[u8]>::to_vec)
+}
+
+/// Calls `use_payload` with [`encode_compressed`]'s payload, as it lies in this thread's
+/// buffers: no memory of its own for each batch (fresh memory is paged in and cleared by the
+/// kernel, for a payload Redis's command copies at once anyway).
+pub fn with_compressed<T>(
+    events: &[&ValidEvent],
+    admitted_at: Option<DateTime<Utc>>,
+    level: i32,
+    use_payload: impl FnOnce(&[u8]) -> T,
+) -> Result<T, BatchError> {
     ZSTD.with_borrow_mut(|zstd| {
         let Zstd {
-            compressor, plain, ..
+            compressor,
+            plain,
+            compressed,
+            ..
         } = zstd;
         plain.clear();
         plain.reserve(encoded_len(events, admitted_at));
         encode_into(events, admitted_at, plain);
         let compressor = match compressor {
             Some((current, compressor)) if *current == level => compressor,
-            _ => &mut compressor.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+            _ => {
+                &mut compressor
+                    .insert((level, zstd::bulk::Compressor::new(level)?))
+                    .1
+            }
         };
         let body = plain.get(1..).unwrap_or_default();
-        let mut payload = vec![0; 1 + zstd::zstd_safe::compress_bound(body.len())];
-        payload[0] = VERSION_ZSTD;
-        let compressed = compressor.compress_to_buffer(body, &mut payload[1..]);
+        let bound = 1 + zstd::zstd_safe::compress_bound(body.len());
+        if compressed.len() < bound {
+            compressed.resize(bound, 0);
+        }
+        compressed[0] = VERSION_ZSTD;
+        let written = compressor.compress_to_buffer(body, &mut compressed[1..bound]);
+        let used = written.map(|written| use_payload(&compressed[..1 + written]));
         release_if_large(plain);
-        payload.truncate(1 + compressed?);
-        Ok(payload)
+        release_if_large(compressed);
+        Ok(used?)
     })
 }
 
@@ -442,7 +471,12 @@ mod tests {
         for level in [-5, -1, 1, 3] {
             let compressed = encode_compressed(&refs, admitted_at, level).expect("compressed");
             assert_eq!(compressed[0], VERSION_ZSTD);
-            assert!(compressed.len() * 2 < plain.len(), "level {level}: {} of {}", compressed.len(), plain.len());
+            assert!(
+                compressed.len() * 2 < plain.len(),
+                "level {level}: {} of {}",
+                compressed.len(),
+                plain.len()
+            );
             assert_eq!(
                 decode(&compressed).expect("decodes"),
                 Batch {
