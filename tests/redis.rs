@@ -220,6 +220,16 @@ impl Redis {
             .unwrap_or_default()
     }
 
+    async fn backlog_bytes(&self) -> i64 {
+        let mut connection = self.connection().await;
+        redis::cmd("GET")
+            .arg("sluice:events:backlog:bytes")
+            .query_async::<Option<i64>>(&mut connection)
+            .await
+            .expect("backlog")
+            .unwrap_or_default()
+    }
+
     /// Entries delivered to a writer and not acknowledged, over every shard.
     async fn pending(&self) -> i64 {
         let mut connection = self.connection().await;
@@ -1078,6 +1088,56 @@ async fn each_batch_is_one_entry_and_the_batches_take_the_shards_in_turn() {
         assert_eq!(counts, ["50", "50"], "shard {shard}: one entry per batch");
     }
     assert_eq!(redis.backlog_events().await, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_and_plain_entries_are_both_stored_and_compressed_ones_hold_fewer_bytes() {
+    common::init_crypto();
+    let database = TestDatabase::create().await;
+    let redis = Redis::start().await;
+    // Ingest nodes only, first: every entry stays in its stream to be weighed.
+    let plain = TestServer::start(
+        node(&database, &redis, "ingest").env("SLUICE_REDIS__COMPRESSION", "none"),
+    )
+    .await;
+    let compressed = TestServer::start(node(&database, &redis, "ingest")).await;
+    let log_lines = |service: &str, round: usize| {
+        (0..100)
+            .map(|index| {
+                let latency = index * 7 + round;
+                event(
+                    service,
+                    &format!("{service} handled GET /api/orders/{index} -> 200 in {latency} ms"),
+                )
+            })
+            .collect()
+    };
+    let mut client = plain.ingest_client().await;
+    for round in 0..4 {
+        client
+            .publish(request(log_lines("plain", round)))
+            .await
+            .expect("publish");
+    }
+    let plain_bytes = redis.backlog_bytes().await;
+    let mut client = compressed.ingest_client().await;
+    for round in 0..4 {
+        client
+            .publish(request(log_lines("zstd", round)))
+            .await
+            .expect("publish");
+    }
+    let compressed_bytes = redis.backlog_bytes().await - plain_bytes;
+    assert!(
+        compressed_bytes * 3 < plain_bytes * 2,
+        "the same events: {compressed_bytes} bytes compressed, {plain_bytes} plain"
+    );
+
+    // One writer reads both forms.
+    let _writer = TestServer::start(node(&database, &redis, "writer")).await;
+    drained(&redis, Duration::from_secs(60)).await;
+    assert_eq!(stored_ids(&database, "plain").await.0, 400);
+    assert_eq!(stored_ids(&database, "zstd").await.0, 400);
 }
 
 /// One field of `INFO <section>` on `redis`.

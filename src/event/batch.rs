@@ -464,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_compressed_batch_reads_back_as_the_batch_and_takes_fewer_bytes() {
-        let events: Vec<ValidEvent> = (0..200).map(|index| traced(index)).collect();
+        let events: Vec<ValidEvent> = (0..200).map(traced).collect();
         let refs: Vec<&ValidEvent> = events.iter().collect();
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_654_321);
         let plain = encode(&refs, admitted_at);
