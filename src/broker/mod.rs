@@ -851,27 +851,37 @@ mod tests {
         assert!(appended(vec![ok(), queued()]).is_err(), "cut short");
     }
 
+    /// The arguments of the `index`-th command of `pipeline`.
+    fn command_args(pipeline: &redis::Pipeline, index: usize) -> Vec<Vec<u8>> {
+        pipeline
+            .cmd_iter()
+            .nth(index)
+            .map(|command| {
+                command
+                    .args_iter()
+                    .map(|arg| match arg {
+                        redis::Arg::Simple(bytes) => bytes.to_vec(),
+                        _ => Vec::new(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     #[test]
     fn an_append_encodes_its_entry_into_the_command_as_the_spool_encodes_a_record() {
         let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
         let events: Vec<&ValidEvent> = events.iter().collect();
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
-        let args_of = |entry: &EntryArg, len: usize| -> Vec<Vec<u8>> {
-            let mut command = redis::cmd("XADD");
-            command.arg("stream").arg(entry).arg(len);
-            command
-                .args_iter()
-                .map(|arg| match arg {
-                    redis::Arg::Simple(bytes) => bytes.to_vec(),
-                    _ => Vec::new(),
-                })
-                .collect()
-        };
+        let keys = &ShardKeys::layout(&RedisConfig::default(), 1)[0];
         let entry = EntryArg::new(&events, admitted_at);
-        let args = args_of(&entry, entry.len);
+        let append = append_pipeline(keys, &entry, entry.len, events.len());
         let payload = batch::encode(&events, admitted_at);
-        assert_eq!(args[2], payload);
-        assert_eq!(args[3], payload.len().to_string().as_bytes());
+        assert_eq!(command_args(&append, 1)[4], payload);
+        assert_eq!(
+            command_args(&append, 3)[2],
+            payload.len().to_string().as_bytes()
+        );
     }
 
     #[test]
@@ -879,27 +889,12 @@ mod tests {
         let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
         let events: Vec<&ValidEvent> = events.iter().collect();
         let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
-        let config = RedisConfig::default();
-        let keys = &ShardKeys::layout(&config, 1)[0];
+        let keys = &ShardKeys::layout(&RedisConfig::default(), 1)[0];
         let append = batch::with_compressed(&events, admitted_at, -1, |payload| {
             append_pipeline(keys, &payload, payload.len(), events.len())
         })
         .expect("compressed");
-        let args = |index: usize| -> Vec<Vec<u8>> {
-            append
-                .cmd_iter()
-                .nth(index)
-                .map(|command| {
-                    command
-                        .args_iter()
-                        .map(|arg| match arg {
-                            redis::Arg::Simple(bytes) => bytes.to_vec(),
-                            _ => Vec::new(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let args = |index| command_args(&append, index);
         let xadd = args(1);
         assert_eq!(xadd.len(), 7, "XADD stream * b <entry> n <count>");
         assert_eq!(
