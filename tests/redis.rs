@@ -211,19 +211,18 @@ impl Redis {
     }
 
     async fn backlog_events(&self) -> i64 {
-        let mut connection = self.connection().await;
-        redis::cmd("GET")
-            .arg("sluice:events:backlog:events")
-            .query_async::<Option<i64>>(&mut connection)
-            .await
-            .expect("backlog")
-            .unwrap_or_default()
+        self.backlog("events").await
     }
 
     async fn backlog_bytes(&self) -> i64 {
+        self.backlog("bytes").await
+    }
+
+    /// The backlog counter `sluice:events:backlog:<what>`.
+    async fn backlog(&self, what: &str) -> i64 {
         let mut connection = self.connection().await;
         redis::cmd("GET")
-            .arg("sluice:events:backlog:bytes")
+            .arg(format!("sluice:events:backlog:{what}"))
             .query_async::<Option<i64>>(&mut connection)
             .await
             .expect("backlog")

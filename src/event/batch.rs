@@ -127,10 +127,9 @@ pub fn encode_into(
     put_int64(ADMITTED_AT_TAG, micros(admitted_at), out);
 }
 
-/// [`encode`]'s payload compressed with zstd at `level` (a version-2 payload): a batch of
-/// logs takes a third to a fourth of the bytes, in Redis's memory, its AOF, its replication
-/// and on every hop between the nodes.
-pub fn encode_compressed(
+/// [`with_compressed`]'s payload as a vector of its own (for tests).
+#[cfg(test)]
+fn encode_compressed(
     events: &[&ValidEvent],
     admitted_at: Option<DateTime<Utc>>,
     level: i32,
@@ -138,9 +137,11 @@ pub fn encode_compressed(
     with_compressed(events, admitted_at, level, <[u8]>::to_vec)
 }
 
-/// Calls `use_payload` with [`encode_compressed`]'s payload, as it lies in this thread's
-/// buffers: no memory of its own for each batch (fresh memory is paged in and cleared by the
-/// kernel, for a payload Redis's command copies at once anyway).
+/// Calls `use_payload` with [`encode`]'s payload compressed with zstd at `level` (a version-2
+/// payload: a batch of logs takes a third to a fourth of the bytes, in Redis's memory, its AOF,
+/// its replication and on every hop between the nodes), as it lies in this thread's buffers:
+/// no memory of its own for each batch (fresh memory is paged in and cleared by the kernel,
+/// for a payload Redis's command copies at once anyway).
 pub fn with_compressed<T>(
     events: &[&ValidEvent],
     admitted_at: Option<DateTime<Utc>>,
