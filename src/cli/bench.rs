@@ -8,6 +8,7 @@
 
 mod answers;
 mod ceiling;
+mod encoded;
 mod native;
 mod otlp;
 mod page;

@@ -8,20 +8,29 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::transport::Channel;
+use tonic::{client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel};
 
-use super::{BenchArgs, BenchError, sample_event};
-use sluice::proto::{IngestRequest, ingest_service_client::IngestServiceClient};
+use super::{
+    BenchArgs, BenchError, cpu_seconds,
+    encoded::{PreEncoded, encode_all},
+    sample_event,
+};
+use sluice::proto::{IngestAck, IngestRequest};
+
+const INGEST_STREAM: &str = "/sluice.v1.IngestService/IngestStream";
 
 pub(super) struct LoadReport {
     pub(super) events: u64,
     pub(super) elapsed: Duration,
     pub(super) latency: Histogram<u64>,
     pub(super) refusals: u64,
+    /// This process's own CPU over the load (user + system, seconds), when readable.
+    pub(super) client_cpu: Option<f64>,
 }
 
 impl LoadReport {
@@ -45,6 +54,12 @@ impl LoadReport {
             at(0.99),
             Duration::from_micros(self.latency.max())
         );
+        if let Some(seconds) = self.client_cpu.filter(|_| self.events > 0) {
+            println!(
+                "client CPU:       {:.2} µs per event (this load generator, {seconds:.2} s over the load)",
+                seconds * 1e6 / self.events as f64
+            );
+        }
     }
 }
 
@@ -85,20 +100,23 @@ pub(super) async fn grpc_load(
     args: &BenchArgs,
     workload: &[Vec<IngestRequest>],
 ) -> Result<LoadReport, BenchError> {
-    let mut clients = Vec::with_capacity(workload.len());
     let addrs: Vec<&String> = std::iter::once(&args.connect.addr)
         .chain(&args.extra_addrs)
         .collect();
-    for stream in 0..workload.len() {
-        clients.push(connect(args, addrs[stream % addrs.len()]).await?);
+    let mut streams = Vec::with_capacity(workload.len());
+    for (index, (requests, encoded)) in workload.iter().zip(encode_all(workload)).enumerate() {
+        let sequences = requests.iter().map(|request| request.sequence);
+        let requests: Vec<(u64, Bytes)> = sequences.zip(encoded).collect();
+        streams.push((connect(args, addrs[index % addrs.len()]).await?, requests));
     }
     let latency = latency_histogram()?;
+    let cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (client, requests) in clients.into_iter().zip(workload.iter().cloned()) {
+    for (grpc, requests) in streams {
         let latency = latency.clone();
         let window = args.window.max(1);
-        tasks.spawn(async move { drive_stream(client, requests, window, latency).await });
+        tasks.spawn(async move { drive_stream(grpc, requests, window, latency).await });
     }
     let mut events = 0;
     let mut refusals = 0;
@@ -108,26 +126,38 @@ pub(super) async fn grpc_load(
         refusals += refused;
     }
     let elapsed = started.elapsed();
+    let client_cpu = cpu_before
+        .zip(cpu_seconds(std::process::id()))
+        .map(|(before, after)| after - before);
     let latency = latency.lock().await.clone();
     Ok(LoadReport {
         events,
         elapsed,
         latency,
         refusals,
+        client_cpu,
     })
 }
 
-/// Sends `requests` over one IngestStream with `window` requests in flight; resends a sequence
-/// the server refused after its retry delay. Returns (stored, refusals).
+/// Sends `requests` (each a sequence and its encoded request) over one IngestStream with
+/// `window` requests in flight; resends a sequence the server refused after its retry delay.
+/// Returns (stored, refusals).
 async fn drive_stream(
-    mut client: IngestServiceClient<Channel>,
-    requests: Vec<IngestRequest>,
+    mut grpc: Grpc<Channel>,
+    requests: Vec<(u64, Bytes)>,
     window: usize,
     latency: Arc<Mutex<Histogram<u64>>>,
 ) -> Result<(u64, u64), BenchError> {
-    let (sender, request_stream) = mpsc::channel::<IngestRequest>(window);
-    let mut acks = client
-        .ingest_stream(ReceiverStream::new(request_stream))
+    let (sender, request_stream) = mpsc::channel::<Bytes>(window);
+    grpc.ready()
+        .await
+        .map_err(|error| tonic::Status::unavailable(format!("connection not ready: {error}")))?;
+    let mut acks = grpc
+        .streaming(
+            tonic::Request::new(ReceiverStream::new(request_stream)),
+            PathAndQuery::from_static(INGEST_STREAM),
+            PreEncoded::<IngestAck>::default(),
+        )
         .await?
         .into_inner();
     let mut in_flight: HashMap<u64, (Instant, usize)> = HashMap::new();
@@ -137,11 +167,9 @@ async fn drive_stream(
     let closed = || BenchError::Rpc(tonic::Status::aborted("request stream closed"));
     loop {
         while in_flight.len() < window && next < requests.len() {
-            in_flight.insert(requests[next].sequence, (Instant::now(), next));
-            sender
-                .send(requests[next].clone())
-                .await
-                .map_err(|_| closed())?;
+            let (sequence, request) = &requests[next];
+            in_flight.insert(*sequence, (Instant::now(), next));
+            sender.send(request.clone()).await.map_err(|_| closed())?;
             next += 1;
         }
         if in_flight.is_empty() {
@@ -165,7 +193,7 @@ async fn drive_stream(
             tokio::time::sleep(delay).await;
             in_flight.insert(ack.sequence, (Instant::now(), position));
             sender
-                .send(requests[position].clone())
+                .send(requests[position].1.clone())
                 .await
                 .map_err(|_| closed())?;
             continue;
@@ -181,11 +209,11 @@ async fn drive_stream(
     Ok((stored, refusals))
 }
 
-async fn connect(args: &BenchArgs, addr: &str) -> Result<IngestServiceClient<Channel>, BenchError> {
+async fn connect(args: &BenchArgs, addr: &str) -> Result<Grpc<Channel>, BenchError> {
     let connect = crate::cli::connect::ConnectArgs {
         addr: addr.to_owned(),
         ..args.connect.clone()
     };
     let channel = connect.channel().await?;
-    Ok(IngestServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(Grpc::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }

@@ -7,21 +7,23 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use futures::{StreamExt, stream::FuturesUnordered};
 use hdrhistogram::Histogram;
 use opentelemetry_proto::tonic::{
-    collector::logs::v1::{ExportLogsServiceRequest, logs_service_client::LogsServiceClient},
+    collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse},
     common::v1::{AnyValue, KeyValue, any_value},
     logs::v1::{LogRecord, ResourceLogs, ScopeLogs},
     resource::v1::Resource,
 };
 use serde_json::{Map, Value as Json};
 use tokio::sync::Mutex;
-use tonic::{Code, transport::Channel};
+use tonic::{Code, client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel};
 use tonic_types::StatusExt;
 
 use super::{
-    BenchArgs, BenchError, IdKind,
+    BenchArgs, BenchError, IdKind, cpu_seconds,
+    encoded::{PreEncoded, encode_all},
     native::{LoadReport, latency_histogram},
 };
 use sluice::{
@@ -162,56 +164,74 @@ fn attribute(key: &str, value: Json) -> KeyValue {
     }
 }
 
-/// Sends every stream's exports over its own connection, `window` calls in flight each; a
-/// refused call (UNAVAILABLE + RetryInfo) is sent again after the delay it names.
+const EXPORT: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+
+/// Sends every stream's exports (encoded before timing starts) over its own connection,
+/// `window` calls in flight each; a refused call (UNAVAILABLE + RetryInfo) is sent again after
+/// the delay it names.
 pub async fn load(
     args: &BenchArgs,
     workload: &[Vec<ExportLogsServiceRequest>],
     records: u64,
 ) -> Result<LoadReport, BenchError> {
-    let mut clients = Vec::with_capacity(workload.len());
-    for _ in workload {
+    let mut streams = Vec::with_capacity(workload.len());
+    for requests in encode_all(workload) {
         let channel = args.connect.channel().await?;
-        clients.push(LogsServiceClient::new(channel).max_decoding_message_size(64 << 20));
+        streams.push((Grpc::new(channel), requests));
     }
     let latency = latency_histogram()?;
+    let cpu_before = cpu_seconds(std::process::id());
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (client, requests) in clients.into_iter().zip(workload.iter().cloned()) {
+    for (grpc, requests) in streams {
         let latency = latency.clone();
         let window = args.window.max(1);
-        tasks.spawn(async move { drive(client, requests, window, latency).await });
+        tasks.spawn(async move { drive(grpc, requests, window, latency).await });
     }
     let mut refusals = 0;
     while let Some(result) = tasks.join_next().await {
         refusals += result??;
     }
     let elapsed = started.elapsed();
+    let client_cpu = cpu_before
+        .zip(cpu_seconds(std::process::id()))
+        .map(|(before, after)| after - before);
     let latency = latency.lock().await.clone();
     Ok(LoadReport {
         events: records,
         elapsed,
         latency,
         refusals,
+        client_cpu,
     })
 }
 
 async fn drive(
-    client: LogsServiceClient<Channel>,
-    requests: Vec<ExportLogsServiceRequest>,
+    grpc: Grpc<Channel>,
+    requests: Vec<Bytes>,
     window: usize,
     latency: Arc<Mutex<Histogram<u64>>>,
 ) -> Result<u64, BenchError> {
     let mut pending = FuturesUnordered::new();
     let mut requests = requests.into_iter();
     let mut refusals = 0;
-    let send = |request: ExportLogsServiceRequest| {
-        let mut client = client.clone();
+    let send = |request: Bytes| {
+        let mut grpc = grpc.clone();
         async move {
             let mut refused = 0;
             let started = Instant::now();
             loop {
-                match client.export(request.clone()).await {
+                grpc.ready().await.map_err(|error| {
+                    tonic::Status::unavailable(format!("connection not ready: {error}"))
+                })?;
+                let answer = grpc
+                    .unary(
+                        tonic::Request::new(request.clone()),
+                        PathAndQuery::from_static(EXPORT),
+                        PreEncoded::<ExportLogsServiceResponse>::default(),
+                    )
+                    .await;
+                match answer {
                     Ok(_) => return Ok::<_, tonic::Status>((started.elapsed(), refused)),
                     Err(status) if status.code() == Code::Unavailable => {
                         refused += 1;
