@@ -710,8 +710,7 @@ fn cpu_per_event(args: &BenchArgs, before: Option<f64>, events: u64) -> Option<f
     Some(per_event)
 }
 
-/// Waits until `events` holds `acknowledged` rows (at most 10 minutes).
-/// Waits until all `acknowledged` events are in PostgreSQL. It watches the hourly rollup that
+/// Waits until all `acknowledged` events are in PostgreSQL (at most 10 minutes). It watches the hourly rollup that
 /// the writers keep in the same transaction as each COPY (a handful of rows), counted from
 /// `rollup_before`, and only then counts the rows, and again until they are all there. Polling
 /// `count(*)` over the table instead scanned up to a million rows every 50 ms, with parallel
