@@ -259,12 +259,19 @@ mod tests {
             .unwrap_or_default()
     }
 
+    /// Two sample events, their admission time and the keys of shard 0.
+    fn sample_append() -> ([ValidEvent; 2], Option<DateTime<Utc>>, ShardKeys) {
+        let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
+        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
+        let mut layout = ShardKeys::layout(&RedisConfig::default(), 1);
+        (events, admitted_at, layout.remove(0))
+    }
+
     #[test]
     fn an_append_encodes_its_entry_into_the_command_as_the_spool_encodes_a_record() {
-        let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
+        let (events, admitted_at, keys) = sample_append();
         let events: Vec<&ValidEvent> = events.iter().collect();
-        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
-        let keys = &ShardKeys::layout(&RedisConfig::default(), 1)[0];
+        let keys = &keys;
         let entry = EntryArg::new(&events, admitted_at);
         let append = append_pipeline(keys, &entry, entry.len, events.len());
         let payload = batch::encode(&events, admitted_at);
@@ -277,10 +284,9 @@ mod tests {
 
     #[test]
     fn a_compressed_append_carries_the_batch_and_counts_the_bytes_redis_holds() {
-        let events = [ValidEvent::sample(0), ValidEvent::sample(1)];
+        let (events, admitted_at, keys) = sample_append();
         let events: Vec<&ValidEvent> = events.iter().collect();
-        let admitted_at = DateTime::from_timestamp_micros(1_800_000_000_000_000);
-        let keys = &ShardKeys::layout(&RedisConfig::default(), 1)[0];
+        let keys = &keys;
         let append = batch::with_compressed(&events, admitted_at, -1, |payload| {
             append_pipeline(keys, &payload, payload.len(), events.len())
         })

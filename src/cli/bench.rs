@@ -513,6 +513,16 @@ fn current_rss_kib(pid: u32) -> Option<u64> {
     proc_status_kib(pid, "VmRSS:")
 }
 
+/// This process's own CPU time since `before` (a reading of [`own_cpu`]), in seconds.
+fn own_cpu_since(before: Option<f64>) -> Option<f64> {
+    before.zip(own_cpu()).map(|(before, now)| now - before)
+}
+
+/// This process's own CPU time so far (user + system), in seconds.
+fn own_cpu() -> Option<f64> {
+    cpu_seconds(std::process::id())
+}
+
 /// CPU time (user + system) a process has used so far, in seconds, from `/proc/<pid>/stat`.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

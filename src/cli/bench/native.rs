@@ -16,9 +16,9 @@ use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tonic::{client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel};
 
 use super::{
-    BenchArgs, BenchError, cpu_seconds,
+    BenchArgs, BenchError,
     encoded::{PreEncoded, encode_all},
-    sample_event,
+    own_cpu, own_cpu_since, sample_event,
 };
 use sluice::proto::{IngestAck, IngestRequest};
 
@@ -110,7 +110,7 @@ pub(super) async fn grpc_load(
         streams.push((connect(args, addrs[index % addrs.len()]).await?, requests));
     }
     let latency = latency_histogram()?;
-    let cpu_before = cpu_seconds(std::process::id());
+    let cpu_before = own_cpu();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (grpc, requests) in streams {
@@ -126,9 +126,7 @@ pub(super) async fn grpc_load(
         refusals += refused;
     }
     let elapsed = started.elapsed();
-    let client_cpu = cpu_before
-        .zip(cpu_seconds(std::process::id()))
-        .map(|(before, after)| after - before);
+    let client_cpu = own_cpu_since(cpu_before);
     let latency = latency.lock().await.clone();
     Ok(LoadReport {
         events,

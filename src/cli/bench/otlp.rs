@@ -22,9 +22,10 @@ use tonic::{Code, client::Grpc, codegen::http::uri::PathAndQuery, transport::Cha
 use tonic_types::StatusExt;
 
 use super::{
-    BenchArgs, BenchError, IdKind, cpu_seconds,
+    BenchArgs, BenchError, IdKind,
     encoded::{PreEncoded, encode_all},
     native::{LoadReport, latency_histogram},
+    own_cpu, own_cpu_since,
 };
 use sluice::{
     otlp::mapping::keys,
@@ -180,7 +181,7 @@ pub async fn load(
         streams.push((Grpc::new(channel), requests));
     }
     let latency = latency_histogram()?;
-    let cpu_before = cpu_seconds(std::process::id());
+    let cpu_before = own_cpu();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (grpc, requests) in streams {
@@ -193,9 +194,7 @@ pub async fn load(
         refusals += result??;
     }
     let elapsed = started.elapsed();
-    let client_cpu = cpu_before
-        .zip(cpu_seconds(std::process::id()))
-        .map(|(before, after)| after - before);
+    let client_cpu = own_cpu_since(cpu_before);
     let latency = latency.lock().await.clone();
     Ok(LoadReport {
         events: records,
